@@ -1,0 +1,88 @@
+//! Sluice's Kafka wire-protocol front end: framing, request dispatch and the
+//! handlers that turn Kafka requests into storage and group operations.
+//! This is the only crate (with `sluice-group`) that knows the wire format;
+//! messages are encoded and decoded with the `kafka-protocol` crate.
+//!
+//! API CONTRACT — the binary is written against the signatures below.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_group::GroupConfig;
+use sluice_log::Store;
+
+/// Front-end settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Where to listen (default 127.0.0.1:9092).
+    pub listen: SocketAddr,
+    /// Host and port given to clients in Metadata; defaults to `listen`.
+    pub advertised: Option<(String, u16)>,
+    /// This broker's node id (0 for a single node).
+    pub node_id: i32,
+    /// Create a topic on Metadata/Produce for an unknown name (`auto.create.topics.enable`, default true).
+    pub auto_create_topics: bool,
+    /// Partitions of an auto-created topic (`num.partitions`, default 1).
+    pub default_partitions: u32,
+    /// Largest request frame accepted, checked before allocating (`socket.request.max.bytes`, default 100 MiB).
+    pub max_request_bytes: usize,
+    /// Connections served at once; further ones are closed at accept (default 10,000).
+    pub max_connections: usize,
+    /// How often retention and segment.ms rolls are enforced (default 30 s).
+    pub retention_check_interval: Duration,
+    pub group: GroupConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9092)),
+            advertised: None,
+            node_id: 0,
+            auto_create_topics: true,
+            default_partitions: 1,
+            max_request_bytes: 100 * 1024 * 1024,
+            max_connections: 10_000,
+            retention_check_interval: Duration::from_secs(30),
+            group: GroupConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Group(#[from] sluice_group::GroupError),
+}
+
+/// A bound Kafka listener, not yet serving. Binding first lets the binary
+/// report a taken port before anything else starts.
+pub struct KafkaListener {
+    _private: (),
+}
+
+impl KafkaListener {
+    pub async fn bind(config: ServerConfig) -> std::io::Result<KafkaListener> {
+        let _ = config;
+        unimplemented!()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        unimplemented!()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
+    /// requests finish and returns.
+    pub async fn serve(
+        self,
+        store: Arc<Store>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        let _ = (store, shutdown);
+        unimplemented!()
+    }
+}
