@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Docker end-to-end test: build the Sluice image (docker/Dockerfile.local, the
+# host's release binary), run it with the Kafka port published on 127.0.0.1,
+# produce 1000 keyed records with kcat through the published port, consume
+# them back and compare exactly; restart the container and check the records
+# survived on the data volume.
+#
+# Fails loudly (non-zero) when Docker is unavailable: it never skips.
+# Touches only the container, volume and image tag it creates itself.
+#
+#   SLUICE_BIN  binary to package (default $CARGO_TARGET_DIR/release/sluice)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/sluice-target}
+BIN=${SLUICE_BIN:-$CARGO_TARGET_DIR/release/sluice}
+RECORDS=1000
+TOPIC=docker-e2e
+# Unique per run, so concurrent runs and other users' containers are untouched.
+ID="sluice-dockertest-$(date +%s)-$$"
+IMAGE="$ID:latest"
+CONTAINER="$ID"
+VOLUME="$ID-data"
+WORK=$(mktemp -d)
+
+log() { printf '[docker-test] %s\n' "$*"; }
+fail() {
+    printf '[docker-test] FAIL: %s\n' "$*" >&2
+    exit 1
+}
+
+cleanup() {
+    local rc=$?
+    if [[ $rc -ne 0 ]] && docker container inspect "$CONTAINER" >/dev/null 2>&1; then
+        echo "---- container state ----" >&2
+        docker inspect -f '{{json .State}}' "$CONTAINER" >&2 || true
+        echo "---- last 50 lines of container logs ----" >&2
+        docker logs --tail 50 "$CONTAINER" >&2 || true
+    fi
+    docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
+    docker volume rm "$VOLUME" >/dev/null 2>&1 || true
+    docker rmi "$IMAGE" >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---- preconditions: missing pieces are failures, never skips --------------
+command -v docker >/dev/null || fail "docker CLI not found"
+docker info >/dev/null 2>&1 || fail "Docker daemon is not reachable (docker info failed): the Docker test cannot run"
+command -v kcat >/dev/null || fail "kcat not found (apt-get install kcat)"
+[[ -x $BIN ]] || fail "no sluice binary at $BIN (cargo build --release -p sluice)"
+
+# ---- the two Dockerfiles must share one runtime stage ---------------------
+runtime_stage() {
+    # From the runtime FROM to the end, minus comments, blank lines and the
+    # one line that differs by design (where the binary comes from).
+    sed -n '/^FROM debian:bookworm-slim/,$p' "$1" | grep -v -e '^#' -e '^[[:space:]]*$' -e '^COPY .*sluice /usr/local/bin/sluice$'
+}
+if ! diff <(runtime_stage "$ROOT/Dockerfile") <(runtime_stage "$ROOT/docker/Dockerfile.local") >"$WORK/stage.diff"; then
+    cat "$WORK/stage.diff" >&2
+    fail "runtime stages of Dockerfile and docker/Dockerfile.local differ"
+fi
+log "Dockerfile and docker/Dockerfile.local share the runtime stage"
+
+# ---- build ----------------------------------------------------------------
+SLUICE_BIN=$BIN "$ROOT/docker/build-local-image.sh" "$IMAGE" 2>&1 | grep -v -e DEPRECATED -e BuildKit -e 'environment-variable' -e '^$' || true
+docker image inspect "$IMAGE" >/dev/null 2>&1 || fail "image $IMAGE was not built"
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+KAFKA_PORT=$(free_port)
+HTTP_PORT=$(free_port)
+BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
+
+wait_healthy() {
+    local deadline=$((SECONDS + 90)) status running
+    while ((SECONDS < deadline)); do
+        status=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$CONTAINER")
+        running=$(docker inspect -f '{{.State.Running}}' "$CONTAINER")
+        [[ $running == true ]] || fail "container exited (status $(docker inspect -f '{{.State.ExitCode}}' "$CONTAINER"))"
+        [[ $status == healthy ]] && return 0
+        sleep 1
+    done
+    fail "container not healthy after 90 s (health: $status)"
+}
+
+# ---- run --------------------------------------------------------------------
+docker volume create "$VOLUME" >/dev/null
+docker run -d --name "$CONTAINER" \
+    -p "127.0.0.1:$KAFKA_PORT:9092" -p "127.0.0.1:$HTTP_PORT:8080" \
+    -v "$VOLUME:/data" \
+    -e SLUICE_ADVERTISED_KAFKA_ADDR="$BOOTSTRAP" \
+    "$IMAGE" >/dev/null
+log "started $CONTAINER (kafka $BOOTSTRAP, http 127.0.0.1:$HTTP_PORT)"
+wait_healthy
+log "container healthy"
+
+uid=$(docker exec "$CONTAINER" id -u)
+[[ $uid != 0 ]] || fail "broker runs as root in the container"
+docker logs "$CONTAINER" 2>/dev/null | grep -q '^sluice listening kafka=' ||
+    fail "broker did not print its 'sluice listening kafka=...' line"
+
+# ---- produce and consume through the published port -------------------------
+for i in $(seq 1 "$RECORDS"); do
+    printf 'key-%04d:value-%04d-%s\n' "$i" "$i" "the quick brown fox jumps over the lazy dog"
+done >"$WORK/expected"
+
+# One partition, explicitly, so the order read back must equal the order sent.
+# kcat's producer defaults to acks=all; the topic is created by the broker's
+# auto topic creation (default on, one partition) on the first metadata request.
+timeout 60 kcat -P -b "$BOOTSTRAP" -t "$TOPIC" -p 0 -K: -l "$WORK/expected" ||
+    fail "kcat produce failed"
+log "produced $RECORDS records"
+
+consume_and_check() {
+    local what=$1
+    timeout 60 kcat -C -b "$BOOTSTRAP" -t "$TOPIC" -p 0 -o beginning -e -c "$RECORDS" -q -f '%k:%s\n' \
+        >"$WORK/got" || fail "kcat consume failed ($what)"
+    local n
+    n=$(wc -l <"$WORK/got")
+    if ! cmp -s "$WORK/expected" "$WORK/got"; then
+        diff "$WORK/expected" "$WORK/got" | head -n 20 >&2 || true
+        fail "$what: consumed $n records, content differs from the $RECORDS produced"
+    fi
+    log "$what: consumed $n records, identical to those produced"
+}
+consume_and_check "before restart"
+
+# ---- restart: records must survive on the volume -------------------------------
+docker restart --time 10 "$CONTAINER" >/dev/null
+log "restarted $CONTAINER"
+wait_healthy
+consume_and_check "after restart"
+
+log "PASS"
