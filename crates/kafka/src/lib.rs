@@ -13,6 +13,15 @@ use std::time::Duration;
 use sluice_group::GroupConfig;
 use sluice_log::Store;
 
+mod api_versions;
+mod connection;
+mod dispatch;
+mod errors;
+mod handlers;
+mod server;
+
+pub use api_versions::SUPPORTED_APIS;
+
 /// Front-end settings.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -62,17 +71,24 @@ pub enum ServeError {
 /// A bound Kafka listener, not yet serving. Binding first lets the binary
 /// report a taken port before anything else starts.
 pub struct KafkaListener {
-    _private: (),
+    listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
+    config: ServerConfig,
 }
 
 impl KafkaListener {
     pub async fn bind(config: ServerConfig) -> std::io::Result<KafkaListener> {
-        let _ = config;
-        unimplemented!()
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        let local_addr = listener.local_addr()?;
+        Ok(KafkaListener {
+            listener,
+            local_addr,
+            config,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        unimplemented!()
+        self.local_addr
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
@@ -82,7 +98,6 @@ impl KafkaListener {
         store: Arc<Store>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
-        let _ = (store, shutdown);
-        unimplemented!()
+        server::serve(self.listener, self.local_addr, self.config, store, shutdown).await
     }
 }

@@ -1,0 +1,73 @@
+//! The one table of (API key, min version, max version) this broker serves.
+//! ApiVersions answers with exactly this table, dispatch refuses versions
+//! outside it, and the README lists it.
+
+use kafka_protocol::messages::ApiKey;
+
+/// Every API Sluice implements, with the inclusive version range it serves.
+///
+/// Ranges stop below versions that need features Sluice does not have:
+/// Produce v12+ and InitProducerId v5+ (transactions v2, KIP-890), Fetch
+/// v17+ (KRaft replica directories), ListOffsets v7+ (max-timestamp lookup),
+/// OffsetCommit/OffsetFetch v9+ and ListGroups v5+ / DescribeGroups v6+
+/// (the KIP-848 consumer protocol), FindCoordinator v5+ (share groups),
+/// DescribeCluster v2+ (fenced brokers).
+pub const SUPPORTED_APIS: &[(i16, i16, i16)] = &[
+    (ApiKey::Produce as i16, 3, 11),
+    (ApiKey::Fetch as i16, 4, 16),
+    (ApiKey::ListOffsets as i16, 1, 6),
+    (ApiKey::Metadata as i16, 0, 12),
+    (ApiKey::OffsetCommit as i16, 2, 8),
+    (ApiKey::OffsetFetch as i16, 1, 8),
+    (ApiKey::FindCoordinator as i16, 0, 4),
+    (ApiKey::JoinGroup as i16, 0, 9),
+    (ApiKey::Heartbeat as i16, 0, 4),
+    (ApiKey::LeaveGroup as i16, 0, 5),
+    (ApiKey::SyncGroup as i16, 0, 5),
+    (ApiKey::DescribeGroups as i16, 0, 5),
+    (ApiKey::ListGroups as i16, 0, 4),
+    (ApiKey::ApiVersions as i16, 0, 3),
+    (ApiKey::CreateTopics as i16, 2, 7),
+    (ApiKey::DeleteTopics as i16, 1, 6),
+    (ApiKey::DeleteRecords as i16, 0, 2),
+    (ApiKey::InitProducerId as i16, 0, 4),
+    (ApiKey::OffsetForLeaderEpoch as i16, 2, 4),
+    (ApiKey::DescribeConfigs as i16, 1, 4),
+    (ApiKey::AlterConfigs as i16, 0, 2),
+    (ApiKey::CreatePartitions as i16, 0, 3),
+    (ApiKey::DeleteGroups as i16, 0, 2),
+    (ApiKey::IncrementalAlterConfigs as i16, 0, 1),
+    (ApiKey::DescribeCluster as i16, 0, 1),
+];
+
+/// The served version range of `api_key`, None when the API is not served.
+pub(crate) fn supported_range(api_key: i16) -> Option<(i16, i16)> {
+    SUPPORTED_APIS
+        .iter()
+        .find(|(key, _, _)| *key == api_key)
+        .map(|&(_, min, max)| (min, max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every advertised range must be encodable by the codec crate, or a
+    /// client could pick a version we cannot answer.
+    #[test]
+    fn table_within_codec_ranges() {
+        for &(key, min, max) in SUPPORTED_APIS {
+            let api = ApiKey::try_from(key).expect("known api key");
+            let codec = api.valid_versions();
+            assert!(min <= max, "{api:?}");
+            assert!(
+                codec.min <= min && max <= codec.max,
+                "{api:?} {min}-{max} vs {codec}"
+            );
+        }
+        let mut keys: Vec<i16> = SUPPORTED_APIS.iter().map(|e| e.0).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), SUPPORTED_APIS.len(), "duplicate api key");
+    }
+}

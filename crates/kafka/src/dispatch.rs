@@ -1,0 +1,253 @@
+//! Request header decoding, version checks and routing to the handlers.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
+
+use crate::api_versions::supported_range;
+use crate::connection::Slot;
+use crate::handlers;
+use crate::server::Ctx;
+
+/// What the connection does after a request.
+pub(crate) enum Outcome {
+    Respond(Slot),
+    /// acks=0 produce: the client expects nothing back.
+    NoResponse,
+    /// Close the connection (the reason was logged).
+    Close,
+}
+
+/// The parts of a request header the handlers need.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Hdr {
+    pub api: ApiKey,
+    pub version: i16,
+    pub correlation_id: i32,
+    pub peer: SocketAddr,
+}
+
+fn peek_i16(frame: &[u8], at: usize) -> Option<i16> {
+    let bytes = frame.get(at..at.checked_add(2)?)?;
+    Some(i16::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// Decodes a request body; a malformed one closes the connection.
+macro_rules! decode {
+    ($ty:ty, $buf:expr, $h:expr) => {
+        match <$ty>::decode(&mut $buf, $h.version) {
+            Ok(req) => req,
+            Err(err) => {
+                tracing::warn!(peer = %$h.peer, api = ?$h.api, version = $h.version, error = %err,
+                    "closing connection: malformed request");
+                return Outcome::Close;
+            }
+        }
+    };
+}
+
+pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Outcome {
+    let (Some(key), Some(version)) = (peek_i16(&frame, 0), peek_i16(&frame, 2)) else {
+        tracing::warn!(%peer, size = frame.len(), "closing connection: frame too short for a request header");
+        return Outcome::Close;
+    };
+    let Ok(api) = ApiKey::try_from(key) else {
+        tracing::warn!(%peer, api_key = key, "closing connection: unknown api key");
+        return Outcome::Close;
+    };
+    let mut buf = frame;
+    let header = match RequestHeader::decode(&mut buf, api.request_header_version(version)) {
+        Ok(header) => header,
+        Err(err) => {
+            tracing::warn!(%peer, ?api, version, error = %err, "closing connection: malformed request header");
+            return Outcome::Close;
+        }
+    };
+    let h = Hdr {
+        api,
+        version,
+        correlation_id: header.correlation_id,
+        peer,
+    };
+    let Some((min, max)) = supported_range(key) else {
+        tracing::warn!(%peer, ?api, version, "closing connection: api not supported by this broker");
+        return Outcome::Close;
+    };
+    if version < min || version > max {
+        return handlers::unsupported::respond(ctx, h, buf);
+    }
+    match api {
+        ApiKey::ApiVersions => {
+            let _req = decode!(ApiVersionsRequest, buf, h);
+            now(h, &handlers::meta::api_versions(0))
+        }
+        ApiKey::Metadata => {
+            let req = decode!(MetadataRequest, buf, h);
+            now(h, &handlers::meta::metadata(ctx, req, version))
+        }
+        ApiKey::DescribeCluster => {
+            let req = decode!(DescribeClusterRequest, buf, h);
+            now(h, &handlers::meta::describe_cluster(ctx, req, version))
+        }
+        ApiKey::FindCoordinator => {
+            let req = decode!(FindCoordinatorRequest, buf, h);
+            now(h, &handlers::meta::find_coordinator(ctx, req, version))
+        }
+        ApiKey::InitProducerId => {
+            let req = decode!(InitProducerIdRequest, buf, h);
+            now(h, &handlers::meta::init_producer_id(ctx, req))
+        }
+        ApiKey::CreateTopics => {
+            let req = decode!(CreateTopicsRequest, buf, h);
+            now(h, &handlers::topics::create_topics(ctx, req, version))
+        }
+        ApiKey::DeleteTopics => {
+            let req = decode!(DeleteTopicsRequest, buf, h);
+            now(h, &handlers::topics::delete_topics(ctx, req, version))
+        }
+        ApiKey::CreatePartitions => {
+            let req = decode!(CreatePartitionsRequest, buf, h);
+            now(h, &handlers::topics::create_partitions(ctx, req))
+        }
+        ApiKey::DescribeConfigs => {
+            let req = decode!(DescribeConfigsRequest, buf, h);
+            now(h, &handlers::configs::describe_configs(ctx, req, version))
+        }
+        ApiKey::IncrementalAlterConfigs => {
+            let req = decode!(IncrementalAlterConfigsRequest, buf, h);
+            now(h, &handlers::configs::incremental_alter_configs(ctx, req))
+        }
+        ApiKey::AlterConfigs => {
+            let req = decode!(AlterConfigsRequest, buf, h);
+            now(h, &handlers::configs::alter_configs(ctx, req))
+        }
+        ApiKey::Produce => {
+            let req = decode!(ProduceRequest, buf, h);
+            handlers::produce::handle(ctx, req, h)
+        }
+        ApiKey::Fetch => {
+            let req = decode!(FetchRequest, buf, h);
+            handlers::fetch::handle(ctx, req, h)
+        }
+        ApiKey::ListOffsets => {
+            let req = decode!(ListOffsetsRequest, buf, h);
+            now(h, &handlers::offsets::list_offsets(ctx, req, version))
+        }
+        ApiKey::OffsetForLeaderEpoch => {
+            let req = decode!(OffsetForLeaderEpochRequest, buf, h);
+            now(h, &handlers::offsets::offset_for_leader_epoch(ctx, req))
+        }
+        ApiKey::DeleteRecords => {
+            let req = decode!(DeleteRecordsRequest, buf, h);
+            now(h, &handlers::offsets::delete_records(ctx, req))
+        }
+        // Group APIs: awaited in line, like Kafka, which handles one request
+        // of a connection at a time; a JoinGroup holds its connection until
+        // the rebalance completes.
+        ApiKey::JoinGroup => {
+            let req = decode!(JoinGroupRequest, buf, h);
+            now(h, &ctx.groups.join_group(req, version).await)
+        }
+        ApiKey::SyncGroup => {
+            let req = decode!(SyncGroupRequest, buf, h);
+            now(h, &ctx.groups.sync_group(req, version).await)
+        }
+        ApiKey::Heartbeat => {
+            let req = decode!(HeartbeatRequest, buf, h);
+            now(h, &ctx.groups.heartbeat(req, version).await)
+        }
+        ApiKey::LeaveGroup => {
+            let req = decode!(LeaveGroupRequest, buf, h);
+            now(h, &ctx.groups.leave_group(req, version).await)
+        }
+        ApiKey::OffsetCommit => {
+            let req = decode!(OffsetCommitRequest, buf, h);
+            now(h, &ctx.groups.offset_commit(req, version).await)
+        }
+        ApiKey::OffsetFetch => {
+            let req = decode!(OffsetFetchRequest, buf, h);
+            now(h, &ctx.groups.offset_fetch(req, version).await)
+        }
+        ApiKey::ListGroups => {
+            let req = decode!(ListGroupsRequest, buf, h);
+            now(h, &ctx.groups.list_groups(req, version))
+        }
+        ApiKey::DescribeGroups => {
+            let req = decode!(DescribeGroupsRequest, buf, h);
+            now(h, &ctx.groups.describe_groups(req, version))
+        }
+        ApiKey::DeleteGroups => {
+            let req = decode!(DeleteGroupsRequest, buf, h);
+            now(h, &ctx.groups.delete_groups(req, version).await)
+        }
+        other => {
+            // Only reachable if SUPPORTED_APIS lists an API routed nowhere.
+            tracing::error!(%peer, api = ?other, "api advertised but not routed; closing connection");
+            Outcome::Close
+        }
+    }
+}
+
+/// Encodes a whole response frame: size, header, body. None (logged) when
+/// the codec refuses the response, which is a bug of ours.
+pub(crate) fn encode_frame<R: Encodable + HeaderVersion>(
+    h: Hdr,
+    version: i16,
+    resp: &R,
+) -> Option<Bytes> {
+    let header_version = R::header_version(version);
+    let header = ResponseHeader::default().with_correlation_id(h.correlation_id);
+    let encoded = (|| -> Result<Bytes, String> {
+        let size = header
+            .compute_size(header_version)
+            .map_err(|e| e.to_string())?
+            + resp.compute_size(version).map_err(|e| e.to_string())?;
+        let size_prefix =
+            i32::try_from(size).map_err(|_| format!("response of {size} bytes is too large"))?;
+        let mut buf = BytesMut::with_capacity(4 + size);
+        buf.put_i32(size_prefix);
+        header
+            .encode(&mut buf, header_version)
+            .map_err(|e| e.to_string())?;
+        resp.encode(&mut buf, version).map_err(|e| e.to_string())?;
+        Ok(buf.freeze())
+    })();
+    match encoded {
+        Ok(bytes) => Some(bytes),
+        Err(err) => {
+            tracing::error!(peer = %h.peer, api = ?h.api, version, error = %err, "cannot encode response; closing connection");
+            None
+        }
+    }
+}
+
+/// A response ready now.
+pub(crate) fn now<R: Encodable + HeaderVersion>(h: Hdr, resp: &R) -> Outcome {
+    now_at(h, h.version, resp)
+}
+
+/// A response ready now, encoded at `version` (UNSUPPORTED_VERSION answers).
+pub(crate) fn now_at<R: Encodable + HeaderVersion>(h: Hdr, version: i16, resp: &R) -> Outcome {
+    match encode_frame(h, version, resp) {
+        Some(bytes) => Outcome::Respond(Slot::Ready(bytes)),
+        None => Outcome::Close,
+    }
+}
+
+/// A response that needs waiting; it runs concurrently with later requests
+/// of the connection and is written in its turn.
+pub(crate) fn later<R, F>(h: Hdr, fut: F) -> Outcome
+where
+    R: Encodable + HeaderVersion + Send + 'static,
+    F: Future<Output = R> + Send + 'static,
+{
+    let task = tokio::spawn(async move {
+        let resp = fut.await;
+        encode_frame(h, h.version, &resp)
+    });
+    Outcome::Respond(Slot::Pending(task))
+}

@@ -1,0 +1,84 @@
+//! Request handlers, one module per area.
+
+pub(crate) mod configs;
+pub(crate) mod fetch;
+pub(crate) mod meta;
+pub(crate) mod offsets;
+pub(crate) mod produce;
+pub(crate) mod topics;
+pub(crate) mod unsupported;
+
+use kafka_protocol::messages::TopicName;
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::ResponseError;
+use sluice_log::{LogError, TopicInfo};
+use uuid::Uuid;
+
+use crate::server::Ctx;
+
+/// The leader epoch of every partition: a single node is leader from the
+/// start and never changes (replication will bump it).
+pub(crate) const LEADER_EPOCH: i32 = 0;
+
+pub(crate) fn str_bytes(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_owned())
+}
+
+pub(crate) fn topic_name(s: &str) -> TopicName {
+    TopicName(str_bytes(s))
+}
+
+pub(crate) fn topic_uuid(info: &TopicInfo) -> Uuid {
+    Uuid::from_bytes(info.id)
+}
+
+/// The topic with this id, if any.
+pub(crate) fn topic_by_id(ctx: &Ctx, id: Uuid) -> Option<TopicInfo> {
+    if id.is_nil() {
+        return None;
+    }
+    let id = *id.as_bytes();
+    ctx.store.topics().into_iter().find(|t| t.id == id)
+}
+
+/// The topic, created with the default partition count when unknown and
+/// `allow` (the request's wish) and the broker's auto-create setting agree.
+pub(crate) fn topic_or_create(ctx: &Ctx, name: &str, allow: bool) -> Result<TopicInfo, i16> {
+    if let Some(info) = ctx.store.topic(name) {
+        return Ok(info);
+    }
+    if !(allow && ctx.config.auto_create_topics) {
+        return Err(ResponseError::UnknownTopicOrPartition.code());
+    }
+    let none = std::collections::BTreeMap::new();
+    match ctx
+        .store
+        .create_topic(name, ctx.config.default_partitions.max(1), &none, false)
+    {
+        Ok(info) => {
+            tracing::info!(
+                topic = name,
+                partitions = info.partitions,
+                "auto-created topic"
+            );
+            Ok(info)
+        }
+        // Another connection created it first.
+        Err(LogError::TopicAlreadyExists(_)) => ctx
+            .store
+            .topic(name)
+            .ok_or(ResponseError::UnknownTopicOrPartition.code()),
+        Err(err) => Err(crate::errors::code(&err)),
+    }
+}
+
+/// Error for a request's current leader epoch: -1 (unknown) and ours pass.
+pub(crate) fn leader_epoch_error(current_leader_epoch: i32) -> i16 {
+    if current_leader_epoch < 0 || current_leader_epoch == LEADER_EPOCH {
+        0
+    } else if current_leader_epoch > LEADER_EPOCH {
+        ResponseError::UnknownLeaderEpoch.code()
+    } else {
+        ResponseError::FencedLeaderEpoch.code()
+    }
+}

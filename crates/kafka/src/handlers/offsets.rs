@@ -1,0 +1,146 @@
+//! ListOffsets, OffsetForLeaderEpoch, DeleteRecords.
+
+use kafka_protocol::messages::delete_records_response::{
+    DeleteRecordsPartitionResult, DeleteRecordsTopicResult,
+};
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::offset_for_leader_epoch_response::{
+    EpochEndOffset, OffsetForLeaderTopicResult,
+};
+use kafka_protocol::messages::*;
+use kafka_protocol::ResponseError;
+
+use super::{leader_epoch_error, LEADER_EPOCH};
+use crate::server::Ctx;
+
+const LATEST: i64 = -1;
+const EARLIEST: i64 = -2;
+
+pub(crate) fn list_offsets(
+    ctx: &Ctx,
+    req: ListOffsetsRequest,
+    version: i16,
+) -> ListOffsetsResponse {
+    let topics = req
+        .topics
+        .into_iter()
+        .map(|topic| {
+            let partitions = topic
+                .partitions
+                .iter()
+                .map(|p| {
+                    let resp = ListOffsetsPartitionResponse::default()
+                        .with_partition_index(p.partition_index)
+                        .with_timestamp(-1)
+                        .with_offset(-1);
+                    let Some(log) = ctx
+                        .store
+                        .partition(topic.name.0.as_str(), p.partition_index)
+                    else {
+                        return resp.with_error_code(ResponseError::UnknownTopicOrPartition.code());
+                    };
+                    let epoch_error = leader_epoch_error(p.current_leader_epoch);
+                    if epoch_error != 0 {
+                        return resp.with_error_code(epoch_error);
+                    }
+                    // Read-committed sees up to the last stable offset, which
+                    // is the high watermark without transactions.
+                    let found = match p.timestamp {
+                        LATEST => Ok(Some((log.high_watermark(), -1))),
+                        EARLIEST => Ok(Some((log.log_start_offset(), -1))),
+                        ts if ts >= 0 => log.offset_for_timestamp(ts),
+                        _ => {
+                            return resp.with_error_code(ResponseError::InvalidRequest.code());
+                        }
+                    };
+                    match found {
+                        Ok(Some((offset, timestamp))) => {
+                            let mut resp = resp.with_offset(offset).with_timestamp(timestamp);
+                            if version >= 4 {
+                                resp.leader_epoch = LEADER_EPOCH;
+                            }
+                            resp
+                        }
+                        // No record at or after the timestamp.
+                        Ok(None) => resp,
+                        Err(err) => resp.with_error_code(crate::errors::code(&err)),
+                    }
+                })
+                .collect();
+            ListOffsetsTopicResponse::default()
+                .with_name(topic.name)
+                .with_partitions(partitions)
+        })
+        .collect();
+    ListOffsetsResponse::default().with_topics(topics)
+}
+
+pub(crate) fn offset_for_leader_epoch(
+    ctx: &Ctx,
+    req: OffsetForLeaderEpochRequest,
+) -> OffsetForLeaderEpochResponse {
+    let topics = req
+        .topics
+        .into_iter()
+        .map(|topic| {
+            let partitions = topic
+                .partitions
+                .iter()
+                .map(|p| {
+                    let resp = EpochEndOffset::default()
+                        .with_partition(p.partition)
+                        .with_leader_epoch(-1)
+                        .with_end_offset(-1);
+                    let Some(log) = ctx.store.partition(topic.topic.0.as_str(), p.partition) else {
+                        return resp.with_error_code(ResponseError::UnknownTopicOrPartition.code());
+                    };
+                    let epoch_error = leader_epoch_error(p.current_leader_epoch);
+                    if epoch_error != 0 {
+                        return resp.with_error_code(epoch_error);
+                    }
+                    let (epoch, end_offset) = log.end_offset_for_epoch(p.leader_epoch);
+                    resp.with_leader_epoch(epoch).with_end_offset(end_offset)
+                })
+                .collect();
+            OffsetForLeaderTopicResult::default()
+                .with_topic(topic.topic)
+                .with_partitions(partitions)
+        })
+        .collect();
+    OffsetForLeaderEpochResponse::default().with_topics(topics)
+}
+
+pub(crate) fn delete_records(ctx: &Ctx, req: DeleteRecordsRequest) -> DeleteRecordsResponse {
+    let topics = req
+        .topics
+        .into_iter()
+        .map(|topic| {
+            let partitions = topic
+                .partitions
+                .iter()
+                .map(|p| {
+                    let resp = DeleteRecordsPartitionResult::default()
+                        .with_partition_index(p.partition_index)
+                        .with_low_watermark(-1);
+                    let Some(log) = ctx.store.partition(topic.name.0.as_str(), p.partition_index) else {
+                        return resp.with_error_code(ResponseError::UnknownTopicOrPartition.code());
+                    };
+                    match log.delete_records_before(p.offset) {
+                        Ok(low) => {
+                            tracing::info!(topic = %topic.name.0.as_str(), partition = p.partition_index,
+                                log_start_offset = low, "deleted records");
+                            resp.with_low_watermark(low)
+                        }
+                        Err(err) => resp.with_error_code(crate::errors::code(&err)),
+                    }
+                })
+                .collect();
+            DeleteRecordsTopicResult::default()
+                .with_name(topic.name)
+                .with_partitions(partitions)
+        })
+        .collect();
+    DeleteRecordsResponse::default().with_topics(topics)
+}

@@ -1,0 +1,142 @@
+//! The accept loop: connection limit, per-connection tasks, the periodic
+//! retention task and graceful shutdown.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_group::GroupCoordinator;
+use sluice_log::Store;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::{connection, ServeError, ServerConfig};
+
+/// How long shutdown waits for in-flight requests (long polls, joins) before
+/// dropping the connections that still have some.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What every connection shares.
+pub(crate) struct Ctx {
+    pub store: Arc<Store>,
+    pub groups: Arc<GroupCoordinator>,
+    pub config: ServerConfig,
+    /// Host and port clients are told to connect to.
+    pub host: String,
+    pub port: i32,
+}
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    config: ServerConfig,
+    store: Arc<Store>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let groups = GroupCoordinator::open(store.clone(), config.group.clone())?;
+    let (host, port) = match &config.advertised {
+        Some((host, port)) => (host.clone(), i32::from(*port)),
+        None => (
+            advertised_ip(local_addr.ip()).to_string(),
+            i32::from(local_addr.port()),
+        ),
+    };
+    let ctx = Arc::new(Ctx {
+        store: store.clone(),
+        groups,
+        host,
+        port,
+        config,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let retention = tokio::spawn(retention_loop(
+        store.clone(),
+        ctx.config.retention_check_interval,
+        stop_rx.clone(),
+    ));
+    let permits = Arc::new(Semaphore::new(ctx.config.max_connections));
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((socket, peer)) => match permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let ctx = ctx.clone();
+                        let stop = stop_rx.clone();
+                        connections.spawn(async move {
+                            connection::run(ctx, socket, peer, stop).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, max_connections = ctx.config.max_connections,
+                            "connection limit reached; closing new connection");
+                        drop(socket);
+                    }
+                },
+                Err(err) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(done) = connections.join_next(), if !connections.is_empty() => {
+                if let Err(err) = done {
+                    tracing::error!(error = %err, "connection task failed");
+                }
+            }
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            remaining = connections.len(),
+            "shutdown grace period over; dropping connections with requests in flight"
+        );
+        connections.shutdown().await;
+    }
+    let _ = retention.await;
+    if let Err(err) = store.flush_all() {
+        tracing::error!(error = %err, "flush on shutdown failed");
+    }
+    Ok(())
+}
+
+/// A wildcard bind address cannot be connected to; tell clients loopback.
+fn advertised_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        other => other,
+    }
+}
+
+async fn retention_loop(store: Arc<Store>, every: Duration, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(every.max(Duration::from_millis(10)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate; skip it so start-up is not slowed down.
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let store = store.clone();
+        // Deleting segments touches the disk; keep it off the async workers.
+        match tokio::task::spawn_blocking(move || store.enforce_retention()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(deleted)) => tracing::info!(deleted, "retention deleted segments"),
+            Ok(Err(err)) => tracing::error!(error = %err, "retention enforcement failed"),
+            Err(err) => tracing::error!(error = %err, "retention task failed"),
+        }
+    }
+}
