@@ -5,7 +5,7 @@
 # warm one (caches outside the clone).
 #
 # Usage: scripts/test.sh [STEP...]
-#   STEP is one of: setup fmt clippy build unit interop docker (default: all, in
+#   STEP is one of: setup docs fmt clippy build unit interop docker (default: all, in
 #   that order). Naming steps runs only those, e.g. `scripts/test.sh setup interop`.
 #
 # Environment:
@@ -26,7 +26,7 @@ export PYTHONDONTWRITEBYTECODE=1
 # Rust tests that print backtraces help when CI fails.
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 
-ALL_STEPS=(setup fmt clippy build unit interop docker)
+ALL_STEPS=(setup docs fmt clippy build unit interop docker)
 if (($# > 0)); then STEPS=("$@"); else STEPS=("${ALL_STEPS[@]}"); fi
 [[ ${1:-} == --inner ]] && STEPS=()
 for s in "${STEPS[@]}"; do
@@ -176,6 +176,7 @@ fi
 for s in "${STEPS[@]}"; do
     case $s in
     setup) step setup 30m bash "$ROOT/scripts/test.sh" --inner setup ;;
+    docs) step docs 1m bash scripts/supported-apis.sh --check ;;
     fmt) step fmt 5m cargo fmt --all -- --check ;;
     clippy) step clippy 40m cargo clippy --workspace --all-targets -- -D warnings ;;
     build) step build 40m cargo build --release -p sluice ;;
