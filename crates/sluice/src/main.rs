@@ -1,3 +1,195 @@
-fn main() {
-    println!("sluice");
+//! The `sluice` binary: `sluice serve` runs the broker; `topic`, `produce`,
+//! `consume` and `group` are Kafka clients (librdkafka via rdkafka) that work
+//! against Sluice or any Kafka cluster.
+
+mod cli;
+mod config;
+mod http;
+mod serve;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Sluice: a Kafka-compatible message broker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the broker.
+    Serve(config::ServeArgs),
+    /// Create, list, describe, alter and delete topics.
+    Topic(cli::topic::TopicArgs),
+    /// Produce one record per input line (stdin or --file).
+    Produce(cli::produce::ProduceArgs),
+    /// Print records of a topic.
+    Consume(cli::consume::ConsumeArgs),
+    /// List, describe and reset the offsets of consumer groups.
+    Group(cli::group::GroupArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sluice: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve::run(args)),
+        Command::Topic(args) => runtime.block_on(cli::topic::run(args)),
+        Command::Produce(args) => cli::produce::run(&runtime, args),
+        Command::Consume(args) => cli::consume::run(&runtime, args),
+        Command::Group(args) => runtime.block_on(cli::group::run(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr (stdout carries the listening line and command output),
+/// filtered by SLUICE_LOG (tracing's EnvFilter syntax, default `info`).
+fn init_logging() {
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "sluice",
+            "serve",
+            "--data-dir",
+            "/d",
+            "--kafka-addr",
+            "127.0.0.1:0",
+            "--flush",
+            "interval",
+            "--flush-interval-ms",
+            "5",
+            "--auto-create-topics",
+            "false",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve: {:?}", cli.command);
+        };
+        assert_eq!(args.data_dir.as_deref(), Some(std::path::Path::new("/d")));
+        assert_eq!(args.flush, Some(config::FlushMode::Interval));
+        assert_eq!(args.flush_interval_ms, Some(5));
+        assert_eq!(args.auto_create_topics, Some(false));
+        assert!(Cli::try_parse_from(["sluice", "serve", "--flush", "sometimes"]).is_err());
+    }
+
+    #[test]
+    fn client_flags_parse() {
+        assert!(Cli::try_parse_from([
+            "sluice",
+            "topic",
+            "create",
+            "t",
+            "--partitions",
+            "3",
+            "--config",
+            "retention.ms=1",
+            "--bootstrap",
+            "h:1"
+        ])
+        .is_ok());
+        assert!(Cli::try_parse_from([
+            "sluice",
+            "produce",
+            "t",
+            "--acks",
+            "1",
+            "--compression",
+            "zstd",
+            "--header",
+            "a=b",
+            "--key-separator",
+            ":"
+        ])
+        .is_ok());
+        assert!(Cli::try_parse_from(["sluice", "produce", "t", "--acks", "2"]).is_err());
+        assert!(Cli::try_parse_from([
+            "sluice",
+            "consume",
+            "t",
+            "--from-beginning",
+            "--offset",
+            "3"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from([
+            "sluice",
+            "consume",
+            "t",
+            "--group",
+            "g",
+            "--partition",
+            "0"
+        ])
+        .is_err());
+        assert!(
+            Cli::try_parse_from(["sluice", "group", "reset-offsets", "g", "--topic", "t"]).is_err(),
+            "a reset target is required"
+        );
+        assert!(Cli::try_parse_from([
+            "sluice",
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-earliest",
+            "--to-latest"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from([
+            "sluice",
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-offset",
+            "5",
+            "--execute"
+        ])
+        .is_ok());
+    }
 }

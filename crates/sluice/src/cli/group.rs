@@ -1,0 +1,337 @@
+//! `sluice group list|describe|reset-offsets`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{bail, Context, Result};
+use clap::{ArgGroup, Args, Subcommand};
+use kafka_protocol::messages::ConsumerProtocolAssignment;
+use kafka_protocol::protocol::Decodable;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::groups::GroupInfo;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{all_metadata, topic_partitions, ClientArgs, REQUEST_TIMEOUT};
+
+#[derive(Args, Debug)]
+pub struct GroupArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(subcommand)]
+    command: GroupCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCommand {
+    /// List consumer groups with their state and member count.
+    List,
+    /// Show a group's members, assignments, committed offsets and lag.
+    Describe { group: String },
+    /// Move a group's committed offsets on one topic (dry run unless --execute).
+    ResetOffsets(ResetArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("target").required(true)
+    .args(["to_earliest", "to_latest", "to_offset", "to_timestamp"])))]
+struct ResetArgs {
+    group: String,
+    #[arg(long)]
+    topic: String,
+    /// The first offset still in the log.
+    #[arg(long)]
+    to_earliest: bool,
+    /// The end of the log (skip everything).
+    #[arg(long)]
+    to_latest: bool,
+    /// This offset, clamped into [earliest, latest].
+    #[arg(long, value_name = "N")]
+    to_offset: Option<i64>,
+    /// The first record with a timestamp >= MS (latest when none).
+    #[arg(long, value_name = "MS")]
+    to_timestamp: Option<i64>,
+    /// Commit the new offsets; without it, only print the plan.
+    #[arg(long)]
+    execute: bool,
+}
+
+pub async fn run(args: GroupArgs) -> Result<()> {
+    let client = &args.client;
+    match args.command {
+        GroupCommand::List => list(client),
+        GroupCommand::Describe { group } => describe(client, &group),
+        GroupCommand::ResetOffsets(reset) => reset_offsets(client, &reset),
+    }
+}
+
+fn list(client: &ClientArgs) -> Result<()> {
+    let consumer = client.lookup_consumer(None)?;
+    let groups = consumer
+        .fetch_group_list(None, REQUEST_TIMEOUT)
+        .context("cannot list consumer groups")?;
+    let mut groups: Vec<&GroupInfo> = groups.groups().iter().collect();
+    groups.sort_by(|a, b| a.name().cmp(b.name()));
+    println!("{:<40}  {:<20}  {:>7}", "GROUP", "STATE", "MEMBERS");
+    for g in groups {
+        println!(
+            "{:<40}  {:<20}  {:>7}",
+            g.name(),
+            g.state(),
+            g.members().len()
+        );
+    }
+    Ok(())
+}
+
+/// Topic -> partitions assigned to a member, decoded from the consumer
+/// protocol's assignment bytes; empty when they are not the consumer protocol.
+fn decode_assignment(bytes: Option<&[u8]>) -> BTreeMap<String, Vec<i32>> {
+    let mut out = BTreeMap::new();
+    // The assignment is prefixed by its version (an int16).
+    let Some((version, rest)) = bytes.and_then(|b| b.split_first_chunk::<2>()) else {
+        return out;
+    };
+    let version = i16::from_be_bytes(*version);
+    let mut buf = bytes::Bytes::copy_from_slice(rest);
+    if let Ok(assignment) = ConsumerProtocolAssignment::decode(&mut buf, version.clamp(0, 3)) {
+        for tp in assignment.assigned_partitions {
+            let mut partitions = tp.partitions;
+            partitions.sort_unstable();
+            out.insert(tp.topic.0.to_string(), partitions);
+        }
+    }
+    out
+}
+
+fn one_group(consumer: &BaseConsumer, group: &str) -> Result<Option<(String, Vec<Member>)>> {
+    let list = consumer
+        .fetch_group_list(Some(group), REQUEST_TIMEOUT)
+        .with_context(|| format!("cannot describe group {group:?}"))?;
+    let Some(info) = list.groups().iter().find(|g| g.name() == group) else {
+        return Ok(None);
+    };
+    let members = info
+        .members()
+        .iter()
+        .map(|m| Member {
+            id: m.id().to_string(),
+            client_id: m.client_id().to_string(),
+            host: m.client_host().to_string(),
+            assignment: if info.protocol_type() == "consumer" || info.protocol_type().is_empty() {
+                decode_assignment(m.assignment())
+            } else {
+                BTreeMap::new()
+            },
+        })
+        .collect();
+    Ok(Some((info.state().to_string(), members)))
+}
+
+struct Member {
+    id: String,
+    client_id: String,
+    host: String,
+    assignment: BTreeMap<String, Vec<i32>>,
+}
+
+fn describe(client: &ClientArgs, group: &str) -> Result<()> {
+    let lookup = client.lookup_consumer(None)?;
+    let (state, members) =
+        one_group(&lookup, group)?.unwrap_or_else(|| ("Dead".into(), Vec::new()));
+
+    // Committed offsets are fetched with a consumer configured with the
+    // group's id (it never joins). Every user topic is asked for, since a
+    // group without members still has offsets.
+    let group_consumer = client.lookup_consumer(Some(group))?;
+    let metadata = all_metadata(&lookup)?;
+    let mut query = TopicPartitionList::new();
+    for t in metadata.topics() {
+        if t.name().starts_with("__") {
+            continue;
+        }
+        for p in t.partitions() {
+            query.add_partition(t.name(), p.id());
+        }
+    }
+    let committed = group_consumer
+        .committed_offsets(query, REQUEST_TIMEOUT)
+        .context("cannot fetch committed offsets")?;
+
+    let mut owner: BTreeMap<(String, i32), &Member> = BTreeMap::new();
+    for m in &members {
+        for (topic, parts) in &m.assignment {
+            for p in parts {
+                owner.insert((topic.clone(), *p), m);
+            }
+        }
+    }
+    let mut rows: BTreeSet<(String, i32)> = owner.keys().cloned().collect();
+    let mut committed_at = BTreeMap::new();
+    for elem in committed.elements() {
+        if let Offset::Offset(o) = elem.offset() {
+            rows.insert((elem.topic().to_string(), elem.partition()));
+            committed_at.insert((elem.topic().to_string(), elem.partition()), o);
+        }
+    }
+    if members.is_empty() && rows.is_empty() && matches!(state.as_str(), "Dead" | "") {
+        bail!("consumer group {group:?} does not exist");
+    }
+
+    println!("Group: {group}\tState: {state}\tMembers: {}", members.len());
+    if !members.is_empty() {
+        println!();
+        println!(
+            "{:<50}  {:<24}  {:<20}  ASSIGNMENT",
+            "MEMBER-ID", "CLIENT-ID", "HOST"
+        );
+        for m in &members {
+            let assignment: Vec<String> = m
+                .assignment
+                .iter()
+                .map(|(t, ps)| {
+                    let ps: Vec<String> = ps.iter().map(i32::to_string).collect();
+                    format!("{t}:{}", ps.join(","))
+                })
+                .collect();
+            println!(
+                "{:<50}  {:<24}  {:<20}  {}",
+                m.id,
+                m.client_id,
+                m.host,
+                assignment.join(" ")
+            );
+        }
+    }
+    println!();
+    println!(
+        "{:<30}  {:>9}  {:>16}  {:>16}  {:>10}  CONSUMER",
+        "TOPIC", "PARTITION", "COMMITTED-OFFSET", "LOG-END-OFFSET", "LAG"
+    );
+    for (topic, partition) in rows {
+        let (_, high) = lookup
+            .fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
+            .with_context(|| format!("cannot fetch offsets of {topic}/{partition}"))?;
+        let key = (topic.clone(), partition);
+        let committed = committed_at.get(&key).copied();
+        let (committed_s, lag_s) = match committed {
+            Some(c) => (c.to_string(), (high - c).max(0).to_string()),
+            None => ("-".to_string(), "-".to_string()),
+        };
+        let consumer = owner.get(&key).map_or("-", |m| m.client_id.as_str());
+        println!(
+            "{:<30}  {:>9}  {:>16}  {:>16}  {:>10}  {}",
+            topic, partition, committed_s, high, lag_s, consumer
+        );
+    }
+    Ok(())
+}
+
+fn reset_offsets(client: &ClientArgs, args: &ResetArgs) -> Result<()> {
+    let lookup = client.lookup_consumer(None)?;
+    if let Some((state, members)) = one_group(&lookup, &args.group)? {
+        if !members.is_empty() {
+            bail!(
+                "consumer group {:?} has {} active member(s) (state {state}); \
+                 offsets can only be reset when the group is inactive: stop its consumers first",
+                args.group,
+                members.len()
+            );
+        }
+    }
+    let partitions = topic_partitions(&lookup, &args.topic)?;
+    let group_consumer = client.lookup_consumer(Some(&args.group))?;
+
+    let mut query = TopicPartitionList::new();
+    for p in &partitions {
+        query.add_partition(&args.topic, *p);
+    }
+    let committed = group_consumer
+        .committed_offsets(query, REQUEST_TIMEOUT)
+        .context("cannot fetch committed offsets")?;
+    let current = |p: i32| match committed.find_partition(&args.topic, p).map(|e| e.offset()) {
+        Some(Offset::Offset(o)) => o.to_string(),
+        _ => "-".to_string(),
+    };
+
+    let by_time = match args.to_timestamp {
+        Some(ts) => {
+            let mut q = TopicPartitionList::new();
+            for p in &partitions {
+                q.add_partition_offset(&args.topic, *p, Offset::Offset(ts))?;
+            }
+            Some(
+                lookup
+                    .offsets_for_times(q, REQUEST_TIMEOUT)
+                    .context("cannot look up offsets by timestamp")?,
+            )
+        }
+        None => None,
+    };
+
+    let mut plan = TopicPartitionList::new();
+    println!(
+        "{:<30}  {:>9}  {:>16}  {:>10}",
+        "TOPIC", "PARTITION", "CURRENT-OFFSET", "NEW-OFFSET"
+    );
+    for p in &partitions {
+        let (low, high) = lookup
+            .fetch_watermarks(&args.topic, *p, REQUEST_TIMEOUT)
+            .with_context(|| format!("cannot fetch offsets of {}/{p}", args.topic))?;
+        let new = if args.to_earliest {
+            low
+        } else if args.to_latest {
+            high
+        } else if let Some(o) = args.to_offset {
+            o.clamp(low, high.max(low))
+        } else if let Some(found) = &by_time {
+            match found.find_partition(&args.topic, *p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) if o >= 0 => o,
+                _ => high,
+            }
+        } else {
+            bail!("no reset target given");
+        };
+        println!(
+            "{:<30}  {:>9}  {:>16}  {:>10}",
+            args.topic,
+            p,
+            current(*p),
+            new
+        );
+        plan.add_partition_offset(&args.topic, *p, Offset::Offset(new))?;
+    }
+
+    if args.execute {
+        group_consumer
+            .commit(&plan, CommitMode::Sync)
+            .with_context(|| format!("cannot commit offsets for group {:?}", args.group))?;
+        println!("committed new offsets for group {}", args.group);
+    } else {
+        println!("dry run: nothing committed (add --execute to apply)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::consumer_protocol_assignment::TopicPartition;
+    use kafka_protocol::messages::TopicName;
+    use kafka_protocol::protocol::{Encodable, StrBytes};
+
+    #[test]
+    fn assignments_decode() {
+        let assignment = ConsumerProtocolAssignment::default().with_assigned_partitions(vec![
+            TopicPartition::default()
+                .with_topic(TopicName(StrBytes::from_static_str("t")))
+                .with_partitions(vec![2, 0]),
+        ]);
+        let mut buf = bytes::BytesMut::new();
+        buf.extend_from_slice(&1i16.to_be_bytes());
+        assignment.encode(&mut buf, 1).unwrap();
+        assert!(!buf.is_empty());
+        let got = decode_assignment(Some(&buf));
+        assert_eq!(got.get("t"), Some(&vec![0, 2]));
+        assert!(decode_assignment(Some(&[0, 1, 0xff])).is_empty());
+        assert!(decode_assignment(None).is_empty());
+    }
+}

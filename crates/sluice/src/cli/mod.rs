@@ -1,0 +1,127 @@
+//! Client commands. They speak only the Kafka protocol (librdkafka through
+//! rdkafka), so they work against Sluice and against any Kafka cluster.
+
+pub mod consume;
+pub mod group;
+pub mod produce;
+pub mod topic;
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::metadata::Metadata;
+use rdkafka::ClientConfig;
+
+/// Timeout of one metadata, admin or offsets request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connection options shared by every client command.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Kafka bootstrap server(s), comma separated.
+    #[arg(
+        long,
+        env = "SLUICE_BOOTSTRAP",
+        default_value = "127.0.0.1:9092",
+        value_name = "HOST:PORT",
+        global = true
+    )]
+    pub bootstrap: String,
+    /// Extra librdkafka client property (e.g. -X security.protocol=SSL); repeatable.
+    #[arg(short = 'X', long = "client-config", value_name = "KEY=VALUE",
+          value_parser = parse_kv, global = true)]
+    pub client_config: Vec<(String, String)>,
+}
+
+impl ClientArgs {
+    /// A librdkafka configuration with the bootstrap servers and the -X properties.
+    pub fn config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("client.id", "sluice-cli");
+        for (k, v) in &self.client_config {
+            config.set(k, v);
+        }
+        config
+    }
+
+    /// A consumer used only for metadata, watermarks and offset look-ups:
+    /// it never subscribes, and never asks the broker to auto-create topics.
+    pub fn lookup_consumer(&self, group: Option<&str>) -> Result<BaseConsumer> {
+        let mut config = self.config();
+        config
+            .set("allow.auto.create.topics", "false")
+            .set("enable.auto.commit", "false");
+        if let Some(group) = group {
+            config.set("group.id", group);
+        }
+        config
+            .create()
+            .with_context(|| format!("cannot create a Kafka client for {}", self.bootstrap))
+    }
+}
+
+/// `KEY=VALUE` (value may contain '='; it may be empty).
+pub fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// Metadata of every topic. Asking for all topics (rather than one by name)
+/// is deliberate: a named request may auto-create the topic on brokers that
+/// allow it, and a look-up must not create anything.
+pub fn all_metadata(consumer: &BaseConsumer) -> Result<Metadata> {
+    consumer
+        .fetch_metadata(None, REQUEST_TIMEOUT)
+        .context("cannot fetch cluster metadata")
+}
+
+/// The partition ids of `topic`, sorted; an error when the topic is unknown.
+pub fn topic_partitions(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>> {
+    let metadata = all_metadata(consumer)?;
+    let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        bail!("topic {topic:?} does not exist");
+    };
+    if let Some(err) = t.error() {
+        bail!("topic {topic:?}: {:?}", err);
+    }
+    let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// A records counter drawn on stderr when stdout is a terminal (a person is
+/// watching), hidden when output goes to a pipe or file.
+pub fn progress(verb: &str) -> ProgressBar {
+    if !std::io::stdout().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    let template = format!("{{spinner}} {{human_pos}} records {verb} ({{per_sec}}) {{elapsed}}");
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_value_pairs() {
+        assert_eq!(parse_kv("a=b").unwrap(), ("a".into(), "b".into()));
+        assert_eq!(parse_kv("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert_eq!(parse_kv("a=").unwrap(), ("a".into(), "".into()));
+        assert!(parse_kv("=b").is_err());
+        assert!(parse_kv("ab").is_err());
+    }
+}

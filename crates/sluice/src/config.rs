@@ -1,0 +1,501 @@
+//! `sluice serve` configuration: command-line flags, `SLUICE_*` environment
+//! variables and a TOML file, merged with the precedence
+//! flag > environment > file > built-in default.
+//!
+//! Flags and environment variables are one layer here because clap reads
+//! both into the same `Option` (a flag wins over its variable); the file is
+//! the layer below, and [`Defaults`] the last.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, ValueEnum};
+use serde::Deserialize;
+use sluice_group::GroupConfig;
+use sluice_log::{FlushPolicy, TopicConfig};
+
+/// Built-in defaults (documented in `sluice.example.toml`; keep both in step).
+pub struct Defaults;
+
+impl Defaults {
+    pub const DATA_DIR: &'static str = "./data";
+    pub const KAFKA_ADDR: &'static str = "127.0.0.1:9092";
+    pub const HTTP_ADDR: &'static str = "127.0.0.1:8080";
+    pub const NODE_ID: i32 = 0;
+    pub const FLUSH: FlushMode = FlushMode::Always;
+    pub const FLUSH_INTERVAL_MS: u64 = 1_000;
+    pub const FLUSH_BYTES: u64 = 8 * 1024 * 1024;
+    pub const RETENTION_CHECK_INTERVAL_MS: u64 = 30_000;
+    pub const AUTO_CREATE_TOPICS: bool = true;
+    pub const NUM_PARTITIONS: u32 = 1;
+    pub const MAX_REQUEST_BYTES: usize = 100 * 1024 * 1024;
+    pub const MAX_CONNECTIONS: usize = 10_000;
+}
+
+/// The `--flush` policy names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushMode {
+    /// fsync before acknowledging (group commit shares one fsync).
+    Always,
+    /// fsync in the background every flush_interval_ms / flush_bytes.
+    Interval,
+    /// never fsync explicitly (rely on replication).
+    Never,
+}
+
+/// Flags of `sluice serve`; every one also reads a `SLUICE_*` variable.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// TOML configuration file (see sluice.example.toml).
+    #[arg(long, env = "SLUICE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory holding topics, offsets and producer state [default: ./data].
+    #[arg(long, env = "SLUICE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Kafka listener; port 0 picks a free port [default: 127.0.0.1:9092].
+    #[arg(long, env = "SLUICE_KAFKA_ADDR", value_name = "HOST:PORT")]
+    pub kafka_addr: Option<String>,
+    /// HTTP listener (/healthz, /api/v1) [default: 127.0.0.1:8080].
+    #[arg(long, env = "SLUICE_HTTP_ADDR", value_name = "HOST:PORT")]
+    pub http_addr: Option<String>,
+    /// Address given to Kafka clients in Metadata [default: the Kafka listener].
+    #[arg(long, env = "SLUICE_ADVERTISED_KAFKA_ADDR", value_name = "HOST:PORT")]
+    pub advertised_kafka_addr: Option<String>,
+    /// When appended records are fsynced [default: always].
+    #[arg(long, env = "SLUICE_FLUSH", value_enum)]
+    pub flush: Option<FlushMode>,
+    /// With --flush interval: fsync at least this often [default: 1000].
+    #[arg(long, env = "SLUICE_FLUSH_INTERVAL_MS", value_name = "N")]
+    pub flush_interval_ms: Option<u64>,
+    /// With --flush interval: fsync once this many bytes are unsynced [default: 8388608].
+    #[arg(long, env = "SLUICE_FLUSH_BYTES", value_name = "N")]
+    pub flush_bytes: Option<u64>,
+    /// How long the first join of an empty group waits for more members [default: 3000].
+    #[arg(
+        long,
+        env = "SLUICE_GROUP_INITIAL_REBALANCE_DELAY_MS",
+        value_name = "N"
+    )]
+    pub group_initial_rebalance_delay_ms: Option<u64>,
+    /// Create unknown topics on Metadata/Produce [default: true].
+    #[arg(long, env = "SLUICE_AUTO_CREATE_TOPICS", value_name = "BOOL",
+          action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub auto_create_topics: Option<bool>,
+    /// Partitions of an auto-created topic [default: 1].
+    #[arg(long, env = "SLUICE_NUM_PARTITIONS", value_name = "N")]
+    pub num_partitions: Option<u32>,
+    /// Largest request frame accepted, in bytes [default: 104857600].
+    #[arg(long, env = "SLUICE_MAX_REQUEST_BYTES", value_name = "N")]
+    pub max_request_bytes: Option<usize>,
+    /// Kafka connections served at once [default: 10000].
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+}
+
+/// The TOML file. Unknown keys are errors so that a typo is not silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub server: ServerSection,
+    pub storage: StorageSection,
+    pub kafka: KafkaSection,
+    pub group: GroupSection,
+    /// Broker-wide topic defaults with Kafka's names (`retention.ms = 86400000`).
+    pub defaults: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    pub kafka_addr: Option<String>,
+    pub http_addr: Option<String>,
+    pub advertised_kafka_addr: Option<String>,
+    pub node_id: Option<i32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSection {
+    pub data_dir: Option<PathBuf>,
+    pub flush: Option<FlushMode>,
+    pub flush_interval_ms: Option<u64>,
+    pub flush_bytes: Option<u64>,
+    pub retention_check_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSection {
+    pub auto_create_topics: Option<bool>,
+    pub num_partitions: Option<u32>,
+    pub max_request_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupSection {
+    pub initial_rebalance_delay_ms: Option<u64>,
+    pub min_session_timeout_ms: Option<i32>,
+    pub max_session_timeout_ms: Option<i32>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        FileConfig::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<FileConfig> {
+        Ok(toml::from_str(text)?)
+    }
+}
+
+/// The merged configuration `serve` runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub kafka_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub advertised: Option<(String, u16)>,
+    pub node_id: i32,
+    pub flush: FlushPolicy,
+    pub retention_check_interval: Duration,
+    pub auto_create_topics: bool,
+    pub num_partitions: u32,
+    pub max_request_bytes: usize,
+    pub max_connections: usize,
+    pub group: GroupConfig,
+    /// `[defaults]`, as strings for [`TopicConfig::set`].
+    pub topic_defaults: BTreeMap<String, String>,
+}
+
+impl Config {
+    /// Reads the file named by `--config`/`SLUICE_CONFIG` (if any) and merges.
+    pub fn load(args: &ServeArgs) -> Result<Config> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Config::merge(args, file)
+    }
+
+    /// Merges the flag/env layer over the file layer over the defaults.
+    pub fn merge(args: &ServeArgs, file: FileConfig) -> Result<Config> {
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or(file.storage.data_dir)
+            .unwrap_or_else(|| PathBuf::from(Defaults::DATA_DIR));
+        let kafka_addr = pick(
+            &args.kafka_addr,
+            file.server.kafka_addr,
+            Defaults::KAFKA_ADDR,
+        );
+        let http_addr = pick(&args.http_addr, file.server.http_addr, Defaults::HTTP_ADDR);
+        let advertised = args
+            .advertised_kafka_addr
+            .clone()
+            .or(file.server.advertised_kafka_addr)
+            .map(|a| split_host_port(&a).context("invalid advertised Kafka address"))
+            .transpose()?;
+
+        let flush_mode = args.flush.or(file.storage.flush).unwrap_or(Defaults::FLUSH);
+        let flush = match flush_mode {
+            FlushMode::Always => FlushPolicy::Always,
+            FlushMode::Never => FlushPolicy::Never,
+            FlushMode::Interval => {
+                let ms = args
+                    .flush_interval_ms
+                    .or(file.storage.flush_interval_ms)
+                    .unwrap_or(Defaults::FLUSH_INTERVAL_MS);
+                let bytes = args
+                    .flush_bytes
+                    .or(file.storage.flush_bytes)
+                    .unwrap_or(Defaults::FLUSH_BYTES);
+                if ms == 0 {
+                    bail!("flush interval must be at least 1 ms (use --flush always to fsync every write)");
+                }
+                FlushPolicy::Interval { ms, bytes }
+            }
+        };
+
+        let defaults = GroupConfig::default();
+        let group = GroupConfig {
+            initial_rebalance_delay_ms: args
+                .group_initial_rebalance_delay_ms
+                .or(file.group.initial_rebalance_delay_ms)
+                .unwrap_or(defaults.initial_rebalance_delay_ms),
+            min_session_timeout_ms: file
+                .group
+                .min_session_timeout_ms
+                .unwrap_or(defaults.min_session_timeout_ms),
+            max_session_timeout_ms: file
+                .group
+                .max_session_timeout_ms
+                .unwrap_or(defaults.max_session_timeout_ms),
+        };
+        if group.min_session_timeout_ms > group.max_session_timeout_ms {
+            bail!(
+                "[group] min_session_timeout_ms ({}) is above max_session_timeout_ms ({})",
+                group.min_session_timeout_ms,
+                group.max_session_timeout_ms
+            );
+        }
+
+        let num_partitions = args
+            .num_partitions
+            .or(file.kafka.num_partitions)
+            .unwrap_or(Defaults::NUM_PARTITIONS);
+        if num_partitions == 0 {
+            bail!("num_partitions must be at least 1");
+        }
+
+        let mut topic_defaults = BTreeMap::new();
+        for (key, value) in file.defaults {
+            if !TopicConfig::KEYS.contains(&key.as_str()) {
+                bail!(
+                    "[defaults] has unknown topic config {key:?}; known: {}",
+                    TopicConfig::KEYS.join(", ")
+                );
+            }
+            let value = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => bail!("[defaults] {key} must be a string or an integer, not {other}"),
+            };
+            topic_defaults.insert(key, value);
+        }
+
+        Ok(Config {
+            data_dir,
+            kafka_addr: resolve(&kafka_addr).context("invalid Kafka listen address")?,
+            http_addr: resolve(&http_addr).context("invalid HTTP listen address")?,
+            advertised,
+            node_id: file.server.node_id.unwrap_or(Defaults::NODE_ID),
+            flush,
+            retention_check_interval: Duration::from_millis(
+                file.storage
+                    .retention_check_interval_ms
+                    .unwrap_or(Defaults::RETENTION_CHECK_INTERVAL_MS)
+                    .max(1),
+            ),
+            auto_create_topics: args
+                .auto_create_topics
+                .or(file.kafka.auto_create_topics)
+                .unwrap_or(Defaults::AUTO_CREATE_TOPICS),
+            num_partitions,
+            max_request_bytes: args
+                .max_request_bytes
+                .or(file.kafka.max_request_bytes)
+                .unwrap_or(Defaults::MAX_REQUEST_BYTES),
+            max_connections: args
+                .max_connections
+                .or(file.kafka.max_connections)
+                .unwrap_or(Defaults::MAX_CONNECTIONS),
+            group,
+            topic_defaults,
+        })
+    }
+
+    /// The broker-wide topic defaults: Kafka's defaults overridden by `[defaults]`.
+    pub fn topic_config(&self) -> Result<TopicConfig> {
+        let mut config = TopicConfig::default();
+        for (key, value) in &self.topic_defaults {
+            config
+                .set(key, value)
+                .with_context(|| format!("[defaults] {key} = {value:?}"))?;
+        }
+        Ok(config)
+    }
+}
+
+fn pick(flag: &Option<String>, file: Option<String>, default: &str) -> String {
+    flag.clone().or(file).unwrap_or_else(|| default.to_string())
+}
+
+/// `HOST:PORT` (or `[v6]:PORT`) to a socket address; names are resolved once here.
+pub fn resolve(addr: &str) -> Result<SocketAddr> {
+    let (host, port) = split_host_port(addr)?;
+    let mut addrs = (host.as_str(), port)
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {addr:?}"))?;
+    addrs
+        .next()
+        .with_context(|| format!("{addr:?} resolves to no address"))
+}
+
+/// Splits `HOST:PORT`; brackets around an IPv6 host are removed.
+pub fn split_host_port(addr: &str) -> Result<(String, u16)> {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        bail!("{addr:?} is not HOST:PORT");
+    };
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("{addr:?}: port {port:?} is not a number from 0 to 65535"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        bail!("{addr:?} has no host");
+    }
+    Ok((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> FileConfig {
+        match FileConfig::parse(text) {
+            Ok(f) => f,
+            Err(e) => panic!("parse failed: {e:#}"),
+        }
+    }
+
+    #[test]
+    fn defaults_apply_without_flags_or_file() {
+        let c = Config::merge(&ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.kafka_addr, "127.0.0.1:9092".parse().unwrap());
+        assert_eq!(c.http_addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.flush, FlushPolicy::Always);
+        assert!(c.auto_create_topics);
+        assert_eq!(c.num_partitions, 1);
+        assert_eq!(c.group.initial_rebalance_delay_ms, 3000);
+        assert_eq!(c.advertised, None);
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_flags_override_file() {
+        let f = || {
+            file(
+                r#"
+                [server]
+                kafka_addr = "127.0.0.1:19092"
+                advertised_kafka_addr = "broker.example:9092"
+                [storage]
+                data_dir = "/from/file"
+                flush = "interval"
+                flush_interval_ms = 250
+                [kafka]
+                num_partitions = 3
+                auto_create_topics = false
+                [group]
+                initial_rebalance_delay_ms = 0
+                [defaults]
+                "retention.ms" = 60000
+                "cleanup.policy" = "delete"
+                "#,
+            )
+        };
+        let c = Config::merge(&ServeArgs::default(), f()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(c.kafka_addr, "127.0.0.1:19092".parse().unwrap());
+        assert_eq!(c.advertised, Some(("broker.example".to_string(), 9092)));
+        assert_eq!(
+            c.flush,
+            FlushPolicy::Interval {
+                ms: 250,
+                bytes: Defaults::FLUSH_BYTES
+            }
+        );
+        assert_eq!(c.num_partitions, 3);
+        assert!(!c.auto_create_topics);
+        assert_eq!(c.group.initial_rebalance_delay_ms, 0);
+        assert_eq!(
+            c.topic_defaults.get("retention.ms").map(String::as_str),
+            Some("60000")
+        );
+        assert_eq!(
+            c.topic_defaults.get("cleanup.policy").map(String::as_str),
+            Some("delete")
+        );
+
+        let args = ServeArgs {
+            data_dir: Some(PathBuf::from("/from/flag")),
+            kafka_addr: Some("127.0.0.1:0".into()),
+            flush: Some(FlushMode::Never),
+            num_partitions: Some(5),
+            auto_create_topics: Some(true),
+            group_initial_rebalance_delay_ms: Some(10),
+            ..ServeArgs::default()
+        };
+        let c = Config::merge(&args, f()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(c.kafka_addr, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(c.flush, FlushPolicy::Never);
+        assert_eq!(c.num_partitions, 5);
+        assert!(c.auto_create_topics);
+        assert_eq!(c.group.initial_rebalance_delay_ms, 10);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        assert!(FileConfig::parse("[storage]\ndatadir = \"x\"\n").is_err());
+        assert!(FileConfig::parse("[nope]\n").is_err());
+        assert!(FileConfig::parse("[storage]\nflush = \"sometimes\"\n").is_err());
+        let bad_default = file("[defaults]\n\"retention.mss\" = 1\n");
+        assert!(Config::merge(&ServeArgs::default(), bad_default).is_err());
+        let bad_addr = ServeArgs {
+            kafka_addr: Some("localhost".into()),
+            ..ServeArgs::default()
+        };
+        assert!(Config::merge(&bad_addr, FileConfig::default()).is_err());
+        let zero_interval = ServeArgs {
+            flush: Some(FlushMode::Interval),
+            flush_interval_ms: Some(0),
+            ..ServeArgs::default()
+        };
+        assert!(Config::merge(&zero_interval, FileConfig::default()).is_err());
+    }
+
+    #[test]
+    fn example_file_parses_and_matches_defaults() {
+        let text = include_str!("../sluice.example.toml");
+        let c = Config::merge(&ServeArgs::default(), file(text)).unwrap();
+        let d = Config::merge(&ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.data_dir, d.data_dir);
+        assert_eq!(c.kafka_addr, d.kafka_addr);
+        assert_eq!(c.http_addr, d.http_addr);
+        assert_eq!(c.flush, d.flush);
+        assert_eq!(c.auto_create_topics, d.auto_create_topics);
+        assert_eq!(c.num_partitions, d.num_partitions);
+        assert_eq!(c.max_request_bytes, d.max_request_bytes);
+        assert_eq!(c.max_connections, d.max_connections);
+        assert_eq!(c.retention_check_interval, d.retention_check_interval);
+        assert_eq!(
+            c.group.initial_rebalance_delay_ms,
+            d.group.initial_rebalance_delay_ms
+        );
+        assert_eq!(
+            c.group.min_session_timeout_ms,
+            d.group.min_session_timeout_ms
+        );
+        assert_eq!(
+            c.group.max_session_timeout_ms,
+            d.group.max_session_timeout_ms
+        );
+        assert_eq!(c.node_id, d.node_id);
+    }
+
+    #[test]
+    fn host_port_splitting() {
+        assert_eq!(split_host_port("h:1").unwrap(), ("h".to_string(), 1));
+        assert_eq!(
+            split_host_port("[::1]:9092").unwrap(),
+            ("::1".to_string(), 9092)
+        );
+        assert!(split_host_port(":9092").is_err());
+        assert!(split_host_port("h:99999").is_err());
+        assert_eq!(resolve("[::1]:0").unwrap(), "[::1]:0".parse().unwrap());
+    }
+}

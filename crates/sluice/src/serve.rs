@@ -1,0 +1,263 @@
+//! `sluice serve`: validate the data directory, bind the Kafka and HTTP
+//! listeners, open the store, announce readiness on stdout, serve until
+//! SIGINT/SIGTERM, then shut down cleanly and flush.
+
+use std::io::{ErrorKind, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use sluice_kafka::{KafkaListener, ServerConfig};
+use sluice_log::{Store, StoreConfig};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ServeArgs};
+use crate::http;
+
+/// How long in-flight work may take to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let config = Config::load(&args)?;
+    // Topic defaults are checked before anything is bound so a bad config
+    // file fails fast with nothing half-started.
+    let topic_defaults = config.topic_config()?;
+    let data_dir = prepare_data_dir(&config.data_dir)?;
+
+    let server_config = ServerConfig {
+        listen: config.kafka_addr,
+        advertised: config.advertised.clone(),
+        node_id: config.node_id,
+        auto_create_topics: config.auto_create_topics,
+        default_partitions: config.num_partitions,
+        max_request_bytes: config.max_request_bytes,
+        max_connections: config.max_connections,
+        retention_check_interval: config.retention_check_interval,
+        group: config.group.clone(),
+    };
+    let kafka = KafkaListener::bind(server_config)
+        .await
+        .map_err(|e| bind_error("Kafka", config.kafka_addr, e))?;
+    let kafka_addr = kafka.local_addr();
+
+    let http_listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .map_err(|e| bind_error("HTTP", config.http_addr, e))?;
+    let http_addr = http_listener
+        .local_addr()
+        .context("cannot read the HTTP listener's address")?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    // HTTP serves from here on so that /healthz can say "starting" (503)
+    // while a large store recovers.
+    let http_state = http::State::default();
+    let http_task = tokio::spawn(http::serve(
+        http_listener,
+        http_state.clone(),
+        wait_for(shutdown_rx.clone()),
+    ));
+
+    let store_config = StoreConfig {
+        data_dir: data_dir.clone(),
+        defaults: topic_defaults,
+        flush: config.flush,
+    };
+    // Recovery reads and may truncate every partition: keep it off the
+    // async workers. Store::open needs the runtime context, which blocking
+    // threads of the runtime have.
+    let store = tokio::task::spawn_blocking(move || Store::open(store_config))
+        .await
+        .context("store recovery panicked")?
+        .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
+    http_state.set_store(store.clone());
+
+    announce(kafka_addr, http_addr, &data_dir)?;
+    info!(
+        kafka = %kafka_addr,
+        http = %http_addr,
+        data = %data_dir.display(),
+        flush = ?config.flush,
+        "sluice is ready"
+    );
+
+    let mut kafka_task = tokio::spawn(kafka.serve(store.clone(), wait_for(shutdown_rx.clone())));
+    let early_exit = tokio::select! {
+        signal = shutdown_signal() => {
+            info!("received {signal}, shutting down");
+            None
+        }
+        res = &mut kafka_task => Some(res),
+    };
+    let _ = shutdown_tx.send(true);
+    let stopped_by_signal = early_exit.is_none();
+
+    // A second signal during the grace period ends the process at once.
+    tokio::spawn(async {
+        let signal = shutdown_signal().await;
+        warn!("received {signal} again, exiting without a clean shutdown");
+        std::process::exit(130);
+    });
+
+    let kafka_result = match early_exit {
+        Some(res) => res,
+        None => match tokio::time::timeout(SHUTDOWN_GRACE, &mut kafka_task).await {
+            Ok(res) => res,
+            Err(_) => {
+                warn!("Kafka listener did not stop within {SHUTDOWN_GRACE:?}");
+                kafka_task.abort();
+                Ok(Ok(()))
+            }
+        },
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, http_task)
+        .await
+        .is_err()
+    {
+        warn!("HTTP server did not stop within {SHUTDOWN_GRACE:?}");
+    }
+
+    let flushed = store.flush_all();
+    if let Err(e) = &flushed {
+        error!("flushing the store failed: {e}");
+    }
+    match kafka_result {
+        Ok(Ok(())) if stopped_by_signal => {}
+        Ok(Ok(())) => bail!("the Kafka listener stopped unexpectedly"),
+        Ok(Err(e)) => return Err(anyhow!(e).context("the Kafka listener failed")),
+        Err(e) => return Err(anyhow!(e).context("the Kafka listener panicked")),
+    }
+    flushed.context("cannot flush the store")?;
+    info!("shut down cleanly");
+    Ok(())
+}
+
+/// The one stdout line tooling waits for. Flushed at once: stdout is a pipe
+/// (block buffered) when a test or supervisor reads it.
+fn announce(kafka: SocketAddr, http: SocketAddr, data_dir: &Path) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "sluice listening kafka={kafka} http={http} data={}",
+        data_dir.display()
+    )
+    .and_then(|()| out.flush())
+    .context("cannot write to stdout")
+}
+
+/// Creates the data directory if needed and proves it is a writable
+/// directory, so that a bad path fails at start and not at the first write.
+/// Returns the absolute path.
+pub fn prepare_data_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.exists() && !dir.is_dir() {
+        bail!(
+            "data directory {} is unusable: it exists and is not a directory",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).map_err(|e| {
+        anyhow!(
+            "data directory {} is unusable: cannot create it: {e}",
+            dir.display()
+        )
+    })?;
+    let probe = dir.join(".sluice-write-probe");
+    let written = std::fs::File::create(&probe)
+        .and_then(|mut f| f.write_all(b"probe").and_then(|()| f.sync_all()));
+    let _ = std::fs::remove_file(&probe);
+    written.map_err(|e| {
+        anyhow!(
+            "data directory {} is unusable: cannot write in it: {e}",
+            dir.display()
+        )
+    })?;
+    dir.canonicalize()
+        .with_context(|| format!("data directory {} is unusable", dir.display()))
+}
+
+fn bind_error(what: &str, addr: SocketAddr, e: std::io::Error) -> anyhow::Error {
+    match e.kind() {
+        ErrorKind::AddrInUse => {
+            anyhow!("{what} address {addr} is already in use (is another broker running?)")
+        }
+        ErrorKind::AddrNotAvailable => {
+            anyhow!("{what} address {addr} is not an address of this machine: {e}")
+        }
+        ErrorKind::PermissionDenied => {
+            anyhow!("no permission to listen on {what} address {addr}: {e}")
+        }
+        _ => anyhow!("cannot listen on {what} address {addr}: {e}"),
+    }
+}
+
+/// Resolves once `true` is sent on the shutdown channel (or its sender is gone).
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Waits for SIGINT or SIGTERM and names the one that came.
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(e) => {
+                warn!("cannot listen for SIGTERM: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_dir_is_created_and_made_absolute() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b");
+        let got = prepare_data_dir(&dir).unwrap();
+        assert!(got.is_absolute());
+        assert!(dir.is_dir());
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "probe left behind"
+        );
+    }
+
+    #[test]
+    fn a_file_is_not_a_data_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let err = prepare_data_dir(&file).unwrap_err().to_string();
+        assert!(err.contains("is not a directory"), "{err}");
+        let below = file.join("sub");
+        let err = prepare_data_dir(&below).unwrap_err().to_string();
+        assert!(err.contains("cannot create it"), "{err}");
+    }
+
+    #[test]
+    fn address_in_use_message() {
+        let e = std::io::Error::from(ErrorKind::AddrInUse);
+        let msg = bind_error("Kafka", "127.0.0.1:9092".parse().unwrap(), e).to_string();
+        assert_eq!(
+            msg,
+            "Kafka address 127.0.0.1:9092 is already in use (is another broker running?)"
+        );
+    }
+}
