@@ -189,10 +189,8 @@ pub fn run(runtime: &tokio::runtime::Runtime, args: ConsumeArgs) -> Result<()> {
             .set("group.id", group)
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false"),
-        // librdkafka needs some group.id even for assign(); nothing is committed.
-        None => config
-            .set("group.id", "sluice-cli-unused")
-            .set("enable.auto.commit", "false"),
+        // assign() needs no group: nothing is committed.
+        None => config.set("enable.auto.commit", "false"),
     };
     for (k, v) in &args.client.client_config {
         config.set(k, v);
