@@ -2,22 +2,96 @@
 //! committed offsets, the latter kept durably in the `__consumer_offsets`
 //! topic of a Sluice [`Store`] and replayed on start.
 //!
-//! API CONTRACT — the Kafka front end is written against the signatures
-//! below. Bodies marked `unimplemented!` are being filled in.
+//! Structure:
+//! - every group is a [`group::Group`] state machine behind its own mutex
+//!   (Kafka's `GroupMetadata` plus the per-group logic of its
+//!   `GroupCoordinator`); a JoinGroup or SyncGroup that must wait holds a
+//!   oneshot receiver whose sender sits in the member;
+//! - every group has one timer task that sleeps until the group's next
+//!   deadline (join phase, initial delay, member sessions, pending member
+//!   ids, sync deadline) and fires what is due;
+//! - committed offsets are records of the offsets topic ([`record`] documents
+//!   the format); a commit is appended under the group's mutex (so appends of
+//!   one group are in log order) and answered once durable, without holding
+//!   any lock across the wait.
+//!
+//! Protocol versions handled (the front end advertises these):
+//!
+//! | API          | key | versions |
+//! |--------------|-----|----------|
+//! | OffsetCommit |   8 | 2-9      |
+//! | OffsetFetch  |   9 | 1-9      |
+//! | JoinGroup    |  11 | 0-9      |
+//! | Heartbeat    |  12 | 0-4      |
+//! | LeaveGroup   |  13 | 0-5      |
+//! | SyncGroup    |  14 | 0-5      |
+//! | DescribeGroups | 15 | 0-6     |
+//! | ListGroups   |  16 | 0-5      |
+//! | DeleteGroups |  42 | 0-2      |
 
-use std::sync::Arc;
+mod group;
+mod record;
 
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
+use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
+use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
+use kafka_protocol::messages::leave_group_response::MemberResponse;
+use kafka_protocol::messages::list_groups_response::ListedGroup;
+use kafka_protocol::messages::offset_commit_response::{
+    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::offset_fetch_response::{
+    OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
+    OffsetFetchResponseTopic, OffsetFetchResponseTopics,
+};
 use kafka_protocol::messages::{
     DeleteGroupsRequest, DeleteGroupsResponse, DescribeGroupsRequest, DescribeGroupsResponse,
-    HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest,
-    LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse, OffsetCommitRequest,
-    OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse, SyncGroupRequest,
-    SyncGroupResponse,
+    GroupId, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse,
+    LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse,
+    OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
+    SyncGroupRequest, SyncGroupResponse, TopicName,
 };
-use sluice_log::{LogError, Store};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
+    TimestampType, NO_PARTITION_LEADER_EPOCH, NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE,
+};
+use kafka_protocol::ResponseError;
+use parking_lot::Mutex;
+use sluice_log::{LogError, Partition, ReadLimit, Store};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::group::{Committed, Group, GroupState, JoinParams, JoinResult, Outcome, SyncResult};
+use crate::record::{OffsetKey, OffsetValue};
 
 /// Name of the internal topic that holds committed offsets.
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+
+/// Kafka's `offset.metadata.max.bytes`: longer commit metadata is refused
+/// with OFFSET_METADATA_TOO_LARGE.
+pub const OFFSET_METADATA_MAX_BYTES: usize = 4096;
+
+/// Version ranges this coordinator implements, as (API key, min, max), for
+/// the front end's ApiVersions table.
+pub const SUPPORTED_VERSIONS: &[(i16, i16, i16)] = &[
+    (8, 2, 9),  // OffsetCommit
+    (9, 1, 9),  // OffsetFetch
+    (11, 0, 9), // JoinGroup
+    (12, 0, 4), // Heartbeat
+    (13, 0, 5), // LeaveGroup
+    (14, 0, 5), // SyncGroup
+    (15, 0, 6), // DescribeGroups
+    (16, 0, 5), // ListGroups
+    (42, 0, 2), // DeleteGroups
+];
 
 /// Group coordinator settings, with Kafka's names and defaults.
 #[derive(Clone, Debug)]
@@ -49,64 +123,1162 @@ pub enum GroupError {
     CorruptEntry(i64, String),
 }
 
+/// One group's state and the wake-up of its timer task.
+struct GroupHandle {
+    id: String,
+    state: Mutex<Group>,
+    /// Poked whenever a request may have moved a deadline earlier.
+    wake: Notify,
+}
+
 /// Coordinates every group of this broker.
 pub struct GroupCoordinator {
-    _private: (),
+    store: Arc<Store>,
+    config: GroupConfig,
+    offsets: Arc<Partition>,
+    /// Never lock a group while holding this map's lock.
+    groups: Mutex<HashMap<String, Arc<GroupHandle>>>,
+    /// Dropped with the coordinator, which ends every timer task.
+    shutdown: watch::Sender<()>,
+    id_seq: AtomicU64,
+    id_hasher: RandomState,
 }
+
+fn str_bytes(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_owned())
+}
+
+fn wall_clock_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Kafka's mapping of an offsets-log write failure to a commit error.
+fn commit_error(err: &LogError) -> ResponseError {
+    match err {
+        LogError::MessageTooLarge { .. } => ResponseError::InvalidCommitOffsetSize,
+        LogError::Io(_) => ResponseError::NotCoordinator,
+        LogError::UnknownTopicOrPartition(_) => ResponseError::CoordinatorNotAvailable,
+        _ => ResponseError::UnknownServerError,
+    }
+}
+
+/// Most records per batch when writing tombstones, to stay well below the
+/// offsets topic's max.message.bytes.
+const TOMBSTONES_PER_BATCH: usize = 1000;
+
+/// ACL operations a classic group supports (READ, DELETE, DESCRIBE), as the
+/// bitfield DescribeGroups v3+ reports; Sluice has no ACLs, so all of them.
+const GROUP_AUTHORIZED_OPERATIONS: i32 = (1 << 3) | (1 << 6) | (1 << 8);
 
 impl GroupCoordinator {
     /// Creates the offsets topic if missing and replays it.
     /// Must be called inside a Tokio runtime (session timers are spawned on it).
     pub fn open(store: Arc<Store>, config: GroupConfig) -> Result<Arc<Self>, GroupError> {
-        let _ = (store, config);
-        unimplemented!()
+        if store.topic(OFFSETS_TOPIC).is_none() {
+            // Offsets must never age out of the log: replay is the only
+            // copy after a restart. Kafka compacts this topic; Sluice keeps
+            // it whole (cleanup.policy is recorded as compact).
+            let overrides: BTreeMap<String, String> = [
+                ("cleanup.policy", "compact"),
+                ("retention.ms", "-1"),
+                ("retention.bytes", "-1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+            match store.create_topic(OFFSETS_TOPIC, 1, &overrides, false) {
+                Ok(_) | Err(LogError::TopicAlreadyExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let offsets = store
+            .partition(OFFSETS_TOPIC, 0)
+            .ok_or_else(|| LogError::UnknownTopicOrPartition(format!("{OFFSETS_TOPIC}-0")))?;
+        let replayed = replay(&offsets)?;
+        let (shutdown, _) = watch::channel(());
+        let coordinator = Arc::new(GroupCoordinator {
+            store,
+            config,
+            offsets,
+            groups: Mutex::new(HashMap::new()),
+            shutdown,
+            id_seq: AtomicU64::new(0),
+            id_hasher: RandomState::new(),
+        });
+        let now = Instant::now();
+        let count = replayed.len();
+        for (id, offsets) in replayed {
+            let mut group = Group::new(id.clone(), now);
+            group.offsets = offsets;
+            coordinator.insert_group(id, group);
+        }
+        tracing::info!(groups = count, "consumer group offsets restored");
+        Ok(coordinator)
     }
+
+    // ---- group registry --------------------------------------------------
+
+    fn insert_group(self: &Arc<Self>, id: String, group: Group) -> Arc<GroupHandle> {
+        let handle = Arc::new(GroupHandle {
+            id: id.clone(),
+            state: Mutex::new(group),
+            wake: Notify::new(),
+        });
+        self.groups.lock().insert(id, handle.clone());
+        self.spawn_timer(&handle);
+        handle
+    }
+
+    fn get_group(&self, id: &str) -> Option<Arc<GroupHandle>> {
+        self.groups.lock().get(id).cloned()
+    }
+
+    fn get_or_create_group(self: &Arc<Self>, id: &str) -> Arc<GroupHandle> {
+        let handle = {
+            let mut groups = self.groups.lock();
+            if let Some(h) = groups.get(id) {
+                return h.clone();
+            }
+            let handle = Arc::new(GroupHandle {
+                id: id.to_owned(),
+                state: Mutex::new(Group::new(id.to_owned(), Instant::now())),
+                wake: Notify::new(),
+            });
+            groups.insert(id.to_owned(), handle.clone());
+            handle
+        };
+        self.spawn_timer(&handle);
+        handle
+    }
+
+    /// A live (not Dead) group, created when missing. A group found Dead was
+    /// deleted or forgotten an instant ago; look again to get its successor.
+    fn live_group(self: &Arc<Self>, id: &str) -> Arc<GroupHandle> {
+        for _ in 0..3 {
+            let handle = self.get_or_create_group(id);
+            if handle.state.lock().state != GroupState::Dead {
+                return handle;
+            }
+            self.forget(&handle);
+        }
+        self.get_or_create_group(id)
+    }
+
+    /// Drops a Dead group from the registry (if it is still the registered one).
+    fn forget(&self, handle: &Arc<GroupHandle>) {
+        let mut groups = self.groups.lock();
+        if groups
+            .get(&handle.id)
+            .is_some_and(|h| Arc::ptr_eq(h, handle))
+        {
+            groups.remove(&handle.id);
+        }
+    }
+
+    fn spawn_timer(self: &Arc<Self>, handle: &Arc<GroupHandle>) {
+        tokio::spawn(run_timers(
+            handle.clone(),
+            Arc::downgrade(self),
+            self.config.clone(),
+            self.shutdown.subscribe(),
+        ));
+    }
+
+    /// A fresh member id: `<client id or group instance id>-<uuid>`, as Kafka.
+    fn new_member_id(&self, prefix: &str) -> String {
+        let n = self.id_seq.fetch_add(1, Ordering::Relaxed);
+        let a = self.id_hasher.hash_one((n, 0u8));
+        let b = self.id_hasher.hash_one((n, 1u8));
+        format!(
+            "{prefix}-{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0xfff,
+            (b >> 48) & 0x3fff | 0x8000,
+            b & 0xffff_ffff_ffff
+        )
+    }
+
+    // ---- JoinGroup -------------------------------------------------------
 
     /// Resolves when the join phase of the rebalance completes (or at once for errors).
-    pub async fn join_group(self: &Arc<Self>, req: JoinGroupRequest, version: i16) -> JoinGroupResponse {
-        let _ = (req, version);
-        unimplemented!()
+    /// Members get an empty client id and host; prefer
+    /// [`GroupCoordinator::join_group_with_client`].
+    pub async fn join_group(
+        self: &Arc<Self>,
+        req: JoinGroupRequest,
+        version: i16,
+    ) -> JoinGroupResponse {
+        self.join_group_with_client(req, version, "", "").await
     }
+
+    /// JoinGroup with the request header's client id and the peer's host
+    /// (Kafka reports it as `/<ip>`), both shown by DescribeGroups; the
+    /// client id also prefixes generated member ids.
+    pub async fn join_group_with_client(
+        self: &Arc<Self>,
+        req: JoinGroupRequest,
+        version: i16,
+        client_id: &str,
+        client_host: &str,
+    ) -> JoinGroupResponse {
+        let member_id = req.member_id.to_string();
+        let result = match self.join_outcome(req, version, client_id, client_host) {
+            Outcome::Now(r) => r,
+            Outcome::Wait(rx) => rx.await.unwrap_or_else(|_| {
+                // The wait was superseded or the coordinator is going away;
+                // the client rediscovers the coordinator and rejoins.
+                JoinResult::error(&member_id, ResponseError::CoordinatorNotAvailable)
+            }),
+        };
+        join_response(result, version)
+    }
+
+    fn join_outcome(
+        self: &Arc<Self>,
+        req: JoinGroupRequest,
+        version: i16,
+        client_id: &str,
+        client_host: &str,
+    ) -> Outcome<JoinResult> {
+        let member_id = req.member_id.to_string();
+        let group_id = req.group_id.as_str();
+        if group_id.is_empty() {
+            return Outcome::Now(JoinResult::error(&member_id, ResponseError::InvalidGroupId));
+        }
+        let session = req.session_timeout_ms;
+        if session < self.config.min_session_timeout_ms
+            || session > self.config.max_session_timeout_ms
+        {
+            return Outcome::Now(JoinResult::error(
+                &member_id,
+                ResponseError::InvalidSessionTimeout,
+            ));
+        }
+        let params = JoinParams {
+            member_id: member_id.clone(),
+            instance_id: req.group_instance_id.as_ref().map(|s| s.to_string()),
+            client_id: client_id.to_owned(),
+            client_host: client_host.to_owned(),
+            // v0 has no rebalance timeout: Kafka uses the session timeout.
+            rebalance_timeout_ms: if version == 0 {
+                session
+            } else {
+                req.rebalance_timeout_ms
+            },
+            session_timeout_ms: session,
+            protocol_type: req.protocol_type.to_string(),
+            protocols: req
+                .protocols
+                .into_iter()
+                .map(|p| (p.name.to_string(), p.metadata))
+                .collect(),
+            require_known_member_id: version >= 4,
+            support_skip_assignment: version >= 9,
+        };
+        let handle = if member_id.is_empty() {
+            self.live_group(group_id)
+        } else {
+            match self.get_group(group_id) {
+                Some(h) => h,
+                None => {
+                    return Outcome::Now(JoinResult::error(
+                        &member_id,
+                        ResponseError::UnknownMemberId,
+                    ))
+                }
+            }
+        };
+        let outcome = {
+            let mut g = handle.state.lock();
+            g.join(
+                params,
+                |prefix| self.new_member_id(prefix),
+                Instant::now(),
+                &self.config,
+            )
+        };
+        handle.wake.notify_one();
+        outcome
+    }
+
+    // ---- SyncGroup, Heartbeat, LeaveGroup -------------------------------
 
     /// Followers wait here until the leader's SyncGroup delivers assignments.
-    pub async fn sync_group(self: &Arc<Self>, req: SyncGroupRequest, version: i16) -> SyncGroupResponse {
-        let _ = (req, version);
-        unimplemented!()
+    pub async fn sync_group(
+        self: &Arc<Self>,
+        req: SyncGroupRequest,
+        version: i16,
+    ) -> SyncGroupResponse {
+        let result = match self.sync_outcome(req) {
+            Outcome::Now(r) => r,
+            Outcome::Wait(rx) => rx
+                .await
+                .unwrap_or_else(|_| SyncResult::error(ResponseError::RebalanceInProgress)),
+        };
+        let mut resp = SyncGroupResponse::default();
+        resp.error_code = result.error;
+        resp.assignment = result.assignment;
+        if version >= 5 {
+            resp.protocol_type = result.protocol_type.as_deref().map(str_bytes);
+            resp.protocol_name = result.protocol_name.as_deref().map(str_bytes);
+        }
+        resp
     }
 
-    pub async fn heartbeat(self: &Arc<Self>, req: HeartbeatRequest, version: i16) -> HeartbeatResponse {
-        let _ = (req, version);
-        unimplemented!()
+    fn sync_outcome(&self, req: SyncGroupRequest) -> Outcome<SyncResult> {
+        let group_id = req.group_id.as_str();
+        if group_id.is_empty() {
+            return Outcome::Now(SyncResult::error(ResponseError::InvalidGroupId));
+        }
+        let Some(handle) = self.get_group(group_id) else {
+            return Outcome::Now(SyncResult::error(ResponseError::UnknownMemberId));
+        };
+        let assignments = req
+            .assignments
+            .into_iter()
+            .map(|a| (a.member_id.to_string(), a.assignment))
+            .collect();
+        let outcome = handle.state.lock().sync(
+            req.generation_id,
+            req.member_id.as_str(),
+            req.group_instance_id.as_deref(),
+            req.protocol_type.as_deref(),
+            req.protocol_name.as_deref(),
+            assignments,
+            Instant::now(),
+        );
+        handle.wake.notify_one();
+        outcome
     }
 
-    pub async fn leave_group(self: &Arc<Self>, req: LeaveGroupRequest, version: i16) -> LeaveGroupResponse {
-        let _ = (req, version);
-        unimplemented!()
+    pub async fn heartbeat(
+        self: &Arc<Self>,
+        req: HeartbeatRequest,
+        version: i16,
+    ) -> HeartbeatResponse {
+        let _ = version;
+        let mut resp = HeartbeatResponse::default();
+        let group_id = req.group_id.as_str();
+        let result = if group_id.is_empty() {
+            Err(ResponseError::InvalidGroupId)
+        } else {
+            match self.get_group(group_id) {
+                None => Err(ResponseError::UnknownMemberId),
+                Some(handle) => {
+                    let r = handle.state.lock().heartbeat(
+                        req.generation_id,
+                        req.member_id.as_str(),
+                        req.group_instance_id.as_deref(),
+                        Instant::now(),
+                    );
+                    handle.wake.notify_one();
+                    r
+                }
+            }
+        };
+        resp.error_code = result.err().map_or(0, |e| e.code());
+        resp
     }
+
+    pub async fn leave_group(
+        self: &Arc<Self>,
+        req: LeaveGroupRequest,
+        version: i16,
+    ) -> LeaveGroupResponse {
+        let mut resp = LeaveGroupResponse::default();
+        let leaving: Vec<(StrBytes, Option<StrBytes>)> = if version < 3 {
+            vec![(req.member_id.clone(), None)]
+        } else {
+            req.members
+                .iter()
+                .map(|m| (m.member_id.clone(), m.group_instance_id.clone()))
+                .collect()
+        };
+        let group_id = req.group_id.as_str();
+        let (top, per_member): (Option<ResponseError>, Vec<Option<ResponseError>>) =
+            if group_id.is_empty() {
+                (Some(ResponseError::InvalidGroupId), Vec::new())
+            } else {
+                match self.get_group(group_id) {
+                    None => (
+                        None,
+                        leaving
+                            .iter()
+                            .map(|_| Some(ResponseError::UnknownMemberId))
+                            .collect(),
+                    ),
+                    Some(handle) => {
+                        let mut g = handle.state.lock();
+                        if g.state == GroupState::Dead {
+                            (Some(ResponseError::CoordinatorNotAvailable), Vec::new())
+                        } else {
+                            let now = Instant::now();
+                            let errors = leaving
+                                .iter()
+                                .map(|(member, instance)| {
+                                    g.leave(member.as_str(), instance.as_deref(), now, &self.config)
+                                        .err()
+                                })
+                                .collect();
+                            drop(g);
+                            handle.wake.notify_one();
+                            (None, errors)
+                        }
+                    }
+                }
+            };
+        if version < 3 {
+            // One member: its error is the response's error, as in Kafka.
+            resp.error_code = top
+                .or_else(|| per_member.iter().flatten().next().copied())
+                .map_or(0, |e| e.code());
+        } else {
+            resp.error_code = top.map_or(0, |e| e.code());
+            resp.members = leaving
+                .into_iter()
+                .zip(per_member)
+                .map(|((member_id, instance), err)| {
+                    let mut m = MemberResponse::default();
+                    m.member_id = member_id;
+                    m.group_instance_id = instance;
+                    m.error_code = err.map_or(0, |e| e.code());
+                    m
+                })
+                .collect();
+        }
+        resp
+    }
+
+    // ---- offsets ---------------------------------------------------------
 
     /// Answers after the commit is durable in the offsets topic.
-    pub async fn offset_commit(self: &Arc<Self>, req: OffsetCommitRequest, version: i16) -> OffsetCommitResponse {
-        let _ = (req, version);
-        unimplemented!()
+    pub async fn offset_commit(
+        self: &Arc<Self>,
+        req: OffsetCommitRequest,
+        version: i16,
+    ) -> OffsetCommitResponse {
+        let _ = version;
+        let mut resp = OffsetCommitResponse::default();
+        resp.topics = req
+            .topics
+            .iter()
+            .map(|t| {
+                let mut topic = OffsetCommitResponseTopic::default();
+                topic.name = t.name.clone();
+                topic.partitions = t
+                    .partitions
+                    .iter()
+                    .map(|p| {
+                        let mut part = OffsetCommitResponsePartition::default();
+                        part.partition_index = p.partition_index;
+                        part
+                    })
+                    .collect();
+                topic
+            })
+            .collect();
+        let set = |resp: &mut OffsetCommitResponse, ti: usize, pi: usize, err: ResponseError| {
+            if let Some(p) = resp
+                .topics
+                .get_mut(ti)
+                .and_then(|t| t.partitions.get_mut(pi))
+            {
+                p.error_code = err.code();
+            }
+        };
+
+        // Partitions of topics that exist; the rest are refused up front,
+        // as Kafka's KafkaApis does before asking the coordinator.
+        let mut valid: Vec<(usize, usize)> = Vec::new();
+        for (ti, t) in req.topics.iter().enumerate() {
+            for (pi, p) in t.partitions.iter().enumerate() {
+                if self
+                    .store
+                    .partition(t.name.as_str(), p.partition_index)
+                    .is_some()
+                {
+                    valid.push((ti, pi));
+                } else {
+                    set(&mut resp, ti, pi, ResponseError::UnknownTopicOrPartition);
+                }
+            }
+        }
+        if valid.is_empty() {
+            return resp;
+        }
+        let group_id = req.group_id.as_str();
+        let fail_all = |resp: &mut OffsetCommitResponse, err: ResponseError| {
+            for &(ti, pi) in &valid {
+                set(resp, ti, pi, err);
+            }
+        };
+        if group_id.len() > record::MAX_STRING {
+            fail_all(&mut resp, ResponseError::InvalidGroupId);
+            return resp;
+        }
+        let generation = req.generation_id_or_member_epoch;
+        let member_id = req.member_id.as_str();
+        let instance_id = req.group_instance_id.as_deref();
+        let handle = match self.get_group(group_id) {
+            Some(h) => h,
+            // A consumer that manages partitions itself (assign()) or an
+            // admin tool commits with generation -1 and no member id.
+            None if generation < 0 => self.live_group(group_id),
+            None => {
+                fail_all(&mut resp, ResponseError::IllegalGeneration);
+                return resp;
+            }
+        };
+
+        let commit_ts = wall_clock_ms();
+        let written = {
+            let mut g = handle.state.lock();
+            if let Err(e) = g.validate_offset_commit(generation, member_id, instance_id) {
+                fail_all(&mut resp, e);
+                return resp;
+            }
+            g.commit_heartbeat(member_id, Instant::now());
+            let mut entries: Vec<(usize, usize, OffsetKey, OffsetValue)> = Vec::new();
+            for &(ti, pi) in &valid {
+                let Some((t, p)) = req
+                    .topics
+                    .get(ti)
+                    .and_then(|t| t.partitions.get(pi).map(|p| (t, p)))
+                else {
+                    continue;
+                };
+                let metadata = p.committed_metadata.as_deref().unwrap_or("");
+                if metadata.len() > OFFSET_METADATA_MAX_BYTES {
+                    set(&mut resp, ti, pi, ResponseError::OffsetMetadataTooLarge);
+                    continue;
+                }
+                entries.push((
+                    ti,
+                    pi,
+                    OffsetKey {
+                        group: group_id.to_owned(),
+                        topic: t.name.to_string(),
+                        partition: p.partition_index,
+                    },
+                    OffsetValue {
+                        offset: p.committed_offset,
+                        leader_epoch: p.committed_leader_epoch,
+                        metadata: metadata.to_owned(),
+                        commit_timestamp: commit_ts,
+                    },
+                ));
+            }
+            if entries.is_empty() {
+                return resp;
+            }
+            let records: Vec<(Bytes, Option<Bytes>)> = entries
+                .iter()
+                .map(|(_, _, k, v)| (record::encode_key(k), Some(record::encode_value(v))))
+                .collect();
+            match self.append(&records) {
+                Ok((base_offset, end_offset)) => {
+                    for (_, _, k, _) in &entries {
+                        *g.inflight
+                            .entry((k.topic.clone(), k.partition))
+                            .or_default() += 1;
+                    }
+                    (entries, base_offset, end_offset)
+                }
+                Err(e) => {
+                    tracing::warn!(group = group_id, error = %e, "offset commit append failed");
+                    let err = commit_error(&e);
+                    for (ti, pi, _, _) in &entries {
+                        set(&mut resp, *ti, *pi, err);
+                    }
+                    return resp;
+                }
+            }
+        };
+        handle.wake.notify_one();
+
+        // Finish in a task of its own so that the in-memory view follows the
+        // log even if this request is dropped while waiting for the disk.
+        let (entries, base_offset, end_offset) = written;
+        let partition = self.offsets.clone();
+        let task = tokio::spawn(async move {
+            let durable = partition.wait_durable(end_offset).await;
+            let mut g = handle.state.lock();
+            let mut outcome = Vec::with_capacity(entries.len());
+            for (log_offset, (ti, pi, key, value)) in (base_offset..).zip(entries) {
+                let tp = (key.topic, key.partition);
+                if let Some(n) = g.inflight.get_mut(&tp) {
+                    *n -= 1;
+                    if *n == 0 {
+                        g.inflight.remove(&tp);
+                    }
+                }
+                match &durable {
+                    Ok(()) => {
+                        // A deleted group keeps nothing; a later commit of the
+                        // same partition (higher log offset) wins.
+                        let newer = g
+                            .offsets
+                            .get(&tp)
+                            .is_some_and(|c| c.log_offset > log_offset);
+                        if g.state != GroupState::Dead && !newer {
+                            g.offsets.insert(
+                                tp,
+                                Committed {
+                                    offset: value.offset,
+                                    leader_epoch: value.leader_epoch,
+                                    metadata: value.metadata,
+                                    log_offset,
+                                },
+                            );
+                        }
+                        outcome.push((ti, pi, None));
+                    }
+                    Err(e) => outcome.push((ti, pi, Some(commit_error(e)))),
+                }
+            }
+            if let Err(e) = &durable {
+                tracing::warn!(group = %g.id, error = %e, "offset commit not durable");
+            }
+            outcome
+        });
+        match task.await {
+            Ok(outcome) => {
+                for (ti, pi, err) in outcome {
+                    if let Some(err) = err {
+                        set(&mut resp, ti, pi, err);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "offset commit completion failed");
+                fail_all(&mut resp, ResponseError::UnknownServerError);
+            }
+        }
+        resp
     }
 
-    pub async fn offset_fetch(self: &Arc<Self>, req: OffsetFetchRequest, version: i16) -> OffsetFetchResponse {
-        let _ = (req, version);
-        unimplemented!()
+    /// Appends records as one batch to the offsets log; returns the offset
+    /// of the first record and one past the last.
+    fn append(&self, records: &[(Bytes, Option<Bytes>)]) -> Result<(i64, i64), LogError> {
+        let timestamp = wall_clock_ms();
+        let records: Vec<Record> = records
+            .iter()
+            .enumerate()
+            .map(|(i, (key, value))| Record {
+                transactional: false,
+                control: false,
+                delete_horizon: false,
+                partition_leader_epoch: NO_PARTITION_LEADER_EPOCH,
+                producer_id: NO_PRODUCER_ID,
+                producer_epoch: NO_PRODUCER_EPOCH,
+                timestamp_type: TimestampType::Creation,
+                offset: i64::try_from(i).unwrap_or(i64::MAX),
+                sequence: NO_SEQUENCE,
+                timestamp,
+                key: Some(key.clone()),
+                value: value.clone(),
+                headers: Default::default(),
+            })
+            .collect();
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            &records,
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::None,
+            },
+        )
+        .map_err(|e| LogError::InvalidRecord(format!("cannot encode offsets batch: {e}")))?;
+        let result = self.offsets.append(&buf, 0)?;
+        Ok((result.base_offset, result.end_offset))
     }
 
-    pub fn list_groups(self: &Arc<Self>, req: ListGroupsRequest, version: i16) -> ListGroupsResponse {
-        let _ = (req, version);
-        unimplemented!()
+    pub async fn offset_fetch(
+        self: &Arc<Self>,
+        req: OffsetFetchRequest,
+        version: i16,
+    ) -> OffsetFetchResponse {
+        let mut resp = OffsetFetchResponse::default();
+        // require_stable is accepted: only durable commits are ever visible
+        // and Sluice has no transactional offsets, so nothing is unstable.
+        if version >= 8 {
+            resp.groups = req
+                .groups
+                .iter()
+                .map(|g| {
+                    let wanted = g.topics.as_ref().map(|topics| {
+                        topics
+                            .iter()
+                            .map(|t| (t.name.to_string(), t.partition_indexes.clone()))
+                            .collect()
+                    });
+                    let mut out = OffsetFetchResponseGroup::default();
+                    out.group_id = g.group_id.clone();
+                    out.topics = self
+                        .committed(g.group_id.as_str(), wanted)
+                        .into_iter()
+                        .map(|(name, parts)| {
+                            let mut t = OffsetFetchResponseTopics::default();
+                            t.name = TopicName(str_bytes(&name));
+                            t.partitions = parts
+                                .into_iter()
+                                .map(|(index, c)| {
+                                    let mut p = OffsetFetchResponsePartitions::default();
+                                    p.partition_index = index;
+                                    p.committed_offset = c.as_ref().map_or(-1, |c| c.offset);
+                                    p.committed_leader_epoch =
+                                        c.as_ref().map_or(-1, |c| c.leader_epoch);
+                                    p.metadata =
+                                        Some(c.as_ref().map_or_else(StrBytes::new, |c| {
+                                            str_bytes(&c.metadata)
+                                        }));
+                                    p
+                                })
+                                .collect();
+                            t
+                        })
+                        .collect();
+                    out
+                })
+                .collect();
+        } else {
+            let wanted = req.topics.as_ref().map(|topics| {
+                topics
+                    .iter()
+                    .map(|t| (t.name.to_string(), t.partition_indexes.clone()))
+                    .collect()
+            });
+            resp.topics = self
+                .committed(req.group_id.as_str(), wanted)
+                .into_iter()
+                .map(|(name, parts)| {
+                    let mut t = OffsetFetchResponseTopic::default();
+                    t.name = TopicName(str_bytes(&name));
+                    t.partitions = parts
+                        .into_iter()
+                        .map(|(index, c)| {
+                            let mut p = OffsetFetchResponsePartition::default();
+                            p.partition_index = index;
+                            p.committed_offset = c.as_ref().map_or(-1, |c| c.offset);
+                            if version >= 5 {
+                                p.committed_leader_epoch =
+                                    c.as_ref().map_or(-1, |c| c.leader_epoch);
+                            }
+                            p.metadata = Some(
+                                c.as_ref()
+                                    .map_or_else(StrBytes::new, |c| str_bytes(&c.metadata)),
+                            );
+                            p
+                        })
+                        .collect();
+                    t
+                })
+                .collect();
+        }
+        resp
     }
 
-    pub fn describe_groups(self: &Arc<Self>, req: DescribeGroupsRequest, version: i16) -> DescribeGroupsResponse {
-        let _ = (req, version);
-        unimplemented!()
+    /// Committed offsets of a group: the requested partitions (unknown ones
+    /// as None), or with `wanted` None every committed partition.
+    #[allow(clippy::type_complexity)]
+    fn committed(
+        &self,
+        group_id: &str,
+        wanted: Option<Vec<(String, Vec<i32>)>>,
+    ) -> Vec<(String, Vec<(i32, Option<Committed>)>)> {
+        let handle = self.get_group(group_id);
+        let guard = handle.as_ref().map(|h| h.state.lock());
+        let offsets = guard
+            .as_ref()
+            .filter(|g| g.state != GroupState::Dead)
+            .map(|g| &g.offsets);
+        match wanted {
+            Some(wanted) => wanted
+                .into_iter()
+                .map(|(topic, partitions)| {
+                    let parts = partitions
+                        .into_iter()
+                        .map(|p| {
+                            let c = offsets.and_then(|o| o.get(&(topic.clone(), p))).cloned();
+                            (p, c)
+                        })
+                        .collect();
+                    (topic, parts)
+                })
+                .collect(),
+            None => {
+                let mut out: Vec<(String, Vec<(i32, Option<Committed>)>)> = Vec::new();
+                for ((topic, partition), c) in offsets.into_iter().flatten() {
+                    match out.last_mut() {
+                        Some((t, parts)) if t == topic => parts.push((*partition, Some(c.clone()))),
+                        _ => out.push((topic.clone(), vec![(*partition, Some(c.clone()))])),
+                    }
+                }
+                out
+            }
+        }
     }
 
-    pub async fn delete_groups(self: &Arc<Self>, req: DeleteGroupsRequest, version: i16) -> DeleteGroupsResponse {
-        let _ = (req, version);
-        unimplemented!()
+    // ---- admin -----------------------------------------------------------
+
+    fn handles(&self) -> Vec<Arc<GroupHandle>> {
+        let mut handles: Vec<Arc<GroupHandle>> = self.groups.lock().values().cloned().collect();
+        handles.sort_by(|a, b| a.id.cmp(&b.id));
+        handles
     }
+
+    pub fn list_groups(
+        self: &Arc<Self>,
+        req: ListGroupsRequest,
+        version: i16,
+    ) -> ListGroupsResponse {
+        let mut resp = ListGroupsResponse::default();
+        let states: Vec<String> = if version >= 4 {
+            req.states_filter
+                .iter()
+                .map(|s| s.as_str().to_ascii_lowercase())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let types: Vec<String> = if version >= 5 {
+            req.types_filter
+                .iter()
+                .map(|s| s.as_str().to_ascii_lowercase())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // Every group here is a classic group.
+        if !types.is_empty() && !types.iter().any(|t| t == "classic") {
+            return resp;
+        }
+        for handle in self.handles() {
+            let g = handle.state.lock();
+            if g.state == GroupState::Dead {
+                continue;
+            }
+            let state = g.state.as_str();
+            if !states.is_empty() && !states.contains(&state.to_ascii_lowercase()) {
+                continue;
+            }
+            let mut listed = ListedGroup::default();
+            listed.group_id = GroupId(str_bytes(&g.id));
+            listed.protocol_type = str_bytes(g.protocol_type.as_deref().unwrap_or_default());
+            if version >= 4 {
+                listed.group_state = str_bytes(state);
+            }
+            if version >= 5 {
+                listed.group_type = StrBytes::from_static_str("classic");
+            }
+            resp.groups.push(listed);
+        }
+        resp
+    }
+
+    pub fn describe_groups(
+        self: &Arc<Self>,
+        req: DescribeGroupsRequest,
+        version: i16,
+    ) -> DescribeGroupsResponse {
+        let mut resp = DescribeGroupsResponse::default();
+        for group_id in &req.groups {
+            let mut out = DescribedGroup::default();
+            out.group_id = group_id.clone();
+            if version >= 3 && req.include_authorized_operations {
+                out.authorized_operations = GROUP_AUTHORIZED_OPERATIONS;
+            }
+            let handle = self.get_group(group_id.as_str());
+            let guard = handle.as_ref().map(|h| h.state.lock());
+            match guard.as_ref().filter(|g| g.state != GroupState::Dead) {
+                None => {
+                    out.group_state = StrBytes::from_static_str(GroupState::Dead.as_str());
+                    // Before v6 Kafka answers an unknown group as Dead with
+                    // no error; v6 (KIP-1043) says GROUP_ID_NOT_FOUND.
+                    if version >= 6 {
+                        out.error_code = ResponseError::GroupIdNotFound.code();
+                        out.error_message = Some(StrBytes::from_string(format!(
+                            "Group {} not found.",
+                            group_id.as_str()
+                        )));
+                    }
+                }
+                Some(g) => {
+                    out.group_state = str_bytes(g.state.as_str());
+                    out.protocol_type = str_bytes(g.protocol_type.as_deref().unwrap_or_default());
+                    // Kafka shows the protocol, member metadata and
+                    // assignments only for a Stable group.
+                    let stable = g.state == GroupState::Stable;
+                    let protocol = if stable {
+                        g.protocol_name.clone().unwrap_or_default()
+                    } else {
+                        String::new()
+                    };
+                    out.protocol_data = str_bytes(&protocol);
+                    out.members = g
+                        .members
+                        .values()
+                        .map(|m| {
+                            let mut d = DescribedGroupMember::default();
+                            d.member_id = str_bytes(&m.id);
+                            if version >= 4 {
+                                d.group_instance_id = m.instance_id.as_deref().map(str_bytes);
+                            }
+                            d.client_id = str_bytes(&m.client_id);
+                            d.client_host = str_bytes(&m.client_host);
+                            if stable {
+                                d.member_metadata = m.metadata(&protocol);
+                                d.member_assignment = m.assignment.clone();
+                            }
+                            d
+                        })
+                        .collect();
+                }
+            }
+            resp.groups.push(out);
+        }
+        resp
+    }
+
+    pub async fn delete_groups(
+        self: &Arc<Self>,
+        req: DeleteGroupsRequest,
+        version: i16,
+    ) -> DeleteGroupsResponse {
+        let _ = version;
+        let mut resp = DeleteGroupsResponse::default();
+        let mut waits: Vec<(usize, i64)> = Vec::new();
+        for group_id in &req.groups_names {
+            let index = resp.results.len();
+            let mut result = DeletableGroupResult::default();
+            result.group_id = group_id.clone();
+            let outcome = match self.get_group(group_id.as_str()) {
+                None => Err(ResponseError::GroupIdNotFound),
+                Some(handle) => {
+                    let r = self.delete_group(&handle);
+                    if r.is_ok() {
+                        self.forget(&handle);
+                        handle.wake.notify_one();
+                    }
+                    r
+                }
+            };
+            match outcome {
+                Ok(Some(end_offset)) => waits.push((index, end_offset)),
+                Ok(None) => {}
+                Err(e) => result.error_code = e.code(),
+            }
+            resp.results.push(result);
+        }
+        for (index, end_offset) in waits {
+            if let Err(e) = self.offsets.wait_durable(end_offset).await {
+                tracing::warn!(error = %e, "group deletion not durable");
+                if let Some(r) = resp.results.get_mut(index) {
+                    r.error_code = commit_error(&e).code();
+                }
+            }
+        }
+        resp
+    }
+
+    /// Kafka's DeleteGroups for one group: only an Empty group goes; its
+    /// offsets get tombstones. Returns the end offset to wait for, if any.
+    fn delete_group(&self, handle: &GroupHandle) -> Result<Option<i64>, ResponseError> {
+        let mut g = handle.state.lock();
+        match g.state {
+            GroupState::Dead => return Err(ResponseError::GroupIdNotFound),
+            GroupState::Stable
+            | GroupState::PreparingRebalance
+            | GroupState::CompletingRebalance => return Err(ResponseError::NonEmptyGroup),
+            GroupState::Empty => {}
+        }
+        // Tombstones for every committed partition and for commits still on
+        // their way to disk, so none of them comes back on replay.
+        let mut keys: Vec<(String, i32)> = g.offsets.keys().cloned().collect();
+        keys.extend(g.inflight.keys().cloned());
+        keys.sort();
+        keys.dedup();
+        let mut end = None;
+        for chunk in keys.chunks(TOMBSTONES_PER_BATCH) {
+            let records: Vec<(Bytes, Option<Bytes>)> = chunk
+                .iter()
+                .map(|(topic, partition)| {
+                    let key = OffsetKey {
+                        group: g.id.clone(),
+                        topic: topic.clone(),
+                        partition: *partition,
+                    };
+                    (record::encode_key(&key), None)
+                })
+                .collect();
+            let (_, end_offset) = self.append(&records).map_err(|e| {
+                tracing::warn!(group = %g.id, error = %e, "writing group tombstones failed");
+                commit_error(&e)
+            })?;
+            end = Some(end_offset);
+        }
+        tracing::info!(group = %g.id, partitions = keys.len(), "group deleted");
+        g.state = GroupState::Dead;
+        g.offsets.clear();
+        Ok(end)
+    }
+}
+
+/// Shapes a join outcome for one JoinGroup version.
+fn join_response(r: JoinResult, version: i16) -> JoinGroupResponse {
+    let mut resp = JoinGroupResponse::default();
+    resp.error_code = r.error;
+    resp.generation_id = r.generation_id;
+    if version >= 7 {
+        resp.protocol_type = r.protocol_type.as_deref().map(str_bytes);
+        resp.protocol_name = r.protocol_name.as_deref().map(str_bytes);
+    } else {
+        // Not nullable before v7: Kafka sends "" for no protocol.
+        resp.protocol_name = Some(str_bytes(r.protocol_name.as_deref().unwrap_or_default()));
+    }
+    resp.leader = str_bytes(&r.leader);
+    resp.skip_assignment = version >= 9 && r.skip_assignment;
+    resp.member_id = str_bytes(&r.member_id);
+    resp.members = r
+        .members
+        .into_iter()
+        .map(|(id, instance, metadata)| {
+            let mut m = JoinGroupResponseMember::default();
+            m.member_id = str_bytes(&id);
+            if version >= 5 {
+                m.group_instance_id = instance.as_deref().map(str_bytes);
+            }
+            m.metadata = metadata;
+            m
+        })
+        .collect();
+    resp
+}
+
+/// A group's timer task: sleeps until the group's next deadline, fires what
+/// is due, and ends when the group dies or the coordinator is dropped.
+async fn run_timers(
+    handle: Arc<GroupHandle>,
+    coordinator: Weak<GroupCoordinator>,
+    config: GroupConfig,
+    mut shutdown: watch::Receiver<()>,
+) {
+    loop {
+        let next = {
+            let g = handle.state.lock();
+            if g.state == GroupState::Dead {
+                return;
+            }
+            g.next_deadline()
+        };
+        let sleep = async {
+            match next {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => {}
+            _ = handle.wake.notified() => continue,
+            _ = shutdown.changed() => return,
+        }
+        let forget = {
+            let mut g = handle.state.lock();
+            let idle = g.fire_timers(Instant::now(), &config);
+            if idle {
+                tracing::debug!(group = %g.id, "forgetting idle empty group");
+                g.state = GroupState::Dead;
+            }
+            idle
+        };
+        if forget {
+            if let Some(c) = coordinator.upgrade() {
+                c.forget(&handle);
+            }
+            return;
+        }
+    }
+}
+
+/// Committed offsets by group, then by (topic, partition).
+type OffsetsByGroup = HashMap<String, BTreeMap<(String, i32), Committed>>;
+
+/// Rebuilds every group's committed offsets from the offsets log.
+fn replay(partition: &Partition) -> Result<OffsetsByGroup, GroupError> {
+    const READ_BYTES: usize = 1 << 20;
+    let mut groups = OffsetsByGroup::new();
+    let mut position = partition.log_start_offset();
+    let high_watermark = partition.high_watermark();
+    let mut records = 0usize;
+    while position < high_watermark {
+        let read = partition.read(position, READ_BYTES, true, ReadLimit::HighWatermark)?;
+        if read.records.is_empty() {
+            break;
+        }
+        let mut buf = read.records;
+        let sets = RecordBatchDecoder::decode_all(&mut buf)
+            .map_err(|e| GroupError::CorruptEntry(position, e.to_string()))?;
+        let mut next = position;
+        for set in sets {
+            for rec in set.records {
+                if rec.offset < position {
+                    // The head of a batch that starts before where we are.
+                    continue;
+                }
+                next = next.max(rec.offset + 1);
+                if rec.control {
+                    continue;
+                }
+                records += 1;
+                apply_record(&mut groups, &rec)?;
+            }
+        }
+        if next <= position {
+            return Err(GroupError::CorruptEntry(
+                position,
+                "read made no progress".to_owned(),
+            ));
+        }
+        position = next;
+    }
+    groups.retain(|_, offsets| !offsets.is_empty());
+    tracing::debug!(records, groups = groups.len(), "offsets log replayed");
+    Ok(groups)
+}
+
+fn apply_record(groups: &mut OffsetsByGroup, rec: &Record) -> Result<(), GroupError> {
+    let corrupt = |msg: String| GroupError::CorruptEntry(rec.offset, msg);
+    let key = rec
+        .key
+        .as_ref()
+        .ok_or_else(|| corrupt("record without a key".to_owned()))?;
+    let Some(key) = record::decode_key(key).map_err(|e| corrupt(e.to_string()))? else {
+        return Ok(());
+    };
+    let tp = (key.topic, key.partition);
+    match &rec.value {
+        None => {
+            if let Some(offsets) = groups.get_mut(&key.group) {
+                offsets.remove(&tp);
+            }
+        }
+        Some(value) => {
+            let v = record::decode_value(value).map_err(|e| corrupt(e.to_string()))?;
+            groups.entry(key.group).or_default().insert(
+                tp,
+                Committed {
+                    offset: v.offset,
+                    leader_epoch: v.leader_epoch,
+                    metadata: v.metadata,
+                    log_offset: rec.offset,
+                },
+            );
+        }
+    }
+    Ok(())
 }
