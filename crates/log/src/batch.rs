@@ -1,0 +1,327 @@
+//! Kafka RecordBatch v2 headers: parsing and validation.
+//!
+//! Only the 61-byte batch header is ever interpreted; records stay opaque
+//! (they may be compressed), so validation costs one CRC-32C pass per batch
+//! and no per-record work.
+
+use crate::LogError;
+
+/// Size of the RecordBatch v2 header; records start here.
+pub const HEADER_LEN: usize = 61;
+/// Bytes before the part counted by `batchLength` (baseOffset + batchLength).
+pub const LOG_OVERHEAD: usize = 12;
+/// Smallest legal `batchLength`: the header minus the log overhead.
+const MIN_BATCH_LENGTH: i32 = (HEADER_LEN - LOG_OVERHEAD) as i32;
+
+const OFF_BASE_OFFSET: usize = 0;
+const OFF_BATCH_LENGTH: usize = 8;
+const OFF_LEADER_EPOCH: usize = 12;
+const OFF_MAGIC: usize = 16;
+const OFF_CRC: usize = 17;
+/// The CRC covers everything from the attributes to the end of the batch.
+const OFF_ATTRIBUTES: usize = 21;
+const OFF_LAST_OFFSET_DELTA: usize = 23;
+const OFF_BASE_TIMESTAMP: usize = 27;
+const OFF_MAX_TIMESTAMP: usize = 35;
+const OFF_PRODUCER_ID: usize = 43;
+const OFF_PRODUCER_EPOCH: usize = 51;
+const OFF_BASE_SEQUENCE: usize = 53;
+const OFF_RECORDS_COUNT: usize = 57;
+
+const ATTR_TRANSACTIONAL: i16 = 1 << 4;
+const ATTR_CONTROL: i16 = 1 << 5;
+
+/// The fields of a RecordBatch v2 header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchHeader {
+    pub base_offset: i64,
+    /// `batchLength`: bytes after the first 12.
+    pub batch_length: i32,
+    pub partition_leader_epoch: i32,
+    pub magic: i8,
+    pub crc: u32,
+    pub attributes: i16,
+    pub last_offset_delta: i32,
+    pub base_timestamp: i64,
+    pub max_timestamp: i64,
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
+    pub records_count: i32,
+}
+
+impl BatchHeader {
+    /// Parses the header at the start of `buf`; None when fewer than 61 bytes.
+    pub fn parse(buf: &[u8]) -> Option<BatchHeader> {
+        let h: &[u8; HEADER_LEN] = buf.get(..HEADER_LEN)?.try_into().ok()?;
+        Some(BatchHeader {
+            base_offset: be_i64(h, OFF_BASE_OFFSET),
+            batch_length: be_i32(h, OFF_BATCH_LENGTH),
+            partition_leader_epoch: be_i32(h, OFF_LEADER_EPOCH),
+            magic: h[OFF_MAGIC] as i8,
+            crc: be_i32(h, OFF_CRC) as u32,
+            attributes: be_i16(h, OFF_ATTRIBUTES),
+            last_offset_delta: be_i32(h, OFF_LAST_OFFSET_DELTA),
+            base_timestamp: be_i64(h, OFF_BASE_TIMESTAMP),
+            max_timestamp: be_i64(h, OFF_MAX_TIMESTAMP),
+            producer_id: be_i64(h, OFF_PRODUCER_ID),
+            producer_epoch: be_i16(h, OFF_PRODUCER_EPOCH),
+            base_sequence: be_i32(h, OFF_BASE_SEQUENCE),
+            records_count: be_i32(h, OFF_RECORDS_COUNT),
+        })
+    }
+
+    /// Total size of the batch in bytes (header included).
+    pub fn size(&self) -> usize {
+        LOG_OVERHEAD + self.batch_length.max(0) as usize
+    }
+
+    /// Offset of the batch's last record.
+    pub fn last_offset(&self) -> i64 {
+        self.base_offset + i64::from(self.last_offset_delta)
+    }
+
+    /// One past the last record's offset.
+    pub fn next_offset(&self) -> i64 {
+        self.last_offset() + 1
+    }
+
+    pub fn is_transactional(&self) -> bool {
+        self.attributes & ATTR_TRANSACTIONAL != 0
+    }
+
+    pub fn is_control(&self) -> bool {
+        self.attributes & ATTR_CONTROL != 0
+    }
+
+    /// Sequence number of the batch's last record (sequences wrap at i32::MAX).
+    pub fn last_sequence(&self) -> i32 {
+        wrap_seq(self.base_sequence, self.last_offset_delta)
+    }
+}
+
+/// `seq + delta` wrapping from i32::MAX to 0, as Kafka's producer does.
+pub(crate) fn wrap_seq(seq: i32, delta: i32) -> i32 {
+    let sum = i64::from(seq) + i64::from(delta);
+    if sum > i64::from(i32::MAX) {
+        (sum - i64::from(i32::MAX) - 1) as i32
+    } else {
+        sum as i32
+    }
+}
+
+// The helpers read fixed offsets of a header that is known to be complete
+// (the array type guarantees the length), so they cannot go out of bounds.
+fn be_i64(b: &[u8; HEADER_LEN], at: usize) -> i64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    i64::from_be_bytes(a)
+}
+
+fn be_i32(b: &[u8; HEADER_LEN], at: usize) -> i32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    i32::from_be_bytes(a)
+}
+
+fn be_i16(b: &[u8; HEADER_LEN], at: usize) -> i16 {
+    let mut a = [0u8; 2];
+    a.copy_from_slice(&b[at..at + 2]);
+    i16::from_be_bytes(a)
+}
+
+/// Why a batch at some position is not acceptable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum BatchFault {
+    /// Fewer bytes than the header or the declared length needs (a torn write).
+    Short { have: usize, need: usize },
+    /// The bytes are there but are not a valid batch.
+    Corrupt(String),
+}
+
+impl BatchFault {
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            BatchFault::Short { have, need } => {
+                format!("truncated batch: {have} bytes present, {need} needed")
+            }
+            BatchFault::Corrupt(why) => why.clone(),
+        }
+    }
+}
+
+/// Checks the header fields that can be judged without the batch body.
+pub(crate) fn check_header(h: &BatchHeader) -> Result<(), String> {
+    if h.batch_length < MIN_BATCH_LENGTH {
+        return Err(format!("batch length {} too small", h.batch_length));
+    }
+    if h.magic != 2 {
+        return Err(format!(
+            "unsupported magic {} (only 2 is accepted)",
+            h.magic
+        ));
+    }
+    if h.records_count < 1 {
+        return Err(format!("record count {} below 1", h.records_count));
+    }
+    if h.last_offset_delta < 0 || i64::from(h.records_count) != i64::from(h.last_offset_delta) + 1 {
+        return Err(format!(
+            "record count {} does not match last offset delta {}",
+            h.records_count, h.last_offset_delta
+        ));
+    }
+    Ok(())
+}
+
+/// True when the stored CRC-32C matches the bytes of `batch` (one whole batch).
+pub(crate) fn crc_matches(h: &BatchHeader, batch: &[u8]) -> bool {
+    batch
+        .get(OFF_ATTRIBUTES..)
+        .is_some_and(|covered| crc32c::crc32c(covered) == h.crc)
+}
+
+/// Checks the declared length of the batch at the start of `buf` against
+/// what is present, returning the parsed header and the batch's total size.
+/// The CRC is not checked here.
+pub(crate) fn check_structure(buf: &[u8]) -> Result<(BatchHeader, usize), BatchFault> {
+    let Some(h) = BatchHeader::parse(buf) else {
+        // A header too short to parse; if the length field is readable and
+        // already absurd, call it corrupt rather than short.
+        if let Some(len_bytes) = buf.get(OFF_BATCH_LENGTH..OFF_BATCH_LENGTH + 4) {
+            let mut a = [0u8; 4];
+            a.copy_from_slice(len_bytes);
+            let len = i32::from_be_bytes(a);
+            if len < MIN_BATCH_LENGTH {
+                return Err(BatchFault::Corrupt(format!("batch length {len} too small")));
+            }
+        }
+        return Err(BatchFault::Short {
+            have: buf.len(),
+            need: HEADER_LEN,
+        });
+    };
+    check_header(&h).map_err(BatchFault::Corrupt)?;
+    let size = h.size();
+    if size > buf.len() {
+        return Err(BatchFault::Short {
+            have: buf.len(),
+            need: size,
+        });
+    }
+    Ok((h, size))
+}
+
+/// Checks the batch at the start of `buf` completely (structure and CRC).
+pub(crate) fn check_batch(buf: &[u8]) -> Result<(BatchHeader, usize), BatchFault> {
+    let (h, size) = check_structure(buf)?;
+    let batch = buf
+        .get(..size)
+        .ok_or_else(|| BatchFault::Corrupt("batch shorter than header".into()))?;
+    if !crc_matches(&h, batch) {
+        return Err(BatchFault::Corrupt(format!(
+            "CRC mismatch: stored {:#010x}, computed {:#010x}",
+            h.crc,
+            batch.get(OFF_ATTRIBUTES..).map_or(0, crc32c::crc32c)
+        )));
+    }
+    Ok((h, size))
+}
+
+/// Validates a buffer of one or more RecordBatch v2 as a producer sends
+/// them: every batch complete, sane lengths, magic 2, CRC-32C correct,
+/// `recordsCount >= 1` and equal to `lastOffsetDelta + 1`. Returns the
+/// header of each batch, in order. Records are not decoded.
+///
+/// This is the entry point of the batch-validation fuzz target.
+pub fn validate_batches(buf: &[u8]) -> Result<Vec<BatchHeader>, LogError> {
+    if buf.is_empty() {
+        return Err(LogError::CorruptBatch("no record batch".into()));
+    }
+    let mut headers = Vec::with_capacity(1);
+    let mut rest = buf;
+    while !rest.is_empty() {
+        let (h, size) = check_batch(rest).map_err(|f| LogError::CorruptBatch(f.describe()))?;
+        headers.push(h);
+        rest = rest.get(size..).unwrap_or_default();
+    }
+    Ok(headers)
+}
+
+/// Overwrites the base offset and partition leader epoch of the batch at the
+/// start of `batch` (both fields lie outside the CRC).
+pub(crate) fn stamp(batch: &mut [u8], base_offset: i64, leader_epoch: i32) {
+    if let Some(b) = batch.get_mut(OFF_BASE_OFFSET..OFF_BASE_OFFSET + 8) {
+        b.copy_from_slice(&base_offset.to_be_bytes());
+    }
+    if let Some(b) = batch.get_mut(OFF_LEADER_EPOCH..OFF_LEADER_EPOCH + 4) {
+        b.copy_from_slice(&leader_epoch.to_be_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal valid batch with `count` opaque "records" of `payload` bytes.
+    fn batch(count: i32, payload: usize) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_LEN + payload];
+        let len = (b.len() - LOG_OVERHEAD) as i32;
+        b[8..12].copy_from_slice(&len.to_be_bytes());
+        b[16] = 2;
+        b[23..27].copy_from_slice(&(count - 1).to_be_bytes());
+        b[43..51].copy_from_slice(&(-1i64).to_be_bytes());
+        b[57..61].copy_from_slice(&count.to_be_bytes());
+        let crc = crc32c::crc32c(&b[21..]);
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn valid_batches_pass_and_report_headers() {
+        let mut buf = batch(3, 10);
+        buf.extend(batch(1, 0));
+        let hs = validate_batches(&buf).unwrap();
+        assert_eq!(hs.len(), 2);
+        assert_eq!(hs[0].records_count, 3);
+        assert_eq!(hs[0].size(), HEADER_LEN + 10);
+        assert_eq!(hs[1].last_offset_delta, 0);
+    }
+
+    #[test]
+    fn stamping_keeps_crc_valid() {
+        let mut b = batch(2, 5);
+        stamp(&mut b, 1234, 7);
+        let hs = validate_batches(&b).unwrap();
+        assert_eq!(hs[0].base_offset, 1234);
+        assert_eq!(hs[0].partition_leader_epoch, 7);
+    }
+
+    #[test]
+    fn faults_are_detected() {
+        let good = batch(2, 5);
+        let mut bad_crc = good.clone();
+        *bad_crc.last_mut().unwrap() ^= 1;
+        assert!(validate_batches(&bad_crc).is_err());
+        let mut bad_magic = good.clone();
+        bad_magic[16] = 1;
+        assert!(validate_batches(&bad_magic).is_err());
+        assert!(validate_batches(&good[..good.len() - 1]).is_err());
+        let mut bad_count = batch(2, 5);
+        bad_count[57..61].copy_from_slice(&5i32.to_be_bytes());
+        let crc = crc32c::crc32c(&bad_count[21..]);
+        bad_count[17..21].copy_from_slice(&crc.to_be_bytes());
+        assert!(validate_batches(&bad_count).is_err());
+        assert!(validate_batches(&[]).is_err());
+        assert!(matches!(
+            check_structure(&[0u8; 30]),
+            Err(BatchFault::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn sequences_wrap() {
+        assert_eq!(wrap_seq(i32::MAX, 1), 0);
+        assert_eq!(wrap_seq(i32::MAX - 1, 3), 1);
+        assert_eq!(wrap_seq(5, 2), 7);
+    }
+}

@@ -1,0 +1,594 @@
+//! The data directory: topics and their partitions, topic metadata, the
+//! cluster id and the producer-id allocator.
+//!
+//! Layout:
+//! ```text
+//! <data_dir>/meta/topics.json        topic names, ids, partition counts, overrides
+//! <data_dir>/meta/cluster-id         random id made on first start
+//! <data_dir>/meta/producer-id-block  first producer id not yet reserved
+//! <data_dir>/<topic>-<partition>/    segments and per-partition checkpoints
+//! ```
+//! Every file in meta/ is replaced atomically (tmp, fsync, rename, fsync dir).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::config::validate_topic_name;
+use crate::fsutil;
+use crate::partition::{now_ms, Partition};
+use crate::{ConfigChange, ConfigEntry, LogError, StoreConfig, TopicConfig, TopicInfo};
+
+const META_DIR: &str = "meta";
+const TOPICS_FILE: &str = "topics.json";
+const CLUSTER_ID_FILE: &str = "cluster-id";
+const PRODUCER_ID_FILE: &str = "producer-id-block";
+/// Producer ids are reserved on disk this many at a time; a crash skips
+/// the rest of the block, so an id is never handed out twice.
+const PRODUCER_ID_BLOCK: i64 = 1000;
+/// Upper bound on partitions per topic, a guard against absurd requests.
+const MAX_PARTITIONS: u32 = 100_000;
+
+#[derive(Serialize, Deserialize, Default)]
+struct TopicsFile {
+    topics: Vec<TopicRecord>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct TopicRecord {
+    name: String,
+    /// Hex of the 16-byte topic id.
+    id: String,
+    partitions: u32,
+    overrides: BTreeMap<String, String>,
+}
+
+struct TopicState {
+    id: [u8; 16],
+    overrides: BTreeMap<String, String>,
+    config: Arc<RwLock<TopicConfig>>,
+    partitions: Vec<Arc<Partition>>,
+}
+
+struct PidAllocator {
+    next: i64,
+    reserved_until: i64,
+}
+
+/// The owner of a data directory: topics, their partitions, their configs.
+pub struct Store {
+    config: StoreConfig,
+    meta_dir: PathBuf,
+    runtime: tokio::runtime::Handle,
+    topics: RwLock<BTreeMap<String, TopicState>>,
+    /// Serialises topic-metadata changes and their file writes.
+    meta_lock: Mutex<()>,
+    cluster_id: String,
+    pids: Mutex<PidAllocator>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("data_dir", &self.config.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Kafka cluster ids are a UUID in URL-safe base64 without padding (22 chars).
+fn base64url(bytes: &[u8; 16]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(22);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for &b in bytes {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 6 {
+            bits -= 6;
+            out.push(char::from(ALPHABET[((acc >> bits) & 63) as usize]));
+        }
+    }
+    if bits > 0 {
+        out.push(char::from(ALPHABET[((acc << (6 - bits)) & 63) as usize]));
+    }
+    out
+}
+
+fn partition_dir(data_dir: &Path, topic: &str, partition: u32) -> PathBuf {
+    data_dir.join(format!("{topic}-{partition}"))
+}
+
+/// Effective config of a topic: broker defaults with the overrides applied.
+fn effective(
+    defaults: &TopicConfig,
+    overrides: &BTreeMap<String, String>,
+) -> Result<TopicConfig, LogError> {
+    let mut c = defaults.clone();
+    for (k, v) in overrides {
+        c.set(k, v)?;
+    }
+    Ok(c)
+}
+
+fn internal(name: &str) -> bool {
+    name.starts_with("__")
+}
+
+impl Store {
+    /// Opens (creating if needed) the data directory and recovers every
+    /// partition: validates segment tails, truncates torn writes, rebuilds
+    /// indexes, rebuilds producer state. Must be called inside a Tokio runtime
+    /// (background flushers are spawned on it).
+    pub fn open(config: StoreConfig) -> Result<Arc<Store>, LogError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            LogError::Io(std::io::Error::other(
+                "Store::open must be called inside a Tokio runtime",
+            ))
+        })?;
+        let data_dir = config.data_dir.clone();
+        fs::create_dir_all(&data_dir)?;
+        let meta_dir = data_dir.join(META_DIR);
+        let fresh_meta = !meta_dir.exists();
+        fs::create_dir_all(&meta_dir)?;
+        if fresh_meta {
+            fsutil::sync_dir(&data_dir)?;
+        }
+
+        let cluster_id = match fsutil::read_optional(&meta_dir.join(CLUSTER_ID_FILE))? {
+            Some(b) if !String::from_utf8_lossy(&b).trim().is_empty() => {
+                String::from_utf8_lossy(&b).trim().to_string()
+            }
+            _ => {
+                let id = base64url(uuid::Uuid::new_v4().as_bytes());
+                fsutil::atomic_write(&meta_dir.join(CLUSTER_ID_FILE), id.as_bytes())?;
+                id
+            }
+        };
+
+        let next_pid = match fsutil::read_optional(&meta_dir.join(PRODUCER_ID_FILE))? {
+            Some(b) => String::from_utf8_lossy(&b)
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| {
+                    LogError::Io(std::io::Error::other(format!(
+                        "unreadable {}",
+                        meta_dir.join(PRODUCER_ID_FILE).display()
+                    )))
+                })?,
+            None => 0,
+        };
+
+        let topics_file: TopicsFile = match fsutil::read_optional(&meta_dir.join(TOPICS_FILE))? {
+            Some(b) => serde_json::from_slice(&b).map_err(|e| {
+                LogError::Io(std::io::Error::other(format!(
+                    "unreadable {}: {e}",
+                    meta_dir.join(TOPICS_FILE).display()
+                )))
+            })?,
+            None => TopicsFile::default(),
+        };
+
+        let mut topics = BTreeMap::new();
+        for rec in topics_file.topics {
+            let id = unhex(&rec.id).ok_or_else(|| {
+                LogError::Io(std::io::Error::other(format!(
+                    "bad id of topic {}",
+                    rec.name
+                )))
+            })?;
+            let cfg = effective(&config.defaults, &rec.overrides)?;
+            let shared = Arc::new(RwLock::new(cfg));
+            let mut partitions = Vec::with_capacity(rec.partitions as usize);
+            for p in 0..rec.partitions {
+                partitions.push(Partition::open(
+                    &rec.name,
+                    p as i32,
+                    partition_dir(&data_dir, &rec.name, p),
+                    shared.clone(),
+                    config.flush,
+                    &runtime,
+                )?);
+            }
+            topics.insert(
+                rec.name.clone(),
+                TopicState {
+                    id,
+                    overrides: rec.overrides,
+                    config: shared,
+                    partitions,
+                },
+            );
+        }
+
+        // Partition directories no topic claims: a topic deleted or a
+        // creation interrupted by a crash.
+        for entry in fs::read_dir(&data_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some((topic, part)) = name.rsplit_once('-') else {
+                continue;
+            };
+            let Ok(part) = part.parse::<u32>() else {
+                continue;
+            };
+            if validate_topic_name(topic).is_err() || !entry.path().is_dir() {
+                continue;
+            }
+            let claimed = topics
+                .get(topic)
+                .is_some_and(|t| (part as usize) < t.partitions.len());
+            if !claimed {
+                tracing::warn!(dir = %entry.path().display(), "removing partition directory of no topic");
+                fs::remove_dir_all(entry.path())?;
+            }
+        }
+
+        Ok(Arc::new(Store {
+            meta_dir,
+            runtime,
+            topics: RwLock::new(topics),
+            meta_lock: Mutex::new(()),
+            cluster_id,
+            pids: Mutex::new(PidAllocator {
+                next: next_pid,
+                reserved_until: next_pid,
+            }),
+            config,
+        }))
+    }
+
+    fn persist_topics(&self, topics: &BTreeMap<String, TopicState>) -> Result<(), LogError> {
+        let file = TopicsFile {
+            topics: topics
+                .iter()
+                .map(|(name, t)| TopicRecord {
+                    name: name.clone(),
+                    id: hex(&t.id),
+                    partitions: t.partitions.len() as u32,
+                    overrides: t.overrides.clone(),
+                })
+                .collect(),
+        };
+        let json = serde_json::to_vec_pretty(&file)
+            .map_err(|e| LogError::Io(std::io::Error::other(e.to_string())))?;
+        fsutil::atomic_write(&self.meta_dir.join(TOPICS_FILE), &json)?;
+        Ok(())
+    }
+
+    fn info(&self, name: &str, t: &TopicState) -> TopicInfo {
+        TopicInfo {
+            name: name.to_string(),
+            id: t.id,
+            partitions: t.partitions.len() as u32,
+            config: t.config.read().clone(),
+            overrides: t.overrides.clone(),
+            internal: internal(name),
+        }
+    }
+
+    /// Creates a topic. `validate_only` checks everything without creating.
+    pub fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        overrides: &BTreeMap<String, String>,
+        validate_only: bool,
+    ) -> Result<TopicInfo, LogError> {
+        validate_topic_name(name)?;
+        if partitions == 0 || partitions > MAX_PARTITIONS {
+            return Err(LogError::InvalidPartitions(format!(
+                "number of partitions must be in [1, {MAX_PARTITIONS}], got {partitions}"
+            )));
+        }
+        let cfg = effective(&self.config.defaults, overrides)?;
+        let _g = self.meta_lock.lock();
+        if self.topics.read().contains_key(name) {
+            return Err(LogError::TopicAlreadyExists(name.to_string()));
+        }
+        let id = *uuid::Uuid::new_v4().as_bytes();
+        if validate_only {
+            return Ok(TopicInfo {
+                name: name.to_string(),
+                id,
+                partitions,
+                config: cfg,
+                overrides: overrides.clone(),
+                internal: internal(name),
+            });
+        }
+        let shared = Arc::new(RwLock::new(cfg));
+        let mut parts = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            let dir = partition_dir(&self.config.data_dir, name, p);
+            // A leftover directory of an earlier topic of the same name.
+            if dir.exists() {
+                fs::remove_dir_all(&dir)?;
+            }
+            parts.push(Partition::open(
+                name,
+                p as i32,
+                dir,
+                shared.clone(),
+                self.config.flush,
+                &self.runtime,
+            )?);
+        }
+        fsutil::sync_dir(&self.config.data_dir)?;
+        let state = TopicState {
+            id,
+            overrides: overrides.clone(),
+            config: shared,
+            partitions: parts,
+        };
+        let info = self.info(name, &state);
+        let mut topics = self.topics.write();
+        topics.insert(name.to_string(), state);
+        if let Err(e) = self.persist_topics(&topics) {
+            if let Some(t) = topics.remove(name) {
+                for p in &t.partitions {
+                    p.mark_deleted();
+                }
+            }
+            return Err(e);
+        }
+        Ok(info)
+    }
+
+    /// Deletes a topic and its files.
+    pub fn delete_topic(&self, name: &str) -> Result<(), LogError> {
+        let _g = self.meta_lock.lock();
+        let removed = {
+            let mut topics = self.topics.write();
+            let Some(t) = topics.remove(name) else {
+                return Err(LogError::UnknownTopicOrPartition(name.to_string()));
+            };
+            if let Err(e) = self.persist_topics(&topics) {
+                topics.insert(name.to_string(), t);
+                return Err(e);
+            }
+            t
+        };
+        for p in &removed.partitions {
+            p.mark_deleted();
+            match fs::remove_dir_all(p.dir()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Grows a topic to `total` partitions (never shrinks: InvalidPartitions).
+    pub fn create_partitions(
+        &self,
+        name: &str,
+        total: u32,
+        validate_only: bool,
+    ) -> Result<(), LogError> {
+        let _g = self.meta_lock.lock();
+        let (current, shared) = {
+            let topics = self.topics.read();
+            let t = topics
+                .get(name)
+                .ok_or_else(|| LogError::UnknownTopicOrPartition(name.to_string()))?;
+            (t.partitions.len() as u32, t.config.clone())
+        };
+        if total <= current {
+            return Err(LogError::InvalidPartitions(format!(
+                "topic {name} has {current} partitions; the new count {total} must be larger"
+            )));
+        }
+        if total > MAX_PARTITIONS {
+            return Err(LogError::InvalidPartitions(format!(
+                "at most {MAX_PARTITIONS} partitions"
+            )));
+        }
+        if validate_only {
+            return Ok(());
+        }
+        let mut added = Vec::new();
+        for p in current..total {
+            let dir = partition_dir(&self.config.data_dir, name, p);
+            if dir.exists() {
+                fs::remove_dir_all(&dir)?;
+            }
+            added.push(Partition::open(
+                name,
+                p as i32,
+                dir,
+                shared.clone(),
+                self.config.flush,
+                &self.runtime,
+            )?);
+        }
+        fsutil::sync_dir(&self.config.data_dir)?;
+        let mut topics = self.topics.write();
+        let Some(t) = topics.get_mut(name) else {
+            return Err(LogError::UnknownTopicOrPartition(name.to_string()));
+        };
+        t.partitions.extend(added);
+        if let Err(e) = self.persist_topics(&topics) {
+            if let Some(t) = topics.get_mut(name) {
+                for p in t.partitions.drain(current as usize..) {
+                    p.mark_deleted();
+                }
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// All topics, sorted by name.
+    pub fn topics(&self) -> Vec<TopicInfo> {
+        self.topics
+            .read()
+            .iter()
+            .map(|(n, t)| self.info(n, t))
+            .collect()
+    }
+
+    pub fn topic(&self, name: &str) -> Option<TopicInfo> {
+        self.topics.read().get(name).map(|t| self.info(name, t))
+    }
+
+    pub fn partition(&self, topic: &str, partition: i32) -> Option<Arc<Partition>> {
+        let idx = usize::try_from(partition).ok()?;
+        self.topics.read().get(topic)?.partitions.get(idx).cloned()
+    }
+
+    /// Applies config changes atomically (all or none), persisting them.
+    pub fn alter_topic_config(
+        &self,
+        name: &str,
+        changes: &[ConfigChange],
+        validate_only: bool,
+    ) -> Result<(), LogError> {
+        let _g = self.meta_lock.lock();
+        let mut overrides = {
+            let topics = self.topics.read();
+            topics
+                .get(name)
+                .ok_or_else(|| LogError::UnknownTopicOrPartition(name.to_string()))?
+                .overrides
+                .clone()
+        };
+        for c in changes {
+            match c {
+                ConfigChange::Set { key, value } => {
+                    overrides.insert(key.clone(), value.clone());
+                }
+                ConfigChange::Delete { key } => {
+                    if !TopicConfig::KEYS.contains(&key.as_str()) {
+                        return Err(LogError::InvalidConfig(format!(
+                            "unknown topic config key {key:?}"
+                        )));
+                    }
+                    overrides.remove(key);
+                }
+            }
+        }
+        let cfg = effective(&self.config.defaults, &overrides)?;
+        if validate_only {
+            return Ok(());
+        }
+        let mut topics = self.topics.write();
+        let Some(t) = topics.get_mut(name) else {
+            return Err(LogError::UnknownTopicOrPartition(name.to_string()));
+        };
+        let old = std::mem::replace(&mut t.overrides, overrides);
+        if let Err(e) = self.persist_topics(&topics) {
+            if let Some(t) = topics.get_mut(name) {
+                t.overrides = old;
+            }
+            return Err(e);
+        }
+        if let Some(t) = topics.get(name) {
+            *t.config.write() = cfg;
+        }
+        Ok(())
+    }
+
+    /// Every key of [`TopicConfig::KEYS`] with its effective value.
+    pub fn describe_topic_config(&self, name: &str) -> Result<Vec<ConfigEntry>, LogError> {
+        let topics = self.topics.read();
+        let t = topics
+            .get(name)
+            .ok_or_else(|| LogError::UnknownTopicOrPartition(name.to_string()))?;
+        let cfg = t.config.read();
+        Ok(TopicConfig::KEYS
+            .iter()
+            .map(|k| ConfigEntry {
+                name: (*k).to_string(),
+                value: cfg.get(k).unwrap_or_default(),
+                is_default: !t.overrides.contains_key(*k),
+            })
+            .collect())
+    }
+
+    fn all_partitions(&self) -> Vec<Arc<Partition>> {
+        self.topics
+            .read()
+            .values()
+            .flat_map(|t| t.partitions.iter().cloned())
+            .collect()
+    }
+
+    /// Rolls segments past `segment.ms` and deletes whole segments past
+    /// `retention.ms` / `retention.bytes`. Returns the number of segments
+    /// deleted. The server calls this periodically.
+    pub fn enforce_retention(&self) -> Result<usize, LogError> {
+        let now = now_ms();
+        let mut deleted = 0;
+        for p in self.all_partitions() {
+            deleted += p.enforce_retention(now)?;
+        }
+        Ok(deleted)
+    }
+
+    /// Allocates a producer id that is never handed out again, also across
+    /// restarts (InitProducerId).
+    pub fn next_producer_id(&self) -> Result<i64, LogError> {
+        let mut a = self.pids.lock();
+        if a.next >= a.reserved_until {
+            let until = a.next + PRODUCER_ID_BLOCK;
+            fsutil::atomic_write(
+                &self.meta_dir.join(PRODUCER_ID_FILE),
+                until.to_string().as_bytes(),
+            )?;
+            a.reserved_until = until;
+        }
+        let id = a.next;
+        a.next += 1;
+        Ok(id)
+    }
+
+    /// A random id made when the data directory is first created (Kafka's cluster id).
+    pub fn cluster_id(&self) -> String {
+        self.cluster_id.clone()
+    }
+
+    /// Flushes everything; called on clean shutdown.
+    pub fn flush_all(&self) -> Result<(), LogError> {
+        for p in self.all_partitions() {
+            p.flush_now()?;
+        }
+        fsutil::sync_dir(&self.config.data_dir)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_encode() {
+        let id = [0xabu8; 16];
+        assert_eq!(unhex(&hex(&id)), Some(id));
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(base64url(&[0u8; 16]).len(), 22);
+        assert_eq!(base64url(&[0xffu8; 16]), "_____________________w");
+    }
+}
