@@ -26,6 +26,10 @@ pub(crate) struct Ctx {
     /// Host and port clients are told to connect to.
     pub host: String,
     pub port: i32,
+    /// Topic id -> name, for requests that name topics by id (Fetch v13+,
+    /// Metadata, DeleteTopics v6). Entries are checked against the store on
+    /// use, so a stale one is never trusted.
+    pub topic_ids: parking_lot::RwLock<std::collections::HashMap<[u8; 16], String>>,
 }
 
 pub(crate) async fn serve(
@@ -49,6 +53,7 @@ pub(crate) async fn serve(
         host,
         port,
         config,
+        topic_ids: parking_lot::RwLock::new(std::collections::HashMap::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let retention = tokio::spawn(retention_loop(

@@ -36,10 +36,10 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
     let mut watched = Vec::new();
     let mut topics = Vec::with_capacity(req.topics.len());
     for topic in &req.topics {
-        let info = if by_id {
-            topic_by_id(ctx, topic.topic_id)
+        let resolved: Option<std::borrow::Cow<'_, str>> = if by_id {
+            topic_by_id(ctx, topic.topic_id).map(|info| info.name.into())
         } else {
-            ctx.store.topic(topic.topic.0.as_str())
+            Some(topic.topic.0.as_str().into())
         };
         let mut partitions = Vec::with_capacity(topic.partitions.len());
         for fp in &topic.partitions {
@@ -50,13 +50,13 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
                 .with_log_start_offset(-1)
                 .with_aborted_transactions((req.isolation_level == READ_COMMITTED).then(Vec::new))
                 .with_records(Some(Bytes::new()));
-            let log = info
-                .as_ref()
-                .and_then(|i| ctx.store.partition(&i.name, fp.partition));
-            let code = match (&info, log) {
-                (None, _) if by_id => ResponseError::UnknownTopicId.code(),
-                (None, _) | (Some(_), None) => ResponseError::UnknownTopicOrPartition.code(),
-                (Some(_), Some(log)) => {
+            let log = resolved
+                .as_deref()
+                .and_then(|name| ctx.store.partition(name, fp.partition));
+            let code = match log {
+                None if by_id && resolved.is_none() => ResponseError::UnknownTopicId.code(),
+                None => ResponseError::UnknownTopicOrPartition.code(),
+                Some(log) => {
                     let epoch_error = leader_epoch_error(fp.current_leader_epoch);
                     let code = if epoch_error != 0 {
                         epoch_error

@@ -38,7 +38,27 @@ pub(crate) fn topic_by_id(ctx: &Ctx, id: Uuid) -> Option<TopicInfo> {
         return None;
     }
     let id = *id.as_bytes();
-    ctx.store.topics().into_iter().find(|t| t.id == id)
+    let cached = ctx.topic_ids.read().get(&id).cloned();
+    if let Some(name) = cached {
+        match ctx.store.topic(&name) {
+            Some(info) if info.id == id => return Some(info),
+            // Deleted, or deleted and created again with a new id.
+            _ => {
+                ctx.topic_ids.write().remove(&id);
+            }
+        }
+    }
+    let topics = ctx.store.topics();
+    let mut cache = ctx.topic_ids.write();
+    cache.clear();
+    let mut found = None;
+    for info in topics {
+        cache.insert(info.id, info.name.clone());
+        if info.id == id {
+            found = Some(info);
+        }
+    }
+    found
 }
 
 /// The topic, created with the default partition count when unknown and

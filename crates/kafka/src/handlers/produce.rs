@@ -32,11 +32,9 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
     let mut responses = Vec::with_capacity(req.topic_data.len());
     for (ti, topic) in req.topic_data.into_iter().enumerate() {
         let name = topic.name.0.as_str();
-        let known = if acks_valid && !transactional {
-            topic_or_create(ctx, name, true)
-        } else {
-            Err(ResponseError::InvalidRequest.code())
-        };
+        // Looked up (and auto-created) only when a partition is unknown, so
+        // the common path costs one map lookup per partition.
+        let mut known: Option<Result<(), i16>> = None;
         let mut partitions = Vec::with_capacity(topic.partition_data.len());
         for (pi, data) in topic.partition_data.into_iter().enumerate() {
             let mut resp = PartitionProduceResponse::default()
@@ -55,13 +53,21 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
                     "transactions are not supported".into(),
                 ))
             } else {
-                match (&known, ctx.store.partition(name, data.index)) {
-                    (Err(code), _) => Err((*code, format!("unknown topic {name}"))),
-                    (Ok(_), None) => Err((
+                let mut log = ctx.store.partition(name, data.index);
+                if log.is_none() && known.is_none() {
+                    let created = topic_or_create(ctx, name, true).map(|_| ());
+                    if created.is_ok() {
+                        log = ctx.store.partition(name, data.index);
+                    }
+                    known = Some(created);
+                }
+                match (&known, log) {
+                    (Some(Err(code)), _) => Err((*code, format!("unknown topic {name}"))),
+                    (_, None) => Err((
                         ResponseError::UnknownTopicOrPartition.code(),
                         format!("unknown partition {name}-{}", data.index),
                     )),
-                    (Ok(_), Some(log)) => match &data.records {
+                    (_, Some(log)) => match &data.records {
                         None => Err((ResponseError::CorruptMessage.code(), "no records".into())),
                         Some(records) => match log.append(records, LEADER_EPOCH) {
                             Ok(appended) => {

@@ -1,0 +1,577 @@
+//! ApiVersions, Metadata, topic admin, configs, coordinators.
+
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
+use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
+use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+use kafka_protocol::messages::incremental_alter_configs_request::{
+    AlterConfigsResource, AlterableConfig,
+};
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::*;
+use kafka_protocol::ResponseError;
+use sluice_kafka::SUPPORTED_APIS;
+
+use crate::harness::*;
+
+fn table(resp: &ApiVersionsResponse) -> Vec<(i16, i16, i16)> {
+    resp.api_keys
+        .iter()
+        .map(|k| (k.api_key, k.min_version, k.max_version))
+        .collect()
+}
+
+#[tokio::test]
+async fn api_versions_v0_v3_and_unsupported() {
+    let server = Server::start().await;
+    let mut c = server.client().await;
+    for version in [0, 1, 2, 3] {
+        let resp = c
+            .call(
+                &ApiVersionsRequest::default()
+                    .with_client_software_name(sb("test"))
+                    .with_client_software_version(sb("1")),
+                version,
+            )
+            .await;
+        assert_eq!(resp.error_code, 0, "v{version}");
+        assert_eq!(table(&resp), SUPPORTED_APIS, "v{version}");
+    }
+    // v4 is not served: UNSUPPORTED_VERSION with the table, encoded at v0.
+    let sent = c.send(&ApiVersionsRequest::default(), 4).await;
+    let (got, resp) = c.recv::<ApiVersionsRequest>(0).await;
+    assert_eq!(sent, got);
+    assert_eq!(resp.error_code, ResponseError::UnsupportedVersion.code());
+    assert_eq!(table(&resp), SUPPORTED_APIS);
+    // The connection stays usable.
+    let resp = c.call(&ApiVersionsRequest::default(), 3).await;
+    assert_eq!(resp.error_code, 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unsupported_version_of_other_api_closes() {
+    let server = Server::start().await;
+    let mut c = server.client().await;
+    // Produce v12 is encodable but not served.
+    c.send(&produce_request("t", 0, batch(&["a"], 1), -1), 12)
+        .await;
+    assert!(c.closed_by_server().await);
+    server.stop().await;
+}
+
+fn metadata_request(topics: &[&str], auto_create: bool) -> MetadataRequest {
+    MetadataRequest::default()
+        .with_topics(Some(
+            topics
+                .iter()
+                .map(|t| MetadataRequestTopic::default().with_name(Some(name(t))))
+                .collect(),
+        ))
+        .with_allow_auto_topic_creation(auto_create)
+}
+
+#[tokio::test]
+async fn metadata_auto_create_and_listing() {
+    let server = Server::start_with(|c| c.default_partitions = 3).await;
+    let mut c = server.client().await;
+    let resp = c.call(&metadata_request(&["auto-a"], true), 12).await;
+    assert_eq!(resp.brokers.len(), 1);
+    assert_eq!(resp.brokers[0].node_id.0, 0);
+    assert_eq!(resp.brokers[0].host.as_str(), "127.0.0.1");
+    assert_eq!(resp.brokers[0].port, i32::from(server.addr.port()));
+    assert_eq!(resp.controller_id.0, 0);
+    assert_eq!(
+        resp.cluster_id.as_ref().map(|s| s.to_string()),
+        Some(server.store.cluster_id())
+    );
+    let t = &resp.topics[0];
+    assert_eq!(t.error_code, 0);
+    assert_eq!(t.partitions.len(), 3);
+    assert!(!t.topic_id.is_nil());
+    for (i, p) in t.partitions.iter().enumerate() {
+        assert_eq!(p.partition_index, i as i32);
+        assert_eq!(p.leader_id.0, 0);
+        assert_eq!(p.replica_nodes, vec![BrokerId(0)]);
+        assert_eq!(p.isr_nodes, vec![BrokerId(0)]);
+    }
+    assert_eq!(server.store.topic("auto-a").unwrap().partitions, 3);
+
+    // Not created when the request says no.
+    let resp = c.call(&metadata_request(&["auto-b"], false), 12).await;
+    assert_eq!(
+        resp.topics[0].error_code,
+        ResponseError::UnknownTopicOrPartition.code()
+    );
+    assert!(server.store.topic("auto-b").is_none());
+
+    // v1 null topics = all topics; v0 empty list = all topics.
+    let all = c
+        .call(&MetadataRequest::default().with_topics(None), 1)
+        .await;
+    assert!(all
+        .topics
+        .iter()
+        .any(|t| t.name.as_ref().map(|n| n.0.as_str()) == Some("auto-a")));
+    let all = c
+        .call(&MetadataRequest::default().with_topics(Some(vec![])), 0)
+        .await;
+    assert!(all
+        .topics
+        .iter()
+        .any(|t| t.name.as_ref().map(|n| n.0.as_str()) == Some("auto-a")));
+    // v1+ empty list = no topics.
+    let none = c
+        .call(&MetadataRequest::default().with_topics(Some(vec![])), 9)
+        .await;
+    assert!(none.topics.is_empty());
+
+    // Lookup by topic id (v12).
+    let id = t.topic_id;
+    let by_id = c
+        .call(
+            &MetadataRequest::default().with_topics(Some(vec![
+                MetadataRequestTopic::default().with_topic_id(id)
+            ])),
+            12,
+        )
+        .await;
+    assert_eq!(
+        by_id.topics[0].name.as_ref().map(|n| n.0.to_string()),
+        Some("auto-a".to_string())
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metadata_auto_create_disabled_by_config() {
+    let server = Server::start_with(|c| c.auto_create_topics = false).await;
+    let mut c = server.client().await;
+    let resp = c.call(&metadata_request(&["nope"], true), 12).await;
+    assert_eq!(
+        resp.topics[0].error_code,
+        ResponseError::UnknownTopicOrPartition.code()
+    );
+    // Produce to an unknown topic is refused as well.
+    let (code, _) = produce(&mut c, "nope", 0, batch(&["k"], 1)).await;
+    assert_eq!(code, ResponseError::UnknownTopicOrPartition.code());
+    assert!(server.store.topic("nope").is_none());
+    server.stop().await;
+}
+
+fn creatable(name_: &str, partitions: i32, rf: i16) -> CreatableTopic {
+    CreatableTopic::default()
+        .with_name(name(name_))
+        .with_num_partitions(partitions)
+        .with_replication_factor(rf)
+}
+
+#[tokio::test]
+async fn create_and_delete_topics() {
+    let server = Server::start_with(|c| c.default_partitions = 2).await;
+    let mut c = server.client().await;
+    let req = CreateTopicsRequest::default().with_topics(vec![
+        creatable("t1", 4, 1).with_configs(vec![CreatableTopicConfig::default()
+            .with_name(sb("retention.ms"))
+            .with_value(Some(sb("60000")))]),
+        creatable("t2", -1, -1),
+        creatable("t3", 1, 3),
+        creatable("bad/name", 1, 1),
+    ]);
+    let resp = c.call(&req, 7).await;
+    let codes: Vec<i16> = resp.topics.iter().map(|t| t.error_code).collect();
+    assert_eq!(
+        codes,
+        vec![
+            0,
+            0,
+            ResponseError::InvalidReplicationFactor.code(),
+            ResponseError::InvalidTopicException.code()
+        ]
+    );
+    assert_eq!(resp.topics[0].num_partitions, 4);
+    assert_eq!(resp.topics[1].num_partitions, 2);
+    assert!(!resp.topics[0].topic_id.is_nil());
+    let retention = resp.topics[0]
+        .configs
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|c| c.name.as_str() == "retention.ms")
+        .unwrap();
+    assert_eq!(retention.value.as_ref().map(|v| v.as_str()), Some("60000"));
+    assert_eq!(retention.config_source, 1);
+    assert_eq!(server.store.topic("t1").unwrap().partitions, 4);
+    assert_eq!(server.store.topic("t2").unwrap().partitions, 2);
+
+    // Existing topic; validate_only creates nothing.
+    let resp = c
+        .call(
+            &CreateTopicsRequest::default().with_topics(vec![creatable("t1", 1, 1)]),
+            4,
+        )
+        .await;
+    assert_eq!(
+        resp.topics[0].error_code,
+        ResponseError::TopicAlreadyExists.code()
+    );
+    let resp = c
+        .call(
+            &CreateTopicsRequest::default()
+                .with_topics(vec![creatable("t9", 1, 1)])
+                .with_validate_only(true),
+            5,
+        )
+        .await;
+    assert_eq!(resp.topics[0].error_code, 0);
+    assert!(server.store.topic("t9").is_none());
+
+    // Delete by name (v1..5) and by id (v6).
+    let resp = c
+        .call(
+            &DeleteTopicsRequest::default().with_topic_names(vec![name("t1"), name("missing")]),
+            4,
+        )
+        .await;
+    assert_eq!(resp.responses[0].error_code, 0);
+    assert_eq!(
+        resp.responses[1].error_code,
+        ResponseError::UnknownTopicOrPartition.code()
+    );
+    assert!(server.store.topic("t1").is_none());
+    let id = uuid::Uuid::from_bytes(server.store.topic("t2").unwrap().id);
+    let resp = c
+        .call(
+            &DeleteTopicsRequest::default()
+                .with_topics(vec![DeleteTopicState::default().with_topic_id(id)]),
+            6,
+        )
+        .await;
+    assert_eq!(resp.responses[0].error_code, 0);
+    assert_eq!(
+        resp.responses[0].name.as_ref().map(|n| n.0.as_str()),
+        Some("t2")
+    );
+    assert!(server.store.topic("t2").is_none());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn create_partitions_grows_and_refuses_shrink() {
+    let server = Server::start().await;
+    server.create_topic("grow", 1);
+    let mut c = server.client().await;
+    let req = |count| {
+        CreatePartitionsRequest::default().with_topics(vec![CreatePartitionsTopic::default()
+            .with_name(name("grow"))
+            .with_count(count)])
+    };
+    let resp = c.call(&req(3), 3).await;
+    assert_eq!(resp.results[0].error_code, 0);
+    let md = c.call(&metadata_request(&["grow"], false), 12).await;
+    assert_eq!(md.topics[0].partitions.len(), 3);
+    // The new partitions take data.
+    let (code, offset) = produce(&mut c, "grow", 2, batch(&["x"], 1)).await;
+    assert_eq!((code, offset), (0, 0));
+    let resp = c.call(&req(2), 0).await;
+    assert_eq!(
+        resp.results[0].error_code,
+        ResponseError::InvalidPartitions.code()
+    );
+    assert_eq!(server.store.topic("grow").unwrap().partitions, 3);
+    server.stop().await;
+}
+
+fn describe(topic: &str, keys: Option<Vec<&str>>) -> DescribeConfigsRequest {
+    DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+        .with_resource_type(2)
+        .with_resource_name(sb(topic))
+        .with_configuration_keys(keys.map(|k| k.into_iter().map(sb).collect()))])
+}
+
+fn config_value(resp: &DescribeConfigsResponse, key: &str) -> (String, i8) {
+    let c = resp.results[0]
+        .configs
+        .iter()
+        .find(|c| c.name.as_str() == key)
+        .unwrap_or_else(|| panic!("{key} described"));
+    (c.value.as_ref().unwrap().to_string(), c.config_source)
+}
+
+fn alter(topic: &str, configs: Vec<(&str, i8, Option<&str>)>) -> IncrementalAlterConfigsRequest {
+    IncrementalAlterConfigsRequest::default().with_resources(vec![AlterConfigsResource::default()
+        .with_resource_type(2)
+        .with_resource_name(sb(topic))
+        .with_configs(
+            configs
+                .into_iter()
+                .map(|(k, op, v)| {
+                    AlterableConfig::default()
+                        .with_name(sb(k))
+                        .with_config_operation(op)
+                        .with_value(v.map(sb))
+                })
+                .collect(),
+        )])
+}
+
+#[tokio::test]
+async fn describe_and_alter_configs_round_trip() {
+    let server = Server::start().await;
+    server.create_topic("cfg", 1);
+    let mut c = server.client().await;
+    let resp = c.call(&describe("cfg", None), 4).await;
+    assert_eq!(resp.results[0].error_code, 0);
+    let names: Vec<&str> = resp.results[0]
+        .configs
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, sluice_log::TopicConfig::KEYS);
+    let default_retention = config_value(&resp, "retention.ms");
+    assert_eq!(default_retention.1, 5, "DEFAULT_CONFIG");
+
+    let resp = c
+        .call(
+            &alter(
+                "cfg",
+                vec![
+                    ("retention.ms", 0, Some("1000")),
+                    ("max.message.bytes", 0, Some("5000")),
+                ],
+            ),
+            1,
+        )
+        .await;
+    assert_eq!(resp.responses[0].error_code, 0);
+    let resp = c
+        .call(
+            &describe("cfg", Some(vec!["retention.ms", "max.message.bytes"])),
+            1,
+        )
+        .await;
+    assert_eq!(resp.results[0].configs.len(), 2);
+    assert_eq!(config_value(&resp, "retention.ms"), ("1000".into(), 1));
+    assert_eq!(config_value(&resp, "max.message.bytes"), ("5000".into(), 1));
+    assert_eq!(
+        server.store.topic("cfg").unwrap().config.max_message_bytes,
+        5000
+    );
+
+    // DELETE goes back to the default; APPEND on a list key.
+    let resp = c
+        .call(
+            &alter(
+                "cfg",
+                vec![
+                    ("retention.ms", 1, None),
+                    ("cleanup.policy", 2, Some("compact")),
+                ],
+            ),
+            0,
+        )
+        .await;
+    assert_eq!(resp.responses[0].error_code, 0);
+    let resp = c.call(&describe("cfg", None), 3).await;
+    assert_eq!(config_value(&resp, "retention.ms"), default_retention);
+    assert_eq!(config_value(&resp, "cleanup.policy").0, "delete,compact");
+    assert_eq!(
+        resp.results[0]
+            .configs
+            .iter()
+            .find(|c| c.name.as_str() == "cleanup.policy")
+            .unwrap()
+            .config_type,
+        7
+    );
+
+    // Bad value and bad key: INVALID_CONFIG, nothing changed (atomic).
+    let resp = c
+        .call(
+            &alter(
+                "cfg",
+                vec![
+                    ("retention.ms", 0, Some("7")),
+                    ("segment.bytes", 0, Some("lots")),
+                ],
+            ),
+            1,
+        )
+        .await;
+    assert_eq!(
+        resp.responses[0].error_code,
+        ResponseError::InvalidConfig.code()
+    );
+    let resp = c
+        .call(&describe("cfg", Some(vec!["retention.ms"])), 1)
+        .await;
+    assert_eq!(config_value(&resp, "retention.ms"), default_retention);
+    let resp = c
+        .call(&alter("cfg", vec![("retention.ms", 2, Some("5"))]), 1)
+        .await;
+    assert_eq!(
+        resp.responses[0].error_code,
+        ResponseError::InvalidConfig.code()
+    );
+
+    // Legacy AlterConfigs replaces the overrides.
+    use kafka_protocol::messages::alter_configs_request::{
+        AlterConfigsResource as R, AlterableConfig as A,
+    };
+    let resp = c
+        .call(
+            &AlterConfigsRequest::default().with_resources(vec![R::default()
+                .with_resource_type(2)
+                .with_resource_name(sb("cfg"))
+                .with_configs(vec![A::default()
+                    .with_name(sb("retention.bytes"))
+                    .with_value(Some(sb("12345")))])]),
+            1,
+        )
+        .await;
+    assert_eq!(resp.responses[0].error_code, 0);
+    let info = server.store.topic("cfg").unwrap();
+    assert_eq!(
+        info.overrides.keys().collect::<Vec<_>>(),
+        vec!["retention.bytes"]
+    );
+    assert_eq!(info.config.retention_bytes, 12345);
+
+    // Broker resource: read-only settings; unknown topic: error.
+    let resp = c
+        .call(
+            &DescribeConfigsRequest::default().with_resources(vec![
+                DescribeConfigsResource::default()
+                    .with_resource_type(4)
+                    .with_resource_name(sb("0")),
+            ]),
+            4,
+        )
+        .await;
+    assert_eq!(resp.results[0].error_code, 0);
+    assert!(resp.results[0].configs.iter().all(|c| c.read_only));
+    assert!(resp.results[0]
+        .configs
+        .iter()
+        .any(|c| c.name.as_str() == "num.partitions"));
+    let resp = c.call(&describe("missing", None), 4).await;
+    assert_eq!(
+        resp.results[0].error_code,
+        ResponseError::UnknownTopicOrPartition.code()
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn describe_cluster_find_coordinator_init_producer_id() {
+    let server = Server::start().await;
+    let mut c = server.client().await;
+    let resp = c.call(&DescribeClusterRequest::default(), 1).await;
+    assert_eq!(resp.error_code, 0);
+    assert_eq!(resp.cluster_id.to_string(), server.store.cluster_id());
+    assert_eq!(resp.brokers.len(), 1);
+    assert_eq!(resp.brokers[0].port, i32::from(server.addr.port()));
+
+    for version in 0..=3 {
+        let resp = c
+            .call(
+                &FindCoordinatorRequest::default().with_key(sb("g")),
+                version,
+            )
+            .await;
+        assert_eq!(resp.error_code, 0, "v{version}");
+        assert_eq!(resp.node_id.0, 0);
+        assert_eq!(resp.port, i32::from(server.addr.port()));
+    }
+    let resp = c
+        .call(
+            &FindCoordinatorRequest::default()
+                .with_key(sb("tx"))
+                .with_key_type(1),
+            2,
+        )
+        .await;
+    assert_eq!(
+        resp.error_code,
+        ResponseError::CoordinatorNotAvailable.code()
+    );
+    let resp = c
+        .call(
+            &FindCoordinatorRequest::default().with_coordinator_keys(vec![sb("g1"), sb("g2")]),
+            4,
+        )
+        .await;
+    assert_eq!(resp.coordinators.len(), 2);
+    assert!(resp
+        .coordinators
+        .iter()
+        .all(|k| k.error_code == 0 && k.node_id.0 == 0));
+    assert_eq!(resp.coordinators[1].key.as_str(), "g2");
+
+    let a = c
+        .call(
+            &InitProducerIdRequest::default().with_transaction_timeout_ms(60_000),
+            4,
+        )
+        .await;
+    let b = c.call(&InitProducerIdRequest::default(), 0).await;
+    assert_eq!((a.error_code, b.error_code), (0, 0));
+    assert!(a.producer_id.0 >= 0 && b.producer_id.0 >= 0 && a.producer_id != b.producer_id);
+    assert_eq!(a.producer_epoch, 0);
+    let t = c
+        .call(
+            &InitProducerIdRequest::default()
+                .with_transactional_id(Some(TransactionalId(sb("tx")))),
+            4,
+        )
+        .await;
+    assert_eq!(
+        t.error_code,
+        ResponseError::TransactionalIdAuthorizationFailed.code()
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connection_limit_closes_extra_connections() {
+    let server = Server::start_with(|c| c.max_connections = 1).await;
+    let mut first = server.client().await;
+    assert_eq!(
+        first
+            .call(&ApiVersionsRequest::default(), 0)
+            .await
+            .error_code,
+        0
+    );
+    let mut second = server.client().await;
+    assert!(second.closed_by_server().await);
+    assert_eq!(
+        first
+            .call(&ApiVersionsRequest::default(), 0)
+            .await
+            .error_code,
+        0
+    );
+    drop(first);
+    // The slot frees up once the first connection is gone.
+    let mut third = None;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let mut c = server.client().await;
+        let sent = c.send(&ApiVersionsRequest::default(), 0).await;
+        let mut buf = [0u8; 4];
+        use tokio::io::AsyncReadExt;
+        if let Ok(Ok(1..)) =
+            tokio::time::timeout(std::time::Duration::from_secs(1), c.stream.read(&mut buf)).await
+        {
+            let _ = sent;
+            third = Some(());
+            break;
+        }
+    }
+    assert!(
+        third.is_some(),
+        "a new connection is served after the first closed"
+    );
+    server.stop().await;
+}
