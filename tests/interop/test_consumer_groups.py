@@ -1,0 +1,283 @@
+"""Acceptance 2: consumer groups with real confluent-kafka consumers.
+
+Two members split a 6-partition topic; a third joins (three-way split); one
+leaves (two-way split again); every record is consumed, and a record is read
+twice only if a commit covering it failed during a rebalance. Offsets are
+committed; after a kill -9 and restart of the broker the committed offsets are
+unchanged and a new member resumes exactly after them. `sluice group describe`
+reports the lag of records produced afterwards.
+"""
+
+import re
+import threading
+from collections import Counter
+import time
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from kutil import unique, wait_until
+
+PARTITIONS = 6
+
+
+class Member:
+    """One group member polling in its own thread; records what it was given."""
+
+    def __init__(self, name, bootstrap, group, topic):
+        self.name = name
+        self.assignment = set()
+        self.generations = 0
+        self.records = []  # (partition, offset, id, assignment generation)
+        self.commit_failed_ids = set()
+        self.commits = 0
+        self.errors = []
+        self._stop = threading.Event()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self.consumer = Consumer({
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "client.id": name,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 10000,
+            "heartbeat.interval.ms": 300,
+            "partition.assignment.strategy": "range",
+            "fetch.wait.max.ms": 100,
+        })
+        self.topic = topic
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def _on_assign(self, consumer, partitions):
+        with self._lock:
+            self.assignment = {p.partition for p in partitions}
+            self.generations += 1
+
+    def _on_revoke(self, consumer, partitions):
+        with self._lock:
+            self.assignment = set()
+
+    def _run(self):
+        c = self.consumer
+        try:
+            c.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke)
+            while not self._stop.is_set():
+                msgs = c.consume(num_messages=200, timeout=0.2)
+                batch = []
+                for m in msgs:
+                    if m.error():
+                        self.errors.append(str(m.error()))
+                        continue
+                    rid = int(m.value().decode().split("|")[1])
+                    batch.append((m.partition(), m.offset(), rid, self.generations))
+                if not batch:
+                    continue
+                with self._lock:
+                    self.records.extend(batch)
+                try:
+                    c.commit(asynchronous=False)
+                    self.commits += 1
+                except KafkaException as e:
+                    # A commit may legitimately fail while the group rebalances;
+                    # those records may then be read again by the next owner.
+                    self.commit_failed_ids.update(r[2] for r in batch)
+                    self.errors.append(f"commit: {e}")
+        except Exception as e:  # surfaced by the test through .errors
+            self.errors.append(f"member crashed: {e!r}")
+        finally:
+            try:
+                c.close()
+            finally:
+                self._closed.set()
+
+    def close(self, timeout=20):
+        self._stop.set()
+        assert self._closed.wait(timeout), f"{self.name} did not close within {timeout}s"
+        self.thread.join(5)
+
+    def current(self):
+        with self._lock:
+            return set(self.assignment)
+
+    def ids(self):
+        with self._lock:
+            return [r[2] for r in self.records]
+
+
+def wait_split(members, timeout=45, stable_s=1.5):
+    """Waits until the members' assignments are non-empty, disjoint, cover every
+    partition, are equal in size (range assignor, 6 partitions), and stay so."""
+    deadline = time.monotonic() + timeout
+    stable_since = None
+    last = None
+    while time.monotonic() < deadline:
+        sets = [m.current() for m in members]
+        union = set().union(*sets)
+        disjoint = sum(len(s) for s in sets) == len(union)
+        ok = (all(sets) and disjoint and union == set(range(PARTITIONS))
+              and len({len(s) for s in sets}) == 1)
+        if ok and sets == last:
+            if stable_since is None:
+                stable_since = time.monotonic()
+            if time.monotonic() - stable_since >= stable_s:
+                print("[groups] split: " + ", ".join(f"{m.name}={sorted(s)}" for m, s in zip(members, sets)))
+                return sets
+        else:
+            stable_since = None
+        last = sets
+        time.sleep(0.1)
+    errs = {m.name: m.errors[-3:] for m in members}
+    raise AssertionError(f"no stable {len(members)}-way split within {timeout}s; last assignments "
+                         f"{[(m.name, sorted(s)) for m, s in zip(members, last or [])]}; member errors {errs}")
+
+
+def produce(bootstrap, topic, start, count):
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    errs = []
+    for i in range(start, start + count):
+        p.produce(topic, key=f"k{i}".encode(), value=f"rec|{i}".encode(),
+                  on_delivery=lambda e, m: e and errs.append(str(e)))
+    assert p.flush(30) == 0 and not errs, f"produce failed: {errs[:5]}"
+    return set(range(start, start + count))
+
+
+def consumed_ids(members):
+    out = []
+    for m in members:
+        out.extend(m.ids())
+    return out
+
+
+def wait_consumed(members, expected_ids, timeout=45):
+    def done():
+        return expected_ids <= set(consumed_ids(members))
+    wait_until(done, timeout, what=f"{len(expected_ids)} records consumed by the group")
+
+
+def committed(bootstrap, group, topic):
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        tps = c.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=15)
+        return {tp.partition: tp.offset for tp in tps}
+    finally:
+        c.close()
+
+
+def high_watermarks(bootstrap, topic):
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("hw")})
+    try:
+        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(PARTITIONS)}
+    finally:
+        c.close()
+
+
+def parse_lag(text, topic):
+    """Sums the LAG column of `sluice group describe` rows for `topic`."""
+    lines = text.splitlines()
+    header = next((i for i, l in enumerate(lines) if "TOPIC" in l and "LAG" in l), None)
+    assert header is not None, f"no TOPIC/LAG header in group describe output:\n{text}"
+    cols = lines[header].split()
+    lag_col = cols.index("LAG")
+    total = 0
+    rows = 0
+    for l in lines[header + 1:]:
+        f = l.split()
+        if len(f) > lag_col and f[0] == topic:
+            rows += 1
+            assert re.fullmatch(r"\d+", f[lag_col]), f"non-numeric lag in row {l!r}"
+            total += int(f[lag_col])
+    assert rows == PARTITIONS, f"expected {PARTITIONS} rows for {topic}, got {rows}:\n{text}"
+    return total
+
+
+def test_group_rebalance_commit_restart_lag(broker):
+    t_start = time.monotonic()
+    topic = unique("grp")
+    group = unique("g")
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)])[topic].result(30)
+
+    produced = produce(broker.bootstrap, topic, 0, 300)
+    a = Member("member-a", broker.bootstrap, group, topic).start()
+    b = Member("member-b", broker.bootstrap, group, topic).start()
+    members = [a, b]
+    sa, sb = wait_split([a, b])
+    assert len(sa) == len(sb) == 3
+    wait_consumed(members, produced)
+
+    c = Member("member-c", broker.bootstrap, group, topic).start()
+    members.append(c)
+    wait_split([a, b, c])
+    produced |= produce(broker.bootstrap, topic, 300, 300)
+    wait_consumed(members, produced)
+
+    a.close()
+    print(f"[groups] member-a left after consuming {len(a.ids())} records")
+    wait_split([b, c])
+    produced |= produce(broker.bootstrap, topic, 600, 300)
+    wait_consumed(members, produced)
+
+    b.close()
+    c.close()
+
+    ids = consumed_ids(members)
+    dup = {i for i, n in Counter(ids).items() if n > 1}
+    failed_commit_ids = set().union(*(m.commit_failed_ids for m in members))
+    commits = sum(m.commits for m in members)
+    print(f"[groups] produced={len(produced)} consumed={len(ids)} distinct={len(set(ids))} "
+          f"re-read={len(dup)} commits={commits} failed-commit-records={len(failed_commit_ids)}")
+    for m in members:
+        print(f"[groups] {m.name}: {len(m.records)} records, {m.generations} assignments, errors={m.errors[:3]}")
+        assert not [e for e in m.errors if "crashed" in e], f"{m.name}: {m.errors}"
+    lost = produced - set(ids)
+    assert not lost, f"lost-write: {len(lost)} records never consumed by the group, e.g. {sorted(lost)[:10]}"
+    unexplained = dup - failed_commit_ids
+    assert not unexplained, (f"duplicate: {len(unexplained)} records consumed twice although their commit "
+                             f"succeeded, e.g. {sorted(unexplained)[:10]}")
+    # Within one assignment, a member sees each partition's offsets strictly increasing.
+    for m in members:
+        last = {}
+        for p, o, _, gen in m.records:
+            prev = last.get((gen, p), -1)
+            assert o > prev, f"nonmonotonic-poll: {m.name} generation {gen} p{p} offset {o} after {prev}"
+            last[(gen, p)] = o
+
+    hw = high_watermarks(broker.bootstrap, topic)
+    before = committed(broker.bootstrap, group, topic)
+    assert before == hw, f"committed offsets {before} != log end offsets {hw} after everything was consumed"
+    assert sum(hw.values()) == 900
+
+    # Records produced now stay uncommitted across a crash of the broker.
+    fresh = produce(broker.bootstrap, topic, 900, 120)
+    broker.kill9()
+    broker.start()
+    after = wait_until(lambda: committed(broker.bootstrap, group, topic), 30, what="committed offsets after restart")
+    assert after == before, f"committed offsets changed across kill -9/restart: before {before}, after {after}"
+
+    d = Member("member-d", broker.bootstrap, group, topic).start()
+    try:
+        wait_until(lambda: d.current() == set(range(PARTITIONS)), 30, what="member-d assigned all partitions")
+        wait_until(lambda: fresh <= set(d.ids()), 30, what="member-d reads the 120 uncommitted records")
+        time.sleep(1.0)  # anything re-read from before the commit point would show up by now
+    finally:
+        d.close()
+    got = d.ids()
+    print(f"[groups] after restart member-d read {len(got)} records (expected exactly {len(fresh)})")
+    reread = set(got) - fresh
+    assert not reread, f"duplicate: resumed group re-read {len(reread)} committed records, e.g. {sorted(reread)[:10]}"
+    assert len(got) == len(fresh), f"duplicate: member-d read {len(got)} records for {len(fresh)} new ones"
+    assert committed(broker.bootstrap, group, topic) == high_watermarks(broker.bootstrap, topic)
+
+    # Lag: N records produced with no consumer running.
+    n_lag = 37
+    produce(broker.bootstrap, topic, 1020, n_lag)
+    out = broker.cli("group", "describe", group).stdout.decode()
+    print(out)
+    lag = parse_lag(out, topic)
+    assert lag == n_lag, f"`sluice group describe` reports total lag {lag}, expected {n_lag}"
+    print(f"[groups] total {time.monotonic() - t_start:.1f}s")
