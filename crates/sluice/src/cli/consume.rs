@@ -189,8 +189,12 @@ pub fn run(runtime: &tokio::runtime::Runtime, args: ConsumeArgs) -> Result<()> {
             .set("group.id", group)
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false"),
-        // assign() needs no group: nothing is committed.
-        None => config.set("enable.auto.commit", "false"),
+        // librdkafka's assign() wants a group.id although nothing is joined
+        // or committed with it (auto commit off, no store).
+        None => config
+            .set("group.id", "sluice-cli-assign")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false"),
     };
     for (k, v) in &args.client.client_config {
         config.set(k, v);
