@@ -1,0 +1,191 @@
+"""Acceptance 3: kill -9 the broker under an idempotent acks=all producer.
+
+A confluent-kafka producer (enable.idempotence=true, acks=all) sends a
+sustained, rate-limited stream of uniquely numbered records to 2 partitions.
+While it runs the broker is SIGKILLed and restarted on the same port and data
+directory several times at random moments; the producer keeps retrying.
+Afterwards the whole topic is read back and checked Jepsen-style:
+
+  lost-write            an acknowledged record is missing
+  duplicate             a record is present more than once
+  inconsistent-offsets  an acknowledged record is not at its acknowledged offset/partition
+  nonmonotonic-poll     records of a partition are not in produce order
+  offset-gap            a partition's offsets are not contiguous from its log start
+  corrupt               a record does not decode (half-written data visible)
+"""
+
+import os
+import random
+import time
+import zlib
+
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from kutil import confluent_consume_all, unique
+
+PARTITIONS = 2
+ROUNDS = int(os.environ.get("SLUICE_CRASH_ROUNDS", "4"))
+RATE = 4000  # records per second offered to the producer
+SEED = int(os.environ.get("SLUICE_CRASH_SEED", str(int(time.time()))))
+
+
+def value_of(seq, partition):
+    body = f"crash|{seq}|{partition}|" + "p" * (seq % 97)
+    return f"{body}|{zlib.crc32(body.encode()):08x}".encode()
+
+
+def parse(value):
+    """(seq, partition) or None when the value is not exactly what was sent."""
+    try:
+        text = value.decode()
+        body, crc = text.rsplit("|", 1)
+        if f"{zlib.crc32(body.encode()):08x}" != crc:
+            return None
+        tag, seq, part, pad = body.split("|")
+        seq, part = int(seq), int(part)
+        if tag != "crash" or pad != "p" * (seq % 97):
+            return None
+        return seq, part
+    except (AttributeError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def test_kill9_under_idempotent_producer(broker):
+    rng = random.Random(SEED)
+    print(f"[crash] seed={SEED} rounds={ROUNDS}")
+    topic = unique("crash")
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)])[topic].result(30)
+
+    acked = {}  # seq -> (partition, offset)
+    failed = {}  # seq -> error
+    client_errors = []
+    fatal = []
+
+    def on_delivery(err, msg):
+        got = parse(msg.value())
+        assert got is not None
+        seq = got[0]
+        if err is not None:
+            failed[seq] = err
+        else:
+            acked[seq] = (msg.partition(), msg.offset())
+
+    def on_error(err):
+        client_errors.append(err)
+        if err.fatal():
+            fatal.append(err)
+
+    p = Producer({
+        "bootstrap.servers": broker.bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        "message.timeout.ms": 120000,
+        "linger.ms": 5,
+        "reconnect.backoff.ms": 50,
+        "reconnect.backoff.max.ms": 500,
+        "retry.backoff.ms": 50,
+        "retry.backoff.max.ms": 500,
+        "socket.connection.setup.timeout.ms": 5000,
+        "queue.buffering.max.messages": 200000,
+        "error_cb": on_error,
+    })
+
+    seq = 0
+    kills = 0
+    down_since = None
+    restart_at = None
+    next_kill = time.monotonic() + rng.uniform(1.0, 2.5)
+    t0 = time.monotonic()
+    hard_stop = t0 + 90
+    tail_until = None
+    downtimes = []
+    while time.monotonic() < hard_stop:
+        now = time.monotonic()
+        # Offer records at RATE per second (kept up even while the broker is down).
+        target = int((now - t0) * RATE)
+        while seq < target:
+            part = seq % PARTITIONS
+            try:
+                p.produce(topic, value=value_of(seq, part), key=str(seq).encode(), partition=part,
+                          on_delivery=on_delivery)
+            except BufferError:
+                break
+            seq += 1
+        p.poll(0)
+        if restart_at is None and kills < ROUNDS and now >= next_kill:
+            broker.kill9()
+            kills += 1
+            down_since = now
+            restart_at = now + rng.uniform(0.05, 1.0)
+            print(f"[crash] round {kills}: SIGKILL at t={now - t0:.2f}s, seq={seq}, acked so far {len(acked)}")
+        elif restart_at is not None and now >= restart_at:
+            broker.start()
+            downtimes.append(time.monotonic() - down_since)
+            restart_at = None
+            next_kill = time.monotonic() + rng.uniform(1.0, 3.0)
+            if kills == ROUNDS:
+                tail_until = time.monotonic() + 2.0
+        if tail_until is not None and now >= tail_until:
+            break
+        time.sleep(0.002)
+    assert kills == ROUNDS, f"only {kills} of {ROUNDS} kill rounds ran within the time budget"
+    sent = seq
+    left = p.flush(150)
+    produce_s = time.monotonic() - t0
+    print(f"[crash] offered {sent} records in {produce_s:.1f}s; acked={len(acked)} failed={len(failed)} "
+          f"in-flight-after-flush={left} downtimes={[round(d, 2) for d in downtimes]}")
+    errs = {}
+    for e in failed.values():
+        errs[str(e)] = errs.get(str(e), 0) + 1
+    if errs:
+        print(f"[crash] delivery errors: {errs}")
+    if client_errors:
+        print(f"[crash] client errors ({len(client_errors)}): {[str(e) for e in client_errors[:8]]}")
+    assert not fatal, f"idempotent producer hit fatal error(s): {[str(e) for e in fatal]}"
+    assert left == 0, f"{left} records still undelivered 150 s after the last restart"
+
+    # Read the whole topic back.
+    records = confluent_consume_all(broker.bootstrap, topic, PARTITIONS, len(acked), timeout=120,
+                                    extra_conf={"check.crcs": True})
+    found = {}
+    anomalies = {"lost-write": [], "duplicate": [], "inconsistent-offsets": [], "nonmonotonic-poll": [],
+                 "offset-gap": [], "corrupt": []}
+    last_seq = {}
+    last_off = {}
+    for r in records:
+        prev_off = last_off.get(r.partition)
+        if prev_off is not None and r.offset != prev_off + 1:
+            anomalies["offset-gap"].append((r.partition, prev_off, r.offset))
+        last_off[r.partition] = r.offset
+        got = parse(r.value)
+        if got is None or got[1] != r.partition:
+            anomalies["corrupt"].append((r.partition, r.offset, (r.value or b"")[:60]))
+            continue
+        s = got[0]
+        if s in found:
+            anomalies["duplicate"].append((s, found[s], (r.partition, r.offset)))
+            continue
+        found[s] = (r.partition, r.offset)
+        if s <= last_seq.get(r.partition, -1):
+            anomalies["nonmonotonic-poll"].append((r.partition, r.offset, s, last_seq[r.partition]))
+        last_seq[r.partition] = s
+    for s, where in acked.items():
+        if s not in found:
+            anomalies["lost-write"].append((s, where))
+        elif found[s] != where:
+            anomalies["inconsistent-offsets"].append((s, "acked", where, "found", found[s]))
+    first = {}
+    for r in records:
+        first.setdefault(r.partition, r.offset)
+    unacked_present = len(set(found) - set(acked))
+    print(f"[crash] read back {len(records)} records; acknowledged={len(acked)} "
+          f"lost={len(anomalies['lost-write'])} duplicated={len(anomalies['duplicate'])} "
+          f"unacknowledged-but-present={unacked_present} first offsets={first}")
+    bad = {k: v for k, v in anomalies.items() if v}
+    assert not bad, "anomalies: " + "; ".join(f"{k}: {len(v)} e.g. {v[:5]}" for k, v in bad.items())
+    assert all(o == 0 for o in first.values()), f"offset-gap: partitions do not start at 0: {first}"
+    assert not failed, f"{len(failed)} records failed delivery despite a 120 s message timeout: {errs}"
+    assert len(acked) == sent, f"acknowledged {len(acked)} of {sent}"
+    assert len(acked) > RATE, f"too few records acknowledged ({len(acked)}) for a meaningful crash test"
