@@ -175,6 +175,16 @@ fn describe(client: &ClientArgs, group: &str) -> Result<()> {
     if members.is_empty() && rows.is_empty() && matches!(state.as_str(), "Dead" | "") {
         bail!("consumer group {group:?} does not exist");
     }
+    // Every partition of a topic the group consumes is listed, so that a
+    // partition it never committed on shows up (as "-") instead of hiding.
+    let group_topics: BTreeSet<String> = rows.iter().map(|(t, _)| t.clone()).collect();
+    for t in metadata.topics() {
+        if group_topics.contains(t.name()) {
+            for p in t.partitions() {
+                rows.insert((t.name().to_string(), p.id()));
+            }
+        }
+    }
 
     println!("Group: {group}\tState: {state}\tMembers: {}", members.len());
     if !members.is_empty() {

@@ -731,7 +731,9 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Sum of the LAG column of `group describe` output.
+/// Records the group has not consumed, from `group describe` output: the LAG
+/// column, or the whole LOG-END-OFFSET (the topics here start at 0) of a
+/// partition without a committed offset ("-").
 fn total_lag(describe: &str) -> i64 {
     let mut rows = describe
         .lines()
@@ -741,8 +743,11 @@ fn total_lag(describe: &str) -> i64 {
     assert!(rows.peek().is_some(), "no offsets table in:\n{describe}");
     rows.map(|l| {
         let cols: Vec<&str> = l.split_whitespace().collect();
-        cols.get(4)
-            .and_then(|c| c.parse::<i64>().ok())
+        let lag = match (cols.get(2), cols.get(4)) {
+            (Some(&"-"), Some(&"-")) => cols.get(3),
+            _ => cols.get(4),
+        };
+        lag.and_then(|c| c.parse::<i64>().ok())
             .unwrap_or_else(|| panic!("bad row {l:?} in:\n{describe}"))
     })
     .sum()
