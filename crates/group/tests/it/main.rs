@@ -6,6 +6,7 @@
 mod admin;
 mod membership;
 mod offsets;
+mod wire;
 
 use std::collections::BTreeMap;
 use std::path::Path;

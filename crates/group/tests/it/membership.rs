@@ -226,23 +226,23 @@ async fn members_that_do_not_rejoin_are_dropped_after_the_rebalance_timeout() {
     let env = env(100);
     let c = &env.coord;
     let (a, b) = tokio::join!(
-        join_new(c, GROUP, "a", 10_000, 300),
-        join_new(c, GROUP, "b", 10_000, 300)
+        join_new(c, GROUP, "a", 10_000, 800),
+        join_new(c, GROUP, "b", 10_000, 800)
     );
     let (g1, leader, members) = sync_all(c, &[a, b]).await;
     let silent = members.iter().find(|m| **m != leader).unwrap().clone();
 
     // A new member forces a rebalance; only the leader rejoins.
-    let third = spawn_join_new(c, "c", 10_000, 300);
+    let third = spawn_join_new(c, "c", 10_000, 800);
     assert_eq!(
         until_rebalance(c, g1, &leader).await,
         code(ResponseError::RebalanceInProgress)
     );
     let started = tokio::time::Instant::now();
-    let leader_join = rejoin(c, GROUP, &leader, b"meta", 10_000, 300).await;
+    let leader_join = rejoin(c, GROUP, &leader, b"meta", 10_000, 800).await;
     let third = third.await.unwrap();
     assert!(
-        started.elapsed() >= Duration::from_millis(150),
+        started.elapsed() >= Duration::from_millis(400),
         "the join phase waited for the silent member"
     );
     assert_eq!(leader_join.error_code, 0);
@@ -268,23 +268,23 @@ async fn session_expiry_evicts_a_silent_member() {
     let env = env(100);
     let c = &env.coord;
     let (a, b) = tokio::join!(
-        join_new(c, GROUP, "a", 300, 1_000),
-        join_new(c, GROUP, "b", 300, 1_000)
+        join_new(c, GROUP, "a", 600, 1_000),
+        join_new(c, GROUP, "b", 600, 1_000)
     );
     let (g1, leader, members) = sync_all(c, &[a, b]).await;
     let silent = members.iter().find(|m| **m != leader).unwrap().clone();
 
-    // Only the leader heartbeats; the follower's session (300 ms) runs out.
+    // Only the leader heartbeats; the follower's session (600 ms) runs out.
     let started = tokio::time::Instant::now();
     assert_eq!(
         until_rebalance(c, g1, &leader).await,
         code(ResponseError::RebalanceInProgress)
     );
-    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert!(started.elapsed() >= Duration::from_millis(400));
     let (_, left) = state_of(c, GROUP);
     assert_eq!(left, vec![leader.clone()], "the silent member was evicted");
 
-    let j = rejoin(c, GROUP, &leader, b"meta", 300, 1_000).await;
+    let j = rejoin(c, GROUP, &leader, b"meta", 600, 1_000).await;
     assert_eq!(j.generation_id, g1 + 1);
     let (_, _, members) = sync_all(c, &[j]).await;
     assert_eq!(members, vec![leader]);
