@@ -73,10 +73,12 @@ fn entry(
     result
 }
 
+/// Null (and, leniently, an empty list) asks for every key.
 fn wanted(resource_keys: &Option<Vec<StrBytes>>, key: &str) -> bool {
-    resource_keys
-        .as_ref()
-        .is_none_or(|keys| keys.iter().any(|k| k.as_str() == key))
+    match resource_keys {
+        Some(keys) if !keys.is_empty() => keys.iter().any(|k| k.as_str() == key),
+        _ => true,
+    }
 }
 
 pub(crate) fn describe_configs(

@@ -79,13 +79,16 @@ pub(crate) fn metadata(ctx: &Ctx, req: MetadataRequest, version: i16) -> Metadat
         Some(list) => list
             .into_iter()
             .map(|t| match t.name {
-                Some(name) => match topic_or_create(ctx, name.0.as_str(), allow_create) {
-                    Ok(info) => topic_metadata(ctx, &info),
-                    Err(code) => MetadataResponseTopic::default()
-                        .with_error_code(code)
-                        .with_name(Some(name)),
-                },
-                None => match topic_by_id(ctx, t.topic_id) {
+                // Some clients send "" rather than null next to a topic id.
+                Some(name) if !name.0.is_empty() || t.topic_id.is_nil() => {
+                    match topic_or_create(ctx, name.0.as_str(), allow_create) {
+                        Ok(info) => topic_metadata(ctx, &info),
+                        Err(code) => MetadataResponseTopic::default()
+                            .with_error_code(code)
+                            .with_name(Some(name)),
+                    }
+                }
+                _ => match topic_by_id(ctx, t.topic_id) {
                     Some(info) => topic_metadata(ctx, &info),
                     None => MetadataResponseTopic::default()
                         .with_error_code(ResponseError::UnknownTopicId.code())

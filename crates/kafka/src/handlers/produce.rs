@@ -73,14 +73,12 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
                             Ok(appended) => {
                                 resp.base_offset = appended.base_offset;
                                 resp.log_start_offset = appended.log_start_offset;
-                                if acks != 0 {
-                                    waits.push(Wait {
-                                        topic: ti,
-                                        partition: pi,
-                                        log,
-                                        end_offset: appended.end_offset,
-                                    });
-                                }
+                                waits.push(Wait {
+                                    topic: ti,
+                                    partition: pi,
+                                    log,
+                                    end_offset: appended.end_offset,
+                                });
                                 Ok(())
                             }
                             Err(err) => {
@@ -109,6 +107,18 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
     }
     let resp = ProduceResponse::default().with_responses(responses);
     if acks == 0 {
+        // Nobody waits for the answer, but the data must still be flushed
+        // under the flush policy: that is what moves the high watermark and
+        // makes it visible to consumers.
+        if !waits.is_empty() {
+            tokio::spawn(async move {
+                for wait in waits {
+                    if let Err(err) = wait.log.wait_durable(wait.end_offset).await {
+                        tracing::warn!(error = %err, "acks=0 produce not made durable");
+                    }
+                }
+            });
+        }
         // No response; like Kafka, close on failure so the client notices.
         if failed {
             tracing::info!(peer = %h.peer, "closing connection after a failed acks=0 produce");

@@ -207,7 +207,9 @@ pub fn records(keys: &[&str], timestamp: i64) -> Vec<Record> {
             producer_epoch: -1,
             timestamp_type: TimestampType::Creation,
             offset: i as i64,
-            sequence: -1,
+            // The encoder starts a new batch whenever offset - sequence
+            // changes; base sequence -1 means "not idempotent".
+            sequence: i as i32 - 1,
             timestamp,
             key: Some(Bytes::from(key.to_string())),
             value: Some(Bytes::from(format!("value-of-{key}"))),
