@@ -621,11 +621,8 @@ impl Partition {
             return;
         }
         let target = work.target.min(v.log_end);
-        self.durable_tx.send_modify(|d| {
-            if target > d.offset {
-                d.offset = target;
-            }
-        });
+        // The high watermark first: a producer released by the durable
+        // offset must find its records already visible to consumers.
         if self.flush == FlushPolicy::Always {
             self.hw_tx.send_if_modified(|hw| {
                 if target > *hw {
@@ -636,6 +633,11 @@ impl Partition {
                 }
             });
         }
+        self.durable_tx.send_modify(|d| {
+            if target > d.offset {
+                d.offset = target;
+            }
+        });
     }
 
     fn needs_sync(&self) -> bool {
@@ -1025,8 +1027,16 @@ impl Partition {
                 }
             }
             new_end = walked.next_offset;
-            if v.log_start > new_end {
+            let clamped = v.log_start > new_end;
+            if clamped {
                 v.log_start = new_end;
+            }
+            drop(v);
+            if clamped {
+                fsutil::atomic_write(
+                    &self.dir.join(LOG_START_FILE),
+                    new_end.to_string().as_bytes(),
+                )?;
             }
         }
         {

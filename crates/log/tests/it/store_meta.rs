@@ -1,0 +1,212 @@
+//! Topic metadata, configs, producer ids and the cluster id, across restarts.
+
+use std::collections::BTreeMap;
+
+use sluice_log::{ConfigChange, FlushPolicy, LogError, TopicConfig};
+
+use crate::{batch, no_overrides, open, Spec};
+
+#[tokio::test]
+async fn topics_persist_with_ids_partitions_and_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let (id, cluster, pids) = {
+        let store = open(dir.path(), FlushPolicy::Always, TopicConfig::default());
+        let mut o = BTreeMap::new();
+        o.insert("retention.ms".to_string(), "1000".to_string());
+        let info = store.create_topic("orders", 3, &o, false).unwrap();
+        assert_eq!(info.config.retention_ms, 1000);
+        assert!(!info.internal);
+        assert!(
+            store
+                .create_topic("__consumer_offsets", 1, &no_overrides(), false)
+                .unwrap()
+                .internal
+        );
+        assert!(matches!(
+            store.create_topic("orders", 1, &no_overrides(), false),
+            Err(LogError::TopicAlreadyExists(_))
+        ));
+        assert!(matches!(
+            store.create_topic("bad/name", 1, &no_overrides(), false),
+            Err(LogError::InvalidTopic(..))
+        ));
+        assert!(matches!(
+            store.create_topic("zero", 0, &no_overrides(), false),
+            Err(LogError::InvalidPartitions(_))
+        ));
+        let mut bad = BTreeMap::new();
+        bad.insert("cleanup.policy".to_string(), "burn".to_string());
+        assert!(matches!(
+            store.create_topic("x", 1, &bad, false),
+            Err(LogError::InvalidConfig(_))
+        ));
+        // validate_only creates nothing.
+        store.create_topic("dry", 2, &no_overrides(), true).unwrap();
+        assert!(store.topic("dry").is_none());
+        assert!(!dir.path().join("dry-0").exists());
+
+        store.create_partitions("orders", 5, false).unwrap();
+        assert!(matches!(
+            store.create_partitions("orders", 5, false),
+            Err(LogError::InvalidPartitions(_))
+        ));
+        store.create_partitions("orders", 9, true).unwrap();
+        assert_eq!(store.topic("orders").unwrap().partitions, 5);
+        store
+            .partition("orders", 4)
+            .unwrap()
+            .append(&batch(&Spec::plain(1, 1)), 0)
+            .unwrap();
+        assert!(store.partition("orders", 5).is_none());
+        assert!(store.partition("orders", -1).is_none());
+        let names: Vec<String> = store.topics().into_iter().map(|t| t.name).collect();
+        assert_eq!(names, vec!["__consumer_offsets", "orders"]);
+        let pids: Vec<i64> = (0..3).map(|_| store.next_producer_id().unwrap()).collect();
+        (store.topic("orders").unwrap().id, store.cluster_id(), pids)
+    };
+    assert_eq!(cluster.len(), 22);
+    let store = open(dir.path(), FlushPolicy::Always, TopicConfig::default());
+    let t = store.topic("orders").unwrap();
+    assert_eq!((t.id, t.partitions), (id, 5));
+    assert_eq!(
+        t.overrides.get("retention.ms").map(String::as_str),
+        Some("1000")
+    );
+    assert_eq!(store.cluster_id(), cluster);
+    assert_eq!(store.partition("orders", 4).unwrap().log_end_offset(), 1);
+    let next = store.next_producer_id().unwrap();
+    assert!(
+        pids.iter().all(|p| *p < next),
+        "producer ids are never reused"
+    );
+
+    store.delete_topic("orders").unwrap();
+    assert!(store.topic("orders").is_none());
+    assert!(!dir.path().join("orders-0").exists());
+    assert!(matches!(
+        store.delete_topic("orders"),
+        Err(LogError::UnknownTopicOrPartition(_))
+    ));
+    drop(store);
+    let store = open(dir.path(), FlushPolicy::Always, TopicConfig::default());
+    assert!(store.topic("orders").is_none());
+    // The name can be reused and starts empty.
+    store
+        .create_topic("orders", 1, &no_overrides(), false)
+        .unwrap();
+    assert_eq!(store.partition("orders", 0).unwrap().log_end_offset(), 0);
+}
+
+#[tokio::test]
+async fn alter_config_is_all_or_nothing_and_describe_marks_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), FlushPolicy::Never, TopicConfig::default());
+    store.create_topic("c", 1, &no_overrides(), false).unwrap();
+    let bad = [
+        ConfigChange::Set {
+            key: "retention.ms".into(),
+            value: "5".into(),
+        },
+        ConfigChange::Set {
+            key: "segment.bytes".into(),
+            value: "many".into(),
+        },
+    ];
+    assert!(matches!(
+        store.alter_topic_config("c", &bad, false),
+        Err(LogError::InvalidConfig(_))
+    ));
+    assert_eq!(store.topic("c").unwrap().config.retention_ms, 604_800_000);
+    let good = [
+        ConfigChange::Set {
+            key: "retention.ms".into(),
+            value: "5".into(),
+        },
+        ConfigChange::Set {
+            key: "max.message.bytes".into(),
+            value: "100".into(),
+        },
+    ];
+    store.alter_topic_config("c", &good, true).unwrap();
+    assert_eq!(store.topic("c").unwrap().config.retention_ms, 604_800_000);
+    store.alter_topic_config("c", &good, false).unwrap();
+    let d = store.describe_topic_config("c").unwrap();
+    let keys: Vec<&str> = d.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(keys, TopicConfig::KEYS);
+    let r = d.iter().find(|e| e.name == "retention.ms").unwrap();
+    assert_eq!((r.value.as_str(), r.is_default), ("5", false));
+    let s = d.iter().find(|e| e.name == "segment.bytes").unwrap();
+    assert_eq!((s.value.as_str(), s.is_default), ("1073741824", true));
+    // The new max.message.bytes applies to appends at once.
+    let p = store.partition("c", 0).unwrap();
+    assert!(matches!(
+        p.append(&batch(&Spec::plain(1, 100)), 0),
+        Err(LogError::MessageTooLarge {
+            size: 161,
+            max: 100
+        })
+    ));
+    store
+        .alter_topic_config(
+            "c",
+            &[ConfigChange::Delete {
+                key: "max.message.bytes".into(),
+            }],
+            false,
+        )
+        .unwrap();
+    p.append(&batch(&Spec::plain(1, 100)), 0).unwrap();
+    drop(p);
+    drop(store);
+    let store = open(dir.path(), FlushPolicy::Never, TopicConfig::default());
+    let t = store.topic("c").unwrap();
+    assert_eq!(t.config.retention_ms, 5);
+    assert_eq!(t.config.max_message_bytes, 1_048_588);
+    assert!(store.describe_topic_config("nope").is_err());
+}
+
+#[tokio::test]
+async fn bad_appends_are_rejected_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), FlushPolicy::Never, TopicConfig::default());
+    store.create_topic("b", 1, &no_overrides(), false).unwrap();
+    let p = store.partition("b", 0).unwrap();
+    let good = batch(&Spec::plain(2, 10));
+    let mut corrupt = batch(&Spec::plain(2, 10));
+    let n = corrupt.len();
+    corrupt[n - 1] ^= 1;
+    let mut call = good.clone();
+    call.extend_from_slice(&corrupt);
+    assert!(matches!(p.append(&call, 0), Err(LogError::CorruptBatch(_))));
+    let transactional = batch(&Spec {
+        attributes: 1 << 4,
+        ..Spec::plain(1, 1)
+    });
+    assert!(matches!(
+        p.append(&transactional, 0),
+        Err(LogError::InvalidRecord(_))
+    ));
+    let control = batch(&Spec {
+        attributes: 1 << 5,
+        ..Spec::plain(1, 1)
+    });
+    assert!(matches!(
+        p.append(&control, 0),
+        Err(LogError::InvalidRecord(_))
+    ));
+    assert!(matches!(p.append(&[], 0), Err(LogError::CorruptBatch(_))));
+    let mut old_magic = good.clone();
+    old_magic[16] = 1;
+    assert!(matches!(
+        p.append(&old_magic, 0),
+        Err(LogError::CorruptBatch(_))
+    ));
+    assert_eq!(p.log_end_offset(), 0);
+    assert_eq!(p.size_bytes(), 0);
+    // Compressed batches (attributes bits 0-2) are stored as sent.
+    let gzip = batch(&Spec {
+        attributes: 1,
+        ..Spec::plain(4, 40)
+    });
+    assert_eq!(p.append(&gzip, 0).unwrap().end_offset, 4);
+}
