@@ -312,3 +312,78 @@ def assert_report(rep, what):
         if len(rep.problems) > 20:
             msg.append(f"  ... {len(rep.problems) - 20} more")
         raise AssertionError("\n".join(msg))
+
+
+# -- on-disk batches -----------------------------------------------------------------
+
+CODEC_IDS = {0: "none", 1: "gzip", 2: "snappy", 3: "lz4", 4: "zstd"}
+
+
+def stored_batches(data_dir, topic):
+    """Parses the RecordBatch v2 headers in `<data>/<topic>-<p>/*.log` and returns
+    a list of (partition, base_offset, record_count, codec name, magic).
+
+    Sluice keeps batches exactly as the producer sent them, so the codec a client
+    used must be visible in the stored attributes."""
+    import struct
+    from pathlib import Path
+
+    out = []
+    dirs = sorted(Path(data_dir).glob(f"{topic}-*"))
+    for d in dirs:
+        part = int(d.name.rsplit("-", 1)[1])
+        for seg in sorted(d.glob("*.log")):
+            buf = seg.read_bytes()
+            pos = 0
+            # Header: baseOffset i64, batchLength i32, leaderEpoch i32, magic i8, crc u32,
+            # attributes i16, lastOffsetDelta i32, ... recordCount i32 at byte 57.
+            while pos + 61 <= len(buf):
+                base, length = struct.unpack_from(">qi", buf, pos)
+                if length <= 0 or pos + 12 + length > len(buf):
+                    break
+                magic = buf[pos + 16]
+                attrs = struct.unpack_from(">h", buf, pos + 21)[0]
+                count = struct.unpack_from(">i", buf, pos + 57)[0]
+                out.append((part, base, count, CODEC_IDS.get(attrs & 7, f"?{attrs & 7}"), magic))
+                pos += 12 + length
+    return out
+
+
+def api_versions(bootstrap, timeout=10.0):
+    """{api_key: (min, max)} from a raw ApiVersions v0 request (no client library in between)."""
+    import socket
+    import struct
+
+    host, port = bootstrap.rsplit(":", 1)
+    client_id = b"sluice-interop"
+    body = struct.pack(">hhih", 18, 0, 7, len(client_id)) + client_id
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(struct.pack(">i", len(body)) + body)
+        buf = b""
+        while len(buf) < 4:
+            chunk = s.recv(4 - len(buf))
+            assert chunk, "connection closed during ApiVersions"
+            buf += chunk
+        (size,) = struct.unpack(">i", buf)
+        data = b""
+        while len(data) < size:
+            chunk = s.recv(size - len(data))
+            assert chunk, "connection closed during ApiVersions"
+            data += chunk
+    corr, err, n = struct.unpack_from(">ihi", data, 0)
+    assert corr == 7 and err == 0, (corr, err)
+    out = {}
+    for k in range(n):
+        key, lo, hi = struct.unpack_from(">hhh", data, 10 + 6 * k)
+        out[key] = (lo, hi)
+    return out
+
+
+def kcat_librdkafka_version():
+    """(major, minor, patch) of the librdkafka kcat is linked with."""
+    import re
+
+    cp = subprocess.run(["kcat", "-V"], capture_output=True, timeout=10)
+    m = re.search(rb"librdkafka (\d+)\.(\d+)\.(\d+)", cp.stdout + cp.stderr)
+    assert m, cp.stdout
+    return tuple(int(x) for x in m.groups())
