@@ -78,7 +78,7 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
         return Outcome::Close;
     };
     if version < min || version > max {
-        return handlers::unsupported::respond(ctx, h, buf);
+        return handlers::unsupported::respond(h, buf);
     }
     match api {
         ApiKey::ApiVersions => {

@@ -50,12 +50,77 @@ async fn api_versions_v0_v3_and_unsupported() {
 }
 
 #[tokio::test]
-async fn unsupported_version_of_other_api_closes() {
+async fn unsupported_versions_get_unsupported_version() {
+    use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+    use kafka_protocol::messages::offset_commit_request::{
+        OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+    };
+    use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestGroup;
+    const E: i16 = ResponseError::UnsupportedVersion.code();
     let server = Server::start().await;
+    server.create_topic("t", 1);
     let mut c = server.client().await;
-    // Produce v12 is encodable but not served.
-    c.send(&produce_request("t", 0, batch(&["a"], 1), -1), 12)
+
+    let resp = c
+        .call(&produce_request("t", 0, batch(&["a"], 1), -1), 12)
         .await;
+    assert_eq!(resp.responses[0].partition_responses[0].error_code, E);
+    let resp = c.call(&fetch_request("t", 0, 0), 17).await;
+    assert_eq!(resp.error_code, E);
+    let req = ListOffsetsRequest::default().with_topics(vec![ListOffsetsTopic::default()
+        .with_name(name("t"))
+        .with_partitions(vec![ListOffsetsPartition::default().with_timestamp(-3)])]);
+    let resp = c.call(&req, 7).await;
+    assert_eq!(resp.topics[0].partitions[0].error_code, E);
+    assert_eq!(c.call(&MetadataRequest::default(), 13).await.error_code, E);
+    let resp = c
+        .call(
+            &FindCoordinatorRequest::default().with_coordinator_keys(vec![sb("g")]),
+            5,
+        )
+        .await;
+    assert_eq!(resp.coordinators[0].error_code, E);
+    assert_eq!(
+        c.call(&InitProducerIdRequest::default(), 5)
+            .await
+            .error_code,
+        E
+    );
+    assert_eq!(
+        c.call(&DescribeClusterRequest::default(), 2)
+            .await
+            .error_code,
+        E
+    );
+    assert_eq!(c.call(&ListGroupsRequest::default(), 5).await.error_code, E);
+    let resp = c
+        .call(
+            &DescribeGroupsRequest::default().with_groups(vec![GroupId(sb("g"))]),
+            6,
+        )
+        .await;
+    assert_eq!(resp.groups[0].error_code, E);
+    let req = OffsetCommitRequest::default()
+        .with_group_id(GroupId(sb("g")))
+        .with_topics(vec![OffsetCommitRequestTopic::default()
+            .with_name(name("t"))
+            .with_partitions(vec![OffsetCommitRequestPartition::default()])]);
+    let resp = c.call(&req, 9).await;
+    assert_eq!(resp.topics[0].partitions[0].error_code, E);
+    let req = OffsetFetchRequest::default().with_groups(vec![
+        OffsetFetchRequestGroup::default().with_group_id(GroupId(sb("g")))
+    ]);
+    let resp = c.call(&req, 9).await;
+    assert_eq!(resp.groups[0].error_code, E);
+    // Nothing was appended by the refused produce.
+    assert_eq!(server.store.partition("t", 0).unwrap().log_end_offset(), 0);
+
+    // A version the codec does not know (Produce v99, header v2, no body)
+    // cannot be parsed: the connection is closed.
+    let body = [0u8, 0, 0, 99, 0, 0, 0, 7, 0xff, 0xff, 0];
+    let mut raw = (body.len() as i32).to_be_bytes().to_vec();
+    raw.extend_from_slice(&body);
+    c.send_raw(&raw).await;
     assert!(c.closed_by_server().await);
     server.stop().await;
 }
