@@ -76,11 +76,16 @@ impl Server {
         Raw::connect(self.addr).await
     }
 
-    /// Signals shutdown and waits for `serve` to return.
-    pub async fn stop(mut self) {
+    /// Resolves the shutdown future given to `serve`.
+    pub fn signal_stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+
+    /// Signals shutdown and waits for `serve` to return.
+    pub async fn stop(mut self) {
+        self.signal_stop();
         if let Some(task) = self.task.take() {
             tokio::time::timeout(Duration::from_secs(20), task)
                 .await

@@ -6,4 +6,5 @@ mod bad_input;
 mod client;
 mod data;
 mod harness;
+mod lifecycle;
 mod protocol;
