@@ -2,8 +2,8 @@
 # Docker end-to-end test: build the Sluice image (docker/Dockerfile.local, the
 # host's release binary), run it with the Kafka port published on 127.0.0.1,
 # produce 1000 keyed records with kcat through the published port, consume
-# them back and compare exactly; restart the container and check the records
-# survived on the data volume.
+# them back and compare exactly; restart the container, then replace it with a
+# new one on the same data volume, and check the records survived both.
 #
 # Fails loudly (non-zero) when Docker is unavailable: it never skips.
 # Touches only the container, volume and image tag it creates itself.
@@ -100,15 +100,18 @@ wait_healthy() {
 }
 
 # ---- run --------------------------------------------------------------------
+start_container() {
+    docker run -d --name "$CONTAINER" \
+        -p "127.0.0.1:$KAFKA_PORT:9092" -p "127.0.0.1:$HTTP_PORT:8080" \
+        -v "$VOLUME:/data" \
+        -e SLUICE_ADVERTISED_KAFKA_ADDR="$BOOTSTRAP" \
+        "$IMAGE" >/dev/null
+    log "started $CONTAINER (kafka $BOOTSTRAP, http 127.0.0.1:$HTTP_PORT)"
+    wait_healthy
+    log "container healthy"
+}
 docker volume create "$VOLUME" >/dev/null
-docker run -d --name "$CONTAINER" \
-    -p "127.0.0.1:$KAFKA_PORT:9092" -p "127.0.0.1:$HTTP_PORT:8080" \
-    -v "$VOLUME:/data" \
-    -e SLUICE_ADVERTISED_KAFKA_ADDR="$BOOTSTRAP" \
-    "$IMAGE" >/dev/null
-log "started $CONTAINER (kafka $BOOTSTRAP, http 127.0.0.1:$HTTP_PORT)"
-wait_healthy
-log "container healthy"
+start_container
 
 uid=$(docker exec "$CONTAINER" id -u)
 [[ $uid != 0 ]] || fail "broker runs as root in the container"
@@ -146,5 +149,11 @@ docker restart --time 10 "$CONTAINER" >/dev/null
 log "restarted $CONTAINER"
 wait_healthy
 consume_and_check "after restart"
+
+# ---- a new container on the same volume: the data lives in /data ------------
+docker rm -f "$CONTAINER" >/dev/null
+log "removed the container; starting a new one on volume $VOLUME"
+start_container
+consume_and_check "new container, same volume"
 
 log "PASS"
