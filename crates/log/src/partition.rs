@@ -219,18 +219,27 @@ impl Partition {
                 epochs.assign(h.partition_leader_epoch, h.base_offset);
             };
             let mut w = segment::walk(&files.log, base, file_len, is_last, interval, &mut replay)?;
-            if !is_last && w.fault.is_none() {
-                // Older segments get a structural walk; the CRC of their last
-                // batch catches a tail that was never synced before a crash.
-                if let Some((pos, size)) = w.last_batch {
-                    if !segment::batch_crc_ok(&files.log, pos, size)? {
-                        (producers, epochs) = snapshot;
-                        let mut replay = |_: u64, h: &BatchHeader| {
-                            producers.replay(h);
-                            epochs.assign(h.partition_leader_epoch, h.base_offset);
-                        };
-                        w = segment::walk(&files.log, base, file_len, true, interval, &mut replay)?;
-                    }
+            let on_disk_index = fsutil::read_optional(&files.index_path)?.unwrap_or_default();
+            let on_disk_time = fsutil::read_optional(&files.time_path)?.unwrap_or_default();
+            let index_matches = |w: &segment::Walk| {
+                on_disk_index == w.index.encode_offsets() && on_disk_time == w.index.encode_times()
+            };
+            if !is_last {
+                // Older segments get a structural walk. A full CRC walk
+                // follows when something is off: a structural fault, a bad
+                // CRC on the last batch (a tail never synced before a
+                // crash), or index files that do not match the log.
+                let last_ok = match w.last_batch {
+                    Some((pos, size)) => segment::batch_crc_ok(&files.log, pos, size)?,
+                    None => true,
+                };
+                if w.fault.is_some() || !last_ok || !index_matches(&w) {
+                    (producers, epochs) = snapshot;
+                    let mut replay = |_: u64, h: &BatchHeader| {
+                        producers.replay(h);
+                        epochs.assign(h.partition_leader_epoch, h.base_offset);
+                    };
+                    w = segment::walk(&files.log, base, file_len, true, interval, &mut replay)?;
                 }
             }
             if let Some(why) = &w.fault {
@@ -246,9 +255,7 @@ impl Partition {
                 files.log.sync_all()?;
                 drop_rest = true;
             }
-            let on_disk_index = fsutil::read_optional(&files.index_path)?.unwrap_or_default();
-            let on_disk_time = fsutil::read_optional(&files.time_path)?.unwrap_or_default();
-            if on_disk_index != w.index.encode_offsets() || on_disk_time != w.index.encode_times() {
+            if !index_matches(&w) {
                 tracing::info!(file = %files.log_path.display(), "rebuilding segment indexes");
                 files.write_indexes(&w.index)?;
             }

@@ -191,3 +191,23 @@ async fn read_never_returns_a_torn_batch_before_recovery_either() {
     assert_eq!(r.records.as_ref(), stamped(&b, 0, 0).as_slice());
     assert!(p.read(2, 1 << 20, true, ReadLimit::LogEnd).is_err());
 }
+
+#[tokio::test]
+async fn older_segment_with_missing_index_is_fully_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    // Three 161-byte batches per segment, an index entry every batch.
+    let defaults = small_segments(500, 100);
+    let (stored, pdir) = setup(dir.path(), 9, defaults.clone());
+    let logs = log_files(&pdir);
+    assert_eq!(logs.len(), 3);
+    // Damage the middle batch of the first segment (only a CRC walk can
+    // tell) and remove that segment's index.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&logs[0])
+        .unwrap();
+    f.write_all_at(&[0x55], 161 + 100).unwrap();
+    std::fs::remove_file(logs[0].with_extension("index")).unwrap();
+    check_recovered(dir.path(), &stored[..1], defaults);
+}
