@@ -192,6 +192,59 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
     }
 }
 
+/// Decodes a request frame (header and body) exactly as [`handle`] does,
+/// without acting on it: the fuzz target's entry point. Err says why the
+/// server would close the connection.
+pub(crate) fn decode_only(frame: Bytes) -> Result<(), String> {
+    let (Some(key), Some(version)) = (peek_i16(&frame, 0), peek_i16(&frame, 2)) else {
+        return Err("frame too short".into());
+    };
+    let api = ApiKey::try_from(key).map_err(|()| format!("unknown api key {key}"))?;
+    let mut buf = frame;
+    RequestHeader::decode(&mut buf, api.request_header_version(version))
+        .map_err(|e| e.to_string())?;
+    supported_range(key).ok_or_else(|| format!("{api:?} not served"))?;
+    let codec = api.valid_versions();
+    if version < codec.min || version > codec.max {
+        return Err(format!("{api:?} v{version} unknown to the codec"));
+    }
+    fn body<T: Decodable>(buf: &mut Bytes, version: i16) -> Result<(), String> {
+        T::decode(buf, version)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+    match api {
+        ApiKey::ApiVersions => body::<ApiVersionsRequest>(&mut buf, version),
+        ApiKey::Metadata => body::<MetadataRequest>(&mut buf, version),
+        ApiKey::DescribeCluster => body::<DescribeClusterRequest>(&mut buf, version),
+        ApiKey::FindCoordinator => body::<FindCoordinatorRequest>(&mut buf, version),
+        ApiKey::InitProducerId => body::<InitProducerIdRequest>(&mut buf, version),
+        ApiKey::CreateTopics => body::<CreateTopicsRequest>(&mut buf, version),
+        ApiKey::DeleteTopics => body::<DeleteTopicsRequest>(&mut buf, version),
+        ApiKey::CreatePartitions => body::<CreatePartitionsRequest>(&mut buf, version),
+        ApiKey::DescribeConfigs => body::<DescribeConfigsRequest>(&mut buf, version),
+        ApiKey::IncrementalAlterConfigs => {
+            body::<IncrementalAlterConfigsRequest>(&mut buf, version)
+        }
+        ApiKey::AlterConfigs => body::<AlterConfigsRequest>(&mut buf, version),
+        ApiKey::Produce => body::<ProduceRequest>(&mut buf, version),
+        ApiKey::Fetch => body::<FetchRequest>(&mut buf, version),
+        ApiKey::ListOffsets => body::<ListOffsetsRequest>(&mut buf, version),
+        ApiKey::OffsetForLeaderEpoch => body::<OffsetForLeaderEpochRequest>(&mut buf, version),
+        ApiKey::DeleteRecords => body::<DeleteRecordsRequest>(&mut buf, version),
+        ApiKey::JoinGroup => body::<JoinGroupRequest>(&mut buf, version),
+        ApiKey::SyncGroup => body::<SyncGroupRequest>(&mut buf, version),
+        ApiKey::Heartbeat => body::<HeartbeatRequest>(&mut buf, version),
+        ApiKey::LeaveGroup => body::<LeaveGroupRequest>(&mut buf, version),
+        ApiKey::OffsetCommit => body::<OffsetCommitRequest>(&mut buf, version),
+        ApiKey::OffsetFetch => body::<OffsetFetchRequest>(&mut buf, version),
+        ApiKey::ListGroups => body::<ListGroupsRequest>(&mut buf, version),
+        ApiKey::DescribeGroups => body::<DescribeGroupsRequest>(&mut buf, version),
+        ApiKey::DeleteGroups => body::<DeleteGroupsRequest>(&mut buf, version),
+        other => Err(format!("{other:?} not routed")),
+    }
+}
+
 /// Encodes a whole response frame: size, header, body. None (logged) when
 /// the codec refuses the response, which is a bug of ours.
 pub(crate) fn encode_frame<R: Encodable + HeaderVersion>(

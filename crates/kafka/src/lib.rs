@@ -22,6 +22,13 @@ mod server;
 
 pub use api_versions::SUPPORTED_APIS;
 
+/// Decodes one request frame (without its size prefix) the way the server
+/// does, without acting on it. For the fuzz target and tests; not an API.
+#[doc(hidden)]
+pub fn decode_request_frame(frame: &[u8]) -> Result<(), String> {
+    dispatch::decode_only(bytes::Bytes::copy_from_slice(frame))
+}
+
 /// Front-end settings.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {

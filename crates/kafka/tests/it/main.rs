@@ -5,6 +5,7 @@
 mod bad_input;
 mod client;
 mod data;
+mod fuzz;
 mod harness;
 mod lifecycle;
 mod protocol;

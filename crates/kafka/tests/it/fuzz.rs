@@ -1,0 +1,248 @@
+//! Mutation fuzzing of request decoding: valid frames of every served API,
+//! randomly damaged (bit flips, huge counts, truncation, insertion), fed to
+//! the decoder in process and to a live server. Nothing may panic or abort,
+//! and the server must keep serving with its log intact.
+//!
+//! A failed allocation aborts the process instead of panicking, so the cases
+//! run in a child process (see `run_child`).
+
+use bytes::Bytes;
+use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::offset_commit_request::{
+    OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+};
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::Request;
+
+use crate::harness::*;
+
+/// xorshift64*: deterministic, so a failure reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Request frames (without size prefix) of `R` at each version.
+fn frames<R: Request>(c: &mut Raw, req: &R, versions: &[i16], out: &mut Vec<Vec<u8>>) {
+    for &v in versions {
+        let (_, frame) = c.frame(req, v);
+        out.push(frame[4..].to_vec());
+    }
+}
+
+/// Seeds that have no lasting effect on the topic "safe" (so the
+/// log-intact check holds) and do not block (no JoinGroup/SyncGroup).
+fn harmless_seeds(c: &mut Raw) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    frames(c, &ApiVersionsRequest::default(), &[0, 3], &mut out);
+    let md = MetadataRequest::default().with_topics(Some(vec![
+        MetadataRequestTopic::default().with_name(Some(name("safe")))
+    ]));
+    frames(c, &md, &[0, 1, 4, 9, 12], &mut out);
+    frames(
+        c,
+        &produce_request("fz", 0, batch(&["a", "b"], 5), -1),
+        &[3, 7, 9, 11],
+        &mut out,
+    );
+    frames(
+        c,
+        &fetch_request("safe", 0, 0).with_max_wait_ms(1),
+        &[4, 7, 11, 12, 13, 16],
+        &mut out,
+    );
+    frames(
+        c,
+        &FindCoordinatorRequest::default().with_key(sb("g")),
+        &[0, 3],
+        &mut out,
+    );
+    frames(
+        c,
+        &FindCoordinatorRequest::default().with_coordinator_keys(vec![sb("g"), sb("h")]),
+        &[4],
+        &mut out,
+    );
+    let dc =
+        DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(sb("safe"))]);
+    frames(c, &dc, &[1, 4], &mut out);
+    let ct = CreateTopicsRequest::default().with_topics(vec![CreatableTopic::default()
+        .with_name(name("fz2"))
+        .with_num_partitions(1)
+        .with_replication_factor(1)]);
+    frames(c, &ct, &[2, 5, 7], &mut out);
+    frames(c, &DescribeClusterRequest::default(), &[0, 1], &mut out);
+    frames(c, &ListGroupsRequest::default(), &[0, 4], &mut out);
+    out
+}
+
+/// Group requests: decoded in process only (a live JoinGroup would wait).
+fn group_seeds(c: &mut Raw) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let join = JoinGroupRequest::default()
+        .with_group_id(GroupId(sb("g")))
+        .with_session_timeout_ms(10_000)
+        .with_rebalance_timeout_ms(10_000)
+        .with_protocol_type(sb("consumer"))
+        .with_protocols(vec![JoinGroupRequestProtocol::default()
+            .with_name(sb("range"))
+            .with_metadata(Bytes::from_static(b"\x00\x01\x00\x00"))]);
+    frames(c, &join, &[0, 5, 9], &mut out);
+    let commit = OffsetCommitRequest::default()
+        .with_group_id(GroupId(sb("g")))
+        .with_topics(vec![OffsetCommitRequestTopic::default()
+            .with_name(name("safe"))
+            .with_partitions(vec![
+                OffsetCommitRequestPartition::default().with_committed_offset(3)
+            ])]);
+    frames(c, &commit, &[2, 8], &mut out);
+    frames(
+        c,
+        &DeleteTopicsRequest::default().with_topic_names(vec![name("safe")]),
+        &[1, 5],
+        &mut out,
+    );
+    out
+}
+
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut f = seed.to_vec();
+    for _ in 0..=rng.below(3) {
+        // Keep api key and version most of the time: the interesting code
+        // is past the header.
+        let from = if rng.below(10) == 0 {
+            0
+        } else {
+            4.min(f.len())
+        };
+        let span = f.len().saturating_sub(from);
+        match rng.below(6) {
+            0 if span > 0 => {
+                let i = from + rng.below(span);
+                f[i] ^= 1 << rng.below(8);
+            }
+            1 if span > 0 => {
+                let i = from + rng.below(span);
+                f[i] = rng.next() as u8;
+            }
+            2 if span >= 4 => {
+                // Counts and lengths: the dangerous values.
+                let i = from + rng.below(span - 3);
+                let v: [u8; 4] = match rng.below(4) {
+                    0 => [0x7f, 0xff, 0xff, 0xff],
+                    1 => [0xff, 0xff, 0xff, 0xff],
+                    2 => [0x80, 0, 0, 0],
+                    _ => [0xff, 0xff, 0xff, 0x7f],
+                };
+                f[i..i + 4].copy_from_slice(&v);
+            }
+            3 if span > 0 => {
+                let keep = from + rng.below(span);
+                f.truncate(keep);
+            }
+            4 => {
+                let i = from + rng.below(span + 1);
+                let n = 1 + rng.below(8);
+                for _ in 0..n {
+                    f.insert(i, rng.next() as u8);
+                }
+            }
+            _ => {
+                // Compact-array/varint counts: a long varint.
+                if span > 0 {
+                    let i = from + rng.below(span);
+                    f.splice(i..i, [0xff, 0xff, 0xff, 0xff, 0x0f]);
+                }
+            }
+        }
+    }
+    f
+}
+
+/// Runs the ignored test `name` in a child process and asserts it passed.
+async fn run_child(name: &str) {
+    let exe = std::env::current_exe().unwrap();
+    let out = tokio::process::Command::new(exe)
+        .args(["--exact", name, "--ignored", "--test-threads=1"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{name} failed (a panic or an abort in the broker): {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn mutated_requests_never_hurt_the_broker() {
+    run_child("fuzz::mutated_requests_child").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run in a child process by mutated_requests_never_hurt_the_broker"]
+async fn mutated_requests_child() {
+    let server = Server::start().await;
+    server.create_topic("safe", 1);
+    server.create_topic("fz", 1);
+    let mut c = server.client().await;
+    let k = keys(4, "keep-");
+    assert_eq!(
+        produce(&mut c, "safe", 0, batch(&strs(&k), 1)).await,
+        (0, 0)
+    );
+    let (_, _, before) = fetch(&mut c, "safe", 0, 0).await;
+
+    let harmless = harmless_seeds(&mut c);
+    let mut all = harmless.clone();
+    all.extend(group_seeds(&mut c));
+    // Every seed is valid as sent.
+    for seed in &all {
+        sluice_kafka::decode_request_frame(seed).unwrap();
+    }
+    let mut rng = Rng(0x5eed_1234_abcd_ef01);
+    // In process: the decoder alone, many cases.
+    for _ in 0..30_000 {
+        let pick = rng.below(all.len());
+        let _ = sluice_kafka::decode_request_frame(&mutate(&mut rng, &all[pick]));
+    }
+    // Against the live server: several damaged frames per connection, then
+    // close without reading (the server may have closed first).
+    for _ in 0..300 {
+        let mut conn = server.client().await;
+        let mut wire = Vec::new();
+        for _ in 0..=rng.below(3) {
+            let pick = rng.below(harmless.len());
+            let f = mutate(&mut rng, &harmless[pick]);
+            wire.extend_from_slice(&(f.len() as i32).to_be_bytes());
+            wire.extend_from_slice(&f);
+        }
+        use tokio::io::AsyncWriteExt;
+        let _ = conn.stream.write_all(&wire).await;
+        drop(conn);
+    }
+    // Still serving; the log holds what it held (plus nothing unexpected).
+    let mut c = server.client().await;
+    let (code, _, after) = fetch(&mut c, "safe", 0, 0).await;
+    assert_eq!(code, 0);
+    assert_eq!(after, before, "log intact");
+    let (code, offset) = produce(&mut c, "safe", 0, batch(&["post-fuzz"], 2)).await;
+    assert_eq!((code, offset), (0, 4));
+    server.stop().await;
+}
