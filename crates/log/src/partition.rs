@@ -121,6 +121,8 @@ pub struct Partition {
     durable_tx: watch::Sender<Durable>,
     hw_tx: watch::Sender<i64>,
     fsyncs: AtomicU64,
+    /// Held by a flush round from snapshot to publication.
+    sync_lock: Mutex<()>,
     state: AtomicU8,
 }
 
@@ -329,6 +331,7 @@ impl Partition {
             .0,
             hw_tx: watch::channel(log_end).0,
             fsyncs: AtomicU64::new(0),
+            sync_lock: Mutex::new(()),
             state: AtomicU8::new(STATE_OK),
         });
         let weak = Arc::downgrade(&partition);
@@ -652,22 +655,38 @@ impl Partition {
         v.log_end > self.durable_tx.borrow().offset || !v.pending_sync.is_empty() || v.dir_dirty
     }
 
-    /// One flush round on a blocking thread.
-    async fn flush_round(self: &Arc<Self>) -> bool {
-        let work = self.take_sync_work();
-        let dir = self.dir.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let r = work.run(&dir);
-            (work, r)
-        })
-        .await;
-        match res {
-            Ok((work, Ok(()))) => {
-                self.fsyncs.fetch_add(1, Ordering::Relaxed);
-                self.publish_durable(&work);
-                true
+    /// One flush round: snapshot what was written, sync it, publish it.
+    /// `sync_lock` makes rounds exclusive, so a round never publishes an
+    /// offset whose segment another round drained but has not synced yet.
+    fn sync_round(&self, shutdown: bool) -> io::Result<()> {
+        let _g = self.sync_lock.lock();
+        let mut work = self.take_sync_work();
+        if shutdown {
+            // Clean shutdown: the active segment's indexes and the directory too.
+            if let Some(a) = &work.active {
+                a.index.sync_data()?;
+                a.time.sync_data()?;
             }
-            Ok((_, Err(e))) => {
+            work.dir = true;
+            if self.flush == FlushPolicy::Never {
+                // Rolled segments are not tracked under Never; sync them all
+                // (cheap for files without dirty pages).
+                let v = self.view.read();
+                work.pending = v.segments.values().map(|s| s.files.clone()).collect();
+            }
+        }
+        work.run(&self.dir)?;
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.publish_durable(&work);
+        Ok(())
+    }
+
+    /// One flush round on a blocking thread; false when the partition failed.
+    async fn flush_round(self: &Arc<Self>) -> bool {
+        let p = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || p.sync_round(false)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
                 self.mark_failed("fsync", &e);
                 false
             }
@@ -680,22 +699,13 @@ impl Partition {
 
     /// Synchronously flushes everything written so far (clean shutdown).
     pub(crate) fn flush_now(&self) -> Result<(), LogError> {
-        if self.state.load(Ordering::Acquire) == STATE_DELETED {
+        if self.state.load(Ordering::Acquire) != STATE_OK {
             return Ok(());
         }
-        let _w = self.writer.lock();
-        let work = self.take_sync_work();
-        let mut all = work;
-        // Index files of the active segment too: this is a clean shutdown.
-        if let Some(a) = &all.active {
-            a.index.sync_data()?;
-            a.time.sync_data()?;
-        }
-        all.dir = true;
-        all.run(&self.dir)?;
-        self.fsyncs.fetch_add(1, Ordering::Relaxed);
-        self.publish_durable(&all);
-        Ok(())
+        self.sync_round(true).map_err(|e| {
+            self.mark_failed("fsync", &e);
+            LogError::Io(e)
+        })
     }
 
     /// Number of flush rounds (fsync batches) so far; for tests of group commit.
