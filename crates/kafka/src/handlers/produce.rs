@@ -47,6 +47,13 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
                     ResponseError::InvalidRequiredAcks.code(),
                     format!("acks {acks} is not -1, 0 or 1"),
                 ))
+            } else if name.starts_with("__") {
+                // Internal topics (committed offsets) are written by the
+                // broker only; a client's bytes there could break replay.
+                Err((
+                    ResponseError::InvalidTopicException.code(),
+                    format!("cannot produce to internal topic {name}"),
+                ))
             } else if transactional {
                 Err((
                     ResponseError::TransactionalIdAuthorizationFailed.code(),

@@ -84,6 +84,9 @@ async fn produce_fetch_round_trip_across_versions() {
     assert_eq!(code, ResponseError::OffsetOutOfRange.code());
     let (code, _, _) = fetch(&mut c, "rt", 7, 0).await;
     assert_eq!(code, ResponseError::UnknownTopicOrPartition.code());
+    // Clients cannot write to internal topics.
+    let (code, _) = produce(&mut c, "__consumer_offsets", 0, batch(&["x"], 1)).await;
+    assert_eq!(code, ResponseError::InvalidTopicException.code());
     // Produce to a missing partition.
     let (code, _) = produce(&mut c, "rt", 9, batch(&["x"], 1)).await;
     assert_eq!(code, ResponseError::UnknownTopicOrPartition.code());
