@@ -206,6 +206,7 @@ pub(crate) struct Committed {
     pub offset: i64,
     pub leader_epoch: i32,
     pub metadata: String,
+    pub commit_timestamp: i64,
     /// Where the commit sits in the offsets log; a completion never
     /// replaces a later commit of the same partition.
     pub log_offset: i64,
@@ -231,11 +232,15 @@ pub(crate) struct Group {
     /// A member joined during the initial delay, so wait once more.
     new_member_added: bool,
     pub offsets: BTreeMap<(String, i32), Committed>,
-    /// Partitions with a commit appended but not yet durable.
-    pub inflight: HashMap<(String, i32), usize>,
+    /// Partitions with commits appended but not yet durable: how many, and
+    /// the latest one appended (what a snapshot of the log must carry).
+    pub inflight: HashMap<(String, i32), (usize, Committed)>,
     /// When the group last became Empty (for forgetting idle groups).
     empty_since: Instant,
 }
+
+/// A commit of the offsets log as it is in memory.
+pub(crate) type OffsetEntry = ((String, i32), Committed);
 
 impl Group {
     pub(crate) fn new(id: String, now: Instant) -> Self {
@@ -257,6 +262,50 @@ impl Group {
             inflight: HashMap::new(),
             empty_since: now,
         }
+    }
+
+    /// Notes a commit appended to the offsets log (not yet durable).
+    pub(crate) fn commit_appended(&mut self, tp: (String, i32), committed: Committed) {
+        let entry = self.inflight.entry(tp).or_insert((0, committed.clone()));
+        entry.0 += 1;
+        if entry.1.log_offset <= committed.log_offset {
+            entry.1 = committed;
+        }
+    }
+
+    /// Settles one appended commit: on success it becomes the committed
+    /// offset unless the group is gone or a later commit already landed.
+    pub(crate) fn commit_settled(&mut self, tp: (String, i32), committed: Option<Committed>) {
+        if let Some(entry) = self.inflight.get_mut(&tp) {
+            entry.0 = entry.0.saturating_sub(1);
+            if entry.0 == 0 {
+                self.inflight.remove(&tp);
+            }
+        }
+        let Some(committed) = committed else {
+            return;
+        };
+        let newer = self
+            .offsets
+            .get(&tp)
+            .is_some_and(|c| c.log_offset > committed.log_offset);
+        if self.state != GroupState::Dead && !newer {
+            self.offsets.insert(tp, committed);
+        }
+    }
+
+    /// Every partition's latest commit in the log, durable or not yet.
+    pub(crate) fn latest_commits(&self) -> Vec<OffsetEntry> {
+        let mut latest: BTreeMap<(String, i32), Committed> = self.offsets.clone();
+        for (tp, (_, c)) in &self.inflight {
+            let newer = latest
+                .get(tp)
+                .is_none_or(|old| old.log_offset < c.log_offset);
+            if newer {
+                latest.insert(tp.clone(), c.clone());
+            }
+        }
+        latest.into_iter().collect()
     }
 
     pub(crate) fn is_leader(&self, member_id: &str) -> bool {

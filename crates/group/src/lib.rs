@@ -142,7 +142,19 @@ pub struct GroupCoordinator {
     shutdown: watch::Sender<()>,
     id_seq: AtomicU64,
     id_hasher: RandomState,
+    /// Held while the offsets log is compacted (one compaction at a time).
+    compaction: tokio::sync::Mutex<()>,
+    /// Records appended to the offsets log since the last compaction.
+    appended: AtomicU64,
+    /// Compact once `appended` reaches this: `compact_base`, or twice the
+    /// last snapshot when that is larger.
+    compact_after: AtomicU64,
+    compact_base: AtomicU64,
 }
+
+/// Records appended to the offsets log between two compactions, unless the
+/// last snapshot was larger (then twice its size).
+pub const DEFAULT_OFFSETS_COMPACTION_THRESHOLD: u64 = 100_000;
 
 fn str_bytes(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_owned())
@@ -153,6 +165,16 @@ fn wall_clock_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+fn committed(v: &OffsetValue, log_offset: i64) -> Committed {
+    Committed {
+        offset: v.offset,
+        leader_epoch: v.leader_epoch,
+        metadata: v.metadata.clone(),
+        commit_timestamp: v.commit_timestamp,
+        log_offset,
+    }
 }
 
 /// Kafka's mapping of an offsets-log write failure to a commit error.
@@ -185,6 +207,9 @@ impl GroupCoordinator {
                 ("cleanup.policy", "compact"),
                 ("retention.ms", "-1"),
                 ("retention.bytes", "-1"),
+                // Small segments, so that compaction frees disk space soon
+                // (Kafka's offsets.topic.segment.bytes).
+                ("segment.bytes", "104857600"),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -207,6 +232,10 @@ impl GroupCoordinator {
             shutdown,
             id_seq: AtomicU64::new(0),
             id_hasher: RandomState::new(),
+            compaction: tokio::sync::Mutex::new(()),
+            appended: AtomicU64::new(0),
+            compact_after: AtomicU64::new(DEFAULT_OFFSETS_COMPACTION_THRESHOLD),
+            compact_base: AtomicU64::new(DEFAULT_OFFSETS_COMPACTION_THRESHOLD),
         });
         let now = Instant::now();
         let count = replayed.len();
@@ -216,6 +245,9 @@ impl GroupCoordinator {
             coordinator.insert_group(id, group);
         }
         tracing::info!(groups = count, "consumer group offsets restored");
+        let log_records =
+            coordinator.offsets.log_end_offset() - coordinator.offsets.log_start_offset();
+        coordinator.note_appended(u64::try_from(log_records).unwrap_or(0));
         Ok(coordinator)
     }
 
@@ -681,10 +713,9 @@ impl GroupCoordinator {
                 .collect();
             match self.append(&records) {
                 Ok((base_offset, end_offset)) => {
-                    for (_, _, k, _) in &entries {
-                        *g.inflight
-                            .entry((k.topic.clone(), k.partition))
-                            .or_default() += 1;
+                    self.note_appended(records.len() as u64);
+                    for (log_offset, (_, _, k, v)) in (base_offset..).zip(&entries) {
+                        g.commit_appended((k.topic.clone(), k.partition), committed(v, log_offset));
                     }
                     (entries, base_offset, end_offset)
                 }
@@ -710,34 +741,15 @@ impl GroupCoordinator {
             let mut outcome = Vec::with_capacity(entries.len());
             for (log_offset, (ti, pi, key, value)) in (base_offset..).zip(entries) {
                 let tp = (key.topic, key.partition);
-                if let Some(n) = g.inflight.get_mut(&tp) {
-                    *n -= 1;
-                    if *n == 0 {
-                        g.inflight.remove(&tp);
-                    }
-                }
                 match &durable {
                     Ok(()) => {
-                        // A deleted group keeps nothing; a later commit of the
-                        // same partition (higher log offset) wins.
-                        let newer = g
-                            .offsets
-                            .get(&tp)
-                            .is_some_and(|c| c.log_offset > log_offset);
-                        if g.state != GroupState::Dead && !newer {
-                            g.offsets.insert(
-                                tp,
-                                Committed {
-                                    offset: value.offset,
-                                    leader_epoch: value.leader_epoch,
-                                    metadata: value.metadata,
-                                    log_offset,
-                                },
-                            );
-                        }
+                        g.commit_settled(tp, Some(committed(&value, log_offset)));
                         outcome.push((ti, pi, None));
                     }
-                    Err(e) => outcome.push((ti, pi, Some(commit_error(e)))),
+                    Err(e) => {
+                        g.commit_settled(tp, None);
+                        outcome.push((ti, pi, Some(commit_error(e))));
+                    }
                 }
             }
             if let Err(e) = &durable {
@@ -924,6 +936,94 @@ impl GroupCoordinator {
         }
     }
 
+    // ---- offsets log compaction -----------------------------------------
+
+    /// Sets how many records may be appended to the offsets log before it
+    /// is compacted (default [`DEFAULT_OFFSETS_COMPACTION_THRESHOLD`]).
+    pub fn set_offsets_compaction_threshold(self: &Arc<Self>, records: u64) {
+        self.compact_base.store(records.max(1), Ordering::Relaxed);
+        self.compact_after.store(records.max(1), Ordering::Relaxed);
+        self.note_appended(0);
+    }
+
+    /// Counts appended records and starts a compaction in the background
+    /// when enough have accumulated.
+    fn note_appended(self: &Arc<Self>, records: u64) {
+        let total = self.appended.fetch_add(records, Ordering::Relaxed) + records;
+        if total < self.compact_after.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(guard) = self.compaction.try_lock() else {
+            return; // one is running
+        };
+        drop(guard);
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.compact_offsets().await {
+                tracing::warn!(error = %e, "offsets log compaction failed");
+            }
+        });
+    }
+
+    /// Kafka compacts `__consumer_offsets`; Sluice's log cannot rewrite
+    /// records, so it appends a snapshot of every group's latest commits and
+    /// then moves the log start offset to where the snapshot began: the
+    /// records before it are superseded and whole segments of them are
+    /// deleted. Replay then reads the snapshot and what followed it.
+    ///
+    /// Safe with concurrent commits: the snapshot start is the log end before
+    /// any group is visited, so a commit appended later is kept; a commit
+    /// appended earlier belongs to a group visited afterwards, whose snapshot
+    /// (written under its lock) includes it even while it is still on its
+    /// way to disk. Returns the number of records in the snapshot.
+    pub async fn compact_offsets(self: &Arc<Self>) -> Result<u64, GroupError> {
+        let _running = self.compaction.lock().await;
+        let start = self.offsets.log_end_offset();
+        let mut end = start;
+        let mut written = 0u64;
+        for handle in self.handles() {
+            let g = handle.state.lock();
+            if g.state == GroupState::Dead {
+                continue;
+            }
+            let latest = g.latest_commits();
+            for chunk in latest.chunks(TOMBSTONES_PER_BATCH) {
+                let records: Vec<(Bytes, Option<Bytes>)> = chunk
+                    .iter()
+                    .map(|((topic, partition), c)| {
+                        let key = OffsetKey {
+                            group: g.id.clone(),
+                            topic: topic.clone(),
+                            partition: *partition,
+                        };
+                        let value = OffsetValue {
+                            offset: c.offset,
+                            leader_epoch: c.leader_epoch,
+                            metadata: c.metadata.clone(),
+                            commit_timestamp: c.commit_timestamp,
+                        };
+                        (record::encode_key(&key), Some(record::encode_value(&value)))
+                    })
+                    .collect();
+                let (_, chunk_end) = self.append(&records)?;
+                end = chunk_end;
+                written += records.len() as u64;
+            }
+        }
+        self.offsets.wait_durable(end).await?;
+        let new_start = self.offsets.delete_records_before(start)?;
+        self.appended.store(0, Ordering::Relaxed);
+        let base = self.compact_base.load(Ordering::Relaxed);
+        self.compact_after
+            .store(base.max(written.saturating_mul(2)), Ordering::Relaxed);
+        tracing::info!(
+            snapshot_records = written,
+            log_start = new_start,
+            "offsets log compacted"
+        );
+        Ok(written)
+    }
+
     // ---- admin -----------------------------------------------------------
 
     fn handles(&self) -> Vec<Arc<GroupHandle>> {
@@ -1088,7 +1188,7 @@ impl GroupCoordinator {
 
     /// Kafka's DeleteGroups for one group: only an Empty group goes; its
     /// offsets get tombstones. Returns the end offset to wait for, if any.
-    fn delete_group(&self, handle: &GroupHandle) -> Result<Option<i64>, ResponseError> {
+    fn delete_group(self: &Arc<Self>, handle: &GroupHandle) -> Result<Option<i64>, ResponseError> {
         let mut g = handle.state.lock();
         match g.state {
             GroupState::Dead => return Err(ResponseError::GroupIdNotFound),
@@ -1120,6 +1220,7 @@ impl GroupCoordinator {
                 tracing::warn!(group = %g.id, error = %e, "writing group tombstones failed");
                 commit_error(&e)
             })?;
+            self.note_appended(records.len() as u64);
             end = Some(end_offset);
         }
         tracing::info!(group = %g.id, partitions = keys.len(), "group deleted");
@@ -1269,15 +1370,10 @@ fn apply_record(groups: &mut OffsetsByGroup, rec: &Record) -> Result<(), GroupEr
         }
         Some(value) => {
             let v = record::decode_value(value).map_err(|e| corrupt(e.to_string()))?;
-            groups.entry(key.group).or_default().insert(
-                tp,
-                Committed {
-                    offset: v.offset,
-                    leader_epoch: v.leader_epoch,
-                    metadata: v.metadata,
-                    log_offset: rec.offset,
-                },
-            );
+            groups
+                .entry(key.group)
+                .or_default()
+                .insert(tp, committed(&v, rec.offset));
         }
     }
     Ok(())

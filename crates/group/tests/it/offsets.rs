@@ -280,3 +280,107 @@ async fn offsets_survive_reopening_store_and_coordinator() {
         8
     );
 }
+
+/// Every record of the offsets log: (offset, key present, value present).
+fn offsets_log(store: &sluice_log::Store) -> Vec<(i64, bool)> {
+    use kafka_protocol::records::RecordBatchDecoder;
+    let p = store
+        .partition(OFFSETS_TOPIC, 0)
+        .expect("offsets partition");
+    let mut out = Vec::new();
+    let mut pos = p.log_start_offset();
+    while pos < p.high_watermark() {
+        let read = p
+            .read(pos, 1 << 20, true, sluice_log::ReadLimit::HighWatermark)
+            .expect("read");
+        let mut buf = read.records;
+        for set in RecordBatchDecoder::decode_all(&mut buf).expect("decode") {
+            for r in set.records {
+                if r.offset >= pos {
+                    out.push((r.offset, r.value.is_some()));
+                }
+            }
+        }
+        pos = out.last().map_or(pos, |(o, _)| o + 1);
+    }
+    out
+}
+
+#[tokio::test]
+async fn compaction_keeps_latest_offsets_and_truncates_the_log() {
+    let env = env(0);
+    let dir = env.dir;
+    let c = &env.coord;
+    for offset in 1..=20 {
+        let r = commit(c, "a", -1, "", TOPIC, &[(0, offset, 2, Some("a-meta"))]).await;
+        assert_eq!(commit_errors(&r), vec![0]);
+    }
+    let r = commit(
+        c,
+        "b",
+        -1,
+        "",
+        TOPIC,
+        &[(1, 500, -1, None), (2, 600, -1, None)],
+    )
+    .await;
+    assert_eq!(commit_errors(&r), vec![0, 0]);
+    let r = commit(c, "gone", -1, "", TOPIC, &[(3, 1, -1, None)]).await;
+    assert_eq!(commit_errors(&r), vec![0]);
+    let mut del = DeleteGroupsRequest::default();
+    del.groups_names = vec![gid("gone")];
+    assert_eq!(c.delete_groups(del, 2).await.results[0].error_code, 0);
+    let before = offsets_log(&env.store);
+    assert_eq!(before.len(), 20 + 2 + 1 + 1);
+
+    let snapshot = c.compact_offsets().await.expect("compact");
+    assert_eq!(snapshot, 3, "a-0, b-1, b-2");
+    let p = env.store.partition(OFFSETS_TOPIC, 0).unwrap();
+    assert_eq!(
+        p.log_start_offset(),
+        24,
+        "the log now starts at the snapshot"
+    );
+    let after = offsets_log(&env.store);
+    assert_eq!(
+        after.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![24, 25, 26]
+    );
+    assert_eq!(
+        fetched(&fetch(c, "a", TOPIC, None).await),
+        vec![(TOPIC.to_owned(), 0, 20, 2, "a-meta".to_owned(), 0)]
+    );
+
+    // Commits after the snapshot, then a restart: replay = snapshot + tail.
+    let r = commit(c, "b", -1, "", TOPIC, &[(2, 601, -1, Some("after"))]).await;
+    assert_eq!(commit_errors(&r), vec![0]);
+    drop(env.coord);
+    drop(env.store);
+    let store = open_store(dir.path());
+    let c = GroupCoordinator::open(store.clone(), config(0)).expect("reopen");
+    assert_eq!(fetched(&fetch(&c, "a", TOPIC, None).await)[0].2, 20);
+    assert_eq!(
+        fetched(&fetch(&c, "b", TOPIC, None).await),
+        vec![
+            (TOPIC.to_owned(), 1, 500, -1, String::new(), 0),
+            (TOPIC.to_owned(), 2, 601, -1, "after".to_owned(), 0),
+        ]
+    );
+    assert!(fetch(&c, "gone", TOPIC, None).await.topics.is_empty());
+
+    // The threshold triggers compaction by itself.
+    c.set_offsets_compaction_threshold(10);
+    for offset in 21..=40 {
+        let r = commit(&c, "a", -1, "", TOPIC, &[(0, offset, 2, None)]).await;
+        assert_eq!(commit_errors(&r), vec![0]);
+    }
+    let p = store.partition(OFFSETS_TOPIC, 0).unwrap();
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || p.log_start_offset()
+            > 24)
+        .await,
+        "automatic compaction moved the log start"
+    );
+    assert!(offsets_log(&store).len() < 20);
+    assert_eq!(fetched(&fetch(&c, "a", TOPIC, None).await)[0].2, 40);
+}
