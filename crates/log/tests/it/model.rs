@@ -7,8 +7,11 @@ use crate::{batch, no_overrides, open, small_segments, stamped, Spec};
 
 #[derive(Clone, Debug)]
 enum Op {
-    /// One append call of one or more batches: (record count, payload bytes).
-    Append(Vec<(i32, usize)>),
+    /// One append call of one or more batches: (record count, payload
+    /// bytes, timestamp step).
+    Append(Vec<(i32, usize, i64)>),
+    /// offset_for_timestamp at a timestamp picked by the value.
+    Timestamp(i64),
     /// `pos` picks an offset in [log_start - 1, log_end + 1].
     Read {
         pos: u16,
@@ -22,7 +25,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => prop::collection::vec((1i32..6, 0usize..300), 1..4).prop_map(Op::Append),
+        4 => prop::collection::vec((1i32..6, 0usize..300, 0i64..2000), 1..4).prop_map(Op::Append),
+        1 => (0i64..200_000).prop_map(Op::Timestamp),
         4 => (any::<u16>(), 0usize..2500, any::<bool>())
             .prop_map(|(pos, max_bytes, min_one)| Op::Read { pos, max_bytes, min_one }),
         1 => any::<u16>().prop_map(Op::Truncate),
@@ -32,8 +36,8 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 struct Model {
-    /// (base offset, last offset, stored bytes)
-    batches: Vec<(i64, i64, Vec<u8>)>,
+    /// (base offset, last offset, stored bytes, max timestamp)
+    batches: Vec<(i64, i64, Vec<u8>, i64)>,
     log_start: i64,
     log_end: i64,
 }
@@ -50,14 +54,20 @@ impl Model {
             return None;
         }
         let mut out = Vec::new();
-        for (_, last, bytes) in self.batches.iter().filter(|b| b.1 >= offset) {
-            let _ = last;
+        for (_, _, bytes, _) in self.batches.iter().filter(|b| b.1 >= offset) {
             if out.len() + bytes.len() > max_bytes && !(out.is_empty() && min_one) {
                 break;
             }
             out.extend_from_slice(bytes);
         }
         Some(out)
+    }
+
+    fn offset_for_timestamp(&self, ts: i64) -> Option<(i64, i64)> {
+        self.batches
+            .iter()
+            .find(|b| b.3 >= ts && b.1 >= self.log_start)
+            .map(|b| (b.0.max(self.log_start), b.3))
     }
 
     fn truncate(&mut self, offset: i64) {
@@ -96,28 +106,34 @@ fn run(ops: Vec<Op>, segment_bytes: u64, interval: u32) -> Result<(), TestCaseEr
     };
     let mut epoch = 0i32;
     let mut fill = 0u8;
+    // Timestamps wander upwards with occasional steps back.
+    let ts_base = crate::now_ms() - 100_000_000;
+    let mut ts = ts_base;
     for op in ops {
         let p = store.partition("t", 0).unwrap();
         match op {
             Op::Append(specs) => {
                 let mut call = Vec::new();
                 let mut raws = Vec::new();
-                for (count, payload) in specs {
+                for (count, payload, step) in specs {
                     fill = fill.wrapping_add(31);
+                    ts += step - 300;
                     let b = batch(&Spec {
                         fill,
-                        ..Spec::plain(count, payload)
+                        ..Spec::plain(count, payload).at(ts)
                     });
                     call.extend_from_slice(&b);
-                    raws.push((b, count));
+                    raws.push((b, count, ts));
                 }
                 let r = p.append(&call, epoch).unwrap();
                 prop_assert_eq!(r.base_offset, model.log_end);
                 prop_assert!(!r.duplicate);
-                for (b, count) in raws {
+                for (b, count, t) in raws {
                     let base = model.log_end;
                     let last = base + i64::from(count) - 1;
-                    model.batches.push((base, last, stamped(&b, base, epoch)));
+                    model
+                        .batches
+                        .push((base, last, stamped(&b, base, epoch), t));
                     model.log_end = last + 1;
                 }
                 prop_assert_eq!(r.end_offset, model.log_end);
@@ -143,6 +159,15 @@ fn run(ops: Vec<Op>, segment_bytes: u64, interval: u32) -> Result<(), TestCaseEr
                         )))
                     }
                 }
+            }
+            Op::Timestamp(pick) => {
+                let t = ts_base - 1000 + pick;
+                prop_assert_eq!(
+                    p.offset_for_timestamp(t).unwrap(),
+                    model.offset_for_timestamp(t),
+                    "timestamp {}",
+                    t
+                );
             }
             Op::Truncate(pos) => {
                 let offset = model.pick(pos).max(0);
