@@ -3,31 +3,45 @@
 //! topic of a Sluice [`Store`] and replayed on start.
 //!
 //! Structure:
-//! - every group is a [`group::Group`] state machine behind its own mutex
+//! - every group is a `group::Group` state machine behind its own mutex
 //!   (Kafka's `GroupMetadata` plus the per-group logic of its
 //!   `GroupCoordinator`); a JoinGroup or SyncGroup that must wait holds a
 //!   oneshot receiver whose sender sits in the member;
 //! - every group has one timer task that sleeps until the group's next
 //!   deadline (join phase, initial delay, member sessions, pending member
 //!   ids, sync deadline) and fires what is due;
-//! - committed offsets are records of the offsets topic ([`record`] documents
+//! - committed offsets are records of the offsets topic (`record` documents
 //!   the format); a commit is appended under the group's mutex (so appends of
 //!   one group are in log order) and answered once durable, without holding
-//!   any lock across the wait.
+//!   any lock across the wait;
+//! - the offsets log is compacted by snapshot: see
+//!   [`GroupCoordinator::compact_offsets`].
 //!
-//! Protocol versions handled (the front end advertises these):
+//! Protocol versions handled (see [`SUPPORTED_VERSIONS`]):
 //!
-//! | API          | key | versions |
-//! |--------------|-----|----------|
-//! | OffsetCommit |   8 | 2-9      |
-//! | OffsetFetch  |   9 | 1-9      |
-//! | JoinGroup    |  11 | 0-9      |
-//! | Heartbeat    |  12 | 0-4      |
-//! | LeaveGroup   |  13 | 0-5      |
-//! | SyncGroup    |  14 | 0-5      |
-//! | DescribeGroups | 15 | 0-6     |
-//! | ListGroups   |  16 | 0-5      |
-//! | DeleteGroups |  42 | 0-2      |
+//! | API            | key | versions |
+//! |----------------|-----|----------|
+//! | OffsetCommit   |   8 | 2-9      |
+//! | OffsetFetch    |   9 | 1-9      |
+//! | JoinGroup      |  11 | 0-9      |
+//! | Heartbeat      |  12 | 0-4      |
+//! | LeaveGroup     |  13 | 0-5      |
+//! | SyncGroup      |  14 | 0-5      |
+//! | DescribeGroups |  15 | 0-6      |
+//! | ListGroups     |  16 | 0-5      |
+//! | DeleteGroups   |  42 | 0-2      |
+//!
+//! Where Sluice differs from Kafka's classic coordinator:
+//! - membership is not persisted: after a restart every group comes back
+//!   Empty with its committed offsets, and members (static ones too) rejoin
+//!   after an UNKNOWN_MEMBER_ID;
+//! - committed offsets never expire (`offsets.retention.minutes` and the
+//!   commit's `retention_time_ms` are ignored), and offsets of deleted
+//!   topics are kept;
+//! - `group.max.size` is not enforced;
+//! - a tie in the protocol vote goes to the leader's preference order
+//!   (Kafka picks arbitrarily);
+//! - DeleteGroups answers after its tombstones are durable (Kafka does not wait).
 
 mod group;
 mod record;
