@@ -319,7 +319,7 @@ def assert_report(rep, what):
 CODEC_IDS = {0: "none", 1: "gzip", 2: "snappy", 3: "lz4", 4: "zstd"}
 
 
-def stored_batches(data_dir, topic):
+def stored_batches(data_dir, topic, leftovers=None):
     """Parses the RecordBatch v2 headers in `<data>/<topic>-<p>/*.log` and returns
     a list of (partition, base_offset, record_count, codec name, magic).
 
@@ -346,6 +346,8 @@ def stored_batches(data_dir, topic):
                 count = struct.unpack_from(">i", buf, pos + 57)[0]
                 out.append((part, base, count, CODEC_IDS.get(attrs & 7, f"?{attrs & 7}"), magic))
                 pos += 12 + length
+            if leftovers is not None and pos != len(buf):
+                leftovers.append((str(seg), len(buf) - pos))
     return out
 
 

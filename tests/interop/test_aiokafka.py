@@ -45,7 +45,7 @@ async def _consume_group(bootstrap, topic, group, expect, idle_s):
     await c.start()
     out = []
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 30
         last_new = time.monotonic()
         while time.monotonic() < deadline:
             batch = await c.getmany(timeout_ms=300, max_records=2000)
@@ -57,7 +57,7 @@ async def _consume_group(bootstrap, topic, group, expect, idle_s):
             elif len(out) >= expect and time.monotonic() - last_new >= idle_s:
                 break
         else:
-            raise AssertionError(f"aiokafka group consumer read {len(out)} of {expect} within 60 s")
+            raise AssertionError(f"aiokafka group consumer read {len(out)} of {expect} within 30 s")
     finally:
         await c.stop()
     return out
@@ -110,4 +110,4 @@ async def _scenario(bootstrap):
 
 
 def test_aiokafka_produce_consume_group(broker):
-    asyncio.run(asyncio.wait_for(_scenario(broker.bootstrap), 150))
+    asyncio.run(asyncio.wait_for(_scenario(broker.bootstrap), 100))

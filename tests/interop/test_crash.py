@@ -22,7 +22,7 @@ import zlib
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from kutil import confluent_consume_all, unique
+from kutil import confluent_consume_all, stored_batches, unique
 
 PARTITIONS = 2
 ROUNDS = int(os.environ.get("SLUICE_CRASH_ROUNDS", "4"))
@@ -183,6 +183,21 @@ def test_kill9_under_idempotent_producer(broker):
     print(f"[crash] read back {len(records)} records; acknowledged={len(acked)} "
           f"lost={len(anomalies['lost-write'])} duplicated={len(anomalies['duplicate'])} "
           f"unacknowledged-but-present={unacked_present} first offsets={first}")
+    # On disk: whole batches only, contiguous offsets, nothing after the last batch.
+    if broker.data_dir is not None:
+        leftovers = []
+        stored = stored_batches(broker.data_dir, topic, leftovers)
+        next_off = {}
+        for part, base, count, _codec, magic in sorted(stored):
+            if magic != 2 or base != next_off.get(part, 0):
+                anomalies["corrupt"].append(f"on disk p{part}: batch at {base} (magic {magic}), expected {next_off.get(part, 0)}")
+            next_off[part] = base + count
+        for seg, n in leftovers:
+            anomalies["corrupt"].append(f"{n} bytes after the last whole batch in {seg}")
+        truncations = sum(1 for line in broker.log_path.read_text(errors="replace").splitlines()
+                          if "truncat" in line.lower())
+        print(f"[crash] on disk: {len(stored)} batches, ends {next_off}; broker log lines mentioning truncation: "
+              f"{truncations}")
     bad = {k: v for k, v in anomalies.items() if v}
     assert not bad, "anomalies: " + "; ".join(f"{k}: {len(v)} e.g. {v[:5]}" for k, v in bad.items())
     assert all(o == 0 for o in first.values()), f"offset-gap: partitions do not start at 0: {first}"
