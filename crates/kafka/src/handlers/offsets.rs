@@ -10,7 +10,9 @@ use kafka_protocol::messages::offset_for_leader_epoch_response::{
     EpochEndOffset, OffsetForLeaderTopicResult,
 };
 use kafka_protocol::messages::*;
+use kafka_protocol::records::RecordBatchDecoder;
 use kafka_protocol::ResponseError;
+use sluice_log::{Partition, ReadLimit};
 
 use super::{leader_epoch_error, LEADER_EPOCH};
 use crate::server::Ctx;
@@ -50,7 +52,9 @@ pub(crate) fn list_offsets(
                     let found = match p.timestamp {
                         LATEST => Ok(Some((log.high_watermark(), -1))),
                         EARLIEST => Ok(Some((log.log_start_offset(), -1))),
-                        ts if ts >= 0 => log.offset_for_timestamp(ts),
+                        ts if ts >= 0 => log.offset_for_timestamp(ts).map(|found| {
+                            found.map(|(offset, t)| exact_record(&log, ts, offset, t))
+                        }),
                         _ => {
                             return resp.with_error_code(ResponseError::InvalidRequest.code());
                         }
@@ -75,6 +79,28 @@ pub(crate) fn list_offsets(
         })
         .collect();
     ListOffsetsResponse::default().with_topics(topics)
+}
+
+/// The time index finds the batch; Kafka answers with the first *record*
+/// at or after the timestamp, so that one batch is decoded (ListOffsets
+/// only, never on the produce/fetch path). Falls back to the batch-level
+/// answer if the batch cannot be read or decoded.
+fn exact_record(log: &Partition, target: i64, offset: i64, timestamp: i64) -> (i64, i64) {
+    let Ok(read) = log.read(offset, 1, true, ReadLimit::HighWatermark) else {
+        return (offset, timestamp);
+    };
+    let mut bytes = read.records;
+    match RecordBatchDecoder::decode(&mut bytes) {
+        Ok(set) => set
+            .records
+            .iter()
+            .find(|r| r.offset >= offset && r.timestamp >= target)
+            .map_or((offset, timestamp), |r| (r.offset, r.timestamp)),
+        Err(err) => {
+            tracing::debug!(error = %err, offset, "cannot decode batch for ListOffsets");
+            (offset, timestamp)
+        }
+    }
 }
 
 pub(crate) fn offset_for_leader_epoch(

@@ -230,6 +230,26 @@ async fn list_offsets_delete_records_and_leader_epochs() {
             "none after"
         );
     }
+    // Inside one batch: the first record at or after the timestamp, not the batch.
+    let mut recs = records(&["r0", "r1", "r2", "r3", "r4"], 0);
+    for (i, r) in recs.iter_mut().enumerate() {
+        r.timestamp = 10_000 + 100 * i as i64;
+    }
+    assert_eq!(produce(&mut c, "lo", 0, encode_batch(&recs)).await, (0, 6));
+    for version in [1i16, 6] {
+        assert_eq!(
+            offset_at(&mut c, "lo", 10_250, version).await,
+            (0, 9, 10_300)
+        );
+        assert_eq!(
+            offset_at(&mut c, "lo", 9_000, version).await,
+            (0, 6, 10_000)
+        );
+        assert_eq!(
+            offset_at(&mut c, "lo", 10_400, version).await,
+            (0, 10, 10_400)
+        );
+    }
     let resp = c.call(&list_offsets("missing", -1), 5).await;
     assert_eq!(
         resp.topics[0].partitions[0].error_code,
@@ -269,7 +289,7 @@ async fn list_offsets_delete_records_and_leader_epochs() {
                 .with_leader_epoch(0)])]);
     let resp = c.call(&req, 4).await;
     let p = &resp.topics[0].partitions[0];
-    assert_eq!((p.error_code, p.leader_epoch, p.end_offset), (0, 0, 6));
+    assert_eq!((p.error_code, p.leader_epoch, p.end_offset), (0, 0, 11));
     let mut future_epoch = req.clone();
     future_epoch.topics[0].partitions[0].current_leader_epoch = 5;
     let resp = c.call(&future_epoch, 3).await;
