@@ -131,3 +131,65 @@ async fn deleting_a_topic_releases_waiters_and_stops_the_partition() {
     assert!(p.append(&batch(&Spec::plain(1, 1)), 0).is_err());
     assert!(!dir.path().join("d-0").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_see_only_whole_durable_batches_while_appends_and_rolls_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(
+        dir.path(),
+        FlushPolicy::Always,
+        crate::small_segments(4000, 300),
+    );
+    store.create_topic("d", 1, &no_overrides(), false).unwrap();
+    let p = store.partition("d", 0).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let p = Arc::clone(&p);
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || reads == 0 {
+                let hw = p.high_watermark();
+                let from = (reads as i64 * 7) % (hw + 1);
+                let r = p.read(from, 3000, true, ReadLimit::HighWatermark).unwrap();
+                // validate_batches checks every CRC: no torn bytes, ever.
+                let bs = batches_in(&r.records);
+                let mut expect = None;
+                for (base, last, _, _) in &bs {
+                    if let Some(e) = expect {
+                        assert_eq!(*base, e, "offsets are contiguous");
+                    }
+                    assert!(*last < r.high_watermark, "nothing above the high watermark");
+                    expect = Some(last + 1);
+                }
+                if from < r.high_watermark {
+                    let first = bs.first().expect("data below the high watermark");
+                    assert!(first.0 <= from && from <= first.1);
+                }
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let mut tasks = Vec::new();
+    for t in 0..4u8 {
+        let p = Arc::clone(&p);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50u8 {
+                let b = batch(&Spec {
+                    fill: t.wrapping_mul(50).wrapping_add(i),
+                    ..Spec::plain(1 + i32::from(i % 4), 40 + usize::from(i) * 3)
+                });
+                let r = p.append(&b, 0).unwrap();
+                p.wait_durable(r.end_offset).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+    assert!(crate::log_files(&dir.path().join("d-0")).len() > 3);
+    assert_eq!(p.high_watermark(), p.log_end_offset());
+}

@@ -210,3 +210,24 @@ async fn bad_appends_are_rejected_and_write_nothing() {
     });
     assert_eq!(p.append(&gzip, 0).unwrap().end_offset, 4);
 }
+
+#[tokio::test]
+async fn orphan_partition_directories_are_removed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path(), FlushPolicy::Never, TopicConfig::default());
+        store
+            .create_topic("kept", 1, &no_overrides(), false)
+            .unwrap();
+    }
+    // A crash between creating directories and writing the metadata.
+    std::fs::create_dir_all(dir.path().join("ghost-0")).unwrap();
+    std::fs::create_dir_all(dir.path().join("kept-1")).unwrap();
+    std::fs::create_dir_all(dir.path().join("not a partition")).unwrap();
+    let store = open(dir.path(), FlushPolicy::Never, TopicConfig::default());
+    assert!(!dir.path().join("ghost-0").exists());
+    assert!(!dir.path().join("kept-1").exists());
+    assert!(dir.path().join("kept-0").exists());
+    assert!(dir.path().join("not a partition").exists());
+    assert_eq!(store.topics().len(), 1);
+}
