@@ -289,6 +289,18 @@ impl Partition {
             .unwrap_or(first_base)
             .max(first_base)
             .min(log_end);
+        // Segments wholly below the log start (a crash between moving the
+        // checkpoint and deleting them) are finished off now.
+        let bases: Vec<i64> = segments.keys().copied().collect();
+        for pair in bases.windows(2) {
+            if let [base, next] = pair {
+                if *next <= log_start {
+                    if let Some(s) = segments.remove(base) {
+                        s.files.remove_files()?;
+                    }
+                }
+            }
+        }
         epochs.truncate_from_end(log_end);
         epochs.truncate_from_start(log_start);
         if epochs != loaded_epochs {

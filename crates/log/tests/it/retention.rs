@@ -261,3 +261,24 @@ async fn truncate_to_rewinds_offsets_and_epochs() {
     assert_eq!(p.end_offset_for_epoch(2), (2, 8));
     assert_eq!(p.end_offset_for_epoch(1), (1, 4));
 }
+
+#[tokio::test]
+async fn segments_below_a_checkpointed_log_start_are_removed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let defaults = small_segments(600, 4096);
+    {
+        let store = open(dir.path(), FlushPolicy::Never, defaults.clone());
+        store.create_topic("r", 1, &no_overrides(), false).unwrap();
+        let p = store.partition("r", 0).unwrap();
+        for _ in 0..6 {
+            p.append(&batch(&Spec::plain(1, 200)), 0).unwrap();
+        }
+    }
+    // As if a crash hit after the checkpoint moved but before the deletion.
+    std::fs::write(dir.path().join("r-0/log-start-offset"), "4").unwrap();
+    let store = open(dir.path(), FlushPolicy::Never, defaults);
+    let p = store.partition("r", 0).unwrap();
+    assert_eq!(p.log_start_offset(), 4);
+    assert_eq!(log_files(&dir.path().join("r-0")).len(), 1);
+    assert_eq!(p.size_bytes(), 2 * 261);
+}
