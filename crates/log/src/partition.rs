@@ -384,6 +384,10 @@ impl Partition {
     }
 
     fn mark_failed(&self, what: &str, err: &io::Error) {
+        if self.state.load(Ordering::Acquire) == STATE_DELETED {
+            // The topic's files went away under a flush: expected, not a failure.
+            return;
+        }
         tracing::error!(
             topic = %self.topic,
             partition = self.id,
