@@ -65,6 +65,19 @@ mod tests {
                 "{api:?} {min}-{max} vs {codec}"
             );
         }
+        // Group APIs are answered by sluice-group: never advertise more
+        // than it handles.
+        for &(key, min, max) in sluice_group::SUPPORTED_VERSIONS {
+            if let Some((ours_min, ours_max)) = supported_range(key) {
+                assert!(min <= ours_min && ours_max <= max, "group api {key}");
+            }
+        }
+        for key in [8, 9, 11, 12, 13, 14, 15, 16, 42] {
+            assert!(
+                sluice_group::SUPPORTED_VERSIONS.iter().any(|e| e.0 == key),
+                "group api {key} not handled by sluice-group"
+            );
+        }
         let mut keys: Vec<i16> = SUPPORTED_APIS.iter().map(|e| e.0).collect();
         keys.sort_unstable();
         keys.dedup();
