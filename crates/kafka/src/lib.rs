@@ -4,6 +4,24 @@
 //! messages are encoded and decoded with the `kafka-protocol` crate.
 //!
 //! API CONTRACT — the binary is written against the signatures below.
+//!
+//! How a connection works (see `connection.rs`): frames are size-prefixed;
+//! a size below 0 or above [`ServerConfig::max_request_bytes`] closes the
+//! connection before anything is allocated, as do an unknown API key, an
+//! unparsable header or body, and an API Sluice does not serve (one
+//! `warn` line each). The synchronous part of each request runs in arrival
+//! order; waits (durability for acks=1/-1, long-poll fetches) run
+//! concurrently, and responses are written in request order, at most 64
+//! outstanding per connection. Produce hands the request's record bytes to
+//! `Partition::append` untouched and Fetch returns `Partition::read` bytes:
+//! records are never decoded on that path.
+//!
+//! Versions: [`SUPPORTED_APIS`] is what ApiVersions advertises. An
+//! ApiVersions request of a version outside it gets UNSUPPORTED_VERSION and
+//! the table, encoded at v0. Other APIs at a version above ours that the
+//! codec still parses get a response whose error fields all say
+//! UNSUPPORTED_VERSION; a version the codec cannot parse closes the
+//! connection.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,7 +52,10 @@ pub fn decode_request_frame(frame: &[u8]) -> Result<(), String> {
 pub struct ServerConfig {
     /// Where to listen (default 127.0.0.1:9092).
     pub listen: SocketAddr,
-    /// Host and port given to clients in Metadata; defaults to `listen`.
+    /// Host and port given to clients in Metadata, FindCoordinator and
+    /// DescribeCluster; defaults to the bound address (`listen` with the
+    /// actual port when it was 0; a wildcard address is advertised as
+    /// loopback, so set this when clients connect from elsewhere).
     pub advertised: Option<(String, u16)>,
     /// This broker's node id (0 for a single node).
     pub node_id: i32,
