@@ -98,32 +98,36 @@ def test_list_offsets_by_timestamp(abroker, admin):
     for ts, want in list(cases.items()) + [(t0 + 19001, -1)]:
         got = list_offset(admin, topic, 0, OffsetSpec.for_timestamp(ts))
         want_ts = t0 + want * 1000 if want >= 0 else -1
-        print(f"[admin] ListOffsets(ts=t0{ts - t0:+d}) -> offset {got.offset} ts t0{got.timestamp - t0:+d}")
+        print(f"[admin] AdminClient ListOffsets(ts=t0{ts - t0:+d}) -> offset {got.offset} timestamp {got.timestamp}")
         if got.offset != want or got.timestamp != want_ts:
-            wrong.append(f"for_timestamp(t0{ts - t0:+d}): got offset {got.offset} timestamp t0{got.timestamp - t0:+d}, "
-                         f"expected offset {want} timestamp t0{want_ts - t0:+d}")
-    assert not wrong, "ListOffsets by timestamp (Kafka returns the first record with timestamp >= target, " \
-        "and that record's timestamp):\n" + "\n".join(wrong)
+            wrong.append(f"AdminClient.list_offsets(for_timestamp t0{ts - t0:+d}): offset {got.offset} timestamp "
+                         f"{got.timestamp}, expected offset {want} timestamp {want_ts}")
 
     c = Consumer({"bootstrap.servers": abroker.bootstrap, "group.id": unique("oft")})
     try:
-        res = c.offsets_for_times([TopicPartition(topic, 0, t0 + 12000)], timeout=15)
-        assert res[0].offset == 12, f"Consumer.offsets_for_times: {res}"
-        res = c.offsets_for_times([TopicPartition(topic, 0, t0 + 99_000)], timeout=15)
-        assert res[0].offset == -1, f"Consumer.offsets_for_times past the end: {res}"
+        for ts, want in [(t0 + 3000, 3), (t0 + 12000, 12), (t0 + 99_000, -1)]:
+            res = c.offsets_for_times([TopicPartition(topic, 0, ts)], timeout=15)
+            if res[0].offset != want:
+                wrong.append(f"Consumer.offsets_for_times(t0{ts - t0:+d}): {res[0].offset}, expected {want}")
     finally:
         c.close()
 
     kc = KafkaConsumer(bootstrap_servers=abroker.bootstrap, group_id=None)
     try:
         tp = KTP(topic, 0)
-        r = kc.offsets_for_times({tp: t0 + 7500})
-        assert r[tp] is not None and r[tp].offset == 8 and r[tp].timestamp == t0 + 8000, f"kafka-python: {r}"
-        r = kc.offsets_for_times({tp: t0 + 99_000})
-        assert r[tp] is None, f"kafka-python offsets_for_times past the end: {r}"
-        assert kc.beginning_offsets([tp])[tp] == 0 and kc.end_offsets([tp])[tp] == 20
+        for ts, want in [(t0 + 7500, 8), (t0 + 12000, 12), (t0 + 99_000, None)]:
+            r = kc.offsets_for_times({tp: ts})[tp]
+            got = None if r is None else (r.offset, r.timestamp)
+            exp = None if want is None else (want, t0 + want * 1000)
+            if got != exp:
+                wrong.append(f"kafka-python offsets_for_times(t0{ts - t0:+d}): {got}, expected {exp}")
+        if kc.beginning_offsets([tp])[tp] != 0 or kc.end_offsets([tp])[tp] != 20:
+            wrong.append(f"kafka-python beginning/end offsets {kc.beginning_offsets([tp])} {kc.end_offsets([tp])}")
     finally:
         kc.close()
+    assert not wrong, ("ListOffsets by timestamp (Kafka answers the first record with timestamp >= target, "
+                       "with that record's own offset and timestamp, also inside a multi-record batch):\n"
+                       + "\n".join(wrong))
 
 
 # -- DeleteRecords ------------------------------------------------------------------

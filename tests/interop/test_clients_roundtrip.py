@@ -317,3 +317,46 @@ def test_kcat_tombstone(broker):
     recs = confluent_consume_all(broker.bootstrap, topic, 1, 2, timeout=30)
     got = [(r.key, r.value) for r in recs]
     assert got == [(b"tomb", None), (b"k", b"v")], got
+
+
+def test_large_records_with_small_fetch_limits(broker):
+    """Records bigger than the consumer's per-partition and per-response fetch
+    limits still come through (Kafka returns the first batch whole, KIP-74)."""
+    import hashlib
+
+    from confluent_kafka import Producer
+
+    topic = unique("large")
+    broker.cli("topic", "create", topic, "--partitions", "2")
+    sizes = [600_000, 900_000, 1_000, 750_000, 5]
+    values = [hashlib.sha256(str(i).encode()).digest() * (s // 32) + b"x" * (s % 32) for i, s in enumerate(sizes)]
+    p = Producer({"bootstrap.servers": broker.bootstrap, "compression.type": "none", "linger.ms": 0,
+                  "enable.idempotence": True})
+    errs = []
+    for i, v in enumerate(values):
+        p.produce(topic, key=str(i).encode(), value=v, partition=i % 2, on_delivery=lambda e, m: e and errs.append(e))
+    assert p.flush(30) == 0 and not errs, errs
+
+    recs = confluent_consume_all(broker.bootstrap, topic, 2, len(values), timeout=30, extra_conf={
+        "max.partition.fetch.bytes": 100_000, "fetch.max.bytes": 200_000, "message.max.bytes": 200_000})
+    got = {int(r.key): r.value for r in recs}
+    assert len(recs) == len(values) and all(got[i] == v for i, v in enumerate(values)), \
+        f"confluent with small fetch limits: got {len(recs)} records, sizes {[len(r.value) for r in recs]}"
+
+    from kafka import KafkaConsumer
+    from kafka import TopicPartition as KTP
+
+    kc = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None, auto_offset_reset="earliest",
+                       max_partition_fetch_bytes=100_000, fetch_max_bytes=200_000)
+    try:
+        kc.assign([KTP(topic, 0), KTP(topic, 1)])
+        out = {}
+        deadline = time.monotonic() + 30
+        while len(out) < len(values) and time.monotonic() < deadline:
+            for msgs in kc.poll(timeout_ms=500).values():
+                for m in msgs:
+                    out[int(m.key)] = m.value
+    finally:
+        kc.close()
+    assert len(out) == len(values) and all(out[i] == v for i, v in enumerate(values)), \
+        f"kafka-python with small fetch limits: got {sorted(out)}"
