@@ -360,6 +360,25 @@ def test_auto_topic_creation(abroker, admin):
     md = admin.list_topics(timeout=10).topics
     assert topic in md and len(md[topic].partitions) == 1, f"auto-created topic metadata: {md.get(topic)}"
 
+    # A Metadata request naming an unknown topic creates it (allow_auto_topic_creation).
+    topic_md = unique("auto-md")
+    md = wait_until(lambda: p.list_topics(topic_md, timeout=10).topics[topic_md].partitions or None, 15,
+                    what="metadata auto-creation")
+    assert sorted(md) == [0], f"metadata-created topic partitions: {sorted(md)}"
+    assert topic_md in admin.list_topics(timeout=10).topics
+
+    # ... but not when the request says allow_auto_topic_creation=false.
+    topic_no = unique("auto-no")
+    c = Consumer({"bootstrap.servers": abroker.bootstrap, "group.id": unique("noauto"),
+                  "allow.auto.create.topics": False})
+    try:
+        tmd = c.list_topics(topic_no, timeout=10).topics.get(topic_no)
+        assert tmd is None or tmd.error is not None, f"unknown topic answered without error: {tmd}"
+    finally:
+        c.close()
+    time.sleep(0.5)
+    assert topic_no not in admin.list_topics(timeout=10).topics, "created despite allow_auto_topic_creation=false"
+
     topic2 = unique("auto-kp")
     kp = KafkaProducer(bootstrap_servers=abroker.bootstrap)
     try:
