@@ -24,7 +24,7 @@ PARTITIONS = 6
 class Member:
     """One group member polling in its own thread; records what it was given."""
 
-    def __init__(self, name, bootstrap, group, topic):
+    def __init__(self, name, bootstrap, group, topic, extra_conf=None):
         self.name = name
         self.assignment = set()
         self.generations = 0
@@ -45,6 +45,7 @@ class Member:
             "heartbeat.interval.ms": 300,
             "partition.assignment.strategy": "range",
             "fetch.wait.max.ms": 100,
+            **(extra_conf or {}),
         })
         self.topic = topic
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -372,3 +373,40 @@ def test_members_survive_broker_restart(broker):
     unexplained = dup - failed_commit_ids
     assert not unexplained, f"duplicate: re-read although committed: {sorted(unexplained)[:10]}"
     assert committed(broker.bootstrap, group, topic) == high_watermarks(broker.bootstrap, topic)
+
+
+def test_static_membership_and_commit_metadata(broker):
+    """A static member (group.instance.id) that restarts within the session
+    timeout gets its partitions back without a rebalance of the others; commit
+    metadata round-trips through OffsetCommit/OffsetFetch."""
+    topic = unique("grp-static")
+    group = unique("g-static")
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)])[topic].result(30)
+    static = {"session.timeout.ms": 15000}
+    a = Member("st-a", broker.bootstrap, group, topic, {**static, "group.instance.id": "inst-a"}).start()
+    b = Member("st-b", broker.bootstrap, group, topic, {**static, "group.instance.id": "inst-b"}).start()
+    try:
+        sa, sb = wait_split([a, b])
+        gens_b = b.generations
+        a.close()  # a static member leaves without LeaveGroup: no rebalance yet
+        a2 = Member("st-a2", broker.bootstrap, group, topic, {**static, "group.instance.id": "inst-a"}).start()
+        try:
+            wait_until(lambda: a2.current() == sa, 20, what="restarted static member gets its partitions back")
+            time.sleep(1.5)
+            assert b.generations == gens_b and b.current() == sb, (
+                f"static rejoin rebalanced the other member: assignments {gens_b} -> {b.generations}, "
+                f"{sorted(sb)} -> {sorted(b.current())}")
+        finally:
+            a2.close()
+    finally:
+        b.close()
+
+    c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": unique("meta"), "enable.auto.commit": False})
+    try:
+        tp = TopicPartition(topic, 0, 0, metadata="checkpoint-42")
+        c.commit(offsets=[tp], asynchronous=False)
+        got = c.committed([TopicPartition(topic, 0)], timeout=15)[0]
+        assert (got.offset, got.metadata) == (0, "checkpoint-42"), f"committed: {got.offset} {got.metadata!r}"
+    finally:
+        c.close()
