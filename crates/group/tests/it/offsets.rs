@@ -384,3 +384,44 @@ async fn compaction_keeps_latest_offsets_and_truncates_the_log() {
     assert!(offsets_log(&store).len() < 20);
     assert_eq!(fetched(&fetch(&c, "a", TOPIC, None).await)[0].2, 40);
 }
+
+/// Concurrent commits of one partition: whatever the interleaving, memory
+/// and the replayed log agree on the winner (the last one appended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commits_agree_with_replay() {
+    let env = env(0);
+    let dir = env.dir;
+    let mut tasks = Vec::new();
+    for t in 0..8i64 {
+        let c = env.coord.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25i64 {
+                let offset = t * 1000 + i;
+                let r = commit(
+                    &c,
+                    "race",
+                    -1,
+                    "",
+                    TOPIC,
+                    &[(0, offset, -1, None), (1, offset, -1, None)],
+                )
+                .await;
+                assert_eq!(commit_errors(&r), vec![0, 0]);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("committer");
+    }
+    let live = fetched(&fetch(&env.coord, "race", TOPIC, None).await);
+    assert_eq!(live.len(), 2);
+    assert_eq!(
+        live[0].2, live[1].2,
+        "both partitions were committed together"
+    );
+    drop(env.coord);
+    drop(env.store);
+    let store = open_store(dir.path());
+    let c = GroupCoordinator::open(store, config(0)).expect("reopen");
+    assert_eq!(fetched(&fetch(&c, "race", TOPIC, None).await), live);
+}
