@@ -30,10 +30,12 @@ pub struct ConsumeArgs {
     /// Start at the earliest offset (with --group: when the group has no committed offset).
     #[arg(long, conflicts_with_all = ["offset", "timestamp"])]
     pub from_beginning: bool,
-    /// Start every partition at this offset.
+    /// Start every partition at this offset (with --group: instead of the
+    /// committed offset, when the partition is first assigned).
     #[arg(long, conflicts_with = "timestamp")]
     pub offset: Option<i64>,
-    /// Start every partition at the first record with a timestamp >= MS (epoch milliseconds).
+    /// Start every partition at the first record with a timestamp >= MS
+    /// (epoch milliseconds; with --group: instead of the committed offset).
     #[arg(long, value_name = "MS")]
     pub timestamp: Option<i64>,
     /// Read only this partition.
