@@ -812,8 +812,9 @@ impl Group {
             // Nobody rejoined (only static members that went silent are
             // left): wait another rebalance timeout; their sessions expire.
             tracing::warn!(group = %self.id, "no member rejoined; extending the join phase");
+            // (At least a second: a zero rebalance timeout must not spin.)
             self.join_timer = Some(JoinTimer {
-                deadline: now + Duration::from_millis(self.rebalance_timeout_ms()),
+                deadline: now + Duration::from_millis(self.rebalance_timeout_ms().max(1_000)),
                 initial: None,
             });
             return;
