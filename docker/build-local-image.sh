@@ -36,5 +36,5 @@ cp "$ROOT/docker/Dockerfile.local" "$CTX/Dockerfile"
 
 # No buildx plugin here and the engine is old: use the classic builder.
 log "building $TAG from $BIN"
-DOCKER_BUILDKIT=0 docker build --quiet --tag "$TAG" "$CTX" >/dev/null
+DOCKER_BUILDKIT=0 docker build --quiet --force-rm --tag "$TAG" "$CTX" >/dev/null
 log "built $TAG"
