@@ -211,3 +211,92 @@ async fn older_segment_with_missing_index_is_fully_verified() {
     std::fs::remove_file(logs[0].with_extension("index")).unwrap();
     check_recovered(dir.path(), &stored[..1], defaults);
 }
+
+const KILL9_DIR_ENV: &str = "SLUICE_LOG_TEST_KILL9_DIR";
+
+/// Child process of `kill9_mid_stream_keeps_every_acknowledged_batch`:
+/// appends forever, printing each acknowledged (durable) end offset.
+#[test]
+#[ignore = "child process of kill9_mid_stream_keeps_every_acknowledged_batch"]
+fn kill9_child() {
+    let Ok(dir) = std::env::var(KILL9_DIR_ENV) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let store = open(
+            Path::new(&dir),
+            FlushPolicy::Always,
+            small_segments(20_000, 512),
+        );
+        if store.topic("k").is_none() {
+            store.create_topic("k", 1, &no_overrides(), false).unwrap();
+        }
+        let p = store.partition("k", 0).unwrap();
+        loop {
+            let next = p.log_end_offset();
+            let b = batch(&Spec {
+                fill: (next % 251) as u8,
+                ..Spec::plain(1 + (next % 3) as i32, 50 + (next % 400) as usize)
+            });
+            let r = p.append(&b, 0).unwrap();
+            p.wait_durable(r.end_offset).await.unwrap();
+            println!("ACK {}", r.end_offset);
+        }
+    });
+}
+
+#[test]
+fn kill9_mid_stream_keeps_every_acknowledged_batch() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut acked = 0i64;
+    for round in 0..3 {
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "crash::kill9_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(KILL9_DIR_ENV, dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let mut acks = 0;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line.unwrap();
+            if let Some(end) = line.strip_prefix("ACK ") {
+                acked = acked.max(end.trim().parse().unwrap());
+                acks += 1;
+                if acks == 300 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(acks, 300, "child stopped early in round {round}");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _g = rt.enter();
+        let store = open(dir.path(), FlushPolicy::Always, small_segments(20_000, 512));
+        let p = store.partition("k", 0).unwrap();
+        assert!(p.log_end_offset() >= acked, "acknowledged data lost");
+        let all = p.read(0, usize::MAX / 2, true, ReadLimit::LogEnd).unwrap();
+        let mut next = 0;
+        let mut pos = 0usize;
+        for (base, last, _, size) in batches_in(&all.records) {
+            assert_eq!(base, next, "offsets are contiguous");
+            // The payload identifies the offset it was written at.
+            assert_eq!(all.records[pos + 61], (base % 251) as u8);
+            next = last + 1;
+            pos += size;
+        }
+        assert_eq!(next, p.log_end_offset());
+    }
+}
