@@ -520,3 +520,38 @@ async fn leave_group_batch_reports_per_member_errors() {
     assert_eq!(c.leave_group(old, 2).await.error_code, 0);
     assert!(eventually(Duration::from_secs(2), || state_of(c, GROUP).0 == "Empty").await);
 }
+
+#[tokio::test]
+async fn a_leader_that_never_syncs_is_removed_and_followers_rejoin() {
+    let env = env(100);
+    let c = &env.coord;
+    let (a, b) = tokio::join!(
+        join_new(c, GROUP, "a", 10_000, 500),
+        join_new(c, GROUP, "b", 10_000, 500)
+    );
+    assert_eq!(a.generation_id, b.generation_id);
+    let generation = a.generation_id;
+    let leader = a.leader.to_string();
+    let follower = if a.member_id.as_str() == leader {
+        b.member_id.to_string()
+    } else {
+        a.member_id.to_string()
+    };
+
+    // The follower waits for an assignment that never comes; once the
+    // rebalance timeout passes, the silent leader is removed and the
+    // follower is told to rejoin.
+    let started = tokio::time::Instant::now();
+    let r = sync(c, GROUP, generation, &follower, None, &[]).await;
+    assert_eq!(r.error_code, code(ResponseError::RebalanceInProgress));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(
+        heartbeat(c, GROUP, generation, &leader, None).await,
+        code(ResponseError::UnknownMemberId)
+    );
+    let j = rejoin(c, GROUP, &follower, b"meta", 10_000, 500).await;
+    assert_eq!(j.generation_id, generation + 1);
+    assert_eq!(j.leader, j.member_id, "the follower leads now");
+    let (_, _, members) = sync_all(c, &[j]).await;
+    assert_eq!(members, vec![follower]);
+}
