@@ -641,7 +641,18 @@ fn consumer_group_commits_resumes_and_reports_lag() {
     let list = b.ok(&["group", "list"]);
     assert!(list.lines().any(|l| l.starts_with("workers ")), "{list}");
 
-    let second = consume("100");
+    let second = consume("6");
+    // Nothing is left for the group.
+    let rest = b.ok(&[
+        "consume",
+        "jobs",
+        "--group",
+        "workers",
+        "--from-beginning",
+        "--timeout-ms",
+        "2000",
+    ]);
+    assert_eq!(rest, "");
     let mut all: Vec<&str> = first.lines().chain(second.lines()).collect();
     assert_eq!(all.len(), 10, "first:\n{first}\nsecond:\n{second}");
     all.sort_unstable();
@@ -681,6 +692,22 @@ fn consumer_group_commits_resumes_and_reports_lag() {
         "1000000",
         "--execute",
     ]);
+    assert_eq!(total_lag(&b.ok(&["group", "describe", "workers"])), 0);
+
+    // An explicit --offset overrides the committed offsets (now at the end).
+    let replay = b.ok(&[
+        "consume",
+        "jobs",
+        "--group",
+        "workers",
+        "--offset",
+        "0",
+        "--max-messages",
+        "10",
+        "--timeout-ms",
+        "15000",
+    ]);
+    assert_eq!(replay.lines().count(), 10, "{replay}");
     assert_eq!(total_lag(&b.ok(&["group", "describe", "workers"])), 0);
 
     // A group with a live member refuses a reset.
