@@ -26,27 +26,28 @@ from kutil import confluent_consume_all, stored_batches, unique
 
 PARTITIONS = 2
 ROUNDS = int(os.environ.get("SLUICE_CRASH_ROUNDS", "4"))
-RATE = 4000  # records per second offered to the producer
+RATE = 4000  # records per second offered to the producers
+CODECS = ("none", "zstd")  # one idempotent producer per codec
 SEED = int(os.environ.get("SLUICE_CRASH_SEED", str(int(time.time()))))
 
 
-def value_of(seq, partition):
-    body = f"crash|{seq}|{partition}|" + "p" * (seq % 97)
+def value_of(seq, partition, producer=0):
+    body = f"crash|{seq}|{partition}|{producer}|" + "p" * (seq % 97)
     return f"{body}|{zlib.crc32(body.encode()):08x}".encode()
 
 
 def parse(value):
-    """(seq, partition) or None when the value is not exactly what was sent."""
+    """(seq, partition, producer) or None when the value is not exactly what was sent."""
     try:
         text = value.decode()
         body, crc = text.rsplit("|", 1)
         if f"{zlib.crc32(body.encode()):08x}" != crc:
             return None
-        tag, seq, part, pad = body.split("|")
-        seq, part = int(seq), int(part)
+        tag, seq, part, prod, pad = body.split("|")
+        seq, part, prod = int(seq), int(part), int(prod)
         if tag != "crash" or pad != "p" * (seq % 97):
             return None
-        return seq, part
+        return seq, part, prod
     except (AttributeError, UnicodeDecodeError, ValueError):
         return None
 
@@ -77,8 +78,11 @@ def test_kill9_under_idempotent_producer(broker):
         if err.fatal():
             fatal.append(err)
 
-    p = Producer({
+    # Two idempotent producers (different codecs) write to both partitions at
+    # once, so concurrent appends share fsyncs (group commit) when the broker dies.
+    producers = [Producer({
         "bootstrap.servers": broker.bootstrap,
+        "compression.type": codec,
         "enable.idempotence": True,
         "acks": "all",
         "message.timeout.ms": 120000,
@@ -90,7 +94,8 @@ def test_kill9_under_idempotent_producer(broker):
         "socket.connection.setup.timeout.ms": 5000,
         "queue.buffering.max.messages": 200000,
         "error_cb": on_error,
-    })
+        "log_level": 2,  # connection-refused noise while the broker is down; errors reach error_cb
+    }) for codec in CODECS]
 
     seq = 0
     kills = 0
@@ -107,13 +112,15 @@ def test_kill9_under_idempotent_producer(broker):
         target = int((now - t0) * RATE)
         while seq < target:
             part = seq % PARTITIONS
+            prod = (seq // PARTITIONS) % len(producers)
             try:
-                p.produce(topic, value=value_of(seq, part), key=str(seq).encode(), partition=part,
-                          on_delivery=on_delivery)
+                producers[prod].produce(topic, value=value_of(seq, part, prod), key=str(seq).encode(),
+                                        partition=part, on_delivery=on_delivery)
             except BufferError:
                 break
             seq += 1
-        p.poll(0)
+        for p in producers:
+            p.poll(0)
         if restart_at is None and kills < ROUNDS and now >= next_kill:
             broker.kill9()
             kills += 1
@@ -132,7 +139,7 @@ def test_kill9_under_idempotent_producer(broker):
         time.sleep(0.002)
     assert kills == ROUNDS, f"only {kills} of {ROUNDS} kill rounds ran within the time budget"
     sent = seq
-    left = p.flush(150)
+    left = sum(p.flush(150) for p in producers)
     produce_s = time.monotonic() - t0
     print(f"[crash] offered {sent} records in {produce_s:.1f}s; acked={len(acked)} failed={len(failed)} "
           f"in-flight-after-flush={left} downtimes={[round(d, 2) for d in downtimes]}")
@@ -142,7 +149,10 @@ def test_kill9_under_idempotent_producer(broker):
     if errs:
         print(f"[crash] delivery errors: {errs}")
     if client_errors:
-        print(f"[crash] client errors ({len(client_errors)}): {[str(e) for e in client_errors[:8]]}")
+        kinds = {}
+        for e in client_errors:
+            kinds[e.name()] = kinds.get(e.name(), 0) + 1
+        print(f"[crash] client errors by kind: {kinds}")
     assert not fatal, f"idempotent producer hit fatal error(s): {[str(e) for e in fatal]}"
     assert left == 0, f"{left} records still undelivered 150 s after the last restart"
 
@@ -163,14 +173,15 @@ def test_kill9_under_idempotent_producer(broker):
         if got is None or got[1] != r.partition:
             anomalies["corrupt"].append((r.partition, r.offset, (r.value or b"")[:60]))
             continue
-        s = got[0]
+        s, _, prod = got
         if s in found:
             anomalies["duplicate"].append((s, found[s], (r.partition, r.offset)))
             continue
         found[s] = (r.partition, r.offset)
-        if s <= last_seq.get(r.partition, -1):
-            anomalies["nonmonotonic-poll"].append((r.partition, r.offset, s, last_seq[r.partition]))
-        last_seq[r.partition] = s
+        # Each producer's records keep their produce order within a partition.
+        if s <= last_seq.get((r.partition, prod), -1):
+            anomalies["nonmonotonic-poll"].append((r.partition, r.offset, s, last_seq[(r.partition, prod)]))
+        last_seq[(r.partition, prod)] = s
     for s, where in acked.items():
         if s not in found:
             anomalies["lost-write"].append((s, where))
