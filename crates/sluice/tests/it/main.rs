@@ -94,8 +94,11 @@ impl Broker {
 
     /// SIGTERM and wait for the exit status.
     fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        // The shell's builtin kill: no procps needed.
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -TERM {}", self.child.id())])
+            .status()
+            .unwrap();
         assert!(status.success());
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
