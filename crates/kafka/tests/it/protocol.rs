@@ -43,6 +43,15 @@ async fn api_versions_v0_v3_and_unsupported() {
     assert_eq!(sent, got);
     assert_eq!(resp.error_code, ResponseError::UnsupportedVersion.code());
     assert_eq!(table(&resp), SUPPORTED_APIS);
+    // A version from the future, with a body we cannot know: same answer.
+    let body = [0u8, 18, 0, 127, 0, 0, 0, 77, 0xff, 0xff, 0, 1, 2, 3, 4];
+    let mut raw = (body.len() as i32).to_be_bytes().to_vec();
+    raw.extend_from_slice(&body);
+    c.send_raw(&raw).await;
+    let (got, resp) = c.recv::<ApiVersionsRequest>(0).await;
+    assert_eq!(got, 77);
+    assert_eq!(resp.error_code, ResponseError::UnsupportedVersion.code());
+    assert_eq!(table(&resp), SUPPORTED_APIS);
     // The connection stays usable.
     let resp = c.call(&ApiVersionsRequest::default(), 3).await;
     assert_eq!(resp.error_code, 0);
