@@ -881,7 +881,7 @@ impl Partition {
         };
         for (base, files, start, size) in candidates {
             let mut found = None;
-            let mut sc = segment::Scanner::new(&files.log, size);
+            let mut sc = segment::Scanner::new(&files.log, size, segment::SCAN_CHUNK_HEADERS);
             let mut pos = start;
             while pos < size {
                 let Some(h) = BatchHeader::parse(sc.bytes(pos, batch::HEADER_LEN)?) else {

@@ -204,17 +204,23 @@ pub(crate) fn read_at_most(f: &File, pos: u64, len: usize) -> io::Result<Vec<u8>
 pub(crate) struct Scanner<'a> {
     file: &'a File,
     end: u64,
+    chunk: usize,
     buf: Vec<u8>,
     buf_pos: u64,
 }
 
-const SCAN_CHUNK: usize = 1 << 20;
+/// Chunk for walks that read whole batches (CRC checks).
+pub(crate) const SCAN_CHUNK_FULL: usize = 1 << 20;
+/// Chunk for header-only walks: small enough that large batches are
+/// skipped rather than read.
+pub(crate) const SCAN_CHUNK_HEADERS: usize = 64 << 10;
 
 impl<'a> Scanner<'a> {
-    pub fn new(file: &'a File, end: u64) -> Scanner<'a> {
+    pub fn new(file: &'a File, end: u64, chunk: usize) -> Scanner<'a> {
         Scanner {
             file,
             end,
+            chunk,
             buf: Vec::new(),
             buf_pos: 0,
         }
@@ -227,7 +233,7 @@ impl<'a> Scanner<'a> {
             pos >= self.buf_pos && pos + len as u64 <= self.buf_pos + self.buf.len() as u64;
         if !in_buf {
             let want = len
-                .max(SCAN_CHUNK)
+                .max(self.chunk)
                 .min(self.end.saturating_sub(pos) as usize);
             self.buf = read_at_most(self.file, pos, want)?;
             self.buf_pos = pos;
@@ -262,7 +268,12 @@ pub(crate) fn walk(
     interval: u32,
     mut on_batch: impl FnMut(u64, &BatchHeader),
 ) -> io::Result<Walk> {
-    let mut sc = Scanner::new(file, file_len);
+    let chunk = if verify_crc {
+        SCAN_CHUNK_FULL
+    } else {
+        SCAN_CHUNK_HEADERS
+    };
+    let mut sc = Scanner::new(file, file_len, chunk);
     let mut w = Walk {
         valid_len: 0,
         next_offset: base_offset,
