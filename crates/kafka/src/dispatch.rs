@@ -150,7 +150,14 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
         // the rebalance completes.
         ApiKey::JoinGroup => {
             let req = decode!(JoinGroupRequest, buf, h);
-            now(h, &ctx.groups.join_group(req, version).await)
+            // Kafka names members after the client id and shows "/<ip>" as their host.
+            let client_id = header.client_id.as_ref().map_or("", |id| id.as_str());
+            let host = format!("/{}", peer.ip());
+            let response = ctx
+                .groups
+                .join_group_with_client(req, version, client_id, &host)
+                .await;
+            now(h, &response)
         }
         ApiKey::SyncGroup => {
             let req = decode!(SyncGroupRequest, buf, h);

@@ -259,6 +259,7 @@ async fn rdkafka_consumer_group_commits() {
     let group_consumer = || -> BaseConsumer {
         config(&server)
             .set("group.id", "g1")
+            .set("client.id", "grp-member")
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "6000")
@@ -277,6 +278,16 @@ async fn rdkafka_consumer_group_commits() {
             }
         }
         consumer.commit_consumer_state(CommitMode::Sync).unwrap();
+        // DescribeGroups names the member after its client id and host, as Kafka does.
+        let groups = consumer
+            .fetch_group_list(Some("g1"), Duration::from_secs(10))
+            .unwrap();
+        let group = &groups.groups()[0];
+        assert_eq!(group.state(), "Stable");
+        let member = &group.members()[0];
+        assert_eq!(member.client_id(), "grp-member");
+        assert_eq!(member.client_host(), "/127.0.0.1");
+        assert!(member.id().starts_with("grp-member-"), "{}", member.id());
         n
     })
     .await
