@@ -97,6 +97,7 @@ setup_python() {
     local py=${SLUICE_PYTHON:-python3}
     # Debian's own python3 needs python3-venv for `-m venv` (ensurepip).
     if ! "$py" -c 'import venv, ensurepip' 2>/dev/null; then
+        # shellcheck disable=SC2046 # empty or one package name
         apt_install $(apt_missing python3-venv)
     fi
     # Recreate a venv whose interpreter is gone or broken.
