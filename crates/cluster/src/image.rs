@@ -1,0 +1,847 @@
+//! The replicated state machine: [`MetadataImage`] and the [`Command`]s that change it.
+//!
+//! Everything here is pure and deterministic: `apply` reads nothing but the image, the
+//! command and the Raft log index of the entry that carries it, so every replica that
+//! applies the same log reaches the same image (Raft's *State Machine Safety*).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// Kafka broker id (also the Raft node id, as `u64`).
+pub type BrokerId = i32;
+
+/// Leader id of a partition that has no leader.
+pub const NO_LEADER: BrokerId = -1;
+
+/// Most producer ids one `AllocateProducerIds` may hand out (Kafka uses blocks of 1000).
+pub const MAX_PRODUCER_ID_BLOCK: i64 = 1_000_000;
+
+/// Longest topic name Kafka accepts.
+const MAX_TOPIC_NAME_LEN: usize = 249;
+
+/// Most partitions one topic may have; bounds the work one command can cause.
+pub const MAX_PARTITIONS: i32 = 100_000;
+
+/// One registered broker as the quorum knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerState {
+    /// Advertised Kafka host.
+    pub kafka_host: String,
+    /// Advertised Kafka port.
+    pub kafka_port: u16,
+    /// Advertised inter-node (Raft) address, `host:port`.
+    pub raft_addr: String,
+    /// Fenced brokers lead nothing and are not placed on; set when the controller
+    /// stops hearing from the broker.
+    pub fenced: bool,
+    /// A draining broker gets no new replicas and gives up preferred leadership.
+    pub draining: bool,
+    /// Random id the broker process picked at start; a new one means a restart.
+    pub incarnation: u64,
+    /// Raft log index of the registration: KRaft's broker epoch.
+    pub epoch: u64,
+}
+
+/// Replica assignment and leadership of one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionState {
+    /// Assigned replicas; the first is the preferred leader.
+    pub replicas: Vec<BrokerId>,
+    /// In-sync replicas: always a non-empty subset of `replicas`, containing the leader
+    /// when there is one.
+    pub isr: Vec<BrokerId>,
+    /// Current leader, or [`NO_LEADER`] (offline).
+    pub leader: BrokerId,
+    /// Bumped on every leader change (fences the old leader's writes).
+    pub leader_epoch: i32,
+    /// Bumped on every change of this record (ISR, replicas, leader).
+    pub partition_epoch: i32,
+}
+
+/// One topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicState {
+    /// Kafka topic id (UUID bytes), never all zero.
+    pub topic_id: [u8; 16],
+    /// Per-topic config overrides; the broker validates keys and values.
+    pub configs: BTreeMap<String, String>,
+    /// Partition `i` is `partitions[i]`.
+    pub partitions: Vec<PartitionState>,
+}
+
+/// The whole cluster metadata, as of `applied_index`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetadataImage {
+    /// Set once by the first controller; empty before that.
+    pub cluster_id: String,
+    /// Registered brokers.
+    pub brokers: BTreeMap<BrokerId, BrokerState>,
+    /// Topics by name.
+    pub topics: BTreeMap<String, TopicState>,
+    /// First producer id not yet handed out.
+    pub next_producer_id: i64,
+    /// Raft log index of the last entry applied to this image (0 before any).
+    pub applied_index: u64,
+}
+
+/// A state change proposed to the quorum. Validated inside `apply`, never before: only
+/// the log order decides (a check done by the proposer could be stale).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Sets the cluster id if none is set yet (first proposal wins).
+    InitCluster { cluster_id: String },
+    /// A broker (re)announces itself. A new incarnation of a known broker is a restart:
+    /// it is fenced (leadership moves) and then unfenced under a new epoch.
+    RegisterBroker {
+        node_id: BrokerId,
+        kafka_host: String,
+        kafka_port: u16,
+        raft_addr: String,
+        incarnation: u64,
+    },
+    /// The controller stopped hearing from the broker.
+    FenceBroker { node_id: BrokerId },
+    /// The broker's heartbeats came back.
+    UnfenceBroker { node_id: BrokerId },
+    /// Start or stop draining a broker.
+    SetDraining { node_id: BrokerId, draining: bool },
+    /// Create a topic, placing replicas round-robin over live, non-draining brokers.
+    CreateTopic {
+        name: String,
+        partitions: i32,
+        replication_factor: i16,
+        configs: BTreeMap<String, String>,
+    },
+    /// Delete a topic.
+    DeleteTopic { name: String },
+    /// Grow a topic to `count` partitions in total.
+    CreatePartitions { name: String, count: i32 },
+    /// Incremental config change: `Some(v)` sets, `None` removes the override.
+    AlterConfigs {
+        name: String,
+        configs: BTreeMap<String, Option<String>>,
+    },
+    /// ISR change requested by the partition leader (KIP-497).
+    AlterPartition {
+        topic: String,
+        partition: i32,
+        leader_id: BrokerId,
+        leader_epoch: i32,
+        partition_epoch: i32,
+        new_isr: Vec<BrokerId>,
+    },
+    /// Controller-internal: (re)elect the preferred live in-sync leader of each partition
+    /// (all partitions when `partitions` is `None`).
+    ElectLeaders {
+        partitions: Option<Vec<(String, i32)>>,
+    },
+    /// Replace a partition's replica set (see the module docs for the limits).
+    ReassignPartition {
+        topic: String,
+        partition: i32,
+        replicas: Vec<BrokerId>,
+    },
+    /// Hand out `count` producer ids; answers the first.
+    AllocateProducerIds { count: i64 },
+}
+
+/// Outcome of one partition in an election.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ElectionOutcome {
+    pub topic: String,
+    pub partition: i32,
+    /// `Ok(new leader)` (may be [`NO_LEADER`] when nobody eligible is live), or why not.
+    pub result: Result<BrokerId, CommandError>,
+}
+
+/// What a successful command answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandOutput {
+    /// Applied (or an idempotent no-op).
+    Done,
+    /// `RegisterBroker`: the broker epoch.
+    BrokerEpoch(u64),
+    /// `CreateTopic`.
+    TopicCreated { topic_id: [u8; 16] },
+    /// `AlterPartition` / `ReassignPartition`: the partition as it is now.
+    Partition(PartitionState),
+    /// `ElectLeaders`.
+    Elections(Vec<ElectionOutcome>),
+    /// `AllocateProducerIds`: the first id of the block.
+    ProducerIds { first: i64, count: i64 },
+}
+
+/// Why a command was rejected. Each variant is one Kafka error code ([`Self::kafka_code`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CommandError {
+    /// UNKNOWN_TOPIC_OR_PARTITION (3).
+    #[error("unknown topic or partition")]
+    UnknownTopicOrPartition,
+    /// NOT_LEADER_OR_FOLLOWER (6): the requester is not the partition leader.
+    #[error("not the leader of this partition")]
+    NotLeaderOrFollower,
+    /// BROKER_NOT_AVAILABLE (8): no such registered broker.
+    #[error("broker {0} is not registered")]
+    BrokerNotAvailable(BrokerId),
+    /// INVALID_TOPIC_EXCEPTION (17).
+    #[error("invalid topic name: {0}")]
+    InvalidTopic(String),
+    /// TOPIC_ALREADY_EXISTS (36).
+    #[error("topic already exists")]
+    TopicAlreadyExists,
+    /// INVALID_PARTITIONS (37).
+    #[error("invalid partition count: {0}")]
+    InvalidPartitions(String),
+    /// INVALID_REPLICATION_FACTOR (38).
+    #[error("invalid replication factor: {0}")]
+    InvalidReplicationFactor(String),
+    /// INVALID_REPLICA_ASSIGNMENT (39).
+    #[error("invalid replica assignment: {0}")]
+    InvalidReplicaAssignment(String),
+    /// INVALID_REQUEST (42).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// FENCED_LEADER_EPOCH (74): the requester's leader epoch is older than the current one.
+    #[error("fenced leader epoch")]
+    FencedLeaderEpoch,
+    /// ELIGIBLE_LEADERS_NOT_AVAILABLE (83): no live in-sync replica.
+    #[error("no eligible leader is available")]
+    EligibleLeadersNotAvailable,
+    /// ELECTION_NOT_NEEDED (84): the preferred live leader already leads.
+    #[error("election not needed")]
+    ElectionNotNeeded,
+    /// INVALID_UPDATE_VERSION (95): stale partition epoch.
+    #[error("stale partition epoch")]
+    InvalidUpdateVersion,
+    /// INELIGIBLE_REPLICA (107): a fenced or unknown broker cannot join the ISR.
+    #[error("replica {0} is not eligible for the ISR")]
+    IneligibleReplica(BrokerId),
+}
+
+impl CommandError {
+    /// The Kafka error code this rejection is answered with.
+    pub fn kafka_code(&self) -> i16 {
+        match self {
+            CommandError::UnknownTopicOrPartition => 3,
+            CommandError::NotLeaderOrFollower => 6,
+            CommandError::BrokerNotAvailable(_) => 8,
+            CommandError::InvalidTopic(_) => 17,
+            CommandError::TopicAlreadyExists => 36,
+            CommandError::InvalidPartitions(_) => 37,
+            CommandError::InvalidReplicationFactor(_) => 38,
+            CommandError::InvalidReplicaAssignment(_) => 39,
+            CommandError::InvalidRequest(_) => 42,
+            CommandError::FencedLeaderEpoch => 74,
+            CommandError::EligibleLeadersNotAvailable => 83,
+            CommandError::ElectionNotNeeded => 84,
+            CommandError::InvalidUpdateVersion => 95,
+            CommandError::IneligibleReplica(_) => 107,
+        }
+    }
+
+    /// Whether the same request may succeed if retried later (Kafka's retriable flag).
+    pub fn is_retriable(&self) -> bool {
+        matches!(
+            self,
+            CommandError::UnknownTopicOrPartition
+                | CommandError::NotLeaderOrFollower
+                | CommandError::FencedLeaderEpoch
+                | CommandError::EligibleLeadersNotAvailable
+        )
+    }
+}
+
+/// The answer to one applied command.
+pub type CommandResult = Result<CommandOutput, CommandError>;
+
+/// Kafka's topic name rule: 1..=249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub fn validate_topic_name(name: &str) -> Result<(), CommandError> {
+    if name.is_empty() || name.len() > MAX_TOPIC_NAME_LEN {
+        return Err(CommandError::InvalidTopic(format!(
+            "length {} is outside 1..={MAX_TOPIC_NAME_LEN}",
+            name.len()
+        )));
+    }
+    if name == "." || name == ".." {
+        return Err(CommandError::InvalidTopic(name.to_string()));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
+        return Err(CommandError::InvalidTopic(format!(
+            "{name:?} has characters outside [a-zA-Z0-9._-]"
+        )));
+    }
+    Ok(())
+}
+
+impl MetadataImage {
+    /// Brokers that may lead and be placed on: registered and not fenced (ascending id).
+    pub fn live_brokers(&self) -> Vec<BrokerId> {
+        self.brokers
+            .iter()
+            .filter(|(_, b)| !b.fenced)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Registered and not fenced.
+    pub fn is_live(&self, id: BrokerId) -> bool {
+        self.brokers.get(&id).is_some_and(|b| !b.fenced)
+    }
+
+    /// Registered and draining.
+    pub fn is_draining(&self, id: BrokerId) -> bool {
+        self.brokers.get(&id).is_some_and(|b| b.draining)
+    }
+
+    /// The partition, if it exists.
+    pub fn partition(&self, topic: &str, partition: i32) -> Option<&PartitionState> {
+        let t = self.topics.get(topic)?;
+        usize::try_from(partition)
+            .ok()
+            .and_then(|p| t.partitions.get(p))
+    }
+
+    fn partition_mut(
+        &mut self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<&mut PartitionState, CommandError> {
+        let t = self
+            .topics
+            .get_mut(topic)
+            .ok_or(CommandError::UnknownTopicOrPartition)?;
+        usize::try_from(partition)
+            .ok()
+            .and_then(|p| t.partitions.get_mut(p))
+            .ok_or(CommandError::UnknownTopicOrPartition)
+    }
+
+    /// Partitions with fewer in-sync replicas than replicas.
+    pub fn under_replicated(&self) -> Vec<(String, i32)> {
+        self.partitions_where(|p| p.isr.len() < p.replicas.len())
+    }
+
+    /// Partitions without a leader.
+    pub fn offline(&self) -> Vec<(String, i32)> {
+        self.partitions_where(|p| p.leader == NO_LEADER)
+    }
+
+    fn partitions_where(&self, f: impl Fn(&PartitionState) -> bool) -> Vec<(String, i32)> {
+        let mut out = Vec::new();
+        for (name, t) in &self.topics {
+            for (i, p) in t.partitions.iter().enumerate() {
+                if f(p) {
+                    out.push((name.clone(), i as i32));
+                }
+            }
+        }
+        out
+    }
+
+    /// Applies `cmd`, carried by the Raft entry at `index`. Deterministic: the same image,
+    /// command and index give the same result on every replica. A rejected command
+    /// leaves the image unchanged (except `applied_index`).
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> CommandResult {
+        self.applied_index = index;
+        match cmd {
+            Command::InitCluster { cluster_id } => {
+                if self.cluster_id.is_empty() {
+                    self.cluster_id = cluster_id.clone();
+                }
+                Ok(CommandOutput::Done)
+            }
+            Command::RegisterBroker {
+                node_id,
+                kafka_host,
+                kafka_port,
+                raft_addr,
+                incarnation,
+            } => self.register_broker(
+                index,
+                *node_id,
+                kafka_host,
+                *kafka_port,
+                raft_addr,
+                *incarnation,
+            ),
+            Command::FenceBroker { node_id } => {
+                if !self.brokers.contains_key(node_id) {
+                    return Err(CommandError::BrokerNotAvailable(*node_id));
+                }
+                self.fence(*node_id);
+                Ok(CommandOutput::Done)
+            }
+            Command::UnfenceBroker { node_id } => {
+                if !self.brokers.contains_key(node_id) {
+                    return Err(CommandError::BrokerNotAvailable(*node_id));
+                }
+                self.unfence(*node_id);
+                Ok(CommandOutput::Done)
+            }
+            Command::SetDraining { node_id, draining } => {
+                let b = self
+                    .brokers
+                    .get_mut(node_id)
+                    .ok_or(CommandError::BrokerNotAvailable(*node_id))?;
+                b.draining = *draining;
+                Ok(CommandOutput::Done)
+            }
+            Command::CreateTopic {
+                name,
+                partitions,
+                replication_factor,
+                configs,
+            } => self.create_topic(index, name, *partitions, *replication_factor, configs),
+            Command::DeleteTopic { name } => {
+                self.topics
+                    .remove(name)
+                    .ok_or(CommandError::UnknownTopicOrPartition)?;
+                Ok(CommandOutput::Done)
+            }
+            Command::CreatePartitions { name, count } => self.create_partitions(name, *count),
+            Command::AlterConfigs { name, configs } => {
+                let t = self
+                    .topics
+                    .get_mut(name)
+                    .ok_or(CommandError::UnknownTopicOrPartition)?;
+                for (k, v) in configs {
+                    match v {
+                        Some(v) => {
+                            t.configs.insert(k.clone(), v.clone());
+                        }
+                        None => {
+                            t.configs.remove(k);
+                        }
+                    }
+                }
+                Ok(CommandOutput::Done)
+            }
+            Command::AlterPartition {
+                topic,
+                partition,
+                leader_id,
+                leader_epoch,
+                partition_epoch,
+                new_isr,
+            } => self.alter_partition(
+                topic,
+                *partition,
+                *leader_id,
+                *leader_epoch,
+                *partition_epoch,
+                new_isr,
+            ),
+            Command::ElectLeaders { partitions } => {
+                let targets = match partitions {
+                    Some(list) => list.clone(),
+                    None => self.partitions_where(|_| true),
+                };
+                let outcomes = targets
+                    .into_iter()
+                    .map(|(topic, partition)| {
+                        let result = self.elect_preferred(&topic, partition);
+                        ElectionOutcome {
+                            topic,
+                            partition,
+                            result,
+                        }
+                    })
+                    .collect();
+                Ok(CommandOutput::Elections(outcomes))
+            }
+            Command::ReassignPartition {
+                topic,
+                partition,
+                replicas,
+            } => self.reassign(topic, *partition, replicas),
+            Command::AllocateProducerIds { count } => {
+                if *count <= 0 || *count > MAX_PRODUCER_ID_BLOCK {
+                    return Err(CommandError::InvalidRequest(format!(
+                        "producer id block size {count} is outside 1..={MAX_PRODUCER_ID_BLOCK}"
+                    )));
+                }
+                let first = self.next_producer_id;
+                let next = first.checked_add(*count).ok_or_else(|| {
+                    CommandError::InvalidRequest("producer ids exhausted".to_string())
+                })?;
+                self.next_producer_id = next;
+                Ok(CommandOutput::ProducerIds {
+                    first,
+                    count: *count,
+                })
+            }
+        }
+    }
+
+    fn register_broker(
+        &mut self,
+        index: u64,
+        node_id: BrokerId,
+        kafka_host: &str,
+        kafka_port: u16,
+        raft_addr: &str,
+        incarnation: u64,
+    ) -> CommandResult {
+        if node_id < 0 {
+            return Err(CommandError::InvalidRequest(format!(
+                "broker id {node_id} is negative"
+            )));
+        }
+        if let Some(b) = self.brokers.get(&node_id) {
+            if b.incarnation != incarnation {
+                // A restart: whatever the old process led is gone with its memory, so
+                // move leadership first (Raft's leader completeness is not at stake,
+                // but the new process must start from a fresh epoch).
+                self.fence(node_id);
+            }
+        }
+        let draining = self.brokers.get(&node_id).is_some_and(|b| b.draining);
+        let same = self.brokers.get(&node_id).filter(|b| {
+            b.incarnation == incarnation
+                && b.kafka_host == kafka_host
+                && b.kafka_port == kafka_port
+                && b.raft_addr == raft_addr
+        });
+        let epoch = match same {
+            // Re-announcement of the same process: keep its epoch.
+            Some(b) => b.epoch,
+            None => index,
+        };
+        self.brokers.insert(
+            node_id,
+            BrokerState {
+                kafka_host: kafka_host.to_string(),
+                kafka_port,
+                raft_addr: raft_addr.to_string(),
+                fenced: true,
+                draining,
+                incarnation,
+                epoch,
+            },
+        );
+        self.unfence(node_id);
+        Ok(CommandOutput::BrokerEpoch(epoch))
+    }
+
+    /// KRaft's fencing: the broker leads nothing and leaves every ISR where another
+    /// member remains; partitions it led get the next live ISR member (epoch + 1) or go
+    /// offline, keeping it as the last ISR member so it can come back without data loss.
+    fn fence(&mut self, node_id: BrokerId) {
+        let Some(b) = self.brokers.get_mut(&node_id) else {
+            return;
+        };
+        if b.fenced {
+            return;
+        }
+        b.fenced = true;
+        let live: BTreeSet<BrokerId> = self.live_brokers().into_iter().collect();
+        let draining: BTreeSet<BrokerId> = self
+            .brokers
+            .iter()
+            .filter(|(_, b)| b.draining)
+            .map(|(id, _)| *id)
+            .collect();
+        for t in self.topics.values_mut() {
+            for p in &mut t.partitions {
+                let in_isr = p.isr.contains(&node_id);
+                let was_leader = p.leader == node_id;
+                if !in_isr && !was_leader {
+                    continue;
+                }
+                if in_isr && p.isr.len() > 1 {
+                    p.isr.retain(|r| *r != node_id);
+                }
+                if was_leader {
+                    p.leader = pick_leader(p, &live, &draining);
+                    p.leader_epoch += 1;
+                }
+                p.partition_epoch += 1;
+            }
+        }
+    }
+
+    /// Unfencing: offline partitions whose ISR holds this broker get it back as leader.
+    fn unfence(&mut self, node_id: BrokerId) {
+        let Some(b) = self.brokers.get_mut(&node_id) else {
+            return;
+        };
+        if !b.fenced {
+            return;
+        }
+        b.fenced = false;
+        for t in self.topics.values_mut() {
+            for p in &mut t.partitions {
+                if p.leader == NO_LEADER && p.isr.contains(&node_id) {
+                    p.leader = node_id;
+                    p.leader_epoch += 1;
+                    p.partition_epoch += 1;
+                }
+            }
+        }
+    }
+
+    fn create_topic(
+        &mut self,
+        index: u64,
+        name: &str,
+        partitions: i32,
+        replication_factor: i16,
+        configs: &BTreeMap<String, String>,
+    ) -> CommandResult {
+        validate_topic_name(name)?;
+        if self.topics.contains_key(name) {
+            return Err(CommandError::TopicAlreadyExists);
+        }
+        if partitions <= 0 || partitions > MAX_PARTITIONS {
+            return Err(CommandError::InvalidPartitions(format!(
+                "{partitions} is outside 1..={MAX_PARTITIONS}"
+            )));
+        }
+        let candidates = self.placement_candidates();
+        let rf = usize::try_from(replication_factor).unwrap_or(0);
+        if rf == 0 || rf > candidates.len() {
+            return Err(CommandError::InvalidReplicationFactor(format!(
+                "{replication_factor} with {} live brokers",
+                candidates.len()
+            )));
+        }
+        // Spread preferred leaders across topics too: start where the topic count says.
+        let start = self.topics.len();
+        let parts = (0..partitions as usize)
+            .map(|p| new_partition(&candidates, start + p, rf))
+            .collect();
+        let topic_id = derive_topic_id(&self.cluster_id, name, index);
+        self.topics.insert(
+            name.to_string(),
+            TopicState {
+                topic_id,
+                configs: configs.clone(),
+                partitions: parts,
+            },
+        );
+        Ok(CommandOutput::TopicCreated { topic_id })
+    }
+
+    /// Live, non-draining brokers, ascending id.
+    fn placement_candidates(&self) -> Vec<BrokerId> {
+        self.brokers
+            .iter()
+            .filter(|(_, b)| !b.fenced && !b.draining)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn create_partitions(&mut self, name: &str, count: i32) -> CommandResult {
+        let candidates = self.placement_candidates();
+        let topics_before = self.topics.len();
+        let t = self
+            .topics
+            .get_mut(name)
+            .ok_or(CommandError::UnknownTopicOrPartition)?;
+        let current = t.partitions.len();
+        let wanted = usize::try_from(count).unwrap_or(0);
+        if wanted <= current || count > MAX_PARTITIONS {
+            return Err(CommandError::InvalidPartitions(format!(
+                "topic has {current} partitions; {count} must be more and at most {MAX_PARTITIONS}"
+            )));
+        }
+        let rf = t.partitions.first().map_or(1, |p| p.replicas.len()).max(1);
+        if rf > candidates.len() {
+            return Err(CommandError::InvalidReplicationFactor(format!(
+                "{rf} with {} live brokers",
+                candidates.len()
+            )));
+        }
+        for p in current..wanted {
+            t.partitions
+                .push(new_partition(&candidates, topics_before + p, rf));
+        }
+        Ok(CommandOutput::Done)
+    }
+
+    fn alter_partition(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        leader_id: BrokerId,
+        leader_epoch: i32,
+        partition_epoch: i32,
+        new_isr: &[BrokerId],
+    ) -> CommandResult {
+        let live: BTreeSet<BrokerId> = self.live_brokers().into_iter().collect();
+        let p = self.partition_mut(topic, partition)?;
+        if leader_epoch < p.leader_epoch {
+            return Err(CommandError::FencedLeaderEpoch);
+        }
+        if leader_id != p.leader || leader_epoch != p.leader_epoch {
+            return Err(CommandError::NotLeaderOrFollower);
+        }
+        if partition_epoch != p.partition_epoch {
+            return Err(CommandError::InvalidUpdateVersion);
+        }
+        let unique: BTreeSet<BrokerId> = new_isr.iter().copied().collect();
+        if unique.len() != new_isr.len() {
+            return Err(CommandError::InvalidRequest(
+                "duplicate broker in the ISR".to_string(),
+            ));
+        }
+        if !new_isr.contains(&leader_id) {
+            return Err(CommandError::InvalidRequest(
+                "the ISR must contain the leader".to_string(),
+            ));
+        }
+        if let Some(r) = new_isr.iter().find(|r| !p.replicas.contains(r)) {
+            return Err(CommandError::InvalidRequest(format!(
+                "{r} is not a replica of this partition"
+            )));
+        }
+        // Only live brokers may join; members already in the ISR may stay.
+        if let Some(r) = new_isr
+            .iter()
+            .find(|r| !p.isr.contains(r) && !live.contains(r))
+        {
+            return Err(CommandError::IneligibleReplica(*r));
+        }
+        p.isr = new_isr.to_vec();
+        p.partition_epoch += 1;
+        Ok(CommandOutput::Partition(p.clone()))
+    }
+
+    fn elect_preferred(&mut self, topic: &str, partition: i32) -> Result<BrokerId, CommandError> {
+        let live: BTreeSet<BrokerId> = self.live_brokers().into_iter().collect();
+        let draining: BTreeSet<BrokerId> = self
+            .brokers
+            .iter()
+            .filter(|(_, b)| b.draining)
+            .map(|(id, _)| *id)
+            .collect();
+        let p = self.partition_mut(topic, partition)?;
+        let choice = pick_leader(p, &live, &draining);
+        if choice == p.leader {
+            return Err(if choice == NO_LEADER {
+                CommandError::EligibleLeadersNotAvailable
+            } else {
+                CommandError::ElectionNotNeeded
+            });
+        }
+        p.leader = choice;
+        p.leader_epoch += 1;
+        p.partition_epoch += 1;
+        Ok(choice)
+    }
+
+    fn reassign(&mut self, topic: &str, partition: i32, replicas: &[BrokerId]) -> CommandResult {
+        if replicas.is_empty() {
+            return Err(CommandError::InvalidReplicaAssignment(
+                "no replicas".to_string(),
+            ));
+        }
+        let unique: BTreeSet<BrokerId> = replicas.iter().copied().collect();
+        if unique.len() != replicas.len() {
+            return Err(CommandError::InvalidReplicaAssignment(
+                "duplicate replica".to_string(),
+            ));
+        }
+        if let Some(r) = replicas.iter().find(|r| !self.brokers.contains_key(r)) {
+            return Err(CommandError::InvalidReplicaAssignment(format!(
+                "broker {r} is not registered"
+            )));
+        }
+        let live: BTreeSet<BrokerId> = self.live_brokers().into_iter().collect();
+        let draining: BTreeSet<BrokerId> = self
+            .brokers
+            .iter()
+            .filter(|(_, b)| b.draining)
+            .map(|(id, _)| *id)
+            .collect();
+        let p = self.partition_mut(topic, partition)?;
+        let kept_isr: Vec<BrokerId> = p
+            .isr
+            .iter()
+            .copied()
+            .filter(|r| replicas.contains(r))
+            .collect();
+        if kept_isr.is_empty() {
+            // Dropping every in-sync copy would lose acknowledged data.
+            return Err(CommandError::InvalidReplicaAssignment(
+                "the new replicas must keep at least one in-sync replica".to_string(),
+            ));
+        }
+        p.replicas = replicas.to_vec();
+        p.isr = kept_isr;
+        if !p.isr.contains(&p.leader) {
+            p.leader = pick_leader(p, &live, &draining);
+            p.leader_epoch += 1;
+        }
+        p.partition_epoch += 1;
+        Ok(CommandOutput::Partition(p.clone()))
+    }
+}
+
+/// The first live ISR member in replica (preference) order, preferring non-draining
+/// brokers; [`NO_LEADER`] if none. Never a replica outside the ISR (no unclean election).
+fn pick_leader(
+    p: &PartitionState,
+    live: &BTreeSet<BrokerId>,
+    draining: &BTreeSet<BrokerId>,
+) -> BrokerId {
+    let eligible = || {
+        p.replicas
+            .iter()
+            .copied()
+            .filter(|r| p.isr.contains(r) && live.contains(r))
+    };
+    eligible()
+        .find(|r| !draining.contains(r))
+        .or_else(|| eligible().next())
+        .unwrap_or(NO_LEADER)
+}
+
+fn new_partition(candidates: &[BrokerId], start: usize, rf: usize) -> PartitionState {
+    let n = candidates.len().max(1);
+    let replicas: Vec<BrokerId> = (0..rf)
+        .filter_map(|j| candidates.get((start + j) % n).copied())
+        .collect();
+    PartitionState {
+        leader: replicas.first().copied().unwrap_or(NO_LEADER),
+        isr: replicas.clone(),
+        replicas,
+        leader_epoch: 0,
+        partition_epoch: 0,
+    }
+}
+
+/// A deterministic, practically unique topic id: FNV-1a (two 64-bit lanes) over the
+/// cluster id, the name and the log index, which no other topic shares.
+fn derive_topic_id(cluster_id: &str, name: &str, index: u64) -> [u8; 16] {
+    let mut a: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut b: u64 = 0x6c62_272e_07bb_0142;
+    let feed = |h: &mut u64, bytes: &[u8]| {
+        for &x in bytes {
+            *h ^= u64::from(x);
+            *h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for h in [&mut a, &mut b] {
+        feed(h, cluster_id.as_bytes());
+        feed(h, &[0]);
+        feed(h, name.as_bytes());
+        feed(h, &[0]);
+        feed(h, &index.to_be_bytes());
+    }
+    b = b.rotate_left(29) ^ a;
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&a.to_be_bytes());
+    id[8..].copy_from_slice(&b.to_be_bytes());
+    if id == [0u8; 16] {
+        id[15] = 1;
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,106 @@
+//! `sluice-cluster`: Sluice's metadata quorum, KRaft-style, on [`openraft`].
+//!
+//! Every Sluice node is a voter of one Raft group whose replicated state machine is the
+//! [`MetadataImage`]: the cluster id, the registered brokers and their liveness, topics,
+//! partition assignments, leaders, leader epochs, ISRs, topic configs and the next
+//! producer id block. The Raft leader is the *controller*. Consensus (elections, log
+//! replication, commitment, snapshots) is openraft's; this crate supplies the state
+//! machine, durable storage, the TCP transport and the controller duties.
+//!
+//! # Pieces
+//!
+//! - [`image`]: `MetadataImage`, [`Command`], `apply`. Pure and deterministic.
+//! - [`store`]: openraft's `RaftLogStorage` (log, vote, committed id) and
+//!   `RaftStateMachine` (the image and its JSON snapshot) in `data_dir/raft/`.
+//! - [`network`]: length-prefixed JSON frames over TCP, a pooled client, openraft's
+//!   `RaftNetwork`, and the extra RPCs (forwarded proposals, broker heartbeats,
+//!   bootstrap probes).
+//! - [`node`]: [`ClusterNode`], the API the broker uses: `start`, `image`, `propose`,
+//!   `controller_id`, `shutdown`.
+//!
+//! # Invariants (names from the Raft paper)
+//!
+//! - *Election Safety* and *Leader Append-Only* are openraft's. We add: the vote is
+//!   fsync'd before `save_vote` returns, so a node never votes twice in a term across a
+//!   crash.
+//! - *Log Matching*: an entry is appended to the log file and fdatasync'd before the
+//!   append callback reports it persisted, so a follower only acknowledges durable
+//!   entries and a leader only counts durable copies toward a commit. On open the log is
+//!   read up to the first record whose length, CRC32C, JSON or index does not check and
+//!   is cut there (a torn tail after kill -9 held no acknowledged entry). `truncate`
+//!   (a divergent follower suffix) shortens the file and fsyncs before returning.
+//! - *State Machine Safety*: [`MetadataImage::apply`] depends only on the image, the
+//!   command and the entry's log index, never on clocks, randomness or local config, so
+//!   equal logs give equal images. Commands are validated inside `apply` (never only at
+//!   the proposer, whose view may be stale) and a rejection changes nothing.
+//! - Snapshots: the image plus its last log id and membership are written atomically
+//!   (temp file, fsync, rename, fsync dir) before the log below them is purged; the
+//!   purge point is recorded before the log file is rewritten without the purged
+//!   entries. The committed log id is persisted, so a restarted node re-applies exactly
+//!   the committed suffix above its snapshot.
+//!
+//! # Partition leadership (KRaft semantics)
+//!
+//! - No unclean election: a leader is always an ISR member that is live (registered and
+//!   unfenced), the first such in replica order (non-draining preferred). Every leader
+//!   change bumps `leader_epoch`; every change of a partition record bumps
+//!   `partition_epoch`.
+//! - Fencing a broker moves leadership off it and removes it from every ISR where
+//!   another member remains. When it was the only ISR member, the partition goes
+//!   offline (`leader = -1`) with the broker kept as its ISR, and comes back when that
+//!   broker is unfenced.
+//! - `AlterPartition` (ISR change from the partition leader) is accepted only with the
+//!   current leader id, leader epoch and partition epoch; the new ISR is a subset of
+//!   the replicas, contains the leader, and only live brokers may join.
+//!
+//! # Controller duties (only on the Raft leader)
+//!
+//! Every node heartbeats the controller every `heartbeat_interval`. A heartbeat from an
+//! unknown broker or a new incarnation (restart) proposes `RegisterBroker`; one from a
+//! fenced broker proposes `UnfenceBroker`. A broker silent for longer than
+//! `session_timeout` is fenced. Liveness is soft state: a new controller starts with an
+//! empty table and counts silence from the start of its own leadership, so every broker
+//! gets a full session of grace after a failover.
+//!
+//! # Bootstrap
+//!
+//! The voter set is fixed by `peers`. Only the lowest id calls openraft's `initialize`,
+//! only if its own Raft state is empty, no reachable peer reports an initialized state,
+//! and a majority answers. A node with any Raft state (vote or log) never initializes.
+//!
+//! # Proposals from any node
+//!
+//! [`ClusterNode::propose`] writes through the local Raft core when this node leads;
+//! otherwise it forwards the command to the leader on a fresh connection. A proposal
+//! that never reached a leader is retried until `propose_timeout`; one whose outcome
+//! is unknown (connection lost after sending, leadership lost after appending) is
+//! answered [`ClusterError::Indeterminate`] rather than retried, so a command is never
+//! applied twice by the retry logic.
+
+pub mod image;
+pub mod network;
+pub mod node;
+pub mod store;
+
+use std::io::Cursor;
+
+pub use image::{
+    BrokerId, BrokerState, Command, CommandError, CommandOutput, CommandResult, ElectionOutcome,
+    MetadataImage, PartitionState, TopicState, NO_LEADER,
+};
+pub use node::{ClusterConfig, ClusterError, ClusterNode};
+
+/// Raft node id (the broker id as `u64`).
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// openraft's type configuration for the metadata quorum.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);

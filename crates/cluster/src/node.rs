@@ -1,0 +1,676 @@
+//! [`ClusterNode`]: one member of the metadata quorum, with its Raft server, the broker
+//! heartbeat sender and the controller duties it performs while it is the Raft leader.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+use crate::image::{BrokerId, Command, CommandResult, MetadataImage};
+use crate::network::{
+    read_frame, write_frame, BrokerHeartbeat, ForwardError, HeartbeatReply, Request, Response,
+    RpcClient, RpcError, TcpNetwork, DEFAULT_MAX_FRAME,
+};
+use crate::store::{self, StateMachineStore};
+use crate::{NodeId, TypeConfig};
+
+/// Everything a node needs to start. [`ClusterConfig::new`] fills the defaults.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Kafka broker id, also the Raft node id. Must appear in `peers`.
+    pub node_id: BrokerId,
+    /// Address the Raft/inter-node listener binds (default port 9093).
+    pub raft_listen: SocketAddr,
+    /// Address peers reach this node at; defaults to this node's entry in `peers`.
+    pub raft_advertised: Option<String>,
+    /// Advertised Kafka host.
+    pub kafka_host: String,
+    /// Advertised Kafka port.
+    pub kafka_port: u16,
+    /// The initial voters, this node included: `(node id, raft address)`.
+    pub peers: Vec<(BrokerId, String)>,
+    /// The node's data directory; Raft state lives in `data_dir/raft/`.
+    pub data_dir: PathBuf,
+    /// How often this broker heartbeats the controller.
+    pub heartbeat_interval: Duration,
+    /// Silence after which the controller fences a broker.
+    pub session_timeout: Duration,
+    /// Raft leader heartbeat (AppendEntries) interval.
+    pub raft_heartbeat_interval: Duration,
+    /// Raft election timeout range (a follower that hears no leader for a random time in
+    /// this range becomes a candidate).
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// A snapshot is taken every this many applied entries, and older log is purged.
+    pub snapshot_every: u64,
+    /// Entries kept below a snapshot, so a briefly lagging follower needs no snapshot.
+    pub keep_below_snapshot: u64,
+    /// How long `propose` keeps looking for a controller.
+    pub propose_timeout: Duration,
+    /// Largest inter-node frame accepted.
+    pub max_frame: u32,
+}
+
+impl ClusterConfig {
+    /// A config with the defaults: heartbeats every 500 ms, session timeout 6 s, Raft
+    /// heartbeat 150 ms, election timeout 1–2 s.
+    pub fn new(
+        node_id: BrokerId,
+        data_dir: impl Into<PathBuf>,
+        peers: Vec<(BrokerId, String)>,
+    ) -> Self {
+        ClusterConfig {
+            node_id,
+            raft_listen: SocketAddr::from(([0, 0, 0, 0], 9093)),
+            raft_advertised: None,
+            kafka_host: "localhost".to_string(),
+            kafka_port: 9092,
+            peers,
+            data_dir: data_dir.into(),
+            heartbeat_interval: Duration::from_millis(500),
+            session_timeout: Duration::from_secs(6),
+            raft_heartbeat_interval: Duration::from_millis(150),
+            election_timeout_min: Duration::from_millis(1000),
+            election_timeout_max: Duration::from_millis(2000),
+            snapshot_every: 1000,
+            keep_below_snapshot: 200,
+            propose_timeout: Duration::from_secs(10),
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+
+    /// The openraft configuration this node runs with.
+    pub fn raft_config(&self) -> Result<openraft::Config, ClusterError> {
+        let ms = |d: Duration| d.as_millis().max(1) as u64;
+        let cfg = openraft::Config {
+            cluster_name: "sluice".to_string(),
+            heartbeat_interval: ms(self.raft_heartbeat_interval),
+            election_timeout_min: ms(self.election_timeout_min),
+            election_timeout_max: ms(self.election_timeout_max),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every.max(1)),
+            max_in_snapshot_log_to_keep: self.keep_below_snapshot,
+            ..Default::default()
+        };
+        cfg.validate()
+            .map_err(|e| ClusterError::Config(e.to_string()))
+    }
+}
+
+/// Failures of the node API. Each maps to a Kafka error code ([`Self::kafka_code`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// No Raft leader could be found or reached in time. NOT_CONTROLLER (41), retriable.
+    #[error("no controller available within {0:?}")]
+    NoController(Duration),
+    /// The proposal reached a controller but its outcome is unknown (the connection or
+    /// the leadership was lost). REQUEST_TIMED_OUT (7): the caller may check the image.
+    #[error("proposal outcome unknown: {0}")]
+    Indeterminate(String),
+    /// The node is shut down or its Raft core stopped. BROKER_NOT_AVAILABLE (8).
+    #[error("cluster node stopped: {0}")]
+    Stopped(String),
+    /// Invalid configuration. INVALID_CONFIG (40).
+    #[error("invalid cluster config: {0}")]
+    Config(String),
+    /// Storage failure at start. KAFKA_STORAGE_ERROR (56).
+    #[error("cluster storage: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ClusterError {
+    /// The Kafka error code this failure is answered with.
+    pub fn kafka_code(&self) -> i16 {
+        match self {
+            ClusterError::NoController(_) => 41,
+            ClusterError::Indeterminate(_) => 7,
+            ClusterError::Stopped(_) => 8,
+            ClusterError::Config(_) => 40,
+            ClusterError::Io(_) => 56,
+        }
+    }
+}
+
+/// Liveness as the controller sees it. Reset whenever this node starts a new term as
+/// leader: a new controller trusts no earlier observation (its own clock starts now).
+#[derive(Default)]
+struct ControllerState {
+    /// The term this state belongs to; `None` while not leader.
+    term: Option<u64>,
+    /// When this node became leader in `term` (the grace period starts here).
+    since: Option<Instant>,
+    last_seen: HashMap<BrokerId, Instant>,
+}
+
+struct Inner {
+    id: NodeId,
+    config: ClusterConfig,
+    raft: Raft<TypeConfig>,
+    sm: StateMachineStore,
+    client: RpcClient,
+    peers: BTreeMap<NodeId, String>,
+    incarnation: u64,
+    raft_addr: String,
+    controller: Mutex<ControllerState>,
+}
+
+/// One member of the metadata quorum. See the crate docs.
+pub struct ClusterNode {
+    inner: Arc<Inner>,
+    local_addr: SocketAddr,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn node_id_of(id: BrokerId) -> Result<NodeId, ClusterError> {
+    u64::try_from(id).map_err(|_| ClusterError::Config(format!("node id {id} is negative")))
+}
+
+impl ClusterNode {
+    /// Binds `config.raft_listen` and starts the node.
+    pub async fn start(config: ClusterConfig) -> Result<ClusterNode, ClusterError> {
+        let listener = TcpListener::bind(config.raft_listen).await?;
+        ClusterNode::start_on(config, listener).await
+    }
+
+    /// Starts the node on an already bound listener (tests bind port 0 first so that
+    /// every node knows its peers' addresses).
+    pub async fn start_on(
+        config: ClusterConfig,
+        listener: TcpListener,
+    ) -> Result<ClusterNode, ClusterError> {
+        let id = node_id_of(config.node_id)?;
+        let mut peers = BTreeMap::new();
+        for (pid, addr) in &config.peers {
+            peers.insert(node_id_of(*pid)?, addr.clone());
+        }
+        let raft_addr = match (&config.raft_advertised, peers.get(&id)) {
+            (Some(a), _) => a.clone(),
+            (None, Some(a)) => a.clone(),
+            (None, None) => {
+                return Err(ClusterError::Config(format!(
+                    "node {id} is not among the peers and has no advertised raft address"
+                )))
+            }
+        };
+        if !peers.contains_key(&id) {
+            return Err(ClusterError::Config(format!(
+                "node {id} is not among the peers"
+            )));
+        }
+        let raft_config = Arc::new(config.raft_config()?);
+        let (log, sm) = store::open(&config.data_dir.join("raft"))?;
+        let client = RpcClient::new(config.max_frame);
+        let raft = Raft::new(
+            id,
+            raft_config,
+            TcpNetwork::new(client.clone()),
+            log,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| ClusterError::Stopped(e.to_string()))?;
+        let local_addr = listener.local_addr()?;
+        let inner = Arc::new(Inner {
+            id,
+            config,
+            raft,
+            sm,
+            client,
+            peers,
+            incarnation: rand::random(),
+            raft_addr,
+            controller: Mutex::new(ControllerState::default()),
+        });
+        let tasks = vec![
+            tokio::spawn(accept_loop(inner.clone(), listener)),
+            tokio::spawn(bootstrap(inner.clone())),
+            tokio::spawn(heartbeat_loop(inner.clone())),
+            tokio::spawn(controller_loop(inner.clone())),
+        ];
+        tracing::info!(node = id, raft = %local_addr, "cluster node started");
+        Ok(ClusterNode {
+            inner,
+            local_addr,
+            tasks: Mutex::new(tasks),
+        })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> BrokerId {
+        self.inner.config.node_id
+    }
+
+    /// The address the Raft listener is bound to.
+    pub fn local_raft_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The locally applied metadata (every node serves Kafka Metadata from it).
+    pub fn image(&self) -> watch::Receiver<Arc<MetadataImage>> {
+        self.inner.sm.subscribe()
+    }
+
+    /// The current controller (Raft leader) as this node knows it.
+    pub fn controller_id(&self) -> Option<BrokerId> {
+        let m = self.inner.raft.metrics();
+        let leader = m.borrow().current_leader;
+        leader.and_then(|l| BrokerId::try_from(l).ok())
+    }
+
+    /// The underlying openraft handle (metrics, diagnostics).
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.inner.raft
+    }
+
+    /// Proposes `cmd` and waits until it is committed and applied. Forwarded to the
+    /// controller when this node is not it. `Ok(Err(_))` is a deterministic rejection
+    /// by the state machine; `Err(_)` means the quorum could not be used.
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResult, ClusterError> {
+        propose(&self.inner, cmd).await
+    }
+
+    /// Stops serving and shuts the Raft core down. Idempotent.
+    pub async fn shutdown(&self) {
+        let tasks: Vec<_> = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(node = self.inner.id, error = %e, "raft shutdown");
+        }
+        tracing::info!(node = self.inner.id, "cluster node stopped");
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        let tasks = self.tasks.get_mut().unwrap_or_else(|e| e.into_inner());
+        for t in tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Inner {
+    fn ctrl(&self) -> std::sync::MutexGuard<'_, ControllerState> {
+        self.controller.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Raft address of `id`: from the membership config, else from the static peers.
+    fn addr_of(&self, id: NodeId) -> Option<String> {
+        let m = self.raft.metrics();
+        let from_membership = m
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone());
+        from_membership.or_else(|| self.peers.get(&id).cloned())
+    }
+
+    /// Whether this node is the Raft leader now.
+    fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+
+    /// Appends `cmd` through the local Raft core only (no forwarding).
+    async fn write_local(&self, cmd: Command) -> Result<CommandResult, ForwardError> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ForwardError::NotController {
+                    leader: f.leader_id,
+                })
+            }
+            Err(e) => Err(ForwardError::Failed(e.to_string())),
+        }
+    }
+
+    fn heartbeat(&self) -> BrokerHeartbeat {
+        BrokerHeartbeat {
+            node_id: self.config.node_id,
+            incarnation: self.incarnation,
+            kafka_host: self.config.kafka_host.clone(),
+            kafka_port: self.config.kafka_port,
+            raft_addr: self.raft_addr.clone(),
+        }
+    }
+
+    /// The controller side of a broker heartbeat: note the broker alive, and register or
+    /// unfence it through the log when the image says otherwise.
+    async fn on_heartbeat(&self, hb: BrokerHeartbeat) -> Result<HeartbeatReply, ForwardError> {
+        if !self.is_leader() {
+            let leader = self.raft.metrics().borrow().current_leader;
+            return Err(ForwardError::NotController { leader });
+        }
+        self.ctrl().last_seen.insert(hb.node_id, Instant::now());
+        let image = self.sm.image();
+        let cmd = match image.brokers.get(&hb.node_id) {
+            Some(b)
+                if b.incarnation == hb.incarnation
+                    && b.kafka_host == hb.kafka_host
+                    && b.kafka_port == hb.kafka_port
+                    && b.raft_addr == hb.raft_addr =>
+            {
+                if !b.fenced {
+                    return Ok(HeartbeatReply {
+                        broker_epoch: Some(b.epoch),
+                        fenced: false,
+                    });
+                }
+                tracing::info!(broker = hb.node_id, "heartbeats resumed; unfencing");
+                Command::UnfenceBroker {
+                    node_id: hb.node_id,
+                }
+            }
+            _ => {
+                tracing::info!(
+                    broker = hb.node_id,
+                    incarnation = hb.incarnation,
+                    "registering broker"
+                );
+                Command::RegisterBroker {
+                    node_id: hb.node_id,
+                    kafka_host: hb.kafka_host.clone(),
+                    kafka_port: hb.kafka_port,
+                    raft_addr: hb.raft_addr.clone(),
+                    incarnation: hb.incarnation,
+                }
+            }
+        };
+        match self.write_local(cmd).await? {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(broker = hb.node_id, error = %e, "heartbeat command rejected"),
+        }
+        let image = self.sm.image();
+        let b = image.brokers.get(&hb.node_id);
+        Ok(HeartbeatReply {
+            broker_epoch: b.map(|b| b.epoch),
+            fenced: b.is_none_or(|b| b.fenced),
+        })
+    }
+}
+
+async fn propose(inner: &Arc<Inner>, cmd: Command) -> Result<CommandResult, ClusterError> {
+    let timeout = inner.config.propose_timeout;
+    let deadline = Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let leader = match inner.write_local(cmd.clone()).await {
+            Ok(r) => return Ok(r),
+            Err(ForwardError::NotController { leader }) => leader,
+            Err(ForwardError::Failed(e)) => return Err(ClusterError::Stopped(e)),
+        };
+        if let Some(addr) = leader
+            .filter(|l| *l != inner.id)
+            .and_then(|l| inner.addr_of(l))
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match inner
+                .client
+                .call(
+                    &addr,
+                    &Request::Propose(cmd.clone()),
+                    left.max(Duration::from_millis(1)),
+                )
+                .await
+            {
+                Ok(Response::Propose(Ok(r))) => return Ok(r),
+                // Leadership moved on: look again.
+                Ok(Response::Propose(Err(ForwardError::NotController { .. }))) => {}
+                Ok(Response::Propose(Err(ForwardError::Failed(e)))) => {
+                    return Err(ClusterError::Indeterminate(e))
+                }
+                Ok(_) => {
+                    return Err(ClusterError::Indeterminate(format!(
+                        "unexpected reply from {addr}"
+                    )))
+                }
+                // Never connected: nothing was sent, so retrying is safe.
+                Err(RpcError::Unreachable { .. }) => {}
+                Err(e) => return Err(ClusterError::Indeterminate(e.to_string())),
+            }
+        }
+        if Instant::now() + backoff >= deadline {
+            return Err(ClusterError::NoController(timeout));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(200));
+    }
+}
+
+async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+    // Connection tasks live in this set, so aborting this task closes them all.
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    conns.spawn(serve_conn(inner.clone(), stream, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "raft listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_conn(inner: Arc<Inner>, mut stream: TcpStream, peer: SocketAddr) {
+    loop {
+        let bytes = match read_frame(&mut stream, inner.config.max_frame).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "closing inter-node connection");
+                return;
+            }
+        };
+        let req: Request = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "malformed inter-node frame; closing connection");
+                return;
+            }
+        };
+        let resp = dispatch(&inner, req).await;
+        let payload = match serde_json::to_vec(&resp) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot encode reply; closing connection");
+                return;
+            }
+        };
+        if let Err(e) = write_frame(&mut stream, &payload).await {
+            tracing::debug!(%peer, error = %e, "inter-node reply not delivered");
+            return;
+        }
+    }
+}
+
+async fn dispatch(inner: &Arc<Inner>, req: Request) -> Response {
+    match req {
+        Request::AppendEntries(r) => Response::AppendEntries(inner.raft.append_entries(r).await),
+        Request::Vote(r) => Response::Vote(inner.raft.vote(r).await),
+        Request::InstallSnapshot(r) => {
+            Response::InstallSnapshot(inner.raft.install_snapshot(r).await)
+        }
+        Request::Propose(cmd) => Response::Propose(inner.write_local(cmd).await),
+        Request::Heartbeat(hb) => Response::Heartbeat(inner.on_heartbeat(hb).await),
+        Request::Probe => Response::Probe {
+            node_id: inner.id,
+            initialized: inner.raft.is_initialized().await.unwrap_or(false),
+        },
+    }
+}
+
+/// Forms the cluster once: only the lowest peer id initializes, only when it has never
+/// been initialized itself, no reachable peer has been either, and a majority (itself
+/// included) answers. Everyone else waits to be contacted by the leader.
+async fn bootstrap(inner: Arc<Inner>) {
+    let lowest = inner.peers.keys().next().copied();
+    if lowest != Some(inner.id) {
+        return;
+    }
+    let majority = inner.peers.len() / 2 + 1;
+    loop {
+        match inner.raft.is_initialized().await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "raft core stopped before bootstrap");
+                return;
+            }
+        }
+        let mut reachable = 1usize;
+        let mut formed_elsewhere = false;
+        for (pid, addr) in &inner.peers {
+            if *pid == inner.id {
+                continue;
+            }
+            if let Ok(Response::Probe { initialized, .. }) = inner
+                .client
+                .call(addr, &Request::Probe, Duration::from_millis(500))
+                .await
+            {
+                reachable += 1;
+                formed_elsewhere |= initialized;
+            }
+        }
+        if formed_elsewhere {
+            tracing::info!("the cluster is already formed; waiting to be replicated to");
+            return;
+        }
+        if reachable >= majority {
+            let members: BTreeMap<NodeId, BasicNode> = inner
+                .peers
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .collect();
+            match inner.raft.initialize(members).await {
+                Ok(()) => tracing::info!(
+                    voters = inner.peers.len(),
+                    "initialized the metadata quorum"
+                ),
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(e) => tracing::warn!(error = %e, "raft initialize failed"),
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every node is a broker: heartbeat the controller (locally when it is this node).
+async fn heartbeat_loop(inner: Arc<Inner>) {
+    let interval = inner.config.heartbeat_interval;
+    loop {
+        tokio::time::sleep(interval).await;
+        let leader = inner.raft.metrics().borrow().current_leader;
+        let Some(leader) = leader else { continue };
+        let hb = inner.heartbeat();
+        let result = if leader == inner.id {
+            inner.on_heartbeat(hb).await.map(|_| ())
+        } else {
+            let Some(addr) = inner.addr_of(leader) else {
+                continue;
+            };
+            match inner
+                .client
+                .call(&addr, &Request::Heartbeat(hb), interval * 2)
+                .await
+            {
+                Ok(Response::Heartbeat(r)) => r.map(|_| ()),
+                Ok(_) => Err(ForwardError::Failed("unexpected reply".to_string())),
+                Err(e) => Err(ForwardError::Failed(e.to_string())),
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(node = inner.id, error = %e, "heartbeat not delivered");
+        }
+    }
+}
+
+/// While leader: set the cluster id once, and fence brokers silent for longer than the
+/// session timeout (counting from the start of this leadership for brokers not heard
+/// from yet, so a new controller gives everyone a full session of grace).
+async fn controller_loop(inner: Arc<Inner>) {
+    let tick = (inner.config.heartbeat_interval / 2).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(tick).await;
+        let (is_leader, term) = {
+            let m = inner.raft.metrics();
+            let m = m.borrow();
+            (
+                m.state == ServerState::Leader && m.current_leader == Some(inner.id),
+                m.current_term,
+            )
+        };
+        let now = Instant::now();
+        let since = {
+            let mut c = inner.ctrl();
+            if !is_leader {
+                c.term = None;
+                continue;
+            }
+            if c.term != Some(term) {
+                tracing::info!(node = inner.id, term, "became controller");
+                c.term = Some(term);
+                c.since = Some(now);
+                c.last_seen.clear();
+            }
+            c.since.unwrap_or(now)
+        };
+        let image = inner.sm.image();
+        if image.cluster_id.is_empty() {
+            let cluster_id = format!("{:032x}", rand::random::<u128>());
+            if let Err(e) = inner.write_local(Command::InitCluster { cluster_id }).await {
+                tracing::debug!(error = %e, "init cluster id");
+            }
+        }
+        let silent: Vec<BrokerId> = {
+            let c = inner.ctrl();
+            image
+                .brokers
+                .iter()
+                .filter(|(_, b)| !b.fenced)
+                .filter(|(id, _)| {
+                    let last = c.last_seen.get(id).copied().unwrap_or(since);
+                    now.saturating_duration_since(last) > inner.config.session_timeout
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in silent {
+            tracing::warn!(broker = id, "session timed out; fencing");
+            match inner
+                .write_local(Command::FenceBroker { node_id: id })
+                .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(broker = id, error = %e, "fence rejected"),
+                Err(e) => tracing::debug!(broker = id, error = %e, "fence not proposed"),
+            }
+        }
+    }
+}
