@@ -1,6 +1,7 @@
 //! The `sluice` binary: `sluice serve` runs the broker; `topic`, `produce`,
 //! `consume` and `group` are Kafka clients (librdkafka via rdkafka) that work
-//! against Sluice or any Kafka cluster.
+//! against Sluice or any Kafka cluster; `bench` is the load generator
+//! (sluice-bench, its own lean Kafka client).
 
 mod cli;
 mod config;
@@ -36,6 +37,8 @@ enum Command {
     Consume(cli::consume::ConsumeArgs),
     /// List, describe and reset the offsets of consumer groups.
     Group(cli::group::GroupArgs),
+    /// Load generator: produce, consume or end-to-end throughput and latency.
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Produce(args) => cli::produce::run(&runtime, args),
         Command::Consume(args) => cli::consume::run(&runtime, args),
         Command::Group(args) => runtime.block_on(cli::group::run(args)),
+        Command::Bench(args) => runtime.block_on(cli::bench::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -145,6 +149,31 @@ mod tests {
         ])
         .is_ok());
         assert!(Cli::try_parse_from(["sluice", "produce", "t", "--acks", "2"]).is_err());
+        assert!(Cli::try_parse_from([
+            "sluice",
+            "bench",
+            "e2e",
+            "--rate",
+            "1000",
+            "--duration",
+            "2",
+            "--acks",
+            "1",
+            "--compression",
+            "lz4",
+            "--json"
+        ])
+        .is_ok());
+        assert!(Cli::try_parse_from([
+            "sluice",
+            "bench",
+            "produce",
+            "--records",
+            "1",
+            "--duration",
+            "1"
+        ])
+        .is_err());
         assert!(Cli::try_parse_from([
             "sluice",
             "consume",

@@ -1,6 +1,7 @@
 //! Client commands. They speak only the Kafka protocol (librdkafka through
 //! rdkafka), so they work against Sluice and against any Kafka cluster.
 
+pub mod bench;
 pub mod consume;
 pub mod group;
 pub mod produce;

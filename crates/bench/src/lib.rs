@@ -1,0 +1,478 @@
+//! `sluice bench`: a Kafka load generator.
+//!
+//! It speaks only standard Kafka APIs (ApiVersions, Metadata, CreateTopics,
+//! ListOffsets, Produce, Fetch) through a lean client built on the
+//! `kafka-protocol` codecs, so it measures Sluice or any Kafka-compatible
+//! broker, and it is cheap enough per record that the broker, not the load
+//! generator, is what gets measured: each producer keeps up to
+//! `max_in_flight` Produce requests outstanding on a connection per leader,
+//! encodes each RecordBatch once, and allocates per batch, never per record.
+//!
+//! Modes: `produce` (acknowledged write throughput and per-record ack
+//! latency), `consume` (read what the topic holds from the beginning;
+//! latency is per fetch), `e2e` (both at once; latency from each record's
+//! intended send time to its consumption). With a target rate the run is
+//! open loop (see [`schedule::Schedule`]).
+
+pub mod client;
+pub mod cluster;
+mod consume;
+mod produce;
+pub mod report;
+pub mod schedule;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kafka_protocol::records::Compression;
+
+pub use consume::count_records;
+pub use report::{LatencyMs, Report, Stats};
+pub use schedule::LittlesLaw;
+
+/// Errors of a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("invalid settings: {0}")]
+    Config(String),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, std::io::Error),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{what}: broker error code {code}")]
+    Broker { what: String, code: i16 },
+    #[error("{0}")]
+    Incomplete(String),
+}
+
+/// What to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Produce,
+    Consume,
+    E2e,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Produce => "produce",
+            Mode::Consume => "consume",
+            Mode::E2e => "e2e",
+        }
+    }
+}
+
+/// Produce acknowledgement level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acks {
+    /// -1: every in-sync replica (and, on Sluice, durable under its flush policy).
+    All,
+    /// 1: the leader.
+    Leader,
+    /// 0: no response at all; a record counts as done once written to the socket.
+    None,
+}
+
+impl Acks {
+    pub fn wire(self) -> i16 {
+        match self {
+            Acks::All => -1,
+            Acks::Leader => 1,
+            Acks::None => 0,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Acks::All => "all",
+            Acks::Leader => "1",
+            Acks::None => "0",
+        }
+    }
+}
+
+/// The name of a compression codec as the CLI and JSON spell it.
+pub fn compression_name(c: Compression) -> &'static str {
+    match c {
+        Compression::None => "none",
+        Compression::Gzip => "gzip",
+        Compression::Snappy => "snappy",
+        Compression::Lz4 => "lz4",
+        Compression::Zstd => "zstd",
+    }
+}
+
+/// One run's settings.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub mode: Mode,
+    /// Comma-separated `host:port` list.
+    pub bootstrap: String,
+    pub topic: String,
+    /// Partitions when the topic has to be created (default 1).
+    pub partitions: Option<u32>,
+    /// Value bytes per record; the first 8 carry the intended send time.
+    pub record_size: usize,
+    /// Records to send (produce, e2e) or read at most (consume).
+    pub records: Option<u64>,
+    /// Run length instead of a record count.
+    pub duration: Option<Duration>,
+    pub producers: usize,
+    pub consumers: usize,
+    pub acks: Acks,
+    pub compression: Compression,
+    /// Target size of one RecordBatch.
+    pub batch_bytes: usize,
+    /// How long a batch that is not full may wait for more records.
+    pub linger: Duration,
+    /// Produce requests outstanding per connection.
+    pub max_in_flight: usize,
+    /// Open-loop target rate over all producers, records per second.
+    pub rate: Option<f64>,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl BenchConfig {
+    /// Settings with the CLI's defaults for `mode`.
+    pub fn new(mode: Mode, bootstrap: &str, topic: &str) -> BenchConfig {
+        BenchConfig {
+            mode,
+            bootstrap: bootstrap.to_string(),
+            topic: topic.to_string(),
+            partitions: None,
+            record_size: 100,
+            records: None,
+            duration: None,
+            producers: 1,
+            consumers: 1,
+            acks: Acks::All,
+            compression: Compression::None,
+            batch_bytes: 1 << 20,
+            linger: Duration::ZERO,
+            max_in_flight: 5,
+            rate: None,
+            progress: false,
+        }
+    }
+
+    fn validate(&self) -> Result<(), BenchError> {
+        let bad = |m: &str| Err(BenchError::Config(m.to_string()));
+        if self.record_size < 8 {
+            return bad("--record-size must be at least 8 (the send time is embedded)");
+        }
+        if self.records.is_some() && self.duration.is_some() {
+            return bad("give --records or --duration, not both");
+        }
+        if self.records == Some(0) {
+            return bad("--records must be positive");
+        }
+        if self.duration.is_some_and(|d| d.is_zero()) {
+            return bad("--duration must be positive");
+        }
+        if self.mode != Mode::Consume && self.producers == 0 {
+            return bad("--producers must be at least 1");
+        }
+        if self.mode != Mode::Produce && self.consumers == 0 {
+            return bad("--consumers must be at least 1");
+        }
+        if self.max_in_flight == 0 {
+            return bad("--max-in-flight must be at least 1");
+        }
+        if self.partitions == Some(0) {
+            return bad("--partitions must be at least 1");
+        }
+        if let Some(r) = self.rate {
+            if !(r.is_finite() && r > 0.0) {
+                return bad("--rate must be a positive number of records per second");
+            }
+        }
+        if self.batch_bytes < 128 || self.batch_bytes > 64 << 20 {
+            return bad("--batch-bytes must be between 128 and 64 MiB");
+        }
+        Ok(())
+    }
+
+    /// Records sent per run when neither a count nor a duration is given.
+    pub const DEFAULT_RECORDS: u64 = 1_000_000;
+}
+
+/// Runs one benchmark and returns its report.
+pub async fn run(cfg: BenchConfig) -> Result<Report, BenchError> {
+    cfg.validate()?;
+    let mut conn = cluster::bootstrap(&cfg.bootstrap).await?;
+    let create = match cfg.mode {
+        Mode::Consume => None,
+        Mode::Produce | Mode::E2e => Some(cfg.partitions.unwrap_or(1)),
+    };
+    let cluster = Arc::new(cluster::discover(&mut conn, &cfg.topic, create).await?);
+    drop(conn);
+    if let Some(p) = cfg.partitions {
+        if p as usize != cluster.leaders.len() {
+            eprintln!(
+                "sluice bench: topic {:?} exists with {} partitions; --partitions {p} ignored",
+                cfg.topic,
+                cluster.leaders.len()
+            );
+        }
+    }
+    match cfg.mode {
+        Mode::Produce => run_produce(&cfg, cluster).await,
+        Mode::Consume => run_consume(&cfg, cluster).await,
+        Mode::E2e => run_e2e(&cfg, cluster).await,
+    }
+}
+
+fn schedules(cfg: &BenchConfig) -> Vec<schedule::Schedule> {
+    let records = match (cfg.records, cfg.duration) {
+        (None, None) => Some(BenchConfig::DEFAULT_RECORDS),
+        (r, _) => r,
+    };
+    schedule::split(cfg.producers, records, cfg.rate, cfg.duration)
+}
+
+/// Records due over all producers by `elapsed` (open loop), or started
+/// (closed loop).
+fn arrivals(schedules: &[schedule::Schedule], started: &AtomicU64, elapsed: Duration) -> u64 {
+    match schedules.first().and_then(|s| s.rate) {
+        Some(_) => schedules.iter().filter_map(|s| s.due(elapsed)).sum(),
+        None => started.load(Ordering::Relaxed),
+    }
+}
+
+/// Shows progress of `done` out of `total` on stderr until dropped.
+struct Progress {
+    stop: Arc<AtomicBool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(
+        enabled: bool,
+        verb: &'static str,
+        total: Option<u64>,
+        done: Arc<schedule::Counters>,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        if !enabled {
+            return Progress { stop, task: None };
+        }
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+            let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
+            let template = match total {
+                Some(_) => format!("{{bar:30}} {{human_pos}}/{{human_len}} records {verb} ({{per_sec}}) {{elapsed}}"),
+                None => format!("{{spinner}} {{human_pos}} records {verb} ({{per_sec}}) {{elapsed}}"),
+            };
+            if let Ok(style) = ProgressStyle::with_template(&template) {
+                bar.set_style(style);
+            }
+            while !flag.load(Ordering::Relaxed) {
+                bar.set_position(done.completed.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            bar.finish_and_clear();
+        });
+        Progress {
+            stop,
+            task: Some(task),
+        }
+    }
+
+    async fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Period of the in-flight sampler.
+const SAMPLE_PERIOD: Duration = Duration::from_millis(1);
+
+async fn run_produce(
+    cfg: &BenchConfig,
+    cluster: Arc<cluster::Cluster>,
+) -> Result<Report, BenchError> {
+    let schedules = schedules(cfg);
+    let total = schedules.iter().map(|s| s.total).sum::<Option<u64>>();
+    let counters = Arc::new(schedule::Counters::default());
+    let links = produce::connect_all(cfg, &cluster).await?;
+    let cpu0 = schedule::process_cpu_seconds();
+    let start = Instant::now();
+    let sampler = {
+        let (scheds, counters) = (schedules.clone(), counters.clone());
+        schedule::Sampler::start(SAMPLE_PERIOD, start, move |elapsed| {
+            arrivals(&scheds, &counters.started, elapsed)
+                .saturating_sub(counters.completed.load(Ordering::Relaxed))
+        })
+    };
+    let progress = Progress::start(cfg.progress, "acknowledged", total, counters.clone());
+    let result =
+        produce::run_producers(cfg, &cluster, links, &schedules, start, counters.clone()).await;
+    let cpu = schedule::process_cpu_seconds() - cpu0;
+    let samples = sampler.finish();
+    progress.finish().await;
+    let out = result?;
+    Ok(Report::build(
+        cfg,
+        &cluster,
+        report::Measured {
+            records: out.records,
+            elapsed: out.last_done,
+            stats: out.stats,
+            cpu_seconds: cpu,
+            samples,
+            unit: "records",
+            latency_of: if cfg.acks == Acks::None {
+                "socket_write"
+            } else {
+                "ack"
+            },
+            producers: cfg.producers,
+            consumers: 0,
+        },
+    ))
+}
+
+async fn run_consume(
+    cfg: &BenchConfig,
+    cluster: Arc<cluster::Cluster>,
+) -> Result<Report, BenchError> {
+    let earliest = cluster::list_offsets(&cluster, cluster::EARLIEST).await?;
+    let latest = cluster::list_offsets(&cluster, cluster::LATEST).await?;
+    let available: u64 = earliest
+        .iter()
+        .zip(&latest)
+        .map(|(e, l)| (l - e).max(0) as u64)
+        .sum();
+    if available == 0 {
+        return Err(BenchError::Config(format!(
+            "topic {:?} is empty: produce to it first",
+            cluster.topic
+        )));
+    }
+    let limit = cfg.records.map(|r| r.min(available)).unwrap_or(available);
+    let counters = Arc::new(schedule::Counters::default());
+    let plan = consume::Plan {
+        start_offsets: earliest,
+        end_offsets: Some(latest),
+        e2e: false,
+        target: Arc::new(AtomicU64::new(limit)),
+        duration: cfg.duration,
+    };
+    let tasks = consume::connect_all(cfg, &cluster).await?;
+    let cpu0 = schedule::process_cpu_seconds();
+    let start = Instant::now();
+    let sampler = {
+        let c = counters.clone();
+        schedule::Sampler::start(SAMPLE_PERIOD, start, move |_| {
+            c.requests_in_flight.load(Ordering::Relaxed)
+        })
+    };
+    let progress = Progress::start(cfg.progress, "consumed", Some(limit), counters.clone());
+    let result = consume::run_consumers(tasks, &plan, start, counters.clone()).await;
+    let cpu = schedule::process_cpu_seconds() - cpu0;
+    let samples = sampler.finish();
+    progress.finish().await;
+    let out = result?;
+    Ok(Report::build(
+        cfg,
+        &cluster,
+        report::Measured {
+            records: out.records,
+            elapsed: out.last_done,
+            stats: out.stats,
+            cpu_seconds: cpu,
+            samples,
+            unit: "fetch_requests",
+            latency_of: "fetch",
+            producers: 0,
+            consumers: cfg.consumers,
+        },
+    ))
+}
+
+/// How long consumers may trail the producers' last acknowledgement.
+const E2E_DRAIN: Duration = Duration::from_secs(60);
+
+async fn run_e2e(cfg: &BenchConfig, cluster: Arc<cluster::Cluster>) -> Result<Report, BenchError> {
+    let schedules = schedules(cfg);
+    let total = schedules.iter().map(|s| s.total).sum::<Option<u64>>();
+    // Consumers start at the end of the log, so they see only this run.
+    let latest = cluster::list_offsets(&cluster, cluster::LATEST).await?;
+    let produced = Arc::new(schedule::Counters::default());
+    let consumed = Arc::new(schedule::Counters::default());
+    let plan = consume::Plan {
+        start_offsets: latest,
+        end_offsets: None,
+        e2e: true,
+        // Unknown until the producers are done.
+        target: Arc::new(AtomicU64::new(u64::MAX)),
+        duration: None,
+    };
+    let consumer_tasks = consume::connect_all(cfg, &cluster).await?;
+    let links = produce::connect_all(cfg, &cluster).await?;
+    let cpu0 = schedule::process_cpu_seconds();
+    let start = Instant::now();
+    let sampler = {
+        let (scheds, p, c) = (schedules.clone(), produced.clone(), consumed.clone());
+        schedule::Sampler::start(SAMPLE_PERIOD, start, move |elapsed| {
+            arrivals(&scheds, &p.started, elapsed)
+                .saturating_sub(c.completed.load(Ordering::Relaxed))
+        })
+    };
+    let progress = Progress::start(cfg.progress, "end to end", total, consumed.clone());
+    let mut consumers = tokio::spawn({
+        let (plan, consumed) = (plan.clone(), consumed.clone());
+        async move { consume::run_consumers(consumer_tasks, &plan, start, consumed).await }
+    });
+    let produced_result =
+        produce::run_producers(cfg, &cluster, links, &schedules, start, produced.clone()).await;
+    let sent = match &produced_result {
+        Ok(out) => out.records,
+        // Stop the consumers at what they have; the producer error is reported.
+        Err(_) => 0,
+    };
+    plan.target.store(sent, Ordering::Relaxed);
+    let drained = tokio::time::timeout(E2E_DRAIN, &mut consumers).await;
+    if drained.is_err() {
+        consumers.abort();
+    }
+    let cpu = schedule::process_cpu_seconds() - cpu0;
+    let samples = sampler.finish();
+    progress.finish().await;
+    produced_result?;
+    let out = match drained {
+        Ok(Ok(r)) => r?,
+        Ok(Err(join)) => return Err(BenchError::Incomplete(format!("consumer task failed: {join}"))),
+        Err(_) => {
+            return Err(BenchError::Incomplete(format!(
+                "consumers did not receive all {sent} records within {E2E_DRAIN:?} of the last acknowledgement ({} received)",
+                consumed.completed.load(Ordering::Relaxed)
+            )))
+        }
+    };
+    Ok(Report::build(
+        cfg,
+        &cluster,
+        report::Measured {
+            records: out.records,
+            elapsed: out.last_done,
+            stats: out.stats,
+            cpu_seconds: cpu,
+            samples,
+            unit: "records",
+            latency_of: "end_to_end",
+            producers: cfg.producers,
+            consumers: cfg.consumers,
+        },
+    ))
+}

@@ -1,0 +1,167 @@
+//! `sluice bench`: the Kafka load generator (crate sluice-bench). It has its
+//! own lean client rather than librdkafka, so the load generator stays far
+//! from being the bottleneck; it still speaks only standard Kafka APIs.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use sluice_bench::{Acks, BenchConfig, Mode};
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchMode {
+    /// Acknowledged write throughput; latency from each record's (intended)
+    /// send time to its batch's acknowledgement.
+    Produce,
+    /// Read the topic from the beginning to its current end; latency per fetch.
+    Consume,
+    /// Produce and consume at once; latency from intended send time to consumption.
+    E2e,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcksArg {
+    #[value(name = "all", alias = "-1")]
+    All,
+    #[value(name = "1")]
+    One,
+    #[value(name = "0")]
+    Zero,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompressionArg {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+/// Options of `sluice bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum)]
+    pub mode: BenchMode,
+    /// Kafka bootstrap server(s), comma separated.
+    #[arg(
+        long,
+        env = "SLUICE_BOOTSTRAP",
+        default_value = "127.0.0.1:9092",
+        value_name = "HOST:PORT"
+    )]
+    pub bootstrap: String,
+    /// Topic; produce and e2e create it when missing.
+    #[arg(long, default_value = "sluice-bench")]
+    pub topic: String,
+    /// Partitions of the topic when it is created (default 1).
+    #[arg(long)]
+    pub partitions: Option<u32>,
+    /// Value bytes per record (at least 8: the send time is embedded).
+    #[arg(long, default_value_t = 100)]
+    pub record_size: usize,
+    /// Records to send (default 1,000,000), or at most to read in consume mode.
+    #[arg(long, conflicts_with = "duration")]
+    pub records: Option<u64>,
+    /// Run for this many seconds instead of a record count.
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// Producers, each with its own connection per partition leader.
+    #[arg(long, default_value_t = 1)]
+    pub producers: usize,
+    /// Consumers; partition p is read by consumer p % consumers.
+    #[arg(long, default_value_t = 1)]
+    pub consumers: usize,
+    /// Acknowledgement level of produce requests.
+    #[arg(long, value_enum, default_value = "all")]
+    pub acks: AcksArg,
+    /// Compression codec of record batches.
+    #[arg(long, value_enum, default_value = "none")]
+    pub compression: CompressionArg,
+    /// Target size of one record batch in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub batch_bytes: usize,
+    /// How long a batch that is not full may wait for more records.
+    #[arg(long, default_value_t = 0.0)]
+    pub linger_ms: f64,
+    /// Produce requests outstanding per connection.
+    #[arg(long, default_value_t = 5)]
+    pub max_in_flight: usize,
+    /// Open-loop target rate, records per second over all producers;
+    /// latency counts from each record's intended send time.
+    #[arg(long, value_name = "RECORDS_PER_SEC")]
+    pub rate: Option<f64>,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BenchArgs {
+    fn config(&self) -> Result<BenchConfig> {
+        let mode = match self.mode {
+            BenchMode::Produce => Mode::Produce,
+            BenchMode::Consume => Mode::Consume,
+            BenchMode::E2e => Mode::E2e,
+        };
+        let mut cfg = BenchConfig::new(mode, &self.bootstrap, &self.topic);
+        cfg.partitions = self.partitions;
+        cfg.record_size = self.record_size;
+        cfg.records = self.records;
+        cfg.duration = match self.duration {
+            Some(s) => Some(
+                Duration::try_from_secs_f64(s)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .context("--duration must be a positive number of seconds")?,
+            ),
+            None => None,
+        };
+        cfg.producers = self.producers;
+        cfg.consumers = self.consumers;
+        cfg.acks = match self.acks {
+            AcksArg::All => Acks::All,
+            AcksArg::One => Acks::Leader,
+            AcksArg::Zero => Acks::None,
+        };
+        use kafka_protocol::records::Compression;
+        cfg.compression = match self.compression {
+            CompressionArg::None => Compression::None,
+            CompressionArg::Gzip => Compression::Gzip,
+            CompressionArg::Snappy => Compression::Snappy,
+            CompressionArg::Lz4 => Compression::Lz4,
+            CompressionArg::Zstd => Compression::Zstd,
+        };
+        cfg.batch_bytes = self.batch_bytes;
+        cfg.linger = Duration::try_from_secs_f64(self.linger_ms / 1e3)
+            .context("--linger-ms must be a non-negative number")?;
+        cfg.max_in_flight = self.max_in_flight;
+        cfg.rate = self.rate;
+        cfg.progress = std::io::stderr().is_terminal();
+        Ok(cfg)
+    }
+}
+
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let cfg = args.config()?;
+    let report = sluice_bench::run(cfg)
+        .await
+        .with_context(|| format!("bench {} against {}", args.mode_name(), args.bootstrap))?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+impl BenchArgs {
+    fn mode_name(&self) -> &'static str {
+        match self.mode {
+            BenchMode::Produce => "produce",
+            BenchMode::Consume => "consume",
+            BenchMode::E2e => "e2e",
+        }
+    }
+}
