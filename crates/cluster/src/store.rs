@@ -84,10 +84,7 @@ fn encode_record(entry: &Entry<TypeConfig>, out: &mut Vec<u8>) -> Result<(), ser
 fn decode_records(buf: &[u8]) -> (Vec<(u64, Entry<TypeConfig>)>, usize) {
     let mut out: Vec<(u64, Entry<TypeConfig>)> = Vec::new();
     let mut pos = 0usize;
-    loop {
-        let Some(header) = buf.get(pos..pos + RECORD_HEADER) else {
-            break;
-        };
+    while let Some(header) = buf.get(pos..pos + RECORD_HEADER) {
         let mut len4 = [0u8; 4];
         let mut crc4 = [0u8; 4];
         len4.copy_from_slice(&header[..4]);
@@ -428,17 +425,13 @@ fn persist_snapshot(
     dir: &Path,
     meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
     image: &MetadataImage,
-) -> StoreResult<()> {
+) -> std::io::Result<()> {
     let file = SnapshotFile {
         meta: meta.clone(),
         image: image.clone(),
     };
-    let sig = Some(meta.signature());
-    let bytes =
-        serde_json::to_vec(&file).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+    let bytes = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
     write_atomic(dir, "snapshot.json", &bytes)
-        .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
-    Ok(())
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
@@ -456,7 +449,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         };
         let data = serde_json::to_vec(&*inner.image)
             .map_err(|e| StorageIOError::read_state_machine(&e))?;
-        persist_snapshot(&inner.dir, &meta, &inner.image)?;
+        persist_snapshot(&inner.dir, &meta, &inner.image)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         inner.snapshot = Some((meta.clone(), data.clone()));
         Ok(Snapshot {
             meta,
@@ -521,7 +515,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let image: MetadataImage = serde_json::from_slice(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let mut inner = lock(&self.inner);
-        persist_snapshot(&inner.dir, meta, &image)?;
+        persist_snapshot(&inner.dir, meta, &image)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         inner.last_applied = meta.last_log_id;
         inner.last_membership = meta.last_membership.clone();
         inner.snapshot = Some((meta.clone(), data));

@@ -1,1 +1,8 @@
+//! Integration tests of sluice-cluster: one binary, one module per concern.
 
+mod cluster;
+mod framing;
+mod liveness;
+mod router;
+mod storage;
+mod support;

@@ -1,0 +1,187 @@
+//! A three-node cluster over real TCP: bootstrap, replication, forwarding, failover,
+//! restart from the data dir.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use openraft::LogId;
+use sluice_cluster::{ClusterNode, Command, CommandError, CommandOutput, MetadataImage};
+
+use crate::support::{eventually, wait_image, TestCluster};
+
+const T: Duration = Duration::from_secs(10);
+
+fn create(name: &str, partitions: i32, rf: i16) -> Command {
+    Command::CreateTopic {
+        name: name.to_string(),
+        partitions,
+        replication_factor: rf,
+        configs: BTreeMap::new(),
+    }
+}
+
+fn membership_log_id(node: &ClusterNode) -> Option<LogId<u64>> {
+    let m = node.raft().metrics();
+    let id = *m.borrow().membership_config.log_id();
+    id
+}
+
+fn all_registered(img: &MetadataImage, n: usize) -> bool {
+    !img.cluster_id.is_empty() && img.brokers.len() == n && img.brokers.values().all(|b| !b.fenced)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_create_topic_rf3_and_every_image_converges() {
+    let c = TestCluster::start(3).await;
+    let ctrl = c.controller().await;
+    for n in c.nodes.values() {
+        wait_image(n, T, "3 registered brokers", |i| all_registered(i, 3)).await;
+    }
+    let r = c
+        .node(ctrl)
+        .propose(create("orders", 3, 3))
+        .await
+        .expect("quorum");
+    assert!(matches!(r, Ok(CommandOutput::TopicCreated { .. })), "{r:?}");
+    let mut images = Vec::new();
+    for n in c.nodes.values() {
+        images.push(wait_image(n, T, "topic orders", |i| i.topics.contains_key("orders")).await);
+    }
+    let t = &images[0].topics["orders"];
+    assert_eq!(t.partitions.len(), 3);
+    for p in &t.partitions {
+        assert_eq!(p.replicas.len(), 3);
+        assert_eq!(p.isr, p.replicas);
+        assert_eq!(p.leader, p.replicas[0]);
+    }
+    // Preferred leaders are spread over the three brokers.
+    let leaders: std::collections::BTreeSet<i32> = t.partitions.iter().map(|p| p.leader).collect();
+    assert_eq!(leaders.len(), 3);
+    for img in &images[1..] {
+        assert_eq!(
+            img.topics, images[0].topics,
+            "replicas converge on the same topics"
+        );
+        assert_eq!(img.cluster_id, images[0].cluster_id);
+    }
+    // Validation happens in apply and answers Kafka codes to the proposer.
+    let r = c
+        .node(ctrl)
+        .propose(create("big", 1, 4))
+        .await
+        .expect("quorum");
+    assert_eq!(r.map_err(|e| e.kafka_code()), Err(38));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposal_from_a_follower_is_forwarded_to_the_controller() {
+    let c = TestCluster::start(3).await;
+    let ctrl = c.controller().await;
+    let follower = *c.nodes.keys().find(|id| **id != ctrl).expect("a follower");
+    wait_image(c.node(follower), T, "3 registered brokers", |i| {
+        all_registered(i, 3)
+    })
+    .await;
+    let r = c
+        .node(follower)
+        .propose(create("fwd", 2, 3))
+        .await
+        .expect("forwarded");
+    assert!(matches!(r, Ok(CommandOutput::TopicCreated { .. })), "{r:?}");
+    let r = c
+        .node(follower)
+        .propose(create("fwd", 2, 3))
+        .await
+        .expect("forwarded");
+    assert_eq!(r, Err(CommandError::TopicAlreadyExists));
+    let r = c
+        .node(follower)
+        .propose(Command::AllocateProducerIds { count: 1000 })
+        .await
+        .expect("forwarded");
+    assert_eq!(
+        r,
+        Ok(CommandOutput::ProducerIds {
+            first: 0,
+            count: 1000
+        })
+    );
+    for n in c.nodes.values() {
+        wait_image(n, T, "fwd and pid block", |i| {
+            i.topics.contains_key("fwd") && i.next_producer_id == 1000
+        })
+        .await;
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_failover_then_old_controller_restarts_and_catches_up() {
+    let mut c = TestCluster::start(3).await;
+    let old = c.controller().await;
+    for n in c.nodes.values() {
+        wait_image(n, T, "3 registered brokers", |i| all_registered(i, 3)).await;
+    }
+    let r = c
+        .node(old)
+        .propose(create("before", 1, 3))
+        .await
+        .expect("quorum");
+    assert!(r.is_ok(), "{r:?}");
+    let membership_before = membership_log_id(c.node(old));
+    let cluster_id = c.node(old).image().borrow().cluster_id.clone();
+
+    c.stop(old).await;
+    let new = c.controller().await;
+    assert_ne!(new, old);
+    let survivor = *c.nodes.keys().find(|id| **id != new).expect("survivor");
+    let r = c
+        .node(survivor)
+        .propose(create("during", 1, 2))
+        .await
+        .expect("new quorum");
+    assert!(r.is_ok(), "{r:?}");
+
+    // The new controller fences the dead one after a session, and only it: the
+    // survivors got a full session of grace and have been heartbeating since.
+    let img = wait_image(c.node(new), T, "old controller fenced", |i| {
+        i.brokers.get(&old).is_some_and(|b| b.fenced)
+    })
+    .await;
+    assert!(
+        img.brokers
+            .iter()
+            .filter(|(id, _)| **id != old)
+            .all(|(_, b)| !b.fenced),
+        "{img:#?}"
+    );
+    // Partition 0 of "before" was led by... whoever: it is led by a live broker now.
+    let p = img.partition("before", 0).expect("partition");
+    assert_ne!(p.leader, old);
+    assert!(!p.isr.contains(&old));
+
+    c.restart(old).await;
+    let img = wait_image(c.node(old), T, "restarted node caught up", |i| {
+        i.topics.contains_key("during") && i.brokers.get(&old).is_some_and(|b| !b.fenced)
+    })
+    .await;
+    assert_eq!(img.cluster_id, cluster_id, "same cluster, not a new one");
+    // No re-initialization: the membership entry is the original one.
+    let membership_after = eventually(T, "membership loaded", || async {
+        let m = membership_log_id(c.node(old));
+        m.is_some().then_some(m)
+    })
+    .await;
+    assert_eq!(membership_after, membership_before);
+    let r = c
+        .node(old)
+        .propose(create("after", 1, 3))
+        .await
+        .expect("quorum");
+    assert!(r.is_ok(), "{r:?}");
+    for n in c.nodes.values() {
+        wait_image(n, T, "after", |i| i.topics.contains_key("after")).await;
+    }
+    c.shutdown().await;
+}

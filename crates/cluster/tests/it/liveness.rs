@@ -1,0 +1,126 @@
+//! Broker liveness: fencing on silence, leader moves within the ISR, offline partitions
+//! that come back with their last in-sync replica.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sluice_cluster::{Command, MetadataImage, NO_LEADER};
+
+use crate::support::{wait_image, TestCluster};
+
+const T: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_broker_is_fenced_and_its_partitions_move_or_go_offline_then_return() {
+    let mut c = TestCluster::start(3).await;
+    let ctrl = c.controller().await;
+    for n in c.nodes.values() {
+        wait_image(n, T, "3 live brokers", |i| {
+            i.brokers.len() == 3 && i.brokers.values().all(|b| !b.fenced)
+        })
+        .await;
+    }
+    let victim = *c
+        .nodes
+        .keys()
+        .find(|id| **id != ctrl)
+        .expect("a non-controller");
+    for (name, rf) in [("replicated", 3i16), ("single", 1)] {
+        let r = c
+            .node(ctrl)
+            .propose(Command::CreateTopic {
+                name: name.to_string(),
+                partitions: 3,
+                replication_factor: rf,
+                configs: BTreeMap::new(),
+            })
+            .await
+            .expect("quorum");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let before: MetadataImage = (**c.node(ctrl).image().borrow()).clone();
+    let led = |img: &MetadataImage, topic: &str| -> Vec<i32> {
+        img.topics[topic]
+            .partitions
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.leader == victim)
+            .map(|(i, _)| i as i32)
+            .collect()
+    };
+    let replicated_led = led(&before, "replicated");
+    let single_led = led(&before, "single");
+    assert!(
+        !replicated_led.is_empty() && !single_led.is_empty(),
+        "{before:#?}"
+    );
+
+    let stopped = tokio::time::Instant::now();
+    c.stop(victim).await;
+    let img = wait_image(c.node(ctrl), T, "victim fenced", |i| {
+        i.brokers.get(&victim).is_some_and(|b| b.fenced)
+    })
+    .await;
+    let waited = stopped.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "fenced after {waited:?}, before the session timeout"
+    );
+    for p in &replicated_led {
+        let (old, new) = (
+            before.partition("replicated", *p).unwrap(),
+            img.partition("replicated", *p).unwrap(),
+        );
+        assert_ne!(new.leader, victim);
+        assert!(
+            old.isr.contains(&new.leader),
+            "new leader {} from the ISR {:?}",
+            new.leader,
+            old.isr
+        );
+        assert_eq!(new.leader_epoch, old.leader_epoch + 1);
+        assert!(!new.isr.contains(&victim));
+    }
+    for (i, p) in img.topics["replicated"].partitions.iter().enumerate() {
+        assert!(
+            !p.isr.contains(&victim),
+            "partition {i} still lists the fenced broker in its ISR"
+        );
+    }
+    for p in &single_led {
+        let (old, new) = (
+            before.partition("single", *p).unwrap(),
+            img.partition("single", *p).unwrap(),
+        );
+        assert_eq!(new.leader, NO_LEADER, "no unclean election");
+        assert_eq!(new.isr, vec![victim]);
+        assert_eq!(new.leader_epoch, old.leader_epoch + 1);
+    }
+    // Every survivor serves the same view.
+    for n in c.nodes.values() {
+        wait_image(n, T, "fence replicated", |i| {
+            i.brokers.get(&victim).is_some_and(|b| b.fenced)
+        })
+        .await;
+    }
+
+    c.restart(victim).await;
+    let img2 = wait_image(c.node(ctrl), T, "victim back", |i| {
+        i.brokers.get(&victim).is_some_and(|b| !b.fenced)
+    })
+    .await;
+    for p in &single_led {
+        let (off, back) = (
+            img.partition("single", *p).unwrap(),
+            img2.partition("single", *p).unwrap(),
+        );
+        assert_eq!(back.leader, victim, "the last in-sync replica leads again");
+        assert_eq!(back.leader_epoch, off.leader_epoch + 1);
+    }
+    assert!(img2.offline().is_empty(), "{:?}", img2.offline());
+    assert!(
+        img2.brokers[&victim].epoch > before.brokers[&victim].epoch,
+        "a new broker epoch"
+    );
+    c.shutdown().await;
+}
