@@ -2,7 +2,6 @@
 //! messages, publisher confirms with a bounded window in flight, and a
 //! consumer with manual acks and a prefetch limit.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -16,6 +15,7 @@ use lapin::PublisherConfirm;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::stats::{self, BenchResult, LatencyRecorder, Pacer, RunClock};
+use crate::window::Window;
 use crate::{Mode, PeerArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -190,16 +190,38 @@ async fn publish(
     start: Instant,
     pacer: Pacer,
 ) -> Result<LatencyRecorder> {
-    let c = &args.common;
-    let mut body = stats::payload(c.record_size);
+    let window = Window::new(
+        args.common.window,
+        start,
+        |confirm: PublisherConfirm| async move {
+            let confirmation = tokio::time::timeout(Duration::from_secs(60), confirm)
+                .await
+                .context("no publisher confirm within 60 s")?
+                .context("publisher confirm")?;
+            if !confirmation.is_ack() {
+                bail!("broker refused a message (nack)");
+            }
+            Ok(())
+        },
+    );
+    match send_all(ch, args, start, pacer, &window).await {
+        Ok(()) => window.finish().await,
+        Err(e) => Err(window.fail(e).await),
+    }
+}
+
+async fn send_all(
+    ch: &Channel,
+    args: &AmqpArgs,
+    start: Instant,
+    pacer: Pacer,
+    window: &Window<PublisherConfirm>,
+) -> Result<()> {
+    let mut body = stats::payload(args.common.record_size);
     let props = BasicProperties::default().with_delivery_mode(2);
-    let mut inflight: VecDeque<(u64, PublisherConfirm)> = VecDeque::with_capacity(c.window);
-    let mut lat = LatencyRecorder::new();
     let routing_key: lapin::types::ShortString = args.queue.as_str().into();
-    for i in 0..c.records {
-        while inflight.len() >= c.window {
-            settle(&mut inflight, start, &mut lat).await?;
-        }
+    for i in 0..args.common.records {
+        let permit = window.reserve().await?;
         let due = pacer.wait_for(start, i).await;
         stats::stamp(&mut body, due);
         let confirm = ch
@@ -212,28 +234,7 @@ async fn publish(
             )
             .await
             .context("basic.publish")?;
-        inflight.push_back((due, confirm));
-    }
-    while !inflight.is_empty() {
-        settle(&mut inflight, start, &mut lat).await?;
-    }
-    Ok(lat)
-}
-
-async fn settle(
-    inflight: &mut VecDeque<(u64, PublisherConfirm)>,
-    start: Instant,
-    lat: &mut LatencyRecorder,
-) -> Result<()> {
-    if let Some((due, confirm)) = inflight.pop_front() {
-        let confirmation = tokio::time::timeout(Duration::from_secs(60), confirm)
-            .await
-            .context("no publisher confirm within 60 s")?
-            .context("publisher confirm")?;
-        if !confirmation.is_ack() {
-            bail!("broker refused a message (nack)");
-        }
-        lat.record_ns(stats::nanos_since(start).saturating_sub(due));
+        window.push(due, confirm, permit)?;
     }
     Ok(())
 }

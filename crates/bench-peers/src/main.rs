@@ -10,6 +10,7 @@ mod iperf;
 mod nats;
 mod report;
 mod stats;
+mod window;
 
 use std::io::Read;
 use std::path::PathBuf;

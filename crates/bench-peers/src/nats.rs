@@ -2,7 +2,6 @@
 //! publish with a bounded window of acks in flight, and a pull consumer with
 //! explicit acks.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -11,6 +10,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use crate::stats::{self, BenchResult, LatencyRecorder, Pacer, RunClock};
+use crate::window::Window;
 use crate::{Mode, PeerArgs};
 
 #[derive(Debug, clap::Args)]
@@ -40,7 +40,10 @@ pub async fn run(args: NatsArgs) -> Result<BenchResult> {
         .connect(args.server.as_str())
         .await
         .with_context(|| format!("connecting to {}", args.server))?;
-    let js = jetstream::new(client.clone());
+    let mut js = jetstream::new(client.clone());
+    // The client's 5 s ack timeout counts from publish; with a full window on
+    // a server that fsyncs each message, acks legitimately take longer.
+    js.set_timeout(Duration::from_secs(60));
     let subject = format!("{}.data", args.stream);
     // Missing stream is the normal case; any other failure shows up at create.
     let _ = js.delete_stream(&args.stream).await;
@@ -174,38 +177,37 @@ async fn publish(
     start: Instant,
     pacer: Pacer,
 ) -> Result<LatencyRecorder> {
-    let mut body = stats::payload(c.record_size);
-    let mut inflight: VecDeque<(u64, PublishAckFuture)> = VecDeque::with_capacity(c.window);
-    let mut lat = LatencyRecorder::new();
-    for i in 0..c.records {
-        while inflight.len() >= c.window {
-            settle(&mut inflight, start, &mut lat).await?;
+    let window = Window::new(c.window, start, |ack: PublishAckFuture| async move {
+        let ack = ack.await.context("jetstream publish ack")?;
+        if ack.duplicate {
+            bail!("server reported a duplicate publish");
         }
+        Ok(())
+    });
+    match send_all(js, subject, c, start, pacer, &window).await {
+        Ok(()) => window.finish().await,
+        Err(e) => Err(window.fail(e).await),
+    }
+}
+
+async fn send_all(
+    js: &jetstream::Context,
+    subject: &str,
+    c: &PeerArgs,
+    start: Instant,
+    pacer: Pacer,
+    window: &Window<PublishAckFuture>,
+) -> Result<()> {
+    let mut body = stats::payload(c.record_size);
+    for i in 0..c.records {
+        let permit = window.reserve().await?;
         let due = pacer.wait_for(start, i).await;
         stats::stamp(&mut body, due);
         let ack = js
             .publish(subject.to_owned(), Bytes::copy_from_slice(&body))
             .await
             .context("jetstream publish")?;
-        inflight.push_back((due, ack));
-    }
-    while !inflight.is_empty() {
-        settle(&mut inflight, start, &mut lat).await?;
-    }
-    Ok(lat)
-}
-
-async fn settle(
-    inflight: &mut VecDeque<(u64, PublishAckFuture)>,
-    start: Instant,
-    lat: &mut LatencyRecorder,
-) -> Result<()> {
-    if let Some((due, ack)) = inflight.pop_front() {
-        let ack = ack.await.context("jetstream publish ack")?;
-        if ack.duplicate {
-            bail!("server reported a duplicate publish");
-        }
-        lat.record_ns(stats::nanos_since(start).saturating_sub(due));
+        window.push(due, ack, permit)?;
     }
     Ok(())
 }
