@@ -140,13 +140,14 @@ do_setup() {
 }
 
 do_unit() {
+    # nextest does not run doctests; run them first so the step ends with the
+    # main runner's summary.
+    cargo test --workspace --doc
     if cargo nextest --version >/dev/null 2>&1; then
         cargo nextest run --workspace --no-fail-fast
     else
         cargo test --workspace --no-fail-fast
     fi
-    # nextest does not run doctests.
-    cargo test --workspace --doc
 }
 
 do_interop() {
