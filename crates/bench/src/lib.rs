@@ -265,14 +265,21 @@ impl Progress {
         }
         let flag = stop.clone();
         let task = tokio::spawn(async move {
-            use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+            use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
             let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
             let template = match total {
-                Some(_) => format!("{{bar:30}} {{human_pos}}/{{human_len}} records {verb} ({{per_sec}}) {{elapsed}}"),
-                None => format!("{{spinner}} {{human_pos}} records {verb} ({{per_sec}}) {{elapsed}}"),
+                Some(_) => {
+                    format!("{{bar:20}} {{human_pos}}/{{human_len}} {verb} {{rate}} {{elapsed}}")
+                }
+                None => format!("{{spinner}} {{human_pos}} {verb} {{rate}} {{elapsed}}"),
             };
             if let Ok(style) = ProgressStyle::with_template(&template) {
-                bar.set_style(style);
+                bar.set_style(style.with_key(
+                    "rate",
+                    |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{:.0}/s", state.per_sec());
+                    },
+                ));
             }
             while !flag.load(Ordering::Relaxed) {
                 bar.set_position(done.completed.load(Ordering::Relaxed));
@@ -429,7 +436,7 @@ async fn run_e2e(cfg: &BenchConfig, cluster: Arc<cluster::Cluster>) -> Result<Re
                 .saturating_sub(c.completed.load(Ordering::Relaxed))
         })
     };
-    let progress = Progress::start(cfg.progress, "end to end", total, consumed.clone());
+    let progress = Progress::start(cfg.progress, "consumed", total, consumed.clone());
     let mut consumers = tokio::spawn({
         let (plan, consumed) = (plan.clone(), consumed.clone());
         async move { consume::run_consumers(consumer_tasks, &plan, start, consumed).await }

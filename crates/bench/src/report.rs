@@ -209,18 +209,22 @@ impl Report {
             "sluice bench {} — {} on {} (topic {}, {} partitions)",
             self.mode, rate, self.bootstrap, self.topic, self.partitions
         );
-        let _ = writeln!(
-            s,
-            "  producers {}  consumers {}  record {} B  acks {}  compression {}  batch {} B  linger {} ms  in-flight {}",
-            self.producers,
-            self.consumers,
-            self.record_size,
-            self.acks,
-            self.compression,
-            self.batch_bytes,
-            self.linger_ms,
-            self.max_in_flight
-        );
+        if self.producers > 0 {
+            let _ = writeln!(
+                s,
+                "  producers {}  consumers {}  record {} B  acks {}  compression {}  batch {} B  linger {} ms  in-flight {}",
+                self.producers,
+                self.consumers,
+                self.record_size,
+                self.acks,
+                self.compression,
+                self.batch_bytes,
+                self.linger_ms,
+                self.max_in_flight
+            );
+        } else {
+            let _ = writeln!(s, "  consumers {}", self.consumers);
+        }
         let _ = writeln!(s, "  {:<22} {:>14}", "records", self.records);
         let _ = writeln!(s, "  {:<22} {:>14.3}", "duration (s)", self.duration_s);
         let _ = writeln!(s, "  {:<22} {:>14.0}", "records/s", self.records_per_sec);
