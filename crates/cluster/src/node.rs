@@ -298,10 +298,21 @@ impl ClusterNode {
 }
 
 impl Drop for ClusterNode {
+    /// Dropping without [`ClusterNode::shutdown`] stops serving at once and shuts the
+    /// Raft core down in the background (when a runtime is still there to run it).
     fn drop(&mut self) {
         let tasks = self.tasks.get_mut().unwrap_or_else(|e| e.into_inner());
+        if tasks.is_empty() {
+            return;
+        }
         for t in tasks.drain(..) {
             t.abort();
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let raft = self.inner.raft.clone();
+            handle.spawn(async move {
+                let _ = raft.shutdown().await;
+            });
         }
     }
 }

@@ -114,9 +114,8 @@ fn decode_records(buf: &[u8]) -> (Vec<(u64, Entry<TypeConfig>)>, usize) {
     (out, pos)
 }
 
-struct LogInner {
-    dir: PathBuf,
-    file: File,
+/// What readers see: every live entry and the log's bounds. Never held across I/O.
+struct LogMem {
     /// index -> (file offset of its record, entry)
     entries: BTreeMap<u64, (u64, Entry<TypeConfig>)>,
     file_len: u64,
@@ -125,44 +124,31 @@ struct LogInner {
     committed: Option<LogId<NodeId>>,
 }
 
-impl LogInner {
-    fn rewrite(&mut self) -> std::io::Result<()> {
-        // Drops purged records from the file: write the survivors to a new file, then
-        // rename it over the old one. `purged.json` is already durable, so a crash at
-        // any point leaves a log that opens to the same entries.
-        let mut buf = Vec::new();
-        let mut offsets = BTreeMap::new();
-        for (idx, (_, e)) in &self.entries {
-            let off = buf.len() as u64;
-            encode_record(e, &mut buf).map_err(std::io::Error::other)?;
-            offsets.insert(*idx, off);
-        }
-        let tmp = self.dir.join("log.tmp");
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&buf)?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, self.dir.join("log"))?;
-        File::open(&self.dir)?.sync_all()?;
-        self.file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(self.dir.join("log"))?;
-        self.file_len = buf.len() as u64;
-        for (idx, (off, _)) in self.entries.iter_mut() {
-            if let Some(o) = offsets.get(idx) {
-                *off = *o;
-            }
-        }
-        Ok(())
-    }
+/// The files. Only the (serialized) write path touches them, on the blocking pool.
+struct LogDisk {
+    dir: PathBuf,
+    file: File,
+}
+
+/// Runs file I/O on tokio's blocking pool, so an fsync never stalls a runtime worker.
+async fn blocking<T, F>(f: F) -> std::io::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> std::io::Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 /// The Raft log and vote store ([`RaftLogStorage`]). Cheap to clone; clones share state.
+///
+/// openraft serializes every write call (append, truncate, purge, vote, committed), so
+/// the write path needs no ordering of its own; readers only take the memory lock.
 #[derive(Clone)]
 pub struct LogStore {
-    inner: Arc<Mutex<LogInner>>,
+    mem: Arc<Mutex<LogMem>>,
+    disk: Arc<Mutex<LogDisk>>,
 }
 
 impl LogStore {
@@ -199,25 +185,37 @@ impl LogStore {
             .map(|(off, e)| (e.log_id.index, (off, e)))
             .collect();
         Ok(LogStore {
-            inner: Arc::new(Mutex::new(LogInner {
-                dir: dir.to_path_buf(),
-                file,
+            mem: Arc::new(Mutex::new(LogMem {
                 entries,
                 file_len: valid as u64,
                 last_purged,
                 vote,
                 committed,
             })),
+            disk: Arc::new(Mutex::new(LogDisk {
+                dir: dir.to_path_buf(),
+                file,
+            })),
         })
     }
 
     /// Every log id held, in order (for tests and diagnostics).
     pub fn log_ids(&self) -> Vec<LogId<NodeId>> {
-        lock(&self.inner)
+        lock(&self.mem)
             .entries
             .values()
             .map(|(_, e)| e.log_id)
             .collect()
+    }
+
+    /// Writes `bytes` atomically to `name` in the log directory.
+    async fn write_meta(&self, name: &'static str, bytes: Vec<u8>) -> std::io::Result<()> {
+        let disk = self.disk.clone();
+        blocking(move || {
+            let d = lock(&disk);
+            write_atomic(&d.dir, name, &bytes)
+        })
+        .await
     }
 }
 
@@ -226,7 +224,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> StoreResult<Vec<Entry<TypeConfig>>> {
-        let inner = lock(&self.inner);
+        let mem = lock(&self.mem);
         let start = match range.start_bound() {
             Bound::Included(s) => Bound::Included(*s),
             Bound::Excluded(s) => Bound::Excluded(*s),
@@ -237,7 +235,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(s) => Bound::Excluded(*s),
             Bound::Unbounded => Bound::Unbounded,
         };
-        Ok(inner
+        Ok(mem
             .entries
             .range((start, end))
             .map(|(_, (_, e))| e.clone())
@@ -249,15 +247,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
-        let inner = lock(&self.inner);
-        let last = inner
+        let mem = lock(&self.mem);
+        let last = mem
             .entries
             .values()
             .next_back()
             .map(|(_, e)| e.log_id)
-            .or(inner.last_purged);
+            .or(mem.last_purged);
         Ok(LogState {
-            last_purged_log_id: inner.last_purged,
+            last_purged_log_id: mem.last_purged,
             last_log_id: last,
         })
     }
@@ -267,28 +265,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StoreResult<()> {
-        let mut inner = lock(&self.inner);
         let bytes = serde_json::to_vec(vote).map_err(|e| StorageIOError::write_vote(&e))?;
-        write_atomic(&inner.dir, "vote.json", &bytes)
+        // Durable before returning: a node must not vote twice in one term.
+        self.write_meta("vote.json", bytes)
+            .await
             .map_err(|e| StorageIOError::write_vote(&e))?;
-        inner.vote = Some(*vote);
+        lock(&self.mem).vote = Some(*vote);
         Ok(())
     }
 
     async fn read_vote(&mut self) -> StoreResult<Option<Vote<NodeId>>> {
-        Ok(lock(&self.inner).vote)
+        Ok(lock(&self.mem).vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StoreResult<()> {
-        let mut inner = lock(&self.inner);
         let bytes = serde_json::to_vec(&committed).map_err(io_write)?;
-        write_atomic(&inner.dir, "committed.json", &bytes).map_err(io_write)?;
-        inner.committed = committed;
+        self.write_meta("committed.json", bytes)
+            .await
+            .map_err(io_write)?;
+        lock(&self.mem).committed = committed;
         Ok(())
     }
 
     async fn read_committed(&mut self) -> StoreResult<Option<LogId<NodeId>>> {
-        Ok(lock(&self.inner).committed)
+        Ok(lock(&self.mem).committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StoreResult<()>
@@ -296,68 +296,137 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut inner = lock(&self.inner);
+        let base = lock(&self.mem).file_len;
         let mut buf = Vec::new();
-        let base = inner.file_len;
         let mut staged = Vec::new();
         for e in entries {
             let off = base + buf.len() as u64;
             encode_record(&e, &mut buf).map_err(io_write)?;
             staged.push((off, e));
         }
-        let result = (|| {
-            inner.file.seek(SeekFrom::Start(base))?;
-            inner.file.write_all(&buf)?;
-            // Raft's rule: a follower acknowledges AppendEntries only for durable entries.
-            inner.file.sync_data()
-        })();
-        if let Err(e) = result {
-            // Whatever part reached the file is cut again on the next open or append.
-            let _ = inner.file.set_len(base);
-            return Err(io_write(e));
+        let len = buf.len() as u64;
+        let disk = self.disk.clone();
+        blocking(move || {
+            let mut d = lock(&disk);
+            let written = (|| {
+                d.file.seek(SeekFrom::Start(base))?;
+                d.file.write_all(&buf)?;
+                // Raft's rule: a follower acknowledges AppendEntries only for durable
+                // entries, and a leader counts only durable copies.
+                d.file.sync_data()
+            })();
+            if written.is_err() {
+                // Whatever part reached the file is cut here, or on the next open.
+                let _ = d.file.set_len(base);
+            }
+            written
+        })
+        .await
+        .map_err(io_write)?;
+        {
+            let mut mem = lock(&self.mem);
+            mem.file_len = base + len;
+            for (off, e) in staged {
+                mem.entries.insert(e.log_id.index, (off, e));
+            }
         }
-        inner.file_len = base + buf.len() as u64;
-        for (off, e) in staged {
-            inner.entries.insert(e.log_id.index, (off, e));
-        }
-        drop(inner);
         callback.log_io_completed(Ok(()));
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
-        let mut inner = lock(&self.inner);
-        let Some(off) = inner.entries.get(&log_id.index).map(|(o, _)| *o) else {
+        let Some(off) = lock(&self.mem).entries.get(&log_id.index).map(|(o, _)| *o) else {
             return Ok(());
         };
-        inner.file.set_len(off).map_err(io_write)?;
-        inner.file.sync_all().map_err(io_write)?;
-        inner.file_len = off;
-        inner.entries.split_off(&log_id.index);
+        let disk = self.disk.clone();
+        blocking(move || {
+            let d = lock(&disk);
+            d.file.set_len(off)?;
+            d.file.sync_all()
+        })
+        .await
+        .map_err(io_write)?;
+        let mut mem = lock(&self.mem);
+        mem.file_len = off;
+        mem.entries.split_off(&log_id.index);
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
-        let mut inner = lock(&self.inner);
+        // 1. Record the purge point durably, so a crash below never resurrects entries.
         let bytes = serde_json::to_vec(&Some(log_id)).map_err(io_write)?;
-        write_atomic(&inner.dir, "purged.json", &bytes).map_err(io_write)?;
-        inner.last_purged = Some(log_id);
-        let keep = inner.entries.split_off(&(log_id.index + 1));
-        inner.entries = keep;
-        inner.rewrite().map_err(io_write)?;
+        self.write_meta("purged.json", bytes)
+            .await
+            .map_err(io_write)?;
+        // 2. Drop the purged entries from memory and re-encode the survivors.
+        let (buf, offsets) = {
+            let mut mem = lock(&self.mem);
+            mem.last_purged = Some(log_id);
+            let keep = mem.entries.split_off(&(log_id.index + 1));
+            mem.entries = keep;
+            let mut buf = Vec::new();
+            let mut offsets = BTreeMap::new();
+            for (idx, (_, e)) in &mem.entries {
+                offsets.insert(*idx, buf.len() as u64);
+                encode_record(e, &mut buf).map_err(io_write)?;
+            }
+            (buf, offsets)
+        };
+        // 3. Replace the log file by one without them (temp file, fsync, rename, fsync
+        //    dir). A crash before the rename leaves the old file, whose purged records
+        //    are skipped on open.
+        let len = buf.len() as u64;
+        let disk = self.disk.clone();
+        blocking(move || {
+            let mut d = lock(&disk);
+            let tmp = d.dir.join("log.tmp");
+            {
+                let mut f = File::create(&tmp)?;
+                f.write_all(&buf)?;
+                f.sync_all()?;
+            }
+            fs::rename(&tmp, d.dir.join("log"))?;
+            File::open(&d.dir)?.sync_all()?;
+            d.file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(d.dir.join("log"))?;
+            Ok(())
+        })
+        .await
+        .map_err(io_write)?;
+        let mut mem = lock(&self.mem);
+        mem.file_len = len;
+        for (idx, (off, _)) in mem.entries.iter_mut() {
+            if let Some(o) = offsets.get(idx) {
+                *off = *o;
+            }
+        }
         Ok(())
     }
 }
 
 /// The snapshot file: the image and the Raft position it reflects.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct SnapshotFile {
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
     image: MetadataImage,
 }
 
-struct SmInner {
+/// [`SnapshotFile`] for writing, without copying the image.
+#[derive(Serialize)]
+struct SnapshotFileRef<'a> {
+    meta: &'a SnapshotMeta<NodeId, openraft::BasicNode>,
+    image: &'a MetadataImage,
+}
+
+/// The snapshot file's directory and the log position of the snapshot in it.
+struct SnapDisk {
     dir: PathBuf,
+    persisted: Option<LogId<NodeId>>,
+}
+
+struct SmInner {
     image: Arc<MetadataImage>,
     last_applied: Option<LogId<NodeId>>,
     last_membership: StoredMembership<NodeId, openraft::BasicNode>,
@@ -371,6 +440,7 @@ struct SmInner {
 #[derive(Clone)]
 pub struct StateMachineStore {
     inner: Arc<Mutex<SmInner>>,
+    disk: Arc<Mutex<SnapDisk>>,
 }
 
 impl StateMachineStore {
@@ -399,13 +469,16 @@ impl StateMachineStore {
         let (tx, _) = watch::channel(image.clone());
         Ok(StateMachineStore {
             inner: Arc::new(Mutex::new(SmInner {
-                dir: dir.to_path_buf(),
                 image,
                 last_applied,
                 last_membership,
                 snapshot,
                 snapshots_built: 0,
                 tx,
+            })),
+            disk: Arc::new(Mutex::new(SnapDisk {
+                dir: dir.to_path_buf(),
+                persisted: last_applied,
             })),
         })
     }
@@ -421,37 +494,69 @@ impl StateMachineStore {
     }
 }
 
-fn persist_snapshot(
-    dir: &Path,
-    meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-    image: &MetadataImage,
-) -> std::io::Result<()> {
-    let file = SnapshotFile {
-        meta: meta.clone(),
-        image: image.clone(),
-    };
-    let bytes = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
-    write_atomic(dir, "snapshot.json", &bytes)
+impl StateMachineStore {
+    /// Writes the snapshot file unless a newer snapshot is already on disk (a build and
+    /// an install may race; the later log position wins).
+    async fn persist(
+        &self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        image: Arc<MetadataImage>,
+    ) -> StoreResult<()> {
+        let disk = self.disk.clone();
+        let m = meta.clone();
+        blocking(move || {
+            let mut d = lock(&disk);
+            if m.last_log_id < d.persisted {
+                return Ok(());
+            }
+            let file = SnapshotFileRef {
+                meta: &m,
+                image: &image,
+            };
+            let bytes = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
+            write_atomic(&d.dir, "snapshot.json", &bytes)?;
+            d.persisted = m.last_log_id;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e).into())
+    }
+
+    /// Makes this the snapshot served to lagging followers, unless a newer one is.
+    fn set_current(&self, meta: &SnapshotMeta<NodeId, openraft::BasicNode>, data: &[u8]) {
+        let mut inner = lock(&self.inner);
+        let newer = inner
+            .snapshot
+            .as_ref()
+            .is_none_or(|(cur, _)| cur.last_log_id <= meta.last_log_id);
+        if newer {
+            inner.snapshot = Some((meta.clone(), data.to_vec()));
+        }
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
-        let mut inner = lock(&self.inner);
-        inner.snapshots_built += 1;
-        let snapshot_id = match inner.last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, inner.snapshots_built),
-            None => format!("none-{}", inner.snapshots_built),
+        // Take a consistent view under the lock; serialize and write outside it, so
+        // apply goes on meanwhile (the image is an immutable Arc).
+        let (meta, image) = {
+            let mut inner = lock(&self.inner);
+            inner.snapshots_built += 1;
+            let snapshot_id = match inner.last_applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, inner.snapshots_built),
+                None => format!("none-{}", inner.snapshots_built),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: inner.last_applied,
+                last_membership: inner.last_membership.clone(),
+                snapshot_id,
+            };
+            (meta, inner.image.clone())
         };
-        let meta = SnapshotMeta {
-            last_log_id: inner.last_applied,
-            last_membership: inner.last_membership.clone(),
-            snapshot_id,
-        };
-        let data = serde_json::to_vec(&*inner.image)
-            .map_err(|e| StorageIOError::read_state_machine(&e))?;
-        persist_snapshot(&inner.dir, &meta, &inner.image)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        inner.snapshot = Some((meta.clone(), data.clone()));
+        let data =
+            serde_json::to_vec(&*image).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        self.persist(&meta, image).await?;
+        self.set_current(&meta, &data);
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -514,13 +619,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let data = snapshot.into_inner();
         let image: MetadataImage = serde_json::from_slice(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let image = Arc::new(image);
+        self.persist(meta, image.clone()).await?;
+        self.set_current(meta, &data);
         let mut inner = lock(&self.inner);
-        persist_snapshot(&inner.dir, meta, &image)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         inner.last_applied = meta.last_log_id;
         inner.last_membership = meta.last_membership.clone();
-        inner.snapshot = Some((meta.clone(), data));
-        let image = Arc::new(image);
         inner.image = image.clone();
         inner.tx.send_replace(image);
         Ok(())
