@@ -465,14 +465,7 @@ impl GroupCoordinator {
                 .await
                 .unwrap_or_else(|_| SyncResult::error(ResponseError::RebalanceInProgress)),
         };
-        let mut resp = SyncGroupResponse::default();
-        resp.error_code = result.error;
-        resp.assignment = result.assignment;
-        if version >= 5 {
-            resp.protocol_type = result.protocol_type.as_deref().map(str_bytes);
-            resp.protocol_name = result.protocol_name.as_deref().map(str_bytes);
-        }
-        resp
+        sync_response(result, version)
     }
 
     fn sync_outcome(&self, req: SyncGroupRequest) -> Outcome<SyncResult> {
@@ -1275,6 +1268,18 @@ fn join_response(r: JoinResult, version: i16) -> JoinGroupResponse {
     resp
 }
 
+/// SyncGroup's answer at `version`: protocol type and name exist from v5.
+fn sync_response(r: SyncResult, version: i16) -> SyncGroupResponse {
+    let mut resp = SyncGroupResponse::default();
+    resp.error_code = r.error;
+    resp.assignment = r.assignment;
+    if version >= 5 {
+        resp.protocol_type = r.protocol_type.as_deref().map(str_bytes);
+        resp.protocol_name = r.protocol_name.as_deref().map(str_bytes);
+    }
+    resp
+}
+
 /// A group's timer task: sleeps until the group's next deadline, fires what
 /// is due, and ends when the group dies or the coordinator is dropped.
 async fn run_timers(
@@ -1391,4 +1396,102 @@ fn apply_record(groups: &mut OffsetsByGroup, rec: &Record) -> Result<(), GroupEr
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod response_encoding_tests {
+    //! Every JoinGroup/SyncGroup answer the coordinator can build must encode
+    //! at every version it serves: a field set outside its versions makes
+    //! the codec refuse the response and the connection is closed.
+    use super::*;
+    use kafka_protocol::messages::ApiKey;
+    use kafka_protocol::protocol::Encodable;
+
+    fn join_results() -> Vec<JoinResult> {
+        let leader = |skip: bool, ptype: Option<&str>, pname: Option<&str>| JoinResult {
+            error: 0,
+            member_id: "m-1".into(),
+            generation_id: 3,
+            protocol_type: ptype.map(str::to_owned),
+            protocol_name: pname.map(str::to_owned),
+            leader: "m-1".into(),
+            skip_assignment: skip,
+            members: vec![
+                (
+                    "m-1".into(),
+                    Some("static-1".into()),
+                    Bytes::from_static(b"meta"),
+                ),
+                ("m-2".into(), None, Bytes::new()),
+            ],
+        };
+        let mut all = vec![
+            leader(false, Some("consumer"), Some("range")),
+            // A static leader rejoining with an unchanged protocol (v9+ skips assignment).
+            leader(true, Some("consumer"), Some("range")),
+            leader(false, None, None),
+        ];
+        for err in [
+            ResponseError::InvalidGroupId,
+            ResponseError::InvalidSessionTimeout,
+            ResponseError::UnknownMemberId,
+            ResponseError::MemberIdRequired,
+            ResponseError::CoordinatorNotAvailable,
+            ResponseError::InconsistentGroupProtocol,
+            ResponseError::FencedInstanceId,
+            ResponseError::RebalanceInProgress,
+        ] {
+            all.push(JoinResult::error("m-1", err));
+        }
+        all
+    }
+
+    #[test]
+    fn join_responses_encode_at_every_version() {
+        let served = ApiKey::JoinGroup.valid_versions();
+        for version in served.min..=served.max {
+            for r in join_results() {
+                let what = format!("{r:?}");
+                let resp = join_response(r, version);
+                let mut buf = bytes::BytesMut::new();
+                resp.encode(&mut buf, version)
+                    .unwrap_or_else(|e| panic!("JoinGroup v{version} {what}: {e}"));
+                if version < 9 {
+                    assert!(!resp.skip_assignment, "v{version} {what}");
+                }
+                if version < 7 {
+                    assert!(resp.protocol_name.is_some(), "not nullable before v7");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sync_responses_encode_at_every_version() {
+        let served = ApiKey::SyncGroup.valid_versions();
+        let ok = || SyncResult {
+            error: 0,
+            protocol_type: Some("consumer".into()),
+            protocol_name: Some("range".into()),
+            assignment: Bytes::from_static(b"assignment"),
+        };
+        for version in served.min..=served.max {
+            let results = [
+                ok(),
+                SyncResult::error(ResponseError::RebalanceInProgress),
+                SyncResult::error(ResponseError::UnknownMemberId),
+                SyncResult::error(ResponseError::IllegalGeneration),
+                SyncResult::error(ResponseError::InconsistentGroupProtocol),
+            ];
+            for r in results {
+                let resp = sync_response(r, version);
+                let mut buf = bytes::BytesMut::new();
+                resp.encode(&mut buf, version)
+                    .unwrap_or_else(|e| panic!("SyncGroup v{version}: {e}"));
+                if version < 5 {
+                    assert!(resp.protocol_type.is_none() && resp.protocol_name.is_none());
+                }
+            }
+        }
+    }
 }
