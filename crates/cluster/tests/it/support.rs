@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,8 +21,8 @@ pub fn init_tracing() {
 }
 
 /// Timings small enough for tests, large enough for a loaded 2-core machine.
-pub fn fast_config(id: BrokerId, dir: &TempDir, peers: &[(BrokerId, String)]) -> ClusterConfig {
-    let mut c = ClusterConfig::new(id, dir.path().join(format!("node-{id}")), peers.to_vec());
+pub fn fast_config(id: BrokerId, base: &Path, peers: &[(BrokerId, String)]) -> ClusterConfig {
+    let mut c = ClusterConfig::new(id, base.join(format!("node-{id}")), peers.to_vec());
     c.kafka_host = "127.0.0.1".to_string();
     c.kafka_port = 19000 + id as u16;
     c.heartbeat_interval = Duration::from_millis(100);
@@ -56,7 +57,7 @@ impl TestCluster {
             .collect();
         let mut nodes = BTreeMap::new();
         for (id, _, l) in listeners {
-            let node = ClusterNode::start_on(fast_config(id, &dir, &peers), l)
+            let node = ClusterNode::start_on(fast_config(id, dir.path(), &peers), l)
                 .await
                 .expect("start node");
             nodes.insert(id, node);
@@ -90,7 +91,7 @@ impl TestCluster {
                 Err(e) => panic!("cannot rebind {addr}: {e}"),
             }
         };
-        let node = ClusterNode::start_on(fast_config(id, &self.dir, &self.peers), l)
+        let node = ClusterNode::start_on(fast_config(id, self.dir.path(), &self.peers), l)
             .await
             .expect("restart node");
         self.nodes.insert(id, node);
