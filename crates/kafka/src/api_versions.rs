@@ -12,8 +12,17 @@ use kafka_protocol::messages::ApiKey;
 /// OffsetCommit/OffsetFetch v9+ and ListGroups v5+ / DescribeGroups v6+
 /// (the KIP-848 consumer protocol), FindCoordinator v5+ (share groups),
 /// DescribeCluster v2+ (fenced brokers).
+///
+/// One exception to "advertised = served": Produce is advertised from v0
+/// but v0-v2 (the pre-RecordBatch message formats) are refused with
+/// UNSUPPORTED_VERSION (`ADVERTISED_NOT_SERVED`). librdkafka releases
+/// with issue #4956 (e.g. 2.0.2, Debian's kcat 1.7.1) only compress with
+/// gzip, snappy or lz4 when the broker's Produce range includes v0, and
+/// otherwise silently send uncompressed batches; they always pick v7+ to
+/// send. Kafka 4.0 does the same for the same reason (KAFKA-18659).
 pub const SUPPORTED_APIS: &[(i16, i16, i16)] = &[
-    (ApiKey::Produce as i16, 3, 11),
+    // v0-v2 advertised for old librdkafka's compression check, refused.
+    (ApiKey::Produce as i16, 0, 11),
     (ApiKey::Fetch as i16, 4, 16),
     (ApiKey::ListOffsets as i16, 1, 6),
     (ApiKey::Metadata as i16, 0, 12),
@@ -40,7 +49,19 @@ pub const SUPPORTED_APIS: &[(i16, i16, i16)] = &[
     (ApiKey::DescribeCluster as i16, 0, 1),
 ];
 
-/// The served version range of `api_key`, None when the API is not served.
+/// (API key, min, max) ranges inside SUPPORTED_APIS that are advertised
+/// only for client compatibility and answered with UNSUPPORTED_VERSION.
+pub(crate) const ADVERTISED_NOT_SERVED: &[(i16, i16, i16)] = &[(ApiKey::Produce as i16, 0, 2)];
+
+/// True when `version` of `api_key` is advertised but refused
+/// (see [`ADVERTISED_NOT_SERVED`]).
+pub(crate) fn refused(api_key: i16, version: i16) -> bool {
+    ADVERTISED_NOT_SERVED
+        .iter()
+        .any(|&(key, min, max)| key == api_key && (min..=max).contains(&version))
+}
+
+/// The advertised version range of `api_key`, None when the API is not served.
 pub(crate) fn supported_range(api_key: i16) -> Option<(i16, i16)> {
     SUPPORTED_APIS
         .iter()
@@ -78,6 +99,14 @@ mod tests {
                 "group api {key} not handled by sluice-group"
             );
         }
+        // A refused range must sit at the bottom of an advertised one, so
+        // the versions actually served stay one contiguous range.
+        for &(key, min, max) in ADVERTISED_NOT_SERVED {
+            let (ours_min, ours_max) = supported_range(key).expect("refused api is advertised");
+            assert!(ours_min == min && max < ours_max, "refused range of {key}");
+        }
+        assert!(refused(ApiKey::Produce as i16, 0) && refused(ApiKey::Produce as i16, 2));
+        assert!(!refused(ApiKey::Produce as i16, 3) && !refused(ApiKey::Fetch as i16, 0));
         let mut keys: Vec<i16> = SUPPORTED_APIS.iter().map(|e| e.0).collect();
         keys.sort_unstable();
         keys.dedup();

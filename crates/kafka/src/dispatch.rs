@@ -8,7 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
 
-use crate::api_versions::supported_range;
+use crate::api_versions::{refused, supported_range};
 use crate::connection::Slot;
 use crate::handlers;
 use crate::server::Ctx;
@@ -77,7 +77,9 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
         tracing::warn!(%peer, ?api, version, "closing connection: api not supported by this broker");
         return Outcome::Close;
     };
-    if version < min || version > max {
+    // Advertised-but-refused versions (Produce v0-v2) are answered like
+    // versions outside the table.
+    if version < min || version > max || refused(key, version) {
         return handlers::unsupported::respond(h, buf);
     }
     match api {

@@ -21,7 +21,9 @@
 //! the table, encoded at v0. Other APIs at a version above ours that the
 //! codec still parses get a response whose error fields all say
 //! UNSUPPORTED_VERSION; a version the codec cannot parse closes the
-//! connection.
+//! connection. Produce v0-v2 are advertised (old librdkafka releases only
+//! compress when the Produce range includes v0) but answered with
+//! UNSUPPORTED_VERSION per partition, as Kafka 4 does.
 
 use std::future::Future;
 use std::net::SocketAddr;

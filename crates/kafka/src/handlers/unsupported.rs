@@ -5,7 +5,9 @@
 //! with a version we serve. Any other API at a version the codec can still
 //! decode and encode (newer than ours, e.g. Produce v12) is answered with
 //! UNSUPPORTED_VERSION in every error field of its response, so the client
-//! gets a clear error instead of a dropped connection. A version the codec
+//! gets a clear error instead of a dropped connection. Produce v0-v2 are
+//! advertised but refused (see `ADVERTISED_NOT_SERVED`) and answered here the
+//! same way, in their own response layout, as Kafka 4 does. A version the codec
 //! cannot handle at all (below its range, or beyond it) cannot be parsed or
 //! answered: the connection is closed with one log line.
 

@@ -655,3 +655,119 @@ async fn connection_limit_closes_extra_connections() {
     );
     server.stop().await;
 }
+
+/// Produce v0-v2 are advertised (old librdkafka only compresses when the
+/// Produce range starts at v0, librdkafka #4956) but refused per partition
+/// with UNSUPPORTED_VERSION in each version's own response layout, as
+/// Kafka 4 does (KAFKA-18659); nothing is appended. v3+ are served.
+#[tokio::test]
+async fn produce_v0_v2_advertised_but_refused() {
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::protocol::Decodable;
+    const E: i16 = ResponseError::UnsupportedVersion.code();
+    let server = Server::start().await;
+    server.create_topic("t", 2);
+    let mut c = server.client().await;
+
+    let resp = c.call(&ApiVersionsRequest::default(), 3).await;
+    let produce = table(&resp)
+        .into_iter()
+        .find(|e| e.0 == ApiKey::Produce as i16);
+    assert_eq!(produce, Some((ApiKey::Produce as i16, 0, 11)));
+
+    assert_eq!(produce_at(&mut c, 3, "a").await, (0, 0));
+    let data = |p: i32, key: &str| {
+        PartitionProduceData::default()
+            .with_index(p)
+            .with_records(Some(batch(&[key], 1)))
+    };
+    let req = ProduceRequest::default()
+        .with_acks(-1)
+        .with_timeout_ms(5_000)
+        .with_topic_data(vec![
+            TopicProduceData::default()
+                .with_name(name("t"))
+                .with_partition_data(vec![data(0, "x"), data(1, "y")]),
+            TopicProduceData::default()
+                .with_name(name("unknown"))
+                .with_partition_data(vec![data(0, "z")]),
+        ]);
+    for version in 0..=2i16 {
+        let sent = c.send(&req, version).await;
+        // Response header v0 for every Produce version below 9.
+        let (got, body) = c.recv_frame(0).await;
+        assert_eq!(sent, got, "v{version}");
+        // The layout, counted by hand from Kafka's ProduceResponse schema:
+        // [topic: name, [partition: index i32, error i16, base offset i64,
+        // log append time i64 (v2+)]], throttle time i32 (v1+).
+        let partition = 4 + 2 + 8 + if version >= 2 { 8 } else { 0 };
+        let topic = |name_len: usize, partitions: usize| 2 + name_len + 4 + partitions * partition;
+        let expected = 4 + topic(1, 2) + topic(7, 1) + if version >= 1 { 4 } else { 0 };
+        assert_eq!(body.len(), expected, "v{version} response size");
+        let mut buf = body.clone();
+        let resp = ProduceResponse::decode(&mut buf, version).unwrap();
+        assert!(buf.is_empty(), "v{version} trailing bytes");
+        assert_eq!(resp.throttle_time_ms, 0);
+        let got: Vec<(String, i32, i16, i64, i64)> = resp
+            .responses
+            .iter()
+            .flat_map(|t| {
+                t.partition_responses.iter().map(|p| {
+                    (
+                        t.name.to_string(),
+                        p.index,
+                        p.error_code,
+                        p.base_offset,
+                        p.log_append_time_ms,
+                    )
+                })
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("t".into(), 0, E, -1, -1),
+                ("t".into(), 1, E, -1, -1),
+                ("unknown".into(), 0, E, -1, -1),
+            ],
+            "v{version}"
+        );
+    }
+    // Nothing appended, no topic auto-created; the connection is still served.
+    assert_eq!(server.store.partition("t", 0).unwrap().log_end_offset(), 1);
+    assert_eq!(server.store.partition("t", 1).unwrap().log_end_offset(), 0);
+    assert!(server.store.partition("unknown", 0).is_none());
+    for version in 4..=11i16 {
+        assert_eq!(
+            produce_at(&mut c, version, "b").await,
+            (0, i64::from(version) - 3),
+            "v{version}"
+        );
+    }
+    for partition in [0, 1] {
+        let resp = c.call(&fetch_request("t", partition, 0), 4).await;
+        let p = &resp.responses[0].partitions[0];
+        assert_eq!(p.error_code, 0);
+        let keys: Vec<String> = decode(p.records.clone().unwrap_or_default())
+            .into_iter()
+            .map(|(_, key, _)| key)
+            .collect();
+        let want: Vec<String> = match partition {
+            0 => std::iter::once("a".to_string())
+                .chain((4..=11).map(|_| "b".to_string()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        assert_eq!(keys, want, "partition {partition}");
+    }
+    server.stop().await;
+}
+
+/// Produces one record to partition 0 of "t" at `version`: (error, base offset).
+async fn produce_at(c: &mut Raw, version: i16, key: &str) -> (i16, i64) {
+    let resp = c
+        .call(&produce_request("t", 0, batch(&[key], 1), -1), version)
+        .await;
+    let p = &resp.responses[0].partition_responses[0];
+    (p.error_code, p.base_offset)
+}
