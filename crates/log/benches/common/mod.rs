@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use criterion::Criterion;
@@ -42,6 +42,13 @@ pub struct ProducerBatch {
 /// the way a producer fills a batch up to `batch.size`.
 pub fn producer_batch() -> ProducerBatch {
     let value = value_bytes();
+    // Producers stamp records with the current time. The partition rolls a
+    // segment when the first batch's timestamp is older than segment.ms, so
+    // a fixed past timestamp would measure a roll per append instead.
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64;
     let record = |i: usize| Record {
         transactional: false,
         control: false,
@@ -54,7 +61,7 @@ pub fn producer_batch() -> ProducerBatch {
         // The encoder keeps records in one batch while offset - sequence is
         // constant; the first record's -1 makes base sequence -1 (not idempotent).
         sequence: i as i32 - 1,
-        timestamp: 1_767_225_600_000 + (i / 50) as i64,
+        timestamp: now_ms + (i / 50) as i64,
         key: None,
         value: Some(value.clone()),
         headers: IndexMap::new(),
