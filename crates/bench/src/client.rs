@@ -94,18 +94,25 @@ pub fn encode_request<R: Request>(
     Ok(())
 }
 
-/// Reads one response frame (without its size prefix).
-pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Bytes, BenchError> {
+/// Reads one response frame (without its size prefix) into `buf`, which
+/// is kept across calls: once the previous frame's `Bytes` are dropped, the
+/// same allocation is reused, so a 16 MiB fetch answer does not fault in
+/// fresh pages every time.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Bytes, BenchError> {
     let size = reader.read_i32().await?;
     let size = usize::try_from(size)
         .ok()
         .filter(|s| *s >= 4 && *s <= MAX_RESPONSE_BYTES)
         .ok_or_else(|| BenchError::Protocol(format!("response frame of {size} bytes")))?;
+    buf.clear();
     // No zero-filling: read_buf appends into spare capacity.
-    let mut buf = BytesMut::with_capacity(size);
+    buf.reserve(size);
     while buf.len() < size {
         let want = (size - buf.len()) as u64;
-        let n = (&mut *reader).take(want).read_buf(&mut buf).await?;
+        let n = (&mut *reader).take(want).read_buf(buf).await?;
         if n == 0 {
             return Err(BenchError::Io(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -113,7 +120,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Bytes, B
             )));
         }
     }
-    Ok(buf.freeze())
+    Ok(buf.split().freeze())
 }
 
 /// Decodes a response frame of request type `R`: (correlation id, body).
@@ -149,6 +156,7 @@ pub struct Conn {
     pub versions: Versions,
     next_correlation: i32,
     buf: BytesMut,
+    rbuf: BytesMut,
 }
 
 impl Conn {
@@ -165,6 +173,7 @@ impl Conn {
             versions: Versions::default(),
             next_correlation: 1,
             buf: BytesMut::new(),
+            rbuf: BytesMut::new(),
         };
         // v2: the last non-flexible version, served by every broker since 2.0
         // and by Sluice; its answer is the same table as later versions.
@@ -199,7 +208,7 @@ impl Conn {
         self.buf.clear();
         encode_request(&mut self.buf, req, version, correlation_id)?;
         self.stream.write_all(&self.buf).await?;
-        let frame = read_frame(&mut self.stream).await?;
+        let frame = read_frame(&mut self.stream, &mut self.rbuf).await?;
         let (got, resp) = decode_response::<R>(frame, version)?;
         if got != correlation_id {
             return Err(BenchError::Protocol(format!(

@@ -27,8 +27,7 @@ const HEADER_LEN: usize = 61;
 /// Fetch v12 is the last version that names topics (v13+ uses ids).
 const FETCH_MIN: i16 = 4;
 const FETCH_MAX: i16 = 12;
-/// Bytes per partition and per response of one fetch.
-const PARTITION_MAX_BYTES: i32 = 16 << 20;
+/// Bytes per response of one fetch (per partition: `--fetch-bytes`).
 const RESPONSE_MAX_BYTES: i32 = 64 << 20;
 /// Long-poll bound; with min_bytes 1 a fetch returns as soon as data exists.
 const MAX_WAIT_MS: i32 = 100;
@@ -51,6 +50,7 @@ pub(crate) struct Plan {
 pub(crate) struct FetchTask {
     conn: Conn,
     topic: String,
+    fetch_bytes: i32,
     version: i16,
     partitions: Vec<i32>,
 }
@@ -76,6 +76,7 @@ pub(crate) async fn connect_all(
             tasks.push(FetchTask {
                 conn,
                 topic: cluster.topic.clone(),
+                fetch_bytes: i32::try_from(cfg.fetch_bytes).unwrap_or(i32::MAX),
                 version,
                 partitions,
             });
@@ -169,7 +170,7 @@ async fn fetch_loop(
         if cursors.iter().all(|c| c.end.is_some_and(|e| c.offset >= e)) {
             break;
         }
-        let req = fetch_request(&task.topic, &cursors);
+        let req = fetch_request(&task.topic, &cursors, task.fetch_bytes);
         counters.requests_in_flight.fetch_add(1, Ordering::Relaxed);
         let sent_at = start.elapsed();
         let resp = task.conn.call(&req, task.version).await;
@@ -312,7 +313,7 @@ fn decode_latencies(
     Ok(())
 }
 
-fn fetch_request(topic: &str, cursors: &[Cursor]) -> FetchRequest {
+fn fetch_request(topic: &str, cursors: &[Cursor], partition_max_bytes: i32) -> FetchRequest {
     let partitions = cursors
         .iter()
         .filter(|c| c.end.is_none_or(|e| c.offset < e))
@@ -323,7 +324,7 @@ fn fetch_request(topic: &str, cursors: &[Cursor]) -> FetchRequest {
                 .with_fetch_offset(c.offset)
                 .with_last_fetched_epoch(-1)
                 .with_log_start_offset(-1)
-                .with_partition_max_bytes(PARTITION_MAX_BYTES)
+                .with_partition_max_bytes(partition_max_bytes)
         })
         .collect();
     FetchRequest::default()

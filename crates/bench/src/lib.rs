@@ -133,6 +133,8 @@ pub struct BenchConfig {
     pub linger: Duration,
     /// Produce requests outstanding per connection.
     pub max_in_flight: usize,
+    /// Bytes per partition one fetch may return.
+    pub fetch_bytes: usize,
     /// Open-loop target rate over all producers, records per second.
     pub rate: Option<f64>,
     /// Draw a progress bar on stderr.
@@ -157,6 +159,7 @@ impl BenchConfig {
             batch_bytes: 1 << 20,
             linger: Duration::ZERO,
             max_in_flight: 5,
+            fetch_bytes: 16 << 20,
             rate: None,
             progress: false,
         }
@@ -192,6 +195,9 @@ impl BenchConfig {
             if !(r.is_finite() && r > 0.0) {
                 return bad("--rate must be a positive number of records per second");
             }
+        }
+        if self.fetch_bytes < 1024 || self.fetch_bytes > 64 << 20 {
+            return bad("--fetch-bytes must be between 1 KiB and 64 MiB");
         }
         if self.batch_bytes < 128 || self.batch_bytes > 64 << 20 {
             return bad("--batch-bytes must be between 128 and 64 MiB");

@@ -473,8 +473,9 @@ impl AckReader {
         let mut reader = BufReader::with_capacity(64 * 1024, reader);
         let mut stats = Stats::new();
         let mut last = Duration::ZERO;
+        let mut buf = BytesMut::new();
         while let Some(p) = rx.recv().await {
-            let frame = read_frame(&mut reader).await?;
+            let frame = read_frame(&mut reader, &mut buf).await?;
             let now = self.start.elapsed();
             let (correlation_id, resp) = decode_response::<ProduceRequest>(frame, self.version)?;
             if correlation_id != p.correlation_id {
@@ -534,6 +535,7 @@ pub(crate) struct BatchBuilder {
     /// The fixed value; its first 8 bytes are replaced per record.
     payload: Vec<u8>,
     options: RecordEncodeOptions,
+    values: BytesMut,
     out: BytesMut,
 }
 
@@ -561,6 +563,7 @@ impl BatchBuilder {
                 version: 2,
                 compression,
             },
+            values: BytesMut::new(),
             out: BytesMut::new(),
         }
     }
@@ -577,12 +580,16 @@ impl BatchBuilder {
         let n = usize::try_from(len).map_err(|_| BenchError::Config("batch too large".into()))?;
         let size = self.payload.len();
         let tail = self.payload.get(8..).unwrap_or_default();
-        let mut values = BytesMut::with_capacity(n * size);
+        // Reuses the previous batch's allocation: every slice of it was
+        // released after that batch was encoded.
+        self.values.clear();
+        self.values.reserve(n * size);
         for i in first..first + len {
-            values.put_u64(schedule.intended_ns(i).unwrap_or(created_ns));
-            values.put_slice(tail);
+            self.values
+                .put_u64(schedule.intended_ns(i).unwrap_or(created_ns));
+            self.values.put_slice(tail);
         }
-        let values = values.freeze();
+        let values = self.values.split().freeze();
         let wall_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
@@ -616,6 +623,7 @@ impl BatchBuilder {
         for r in self.records.iter_mut().take(n) {
             r.value = None;
         }
+        drop(values);
         encoded?;
         Ok(self.out.split().freeze())
     }
@@ -661,6 +669,28 @@ mod tests {
                 .iter()
                 .all(|r| r.value.as_ref().unwrap()[..8] == 777u64.to_be_bytes()));
         }
+    }
+
+    #[test]
+    fn buffers_are_reused_from_batch_to_batch() {
+        let mut b = BatchBuilder::new(100, Compression::None);
+        let s = Schedule {
+            rate: None,
+            total: None,
+            duration: None,
+        };
+        let first = b.build(0, 1000, &s, 1).unwrap();
+        let at = first.as_ptr();
+        drop(first);
+        let second = b.build(1000, 1000, &s, 2).unwrap();
+        assert_eq!(second.as_ptr(), at, "the encoded batch reuses its buffer");
+        // While a batch is still referenced, the next one gets its own bytes.
+        let third = b.build(2000, 1000, &s, 3).unwrap();
+        assert_ne!(third.as_ptr(), second.as_ptr());
+        assert_eq!(
+            sluice_log::validate_batches(&second).unwrap()[0].records_count,
+            1000
+        );
     }
 
     #[test]

@@ -148,6 +148,7 @@ pub struct Report {
     pub batch_bytes: usize,
     pub linger_ms: f64,
     pub max_in_flight: usize,
+    pub fetch_bytes: usize,
 }
 
 impl Report {
@@ -189,6 +190,7 @@ impl Report {
             batch_bytes: cfg.batch_bytes,
             linger_ms: cfg.linger.as_secs_f64() * 1e3,
             max_in_flight: cfg.max_in_flight,
+            fetch_bytes: cfg.fetch_bytes,
         }
     }
 

@@ -89,6 +89,9 @@ pub struct BenchArgs {
     /// Produce requests outstanding per connection.
     #[arg(long, default_value_t = 5)]
     pub max_in_flight: usize,
+    /// Bytes per partition that one fetch may return (consume, e2e).
+    #[arg(long, default_value_t = 16 << 20)]
+    pub fetch_bytes: usize,
     /// Open-loop target rate, records per second over all producers;
     /// latency counts from each record's intended send time.
     #[arg(long, value_name = "RECORDS_PER_SEC")]
@@ -137,6 +140,7 @@ impl BenchArgs {
         cfg.linger = Duration::try_from_secs_f64(self.linger_ms / 1e3)
             .context("--linger-ms must be a non-negative number")?;
         cfg.max_in_flight = self.max_in_flight;
+        cfg.fetch_bytes = self.fetch_bytes;
         cfg.rate = self.rate;
         cfg.progress = std::io::stderr().is_terminal();
         Ok(cfg)
