@@ -44,10 +44,18 @@ pub enum BenchError {
     Protocol(String),
     #[error("{0}")]
     Unsupported(String),
-    #[error("{what}: broker error code {code}")]
+    #[error("{what}: broker error code {code} ({})", error_name(*.code))]
     Broker { what: String, code: i16 },
     #[error("{0}")]
     Incomplete(String),
+}
+
+/// Kafka's description of an error code.
+fn error_name(code: i16) -> String {
+    match kafka_protocol::error::ResponseError::try_from_code(code) {
+        Some(e) => e.to_string(),
+        None => "no error".to_string(),
+    }
 }
 
 /// What to measure.
@@ -488,4 +496,43 @@ async fn run_e2e(cfg: &BenchConfig, cluster: Arc<cluster::Cluster>) -> Result<Re
             consumers: cfg.consumers,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_errors_are_named() {
+        let e = BenchError::Broker {
+            what: "Produce to partition 0".into(),
+            code: 10,
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("Produce to partition 0: broker error code 10 ("),
+            "{text}"
+        );
+        assert!(text.to_lowercase().contains("message"), "{text}");
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let ok = BenchConfig::new(Mode::Produce, "h:1", "t");
+        assert!(ok.validate().is_ok());
+        let mut c = ok.clone();
+        c.records = Some(1);
+        c.duration = Some(Duration::from_secs(1));
+        assert!(c.validate().is_err());
+        let mut c = ok.clone();
+        c.rate = Some(0.0);
+        assert!(c.validate().is_err());
+        let mut c = ok.clone();
+        c.max_in_flight = 0;
+        assert!(c.validate().is_err());
+        let mut c = ok;
+        c.mode = Mode::E2e;
+        c.consumers = 0;
+        assert!(c.validate().is_err());
+    }
 }
