@@ -359,6 +359,7 @@ async fn run_produce(
             },
             producers: cfg.producers,
             consumers: 0,
+            ack_stats: None,
         },
     ))
 }
@@ -417,6 +418,7 @@ async fn run_consume(
             latency_of: "fetch",
             producers: 0,
             consumers: cfg.consumers,
+            ack_stats: None,
         },
     ))
 }
@@ -470,7 +472,7 @@ async fn run_e2e(cfg: &BenchConfig, cluster: Arc<cluster::Cluster>) -> Result<Re
     let cpu = schedule::process_cpu_seconds() - cpu0;
     let samples = sampler.finish();
     progress.finish().await;
-    produced_result?;
+    let ack_stats = produced_result?.stats;
     let out = match drained {
         Ok(Ok(r)) => r?,
         Ok(Err(join)) => return Err(BenchError::Incomplete(format!("consumer task failed: {join}"))),
@@ -494,6 +496,7 @@ async fn run_e2e(cfg: &BenchConfig, cluster: Arc<cluster::Cluster>) -> Result<Re
             latency_of: "end_to_end",
             producers: cfg.producers,
             consumers: cfg.consumers,
+            ack_stats: Some(ack_stats),
         },
     ))
 }

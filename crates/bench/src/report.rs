@@ -115,6 +115,8 @@ pub struct Measured {
     pub latency_of: &'static str,
     pub producers: usize,
     pub consumers: usize,
+    /// e2e: the producers' own acknowledgement latencies.
+    pub ack_stats: Option<Stats>,
 }
 
 /// The result of one run; `--json` prints it as one object.
@@ -130,6 +132,10 @@ pub struct Report {
     /// Value bytes per second over 10^6.
     pub mb_per_sec: f64,
     pub latency_ms: LatencyMs,
+    /// e2e only: produce acknowledgement latency of the same run, to tell
+    /// the write path's share of the end-to-end latency from the read path's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ack_latency_ms: Option<LatencyMs>,
     /// "ack" (produce: request sent to acknowledgement, attributed to each
     /// record of the batch, from its intended send time), "socket_write"
     /// (acks=0), "fetch" (consume: per fetch request) or "end_to_end".
@@ -173,6 +179,7 @@ impl Report {
             records_per_sec,
             mb_per_sec,
             latency_ms: m.stats.latency_ms(),
+            ack_latency_ms: m.ack_stats.as_ref().map(Stats::latency_ms),
             latency_of: m.latency_of,
             client_cpu_seconds: m.cpu_seconds,
             client_cpu_share: if secs > 0.0 {
@@ -241,6 +248,13 @@ impl Report {
             ("mean", l.mean),
         ] {
             let _ = writeln!(s, "    {name:<20} {v:>14.3}");
+        }
+        if let Some(a) = &self.ack_latency_ms {
+            let _ = writeln!(
+                s,
+                "  produce ack latency ms: p50 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+                a.p50, a.p99, a.p999, a.max
+            );
         }
         let _ = writeln!(
             s,

@@ -177,6 +177,10 @@ async fn e2e_open_loop_measures_latency() {
     assert!(r.littles_law.mean_in_flight > 0.0);
     assert!(r.littles_law.throughput_x_mean_latency > 0.0);
     assert_eq!(r.target_rate, Some(20_000.0));
+    let acks = r
+        .ack_latency_ms
+        .expect("e2e reports the producers' ack latency");
+    assert!(acks.p50 > 0.0 && acks.max >= acks.p50);
     // The records are in the topic, once.
     assert_eq!(held(&server, "e2e").await, 10_000);
     server.stop().await;
