@@ -185,3 +185,52 @@ async fn controller_failover_then_old_controller_restarts_and_catches_up() {
     }
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_node_catches_up_by_snapshot_over_tcp() {
+    // Snapshot every few entries and keep no log below it, so a node that missed
+    // more than that can only catch up through InstallSnapshot.
+    let mut c = TestCluster::start_with(3, |cfg| {
+        cfg.snapshot_every = 5;
+        cfg.keep_below_snapshot = 0;
+    })
+    .await;
+    let ctrl = c.controller().await;
+    for n in c.nodes.values() {
+        wait_image(n, T, "3 registered brokers", |i| all_registered(i, 3)).await;
+    }
+    let lagging = *c.nodes.keys().find(|id| **id != ctrl).expect("a follower");
+    c.stop(lagging).await;
+    for i in 0..30 {
+        let r = c
+            .node(ctrl)
+            .propose(Command::AllocateProducerIds { count: 7 })
+            .await
+            .expect("quorum of two");
+        assert!(r.is_ok(), "proposal {i}: {r:?}");
+    }
+    let purged = eventually(
+        T,
+        "the controller purged its log behind a snapshot",
+        || async {
+            let m = c.node(ctrl).raft().metrics();
+            let p = m.borrow().purged;
+            p.filter(|p| p.index > 10)
+        },
+    )
+    .await;
+    c.restart(lagging).await;
+    let want = c.node(ctrl).image().borrow().next_producer_id;
+    assert_eq!(want, 30 * 7);
+    let img = wait_image(c.node(lagging), T, "caught up", |i| {
+        i.next_producer_id == want
+    })
+    .await;
+    let snap = c.node(lagging).raft().metrics().borrow().snapshot;
+    assert!(
+        snap.is_some_and(|s| s.index >= purged.index),
+        "the lagging node installed a snapshot at or above {purged}, has {snap:?}"
+    );
+    assert_eq!(img.brokers.len(), 3);
+    c.shutdown().await;
+}

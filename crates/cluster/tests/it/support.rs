@@ -36,6 +36,8 @@ pub fn fast_config(id: BrokerId, base: &Path, peers: &[(BrokerId, String)]) -> C
 
 pub struct TestCluster {
     pub dir: TempDir,
+    /// Applied to every node's config, at start and restart.
+    pub tweak: fn(&mut ClusterConfig),
     pub peers: Vec<(BrokerId, String)>,
     pub nodes: BTreeMap<BrokerId, ClusterNode>,
 }
@@ -43,6 +45,11 @@ pub struct TestCluster {
 impl TestCluster {
     /// Binds one listener per node first, so every node knows its peers' ports.
     pub async fn start(n: i32) -> TestCluster {
+        TestCluster::start_with(n, |_| {}).await
+    }
+
+    /// Like [`TestCluster::start`], with `tweak` applied to every node's config.
+    pub async fn start_with(n: i32, tweak: fn(&mut ClusterConfig)) -> TestCluster {
         init_tracing();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut listeners = Vec::new();
@@ -57,12 +64,17 @@ impl TestCluster {
             .collect();
         let mut nodes = BTreeMap::new();
         for (id, _, l) in listeners {
-            let node = ClusterNode::start_on(fast_config(id, dir.path(), &peers), l)
-                .await
-                .expect("start node");
+            let mut cfg = fast_config(id, dir.path(), &peers);
+            tweak(&mut cfg);
+            let node = ClusterNode::start_on(cfg, l).await.expect("start node");
             nodes.insert(id, node);
         }
-        TestCluster { dir, peers, nodes }
+        TestCluster {
+            dir,
+            tweak,
+            peers,
+            nodes,
+        }
     }
 
     pub fn node(&self, id: BrokerId) -> &ClusterNode {
@@ -91,9 +103,9 @@ impl TestCluster {
                 Err(e) => panic!("cannot rebind {addr}: {e}"),
             }
         };
-        let node = ClusterNode::start_on(fast_config(id, self.dir.path(), &self.peers), l)
-            .await
-            .expect("restart node");
+        let mut cfg = fast_config(id, self.dir.path(), &self.peers);
+        (self.tweak)(&mut cfg);
+        let node = ClusterNode::start_on(cfg, l).await.expect("restart node");
         self.nodes.insert(id, node);
     }
 
