@@ -18,7 +18,7 @@ import time
 import pytest
 
 from kutil import CODECS, Expected, assert_report, confluent_consume_all, kafka_python_consume_all
-from kutil import api_versions, kcat_consume_all, kcat_librdkafka_version, make_value, parse_value
+from kutil import kcat_consume_all, make_value, parse_value
 from kutil import stored_batches, unique, verify
 
 N = int(os.environ.get("SLUICE_INTEROP_N", "100000"))
@@ -239,16 +239,10 @@ def test_codecs_stored_as_sent(broker, produced, producer):
         per_codec[codec] = per_codec.get(codec, 0) + count
     print(f"[{producer}] stored {len(batches)} batches; records per codec {per_codec}")
     want = {c: N // len(CODECS) for c in CODECS}
-    if producer == "kcat":
-        # librdkafka <= 2.11.0 only compresses with gzip/snappy/lz4 when the broker
-        # advertises Produce v0 (rdkafka_msgset_writer.c asks "Produce in [0,0]?").
-        # Sluice, like Kafka 4.0, starts at Produce v3, so such a kcat sends those
-        # three codecs uncompressed: the broker stores what it was sent.
-        produce_min = api_versions(broker.bootstrap)[0][0]
-        if kcat_librdkafka_version() <= (2, 11, 0) and produce_min > 0:
-            print(f"[kcat] NOTE: kcat's librdkafka {kcat_librdkafka_version()} with Produce min v{produce_min}: "
-                  "gzip/snappy/lz4 are sent uncompressed by the client")
-            want = {"none": 3 * N // len(CODECS), "zstd": N // len(CODECS)}
+    # kcat included: librdkafka <= 2.11.0 only compresses with gzip/snappy/lz4
+    # when the broker advertises Produce v0 (librdkafka #4956); Sluice, like
+    # Kafka 4 since KAFKA-18659, advertises v0 (and refuses v0-v2), so every
+    # client's batches must carry the codec it was asked for.
     assert per_codec == want, f"records per stored codec: {per_codec}, expected {want}"
 
 
