@@ -226,11 +226,13 @@ async fn lagging_node_catches_up_by_snapshot_over_tcp() {
         i.next_producer_id == want
     })
     .await;
-    let snap = c.node(lagging).raft().metrics().borrow().snapshot;
-    assert!(
-        snap.is_some_and(|s| s.index >= purged.index),
-        "the lagging node installed a snapshot at or above {purged}, has {snap:?}"
-    );
+    // The image is published before openraft updates its metrics: wait for them.
+    eventually(T, "the installed snapshot in the metrics", || async {
+        let m = c.node(lagging).raft().metrics();
+        let snap = m.borrow().snapshot;
+        snap.filter(|s| s.index >= purged.index)
+    })
+    .await;
     assert_eq!(img.brokers.len(), 3);
     c.shutdown().await;
 }
