@@ -341,7 +341,25 @@ impl Inner {
         m.state == ServerState::Leader && m.current_leader == Some(self.id)
     }
 
-    /// Appends `cmd` through the local Raft core only (no forwarding).
+    /// [`Inner::write_local`] bounded by `limit`. A leader cut off from its quorum
+    /// (a zombie) would otherwise wait until it hears of the new term. On timeout the
+    /// entry may still commit later, so the outcome is unknown.
+    async fn write_local_within(
+        &self,
+        cmd: Command,
+        limit: Duration,
+    ) -> Result<CommandResult, ForwardError> {
+        match tokio::time::timeout(limit, self.write_local(cmd)).await {
+            Ok(r) => r,
+            Err(_) => Err(ForwardError::Failed(format!(
+                "not committed within {limit:?} (controller cut off from its quorum?)"
+            ))),
+        }
+    }
+
+    /// Appends `cmd` through the local Raft core only (no forwarding). openraft answers
+    /// `ForwardToLeader` only for entries it never appended or that were truncated, so
+    /// that error always means "not applied".
     async fn write_local(&self, cmd: Command) -> Result<CommandResult, ForwardError> {
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok(resp.data),
@@ -406,7 +424,8 @@ impl Inner {
                 }
             }
         };
-        match self.write_local(cmd).await? {
+        let limit = self.config.heartbeat_interval * 2;
+        match self.write_local_within(cmd, limit).await? {
             Ok(_) => {}
             Err(e) => tracing::warn!(broker = hb.node_id, error = %e, "heartbeat command rejected"),
         }
@@ -424,10 +443,16 @@ async fn propose(inner: &Arc<Inner>, cmd: Command) -> Result<CommandResult, Clus
     let deadline = Instant::now() + timeout;
     let mut backoff = Duration::from_millis(20);
     loop {
-        let leader = match inner.write_local(cmd.clone()).await {
-            Ok(r) => return Ok(r),
-            Err(ForwardError::NotController { leader }) => leader,
-            Err(ForwardError::Failed(e)) => return Err(ClusterError::Stopped(e)),
+        let left = deadline.saturating_duration_since(Instant::now());
+        let leader = match tokio::time::timeout(left, inner.write_local(cmd.clone())).await {
+            Ok(Ok(r)) => return Ok(r),
+            Ok(Err(ForwardError::NotController { leader })) => leader,
+            Ok(Err(ForwardError::Failed(e))) => return Err(ClusterError::Stopped(e)),
+            Err(_) => {
+                return Err(ClusterError::Indeterminate(format!(
+                    "not committed within {timeout:?}"
+                )))
+            }
         };
         if let Some(addr) = leader
             .filter(|l| *l != inner.id)
@@ -526,7 +551,11 @@ async fn dispatch(inner: &Arc<Inner>, req: Request) -> Response {
         Request::InstallSnapshot(r) => {
             Response::InstallSnapshot(inner.raft.install_snapshot(r).await)
         }
-        Request::Propose(cmd) => Response::Propose(inner.write_local(cmd).await),
+        Request::Propose(cmd) => Response::Propose(
+            inner
+                .write_local_within(cmd, inner.config.propose_timeout)
+                .await,
+        ),
         Request::Heartbeat(hb) => Response::Heartbeat(inner.on_heartbeat(hb).await),
         Request::Probe => Response::Probe {
             node_id: inner.id,
@@ -627,6 +656,7 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
 /// from yet, so a new controller gives everyone a full session of grace).
 async fn controller_loop(inner: Arc<Inner>) {
     let tick = (inner.config.heartbeat_interval / 2).max(Duration::from_millis(10));
+    let session = inner.config.session_timeout;
     loop {
         tokio::time::sleep(tick).await;
         let (is_leader, term) = {
@@ -655,7 +685,10 @@ async fn controller_loop(inner: Arc<Inner>) {
         let image = inner.sm.image();
         if image.cluster_id.is_empty() {
             let cluster_id = format!("{:032x}", rand::random::<u128>());
-            if let Err(e) = inner.write_local(Command::InitCluster { cluster_id }).await {
+            if let Err(e) = inner
+                .write_local_within(Command::InitCluster { cluster_id }, session)
+                .await
+            {
                 tracing::debug!(error = %e, "init cluster id");
             }
         }
@@ -675,7 +708,7 @@ async fn controller_loop(inner: Arc<Inner>) {
         for id in silent {
             tracing::warn!(broker = id, "session timed out; fencing");
             match inner
-                .write_local(Command::FenceBroker { node_id: id })
+                .write_local_within(Command::FenceBroker { node_id: id }, session)
                 .await
             {
                 Ok(Ok(_)) => {}
