@@ -236,3 +236,58 @@ async fn lagging_node_catches_up_by_snapshot_over_tcp() {
     assert_eq!(img.brokers.len(), 3);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lowest_id_initializes_and_only_with_a_majority() {
+    crate::support::init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut listeners = Vec::new();
+    for id in 1..=3 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        listeners.push((id, addr, l));
+    }
+    let peers: Vec<(i32, String)> = listeners
+        .iter()
+        .map(|(id, a, _)| (*id, a.clone()))
+        .collect();
+    let mut by_id: BTreeMap<i32, tokio::net::TcpListener> =
+        listeners.into_iter().map(|(id, _, l)| (id, l)).collect();
+    let start = |id: i32, l| {
+        let cfg = crate::support::fast_config(id, dir.path(), &peers);
+        ClusterNode::start_on(cfg, l)
+    };
+    // Node 1 alone: no majority, so it must not form a one-node cluster.
+    let n1 = start(1, by_id.remove(&1).expect("l1"))
+        .await
+        .expect("start 1");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(n1.controller_id(), None, "initialized without a majority");
+    assert!(!n1.raft().is_initialized().await.expect("raft"));
+    // Nodes 2 and 3 never initialize by themselves; with 2 up, node 1 has a majority.
+    let n3 = start(3, by_id.remove(&3).expect("l3"))
+        .await
+        .expect("start 3");
+    let c = eventually(T, "a controller once a majority is up", || async {
+        n3.controller_id()
+    })
+    .await;
+    assert!(c == 1 || c == 3, "controller {c}");
+    let n2 = start(2, by_id.remove(&2).expect("l2"))
+        .await
+        .expect("start 2");
+    wait_image(&n2, T, "the late node registered", |i| {
+        i.brokers.get(&2).is_some_and(|b| !b.fenced)
+    })
+    .await;
+    // One membership, written once at index 0 by node 1's initialize.
+    for n in [&n1, &n2, &n3] {
+        let m = eventually(T, "membership", || async { membership_log_id(n) }).await;
+        assert_eq!(m.index, 0, "node {} membership at {m}", n.node_id());
+    }
+    for n in [n1, n2, n3] {
+        n.shutdown().await;
+    }
+}
