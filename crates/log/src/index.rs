@@ -12,13 +12,6 @@
 pub(crate) const OFFSET_ENTRY: usize = 8;
 pub(crate) const TIME_ENTRY: usize = 12;
 
-/// New index entries produced by one batch, to be written to the files.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Added {
-    pub offset: Option<(u32, u32)>,
-    pub time: Option<(i64, u32)>,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SegIndex {
     /// (relative base offset of a batch, its file position), increasing.
@@ -45,35 +38,23 @@ impl Default for SegIndex {
 }
 
 impl SegIndex {
-    /// Accounts for a batch appended at `pos`; returns the entries it adds.
-    /// An entry is added when more than `interval` bytes were appended since
+    /// Accounts for a batch appended at `pos`, adding index entries for it
+    /// when due. An entry is added when more than `interval` bytes were appended since
     /// the previous one (Kafka's rule), pointing at this batch's start.
-    pub fn add_batch(
-        &mut self,
-        rel: u32,
-        pos: u32,
-        max_ts: i64,
-        size: u64,
-        interval: u32,
-    ) -> Added {
+    pub fn add_batch(&mut self, rel: u32, pos: u32, max_ts: i64, size: u64, interval: u32) {
         if max_ts > self.max_timestamp {
             self.max_timestamp = max_ts;
             self.rel_of_max = rel;
         }
-        let mut added = Added::default();
         if pos > 0 && self.bytes_since_entry > u64::from(interval) {
             self.offsets.push((rel, pos));
-            added.offset = Some((rel, pos));
             if self.max_timestamp >= 0 && self.times.last().is_none_or(|t| self.max_timestamp > t.0)
             {
-                let e = (self.max_timestamp, self.rel_of_max);
-                self.times.push(e);
-                added.time = Some(e);
+                self.times.push((self.max_timestamp, self.rel_of_max));
             }
             self.bytes_since_entry = 0;
         }
         self.bytes_since_entry += size;
-        added
     }
 
     /// File position of the last indexed batch starting at or before `rel`.

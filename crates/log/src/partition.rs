@@ -24,7 +24,7 @@ use crate::batch::{self, BatchHeader};
 use crate::epoch::EpochCache;
 use crate::fsutil;
 use crate::producer::{is_idempotent, Check, ProducerEntry, ProducerStates};
-use crate::segment::{self, SegFiles, SegMeta, Stop};
+use crate::segment::{self, IndexTail, SegFiles, SegMeta, Stop, INDEX_WRITE_BATCH};
 use crate::{AppendResult, FlushPolicy, LogError, ReadLimit, ReadResult, TopicConfig};
 
 const LOG_START_FILE: &str = "log-start-offset";
@@ -58,6 +58,8 @@ struct Writer {
     epochs: EpochCache,
     /// Reused write buffer: the one copy of an append's bytes, stamped.
     buf: Vec<u8>,
+    /// Reused buffers of the bulk index writes.
+    index_tail: IndexTail,
 }
 
 /// State readers look at.
@@ -265,11 +267,10 @@ impl Partition {
             let mut meta = SegMeta::new_empty(files, now_ms());
             meta.size = w.valid_len;
             meta.next_offset = w.next_offset;
+            // The files match the derived index now (checked or rewritten).
+            meta.index_on_disk = (w.index.offsets.len(), w.index.times.len());
             meta.index = w.index;
-            meta.has_first_batch = w.roll_base_ms.is_some();
-            if let Some(ts) = w.roll_base_ms.filter(|t| *t >= 0) {
-                meta.roll_base_ms = ts;
-            }
+            meta.first_batch_ts = w.first_batch_ts;
             prev_next = Some(meta.next_offset);
             segments.insert(base, meta);
         }
@@ -325,6 +326,7 @@ impl Partition {
                 producers,
                 epochs,
                 buf: Vec::new(),
+                index_tail: IndexTail::default(),
             }),
             view: RwLock::new(View {
                 segments,
@@ -481,19 +483,19 @@ impl Partition {
         }
 
         let total = records.len() as u64;
-        let now = now_ms();
+        let incoming_max_ts = headers.iter().map(|h| h.max_timestamp).max().unwrap_or(-1);
         let need_roll = {
             let v = self.view.read();
             v.active().is_some_and(|a| {
                 a.size > 0
                     && (a.size + total > segment_bytes
-                        || now.saturating_sub(a.roll_base_ms) >= segment_ms as i64
+                        || a.time_waited_for_roll(now_ms(), incoming_max_ts) > segment_ms as i64
                         || next - a.base_offset() > i64::from(u32::MAX)
                         || a.size + total > u64::from(u32::MAX))
             })
         };
         if need_roll {
-            self.roll_locked(log_end)?;
+            self.roll_locked(&mut w, log_end)?;
         }
 
         // The one copy: producer bytes into the write buffer, stamped in place.
@@ -530,11 +532,11 @@ impl Partition {
             return Err(LogError::Io(e));
         }
 
-        let mut index_writes = Vec::new();
-        {
+        let index_due = {
             let mut v = self.view.write();
             let mut p = pos;
             let mut off = log_end;
+            let mut due = false;
             if let Some((_, seg)) = v.segments.iter_mut().next_back() {
                 for h in &headers {
                     let stamped = BatchHeader {
@@ -542,23 +544,18 @@ impl Partition {
                         partition_leader_epoch: leader_epoch,
                         ..*h
                     };
-                    let added = seg.account_batch(&stamped, p, interval);
-                    if added != Default::default() {
-                        index_writes.push((added, seg.index.offsets.len(), seg.index.times.len()));
-                    }
+                    seg.account_batch(&stamped, p, interval);
                     p += h.size() as u64;
                     off = stamped.next_offset();
                 }
+                due = seg.index_pending() >= INDEX_WRITE_BATCH;
             }
             v.log_end = next;
             v.unflushed_bytes += total;
-        }
-        for (added, n_off, n_time) in index_writes {
-            if let Err(e) = files.append_index_entry(added, n_off, n_time) {
-                // The index is rebuilt from the log on recovery; a failed
-                // index write costs lookups, not data.
-                tracing::warn!(file = %files.index_path.display(), error = %e, "index write failed");
-            }
+            due
+        };
+        if index_due {
+            self.write_index_tail_locked(&mut w, files.base_offset);
         }
         for (pid, entry) in touched {
             if let Some(e) = entry {
@@ -592,8 +589,39 @@ impl Partition {
         })
     }
 
+    /// Writes the index entries segment `base` holds only in memory to its
+    /// index files, in one write per file. Caller holds the append lock
+    /// (the only writer of index entries). A failed write is logged and
+    /// retried with the next bulk write: indexes are rebuilt from the log
+    /// on recovery, so a missing entry costs lookups, not data.
+    fn write_index_tail_locked(&self, w: &mut Writer, base: i64) {
+        let files = {
+            let mut v = self.view.write();
+            let Some(seg) = v.segments.get_mut(&base) else {
+                return;
+            };
+            if !seg.index_tail(&mut w.index_tail) {
+                return;
+            }
+            seg.index_on_disk = w.index_tail.to;
+            seg.files.clone()
+        };
+        if let Err(e) = files.write_index_tail(&w.index_tail) {
+            tracing::warn!(file = %files.index_path.display(), error = %e, "index write failed");
+            if let Some(seg) = self.view.write().segments.get_mut(&base) {
+                seg.index_on_disk = w.index_tail.from;
+            }
+        }
+    }
+
     /// Starts a new active segment at `at` (the log end). Caller holds the append lock.
-    fn roll_locked(&self, at: i64) -> Result<(), LogError> {
+    fn roll_locked(&self, w: &mut Writer, at: i64) -> Result<(), LogError> {
+        // The outgoing segment's indexes go to its files first, so the
+        // flusher's sync of the rolled segment covers them.
+        let active = self.view.read().active().map(SegMeta::base_offset);
+        if let Some(base) = active {
+            self.write_index_tail_locked(w, base);
+        }
         let files = Arc::new(SegFiles::create(&self.dir, at)?);
         let mut v = self.view.write();
         if self.flush != FlushPolicy::Never {
@@ -717,6 +745,14 @@ impl Partition {
     pub(crate) fn flush_now(&self) -> Result<(), LogError> {
         if self.state.load(Ordering::Acquire) != STATE_OK {
             return Ok(());
+        }
+        {
+            // Index entries held in memory go to the files before the sync.
+            let mut w = self.writer.lock();
+            let active = self.view.read().active().map(SegMeta::base_offset);
+            if let Some(base) = active {
+                self.write_index_tail_locked(&mut w, base);
+            }
         }
         self.sync_round(true).map_err(|e| {
             self.mark_failed("fsync", &e);
@@ -1053,11 +1089,9 @@ impl Partition {
             if let Some(s) = v.segments.get_mut(&base) {
                 s.size = cut;
                 s.next_offset = walked.next_offset;
+                s.index_on_disk = (walked.index.offsets.len(), walked.index.times.len());
                 s.index = walked.index;
-                s.has_first_batch = walked.roll_base_ms.is_some();
-                if let Some(ts) = walked.roll_base_ms.filter(|t| *t >= 0) {
-                    s.roll_base_ms = ts;
-                }
+                s.first_batch_ts = walked.first_batch_ts;
             }
             new_end = walked.next_offset;
             let clamped = v.log_start > new_end;
@@ -1121,13 +1155,18 @@ impl Partition {
         let cfg = self.config.read().clone();
         let (roll_due, log_end) = {
             let v = self.view.read();
+            // The periodic roll counts wall-clock time since the segment
+            // was created: record timestamps may be arbitrarily old (the
+            // append path compares them with each other, as Kafka does),
+            // and comparing them with `now` here would roll a tiny segment
+            // on every check.
             let due = v.active().is_some_and(|a| {
-                a.size > 0 && now.saturating_sub(a.roll_base_ms) >= cfg.segment_ms as i64
+                a.size > 0 && now.saturating_sub(a.created_ms) > cfg.segment_ms as i64
             });
             (due, v.log_end)
         };
         if roll_due {
-            self.roll_locked(log_end)?;
+            self.roll_locked(&mut w, log_end)?;
         }
         let hw = self.high_watermark();
         let (to_delete, all) = {
@@ -1161,7 +1200,7 @@ impl Partition {
         }
         if all {
             // Kafka never leaves a log without a segment: roll, then delete.
-            self.roll_locked(log_end)?;
+            self.roll_locked(&mut w, log_end)?;
         }
         let new_start = {
             let v = self.view.read();

@@ -154,6 +154,99 @@ async fn missing_and_bogus_indexes_are_rebuilt() {
     check_recovered(dir.path(), &stored, defaults);
 }
 
+/// Index entries are written to the files in bulk; a process that stops
+/// without a clean shutdown (no `flush_all`) leaves the active segment's
+/// index files short. Reopening detects that and rebuilds them.
+#[tokio::test]
+async fn short_index_after_unclean_stop_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    // 161-byte batches, an index entry for every batch after the first.
+    let defaults = small_segments(1 << 20, 150);
+    let pdir = dir.path().join("c-0");
+    let mut stored = Vec::new();
+    {
+        let store = open(dir.path(), FlushPolicy::Never, defaults.clone());
+        store.create_topic("c", 1, &no_overrides(), false).unwrap();
+        let p = store.partition("c", 0).unwrap();
+        for i in 0..300 {
+            let b = batch(&Spec {
+                fill: i as u8,
+                ..Spec::plain(2, 100).at(1_000_000 + i64::from(i))
+            });
+            let r = p.append(&b, 0).unwrap();
+            stored.push(stamped(&b, r.base_offset, 0));
+        }
+        // Dropped without flush_all: what a kill leaves behind.
+    }
+    let log = last_log(&pdir);
+    let index = log.with_extension("index");
+    let time = log.with_extension("timeindex");
+    let entries = (stored.len() - 1) as u64;
+    let short = std::fs::metadata(&index).unwrap().len();
+    assert!(short < entries * 8, "index not short: {short} bytes");
+    assert_eq!(short % 8, 0);
+    assert!(std::fs::metadata(&time).unwrap().len() < entries * 12);
+    {
+        let store = open(dir.path(), FlushPolicy::Never, defaults.clone());
+        let p = store.partition("c", 0).unwrap();
+        assert_eq!(std::fs::metadata(&index).unwrap().len(), entries * 8);
+        assert_eq!(std::fs::metadata(&time).unwrap().len(), entries * 12);
+        // Reads from offsets whose index entries were missing before.
+        for start in [0usize, 150, 257, 299] {
+            let r = p
+                .read(2 * start as i64 + 1, 1 << 20, true, ReadLimit::LogEnd)
+                .unwrap();
+            assert_eq!(r.records.as_ref(), stored[start..].concat().as_slice());
+        }
+        assert_eq!(
+            p.offset_for_timestamp(1_000_280).unwrap(),
+            Some((560, 1_000_280))
+        );
+        // A clean shutdown writes every entry appended since.
+        for i in 0..10 {
+            let b = batch(&Spec::plain(2, 100).at(2_000_000 + i));
+            let r = p.append(&b, 0).unwrap();
+            stored.push(stamped(&b, r.base_offset, 0));
+        }
+        store.flush_all().unwrap();
+        let entries = (stored.len() - 1) as u64;
+        assert_eq!(std::fs::metadata(&index).unwrap().len(), entries * 8);
+        assert_eq!(std::fs::metadata(&time).unwrap().len(), entries * 12);
+    }
+    check_recovered(dir.path(), &stored, defaults);
+}
+
+#[tokio::test]
+async fn rolled_segments_have_complete_indexes_without_a_clean_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ten 161-byte batches per segment, an index entry for each but the first.
+    let defaults = small_segments(1610, 150);
+    let pdir = dir.path().join("c-0");
+    {
+        let store = open(dir.path(), FlushPolicy::Never, defaults.clone());
+        store.create_topic("c", 1, &no_overrides(), false).unwrap();
+        let p = store.partition("c", 0).unwrap();
+        for _ in 0..25 {
+            p.append(&batch(&Spec::plain(2, 100)), 0).unwrap();
+        }
+    }
+    let logs = log_files(&pdir);
+    assert_eq!(logs.len(), 3);
+    for l in &logs[..2] {
+        assert_eq!(
+            std::fs::metadata(l.with_extension("index")).unwrap().len(),
+            9 * 8
+        );
+        assert_eq!(
+            std::fs::metadata(l.with_extension("timeindex"))
+                .unwrap()
+                .len(),
+            12,
+            "one time entry: every batch carries the same timestamp"
+        );
+    }
+}
+
 #[tokio::test]
 async fn corrupt_older_segment_drops_everything_after_it() {
     let dir = tempfile::tempdir().unwrap();

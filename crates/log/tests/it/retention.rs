@@ -54,14 +54,16 @@ async fn segments_roll_by_age_of_first_timestamp() {
     p.append(&batch(&Spec::plain(1, 10)), 0).unwrap();
     p.append(&batch(&Spec::plain(1, 10)), 0).unwrap();
     assert_eq!(log_files(&dir.path().join("r-0")).len(), 2);
-    // enforce_retention rolls an aged active segment that holds data.
+    // enforce_retention rolls an active segment that holds data and was
+    // created more than segment.ms ago.
     let mut o = BTreeMap::new();
-    o.insert("segment.ms".to_string(), "1000".to_string());
+    o.insert("segment.ms".to_string(), "100".to_string());
     store.create_topic("s", 1, &o, false).unwrap();
     let p = store.partition("s", 0).unwrap();
     p.append(&batch(&Spec::plain(1, 10).at(now_ms() - 5000)), 0)
         .unwrap();
     assert_eq!(log_files(&dir.path().join("s-0")).len(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(250));
     // (The 8-day-old segment of "r" is past the default 7-day retention.)
     assert_eq!(store.enforce_retention().unwrap(), 1);
     assert_eq!(log_files(&dir.path().join("r-0")).len(), 1);
@@ -73,6 +75,132 @@ async fn segments_roll_by_age_of_first_timestamp() {
         p.append(&batch(&Spec::plain(1, 1)), 0).unwrap().base_offset,
         1
     );
+}
+
+/// Topic overrides: `segment.ms` as given, retention by time off (the
+/// batches below carry timestamps months old).
+fn roll_overrides(segment_ms: i64) -> BTreeMap<String, String> {
+    let mut o = BTreeMap::new();
+    o.insert("segment.ms".to_string(), segment_ms.to_string());
+    o.insert("retention.ms".to_string(), "-1".to_string());
+    o
+}
+
+#[tokio::test]
+async fn old_record_timestamps_do_not_roll_a_segment_per_append() {
+    // Regression: segment.ms used to count from the first batch's timestamp
+    // to the wall clock, so a producer replaying 11-month-old records rolled
+    // a new segment (three more open files) on every append.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), FlushPolicy::Never, TopicConfig::default());
+    let mut o = BTreeMap::new();
+    o.insert("retention.ms".to_string(), "-1".to_string());
+    store.create_topic("old", 1, &o, false).unwrap();
+    let p = store.partition("old", 0).unwrap();
+    let eleven_months_ago = now_ms() - 330 * DAY;
+    for i in 0..50 {
+        let ts = eleven_months_ago + i * 1000;
+        p.append(&batch(&Spec::plain(2, 100).at(ts)), 0).unwrap();
+    }
+    assert_eq!(log_files(&dir.path().join("old-0")).len(), 1);
+    assert_eq!(p.log_end_offset(), 100);
+    // Nor does the periodic check: the segment was created just now.
+    assert_eq!(store.enforce_retention().unwrap(), 0);
+    assert_eq!(log_files(&dir.path().join("old-0")).len(), 1);
+    let r = p.read(0, 1 << 20, true, ReadLimit::LogEnd).unwrap();
+    assert_eq!(batches_in(&r.records).len(), 50);
+}
+
+#[tokio::test]
+async fn record_timestamps_spanning_segment_ms_roll() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), FlushPolicy::Never, TopicConfig::default());
+    store
+        .create_topic("span", 1, &roll_overrides(1000), false)
+        .unwrap();
+    let p = store.partition("span", 0).unwrap();
+    let pdir = dir.path().join("span-0");
+    let t0 = now_ms() - 330 * DAY;
+    // (record timestamp, segments afterwards): a batch rolls when its
+    // timestamp is more than segment.ms after the segment's first batch.
+    let steps = [
+        (t0, 1),
+        (t0 + 500, 1),
+        (t0 + 1000, 1),
+        (t0 + 1001, 2),
+        (t0 + 1500, 2),
+        (t0 + 2001, 2),
+        (t0 + 2002, 3),
+        // Older than the segment's first batch: no roll.
+        (t0, 3),
+    ];
+    for (i, (ts, segments)) in steps.into_iter().enumerate() {
+        let r = p.append(&batch(&Spec::plain(1, 10).at(ts)), 0).unwrap();
+        assert_eq!(r.base_offset, i as i64);
+        assert_eq!(log_files(&pdir).len(), segments, "after batch {i} at {ts}");
+    }
+    let names: Vec<String> = log_files(&pdir)
+        .iter()
+        .map(|l| l.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            "00000000000000000000.log",
+            "00000000000000000003.log",
+            "00000000000000000006.log"
+        ]
+    );
+    // Batches without timestamps fall back to wall-clock time since the
+    // segment was created.
+    store
+        .create_topic("nots", 1, &roll_overrides(100), false)
+        .unwrap();
+    let q = store.partition("nots", 0).unwrap();
+    q.append(&batch(&Spec::plain(1, 10).at(-1)), 0).unwrap();
+    q.append(&batch(&Spec::plain(1, 10).at(-1)), 0).unwrap();
+    assert_eq!(log_files(&dir.path().join("nots-0")).len(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    q.append(&batch(&Spec::plain(1, 10).at(-1)), 0).unwrap();
+    assert_eq!(log_files(&dir.path().join("nots-0")).len(), 2);
+}
+
+#[tokio::test]
+async fn idle_segment_rolls_by_creation_time_on_enforce_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), FlushPolicy::Always, TopicConfig::default());
+    store
+        .create_topic("busy", 1, &roll_overrides(200), false)
+        .unwrap();
+    store
+        .create_topic("empty", 1, &roll_overrides(200), false)
+        .unwrap();
+    let p = store.partition("busy", 0).unwrap();
+    let busy = dir.path().join("busy-0");
+    let empty = dir.path().join("empty-0");
+    // Timestamps far older than segment.ms: the periodic check must not
+    // compare them with the wall clock.
+    let r = p
+        .append(&batch(&Spec::plain(1, 10).at(now_ms() - 330 * DAY)), 0)
+        .unwrap();
+    p.wait_durable(r.end_offset).await.unwrap();
+    assert_eq!(store.enforce_retention().unwrap(), 0);
+    assert_eq!(log_files(&busy).len(), 1, "a fresh segment does not roll");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(store.enforce_retention().unwrap(), 0);
+    assert_eq!(log_files(&busy).len(), 2, "a non-empty idle segment rolls");
+    assert_eq!(log_files(&empty).len(), 1, "an empty segment never rolls");
+    // The new active segment is empty: later checks leave it alone.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(store.enforce_retention().unwrap(), 0);
+    assert_eq!(log_files(&busy).len(), 2);
+    assert_eq!(log_files(&empty).len(), 1);
+    let r = p.append(&batch(&Spec::plain(1, 10)), 0).unwrap();
+    assert_eq!(r.base_offset, 1);
+    // A fetch still spans the rolled segment and the new one.
+    let r = p.read(0, 1 << 20, true, ReadLimit::LogEnd).unwrap();
+    let got: Vec<i64> = batches_in(&r.records).iter().map(|b| b.0).collect();
+    assert_eq!(got, vec![0, 1]);
 }
 
 #[tokio::test]
