@@ -180,17 +180,21 @@ impl RpcClient {
             addr: addr.to_string(),
             source: std::io::Error::other(e),
         })?;
-        // A forwarded proposal is not idempotent: never resend it on a pooled connection
-        // that may have delivered it already. Raft RPCs are idempotent.
-        let retry_stale = !matches!(req, Request::Propose(_));
+        // A forwarded proposal is not idempotent, so it cannot be resent after a pooled
+        // connection turns out stale (was it delivered?): it always dials afresh, and
+        // a failure after connecting is reported as such. Raft RPCs are idempotent and
+        // reuse idle connections, with one fresh retry when a pooled one is stale.
+        let pooled = if matches!(req, Request::Propose(_)) {
+            None
+        } else {
+            self.take_idle(addr)
+        };
         let fut = async {
-            if let Some(stream) = self.take_idle(addr) {
-                match self.exchange(stream, addr, &payload).await {
-                    Ok(resp) => return Ok(resp),
-                    Err(e) if !retry_stale => return Err(e),
-                    // The pooled connection was stale (peer restarted): dial afresh.
-                    Err(_) => {}
+            if let Some(stream) = pooled {
+                if let Ok(resp) = self.exchange(stream, addr, &payload).await {
+                    return Ok(resp);
                 }
+                // The peer restarted or dropped the idle connection: dial afresh.
             }
             let stream =
                 TcpStream::connect(addr)
