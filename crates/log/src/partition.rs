@@ -489,7 +489,7 @@ impl Partition {
             v.active().is_some_and(|a| {
                 a.size > 0
                     && (a.size + total > segment_bytes
-                        || a.time_waited_for_roll(now_ms(), incoming_max_ts) > segment_ms as i64
+                        || a.time_waited_for_roll(now_ms, incoming_max_ts) > segment_ms as i64
                         || next - a.base_offset() > i64::from(u32::MAX)
                         || a.size + total > u64::from(u32::MAX))
             })

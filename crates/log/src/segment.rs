@@ -183,10 +183,11 @@ impl SegMeta {
     /// when that batch has a timestamp, else wall-clock time since creation.
     /// Counting in record time means a producer sending old timestamps does
     /// not roll a segment per append.
-    pub fn time_waited_for_roll(&self, now_ms: i64, incoming_max_ts: i64) -> i64 {
+    /// `now_ms` is called only for that fallback (no clock read per append).
+    pub fn time_waited_for_roll(&self, now_ms: impl FnOnce() -> i64, incoming_max_ts: i64) -> i64 {
         match self.first_batch_ts {
             Some(t) if t >= 0 => incoming_max_ts.saturating_sub(t),
-            _ => now_ms.saturating_sub(self.created_ms),
+            _ => now_ms().saturating_sub(self.created_ms),
         }
     }
 
