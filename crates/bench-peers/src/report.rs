@@ -197,7 +197,10 @@ pub fn markdown(suite: &Suite, notes: &str) -> String {
         } else {
             "–".to_owned()
         };
-        let scenario = r.scenario.replace('|', "/");
+        let mut scenario = r.scenario.replace('|', "/");
+        if missed_target(&r) {
+            scenario.push_str(" †");
+        }
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -214,6 +217,10 @@ pub fn markdown(suite: &Suite, notes: &str) -> String {
         );
     }
     md.push_str(
+        "\n† open-loop run that did not sustain its target rate (achieved < 95 % of it): its \
+         latency includes the growing backlog.\n",
+    );
+    md.push_str(
         "\nMB = 10^6 bytes of record payload. Latency: publish/produce = send (intended, for \
          open-loop runs) to broker acknowledgement; e2e = intended send time to consumption; \
          disk = one write interval + fdatasync. Client CPU share = load generator CPU seconds / \
@@ -225,6 +232,20 @@ pub fn markdown(suite: &Suite, notes: &str) -> String {
         md.push('\n');
     }
     md
+}
+
+/// Open-loop target rate of a result: `rate_target` (this tool) or
+/// `target_rate` (`sluice bench`).
+pub fn target_rate(r: &BenchResult) -> Option<f64> {
+    ["rate_target", "target_rate"]
+        .iter()
+        .find_map(|k| r.extra.get(*k).and_then(Value::as_f64))
+        .filter(|t| *t > 0.0)
+}
+
+/// True when an open-loop run achieved less than 95 % of its target rate.
+pub fn missed_target(r: &BenchResult) -> bool {
+    target_rate(r).is_some_and(|t| r.records_per_sec < 0.95 * t)
 }
 
 #[cfg(test)]
@@ -313,6 +334,25 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("## Notes\n\ndrop_caches not permitted\n"));
+    }
+
+    #[test]
+    fn missed_target_marks_both_schemas() {
+        let ok = typed(&json!({"records_per_sec": 960.0, "rate_target": 1000.0}));
+        let missed = typed(&json!({"records_per_sec": 900.0, "target_rate": 1000.0}));
+        let closed = typed(&json!({"records_per_sec": 900.0, "target_rate": null}));
+        assert!(!missed_target(&ok));
+        assert!(missed_target(&missed));
+        assert!(!missed_target(&closed));
+        let suite = Suite {
+            date: "d".into(),
+            meta: Map::new(),
+            results: vec![
+                json!({"system":"s","scenario":"e2e","records":9,"records_per_sec":900.0,
+                                 "target_rate":1000.0}),
+            ],
+        };
+        assert!(markdown(&suite, "").contains("| s | e2e † |"));
     }
 
     #[test]
