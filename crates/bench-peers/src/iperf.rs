@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::Value;
 
 use crate::stats::{BenchResult, MB};
@@ -41,35 +41,42 @@ pub fn run(args: IperfArgs) -> Result<BenchResult> {
             .spawn()
             .with_context(|| format!("starting {} -s", args.iperf3))?,
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("iperf3 server did not listen on 127.0.0.1:{port}");
+    // No connect probe: iperf3 takes any connection for a test's control
+    // channel, and a probe that hangs up can leave the server refusing the
+    // real client. Retry the client until the server listens instead.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let out = Command::new(&args.iperf3)
+            .args([
+                "-c",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-t",
+                &args.seconds.to_string(),
+                "-J",
+            ])
+            .output()
+            .context("running the iperf3 client")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let parsed = if out.status.success() {
+            parse(&text, args.seconds)
+        } else {
+            Err(anyhow::anyhow!(
+                "iperf3 client failed: {}",
+                text.chars().take(300).collect::<String>()
+            ))
+        };
+        match parsed {
+            Ok(r) => {
+                drop(server);
+                return Ok(r);
+            }
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(e) => eprintln!("iperf3 not ready yet ({e}); retrying"),
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
-    // No -1 on the server: the probe above counts as a (failed) test to it.
-    let out = Command::new(&args.iperf3)
-        .args([
-            "-c",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            &args.seconds.to_string(),
-            "-J",
-        ])
-        .output()
-        .context("running the iperf3 client")?;
-    drop(server);
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "iperf3 client failed: {}",
-            text.chars().take(500).collect::<String>()
-        );
-    }
-    parse(&text, args.seconds)
 }
 
 /// Converts iperf3's JSON report into a result (receiver-side bandwidth).
