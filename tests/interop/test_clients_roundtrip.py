@@ -237,13 +237,25 @@ def test_codecs_stored_as_sent(broker, produced, producer):
     for part, base, count, codec, magic in batches:
         assert magic == 2, f"batch at p{part}@{base} has magic {magic}"
         per_codec[codec] = per_codec.get(codec, 0) + count
+    # librdkafka sends a batch uncompressed when compressing would grow it,
+    # which only happens to one-record tail batches here. Tolerate exactly
+    # those; every multi-record batch must carry its requested codec.
+    uncompressed_singles = sum(c for _, _, c, codec, _ in batches if codec == "none" and c == 1)
+    if "none" not in CODECS and uncompressed_singles:
+        per_codec["none"] -= uncompressed_singles
+        if per_codec["none"] == 0:
+            del per_codec["none"]
     print(f"[{producer}] stored {len(batches)} batches; records per codec {per_codec}")
     want = {c: N // len(CODECS) for c in CODECS}
     # kcat included: librdkafka <= 2.11.0 only compresses with gzip/snappy/lz4
     # when the broker advertises Produce v0 (librdkafka #4956); Sluice, like
     # Kafka 4 since KAFKA-18659, advertises v0 (and refuses v0-v2), so every
     # client's batches must carry the codec it was asked for.
-    assert per_codec == want, f"records per stored codec: {per_codec}, expected {want}"
+    got = {c: n for c, n in per_codec.items()}
+    for c in CODECS:
+        assert want[c] - uncompressed_singles <= got.get(c, 0) <= want[c], (
+            f"records per stored codec: {per_codec}, expected {want}")
+    assert set(got) <= set(CODECS), f"unexpected stored codecs: {per_codec}"
 
 
 # -- null value, null key, empty key -------------------------------------------------
