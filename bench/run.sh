@@ -7,7 +7,8 @@
 #              bench/results/<YYYY-MM-DD>.md, .json, -throughput.svg, -latency.svg
 #   --quick    a bounded smoke run (a few minutes, small counts) proving the
 #              pipeline works; no assertion on speed; writes its results under
-#              $BENCH_OUT (default: a scratch directory, printed at the end) so
+#              $BENCH_OUT (default: a scratch directory, removed on success after
+#              the report is printed) so
 #              committed results are never overwritten.
 #
 # Every step that errors is recorded and makes the script exit non-zero (after
@@ -83,11 +84,14 @@ cleanup() {
     trap - EXIT INT TERM
     for g in "${GROUPS_STARTED[@]}"; do stop_group "$g"; done
     for p in "${PIDS_STARTED[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    # Scratch data (broker data dirs, GBs of logs) goes; logs stay on failure.
-    if ((rc == 0)); then
-        rm -rf "$WORK/data"
-    else
+    # Scratch data (broker data dirs, GBs of logs) always goes; logs stay on
+    # failure. A quick run keeps nothing but its printed report.
+    rm -rf "$WORK/data"
+    [[ -n ${MEM_DIR:-} ]] && rm -rf "$MEM_DIR"
+    if ((rc != 0)); then
         echo "bench: logs kept in $LOGS" >&2
+    elif ((QUICK)) && [[ -z ${BENCH_OUT:-} ]]; then
+        rm -rf "$WORK"
     fi
     exit "$rc"
 }
@@ -285,6 +289,37 @@ fi
 stop_group "$SLUICE_PID"
 rm -rf "$DATA/sluice"
 
+# A memory-only Kafka-compatible peer: the same broker with its log on tmpfs and
+# no fsync, driven by the same load generator. The durable figures above are
+# compared with it (the benchmark issue's bar: durable at least as fast as it).
+MEM_DIR=
+if [[ -d /dev/shm && -w /dev/shm ]]; then
+    MEM_DIR=$(mktemp -d /dev/shm/sluice-bench-mem.XXXXXX)
+    log "memory-only peer: sluice serve --flush never with its log on tmpfs ($MEM_DIR)"
+    start_service sluice-memory "$SLUICE" serve --data-dir "$MEM_DIR" --flush never \
+        --kafka-addr 127.0.0.1:0 --http-addr 127.0.0.1:0
+    MEM_PID=$SERVICE_PID
+    BOOT=
+    for ((i = 0; i < 300; i++)); do
+        BOOT=$(grep -o 'kafka=[^ ]*' "$LOGS/sluice-memory.log" 2>/dev/null | head -n1 | cut -d= -f2) || true
+        [[ -n $BOOT ]] && break
+        kill -0 "$MEM_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [[ -z $BOOT ]]; then
+        FAILED+=("memory-only sluice serve did not start")
+    else
+        for size in 100 1024; do
+            measure --set system=memory-peer --set "scenario=produce $size B, acks=1, 1 producer (tmpfs, no fsync)" --set durable_before_ack=false -- \
+                "$SLUICE" bench produce --bootstrap "$BOOT" --json --topic "mem-$size" --partitions 1 --record-size "$size" --acks 1 --duration "$SLUICE_DUR"
+        done
+    fi
+    stop_group "$MEM_PID"
+    rm -rf "$MEM_DIR"
+else
+    note "- The memory-only peer was not measured: /dev/shm is not writable here."
+fi
+
 # ------------------------------------------------------------ rabbitmq ---
 RMQ=$DATA/rabbitmq
 mkdir -p "$RMQ/mnesia" "$RMQ/log" "$RMQ/home"
@@ -395,6 +430,8 @@ if ((QUICK)); then CMD="bench/run.sh --quick"; fi
     --notes "$NOTES" --out-json "$OUT/$DATE.json" --out-md "$OUT/$DATE.md"
 "$PEERS" charts --input "$OUT/$DATE.json" --throughput "$OUT/$DATE-throughput.svg" --latency "$OUT/$DATE-latency.svg"
 log "wrote $OUT/$DATE.md, $DATE.json, $DATE-throughput.svg, $DATE-latency.svg"
+# A quick run's scratch directory is removed on success: show its report here.
+if ((QUICK)); then cat "$OUT/$DATE.md"; fi
 
 if ((${#FAILED[@]})); then
     log "${#FAILED[@]} step(s) failed:"

@@ -5,7 +5,7 @@
 # warm one (caches outside the clone).
 #
 # Usage: scripts/test.sh [STEP...]
-#   STEP is one of: setup docs fmt clippy build unit interop docker (default: all, in
+#   STEP is one of: setup docs fmt clippy build unit interop docker bench (default: all, in
 #   that order). Naming steps runs only those, e.g. `scripts/test.sh setup interop`.
 #
 # Environment:
@@ -26,7 +26,7 @@ export PYTHONDONTWRITEBYTECODE=1
 # Rust tests that print backtraces help when CI fails.
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 
-ALL_STEPS=(setup docs fmt clippy build unit interop docker)
+ALL_STEPS=(setup docs fmt clippy build unit interop docker bench)
 if (($# > 0)); then STEPS=("$@"); else STEPS=("${ALL_STEPS[@]}"); fi
 [[ ${1:-} == --inner ]] && STEPS=()
 for s in "${STEPS[@]}"; do
@@ -185,6 +185,10 @@ for s in "${STEPS[@]}"; do
     unit) step unit 40m bash "$ROOT/scripts/test.sh" --inner unit ;;
     interop) step interop 40m bash "$ROOT/scripts/test.sh" --inner interop ;;
     docker) step docker 15m bash tests/docker/run.sh ;;
+    # A smoke run of the comparison suite: proves every part of the benchmark
+    # pipeline (sluice bench, the peers, report and charts) still works; no
+    # assertion on speed. Results go to a scratch directory.
+    bench) step bench 20m bash bench/run.sh --quick ;;
     esac
 done
 
