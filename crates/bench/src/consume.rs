@@ -85,12 +85,8 @@ pub(crate) async fn connect_all(
     Ok(tasks)
 }
 
-pub(crate) struct ConsumeOutcome {
-    pub records: u64,
-    /// Start to the last record consumed.
-    pub last_done: Duration,
-    pub stats: Stats,
-}
+/// What the consumers did (`last_done`: start to the last record consumed).
+pub(crate) type ConsumeOutcome = crate::Outcome;
 
 pub(crate) async fn run_consumers(
     tasks: Vec<FetchTask>,
@@ -102,33 +98,7 @@ pub(crate) async fn run_consumers(
         .into_iter()
         .map(|t| tokio::spawn(fetch_loop(t, plan.clone(), start, counters.clone())))
         .collect();
-    let mut out = ConsumeOutcome {
-        records: 0,
-        last_done: Duration::ZERO,
-        stats: Stats::new(),
-    };
-    let mut first_err = None;
-    for h in handles {
-        match h.await {
-            Ok(Ok(r)) => {
-                out.records += r.records;
-                out.last_done = out.last_done.max(r.last_done);
-                out.stats.merge(&r.stats);
-            }
-            Ok(Err(e)) => {
-                first_err.get_or_insert(e);
-            }
-            Err(join) => {
-                first_err.get_or_insert(BenchError::Incomplete(format!(
-                    "consumer task failed: {join}"
-                )));
-            }
-        }
-    }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(out),
-    }
+    crate::join_outcomes(handles, "consumer").await
 }
 
 struct Cursor {

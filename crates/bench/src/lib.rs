@@ -501,6 +501,50 @@ async fn run_e2e(cfg: &BenchConfig, cluster: Arc<cluster::Cluster>) -> Result<Re
     ))
 }
 
+/// What a set of producer or consumer tasks did, summed.
+pub(crate) struct Outcome {
+    pub records: u64,
+    /// Start to the last acknowledgement (producers) or record consumed (consumers).
+    pub last_done: Duration,
+    pub stats: report::Stats,
+}
+
+/// Awaits every task and sums their outcomes; the first error (or panic,
+/// reported as `what` failing) wins, but every task is awaited first so none
+/// is left running.
+pub(crate) async fn join_outcomes(
+    tasks: Vec<tokio::task::JoinHandle<Result<Outcome, BenchError>>>,
+    what: &str,
+) -> Result<Outcome, BenchError> {
+    let mut out = Outcome {
+        records: 0,
+        last_done: Duration::ZERO,
+        stats: report::Stats::new(),
+    };
+    let mut first_err = None;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(r)) => {
+                out.records += r.records;
+                out.last_done = out.last_done.max(r.last_done);
+                out.stats.merge(&r.stats);
+            }
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(join) => {
+                first_err.get_or_insert(BenchError::Incomplete(format!(
+                    "{what} task failed: {join}"
+                )));
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

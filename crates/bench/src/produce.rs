@@ -78,13 +78,8 @@ pub(crate) async fn connect_all(
     Ok(all)
 }
 
-/// What the producers did.
-pub(crate) struct ProduceOutcome {
-    pub records: u64,
-    /// Start to the last acknowledgement.
-    pub last_done: Duration,
-    pub stats: Stats,
-}
+/// What the producers did (`last_done`: start to the last acknowledgement).
+pub(crate) type ProduceOutcome = crate::Outcome;
 
 pub(crate) async fn run_producers(
     cfg: &BenchConfig,
@@ -99,33 +94,7 @@ pub(crate) async fn run_producers(
         let p = Producer::new(cfg, cluster, idx, *schedule, start, counters.clone());
         tasks.push(tokio::spawn(p.run(links)));
     }
-    let mut out = ProduceOutcome {
-        records: 0,
-        last_done: Duration::ZERO,
-        stats: Stats::new(),
-    };
-    let mut first_err = None;
-    for t in tasks {
-        match t.await {
-            Ok(Ok(r)) => {
-                out.records += r.records;
-                out.last_done = out.last_done.max(r.last_done);
-                out.stats.merge(&r.stats);
-            }
-            Ok(Err(e)) => {
-                first_err.get_or_insert(e);
-            }
-            Err(join) => {
-                first_err.get_or_insert(BenchError::Incomplete(format!(
-                    "producer task failed: {join}"
-                )));
-            }
-        }
-    }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(out),
-    }
+    crate::join_outcomes(tasks, "producer").await
 }
 
 /// A request in flight, in the order sent on its connection.
@@ -169,12 +138,6 @@ struct Producer {
 }
 
 /// Result of one producer.
-struct ProducerDone {
-    records: u64,
-    last_done: Duration,
-    stats: Stats,
-}
-
 impl Producer {
     fn new(
         cfg: &BenchConfig,
@@ -218,7 +181,7 @@ impl Producer {
         }
     }
 
-    async fn run(mut self, links: Vec<Link>) -> Result<ProducerDone, BenchError> {
+    async fn run(mut self, links: Vec<Link>) -> Result<ProduceOutcome, BenchError> {
         let mut writers = Vec::with_capacity(links.len());
         let mut readers = Vec::with_capacity(links.len());
         let mut node_of = Vec::with_capacity(links.len());
@@ -294,7 +257,7 @@ impl Producer {
         drop(writers);
         match (first_err, sent) {
             (Some(e), _) => Err(e),
-            (None, Ok((records, _, _))) => Ok(ProducerDone {
+            (None, Ok((records, _, _))) => Ok(ProduceOutcome {
                 records,
                 last_done,
                 stats: local,
