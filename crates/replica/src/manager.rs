@@ -1,0 +1,768 @@
+//! [`ReplicaManager`]: the image watcher, the roles, and the API the Kafka front end
+//! calls.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use sluice_cluster::{BrokerId, ClusterNode, MetadataImage, PartitionState, NO_LEADER};
+use sluice_log::{AppendResult, LogError, Partition, ReadLimit, Store};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+#[allow(unused_imports)]
+use crate::compat::{PartitionReplication as _, StoreReplication as _};
+use crate::follower::Fetcher;
+use crate::leader::Leader;
+use crate::transport::{EpochAnswer, FetchAnswer, FetchArgs, LeaderConnector};
+use crate::{codes, ReplicaConfig, TcpConnector};
+
+/// When applying an image failed locally (disk), try again this soon.
+const IMAGE_RETRY: Duration = Duration::from_secs(1);
+
+type Key = (String, i32);
+
+/// A topic as last made to match the image: (id, partition count, configs).
+type TopicDesc = ([u8; 16], u32, BTreeMap<String, String>);
+
+/// A partition this node leads, handed to the produce path. Valid while the leadership
+/// it was issued under lasts ([`LeaderHandle::is_current`]).
+#[derive(Clone)]
+pub struct LeaderHandle {
+    pub partition: Arc<Partition>,
+    pub leader_epoch: i32,
+    leader: Arc<Leader>,
+}
+
+impl std::fmt::Debug for LeaderHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaderHandle")
+            .field("topic", &self.leader.topic)
+            .field("partition", &self.leader.index)
+            .field("leader_epoch", &self.leader_epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LeaderHandle {
+    /// Whether this node still leads the partition in the handle's epoch.
+    pub fn is_current(&self) -> bool {
+        self.leader.is_active()
+    }
+
+    /// `Partition::append` stamped with the handle's epoch, refused with
+    /// NOT_LEADER_OR_FOLLOWER (as `Err(None)`) once the leadership is over.
+    pub fn append(&self, records: &[u8]) -> Result<AppendResult, Option<LogError>> {
+        if !self.is_current() {
+            return Err(None);
+        }
+        self.partition
+            .append(records, self.leader_epoch)
+            .map_err(Some)
+    }
+}
+
+enum Role {
+    Leader {
+        leader: Arc<Leader>,
+        /// Raises the HW with the durable end and shrinks the ISR on a timer.
+        task: JoinHandle<()>,
+    },
+    Follower {
+        leader: BrokerId,
+        epoch: i32,
+        task: JoinHandle<()>,
+    },
+}
+
+impl Role {
+    /// Stops the role; returns once nothing of it runs any more.
+    async fn stop(self) {
+        match self {
+            Role::Leader { leader, task } => {
+                leader.deactivate();
+                task.abort();
+                let _ = task.await;
+            }
+            Role::Follower { task, .. } => {
+                task.abort();
+                let _ = task.await;
+            }
+        }
+    }
+}
+
+struct Slot {
+    partition: Arc<Partition>,
+    role: Option<Role>,
+}
+
+#[derive(Default)]
+struct State {
+    slots: HashMap<Key, Slot>,
+    /// Topics as last made to match the image.
+    topics: HashMap<String, TopicDesc>,
+}
+
+/// What the image asks this node to be for one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Wanted {
+    Leader(i32),
+    Follower(BrokerId, i32),
+    Offline,
+}
+
+fn wanted(me: BrokerId, p: &PartitionState) -> Wanted {
+    if p.leader == me {
+        Wanted::Leader(p.leader_epoch)
+    } else if p.leader == NO_LEADER {
+        Wanted::Offline
+    } else {
+        Wanted::Follower(p.leader, p.leader_epoch)
+    }
+}
+
+/// Replication of this broker's partitions. See the crate docs.
+pub struct ReplicaManager {
+    cfg: ReplicaConfig,
+    store: Arc<Store>,
+    cluster: Arc<ClusterNode>,
+    connector: Arc<dyn LeaderConnector>,
+    images: watch::Receiver<Arc<MetadataImage>>,
+    /// Role changes are applied by the watcher only; this lock is held across them.
+    apply_lock: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+    roles_tx: watch::Sender<u64>,
+    watcher: Mutex<Option<JoinHandle<()>>>,
+    stopped: AtomicBool,
+}
+
+impl ReplicaManager {
+    /// Starts replication with followers fetching over the Kafka protocol
+    /// ([`TcpConnector`]). Must be called inside a Tokio runtime.
+    pub fn start(store: Arc<Store>, cluster: Arc<ClusterNode>, cfg: ReplicaConfig) -> Arc<Self> {
+        let connector = Arc::new(TcpConnector::new(cfg.node_id));
+        ReplicaManager::start_with(store, cluster, cfg, connector)
+    }
+
+    /// Starts replication with followers reaching leaders through `connector`.
+    pub fn start_with(
+        store: Arc<Store>,
+        cluster: Arc<ClusterNode>,
+        cfg: ReplicaConfig,
+        connector: Arc<dyn LeaderConnector>,
+    ) -> Arc<Self> {
+        let images = cluster.image();
+        let mgr = Arc::new(ReplicaManager {
+            cfg,
+            store,
+            cluster,
+            connector,
+            images,
+            apply_lock: tokio::sync::Mutex::new(()),
+            state: Mutex::new(State::default()),
+            roles_tx: watch::channel(0).0,
+            watcher: Mutex::new(None),
+            stopped: AtomicBool::new(false),
+        });
+        let task = tokio::spawn(watch_images(Arc::downgrade(&mgr), mgr.cluster.image()));
+        *mgr.watcher.lock() = Some(task);
+        mgr
+    }
+
+    /// This broker's id.
+    pub fn node_id(&self) -> BrokerId {
+        self.cfg.node_id
+    }
+
+    /// The latest applied metadata image.
+    pub fn image(&self) -> Arc<MetadataImage> {
+        self.images.borrow().clone()
+    }
+
+    /// The metadata quorum member this manager follows.
+    pub fn cluster(&self) -> &Arc<ClusterNode> {
+        &self.cluster
+    }
+
+    /// The local store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// The leader state of a partition this node leads in the epoch its current image
+    /// says; Kafka error code otherwise (3 unknown, 6 not the leader).
+    fn current_leader(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(Arc<Leader>, Arc<MetadataImage>), i16> {
+        let image = self.image();
+        let Some(p) = image.partition(topic, partition) else {
+            return Err(codes::UNKNOWN_TOPIC_OR_PARTITION);
+        };
+        if p.leader != self.cfg.node_id {
+            return Err(codes::NOT_LEADER_OR_FOLLOWER);
+        }
+        let epoch = p.leader_epoch;
+        let state = self.state.lock();
+        match state
+            .slots
+            .get(&(topic.to_string(), partition))
+            .and_then(|s| s.role.as_ref())
+        {
+            Some(Role::Leader { leader, .. }) if leader.epoch == epoch && leader.is_active() => {
+                Ok((leader.clone(), image.clone()))
+            }
+            // The watcher has not taken the role yet (or is giving it up).
+            _ => Err(codes::NOT_LEADER_OR_FOLLOWER),
+        }
+    }
+
+    /// `min.insync.replicas` of a topic: its config, else the default; capped at the
+    /// replica count, at least 1.
+    fn min_insync(&self, image: &MetadataImage, topic: &str, replicas: usize) -> usize {
+        let configured = image
+            .topics
+            .get(topic)
+            .and_then(|t| t.configs.get("min.insync.replicas"))
+            .and_then(|v| v.trim().parse::<i32>().ok())
+            .unwrap_or(self.cfg.default_min_insync);
+        usize::try_from(configured)
+            .unwrap_or(1)
+            .clamp(1, replicas.max(1))
+    }
+
+    /// Produce path. Err(kafka code): 3 unknown, 6 not leader, 19 not enough replicas
+    /// (only checked when `acks_all`).
+    pub fn leader_for_produce(
+        &self,
+        topic: &str,
+        partition: i32,
+        acks_all: bool,
+    ) -> Result<LeaderHandle, i16> {
+        let (leader, image) = self.current_leader(topic, partition)?;
+        if acks_all {
+            let replicas = image
+                .partition(topic, partition)
+                .map_or(1, |p| p.replicas.len());
+            if leader.isr_len() < self.min_insync(&image, topic, replicas) {
+                return Err(codes::NOT_ENOUGH_REPLICAS);
+            }
+        }
+        Ok(LeaderHandle {
+            partition: leader.partition.clone(),
+            leader_epoch: leader.epoch,
+            leader,
+        })
+    }
+
+    /// acks=all: resolves once HW >= `end_offset`. Err(6) if this node stopped leading
+    /// that epoch meanwhile; Err(7 REQUEST_TIMED_OUT) after `timeout`.
+    pub async fn wait_replicated(
+        &self,
+        h: &LeaderHandle,
+        end_offset: i64,
+        timeout: Duration,
+    ) -> Result<(), i16> {
+        let deadline = Instant::now() + timeout;
+        let mut hw = h.partition.watch_high_watermark();
+        let mut roles = self.roles_tx.subscribe();
+        loop {
+            let reached = *hw.borrow_and_update() >= end_offset;
+            // The HW counts only while it was raised by this leadership.
+            if !h.leader.is_active() {
+                return Err(codes::NOT_LEADER_OR_FOLLOWER);
+            }
+            if reached {
+                return Ok(());
+            }
+            tokio::select! {
+                r = hw.changed() => if r.is_err() {
+                    return Err(codes::NOT_LEADER_OR_FOLLOWER);
+                },
+                _ = roles.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => return Err(codes::REQUEST_TIMED_OUT),
+            }
+        }
+    }
+
+    /// Consumer fetch / ListOffsets: the partition if this node leads it (Err 6/3
+    /// otherwise); `current_leader_epoch` checked (74/79) when >= 0.
+    pub fn leader_for_read(
+        &self,
+        topic: &str,
+        partition: i32,
+        current_leader_epoch: i32,
+    ) -> Result<(Arc<Partition>, i32), i16> {
+        let (leader, _) = self.current_leader(topic, partition)?;
+        check_epoch(current_leader_epoch, leader.epoch)?;
+        Ok((leader.partition.clone(), leader.epoch))
+    }
+
+    /// A Fetch from follower `replica_id`: checks the epoch (74/79), records
+    /// `fetch_offset` as that follower's durable end, recomputes the HW and ISR
+    /// expansion. Returns the partition to read from (follower reads go up to the log
+    /// end, not the HW). Err(1) when `fetch_offset` is outside the leader's log.
+    pub fn on_follower_fetch(
+        &self,
+        topic: &str,
+        partition: i32,
+        replica_id: i32,
+        fetch_offset: i64,
+        current_leader_epoch: i32,
+    ) -> Result<Arc<Partition>, i16> {
+        let (leader, _) = self.current_leader(topic, partition)?;
+        check_epoch(current_leader_epoch, leader.epoch)?;
+        leader.on_follower_fetch(replica_id, fetch_offset)?;
+        Ok(leader.partition.clone())
+    }
+
+    /// The whole leader side of a follower fetch, for transports that call in directly
+    /// ([`crate::InProcessConnector`]) and usable by a front end: `on_follower_fetch`,
+    /// then hold the request up to `max_wait` while there is nothing past
+    /// `fetch_offset`, then read up to the log end.
+    pub async fn answer_follower_fetch(&self, replica_id: i32, args: &FetchArgs) -> FetchAnswer {
+        let p = match self.on_follower_fetch(
+            &args.topic,
+            args.partition,
+            replica_id,
+            args.fetch_offset,
+            args.current_leader_epoch,
+        ) {
+            Ok(p) => p,
+            Err(code) => {
+                let mut a = FetchAnswer::error(code);
+                if code == codes::OFFSET_OUT_OF_RANGE {
+                    if let Some(p) = self.store.partition(&args.topic, args.partition) {
+                        a.log_start_offset = p.log_start_offset();
+                    }
+                }
+                return a;
+            }
+        };
+        if p.log_end_offset() <= args.fetch_offset {
+            let mut durable = p.watch_durable_end();
+            let mut hw = p.watch_high_watermark();
+            let hw_now = *hw.borrow_and_update();
+            let _ = tokio::time::timeout(args.max_wait, async {
+                loop {
+                    if p.log_end_offset() > args.fetch_offset || *hw.borrow() != hw_now {
+                        return;
+                    }
+                    tokio::select! {
+                        r = durable.changed() => if r.is_err() { return },
+                        r = hw.changed() => if r.is_err() { return },
+                    }
+                }
+            })
+            .await;
+        }
+        match p.read(args.fetch_offset, args.max_bytes, true, ReadLimit::LogEnd) {
+            Ok(r) => FetchAnswer {
+                error_code: 0,
+                high_watermark: r.high_watermark,
+                log_start_offset: r.log_start_offset,
+                records: r.records,
+            },
+            Err(LogError::OffsetOutOfRange { log_start, .. }) => FetchAnswer {
+                log_start_offset: log_start,
+                ..FetchAnswer::error(codes::OFFSET_OUT_OF_RANGE)
+            },
+            Err(LogError::UnknownTopicOrPartition(_)) => {
+                FetchAnswer::error(codes::UNKNOWN_TOPIC_OR_PARTITION)
+            }
+            Err(_) => FetchAnswer::error(codes::KAFKA_STORAGE_ERROR),
+        }
+    }
+
+    /// The leader side of OffsetForLeaderEpoch for a follower: checks the epoch
+    /// (74/79), then the end offset of `leader_epoch` (or the largest smaller epoch).
+    pub fn answer_end_offset_for_epoch(
+        &self,
+        topic: &str,
+        partition: i32,
+        current_leader_epoch: i32,
+        leader_epoch: i32,
+    ) -> EpochAnswer {
+        let fail = |code| EpochAnswer {
+            error_code: code,
+            leader_epoch: -1,
+            end_offset: -1,
+        };
+        match self.leader_for_read(topic, partition, current_leader_epoch) {
+            Ok((p, _)) => {
+                let (epoch, end) = p.end_offset_for_epoch(leader_epoch);
+                EpochAnswer {
+                    error_code: 0,
+                    leader_epoch: epoch,
+                    end_offset: end,
+                }
+            }
+            Err(code) => fail(code),
+        }
+    }
+
+    /// Fires whenever roles change; [`Self::leader_epoch_of`] tells whether we lead.
+    pub fn watch_roles(&self) -> watch::Receiver<u64> {
+        self.roles_tx.subscribe()
+    }
+
+    /// The epoch this node leads the partition in, if it does.
+    pub fn leader_epoch_of(&self, topic: &str, partition: i32) -> Option<i32> {
+        let state = self.state.lock();
+        match state
+            .slots
+            .get(&(topic.to_string(), partition))
+            .and_then(|s| s.role.as_ref())
+        {
+            Some(Role::Leader { leader, .. }) if leader.is_active() => Some(leader.epoch),
+            _ => None,
+        }
+    }
+
+    /// The leader this node follows for the partition, with the epoch, if it follows.
+    pub fn following(&self, topic: &str, partition: i32) -> Option<(BrokerId, i32)> {
+        let state = self.state.lock();
+        match state
+            .slots
+            .get(&(topic.to_string(), partition))
+            .and_then(|s| s.role.as_ref())
+        {
+            Some(Role::Follower { leader, epoch, .. }) => Some((*leader, *epoch)),
+            _ => None,
+        }
+    }
+
+    /// Stops the image watcher and every role (leaders answer 6 from now on).
+    /// Idempotent. The cluster node is not shut down.
+    pub async fn shutdown(&self) {
+        self.stopped.store(true, Ordering::Release);
+        let watcher = self.watcher.lock().take();
+        if let Some(t) = watcher {
+            t.abort();
+            let _ = t.await;
+        }
+        let _guard = self.apply_lock.lock().await;
+        let roles: Vec<Role> = {
+            let mut state = self.state.lock();
+            state
+                .slots
+                .values_mut()
+                .filter_map(|s| s.role.take())
+                .collect()
+        };
+        for r in roles {
+            r.stop().await;
+        }
+        self.bump_roles();
+    }
+
+    fn bump_roles(&self) {
+        self.roles_tx.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Makes local state match `image`. Returns false when something failed locally
+    /// (retried later).
+    async fn apply_image(&self, image: &Arc<MetadataImage>) -> bool {
+        let _guard = self.apply_lock.lock().await;
+        if self.is_stopped() {
+            return true;
+        }
+        let me = self.cfg.node_id;
+        let mut ok = true;
+        let mut changed = false;
+
+        // Partitions this node replicates, per the image.
+        let mut want: HashMap<Key, (Wanted, PartitionState)> = HashMap::new();
+        for (name, t) in &image.topics {
+            for (i, p) in t.partitions.iter().enumerate() {
+                if p.replicas.contains(&me) {
+                    want.insert((name.clone(), i as i32), (wanted(me, p), p.clone()));
+                }
+            }
+        }
+
+        // Topics recreated under the same name (new id): their old partitions go first.
+        let recreated: Vec<String> = {
+            let state = self.state.lock();
+            state
+                .topics
+                .iter()
+                .filter(|(name, (id, _, _))| {
+                    image.topics.get(*name).is_some_and(|t| t.topic_id != *id)
+                })
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+
+        // Stop roles no longer wanted (partition gone, reassigned away, recreated topic).
+        let stale: Vec<(Key, Option<Role>)> = {
+            let mut state = self.state.lock();
+            let keys: Vec<Key> = state
+                .slots
+                .keys()
+                .filter(|k| !want.contains_key(*k) || recreated.contains(&k.0))
+                .cloned()
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| state.slots.remove(&k).map(|s| (k, s.role)))
+                .collect()
+        };
+        for (key, role) in stale {
+            if let Some(r) = role {
+                tracing::info!(node = me, topic = %key.0, partition = key.1, "giving up replica role");
+                r.stop().await;
+                changed = true;
+            }
+        }
+        if !recreated.is_empty() {
+            let mut state = self.state.lock();
+            for name in &recreated {
+                state.topics.remove(name);
+            }
+        }
+
+        // Make local topics match the image.
+        for (name, t) in &image.topics {
+            if !t.partitions.iter().any(|p| p.replicas.contains(&me)) {
+                continue;
+            }
+            let count = t.partitions.len() as u32;
+            let desc = (t.topic_id, count, t.configs.clone());
+            let known = self.state.lock().topics.get(name) == Some(&desc);
+            if known {
+                continue;
+            }
+            let store = self.store.clone();
+            let (n, id, configs) = (name.clone(), t.topic_id, t.configs.clone());
+            let r =
+                tokio::task::spawn_blocking(move || store.ensure_topic(&n, id, count, &configs))
+                    .await;
+            match r {
+                Ok(Ok(_)) => {
+                    self.state.lock().topics.insert(name.clone(), desc);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(node = me, topic = %name, error = %e, "cannot make the local topic match the image");
+                    ok = false;
+                }
+                Err(e) => {
+                    tracing::warn!(node = me, topic = %name, error = %e, "ensure_topic task failed");
+                    ok = false;
+                }
+            }
+        }
+
+        // Take the wanted roles.
+        let mut keys: Vec<&Key> = want.keys().collect();
+        keys.sort();
+        for key in keys {
+            let Some((w, pstate)) = want.get(key) else {
+                continue;
+            };
+            if !self.state.lock().topics.contains_key(&key.0) {
+                continue; // ensure_topic failed; retried later
+            }
+            match self.take_role(key, w, pstate).await {
+                Ok(c) => changed |= c,
+                Err(e) => {
+                    tracing::warn!(node = me, topic = %key.0, partition = key.1, error = %e, "cannot take the replica role");
+                    ok = false;
+                }
+            }
+        }
+
+        // Delete local topics the image no longer has, once the image is trustworthy.
+        if image.applied_index > 0 && image.brokers.get(&me).is_some_and(|b| !b.fenced) {
+            for t in self.store.topics() {
+                if image.topics.contains_key(&t.name) {
+                    continue;
+                }
+                let store = self.store.clone();
+                let name = t.name.clone();
+                tracing::info!(node = me, topic = %name, "deleting local topic absent from the metadata image");
+                let r = tokio::task::spawn_blocking(move || store.delete_topic(&name)).await;
+                match r {
+                    Ok(Ok(())) | Ok(Err(LogError::UnknownTopicOrPartition(_))) => {
+                        self.state.lock().topics.remove(&t.name);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(node = me, topic = %t.name, error = %e, "cannot delete local topic");
+                        ok = false;
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = me, topic = %t.name, error = %e, "delete task failed");
+                        ok = false;
+                    }
+                }
+            }
+        }
+        if changed {
+            self.bump_roles();
+        }
+        ok
+    }
+
+    /// Brings one partition to the wanted role. Returns whether the role changed.
+    async fn take_role(
+        &self,
+        key: &Key,
+        w: &Wanted,
+        pstate: &PartitionState,
+    ) -> Result<bool, LogError> {
+        let me = self.cfg.node_id;
+        // Current role, and whether it already is the wanted one.
+        let (partition, current) = {
+            let state = self.state.lock();
+            match state.slots.get(key) {
+                Some(slot) => {
+                    let same = match (&slot.role, w) {
+                        (Some(Role::Leader { leader, .. }), Wanted::Leader(e)) => {
+                            leader.epoch == *e && leader.is_active()
+                        }
+                        (Some(Role::Follower { leader, epoch, .. }), Wanted::Follower(l, e)) => {
+                            leader == l && epoch == e
+                        }
+                        (None, Wanted::Offline) => true,
+                        _ => false,
+                    };
+                    if same {
+                        if let Some(Role::Leader { leader, .. }) = &slot.role {
+                            leader.on_image(pstate);
+                        }
+                        return Ok(false);
+                    }
+                    (Some(slot.partition.clone()), true)
+                }
+                None => (None, false),
+            }
+        };
+        let partition = match partition {
+            Some(p) => p,
+            None => {
+                let p = self.store.partition(&key.0, key.1).ok_or_else(|| {
+                    LogError::UnknownTopicOrPartition(format!("{}-{}", key.0, key.1))
+                })?;
+                p.set_replicated(true);
+                p
+            }
+        };
+        // Stop the old role before anything of the new one runs.
+        if current {
+            let old = {
+                let mut state = self.state.lock();
+                state.slots.get_mut(key).and_then(|s| s.role.take())
+            };
+            if let Some(r) = old {
+                r.stop().await;
+            }
+        }
+        let role = match w {
+            Wanted::Offline => {
+                tracing::info!(node = me, topic = %key.0, partition = key.1, "partition offline");
+                None
+            }
+            Wanted::Leader(epoch) => {
+                tracing::info!(node = me, topic = %key.0, partition = key.1, epoch, isr = ?pstate.isr, "becoming leader");
+                let leader = Leader::new(
+                    me,
+                    &key.0,
+                    key.1,
+                    pstate,
+                    partition.clone(),
+                    self.cfg.replica_lag_max,
+                    self.cluster.clone(),
+                );
+                let task = tokio::spawn(leader_loop(leader.clone(), self.cfg.replica_lag_max));
+                Some(Role::Leader { leader, task })
+            }
+            Wanted::Follower(leader, epoch) => {
+                tracing::info!(node = me, topic = %key.0, partition = key.1, leader, epoch, "becoming follower");
+                let fetcher = Fetcher {
+                    me,
+                    topic: key.0.clone(),
+                    index: key.1,
+                    partition: partition.clone(),
+                    leader: *leader,
+                    epoch: *epoch,
+                    max_bytes: self.cfg.fetch_max_bytes,
+                    max_wait: self.cfg.fetch_max_wait,
+                    connector: self.connector.clone(),
+                    images: self.images.clone(),
+                };
+                Some(Role::Follower {
+                    leader: *leader,
+                    epoch: *epoch,
+                    task: tokio::spawn(fetcher.run()),
+                })
+            }
+        };
+        self.state
+            .lock()
+            .slots
+            .insert(key.clone(), Slot { partition, role });
+        Ok(true)
+    }
+}
+
+fn check_epoch(requested: i32, ours: i32) -> Result<(), i16> {
+    if requested < 0 || requested == ours {
+        Ok(())
+    } else if requested < ours {
+        Err(codes::FENCED_LEADER_EPOCH)
+    } else {
+        Err(codes::UNKNOWN_LEADER_EPOCH)
+    }
+}
+
+/// Per led partition: the HW follows the durable end; the ISR is checked for laggards.
+async fn leader_loop(leader: Arc<Leader>, lag_max: Duration) {
+    let tick = (lag_max / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut durable = leader.partition.watch_durable_end();
+    let mut timer = tokio::time::interval(tick);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    leader.on_durable_end();
+    loop {
+        tokio::select! {
+            r = durable.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                leader.on_durable_end();
+            }
+            _ = timer.tick() => leader.maybe_shrink(),
+        }
+    }
+}
+
+/// Applies every new image; retries a failed one after [`IMAGE_RETRY`].
+async fn watch_images(
+    mgr: std::sync::Weak<ReplicaManager>,
+    mut images: watch::Receiver<Arc<MetadataImage>>,
+) {
+    loop {
+        let image = images.borrow_and_update().clone();
+        let ok = match mgr.upgrade() {
+            Some(m) => m.apply_image(&image).await,
+            None => return,
+        };
+        if ok {
+            if images.changed().await.is_err() {
+                return;
+            }
+        } else {
+            tokio::select! {
+                r = images.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(IMAGE_RETRY) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! [`TcpConnector`]: followers reach leaders over the Kafka protocol, at the leader's
+//! replica address. Fetch v12 (replica_id is the top-level field up to v14),
+//! OffsetForLeaderEpoch v3+ (with replica_id), ListOffsets(earliest).
+
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::future::BoxFuture;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+use kafka_protocol::messages::offset_for_leader_epoch_request::{
+    OffsetForLeaderPartition, OffsetForLeaderTopic,
+};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsRequest, BrokerId as KBrokerId, FetchRequest, ListOffsetsRequest,
+    OffsetForLeaderEpochRequest, RequestHeader, ResponseHeader, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
+use sluice_cluster::BrokerId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::transport::{
+    EpochAnswer, FetchAnswer, FetchArgs, LeaderConnector, LeaderTransport, TransportError,
+};
+
+const CLIENT_ID: &str = "sluice-replica";
+/// Fetch v12: the last version with replica_id at the top level and topics by name.
+const FETCH_VERSION: i16 = 12;
+/// Largest response accepted (a fetch answer is bounded by max_bytes).
+const MAX_RESPONSE: usize = 256 << 20;
+/// Time allowed for connecting and for a non-fetch request.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects followers to their leaders' Kafka listeners.
+#[derive(Debug, Clone)]
+pub struct TcpConnector {
+    node_id: BrokerId,
+}
+
+impl TcpConnector {
+    /// Sessions identify themselves as replica `node_id`.
+    pub fn new(node_id: BrokerId) -> TcpConnector {
+        TcpConnector { node_id }
+    }
+}
+
+impl LeaderConnector for TcpConnector {
+    fn connect<'a>(
+        &'a self,
+        leader: BrokerId,
+        addr: &'a str,
+    ) -> BoxFuture<'a, Result<Box<dyn LeaderTransport>, TransportError>> {
+        Box::pin(async move {
+            let conn = tokio::time::timeout(CALL_TIMEOUT, Conn::connect(self.node_id, addr))
+                .await
+                .map_err(|_| TransportError::Io(format!("connecting to {addr} timed out")))
+                .and_then(|r| r)
+                .map_err(|e| TransportError::Connect {
+                    leader,
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })?;
+            Ok(Box::new(conn) as Box<dyn LeaderTransport>)
+        })
+    }
+}
+
+struct Conn {
+    node_id: BrokerId,
+    stream: TcpStream,
+    next_correlation: i32,
+    epoch_version: i16,
+    list_offsets_version: i16,
+    wbuf: BytesMut,
+    rbuf: BytesMut,
+}
+
+fn proto(what: &str, e: impl std::fmt::Display) -> TransportError {
+    TransportError::Protocol(format!("{what}: {e}"))
+}
+
+fn io(e: std::io::Error) -> TransportError {
+    TransportError::Io(e.to_string())
+}
+
+impl Conn {
+    async fn connect(node_id: BrokerId, addr: &str) -> Result<Conn, TransportError> {
+        let stream = TcpStream::connect(addr).await.map_err(io)?;
+        stream.set_nodelay(true).map_err(io)?;
+        let mut conn = Conn {
+            node_id,
+            stream,
+            next_correlation: 1,
+            epoch_version: 3,
+            list_offsets_version: 1,
+            wbuf: BytesMut::new(),
+            rbuf: BytesMut::new(),
+        };
+        let resp = conn.call(&ApiVersionsRequest::default(), 2).await?;
+        if resp.error_code != 0 {
+            return Err(TransportError::Protocol(format!(
+                "ApiVersions answered error {}",
+                resp.error_code
+            )));
+        }
+        let range = |key: ApiKey| {
+            resp.api_keys
+                .iter()
+                .find(|k| k.api_key == key as i16)
+                .map(|k| (k.min_version, k.max_version))
+        };
+        let pick = |key: ApiKey, lo: i16, hi: i16| -> Result<i16, TransportError> {
+            match range(key) {
+                Some((min, max)) if max.min(hi) >= lo.max(min) => Ok(max.min(hi)),
+                other => Err(TransportError::Protocol(format!(
+                    "leader serves {key:?} {other:?}; a follower needs v{lo}-v{hi}"
+                ))),
+            }
+        };
+        pick(ApiKey::Fetch, FETCH_VERSION, FETCH_VERSION)?;
+        conn.epoch_version = pick(ApiKey::OffsetForLeaderEpoch, 3, 4)?;
+        conn.list_offsets_version = pick(ApiKey::ListOffsets, 1, 6)?;
+        Ok(conn)
+    }
+
+    async fn call<R: Request>(
+        &mut self,
+        req: &R,
+        version: i16,
+    ) -> Result<R::Response, TransportError> {
+        let correlation_id = self.next_correlation;
+        self.next_correlation = self.next_correlation.wrapping_add(1);
+        self.wbuf.clear();
+        self.wbuf.put_i32(0);
+        RequestHeader::default()
+            .with_request_api_key(R::KEY)
+            .with_request_api_version(version)
+            .with_correlation_id(correlation_id)
+            .with_client_id(Some(StrBytes::from_static_str(CLIENT_ID)))
+            .encode(&mut self.wbuf, R::header_version(version))
+            .map_err(|e| proto("encoding a request header", e))?;
+        req.encode(&mut self.wbuf, version)
+            .map_err(|e| proto("encoding a request", e))?;
+        let size = i32::try_from(self.wbuf.len() - 4)
+            .map_err(|_| TransportError::Protocol("request too large".into()))?;
+        self.wbuf[0..4].copy_from_slice(&size.to_be_bytes());
+        self.stream.write_all(&self.wbuf).await.map_err(io)?;
+
+        let size = self.stream.read_i32().await.map_err(io)?;
+        let size = usize::try_from(size)
+            .ok()
+            .filter(|s| *s >= 4 && *s <= MAX_RESPONSE)
+            .ok_or_else(|| TransportError::Protocol(format!("response frame of {size} bytes")))?;
+        self.rbuf.clear();
+        self.rbuf.reserve(size);
+        while self.rbuf.len() < size {
+            let want = (size - self.rbuf.len()) as u64;
+            let n = (&mut self.stream)
+                .take(want)
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(io)?;
+            if n == 0 {
+                return Err(TransportError::Io("connection closed mid-response".into()));
+            }
+        }
+        let mut frame: Bytes = self.rbuf.split().freeze();
+        let header = ResponseHeader::decode(
+            &mut frame,
+            <R::Response as HeaderVersion>::header_version(version),
+        )
+        .map_err(|e| proto("decoding a response header", e))?;
+        if header.correlation_id != correlation_id {
+            return Err(TransportError::Protocol(format!(
+                "correlation id {} in answer to {correlation_id}",
+                header.correlation_id
+            )));
+        }
+        let body = R::Response::decode(&mut frame, version)
+            .map_err(|e| proto("decoding a response", e))?;
+        if frame.has_remaining() {
+            return Err(TransportError::Protocol(
+                "trailing bytes after a response".into(),
+            ));
+        }
+        Ok(body)
+    }
+
+    async fn call_within<R: Request>(
+        &mut self,
+        req: &R,
+        version: i16,
+        limit: Duration,
+    ) -> Result<R::Response, TransportError> {
+        tokio::time::timeout(limit, self.call(req, version))
+            .await
+            .map_err(|_| TransportError::Io(format!("no answer within {limit:?}")))?
+    }
+}
+
+fn topic_name(t: &str) -> TopicName {
+    TopicName(StrBytes::from_string(t.to_string()))
+}
+
+impl LeaderTransport for Conn {
+    fn fetch<'a>(
+        &'a mut self,
+        args: &'a FetchArgs,
+    ) -> BoxFuture<'a, Result<FetchAnswer, TransportError>> {
+        Box::pin(async move {
+            let max_bytes = i32::try_from(args.max_bytes).unwrap_or(i32::MAX);
+            let req = FetchRequest::default()
+                .with_replica_id(KBrokerId(self.node_id))
+                .with_max_wait_ms(i32::try_from(args.max_wait.as_millis()).unwrap_or(i32::MAX))
+                .with_min_bytes(1)
+                .with_max_bytes(max_bytes)
+                .with_isolation_level(0)
+                .with_session_id(0)
+                .with_session_epoch(-1)
+                .with_topics(vec![FetchTopic::default()
+                    .with_topic(topic_name(&args.topic))
+                    .with_partitions(vec![FetchPartition::default()
+                        .with_partition(args.partition)
+                        .with_current_leader_epoch(args.current_leader_epoch)
+                        .with_fetch_offset(args.fetch_offset)
+                        .with_last_fetched_epoch(args.last_fetched_epoch)
+                        .with_log_start_offset(-1)
+                        .with_partition_max_bytes(max_bytes)])]);
+            let resp = self
+                .call_within(&req, FETCH_VERSION, args.max_wait + CALL_TIMEOUT)
+                .await?;
+            if resp.error_code != 0 {
+                return Ok(FetchAnswer::error(resp.error_code));
+            }
+            let part = resp
+                .responses
+                .into_iter()
+                .filter(|t| t.topic.0.as_str() == args.topic)
+                .flat_map(|t| t.partitions)
+                .find(|p| p.partition_index == args.partition)
+                .ok_or_else(|| {
+                    TransportError::Protocol("fetch answer without our partition".into())
+                })?;
+            Ok(FetchAnswer {
+                error_code: part.error_code,
+                high_watermark: part.high_watermark,
+                log_start_offset: part.log_start_offset,
+                records: part.records.unwrap_or_default(),
+            })
+        })
+    }
+
+    fn end_offset_for_epoch<'a>(
+        &'a mut self,
+        topic: &'a str,
+        partition: i32,
+        current_leader_epoch: i32,
+        leader_epoch: i32,
+    ) -> BoxFuture<'a, Result<EpochAnswer, TransportError>> {
+        Box::pin(async move {
+            let req = OffsetForLeaderEpochRequest::default()
+                .with_replica_id(KBrokerId(self.node_id))
+                .with_topics(vec![OffsetForLeaderTopic::default()
+                    .with_topic(topic_name(topic))
+                    .with_partitions(vec![OffsetForLeaderPartition::default()
+                        .with_partition(partition)
+                        .with_current_leader_epoch(current_leader_epoch)
+                        .with_leader_epoch(leader_epoch)])]);
+            let version = self.epoch_version;
+            let resp = self.call_within(&req, version, CALL_TIMEOUT).await?;
+            let p = resp
+                .topics
+                .into_iter()
+                .filter(|t| t.topic.0.as_str() == topic)
+                .flat_map(|t| t.partitions)
+                .find(|p| p.partition == partition)
+                .ok_or_else(|| {
+                    TransportError::Protocol(
+                        "OffsetForLeaderEpoch answer without our partition".into(),
+                    )
+                })?;
+            Ok(EpochAnswer {
+                error_code: p.error_code,
+                leader_epoch: p.leader_epoch,
+                end_offset: p.end_offset,
+            })
+        })
+    }
+
+    fn log_start_offset<'a>(
+        &'a mut self,
+        topic: &'a str,
+        partition: i32,
+        current_leader_epoch: i32,
+    ) -> BoxFuture<'a, Result<(i16, i64), TransportError>> {
+        Box::pin(async move {
+            let version = self.list_offsets_version;
+            let mut p = ListOffsetsPartition::default()
+                .with_partition_index(partition)
+                .with_timestamp(-2);
+            if version >= 4 {
+                p = p.with_current_leader_epoch(current_leader_epoch);
+            }
+            let req = ListOffsetsRequest::default()
+                .with_replica_id(KBrokerId(self.node_id))
+                .with_topics(vec![ListOffsetsTopic::default()
+                    .with_name(topic_name(topic))
+                    .with_partitions(vec![p])]);
+            let resp = self.call_within(&req, version, CALL_TIMEOUT).await?;
+            let p = resp
+                .topics
+                .into_iter()
+                .filter(|t| t.name.0.as_str() == topic)
+                .flat_map(|t| t.partitions)
+                .find(|p| p.partition_index == partition)
+                .ok_or_else(|| {
+                    TransportError::Protocol("ListOffsets answer without our partition".into())
+                })?;
+            Ok((p.error_code, p.offset))
+        })
+    }
+}
