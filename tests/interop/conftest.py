@@ -1,5 +1,7 @@
 """Harness for Sluice's interop tests: starts the real `sluice serve` binary and
-lets tests kill -9 / restart / stop it.
+lets tests kill -9 / restart / stop it. With SLUICE_INTEROP_CLUSTER=1 every
+"broker" is a three-node cluster (replication factor 3) that is killed and
+restarted as a whole.
 
 The broker binary comes from $SLUICE_BIN (default
 /var/tmp/sluice-target/release/sluice). Every test module gets a broker of its
@@ -278,6 +280,120 @@ class ExternalBroker:
         pass
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """Three `sluice serve` processes in cluster mode on 127.0.0.1, behaving like
+    one broker to the tests (SLUICE_INTEROP_CLUSTER=1): `bootstrap` lists all
+    three, `kill9()` SIGKILLs all of them at once (power loss) and `start()`
+    starts all of them again on their data directories. Tests that read a
+    broker's files skip (`data_dir` is None): each node has its own."""
+
+    SIZE = 3
+
+    def __init__(self, base: Path, name, env=None, config_text=None, extra_args=()):
+        ids = list(range(1, self.SIZE + 1))
+        kafka = {i: free_port() for i in ids}
+        raft = {i: free_port() for i in ids}
+        peers = ",".join(f"{i}@127.0.0.1:{raft[i]}" for i in ids)
+        self.nodes = []
+        for i in ids:
+            data = base / f"{name}-node{i}-data"
+            data.mkdir()
+            args = [
+                "--node-id", str(i),
+                "--cluster-peers", peers,
+                "--raft-listen", f"127.0.0.1:{raft[i]}",
+                "--advertised-kafka", f"127.0.0.1:{kafka[i]}",
+                "--replica-addr", f"127.0.0.1:{kafka[i]}",
+                *extra_args,
+            ]
+            b = Broker(data, base / f"{name}-node{i}.log", env=env, config_text=config_text, extra_args=args)
+            b.kafka_port = kafka[i]
+            b.http_port = free_port()
+            self.nodes.append(b)
+        self.bootstrap = ",".join(f"127.0.0.1:{kafka[i]}" for i in ids)
+        self.data_dir = None
+        self.log_path = self.nodes[0].log_path
+
+    @property
+    def http(self):
+        return self.nodes[0].http
+
+    def start(self, timeout=START_TIMEOUT_S):
+        # All at once: a node may wait for a quorum before it reports ready.
+        errors = []
+
+        def run(b):
+            try:
+                b.start(timeout)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(b,)) for b in self.nodes if not b.alive()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise BrokerError(f"cluster did not start: {errors[0]}")
+        self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout=START_TIMEOUT_S):
+        """Every node answers /healthz 200 (it has a controller and is registered)."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        pending = list(self.nodes)
+        while pending and time.monotonic() < deadline:
+            b = pending[0]
+            try:
+                with urllib.request.urlopen(f"http://{b.http}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        pending.pop(0)
+                        continue
+            except OSError:
+                pass
+            time.sleep(0.2)
+        if pending:
+            raise BrokerError(f"nodes not healthy in {timeout}s: {[b.http for b in pending]}\n{self.log_tail()}")
+
+    def kill9(self):
+        for b in self.nodes:
+            if b.alive():
+                os.kill(b.proc.pid, signal.SIGKILL)
+        for b in self.nodes:
+            b._kill_proc()
+
+    def stop(self, timeout=15.0):
+        rcs = [b.stop(timeout) for b in self.nodes]
+        return next((rc for rc in rcs if rc), rcs[0])
+
+    def restart(self, graceful=False):
+        if graceful:
+            self.stop()
+        else:
+            self.kill9()
+        return self.start()
+
+    def alive(self):
+        return all(b.alive() for b in self.nodes)
+
+    def log_tail(self, n=60):
+        return "\n".join(f"--- node {i + 1} ---\n{b.log_tail(n)}" for i, b in enumerate(self.nodes))
+
+    def _kill_proc(self):
+        for b in self.nodes:
+            b._kill_proc()
+
+    cli = Broker.cli
+
+
 @pytest.fixture(scope="module")
 def broker_factory(tmp_path_factory, request):
     """Starts brokers for one module; all of them are killed at module teardown."""
@@ -289,6 +405,12 @@ def broker_factory(tmp_path_factory, request):
     base = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
 
     def make(name="broker", env=None, config_text=None, extra_args=()):
+        if os.environ.get("SLUICE_INTEROP_CLUSTER"):
+            c = LocalCluster(base, name, env=env, config_text=config_text, extra_args=extra_args)
+            started.append(c)
+            c.start()
+            print(f"[harness] {name}: three-node cluster on {c.bootstrap} (logs {base})")
+            return c
         data = base / f"{name}-data"
         data.mkdir()
         b = Broker(data, base / f"{name}.log", env=env, config_text=config_text, extra_args=extra_args)
