@@ -321,3 +321,165 @@ impl LeaderTransport for Conn {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::api_versions_response::ApiVersion;
+    use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+    use kafka_protocol::messages::list_offsets_response::{
+        ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+    };
+    use kafka_protocol::messages::offset_for_leader_epoch_response::{
+        EpochEndOffset, OffsetForLeaderTopicResult,
+    };
+    use kafka_protocol::messages::{
+        ApiVersionsResponse, FetchResponse, ListOffsetsResponse, OffsetForLeaderEpochResponse,
+    };
+    use tokio::net::TcpListener;
+
+    async fn read_request(s: &mut TcpStream) -> Option<(ApiKey, i16, RequestHeader, Bytes)> {
+        let size = s.read_i32().await.ok()?;
+        let mut buf = vec![0u8; size as usize];
+        s.read_exact(&mut buf).await.ok()?;
+        let key = ApiKey::try_from(i16::from_be_bytes([buf[0], buf[1]])).ok()?;
+        let version = i16::from_be_bytes([buf[2], buf[3]]);
+        let mut b = Bytes::from(buf);
+        let h = RequestHeader::decode(&mut b, key.request_header_version(version)).ok()?;
+        Some((key, version, h, b))
+    }
+
+    async fn reply<M: Encodable>(s: &mut TcpStream, key: ApiKey, version: i16, cid: i32, m: &M) {
+        let mut b = BytesMut::new();
+        b.put_i32(0);
+        ResponseHeader::default()
+            .with_correlation_id(cid)
+            .encode(&mut b, key.response_header_version(version))
+            .unwrap();
+        m.encode(&mut b, version).unwrap();
+        let n = (b.len() - 4) as i32;
+        b[0..4].copy_from_slice(&n.to_be_bytes());
+        s.write_all(&b).await.unwrap();
+    }
+
+    /// A fake leader: checks what a follower sends and answers fixed values.
+    async fn fake_leader(l: TcpListener) {
+        let (mut s, _) = l.accept().await.unwrap();
+        while let Some((key, v, h, mut body)) = read_request(&mut s).await {
+            let cid = h.correlation_id;
+            match key {
+                ApiKey::ApiVersions => {
+                    let keys = [
+                        (ApiKey::Fetch, 4, 16),
+                        (ApiKey::OffsetForLeaderEpoch, 2, 4),
+                        (ApiKey::ListOffsets, 1, 6),
+                    ]
+                    .map(|(k, min, max)| {
+                        ApiVersion::default()
+                            .with_api_key(k as i16)
+                            .with_min_version(min)
+                            .with_max_version(max)
+                    });
+                    let r = ApiVersionsResponse::default().with_api_keys(keys.to_vec());
+                    reply(&mut s, key, v, cid, &r).await;
+                }
+                ApiKey::Fetch => {
+                    assert_eq!(v, 12);
+                    let req = FetchRequest::decode(&mut body, v).unwrap();
+                    assert_eq!(req.replica_id.0, 7);
+                    let p = &req.topics[0].partitions[0];
+                    assert_eq!((p.fetch_offset, p.current_leader_epoch), (42, 3));
+                    let r = FetchResponse::default().with_responses(vec![
+                        FetchableTopicResponse::default()
+                            .with_topic(req.topics[0].topic.clone())
+                            .with_partitions(vec![PartitionData::default()
+                                .with_partition_index(p.partition)
+                                .with_high_watermark(40)
+                                .with_log_start_offset(5)
+                                .with_records(Some(Bytes::from_static(b"xyz")))]),
+                    ]);
+                    reply(&mut s, key, v, cid, &r).await;
+                }
+                ApiKey::OffsetForLeaderEpoch => {
+                    assert_eq!(v, 4);
+                    let req = OffsetForLeaderEpochRequest::decode(&mut body, v).unwrap();
+                    assert_eq!(req.replica_id.0, 7);
+                    let p = &req.topics[0].partitions[0];
+                    assert_eq!((p.current_leader_epoch, p.leader_epoch), (3, 2));
+                    let r = OffsetForLeaderEpochResponse::default().with_topics(vec![
+                        OffsetForLeaderTopicResult::default()
+                            .with_topic(req.topics[0].topic.clone())
+                            .with_partitions(vec![EpochEndOffset::default()
+                                .with_partition(p.partition)
+                                .with_leader_epoch(1)
+                                .with_end_offset(30)]),
+                    ]);
+                    reply(&mut s, key, v, cid, &r).await;
+                }
+                ApiKey::ListOffsets => {
+                    assert_eq!(v, 6);
+                    let req = ListOffsetsRequest::decode(&mut body, v).unwrap();
+                    assert_eq!(req.replica_id.0, 7);
+                    assert_eq!(req.topics[0].partitions[0].timestamp, -2);
+                    let r = ListOffsetsResponse::default().with_topics(vec![
+                        ListOffsetsTopicResponse::default()
+                            .with_name(req.topics[0].name.clone())
+                            .with_partitions(vec![ListOffsetsPartitionResponse::default()
+                                .with_partition_index(0)
+                                .with_offset(5)]),
+                    ]);
+                    reply(&mut s, key, v, cid, &r).await;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn speaks_kafka_to_a_leader() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let server = tokio::spawn(fake_leader(l));
+        let c = TcpConnector::new(7);
+        let mut t = c.connect(1, &addr).await.unwrap();
+        let e = t.end_offset_for_epoch("t", 0, 3, 2).await.unwrap();
+        assert_eq!(
+            e,
+            EpochAnswer {
+                error_code: 0,
+                leader_epoch: 1,
+                end_offset: 30
+            }
+        );
+        let args = FetchArgs {
+            topic: "t".into(),
+            partition: 0,
+            fetch_offset: 42,
+            current_leader_epoch: 3,
+            last_fetched_epoch: 2,
+            max_bytes: 1 << 20,
+            max_wait: Duration::from_millis(10),
+        };
+        let a = t.fetch(&args).await.unwrap();
+        assert_eq!(
+            (a.error_code, a.high_watermark, a.log_start_offset),
+            (0, 40, 5)
+        );
+        assert_eq!(&a.records[..], b"xyz");
+        assert_eq!(t.log_start_offset("t", 0, 3).await.unwrap(), (0, 5));
+        drop(t);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unreachable_leader_is_a_connect_error() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        let c = TcpConnector::new(7);
+        assert!(matches!(
+            c.connect(1, &addr).await,
+            Err(TransportError::Connect { leader: 1, .. })
+        ));
+    }
+}

@@ -1,4 +1,8 @@
-//! Integration tests of sluice-replica.
+//! Integration tests of sluice-replica: three real ClusterNodes, Stores and
+//! ReplicaManagers in one process (followers fetch through the in-process connector).
+
+mod replication;
+mod support;
 
 #[test]
 fn config_defaults_are_kafkas() {
