@@ -264,6 +264,19 @@ impl Group {
         }
     }
 
+    /// Answers every waiting JoinGroup and SyncGroup with `err` (the
+    /// coordinator is going away; the clients look it up again).
+    pub(crate) fn fail_waiters(&mut self, err: ResponseError) {
+        for member in self.members.values_mut() {
+            if let Some(tx) = member.join_waiter.take() {
+                let _ = tx.send(JoinResult::error(&member.id, err));
+            }
+            if let Some(tx) = member.sync_waiter.take() {
+                let _ = tx.send(SyncResult::error(err));
+            }
+        }
+    }
+
     /// Notes a commit appended to the offsets log (not yet durable).
     pub(crate) fn commit_appended(&mut self, tp: (String, i32), committed: Committed) {
         let entry = self.inflight.entry(tp).or_insert((0, committed.clone()));

@@ -8,6 +8,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
 
+use kafka_protocol::ResponseError;
+use sluice_group::refuse;
+
 use crate::api_versions::{refused, supported_range};
 use crate::connection::Slot;
 use crate::handlers;
@@ -29,6 +32,11 @@ pub(crate) struct Hdr {
     pub version: i16,
     pub correlation_id: i32,
     pub peer: SocketAddr,
+}
+
+/// The Kafka error of a code (UNKNOWN_SERVER_ERROR for one we do not know).
+fn error(code: i16) -> ResponseError {
+    ResponseError::try_from_code(code).unwrap_or(ResponseError::UnknownServerError)
 }
 
 fn peek_i16(frame: &[u8], at: usize) -> Option<i16> {
@@ -89,31 +97,58 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
         }
         ApiKey::Metadata => {
             let req = decode!(MetadataRequest, buf, h);
-            now(h, &handlers::meta::metadata(ctx, req, version))
+            match &ctx.cluster {
+                Some(c) => handlers::cluster_meta::metadata(ctx, c, req, h),
+                None => now(h, &handlers::meta::metadata(ctx, req, version)),
+            }
         }
         ApiKey::DescribeCluster => {
             let req = decode!(DescribeClusterRequest, buf, h);
-            now(h, &handlers::meta::describe_cluster(ctx, req, version))
+            match &ctx.cluster {
+                Some(c) => now(
+                    h,
+                    &handlers::cluster_meta::describe_cluster(ctx, c, req, version),
+                ),
+                None => now(h, &handlers::meta::describe_cluster(ctx, req, version)),
+            }
         }
         ApiKey::FindCoordinator => {
             let req = decode!(FindCoordinatorRequest, buf, h);
-            now(h, &handlers::meta::find_coordinator(ctx, req, version))
+            match &ctx.cluster {
+                Some(c) => now(
+                    h,
+                    &handlers::cluster_meta::find_coordinator(c, req, version),
+                ),
+                None => now(h, &handlers::meta::find_coordinator(ctx, req, version)),
+            }
         }
         ApiKey::InitProducerId => {
             let req = decode!(InitProducerIdRequest, buf, h);
-            now(h, &handlers::meta::init_producer_id(ctx, req))
+            match &ctx.cluster {
+                Some(c) => handlers::cluster_meta::init_producer_id(c, req, h),
+                None => now(h, &handlers::meta::init_producer_id(ctx, req)),
+            }
         }
         ApiKey::CreateTopics => {
             let req = decode!(CreateTopicsRequest, buf, h);
-            now(h, &handlers::topics::create_topics(ctx, req, version))
+            match &ctx.cluster {
+                Some(c) => handlers::cluster_admin::create_topics(ctx, c, req, h),
+                None => now(h, &handlers::topics::create_topics(ctx, req, version)),
+            }
         }
         ApiKey::DeleteTopics => {
             let req = decode!(DeleteTopicsRequest, buf, h);
-            now(h, &handlers::topics::delete_topics(ctx, req, version))
+            match &ctx.cluster {
+                Some(c) => handlers::cluster_admin::delete_topics(c, req, h),
+                None => now(h, &handlers::topics::delete_topics(ctx, req, version)),
+            }
         }
         ApiKey::CreatePartitions => {
             let req = decode!(CreatePartitionsRequest, buf, h);
-            now(h, &handlers::topics::create_partitions(ctx, req))
+            match &ctx.cluster {
+                Some(c) => handlers::cluster_admin::create_partitions(c, req, h),
+                None => now(h, &handlers::topics::create_partitions(ctx, req)),
+            }
         }
         ApiKey::DescribeConfigs => {
             let req = decode!(DescribeConfigsRequest, buf, h);
@@ -121,11 +156,17 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
         }
         ApiKey::IncrementalAlterConfigs => {
             let req = decode!(IncrementalAlterConfigsRequest, buf, h);
-            now(h, &handlers::configs::incremental_alter_configs(ctx, req))
+            match &ctx.cluster {
+                Some(c) => handlers::cluster_admin::incremental_alter_configs(ctx, c, req, h),
+                None => now(h, &handlers::configs::incremental_alter_configs(ctx, req)),
+            }
         }
         ApiKey::AlterConfigs => {
             let req = decode!(AlterConfigsRequest, buf, h);
-            now(h, &handlers::configs::alter_configs(ctx, req))
+            match &ctx.cluster {
+                Some(c) => handlers::cluster_admin::alter_configs(ctx, c, req, h),
+                None => now(h, &handlers::configs::alter_configs(ctx, req)),
+            }
         }
         ApiKey::Produce => {
             let req = decode!(ProduceRequest, buf, h);
@@ -152,46 +193,79 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
         // the rebalance completes.
         ApiKey::JoinGroup => {
             let req = decode!(JoinGroupRequest, buf, h);
-            // Kafka names members after the client id and shows "/<ip>" as their host.
-            let client_id = header.client_id.as_ref().map_or("", |id| id.as_str());
-            let host = format!("/{}", peer.ip());
-            let response = ctx
-                .groups
-                .join_group_with_client(req, version, client_id, &host)
-                .await;
-            now(h, &response)
+            match ctx.groups() {
+                Ok(groups) => {
+                    // Kafka names members after the client id and shows "/<ip>" as their host.
+                    let client_id = header.client_id.as_ref().map_or("", |id| id.as_str());
+                    let host = format!("/{}", peer.ip());
+                    let response = groups
+                        .join_group_with_client(req, version, client_id, &host)
+                        .await;
+                    now(h, &response)
+                }
+                Err(code) => now(h, &refuse::join_group(&req, version, error(code))),
+            }
         }
         ApiKey::SyncGroup => {
             let req = decode!(SyncGroupRequest, buf, h);
-            now(h, &ctx.groups.sync_group(req, version).await)
+            match ctx.groups() {
+                Ok(groups) => now(h, &groups.sync_group(req, version).await),
+                Err(code) => now(h, &refuse::sync_group(version, error(code))),
+            }
         }
         ApiKey::Heartbeat => {
             let req = decode!(HeartbeatRequest, buf, h);
-            now(h, &ctx.groups.heartbeat(req, version).await)
+            match ctx.groups() {
+                Ok(groups) => now(h, &groups.heartbeat(req, version).await),
+                Err(code) => now(h, &refuse::heartbeat(error(code))),
+            }
         }
         ApiKey::LeaveGroup => {
             let req = decode!(LeaveGroupRequest, buf, h);
-            now(h, &ctx.groups.leave_group(req, version).await)
+            match ctx.groups() {
+                Ok(groups) => now(h, &groups.leave_group(req, version).await),
+                Err(code) => now(h, &refuse::leave_group(error(code))),
+            }
         }
         ApiKey::OffsetCommit => {
             let req = decode!(OffsetCommitRequest, buf, h);
-            now(h, &ctx.groups.offset_commit(req, version).await)
+            match ctx.groups() {
+                Ok(groups) => now(h, &groups.offset_commit(req, version).await),
+                Err(code) => now(h, &refuse::offset_commit(&req, error(code))),
+            }
         }
         ApiKey::OffsetFetch => {
             let req = decode!(OffsetFetchRequest, buf, h);
-            now(h, &ctx.groups.offset_fetch(req, version).await)
+            match ctx.groups() {
+                Ok(groups) => now(h, &groups.offset_fetch(req, version).await),
+                Err(code) => now(h, &refuse::offset_fetch(&req, version, error(code))),
+            }
         }
         ApiKey::ListGroups => {
             let req = decode!(ListGroupsRequest, buf, h);
-            now(h, &ctx.groups.list_groups(req, version))
+            match ctx.groups() {
+                Ok(groups) => now(h, &groups.list_groups(req, version)),
+                // A broker that coordinates nothing has no groups to list
+                // (clients ask every broker).
+                Err(code) if code == ResponseError::NotCoordinator.code() => {
+                    now(h, &ListGroupsResponse::default())
+                }
+                Err(code) => now(h, &refuse::list_groups(error(code))),
+            }
         }
         ApiKey::DescribeGroups => {
             let req = decode!(DescribeGroupsRequest, buf, h);
-            now(h, &ctx.groups.describe_groups(req, version))
+            match ctx.groups() {
+                Ok(groups) => now(h, &groups.describe_groups(req, version)),
+                Err(code) => now(h, &refuse::describe_groups(&req, error(code))),
+            }
         }
         ApiKey::DeleteGroups => {
             let req = decode!(DeleteGroupsRequest, buf, h);
-            now(h, &ctx.groups.delete_groups(req, version).await)
+            match ctx.groups() {
+                Ok(groups) => now(h, &groups.delete_groups(req, version).await),
+                Err(code) => now(h, &refuse::delete_groups(&req, error(code))),
+            }
         }
         other => {
             // Only reachable if SUPPORTED_APIS lists an API routed nowhere.

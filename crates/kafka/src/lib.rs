@@ -24,6 +24,46 @@
 //! connection. Produce v0-v2 are advertised (old librdkafka releases only
 //! compress when the Produce range includes v0) but answered with
 //! UNSUPPORTED_VERSION per partition, as Kafka 4 does.
+//!
+//! Two modes. [`KafkaListener::serve`] is the single node: every topic is
+//! local, this broker leads everything in epoch 0, the group coordinator
+//! owns a local `__consumer_offsets`, and acknowledgements wait for
+//! durability. [`KafkaListener::serve_cluster`] is cluster mode
+//! (`cluster.rs`, `handlers/cluster_*.rs`, `replica.rs`):
+//!
+//! - Metadata, DescribeCluster and FindCoordinator come from the quorum's
+//!   image: brokers are the registered, unfenced ones with their advertised
+//!   Kafka endpoint; partitions carry leader, leader epoch, replicas, ISR
+//!   and offline replicas, and a partition without a live leader says
+//!   LEADER_NOT_AVAILABLE. The group coordinator is the leader of
+//!   `__consumer_offsets-0` (COORDINATOR_NOT_AVAILABLE while it has none).
+//! - CreateTopics, DeleteTopics, CreatePartitions, AlterConfigs,
+//!   IncrementalAlterConfigs and auto-creation are validated here (names,
+//!   counts, config values) and proposed to the quorum; the answer waits
+//!   (at most 10 s, or the request's timeout) until the local image shows
+//!   the change. Replication factor -1 is min(3, live brokers); manual
+//!   replica assignments are refused (INVALID_REPLICA_ASSIGNMENT).
+//!   InitProducerId hands out ids from blocks of 1000 allocated by the quorum.
+//! - Produce goes to the partition's leader only (NOT_LEADER_OR_FOLLOWER
+//!   elsewhere), is appended stamped with the leader's epoch, and is
+//!   acknowledged once durable (acks=1) or once the high watermark passes it
+//!   (acks=all; NOT_ENOUGH_REPLICAS before appending when the ISR is below
+//!   `min.insync.replicas`, REQUEST_TIMED_OUT after the request's timeout).
+//! - Fetch with a replica id (v<15 `replica_id`, v15+ `replica_state`) is a
+//!   follower's: it records the follower's fetch offset (which may move the
+//!   high watermark), reads up to the log end and long-polls on the log end
+//!   and the high watermark. Consumer fetches, ListOffsets,
+//!   OffsetForLeaderEpoch (followers' too) and DeleteRecords are served by
+//!   the leader only, with FENCED_LEADER_EPOCH / UNKNOWN_LEADER_EPOCH on a
+//!   stale or future `current_leader_epoch`; consumers read up to the high
+//!   watermark (an offset between it and the log end reads empty).
+//! - Group requests are served only while this node leads
+//!   `__consumer_offsets-0`: the coordinator is opened (after the partition
+//!   is committed up to its log end and replayed: COORDINATOR_LOAD_IN_PROGRESS
+//!   meanwhile) when the node takes that leadership and closed when it loses
+//!   it (NOT_COORDINATOR; ListGroups answers an empty list). At start the
+//!   front end creates `__consumer_offsets` through the quorum (1 partition,
+//!   RF min(3, voters), compacted), retrying until it exists.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,10 +74,12 @@ use sluice_group::GroupConfig;
 use sluice_log::Store;
 
 mod api_versions;
+mod cluster;
 mod connection;
 mod dispatch;
 mod errors;
 mod handlers;
+mod replica;
 mod server;
 
 pub use api_versions::SUPPORTED_APIS;
@@ -128,6 +170,37 @@ impl KafkaListener {
         store: Arc<Store>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
-        server::serve(self.listener, self.local_addr, self.config, store, shutdown).await
+        server::serve(
+            self.listener,
+            self.local_addr,
+            self.config,
+            store,
+            None,
+            shutdown,
+        )
+        .await
+    }
+
+    /// Cluster mode: serves until `shutdown` resolves, with metadata from
+    /// the quorum's image, partitions through `replicas` (leaders take
+    /// produce and consumer reads, followers fetch from here) and the group
+    /// coordinator on the leader of `__consumer_offsets-0`. Creates that
+    /// topic through the quorum if it is missing. Does not shut `replicas`
+    /// down.
+    pub async fn serve_cluster(
+        self,
+        store: Arc<Store>,
+        replicas: Arc<sluice_replica::ReplicaManager>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        server::serve(
+            self.listener,
+            self.local_addr,
+            self.config,
+            store,
+            Some(Arc::new(replica::Live(replicas))),
+            shutdown,
+        )
+        .await
     }
 }

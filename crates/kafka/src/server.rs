@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::cluster::{self, ClusterCtx, Replicas};
 use crate::{connection, ServeError, ServerConfig};
 
 /// How long shutdown waits for in-flight requests (long polls, joins) before
@@ -21,7 +22,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// What every connection shares.
 pub(crate) struct Ctx {
     pub store: Arc<Store>,
-    pub groups: Arc<GroupCoordinator>,
+    /// Single node: the one group coordinator (cluster mode: see `cluster`).
+    pub groups: Option<Arc<GroupCoordinator>>,
+    /// Cluster mode only.
+    pub cluster: Option<Arc<ClusterCtx>>,
     pub config: ServerConfig,
     /// Host and port clients are told to connect to.
     pub host: String,
@@ -32,14 +36,33 @@ pub(crate) struct Ctx {
     pub topic_ids: parking_lot::RwLock<std::collections::HashMap<[u8; 16], String>>,
 }
 
+impl Ctx {
+    /// The group coordinator, or the error code group requests get (cluster
+    /// mode: NOT_COORDINATOR unless this node leads `__consumer_offsets-0`).
+    pub(crate) fn groups(&self) -> Result<Arc<GroupCoordinator>, i16> {
+        match (&self.groups, &self.cluster) {
+            (Some(g), _) => Ok(g.clone()),
+            (None, Some(c)) => c.groups(),
+            (None, None) => Err(kafka_protocol::ResponseError::NotCoordinator.code()),
+        }
+    }
+}
+
 pub(crate) async fn serve(
     listener: TcpListener,
     local_addr: SocketAddr,
     config: ServerConfig,
     store: Arc<Store>,
+    replicas: Option<Arc<dyn Replicas>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let groups = GroupCoordinator::open(store.clone(), config.group.clone())?;
+    let (groups, cluster) = match replicas {
+        None => (
+            Some(GroupCoordinator::open(store.clone(), config.group.clone())?),
+            None,
+        ),
+        Some(replicas) => (None, Some(Arc::new(ClusterCtx::new(replicas)))),
+    };
     let (host, port) = match &config.advertised {
         Some((host, port)) => (host.clone(), i32::from(*port)),
         None => (
@@ -50,6 +73,7 @@ pub(crate) async fn serve(
     let ctx = Arc::new(Ctx {
         store: store.clone(),
         groups,
+        cluster: cluster.clone(),
         host,
         port,
         config,
@@ -61,6 +85,19 @@ pub(crate) async fn serve(
         ctx.config.retention_check_interval,
         stop_rx.clone(),
     ));
+    let mut duties = Vec::new();
+    if let Some(cluster) = &cluster {
+        duties.push(tokio::spawn(cluster::ensure_offsets_topic(
+            cluster.clone(),
+            stop_rx.clone(),
+        )));
+        duties.push(tokio::spawn(cluster::follow_coordinator(
+            cluster.clone(),
+            store.clone(),
+            ctx.config.group.clone(),
+            stop_rx.clone(),
+        )));
+    }
     let permits = Arc::new(Semaphore::new(ctx.config.max_connections));
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -110,6 +147,9 @@ pub(crate) async fn serve(
         connections.shutdown().await;
     }
     let _ = retention.await;
+    for duty in duties {
+        let _ = duty.await;
+    }
     if let Err(err) = store.flush_all() {
         tracing::error!(error = %err, "flush on shutdown failed");
     }

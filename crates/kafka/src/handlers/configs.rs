@@ -12,8 +12,8 @@ use super::str_bytes;
 use super::topics::{SOURCE_DEFAULT_CONFIG, SOURCE_TOPIC_CONFIG};
 use crate::server::Ctx;
 
-const RESOURCE_TOPIC: i8 = 2;
-const RESOURCE_BROKER: i8 = 4;
+pub(crate) const RESOURCE_TOPIC: i8 = 2;
+pub(crate) const RESOURCE_BROKER: i8 = 4;
 
 const SOURCE_STATIC_BROKER_CONFIG: i8 = 4;
 
@@ -94,10 +94,7 @@ pub(crate) fn describe_configs(
                 .with_resource_type(resource.resource_type)
                 .with_resource_name(resource.resource_name.clone());
             match resource.resource_type {
-                RESOURCE_TOPIC => match ctx
-                    .store
-                    .describe_topic_config(resource.resource_name.as_str())
-                {
+                RESOURCE_TOPIC => match topic_entries(ctx, resource.resource_name.as_str()) {
                     Ok(entries) => {
                         let configs = entries
                             .into_iter()
@@ -142,6 +139,47 @@ pub(crate) fn describe_configs(
     DescribeConfigsResponse::default().with_results(results)
 }
 
+/// Every topic config key with its effective value: from the store, or in
+/// cluster mode from the image's overrides (this node need not host the
+/// topic) over the local or default values.
+fn topic_entries(ctx: &Ctx, name: &str) -> Result<Vec<ConfigEntry>, LogError> {
+    let Some(c) = &ctx.cluster else {
+        return ctx.store.describe_topic_config(name);
+    };
+    let image = c.replicas.image();
+    let t = image
+        .topics
+        .get(name)
+        .ok_or_else(|| LogError::UnknownTopicOrPartition(name.to_owned()))?;
+    Ok(sluice_log::TopicConfig::KEYS
+        .iter()
+        .map(|k| ConfigEntry {
+            name: (*k).to_owned(),
+            value: current_value(ctx, name, &t.configs, k),
+            is_default: !t.configs.contains_key(*k),
+        })
+        .collect())
+}
+
+/// Cluster mode: the value of `key` for a topic whose overrides (from the
+/// image) are `overrides`.
+pub(crate) fn current_value(
+    ctx: &Ctx,
+    topic: &str,
+    overrides: &std::collections::BTreeMap<String, String>,
+    key: &str,
+) -> String {
+    if let Some(v) = overrides.get(key) {
+        return v.clone();
+    }
+    match ctx.store.topic(topic) {
+        // The local replica's broker defaults.
+        Some(info) if !info.overrides.contains_key(key) => info.config.get(key),
+        _ => sluice_log::TopicConfig::default().get(key),
+    }
+    .unwrap_or_default()
+}
+
 /// The broker settings reported (read-only) for a BROKER resource.
 fn broker_configs(ctx: &Ctx) -> Vec<(&'static str, String)> {
     vec![
@@ -158,7 +196,7 @@ fn broker_configs(ctx: &Ctx) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn broker_is_read_only() -> (i16, Option<StrBytes>) {
+pub(crate) fn broker_is_read_only() -> (i16, Option<StrBytes>) {
     (
         ResponseError::InvalidRequest.code(),
         Some(str_bytes(
@@ -167,7 +205,7 @@ fn broker_is_read_only() -> (i16, Option<StrBytes>) {
     )
 }
 
-fn alter_result(
+pub(crate) fn alter_result(
     resource_type: i8,
     resource_name: StrBytes,
     outcome: Result<(), (i16, String)>,
@@ -212,6 +250,19 @@ fn incremental_changes(
     configs: &[incremental_alter_configs_request::AlterableConfig],
 ) -> Result<Vec<ConfigChange>, (i16, String)> {
     let info = ctx.store.topic(topic);
+    changes_with(configs, |key| {
+        info.as_ref()
+            .and_then(|i| i.config.get(key))
+            .unwrap_or_default()
+    })
+}
+
+/// IncrementalAlterConfigs entries as changes; `current` gives a key's
+/// value for APPEND and SUBTRACT.
+pub(crate) fn changes_with(
+    configs: &[incremental_alter_configs_request::AlterableConfig],
+    current: impl Fn(&str) -> String,
+) -> Result<Vec<ConfigChange>, (i16, String)> {
     configs
         .iter()
         .map(|c| {
@@ -227,11 +278,7 @@ fn incremental_changes(
                             format!("{key} is not a list; APPEND and SUBTRACT do not apply"),
                         ));
                     }
-                    let current = info
-                        .as_ref()
-                        .and_then(|i| i.config.get(&key))
-                        .unwrap_or_default();
-                    let value = list_op(&current, &value, op == OP_APPEND);
+                    let value = list_op(&current(&key), &value, op == OP_APPEND);
                     Ok(ConfigChange::Set { key, value })
                 }
                 (OP_SET | OP_APPEND | OP_SUBTRACT, None) => Err((

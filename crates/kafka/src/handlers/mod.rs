@@ -1,5 +1,7 @@
 //! Request handlers, one module per area.
 
+pub(crate) mod cluster_admin;
+pub(crate) mod cluster_meta;
 pub(crate) mod configs;
 pub(crate) mod fetch;
 pub(crate) mod meta;
@@ -10,8 +12,10 @@ pub(crate) mod unsupported;
 
 use kafka_protocol::messages::TopicName;
 use kafka_protocol::protocol::StrBytes;
+use std::sync::Arc;
+
 use kafka_protocol::ResponseError;
-use sluice_log::{LogError, TopicInfo};
+use sluice_log::{LogError, Partition, TopicInfo};
 use uuid::Uuid;
 
 use crate::server::Ctx;
@@ -100,5 +104,52 @@ pub(crate) fn leader_epoch_error(current_leader_epoch: i32) -> i16 {
         ResponseError::UnknownLeaderEpoch.code()
     } else {
         ResponseError::FencedLeaderEpoch.code()
+    }
+}
+
+/// The name of the topic with this id: from the metadata image in cluster
+/// mode (this node need not host it), from the store otherwise.
+pub(crate) fn topic_name_by_id(ctx: &Ctx, id: Uuid) -> Option<String> {
+    match &ctx.cluster {
+        Some(c) => {
+            if id.is_nil() {
+                return None;
+            }
+            let id = *id.as_bytes();
+            let image = c.replicas.image();
+            let found = image
+                .topics
+                .iter()
+                .find(|(_, t)| t.topic_id == id)
+                .map(|(name, _)| name.clone());
+            found
+        }
+        None => topic_by_id(ctx, id).map(|info| info.name),
+    }
+}
+
+/// The partition and its leader epoch for a read that only the leader
+/// serves (consumer fetch, ListOffsets, OffsetForLeaderEpoch,
+/// DeleteRecords). A single node leads everything in epoch 0.
+pub(crate) fn leader_partition(
+    ctx: &Ctx,
+    topic: &str,
+    partition: i32,
+    current_leader_epoch: i32,
+) -> Result<(Arc<Partition>, i32), i16> {
+    match &ctx.cluster {
+        Some(c) => c
+            .replicas
+            .leader_for_read(topic, partition, current_leader_epoch),
+        None => {
+            let log = ctx
+                .store
+                .partition(topic, partition)
+                .ok_or(ResponseError::UnknownTopicOrPartition.code())?;
+            match leader_epoch_error(current_leader_epoch) {
+                0 => Ok((log, LEADER_EPOCH)),
+                code => Err(code),
+            }
+        }
     }
 }

@@ -14,7 +14,7 @@ use kafka_protocol::records::RecordBatchDecoder;
 use kafka_protocol::ResponseError;
 use sluice_log::{Partition, ReadLimit};
 
-use super::{leader_epoch_error, LEADER_EPOCH};
+use super::leader_partition;
 use crate::server::Ctx;
 
 const LATEST: i64 = -1;
@@ -37,16 +37,15 @@ pub(crate) fn list_offsets(
                         .with_partition_index(p.partition_index)
                         .with_timestamp(-1)
                         .with_offset(-1);
-                    let Some(log) = ctx
-                        .store
-                        .partition(topic.name.0.as_str(), p.partition_index)
-                    else {
-                        return resp.with_error_code(ResponseError::UnknownTopicOrPartition.code());
+                    let (log, leader_epoch) = match leader_partition(
+                        ctx,
+                        topic.name.0.as_str(),
+                        p.partition_index,
+                        p.current_leader_epoch,
+                    ) {
+                        Ok(found) => found,
+                        Err(code) => return resp.with_error_code(code),
                     };
-                    let epoch_error = leader_epoch_error(p.current_leader_epoch);
-                    if epoch_error != 0 {
-                        return resp.with_error_code(epoch_error);
-                    }
                     // Read-committed sees up to the last stable offset, which
                     // is the high watermark without transactions.
                     let found = match p.timestamp {
@@ -63,7 +62,7 @@ pub(crate) fn list_offsets(
                         Ok(Some((offset, timestamp))) => {
                             let mut resp = resp.with_offset(offset).with_timestamp(timestamp);
                             if version >= 4 {
-                                resp.leader_epoch = LEADER_EPOCH;
+                                resp.leader_epoch = leader_epoch;
                             }
                             resp
                         }
@@ -119,13 +118,17 @@ pub(crate) fn offset_for_leader_epoch(
                         .with_partition(p.partition)
                         .with_leader_epoch(-1)
                         .with_end_offset(-1);
-                    let Some(log) = ctx.store.partition(topic.topic.0.as_str(), p.partition) else {
-                        return resp.with_error_code(ResponseError::UnknownTopicOrPartition.code());
+                    // Followers ask too (replica_id >= 0), to truncate after
+                    // a leader change: only the leader answers either.
+                    let log = match leader_partition(
+                        ctx,
+                        topic.topic.0.as_str(),
+                        p.partition,
+                        p.current_leader_epoch,
+                    ) {
+                        Ok((log, _)) => log,
+                        Err(code) => return resp.with_error_code(code),
                     };
-                    let epoch_error = leader_epoch_error(p.current_leader_epoch);
-                    if epoch_error != 0 {
-                        return resp.with_error_code(epoch_error);
-                    }
                     let (epoch, end_offset) = log.end_offset_for_epoch(p.leader_epoch);
                     resp.with_leader_epoch(epoch).with_end_offset(end_offset)
                 })
@@ -150,8 +153,9 @@ pub(crate) fn delete_records(ctx: &Ctx, req: DeleteRecordsRequest) -> DeleteReco
                     let resp = DeleteRecordsPartitionResult::default()
                         .with_partition_index(p.partition_index)
                         .with_low_watermark(-1);
-                    let Some(log) = ctx.store.partition(topic.name.0.as_str(), p.partition_index) else {
-                        return resp.with_error_code(ResponseError::UnknownTopicOrPartition.code());
+                    let log = match leader_partition(ctx, topic.name.0.as_str(), p.partition_index, -1) {
+                        Ok((log, _)) => log,
+                        Err(code) => return resp.with_error_code(code),
                     };
                     match log.delete_records_before(p.offset) {
                         Ok(low) => {

@@ -2,6 +2,7 @@
 //! (the store validates them); the response waits for durability.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::*;
@@ -9,6 +10,7 @@ use kafka_protocol::ResponseError;
 use sluice_log::Partition;
 
 use super::{str_bytes, topic_or_create, LEADER_EPOCH};
+use crate::cluster::{ProduceLeader, Replicas};
 use crate::dispatch::{later, now, Hdr, Outcome};
 use crate::server::Ctx;
 
@@ -18,10 +20,58 @@ struct Wait {
     partition: usize,
     log: Arc<Partition>,
     end_offset: i64,
+    /// Cluster mode: the leadership the batch was appended under.
+    leader: Option<ProduceLeader>,
+}
+
+/// Appends one partition's records; the wait for its acknowledgement is
+/// pushed to `waits`.
+#[allow(clippy::too_many_arguments)]
+fn append(
+    h: Hdr,
+    name: &str,
+    index: i32,
+    records: &Option<bytes::Bytes>,
+    log: Arc<Partition>,
+    leader: Option<ProduceLeader>,
+    replicas: Option<&dyn Replicas>,
+    at: (usize, usize),
+    resp: &mut PartitionProduceResponse,
+    waits: &mut Vec<Wait>,
+) -> Result<(), (i16, String)> {
+    let Some(records) = records else {
+        return Err((ResponseError::CorruptMessage.code(), "no records".into()));
+    };
+    let appended = match (&leader, replicas) {
+        (Some(leader), Some(replicas)) => replicas.append(leader, records),
+        _ => log
+            .append(records, LEADER_EPOCH)
+            .map_err(|err| (crate::errors::code(&err), err.to_string())),
+    };
+    match appended {
+        Ok(appended) => {
+            resp.base_offset = appended.base_offset;
+            resp.log_start_offset = appended.log_start_offset;
+            waits.push(Wait {
+                topic: at.0,
+                partition: at.1,
+                log,
+                end_offset: appended.end_offset,
+                leader,
+            });
+            Ok(())
+        }
+        Err((code, message)) => {
+            tracing::debug!(peer = %h.peer, topic = name, partition = index,
+                error = %message, "produce rejected");
+            Err((code, message))
+        }
+    }
 }
 
 pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
     let acks = req.acks;
+    let timeout_ms = req.timeout_ms;
     let acks_valid = matches!(acks, -1..=1);
     let transactional = req
         .transactional_id
@@ -59,6 +109,30 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
                     ResponseError::TransactionalIdAuthorizationFailed.code(),
                     "transactions are not supported".into(),
                 ))
+            } else if let Some(c) = &ctx.cluster {
+                match c.replicas.leader_for_produce(name, data.index, acks == -1) {
+                    Ok(leader) => append(
+                        h,
+                        name,
+                        data.index,
+                        &data.records,
+                        leader.partition.clone(),
+                        Some(leader),
+                        Some(c.replicas.as_ref()),
+                        (ti, pi),
+                        &mut resp,
+                        &mut waits,
+                    ),
+                    Err(code) => {
+                        if code == ResponseError::UnknownTopicOrPartition.code() && known.is_none()
+                        {
+                            // Created in the background; the client retries.
+                            super::cluster_meta::auto_create_in_background(ctx, c, name);
+                            known = Some(Err(code));
+                        }
+                        Err((code, format!("cannot produce to {name}-{}", data.index)))
+                    }
+                }
             } else {
                 let mut log = ctx.store.partition(name, data.index);
                 if log.is_none() && known.is_none() {
@@ -74,27 +148,18 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
                         ResponseError::UnknownTopicOrPartition.code(),
                         format!("unknown partition {name}-{}", data.index),
                     )),
-                    (_, Some(log)) => match &data.records {
-                        None => Err((ResponseError::CorruptMessage.code(), "no records".into())),
-                        Some(records) => match log.append(records, LEADER_EPOCH) {
-                            Ok(appended) => {
-                                resp.base_offset = appended.base_offset;
-                                resp.log_start_offset = appended.log_start_offset;
-                                waits.push(Wait {
-                                    topic: ti,
-                                    partition: pi,
-                                    log,
-                                    end_offset: appended.end_offset,
-                                });
-                                Ok(())
-                            }
-                            Err(err) => {
-                                tracing::debug!(peer = %h.peer, topic = name, partition = data.index,
-                                    error = %err, "produce rejected");
-                                Err((crate::errors::code(&err), err.to_string()))
-                            }
-                        },
-                    },
+                    (_, Some(log)) => append(
+                        h,
+                        name,
+                        data.index,
+                        &data.records,
+                        log,
+                        None,
+                        None,
+                        (ti, pi),
+                        &mut resp,
+                        &mut waits,
+                    ),
                 }
             };
             if let Err((code, message)) = outcome {
@@ -136,17 +201,42 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
     if waits.is_empty() {
         return now(h, &resp);
     }
-    later(h, acknowledge(resp, waits))
+    let replicated = match (&ctx.cluster, acks) {
+        (Some(c), -1) => Some((
+            c.replicas.clone(),
+            Duration::from_millis(u64::try_from(timeout_ms).unwrap_or(0)),
+        )),
+        _ => None,
+    };
+    later(h, acknowledge(resp, waits, replicated))
 }
 
-/// Waits until every appended partition is durable; a partition that cannot
-/// be made durable is answered with its storage error instead of an offset.
-async fn acknowledge(mut resp: ProduceResponse, waits: Vec<Wait>) -> ProduceResponse {
-    let results =
-        futures::future::join_all(waits.iter().map(|w| w.log.wait_durable(w.end_offset))).await;
+/// Waits until every appended partition is durable (acks=1) or, in cluster
+/// mode with acks=all, replicated to the ISR (the high watermark passed the
+/// batch); a partition that fails is answered with its error instead of an
+/// offset.
+async fn acknowledge(
+    mut resp: ProduceResponse,
+    waits: Vec<Wait>,
+    replicated: Option<(Arc<dyn Replicas>, Duration)>,
+) -> ProduceResponse {
+    let results = futures::future::join_all(waits.iter().map(|w| async {
+        match (&replicated, &w.leader) {
+            (Some((replicas, timeout)), Some(leader)) => {
+                replicas
+                    .wait_replicated(leader, w.end_offset, *timeout)
+                    .await
+            }
+            _ => w
+                .log
+                .wait_durable(w.end_offset)
+                .await
+                .map_err(|err| crate::errors::code(&err)),
+        }
+    }))
+    .await;
     for (wait, result) in waits.iter().zip(results) {
-        if let Err(err) = result {
-            let code = crate::errors::code(&err);
+        if let Err(code) = result {
             if let Some(p) = resp
                 .responses
                 .get_mut(wait.topic)

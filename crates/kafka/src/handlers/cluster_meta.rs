@@ -1,0 +1,432 @@
+//! Cluster mode: Metadata, DescribeCluster, FindCoordinator and
+//! InitProducerId answered from the metadata image and the quorum.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
+use kafka_protocol::messages::find_coordinator_response::Coordinator;
+use kafka_protocol::messages::metadata_response::{
+    MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
+use kafka_protocol::messages::*;
+use kafka_protocol::ResponseError;
+use sluice_cluster::image::validate_topic_name;
+use sluice_cluster::{Command, MetadataImage, TopicState, NO_LEADER};
+use sluice_group::OFFSETS_TOPIC;
+use uuid::Uuid;
+
+use super::{str_bytes, topic_name};
+use crate::cluster::{default_replication_factor, ClusterCtx};
+use crate::dispatch::{later, now, Hdr, Outcome};
+use crate::server::Ctx;
+
+/// FindCoordinator key types.
+const KEY_TYPE_GROUP: i8 = 0;
+const KEY_TYPE_TRANSACTION: i8 = 1;
+
+/// DescribeCluster endpoint type of brokers.
+const ENDPOINT_TYPE_BROKERS: i8 = 1;
+
+/// How long a Metadata request waits for topics it auto-creates.
+const AUTO_CREATE_WAIT: Duration = Duration::from_secs(3);
+
+/// A topic a Metadata request names.
+#[derive(Clone, Debug)]
+pub(crate) enum Wanted {
+    Name(TopicName),
+    Id(Uuid),
+}
+
+/// The error for a named topic the image does not have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Missing {
+    /// Being auto-created: LEADER_NOT_AVAILABLE (the client retries).
+    Creating,
+    /// UNKNOWN_TOPIC_OR_PARTITION.
+    Unknown,
+}
+
+/// Registered, unfenced brokers with their advertised Kafka endpoint.
+pub(crate) fn live_endpoints(image: &MetadataImage) -> Vec<(i32, String, i32)> {
+    image
+        .brokers
+        .iter()
+        .filter(|(_, b)| !b.fenced)
+        .map(|(id, b)| (*id, b.kafka_host.clone(), i32::from(b.kafka_port)))
+        .collect()
+}
+
+fn partition_metadata(
+    image: &MetadataImage,
+    index: usize,
+    p: &sluice_cluster::PartitionState,
+) -> MetadataResponsePartition {
+    let ids = |v: &[i32]| v.iter().map(|&b| BrokerId(b)).collect::<Vec<_>>();
+    let offline: Vec<BrokerId> = p
+        .replicas
+        .iter()
+        .filter(|&&r| !image.is_live(r))
+        .map(|&r| BrokerId(r))
+        .collect();
+    let leader = if p.leader != NO_LEADER && image.is_live(p.leader) {
+        p.leader
+    } else {
+        NO_LEADER
+    };
+    let error = if leader == NO_LEADER {
+        ResponseError::LeaderNotAvailable.code()
+    } else {
+        0
+    };
+    MetadataResponsePartition::default()
+        .with_error_code(error)
+        .with_partition_index(i32::try_from(index).unwrap_or(i32::MAX))
+        .with_leader_id(BrokerId(leader))
+        .with_leader_epoch(p.leader_epoch)
+        .with_replica_nodes(ids(&p.replicas))
+        .with_isr_nodes(ids(&p.isr))
+        .with_offline_replicas(offline)
+}
+
+pub(crate) fn topic_metadata(
+    image: &MetadataImage,
+    name: &str,
+    t: &TopicState,
+) -> MetadataResponseTopic {
+    let partitions = t
+        .partitions
+        .iter()
+        .enumerate()
+        .map(|(i, p)| partition_metadata(image, i, p))
+        .collect();
+    MetadataResponseTopic::default()
+        .with_name(Some(topic_name(name)))
+        .with_topic_id(Uuid::from_bytes(t.topic_id))
+        .with_is_internal(name == OFFSETS_TOPIC)
+        .with_partitions(partitions)
+}
+
+/// Builds a Metadata answer from an image: `wanted` None means every topic;
+/// names the image lacks get `missing`'s error (INVALID_TOPIC_EXCEPTION for
+/// a name Kafka would refuse).
+pub(crate) fn build_metadata(
+    image: &MetadataImage,
+    controller_id: Option<i32>,
+    cluster_id: &str,
+    wanted: Option<Vec<Wanted>>,
+    missing: Missing,
+) -> MetadataResponse {
+    let topics = match wanted {
+        None => image
+            .topics
+            .iter()
+            .map(|(name, t)| topic_metadata(image, name, t))
+            .collect(),
+        Some(list) => list
+            .into_iter()
+            .map(|w| match w {
+                Wanted::Name(name) => match image.topics.get(name.0.as_str()) {
+                    Some(t) => topic_metadata(image, name.0.as_str(), t),
+                    None => {
+                        let code = if validate_topic_name(name.0.as_str()).is_err() {
+                            ResponseError::InvalidTopicException.code()
+                        } else if missing == Missing::Creating {
+                            ResponseError::LeaderNotAvailable.code()
+                        } else {
+                            ResponseError::UnknownTopicOrPartition.code()
+                        };
+                        MetadataResponseTopic::default()
+                            .with_error_code(code)
+                            .with_name(Some(name))
+                    }
+                },
+                Wanted::Id(id) => {
+                    let bytes = *id.as_bytes();
+                    match image.topics.iter().find(|(_, t)| t.topic_id == bytes) {
+                        Some((name, t)) => topic_metadata(image, name, t),
+                        None => MetadataResponseTopic::default()
+                            .with_error_code(ResponseError::UnknownTopicId.code())
+                            .with_topic_id(id),
+                    }
+                }
+            })
+            .collect(),
+    };
+    let brokers = live_endpoints(image)
+        .into_iter()
+        .map(|(id, host, port)| {
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(id))
+                .with_host(str_bytes(&host))
+                .with_port(port)
+        })
+        .collect();
+    MetadataResponse::default()
+        .with_brokers(brokers)
+        .with_cluster_id(Some(str_bytes(cluster_id)))
+        .with_controller_id(BrokerId(controller_id.unwrap_or(-1)))
+        .with_topics(topics)
+}
+
+fn cluster_id(ctx: &Ctx, image: &MetadataImage) -> String {
+    if image.cluster_id.is_empty() {
+        ctx.store.cluster_id()
+    } else {
+        image.cluster_id.clone()
+    }
+}
+
+/// What a Metadata request asks for: None is every topic.
+fn wanted(req: &MetadataRequest, version: i16) -> Option<Vec<Wanted>> {
+    match &req.topics {
+        None => None,
+        // v0 has no null: an empty list means every topic.
+        Some(list) if list.is_empty() && version == 0 => None,
+        Some(list) => Some(
+            list.iter()
+                .map(|t| match &t.name {
+                    // Some clients send "" rather than null next to a topic id.
+                    Some(name) if !name.0.is_empty() || t.topic_id.is_nil() => {
+                        Wanted::Name(name.clone())
+                    }
+                    _ => Wanted::Id(t.topic_id),
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// Proposes an auto-created topic (default partitions, RF min(3, live)).
+/// Ok when it exists afterwards (created by us or someone else).
+async fn auto_create(ctx: &Ctx, c: &ClusterCtx, name: &str) -> Result<(), (i16, String)> {
+    let image = c.replicas.image();
+    let cmd = Command::CreateTopic {
+        name: name.to_owned(),
+        partitions: i32::try_from(ctx.config.default_partitions.max(1)).unwrap_or(1),
+        replication_factor: default_replication_factor(&image),
+        configs: Default::default(),
+    };
+    match c.propose(cmd).await {
+        Ok(_) => {
+            tracing::info!(topic = name, "auto-created topic");
+            Ok(())
+        }
+        Err((code, _)) if code == ResponseError::TopicAlreadyExists.code() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Produce to an unknown topic: create it without holding the request.
+pub(crate) fn auto_create_in_background(ctx: &Arc<Ctx>, c: &Arc<ClusterCtx>, name: &str) {
+    if !ctx.config.auto_create_topics
+        || name.starts_with("__")
+        || validate_topic_name(name).is_err()
+        || c.replicas.image().topics.contains_key(name)
+    {
+        return;
+    }
+    let (ctx, c, name) = (ctx.clone(), c.clone(), name.to_owned());
+    tokio::spawn(async move {
+        if let Err((code, message)) = auto_create(&ctx, &c, &name).await {
+            tracing::warn!(topic = %name, code, error = %message, "auto-create failed");
+        }
+    });
+}
+
+pub(crate) fn metadata(
+    ctx: &Arc<Ctx>,
+    c: &Arc<ClusterCtx>,
+    req: MetadataRequest,
+    h: Hdr,
+) -> Outcome {
+    let version = h.version;
+    // Before v4 there is no flag and Kafka auto-creates.
+    let allow_create =
+        (version < 4 || req.allow_auto_topic_creation) && ctx.config.auto_create_topics;
+    let wanted = wanted(&req, version);
+    let image = c.replicas.image();
+    let to_create: Vec<String> = match (&wanted, allow_create) {
+        (Some(list), true) => list
+            .iter()
+            .filter_map(|w| match w {
+                Wanted::Name(n) => Some(n.0.to_string()),
+                Wanted::Id(_) => None,
+            })
+            .filter(|n| {
+                !image.topics.contains_key(n)
+                    && !n.starts_with("__")
+                    && validate_topic_name(n).is_ok()
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let missing = if allow_create {
+        Missing::Creating
+    } else {
+        Missing::Unknown
+    };
+    if to_create.is_empty() {
+        let cluster_id = cluster_id(ctx, &image);
+        return now(
+            h,
+            &build_metadata(
+                &image,
+                c.replicas.controller_id(),
+                &cluster_id,
+                wanted,
+                missing,
+            ),
+        );
+    }
+    let (ctx, c) = (ctx.clone(), c.clone());
+    later(h, async move {
+        let results =
+            futures::future::join_all(to_create.iter().map(|n| auto_create(&ctx, &c, n))).await;
+        for (name, result) in to_create.iter().zip(&results) {
+            if let Err((code, message)) = result {
+                tracing::warn!(topic = %name, code, error = %message, "auto-create failed");
+            }
+        }
+        c.wait_image(AUTO_CREATE_WAIT, |image| {
+            to_create.iter().all(|n| image.topics.contains_key(n))
+        })
+        .await;
+        let image = c.replicas.image();
+        let cluster_id = cluster_id(&ctx, &image);
+        build_metadata(
+            &image,
+            c.replicas.controller_id(),
+            &cluster_id,
+            wanted,
+            missing,
+        )
+    })
+}
+
+pub(crate) fn describe_cluster(
+    ctx: &Ctx,
+    c: &ClusterCtx,
+    req: DescribeClusterRequest,
+    version: i16,
+) -> DescribeClusterResponse {
+    let image = c.replicas.image();
+    let mut resp = DescribeClusterResponse::default()
+        .with_cluster_id(str_bytes(&cluster_id(ctx, &image)))
+        .with_controller_id(BrokerId(c.replicas.controller_id().unwrap_or(-1)));
+    if version >= 1 && req.endpoint_type != ENDPOINT_TYPE_BROKERS {
+        return resp
+            .with_error_code(ResponseError::UnsupportedEndpointType.code())
+            .with_error_message(Some(str_bytes("only broker endpoints are served")));
+    }
+    resp.brokers = live_endpoints(&image)
+        .into_iter()
+        .map(|(id, host, port)| {
+            DescribeClusterBroker::default()
+                .with_broker_id(BrokerId(id))
+                .with_host(str_bytes(&host))
+                .with_port(port)
+        })
+        .collect();
+    resp
+}
+
+/// (error, message, node, host, port) of the coordinator for `key_type`:
+/// groups are coordinated by the leader of `__consumer_offsets-0`.
+pub(crate) fn coordinator(
+    image: &MetadataImage,
+    key_type: i8,
+) -> (i16, Option<&'static str>, i32, String, i32) {
+    let none = |code: i16, message: &'static str| (code, Some(message), -1, String::new(), -1);
+    match key_type {
+        KEY_TYPE_GROUP => {
+            let leader = image
+                .partition(OFFSETS_TOPIC, 0)
+                .map_or(NO_LEADER, |p| p.leader);
+            match image.brokers.get(&leader).filter(|b| !b.fenced) {
+                Some(b) => (
+                    0,
+                    None,
+                    leader,
+                    b.kafka_host.clone(),
+                    i32::from(b.kafka_port),
+                ),
+                None => none(
+                    ResponseError::CoordinatorNotAvailable.code(),
+                    "the offsets topic has no leader",
+                ),
+            }
+        }
+        KEY_TYPE_TRANSACTION => none(
+            ResponseError::CoordinatorNotAvailable.code(),
+            "transactions are not supported",
+        ),
+        _ => none(
+            ResponseError::InvalidRequest.code(),
+            "unknown coordinator key type",
+        ),
+    }
+}
+
+pub(crate) fn find_coordinator(
+    c: &ClusterCtx,
+    req: FindCoordinatorRequest,
+    version: i16,
+) -> FindCoordinatorResponse {
+    let image = c.replicas.image();
+    if version < 4 {
+        let (error, message, node, host, port) = coordinator(&image, req.key_type);
+        let mut resp = FindCoordinatorResponse::default()
+            .with_error_code(error)
+            .with_node_id(BrokerId(node))
+            .with_host(str_bytes(&host))
+            .with_port(port);
+        if version >= 1 {
+            resp.error_message = message.map(str_bytes);
+        }
+        return resp;
+    }
+    let (error, message, node, host, port) = coordinator(&image, req.key_type);
+    let coordinators = req
+        .coordinator_keys
+        .into_iter()
+        .map(|key| {
+            Coordinator::default()
+                .with_key(key)
+                .with_node_id(BrokerId(node))
+                .with_host(str_bytes(&host))
+                .with_port(port)
+                .with_error_code(error)
+                .with_error_message(message.map(str_bytes))
+        })
+        .collect();
+    FindCoordinatorResponse::default().with_coordinators(coordinators)
+}
+
+pub(crate) fn init_producer_id(c: &Arc<ClusterCtx>, req: InitProducerIdRequest, h: Hdr) -> Outcome {
+    let resp = InitProducerIdResponse::default()
+        .with_producer_id(ProducerId(-1))
+        .with_producer_epoch(-1);
+    if req
+        .transactional_id
+        .as_ref()
+        .is_some_and(|id| !id.0.is_empty())
+    {
+        return now(
+            h,
+            &resp.with_error_code(ResponseError::TransactionalIdAuthorizationFailed.code()),
+        );
+    }
+    let c = c.clone();
+    later(h, async move {
+        match c.next_producer_id().await {
+            Ok(id) => resp.with_producer_id(ProducerId(id)).with_producer_epoch(0),
+            Err((code, message)) => {
+                tracing::warn!(code, error = %message, "cannot allocate producer ids");
+                // Whatever kept the quorum from answering, the client's
+                // retriable answer for InitProducerId is this one.
+                resp.with_error_code(ResponseError::CoordinatorNotAvailable.code())
+            }
+        }
+    })
+}
