@@ -152,6 +152,16 @@ pub struct ReplicatedOffsets {
     pub leader_epoch: i32,
     /// Whether a commit's topic partition exists.
     pub partition_exists: PartitionExists,
+    /// Whether this node still leads the partition in `leader_epoch`;
+    /// checked before every append, so that a coordinator that has not yet
+    /// been closed never writes into a log it no longer leads.
+    pub still_leading: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// What cluster mode adds to a coordinator.
+struct Replicated {
+    partition_exists: PartitionExists,
+    still_leading: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// Why an offsets-log write failed because the coordinator was closed
@@ -219,7 +229,7 @@ pub struct GroupCoordinator {
     leader_epoch: i32,
     /// Cluster mode: writes are answered once committed (high watermark),
     /// not merely durable, and topic existence comes from the image.
-    replicated: Option<PartitionExists>,
+    replicated: Option<Replicated>,
     /// Set by [`GroupCoordinator::close`]: nothing more is written.
     closed: AtomicBool,
 }
@@ -305,7 +315,10 @@ impl GroupCoordinator {
             config,
             offsets.partition,
             offsets.leader_epoch,
-            Some(offsets.partition_exists),
+            Some(Replicated {
+                partition_exists: offsets.partition_exists,
+                still_leading: offsets.still_leading,
+            }),
         )
     }
 
@@ -314,7 +327,7 @@ impl GroupCoordinator {
         config: GroupConfig,
         offsets: Arc<Partition>,
         leader_epoch: i32,
-        replicated: Option<PartitionExists>,
+        replicated: Option<Replicated>,
     ) -> Result<Arc<Self>, GroupError> {
         let replayed = replay(&offsets)?;
         let (shutdown, _) = watch::channel(());
@@ -393,7 +406,7 @@ impl GroupCoordinator {
     /// Whether a commit's topic partition exists.
     fn partition_exists(&self, topic: &str, partition: i32) -> bool {
         match &self.replicated {
-            Some(exists) => exists(topic, partition),
+            Some(r) => (r.partition_exists)(topic, partition),
             None => self.store.partition(topic, partition).is_some(),
         }
     }
@@ -952,7 +965,8 @@ impl GroupCoordinator {
             },
         )
         .map_err(|e| LogError::InvalidRecord(format!("cannot encode offsets batch: {e}")))?;
-        if self.is_closed() {
+        let leading = self.replicated.as_ref().is_none_or(|r| (r.still_leading)());
+        if self.is_closed() || !leading {
             return Err(closed_error());
         }
         let result = self.offsets.append(&buf, self.leader_epoch)?;

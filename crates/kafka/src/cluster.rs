@@ -326,13 +326,14 @@ async fn load_coordinator(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let replicas = ctx.replicas.clone();
+        let (images, roles) = (ctx.replicas.clone(), ctx.replicas.clone());
         let offsets = ReplicatedOffsets {
             partition,
             leader_epoch: epoch,
             partition_exists: Arc::new(move |topic, partition| {
-                replicas.image().partition(topic, partition).is_some()
+                images.image().partition(topic, partition).is_some()
             }),
+            still_leading: Arc::new(move || roles.leader_epoch_of(OFFSETS_TOPIC, 0) == Some(epoch)),
         };
         match GroupCoordinator::open_replicated(store.clone(), config.clone(), offsets).await {
             Ok(g) => return Some(g),

@@ -6,6 +6,7 @@
 mod admin;
 mod membership;
 mod offsets;
+mod replicated;
 mod wire;
 
 use std::collections::BTreeMap;

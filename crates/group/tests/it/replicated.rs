@@ -1,0 +1,152 @@
+//! Cluster mode: a coordinator opened on a replicated offsets partition
+//! (here a local one, whose committed offset is its durable end), closed when
+//! the leadership goes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use sluice_group::{offsets_topic_configs, ReplicatedOffsets, OFFSETS_TOPIC};
+
+use super::*;
+
+struct Cluster {
+    _dir: TempDir,
+    store: Arc<Store>,
+    leading: Arc<AtomicBool>,
+}
+
+fn cluster() -> Cluster {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_store(dir.path());
+    store
+        .create_topic(TOPIC, PARTITIONS, &BTreeMap::new(), false)
+        .expect("create topic");
+    store
+        .create_topic(OFFSETS_TOPIC, 1, &offsets_topic_configs(), false)
+        .expect("offsets topic");
+    Cluster {
+        _dir: dir,
+        store,
+        leading: Arc::new(AtomicBool::new(true)),
+    }
+}
+
+async fn open(c: &Cluster, epoch: i32) -> Arc<GroupCoordinator> {
+    let leading = c.leading.clone();
+    let offsets = ReplicatedOffsets {
+        partition: c.store.partition(OFFSETS_TOPIC, 0).expect("partition"),
+        leader_epoch: epoch,
+        // Only "events" exists as far as the image is concerned.
+        partition_exists: Arc::new(|topic, partition| {
+            topic == TOPIC && (0..PARTITIONS as i32).contains(&partition)
+        }),
+        still_leading: Arc::new(move || leading.load(Ordering::SeqCst)),
+    };
+    GroupCoordinator::open_replicated(c.store.clone(), config(0), offsets)
+        .await
+        .expect("open")
+}
+
+#[tokio::test]
+async fn commits_are_stamped_replayed_and_refused_after_close() {
+    let c = cluster();
+    let coord = open(&c, 7).await;
+    let r = commit(&coord, "g", -1, "", TOPIC, &[(0, 42, 3, Some("m"))]).await;
+    assert_eq!(commit_errors(&r), vec![0]);
+    let offsets = c.store.partition(OFFSETS_TOPIC, 0).expect("partition");
+    assert_eq!(
+        offsets.end_offset_for_epoch(7),
+        (7, 1),
+        "stamped with the leader epoch"
+    );
+
+    // A new leadership replays what the old one committed.
+    coord.close();
+    let r = commit(&coord, "g", -1, "", TOPIC, &[(0, 43, 3, None)]).await;
+    assert_eq!(commit_errors(&r), vec![code(ResponseError::NotCoordinator)]);
+    let again = open(&c, 8).await;
+    assert_eq!(
+        fetched(&fetch(&again, "g", TOPIC, Some(&[0])).await),
+        vec![(TOPIC.to_owned(), 0, 42, 3, "m".to_owned(), 0)]
+    );
+
+    // A coordinator that no longer leads writes nothing, even before close.
+    c.leading.store(false, Ordering::SeqCst);
+    let end = offsets.log_end_offset();
+    let r = commit(&again, "g", -1, "", TOPIC, &[(1, 5, 3, None)]).await;
+    assert_eq!(commit_errors(&r), vec![code(ResponseError::NotCoordinator)]);
+    assert_eq!(offsets.log_end_offset(), end);
+}
+
+#[tokio::test]
+async fn topic_existence_comes_from_the_caller() {
+    let c = cluster();
+    let coord = open(&c, 0).await;
+    let r = commit(&coord, "g", -1, "", "elsewhere", &[(0, 1, 0, None)]).await;
+    assert_eq!(
+        commit_errors(&r),
+        vec![code(ResponseError::UnknownTopicOrPartition)]
+    );
+}
+
+#[tokio::test]
+async fn close_answers_waiting_joins() {
+    let c = cluster();
+    let coord = open(&c, 0).await;
+    // An initial rebalance delay keeps the first member's join waiting.
+    let slow = GroupCoordinator::open_replicated(
+        c.store.clone(),
+        config(60_000),
+        ReplicatedOffsets {
+            partition: c.store.partition(OFFSETS_TOPIC, 0).expect("partition"),
+            leader_epoch: 1,
+            partition_exists: Arc::new(|_, _| true),
+            still_leading: Arc::new(|| true),
+        },
+    )
+    .await
+    .expect("open");
+    drop(coord);
+    let first = slow
+        .join_group_with_client(
+            join_request("g", "", None, 10_000, 10_000, b"x"),
+            JOIN_V,
+            "c",
+            "/127.0.0.1",
+        )
+        .await;
+    assert_eq!(first.error_code, code(ResponseError::MemberIdRequired));
+    let waiting = {
+        let slow = slow.clone();
+        let member = first.member_id.to_string();
+        tokio::spawn(async move {
+            slow.join_group_with_client(
+                join_request("g", &member, None, 10_000, 10_000, b"x"),
+                JOIN_V,
+                "c",
+                "/127.0.0.1",
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the join waits for the rebalance delay"
+    );
+    slow.close();
+    let resp = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("answered")
+        .expect("task");
+    assert_eq!(resp.error_code, code(ResponseError::NotCoordinator));
+    // New joins are refused at once.
+    let late = slow
+        .join_group_with_client(
+            join_request("h", "", None, 10_000, 10_000, b"x"),
+            JOIN_V,
+            "c",
+            "/127.0.0.1",
+        )
+        .await;
+    assert_eq!(late.error_code, code(ResponseError::NotCoordinator));
+}
