@@ -209,6 +209,7 @@ pub(crate) fn offsets_topic_command(voters: usize) -> Command {
 /// retrying until the quorum accepts (or already has) it.
 pub(crate) async fn ensure_offsets_topic(ctx: Arc<ClusterCtx>, mut stop: watch::Receiver<bool>) {
     let mut delay = Duration::from_millis(200);
+    let mut attempts = 0u32;
     loop {
         if ctx.replicas.image().topics.contains_key(OFFSETS_TOPIC) {
             return;
@@ -223,8 +224,16 @@ pub(crate) async fn ensure_offsets_topic(ctx: Arc<ClusterCtx>, mut stop: watch::
                 return
             }
             Err((code, message)) => {
-                tracing::warn!(code, error = %message, topic = OFFSETS_TOPIC,
-                    "cannot create the offsets topic yet; retrying");
+                // Expected at start-up until a controller is elected and
+                // enough brokers have registered.
+                attempts += 1;
+                if attempts > 5 {
+                    tracing::warn!(code, error = %message, topic = OFFSETS_TOPIC,
+                        "cannot create the offsets topic yet; retrying");
+                } else {
+                    tracing::debug!(code, error = %message, topic = OFFSETS_TOPIC,
+                        "cannot create the offsets topic yet; retrying");
+                }
             }
         }
         tokio::select! {
