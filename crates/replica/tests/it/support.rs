@@ -39,9 +39,9 @@ fn cluster_config(id: BrokerId, base: &Path, peers: &[(BrokerId, String)]) -> Cl
     c
 }
 
-pub fn replica_config(id: BrokerId) -> ReplicaConfig {
+pub fn replica_config(id: BrokerId, lag: Duration) -> ReplicaConfig {
     let mut c = ReplicaConfig::new(id);
-    c.replica_lag_max = Duration::from_millis(1000);
+    c.replica_lag_max = lag;
     c.fetch_max_wait = Duration::from_millis(100);
     c
 }
@@ -57,10 +57,16 @@ pub struct Cluster {
     pub peers: Vec<(BrokerId, String)>,
     pub connector: Arc<InProcessConnector>,
     pub nodes: BTreeMap<BrokerId, Node>,
+    /// replica.lag.time.max of every broker.
+    pub lag: Duration,
 }
 
 impl Cluster {
     pub async fn start(n: i32) -> Cluster {
+        Cluster::start_with_lag(n, Duration::from_millis(1000)).await
+    }
+
+    pub async fn start_with_lag(n: i32, lag: Duration) -> Cluster {
         init_tracing();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut listeners = Vec::new();
@@ -78,6 +84,7 @@ impl Cluster {
             peers,
             connector: InProcessConnector::new(),
             nodes: BTreeMap::new(),
+            lag,
         };
         for (id, _, l) in listeners {
             c.launch(id, l).await;
@@ -105,7 +112,7 @@ impl Cluster {
         let mgr = ReplicaManager::start_with(
             store.clone(),
             cluster.clone(),
-            replica_config(id),
+            replica_config(id, self.lag),
             self.connector.for_node(id),
         );
         self.connector.register(&mgr);
