@@ -1891,20 +1891,3 @@ mod refuse_tests {
         }
     }
 }
-
-// TEMP-SHIM until sluice-log's wait_committed lands (removed before commit).
-#[allow(dead_code)]
-trait TempShim {
-    fn wait_committed(
-        &self,
-        end: i64,
-    ) -> impl std::future::Future<Output = Result<(), LogError>> + Send;
-}
-impl TempShim for Partition {
-    fn wait_committed(
-        &self,
-        end: i64,
-    ) -> impl std::future::Future<Output = Result<(), LogError>> + Send {
-        self.wait_durable(end)
-    }
-}

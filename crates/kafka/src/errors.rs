@@ -12,7 +12,9 @@ pub(crate) fn log_error(e: &LogError) -> ResponseError {
         LogError::MessageTooLarge { .. } => ResponseError::MessageTooLarge,
         LogError::OutOfOrderSequence { .. } => ResponseError::OutOfOrderSequenceNumber,
         LogError::InvalidProducerEpoch { .. } => ResponseError::InvalidProducerEpoch,
-        LogError::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange,
+        LogError::OffsetOutOfRange { .. } | LogError::ReplicaOffsetMismatch { .. } => {
+            ResponseError::OffsetOutOfRange
+        }
         LogError::UnknownTopicOrPartition(_) => ResponseError::UnknownTopicOrPartition,
         LogError::TopicAlreadyExists(_) => ResponseError::TopicAlreadyExists,
         LogError::InvalidTopic(..) => ResponseError::InvalidTopicException,

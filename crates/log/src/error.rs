@@ -49,6 +49,10 @@ pub enum LogError {
     /// INVALID_CONFIG (40)
     #[error("invalid config: {0}")]
     InvalidConfig(String),
+    /// OFFSET_OUT_OF_RANGE (1): a follower append whose first batch does not
+    /// start at the log end, or whose batches are not contiguous.
+    #[error("replica append at offset {got} does not continue the log at {expected}")]
+    ReplicaOffsetMismatch { expected: i64, got: i64 },
     /// KAFKA_STORAGE_ERROR (56): the disk failed us; the partition is unusable.
     #[error("storage error: {0}")]
     Io(#[from] std::io::Error),

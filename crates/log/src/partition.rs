@@ -12,7 +12,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -42,6 +42,18 @@ pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Raises a monotonic offset watch to `to`; notifies only on a change.
+fn raise(tx: &watch::Sender<i64>, to: i64) {
+    tx.send_if_modified(|v| {
+        if to > *v {
+            *v = to;
+            true
+        } else {
+            false
+        }
+    });
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -122,6 +134,13 @@ pub struct Partition {
     written_tx: watch::Sender<i64>,
     durable_tx: watch::Sender<Durable>,
     hw_tx: watch::Sender<i64>,
+    /// Offsets below are durable under the flush policy (the log end when
+    /// the policy does not fsync before acknowledging).
+    durable_end_tx: watch::Sender<i64>,
+    /// Replicated mode: the high watermark moves only by
+    /// `advance_high_watermark` (the replication layer knows what the
+    /// in-sync replicas hold); local mode: it follows `durable_end`.
+    replicated: AtomicBool,
     fsyncs: AtomicU64,
     /// Held by a flush round from snapshot to publication.
     sync_lock: Mutex<()>,
@@ -344,6 +363,8 @@ impl Partition {
             })
             .0,
             hw_tx: watch::channel(log_end).0,
+            durable_end_tx: watch::channel(log_end).0,
+            replicated: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
             state: AtomicU8::new(STATE_OK),
@@ -482,6 +503,204 @@ impl Partition {
             .next_offset();
         }
 
+        self.write_locked(
+            &mut w,
+            records,
+            &headers,
+            log_end,
+            next,
+            Some(leader_epoch),
+            (segment_bytes, segment_ms, interval),
+        )?;
+        for (pid, entry) in touched {
+            if let Some(e) = entry {
+                w.producers.insert(pid, e);
+            }
+        }
+        if w.epochs.assign(leader_epoch, log_end) {
+            if let Err(e) = w.epochs.persist() {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "leader epoch checkpoint write failed");
+            }
+        }
+        self.publish_written(next);
+        drop(w);
+        Ok(AppendResult {
+            base_offset: log_end,
+            end_offset: next,
+            log_start_offset: log_start,
+            duplicate: false,
+        })
+    }
+
+    /// Follower append: batches exactly as the leader stored them (offsets
+    /// and leader epochs kept, CRC validated, never re-stamped). The first
+    /// batch must start at the log end and each next one where the previous
+    /// ended ([`LogError::ReplicaOffsetMismatch`] otherwise). The
+    /// leader-epoch cache and the idempotent-producer state follow the
+    /// batches (no sequence check: the leader made it), so this replica
+    /// rejects duplicates correctly once it leads. Returns the new log end;
+    /// like `append`, the bytes are not durable yet.
+    pub fn append_replica(&self, records: &[u8]) -> Result<i64, LogError> {
+        self.check_usable()?;
+        let headers = batch::validate_batches(records)?;
+        let (segment_bytes, segment_ms, interval) = {
+            let c = self.config.read();
+            (c.segment_bytes, c.segment_ms, c.index_interval_bytes)
+        };
+        let mut w = self.writer.lock();
+        self.check_usable()?;
+        let log_end = self.view.read().log_end;
+        let mut next = log_end;
+        for h in &headers {
+            if h.base_offset != next {
+                return Err(LogError::ReplicaOffsetMismatch {
+                    expected: next,
+                    got: h.base_offset,
+                });
+            }
+            next = h.next_offset();
+        }
+        if next == log_end {
+            return Ok(log_end);
+        }
+        self.write_locked(
+            &mut w,
+            records,
+            &headers,
+            log_end,
+            next,
+            None,
+            (segment_bytes, segment_ms, interval),
+        )?;
+        let mut epochs_changed = false;
+        for h in &headers {
+            w.producers.replay(h);
+            epochs_changed |= w.epochs.assign(h.partition_leader_epoch, h.base_offset);
+        }
+        if epochs_changed {
+            if let Err(e) = w.epochs.persist() {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "leader epoch checkpoint write failed");
+            }
+        }
+        self.publish_written(next);
+        Ok(next)
+    }
+
+    /// Tells the flusher and the watchers that the log end moved to `next`.
+    /// Called under the append lock so watchers never see it go back.
+    fn publish_written(&self, next: i64) {
+        match self.flush {
+            FlushPolicy::Always => {
+                self.written_tx.send_replace(next);
+            }
+            FlushPolicy::Interval { .. } => {
+                self.durable_end_tx.send_replace(next);
+                if !self.replicated.load(Ordering::Acquire) {
+                    self.hw_tx.send_replace(next);
+                }
+                self.written_tx.send_replace(next);
+            }
+            FlushPolicy::Never => {
+                self.durable_end_tx.send_replace(next);
+                if !self.replicated.load(Ordering::Acquire) {
+                    self.hw_tx.send_replace(next);
+                }
+            }
+        }
+    }
+
+    /// Switches who moves the high watermark. Local (the default): it
+    /// follows the durable end, as a single node needs. Replicated: only
+    /// [`Partition::advance_high_watermark`] raises it, because only the
+    /// replication layer knows what the in-sync replicas hold; on the
+    /// switch it drops to the log start offset, since nothing above it is
+    /// known to be committed (a restarted replica learns the real value
+    /// from the leader, a leader from its followers' fetches).
+    pub fn set_replicated(&self, replicated: bool) {
+        let _w = self.writer.lock();
+        let was = self.replicated.swap(replicated, Ordering::AcqRel);
+        if was == replicated {
+            return;
+        }
+        if replicated {
+            let start = self.view.read().log_start;
+            self.hw_tx.send_replace(start);
+        } else {
+            let durable = *self.durable_end_tx.borrow();
+            self.hw_tx.send_replace(durable);
+        }
+    }
+
+    /// Whether the high watermark is under the replication layer's control.
+    pub fn is_replicated(&self) -> bool {
+        self.replicated.load(Ordering::Acquire)
+    }
+
+    /// Offsets below it are durable under the flush policy (fsync'd with
+    /// `always`; the log end with `interval` and `never`).
+    pub fn durable_end_offset(&self) -> i64 {
+        *self.durable_end_tx.borrow()
+    }
+
+    /// Changes whenever the durable end moves (a leader recomputes its high
+    /// watermark on it; a follower fetches again once its append is durable).
+    pub fn watch_durable_end(&self) -> watch::Receiver<i64> {
+        self.durable_end_tx.subscribe()
+    }
+
+    /// Replicated mode: raises the high watermark to `hw`, capped at the
+    /// durable end (a replica never exposes what it could lose). Never
+    /// lowers it (only truncation does). No effect in local mode.
+    pub fn advance_high_watermark(&self, hw: i64) {
+        if !self.replicated.load(Ordering::Acquire) {
+            return;
+        }
+        // The append lock orders this against truncation, so a stale
+        // caller cannot raise the watermark over a just-truncated tail.
+        let _w = self.writer.lock();
+        let cap = (*self.durable_end_tx.borrow()).min(self.view.read().log_end);
+        raise(&self.hw_tx, hw.min(cap));
+    }
+
+    /// Resolves once the high watermark reaches `end_offset` (in local mode
+    /// that is durability; in replicated mode, replication to the in-sync
+    /// replicas). Fails when the partition stops (storage failure, topic
+    /// deleted).
+    pub async fn wait_committed(&self, end_offset: i64) -> Result<(), LogError> {
+        let mut hw = self.hw_tx.subscribe();
+        let mut durable = self.durable_tx.subscribe();
+        loop {
+            if *hw.borrow_and_update() >= end_offset {
+                return Ok(());
+            }
+            if durable.borrow_and_update().stopped {
+                self.check_usable()?;
+                return Err(LogError::Io(io::Error::other("partition stopped")));
+            }
+            tokio::select! {
+                r = hw.changed() => if r.is_err() { break },
+                r = durable.changed() => if r.is_err() { break },
+            }
+        }
+        self.check_usable()?;
+        Err(LogError::Io(io::Error::other("partition stopped")))
+    }
+
+    /// Writes validated batches at the log end (rolling first when due),
+    /// indexes them and moves the log end to `next`. `stamp`: the leader
+    /// epoch to stamp with the assigned offsets (None: a replica's batches,
+    /// already stamped by the leader). Caller holds the append lock.
+    #[allow(clippy::too_many_arguments)]
+    fn write_locked(
+        &self,
+        w: &mut Writer,
+        records: &[u8],
+        headers: &[BatchHeader],
+        log_end: i64,
+        next: i64,
+        stamp: Option<i32>,
+        (segment_bytes, segment_ms, interval): (u64, u64, u32),
+    ) -> Result<(), LogError> {
         let total = records.len() as u64;
         let incoming_max_ts = headers.iter().map(|h| h.max_timestamp).max().unwrap_or(-1);
         let need_roll = {
@@ -495,25 +714,28 @@ impl Partition {
             })
         };
         if need_roll {
-            self.roll_locked(&mut w, log_end)?;
+            self.roll_locked(w, log_end)?;
         }
 
-        // The one copy: producer bytes into the write buffer, stamped in place.
+        // The one copy: producer bytes into the write buffer, stamped in
+        // place (a replica's batches keep the leader's stamps).
         w.buf.clear();
         w.buf.extend_from_slice(records);
-        let mut pos_in_buf = 0usize;
-        let mut off = log_end;
-        for h in &headers {
-            let size = h.size();
-            if let Some(b) = w.buf.get_mut(pos_in_buf..pos_in_buf + size) {
-                batch::stamp(b, off, leader_epoch);
+        if let Some(leader_epoch) = stamp {
+            let mut pos_in_buf = 0usize;
+            let mut off = log_end;
+            for h in headers {
+                let size = h.size();
+                if let Some(b) = w.buf.get_mut(pos_in_buf..pos_in_buf + size) {
+                    batch::stamp(b, off, leader_epoch);
+                }
+                pos_in_buf += size;
+                off = BatchHeader {
+                    base_offset: off,
+                    ..*h
+                }
+                .next_offset();
             }
-            pos_in_buf += size;
-            off = BatchHeader {
-                base_offset: off,
-                ..*h
-            }
-            .next_offset();
         }
 
         let (files, pos) = {
@@ -538,10 +760,10 @@ impl Partition {
             let mut off = log_end;
             let mut due = false;
             if let Some((_, seg)) = v.segments.iter_mut().next_back() {
-                for h in &headers {
+                for h in headers {
                     let stamped = BatchHeader {
                         base_offset: off,
-                        partition_leader_epoch: leader_epoch,
+                        partition_leader_epoch: stamp.unwrap_or(h.partition_leader_epoch),
                         ..*h
                     };
                     seg.account_batch(&stamped, p, interval);
@@ -555,38 +777,9 @@ impl Partition {
             due
         };
         if index_due {
-            self.write_index_tail_locked(&mut w, files.base_offset);
+            self.write_index_tail_locked(w, files.base_offset);
         }
-        for (pid, entry) in touched {
-            if let Some(e) = entry {
-                w.producers.insert(pid, e);
-            }
-        }
-        if w.epochs.assign(leader_epoch, log_end) {
-            if let Err(e) = w.epochs.persist() {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "leader epoch checkpoint write failed");
-            }
-        }
-        // Published under the append lock so watchers never see it go back.
-        match self.flush {
-            FlushPolicy::Always => {
-                self.written_tx.send_replace(next);
-            }
-            FlushPolicy::Interval { .. } => {
-                self.hw_tx.send_replace(next);
-                self.written_tx.send_replace(next);
-            }
-            FlushPolicy::Never => {
-                self.hw_tx.send_replace(next);
-            }
-        }
-        drop(w);
-        Ok(AppendResult {
-            base_offset: log_end,
-            end_offset: next,
-            log_start_offset: log_start,
-            duplicate: false,
-        })
+        Ok(())
     }
 
     /// Writes the index entries segment `base` holds only in memory to its
@@ -678,14 +871,10 @@ impl Partition {
         // The high watermark first: a producer released by the durable
         // offset must find its records already visible to consumers.
         if self.flush == FlushPolicy::Always {
-            self.hw_tx.send_if_modified(|hw| {
-                if target > *hw {
-                    *hw = target;
-                    true
-                } else {
-                    false
-                }
-            });
+            if !self.replicated.load(Ordering::Acquire) {
+                raise(&self.hw_tx, target);
+            }
+            raise(&self.durable_end_tx, target);
         }
         self.durable_tx.send_modify(|d| {
             if target > d.offset {
@@ -1114,6 +1303,7 @@ impl Partition {
             self.durable_tx
                 .send_modify(|d| d.offset = d.offset.min(new_end));
             self.hw_tx.send_modify(|hw| *hw = (*hw).min(new_end));
+            self.durable_end_tx.send_modify(|d| *d = (*d).min(new_end));
         }
         w.producers = self.rebuild_producers(interval)?;
         if w.epochs.truncate_from_end(new_end) {

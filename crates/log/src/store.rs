@@ -295,6 +295,77 @@ impl Store {
         overrides: &BTreeMap<String, String>,
         validate_only: bool,
     ) -> Result<TopicInfo, LogError> {
+        self.create_topic_with_id(name, partitions, overrides, validate_only, None)
+    }
+
+    /// Cluster mode: makes the local topic match the metadata quorum's
+    /// record of it. Creates it with exactly `topic_id` when missing; a
+    /// topic of that name with another id (deleted and created again while
+    /// this node was away) is deleted and created anew; missing partitions
+    /// are added; the storage config overrides become `configs` (keys the
+    /// storage engine does not know, such as `min.insync.replicas`, are the
+    /// replication layer's and are skipped here).
+    pub fn ensure_topic(
+        &self,
+        name: &str,
+        topic_id: [u8; 16],
+        partitions: u32,
+        configs: &BTreeMap<String, String>,
+    ) -> Result<TopicInfo, LogError> {
+        let overrides: BTreeMap<String, String> = configs
+            .iter()
+            .filter(|(k, _)| TopicConfig::KEYS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        match self.topic(name) {
+            None => {}
+            Some(t) if t.id != topic_id => {
+                tracing::info!(
+                    topic = name,
+                    "replacing a local topic of the same name but another id"
+                );
+                self.delete_topic(name)?;
+            }
+            Some(t) => {
+                if t.partitions < partitions {
+                    self.create_partitions(name, partitions, false)?;
+                }
+                if t.overrides != overrides {
+                    let mut changes: Vec<ConfigChange> = t
+                        .overrides
+                        .keys()
+                        .filter(|k| !overrides.contains_key(*k))
+                        .map(|k| ConfigChange::Delete { key: k.clone() })
+                        .collect();
+                    changes.extend(overrides.iter().map(|(k, v)| ConfigChange::Set {
+                        key: k.clone(),
+                        value: v.clone(),
+                    }));
+                    self.alter_topic_config(name, &changes, false)?;
+                }
+                return self
+                    .topic(name)
+                    .ok_or_else(|| LogError::UnknownTopicOrPartition(name.to_string()));
+            }
+        }
+        match self.create_topic_with_id(name, partitions, &overrides, false, Some(topic_id)) {
+            // Another caller created it first with the same id.
+            Err(LogError::TopicAlreadyExists(_)) => match self.topic(name) {
+                Some(t) if t.id == topic_id => Ok(t),
+                _ => Err(LogError::TopicAlreadyExists(name.to_string())),
+            },
+            other => other,
+        }
+    }
+
+    fn create_topic_with_id(
+        &self,
+        name: &str,
+        partitions: u32,
+        overrides: &BTreeMap<String, String>,
+        validate_only: bool,
+        topic_id: Option<[u8; 16]>,
+    ) -> Result<TopicInfo, LogError> {
         validate_topic_name(name)?;
         if partitions == 0 || partitions > MAX_PARTITIONS {
             return Err(LogError::InvalidPartitions(format!(
@@ -306,7 +377,7 @@ impl Store {
         if self.topics.read().contains_key(name) {
             return Err(LogError::TopicAlreadyExists(name.to_string()));
         }
-        let id = *uuid::Uuid::new_v4().as_bytes();
+        let id = topic_id.unwrap_or_else(|| *uuid::Uuid::new_v4().as_bytes());
         if validate_only {
             return Ok(TopicInfo {
                 name: name.to_string(),

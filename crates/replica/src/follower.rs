@@ -9,8 +9,6 @@ use sluice_log::{LogError, Partition};
 use tokio::sync::watch;
 
 use crate::codes;
-#[allow(unused_imports)]
-use crate::compat::PartitionReplication as _;
 use crate::transport::{FetchArgs, LeaderConnector, LeaderTransport, TransportError};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);

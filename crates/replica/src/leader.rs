@@ -13,8 +13,6 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::codes;
-#[allow(unused_imports)]
-use crate::compat::PartitionReplication as _;
 
 /// How long to wait before proposing again after a failed or rejected ISR change.
 const ALTER_RETRY: Duration = Duration::from_millis(200);

@@ -71,7 +71,6 @@
 //! The API the Kafka front end calls answers Kafka error codes (`i16`), see
 //! [`codes`].
 
-mod compat;
 mod follower;
 mod leader;
 mod manager;

@@ -13,8 +13,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-#[allow(unused_imports)]
-use crate::compat::{PartitionReplication as _, StoreReplication as _};
 use crate::follower::Fetcher;
 use crate::leader::Leader;
 use crate::transport::{EpochAnswer, FetchAnswer, FetchArgs, LeaderConnector};

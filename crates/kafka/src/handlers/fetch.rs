@@ -245,14 +245,3 @@ async fn long_poll(
         last = again.response;
     }
 }
-
-// TEMP-SHIM until sluice-log's watch_durable_end lands (removed before commit).
-#[allow(dead_code)]
-trait TempShim {
-    fn watch_durable_end(&self) -> watch::Receiver<i64>;
-}
-impl TempShim for Partition {
-    fn watch_durable_end(&self) -> watch::Receiver<i64> {
-        self.watch_high_watermark()
-    }
-}
