@@ -32,6 +32,11 @@ pub struct BrokerState {
     pub kafka_port: u16,
     /// Advertised inter-node (Raft) address, `host:port`.
     pub raft_addr: String,
+    /// Where the other brokers reach this broker's Kafka listener to replicate
+    /// (`host:port`); clients use `kafka_host:kafka_port`, which may only be
+    /// reachable from outside (a published container port).
+    #[serde(default)]
+    pub replica_addr: String,
     /// Fenced brokers lead nothing and are not placed on; set when the controller
     /// stops hearing from the broker.
     pub fenced: bool,
@@ -99,6 +104,8 @@ pub enum Command {
         kafka_port: u16,
         raft_addr: String,
         incarnation: u64,
+        #[serde(default)]
+        replica_addr: String,
     },
     /// The controller stopped hearing from the broker.
     FenceBroker { node_id: BrokerId },
@@ -360,12 +367,13 @@ impl MetadataImage {
                 kafka_port,
                 raft_addr,
                 incarnation,
+                replica_addr,
             } => self.register_broker(
                 index,
                 *node_id,
-                kafka_host,
-                *kafka_port,
+                (kafka_host, *kafka_port),
                 raft_addr,
+                replica_addr,
                 *incarnation,
             ),
             Command::FenceBroker { node_id } => {
@@ -481,9 +489,9 @@ impl MetadataImage {
         &mut self,
         index: u64,
         node_id: BrokerId,
-        kafka_host: &str,
-        kafka_port: u16,
+        (kafka_host, kafka_port): (&str, u16),
         raft_addr: &str,
+        replica_addr: &str,
         incarnation: u64,
     ) -> CommandResult {
         if node_id < 0 {
@@ -505,6 +513,7 @@ impl MetadataImage {
                 && b.kafka_host == kafka_host
                 && b.kafka_port == kafka_port
                 && b.raft_addr == raft_addr
+                && b.replica_addr == replica_addr
         });
         let epoch = match same {
             // Re-announcement of the same process: keep its epoch.
@@ -517,6 +526,7 @@ impl MetadataImage {
                 kafka_host: kafka_host.to_string(),
                 kafka_port,
                 raft_addr: raft_addr.to_string(),
+                replica_addr: replica_addr.to_string(),
                 fenced: true,
                 draining,
                 incarnation,

@@ -40,6 +40,8 @@ pub struct BrokerHeartbeat {
     pub kafka_host: String,
     pub kafka_port: u16,
     pub raft_addr: String,
+    #[serde(default)]
+    pub replica_addr: String,
 }
 
 /// The controller's answer to a heartbeat.

@@ -35,6 +35,9 @@ pub struct ClusterConfig {
     pub kafka_host: String,
     /// Advertised Kafka port.
     pub kafka_port: u16,
+    /// Where peers reach this node's Kafka listener to replicate; defaults to the
+    /// host of this node's Raft address with `kafka_port`.
+    pub replica_addr: Option<String>,
     /// The initial voters, this node included: `(node id, raft address)`.
     pub peers: Vec<(BrokerId, String)>,
     /// The node's data directory; Raft state lives in `data_dir/raft/`.
@@ -73,6 +76,7 @@ impl ClusterConfig {
             raft_advertised: None,
             kafka_host: "localhost".to_string(),
             kafka_port: 9092,
+            replica_addr: None,
             peers,
             data_dir: data_dir.into(),
             heartbeat_interval: Duration::from_millis(500),
@@ -247,6 +251,13 @@ impl ClusterNode {
         self.inner.config.node_id
     }
 
+    /// Where peers reach this node's Kafka listener to replicate (`host:port`): the
+    /// configured `replica_addr`, else the host of this node's Raft address with
+    /// `kafka_port`. Registered in the image as [`crate::BrokerState::replica_addr`].
+    pub fn replica_addr(&self) -> String {
+        self.inner.replica_addr()
+    }
+
     /// The address the Raft listener is bound to.
     pub fn local_raft_addr(&self) -> SocketAddr {
         self.local_addr
@@ -379,7 +390,19 @@ impl Inner {
             kafka_host: self.config.kafka_host.clone(),
             kafka_port: self.config.kafka_port,
             raft_addr: self.raft_addr.clone(),
+            replica_addr: self.replica_addr(),
         }
+    }
+
+    fn replica_addr(&self) -> String {
+        if let Some(a) = &self.config.replica_addr {
+            return a.clone();
+        }
+        let host = match self.raft_addr.rsplit_once(':') {
+            Some((h, _)) => h,
+            None => self.raft_addr.as_str(),
+        };
+        format!("{host}:{}", self.config.kafka_port)
     }
 
     /// The controller side of a broker heartbeat: note the broker alive, and register or
@@ -396,7 +419,8 @@ impl Inner {
                 if b.incarnation == hb.incarnation
                     && b.kafka_host == hb.kafka_host
                     && b.kafka_port == hb.kafka_port
-                    && b.raft_addr == hb.raft_addr =>
+                    && b.raft_addr == hb.raft_addr
+                    && b.replica_addr == hb.replica_addr =>
             {
                 if !b.fenced {
                     return Ok(HeartbeatReply {
@@ -421,6 +445,7 @@ impl Inner {
                     kafka_port: hb.kafka_port,
                     raft_addr: hb.raft_addr.clone(),
                     incarnation: hb.incarnation,
+                    replica_addr: hb.replica_addr.clone(),
                 }
             }
         };

@@ -46,7 +46,12 @@ enum FetchError {
 /// else its advertised Kafka address.
 fn replica_addr(image: &MetadataImage, id: BrokerId) -> Option<String> {
     let b = image.brokers.get(&id)?;
-    Some(format!("{}:{}", b.kafka_host, b.kafka_port))
+    if b.replica_addr.is_empty() {
+        // Registered by a node that predates replica addresses.
+        Some(format!("{}:{}", b.kafka_host, b.kafka_port))
+    } else {
+        Some(b.replica_addr.clone())
+    }
 }
 
 impl Fetcher {

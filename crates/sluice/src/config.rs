@@ -34,6 +34,12 @@ impl Defaults {
     pub const NUM_PARTITIONS: u32 = 1;
     pub const MAX_REQUEST_BYTES: usize = 100 * 1024 * 1024;
     pub const MAX_CONNECTIONS: usize = 10_000;
+    pub const RAFT_ADDR: &'static str = "0.0.0.0:9093";
+    /// acks=all needs this many in-sync replicas (Kafka's default is 1; two of
+    /// three keeps every acknowledged write through the loss of any one node).
+    pub const MIN_INSYNC_REPLICAS: i32 = 2;
+    pub const REPLICA_LAG_TIME_MAX_MS: u64 = 5_000;
+    pub const SESSION_TIMEOUT_MS: u64 = 6_000;
 }
 
 /// The `--flush` policy names.
@@ -64,8 +70,31 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_HTTP_ADDR", value_name = "HOST:PORT")]
     pub http_addr: Option<String>,
     /// Address given to Kafka clients in Metadata [default: the Kafka listener].
-    #[arg(long, env = "SLUICE_ADVERTISED_KAFKA_ADDR", value_name = "HOST:PORT")]
+    #[arg(
+        long,
+        visible_alias = "advertised-kafka",
+        env = "SLUICE_ADVERTISED_KAFKA_ADDR",
+        value_name = "HOST:PORT"
+    )]
     pub advertised_kafka_addr: Option<String>,
+    /// This broker's id; in a cluster, its entry in --cluster-peers [default: 0].
+    #[arg(long, env = "SLUICE_NODE_ID", value_name = "N")]
+    pub node_id: Option<i32>,
+    /// Cluster mode: every voter of the metadata quorum as ID@HOST:PORT (their
+    /// Raft addresses), comma-separated, this node included. Absent: one node.
+    #[arg(long, env = "SLUICE_CLUSTER_PEERS", value_name = "ID@HOST:PORT,...")]
+    pub cluster_peers: Option<String>,
+    /// Cluster mode: the Raft (inter-node) listener [default: 0.0.0.0:9093].
+    #[arg(long, env = "SLUICE_RAFT_LISTEN", value_name = "HOST:PORT")]
+    pub raft_listen: Option<String>,
+    /// Cluster mode: where the other nodes reach this node's Kafka listener to
+    /// replicate [default: this node's host in --cluster-peers with the Kafka port].
+    #[arg(long, env = "SLUICE_REPLICA_ADDR", value_name = "HOST:PORT")]
+    pub replica_addr: Option<String>,
+    /// Cluster mode: in-sync replicas acks=all needs, unless a topic sets
+    /// min.insync.replicas [default: 2].
+    #[arg(long, env = "SLUICE_MIN_INSYNC_REPLICAS", value_name = "N")]
+    pub min_insync_replicas: Option<i32>,
     /// When appended records are fsynced [default: always].
     #[arg(long, env = "SLUICE_FLUSH", value_enum)]
     pub flush: Option<FlushMode>,
@@ -105,6 +134,7 @@ pub struct FileConfig {
     pub storage: StorageSection,
     pub kafka: KafkaSection,
     pub group: GroupSection,
+    pub cluster: ClusterSection,
     /// Broker-wide topic defaults with Kafka's names (`retention.ms = 86400000`).
     pub defaults: BTreeMap<String, toml::Value>,
 }
@@ -135,6 +165,62 @@ pub struct KafkaSection {
     pub num_partitions: Option<u32>,
     pub max_request_bytes: Option<usize>,
     pub max_connections: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// `["1@host1:9093", "2@host2:9093", "3@host3:9093"]` or one comma-separated string.
+    pub peers: Option<PeersValue>,
+    pub raft_listen: Option<String>,
+    pub replica_addr: Option<String>,
+    pub min_insync_replicas: Option<i32>,
+    pub replica_lag_time_max_ms: Option<u64>,
+    pub session_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PeersValue {
+    List(Vec<String>),
+    Text(String),
+}
+
+/// Cluster mode settings (present when peers are configured).
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    pub peers: Vec<(i32, String)>,
+    pub raft_listen: SocketAddr,
+    pub replica_addr: Option<String>,
+    pub min_insync_replicas: i32,
+    pub replica_lag_time_max: Duration,
+    pub session_timeout: Duration,
+}
+
+/// Parses `1@host:9093,2@host:9093`.
+pub fn parse_peers(text: &str) -> Result<Vec<(i32, String)>> {
+    let mut peers = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((id, addr)) = part.split_once('@') else {
+            bail!("cluster peer {part:?} is not ID@HOST:PORT");
+        };
+        let id: i32 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("cluster peer {part:?}: {id:?} is not a node id"))?;
+        if id < 0 {
+            bail!("cluster peer {part:?}: node ids are not negative");
+        }
+        split_host_port(addr.trim()).with_context(|| format!("cluster peer {part:?}"))?;
+        if peers.iter().any(|(p, _)| *p == id) {
+            bail!("node id {id} appears twice in the cluster peers");
+        }
+        peers.push((id, addr.trim().to_string()));
+    }
+    if peers.is_empty() {
+        bail!("the cluster peer list is empty");
+    }
+    Ok(peers)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +258,8 @@ pub struct Config {
     pub max_request_bytes: usize,
     pub max_connections: usize,
     pub group: GroupConfig,
+    /// Cluster mode, when peers are configured.
+    pub cluster: Option<ClusterSettings>,
     /// `[defaults]`, as strings for [`TopicConfig::set`].
     pub topic_defaults: BTreeMap<String, String>,
 }
@@ -274,12 +362,67 @@ impl Config {
             topic_defaults.insert(key, value);
         }
 
+        let node_id = args
+            .node_id
+            .or(file.server.node_id)
+            .unwrap_or(Defaults::NODE_ID);
+        let peers_text = args.cluster_peers.clone().or(match file.cluster.peers {
+            Some(PeersValue::List(l)) => Some(l.join(",")),
+            Some(PeersValue::Text(t)) => Some(t),
+            None => None,
+        });
+        let cluster = match peers_text {
+            None => None,
+            Some(text) => {
+                let peers = parse_peers(&text)?;
+                if !peers.iter().any(|(id, _)| *id == node_id) {
+                    bail!(
+                        "node id {node_id} is not among the cluster peers ({text}); set --node-id"
+                    );
+                }
+                let raft_listen = pick(
+                    &args.raft_listen,
+                    file.cluster.raft_listen,
+                    Defaults::RAFT_ADDR,
+                );
+                let replica_addr = args.replica_addr.clone().or(file.cluster.replica_addr);
+                if let Some(a) = &replica_addr {
+                    split_host_port(a).context("invalid replica address")?;
+                }
+                let min_insync_replicas = args
+                    .min_insync_replicas
+                    .or(file.cluster.min_insync_replicas)
+                    .unwrap_or(Defaults::MIN_INSYNC_REPLICAS);
+                if min_insync_replicas < 1 {
+                    bail!("min_insync_replicas must be at least 1");
+                }
+                Some(ClusterSettings {
+                    peers,
+                    raft_listen: resolve(&raft_listen).context("invalid Raft listen address")?,
+                    replica_addr,
+                    min_insync_replicas,
+                    replica_lag_time_max: Duration::from_millis(
+                        file.cluster
+                            .replica_lag_time_max_ms
+                            .unwrap_or(Defaults::REPLICA_LAG_TIME_MAX_MS)
+                            .max(100),
+                    ),
+                    session_timeout: Duration::from_millis(
+                        file.cluster
+                            .session_timeout_ms
+                            .unwrap_or(Defaults::SESSION_TIMEOUT_MS)
+                            .max(1_000),
+                    ),
+                })
+            }
+        };
+
         Ok(Config {
             data_dir,
             kafka_addr: resolve(&kafka_addr).context("invalid Kafka listen address")?,
             http_addr: resolve(&http_addr).context("invalid HTTP listen address")?,
             advertised,
-            node_id: file.server.node_id.unwrap_or(Defaults::NODE_ID),
+            node_id,
             flush,
             retention_check_interval: Duration::from_millis(
                 file.storage
@@ -301,6 +444,7 @@ impl Config {
                 .or(file.kafka.max_connections)
                 .unwrap_or(Defaults::MAX_CONNECTIONS),
             group,
+            cluster,
             topic_defaults,
         })
     }

@@ -1,5 +1,9 @@
-//! The broker's small HTTP surface: `GET /healthz` for health checks and
-//! `GET /api/v1/topics` for a JSON view of topics and their offsets.
+//! The broker's small HTTP surface: `GET /healthz` for health checks,
+//! `GET /api/v1/topics` for a JSON view of topics and their offsets, and in
+//! cluster mode the operations API: `GET /api/v1/cluster` (nodes,
+//! controller, partitions, under-replicated and offline lists),
+//! `POST /api/v1/partitions/reassign` and `POST /api/v1/nodes/{id}/drain`.
+//! Operations are proposals to the metadata quorum, answered once applied.
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -7,21 +11,32 @@ use std::sync::{Arc, OnceLock};
 use axum::extract;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use sluice_cluster::{ClusterNode, Command, CommandOutput, MetadataImage, NO_LEADER};
 use sluice_log::Store;
+use sluice_replica::ReplicaManager;
 use tracing::error;
 
 /// Shared with the handlers; the store is set once it has been opened.
 #[derive(Clone, Default)]
 pub struct State {
     store: Arc<OnceLock<Arc<Store>>>,
+    cluster: Arc<OnceLock<(Arc<ClusterNode>, Arc<ReplicaManager>)>>,
 }
 
 impl State {
     pub fn set_store(&self, store: Arc<Store>) {
         let _ = self.store.set(store);
+    }
+
+    pub fn set_cluster(&self, node: Arc<ClusterNode>, replicas: Arc<ReplicaManager>) {
+        let _ = self.cluster.set((node, replicas));
+    }
+
+    fn cluster(&self) -> Option<&(Arc<ClusterNode>, Arc<ReplicaManager>)> {
+        self.cluster.get()
     }
 
     fn store(&self) -> Option<&Arc<Store>> {
@@ -33,6 +48,9 @@ pub fn router(state: State) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/api/v1/topics", get(topics))
+        .route("/api/v1/cluster", get(cluster_status))
+        .route("/api/v1/partitions/reassign", post(reassign))
+        .route("/api/v1/nodes/{id}/drain", post(drain))
         .with_state(state)
 }
 
@@ -52,10 +70,248 @@ pub async fn serve(
 const STARTING: (StatusCode, &str) = (StatusCode::SERVICE_UNAVAILABLE, "starting\n");
 
 async fn healthz(extract::State(state): extract::State<State>) -> Response {
-    match state.store() {
-        Some(_) => (StatusCode::OK, "ok\n").into_response(),
-        None => STARTING.into_response(),
+    if state.store().is_none() {
+        return STARTING.into_response();
     }
+    let Some((node, replicas)) = state.cluster() else {
+        return (StatusCode::OK, "ok\n").into_response();
+    };
+    // A cluster node is healthy once it sees a controller and the quorum
+    // has it registered and unfenced (it can lead and replicate).
+    let me = node.node_id();
+    let image = replicas.image();
+    let reason = match (node.controller_id(), image.brokers.get(&me)) {
+        (None, _) => Some("no controller (the metadata quorum has no leader)"),
+        (Some(_), None) => Some("not registered with the controller yet"),
+        (Some(_), Some(b)) if b.fenced => Some("fenced by the controller"),
+        _ => None,
+    };
+    match reason {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "unavailable", "node": me, "reason": why })),
+        )
+            .into_response(),
+    }
+}
+
+const NOT_CLUSTER: (StatusCode, &str) = (
+    StatusCode::NOT_FOUND,
+    "not in cluster mode (start sluice serve with --cluster-peers)\n",
+);
+
+#[derive(Serialize)]
+struct ClusterView {
+    cluster_id: String,
+    node_id: i32,
+    controller_id: Option<i32>,
+    metadata_applied_index: u64,
+    nodes: Vec<NodeView>,
+    topics: Vec<ClusterTopicView>,
+    under_replicated: Vec<TopicPartition>,
+    offline: Vec<TopicPartition>,
+}
+
+#[derive(Serialize)]
+struct NodeView {
+    id: i32,
+    /// "alive", "fenced" (the controller stopped hearing from it) or "draining".
+    state: &'static str,
+    kafka: String,
+    raft: String,
+    replica: String,
+    broker_epoch: u64,
+}
+
+#[derive(Serialize)]
+struct ClusterTopicView {
+    name: String,
+    replication_factor: usize,
+    configs: std::collections::BTreeMap<String, String>,
+    partitions: Vec<ClusterPartitionView>,
+}
+
+#[derive(Serialize)]
+struct ClusterPartitionView {
+    partition: i32,
+    /// -1 when offline.
+    leader: i32,
+    leader_epoch: i32,
+    replicas: Vec<i32>,
+    isr: Vec<i32>,
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+pub struct TopicPartition {
+    pub topic: String,
+    pub partition: i32,
+}
+
+fn cluster_view(me: i32, controller: Option<i32>, image: &MetadataImage) -> ClusterView {
+    let nodes = image
+        .brokers
+        .iter()
+        .map(|(id, b)| NodeView {
+            id: *id,
+            state: if b.fenced {
+                "fenced"
+            } else if b.draining {
+                "draining"
+            } else {
+                "alive"
+            },
+            kafka: format!("{}:{}", b.kafka_host, b.kafka_port),
+            raft: b.raft_addr.clone(),
+            replica: b.replica_addr.clone(),
+            broker_epoch: b.epoch,
+        })
+        .collect();
+    let topics = image
+        .topics
+        .iter()
+        .map(|(name, t)| ClusterTopicView {
+            name: name.clone(),
+            replication_factor: t.partitions.first().map_or(0, |p| p.replicas.len()),
+            configs: t.configs.clone(),
+            partitions: t
+                .partitions
+                .iter()
+                .enumerate()
+                .map(|(i, p)| ClusterPartitionView {
+                    partition: i32::try_from(i).unwrap_or(i32::MAX),
+                    leader: p.leader,
+                    leader_epoch: p.leader_epoch,
+                    replicas: p.replicas.clone(),
+                    isr: p.isr.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    let tp = |v: Vec<(String, i32)>| {
+        v.into_iter()
+            .map(|(topic, partition)| TopicPartition { topic, partition })
+            .collect()
+    };
+    ClusterView {
+        cluster_id: image.cluster_id.clone(),
+        node_id: me,
+        controller_id: controller,
+        metadata_applied_index: image.applied_index,
+        nodes,
+        topics,
+        under_replicated: tp(image.under_replicated()),
+        offline: tp(image.offline()),
+    }
+}
+
+async fn cluster_status(extract::State(state): extract::State<State>) -> Response {
+    let Some((node, replicas)) = state.cluster() else {
+        return NOT_CLUSTER.into_response();
+    };
+    let image = replicas.image();
+    Json(cluster_view(node.node_id(), node.controller_id(), &image)).into_response()
+}
+
+#[derive(Deserialize)]
+struct ReassignRequest {
+    topic: String,
+    partition: i32,
+    replicas: Vec<i32>,
+}
+
+#[derive(Deserialize)]
+struct DrainRequest {
+    #[serde(default = "yes")]
+    draining: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Proposes `cmd` and turns the outcome into an HTTP answer.
+async fn propose(node: &ClusterNode, cmd: Command) -> Result<CommandOutput, Response> {
+    match node.propose(cmd).await {
+        Ok(Ok(out)) => Ok(out),
+        Ok(Err(rejected)) => Err((
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({
+                "error": rejected.to_string(),
+                "kafka_error_code": rejected.kafka_code(),
+            })),
+        )
+            .into_response()),
+        Err(e) => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "error": e.to_string() })),
+        )
+            .into_response()),
+    }
+}
+
+async fn reassign(
+    extract::State(state): extract::State<State>,
+    Json(req): Json<ReassignRequest>,
+) -> Response {
+    let Some((node, _)) = state.cluster() else {
+        return NOT_CLUSTER.into_response();
+    };
+    let cmd = Command::ReassignPartition {
+        topic: req.topic,
+        partition: req.partition,
+        replicas: req.replicas,
+    };
+    match propose(node, cmd).await {
+        Ok(CommandOutput::Partition(p)) => Json(ClusterPartitionView {
+            partition: -1,
+            leader: p.leader,
+            leader_epoch: p.leader_epoch,
+            replicas: p.replicas,
+            isr: p.isr,
+        })
+        .into_response(),
+        Ok(_) => (StatusCode::OK, "ok\n").into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn drain(
+    extract::State(state): extract::State<State>,
+    extract::Path(id): extract::Path<i32>,
+    body: Option<Json<DrainRequest>>,
+) -> Response {
+    let Some((node, _)) = state.cluster() else {
+        return NOT_CLUSTER.into_response();
+    };
+    let draining = body.is_none_or(|Json(b)| b.draining);
+    if let Err(r) = propose(
+        node,
+        Command::SetDraining {
+            node_id: id,
+            draining,
+        },
+    )
+    .await
+    {
+        return r;
+    }
+    // Move preferred leadership off (or back onto) the node now.
+    let elections = match propose(node, Command::ElectLeaders { partitions: None }).await {
+        Ok(CommandOutput::Elections(e)) => e
+            .into_iter()
+            .filter_map(|e| {
+                e.result
+                    .ok()
+                    .filter(|l| *l != NO_LEADER)
+                    .map(|l| (e.topic, e.partition, l))
+            })
+            .count(),
+        Ok(_) => 0,
+        Err(r) => return r,
+    };
+    Json(serde_json::json!({ "node": id, "draining": draining, "leaders_moved": elections }))
+        .into_response()
 }
 
 #[derive(Serialize)]

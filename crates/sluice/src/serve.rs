@@ -5,15 +5,18 @@
 use std::io::{ErrorKind, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use sluice_cluster::{ClusterConfig, ClusterNode};
 use sluice_kafka::{KafkaListener, ServerConfig};
 use sluice_log::{Store, StoreConfig};
+use sluice_replica::{ReplicaConfig, ReplicaManager};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ServeArgs};
+use crate::config::{ClusterSettings, Config, ServeArgs};
 use crate::http;
 
 /// How long in-flight work may take to finish after a shutdown signal.
@@ -74,6 +77,30 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
     http_state.set_store(store.clone());
 
+    // Cluster mode: join the metadata quorum, then take partition roles.
+    let cluster = match &config.cluster {
+        None => None,
+        Some(settings) => {
+            let (host, port) = match &config.advertised {
+                Some((h, p)) => (h.clone(), *p),
+                None => (advertised_host(kafka_addr.ip()), kafka_addr.port()),
+            };
+            let node = start_cluster_node(&config, settings, &data_dir, host, port).await?;
+            let mut rc = ReplicaConfig::new(config.node_id);
+            rc.default_min_insync = settings.min_insync_replicas;
+            rc.replica_lag_max = settings.replica_lag_time_max;
+            let replicas = ReplicaManager::start(store.clone(), node.clone(), rc);
+            http_state.set_cluster(node.clone(), replicas.clone());
+            info!(
+                node = config.node_id,
+                raft = %node.local_raft_addr(),
+                peers = settings.peers.len(),
+                "cluster mode"
+            );
+            Some((node, replicas))
+        }
+    };
+
     announce(kafka_addr, http_addr, &data_dir)?;
     info!(
         kafka = %kafka_addr,
@@ -83,7 +110,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         "sluice is ready"
     );
 
-    let mut kafka_task = tokio::spawn(kafka.serve(store.clone(), wait_for(shutdown_rx.clone())));
+    let mut kafka_task = match &cluster {
+        None => tokio::spawn(kafka.serve(store.clone(), wait_for(shutdown_rx.clone()))),
+        Some((_, replicas)) => tokio::spawn(kafka.serve_cluster(
+            store.clone(),
+            replicas.clone(),
+            wait_for(shutdown_rx.clone()),
+        )),
+    };
     let early_exit = tokio::select! {
         signal = shutdown_signal() => {
             info!("received {signal}, shutting down");
@@ -119,6 +153,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         warn!("HTTP server did not stop within {SHUTDOWN_GRACE:?}");
     }
 
+    // Roles stop before the quorum does, so no fetcher or ISR change is
+    // left waiting on a stopped Raft core.
+    if let Some((node, replicas)) = &cluster {
+        replicas.shutdown().await;
+        node.shutdown().await;
+    }
+
     let flushed = store.flush_all();
     if let Err(e) = &flushed {
         error!("flushing the store failed: {e}");
@@ -132,6 +173,36 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     flushed.context("cannot flush the store")?;
     info!("shut down cleanly");
     Ok(())
+}
+
+async fn start_cluster_node(
+    config: &Config,
+    settings: &ClusterSettings,
+    data_dir: &Path,
+    kafka_host: String,
+    kafka_port: u16,
+) -> Result<Arc<ClusterNode>> {
+    let mut cc = ClusterConfig::new(config.node_id, data_dir, settings.peers.clone());
+    cc.raft_listen = settings.raft_listen;
+    cc.kafka_host = kafka_host;
+    cc.kafka_port = kafka_port;
+    cc.replica_addr = settings.replica_addr.clone();
+    cc.session_timeout = settings.session_timeout;
+    let node = ClusterNode::start(cc).await.map_err(|e| match e {
+        sluice_cluster::ClusterError::Io(io) => bind_error("Raft", settings.raft_listen, io),
+        other => anyhow!(other).context("cannot start the cluster node"),
+    })?;
+    Ok(Arc::new(node))
+}
+
+/// A wildcard listen address is advertised as loopback (set
+/// --advertised-kafka when clients connect from elsewhere).
+fn advertised_host(ip: std::net::IpAddr) -> String {
+    if ip.is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        ip.to_string()
+    }
 }
 
 /// The one stdout line tooling waits for. Flushed at once: stdout is a pipe

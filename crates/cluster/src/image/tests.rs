@@ -17,6 +17,7 @@ fn register(img: &mut MetadataImage, index: &mut u64, id: BrokerId) {
             kafka_port: 9092,
             raft_addr: format!("b{id}:9093"),
             incarnation: 1,
+            replica_addr: String::new(),
         },
     );
     assert_eq!(r, Ok(CommandOutput::BrokerEpoch(*index)));
@@ -175,6 +176,7 @@ fn restart_with_new_incarnation_moves_leadership_and_bumps_epoch() {
             kafka_port: 9092,
             raft_addr: "b1:9093".into(),
             incarnation: 2,
+            replica_addr: String::new(),
         },
     );
     assert_eq!(r, Ok(CommandOutput::BrokerEpoch(i + 2)));
@@ -403,6 +405,7 @@ fn random_command(rng: &mut StdRng, img: &MetadataImage) -> Command {
             kafka_port: 9092,
             raft_addr: "h:9093".into(),
             incarnation: rng.gen_range(0..2),
+            replica_addr: String::new(),
         },
         1 => Command::FenceBroker { node_id: broker },
         2 => Command::UnfenceBroker { node_id: broker },

@@ -37,6 +37,12 @@ async fn bootstrap_create_topic_rf3_and_every_image_converges() {
     for n in c.nodes.values() {
         wait_image(n, T, "3 registered brokers", |i| all_registered(i, 3)).await;
     }
+    // No replica address configured: the Raft host with the Kafka port.
+    let img = c.node(ctrl).image().borrow().clone();
+    for (id, b) in &img.brokers {
+        assert_eq!(b.replica_addr, format!("127.0.0.1:{}", 19000 + id));
+        assert_eq!(b.replica_addr, c.node(*id).replica_addr());
+    }
     let r = c
         .node(ctrl)
         .propose(create("orders", 3, 3))

@@ -148,6 +148,7 @@ fn broker(port: u16, fenced: bool) -> BrokerState {
         kafka_host: "h".into(),
         kafka_port: port,
         raft_addr: String::new(),
+        replica_addr: String::new(),
         fenced,
         draining: false,
         incarnation: 1,
