@@ -583,3 +583,43 @@ fn random_sequences_are_deterministic_and_keep_invariants() {
         assert_eq!(a, round, "seed {seed}: snapshot round trip");
     }
 }
+
+#[test]
+fn replica_addr_is_registered_and_defaults_to_empty_in_old_json() {
+    let mut img = MetadataImage::default();
+    let r = img.apply(
+        1,
+        &Command::RegisterBroker {
+            node_id: 1,
+            kafka_host: "public".into(),
+            kafka_port: 19092,
+            raft_addr: "b1:9093".into(),
+            incarnation: 1,
+            replica_addr: "b1:9092".into(),
+        },
+    );
+    assert_eq!(r, Ok(CommandOutput::BrokerEpoch(1)));
+    assert_eq!(img.brokers[&1].replica_addr, "b1:9092");
+    // A new replica address is a new registration (new broker epoch).
+    let r = img.apply(
+        2,
+        &Command::RegisterBroker {
+            node_id: 1,
+            kafka_host: "public".into(),
+            kafka_port: 19092,
+            raft_addr: "b1:9093".into(),
+            incarnation: 1,
+            replica_addr: "b1:9094".into(),
+        },
+    );
+    assert_eq!(r, Ok(CommandOutput::BrokerEpoch(2)));
+    // Log entries and snapshots written before the field existed still decode.
+    let old = r#"{"RegisterBroker":{"node_id":2,"kafka_host":"h","kafka_port":9092,"raft_addr":"h:9093","incarnation":7}}"#;
+    let cmd: Command = serde_json::from_str(old).expect("old command");
+    assert!(
+        matches!(cmd, Command::RegisterBroker { ref replica_addr, .. } if replica_addr.is_empty())
+    );
+    let old = r#"{"kafka_host":"h","kafka_port":9092,"raft_addr":"h:9093","fenced":false,"draining":false,"incarnation":7,"epoch":3}"#;
+    let b: BrokerState = serde_json::from_str(old).expect("old broker state");
+    assert_eq!(b.replica_addr, "");
+}
