@@ -4,6 +4,7 @@ mod crash;
 mod durability;
 mod idempotence;
 mod model;
+mod replication;
 mod retention;
 mod store_meta;
 mod validator;
