@@ -5,7 +5,7 @@
 # warm one (caches outside the clone).
 #
 # Usage: scripts/test.sh [STEP...]
-#   STEP is one of: setup docs fmt clippy build unit interop docker bench (default: all, in
+#   STEP is one of: setup docs fmt clippy build unit interop cluster docker bench (default: all, in
 #   that order). Naming steps runs only those, e.g. `scripts/test.sh setup interop`.
 #
 # Environment:
@@ -26,7 +26,7 @@ export PYTHONDONTWRITEBYTECODE=1
 # Rust tests that print backtraces help when CI fails.
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 
-ALL_STEPS=(setup docs fmt clippy build unit interop docker bench)
+ALL_STEPS=(setup docs fmt clippy build unit interop cluster docker bench)
 if (($# > 0)); then STEPS=("$@"); else STEPS=("${ALL_STEPS[@]}"); fi
 [[ ${1:-} == --inner ]] && STEPS=()
 for s in "${STEPS[@]}"; do
@@ -184,6 +184,10 @@ for s in "${STEPS[@]}"; do
     build) step build 40m cargo build --release -p sluice ;;
     unit) step unit 40m bash "$ROOT/scripts/test.sh" --inner unit ;;
     interop) step interop 40m bash "$ROOT/scripts/test.sh" --inner interop ;;
+    # The same interop suite against a three-node cluster (replication factor
+    # 3): every "broker" is three local processes in cluster mode, killed and
+    # restarted as a whole.
+    cluster) step cluster 40m env SLUICE_INTEROP_CLUSTER=1 bash "$ROOT/scripts/test.sh" --inner interop ;;
     docker) step docker 15m bash tests/docker/run.sh ;;
     # A smoke run of the comparison suite: proves every part of the benchmark
     # pipeline (sluice bench, the peers, report and charts) still works; no
