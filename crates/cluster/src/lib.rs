@@ -55,7 +55,9 @@
 //!
 //! # Controller duties (only on the Raft leader)
 //!
-//! Every node heartbeats the controller every `heartbeat_interval`. A heartbeat from an
+//! Every node heartbeats the controller every `heartbeat_interval` (at a fixed rate: a
+//! slow answer does not delay the next one), and remembers the last answered one
+//! ([`ClusterNode::last_heartbeat_ack`]). A heartbeat from an
 //! unknown broker or a new incarnation (restart) proposes `RegisterBroker`; one from a
 //! fenced broker proposes `UnfenceBroker`. A broker silent for longer than
 //! `session_timeout` is fenced. Liveness is soft state: a new controller starts with an
@@ -115,7 +117,7 @@ pub use image::{
     BrokerId, BrokerState, Command, CommandError, CommandOutput, CommandResult, ElectionOutcome,
     MetadataImage, PartitionState, TopicState, NO_LEADER,
 };
-pub use node::{ClusterConfig, ClusterError, ClusterNode};
+pub use node::{ClusterConfig, ClusterError, ClusterNode, HeartbeatAck};
 
 /// Raft node id (the broker id as `u64`).
 pub type NodeId = u64;

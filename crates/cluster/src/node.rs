@@ -153,6 +153,23 @@ struct ControllerState {
     last_seen: HashMap<BrokerId, Instant>,
 }
 
+/// The broker side of liveness: the last heartbeat the controller answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatAck {
+    /// When that heartbeat was sent. The controller noted the broker alive at some
+    /// instant between this and `acked_at`, so a controller that keeps its term fences
+    /// the broker no earlier than `sent_at + session_timeout`.
+    pub sent_at: Instant,
+    /// When the answer came back.
+    pub acked_at: Instant,
+    /// The controller that answered.
+    pub controller: BrokerId,
+    /// The broker epoch the controller reported (`None`: not registered yet).
+    pub broker_epoch: Option<u64>,
+    /// Whether the controller held this broker fenced when it answered.
+    pub fenced: bool,
+}
+
 struct Inner {
     id: NodeId,
     config: ClusterConfig,
@@ -163,6 +180,7 @@ struct Inner {
     incarnation: u64,
     raft_addr: String,
     controller: Mutex<ControllerState>,
+    last_ack: Mutex<Option<HeartbeatAck>>,
 }
 
 /// One member of the metadata quorum. See the crate docs.
@@ -231,6 +249,7 @@ impl ClusterNode {
             incarnation: rand::random(),
             raft_addr,
             controller: Mutex::new(ControllerState::default()),
+            last_ack: Mutex::new(None),
         });
         let tasks = vec![
             tokio::spawn(accept_loop(inner.clone(), listener)),
@@ -273,6 +292,16 @@ impl ClusterNode {
         let m = self.inner.raft.metrics();
         let leader = m.borrow().current_leader;
         leader.and_then(|l| BrokerId::try_from(l).ok())
+    }
+
+    /// The last heartbeat of this broker that a controller answered, if any: whether
+    /// the quorum has it registered and unfenced, and how fresh that news is.
+    pub fn last_heartbeat_ack(&self) -> Option<HeartbeatAck> {
+        *self
+            .inner
+            .last_ack
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// The underlying openraft handle (metrics, diagnostics).
@@ -647,15 +676,20 @@ async fn bootstrap(inner: Arc<Inner>) {
 }
 
 /// Every node is a broker: heartbeat the controller (locally when it is this node).
+/// Heartbeats start at a fixed rate (not `interval` after the previous answer), so a
+/// slow answer does not stretch the silence the controller sees.
 async fn heartbeat_loop(inner: Arc<Inner>) {
     let interval = inner.config.heartbeat_interval;
+    let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::time::sleep(interval).await;
+        ticks.tick().await;
         let leader = inner.raft.metrics().borrow().current_leader;
         let Some(leader) = leader else { continue };
         let hb = inner.heartbeat();
+        let sent_at = Instant::now();
         let result = if leader == inner.id {
-            inner.on_heartbeat(hb).await.map(|_| ())
+            inner.on_heartbeat(hb).await
         } else {
             let Some(addr) = inner.addr_of(leader) else {
                 continue;
@@ -665,13 +699,23 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
                 .call(&addr, &Request::Heartbeat(hb), interval * 2)
                 .await
             {
-                Ok(Response::Heartbeat(r)) => r.map(|_| ()),
+                Ok(Response::Heartbeat(r)) => r,
                 Ok(_) => Err(ForwardError::Failed("unexpected reply".to_string())),
                 Err(e) => Err(ForwardError::Failed(e.to_string())),
             }
         };
-        if let Err(e) = result {
-            tracing::debug!(node = inner.id, error = %e, "heartbeat not delivered");
+        match result {
+            Ok(reply) => {
+                let ack = HeartbeatAck {
+                    sent_at,
+                    acked_at: Instant::now(),
+                    controller: BrokerId::try_from(leader).unwrap_or(-1),
+                    broker_epoch: reply.broker_epoch,
+                    fenced: reply.fenced,
+                };
+                *inner.last_ack.lock().unwrap_or_else(|e| e.into_inner()) = Some(ack);
+            }
+            Err(e) => tracing::debug!(node = inner.id, error = %e, "heartbeat not delivered"),
         }
     }
 }

@@ -4,15 +4,27 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use sluice_cluster::{Command, MetadataImage, NO_LEADER};
+use sluice_cluster::{ClusterConfig, Command, MetadataImage, NO_LEADER};
 
 use crate::support::{wait_image, TestCluster};
 
 const T: Duration = Duration::from_secs(10);
 
+/// Election timeouts well above the CPU stalls of a loaded 2-core machine: this test
+/// wants the controller it starts with to stay controller, so that the silence it
+/// measures is the one that controller saw.
+fn steady_controller(c: &mut ClusterConfig) {
+    c.election_timeout_min = Duration::from_millis(1000);
+    c.election_timeout_max = Duration::from_millis(2000);
+}
+
+fn term_of(c: &TestCluster, id: i32) -> u64 {
+    c.node(id).raft().metrics().borrow().current_term
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_broker_is_fenced_and_its_partitions_move_or_go_offline_then_return() {
-    let mut c = TestCluster::start(3).await;
+    let mut c = TestCluster::start_with(3, steady_controller).await;
     let ctrl = c.controller().await;
     for n in c.nodes.values() {
         wait_image(n, T, "3 live brokers", |i| {
@@ -55,18 +67,40 @@ async fn silent_broker_is_fenced_and_its_partitions_move_or_go_offline_then_retu
         "{before:#?}"
     );
 
+    let term = term_of(&c, ctrl);
     let stopped = tokio::time::Instant::now();
-    c.stop(victim).await;
+    let node = c.nodes.remove(&victim).expect("victim runs");
+    node.shutdown().await;
+    // The controller noted the victim alive at some instant after the last answered
+    // heartbeat was sent, so the session runs from there at the earliest (not from the
+    // stop: under load that heartbeat may be several intervals older than the stop).
+    let last = node.last_heartbeat_ack().expect("the victim heartbeated");
+    drop(node);
     let img = wait_image(c.node(ctrl), T, "victim fenced", |i| {
         i.brokers.get(&victim).is_some_and(|b| b.fenced)
     })
     .await;
-    let waited = stopped.elapsed();
-    // Silence counts from the last heartbeat, up to one interval (100 ms) before the stop.
-    assert!(
-        waited >= Duration::from_millis(1500 - 100 - 50),
-        "fenced after {waited:?}, before the session timeout"
+    let silent = last.sent_at.elapsed();
+    eprintln!(
+        "victim fenced {silent:?} after its last answered heartbeat was sent, \
+         {:?} after the stop",
+        stopped.elapsed()
     );
+    let session = Duration::from_millis(1500);
+    if last.controller == ctrl && term_of(&c, ctrl) == term {
+        assert!(
+            silent > session,
+            "fenced {silent:?} after the last heartbeat {ctrl} answered, before the \
+             session timeout {session:?}"
+        );
+    } else {
+        // A new controller gives every broker a session of grace from the start of
+        // its own leadership, which this test does not observe.
+        eprintln!(
+            "controller changed (term {term} -> {}); fence timing not checked",
+            term_of(&c, ctrl)
+        );
+    }
     for p in &replicated_led {
         let (old, new) = (
             before.partition("replicated", *p).unwrap(),
