@@ -632,6 +632,103 @@ mod tests {
     }
 
     #[test]
+    fn cluster_mode_from_flags_and_file() {
+        let single = Config::merge(&ServeArgs::default(), FileConfig::default()).unwrap();
+        assert!(single.cluster.is_none(), "no peers: single node");
+
+        let args = ServeArgs {
+            node_id: Some(2),
+            cluster_peers: Some("1@a:9093, 2@b:9093,3@c:9093".into()),
+            ..ServeArgs::default()
+        };
+        let c = Config::merge(&args, FileConfig::default()).unwrap();
+        assert_eq!(c.node_id, 2);
+        let cl = c.cluster.expect("cluster mode");
+        assert_eq!(
+            cl.peers,
+            vec![
+                (1, "a:9093".to_string()),
+                (2, "b:9093".to_string()),
+                (3, "c:9093".to_string())
+            ]
+        );
+        assert_eq!(cl.raft_listen, "0.0.0.0:9093".parse().unwrap());
+        assert_eq!(cl.replica_addr, None);
+        assert_eq!(cl.min_insync_replicas, 2);
+        assert_eq!(cl.replica_lag_time_max, Duration::from_secs(5));
+        assert_eq!(cl.session_timeout, Duration::from_secs(6));
+
+        let f = || {
+            file(
+                r#"
+                [server]
+                node_id = 3
+                advertised_kafka_addr = "127.0.0.1:19094"
+                [cluster]
+                peers = ["1@a:9093", "2@b:9093", "3@c:9093"]
+                raft_listen = "127.0.0.1:19193"
+                replica_addr = "c:9092"
+                min_insync_replicas = 1
+                replica_lag_time_max_ms = 2000
+                session_timeout_ms = 3000
+                "#,
+            )
+        };
+        let c = Config::merge(&ServeArgs::default(), f()).unwrap();
+        assert_eq!(c.node_id, 3);
+        assert_eq!(c.advertised, Some(("127.0.0.1".to_string(), 19094)));
+        let cl = c.cluster.expect("cluster mode");
+        assert_eq!(cl.peers.len(), 3);
+        assert_eq!(cl.raft_listen, "127.0.0.1:19193".parse().unwrap());
+        assert_eq!(cl.replica_addr.as_deref(), Some("c:9092"));
+        assert_eq!(cl.min_insync_replicas, 1);
+        assert_eq!(cl.replica_lag_time_max, Duration::from_secs(2));
+        assert_eq!(cl.session_timeout, Duration::from_secs(3));
+
+        // Flags win over the file; peers may also be one string.
+        let args = ServeArgs {
+            node_id: Some(1),
+            raft_listen: Some("127.0.0.1:0".into()),
+            replica_addr: Some("a:19092".into()),
+            ..ServeArgs::default()
+        };
+        let c = Config::merge(&args, f()).unwrap();
+        let cl = c.cluster.expect("cluster mode");
+        assert_eq!(c.node_id, 1);
+        assert_eq!(cl.raft_listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(cl.replica_addr.as_deref(), Some("a:19092"));
+        let text = file("[server]\nnode_id = 1\n[cluster]\npeers = \"1@a:9093,2@b:9093\"\n");
+        let c = Config::merge(&ServeArgs::default(), text).unwrap();
+        assert_eq!(c.cluster.expect("cluster mode").peers.len(), 2);
+    }
+
+    #[test]
+    fn bad_cluster_settings_are_rejected() {
+        let with = |node_id: i32, peers: &str| ServeArgs {
+            node_id: Some(node_id),
+            cluster_peers: Some(peers.into()),
+            ..ServeArgs::default()
+        };
+        let err = |args: ServeArgs| match Config::merge(&args, FileConfig::default()) {
+            Ok(c) => panic!("accepted: {:?}", c.cluster),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err(with(4, "1@a:9093,2@b:9093")).contains("not among the cluster peers"));
+        assert!(err(with(1, "1@a:9093,1@b:9093")).contains("appears twice"));
+        assert!(err(with(1, "1:a:9093")).contains("not ID@HOST:PORT"));
+        assert!(err(with(1, "x@a:9093")).contains("not a node id"));
+        assert!(err(with(1, "1@a")).contains("cluster peer"));
+        assert!(err(with(1, " , ")).contains("empty"));
+        let mut bad_replica = with(1, "1@a:9093");
+        bad_replica.replica_addr = Some("nohost".into());
+        assert!(err(bad_replica).contains("invalid replica address"));
+        let mut bad_isr = with(1, "1@a:9093");
+        bad_isr.min_insync_replicas = Some(0);
+        assert!(err(bad_isr).contains("min_insync_replicas"));
+        assert!(FileConfig::parse("[cluster]\npeerz = []\n").is_err());
+    }
+
+    #[test]
     fn host_port_splitting() {
         assert_eq!(split_host_port("h:1").unwrap(), ("h".to_string(), 1));
         assert_eq!(

@@ -257,14 +257,15 @@ async fn reassign(
     let Some((node, _)) = state.cluster() else {
         return NOT_CLUSTER.into_response();
     };
+    let partition = req.partition;
     let cmd = Command::ReassignPartition {
         topic: req.topic,
-        partition: req.partition,
+        partition,
         replicas: req.replicas,
     };
     match propose(node, cmd).await {
         Ok(CommandOutput::Partition(p)) => Json(ClusterPartitionView {
-            partition: -1,
+            partition,
             leader: p.leader,
             leader_epoch: p.leader_epoch,
             replicas: p.replicas,

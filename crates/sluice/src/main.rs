@@ -39,9 +39,22 @@ enum Command {
     Group(cli::group::GroupArgs),
     /// Load generator: produce, consume or end-to-end throughput and latency.
     Bench(cli::bench::BenchArgs),
+    /// Cluster status through a node's HTTP admin port.
+    Cluster(cli::cluster::ClusterArgs),
+    /// Move a partition's replicas (cluster mode).
+    Partition(cli::cluster::PartitionArgs),
+    /// Drain a node before maintenance, or undo it (cluster mode).
+    Node(cli::cluster::NodeArgs),
 }
 
 fn main() -> ExitCode {
+    // SLUICE_ADVERTISED_KAFKA is accepted for SLUICE_ADVERTISED_KAFKA_ADDR (the
+    // flag has both spellings too). Set before any other thread exists.
+    if std::env::var_os("SLUICE_ADVERTISED_KAFKA_ADDR").is_none() {
+        if let Some(v) = std::env::var_os("SLUICE_ADVERTISED_KAFKA") {
+            std::env::set_var("SLUICE_ADVERTISED_KAFKA_ADDR", v);
+        }
+    }
     let cli = Cli::parse();
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -61,6 +74,9 @@ fn main() -> ExitCode {
         Command::Consume(args) => cli::consume::run(&runtime, args),
         Command::Group(args) => runtime.block_on(cli::group::run(args)),
         Command::Bench(args) => runtime.block_on(cli::bench::run(args)),
+        Command::Cluster(args) => runtime.block_on(cli::cluster::run_cluster(args)),
+        Command::Partition(args) => runtime.block_on(cli::cluster::run_partition(args)),
+        Command::Node(args) => runtime.block_on(cli::cluster::run_node(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -220,5 +236,61 @@ mod tests {
             "--execute"
         ])
         .is_ok());
+    }
+
+    #[test]
+    fn cluster_flags_parse() {
+        assert!(Cli::try_parse_from(["sluice", "cluster", "status", "--json"]).is_ok());
+        assert!(Cli::try_parse_from(["sluice", "cluster", "status", "--http", "h:8080"]).is_ok());
+        assert!(Cli::try_parse_from([
+            "sluice",
+            "partition",
+            "reassign",
+            "t",
+            "0",
+            "--replicas",
+            "1,2,3"
+        ])
+        .is_ok());
+        assert!(
+            Cli::try_parse_from(["sluice", "partition", "reassign", "t", "0"]).is_err(),
+            "--replicas is required"
+        );
+        assert!(Cli::try_parse_from([
+            "sluice",
+            "partition",
+            "reassign",
+            "t",
+            "0",
+            "--replicas",
+            "1,x"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["sluice", "node", "drain", "2", "--undo"]).is_ok());
+        assert!(Cli::try_parse_from(["sluice", "node", "drain"]).is_err());
+        let cli = Cli::try_parse_from([
+            "sluice",
+            "serve",
+            "--node-id",
+            "2",
+            "--cluster-peers",
+            "1@a:9093,2@b:9093,3@c:9093",
+            "--raft-listen",
+            "0.0.0.0:9093",
+            "--advertised-kafka",
+            "127.0.0.1:19093",
+            "--replica-addr",
+            "b:9092",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve: {:?}", cli.command);
+        };
+        assert_eq!(args.node_id, Some(2));
+        assert_eq!(args.replica_addr.as_deref(), Some("b:9092"));
+        assert_eq!(
+            args.advertised_kafka_addr.as_deref(),
+            Some("127.0.0.1:19093")
+        );
     }
 }

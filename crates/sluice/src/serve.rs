@@ -85,7 +85,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                 Some((h, p)) => (h.clone(), *p),
                 None => (advertised_host(kafka_addr.ip()), kafka_addr.port()),
             };
-            let node = start_cluster_node(&config, settings, &data_dir, host, port).await?;
+            let replica_addr = settings
+                .replica_addr
+                .clone()
+                .unwrap_or_else(|| default_replica_addr(settings, config.node_id, kafka_addr));
+            let node = start_cluster_node(&config, settings, &data_dir, (host, port), replica_addr)
+                .await?;
             let mut rc = ReplicaConfig::new(config.node_id);
             rc.default_min_insync = settings.min_insync_replicas;
             rc.replica_lag_max = settings.replica_lag_time_max;
@@ -179,20 +184,38 @@ async fn start_cluster_node(
     config: &Config,
     settings: &ClusterSettings,
     data_dir: &Path,
-    kafka_host: String,
-    kafka_port: u16,
+    (kafka_host, kafka_port): (String, u16),
+    replica_addr: String,
 ) -> Result<Arc<ClusterNode>> {
     let mut cc = ClusterConfig::new(config.node_id, data_dir, settings.peers.clone());
     cc.raft_listen = settings.raft_listen;
     cc.kafka_host = kafka_host;
     cc.kafka_port = kafka_port;
-    cc.replica_addr = settings.replica_addr.clone();
+    cc.replica_addr = Some(replica_addr);
     cc.session_timeout = settings.session_timeout;
     let node = ClusterNode::start(cc).await.map_err(|e| match e {
         sluice_cluster::ClusterError::Io(io) => bind_error("Raft", settings.raft_listen, io),
         other => anyhow!(other).context("cannot start the cluster node"),
     })?;
     Ok(Arc::new(node))
+}
+
+/// Where peers replicate from when --replica-addr is not set: this node's host
+/// in the peer list with the port the Kafka listener is bound to (not the
+/// advertised port, which may be a published port only clients see).
+fn default_replica_addr(settings: &ClusterSettings, node_id: i32, kafka: SocketAddr) -> String {
+    let raft = settings
+        .peers
+        .iter()
+        .find(|(id, _)| *id == node_id)
+        .map(|(_, a)| a.as_str())
+        .unwrap_or_default();
+    let host = match crate::config::split_host_port(raft) {
+        Ok((h, _)) if h.contains(':') => format!("[{h}]"),
+        Ok((h, _)) => h,
+        Err(_) => advertised_host(kafka.ip()),
+    };
+    format!("{host}:{}", kafka.port())
 }
 
 /// A wildcard listen address is advertised as loopback (set
@@ -320,6 +343,21 @@ mod tests {
         let below = file.join("sub");
         let err = prepare_data_dir(&below).unwrap_err().to_string();
         assert!(err.contains("cannot create it"), "{err}");
+    }
+
+    #[test]
+    fn replica_address_defaults_to_the_peer_host_and_the_kafka_listen_port() {
+        let settings = ClusterSettings {
+            peers: vec![(1, "a:9093".into()), (2, "[::1]:9093".into())],
+            raft_listen: "0.0.0.0:9093".parse().unwrap(),
+            replica_addr: None,
+            min_insync_replicas: 2,
+            replica_lag_time_max: Duration::from_secs(5),
+            session_timeout: Duration::from_secs(6),
+        };
+        let kafka: SocketAddr = "0.0.0.0:9092".parse().unwrap();
+        assert_eq!(default_replica_addr(&settings, 1, kafka), "a:9092");
+        assert_eq!(default_replica_addr(&settings, 2, kafka), "[::1]:9092");
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Client commands. They speak only the Kafka protocol (librdkafka through
-//! rdkafka), so they work against Sluice and against any Kafka cluster.
+//! rdkafka), so they work against Sluice and against any Kafka cluster. The
+//! exception is [`cluster`] (`sluice cluster|partition|node`), which uses a
+//! Sluice node's HTTP admin port.
 
 pub mod bench;
+pub mod cluster;
 pub mod consume;
 pub mod group;
 pub mod produce;

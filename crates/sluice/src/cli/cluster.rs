@@ -1,0 +1,552 @@
+//! `sluice cluster status`, `sluice partition reassign` and `sluice node drain`:
+//! operations on a cluster, through any node's HTTP admin port (they are
+//! proposals to the metadata quorum, which the node forwards to the
+//! controller). Unlike the other client commands these do not speak Kafka.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long one admin request may take (a proposal waits up to 10 s for the
+/// quorum, a drain makes two).
+const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest admin answer read (the cluster view of a large cluster).
+const MAX_RESPONSE: u64 = 64 * 1024 * 1024;
+
+/// The node whose HTTP admin port serves the request.
+#[derive(Args, Debug, Clone)]
+pub struct AdminArgs {
+    /// HTTP admin address of any cluster node.
+    #[arg(
+        long = "http",
+        env = "SLUICE_ADMIN_HTTP",
+        default_value = "127.0.0.1:8080",
+        value_name = "HOST:PORT",
+        global = true
+    )]
+    pub http: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    #[command(subcommand)]
+    command: ClusterCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Nodes, controller, partition leaders and ISRs, under-replicated and
+    /// offline partitions, as the answering node's metadata image has them.
+    Status {
+        /// Print the node's JSON answer instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct PartitionArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    #[command(subcommand)]
+    command: PartitionCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum PartitionCommand {
+    /// Replace a partition's replica set. In-sync replicas that stay keep the
+    /// partition available; new ones join the ISR once they have caught up.
+    Reassign {
+        topic: String,
+        partition: i32,
+        /// The new replicas, preferred leader first: node ids, comma separated.
+        #[arg(long, value_delimiter = ',', required = true, value_name = "ID,ID,...")]
+        replicas: Vec<i32>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    #[command(subcommand)]
+    command: NodeCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// Move partition leadership off a node and place no new replicas on it
+    /// (before a restart or removal); --undo gives it its leadership back.
+    Drain {
+        id: i32,
+        /// Stop draining: the node takes new replicas and leads its preferred
+        /// partitions again.
+        #[arg(long)]
+        undo: bool,
+    },
+}
+
+pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
+    match args.command {
+        ClusterCommand::Status { json } => {
+            let view = get_json(&args.admin.http, "/api/v1/cluster").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                let view: ClusterView = serde_json::from_value(view)
+                    .context("unexpected answer to GET /api/v1/cluster")?;
+                print!("{}", render_status(&view));
+            }
+            Ok(())
+        }
+    }
+}
+
+pub async fn run_partition(args: PartitionArgs) -> Result<()> {
+    match args.command {
+        PartitionCommand::Reassign {
+            topic,
+            partition,
+            replicas,
+        } => {
+            let body = json!({ "topic": topic, "partition": partition, "replicas": replicas });
+            let answer = post_json(&args.admin.http, "/api/v1/partitions/reassign", &body).await?;
+            let p: PartitionView = serde_json::from_value(answer)
+                .context("unexpected answer to POST /api/v1/partitions/reassign")?;
+            println!(
+                "{topic}-{partition}: replicas {} isr {} leader {} (epoch {})",
+                ids(&p.replicas),
+                ids(&p.isr),
+                leader(p.leader),
+                p.leader_epoch
+            );
+            Ok(())
+        }
+    }
+}
+
+pub async fn run_node(args: NodeArgs) -> Result<()> {
+    match args.command {
+        NodeCommand::Drain { id, undo } => {
+            let body = json!({ "draining": !undo });
+            let path = format!("/api/v1/nodes/{id}/drain");
+            let answer = post_json(&args.admin.http, &path, &body).await?;
+            let moved = answer["leaders_moved"].as_u64().unwrap_or(0);
+            if undo {
+                println!("node {id} no longer draining; {moved} partition leader(s) moved");
+            } else {
+                println!("node {id} draining; {moved} partition leader(s) moved off it");
+            }
+            Ok(())
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+struct ClusterView {
+    cluster_id: String,
+    node_id: i32,
+    controller_id: Option<i32>,
+    metadata_applied_index: u64,
+    nodes: Vec<NodeView>,
+    topics: Vec<TopicView>,
+    under_replicated: Vec<TopicPartition>,
+    offline: Vec<TopicPartition>,
+}
+
+#[derive(Deserialize, Debug)]
+struct NodeView {
+    id: i32,
+    state: String,
+    kafka: String,
+    raft: String,
+    replica: String,
+    broker_epoch: u64,
+}
+
+#[derive(Deserialize, Debug)]
+struct TopicView {
+    name: String,
+    partitions: Vec<PartitionView>,
+}
+
+#[derive(Deserialize, Debug)]
+struct PartitionView {
+    partition: i32,
+    leader: i32,
+    leader_epoch: i32,
+    replicas: Vec<i32>,
+    isr: Vec<i32>,
+}
+
+#[derive(Deserialize, Debug)]
+struct TopicPartition {
+    topic: String,
+    partition: i32,
+}
+
+fn ids(v: &[i32]) -> String {
+    v.iter().map(i32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn leader(id: i32) -> String {
+    if id < 0 {
+        "none".to_string()
+    } else {
+        id.to_string()
+    }
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                let _ = write!(s, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn render_status(v: &ClusterView) -> String {
+    let mut out = String::new();
+    let cluster_id = if v.cluster_id.is_empty() {
+        "(not set yet)"
+    } else {
+        v.cluster_id.as_str()
+    };
+    let controller = v
+        .controller_id
+        .map_or_else(|| "none".to_string(), |c| c.to_string());
+    let _ = writeln!(
+        out,
+        "cluster {cluster_id}  controller {controller}  (as node {} sees it, metadata index {})",
+        v.node_id, v.metadata_applied_index
+    );
+    out.push('\n');
+    let rows: Vec<Vec<String>> = v
+        .nodes
+        .iter()
+        .map(|n| {
+            let mut id = n.id.to_string();
+            if Some(n.id) == v.controller_id {
+                id.push('*');
+            }
+            vec![
+                id,
+                n.state.clone(),
+                n.kafka.clone(),
+                if n.replica.is_empty() {
+                    "-".to_string()
+                } else {
+                    n.replica.clone()
+                },
+                n.raft.clone(),
+                n.broker_epoch.to_string(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        out.push_str("no registered nodes\n");
+    } else {
+        out.push_str(&table(
+            &["NODE", "STATE", "KAFKA", "REPLICA", "RAFT", "EPOCH"],
+            &rows,
+        ));
+        if v.controller_id.is_some() {
+            out.push_str("(* controller)\n");
+        }
+    }
+    out.push('\n');
+    let rows: Vec<Vec<String>> = v
+        .topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions.iter().map(move |p| {
+                let note = if p.leader < 0 {
+                    "offline"
+                } else if p.isr.len() < p.replicas.len() {
+                    "under-replicated"
+                } else {
+                    ""
+                };
+                vec![
+                    t.name.clone(),
+                    p.partition.to_string(),
+                    leader(p.leader),
+                    p.leader_epoch.to_string(),
+                    ids(&p.replicas),
+                    ids(&p.isr),
+                    note.to_string(),
+                ]
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        out.push_str("no topics\n");
+    } else {
+        out.push_str(&table(
+            &[
+                "TOPIC",
+                "PARTITION",
+                "LEADER",
+                "EPOCH",
+                "REPLICAS",
+                "ISR",
+                "",
+            ],
+            &rows,
+        ));
+    }
+    out.push('\n');
+    let list = |v: &[TopicPartition]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.iter()
+                .map(|tp| format!("{}-{}", tp.topic, tp.partition))
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+    };
+    let _ = writeln!(out, "under-replicated: {}", list(&v.under_replicated));
+    let _ = writeln!(out, "offline: {}", list(&v.offline));
+    out
+}
+
+async fn get_json(addr: &str, path: &str) -> Result<Value> {
+    answer(
+        addr,
+        "GET",
+        path,
+        http_request(addr, "GET", path, None).await?,
+    )
+}
+
+async fn post_json(addr: &str, path: &str, body: &Value) -> Result<Value> {
+    answer(
+        addr,
+        "POST",
+        path,
+        http_request(addr, "POST", path, Some(body)).await?,
+    )
+}
+
+/// A 2xx JSON body, or the node's error as a message.
+fn answer(addr: &str, method: &str, path: &str, (status, body): (u16, Vec<u8>)) -> Result<Value> {
+    let text = String::from_utf8_lossy(&body);
+    if (200..300).contains(&status) {
+        return serde_json::from_slice(&body)
+            .with_context(|| format!("{method} {path} on {addr}: the answer is not JSON: {text}"));
+    }
+    let why = match serde_json::from_slice::<Value>(&body) {
+        Ok(v) => match (v["error"].as_str(), v["kafka_error_code"].as_i64()) {
+            (Some(e), Some(code)) => format!("{e} (Kafka error {code})"),
+            (Some(e), None) => e.to_string(),
+            _ => v.to_string(),
+        },
+        Err(_) => text.trim().to_string(),
+    };
+    bail!("{method} {path} on {addr}: HTTP {status}: {why}")
+}
+
+/// One HTTP/1.1 request on its own connection (`Connection: close`); the
+/// status code and the (de-chunked) body.
+async fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(u16, Vec<u8>)> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("cannot connect to the HTTP admin port {addr}"))?;
+        let payload = match body {
+            Some(v) => serde_json::to_vec(v)?,
+            None => Vec::new(),
+        };
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n"
+        );
+        if body.is_some() {
+            let _ = write!(
+                request,
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                payload.len()
+            );
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        stream.write_all(&payload).await?;
+        let mut raw = Vec::new();
+        (&mut stream)
+            .take(MAX_RESPONSE)
+            .read_to_end(&mut raw)
+            .await?;
+        parse_response(&raw)
+    };
+    tokio::time::timeout(HTTP_TIMEOUT, exchange)
+        .await
+        .map_err(|_| anyhow!("{method} {path} on {addr}: no answer within {HTTP_TIMEOUT:?}"))?
+}
+
+fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>)> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("truncated HTTP answer"))?;
+    let head = std::str::from_utf8(&raw[..end]).context("HTTP header is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("bad HTTP status line {status_line:?}"))?;
+    let mut chunked = false;
+    let mut length = None;
+    for line in lines {
+        if let Some((name, value)) = line.split_once(':') {
+            let (name, value) = (name.trim(), value.trim());
+            if name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = value.to_ascii_lowercase().contains("chunked");
+            } else if name.eq_ignore_ascii_case("content-length") {
+                length = value.parse::<usize>().ok();
+            }
+        }
+    }
+    let rest = &raw[end + 4..];
+    let body = if chunked {
+        dechunk(rest)?
+    } else {
+        match length {
+            Some(n) if n <= rest.len() => rest[..n].to_vec(),
+            Some(_) => bail!("truncated HTTP body"),
+            None => rest.to_vec(),
+        }
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| anyhow!("truncated chunked body"))?;
+        let size_text = std::str::from_utf8(&data[..eol])?;
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .with_context(|| format!("bad chunk size {size_text:?}"))?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size + 2 {
+            bail!("truncated chunked body");
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_parse_with_length_and_chunks() {
+        let raw = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n{\"a\":1}";
+        assert_eq!(parse_response(raw).unwrap(), (200, b"{\"a\":1}".to_vec()));
+        let raw = b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n";
+        assert_eq!(parse_response(raw).unwrap(), (400, b"{\"a\":1}".to_vec()));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+        assert!(parse_response(b"garbage\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn errors_carry_the_nodes_reason() {
+        let body = br#"{"error":"invalid replica assignment: broker 9 is not registered","kafka_error_code":39}"#;
+        let err = answer("h:1", "POST", "/p", (400, body.to_vec())).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "POST /p on h:1: HTTP 400: invalid replica assignment: broker 9 is not registered (Kafka error 39)"
+        );
+        let err = answer("h:1", "GET", "/p", (404, b"not in cluster mode\n".to_vec())).unwrap_err();
+        assert!(
+            err.to_string().ends_with("HTTP 404: not in cluster mode"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn status_renders_tables() {
+        let v: ClusterView = serde_json::from_value(json!({
+            "cluster_id": "abc",
+            "node_id": 2,
+            "controller_id": 1,
+            "metadata_applied_index": 42,
+            "nodes": [
+                {"id": 1, "state": "alive", "kafka": "h1:9092", "raft": "h1:9093", "replica": "h1:9092", "broker_epoch": 3},
+                {"id": 2, "state": "fenced", "kafka": "h2:9092", "raft": "h2:9093", "replica": "", "broker_epoch": 4}
+            ],
+            "topics": [{"name": "t", "replication_factor": 2, "configs": {}, "partitions": [
+                {"partition": 0, "leader": 1, "leader_epoch": 1, "replicas": [1, 2], "isr": [1]},
+                {"partition": 1, "leader": -1, "leader_epoch": 2, "replicas": [2], "isr": [2]}
+            ]}],
+            "under_replicated": [{"topic": "t", "partition": 0}],
+            "offline": [{"topic": "t", "partition": 1}]
+        }))
+        .unwrap();
+        let s = render_status(&v);
+        assert!(
+            s.starts_with("cluster abc  controller 1  (as node 2 sees it, metadata index 42)\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("\n1*    alive   h1:9092  h1:9092  h1:9093  3\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("\n2     fenced  h2:9092  -        h2:9093  4\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("\nt      0          1       1      1,2       1    under-replicated\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("\nt      1          none    2      2         2    offline\n"),
+            "{s}"
+        );
+        assert!(s.ends_with("under-replicated: t-0\noffline: t-1\n"), "{s}");
+    }
+}
