@@ -2,6 +2,7 @@
 waits, and "consume everything" loops for each real client, all returning the
 same normalized record shape so one verifier checks every client pair."""
 
+import os
 import subprocess
 import time
 import uuid
@@ -25,6 +26,11 @@ class Rec:
 
 def unique(prefix):
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# Replication factor of the topics the tests create: 3 when the suite runs
+# against a three-node cluster (SLUICE_INTEROP_CLUSTER=1), else 1.
+RF = 3 if os.environ.get("SLUICE_INTEROP_CLUSTER") else 1
 
 
 def wait_until(pred, timeout, interval=0.1, what="condition"):

@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import (AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewPartitions,
                                    NewTopic, OffsetSpec, ResourceType)
 
-from kutil import confluent_consume_all, unique, wait_until
+from kutil import confluent_consume_all, unique, wait_until, RF
 
 CONFIG = """
 [storage]
@@ -36,7 +36,7 @@ def admin(abroker):
 
 
 def create(admin, name, partitions=1, config=None):
-    fut = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})])
+    fut = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=RF, config=config or {})])
     fut[name].result(30)
     return name
 

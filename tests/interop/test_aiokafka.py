@@ -5,7 +5,7 @@ until more is produced."""
 import asyncio
 import time
 
-from kutil import CODECS, make_value, parse_value, unique
+from kutil import CODECS, make_value, parse_value, unique, RF
 
 N_PER_CODEC = 500
 PARTITIONS = 3
@@ -90,7 +90,7 @@ async def _scenario(bootstrap):
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)])
+        await admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=RF)])
     finally:
         await admin.close()
     base_ts = int(time.time() * 1000) - 60_000

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from kutil import CODECS, Expected, assert_report, confluent_consume_all, kafka_python_consume_all
+from kutil import CODECS, Expected, assert_report, confluent_consume_all, kafka_python_consume_all, RF
 from kutil import kcat_consume_all, make_value, parse_value
 from kutil import stored_batches, unique, verify
 
@@ -57,7 +57,7 @@ def produce_confluent(broker, topic, tag):
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-    futs = admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)], operation_timeout=10)
+    futs = admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=RF)], operation_timeout=10)
     futs[topic].result(timeout=30)
     md = admin.list_topics(topic=topic, timeout=10)
     assert len(md.topics[topic].partitions) == PARTITIONS, f"metadata after CreateTopics: {md.topics[topic].partitions}"
@@ -106,7 +106,7 @@ def produce_kafka_python(broker, topic, tag):
 
     admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=10000)
     try:
-        resp = admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)], timeout_ms=10000)
+        resp = admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=RF)], timeout_ms=10000)
         errs = [t for t in resp.get("topics", []) if t.get("error_code")] if isinstance(resp, dict) else []
         assert not errs, f"kafka-python create_topics: {errs}"
         md = admin.describe_topics([topic])

@@ -16,7 +16,7 @@ import time
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from kutil import unique, wait_until
+from kutil import unique, wait_until, RF
 
 PARTITIONS = 6
 
@@ -201,7 +201,7 @@ def test_group_rebalance_commit_restart_lag(broker):
     topic = unique("grp")
     group = unique("g")
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)])[topic].result(30)
+    admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=RF)])[topic].result(30)
 
     produced = produce(broker.bootstrap, topic, 0, 300)
     a = Member("member-a", broker.bootstrap, group, topic).start()
@@ -294,7 +294,7 @@ def test_kafka_python_group_commit_and_admin(broker):
     topic = unique("kp-grp")
     group = unique("kp-g")
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(30)
+    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=RF)])[topic].result(30)
     produced = produce(broker.bootstrap, topic, 0, 200)
 
     c = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap, group_id=group, auto_offset_reset="earliest",
@@ -347,7 +347,7 @@ def test_members_survive_broker_restart(broker):
     topic = unique("grp-rs")
     group = unique("g-rs")
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)])[topic].result(30)
+    admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=RF)])[topic].result(30)
     produced = produce(broker.bootstrap, topic, 0, 200)
     a = Member("rs-a", broker.bootstrap, group, topic).start()
     b = Member("rs-b", broker.bootstrap, group, topic).start()
@@ -382,7 +382,7 @@ def test_static_membership_and_commit_metadata(broker):
     topic = unique("grp-static")
     group = unique("g-static")
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)])[topic].result(30)
+    admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=RF)])[topic].result(30)
     static = {"session.timeout.ms": 15000}
     a = Member("st-a", broker.bootstrap, group, topic, {**static, "group.instance.id": "inst-a"}).start()
     b = Member("st-b", broker.bootstrap, group, topic, {**static, "group.instance.id": "inst-b"}).start()

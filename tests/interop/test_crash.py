@@ -26,7 +26,7 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from kutil import confluent_consume_all, stored_batches, unique
+from kutil import confluent_consume_all, stored_batches, unique, RF
 
 PARTITIONS = 2
 ROUNDS = int(os.environ.get("SLUICE_CRASH_ROUNDS", "4"))
@@ -61,7 +61,7 @@ def test_kill9_under_idempotent_producer(broker):
     print(f"[crash] seed={SEED} rounds={ROUNDS}")
     topic = unique("crash")
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)])[topic].result(30)
+    admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=RF)])[topic].result(30)
 
     acked = {}  # seq -> (partition, offset)
     failed = {}  # seq -> error
@@ -227,7 +227,7 @@ def test_graceful_stop_and_restart_keeps_everything(broker):
     not appended twice, the next one continues the partition)."""
     topic = unique("graceful")
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)])[topic].result(30)
+    admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=RF)])[topic].result(30)
     acked = {}
 
     def on_delivery(err, msg):
@@ -261,7 +261,7 @@ def test_torn_tail_is_truncated_on_restart(broker):
         pytest.skip("external broker: data directory not visible")
     topic = unique("torn")
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(30)
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=RF)])[topic].result(30)
     p = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "linger.ms": 5, "log_level": 2})
     for s in range(100):
         p.produce(topic, value=value_of(s, 0), partition=0)

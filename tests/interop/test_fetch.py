@@ -8,7 +8,7 @@ import time
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from kutil import unique
+from kutil import unique, RF
 
 
 def tail_latency(broker, topic, conf, produce_after=1.0, timeout=15.0):
@@ -46,7 +46,7 @@ def tail_latency(broker, topic, conf, produce_after=1.0, timeout=15.0):
 def test_long_poll_wakes_on_append_and_honours_max_wait(broker):
     topic = unique("lp")
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(30)
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=RF)])[topic].result(30)
 
     # min_bytes 1, max_wait 5 s: the parked fetch must return when the record lands.
     fast = tail_latency(broker, topic, {"fetch.wait.max.ms": 5000, "fetch.min.bytes": 1})

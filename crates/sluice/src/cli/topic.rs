@@ -28,7 +28,9 @@ enum TopicCommand {
         name: String,
         #[arg(long, default_value_t = 1)]
         partitions: i32,
-        #[arg(long, default_value_t = 1)]
+        /// Copies of each partition; -1 takes the broker's default (1 on a
+        /// single node, min(3, live nodes) in a cluster).
+        #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
         replication_factor: i32,
         /// Topic config override (e.g. retention.ms=60000); repeatable.
         #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_kv)]
