@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+mod cluster;
+
 const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -1,0 +1,314 @@
+//! Cluster mode end to end: three `sluice serve` processes on 127.0.0.1 form
+//! a metadata quorum; `sluice cluster status`, `topic create`, `produce`
+//! (acks=all), `consume`, `node drain` and `partition reassign` run against
+//! them; SIGTERM stops each one cleanly.
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{assert_success, http_get, sluice_cmd, spawn_until_listening, wait_output};
+
+/// Forming the quorum, registering and electing partition leaders.
+const CLUSTER_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Node {
+    id: i32,
+    child: Child,
+    kafka: SocketAddr,
+    http: SocketAddr,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    _tmp: tempfile::TempDir,
+}
+
+/// A port that was free a moment ago (the Raft peers must be known up front).
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let raft: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let peers = raft
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        for (i, port) in raft.iter().enumerate() {
+            let id = i as i32 + 1;
+            let data = tmp.path().join(format!("node-{id}"));
+            let mut cmd = sluice_cmd();
+            cmd.arg("serve")
+                .arg("--data-dir")
+                .arg(&data)
+                .args(["--kafka-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+                .args(["--group-initial-rebalance-delay-ms", "0"])
+                .args(["--node-id", &id.to_string()])
+                .args(["--raft-listen", &format!("127.0.0.1:{port}")]);
+            // Peers through the environment, the rest as flags: both paths.
+            cmd.env("SLUICE_CLUSTER_PEERS", &peers);
+            let (child, line) = spawn_until_listening(cmd);
+            let field = |name: &str| -> SocketAddr {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                    .parse()
+                    .unwrap()
+            };
+            nodes.push(Node {
+                id,
+                kafka: field("kafka="),
+                http: field("http="),
+                child,
+            });
+        }
+        Cluster { nodes, _tmp: tmp }
+    }
+
+    /// An admin command against node `via`'s HTTP port, or a Kafka client
+    /// command bootstrapping from node `via` only (it finds the others in the
+    /// metadata).
+    fn run(&self, via: usize, args: &[&str], stdin: &[u8]) -> Output {
+        let mut cmd = sluice_cmd();
+        cmd.args(args);
+        if matches!(args.first(), Some(&("cluster" | "partition" | "node"))) {
+            cmd.args(["--http", &self.nodes[via].http.to_string()]);
+        } else {
+            cmd.args(["--bootstrap", &self.nodes[via].kafka.to_string()]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let mut input = child.stdin.take().unwrap();
+            input.write_all(stdin).unwrap();
+        }
+        wait_output(child, Duration::from_secs(120))
+    }
+
+    fn ok(&self, via: usize, args: &[&str]) -> String {
+        let out = self.run(via, args, b"");
+        assert_success(&out, args);
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn status(&self, via: usize) -> Value {
+        let out = self.ok(via, &["cluster", "status", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    /// Polls `cluster status --json` on node `via` until `f` holds.
+    fn wait_status(&self, via: usize, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        loop {
+            let v = self.status(via);
+            if f(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {CLUSTER_TIMEOUT:?}; last status:\n{v:#}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// SIGTERM every node and expect clean exits.
+    fn terminate(mut self) {
+        for n in &self.nodes {
+            let status = Command::new("sh")
+                .args(["-c", &format!("kill -TERM {}", n.child.id())])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for n in &mut self.nodes {
+            let status = loop {
+                if let Some(s) = n.child.try_wait().unwrap() {
+                    break s;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} did not exit after SIGTERM",
+                    n.id
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            assert!(status.success(), "node {} exited with {status}", n.id);
+        }
+    }
+}
+
+fn all_alive(v: &Value) -> bool {
+    v["controller_id"].is_i64()
+        && !v["cluster_id"].as_str().unwrap_or_default().is_empty()
+        && v["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 3 && n.iter().all(|n| n["state"] == "alive"))
+}
+
+fn topic<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    v["topics"].as_array()?.iter().find(|t| t["name"] == name)
+}
+
+fn fully_replicated(v: &Value, name: &str, partitions: usize) -> bool {
+    topic(v, name).is_some_and(|t| {
+        let ps = t["partitions"].as_array().unwrap();
+        ps.len() == partitions
+            && ps.iter().all(|p| {
+                p["leader"].as_i64().unwrap_or(-1) >= 0
+                    && p["replicas"].as_array().unwrap().len() == 3
+                    && p["isr"] == p["replicas"]
+            })
+    })
+}
+
+fn ids(v: &Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn three_node_cluster_status_replication_drain_and_reassign() {
+    let c = Cluster::start();
+
+    // Every node sees all three registered and one controller.
+    let mut views = Vec::new();
+    for i in 0..3 {
+        views.push(c.wait_status(i, "3 alive nodes and a controller", all_alive));
+    }
+    let controller = &views[0]["controller_id"];
+    let cluster_id = &views[0]["cluster_id"];
+    for v in &views {
+        assert_eq!(&v["cluster_id"], cluster_id);
+        assert_eq!(&v["controller_id"], controller, "one controller");
+    }
+    // Peers replicate from the Kafka listen address (no --replica-addr given).
+    for n in views[0]["nodes"].as_array().unwrap() {
+        let node = &c.nodes[n["id"].as_i64().unwrap() as usize - 1];
+        assert_eq!(n["replica"], node.kafka.to_string());
+        assert_eq!(n["kafka"], node.kafka.to_string());
+    }
+    for n in &c.nodes {
+        let (status, body) = http_get(n.http, "/healthz");
+        assert_eq!(status, 200, "node {}: {body}", n.id);
+    }
+
+    // The human view.
+    let table = c.ok(1, &["cluster", "status"]);
+    assert!(table.contains("NODE  STATE"), "{table}");
+    assert!(table.contains("under-replicated: none"), "{table}");
+
+    // A replicated topic: acks=all writes, read back through the cluster.
+    c.ok(
+        0,
+        &[
+            "topic",
+            "create",
+            "orders",
+            "--partitions",
+            "3",
+            "--replication-factor",
+            "3",
+        ],
+    );
+    c.wait_status(2, "orders fully replicated", |v| {
+        fully_replicated(v, "orders", 3)
+    });
+    let input: String = (0..30).map(|i| format!("k{i}:v{i}\n")).collect();
+    let out = c.run(
+        2,
+        &["produce", "orders", "--key-separator", ":", "--acks", "all"],
+        input.as_bytes(),
+    );
+    assert_success(&out, &["produce"]);
+    let consumed = c.ok(
+        1,
+        &[
+            "consume",
+            "orders",
+            "--from-beginning",
+            "--max-messages",
+            "30",
+            "--timeout-ms",
+            "30000",
+        ],
+    );
+    let mut lines: Vec<&str> = consumed.lines().collect();
+    lines.sort_unstable();
+    let mut expected: Vec<String> = (0..30).map(|i| format!("v{i}")).collect();
+    expected.sort_unstable();
+    assert_eq!(lines, expected);
+
+    // Drain node 1: it leads nothing; undo gives its preferred partitions back.
+    let out = c.ok(2, &["node", "drain", "1"]);
+    assert!(out.contains("node 1 draining"), "{out}");
+    c.wait_status(0, "node 1 draining and leading nothing", |v| {
+        v["nodes"][0]["state"] == "draining"
+            && topic(v, "orders").is_some_and(|t| {
+                t["partitions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|p| p["leader"] != 1 && p["leader"].as_i64().unwrap_or(-1) >= 0)
+            })
+    });
+    c.ok(2, &["node", "drain", "1", "--undo"]);
+    c.wait_status(0, "node 1 alive and leading again", |v| {
+        v["nodes"][0]["state"] == "alive"
+            && topic(v, "orders").is_some_and(|t| {
+                t["partitions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["leader"] == 1)
+            })
+    });
+
+    // Reassign orders-0 to two replicas: the ISR keeps only those.
+    let out = c.ok(
+        0,
+        &["partition", "reassign", "orders", "0", "--replicas", "2,3"],
+    );
+    assert!(out.starts_with("orders-0: replicas 2,3"), "{out}");
+    let v = c.wait_status(1, "orders-0 on 2,3", |v| {
+        topic(v, "orders").is_some_and(|t| ids(&t["partitions"][0]["replicas"]) == vec![2, 3])
+    });
+    let p0 = &topic(&v, "orders").unwrap()["partitions"][0];
+    assert!(ids(&p0["isr"]).iter().all(|r| *r == 2 || *r == 3), "{p0}");
+    // A reassignment that names an unknown node is refused with the reason.
+    let out = c.run(
+        0,
+        &["partition", "reassign", "orders", "1", "--replicas", "1,9"],
+        b"",
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broker 9 is not registered"), "{err}");
+
+    c.terminate();
+}
