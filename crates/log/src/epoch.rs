@@ -75,6 +75,28 @@ impl EpochCache {
         true
     }
 
+    /// A follower's append: the batch at `offset` carries `epoch`, and the
+    /// leader's log is the truth. A newer epoch starts there (as
+    /// [`EpochCache::assign`]); the same epoch changes nothing; an older
+    /// one drops the entries of newer epochs and those starting at or after
+    /// `offset` (a leader-epoch start with nothing written behind it, or a
+    /// tail the caller should have truncated) and starts `epoch` at
+    /// `offset` unless it is then the latest already. True when changed.
+    pub fn follow(&mut self, epoch: i32, offset: i64) -> bool {
+        let latest = self.latest_epoch();
+        if epoch < 0 || epoch == latest {
+            return false;
+        }
+        if epoch > latest {
+            return self.assign(epoch, offset);
+        }
+        self.entries.retain(|&(e, o)| e <= epoch && o < offset);
+        if self.latest_epoch() != epoch {
+            self.entries.push((epoch, offset));
+        }
+        true
+    }
+
     /// Drops epochs starting at or after `end` (log truncated to `end`).
     pub fn truncate_from_end(&mut self, end: i64) -> bool {
         let before = self.entries.len();
@@ -141,5 +163,23 @@ mod tests {
         let mut d = d;
         assert!(d.truncate_from_start(15));
         assert_eq!(d.entries, vec![(3, 15), (4, 20)]);
+    }
+
+    #[test]
+    fn follow_trusts_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = EpochCache::load(dir.path()).unwrap();
+        assert!(c.follow(1, 0));
+        assert!(!c.follow(1, 4));
+        assert!(c.follow(3, 5));
+        // Epoch 5 started at 9 with nothing written (a leader that never
+        // appended); the leader's log has epoch 3 there.
+        assert!(c.assign(5, 9));
+        assert!(c.follow(3, 9));
+        assert_eq!(c.entries, vec![(1, 0), (3, 5)]);
+        // An epoch between two known ones replaces the newer.
+        assert!(c.follow(2, 12));
+        assert_eq!(c.entries, vec![(1, 0), (2, 12)]);
+        assert!(!c.follow(-1, 20));
     }
 }

@@ -575,7 +575,7 @@ impl Partition {
         let mut epochs_changed = false;
         for h in &headers {
             w.producers.replay(h);
-            epochs_changed |= w.epochs.assign(h.partition_leader_epoch, h.base_offset);
+            epochs_changed |= w.epochs.follow(h.partition_leader_epoch, h.base_offset);
         }
         if epochs_changed {
             if let Err(e) = w.epochs.persist() {
@@ -617,14 +617,17 @@ impl Partition {
     /// known to be committed (a restarted replica learns the real value
     /// from the leader, a leader from its followers' fetches).
     pub fn set_replicated(&self, replicated: bool) {
+        // The append lock orders this against appends (publish_written);
+        // the view lock against a flush round publishing (publish_durable
+        // holds it while it reads the mode and raises the watermark).
         let _w = self.writer.lock();
+        let v = self.view.write();
         let was = self.replicated.swap(replicated, Ordering::AcqRel);
         if was == replicated {
             return;
         }
         if replicated {
-            let start = self.view.read().log_start;
-            self.hw_tx.send_replace(start);
+            self.hw_tx.send_replace(v.log_start);
         } else {
             let durable = *self.durable_end_tx.borrow();
             self.hw_tx.send_replace(durable);
@@ -868,13 +871,14 @@ impl Partition {
             return;
         }
         let target = work.target.min(v.log_end);
-        // The high watermark first: a producer released by the durable
-        // offset must find its records already visible to consumers.
+        // The durable end, then the high watermark (never above it), then
+        // the durable offset: a producer released by the durable offset
+        // must find its records already visible to consumers.
         if self.flush == FlushPolicy::Always {
+            raise(&self.durable_end_tx, target);
             if !self.replicated.load(Ordering::Acquire) {
                 raise(&self.hw_tx, target);
             }
-            raise(&self.durable_end_tx, target);
         }
         self.durable_tx.send_modify(|d| {
             if target > d.offset {
@@ -1202,7 +1206,25 @@ impl Partition {
         w.epochs.end_offset_for(epoch, log_end)
     }
 
-    /// The latest leader epoch appended, -1 when none.
+    /// Becoming leader in `epoch` (Kafka's `maybeAssignEpochStartOffset`):
+    /// records that `epoch` starts at the log end before anything is
+    /// appended in it, so OffsetForLeaderEpoch from a follower whose latest
+    /// epoch this log never had answers the end of the newest older epoch
+    /// (instead of "unknown"). No effect unless `epoch` is newer than the
+    /// latest. A follower's append or truncation removes the entry again
+    /// when nothing was written in `epoch`; a restart drops it.
+    pub fn assign_leader_epoch(&self, epoch: i32) -> Result<(), LogError> {
+        self.check_usable()?;
+        let mut w = self.writer.lock();
+        let log_end = self.view.read().log_end;
+        if w.epochs.assign(epoch, log_end) {
+            w.epochs.persist()?;
+        }
+        Ok(())
+    }
+
+    /// The latest leader epoch of the cache (appended, replicated or
+    /// assigned by [`Partition::assign_leader_epoch`]), -1 when none.
     pub fn latest_epoch(&self) -> i32 {
         self.writer.lock().epochs.latest_epoch()
     }
@@ -1210,7 +1232,10 @@ impl Partition {
     /// Removes every record at or above `offset` (replica truncation). As
     /// in Kafka, the batch holding `offset` goes entirely, so the log end
     /// becomes that batch's base offset. Below the log start the log is
-    /// emptied and restarts at `offset`.
+    /// emptied and restarts at `offset`. The leader-epoch cache loses the
+    /// epochs starting at or after the new end, the high watermark and the
+    /// durable end drop to it when above, and the idempotent-producer state
+    /// is rebuilt from what remains.
     pub fn truncate_to(&self, offset: i64) -> Result<(), LogError> {
         self.check_usable()?;
         let mut w = self.writer.lock();
@@ -1224,6 +1249,12 @@ impl Partition {
             )
         };
         if offset >= log_end {
+            // Nothing to cut; a leader epoch started at the log end with
+            // nothing written in it (`assign_leader_epoch`) goes, as no
+            // epoch of this log starts at or after its end.
+            if w.epochs.truncate_from_end(log_end) {
+                w.epochs.persist()?;
+            }
             return Ok(());
         }
         let new_end;

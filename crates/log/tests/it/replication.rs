@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use proptest::prelude::*;
 use sluice_log::{FlushPolicy, LogError, Partition, ReadLimit, Store, TopicConfig};
 use tempfile::TempDir;
 
@@ -96,15 +97,16 @@ fn copy(leader: &Partition, follower: &Partition, max_bytes: usize) -> i64 {
 
 /// Kafka's follower truncation: ask the leader for the end of our latest
 /// epoch; when it answers an older epoch, our own end of that epoch bounds
-/// it too; never above our log end.
+/// it too; never above our log end. Without an answer, only what is known
+/// committed (the high watermark) stays.
 fn truncate_follower(leader: &Partition, follower: &Partition) -> i64 {
     let ours = follower.latest_epoch();
     let target = if ours < 0 {
-        follower.log_start_offset()
+        follower.high_watermark()
     } else {
         let (epoch, end) = leader.end_offset_for_epoch(ours);
         if epoch < 0 {
-            follower.log_start_offset()
+            follower.high_watermark()
         } else if epoch < ours {
             end.min(follower.end_offset_for_epoch(epoch).1)
         } else {
@@ -568,6 +570,54 @@ async fn divergent_suffix_is_truncated_by_offset_for_leader_epoch() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn a_new_leaders_epoch_starts_at_its_log_end_before_it_appends() {
+    // B led epoch 1 (0..5), A copied it; A led epoch 2 and wrote 5..7
+    // alone; B is elected in epoch 3 and has not appended yet.
+    let mut a = Node::new(FlushPolicy::Never, TopicConfig::default());
+    let mut b = Node::new(FlushPolicy::Never, TopicConfig::default());
+    let (pa, pb) = (a.p(), b.p());
+    pb.append(&batch(&Spec::plain(5, 10)), 1).unwrap();
+    copy(&pb, &pa, 1 << 20);
+    pa.append(&batch(&Spec::plain(2, 10)), 2).unwrap();
+    // Without the new epoch B cannot place A's epoch 2.
+    assert_eq!(pb.end_offset_for_epoch(2), (-1, -1));
+    pb.assign_leader_epoch(3).unwrap();
+    assert_eq!(pb.latest_epoch(), 3);
+    assert_eq!(pb.end_offset_for_epoch(2), (1, 5));
+    assert_eq!(pb.end_offset_for_epoch(3), (3, 5));
+    // Not newer than the latest: no effect.
+    pb.assign_leader_epoch(2).unwrap();
+    assert_eq!(pb.latest_epoch(), 3);
+    assert_eq!(truncate_follower(&pb, &pa), 5);
+    // Appends in the epoch keep its start.
+    pb.append(&batch(&Spec::plain(1, 10)), 3).unwrap();
+    assert_eq!(pb.end_offset_for_epoch(1), (1, 5));
+    assert_eq!(copy(&pb, &pa, 1 << 20), 6);
+    assert_eq!(epoch_answers(&pa, 4), epoch_answers(&pb, 4));
+
+    // A leads epoch 5 but writes nothing; B, leading epoch 6 (elected
+    // from a stale view), has one more batch of epoch 3: A's replica
+    // append replaces the empty epoch, and A's epochs follow B's log.
+    pa.assign_leader_epoch(5).unwrap();
+    pb.append(&batch(&Spec::plain(2, 10)), 3).unwrap();
+    assert_eq!(copy(&pb, &pa, 1 << 20), 8);
+    assert_eq!(pa.latest_epoch(), 3);
+    assert_eq!(epoch_answers(&pa, 6), epoch_answers(&pb, 6));
+    // A truncation to the log end drops an epoch with nothing in it, and
+    // so does a restart.
+    pa.assign_leader_epoch(7).unwrap();
+    pa.truncate_to(pa.log_end_offset()).unwrap();
+    assert_eq!(pa.latest_epoch(), 3);
+    pb.assign_leader_epoch(7).unwrap();
+    drop(pb);
+    b.reopen();
+    assert_eq!(b.p().latest_epoch(), 3);
+    drop(pa);
+    a.reopen();
+    assert_eq!(epoch_answers(&a.p(), 8), epoch_answers(&b.p(), 8));
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn ensure_topic_matches_the_quorums_record() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), FlushPolicy::Never, TopicConfig::default());
@@ -634,4 +684,363 @@ async fn ensure_topic_matches_the_quorums_record() {
             .id,
         id_b
     );
+}
+
+// ---------------------------------------------------------------------------
+// Property test: two replicas, a leader and a follower, against a model of
+// the leader's log.
+
+#[derive(Clone, Debug)]
+enum ROp {
+    /// One produce call on the leader: (record count, payload bytes,
+    /// producer: 0 none, else idempotent producer id 1 or 2).
+    Append(Vec<(i32, usize, u8)>),
+    /// One follower fetch of at most this many bytes (at least one batch),
+    /// after truncating a divergent suffix when needed; then both
+    /// replicas' high watermarks move as the replication layer moves them.
+    Copy(usize),
+    /// The follower takes over in an epoch this much newer; the old leader
+    /// becomes the follower (with whatever suffix it alone has).
+    Failover(i32),
+    /// The producer retries its last batch on the current leader.
+    Retry(u8),
+    /// A crash and restart of the leader (true) or the follower.
+    Reopen(bool),
+}
+
+fn rop() -> impl Strategy<Value = ROp> {
+    prop_oneof![
+        5 => prop::collection::vec((1i32..5, 0usize..200, 0u8..3), 1..4).prop_map(ROp::Append),
+        5 => prop_oneof![Just(1usize), 100usize..1500, Just(1usize << 20)].prop_map(ROp::Copy),
+        2 => (1i32..4).prop_map(ROp::Failover),
+        1 => (1u8..3).prop_map(ROp::Retry),
+        1 => any::<bool>().prop_map(ROp::Reopen),
+    ]
+}
+
+/// One batch of the leader's log, as the model knows it.
+#[derive(Clone, Debug)]
+struct MBatch {
+    base: i64,
+    end: i64,
+    epoch: i32,
+    /// What the producer sent (base offset 0, no epoch).
+    raw: Vec<u8>,
+    producer: Option<(i64, i32)>,
+    last_seq: i32,
+}
+
+impl MBatch {
+    fn stored(&self) -> Vec<u8> {
+        stamped(&self.raw, self.base, self.epoch)
+    }
+}
+
+/// Kafka's OffsetForLeaderEpoch over the epochs of `batches` (plus a leader
+/// epoch started at the log end with nothing written, when given).
+fn model_epoch_answer(batches: &[MBatch], started: Option<i32>, epoch: i32) -> (i32, i64) {
+    let log_end = batches.last().map_or(0, |b| b.end);
+    let mut entries: Vec<(i32, i64)> = Vec::new();
+    for b in batches {
+        if entries.last().is_none_or(|l| b.epoch > l.0) {
+            entries.push((b.epoch, b.base));
+        }
+    }
+    if let Some(e) = started {
+        if entries.last().is_none_or(|l| e > l.0) {
+            entries.push((e, log_end));
+        }
+    }
+    let Some(latest) = entries.last().map(|l| l.0) else {
+        return (-1, -1);
+    };
+    if epoch < 0 {
+        return (-1, -1);
+    }
+    if epoch == latest {
+        return (epoch, log_end);
+    }
+    let higher = entries.iter().find(|e| e.0 > epoch);
+    let floor = entries.iter().rev().find(|e| e.0 <= epoch);
+    match (floor, higher) {
+        (_, None) => (-1, -1),
+        (None, Some(h)) => (epoch, h.1),
+        (Some(f), Some(h)) => (f.0, h.1),
+    }
+}
+
+struct Cluster {
+    nodes: [Node; 2],
+    leader: usize,
+    epoch: i32,
+    /// The leader's log.
+    model: Vec<MBatch>,
+    /// The follower may hold a suffix the leader does not have.
+    follower_diverged: bool,
+    /// The highest high watermark a leader has reported, and the bytes
+    /// below it: they must never change.
+    committed: i64,
+    committed_bytes: Vec<u8>,
+}
+
+impl Cluster {
+    fn l(&self) -> Arc<Partition> {
+        self.nodes[self.leader].p()
+    }
+
+    fn f(&self) -> Arc<Partition> {
+        self.nodes[1 - self.leader].p()
+    }
+
+    fn model_bytes(&self, upto: i64) -> Vec<u8> {
+        self.model
+            .iter()
+            .filter(|b| b.end <= upto)
+            .flat_map(MBatch::stored)
+            .collect()
+    }
+
+    fn model_end(&self) -> i64 {
+        self.model.last().map_or(0, |b| b.end)
+    }
+
+    fn next_seq(&self, pid: i64) -> i32 {
+        self.model
+            .iter()
+            .rev()
+            .find(|b| b.producer.is_some_and(|p| p.0 == pid))
+            .map_or(0, |b| b.last_seq + 1)
+    }
+
+    /// Brings a diverged follower back to a prefix of the leader's log.
+    fn truncate_follower(&mut self) -> Result<(), TestCaseError> {
+        if !self.follower_diverged {
+            return Ok(());
+        }
+        let (l, f) = (self.l(), self.f());
+        let ours = f.latest_epoch();
+        let (epoch, end) = l.end_offset_for_epoch(ours);
+        let target = if ours < 0 || epoch < 0 {
+            // As the replication layer does: only what is known committed.
+            f.high_watermark()
+        } else if epoch < ours {
+            end.min(f.end_offset_for_epoch(epoch).1)
+        } else {
+            end
+        };
+        f.truncate_to(target.min(f.log_end_offset())).unwrap();
+        prop_assert!(f.high_watermark() <= f.log_end_offset());
+        self.follower_diverged = false;
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), TestCaseError> {
+        let (l, f) = (self.l(), self.f());
+        let end = self.model_end();
+        prop_assert_eq!(l.log_end_offset(), end);
+        prop_assert_eq!(all_bytes(&l), self.model_bytes(end));
+        prop_assert!(end >= self.committed, "committed data lost");
+        prop_assert_eq!(
+            &all_bytes(&l)[..self.committed_bytes.len()],
+            self.committed_bytes.as_slice()
+        );
+        for e in 0..=self.epoch + 1 {
+            prop_assert_eq!(
+                l.end_offset_for_epoch(e),
+                model_epoch_answer(&self.model, Some(self.epoch), e),
+                "leader, epoch {}",
+                e
+            );
+        }
+        if !self.follower_diverged {
+            // The follower holds a prefix of the leader's log, ending at a
+            // batch boundary, with the epochs of that prefix.
+            let fend = f.log_end_offset();
+            prop_assert!(fend <= end);
+            prop_assert!(fend == 0 || self.model.iter().any(|b| b.end == fend));
+            prop_assert_eq!(all_bytes(&f), self.model_bytes(fend));
+            let prefix: Vec<MBatch> = self
+                .model
+                .iter()
+                .filter(|b| b.end <= fend)
+                .cloned()
+                .collect();
+            for e in 0..=self.epoch + 1 {
+                prop_assert_eq!(
+                    f.end_offset_for_epoch(e),
+                    model_epoch_answer(&prefix, None, e),
+                    "follower, epoch {}",
+                    e
+                );
+            }
+        }
+        for p in [&l, &f] {
+            let hw = p.high_watermark();
+            prop_assert!(hw <= p.durable_end_offset(), "HW above the durable end");
+            prop_assert!(p.durable_end_offset() <= p.log_end_offset());
+        }
+        Ok(())
+    }
+}
+
+async fn run_replication(ops: Vec<ROp>, flush: FlushPolicy) -> Result<(), TestCaseError> {
+    let defaults = small_segments(1500, 100);
+    let nodes = [
+        Node::new(flush, defaults.clone()),
+        Node::new(flush, defaults),
+    ];
+    let mut c = Cluster {
+        nodes,
+        leader: 0,
+        epoch: 0,
+        model: Vec::new(),
+        follower_diverged: false,
+        committed: 0,
+        committed_bytes: Vec::new(),
+    };
+    c.l().assign_leader_epoch(0).unwrap();
+    let mut fill = 0u8;
+    for op in ops {
+        match op {
+            ROp::Append(specs) => {
+                let l = c.l();
+                let mut call = Vec::new();
+                let mut staged = Vec::new();
+                let mut next = c.model_end();
+                let mut seqs: BTreeMap<i64, i32> = BTreeMap::new();
+                for (count, payload, producer) in specs {
+                    fill = fill.wrapping_add(13);
+                    let (spec, producer) = if producer == 0 {
+                        (Spec::plain(count, payload), None)
+                    } else {
+                        let pid = i64::from(producer);
+                        let seq = *seqs.entry(pid).or_insert_with(|| c.next_seq(pid));
+                        seqs.insert(pid, seq + count);
+                        (
+                            Spec {
+                                payload,
+                                ..Spec::idem(pid, 0, seq, count)
+                            },
+                            Some((pid, seq)),
+                        )
+                    };
+                    let raw = batch(&Spec { fill, ..spec });
+                    call.extend_from_slice(&raw);
+                    staged.push(MBatch {
+                        base: next,
+                        end: next + i64::from(count),
+                        epoch: c.epoch,
+                        raw,
+                        producer,
+                        last_seq: producer.map_or(-1, |p| p.1 + count - 1),
+                    });
+                    next += i64::from(count);
+                }
+                let r = l.append(&call, c.epoch).unwrap();
+                prop_assert!(!r.duplicate);
+                prop_assert_eq!((r.base_offset, r.end_offset), (c.model_end(), next));
+                c.model.extend(staged);
+            }
+            ROp::Copy(max_bytes) => {
+                c.truncate_follower()?;
+                let (l, f) = (c.l(), c.f());
+                let end = copy(&l, &f, max_bytes);
+                f.wait_durable(end).await.unwrap();
+                prop_assert_eq!(f.durable_end_offset(), end);
+                // The leader's HW: the follower's durable end, capped by the
+                // leader's own; a waiter for it resolves exactly then.
+                let old = l.high_watermark();
+                let target = f.durable_end_offset().min(l.durable_end_offset());
+                let waiter = {
+                    let l = Arc::clone(&l);
+                    tokio::spawn(async move { l.wait_committed(target).await })
+                };
+                settle().await;
+                prop_assert_eq!(waiter.is_finished(), target <= old);
+                let want = old.max(f.durable_end_offset().min(l.durable_end_offset()));
+                l.advance_high_watermark(f.durable_end_offset());
+                prop_assert_eq!(l.high_watermark(), want);
+                settle().await;
+                prop_assert!(waiter.is_finished());
+                waiter.await.unwrap().unwrap();
+                prop_assert!(matches!(committed_now(&l, want).await, Some(Ok(()))));
+                prop_assert!(committed_now(&l, want + 1).await.is_none());
+                if want > c.committed {
+                    c.committed = want;
+                    c.committed_bytes = c.model_bytes(want);
+                }
+                // The follower learns the leader's HW from the fetch answer.
+                let fold = f.high_watermark();
+                f.advance_high_watermark(l.high_watermark());
+                prop_assert_eq!(
+                    f.high_watermark(),
+                    fold.max(l.high_watermark().min(f.durable_end_offset()))
+                );
+            }
+            ROp::Failover(gap) => {
+                c.truncate_follower()?;
+                // Only a replica in the ISR is elected: it holds the HW.
+                if c.f().log_end_offset() < c.l().high_watermark() {
+                    continue;
+                }
+                let new_end = c.f().log_end_offset();
+                c.model.retain(|b| b.end <= new_end);
+                c.leader = 1 - c.leader;
+                c.epoch += gap;
+                c.l().assign_leader_epoch(c.epoch).unwrap();
+                c.follower_diverged = true;
+            }
+            ROp::Retry(pid) => {
+                let pid = i64::from(pid);
+                let Some(last) = c
+                    .model
+                    .iter()
+                    .rev()
+                    .find(|b| b.producer.is_some_and(|p| p.0 == pid))
+                    .cloned()
+                else {
+                    continue;
+                };
+                let r = c.l().append(&last.raw, c.epoch).unwrap();
+                prop_assert!(r.duplicate, "retry of {:?} not recognised", last.producer);
+                prop_assert_eq!((r.base_offset, r.end_offset), (last.base, last.end));
+            }
+            ROp::Reopen(leader) => {
+                let i = if leader { c.leader } else { 1 - c.leader };
+                c.nodes[i].reopen();
+                let p = c.nodes[i].p();
+                prop_assert_eq!(p.high_watermark(), p.log_start_offset());
+                if leader {
+                    c.l().assign_leader_epoch(c.epoch).unwrap();
+                }
+            }
+        }
+        c.check()?;
+    }
+    // Finally the follower catches up completely.
+    c.truncate_follower()?;
+    let (l, f) = (c.l(), c.f());
+    while f.log_end_offset() < l.log_end_offset() {
+        copy(&l, &f, 1 << 20);
+    }
+    prop_assert_eq!(all_bytes(&f), all_bytes(&l));
+    c.check()?;
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn follower_log_converges_with_the_leaders(
+        ops in prop::collection::vec(rop(), 1..50),
+        always in any::<bool>(),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let flush = if always { FlushPolicy::Always } else { FlushPolicy::Never };
+        rt.block_on(run_replication(ops, flush))?;
+    }
 }
