@@ -14,6 +14,14 @@
 //! `leader-epoch-checkpoint`. Topic metadata, the cluster id and the
 //! producer-id block live in `<data_dir>/meta/`.
 //!
+//! Replication (cluster mode) sits on top: a partition's high watermark
+//! is the durable end in local mode and moves only by
+//! [`Partition::advance_high_watermark`] once [`Partition::set_replicated`]
+//! hands it to the replication layer; followers store the leader's batches
+//! unchanged with [`Partition::append_replica`] and cut divergent suffixes
+//! with [`Partition::truncate_to`]; [`Store::ensure_topic`] makes a topic
+//! match the metadata quorum. See the crate README.
+//!
 //! API CONTRACT — other crates are written against the public signatures;
 //! do not change one without telling the lead.
 

@@ -1,5 +1,6 @@
 //! One partition's log: segments, appends with group commit, reads,
-//! retention, truncation and recovery.
+//! retention, truncation and recovery; follower appends and the high
+//! watermark of replicated mode.
 //!
 //! Locking: `writer` (the append lock) serialises every mutation; `view`
 //! (a RwLock) holds what readers need and is write-locked only for short
@@ -1076,7 +1077,9 @@ impl Partition {
         self.view.read().log_end
     }
 
-    /// Offsets below it are durable (single node) and visible to consumers.
+    /// Offsets below it are visible to consumers: durable in local mode,
+    /// committed by the replication layer in replicated mode (never above
+    /// the durable end in either).
     pub fn high_watermark(&self) -> i64 {
         *self.hw_tx.borrow()
     }

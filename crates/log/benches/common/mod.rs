@@ -42,9 +42,11 @@ pub struct ProducerBatch {
 /// the way a producer fills a batch up to `batch.size`.
 pub fn producer_batch() -> ProducerBatch {
     let value = value_bytes();
-    // Producers stamp records with the current time. The partition rolls a
-    // segment when the first batch's timestamp is older than segment.ms, so
-    // a fixed past timestamp would measure a roll per append instead.
+    // Producers stamp records with the current time, and so does this
+    // batch. The timestamp does not decide rolls here: the time-based roll
+    // counts in record time from the segment's first batch (Kafka's
+    // timeWaitedForRoll), so appending these same bytes again and again
+    // never rolls by time, whatever the timestamp; only segment.bytes does.
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
