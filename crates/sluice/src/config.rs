@@ -629,6 +629,31 @@ mod tests {
             d.group.max_session_timeout_ms
         );
         assert_eq!(c.node_id, d.node_id);
+        assert!(c.cluster.is_none(), "the example runs a single node");
+
+        // With its peers line uncommented, the [cluster] values are the defaults.
+        let peers = "# peers = [\"1@sluice1:9093\", \"2@sluice2:9093\", \"3@sluice3:9093\"]";
+        assert!(text.contains(peers));
+        let with_peers = text
+            .replace(peers, &peers[2..])
+            .replace("node_id = 0", "node_id = 1");
+        let c = Config::merge(&ServeArgs::default(), file(&with_peers)).unwrap();
+        let d = Config::merge(
+            &ServeArgs {
+                node_id: Some(1),
+                cluster_peers: Some("1@sluice1:9093,2@sluice2:9093,3@sluice3:9093".into()),
+                ..ServeArgs::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap();
+        let (c, d) = (c.cluster.unwrap(), d.cluster.unwrap());
+        assert_eq!(c.peers, d.peers);
+        assert_eq!(c.raft_listen, d.raft_listen);
+        assert_eq!(c.replica_addr, d.replica_addr);
+        assert_eq!(c.min_insync_replicas, d.min_insync_replicas);
+        assert_eq!(c.replica_lag_time_max, d.replica_lag_time_max);
+        assert_eq!(c.session_timeout, d.session_timeout);
     }
 
     #[test]
