@@ -6,6 +6,7 @@
 //! Operations are proposals to the metadata quorum, answered once applied.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::extract;
@@ -24,9 +25,18 @@ use tracing::error;
 pub struct State {
     store: Arc<OnceLock<Arc<Store>>>,
     cluster: Arc<OnceLock<(Arc<ClusterNode>, Arc<ReplicaManager>)>>,
+    /// Cluster mode: not healthy before the cluster node has started either.
+    cluster_mode: Arc<AtomicBool>,
 }
 
 impl State {
+    /// A state for cluster mode: /healthz waits for [`State::set_cluster`] too.
+    pub fn for_cluster() -> State {
+        let s = State::default();
+        s.cluster_mode.store(true, Ordering::Relaxed);
+        s
+    }
+
     pub fn set_store(&self, store: Arc<Store>) {
         let _ = self.store.set(store);
     }
@@ -74,6 +84,9 @@ async fn healthz(extract::State(state): extract::State<State>) -> Response {
         return STARTING.into_response();
     }
     let Some((node, replicas)) = state.cluster() else {
+        if state.cluster_mode.load(Ordering::Relaxed) {
+            return STARTING.into_response();
+        }
         return (StatusCode::OK, "ok\n").into_response();
     };
     // A cluster node is healthy once it sees a controller and the quorum
@@ -367,4 +380,92 @@ async fn topics(extract::State(state): extract::State<State>) -> Response {
         })
         .collect();
     Json(views).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_cluster::{BrokerState, PartitionState, TopicState};
+
+    #[tokio::test]
+    async fn healthz_waits_for_the_cluster_node_in_cluster_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(sluice_log::StoreConfig {
+            data_dir: tmp.path().to_path_buf(),
+            defaults: Default::default(),
+            flush: sluice_log::FlushPolicy::Never,
+        })
+        .unwrap();
+        let single = State::default();
+        let status = |r: Response| r.status();
+        assert_eq!(status(healthz(extract::State(single.clone())).await), 503);
+        single.set_store(store.clone());
+        assert_eq!(status(healthz(extract::State(single)).await), 200);
+        let cluster = State::for_cluster();
+        cluster.set_store(store);
+        assert_eq!(
+            status(healthz(extract::State(cluster)).await),
+            503,
+            "store open but the cluster node not started yet"
+        );
+    }
+
+    #[test]
+    fn cluster_view_lists_states_and_problem_partitions() {
+        let broker = |fenced, draining| BrokerState {
+            kafka_host: "h".into(),
+            kafka_port: 9092,
+            raft_addr: "h:9093".into(),
+            replica_addr: "r:9092".into(),
+            fenced,
+            draining,
+            incarnation: 1,
+            epoch: 7,
+        };
+        let mut img = MetadataImage {
+            cluster_id: "c".into(),
+            applied_index: 9,
+            ..Default::default()
+        };
+        img.brokers.insert(1, broker(false, false));
+        img.brokers.insert(2, broker(true, false));
+        img.brokers.insert(3, broker(false, true));
+        let part = |leader, isr: Vec<i32>| PartitionState {
+            replicas: vec![1, 2, 3],
+            isr,
+            leader,
+            leader_epoch: 1,
+            partition_epoch: 1,
+        };
+        img.topics.insert(
+            "t".into(),
+            TopicState {
+                topic_id: [1; 16],
+                configs: Default::default(),
+                partitions: vec![part(1, vec![1, 2, 3]), part(NO_LEADER, vec![2])],
+            },
+        );
+        let v = serde_json::to_value(cluster_view(3, Some(1), &img)).unwrap();
+        assert_eq!(v["controller_id"], 1);
+        assert_eq!(v["node_id"], 3);
+        let states: Vec<&str> = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["state"].as_str().unwrap())
+            .collect();
+        assert_eq!(states, ["alive", "fenced", "draining"]);
+        assert_eq!(v["nodes"][0]["replica"], "r:9092");
+        assert_eq!(v["nodes"][0]["kafka"], "h:9092");
+        assert_eq!(v["topics"][0]["replication_factor"], 3);
+        assert_eq!(v["topics"][0]["partitions"][1]["leader"], -1);
+        assert_eq!(
+            v["under_replicated"],
+            serde_json::json!([{"topic": "t", "partition": 1}])
+        );
+        assert_eq!(
+            v["offline"],
+            serde_json::json!([{"topic": "t", "partition": 1}])
+        );
+    }
 }

@@ -56,7 +56,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
     // HTTP serves from here on so that /healthz can say "starting" (503)
     // while a large store recovers.
-    let http_state = http::State::default();
+    let http_state = if config.cluster.is_some() {
+        http::State::for_cluster()
+    } else {
+        http::State::default()
+    };
     let http_task = tokio::spawn(http::serve(
         http_listener,
         http_state.clone(),
