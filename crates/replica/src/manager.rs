@@ -670,6 +670,13 @@ impl ReplicaManager {
             }
             Wanted::Leader(epoch) => {
                 tracing::info!(node = me, topic = %key.0, partition = key.1, epoch, isr = ?pstate.isr, "becoming leader");
+                // The new epoch starts at our log end before anything is
+                // written in it (Kafka's maybeAssignEpochStartOffset), so a
+                // follower whose latest epoch we never had learns where to
+                // truncate instead of "unknown epoch".
+                if let Err(e) = partition.assign_leader_epoch(*epoch) {
+                    tracing::error!(node = me, topic = %key.0, partition = key.1, epoch, error = %e, "cannot record the new leader epoch");
+                }
                 let leader = Leader::new(
                     me,
                     &key.0,
