@@ -1,0 +1,262 @@
+"""Control of the docker-compose cluster for the fault tests: find the project's
+containers and network by their compose labels, inject faults with the docker CLI
+(kill, start, pause, network disconnect, restart), and read the nodes' state
+through their published HTTP ports (/healthz, /api/v1/cluster).
+
+Only containers and networks labelled with this run's compose project are ever
+touched. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[cluster {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def docker(*args: str, timeout: float = 90, check: bool = True) -> str:
+    cp = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and cp.returncode != 0:
+        raise ClusterError(f"docker {' '.join(args)} failed ({cp.returncode}): {cp.stderr.strip()}")
+    return cp.stdout.strip()
+
+
+@dataclass(frozen=True)
+class Node:
+    id: int  # Sluice node id = the N of service sluiceN
+    service: str
+    kafka_port: int
+    http_port: int
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def http(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+
+class ComposeCluster:
+    """The three nodes of one compose project (docker-compose.yml at the repo root)."""
+
+    def __init__(self, project: str, kafka_ports, http_ports, network: str = "cluster"):
+        self.project = project
+        self.nodes = {
+            i + 1: Node(i + 1, f"sluice{i + 1}", int(k), int(h)) for i, (k, h) in enumerate(zip(kafka_ports, http_ports))
+        }
+        self.network_key = network
+        self._containers: dict = {}
+        self._network: Optional[str] = None
+        self.cut: set = set()  # nodes this harness disconnected from the peer network
+        self.paused: set = set()
+
+    # -- discovery ---------------------------------------------------------------
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(n.bootstrap for n in self.nodes.values())
+
+    def container(self, node_id: int) -> str:
+        c = self._containers.get(node_id)
+        if c:
+            return c
+        svc = self.nodes[node_id].service
+        out = docker(
+            "ps", "-a", "-q", "--no-trunc",
+            "--filter", f"label=com.docker.compose.project={self.project}",
+            "--filter", f"label=com.docker.compose.service={svc}",
+        )
+        ids = out.split()
+        if len(ids) != 1:
+            raise ClusterError(f"expected one container for service {svc} of project {self.project}, found {ids}")
+        self._containers[node_id] = ids[0]
+        return ids[0]
+
+    def network(self) -> str:
+        if self._network:
+            return self._network
+        out = docker(
+            "network", "ls", "-q", "--format", "{{.Name}}",
+            "--filter", f"label=com.docker.compose.project={self.project}",
+            "--filter", f"label=com.docker.compose.network={self.network_key}",
+        )
+        names = out.split()
+        if len(names) != 1:
+            raise ClusterError(f"expected one '{self.network_key}' network of project {self.project}, found {names}")
+        self._network = names[0]
+        return self._network
+
+    def state(self, node_id: int) -> dict:
+        out = docker("inspect", "-f", "{{json .State}}", self.container(node_id))
+        return json.loads(out)
+
+    def networks_of(self, node_id: int) -> list:
+        out = docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", self.container(node_id))
+        return sorted((json.loads(out) or {}).keys())
+
+    # -- faults --------------------------------------------------------------------
+
+    def kill(self, *node_ids: int) -> None:
+        """SIGKILL (power loss): `docker kill` of all given nodes in one call."""
+        docker("kill", "--signal", "KILL", *[self.container(n) for n in node_ids])
+
+    def start(self, *node_ids: int) -> None:
+        docker("start", *[self.container(n) for n in node_ids])
+
+    def restart(self, node_id: int, grace_s: int = 30) -> None:
+        """Graceful: SIGTERM, SIGKILL after grace_s, then start."""
+        docker("restart", "--time", str(grace_s), self.container(node_id), timeout=grace_s + 60)
+
+    def pause(self, node_id: int) -> None:
+        docker("pause", self.container(node_id))
+        self.paused.add(node_id)
+
+    def unpause(self, node_id: int) -> None:
+        docker("unpause", self.container(node_id))
+        self.paused.discard(node_id)
+
+    def disconnect(self, node_id: int) -> None:
+        """Cuts the node off the peer network. Its published ports are on its own client
+        network, so clients on the host still reach it (see docker-compose.yml)."""
+        docker("network", "disconnect", self.network(), self.container(node_id))
+        self.cut.add(node_id)
+
+    def connect(self, node_id: int) -> None:
+        # The alias is the name the peers use (sluiceN); a reconnect without it would
+        # leave the node reachable only under its container name.
+        docker("network", "connect", "--alias", self.nodes[node_id].service, self.network(), self.container(node_id))
+        self.cut.discard(node_id)
+
+    def heal_all(self) -> None:
+        """Undo every fault, whatever state a failed scenario left: unpause, start,
+        reconnect. Idempotent."""
+        net = self.network()
+        for n in self.nodes:
+            st = self.state(n)
+            if st.get("Paused"):
+                self.unpause(n)
+            elif not st.get("Running"):
+                self.start(n)
+            if net not in self.networks_of(n):
+                self.connect(n)
+        self.paused.clear()
+        self.cut.clear()
+
+    # -- observation -----------------------------------------------------------------
+
+    def healthy(self, node_id: int, timeout: float = 2.0) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.nodes[node_id].http}/healthz", timeout=timeout) as r:
+                return r.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def wait_healthy(self, node_ids=None, timeout: float = 90.0) -> float:
+        """Waits until every given node answers /healthz 200; returns the seconds waited."""
+        t0 = time.monotonic()
+        pending = list(node_ids or self.nodes)
+        deadline = t0 + timeout
+        while pending:
+            pending = [n for n in pending if not self.healthy(n)]
+            if not pending:
+                break
+            if time.monotonic() >= deadline:
+                raise ClusterError(f"nodes {pending} not healthy after {timeout:.0f}s")
+            time.sleep(0.3)
+        return time.monotonic() - t0
+
+    def status(self, node_id: int, timeout: float = 2.0) -> Optional[dict]:
+        """GET /api/v1/cluster of one node (what `sluice cluster status --json` shows), or None."""
+        try:
+            with urllib.request.urlopen(f"http://{self.nodes[node_id].http}/api/v1/cluster", timeout=timeout) as r:
+                return json.loads(r.read().decode())
+        except (OSError, urllib.error.URLError, ValueError):
+            return None
+
+    def freshest_status(self, exclude=()) -> Optional[dict]:
+        """The /api/v1/cluster view with the highest applied metadata index among the
+        reachable nodes (a cut-off node's image is stale)."""
+        best = None
+        for n in self.nodes:
+            if n in exclude or n in self.paused:
+                continue
+            s = self.status(n)
+            if s and (best is None or s.get("metadata_applied_index", 0) > best.get("metadata_applied_index", 0)):
+                best = s
+        return best
+
+    def partitions(self, topic: str, exclude=()) -> Optional[list]:
+        s = self.freshest_status(exclude)
+        if not s:
+            return None
+        for t in s.get("topics", []):
+            if t.get("name") == topic:
+                return t.get("partitions", [])
+        return None
+
+    def leader(self, topic: str, partition: int = 0, timeout: float = 30.0, exclude=()) -> int:
+        """The partition's leader in the freshest image; waits while it is offline (-1)."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            parts = self.partitions(topic, exclude)
+            if parts:
+                for p in parts:
+                    if p.get("partition") == partition:
+                        last = p
+                        if p.get("leader", -1) in self.nodes:
+                            return p["leader"]
+            if time.monotonic() >= deadline:
+                raise ClusterError(f"{topic}-{partition} has no leader after {timeout:.0f}s (last view {last})")
+            time.sleep(0.3)
+
+    def replicas(self, topic: str, partition: int = 0) -> list:
+        for p in self.partitions(topic) or []:
+            if p.get("partition") == partition:
+                return list(p.get("replicas", []))
+        return []
+
+    def wait_isr_full(self, topic: str, timeout: float = 30.0) -> bool:
+        """Waits until every partition of the topic has a leader and ISR == replicas.
+        Returns False (and logs) instead of raising: a slow catch-up is unavailability,
+        not a safety failure."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            parts = self.partitions(topic)
+            last = parts
+            if parts and all(p.get("leader", -1) >= 0 and sorted(p.get("isr", [])) == sorted(p.get("replicas", [])) for p in parts):
+                return True
+            time.sleep(0.5)
+        log(f"warning: {topic} ISR not full after {timeout:.0f}s: {last}")
+        return False
+
+    def logs(self, node_id: int, tail: int = 200) -> str:
+        cp = subprocess.run(
+            ["docker", "logs", "--tail", str(tail), self.container(node_id)], capture_output=True, text=True, timeout=30
+        )
+        return cp.stdout + cp.stderr
+
+
+def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
