@@ -5,7 +5,7 @@
 # warm one (caches outside the clone).
 #
 # Usage: scripts/test.sh [STEP...]
-#   STEP is one of: setup docs fmt clippy build unit interop cluster docker bench (default: all, in
+#   STEP is one of: setup docs fmt clippy build unit interop cluster docker faults bench (default: all, in
 #   that order). Naming steps runs only those, e.g. `scripts/test.sh setup interop`.
 #
 # Environment:
@@ -26,7 +26,7 @@ export PYTHONDONTWRITEBYTECODE=1
 # Rust tests that print backtraces help when CI fails.
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 
-ALL_STEPS=(setup docs fmt clippy build unit interop cluster docker bench)
+ALL_STEPS=(setup docs fmt clippy build unit interop cluster docker faults bench)
 if (($# > 0)); then STEPS=("$@"); else STEPS=("${ALL_STEPS[@]}"); fi
 [[ ${1:-} == --inner ]] && STEPS=()
 for s in "${STEPS[@]}"; do
@@ -189,6 +189,10 @@ for s in "${STEPS[@]}"; do
     # restarted as a whole.
     cluster) step cluster 40m env SLUICE_INTEROP_CLUSTER=1 bash "$ROOT/scripts/test.sh" --inner interop ;;
     docker) step docker 15m bash tests/docker/run.sh ;;
+    # Jepsen-style fault tests of the three-node compose cluster (kill, pause,
+    # network partitions, kill all, rolling restart); fails on any lost,
+    # duplicated or reordered acknowledged write. Bounded; --soak is longer.
+    faults) step faults 25m bash tests/cluster/run.sh ;;
     # A smoke run of the comparison suite: proves every part of the benchmark
     # pipeline (sluice bench, the peers, report and charts) still works; no
     # assertion on speed. Results go to a scratch directory.
