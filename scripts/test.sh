@@ -66,7 +66,7 @@ summary() {
 }
 
 # ---- setup: system packages and the Python venv, idempotent --------------------
-APT_PACKAGES=(kcat debootstrap ca-certificates)
+APT_PACKAGES=(kcat debootstrap ca-certificates docker-compose)
 
 apt_missing() {
     local p
