@@ -30,6 +30,10 @@ The anomalies (each one fails the run):
   offset-gap        the final log of a partition is not contiguous
   phantom           the final log holds a value that was never offered
   drain-incomplete  the final drain did not reach the high watermark
+  lost-commit       a consumer group's offset commit was acknowledged, but the
+                    group's committed offset read back at the end is lower
+  group-gap         a record below the group's final committed offset was never
+                    delivered to the group (at-least-once broken)
 
 Information only (legal outcomes): ``unacked-present`` (a failed or unanswered
 write that did land), and the unavailability window: the longest stretch of the
@@ -57,6 +61,8 @@ FAILING = (
     "offset-gap",
     "phantom",
     "drain-incomplete",
+    "lost-commit",
+    "group-gap",
 )
 
 # How many examples of each anomaly a report keeps.
@@ -82,6 +88,16 @@ class Read:
     partition: int
     offset: int
     value: str
+    t: float = 0.0
+
+
+@dataclass(frozen=True)
+class Commit:
+    """An offset commit the group coordinator acknowledged: the group has consumed
+    the partition up to (not including) ``offset``."""
+
+    partition: int
+    offset: int
     t: float = 0.0
 
 
@@ -222,6 +238,33 @@ def phantoms(writes: Iterable[Write], final: Iterable[Read]) -> list:
     return [r for r in final if r.value not in offered]
 
 
+def lost_commits(commits: Iterable[Commit], final_committed: dict) -> list:
+    """Acknowledged commits above what the group has committed at the end:
+    [(commit, final_offset)]. A partition missing from ``final_committed`` counts as
+    offset -1 (nothing committed)."""
+    out = []
+    best = {}
+    for c in commits:
+        if c.offset > best.get(c.partition, Commit(c.partition, -1)).offset:
+            best[c.partition] = c
+    for p, c in sorted(best.items()):
+        final = final_committed.get(p, -1)
+        if final < c.offset:
+            out.append((c, final))
+    return out
+
+
+def group_gaps(group_reads: Iterable[Read], final: Iterable[Read], final_committed: dict) -> list:
+    """Records of the final log below the group's final committed offset that no
+    member of the group ever read: [(partition, offset)]."""
+    seen = {(r.partition, r.offset) for r in group_reads}
+    return sorted(
+        (r.partition, r.offset)
+        for r in final
+        if r.offset < final_committed.get(r.partition, -1) and (r.partition, r.offset) not in seen
+    )
+
+
 def unavailability(writes: Iterable[Write], t_start: float, t_end: float) -> tuple:
     """The longest stretch of [t_start, t_end] without a successful acknowledgement:
     (seconds, from, to). The ends of the window count as boundaries, so a run with
@@ -246,11 +289,22 @@ def check(
     t_start: Optional[float] = None,
     t_end: Optional[float] = None,
     drain_complete: bool = True,
+    group_reads: Sequence[Read] = (),
+    commits: Sequence[Commit] = (),
+    final_committed: Optional[dict] = None,
 ) -> Report:
     """Runs every rule. ``reads`` are the live consumers' polls in order; ``final``
     the post-heal drain (any order). The unavailability window defaults to the
-    first send .. last send."""
+    first send .. last send.
+
+    ``group_reads`` are a consumer group's polls: they count for duplicates,
+    inconsistent positions and dirty reads, but not for poll order (a group member
+    legitimately goes back to the committed offset when partitions are reassigned).
+    ``commits`` are the group's acknowledged commits and ``final_committed`` the
+    group's committed offsets read back at the end ({partition: offset}); without
+    it the commit checks are skipped."""
     rep = Report()
+    all_reads = list(reads) + list(group_reads)
 
     def put(kind, items):
         rep.counts[kind] = len(items)
@@ -259,9 +313,9 @@ def check(
 
     lost = lost_writes(writes, final)
     put("lost", lost)
-    put("duplicate", duplicates(list(final) + list(reads)))
-    put("inconsistent", inconsistent_offsets(writes, list(final) + list(reads)))
-    put("dirty-read", dirty_reads(reads, final))
+    put("duplicate", duplicates(list(final) + all_reads))
+    put("inconsistent", inconsistent_offsets(writes, list(final) + all_reads))
+    put("dirty-read", dirty_reads(all_reads, final))
     nonmono, skips = poll_order(reads, final)
     put("nonmonotonic", nonmono)
     put("skip", skips)
@@ -269,6 +323,12 @@ def check(
     put("offset-gap", offset_gaps(final))
     put("phantom", phantoms(writes, final))
     put("drain-incomplete", [] if drain_complete else ["final drain did not reach the high watermark"])
+    if final_committed is not None:
+        put("lost-commit", lost_commits(commits, final_committed))
+        put("group-gap", group_gaps(group_reads, final, final_committed))
+    else:
+        put("lost-commit", [])
+        put("group-gap", [])
 
     present = {r.value for r in final}
     rep.info["offered"] = len(writes)
@@ -278,6 +338,10 @@ def check(
     rep.info["unacked-present"] = sum(1 for w in writes if w.outcome != OK and w.value in present)
     rep.info["final-records"] = len(final)
     rep.info["polled"] = len(reads)
+    rep.info["group-polled"] = len(group_reads)
+    rep.info["commits"] = len(commits)
+    if final_committed is not None:
+        rep.info["final-committed"] = dict(sorted(final_committed.items()))
     errors = defaultdict(int)
     for w in writes:
         if w.outcome == FAIL:

@@ -44,7 +44,14 @@ from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
 import checker  # noqa: E402
 from cluster import ClusterError, ComposeCluster, log  # noqa: E402
-from workload import ConsumerWorkload, ProducerWorkload, client_logger, drain  # noqa: E402
+from workload import (  # noqa: E402
+    ConsumerWorkload,
+    GroupConsumerWorkload,
+    ProducerWorkload,
+    client_logger,
+    committed_offsets,
+    drain,
+)
 
 PARTITIONS = 2
 RATE = 250  # records per second offered
@@ -271,9 +278,14 @@ def run_scenario(name, nemesis, rounds, cluster: ComposeCluster, timing: Timing,
         ConsumerWorkload("c1", cluster.bootstrap, topic, PARTITIONS, t0, lg),
         ConsumerWorkload("c2", ",".join(reversed(cluster.bootstrap.split(","))), topic, PARTITIONS, t0, lg),
     ]
+    # And one consumer-group member with manual commits: the group coordinator moves
+    # with the leadership of __consumer_offsets-0.
+    group_id = f"{topic}-group"
+    grp = GroupConsumerWorkload(cluster.bootstrap, topic, group_id, t0, lg)
     prod.start()
     for c in cons:
         c.start()
+    grp.start()
     result = dict(scenario=name, topic=topic, rounds=rounds)
     harness_error = None
     try:
@@ -307,16 +319,23 @@ def run_scenario(name, nemesis, rounds, cluster: ComposeCluster, timing: Timing,
         time.sleep(1.0)
         for c in cons:
             c.stop()
+        grp.stop()
     final, complete, ends = drain(cluster.bootstrap, topic, PARTITIONS, lg)
+    final_committed = committed_offsets(cluster.bootstrap, topic, PARTITIONS, group_id, lg)
+    ctx.event("group committed offsets", offsets=final_committed, commits=len(grp.commits),
+              commit_failures=grp.commit_failures, assignments=grp.assignments)
     ctx.event("drained", records=len(final), complete=complete, high_watermarks=ends)
     writes = prod.writes()
     reads = [r for c in cons for r in c.reads]
-    rep = checker.check(writes, reads, final, t_start=0.0, t_end=t_stop, drain_complete=complete)
+    rep = checker.check(writes, reads, final, t_start=0.0, t_end=t_stop, drain_complete=complete,
+                        group_reads=grp.reads, commits=grp.commits, final_committed=final_committed)
 
     failures = list(rep.failures)
     if not recovered:
         failures.append("no-recovery")
-    if prod.crashed or any(c.crashed for c in cons):
+    if final_committed is None:
+        failures.append("no-committed-offsets")
+    if prod.crashed or grp.crashed or any(c.crashed for c in cons):
         failures.append("client-crashed")
     if harness_error:
         failures.append("harness-error")
@@ -330,15 +349,17 @@ def run_scenario(name, nemesis, rounds, cluster: ComposeCluster, timing: Timing,
         producer_client_errors=prod.client_errors,
         consumer_errors={c.reader_name: c.errors for c in cons},
         consumer_sessions={c.reader_name: c.sessions for c in cons},
+        group=dict(reads=len(grp.reads), commits=len(grp.commits), commit_failures=grp.commit_failures,
+                   errors=grp.errors, assignments=grp.assignments, final_committed=final_committed),
         harness_error=harness_error,
-        client_crash=[repr(x) for x in [prod.crashed, *[c.crashed for c in cons]] if x],
+        client_crash=[repr(x) for x in [prod.crashed, grp.crashed, *[c.crashed for c in cons]] if x],
         events=ctx.events,
         examples={k: [repr(x) for x in v] for k, v in rep.examples.items()},
         duration_s=round(ctx.now(), 1),
     )
     log(f"--- {name}: {rep.summary()}")
     log(f"--- {name}: producer errors {rep.info.get('errors')}, fatal {len(prod.fatal)}, "
-        f"consumer errors {result['consumer_errors']}")
+        f"consumer errors {result['consumer_errors']}, group {result['group']}")
     if failures:
         log(f"--- {name}: FAILED {failures}")
         for k, v in result["examples"].items():
@@ -349,6 +370,7 @@ def run_scenario(name, nemesis, rounds, cluster: ComposeCluster, timing: Timing,
     with open(out / f"{name}.history.json", "w") as f:
         json.dump(
             dict(result=result, writes=[asdict(w) for w in writes], reads=[asdict(r) for r in reads],
+                 group_reads=[asdict(r) for r in grp.reads], commits=[asdict(c) for c in grp.commits],
                  final=[asdict(r) for r in final]),
             f,
         )
@@ -412,15 +434,19 @@ def main(argv=None) -> int:
     print()
     print(f"==== Jepsen-style fault tests: {len(results)} scenario(s) in {time.monotonic() - t_all:.0f}s "
           f"(seed {args.seed}, histories in {out}) ====")
-    print(f"{'scenario':20} {'acked':>7} {'lost':>5} {'dup':>5} {'other':>6} {'unavail':>8}  result")
+    print(f"{'scenario':20} {'acked':>7} {'lost':>5} {'dup':>5} {'other':>6} {'unavail':>8} {'failover':>9}  result")
     bad = 0
     for r in results:
         c, i = r.get("counts", {}), r.get("info", {})
         other = sum(v for k, v in c.items() if k not in ("lost", "duplicate"))
         verdict = "ok" if not r["failures"] else "FAIL " + ",".join(r["failures"])
         bad += bool(r["failures"])
+        # Slowest failover seen by the nemesis ("none" if a fault ended before any).
+        fo = [e["after_s"] for e in r.get("events", []) if e.get("what") == "failover"]
+        missed = any(e.get("what") == "no failover during the fault" for e in r.get("events", []))
+        failover = "none" if missed else (f"{max(fo):.1f}s" if fo else "-")
         print(f"{r['scenario']:20} {i.get('acknowledged', 0):>7} {c.get('lost', 0):>5} {c.get('duplicate', 0):>5} "
-              f"{other:>6} {i.get('unavailable-s', 0.0):>7.1f}s  {verdict}")
+              f"{other:>6} {i.get('unavailable-s', 0.0):>7.1f}s {failover:>9}  {verdict}")
     if bad:
         print(f"{bad} of {len(results)} scenario(s) failed")
         failed_harness = [r for r in results if "harness-error" in r["failures"]]

@@ -8,7 +8,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from checker import FAIL, OK, UNKNOWN, Read, Write, check, duplicates, poll_order, reorders, unavailability  # noqa: E402
+from checker import (  # noqa: E402
+    FAIL,
+    OK,
+    UNKNOWN,
+    Commit,
+    Read,
+    Write,
+    check,
+    duplicates,
+    group_gaps,
+    lost_commits,
+    poll_order,
+    reorders,
+    unavailability,
+)
 
 
 def w(seq, partition=0, outcome=OK, offset=None, t=None, producer="p0", value=None, t_done=None, error=None):
@@ -242,3 +256,53 @@ def test_summary_lists_every_failing_kind():
     text = check(writes, reads, final).summary()
     for kind in ("lost", "duplicate", "inconsistent", "dirty-read", "nonmonotonic", "reorder", "unavailable"):
         assert kind in text
+
+
+# -- consumer group ---------------------------------------------------------------
+
+
+def test_group_history_passes_with_rereads_after_reassignment():
+    writes, reads, final = clean_history(6, partitions=1)
+    # The member read 0..3, committed 2, lost its assignment, got it back at the
+    # committed offset and read 2..5 again: at-least-once, no anomaly.
+    group = [r(0, o, f"p0-{o}", reader="g.1") for o in range(4)] + [r(0, o, f"p0-{o}", reader="g.1") for o in range(2, 6)]
+    commits = [Commit(0, 2, 1.0), Commit(0, 6, 2.0)]
+    rep = check(writes, reads, final, group_reads=group, commits=commits, final_committed={0: 6})
+    assert rep.ok, rep.examples
+    assert rep.info["group-polled"] == 8
+    assert rep.info["final-committed"] == {0: 6}
+
+
+def test_lost_commit():
+    commits = [Commit(0, 3), Commit(0, 7), Commit(1, 2)]
+    got = lost_commits(commits, {0: 5, 1: 2})
+    assert got == [(Commit(0, 7), 5)]
+    # Nothing committed at all for a partition that had an acknowledged commit.
+    assert lost_commits([Commit(2, 1)], {}) == [(Commit(2, 1), -1)]
+    writes, reads, final = clean_history(8, partitions=1)
+    group = [r(0, o, f"p0-{o}", reader="g.1") for o in range(8)]
+    rep = check(writes, reads, final, group_reads=group, commits=commits[:2], final_committed={0: 5})
+    assert rep.failures == ["lost-commit"]
+
+
+def test_group_gap_below_committed_offset():
+    final = [r(0, o, f"p0-{o}") for o in range(5)]
+    group = [r(0, o, f"p0-{o}", reader="g.1") for o in (0, 1, 3)]
+    assert group_gaps(group, final, {0: 4}) == [(0, 2)]
+    # Records at or above the committed offset need not have been read yet.
+    assert group_gaps(group, final, {0: 2}) == []
+
+
+def test_group_reads_are_checked_for_dirty_reads_but_not_poll_order():
+    writes, reads, final = clean_history(4, partitions=1)
+    group = [r(0, 2, "p0-2", "g.1"), r(0, 0, "p0-0", "g.1"), r(0, 3, "ghost", "g.1")]
+    rep = check(writes, reads, final, group_reads=group, commits=[], final_committed={0: 0})
+    assert rep.counts["nonmonotonic"] == 0
+    assert rep.counts["dirty-read"] == 1
+    assert rep.counts["inconsistent"] == 1
+
+
+def test_commit_checks_skipped_without_final_committed():
+    writes, reads, final = clean_history(4, partitions=1)
+    rep = check(writes, reads, final, commits=[Commit(0, 9)])
+    assert rep.ok

@@ -16,7 +16,7 @@ from typing import Optional
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from checker import FAIL, OK, UNKNOWN, Read, Write
+from checker import FAIL, OK, UNKNOWN, Commit, Read, Write
 
 PAD = "v" * 64  # a little body, so batches are not trivially small
 
@@ -232,6 +232,122 @@ class ConsumerWorkload(threading.Thread):
     def stop(self):
         self.stop_event.set()
         self.join(30)
+
+
+class GroupConsumerWorkload(threading.Thread):
+    """One member of a consumer group (subscribe, manual commits every
+    `commit_every` seconds, synchronous). Records what it reads (a new reader session
+    per assignment) and every commit the coordinator acknowledged. The group
+    coordinator lives with the leader of __consumer_offsets-0, so the faults move it."""
+
+    def __init__(self, bootstrap, topic, group, t0, logger, commit_every=1.0):
+        super().__init__(daemon=True, name="group")
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.group = group
+        self.t0 = t0
+        self.logger = logger
+        self.commit_every = commit_every
+        self.stop_event = threading.Event()
+        self.reads = []
+        self.commits = []
+        self.commit_failures = {}
+        self.errors = {}
+        self.sessions = 0
+        self.assignments = 0
+        self.crashed: Optional[BaseException] = None
+
+    def _on_assign(self, consumer, partitions):
+        self.assignments += 1
+        self.sessions += 1
+
+    def _on_revoke(self, consumer, partitions):
+        self.sessions += 1
+
+    def run(self):
+        try:
+            self._run()
+        except BaseException as e:
+            self.crashed = e
+
+    def _commit(self, c):
+        try:
+            tps = c.commit(asynchronous=False)
+        except KafkaException as e:
+            err = e.args[0] if e.args else e
+            if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:
+                return  # nothing consumed since the last commit
+            name = err.name() if isinstance(err, KafkaError) else type(e).__name__
+            self.commit_failures[name] = self.commit_failures.get(name, 0) + 1
+            return
+        t = time.monotonic() - self.t0
+        for tp in tps or []:
+            if tp.error is None and tp.offset >= 0:
+                self.commits.append(Commit(tp.partition, tp.offset, t))
+            elif tp.error is not None:
+                self.commit_failures[tp.error.name()] = self.commit_failures.get(tp.error.name(), 0) + 1
+
+    def _run(self):
+        c = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": self.group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "check.crcs": True,
+                "fetch.wait.max.ms": 200,
+                "session.timeout.ms": 10000,
+                "heartbeat.interval.ms": 1000,
+                "topic.metadata.refresh.interval.ms": 5000,
+                "reconnect.backoff.ms": 100,
+                "reconnect.backoff.max.ms": 1000,
+                "socket.connection.setup.timeout.ms": 5000,
+                "logger": self.logger,
+            }
+        )
+        c.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        next_commit = time.monotonic() + self.commit_every
+        try:
+            while not self.stop_event.is_set():
+                for m in c.consume(num_messages=1000, timeout=0.2):
+                    err = m.error()
+                    if err is not None:
+                        self.errors[err.name()] = self.errors.get(err.name(), 0) + 1
+                        continue
+                    value = (m.value() or b"").decode(errors="replace")
+                    self.reads.append(
+                        Read(f"g.{self.sessions}", m.partition(), m.offset(), value, time.monotonic() - self.t0)
+                    )
+                if time.monotonic() >= next_commit:
+                    self._commit(c)
+                    next_commit = time.monotonic() + self.commit_every
+            self._commit(c)
+        finally:
+            c.close()
+
+    def stop(self):
+        self.stop_event.set()
+        self.join(60)
+
+
+def committed_offsets(bootstrap, topic, partitions, group, logger, timeout=60.0):
+    """The group's committed offsets ({partition: offset}, -1 = none), asked of the
+    coordinator by a consumer that does not join the group. None if it never answered."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False, "logger": logger})
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+                if all(tp.error is None for tp in tps):
+                    return {tp.partition: (tp.offset if tp.offset >= 0 else -1) for tp in tps}
+            except KafkaException:
+                pass
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(1)
+    finally:
+        c.close()
 
 
 def drain(bootstrap, topic, partitions, logger, timeout=90.0):
