@@ -34,6 +34,11 @@ pub struct TopicConfig {
     pub cleanup_policy: String,
     /// `index.interval.bytes` (default 4096): bytes between sparse index entries
     pub index_interval_bytes: u32,
+    /// `min.insync.replicas` (default 1): in-sync replicas an acks=all write
+    /// needs. Stored here with the other topic configs; enforced by the
+    /// replication layer (capped at the replica count, so a single node
+    /// always has enough).
+    pub min_insync_replicas: i32,
 }
 
 impl Default for TopicConfig {
@@ -46,6 +51,7 @@ impl Default for TopicConfig {
             max_message_bytes: 1_048_588,
             cleanup_policy: "delete".to_string(),
             index_interval_bytes: 4096,
+            min_insync_replicas: 1,
         }
     }
 }
@@ -73,6 +79,7 @@ impl TopicConfig {
         "cleanup.policy",
         "index.interval.bytes",
         "max.message.bytes",
+        "min.insync.replicas",
         "retention.bytes",
         "retention.ms",
         "segment.bytes",
@@ -108,6 +115,13 @@ impl TopicConfig {
                     return Err(out_of_range(key, value, "must be in [0, 2147483647]"));
                 }
                 self.max_message_bytes = v as u32;
+            }
+            "min.insync.replicas" => {
+                let v: i64 = parse(key, value)?;
+                if !(1..=i64::from(i32::MAX)).contains(&v) {
+                    return Err(out_of_range(key, value, "must be at least 1"));
+                }
+                self.min_insync_replicas = v as i32;
             }
             "retention.bytes" => {
                 let v: i64 = parse(key, value)?;
@@ -152,6 +166,7 @@ impl TopicConfig {
             "cleanup.policy" => self.cleanup_policy.clone(),
             "index.interval.bytes" => self.index_interval_bytes.to_string(),
             "max.message.bytes" => self.max_message_bytes.to_string(),
+            "min.insync.replicas" => self.min_insync_replicas.to_string(),
             "retention.bytes" => self.retention_bytes.to_string(),
             "retention.ms" => self.retention_ms.to_string(),
             "segment.bytes" => self.segment_bytes.to_string(),

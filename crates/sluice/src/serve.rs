@@ -26,7 +26,16 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let config = Config::load(&args)?;
     // Topic defaults are checked before anything is bound so a bad config
     // file fails fast with nothing half-started.
-    let topic_defaults = config.topic_config()?;
+    let mut topic_defaults = config.topic_config()?;
+    // In a cluster the broker-wide min.insync.replicas is the cluster
+    // setting (default 2) unless [defaults] names one; DescribeConfigs and
+    // the replication layer then agree on it.
+    if let Some(settings) = &config.cluster {
+        if !config.topic_defaults.contains_key("min.insync.replicas") {
+            topic_defaults.min_insync_replicas = settings.min_insync_replicas;
+        }
+    }
+    let default_min_insync = topic_defaults.min_insync_replicas;
     let data_dir = prepare_data_dir(&config.data_dir)?;
 
     let server_config = ServerConfig {
@@ -96,7 +105,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             let node = start_cluster_node(&config, settings, &data_dir, (host, port), replica_addr)
                 .await?;
             let mut rc = ReplicaConfig::new(config.node_id);
-            rc.default_min_insync = settings.min_insync_replicas;
+            rc.default_min_insync = default_min_insync;
             rc.replica_lag_max = settings.replica_lag_time_max;
             let replicas = ReplicaManager::start(store.clone(), node.clone(), rc);
             http_state.set_cluster(node.clone(), replicas.clone());

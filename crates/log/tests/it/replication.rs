@@ -625,12 +625,15 @@ async fn ensure_topic_matches_the_quorums_record() {
     let id_b = [2u8; 16];
     let mut configs = BTreeMap::new();
     configs.insert("retention.ms".to_string(), "60000".to_string());
-    // Replication-layer keys are not storage configs and are skipped.
+    // min.insync.replicas is kept with the other topic configs (the
+    // replication layer enforces it); keys nobody knows are skipped.
     configs.insert("min.insync.replicas".to_string(), "2".to_string());
+    configs.insert("follower.replication.throttled.replicas".to_string(), "*".to_string());
     let t = store.ensure_topic("e", id_a, 2, &configs).unwrap();
     assert_eq!((t.id, t.partitions), (id_a, 2));
-    assert_eq!(t.overrides.len(), 1);
+    assert_eq!(t.overrides.len(), 2);
     assert_eq!(t.config.retention_ms, 60_000);
+    assert_eq!(t.config.min_insync_replicas, 2);
     // Again: nothing changes.
     let t = store.ensure_topic("e", id_a, 2, &configs).unwrap();
     assert_eq!((t.id, t.partitions), (id_a, 2));
