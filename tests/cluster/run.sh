@@ -13,7 +13,7 @@
 #      image tag are touched
 #
 # Usage: tests/cluster/run.sh [--soak] [--check-only] [--keep] [--scenarios a,b] [--rounds N]
-#   --soak        more rounds with longer, varied faults (about 30 minutes)
+#   --soak        4x the rounds with longer, varied faults (about 20 minutes)
 #   --check-only  steps 1-3 only: no Docker cluster
 #   --keep        leave the cluster running at the end (then: docker-compose -p NAME down -v)
 #
