@@ -233,11 +233,11 @@ def create_topic(cluster: ComposeCluster, topic: str, timeout=60.0):
     """Creates the topic (RF 3, min.insync.replicas 2) and waits for leaders and a full
     ISR. Retriable errors (no controller yet...) are retried; others fail at once."""
     admin = AdminClient({"bootstrap.servers": cluster.bootstrap, "socket.connection.setup.timeout.ms": 5000})
-    config = {"min.insync.replicas": "2"}
     deadline = time.monotonic() + timeout
     while True:
         fut = admin.create_topics(
-            [NewTopic(topic, num_partitions=PARTITIONS, replication_factor=3, config=config)], request_timeout=15
+            [NewTopic(topic, num_partitions=PARTITIONS, replication_factor=3, config={"min.insync.replicas": "2"})],
+            request_timeout=15,
         )[topic]
         try:
             fut.result(20)
@@ -246,12 +246,6 @@ def create_topic(cluster: ComposeCluster, topic: str, timeout=60.0):
             err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
             if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 break
-            if err is not None and err.code() == KafkaError.INVALID_CONFIG and "min.insync.replicas" in str(err) and config:
-                # The cluster default is 2 as well; say so loudly, the broker should take the key.
-                log(f"WARNING: the broker refuses topic config min.insync.replicas ({err.str()}); "
-                    "relying on the cluster default (2)")
-                config = {}
-                continue
             retriable = err is not None and (err.retriable() or err.code() in (
                 KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError.REQUEST_TIMED_OUT,
                 KafkaError.NOT_CONTROLLER, KafkaError.LEADER_NOT_AVAILABLE))
@@ -260,6 +254,10 @@ def create_topic(cluster: ComposeCluster, topic: str, timeout=60.0):
             time.sleep(1)
     for p in range(PARTITIONS):
         cluster.leader(topic, p, timeout=30)
+    st = cluster.freshest_status() or {}
+    configs = next((t.get("configs", {}) for t in st.get("topics", []) if t.get("name") == topic), {})
+    if configs.get("min.insync.replicas") != "2":
+        raise ClusterError(f"{topic} was created without min.insync.replicas=2 (configs {configs})")
     cluster.wait_isr_full(topic, timeout=30)
 
 
