@@ -185,6 +185,13 @@ impl Fetcher {
         if ans.high_watermark >= 0 {
             p.advance_high_watermark(ans.high_watermark.min(p.durable_end_offset()));
         }
+        // Records the leader deleted (DeleteRecords, retention) go here too,
+        // so a failover never brings them back. Bounded by our own high
+        // watermark, as Kafka bounds a follower's log start offset.
+        let leader_start = ans.log_start_offset.min(p.high_watermark());
+        if leader_start > p.log_start_offset() {
+            p.delete_records_before(leader_start)?;
+        }
         Ok(end)
     }
 
