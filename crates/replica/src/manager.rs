@@ -209,6 +209,13 @@ impl ReplicaManager {
         if p.leader != self.cfg.node_id {
             return Err(codes::NOT_LEADER_OR_FOLLOWER);
         }
+        // Refusing is always safe; serving after our lease may have expired
+        // only makes clients wait on a leader that can no longer commit.
+        if let Some(ack) = self.cluster.last_heartbeat_ack() {
+            if ack.fenced || ack.sent_at.elapsed() > self.cfg.lease {
+                return Err(codes::NOT_LEADER_OR_FOLLOWER);
+            }
+        }
         let epoch = p.leader_epoch;
         let state = self.state.lock();
         match state

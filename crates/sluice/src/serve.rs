@@ -107,6 +107,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             let mut rc = ReplicaConfig::new(config.node_id);
             rc.default_min_insync = default_min_insync;
             rc.replica_lag_max = settings.replica_lag_time_max;
+            rc.lease = settings.session_timeout;
             let replicas = ReplicaManager::start(store.clone(), node.clone(), rc);
             http_state.set_cluster(node.clone(), replicas.clone());
             info!(
