@@ -226,8 +226,11 @@ async fn rolled_segments_have_complete_indexes_without_a_clean_shutdown() {
         let store = open(dir.path(), FlushPolicy::Never, defaults.clone());
         store.create_topic("c", 1, &no_overrides(), false).unwrap();
         let p = store.partition("c", 0).unwrap();
+        // One timestamp for all: batches stamped with the clock would cross a
+        // millisecond now and then and add a time index entry.
+        let ts = crate::now_ms();
         for _ in 0..25 {
-            p.append(&batch(&Spec::plain(2, 100)), 0).unwrap();
+            p.append(&batch(&Spec::plain(2, 100).at(ts)), 0).unwrap();
         }
     }
     let logs = log_files(&pdir);
