@@ -62,6 +62,12 @@ pub struct PartitionState {
     pub leader_epoch: i32,
     /// Bumped on every change of this record (ISR, replicas, leader).
     pub partition_epoch: i32,
+    /// A reassignment in progress (KIP-455): the replica set it moves to. While set,
+    /// `replicas` is this target followed by the replicas it removes, so the new
+    /// replicas copy the log before any old copy is dropped; the move completes when
+    /// every target replica is in the ISR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_replicas: Option<Vec<BrokerId>>,
 }
 
 /// One topic.
@@ -143,7 +149,9 @@ pub enum Command {
     ElectLeaders {
         partitions: Option<Vec<(String, i32)>>,
     },
-    /// Replace a partition's replica set (see the module docs for the limits).
+    /// Move a partition to a new replica set. Completes at once when every new replica
+    /// is already in sync; otherwise the new replicas are added first and the old ones
+    /// dropped once the new ones have joined the ISR (see [`PartitionState`]).
     ReassignPartition {
         topic: String,
         partition: i32,
@@ -151,6 +159,9 @@ pub enum Command {
     },
     /// Hand out `count` producer ids; answers the first.
     AllocateProducerIds { count: i64 },
+    /// Forget a decommissioned broker: only a fenced one (stopped) that holds no
+    /// replica. A broker that starts again registers anew.
+    UnregisterBroker { node_id: BrokerId },
 }
 
 /// Outcome of one partition in an election.
@@ -329,7 +340,18 @@ impl MetadataImage {
 
     /// Partitions with fewer in-sync replicas than replicas.
     pub fn under_replicated(&self) -> Vec<(String, i32)> {
-        self.partitions_where(|p| p.isr.len() < p.replicas.len())
+        // While a partition moves, its replication factor is the target's.
+        self.partitions_where(|p| {
+            p.isr.len()
+                < p.target_replicas
+                    .as_ref()
+                    .map_or(p.replicas.len(), Vec::len)
+        })
+    }
+
+    /// Partitions with a reassignment in progress.
+    pub fn reassigning(&self) -> Vec<(String, i32)> {
+        self.partitions_where(|p| p.target_replicas.is_some())
     }
 
     /// Partitions without a leader.
@@ -390,6 +412,7 @@ impl MetadataImage {
                 self.unfence(*node_id);
                 Ok(CommandOutput::Done)
             }
+            Command::UnregisterBroker { node_id } => self.unregister_broker(*node_id),
             Command::SetDraining { node_id, draining } => {
                 let b = self
                     .brokers
@@ -549,12 +572,7 @@ impl MetadataImage {
         }
         b.fenced = true;
         let live: BTreeSet<BrokerId> = self.live_brokers().into_iter().collect();
-        let draining: BTreeSet<BrokerId> = self
-            .brokers
-            .iter()
-            .filter(|(_, b)| b.draining)
-            .map(|(id, _)| *id)
-            .collect();
+        let draining = draining_of(&self.brokers);
         for t in self.topics.values_mut() {
             for p in &mut t.partitions {
                 let in_isr = p.isr.contains(&node_id);
@@ -683,6 +701,7 @@ impl MetadataImage {
         new_isr: &[BrokerId],
     ) -> CommandResult {
         let live: BTreeSet<BrokerId> = self.live_brokers().into_iter().collect();
+        let draining = draining_of(&self.brokers);
         let p = self.partition_mut(topic, partition)?;
         if leader_epoch < p.leader_epoch {
             return Err(CommandError::FencedLeaderEpoch);
@@ -718,17 +737,17 @@ impl MetadataImage {
         }
         p.isr = new_isr.to_vec();
         p.partition_epoch += 1;
+        if let Some(target) = p.target_replicas.clone() {
+            if target.iter().all(|r| p.isr.contains(r)) {
+                finish_reassignment(p, target, &live, &draining);
+            }
+        }
         Ok(CommandOutput::Partition(p.clone()))
     }
 
     fn elect_preferred(&mut self, topic: &str, partition: i32) -> Result<BrokerId, CommandError> {
         let live: BTreeSet<BrokerId> = self.live_brokers().into_iter().collect();
-        let draining: BTreeSet<BrokerId> = self
-            .brokers
-            .iter()
-            .filter(|(_, b)| b.draining)
-            .map(|(id, _)| *id)
-            .collect();
+        let draining = draining_of(&self.brokers);
         let p = self.partition_mut(topic, partition)?;
         let choice = pick_leader(p, &live, &draining);
         if choice == p.leader {
@@ -744,51 +763,93 @@ impl MetadataImage {
         Ok(choice)
     }
 
-    fn reassign(&mut self, topic: &str, partition: i32, replicas: &[BrokerId]) -> CommandResult {
-        if replicas.is_empty() {
+    fn reassign(&mut self, topic: &str, partition: i32, target: &[BrokerId]) -> CommandResult {
+        if target.is_empty() {
             return Err(CommandError::InvalidReplicaAssignment(
                 "no replicas".to_string(),
             ));
         }
-        let unique: BTreeSet<BrokerId> = replicas.iter().copied().collect();
-        if unique.len() != replicas.len() {
+        let unique: BTreeSet<BrokerId> = target.iter().copied().collect();
+        if unique.len() != target.len() {
             return Err(CommandError::InvalidReplicaAssignment(
                 "duplicate replica".to_string(),
             ));
         }
-        if let Some(r) = replicas.iter().find(|r| !self.brokers.contains_key(r)) {
+        if let Some(r) = target.iter().find(|r| !self.brokers.contains_key(r)) {
             return Err(CommandError::InvalidReplicaAssignment(format!(
                 "broker {r} is not registered"
             )));
         }
         let live: BTreeSet<BrokerId> = self.live_brokers().into_iter().collect();
-        let draining: BTreeSet<BrokerId> = self
-            .brokers
-            .iter()
-            .filter(|(_, b)| b.draining)
-            .map(|(id, _)| *id)
-            .collect();
+        let draining = draining_of(&self.brokers);
         let p = self.partition_mut(topic, partition)?;
-        let kept_isr: Vec<BrokerId> = p
-            .isr
-            .iter()
-            .copied()
-            .filter(|r| replicas.contains(r))
-            .collect();
-        if kept_isr.is_empty() {
-            // Dropping every in-sync copy would lose acknowledged data.
-            return Err(CommandError::InvalidReplicaAssignment(
-                "the new replicas must keep at least one in-sync replica".to_string(),
-            ));
-        }
-        p.replicas = replicas.to_vec();
-        p.isr = kept_isr;
-        if !p.isr.contains(&p.leader) {
-            p.leader = pick_leader(p, &live, &draining);
-            p.leader_epoch += 1;
+        if target.iter().all(|r| p.isr.contains(r)) {
+            // Every new replica already holds the log: nothing to copy.
+            finish_reassignment(p, target.to_vec(), &live, &draining);
+        } else {
+            // Add first, remove later: dropping an in-sync copy before its
+            // replacement caught up could leave too few copies of acknowledged data.
+            let mut replicas = target.to_vec();
+            replicas.extend(p.replicas.iter().copied().filter(|r| !target.contains(r)));
+            p.replicas = replicas;
+            p.target_replicas = Some(target.to_vec());
         }
         p.partition_epoch += 1;
         Ok(CommandOutput::Partition(p.clone()))
+    }
+
+    fn unregister_broker(&mut self, node_id: BrokerId) -> CommandResult {
+        let b = self
+            .brokers
+            .get(&node_id)
+            .ok_or(CommandError::BrokerNotAvailable(node_id))?;
+        if !b.fenced {
+            return Err(CommandError::InvalidRequest(format!(
+                "broker {node_id} is alive; stop it before removing it"
+            )));
+        }
+        let held = self.partitions_where(|p| p.replicas.contains(&node_id));
+        if !held.is_empty() {
+            let list: Vec<String> = held
+                .iter()
+                .take(5)
+                .map(|(t, p)| format!("{t}-{p}"))
+                .collect();
+            return Err(CommandError::InvalidRequest(format!(
+                "broker {node_id} still holds {} replica(s) ({}{}); reassign them first",
+                held.len(),
+                list.join(", "),
+                if held.len() > list.len() { ", ..." } else { "" }
+            )));
+        }
+        self.brokers.remove(&node_id);
+        Ok(CommandOutput::Done)
+    }
+}
+
+fn draining_of(brokers: &BTreeMap<BrokerId, BrokerState>) -> BTreeSet<BrokerId> {
+    brokers
+        .iter()
+        .filter(|(_, b)| b.draining)
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// The partition takes `target` as its replica set: the ISR keeps only target members
+/// (the caller made sure one is in sync), and a leader that is not among them hands
+/// over to the preferred live in-sync target replica under a new epoch.
+fn finish_reassignment(
+    p: &mut PartitionState,
+    target: Vec<BrokerId>,
+    live: &BTreeSet<BrokerId>,
+    draining: &BTreeSet<BrokerId>,
+) {
+    p.isr.retain(|r| target.contains(r));
+    p.replicas = target;
+    p.target_replicas = None;
+    if !p.isr.contains(&p.leader) {
+        p.leader = pick_leader(p, live, draining);
+        p.leader_epoch += 1;
     }
 }
 
@@ -822,6 +883,7 @@ fn new_partition(candidates: &[BrokerId], start: usize, rf: usize) -> PartitionS
         replicas,
         leader_epoch: 0,
         partition_epoch: 0,
+        target_replicas: None,
     }
 }
 

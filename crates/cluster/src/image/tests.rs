@@ -281,7 +281,7 @@ fn elect_leaders_prefers_first_live_isr_replica_and_skips_draining() {
 }
 
 #[test]
-fn reassign_keeps_an_in_sync_replica() {
+fn reassign_validates_and_completes_at_once_onto_in_sync_replicas() {
     let (mut img, i) = cluster(4);
     img.apply(i + 1, &create("t", 1, 2)).ok();
     assert_eq!(part(&img, "t", 0).replicas, vec![1, 2]);
@@ -290,31 +290,121 @@ fn reassign_keeps_an_in_sync_replica() {
         partition: 0,
         replicas,
     };
-    assert_eq!(
-        img.apply(i + 2, &re(vec![3, 4]))
-            .err()
-            .map(|e| e.kafka_code()),
-        Some(39)
-    );
-    assert_eq!(
-        img.apply(i + 2, &re(vec![3, 9]))
-            .err()
-            .map(|e| e.kafka_code()),
-        Some(39)
-    );
-    assert_eq!(
-        img.apply(i + 2, &re(vec![3, 3]))
-            .err()
-            .map(|e| e.kafka_code()),
-        Some(39)
-    );
-    let r = img.apply(i + 2, &re(vec![3, 2]));
+    for bad in [vec![3, 9], vec![3, 3], vec![]] {
+        let before = img.clone();
+        let r = img.apply(i + 2, &re(bad.clone()));
+        assert_eq!(r.err().map(|e| e.kafka_code()), Some(39), "{bad:?}");
+        assert_eq!(img.topics, before.topics, "a rejection changes nothing");
+    }
+    // Dropping replica 1 keeps in-sync 2: done at once, 2 leads under a new epoch.
+    let r = img.apply(i + 2, &re(vec![2]));
     let Ok(CommandOutput::Partition(p)) = r else {
         panic!("{r:?}")
     };
-    assert_eq!(p.replicas, vec![3, 2]);
+    assert_eq!(p.replicas, vec![2]);
     assert_eq!(p.isr, vec![2]);
+    assert_eq!(p.target_replicas, None);
     assert_eq!((p.leader, p.leader_epoch), (2, 1));
+}
+
+#[test]
+fn reassign_onto_new_brokers_adds_them_first_and_drops_the_old_once_in_sync() {
+    let (mut img, mut i) = cluster(4);
+    i += 1;
+    img.apply(i, &create("t", 1, 2)).ok();
+    let re = Command::ReassignPartition {
+        topic: "t".into(),
+        partition: 0,
+        replicas: vec![3, 4],
+    };
+    i += 1;
+    let Ok(CommandOutput::Partition(p)) = img.apply(i, &re) else {
+        panic!()
+    };
+    // Both old copies stay, in sync and leading, while 3 and 4 copy the log.
+    assert_eq!(p.replicas, vec![3, 4, 1, 2]);
+    assert_eq!(p.target_replicas, Some(vec![3, 4]));
+    assert_eq!(
+        (p.isr.clone(), p.leader, p.leader_epoch),
+        (vec![1, 2], 1, 0)
+    );
+    assert_eq!(img.reassigning(), vec![("t".to_string(), 0)]);
+    assert!(
+        img.under_replicated().is_empty(),
+        "2 of 2 target copies in sync"
+    );
+    let alter = |p: &PartitionState, new_isr: Vec<i32>| Command::AlterPartition {
+        topic: "t".into(),
+        partition: 0,
+        leader_id: p.leader,
+        leader_epoch: p.leader_epoch,
+        partition_epoch: p.partition_epoch,
+        new_isr,
+    };
+    // 3 catches up: still moving (4 is not in sync).
+    i += 1;
+    let Ok(CommandOutput::Partition(p)) = img.apply(i, &alter(&p, vec![1, 2, 3])) else {
+        panic!()
+    };
+    assert_eq!(p.target_replicas, Some(vec![3, 4]));
+    assert_eq!(p.leader, 1);
+    // A broker can't be removed while it holds a replica, even a departing one.
+    i += 1;
+    img.apply(i, &Command::FenceBroker { node_id: 2 }).ok();
+    let p = part(&img, "t", 0).clone();
+    assert_eq!(p.isr, vec![1, 3]);
+    i += 1;
+    let r = img.apply(i, &Command::UnregisterBroker { node_id: 2 });
+    assert!(
+        matches!(&r, Err(CommandError::InvalidRequest(m)) if m.contains("t-0")),
+        "{r:?}"
+    );
+    // 4 catches up: the move completes, the old replicas go, 3 leads under a new epoch.
+    i += 1;
+    let Ok(CommandOutput::Partition(p)) = img.apply(i, &alter(&p, vec![1, 3, 4])) else {
+        panic!()
+    };
+    assert_eq!(p.replicas, vec![3, 4]);
+    assert_eq!(p.isr, vec![3, 4]);
+    assert_eq!(p.target_replicas, None);
+    assert_eq!((p.leader, p.leader_epoch), (3, 1));
+    assert!(img.reassigning().is_empty());
+    // Now 2 holds nothing and is fenced: it can be removed; a live one cannot.
+    i += 1;
+    assert_eq!(
+        img.apply(i, &Command::UnregisterBroker { node_id: 2 }),
+        Ok(CommandOutput::Done)
+    );
+    assert!(!img.brokers.contains_key(&2));
+    i += 1;
+    let r = img.apply(i, &Command::UnregisterBroker { node_id: 1 });
+    assert!(
+        matches!(&r, Err(CommandError::InvalidRequest(m)) if m.contains("alive")),
+        "{r:?}"
+    );
+    i += 1;
+    assert_eq!(
+        img.apply(i, &Command::UnregisterBroker { node_id: 2 }),
+        Err(CommandError::BrokerNotAvailable(2))
+    );
+}
+
+#[test]
+fn reassign_back_to_the_in_sync_set_cancels_a_move() {
+    let (mut img, i) = cluster(4);
+    img.apply(i + 1, &create("t", 1, 2)).ok();
+    let re = |replicas: Vec<i32>| Command::ReassignPartition {
+        topic: "t".into(),
+        partition: 0,
+        replicas,
+    };
+    img.apply(i + 2, &re(vec![3, 4])).ok();
+    let Ok(CommandOutput::Partition(p)) = img.apply(i + 3, &re(vec![1, 2])) else {
+        panic!()
+    };
+    assert_eq!(p.replicas, vec![1, 2]);
+    assert_eq!(p.target_replicas, None);
+    assert_eq!((p.leader, p.leader_epoch, p.partition_epoch), (1, 0, 2));
 }
 
 #[test]
@@ -398,7 +488,7 @@ struct Model {
 fn random_command(rng: &mut StdRng, img: &MetadataImage) -> Command {
     let topic = format!("t{}", rng.gen_range(0..4));
     let broker = rng.gen_range(0..6);
-    match rng.gen_range(0..11) {
+    match rng.gen_range(0..12) {
         0 => Command::RegisterBroker {
             node_id: broker,
             kafka_host: "h".into(),
@@ -453,9 +543,10 @@ fn random_command(rng: &mut StdRng, img: &MetadataImage) -> Command {
                 .map(|_| rng.gen_range(0..6))
                 .collect(),
         },
-        _ => Command::AllocateProducerIds {
+        10 => Command::AllocateProducerIds {
             count: rng.gen_range(-1..5),
         },
+        _ => Command::UnregisterBroker { node_id: broker },
     }
 }
 
@@ -468,6 +559,22 @@ fn check_invariants(img: &MetadataImage, before: &MetadataImage, seed: u64, step
                 p.isr.iter().all(|r| p.replicas.contains(r)),
                 "{ctx}: ISR outside replicas"
             );
+            if let Some(target) = &p.target_replicas {
+                assert!(
+                    p.replicas.starts_with(target),
+                    "{ctx}: replicas do not start with the target"
+                );
+                assert!(
+                    target.iter().any(|r| !p.isr.contains(r)),
+                    "{ctx}: target in sync but the move did not complete"
+                );
+            }
+            for r in &p.replicas {
+                assert!(
+                    img.brokers.contains_key(r),
+                    "{ctx}: replica {r} unregistered"
+                );
+            }
             if p.leader != NO_LEADER {
                 assert!(p.isr.contains(&p.leader), "{ctx}: leader outside ISR");
                 assert!(img.is_live(p.leader), "{ctx}: fenced leader");

@@ -163,6 +163,7 @@ fn partition(replicas: &[i32], isr: &[i32], leader: i32, epoch: i32) -> Partitio
         leader,
         leader_epoch: epoch,
         partition_epoch: 0,
+        target_replicas: None,
     }
 }
 
