@@ -70,6 +70,18 @@
 //! only if its own Raft state is empty, no reachable peer reports an initialized state,
 //! and a majority answers. A node with any Raft state (vote or log) never initializes.
 //!
+//! # Brokers that join later
+//!
+//! A node whose id is not among `peers` is a broker only, like a KRaft broker beside a
+//! fixed controller quorum: it heartbeats the voters (in turn, until one names the
+//! leader), and the controller first adds it to the Raft membership as a *learner*
+//! (it receives and applies the metadata log, so it serves Metadata like any node,
+//! but never votes, so the quorum size and its fault tolerance do not change), then
+//! registers it. From then on topics may be placed on it and partitions reassigned
+//! to it. `UnregisterBroker` forgets a stopped broker that holds no replica; the
+//! controller then drops it from the membership once it has been silent for a
+//! session.
+//!
 //! # Proposals from any node
 //!
 //! [`ClusterNode::propose`] writes through the local Raft core when this node leads;
@@ -117,7 +129,7 @@ pub use image::{
     BrokerId, BrokerState, Command, CommandError, CommandOutput, CommandResult, ElectionOutcome,
     MetadataImage, PartitionState, TopicState, NO_LEADER,
 };
-pub use node::{ClusterConfig, ClusterError, ClusterNode, HeartbeatAck};
+pub use node::{ClusterConfig, ClusterError, ClusterNode, HeartbeatAck, Members};
 
 /// Raft node id (the broker id as `u64`).
 pub type NodeId = u64;

@@ -1,14 +1,14 @@
 //! [`ClusterNode`]: one member of the metadata quorum, with its Raft server, the broker
 //! heartbeat sender and the controller duties it performs while it is the Raft leader.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
-use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Raft, ServerState, SnapshotPolicy};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
@@ -25,11 +25,15 @@ use crate::{NodeId, TypeConfig};
 /// Everything a node needs to start. [`ClusterConfig::new`] fills the defaults.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// Kafka broker id, also the Raft node id. Must appear in `peers`.
+    /// Kafka broker id, also the Raft node id. A node listed in `peers` is a voter of
+    /// the metadata quorum; any other node is a broker that joins the running cluster
+    /// as a non-voting member (a Raft learner, KRaft's "broker-only" node) and needs
+    /// `raft_advertised`.
     pub node_id: BrokerId,
     /// Address the Raft/inter-node listener binds (default port 9093).
     pub raft_listen: SocketAddr,
-    /// Address peers reach this node at; defaults to this node's entry in `peers`.
+    /// Address peers reach this node at; defaults to this node's entry in `peers`
+    /// (required for a node that is not one of them).
     pub raft_advertised: Option<String>,
     /// Advertised Kafka host.
     pub kafka_host: String,
@@ -38,7 +42,8 @@ pub struct ClusterConfig {
     /// Where peers reach this node's Kafka listener to replicate; defaults to the
     /// host of this node's Raft address with `kafka_port`.
     pub replica_addr: Option<String>,
-    /// The initial voters, this node included: `(node id, raft address)`.
+    /// The voters of the metadata quorum: `(node id, raft address)`. Fixed for the
+    /// life of the cluster; brokers beyond them join as learners.
     pub peers: Vec<(BrokerId, String)>,
     /// The node's data directory; Raft state lives in `data_dir/raft/`.
     pub data_dir: PathBuf,
@@ -153,6 +158,13 @@ struct ControllerState {
     last_seen: HashMap<BrokerId, Instant>,
 }
 
+/// Raft membership: who votes on metadata and who only follows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Members {
+    pub voters: Vec<BrokerId>,
+    pub learners: Vec<BrokerId>,
+}
+
 /// The broker side of liveness: the last heartbeat the controller answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeartbeatAck {
@@ -217,14 +229,13 @@ impl ClusterNode {
             (None, Some(a)) => a.clone(),
             (None, None) => {
                 return Err(ClusterError::Config(format!(
-                    "node {id} is not among the peers and has no advertised raft address"
+                    "node {id} is not among the voters, so it joins as a broker and needs \
+                     the address the others reach its Raft listener at (raft_advertised)"
                 )))
             }
         };
-        if !peers.contains_key(&id) {
-            return Err(ClusterError::Config(format!(
-                "node {id} is not among the peers"
-            )));
+        if peers.is_empty() {
+            return Err(ClusterError::Config("no voters configured".to_string()));
         }
         let raft_config = Arc::new(config.raft_config()?);
         let (log, sm) = store::open(&config.data_dir.join("raft"))?;
@@ -302,6 +313,23 @@ impl ClusterNode {
             .last_ack
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The voters of the metadata quorum and the non-voting members (brokers that
+    /// joined later), as the Raft membership this node knows says.
+    pub fn members(&self) -> Members {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        let membership = m.membership_config.membership();
+        let voters: Vec<BrokerId> = membership
+            .voter_ids()
+            .filter_map(|v| BrokerId::try_from(v).ok())
+            .collect();
+        let learners = membership
+            .learner_ids()
+            .filter_map(|v| BrokerId::try_from(v).ok())
+            .collect();
+        Members { voters, learners }
     }
 
     /// The underlying openraft handle (metrics, diagnostics).
@@ -423,6 +451,102 @@ impl Inner {
         }
     }
 
+    /// Makes a heartbeating broker a member of the Raft group, so that it receives
+    /// the metadata log: a broker that is not a voter joins as a learner (or has its
+    /// address updated after it moved). Voters' addresses come from their config.
+    async fn ensure_member(&self, hb: &BrokerHeartbeat) -> Result<(), ForwardError> {
+        let id = node_id_of(hb.node_id).map_err(|e| ForwardError::Failed(e.to_string()))?;
+        let (known, voter) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            (
+                membership.get_node(&id).map(|n| n.addr.clone()),
+                membership.voter_ids().any(|v| v == id),
+            )
+        };
+        let node = BasicNode {
+            addr: hb.raft_addr.clone(),
+        };
+        let limit = self.config.heartbeat_interval * 2;
+        let change = match known {
+            Some(addr) if addr == hb.raft_addr => return Ok(()),
+            Some(addr) if voter => {
+                tracing::warn!(broker = hb.node_id, configured = %addr, announced = %hb.raft_addr,
+                    "a voter announces another Raft address than the configured one; keeping the configured one");
+                return Ok(());
+            }
+            Some(_) => {
+                tracing::info!(broker = hb.node_id, addr = %hb.raft_addr, "broker moved; updating its Raft address");
+                let set = BTreeMap::from([(id, node)]);
+                tokio::time::timeout(
+                    limit,
+                    self.raft
+                        .change_membership(ChangeMembers::SetNodes(set), true),
+                )
+                .await
+            }
+            None => {
+                tracing::info!(broker = hb.node_id, addr = %hb.raft_addr, "a new broker joins the metadata log as a learner");
+                tokio::time::timeout(limit, self.raft.add_learner(id, node, false)).await
+            }
+        };
+        match change {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(ForwardError::Failed(format!(
+                "cannot add broker {id} to the Raft membership: {e}"
+            ))),
+            Err(_) => Err(ForwardError::Failed(format!(
+                "adding broker {id} to the Raft membership took longer than {limit:?}"
+            ))),
+        }
+    }
+
+    /// Drops learners that are no longer registered brokers (removed with
+    /// `UnregisterBroker`) and have been silent for a session, so the leader stops
+    /// replicating the metadata log to them. A broker that comes back joins anew.
+    async fn remove_departed_learners(&self, image: &MetadataImage, since: Instant) {
+        let learners: Vec<NodeId> = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.membership_config.membership().learner_ids().collect()
+        };
+        let now = Instant::now();
+        let departed: BTreeSet<NodeId> = {
+            let c = self.ctrl();
+            learners
+                .into_iter()
+                .filter(|id| BrokerId::try_from(*id).is_ok_and(|b| !image.brokers.contains_key(&b)))
+                .filter(|id| {
+                    let last = BrokerId::try_from(*id)
+                        .ok()
+                        .and_then(|b| c.last_seen.get(&b).copied())
+                        .unwrap_or(since);
+                    now.saturating_duration_since(last) > self.config.session_timeout
+                })
+                .collect()
+        };
+        if departed.is_empty() {
+            return;
+        }
+        tracing::info!(
+            ?departed,
+            "removing unregistered brokers from the Raft membership"
+        );
+        let limit = self.config.session_timeout;
+        match tokio::time::timeout(
+            limit,
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(departed), true),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot remove departed learners"),
+            Err(_) => tracing::warn!("removing departed learners did not commit in time"),
+        }
+    }
+
     fn replica_addr(&self) -> String {
         if let Some(a) = &self.config.replica_addr {
             return a.clone();
@@ -442,6 +566,7 @@ impl Inner {
             return Err(ForwardError::NotController { leader });
         }
         self.ctrl().last_seen.insert(hb.node_id, Instant::now());
+        self.ensure_member(&hb).await?;
         let image = self.sm.image();
         let cmd = match image.brokers.get(&hb.node_id) {
             Some(b)
@@ -682,10 +807,22 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
     let interval = inner.config.heartbeat_interval;
     let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let voters: Vec<NodeId> = inner.peers.keys().copied().collect();
+    // Where to look when Raft names no leader: a broker that has not joined the
+    // membership yet hears from nobody, so it asks the voters in turn and follows
+    // the leader a voter names.
+    let mut hint: Option<NodeId> = None;
+    let mut next_voter = 0usize;
     loop {
         ticks.tick().await;
-        let leader = inner.raft.metrics().borrow().current_leader;
-        let Some(leader) = leader else { continue };
+        let known = inner.raft.metrics().borrow().current_leader;
+        let leader = match known.or(hint.take()) {
+            Some(l) => l,
+            None => {
+                next_voter = next_voter.wrapping_add(1);
+                voters[next_voter % voters.len()]
+            }
+        };
         let hb = inner.heartbeat();
         let sent_at = Instant::now();
         let result = if leader == inner.id {
@@ -715,6 +852,7 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
                 };
                 *inner.last_ack.lock().unwrap_or_else(|e| e.into_inner()) = Some(ack);
             }
+            Err(ForwardError::NotController { leader: Some(l) }) if l != leader => hint = Some(l),
             Err(e) => tracing::debug!(node = inner.id, error = %e, "heartbeat not delivered"),
         }
     }
@@ -761,6 +899,7 @@ async fn controller_loop(inner: Arc<Inner>) {
                 tracing::debug!(error = %e, "init cluster id");
             }
         }
+        inner.remove_departed_learners(&image, since).await;
         let silent: Vec<BrokerId> = {
             let c = inner.ctrl();
             image

@@ -297,3 +297,113 @@ async fn only_the_lowest_id_initializes_and_only_with_a_majority() {
         n.shutdown().await;
     }
 }
+
+/// Starts node `id` outside the voter set: a broker that joins the running cluster.
+async fn start_joiner(c: &TestCluster, id: i32) -> ClusterNode {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let mut cfg = crate::support::fast_config(id, c.dir.path(), &c.peers);
+    cfg.raft_advertised = Some(l.local_addr().expect("addr").to_string());
+    ClusterNode::start_on(cfg, l).await.expect("start joiner")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outside_the_voters_joins_as_learner_survives_failover_and_is_removed() {
+    let mut c = TestCluster::start(3).await;
+    let ctrl = c.controller().await;
+    for n in c.nodes.values() {
+        wait_image(n, T, "3 registered brokers", |i| all_registered(i, 3)).await;
+    }
+    let four = start_joiner(&c, 4).await;
+    // It applies the metadata log itself (it is a Raft member), and it is registered.
+    wait_image(&four, T, "4 registered brokers on the joiner", |i| {
+        all_registered(i, 4)
+    })
+    .await;
+    let members = eventually(T, "4 as a learner on the controller", || async {
+        let m = c.node(ctrl).members();
+        (m.learners == vec![4]).then_some(m)
+    })
+    .await;
+    assert_eq!(members.voters, vec![1, 2, 3], "the quorum does not grow");
+    // It may hold replicas, and its proposals reach the controller.
+    let r = four.propose(create("wide", 2, 4)).await.expect("quorum");
+    assert!(matches!(r, Ok(CommandOutput::TopicCreated { .. })), "{r:?}");
+
+    // The controller fails: the learner follows the new one and stays live.
+    c.stop(ctrl).await;
+    let new = c.controller().await;
+    wait_image(
+        &four,
+        Duration::from_secs(20),
+        "old controller fenced",
+        |i| i.brokers.get(&ctrl).is_some_and(|b| b.fenced),
+    )
+    .await;
+    let r = four.propose(create("later", 1, 2)).await.expect("quorum");
+    assert!(r.is_ok(), "{r:?}");
+    let img = wait_image(c.node(new), T, "later", |i| i.topics.contains_key("later")).await;
+    assert!(!img.brokers[&4].fenced, "the learner kept heartbeating");
+    assert_eq!(four.controller_id(), Some(new));
+    c.restart(ctrl).await;
+
+    // Decommission: refused while it holds replicas or runs; then it leaves the
+    // registry and, after a silent session, the Raft membership.
+    let r = c
+        .node(new)
+        .propose(Command::UnregisterBroker { node_id: 4 })
+        .await
+        .expect("quorum");
+    assert!(matches!(r, Err(CommandError::InvalidRequest(_))), "{r:?}");
+    // Onto the in-sync replicas other than 4 (the restarted voter left the ISRs when
+    // it was fenced, and nothing replicates data in this test to bring it back).
+    let img = c.node(new).image().borrow().clone();
+    let held: Vec<(String, i32, Vec<i32>)> = img
+        .topics
+        .iter()
+        .flat_map(|(name, t)| {
+            t.partitions
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.replicas.contains(&4))
+                .map(move |(i, p)| {
+                    let rest: Vec<i32> = p.isr.iter().copied().filter(|r| *r != 4).collect();
+                    (name.clone(), i as i32, rest)
+                })
+        })
+        .collect();
+    assert!(held.len() >= 2, "wide-0 and wide-1 at least: {held:?}");
+    for (topic, partition, rest) in held {
+        let r = c
+            .node(new)
+            .propose(Command::ReassignPartition {
+                topic,
+                partition,
+                replicas: rest.clone(),
+            })
+            .await
+            .expect("quorum");
+        let Ok(CommandOutput::Partition(p)) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(p.replicas, rest, "in sync already: done at once");
+    }
+    four.shutdown().await;
+    wait_image(c.node(new), T, "4 fenced", |i| {
+        i.brokers.get(&4).is_some_and(|b| b.fenced)
+    })
+    .await;
+    let r = c
+        .node(new)
+        .propose(Command::UnregisterBroker { node_id: 4 })
+        .await
+        .expect("quorum");
+    assert_eq!(r, Ok(CommandOutput::Done));
+    eventually(T, "4 gone from the Raft membership", || async {
+        let m = c.node(new).members();
+        m.learners.is_empty().then_some(())
+    })
+    .await;
+    c.shutdown().await;
+}
