@@ -77,16 +77,24 @@ pub struct ServeArgs {
         value_name = "HOST:PORT"
     )]
     pub advertised_kafka_addr: Option<String>,
-    /// This broker's id; in a cluster, its entry in --cluster-peers [default: 0].
+    /// This broker's id; in a cluster, its entry in --cluster-peers, or a new id
+    /// for a broker joining a running cluster [default: 0].
     #[arg(long, env = "SLUICE_NODE_ID", value_name = "N")]
     pub node_id: Option<i32>,
     /// Cluster mode: every voter of the metadata quorum as ID@HOST:PORT (their
-    /// Raft addresses), comma-separated, this node included. Absent: one node.
+    /// Raft addresses), comma-separated. A node whose --node-id is not listed
+    /// joins the running cluster as a broker (give it --raft-advertised).
+    /// Absent: one node.
     #[arg(long, env = "SLUICE_CLUSTER_PEERS", value_name = "ID@HOST:PORT,...")]
     pub cluster_peers: Option<String>,
     /// Cluster mode: the Raft (inter-node) listener [default: 0.0.0.0:9093].
     #[arg(long, env = "SLUICE_RAFT_LISTEN", value_name = "HOST:PORT")]
     pub raft_listen: Option<String>,
+    /// Cluster mode: where the other nodes reach this node's Raft listener
+    /// [default: this node's entry in --cluster-peers; required for a broker
+    /// that is not one of them].
+    #[arg(long, env = "SLUICE_RAFT_ADVERTISED", value_name = "HOST:PORT")]
+    pub raft_advertised: Option<String>,
     /// Cluster mode: where the other nodes reach this node's Kafka listener to
     /// replicate [default: this node's host in --cluster-peers with the Kafka port].
     #[arg(long, env = "SLUICE_REPLICA_ADDR", value_name = "HOST:PORT")]
@@ -173,6 +181,7 @@ pub struct ClusterSection {
     /// `["1@host1:9093", "2@host2:9093", "3@host3:9093"]` or one comma-separated string.
     pub peers: Option<PeersValue>,
     pub raft_listen: Option<String>,
+    pub raft_advertised: Option<String>,
     pub replica_addr: Option<String>,
     pub min_insync_replicas: Option<i32>,
     pub replica_lag_time_max_ms: Option<u64>,
@@ -189,8 +198,12 @@ pub enum PeersValue {
 /// Cluster mode settings (present when peers are configured).
 #[derive(Clone, Debug)]
 pub struct ClusterSettings {
+    /// The voters of the metadata quorum.
     pub peers: Vec<(i32, String)>,
     pub raft_listen: SocketAddr,
+    /// This node's Raft address as the others reach it: its entry in `peers`,
+    /// or the configured one for a broker that is not a voter.
+    pub raft_advertised: String,
     pub replica_addr: Option<String>,
     pub min_insync_replicas: i32,
     pub replica_lag_time_max: Duration,
@@ -375,11 +388,23 @@ impl Config {
             None => None,
             Some(text) => {
                 let peers = parse_peers(&text)?;
-                if !peers.iter().any(|(id, _)| *id == node_id) {
-                    bail!(
-                        "node id {node_id} is not among the cluster peers ({text}); set --node-id"
-                    );
-                }
+                let configured = args
+                    .raft_advertised
+                    .clone()
+                    .or(file.cluster.raft_advertised);
+                let listed = peers.iter().find(|(id, _)| *id == node_id);
+                let raft_advertised = match (configured, listed) {
+                    (Some(a), Some((_, p))) if a != *p => bail!(
+                        "--raft-advertised {a} differs from node {node_id}'s entry {p} in the cluster peers"
+                    ),
+                    (Some(a), _) => a,
+                    (None, Some((_, p))) => p.clone(),
+                    (None, None) => bail!(
+                        "node id {node_id} is not among the cluster peers ({text}): set --node-id \
+                         to a voter's id, or give --raft-advertised to join the cluster as a new broker"
+                    ),
+                };
+                split_host_port(&raft_advertised).context("invalid Raft advertised address")?;
                 let raft_listen = pick(
                     &args.raft_listen,
                     file.cluster.raft_listen,
@@ -398,6 +423,7 @@ impl Config {
                 }
                 Some(ClusterSettings {
                     peers,
+                    raft_advertised,
                     raft_listen: resolve(&raft_listen).context("invalid Raft listen address")?,
                     replica_addr,
                     min_insync_replicas,
@@ -678,6 +704,7 @@ mod tests {
             ]
         );
         assert_eq!(cl.raft_listen, "0.0.0.0:9093".parse().unwrap());
+        assert_eq!(cl.raft_advertised, "b:9093", "a voter's own peer entry");
         assert_eq!(cl.replica_addr, None);
         assert_eq!(cl.min_insync_replicas, 2);
         assert_eq!(cl.replica_lag_time_max, Duration::from_secs(5));
@@ -725,6 +752,13 @@ mod tests {
         let text = file("[server]\nnode_id = 1\n[cluster]\npeers = \"1@a:9093,2@b:9093\"\n");
         let c = Config::merge(&ServeArgs::default(), text).unwrap();
         assert_eq!(c.cluster.expect("cluster mode").peers.len(), 2);
+
+        // A broker joining a running cluster: not a voter, so it names its own address.
+        let text = file("[server]\nnode_id = 4\n[cluster]\npeers = \"1@a:9093\"\nraft_advertised = \"d:9093\"\n");
+        let c = Config::merge(&ServeArgs::default(), text).unwrap();
+        let cl = c.cluster.expect("cluster mode");
+        assert_eq!((c.node_id, cl.raft_advertised.as_str()), (4, "d:9093"));
+        assert_eq!(cl.peers, vec![(1, "a:9093".to_string())]);
     }
 
     #[test]
@@ -739,6 +773,12 @@ mod tests {
             Err(e) => format!("{e:#}"),
         };
         assert!(err(with(4, "1@a:9093,2@b:9093")).contains("not among the cluster peers"));
+        let mut moved = with(1, "1@a:9093");
+        moved.raft_advertised = Some("z:9093".into());
+        assert!(err(moved).contains("differs from node 1's entry"));
+        let mut joiner = with(4, "1@a:9093");
+        joiner.raft_advertised = Some("nohost".into());
+        assert!(err(joiner).contains("invalid Raft advertised address"));
         assert!(err(with(1, "1@a:9093,1@b:9093")).contains("appears twice"));
         assert!(err(with(1, "1:a:9093")).contains("not ID@HOST:PORT"));
         assert!(err(with(1, "x@a:9093")).contains("not a node id"));

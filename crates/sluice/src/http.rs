@@ -2,7 +2,8 @@
 //! `GET /api/v1/topics` for a JSON view of topics and their offsets, and in
 //! cluster mode the operations API: `GET /api/v1/cluster` (nodes,
 //! controller, partitions, under-replicated and offline lists),
-//! `POST /api/v1/partitions/reassign` and `POST /api/v1/nodes/{id}/drain`.
+//! `POST /api/v1/partitions/reassign`, `POST /api/v1/nodes/{id}/drain` and
+//! `POST /api/v1/nodes/{id}/remove`.
 //! Operations are proposals to the metadata quorum, answered once applied.
 
 use std::future::Future;
@@ -15,7 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use sluice_cluster::{ClusterNode, Command, CommandOutput, MetadataImage, NO_LEADER};
+use sluice_cluster::{
+    ClusterNode, Command, CommandOutput, MetadataImage, PartitionState, NO_LEADER,
+};
 use sluice_log::Store;
 use sluice_replica::ReplicaManager;
 use tracing::error;
@@ -61,6 +64,7 @@ pub fn router(state: State) -> Router {
         .route("/api/v1/cluster", get(cluster_status))
         .route("/api/v1/partitions/reassign", post(reassign))
         .route("/api/v1/nodes/{id}/drain", post(drain))
+        .route("/api/v1/nodes/{id}/remove", post(remove_node))
         .with_state(state)
 }
 
@@ -124,6 +128,7 @@ struct ClusterView {
     topics: Vec<ClusterTopicView>,
     under_replicated: Vec<TopicPartition>,
     offline: Vec<TopicPartition>,
+    reassigning: Vec<TopicPartition>,
 }
 
 #[derive(Serialize)]
@@ -131,6 +136,9 @@ struct NodeView {
     id: i32,
     /// "alive", "fenced" (the controller stopped hearing from it) or "draining".
     state: &'static str,
+    /// "voter" (of the metadata quorum) or "broker" (joined later, follows the
+    /// metadata log without voting).
+    role: &'static str,
     kafka: String,
     raft: String,
     replica: String,
@@ -153,6 +161,22 @@ struct ClusterPartitionView {
     leader_epoch: i32,
     replicas: Vec<i32>,
     isr: Vec<i32>,
+    /// The replica set a reassignment in progress moves to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_replicas: Option<Vec<i32>>,
+}
+
+impl ClusterPartitionView {
+    fn new(partition: i32, p: &PartitionState) -> ClusterPartitionView {
+        ClusterPartitionView {
+            partition,
+            leader: p.leader,
+            leader_epoch: p.leader_epoch,
+            replicas: p.replicas.clone(),
+            isr: p.isr.clone(),
+            target_replicas: p.target_replicas.clone(),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
@@ -161,7 +185,12 @@ pub struct TopicPartition {
     pub partition: i32,
 }
 
-fn cluster_view(me: i32, controller: Option<i32>, image: &MetadataImage) -> ClusterView {
+fn cluster_view(
+    me: i32,
+    controller: Option<i32>,
+    voters: &[i32],
+    image: &MetadataImage,
+) -> ClusterView {
     let nodes = image
         .brokers
         .iter()
@@ -173,6 +202,11 @@ fn cluster_view(me: i32, controller: Option<i32>, image: &MetadataImage) -> Clus
                 "draining"
             } else {
                 "alive"
+            },
+            role: if voters.contains(id) {
+                "voter"
+            } else {
+                "broker"
             },
             kafka: format!("{}:{}", b.kafka_host, b.kafka_port),
             raft: b.raft_addr.clone(),
@@ -191,13 +225,7 @@ fn cluster_view(me: i32, controller: Option<i32>, image: &MetadataImage) -> Clus
                 .partitions
                 .iter()
                 .enumerate()
-                .map(|(i, p)| ClusterPartitionView {
-                    partition: i32::try_from(i).unwrap_or(i32::MAX),
-                    leader: p.leader,
-                    leader_epoch: p.leader_epoch,
-                    replicas: p.replicas.clone(),
-                    isr: p.isr.clone(),
-                })
+                .map(|(i, p)| ClusterPartitionView::new(i32::try_from(i).unwrap_or(i32::MAX), p))
                 .collect(),
         })
         .collect();
@@ -215,6 +243,7 @@ fn cluster_view(me: i32, controller: Option<i32>, image: &MetadataImage) -> Clus
         topics,
         under_replicated: tp(image.under_replicated()),
         offline: tp(image.offline()),
+        reassigning: tp(image.reassigning()),
     }
 }
 
@@ -223,7 +252,14 @@ async fn cluster_status(extract::State(state): extract::State<State>) -> Respons
         return NOT_CLUSTER.into_response();
     };
     let image = replicas.image();
-    Json(cluster_view(node.node_id(), node.controller_id(), &image)).into_response()
+    let voters = node.members().voters;
+    Json(cluster_view(
+        node.node_id(),
+        node.controller_id(),
+        &voters,
+        &image,
+    ))
+    .into_response()
 }
 
 #[derive(Deserialize)]
@@ -277,14 +313,9 @@ async fn reassign(
         replicas: req.replicas,
     };
     match propose(node, cmd).await {
-        Ok(CommandOutput::Partition(p)) => Json(ClusterPartitionView {
-            partition,
-            leader: p.leader,
-            leader_epoch: p.leader_epoch,
-            replicas: p.replicas,
-            isr: p.isr,
-        })
-        .into_response(),
+        Ok(CommandOutput::Partition(p)) => {
+            Json(ClusterPartitionView::new(partition, &p)).into_response()
+        }
         Ok(_) => (StatusCode::OK, "ok\n").into_response(),
         Err(r) => r,
     }
@@ -326,6 +357,30 @@ async fn drain(
     };
     Json(serde_json::json!({ "node": id, "draining": draining, "leaders_moved": elections }))
         .into_response()
+}
+
+/// Decommissions a stopped node that holds no replica: it leaves the broker
+/// registry, and then the Raft membership. Voters are fixed by --cluster-peers.
+async fn remove_node(
+    extract::State(state): extract::State<State>,
+    extract::Path(id): extract::Path<i32>,
+) -> Response {
+    let Some((node, _)) = state.cluster() else {
+        return NOT_CLUSTER.into_response();
+    };
+    if node.members().voters.contains(&id) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({
+                "error": format!("node {id} is a voter of the metadata quorum (listed in --cluster-peers) and cannot be removed"),
+            })),
+        )
+            .into_response();
+    }
+    match propose(node, Command::UnregisterBroker { node_id: id }).await {
+        Ok(_) => Json(serde_json::json!({ "node": id, "removed": true })).into_response(),
+        Err(r) => r,
+    }
 }
 
 #[derive(Serialize)]
@@ -436,16 +491,24 @@ mod tests {
             leader,
             leader_epoch: 1,
             partition_epoch: 1,
+            target_replicas: None,
         };
         img.topics.insert(
             "t".into(),
             TopicState {
                 topic_id: [1; 16],
                 configs: Default::default(),
-                partitions: vec![part(1, vec![1, 2, 3]), part(NO_LEADER, vec![2])],
+                partitions: vec![
+                    part(1, vec![1, 2, 3]),
+                    part(NO_LEADER, vec![2]),
+                    PartitionState {
+                        target_replicas: Some(vec![3, 1]),
+                        ..part(1, vec![1, 2])
+                    },
+                ],
             },
         );
-        let v = serde_json::to_value(cluster_view(3, Some(1), &img)).unwrap();
+        let v = serde_json::to_value(cluster_view(3, Some(1), &[1, 2], &img)).unwrap();
         assert_eq!(v["controller_id"], 1);
         assert_eq!(v["node_id"], 3);
         let states: Vec<&str> = v["nodes"]
@@ -455,6 +518,13 @@ mod tests {
             .map(|n| n["state"].as_str().unwrap())
             .collect();
         assert_eq!(states, ["alive", "fenced", "draining"]);
+        let roles: Vec<&str> = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["voter", "voter", "broker"]);
         assert_eq!(v["nodes"][0]["replica"], "r:9092");
         assert_eq!(v["nodes"][0]["kafka"], "h:9092");
         assert_eq!(v["topics"][0]["replication_factor"], 3);
@@ -467,5 +537,14 @@ mod tests {
             v["offline"],
             serde_json::json!([{"topic": "t", "partition": 1}])
         );
+        assert_eq!(
+            v["reassigning"],
+            serde_json::json!([{"topic": "t", "partition": 2}])
+        );
+        let moving = &v["topics"][0]["partitions"][2];
+        assert_eq!(moving["target_replicas"], serde_json::json!([3, 1]));
+        assert!(v["topics"][0]["partitions"][0]
+            .get("target_replicas")
+            .is_none());
     }
 }

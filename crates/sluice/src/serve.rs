@@ -101,7 +101,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             let replica_addr = settings
                 .replica_addr
                 .clone()
-                .unwrap_or_else(|| default_replica_addr(settings, config.node_id, kafka_addr));
+                .unwrap_or_else(|| default_replica_addr(settings, kafka_addr));
             let node = start_cluster_node(&config, settings, &data_dir, (host, port), replica_addr)
                 .await?;
             let mut rc = ReplicaConfig::new(config.node_id);
@@ -203,6 +203,7 @@ async fn start_cluster_node(
 ) -> Result<Arc<ClusterNode>> {
     let mut cc = ClusterConfig::new(config.node_id, data_dir, settings.peers.clone());
     cc.raft_listen = settings.raft_listen;
+    cc.raft_advertised = Some(settings.raft_advertised.clone());
     cc.kafka_host = kafka_host;
     cc.kafka_port = kafka_port;
     cc.replica_addr = Some(replica_addr);
@@ -214,17 +215,11 @@ async fn start_cluster_node(
     Ok(Arc::new(node))
 }
 
-/// Where peers replicate from when --replica-addr is not set: this node's host
-/// in the peer list with the port the Kafka listener is bound to (not the
+/// Where peers replicate from when --replica-addr is not set: the host of this
+/// node's Raft address with the port the Kafka listener is bound to (not the
 /// advertised port, which may be a published port only clients see).
-fn default_replica_addr(settings: &ClusterSettings, node_id: i32, kafka: SocketAddr) -> String {
-    let raft = settings
-        .peers
-        .iter()
-        .find(|(id, _)| *id == node_id)
-        .map(|(_, a)| a.as_str())
-        .unwrap_or_default();
-    let host = match crate::config::split_host_port(raft) {
+fn default_replica_addr(settings: &ClusterSettings, kafka: SocketAddr) -> String {
+    let host = match crate::config::split_host_port(&settings.raft_advertised) {
         Ok((h, _)) if h.contains(':') => format!("[{h}]"),
         Ok((h, _)) => h,
         Err(_) => advertised_host(kafka.ip()),
@@ -360,18 +355,22 @@ mod tests {
     }
 
     #[test]
-    fn replica_address_defaults_to_the_peer_host_and_the_kafka_listen_port() {
-        let settings = ClusterSettings {
+    fn replica_address_defaults_to_the_raft_host_and_the_kafka_listen_port() {
+        let settings = |raft: &str| ClusterSettings {
             peers: vec![(1, "a:9093".into()), (2, "[::1]:9093".into())],
             raft_listen: "0.0.0.0:9093".parse().unwrap(),
+            raft_advertised: raft.into(),
             replica_addr: None,
             min_insync_replicas: 2,
             replica_lag_time_max: Duration::from_secs(5),
             session_timeout: Duration::from_secs(6),
         };
         let kafka: SocketAddr = "0.0.0.0:9092".parse().unwrap();
-        assert_eq!(default_replica_addr(&settings, 1, kafka), "a:9092");
-        assert_eq!(default_replica_addr(&settings, 2, kafka), "[::1]:9092");
+        assert_eq!(default_replica_addr(&settings("a:9093"), kafka), "a:9092");
+        assert_eq!(
+            default_replica_addr(&settings("[::1]:9093"), kafka),
+            "[::1]:9092"
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `sluice cluster status`, `sluice partition reassign` and `sluice node drain`:
+//! `sluice cluster status`, `sluice partition reassign`, `sluice node drain`
+//! and `sluice node remove`:
 //! operations on a cluster, through any node's HTTP admin port (they are
 //! proposals to the metadata quorum, which the node forwards to the
 //! controller). Unlike the other client commands these do not speak Kafka.
@@ -63,8 +64,10 @@ pub struct PartitionArgs {
 
 #[derive(Subcommand, Debug)]
 enum PartitionCommand {
-    /// Replace a partition's replica set. In-sync replicas that stay keep the
-    /// partition available; new ones join the ISR once they have caught up.
+    /// Move a partition to a new replica set. New replicas are added first and
+    /// copy the log; the replicas left out are dropped once every new one is in
+    /// sync (a move onto replicas already in sync is done at once). Naming the
+    /// in-sync replicas again cancels a move in progress.
     Reassign {
         topic: String,
         partition: i32,
@@ -93,6 +96,11 @@ enum NodeCommand {
         #[arg(long)]
         undo: bool,
     },
+    /// Forget a node for good: it must be stopped and hold no replica (move
+    /// them with `partition reassign` first). Voters of the metadata quorum
+    /// (the --cluster-peers) cannot be removed. A removed node that starts
+    /// again joins as a new broker.
+    Remove { id: i32 },
 }
 
 pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
@@ -122,8 +130,15 @@ pub async fn run_partition(args: PartitionArgs) -> Result<()> {
             let answer = post_json(&args.admin.http, "/api/v1/partitions/reassign", &body).await?;
             let p: PartitionView = serde_json::from_value(answer)
                 .context("unexpected answer to POST /api/v1/partitions/reassign")?;
+            let moving = match &p.target_replicas {
+                Some(target) => format!(
+                    "; moving to {} once they are in sync (see `sluice cluster status`)",
+                    ids(target)
+                ),
+                None => String::new(),
+            };
             println!(
-                "{topic}-{partition}: replicas {} isr {} leader {} (epoch {})",
+                "{topic}-{partition}: replicas {} isr {} leader {} (epoch {}){moving}",
                 ids(&p.replicas),
                 ids(&p.isr),
                 leader(p.leader),
@@ -148,6 +163,12 @@ pub async fn run_node(args: NodeArgs) -> Result<()> {
             }
             Ok(())
         }
+        NodeCommand::Remove { id } => {
+            let path = format!("/api/v1/nodes/{id}/remove");
+            post_json(&args.admin.http, &path, &json!({})).await?;
+            println!("node {id} removed from the cluster");
+            Ok(())
+        }
     }
 }
 
@@ -161,12 +182,16 @@ struct ClusterView {
     topics: Vec<TopicView>,
     under_replicated: Vec<TopicPartition>,
     offline: Vec<TopicPartition>,
+    #[serde(default)]
+    reassigning: Vec<TopicPartition>,
 }
 
 #[derive(Deserialize, Debug)]
 struct NodeView {
     id: i32,
     state: String,
+    #[serde(default)]
+    role: String,
     kafka: String,
     raft: String,
     replica: String,
@@ -186,6 +211,8 @@ struct PartitionView {
     leader_epoch: i32,
     replicas: Vec<i32>,
     isr: Vec<i32>,
+    #[serde(default)]
+    target_replicas: Option<Vec<i32>>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -261,6 +288,7 @@ fn render_status(v: &ClusterView) -> String {
             vec![
                 id,
                 n.state.clone(),
+                n.role.clone(),
                 n.kafka.clone(),
                 if n.replica.is_empty() {
                     "-".to_string()
@@ -276,7 +304,7 @@ fn render_status(v: &ClusterView) -> String {
         out.push_str("no registered nodes\n");
     } else {
         out.push_str(&table(
-            &["NODE", "STATE", "KAFKA", "REPLICA", "RAFT", "EPOCH"],
+            &["NODE", "STATE", "ROLE", "KAFKA", "REPLICA", "RAFT", "EPOCH"],
             &rows,
         ));
         if v.controller_id.is_some() {
@@ -289,13 +317,20 @@ fn render_status(v: &ClusterView) -> String {
         .iter()
         .flat_map(|t| {
             t.partitions.iter().map(move |p| {
-                let note = if p.leader < 0 {
-                    "offline"
-                } else if p.isr.len() < p.replicas.len() {
-                    "under-replicated"
-                } else {
-                    ""
-                };
+                let rf = p
+                    .target_replicas
+                    .as_ref()
+                    .map_or(p.replicas.len(), Vec::len);
+                let mut notes = Vec::new();
+                if p.leader < 0 {
+                    notes.push("offline".to_string());
+                } else if p.isr.len() < rf {
+                    notes.push("under-replicated".to_string());
+                }
+                if let Some(target) = &p.target_replicas {
+                    notes.push(format!("moving to {}", ids(target)));
+                }
+                let note = notes.join(", ");
                 vec![
                     t.name.clone(),
                     p.partition.to_string(),
@@ -303,7 +338,7 @@ fn render_status(v: &ClusterView) -> String {
                     p.leader_epoch.to_string(),
                     ids(&p.replicas),
                     ids(&p.isr),
-                    note.to_string(),
+                    note,
                 ]
             })
         })
@@ -337,6 +372,9 @@ fn render_status(v: &ClusterView) -> String {
     };
     let _ = writeln!(out, "under-replicated: {}", list(&v.under_replicated));
     let _ = writeln!(out, "offline: {}", list(&v.offline));
+    if !v.reassigning.is_empty() {
+        let _ = writeln!(out, "reassigning: {}", list(&v.reassigning));
+    }
     out
 }
 
@@ -515,15 +553,17 @@ mod tests {
             "controller_id": 1,
             "metadata_applied_index": 42,
             "nodes": [
-                {"id": 1, "state": "alive", "kafka": "h1:9092", "raft": "h1:9093", "replica": "h1:9092", "broker_epoch": 3},
-                {"id": 2, "state": "fenced", "kafka": "h2:9092", "raft": "h2:9093", "replica": "", "broker_epoch": 4}
+                {"id": 1, "state": "alive", "role": "voter", "kafka": "h1:9092", "raft": "h1:9093", "replica": "h1:9092", "broker_epoch": 3},
+                {"id": 2, "state": "fenced", "role": "broker", "kafka": "h2:9092", "raft": "h2:9093", "replica": "", "broker_epoch": 4}
             ],
             "topics": [{"name": "t", "replication_factor": 2, "configs": {}, "partitions": [
                 {"partition": 0, "leader": 1, "leader_epoch": 1, "replicas": [1, 2], "isr": [1]},
-                {"partition": 1, "leader": -1, "leader_epoch": 2, "replicas": [2], "isr": [2]}
+                {"partition": 1, "leader": -1, "leader_epoch": 2, "replicas": [2], "isr": [2]},
+                {"partition": 2, "leader": 1, "leader_epoch": 0, "replicas": [2, 1], "isr": [1], "target_replicas": [2]}
             ]}],
             "under_replicated": [{"topic": "t", "partition": 0}],
-            "offline": [{"topic": "t", "partition": 1}]
+            "offline": [{"topic": "t", "partition": 1}],
+            "reassigning": [{"topic": "t", "partition": 2}]
         }))
         .unwrap();
         let s = render_status(&v);
@@ -532,11 +572,11 @@ mod tests {
             "{s}"
         );
         assert!(
-            s.contains("\n1*    alive   h1:9092  h1:9092  h1:9093  3\n"),
+            s.contains("\n1*    alive   voter   h1:9092  h1:9092  h1:9093  3\n"),
             "{s}"
         );
         assert!(
-            s.contains("\n2     fenced  h2:9092  -        h2:9093  4\n"),
+            s.contains("\n2     fenced  broker  h2:9092  -        h2:9093  4\n"),
             "{s}"
         );
         assert!(
@@ -547,6 +587,13 @@ mod tests {
             s.contains("\nt      1          none    2      2         2    offline\n"),
             "{s}"
         );
-        assert!(s.ends_with("under-replicated: t-0\noffline: t-1\n"), "{s}");
+        assert!(
+            s.contains("\nt      2          1       0      2,1       1    moving to 2\n"),
+            "{s}"
+        );
+        assert!(
+            s.ends_with("under-replicated: t-0\noffline: t-1\nreassigning: t-2\n"),
+            "{s}"
+        );
     }
 }

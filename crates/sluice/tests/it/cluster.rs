@@ -1,7 +1,8 @@
 //! Cluster mode end to end: three `sluice serve` processes on 127.0.0.1 form
 //! a metadata quorum; `sluice cluster status`, `topic create`, `produce`
 //! (acks=all), `consume`, `node drain` and `partition reassign` run against
-//! them; SIGTERM stops each one cleanly.
+//! them; a fourth node joins, takes a partition's data and is removed again;
+//! SIGTERM stops each one cleanly.
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Output, Stdio};
@@ -30,6 +31,8 @@ impl Drop for Node {
 
 struct Cluster {
     nodes: Vec<Node>,
+    /// The voters, as --cluster-peers lists them.
+    peers: String,
     _tmp: tempfile::TempDir,
 }
 
@@ -49,36 +52,49 @@ impl Cluster {
             .map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
-        let mut nodes = Vec::new();
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            peers,
+            _tmp: tmp,
+        };
         for (i, port) in raft.iter().enumerate() {
-            let id = i as i32 + 1;
-            let data = tmp.path().join(format!("node-{id}"));
-            let mut cmd = sluice_cmd();
-            cmd.arg("serve")
-                .arg("--data-dir")
-                .arg(&data)
-                .args(["--kafka-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-                .args(["--group-initial-rebalance-delay-ms", "0"])
-                .args(["--node-id", &id.to_string()])
-                .args(["--raft-listen", &format!("127.0.0.1:{port}")]);
-            // Peers through the environment, the rest as flags: both paths.
-            cmd.env("SLUICE_CLUSTER_PEERS", &peers);
-            let (child, line) = spawn_until_listening(cmd);
-            let field = |name: &str| -> SocketAddr {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix(name))
-                    .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                    .parse()
-                    .unwrap()
-            };
-            nodes.push(Node {
-                id,
-                kafka: field("kafka="),
-                http: field("http="),
-                child,
-            });
+            let node = c.spawn(i as i32 + 1, *port, false);
+            c.nodes.push(node);
         }
-        Cluster { nodes, _tmp: tmp }
+        c
+    }
+
+    /// Starts node `id` with its Raft listener on `port`: one of the voters, or
+    /// (`joins`) a broker that joins the running cluster.
+    fn spawn(&self, id: i32, port: u16, joins: bool) -> Node {
+        let data = self._tmp.path().join(format!("node-{id}"));
+        let mut cmd = sluice_cmd();
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--kafka-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--group-initial-rebalance-delay-ms", "0"])
+            .args(["--node-id", &id.to_string()])
+            .args(["--raft-listen", &format!("127.0.0.1:{port}")]);
+        if joins {
+            cmd.args(["--raft-advertised", &format!("127.0.0.1:{port}")]);
+        }
+        // Peers through the environment, the rest as flags: both paths.
+        cmd.env("SLUICE_CLUSTER_PEERS", &self.peers);
+        let (child, line) = spawn_until_listening(cmd);
+        let field = |name: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .parse()
+                .unwrap()
+        };
+        Node {
+            id,
+            kafka: field("kafka="),
+            http: field("http="),
+            child,
+        }
     }
 
     /// An admin command against node `via`'s HTTP port, or a Kafka client
@@ -135,37 +151,48 @@ impl Cluster {
 
     /// SIGTERM every node and expect clean exits.
     fn terminate(mut self) {
-        for n in &self.nodes {
-            let status = Command::new("sh")
-                .args(["-c", &format!("kill -TERM {}", n.child.id())])
-                .status()
-                .unwrap();
-            assert!(status.success());
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
         for n in &mut self.nodes {
-            let status = loop {
-                if let Some(s) = n.child.try_wait().unwrap() {
-                    break s;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "node {} did not exit after SIGTERM",
-                    n.id
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            };
-            assert!(status.success(), "node {} exited with {status}", n.id);
+            stop(n);
         }
     }
 }
 
+/// SIGTERM one node and expect a clean exit.
+fn stop(n: &mut Node) {
+    let status = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", n.child.id())])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = n.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} did not exit after SIGTERM",
+            n.id
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "node {} exited with {status}", n.id);
+}
+
 fn all_alive(v: &Value) -> bool {
+    n_alive(v, 3)
+}
+
+fn n_alive(v: &Value, n: usize) -> bool {
     v["controller_id"].is_i64()
         && !v["cluster_id"].as_str().unwrap_or_default().is_empty()
         && v["nodes"]
             .as_array()
-            .is_some_and(|n| n.len() == 3 && n.iter().all(|n| n["state"] == "alive"))
+            .is_some_and(|ns| ns.len() == n && ns.iter().all(|n| n["state"] == "alive"))
+}
+
+fn node(v: &Value, id: i64) -> Option<&Value> {
+    v["nodes"].as_array()?.iter().find(|n| n["id"] == id)
 }
 
 fn topic<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
@@ -310,5 +337,138 @@ fn three_node_cluster_status_replication_drain_and_reassign() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broker 9 is not registered"), "{err}");
 
+    c.terminate();
+}
+
+/// Consumes `count` records of `topic` through node `via` and returns the values, sorted.
+fn consume_sorted(c: &Cluster, via: usize, topic: &str, count: usize) -> Vec<String> {
+    let out = c.ok(
+        via,
+        &[
+            "consume",
+            topic,
+            "--from-beginning",
+            "--max-messages",
+            &count.to_string(),
+            "--timeout-ms",
+            "30000",
+        ],
+    );
+    let mut lines: Vec<String> = out.lines().map(str::to_string).collect();
+    lines.sort_unstable();
+    lines
+}
+
+#[test]
+fn a_node_joins_takes_over_a_partition_and_is_removed() {
+    let mut c = Cluster::start();
+    c.wait_status(0, "3 alive nodes and a controller", all_alive);
+    c.ok(
+        0,
+        &[
+            "topic",
+            "create",
+            "moving",
+            "--partitions",
+            "1",
+            "--replication-factor",
+            "3",
+        ],
+    );
+    c.wait_status(0, "moving fully replicated", |v| {
+        fully_replicated(v, "moving", 1)
+    });
+    let input: String = (0..40).map(|i| format!("v{i:02}\n")).collect();
+    let out = c.run(0, &["produce", "moving", "--acks", "all"], input.as_bytes());
+    assert_success(&out, &["produce"]);
+    let expected: Vec<String> = (0..40).map(|i| format!("v{i:02}")).collect();
+
+    // Node 4 is not a voter: it joins as a broker and shows up everywhere.
+    let joiner = c.spawn(4, free_port(), true);
+    c.nodes.push(joiner);
+    for via in [0, 3] {
+        let v = c.wait_status(via, "4 alive nodes", |v| n_alive(v, 4));
+        assert_eq!(node(&v, 4).unwrap()["role"], "broker", "{v:#}");
+        assert_eq!(node(&v, 1).unwrap()["role"], "voter", "{v:#}");
+    }
+    // Its own metadata (it applies the Raft log as a learner) serves clients.
+    assert_eq!(consume_sorted(&c, 3, "moving", 40), expected);
+
+    // Move the partition from 1,2,3 to 4,2,3: 4 copies the log first, then 1 leaves
+    // and 4, the preferred replica, is elected once in sync.
+    let out = c.ok(
+        3,
+        &[
+            "partition",
+            "reassign",
+            "moving",
+            "0",
+            "--replicas",
+            "4,2,3",
+        ],
+    );
+    assert!(out.starts_with("moving-0: replicas "), "{out}");
+    let v = c.wait_status(0, "moving-0 on 4,2,3", |v| {
+        topic(v, "moving").is_some_and(|t| {
+            let p = &t["partitions"][0];
+            ids(&p["replicas"]) == vec![4, 2, 3]
+                && p.get("target_replicas").is_none()
+                && ids(&p["isr"]).contains(&4)
+        })
+    });
+    assert!(v["reassigning"].as_array().unwrap().is_empty(), "{v:#}");
+    // Move leadership to 4 by draining 2 and 3, then read everything from 4's log.
+    c.ok(0, &["node", "drain", "2"]);
+    c.ok(0, &["node", "drain", "3"]);
+    c.wait_status(0, "4 leads moving-0", |v| {
+        topic(v, "moving").is_some_and(|t| t["partitions"][0]["leader"] == 4)
+    });
+    assert_eq!(consume_sorted(&c, 1, "moving", 40), expected);
+    let more: String = (40..50).map(|i| format!("v{i:02}\n")).collect();
+    let out = c.run(2, &["produce", "moving", "--acks", "all"], more.as_bytes());
+    assert_success(&out, &["produce"]);
+    c.ok(0, &["node", "drain", "2", "--undo"]);
+    c.ok(0, &["node", "drain", "3", "--undo"]);
+
+    // Removal: refused for a voter, for a live node and for a node with replicas.
+    let refused = |id: &str, why: &str| {
+        let out = c.run(0, &["node", "remove", id], b"");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{err}");
+    };
+    refused("1", "is a voter");
+    refused("4", "is alive");
+    // Move the partition back, stop 4, and remove it.
+    c.ok(
+        0,
+        &[
+            "partition",
+            "reassign",
+            "moving",
+            "0",
+            "--replicas",
+            "1,2,3",
+        ],
+    );
+    c.wait_status(0, "moving-0 back on 1,2,3", |v| {
+        topic(v, "moving").is_some_and(|t| {
+            let p = &t["partitions"][0];
+            let mut isr = ids(&p["isr"]);
+            isr.sort_unstable();
+            ids(&p["replicas"]) == vec![1, 2, 3] && isr == vec![1, 2, 3]
+        })
+    });
+    let mut four = c.nodes.pop().unwrap();
+    stop(&mut four);
+    c.wait_status(0, "4 fenced", |v| {
+        node(v, 4).is_some_and(|n| n["state"] == "fenced")
+    });
+    let out = c.ok(1, &["node", "remove", "4"]);
+    assert!(out.contains("node 4 removed"), "{out}");
+    c.wait_status(2, "3 nodes again", all_alive);
+    let mut all: Vec<String> = expected;
+    all.extend((40..50).map(|i| format!("v{i:02}")));
+    assert_eq!(consume_sorted(&c, 2, "moving", 50), all);
     c.terminate();
 }
