@@ -10,6 +10,8 @@ touched. Every wait is bounded.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import time
 import urllib.error
@@ -52,11 +54,13 @@ class Node:
 class ComposeCluster:
     """The three nodes of one compose project (docker-compose.yml at the repo root)."""
 
-    def __init__(self, project: str, kafka_ports, http_ports, network: str = "cluster"):
+    def __init__(self, project: str, kafka_ports, http_ports, network: str = "cluster", extra=None):
         self.project = project
         self.nodes = {
             i + 1: Node(i + 1, f"sluice{i + 1}", int(k), int(h)) for i, (k, h) in enumerate(zip(kafka_ports, http_ports))
         }
+        # Nodes that are not started with the cluster (compose profile "grow"): id -> Node.
+        self.extra = dict(extra or {})
         self.network_key = network
         self._containers: dict = {}
         self._network: Optional[str] = None
@@ -69,11 +73,14 @@ class ComposeCluster:
     def bootstrap(self) -> str:
         return ",".join(n.bootstrap for n in self.nodes.values())
 
+    def node(self, node_id: int) -> Node:
+        return self.nodes.get(node_id) or self.extra[node_id]
+
     def container(self, node_id: int) -> str:
         c = self._containers.get(node_id)
         if c:
             return c
-        svc = self.nodes[node_id].service
+        svc = self.node(node_id).service
         out = docker(
             "ps", "-a", "-q", "--no-trunc",
             "--filter", f"label=com.docker.compose.project={self.project}",
@@ -137,7 +144,7 @@ class ComposeCluster:
     def connect(self, node_id: int) -> None:
         # The alias is the name the peers use (sluiceN); a reconnect without it would
         # leave the node reachable only under its container name.
-        docker("network", "connect", "--alias", self.nodes[node_id].service, self.network(), self.container(node_id))
+        docker("network", "connect", "--alias", self.node(node_id).service, self.network(), self.container(node_id))
         self.cut.discard(node_id)
 
     def heal_all(self) -> None:
@@ -155,11 +162,52 @@ class ComposeCluster:
         self.paused.clear()
         self.cut.clear()
 
+    # -- growing and shrinking ---------------------------------------------------------
+
+    def compose_up(self, node_id: int) -> None:
+        """Starts an extra node's compose service (profile "grow") with the compose
+        command run.sh used for the cluster (SLUICE_COMPOSE)."""
+        cmd = os.environ.get("SLUICE_COMPOSE")
+        if not cmd:
+            raise ClusterError("SLUICE_COMPOSE is not set (run the scenarios through tests/cluster/run.sh)")
+        svc = self.node(node_id).service
+        cp = subprocess.run([*shlex.split(cmd), "--profile", "grow", "up", "-d", "--no-recreate", svc],
+                            capture_output=True, text=True, timeout=120)
+        if cp.returncode != 0:
+            raise ClusterError(f"compose up {svc} failed ({cp.returncode}): {cp.stderr.strip()}")
+        self._containers.pop(node_id, None)
+
+    def stop(self, node_id: int, grace_s: int = 30) -> None:
+        docker("stop", "--time", str(grace_s), self.container(node_id), timeout=grace_s + 60)
+
+    def admin_post(self, path: str, body: dict, via: Optional[int] = None, timeout: float = 30.0) -> dict:
+        """POST to the operations API of `via` (default: the first node that answers), as
+        `sluice partition reassign` / `sluice node remove` do. Raises with the node's error."""
+        data = json.dumps(body).encode()
+        last = None
+        for n in ([via] if via else list(self.nodes)):
+            req = urllib.request.Request(f"http://{self.node(n).http}{path}", data=data, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    return json.loads(r.read().decode() or "{}")
+            except urllib.error.HTTPError as e:
+                raise ClusterError(f"POST {path}: HTTP {e.code}: {e.read().decode(errors='replace')}") from e
+            except (OSError, urllib.error.URLError) as e:
+                last = e
+        raise ClusterError(f"POST {path}: no node answered ({last})")
+
+    def partition(self, topic: str, partition: int = 0) -> Optional[dict]:
+        for p in self.partitions(topic) or []:
+            if p.get("partition") == partition:
+                return p
+        return None
+
     # -- observation -----------------------------------------------------------------
 
     def healthy(self, node_id: int, timeout: float = 2.0) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.nodes[node_id].http}/healthz", timeout=timeout) as r:
+            with urllib.request.urlopen(f"http://{self.node(node_id).http}/healthz", timeout=timeout) as r:
                 return r.status == 200
         except (OSError, urllib.error.URLError):
             return False
@@ -181,7 +229,7 @@ class ComposeCluster:
     def status(self, node_id: int, timeout: float = 2.0) -> Optional[dict]:
         """GET /api/v1/cluster of one node (what `sluice cluster status --json` shows), or None."""
         try:
-            with urllib.request.urlopen(f"http://{self.nodes[node_id].http}/api/v1/cluster", timeout=timeout) as r:
+            with urllib.request.urlopen(f"http://{self.node(node_id).http}/api/v1/cluster", timeout=timeout) as r:
                 return json.loads(r.read().decode())
         except (OSError, urllib.error.URLError, ValueError):
             return None
@@ -217,7 +265,7 @@ class ComposeCluster:
                 for p in parts:
                     if p.get("partition") == partition:
                         last = p
-                        if p.get("leader", -1) in self.nodes:
+                        if p.get("leader", -1) in self.nodes or p.get("leader", -1) in self.extra:
                             return p["leader"]
             if time.monotonic() >= deadline:
                 raise ClusterError(f"{topic}-{partition} has no leader after {timeout:.0f}s (last view {last})")

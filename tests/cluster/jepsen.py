@@ -21,6 +21,9 @@ Nemeses:
   partition-controller  the same for the metadata quorum's leader (the controller)
   kill-all            SIGKILL all three nodes at once, start them again
   rolling-restart     docker restart (SIGTERM, then start) each node in turn
+  add-node            a fourth node (compose service sluice4) joins, partition 0 moves
+                      onto it and it leads; it is SIGKILLed (failover back), restarted,
+                      the partition moves back, and the node is stopped and removed
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from confluent_kafka import KafkaError, KafkaException  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
 import checker  # noqa: E402
-from cluster import ClusterError, ComposeCluster, log  # noqa: E402
+from cluster import ClusterError, ComposeCluster, Node, log, wait_until  # noqa: E402
 from workload import (  # noqa: E402
     ConsumerWorkload,
     GroupConsumerWorkload,
@@ -215,6 +218,67 @@ def rolling_restart(ctx: Ctx):
             ctx.cluster.wait_isr_full(ctx.topic, timeout=30)
 
 
+def _moved(ctx: Ctx, target):
+    """Waits until partition 0's reassignment to `target` has completed."""
+
+    def done():
+        p = ctx.cluster.partition(ctx.topic, 0)
+        return p if p and p.get("replicas") == target and "target_replicas" not in p else None
+
+    return wait_until(done, timeout=90, interval=0.3, what=f"{ctx.topic}-0 on {target}")
+
+
+def add_node(ctx: Ctx):
+    c = ctx.cluster
+    new = max(c.extra)
+    for r in range(ctx.rounds):
+        before = c.replicas(ctx.topic, 0)
+        leader = c.leader(ctx.topic, 0)
+        ctx.event("start node", round=r + 1, node=new)
+        c.compose_up(new)
+        c.start(new)  # a no-op when compose just created it; starts it in later rounds
+        c.wait_healthy([new], timeout=120)
+        roles = {n["id"]: n.get("role") for n in (c.status(new) or {}).get("nodes", [])}
+        ctx.event("joined", roles=roles)
+        if roles.get(new) != "broker":
+            raise ClusterError(f"node {new} is not listed as a joined broker: {roles}")
+        # Replace the leader by the new node, new node first (preferred leader): it copies
+        # the log under load, then the old leader drops out and the new node leads.
+        target = [new] + [n for n in before if n != leader]
+        ctx.event("reassign", partition=0, replicas=target)
+        c.admin_post("/api/v1/partitions/reassign", {"topic": ctx.topic, "partition": 0, "replicas": target})
+        p = _moved(ctx, target)
+        ctx.event("moved", leader=p.get("leader"), isr=p.get("isr"))
+        # The new node fails while leading: the partition fails over to the other ISR.
+        lead = c.leader(ctx.topic, 0)
+        ctx.event("kill", node=lead)
+        c.kill(lead)
+        ctx.hold_fault(ctx.jitter(ctx.timing.down_s), lead)
+        c.start(lead)
+        ctx.event("start", node=lead)
+        c.wait_healthy([lead], timeout=120)
+        ctx.healed()
+        # Back to the original replicas, then decommission the new node.
+        ctx.event("reassign", partition=0, replicas=before)
+        c.admin_post("/api/v1/partitions/reassign", {"topic": ctx.topic, "partition": 0, "replicas": before})
+        _moved(ctx, before)
+        ctx.healed()
+        held = [(t["name"], p["partition"]) for t in (c.freshest_status() or {}).get("topics", [])
+                for p in t.get("partitions", []) if new in p.get("replicas", [])]
+        if held:
+            raise ClusterError(f"node {new} still holds {held}")
+        ctx.event("stop node", node=new)
+        c.stop(new)
+        wait_until(lambda: any(n["id"] == new and n["state"] == "fenced"
+                               for n in (c.freshest_status() or {}).get("nodes", [])),
+                   timeout=60, what=f"node {new} fenced")
+        c.admin_post(f"/api/v1/nodes/{new}/remove", {})
+        ctx.event("removed", node=new)
+        wait_until(lambda: all(n["id"] != new for n in (c.freshest_status() or {}).get("nodes", [])),
+                   timeout=30, what=f"node {new} gone from the status")
+        time.sleep(ctx.timing.settle_s)
+
+
 SCENARIOS = {
     "kill-leader": (kill_leader, 2),
     "pause-leader": (pause_leader, 2),
@@ -223,6 +287,7 @@ SCENARIOS = {
     "partition-controller": (partition_controller, 1),
     "kill-all": (kill_all, 2),
     "rolling-restart": (rolling_restart, 1),
+    "add-node": (add_node, 1),
 }
 
 
@@ -398,7 +463,9 @@ def main(argv=None) -> int:
     timing = Timing()
     if args.soak:
         timing = Timing(warmup_s=5, down_s=12, fault_s=20, settle_s=5, tail_s=10)
-    cluster = ComposeCluster(args.project, args.kafka_ports.split(","), args.http_ports.split(","))
+    extra = {4: Node(4, "sluice4", int(os.environ.get("SLUICE_KAFKA_PORT_4", "19095")),
+                     int(os.environ.get("SLUICE_HTTP_PORT_4", "18084")))}
+    cluster = ComposeCluster(args.project, args.kafka_ports.split(","), args.http_ports.split(","), extra=extra)
     log(f"project {args.project}, bootstrap {cluster.bootstrap}, seed {args.seed}, out {out}")
 
     results = []

@@ -7,7 +7,8 @@
 #   4. the image built from the host's release binary (docker/build-local-image.sh,
 #      nothing pulled), the compose cluster started under a project name of its own
 #   5. the Jepsen-style scenarios (tests/cluster/jepsen.py): kill / pause / partition
-#      the leader, partition a follower, kill all, rolling restart; each checked for
+#      the leader, partition a follower, kill all, rolling restart, a fourth node
+#      joining, taking over partition 0 and leaving again; each checked for
 #      lost, duplicated, reordered or dirty-read records
 #   6. teardown (`down -v`) even on failure; only this run's project, volumes and
 #      image tag are touched
@@ -172,7 +173,7 @@ k8s_probe
 # The documented ports when free, otherwise free ones (another cluster on this machine).
 read -r -a PORTS <<<"$("$PY" - <<'EOF'
 import socket
-want = [19092, 19093, 19094, 18081, 18082, 18083]
+want = [19092, 19093, 19094, 18081, 18082, 18083, 19095, 18084]
 def free(p):
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -194,6 +195,10 @@ EOF
 export SLUICE_KAFKA_PORT_1=${PORTS[0]} SLUICE_KAFKA_PORT_2=${PORTS[1]} SLUICE_KAFKA_PORT_3=${PORTS[2]}
 export SLUICE_HTTP_PORT_1=${PORTS[3]} SLUICE_HTTP_PORT_2=${PORTS[4]} SLUICE_HTTP_PORT_3=${PORTS[5]}
 export SLUICE_KAFKA_PORTS="${PORTS[0]},${PORTS[1]},${PORTS[2]}" SLUICE_HTTP_PORTS="${PORTS[3]},${PORTS[4]},${PORTS[5]}"
+# sluice4 (compose profile "grow") is started by the add-node scenario.
+export SLUICE_KAFKA_PORT_4=${PORTS[6]} SLUICE_HTTP_PORT_4=${PORTS[7]}
+export SLUICE_IMAGE=$IMAGE
+export SLUICE_COMPOSE="${COMPOSE[*]} -p $PROJECT -f $ROOT/docker-compose.yml"
 
 log "starting project $PROJECT (kafka $SLUICE_KAFKA_PORTS, http $SLUICE_HTTP_PORTS)"
 compose up -d 2>&1 | grep -v -e '^$' || true
