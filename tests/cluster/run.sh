@@ -135,9 +135,12 @@ SLUICE_BIN=$BIN "$ROOT/docker/build-local-image.sh" "$IMAGE" 2>&1 |
 docker image inspect "$IMAGE" >/dev/null 2>&1 || fail "image $IMAGE was not built"
 
 # The StatefulSet's start script and ConfigMap in this image: pod sluice-2 must come
-# up as node 3 with the TOML's peers, as the non-root user, on a read-only root.
+# up as node 3, a voter of the TOML's peers, and pod sluice-3 (after `kubectl scale`)
+# as node 4, a broker naming its own Raft address; as the non-root user, on a
+# read-only root.
 k8s_probe() {
-    local name="$PROJECT-k8s-probe" cfg script i
+    local pod=$1 node=$2 want=$3
+    local name="$PROJECT-k8s-probe-$pod" cfg script i
     cfg=$(mktemp -d)
     "$PY" - "$cfg" <<'EOF'
 import sys, yaml
@@ -149,14 +152,14 @@ EOF
     chmod 755 "$cfg"
     chmod 644 "$cfg"/*
     script=$(cat "$cfg/start.sh")
-    docker run -d --name "$name" --hostname sluice-2 --read-only --user 10001:10001 \
+    docker run -d --name "$name" --hostname "$pod" --read-only --user 10001:10001 \
         --tmpfs /data:uid=10001 -v "$cfg:/etc/sluice:ro" --network none \
-        -e SLUICE_ADVERTISED_KAFKA_ADDR=sluice-2.sluice-headless.default.svc.cluster.local:9092 \
-        -e SLUICE_REPLICA_ADDR=sluice-2.sluice-headless.default.svc.cluster.local:9092 \
+        -e SLUICE_ADVERTISED_KAFKA_ADDR="$pod.sluice-headless.default.svc.cluster.local:9092" \
+        -e SLUICE_REPLICA_ADDR="$pod.sluice-headless.default.svc.cluster.local:9092" \
         --entrypoint bash "$IMAGE" -c "$script" >/dev/null
     local ok=0
     for i in $(seq 1 40); do
-        if docker logs "$name" 2>&1 | grep -q 'cluster mode node=3 .*peers=3'; then
+        if docker logs "$name" 2>&1 | grep -q "cluster mode node=$node $want.*peers=3"; then
             ok=1
             break
         fi
@@ -165,10 +168,11 @@ EOF
     ((ok)) || docker logs "$name" 2>&1 | tail -n 20 >&2
     docker rm -f "$name" >/dev/null 2>&1 || true
     rm -rf "$cfg"
-    ((ok)) || fail "the StatefulSet's start script did not bring pod sluice-2 up as node 3 in the image"
-    log "StatefulSet start script: pod sluice-2 runs as node 3 with the ConfigMap's peers (non-root, read-only root)"
+    ((ok)) || fail "the StatefulSet's start script did not bring pod $pod up as node $node ($want) in the image"
+    log "StatefulSet start script: pod $pod runs as node $node ($want) with the ConfigMap's peers (non-root, read-only root)"
 }
-k8s_probe
+k8s_probe sluice-2 3 'role=voter .*advertised=sluice-2.sluice-headless:9093'
+k8s_probe sluice-3 4 'role=broker .*advertised=sluice-3.sluice-headless:9093'
 
 # The documented ports when free, otherwise free ones (another cluster on this machine).
 read -r -a PORTS <<<"$("$PY" - <<'EOF'

@@ -49,6 +49,24 @@ def wait_until(pred, timeout, interval=0.1, what="condition"):
         time.sleep(interval)
 
 
+def watermarks(consumer, topic, partition, timeout=30.0):
+    """(low, high) of a partition. Right after CreateTopics a cluster node may not yet
+    lead the new partition (NOT_LEADER_OR_FOLLOWER, LEADER_NOT_AVAILABLE): those are
+    retriable, and librdkafka's get_watermark_offsets does not retry them itself."""
+    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+    retriable = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                 KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+        except KafkaException as e:
+            if e.args[0].code() not in retriable or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
 # -- self-checking values ------------------------------------------------------
 
 
@@ -101,7 +119,7 @@ def confluent_consume_all(bootstrap, topic, partitions, expect, timeout=90.0, ex
         # High watermarks first, so "done" means "read up to where the log ended".
         ends = {}
         for p in range(partitions):
-            lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            lo, hi = watermarks(c, topic, p)
             ends[p] = hi
         c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
         pos = {p: -1 for p in range(partitions)}

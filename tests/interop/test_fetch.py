@@ -8,7 +8,7 @@ import time
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from kutil import unique, RF
+from kutil import unique, watermarks, RF
 
 
 def tail_latency(broker, topic, conf, produce_after=1.0, timeout=15.0):
@@ -16,7 +16,7 @@ def tail_latency(broker, topic, conf, produce_after=1.0, timeout=15.0):
     c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": unique("tail"), **conf})
     got = {}
     try:
-        lo, hi = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        lo, hi = watermarks(c, topic, 0)
         c.assign([TopicPartition(topic, 0, hi)])
         acked = threading.Event()
         acked_at = []

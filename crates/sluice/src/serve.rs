@@ -110,9 +110,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             rc.lease = settings.session_timeout;
             let replicas = ReplicaManager::start(store.clone(), node.clone(), rc);
             http_state.set_cluster(node.clone(), replicas.clone());
+            let voter = settings.peers.iter().any(|(id, _)| *id == config.node_id);
             info!(
                 node = config.node_id,
+                role = %if voter { "voter" } else { "broker" },
                 raft = %node.local_raft_addr(),
+                advertised = %settings.raft_advertised,
                 peers = settings.peers.len(),
                 "cluster mode"
             );
