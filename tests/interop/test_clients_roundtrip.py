@@ -19,7 +19,7 @@ import pytest
 
 from kutil import CODECS, Expected, assert_report, confluent_consume_all, kafka_python_consume_all, RF
 from kutil import kcat_consume_all, make_value, parse_value
-from kutil import stored_batches, unique, verify
+from kutil import stored_batches, unique, verify, wait_until
 
 N = int(os.environ.get("SLUICE_INTEROP_N", "100000"))
 PARTITIONS = 4
@@ -109,8 +109,11 @@ def produce_kafka_python(broker, topic, tag):
         resp = admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=RF)], timeout_ms=10000)
         errs = [t for t in resp.get("topics", []) if t.get("error_code")] if isinstance(resp, dict) else []
         assert not errs, f"kafka-python create_topics: {errs}"
-        md = admin.describe_topics([topic])
-        assert md and len(md[0]["partitions"]) == PARTITIONS, f"describe_topics after create: {md}"
+        # In a cluster the node asked may apply the new topic a moment after the
+        # controller answered CreateTopics (metadata propagates as in KRaft).
+        md = wait_until(lambda: (lambda d: d if d and len(d[0]["partitions"]) == PARTITIONS else None)(
+            admin.describe_topics([topic])), 15, what=f"describe_topics({topic}) with {PARTITIONS} partitions")
+        assert md[0]["name"] == topic
     finally:
         admin.close()
 

@@ -76,6 +76,10 @@ pub enum Request {
     Heartbeat(BrokerHeartbeat),
     /// Bootstrap probe: who are you and is your Raft state initialized?
     Probe,
+    /// Read index: the log index the Raft leader has committed, once it has confirmed
+    /// it still leads. A node that has applied up to it has seen every change
+    /// acknowledged before the request.
+    ReadIndex,
 }
 
 /// The answer to each [`Request`], same variant.
@@ -92,6 +96,7 @@ pub enum Response {
         node_id: NodeId,
         initialized: bool,
     },
+    ReadIndex(Result<u64, ForwardError>),
 }
 
 /// Transport failures.

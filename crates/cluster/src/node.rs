@@ -344,6 +344,58 @@ impl ClusterNode {
         propose(&self.inner, cmd).await
     }
 
+    /// Waits, at most `limit`, until this node has applied everything the controller
+    /// had committed when asked (a Raft read index, §6.4 of the thesis): a read of the
+    /// local image afterwards sees every metadata change acknowledged before the call,
+    /// such as a topic another node just created. Returns that read index (the
+    /// image's `applied_index` is at least it).
+    pub async fn catch_up(&self, limit: Duration) -> Result<u64, ClusterError> {
+        let inner = &self.inner;
+        let deadline = Instant::now() + limit;
+        let index = match inner.read_index_local(limit).await {
+            Ok(i) => i,
+            Err(ForwardError::NotController { leader }) => {
+                let addr = leader
+                    .filter(|l| *l != inner.id)
+                    .and_then(|l| inner.addr_of(l))
+                    .ok_or(ClusterError::NoController(limit))?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                match inner
+                    .client
+                    .call(
+                        &addr,
+                        &Request::ReadIndex,
+                        left.max(Duration::from_millis(1)),
+                    )
+                    .await
+                {
+                    Ok(Response::ReadIndex(Ok(i))) => i,
+                    Ok(Response::ReadIndex(Err(ForwardError::NotController { .. }))) => {
+                        return Err(ClusterError::NoController(limit))
+                    }
+                    Ok(Response::ReadIndex(Err(ForwardError::Failed(e)))) => {
+                        return Err(ClusterError::Indeterminate(e))
+                    }
+                    Ok(_) => {
+                        return Err(ClusterError::Indeterminate(format!(
+                            "unexpected reply from {addr}"
+                        )))
+                    }
+                    Err(e) => return Err(ClusterError::Indeterminate(e.to_string())),
+                }
+            }
+            Err(ForwardError::Failed(e)) => return Err(ClusterError::Indeterminate(e)),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        inner
+            .raft
+            .wait(Some(left))
+            .applied_index_at_least(Some(index), "catch up with the controller")
+            .await
+            .map(|_| index)
+            .map_err(|e| ClusterError::Indeterminate(e.to_string()))
+    }
+
     /// Stops serving and shuts the Raft core down. Idempotent.
     pub async fn shutdown(&self) {
         let tasks: Vec<_> = self
@@ -400,6 +452,27 @@ impl Inner {
             .get_node(&id)
             .map(|n| n.addr.clone());
         from_membership.or_else(|| self.peers.get(&id).cloned())
+    }
+
+    /// The read index when this node leads (confirmed by a quorum), applied locally.
+    async fn read_index_local(&self, limit: Duration) -> Result<u64, ForwardError> {
+        if !self.is_leader() {
+            let leader = self.raft.metrics().borrow().current_leader;
+            return Err(ForwardError::NotController { leader });
+        }
+        match tokio::time::timeout(limit, self.raft.ensure_linearizable()).await {
+            Ok(Ok(read)) => Ok(read.map_or(0, |l| l.index)),
+            Ok(Err(e)) => {
+                let leader = self.raft.metrics().borrow().current_leader;
+                match leader {
+                    Some(l) if l != self.id => Err(ForwardError::NotController { leader }),
+                    _ => Err(ForwardError::Failed(e.to_string())),
+                }
+            }
+            Err(_) => Err(ForwardError::Failed(format!(
+                "leadership not confirmed within {limit:?}"
+            ))),
+        }
     }
 
     /// Whether this node is the Raft leader now.
@@ -736,6 +809,9 @@ async fn dispatch(inner: &Arc<Inner>, req: Request) -> Response {
                 .await,
         ),
         Request::Heartbeat(hb) => Response::Heartbeat(inner.on_heartbeat(hb).await),
+        Request::ReadIndex => {
+            Response::ReadIndex(inner.read_index_local(inner.config.propose_timeout).await)
+        }
         Request::Probe => Response::Probe {
             node_id: inner.id,
             initialized: inner.raft.is_initialized().await.unwrap_or(false),

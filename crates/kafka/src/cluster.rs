@@ -40,6 +40,10 @@ pub(crate) trait Replicas: Send + Sync + 'static {
     fn controller_id(&self) -> Option<i32>;
     /// Number of voters of the metadata quorum.
     fn voters(&self) -> usize;
+    /// Waits (bounded) until the quorum's locally applied image holds every change
+    /// the controller had committed when called; the read index, or `None` when the
+    /// controller could not be asked in time.
+    fn catch_up(&self) -> BoxFut<'_, Option<u64>>;
     fn propose(&self, cmd: Command) -> BoxFut<'_, Result<CommandResult, ClusterError>>;
     /// 3 unknown, 6 not leader, 19 not enough replicas (only when `acks_all`).
     fn leader_for_produce(

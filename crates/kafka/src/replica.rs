@@ -16,6 +16,10 @@ pub(crate) struct Live(pub Arc<ReplicaManager>);
 /// NOT_LEADER_OR_FOLLOWER.
 const NOT_LEADER: i16 = 6;
 
+/// Longest wait for the controller's read index on a metadata miss; a client
+/// that asked for a topic this node does not know yet waits at most this long.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+
 fn handle(leader: &ProduceLeader) -> Option<&LeaderHandle> {
     leader.token.downcast_ref::<LeaderHandle>()
 }
@@ -42,6 +46,18 @@ impl Replicas for Live {
             .voter_ids()
             .count();
         voters
+    }
+
+    fn catch_up(&self) -> BoxFut<'_, Option<u64>> {
+        Box::pin(async move {
+            match self.0.cluster().catch_up(CATCH_UP_WAIT).await {
+                Ok(index) => Some(index),
+                Err(e) => {
+                    tracing::debug!(error = %e, "metadata catch-up with the controller failed");
+                    None
+                }
+            }
+        })
     }
 
     fn propose(&self, cmd: Command) -> BoxFut<'_, Result<CommandResult, ClusterError>> {

@@ -407,3 +407,34 @@ async fn a_broker_outside_the_voters_joins_as_learner_survives_failover_and_is_r
     .await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_makes_a_change_acknowledged_elsewhere_visible_at_once() {
+    let c = TestCluster::start(3).await;
+    let ctrl = c.controller().await;
+    for n in c.nodes.values() {
+        wait_image(n, T, "3 registered brokers", |i| all_registered(i, 3)).await;
+    }
+    for round in 0..20 {
+        // Alternate the proposer and the reader between the controller and followers.
+        let ids: Vec<i32> = c.nodes.keys().copied().collect();
+        let writer = ids[round % ids.len()];
+        let reader = ids[(round + 1) % ids.len()];
+        let name = format!("t{round}");
+        let r = c
+            .node(writer)
+            .propose(create(&name, 1, 1))
+            .await
+            .expect("quorum");
+        assert!(r.is_ok(), "{r:?}");
+        let index = c.node(reader).catch_up(T).await.expect("read index");
+        let img = c.node(reader).image().borrow().clone();
+        assert!(
+            img.topics.contains_key(&name) && img.applied_index >= index,
+            "round {round}: node {reader} (controller {ctrl}) does not show {name} after catch_up \
+             (read index {index}, applied {})",
+            img.applied_index
+        );
+    }
+    c.shutdown().await;
+}

@@ -54,6 +54,10 @@ impl Replicas for Fake {
     fn voters(&self) -> usize {
         3
     }
+    fn catch_up(&self) -> BoxFut<'_, Option<u64>> {
+        let index = self.image.borrow().applied_index;
+        Box::pin(async move { Some(index) })
+    }
     fn propose(&self, cmd: Command) -> BoxFut<'_, Result<CommandResult, ClusterError>> {
         self.proposals.lock().push(cmd.clone());
         let mut image = (**self.image.borrow()).clone();

@@ -246,27 +246,13 @@ pub(crate) fn metadata(
         (version < 4 || req.allow_auto_topic_creation) && ctx.config.auto_create_topics;
     let wanted = wanted(&req, version);
     let image = c.replicas.image();
-    let to_create: Vec<String> = match (&wanted, allow_create) {
-        (Some(list), true) => list
-            .iter()
-            .filter_map(|w| match w {
-                Wanted::Name(n) => Some(n.0.to_string()),
-                Wanted::Id(_) => None,
-            })
-            .filter(|n| {
-                !image.topics.contains_key(n)
-                    && !n.starts_with("__")
-                    && validate_topic_name(n).is_ok()
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
     let missing = if allow_create {
         Missing::Creating
     } else {
         Missing::Unknown
     };
-    if to_create.is_empty() {
+    let unknown = unknown_names(&wanted, &image);
+    if unknown.is_empty() {
         let cluster_id = cluster_id(ctx, &image);
         return now(
             h,
@@ -281,17 +267,35 @@ pub(crate) fn metadata(
     }
     let (ctx, c) = (ctx.clone(), c.clone());
     later(h, async move {
-        let results =
-            futures::future::join_all(to_create.iter().map(|n| auto_create(&ctx, &c, n))).await;
-        for (name, result) in to_create.iter().zip(&results) {
-            if let Err((code, message)) = result {
-                tracing::warn!(topic = %name, code, error = %message, "auto-create failed");
-            }
+        // A topic this node does not know may have been created through another node a
+        // moment ago: catch up with the controller before calling it unknown (or
+        // auto-creating it), so a client that created a topic anywhere sees it here.
+        if let Some(index) = c.replicas.catch_up().await {
+            c.wait_image(AUTO_CREATE_WAIT, |image| image.applied_index >= index)
+                .await;
         }
-        c.wait_image(AUTO_CREATE_WAIT, |image| {
-            to_create.iter().all(|n| image.topics.contains_key(n))
-        })
-        .await;
+        let image = c.replicas.image();
+        let to_create: Vec<String> = if allow_create {
+            unknown_names(&wanted, &image)
+                .into_iter()
+                .filter(|n| !n.starts_with("__") && validate_topic_name(n).is_ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !to_create.is_empty() {
+            let results =
+                futures::future::join_all(to_create.iter().map(|n| auto_create(&ctx, &c, n))).await;
+            for (name, result) in to_create.iter().zip(&results) {
+                if let Err((code, message)) = result {
+                    tracing::warn!(topic = %name, code, error = %message, "auto-create failed");
+                }
+            }
+            c.wait_image(AUTO_CREATE_WAIT, |image| {
+                to_create.iter().all(|n| image.topics.contains_key(n))
+            })
+            .await;
+        }
         let image = c.replicas.image();
         let cluster_id = cluster_id(&ctx, &image);
         build_metadata(
@@ -302,6 +306,21 @@ pub(crate) fn metadata(
             missing,
         )
     })
+}
+
+/// Topics requested by name that the image does not hold.
+fn unknown_names(wanted: &Option<Vec<Wanted>>, image: &MetadataImage) -> Vec<String> {
+    match wanted {
+        Some(list) => list
+            .iter()
+            .filter_map(|w| match w {
+                Wanted::Name(n) => Some(n.0.to_string()),
+                Wanted::Id(_) => None,
+            })
+            .filter(|n| !image.topics.contains_key(n))
+            .collect(),
+        None => Vec::new(),
+    }
 }
 
 pub(crate) fn describe_cluster(

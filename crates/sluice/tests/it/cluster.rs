@@ -149,6 +149,29 @@ impl Cluster {
         }
     }
 
+    /// Creates a topic with replication factor 3 through node `via` and waits
+    /// until every node's view shows all its partitions led and fully in sync.
+    fn create_replicated(&self, via: usize, name: &str, partitions: usize) {
+        let count = partitions.to_string();
+        self.ok(
+            via,
+            &[
+                "topic",
+                "create",
+                name,
+                "--partitions",
+                &count,
+                "--replication-factor",
+                "3",
+            ],
+        );
+        for i in 0..self.nodes.len() {
+            self.wait_status(i, &format!("{name} fully replicated"), |v| {
+                fully_replicated(v, name, partitions)
+            });
+        }
+    }
+
     /// SIGTERM every node and expect clean exits.
     fn terminate(mut self) {
         for n in &mut self.nodes {
@@ -251,21 +274,7 @@ fn three_node_cluster_status_replication_drain_and_reassign() {
     assert!(table.contains("under-replicated: none"), "{table}");
 
     // A replicated topic: acks=all writes, read back through the cluster.
-    c.ok(
-        0,
-        &[
-            "topic",
-            "create",
-            "orders",
-            "--partitions",
-            "3",
-            "--replication-factor",
-            "3",
-        ],
-    );
-    c.wait_status(2, "orders fully replicated", |v| {
-        fully_replicated(v, "orders", 3)
-    });
+    c.create_replicated(0, "orders", 3);
     let input: String = (0..30).map(|i| format!("k{i}:v{i}\n")).collect();
     let out = c.run(
         2,
@@ -363,21 +372,7 @@ fn consume_sorted(c: &Cluster, via: usize, topic: &str, count: usize) -> Vec<Str
 fn a_node_joins_takes_over_a_partition_and_is_removed() {
     let mut c = Cluster::start();
     c.wait_status(0, "3 alive nodes and a controller", all_alive);
-    c.ok(
-        0,
-        &[
-            "topic",
-            "create",
-            "moving",
-            "--partitions",
-            "1",
-            "--replication-factor",
-            "3",
-        ],
-    );
-    c.wait_status(0, "moving fully replicated", |v| {
-        fully_replicated(v, "moving", 1)
-    });
+    c.create_replicated(0, "moving", 1);
     let input: String = (0..40).map(|i| format!("v{i:02}\n")).collect();
     let out = c.run(0, &["produce", "moving", "--acks", "all"], input.as_bytes());
     assert_success(&out, &["produce"]);
