@@ -87,6 +87,11 @@ pub(crate) async fn serve(
     ));
     let mut duties = Vec::new();
     if let Some(cluster) = &cluster {
+        duties.push(tokio::spawn(high_watermark_checkpoints(
+            store.clone(),
+            HW_CHECKPOINT_INTERVAL,
+            stop_rx.clone(),
+        )));
         duties.push(tokio::spawn(cluster::ensure_offsets_topic(
             cluster.clone(),
             stop_rx.clone(),
@@ -162,6 +167,34 @@ fn advertised_ip(ip: IpAddr) -> IpAddr {
         IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         other => other,
+    }
+}
+
+/// How often replicated partitions write their high watermark down (Kafka's
+/// replica.high.watermark.checkpoint.interval.ms).
+const HW_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Cluster mode: periodic high watermark checkpoints, so a restarted node
+/// serves what it knew was committed without waiting for its peers.
+async fn high_watermark_checkpoints(
+    store: Arc<Store>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.checkpoint_high_watermarks()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => tracing::error!(error = %err, "high watermark checkpoint failed"),
+            Err(err) => tracing::error!(error = %err, "high watermark checkpoint task failed"),
+        }
     }
 }
 

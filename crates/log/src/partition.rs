@@ -13,7 +13,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -29,6 +29,10 @@ use crate::segment::{self, IndexTail, SegFiles, SegMeta, Stop, INDEX_WRITE_BATCH
 use crate::{AppendResult, FlushPolicy, LogError, ReadLimit, ReadResult, TopicConfig};
 
 const LOG_START_FILE: &str = "log-start-offset";
+/// Replicated mode: the last high watermark written down (Kafka's
+/// replication-offset-checkpoint), so a restarted replica serves the records
+/// it knows were committed before its followers or leader tell it again.
+const HIGH_WATERMARK_FILE: &str = "high-watermark";
 
 /// Extra bytes read before the target batch on a fetch, beyond
 /// `index.interval.bytes`, so that one pread normally covers the gap from
@@ -143,6 +147,8 @@ pub struct Partition {
     /// in-sync replicas hold); local mode: it follows `durable_end`.
     replicated: AtomicBool,
     fsyncs: AtomicU64,
+    /// The high watermark last written to `HIGH_WATERMARK_FILE` (-1: none).
+    hw_written: AtomicI64,
     /// Held by a flush round from snapshot to publication.
     sync_lock: Mutex<()>,
     state: AtomicU8,
@@ -167,15 +173,18 @@ fn parse_log_name(name: &str) -> Option<i64> {
     stem.parse().ok()
 }
 
-fn read_log_start(dir: &Path) -> io::Result<Option<i64>> {
-    let Some(bytes) = fsutil::read_optional(&dir.join(LOG_START_FILE))? else {
+/// An offset written by `fsutil::atomic_write` into `dir/name`; `None` when the
+/// file is missing or unreadable (a checkpoint is only ever a hint bounded by
+/// what recovery finds).
+fn read_offset_checkpoint(dir: &Path, name: &str) -> io::Result<Option<i64>> {
+    let Some(bytes) = fsutil::read_optional(&dir.join(name))? else {
         return Ok(None);
     };
     let parsed = std::str::from_utf8(&bytes)
         .ok()
         .and_then(|s| s.trim().parse::<i64>().ok());
     if parsed.is_none() {
-        tracing::warn!(dir = %dir.display(), "ignoring unreadable log start offset checkpoint");
+        tracing::warn!(dir = %dir.display(), file = name, "ignoring an unreadable offset checkpoint");
     }
     Ok(parsed)
 }
@@ -295,7 +304,8 @@ impl Partition {
             segments.insert(base, meta);
         }
 
-        let checkpoint = read_log_start(&dir)?;
+        let checkpoint = read_offset_checkpoint(&dir, LOG_START_FILE)?;
+        let hw_checkpoint = read_offset_checkpoint(&dir, HIGH_WATERMARK_FILE)?;
         if segments.is_empty() {
             let start = checkpoint.unwrap_or(0).max(0);
             let files = Arc::new(SegFiles::create(&dir, start)?);
@@ -367,6 +377,7 @@ impl Partition {
             durable_end_tx: watch::channel(log_end).0,
             replicated: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
+            hw_written: AtomicI64::new(hw_checkpoint.unwrap_or(-1)),
             sync_lock: Mutex::new(()),
             state: AtomicU8::new(STATE_OK),
         });
@@ -614,9 +625,11 @@ impl Partition {
     /// follows the durable end, as a single node needs. Replicated: only
     /// [`Partition::advance_high_watermark`] raises it, because only the
     /// replication layer knows what the in-sync replicas hold; on the
-    /// switch it drops to the log start offset, since nothing above it is
-    /// known to be committed (a restarted replica learns the real value
-    /// from the leader, a leader from its followers' fetches).
+    /// switch it drops to the last checkpointed high watermark (see
+    /// [`Partition::checkpoint_high_watermark`]) capped at the durable end, or
+    /// the log start without one, since nothing above it is known to be
+    /// committed (a restarted replica learns the real value from the leader,
+    /// a leader from its followers' fetches).
     pub fn set_replicated(&self, replicated: bool) {
         // The append lock orders this against appends (publish_written);
         // the view lock against a flush round publishing (publish_durable
@@ -628,11 +641,40 @@ impl Partition {
             return;
         }
         if replicated {
-            self.hw_tx.send_replace(v.log_start);
+            // Offsets below a checkpointed high watermark were on every in-sync
+            // replica's disk when it was written; committed records are never
+            // truncated (leaders come from the ISR), so they are still committed.
+            let durable = *self.durable_end_tx.borrow();
+            let start = match self.hw_written.load(Ordering::Acquire) {
+                hw if hw >= 0 => hw.min(durable).min(v.log_end).max(v.log_start),
+                _ => v.log_start,
+            };
+            self.hw_tx.send_replace(start);
         } else {
             let durable = *self.durable_end_tx.borrow();
             self.hw_tx.send_replace(durable);
         }
+    }
+
+    /// Replicated mode: writes the high watermark down when it moved since the
+    /// last time (temporary file, fsync, rename). The replication layer calls it
+    /// periodically and on shutdown; true when something was written.
+    pub fn checkpoint_high_watermark(&self) -> Result<bool, LogError> {
+        if !self.replicated.load(Ordering::Acquire)
+            || self.state.load(Ordering::Acquire) != STATE_OK
+        {
+            return Ok(false);
+        }
+        let hw = *self.hw_tx.borrow();
+        if hw == self.hw_written.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        fsutil::atomic_write(
+            &self.dir.join(HIGH_WATERMARK_FILE),
+            hw.to_string().as_bytes(),
+        )?;
+        self.hw_written.store(hw, Ordering::Release);
+        Ok(true)
     }
 
     /// Whether the high watermark is under the replication layer's control.

@@ -640,13 +640,26 @@ impl Store {
         self.cluster_id.clone()
     }
 
-    /// Flushes everything; called on clean shutdown.
+    /// Flushes everything and writes the high watermarks of replicated
+    /// partitions down; called on clean shutdown.
     pub fn flush_all(&self) -> Result<(), LogError> {
         for p in self.all_partitions() {
             p.flush_now()?;
+            p.checkpoint_high_watermark()?;
         }
         fsutil::sync_dir(&self.config.data_dir)?;
         Ok(())
+    }
+
+    /// Writes down the high watermark of every replicated partition whose
+    /// watermark moved since its last checkpoint; the number written. The
+    /// server calls this periodically in cluster mode.
+    pub fn checkpoint_high_watermarks(&self) -> Result<usize, LogError> {
+        let mut written = 0;
+        for p in self.all_partitions() {
+            written += usize::from(p.checkpoint_high_watermark()?);
+        }
+        Ok(written)
     }
 }
 

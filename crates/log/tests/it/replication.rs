@@ -712,6 +712,8 @@ enum ROp {
     Retry(u8),
     /// A crash and restart of the leader (true) or the follower.
     Reopen(bool),
+    /// The leader (true) or the follower writes its high watermark down.
+    Checkpoint(bool),
 }
 
 fn rop() -> impl Strategy<Value = ROp> {
@@ -721,6 +723,7 @@ fn rop() -> impl Strategy<Value = ROp> {
         2 => (1i32..4).prop_map(ROp::Failover),
         1 => (1u8..3).prop_map(ROp::Retry),
         1 => any::<bool>().prop_map(ROp::Reopen),
+        1 => any::<bool>().prop_map(ROp::Checkpoint),
     ]
 }
 
@@ -787,6 +790,8 @@ struct Cluster {
     /// below it: they must never change.
     committed: i64,
     committed_bytes: Vec<u8>,
+    /// Per node: the high watermark its last checkpoint wrote.
+    checkpointed: [Option<i64>; 2],
 }
 
 impl Cluster {
@@ -883,6 +888,14 @@ impl Cluster {
         for p in [&l, &f] {
             let hw = p.high_watermark();
             prop_assert!(hw <= p.durable_end_offset(), "HW above the durable end");
+            // Whatever a replica exposes (also a watermark restored from its
+            // checkpoint) was committed by a leader.
+            prop_assert!(
+                hw <= self.committed.max(p.log_start_offset()),
+                "HW {} above what was committed ({})",
+                hw,
+                self.committed
+            );
             prop_assert!(p.durable_end_offset() <= p.log_end_offset());
         }
         Ok(())
@@ -903,6 +916,7 @@ async fn run_replication(ops: Vec<ROp>, flush: FlushPolicy) -> Result<(), TestCa
         follower_diverged: false,
         committed: 0,
         committed_bytes: Vec::new(),
+        checkpointed: [None, None],
     };
     c.l().assign_leader_epoch(0).unwrap();
     let mut fill = 0u8;
@@ -1011,11 +1025,31 @@ async fn run_replication(ops: Vec<ROp>, flush: FlushPolicy) -> Result<(), TestCa
                 prop_assert!(r.duplicate, "retry of {:?} not recognised", last.producer);
                 prop_assert_eq!((r.base_offset, r.end_offset), (last.base, last.end));
             }
+            ROp::Checkpoint(leader) => {
+                let i = if leader { c.leader } else { 1 - c.leader };
+                let p = c.nodes[i].p();
+                let hw = p.high_watermark();
+                let wrote = p.checkpoint_high_watermark().unwrap();
+                prop_assert_eq!(wrote, c.checkpointed[i] != Some(hw) && hw != -1);
+                c.checkpointed[i] = Some(hw);
+                prop_assert!(
+                    !p.checkpoint_high_watermark().unwrap(),
+                    "unchanged: no write"
+                );
+            }
             ROp::Reopen(leader) => {
                 let i = if leader { c.leader } else { 1 - c.leader };
                 c.nodes[i].reopen();
                 let p = c.nodes[i].p();
-                prop_assert_eq!(p.high_watermark(), p.log_start_offset());
+                // A checkpointed watermark comes back, bounded by what recovery kept.
+                let want = match c.checkpointed[i] {
+                    Some(hw) => hw
+                        .min(p.durable_end_offset())
+                        .min(p.log_end_offset())
+                        .max(p.log_start_offset()),
+                    None => p.log_start_offset(),
+                };
+                prop_assert_eq!(p.high_watermark(), want);
                 if leader {
                     c.l().assign_leader_epoch(c.epoch).unwrap();
                 }
