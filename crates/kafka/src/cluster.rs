@@ -81,7 +81,11 @@ pub(crate) trait Replicas: Send + Sync + 'static {
         replica_id: i32,
         fetch_offset: i64,
         current_leader_epoch: i32,
+        log_start_offset: i64,
     ) -> Result<Arc<Partition>, i16>;
+    /// The smallest log start offset among the leader and its in-sync followers
+    /// (3/6 when this node does not lead the partition).
+    fn low_watermark(&self, topic: &str, partition: i32) -> Result<i64, i16>;
     /// Fires whenever this node's roles change.
     fn watch_roles(&self) -> watch::Receiver<u64>;
     /// The epoch this node leads the partition in, if it leads it.

@@ -186,7 +186,15 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
         }
         ApiKey::DeleteRecords => {
             let req = decode!(DeleteRecordsRequest, buf, h);
-            now(h, &handlers::offsets::delete_records(ctx, req))
+            match &ctx.cluster {
+                Some(c) => {
+                    let (ctx, c) = (ctx.clone(), c.clone());
+                    later(h, async move {
+                        handlers::offsets::delete_records_replicated(&ctx, &c, req).await
+                    })
+                }
+                None => now(h, &handlers::offsets::delete_records(ctx, req)),
+            }
         }
         // Group APIs: awaited in line, like Kafka, which handles one request
         // of a connection at a time; a JoinGroup holds its connection until

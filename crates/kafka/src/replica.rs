@@ -126,6 +126,7 @@ impl Replicas for Live {
         replica_id: i32,
         fetch_offset: i64,
         current_leader_epoch: i32,
+        log_start_offset: i64,
     ) -> Result<Arc<Partition>, i16> {
         self.0.on_follower_fetch(
             topic,
@@ -133,7 +134,12 @@ impl Replicas for Live {
             replica_id,
             fetch_offset,
             current_leader_epoch,
+            log_start_offset,
         )
+    }
+
+    fn low_watermark(&self, topic: &str, partition: i32) -> Result<i64, i16> {
+        self.0.low_watermark(topic, partition)
     }
 
     fn watch_roles(&self) -> watch::Receiver<u64> {

@@ -165,6 +165,7 @@ impl Fetcher {
             fetch_offset: offset,
             current_leader_epoch: self.epoch,
             last_fetched_epoch: p.latest_epoch(),
+            log_start_offset: p.log_start_offset(),
             max_bytes: self.max_bytes,
             max_wait: self.max_wait,
         };

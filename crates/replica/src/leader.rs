@@ -28,6 +28,8 @@ struct Progress {
     /// Time of the previous fetch and the leader's log end then.
     last_fetch: Instant,
     last_fetch_leader_end: i64,
+    /// The follower's log start offset from its last fetch (`None`: not reported).
+    log_start: Option<i64>,
 }
 
 impl Progress {
@@ -37,6 +39,7 @@ impl Progress {
             last_caught_up: now,
             last_fetch: now,
             last_fetch_leader_end: i64::MAX,
+            log_start: None,
         }
     }
 }
@@ -135,6 +138,18 @@ impl Leader {
         }
     }
 
+    /// The smallest log start offset among this replica and the in-sync followers
+    /// that reported one (Kafka's low watermark).
+    pub(crate) fn low_watermark(&self) -> i64 {
+        let g = self.inner.lock();
+        let own = self.partition.log_start_offset();
+        g.isr
+            .iter()
+            .filter(|r| **r != self.me)
+            .filter_map(|r| g.followers.get(r).and_then(|p| p.log_start))
+            .fold(own, i64::min)
+    }
+
     /// The committed ISR as this leader knows it.
     pub(crate) fn isr_len(&self) -> usize {
         self.inner.lock().isr.len()
@@ -191,11 +206,13 @@ impl Leader {
         self.update_hw(&self.inner.lock());
     }
 
-    /// A fetch from follower `replica` at `fetch_offset` (its durable end).
+    /// A fetch from follower `replica` at `fetch_offset` (its durable end), holding
+    /// `log_start` (its log start offset, -1 when not sent).
     pub(crate) fn on_follower_fetch(
         self: &Arc<Self>,
         replica: BrokerId,
         fetch_offset: i64,
+        log_start: i64,
     ) -> Result<(), i16> {
         let mut g = self.inner.lock();
         if !g.active {
@@ -221,6 +238,9 @@ impl Leader {
         p.last_fetch = now;
         p.last_fetch_leader_end = leader_end;
         p.fetch_offset = Some(fetch_offset);
+        if log_start >= 0 {
+            p.log_start = Some(log_start);
+        }
         self.update_hw(&g);
         self.maybe_expand(&mut g, replica, fetch_offset);
         Ok(())

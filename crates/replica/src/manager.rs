@@ -313,9 +313,10 @@ impl ReplicaManager {
     }
 
     /// A Fetch from follower `replica_id`: checks the epoch (74/79), records
-    /// `fetch_offset` as that follower's durable end, recomputes the HW and ISR
-    /// expansion. Returns the partition to read from (follower reads go up to the log
-    /// end, not the HW). Err(1) when `fetch_offset` is outside the leader's log.
+    /// `fetch_offset` as that follower's durable end (and `log_start_offset`, -1 when
+    /// not sent, as its log start), recomputes the HW and ISR expansion. Returns the
+    /// partition to read from (follower reads go up to the log end, not the HW).
+    /// Err(1) when `fetch_offset` is outside the leader's log.
     pub fn on_follower_fetch(
         &self,
         topic: &str,
@@ -323,11 +324,20 @@ impl ReplicaManager {
         replica_id: i32,
         fetch_offset: i64,
         current_leader_epoch: i32,
+        log_start_offset: i64,
     ) -> Result<Arc<Partition>, i16> {
         let (leader, _) = self.current_leader(topic, partition)?;
         check_epoch(current_leader_epoch, leader.epoch)?;
-        leader.on_follower_fetch(replica_id, fetch_offset)?;
+        leader.on_follower_fetch(replica_id, fetch_offset, log_start_offset)?;
         Ok(leader.partition.clone())
+    }
+
+    /// Kafka's low watermark of a partition this node leads: the smallest log start
+    /// offset among this replica and the in-sync followers that reported theirs in
+    /// this leadership. DeleteRecords is done once it reaches the requested offset.
+    pub fn low_watermark(&self, topic: &str, partition: i32) -> Result<i64, i16> {
+        let (leader, _) = self.current_leader(topic, partition)?;
+        Ok(leader.low_watermark())
     }
 
     /// The whole leader side of a follower fetch, for transports that call in directly
@@ -341,6 +351,7 @@ impl ReplicaManager {
             replica_id,
             args.fetch_offset,
             args.current_leader_epoch,
+            args.log_start_offset,
         ) {
             Ok(p) => p,
             Err(code) => {

@@ -225,7 +225,7 @@ impl LeaderTransport for Conn {
                         .with_current_leader_epoch(args.current_leader_epoch)
                         .with_fetch_offset(args.fetch_offset)
                         .with_last_fetched_epoch(args.last_fetched_epoch)
-                        .with_log_start_offset(-1)
+                        .with_log_start_offset(args.log_start_offset)
                         .with_partition_max_bytes(max_bytes)])]);
             let resp = self
                 .call_within(&req, FETCH_VERSION, args.max_wait + CALL_TIMEOUT)
@@ -457,6 +457,7 @@ mod tests {
             fetch_offset: 42,
             current_leader_epoch: 3,
             last_fetched_epoch: 2,
+            log_start_offset: 0,
             max_bytes: 1 << 20,
             max_wait: Duration::from_millis(10),
         };

@@ -27,6 +27,9 @@ pub struct FetchArgs {
     pub current_leader_epoch: i32,
     /// The epoch of the follower's last batch (-1 when none).
     pub last_fetched_epoch: i32,
+    /// The follower's log start offset (-1 when unknown): a DeleteRecords on the
+    /// leader completes once the in-sync followers report they followed it.
+    pub log_start_offset: i64,
     /// Bytes asked for.
     pub max_bytes: usize,
     /// How long the leader may hold the request when it has nothing new.

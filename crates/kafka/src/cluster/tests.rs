@@ -132,9 +132,14 @@ impl Replicas for Fake {
         _replica_id: i32,
         _fetch_offset: i64,
         current_leader_epoch: i32,
+        _log_start_offset: i64,
     ) -> Result<Arc<Partition>, i16> {
         self.leader_for_read(topic, partition, current_leader_epoch)
             .map(|(p, _)| p)
+    }
+    fn low_watermark(&self, topic: &str, partition: i32) -> Result<i64, i16> {
+        self.leader_for_read(topic, partition, -1)
+            .map(|(p, _)| p.log_start_offset())
     }
     fn watch_roles(&self) -> watch::Receiver<u64> {
         self.roles.subscribe()

@@ -63,6 +63,7 @@ fn fetch_source(
             replica_id,
             fp.fetch_offset,
             fp.current_leader_epoch,
+            fp.log_start_offset,
         )?;
         Ok((log, ReadLimit::LogEnd))
     } else {

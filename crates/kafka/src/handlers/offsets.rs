@@ -14,7 +14,12 @@ use kafka_protocol::records::RecordBatchDecoder;
 use kafka_protocol::ResponseError;
 use sluice_log::{Partition, ReadLimit};
 
+use std::time::Duration;
+
+use tokio::time::Instant;
+
 use super::leader_partition;
+use crate::cluster::ClusterCtx;
 use crate::server::Ctx;
 
 const LATEST: i64 = -1;
@@ -140,6 +145,57 @@ pub(crate) fn offset_for_leader_epoch(
         .collect();
     OffsetForLeaderEpochResponse::default().with_topics(topics)
 }
+
+/// Cluster mode: deletes on the leader, then answers each partition once its low
+/// watermark (the smallest log start among the leader and its in-sync followers)
+/// has reached the new log start, as Kafka's delayed DeleteRecords does; a
+/// partition whose followers do not follow within `timeout_ms` gets
+/// REQUEST_TIMED_OUT (the deletion itself stands and completes on the followers'
+/// next fetches).
+pub(crate) async fn delete_records_replicated(
+    ctx: &Ctx,
+    c: &ClusterCtx,
+    req: DeleteRecordsRequest,
+) -> DeleteRecordsResponse {
+    let resp = delete_records(ctx, req.clone());
+    let deadline =
+        Instant::now() + Duration::from_millis(u64::try_from(req.timeout_ms).unwrap_or(0));
+    let mut topics = resp.topics;
+    for t in &mut topics {
+        for p in &mut t.partitions {
+            if p.error_code != 0 {
+                continue;
+            }
+            let target = p.low_watermark;
+            loop {
+                match c
+                    .replicas
+                    .low_watermark(t.name.0.as_str(), p.partition_index)
+                {
+                    Ok(low) if low >= target => {
+                        p.low_watermark = low;
+                        break;
+                    }
+                    Ok(_) if Instant::now() < deadline => {
+                        tokio::time::sleep(LOW_WATERMARK_POLL).await;
+                    }
+                    Ok(_) => {
+                        p.error_code = ResponseError::RequestTimedOut.code();
+                        break;
+                    }
+                    Err(code) => {
+                        p.error_code = code;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    DeleteRecordsResponse::default().with_topics(topics)
+}
+
+/// How often a replicated DeleteRecords looks at the followers' log starts.
+const LOW_WATERMARK_POLL: Duration = Duration::from_millis(20);
 
 pub(crate) fn delete_records(ctx: &Ctx, req: DeleteRecordsRequest) -> DeleteRecordsResponse {
     let topics = req

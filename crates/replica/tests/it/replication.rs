@@ -253,3 +253,44 @@ async fn deleted_topic_goes_from_every_broker() {
     .await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_watermark_waits_for_the_in_sync_followers_log_starts() {
+    let c = Cluster::start(3).await;
+    c.create_topic("d", 1, 3, &[]).await;
+    let leader = c.settled("d", 0).await;
+    for tag in 0..5u8 {
+        produce_all(&c, leader, "d", tag).await.expect("acks=all");
+    }
+    logs_converge(&c, leader, "d").await;
+    assert_eq!(c.mgr(leader).low_watermark("d", 0), Ok(0));
+    // DeleteRecords on the leader: its own log start moves at once, the low
+    // watermark only once every in-sync follower has followed and said so.
+    let start = c
+        .partition(leader, "d", 0)
+        .delete_records_before(6)
+        .expect("delete");
+    assert_eq!(start, 6);
+    let low = c.mgr(leader).low_watermark("d", 0).unwrap();
+    let followers: Vec<i64> = c
+        .nodes
+        .keys()
+        .filter(|id| **id != leader)
+        .map(|id| c.partition(*id, "d", 0).log_start_offset())
+        .collect();
+    assert!(
+        low <= *followers.iter().min().unwrap(),
+        "low watermark {low} ahead of the followers' log starts {followers:?}"
+    );
+    eventually(WAIT, "low watermark 6", || async {
+        (c.mgr(leader).low_watermark("d", 0) == Ok(6)).then_some(())
+    })
+    .await;
+    for id in c.nodes.keys() {
+        assert_eq!(c.partition(*id, "d", 0).log_start_offset(), 6, "node {id}");
+    }
+    // Only the leader answers.
+    let follower = *c.nodes.keys().find(|id| **id != leader).unwrap();
+    assert_eq!(c.mgr(follower).low_watermark("d", 0), Err(6));
+    c.shutdown().await;
+}
