@@ -200,6 +200,8 @@ pub struct ClusterNode {
     inner: Arc<Inner>,
     local_addr: SocketAddr,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The broker heartbeat sender, stopped first by a controlled shutdown.
+    heartbeats: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn node_id_of(id: BrokerId) -> Result<NodeId, ClusterError> {
@@ -265,14 +267,15 @@ impl ClusterNode {
         let tasks = vec![
             tokio::spawn(accept_loop(inner.clone(), listener)),
             tokio::spawn(bootstrap(inner.clone())),
-            tokio::spawn(heartbeat_loop(inner.clone())),
             tokio::spawn(controller_loop(inner.clone())),
         ];
+        let heartbeats = tokio::spawn(heartbeat_loop(inner.clone()));
         tracing::info!(node = id, raft = %local_addr, "cluster node started");
         Ok(ClusterNode {
             inner,
             local_addr,
             tasks: Mutex::new(tasks),
+            heartbeats: Mutex::new(Some(heartbeats)),
         })
     }
 
@@ -396,14 +399,49 @@ impl ClusterNode {
             .map_err(|e| ClusterError::Indeterminate(e.to_string()))
     }
 
+    /// Kafka's controlled shutdown, before a clean stop: stops heartbeating (so the
+    /// controller does not unfence it again) and fences this broker through the
+    /// quorum, which moves every partition it leads to another in-sync replica and
+    /// takes it out of the ISRs at once, instead of after a session timeout. The node
+    /// keeps serving meanwhile; clients follow NOT_LEADER_OR_FOLLOWER to the new
+    /// leaders. A restart registers the broker again.
+    pub async fn controlled_shutdown(&self, limit: Duration) -> Result<(), ClusterError> {
+        let heartbeats = self
+            .heartbeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = heartbeats {
+            h.abort();
+            let _ = h.await;
+        }
+        let cmd = Command::FenceBroker {
+            node_id: self.inner.config.node_id,
+        };
+        match tokio::time::timeout(limit, propose(&self.inner, cmd)).await {
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err(rejected))) => Err(ClusterError::Indeterminate(rejected.to_string())),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ClusterError::Indeterminate(format!(
+                "not fenced within {limit:?}"
+            ))),
+        }
+    }
+
     /// Stops serving and shuts the Raft core down. Idempotent.
     pub async fn shutdown(&self) {
-        let tasks: Vec<_> = self
+        let mut tasks: Vec<_> = self
             .tasks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .drain(..)
             .collect();
+        tasks.extend(
+            self.heartbeats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         for t in &tasks {
             t.abort();
         }
@@ -421,6 +459,14 @@ impl Drop for ClusterNode {
     /// Dropping without [`ClusterNode::shutdown`] stops serving at once and shuts the
     /// Raft core down in the background (when a runtime is still there to run it).
     fn drop(&mut self) {
+        if let Some(h) = self
+            .heartbeats
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            h.abort();
+        }
         let tasks = self.tasks.get_mut().unwrap_or_else(|e| e.into_inner());
         if tasks.is_empty() {
             return;

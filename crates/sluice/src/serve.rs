@@ -19,6 +19,9 @@ use tracing::{error, info, warn};
 use crate::config::{ClusterSettings, Config, ServeArgs};
 use crate::http;
 
+/// How long a clean stop waits for the quorum to move this node's leadership.
+const CONTROLLED_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
 /// How long in-flight work may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -147,6 +150,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         }
         res = &mut kafka_task => Some(res),
     };
+    if let (None, Some((node, _))) = (&early_exit, &cluster) {
+        // Hand leadership over while still serving, so clients move to the new
+        // leaders now rather than after the controller's session timeout.
+        match node.controlled_shutdown(CONTROLLED_SHUTDOWN_WAIT).await {
+            Ok(()) => info!("controlled shutdown: partition leadership moved off this node"),
+            Err(e) => warn!("controlled shutdown did not complete ({e}); the controller will fence this node after its session timeout"),
+        }
+    }
     let _ = shutdown_tx.send(true);
     let stopped_by_signal = early_exit.is_none();
 

@@ -438,3 +438,46 @@ async fn catch_up_makes_a_change_acknowledged_elsewhere_visible_at_once() {
     }
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controlled_shutdown_fences_at_once_and_stays_fenced_until_restart() {
+    let mut c = TestCluster::start(3).await;
+    let ctrl = c.controller().await;
+    for n in c.nodes.values() {
+        wait_image(n, T, "3 registered brokers", |i| all_registered(i, 3)).await;
+    }
+    let r = c
+        .node(ctrl)
+        .propose(create("led", 3, 3))
+        .await
+        .expect("quorum");
+    assert!(r.is_ok(), "{r:?}");
+    // A follower of the quorum that leads one of the partitions (placement is
+    // round-robin, so every broker leads one).
+    let going = *c.nodes.keys().find(|id| **id != ctrl).unwrap();
+    let t0 = tokio::time::Instant::now();
+    c.node(going)
+        .controlled_shutdown(T)
+        .await
+        .expect("controlled shutdown");
+    let img = c.node(ctrl).image().borrow().clone();
+    assert!(img.brokers[&going].fenced);
+    for p in &img.topics["led"].partitions {
+        assert_ne!(p.leader, going, "{p:?}");
+        assert!(!p.isr.contains(&going), "{p:?}");
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "fenced through the quorum, not by a session timeout"
+    );
+    // No heartbeat unfences it while it winds down.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(c.node(ctrl).image().borrow().brokers[&going].fenced);
+    c.stop(going).await;
+    c.restart(going).await;
+    wait_image(c.node(ctrl), T, "restarted broker unfenced", |i| {
+        i.brokers.get(&going).is_some_and(|b| !b.fenced)
+    })
+    .await;
+    c.shutdown().await;
+}
