@@ -282,6 +282,17 @@ else
             measure --set system=sluice --set "scenario=e2e $size B at $pct% of peak ($rate/s), acks=all" --set durable_before_ack=true -- \
                 "${SB[@]}" e2e "${SBO[@]}" --topic "e2e-$pct-$size" --partitions 1 --record-size "$size" --acks all --rate "$rate" --duration "$SLUICE_E2E_DUR"
         done
+        # The peak above is produce alone; end to end a consumer shares the two
+        # cores, so its own peak is lower. Measure it (closed loop: as fast as
+        # acknowledgements allow) and the latency at 50% of it as well.
+        measure --set system=sluice --set "scenario=e2e $size B closed loop (end-to-end peak), acks=all" --set durable_before_ack=true -- \
+            "${SB[@]}" e2e "${SBO[@]}" --topic "e2e-peak-$size" --partitions 1 --record-size "$size" --acks all --duration "$SLUICE_E2E_DUR"
+        e2e_peak=$(json_num records_per_sec)
+        if [[ $e2e_peak != 0 ]]; then
+            rate=$(frac "$e2e_peak" 0.5)
+            measure --set system=sluice --set "scenario=e2e $size B at 50% of the end-to-end peak ($rate/s), acks=all" --set durable_before_ack=true -- \
+                "${SB[@]}" e2e "${SBO[@]}" --topic "e2e-50e-$size" --partitions 1 --record-size "$size" --acks all --rate "$rate" --duration "$SLUICE_E2E_DUR"
+        fi
     done
     note "- Sluice's consume latency is per fetch request (\`sluice bench\`'s definition); the peers' consume rows have none (draining a pre-filled queue has no per-message latency). Consume reads the topic written by the 1-producer acks=all run."
     note "- Sluice runs with its default flush policy (fsync before acknowledging, group commit). On a single broker acks=1 and acks=all both wait for that fsync, so both are durable before ack."
