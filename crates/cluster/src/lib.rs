@@ -93,6 +93,13 @@
 //! never retried, so the retry logic never applies a command twice; the caller may
 //! look at the image to find out.
 //!
+//! [`ClusterNode::catch_up`] is a Raft read index: the controller confirms its
+//! leadership with a quorum and names its commit index, and the caller waits until
+//! it has applied that far, so a read of its image afterwards sees every change
+//! acknowledged before (the Kafka front end does this before calling a topic
+//! unknown). [`ClusterNode::controlled_shutdown`] stops the heartbeats and proposes
+//! `FenceBroker` for the node itself, which moves its leadership at once.
+//!
 //! Every controller-side write (fencing, registration, the cluster id) is bounded in
 //! time, so a deposed leader that has not yet heard of the new term (a zombie) cannot
 //! wedge its controller loop or the heartbeat handlers.
