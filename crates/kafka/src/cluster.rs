@@ -40,6 +40,9 @@ pub(crate) trait Replicas: Send + Sync + 'static {
     fn controller_id(&self) -> Option<i32>;
     /// Number of voters of the metadata quorum.
     fn voters(&self) -> usize;
+    /// Whether this node has lost touch with the controller for a session (its
+    /// image may be stale).
+    fn metadata_stale(&self) -> bool;
     /// Waits (bounded) until the quorum's locally applied image holds every change
     /// the controller had committed when called; the read index, or `None` when the
     /// controller could not be asked in time.

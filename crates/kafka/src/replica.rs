@@ -48,6 +48,10 @@ impl Replicas for Live {
         voters
     }
 
+    fn metadata_stale(&self) -> bool {
+        self.0.lease_expired()
+    }
+
     fn catch_up(&self) -> BoxFut<'_, Option<u64>> {
         Box::pin(async move {
             match self.0.cluster().catch_up(CATCH_UP_WAIT).await {

@@ -195,6 +195,16 @@ impl ReplicaManager {
         self.stopped.load(Ordering::Acquire)
     }
 
+    /// Whether the controller has answered none of this node's heartbeats for a
+    /// lease (the session timeout), or holds it fenced: its image may be stale (the
+    /// node is cut off from the quorum or paused), so it leads nothing and its view
+    /// of who leads what may be out of date.
+    pub fn lease_expired(&self) -> bool {
+        self.cluster
+            .last_heartbeat_ack()
+            .is_some_and(|ack| ack.fenced || ack.sent_at.elapsed() > self.cfg.lease)
+    }
+
     /// The leader state of a partition this node leads in the epoch its current image
     /// says; Kafka error code otherwise (3 unknown, 6 not the leader).
     fn current_leader(
@@ -211,10 +221,8 @@ impl ReplicaManager {
         }
         // Refusing is always safe; serving after our lease may have expired
         // only makes clients wait on a leader that can no longer commit.
-        if let Some(ack) = self.cluster.last_heartbeat_ack() {
-            if ack.fenced || ack.sent_at.elapsed() > self.cfg.lease {
-                return Err(codes::NOT_LEADER_OR_FOLLOWER);
-            }
+        if self.lease_expired() {
+            return Err(codes::NOT_LEADER_OR_FOLLOWER);
         }
         let epoch = p.leader_epoch;
         let state = self.state.lock();

@@ -28,6 +28,7 @@ struct Fake {
     proposals: parking_lot::Mutex<Vec<Command>>,
     leads: parking_lot::Mutex<Leads>,
     roles: watch::Sender<u64>,
+    stale: parking_lot::Mutex<bool>,
 }
 
 impl Fake {
@@ -37,6 +38,7 @@ impl Fake {
             proposals: parking_lot::Mutex::new(Vec::new()),
             leads: parking_lot::Mutex::new(HashMap::new()),
             roles: watch::channel(0).0,
+            stale: parking_lot::Mutex::new(false),
         })
     }
 }
@@ -53,6 +55,9 @@ impl Replicas for Fake {
     }
     fn voters(&self) -> usize {
         3
+    }
+    fn metadata_stale(&self) -> bool {
+        *self.stale.lock()
     }
     fn catch_up(&self) -> BoxFut<'_, Option<u64>> {
         let index = self.image.borrow().applied_index;
@@ -423,6 +428,35 @@ async fn create_topics_with_default_replication_factor() {
     assert_eq!(created.partitions.len(), 3);
     assert!(created.partitions.iter().all(|p| p.replicas.len() == 2));
     assert_eq!(resp.topics[0].topic_id.as_bytes(), &created.topic_id);
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_the_controller_names_no_leaders() {
+    let env = env(image());
+    let ask = || {
+        crate::handlers::cluster_meta::metadata(
+            &env.ctx,
+            &env.cluster,
+            MetadataRequest::default().with_topics(None),
+            hdr(ApiKey::Metadata, 8),
+        )
+    };
+    let fresh: MetadataResponse = body(ask(), 8).await;
+    assert_eq!(fresh.topics[0].partitions[0].leader_id.0, 1);
+    *env.fake.stale.lock() = true;
+    let stale: MetadataResponse = body(ask(), 8).await;
+    assert_eq!(
+        stale.brokers.len(),
+        fresh.brokers.len(),
+        "brokers still listed"
+    );
+    for p in &stale.topics[0].partitions {
+        assert_eq!(
+            (p.error_code, p.leader_id.0),
+            (ResponseError::LeaderNotAvailable.code(), -1)
+        );
+        assert!(!p.replica_nodes.is_empty(), "replicas still listed");
+    }
 }
 
 #[tokio::test]

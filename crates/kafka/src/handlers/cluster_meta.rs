@@ -256,12 +256,15 @@ pub(crate) fn metadata(
         let cluster_id = cluster_id(ctx, &image);
         return now(
             h,
-            &build_metadata(
-                &image,
-                c.replicas.controller_id(),
-                &cluster_id,
-                wanted,
-                missing,
+            &guard_stale(
+                c,
+                build_metadata(
+                    &image,
+                    c.replicas.controller_id(),
+                    &cluster_id,
+                    wanted,
+                    missing,
+                ),
             ),
         );
     }
@@ -298,14 +301,37 @@ pub(crate) fn metadata(
         }
         let image = c.replicas.image();
         let cluster_id = cluster_id(&ctx, &image);
-        build_metadata(
-            &image,
-            c.replicas.controller_id(),
-            &cluster_id,
-            wanted,
-            missing,
+        guard_stale(
+            &c,
+            build_metadata(
+                &image,
+                c.replicas.controller_id(),
+                &cluster_id,
+                wanted,
+                missing,
+            ),
         )
     })
+}
+
+/// A node cut off from the controller for a session (partitioned, or just
+/// unpaused) may hold a stale image that still names it, or another departed
+/// node, as a leader. It names no leaders then (LEADER_NOT_AVAILABLE), so
+/// clients refresh their metadata from another node instead of retrying a
+/// leader that moved.
+fn guard_stale(c: &ClusterCtx, mut resp: MetadataResponse) -> MetadataResponse {
+    if !c.replicas.metadata_stale() {
+        return resp;
+    }
+    for t in &mut resp.topics {
+        for p in &mut t.partitions {
+            if p.error_code == 0 {
+                p.error_code = ResponseError::LeaderNotAvailable.code();
+            }
+            p.leader_id = BrokerId(NO_LEADER);
+        }
+    }
+    resp
 }
 
 /// Topics requested by name that the image does not hold.
