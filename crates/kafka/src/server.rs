@@ -179,42 +179,43 @@ const HW_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 async fn high_watermark_checkpoints(
     store: Arc<Store>,
     every: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => return,
+    every_tick(every, stop, move || {
+        match store.checkpoint_high_watermarks() {
+            Ok(_) => {}
+            Err(err) => tracing::error!(error = %err, "high watermark checkpoint failed"),
         }
-        let store = store.clone();
-        match tokio::task::spawn_blocking(move || store.checkpoint_high_watermarks()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => tracing::error!(error = %err, "high watermark checkpoint failed"),
-            Err(err) => tracing::error!(error = %err, "high watermark checkpoint task failed"),
-        }
-    }
+    })
+    .await;
 }
 
-async fn retention_loop(store: Arc<Store>, every: Duration, mut stop: watch::Receiver<bool>) {
+async fn retention_loop(store: Arc<Store>, every: Duration, stop: watch::Receiver<bool>) {
+    every_tick(every, stop, move || match store.enforce_retention() {
+        Ok(0) => {}
+        Ok(deleted) => tracing::info!(deleted, "retention deleted segments"),
+        Err(err) => tracing::error!(error = %err, "retention enforcement failed"),
+    })
+    .await;
+}
+
+/// Runs `work` on the blocking pool (it touches the disk; keep it off the async
+/// workers) every `every`, skipping the immediate first tick so start-up is not
+/// slowed down, until `stop` changes.
+async fn every_tick<F>(every: Duration, mut stop: watch::Receiver<bool>, work: F)
+where
+    F: Fn() + Clone + Send + 'static,
+{
     let mut ticker = tokio::time::interval(every.max(Duration::from_millis(10)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The first tick is immediate; skip it so start-up is not slowed down.
     ticker.tick().await;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.changed() => return,
         }
-        let store = store.clone();
-        // Deleting segments touches the disk; keep it off the async workers.
-        match tokio::task::spawn_blocking(move || store.enforce_retention()).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(deleted)) => tracing::info!(deleted, "retention deleted segments"),
-            Ok(Err(err)) => tracing::error!(error = %err, "retention enforcement failed"),
-            Err(err) => tracing::error!(error = %err, "retention task failed"),
+        if let Err(err) = tokio::task::spawn_blocking(work.clone()).await {
+            tracing::error!(error = %err, "periodic storage task failed");
         }
     }
 }

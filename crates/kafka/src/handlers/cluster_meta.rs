@@ -253,20 +253,7 @@ pub(crate) fn metadata(
     };
     let unknown = unknown_names(&wanted, &image);
     if unknown.is_empty() {
-        let cluster_id = cluster_id(ctx, &image);
-        return now(
-            h,
-            &guard_stale(
-                c,
-                build_metadata(
-                    &image,
-                    c.replicas.controller_id(),
-                    &cluster_id,
-                    wanted,
-                    missing,
-                ),
-            ),
-        );
+        return now(h, &answer(ctx, c, &image, wanted, missing));
     }
     let (ctx, c) = (ctx.clone(), c.clone());
     later(h, async move {
@@ -299,19 +286,30 @@ pub(crate) fn metadata(
             })
             .await;
         }
-        let image = c.replicas.image();
-        let cluster_id = cluster_id(&ctx, &image);
-        guard_stale(
-            &c,
-            build_metadata(
-                &image,
-                c.replicas.controller_id(),
-                &cluster_id,
-                wanted,
-                missing,
-            ),
-        )
+        answer(&ctx, &c, &c.replicas.image(), wanted, missing)
     })
+}
+
+/// The Metadata answer from `image`, without leaders when this node's view may
+/// be stale.
+fn answer(
+    ctx: &Ctx,
+    c: &ClusterCtx,
+    image: &MetadataImage,
+    wanted: Option<Vec<Wanted>>,
+    missing: Missing,
+) -> MetadataResponse {
+    let cluster_id = cluster_id(ctx, image);
+    guard_stale(
+        c,
+        build_metadata(
+            image,
+            c.replicas.controller_id(),
+            &cluster_id,
+            wanted,
+            missing,
+        ),
+    )
 }
 
 /// A node cut off from the controller for a session (partitioned, or just
