@@ -273,6 +273,26 @@ impl CommandError {
 /// The answer to one applied command.
 pub type CommandResult = Result<CommandOutput, CommandError>;
 
+/// A topic the controller keeps in existence at the internal replication factor
+/// (the consumer offsets topic; later the transaction and queue state logs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InternalTopic {
+    pub name: String,
+    pub partitions: i32,
+    pub configs: BTreeMap<String, String>,
+}
+
+/// What [`MetadataImage::internal_topic_plan`] asks the controller to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InternalTopicPlan {
+    /// The topic exists and every partition has its replicas.
+    Ready,
+    /// Propose these commands (create the topic, or grow partitions).
+    Propose(Vec<Command>),
+    /// Too few brokers can be placed on yet: `placeable` of `needed`.
+    Waiting { placeable: usize, needed: usize },
+}
+
 /// Kafka's topic name rule: 1..=249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
 pub fn validate_topic_name(name: &str) -> Result<(), CommandError> {
     if name.is_empty() || name.len() > MAX_TOPIC_NAME_LEN {
@@ -654,13 +674,84 @@ impl MetadataImage {
         Ok(CommandOutput::TopicCreated { topic_id })
     }
 
-    /// Live, non-draining brokers, ascending id.
-    fn placement_candidates(&self) -> Vec<BrokerId> {
+    /// Brokers new replicas may be placed on: live and not draining, ascending id.
+    pub fn placement_candidates(&self) -> Vec<BrokerId> {
         self.brokers
             .iter()
             .filter(|(_, b)| !b.fenced && !b.draining)
             .map(|(id, _)| *id)
             .collect()
+    }
+
+    /// What the controller must propose so that `spec` exists with `replication_factor`
+    /// replicas per partition. Pure: the controller acts on the answer.
+    ///
+    /// A missing topic is created only once that many brokers can be placed on, never
+    /// with fewer replicas. A partition with fewer replicas (created by an older
+    /// release, or while fewer brokers were live) grows by a reassignment that keeps
+    /// its replicas, in order, and appends live brokers it lacks; partitions without a
+    /// live leader or with a move in progress wait.
+    pub fn internal_topic_plan(
+        &self,
+        spec: &InternalTopic,
+        replication_factor: usize,
+    ) -> InternalTopicPlan {
+        let rf = replication_factor.max(1);
+        let candidates = self.placement_candidates();
+        let Some(t) = self.topics.get(&spec.name) else {
+            if candidates.len() < rf {
+                return InternalTopicPlan::Waiting {
+                    placeable: candidates.len(),
+                    needed: rf,
+                };
+            }
+            return InternalTopicPlan::Propose(vec![Command::CreateTopic {
+                name: spec.name.clone(),
+                partitions: spec.partitions,
+                replication_factor: i16::try_from(rf).unwrap_or(i16::MAX),
+                configs: spec.configs.clone(),
+            }]);
+        };
+        let mut grow = Vec::new();
+        let mut waiting = None;
+        for (i, p) in t.partitions.iter().enumerate() {
+            if p.target_replicas.is_some() {
+                // A move in progress (perhaps this one's growth) finishes first.
+                waiting.get_or_insert((p.replicas.len(), rf));
+                continue;
+            }
+            let short = rf.saturating_sub(p.replicas.len());
+            if short == 0 {
+                continue;
+            }
+            if !self.is_live(p.leader) {
+                waiting.get_or_insert((p.replicas.len(), rf));
+                continue;
+            }
+            let missing: Vec<BrokerId> = candidates
+                .iter()
+                .copied()
+                .filter(|b| !p.replicas.contains(b))
+                .collect();
+            if missing.len() < short {
+                waiting.get_or_insert((p.replicas.len() + missing.len(), rf));
+                continue;
+            }
+            // Start where the partition index says, so partitions spread their copies.
+            let start = i % missing.len();
+            let mut replicas = p.replicas.clone();
+            replicas.extend(missing.iter().cycle().skip(start).take(short));
+            grow.push(Command::ReassignPartition {
+                topic: spec.name.clone(),
+                partition: i32::try_from(i).unwrap_or(i32::MAX),
+                replicas,
+            });
+        }
+        match (grow.is_empty(), waiting) {
+            (false, _) => InternalTopicPlan::Propose(grow),
+            (true, Some((placeable, needed))) => InternalTopicPlan::Waiting { placeable, needed },
+            (true, None) => InternalTopicPlan::Ready,
+        }
     }
 
     fn create_partitions(&mut self, name: &str, count: i32) -> CommandResult {

@@ -134,9 +134,9 @@ use std::io::Cursor;
 
 pub use image::{
     BrokerId, BrokerState, Command, CommandError, CommandOutput, CommandResult, ElectionOutcome,
-    MetadataImage, PartitionState, TopicState, NO_LEADER,
+    InternalTopic, InternalTopicPlan, MetadataImage, PartitionState, TopicState, NO_LEADER,
 };
-pub use node::{ClusterConfig, ClusterError, ClusterNode, HeartbeatAck, Members};
+pub use node::{ClusterConfig, ClusterError, ClusterNode, HeartbeatAck, Members, StaleView};
 
 /// Raft node id (the broker id as `u64`).
 pub type NodeId = u64;

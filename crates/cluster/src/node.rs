@@ -14,7 +14,9 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use crate::image::{BrokerId, Command, CommandResult, MetadataImage};
+use crate::image::{
+    BrokerId, Command, CommandResult, InternalTopic, InternalTopicPlan, MetadataImage,
+};
 use crate::network::{
     read_frame, write_frame, BrokerHeartbeat, ForwardError, HeartbeatReply, Request, Response,
     RpcClient, RpcError, TcpNetwork, DEFAULT_MAX_FRAME,
@@ -65,6 +67,11 @@ pub struct ClusterConfig {
     pub propose_timeout: Duration,
     /// Largest inter-node frame accepted.
     pub max_frame: u32,
+    /// Topics the controller creates and keeps at `internal_replication_factor`
+    /// replicas per partition (see [`MetadataImage::internal_topic_plan`]).
+    pub internal_topics: Vec<InternalTopic>,
+    /// Replicas of each internal topic partition: default min(3, voters).
+    pub internal_replication_factor: usize,
 }
 
 impl ClusterConfig {
@@ -82,7 +89,6 @@ impl ClusterConfig {
             kafka_host: "localhost".to_string(),
             kafka_port: 9092,
             replica_addr: None,
-            peers,
             data_dir: data_dir.into(),
             heartbeat_interval: Duration::from_millis(500),
             session_timeout: Duration::from_secs(6),
@@ -93,6 +99,9 @@ impl ClusterConfig {
             keep_below_snapshot: 200,
             propose_timeout: Duration::from_secs(10),
             max_frame: DEFAULT_MAX_FRAME,
+            internal_replication_factor: peers.len().clamp(1, 3),
+            internal_topics: Vec::new(),
+            peers,
         }
     }
 
@@ -147,6 +156,36 @@ impl ClusterError {
     }
 }
 
+/// How often the controller repeats that an internal topic waits for brokers.
+const INTERNAL_WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Why a node's view of the metadata may be stale ([`ClusterNode::stale_view`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleView {
+    /// No controller has answered a heartbeat of this process yet.
+    NotYetHeard,
+    /// The controller answered, but holds this broker fenced.
+    Fenced,
+    /// The last heartbeat a controller answered was sent this long ago, more than
+    /// a session: the node is cut off or was paused, or it is a controller that
+    /// cannot reach a majority.
+    Silent(Duration),
+}
+
+impl std::fmt::Display for StaleView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StaleView::NotYetHeard => f.write_str("no controller has answered this node yet"),
+            StaleView::Fenced => f.write_str("fenced by the controller"),
+            StaleView::Silent(age) => write!(
+                f,
+                "no contact with a controller backed by a quorum for {:.1} s; the metadata view may be stale",
+                age.as_secs_f64()
+            ),
+        }
+    }
+}
+
 /// Liveness as the controller sees it. Reset whenever this node starts a new term as
 /// leader: a new controller trusts no earlier observation (its own clock starts now).
 #[derive(Default)]
@@ -156,6 +195,8 @@ struct ControllerState {
     /// When this node became leader in `term` (the grace period starts here).
     since: Option<Instant>,
     last_seen: HashMap<BrokerId, Instant>,
+    /// When the controller last logged that an internal topic waits for brokers.
+    internal_wait_logged: Option<Instant>,
 }
 
 /// Raft membership: who votes on metadata and who only follows it.
@@ -316,6 +357,21 @@ impl ClusterNode {
             .last_ack
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this node's metadata view may be stale, and why; `None` while a
+    /// controller confirmed by a quorum answered a heartbeat of this process within
+    /// the session timeout and holds it unfenced. A node whose view is stale leads no
+    /// partition (its leadership may have moved) and reports itself unhealthy.
+    pub fn stale_view(&self) -> Option<StaleView> {
+        match self.last_heartbeat_ack() {
+            None => Some(StaleView::NotYetHeard),
+            Some(ack) if ack.fenced => Some(StaleView::Fenced),
+            Some(ack) => {
+                let age = ack.sent_at.elapsed();
+                (age > self.inner.config.session_timeout).then_some(StaleView::Silent(age))
+            }
+        }
     }
 
     /// The voters of the metadata quorum and the non-voting members (brokers that
@@ -666,6 +722,52 @@ impl Inner {
         }
     }
 
+    /// Controller duty: every internal topic exists with the internal replication
+    /// factor ([`MetadataImage::internal_topic_plan`]). Waiting for brokers is normal
+    /// while a cluster starts; it is logged as a warning only once this controller has
+    /// led for a session, and then at most every 10 s.
+    async fn maintain_internal_topics(&self, image: &MetadataImage, since: Instant) {
+        let rf = self.config.internal_replication_factor;
+        for spec in &self.config.internal_topics {
+            match image.internal_topic_plan(spec, rf) {
+                InternalTopicPlan::Ready => {}
+                InternalTopicPlan::Waiting { placeable, needed } => {
+                    let warn = since.elapsed() > self.config.session_timeout && {
+                        let mut c = self.ctrl();
+                        let due = c
+                            .internal_wait_logged
+                            .is_none_or(|t| t.elapsed() >= INTERNAL_WAIT_LOG_EVERY);
+                        if due {
+                            c.internal_wait_logged = Some(Instant::now());
+                        }
+                        due
+                    };
+                    if warn {
+                        tracing::warn!(topic = %spec.name, placeable, needed,
+                            "internal topic waits for enough live brokers to hold its replicas");
+                    }
+                }
+                InternalTopicPlan::Propose(cmds) => {
+                    for cmd in cmds {
+                        tracing::info!(topic = %spec.name, ?cmd, "internal topic below its replication factor; proposing");
+                        match self
+                            .write_local_within(cmd, self.config.session_timeout)
+                            .await
+                        {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => {
+                                tracing::warn!(topic = %spec.name, error = %e, "internal topic change rejected")
+                            }
+                            Err(e) => {
+                                tracing::debug!(topic = %spec.name, error = %e, "internal topic change not proposed")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn replica_addr(&self) -> String {
         if let Some(a) = &self.config.replica_addr {
             return a.clone();
@@ -927,7 +1029,9 @@ async fn bootstrap(inner: Arc<Inner>) {
 /// slow answer does not stretch the silence the controller sees.
 async fn heartbeat_loop(inner: Arc<Inner>) {
     let interval = inner.config.heartbeat_interval;
-    let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
+    // The first heartbeat goes out at once: a node is registered (and may lead)
+    // only after the controller has heard from it.
+    let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let voters: Vec<NodeId> = inner.peers.keys().copied().collect();
     // Where to look when Raft names no leader: a broker that has not joined the
@@ -948,7 +1052,14 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
         let hb = inner.heartbeat();
         let sent_at = Instant::now();
         let result = if leader == inner.id {
-            inner.on_heartbeat(hb).await
+            // The controller's own heartbeat counts only once a quorum confirms it
+            // still leads: a controller cut off from its peers then sees its lease run
+            // out like any broker (it stops leading partitions and reports unhealthy)
+            // instead of answering itself forever.
+            match inner.read_index_local(interval * 2).await {
+                Ok(_) => inner.on_heartbeat(hb).await,
+                Err(e) => Err(e),
+            }
         } else {
             let Some(addr) = inner.addr_of(leader) else {
                 continue;
@@ -980,14 +1091,36 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
     }
 }
 
-/// While leader: set the cluster id once, and fence brokers silent for longer than the
+/// While leader: set the cluster id once, fence brokers silent for longer than the
 /// session timeout (counting from the start of this leadership for brokers not heard
-/// from yet, so a new controller gives everyone a full session of grace).
+/// from yet, so a new controller gives everyone a full session of grace), and keep the
+/// internal topics at their replication factor.
 async fn controller_loop(inner: Arc<Inner>) {
     let tick = (inner.config.heartbeat_interval / 2).max(Duration::from_millis(10));
     let session = inner.config.session_timeout;
+    let mut ticks = tokio::time::interval(tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_tick = Instant::now();
     loop {
-        tokio::time::sleep(tick).await;
+        ticks.tick().await;
+        let now = Instant::now();
+        // Time this loop did not run (the process was paused or starved) was not
+        // observed: heartbeats could not have been heard either, so it must not count
+        // as silence. Every broker's clock moves on by the unobserved stretch.
+        let unobserved = now
+            .saturating_duration_since(last_tick)
+            .saturating_sub(tick * 4);
+        last_tick = now;
+        if !unobserved.is_zero() {
+            let mut c = inner.ctrl();
+            tracing::info!(gap = ?unobserved, "controller loop did not run for a while; not counting that time as broker silence");
+            for seen in c.last_seen.values_mut() {
+                *seen += unobserved;
+            }
+            if let Some(since) = c.since.as_mut() {
+                *since += unobserved;
+            }
+        }
         let (is_leader, term) = {
             let m = inner.raft.metrics();
             let m = m.borrow();
@@ -996,7 +1129,6 @@ async fn controller_loop(inner: Arc<Inner>) {
                 m.current_term,
             )
         };
-        let now = Instant::now();
         let since = {
             let mut c = inner.ctrl();
             if !is_leader {
@@ -1046,5 +1178,7 @@ async fn controller_loop(inner: Arc<Inner>) {
                 Err(e) => tracing::debug!(broker = id, error = %e, "fence not proposed"),
             }
         }
+        let image = inner.sm.image();
+        inner.maintain_internal_topics(&image, since).await;
     }
 }

@@ -730,3 +730,99 @@ fn replica_addr_is_registered_and_defaults_to_empty_in_old_json() {
     let b: BrokerState = serde_json::from_str(old).expect("old broker state");
     assert_eq!(b.replica_addr, "");
 }
+
+fn offsets_spec() -> InternalTopic {
+    InternalTopic {
+        name: "__consumer_offsets".to_string(),
+        partitions: 1,
+        configs: BTreeMap::from([("cleanup.policy".to_string(), "compact".to_string())]),
+    }
+}
+
+#[test]
+fn an_internal_topic_is_created_only_with_its_full_replication_factor() {
+    let spec = offsets_spec();
+    let (mut img, mut i) = cluster(2);
+    assert_eq!(
+        img.internal_topic_plan(&spec, 3),
+        InternalTopicPlan::Waiting {
+            placeable: 2,
+            needed: 3
+        }
+    );
+    register(&mut img, &mut i, 3);
+    let InternalTopicPlan::Propose(cmds) = img.internal_topic_plan(&spec, 3) else {
+        panic!("three brokers can hold it");
+    };
+    assert_eq!(
+        cmds,
+        vec![Command::CreateTopic {
+            name: spec.name.clone(),
+            partitions: 1,
+            replication_factor: 3,
+            configs: spec.configs.clone(),
+        }]
+    );
+    for cmd in &cmds {
+        i += 1;
+        assert!(img.apply(i, cmd).is_ok());
+    }
+    assert_eq!(part(&img, &spec.name, 0).replicas.len(), 3);
+    assert_eq!(img.internal_topic_plan(&spec, 3), InternalTopicPlan::Ready);
+}
+
+#[test]
+fn an_internal_topic_with_too_few_replicas_grows_keeping_its_own() {
+    let spec = offsets_spec();
+    let (mut img, mut i) = cluster(3);
+    i += 1;
+    assert!(img.apply(i, &create(&spec.name, 2, 1)).is_ok());
+    let before: Vec<Vec<BrokerId>> = img.topics[&spec.name]
+        .partitions
+        .iter()
+        .map(|p| p.replicas.clone())
+        .collect();
+    let InternalTopicPlan::Propose(cmds) = img.internal_topic_plan(&spec, 3) else {
+        panic!("both partitions can grow");
+    };
+    assert_eq!(cmds.len(), 2);
+    for cmd in &cmds {
+        i += 1;
+        assert!(img.apply(i, cmd).is_ok(), "{cmd:?}");
+    }
+    for (p, old) in before.iter().enumerate() {
+        let state = part(&img, &spec.name, p as i32);
+        let target = state.target_replicas.clone().expect("a move in progress");
+        assert_eq!(target.len(), 3);
+        assert_eq!(
+            target[0], old[0],
+            "the current replica stays first (preferred leader)"
+        );
+        assert_eq!(
+            state.leader, old[0],
+            "leadership does not move while copies are made"
+        );
+    }
+    // While the copies are made, nothing more is proposed.
+    assert!(matches!(
+        img.internal_topic_plan(&spec, 3),
+        InternalTopicPlan::Waiting { .. }
+    ));
+}
+
+#[test]
+fn an_internal_partition_without_a_live_leader_waits_for_it() {
+    let spec = offsets_spec();
+    let (mut img, mut i) = cluster(3);
+    i += 1;
+    assert!(img.apply(i, &create(&spec.name, 1, 1)).is_ok());
+    let leader = part(&img, &spec.name, 0).leader;
+    i += 1;
+    assert!(img
+        .apply(i, &Command::FenceBroker { node_id: leader })
+        .is_ok());
+    assert!(matches!(
+        img.internal_topic_plan(&spec, 2),
+        InternalTopicPlan::Waiting { .. }
+    ));
+}
