@@ -38,8 +38,6 @@ pub(crate) trait Replicas: Send + Sync + 'static {
     fn watch_image(&self) -> watch::Receiver<Arc<MetadataImage>>;
     /// The controller (Raft leader), if known.
     fn controller_id(&self) -> Option<i32>;
-    /// Number of voters of the metadata quorum.
-    fn voters(&self) -> usize;
     /// Whether this node has lost touch with the controller for a session (its
     /// image may be stale).
     fn metadata_stale(&self) -> bool;
@@ -202,56 +200,6 @@ impl ClusterCtx {
             }
             CoordinatorState::Absent => Err(kafka_protocol::ResponseError::NotCoordinator.code()),
         }
-    }
-}
-
-/// The `CreateTopic` command for `__consumer_offsets`: one partition, RF
-/// min(3, voters), the group crate's overrides.
-pub(crate) fn offsets_topic_command(voters: usize) -> Command {
-    Command::CreateTopic {
-        name: OFFSETS_TOPIC.to_owned(),
-        partitions: 1,
-        replication_factor: i16::try_from(voters.clamp(1, 3)).unwrap_or(1),
-        configs: sluice_group::offsets_topic_configs(),
-    }
-}
-
-/// Start-up duty: makes sure `__consumer_offsets` exists in the image,
-/// retrying until the quorum accepts (or already has) it.
-pub(crate) async fn ensure_offsets_topic(ctx: Arc<ClusterCtx>, mut stop: watch::Receiver<bool>) {
-    let mut delay = Duration::from_millis(200);
-    let mut attempts = 0u32;
-    loop {
-        if ctx.replicas.image().topics.contains_key(OFFSETS_TOPIC) {
-            return;
-        }
-        let cmd = offsets_topic_command(ctx.replicas.voters());
-        match ctx.propose(cmd).await {
-            Ok(_) => {
-                tracing::info!(topic = OFFSETS_TOPIC, "created the offsets topic");
-                return;
-            }
-            Err((code, _)) if code == kafka_protocol::ResponseError::TopicAlreadyExists.code() => {
-                return
-            }
-            Err((code, message)) => {
-                // Expected at start-up until a controller is elected and
-                // enough brokers have registered.
-                attempts += 1;
-                if attempts > 5 {
-                    tracing::warn!(code, error = %message, topic = OFFSETS_TOPIC,
-                        "cannot create the offsets topic yet; retrying");
-                } else {
-                    tracing::debug!(code, error = %message, topic = OFFSETS_TOPIC,
-                        "cannot create the offsets topic yet; retrying");
-                }
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop.changed() => return,
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

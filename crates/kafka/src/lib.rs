@@ -61,9 +61,9 @@
 //!   `__consumer_offsets-0`: the coordinator is opened (after the partition
 //!   is committed up to its log end and replayed: COORDINATOR_LOAD_IN_PROGRESS
 //!   meanwhile) when the node takes that leadership and closed when it loses
-//!   it (NOT_COORDINATOR; ListGroups answers an empty list). At start the
-//!   front end creates `__consumer_offsets` through the quorum (1 partition,
-//!   RF min(3, voters), compacted), retrying until it exists.
+//!   it (NOT_COORDINATOR; ListGroups answers an empty list). The controller
+//!   creates `__consumer_offsets` (1 partition, the cluster's internal
+//!   replication factor, compacted) and keeps it at that factor.
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -37,17 +37,6 @@ impl Replicas for Live {
         self.0.cluster().controller_id()
     }
 
-    fn voters(&self) -> usize {
-        let metrics = self.0.cluster().raft().metrics();
-        let voters = metrics
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .count();
-        voters
-    }
-
     fn metadata_stale(&self) -> bool {
         self.0.lease_expired()
     }

@@ -92,10 +92,6 @@ pub(crate) async fn serve(
             HW_CHECKPOINT_INTERVAL,
             stop_rx.clone(),
         )));
-        duties.push(tokio::spawn(cluster::ensure_offsets_topic(
-            cluster.clone(),
-            stop_rx.clone(),
-        )));
         duties.push(tokio::spawn(cluster::follow_coordinator(
             cluster.clone(),
             store.clone(),

@@ -14,7 +14,8 @@ use tokio::time::Instant;
 
 use crate::codes;
 
-/// How long to wait before proposing again after a failed or rejected ISR change.
+/// How long to wait before proposing the same ISR again after it failed or was
+/// rejected. A different ISR (another eligible follower) may be proposed at once.
 const ALTER_RETRY: Duration = Duration::from_millis(200);
 
 /// What the leader knows about one follower.
@@ -55,7 +56,9 @@ struct Inner {
     /// The ISR proposed by the AlterPartition in flight.
     pending: Option<Vec<BrokerId>>,
     pending_task: Option<JoinHandle<()>>,
-    retry_after: Option<Instant>,
+    /// The last ISR proposal that failed or was rejected, and until when not to
+    /// propose that same ISR again.
+    failed: Option<(Vec<BrokerId>, Instant)>,
 }
 
 impl Inner {
@@ -118,7 +121,7 @@ impl Leader {
                 followers,
                 pending: None,
                 pending_task: None,
-                retry_after: None,
+                failed: None,
             }),
         });
         leader.update_hw(&leader.inner.lock());
@@ -242,67 +245,56 @@ impl Leader {
             p.log_start = Some(log_start);
         }
         self.update_hw(&g);
-        self.maybe_expand(&mut g, replica, fetch_offset);
+        self.maybe_change_isr(&mut g);
         Ok(())
     }
 
-    fn can_propose(&self, g: &Inner) -> bool {
-        g.active && g.pending.is_none() && g.retry_after.is_none_or(|t| Instant::now() >= t)
-    }
-
-    fn maybe_expand(self: &Arc<Self>, g: &mut Inner, replica: BrokerId, fetch_offset: i64) {
-        if g.isr.contains(&replica) || !self.can_propose(g) {
+    /// Proposes the ISR [`next_isr`] asks for, unless a proposal is in flight or the
+    /// same ISR failed a moment ago. Runs on every follower fetch and on the leader's
+    /// timer, so a follower that became eligible between fetches is not forgotten.
+    fn maybe_change_isr(self: &Arc<Self>, g: &mut Inner) {
+        if !g.active || g.pending.is_some() {
             return;
         }
-        if fetch_offset < self.partition.high_watermark() || fetch_offset < self.epoch_start {
+        let hw = self.partition.high_watermark();
+        let image = self.cluster.image().borrow().clone();
+        let Some(change) = next_isr(
+            self.me,
+            &g.isr,
+            &g.followers,
+            Instant::now(),
+            self.lag_max,
+            hw.max(self.epoch_start),
+            |r| image.is_live(r),
+        ) else {
             return;
+        };
+        if let Some((isr, until)) = &g.failed {
+            if *isr == change.isr && Instant::now() < *until {
+                return;
+            }
         }
-        let mut new_isr = g.isr.clone();
-        new_isr.push(replica);
-        tracing::info!(
-            topic = %self.topic,
-            partition = self.index,
-            replica,
-            fetch_offset,
-            "follower caught up; expanding the ISR"
-        );
-        self.propose(g, new_isr);
+        match &change.reason {
+            IsrChange::Shrink(lagging) => tracing::info!(
+                topic = %self.topic,
+                partition = self.index,
+                ?lagging,
+                "followers lag behind; shrinking the ISR"
+            ),
+            IsrChange::Expand(joining) => tracing::info!(
+                topic = %self.topic,
+                partition = self.index,
+                ?joining,
+                "followers caught up; expanding the ISR"
+            ),
+        }
+        self.propose(g, change.isr);
     }
 
-    /// Shrinks out ISR members not caught up for longer than the lag limit.
-    pub(crate) fn maybe_shrink(self: &Arc<Self>) {
+    /// The timer's turn: laggards are shrunk out, eligible followers added.
+    pub(crate) fn on_tick(self: &Arc<Self>) {
         let mut g = self.inner.lock();
-        if !self.can_propose(&g) {
-            return;
-        }
-        let now = Instant::now();
-        let lagging: Vec<BrokerId> = g
-            .isr
-            .iter()
-            .copied()
-            .filter(|r| *r != self.me)
-            .filter(|r| {
-                g.followers
-                    .get(r)
-                    .is_none_or(|p| now.saturating_duration_since(p.last_caught_up) > self.lag_max)
-            })
-            .collect();
-        if lagging.is_empty() {
-            return;
-        }
-        let new_isr: Vec<BrokerId> = g
-            .isr
-            .iter()
-            .copied()
-            .filter(|r| !lagging.contains(r))
-            .collect();
-        tracing::info!(
-            topic = %self.topic,
-            partition = self.index,
-            ?lagging,
-            "followers lag behind; shrinking the ISR"
-        );
-        self.propose(&mut g, new_isr);
+        self.maybe_change_isr(&mut g);
     }
 
     fn propose(self: &Arc<Self>, g: &mut Inner, new_isr: Vec<BrokerId>) {
@@ -329,26 +321,27 @@ impl Leader {
         image: &MetadataImage,
     ) {
         let mut g = self.inner.lock();
-        g.pending = None;
+        let proposed = g.pending.take().unwrap_or_default();
         g.pending_task = None;
+        let failed = Some((proposed, Instant::now() + ALTER_RETRY));
         match result {
             Ok(Ok(CommandOutput::Partition(state))) => {
-                g.retry_after = None;
+                g.failed = None;
                 self.adopt(&mut g, &state);
             }
             Ok(Ok(other)) => {
                 tracing::warn!(?other, "unexpected AlterPartition answer");
-                g.retry_after = Some(Instant::now() + ALTER_RETRY);
+                g.failed = failed;
             }
             Ok(Err(e)) => {
                 tracing::info!(topic = %self.topic, partition = self.index, error = %e,
                     "ISR change rejected; re-reading the image");
-                g.retry_after = Some(Instant::now() + ALTER_RETRY);
+                g.failed = failed;
             }
             Err(e) => {
                 tracing::info!(topic = %self.topic, partition = self.index, error = %e,
                     "ISR change not proposed or outcome unknown; re-reading the image");
-                g.retry_after = Some(Instant::now() + ALTER_RETRY);
+                g.failed = failed;
             }
         }
         // Whatever happened, the image is the truth (an unknown outcome may have
@@ -357,5 +350,168 @@ impl Leader {
             self.adopt(&mut g, state);
         }
         self.update_hw(&g);
+    }
+}
+
+/// Why the ISR changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum IsrChange {
+    /// These members were not caught up for longer than the lag limit.
+    Shrink(Vec<BrokerId>),
+    /// These followers hold everything the leader must have them hold.
+    Expand(Vec<BrokerId>),
+}
+
+/// An ISR a leader should propose, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NextIsr {
+    isr: Vec<BrokerId>,
+    reason: IsrChange,
+}
+
+/// The ISR change a leader should propose, if any. Shrinking comes first: members
+/// (other than the leader) not caught up for longer than `lag_max` leave. Otherwise
+/// every follower outside the ISR whose fetch offset reached `join_at` (the high
+/// watermark and the start of the leader's epoch, whichever is larger) joins, as long
+/// as `eligible` says so (the image shows it registered and unfenced: the controller
+/// refuses anything else, and proposing it again and again would starve the others).
+fn next_isr(
+    me: BrokerId,
+    isr: &[BrokerId],
+    followers: &HashMap<BrokerId, Progress>,
+    now: Instant,
+    lag_max: Duration,
+    join_at: i64,
+    eligible: impl Fn(BrokerId) -> bool,
+) -> Option<NextIsr> {
+    let lagging: Vec<BrokerId> = isr
+        .iter()
+        .copied()
+        .filter(|r| *r != me)
+        .filter(|r| {
+            followers
+                .get(r)
+                .is_none_or(|p| now.saturating_duration_since(p.last_caught_up) > lag_max)
+        })
+        .collect();
+    if !lagging.is_empty() {
+        return Some(NextIsr {
+            isr: isr
+                .iter()
+                .copied()
+                .filter(|r| !lagging.contains(r))
+                .collect(),
+            reason: IsrChange::Shrink(lagging),
+        });
+    }
+    let mut joining: Vec<BrokerId> = followers
+        .iter()
+        .filter(|(r, _)| **r != me && !isr.contains(r))
+        .filter(|(_, p)| p.fetch_offset.is_some_and(|o| o >= join_at))
+        .map(|(r, _)| *r)
+        .filter(|r| eligible(*r))
+        .collect();
+    if joining.is_empty() {
+        return None;
+    }
+    joining.sort_unstable();
+    let mut new_isr = isr.to_vec();
+    new_isr.extend(joining.iter().copied());
+    Some(NextIsr {
+        isr: new_isr,
+        reason: IsrChange::Expand(joining),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caught_up(offset: i64, now: Instant) -> Progress {
+        Progress {
+            fetch_offset: Some(offset),
+            last_caught_up: now,
+            last_fetch: now,
+            last_fetch_leader_end: offset,
+            log_start: None,
+        }
+    }
+
+    #[test]
+    fn a_fenced_follower_that_still_fetches_does_not_keep_an_eligible_one_out() {
+        // The bridge: leader 2 with ISR [2]; follower 1 is fenced by the controller
+        // but still reaches the leader and fetches; follower 3 is eligible. Both are
+        // caught up.
+        let now = Instant::now();
+        let followers = HashMap::from([(1, caught_up(100, now)), (3, caught_up(100, now))]);
+        let next = next_isr(2, &[2], &followers, now, Duration::from_secs(5), 100, |r| {
+            r != 1
+        });
+        assert_eq!(
+            next,
+            Some(NextIsr {
+                isr: vec![2, 3],
+                reason: IsrChange::Expand(vec![3])
+            })
+        );
+    }
+
+    #[test]
+    fn every_eligible_caught_up_follower_joins_at_once_and_laggards_do_not() {
+        let now = Instant::now();
+        let followers = HashMap::from([
+            (1, caught_up(100, now)),
+            (3, caught_up(99, now)),
+            (4, caught_up(120, now)),
+        ]);
+        let next = next_isr(
+            2,
+            &[2],
+            &followers,
+            now,
+            Duration::from_secs(5),
+            100,
+            |_| true,
+        );
+        assert_eq!(
+            next,
+            Some(NextIsr {
+                isr: vec![2, 1, 4],
+                reason: IsrChange::Expand(vec![1, 4])
+            })
+        );
+        // Nobody eligible: no proposal at all.
+        assert_eq!(
+            next_isr(
+                2,
+                &[2],
+                &followers,
+                now,
+                Duration::from_secs(5),
+                100,
+                |_| false
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn lagging_members_are_shrunk_out_before_anyone_joins() {
+        let now = Instant::now();
+        let lag = Duration::from_secs(5);
+        let mut stale = caught_up(50, now);
+        stale.last_caught_up = now.checked_sub(Duration::from_secs(6)).unwrap_or(now);
+        let followers = HashMap::from([(1, stale), (3, caught_up(100, now))]);
+        let next = next_isr(2, &[2, 1], &followers, now, lag, 100, |_| true);
+        assert_eq!(
+            next,
+            Some(NextIsr {
+                isr: vec![2],
+                reason: IsrChange::Shrink(vec![1])
+            })
+        );
+        // A member never heard from in this leadership counts as lagging too.
+        let next = next_isr(2, &[2, 5], &HashMap::new(), now, lag, 100, |_| true);
+        assert_eq!(next.map(|n| n.isr), Some(vec![2]));
     }
 }

@@ -124,12 +124,6 @@ pub struct ReplicaConfig {
     pub fetch_max_bytes: usize,
     /// `min.insync.replicas` when the topic does not set it (capped at the replica count).
     pub default_min_insync: i32,
-    /// The controller's session timeout. A leader whose last heartbeat the
-    /// controller answered was sent longer ago than this may already be
-    /// fenced and replaced (a paused or cut-off node): it stops serving
-    /// produce and consumer fetches with NOT_LEADER_OR_FOLLOWER, so clients
-    /// look for the new leader at once instead of timing out on it.
-    pub lease: Duration,
 }
 
 impl ReplicaConfig {
@@ -141,7 +135,6 @@ impl ReplicaConfig {
             fetch_max_wait: Duration::from_millis(500),
             fetch_max_bytes: 1 << 20,
             default_min_insync: 2,
-            lease: Duration::from_secs(6),
         }
     }
 }

@@ -195,14 +195,12 @@ impl ReplicaManager {
         self.stopped.load(Ordering::Acquire)
     }
 
-    /// Whether the controller has answered none of this node's heartbeats for a
-    /// lease (the session timeout), or holds it fenced: its image may be stale (the
-    /// node is cut off from the quorum or paused), so it leads nothing and its view
-    /// of who leads what may be out of date.
+    /// Whether this node's metadata view may be stale
+    /// ([`ClusterNode::stale_view`]: no quorum-backed controller answered its
+    /// heartbeats for a session, or it is fenced): it leads nothing then, and its
+    /// view of who leads what may be out of date.
     pub fn lease_expired(&self) -> bool {
-        self.cluster
-            .last_heartbeat_ack()
-            .is_some_and(|ack| ack.fenced || ack.sent_at.elapsed() > self.cfg.lease)
+        self.cluster.stale_view().is_some()
     }
 
     /// The leader state of a partition this node leads in the epoch its current image
@@ -769,7 +767,7 @@ async fn leader_loop(leader: Arc<Leader>, lag_max: Duration) {
                 }
                 leader.on_durable_end();
             }
-            _ = timer.tick() => leader.maybe_shrink(),
+            _ = timer.tick() => leader.on_tick(),
         }
     }
 }

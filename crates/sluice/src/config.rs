@@ -103,6 +103,10 @@ pub struct ServeArgs {
     /// min.insync.replicas [default: 2].
     #[arg(long, env = "SLUICE_MIN_INSYNC_REPLICAS", value_name = "N")]
     pub min_insync_replicas: Option<i32>,
+    /// Cluster mode: replicas of each internal topic partition (consumer offsets)
+    /// [default: min(3, voters in --cluster-peers)].
+    #[arg(long, env = "SLUICE_INTERNAL_REPLICATION_FACTOR", value_name = "N")]
+    pub internal_replication_factor: Option<usize>,
     /// When appended records are fsynced [default: always].
     #[arg(long, env = "SLUICE_FLUSH", value_enum)]
     pub flush: Option<FlushMode>,
@@ -184,6 +188,7 @@ pub struct ClusterSection {
     pub raft_advertised: Option<String>,
     pub replica_addr: Option<String>,
     pub min_insync_replicas: Option<i32>,
+    pub internal_replication_factor: Option<usize>,
     pub replica_lag_time_max_ms: Option<u64>,
     pub session_timeout_ms: Option<u64>,
 }
@@ -206,6 +211,8 @@ pub struct ClusterSettings {
     pub raft_advertised: String,
     pub replica_addr: Option<String>,
     pub min_insync_replicas: i32,
+    /// Replicas of each internal topic partition.
+    pub internal_replication_factor: usize,
     pub replica_lag_time_max: Duration,
     pub session_timeout: Duration,
 }
@@ -421,12 +428,20 @@ impl Config {
                 if min_insync_replicas < 1 {
                     bail!("min_insync_replicas must be at least 1");
                 }
+                let internal_replication_factor = args
+                    .internal_replication_factor
+                    .or(file.cluster.internal_replication_factor)
+                    .unwrap_or_else(|| peers.len().clamp(1, 3));
+                if internal_replication_factor < 1 {
+                    bail!("internal_replication_factor must be at least 1");
+                }
                 Some(ClusterSettings {
                     peers,
                     raft_advertised,
                     raft_listen: resolve(&raft_listen).context("invalid Raft listen address")?,
                     replica_addr,
                     min_insync_replicas,
+                    internal_replication_factor,
                     replica_lag_time_max: Duration::from_millis(
                         file.cluster
                             .replica_lag_time_max_ms

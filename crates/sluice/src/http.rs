@@ -93,15 +93,18 @@ async fn healthz(extract::State(state): extract::State<State>) -> Response {
         }
         return (StatusCode::OK, "ok\n").into_response();
     };
-    // A cluster node is healthy once it sees a controller and the quorum
-    // has it registered and unfenced (it can lead and replicate).
+    // A cluster node is healthy once it sees a controller, the quorum has it
+    // registered and unfenced (it can lead and replicate), and a controller that
+    // a quorum stands behind answered it within the session timeout: a node cut
+    // off from the quorum -- a controller without a majority included -- may
+    // still see itself registered in its own, stale, image.
     let me = node.node_id();
     let image = replicas.image();
     let reason = match (node.controller_id(), image.brokers.get(&me)) {
-        (None, _) => Some("no controller (the metadata quorum has no leader)"),
-        (Some(_), None) => Some("not registered with the controller yet"),
-        (Some(_), Some(b)) if b.fenced => Some("fenced by the controller"),
-        _ => None,
+        (None, _) => Some("no controller (the metadata quorum has no leader)".to_owned()),
+        (Some(_), None) => Some("not registered with the controller yet".to_owned()),
+        (Some(_), Some(b)) if b.fenced => Some("fenced by the controller".to_owned()),
+        _ => node.stale_view().map(|stale| stale.to_string()),
     };
     match reason {
         None => (StatusCode::OK, "ok\n").into_response(),
@@ -124,6 +127,10 @@ struct ClusterView {
     node_id: i32,
     controller_id: Option<i32>,
     metadata_applied_index: u64,
+    /// Why this node's view may be out of date (no contact with a controller
+    /// backed by a quorum for a session, or fenced); absent when it is current.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stale: Option<String>,
     nodes: Vec<NodeView>,
     topics: Vec<ClusterTopicView>,
     under_replicated: Vec<TopicPartition>,
@@ -190,6 +197,7 @@ fn cluster_view(
     controller: Option<i32>,
     voters: &[i32],
     image: &MetadataImage,
+    stale: Option<String>,
 ) -> ClusterView {
     let nodes = image
         .brokers
@@ -239,6 +247,7 @@ fn cluster_view(
         node_id: me,
         controller_id: controller,
         metadata_applied_index: image.applied_index,
+        stale,
         nodes,
         topics,
         under_replicated: tp(image.under_replicated()),
@@ -258,6 +267,7 @@ async fn cluster_status(extract::State(state): extract::State<State>) -> Respons
         node.controller_id(),
         &voters,
         &image,
+        node.stale_view().map(|stale| stale.to_string()),
     ))
     .into_response()
 }
@@ -508,7 +518,10 @@ mod tests {
                 ],
             },
         );
-        let v = serde_json::to_value(cluster_view(3, Some(1), &[1, 2], &img)).unwrap();
+        let v = serde_json::to_value(cluster_view(3, Some(1), &[1, 2], &img, None)).unwrap();
+        assert!(v.get("stale").is_none(), "a current view says nothing");
+        let stale = cluster_view(3, Some(1), &[1, 2], &img, Some("cut off".into()));
+        assert_eq!(serde_json::to_value(stale).unwrap()["stale"], "cut off");
         assert_eq!(v["controller_id"], 1);
         assert_eq!(v["node_id"], 3);
         let states: Vec<&str> = v["nodes"]

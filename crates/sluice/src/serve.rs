@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use sluice_cluster::{ClusterConfig, ClusterNode};
+use sluice_cluster::{ClusterConfig, ClusterNode, InternalTopic};
 use sluice_kafka::{KafkaListener, ServerConfig};
 use sluice_log::{Store, StoreConfig};
 use sluice_replica::{ReplicaConfig, ReplicaManager};
@@ -110,7 +110,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             let mut rc = ReplicaConfig::new(config.node_id);
             rc.default_min_insync = default_min_insync;
             rc.replica_lag_max = settings.replica_lag_time_max;
-            rc.lease = settings.session_timeout;
             let replicas = ReplicaManager::start(store.clone(), node.clone(), rc);
             http_state.set_cluster(node.clone(), replicas.clone());
             let voter = settings.peers.iter().any(|(id, _)| *id == config.node_id);
@@ -222,6 +221,12 @@ async fn start_cluster_node(
     cc.kafka_port = kafka_port;
     cc.replica_addr = Some(replica_addr);
     cc.session_timeout = settings.session_timeout;
+    cc.internal_replication_factor = settings.internal_replication_factor;
+    cc.internal_topics = vec![InternalTopic {
+        name: sluice_group::OFFSETS_TOPIC.to_owned(),
+        partitions: 1,
+        configs: sluice_group::offsets_topic_configs(),
+    }];
     let node = ClusterNode::start(cc).await.map_err(|e| match e {
         sluice_cluster::ClusterError::Io(io) => bind_error("Raft", settings.raft_listen, io),
         other => anyhow!(other).context("cannot start the cluster node"),
@@ -376,6 +381,7 @@ mod tests {
             raft_advertised: raft.into(),
             replica_addr: None,
             min_insync_replicas: 2,
+            internal_replication_factor: 2,
             replica_lag_time_max: Duration::from_secs(5),
             session_timeout: Duration::from_secs(6),
         };

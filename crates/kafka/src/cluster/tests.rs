@@ -53,9 +53,6 @@ impl Replicas for Fake {
     fn controller_id(&self) -> Option<i32> {
         Some(1)
     }
-    fn voters(&self) -> usize {
-        3
-    }
     fn metadata_stale(&self) -> bool {
         *self.stale.lock()
     }
@@ -300,27 +297,6 @@ fn coordinator_is_the_offsets_leader() {
         coordinator(&image, 1).0,
         ResponseError::CoordinatorNotAvailable.code()
     );
-}
-
-#[test]
-fn offsets_topic_rf_is_at_most_three() {
-    for (voters, rf) in [(1, 1), (2, 2), (3, 3), (5, 3)] {
-        match offsets_topic_command(voters) {
-            Command::CreateTopic {
-                replication_factor,
-                partitions,
-                configs,
-                ..
-            } => {
-                assert_eq!((replication_factor, partitions), (rf, 1));
-                assert_eq!(
-                    configs.get("cleanup.policy").map(String::as_str),
-                    Some("compact")
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-    }
 }
 
 // ---- through the handlers -----------------------------------------------------

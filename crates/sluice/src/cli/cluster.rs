@@ -178,6 +178,8 @@ struct ClusterView {
     node_id: i32,
     controller_id: Option<i32>,
     metadata_applied_index: u64,
+    #[serde(default)]
+    stale: Option<String>,
     nodes: Vec<NodeView>,
     topics: Vec<TopicView>,
     under_replicated: Vec<TopicPartition>,
@@ -276,6 +278,13 @@ fn render_status(v: &ClusterView) -> String {
         "cluster {cluster_id}  controller {controller}  (as node {} sees it, metadata index {})",
         v.node_id, v.metadata_applied_index
     );
+    if let Some(why) = &v.stale {
+        let _ = writeln!(
+            out,
+            "WARNING: node {}'s view may be stale: {why}",
+            v.node_id
+        );
+    }
     out.push('\n');
     let rows: Vec<Vec<String>> = v
         .nodes

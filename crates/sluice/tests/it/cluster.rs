@@ -33,6 +33,10 @@ struct Cluster {
     nodes: Vec<Node>,
     /// The voters, as --cluster-peers lists them.
     peers: String,
+    /// The voters' Raft ports, node 1 first.
+    raft: Vec<u16>,
+    /// Flags every node is started with.
+    extra: Vec<String>,
     _tmp: tempfile::TempDir,
 }
 
@@ -44,6 +48,11 @@ fn free_port() -> u16 {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    /// Three voters, each started with `extra` flags too.
+    fn start_with(extra: &[&str]) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let raft: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let peers = raft
@@ -55,13 +64,27 @@ impl Cluster {
         let mut c = Cluster {
             nodes: Vec::new(),
             peers,
+            raft,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             _tmp: tmp,
         };
-        for (i, port) in raft.iter().enumerate() {
-            let node = c.spawn(i as i32 + 1, *port, false);
-            c.nodes.push(node);
-        }
+        c.spawn_voters();
         c
+    }
+
+    fn spawn_voters(&mut self) {
+        for (i, port) in self.raft.clone().into_iter().enumerate() {
+            let node = self.spawn(i as i32 + 1, port, false);
+            self.nodes.push(node);
+        }
+    }
+
+    /// SIGKILLs every node, then starts them again on their data directories
+    /// with `extra` flags instead of the old ones.
+    fn restart_all(&mut self, extra: &[&str]) {
+        self.nodes.clear();
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.spawn_voters();
     }
 
     /// Starts node `id` with its Raft listener on `port`: one of the voters, or
@@ -79,6 +102,7 @@ impl Cluster {
         if joins {
             cmd.args(["--raft-advertised", &format!("127.0.0.1:{port}")]);
         }
+        cmd.args(&self.extra);
         // Peers through the environment, the rest as flags: both paths.
         cmd.env("SLUICE_CLUSTER_PEERS", &self.peers);
         let (child, line) = spawn_until_listening(cmd);
@@ -465,5 +489,79 @@ fn a_node_joins_takes_over_a_partition_and_is_removed() {
     let mut all: Vec<String> = expected;
     all.extend((40..50).map(|i| format!("v{i:02}")));
     assert_eq!(consume_sorted(&c, 2, "moving", 50), all);
+    c.terminate();
+}
+
+fn offsets_replicas(v: &Value) -> Option<(Vec<i64>, Vec<i64>, bool)> {
+    let p = &topic(v, "__consumer_offsets")?["partitions"][0];
+    (p["leader"].as_i64()? >= 0).then(|| {
+        (
+            ids(&p["replicas"]),
+            ids(&p["isr"]),
+            p.get("target_replicas").is_some(),
+        )
+    })
+}
+
+/// A node that had not applied the Raft membership yet used to create the
+/// offsets topic with one replica in about half of fresh clusters; the
+/// controller creates it now, once three brokers can hold it.
+#[test]
+fn twenty_fresh_clusters_all_create_the_offsets_topic_with_three_replicas() {
+    for round in 0..20 {
+        let c = Cluster::start();
+        let v = c.wait_status(round % 3, "the offsets topic exists", |v| {
+            offsets_replicas(v).is_some()
+        });
+        let (replicas, _, _) = offsets_replicas(&v).unwrap_or_default();
+        assert_eq!(replicas.len(), 3, "round {round}: {v:#}");
+        // Dropping the cluster SIGKILLs its nodes.
+    }
+}
+
+/// A data directory whose offsets topic has one replica (as older releases
+/// could leave it) is repaired: the controller grows the partition to three
+/// replicas, which copy the committed offsets and join the ISR.
+#[test]
+fn an_offsets_topic_with_one_replica_grows_to_three() {
+    let mut c = Cluster::start_with(&["--internal-replication-factor", "1"]);
+    let v = c.wait_status(0, "the offsets topic exists", |v| {
+        offsets_replicas(v).is_some()
+    });
+    let (replicas, _, _) = offsets_replicas(&v).unwrap_or_default();
+    assert_eq!(replicas.len(), 1, "{v:#}");
+    c.create_replicated(0, "jobs", 1);
+    let input: String = (0..10).map(|i| format!("job{i}\n")).collect();
+    assert_success(
+        &c.run(1, &["produce", "jobs", "--acks", "all"], input.as_bytes()),
+        &["produce"],
+    );
+    let consumed = c.ok(
+        2,
+        &[
+            "consume",
+            "jobs",
+            "--group",
+            "workers",
+            "--from-beginning",
+            "--max-messages",
+            "4",
+            "--timeout-ms",
+            "30000",
+        ],
+    );
+    assert_eq!(consumed.lines().count(), 4, "{consumed}");
+
+    c.restart_all(&[]);
+    for i in 0..3 {
+        c.wait_status(i, "the offsets topic on three replicas, all in sync", |v| {
+            offsets_replicas(v).is_some_and(|(replicas, isr, moving)| {
+                replicas.len() == 3 && isr.len() == 3 && !moving
+            })
+        });
+    }
+    // The commit made while the topic had one replica is still there.
+    let describe = c.ok(0, &["group", "describe", "workers"]);
+    assert_eq!(super::total_lag(&describe), 6, "{describe}");
     c.terminate();
 }
