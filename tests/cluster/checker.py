@@ -38,6 +38,12 @@ The anomalies (each one fails the run):
 Information only (legal outcomes): ``unacked-present`` (a failed or unanswered
 write that did land), and the unavailability window: the longest stretch of the
 run without a successful acknowledgement.
+
+Per-partition writability (used by scenarios that hold a fault and expect every
+partition to be writable again after a grace period, e.g. the bridge):
+:func:`partition_gaps` is the longest stretch of a window without an acknowledged
+write, per partition; :func:`unwritable_partitions` turns it into violations
+(the scenario reports them as ``partition-unwritable``).
 """
 
 from __future__ import annotations
@@ -276,6 +282,59 @@ def unavailability(writes: Iterable[Write], t_start: float, t_end: float) -> tup
         if b - a > best[0]:
             best = (b - a, a, b)
     return best
+
+
+def partition_gaps(writes: Iterable[Write], t_a: float, t_b: float, partitions: Iterable[int] = ()) -> dict:
+    """Per partition, the longest stretch of [t_a, t_b] without a successful
+    acknowledgement of a write to that partition (by acknowledgement time):
+    {partition: (seconds, from, to, acks)}, ``acks`` being the number of
+    acknowledgements inside the window. As in :func:`unavailability`, the ends of
+    the window count as boundaries. Every partition in ``partitions`` is listed even
+    without an acknowledgement (then unwritable for the whole window); partitions
+    with acknowledgements in the window are listed too."""
+    times = defaultdict(list)
+    for w in acked(writes):
+        if w.t_done is not None and t_a <= w.t_done <= t_b:
+            times[w.partition].append(w.t_done)
+    out = {}
+    for p in sorted(set(partitions) | set(times)):
+        ts = sorted(times.get(p, ()))
+        marks = [t_a, *ts, t_b]
+        best = (0.0, t_a, t_a)
+        for a, b in zip(marks, marks[1:]):
+            if b - a > best[0]:
+                best = (b - a, a, b)
+        out[p] = (*best, len(ts))
+    return out
+
+
+def unwritable_partitions(writes: Iterable[Write], t_fault: float, t_heal: float, grace: float,
+                          partitions: Iterable[int]) -> list:
+    """Partitions that a fault held over [t_fault, t_heal] left unwritable for too
+    long. The cluster gets ``grace`` seconds to react (fence, elect, shrink or grow
+    ISRs); after that every partition must take writes again until the heal:
+
+    * ``no-ack-after-grace``: no acknowledged write to the partition in
+      [t_fault + grace, t_heal] (checked only when that window is not empty);
+    * ``gap-over-grace``: the partition's longest stretch without an
+      acknowledgement over the whole fault [t_fault, t_heal] exceeds ``grace``.
+
+    Returns [(partition, reason, detail)], ``detail`` a dict with the longest gap
+    (``gap_s``, ``gap_from``, ``gap_to``, times as given), the acknowledgements
+    during the fault and after the grace, and the window."""
+    whole = partition_gaps(writes, t_fault, t_heal, partitions)
+    t_grace = t_fault + grace
+    after = partition_gaps(writes, t_grace, t_heal, partitions) if t_grace < t_heal else {}
+    out = []
+    for p, (secs, a, b, acks) in sorted(whole.items()):
+        late = after.get(p, (0.0, t_grace, t_grace, 0))[3]
+        detail = dict(gap_s=round(secs, 3), gap_from=round(a, 3), gap_to=round(b, 3), acks_during_fault=acks,
+                      acks_after_grace=late, window=(round(t_fault, 3), round(t_heal, 3)), grace_s=grace)
+        if t_grace < t_heal and late == 0:
+            out.append((p, "no-ack-after-grace", detail))
+        elif secs > grace:
+            out.append((p, "gap-over-grace", detail))
+    return out
 
 
 # -- the whole check -----------------------------------------------------------------

@@ -1,10 +1,32 @@
 """Control of the docker-compose cluster for the fault tests: find the project's
 containers and network by their compose labels, inject faults with the docker CLI
-(kill, start, pause, network disconnect, restart), and read the nodes' state
-through their published HTTP ports (/healthz, /api/v1/cluster).
+(kill, start, pause, network disconnect, restart) and with iptables rules inside
+the containers' network namespaces (cuts of single links between two nodes), and
+read the nodes' state through their published HTTP ports (/healthz, /api/v1/cluster).
 
 Only containers and networks labelled with this run's compose project are ever
 touched. Every wait is bounded.
+
+Link cuts. ``cut_link(a, b)`` drops the packets between two nodes on the
+``cluster`` network only, in one direction or both, while every other link and the
+clients' traffic (which reaches each node over its own ``clientN`` network) stay
+untouched. A cut of the direction a -> b is one rule in b's network namespace,
+
+    nsenter -t <pid of b's container> -n iptables -w 5 -I INPUT \
+        -s <a's address on the cluster network>/32 \
+        -m comment --comment "sluice-jepsen <project> cut a->b" -j DROP
+
+run with the host's iptables (the containers have none; we are root and the
+Docker daemon is local). Dropping at the receiver is silent packet loss, like a
+broken link: the sender sees only retransmissions and timeouts (a DROP in OUTPUT
+would fail its sends at once with EPERM). Note that TCP needs both directions: with
+a -> b dropped, a connection b opens to a never completes (a's SYN-ACK is dropped)
+and on an established one b's segments still reach a but a's answers do not reach
+b. Rules are idempotent (``-C`` before ``-I``), tracked, and removed by
+``heal_links()`` (also called by ``heal_all()``), which finally sweeps every node
+of the project for rules carrying this project's comment. The host's own iptables
+are never touched, and a container's rules vanish with its network namespace
+(``docker kill``/``compose down``).
 """
 
 from __future__ import annotations
@@ -66,6 +88,10 @@ class ComposeCluster:
         self._network: Optional[str] = None
         self.cut: set = set()  # nodes this harness disconnected from the peer network
         self.paused: set = set()
+        # Directed link cuts this harness made: (src, dst) -> rule details (see cut_link).
+        self.links: dict = {}
+        self._ever_cut = False  # whether this harness ever cut a link (then heal must be able to sweep)
+        self._warned = False
 
     # -- discovery ---------------------------------------------------------------
 
@@ -147,9 +173,126 @@ class ComposeCluster:
         docker("network", "connect", "--alias", self.node(node_id).service, self.network(), self.container(node_id))
         self.cut.discard(node_id)
 
+    # -- link cuts (iptables in a container's network namespace) ---------------------
+
+    IPTABLES = "/usr/sbin/iptables"
+
+    def cluster_ip(self, node_id: int) -> str:
+        """The node's address on the project's cluster network (it may change when
+        the node is disconnected and reconnected)."""
+        out = docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", self.container(node_id))
+        ep = (json.loads(out) or {}).get(self.network()) or {}
+        ip = ep.get("IPAddress")
+        if not ip:
+            raise ClusterError(f"node {node_id} has no address on {self.network()} (disconnected?)")
+        return ip
+
+    def _netns_pid(self, node_id: int) -> Optional[int]:
+        """The pid whose network namespace is the container's, None when it is not running."""
+        st = self.state(node_id)
+        pid = int(st.get("Pid") or 0)
+        return pid if st.get("Running") and pid > 0 else None
+
+    def _iptables(self, pid: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = ["nsenter", "-t", str(pid), "-n", "--", self.IPTABLES, "-w", "5", *args]
+        try:
+            cp = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise ClusterError(f"{' '.join(cmd)}: {e} (link cuts need root, a local Docker daemon, "
+                               f"nsenter and {self.IPTABLES} on the host)") from e
+        if check and cp.returncode != 0:
+            raise ClusterError(f"{' '.join(cmd)} failed ({cp.returncode}): {cp.stderr.strip()}")
+        return cp
+
+    def _tag(self, src: int, dst: int) -> str:
+        return f"sluice-jepsen {self.project} cut {src}->{dst}"
+
+    def _rule(self, src_ip: str, tag: str) -> list:
+        return ["INPUT", "-s", f"{src_ip}/32", "-m", "comment", "--comment", tag, "-j", "DROP"]
+
+    def cut_link(self, a: int, b: int, both: bool = True) -> None:
+        """Drops the packets from a to b on the cluster network (and from b to a when
+        `both`). Idempotent. Clients on the host and every other link are untouched."""
+        self._cut_direction(a, b)
+        if both:
+            self._cut_direction(b, a)
+
+    def _cut_direction(self, src: int, dst: int) -> None:
+        if src == dst:
+            raise ClusterError(f"cannot cut node {src} from itself")
+        pid = self._netns_pid(dst)
+        if pid is None:
+            raise ClusterError(f"cannot cut {src}->{dst}: node {dst} is not running")
+        src_ip = self.cluster_ip(src)
+        tag = self._tag(src, dst)
+        rule = self._rule(src_ip, tag)
+        if self._iptables(pid, "-C", *rule, check=False).returncode != 0:
+            self._iptables(pid, "-I", *rule)
+        self._ever_cut = True
+        self.links[(src, dst)] = dict(src_ip=src_ip, tag=tag, container=self.container(dst), pid=pid)
+
+    def uncut_link(self, a: int, b: int, both: bool = True) -> None:
+        """Removes the cut of a -> b (and b -> a when `both`). Idempotent."""
+        for src, dst in [(a, b), (b, a)] if both else [(a, b)]:
+            info = self.links.pop((src, dst), None)
+            if info is None:
+                continue
+            pid = self._netns_pid(dst)
+            if pid is None:
+                continue  # not running: its network namespace, and the rule, are gone
+            rule = self._rule(info["src_ip"], info["tag"])
+            while self._iptables(pid, "-C", *rule, check=False).returncode == 0:
+                self._iptables(pid, "-D", *rule)
+
+    def link_rules(self) -> dict:
+        """{node: [iptables -S lines]} of the rules this project's harness put into the
+        running nodes' network namespaces (found by their comment)."""
+        marker = f"sluice-jepsen {self.project} "
+        out = {}
+        for n in list(self.nodes) + list(self.extra):
+            try:
+                pid = self._netns_pid(n)
+            except ClusterError:
+                continue  # an extra node that was never created
+            if pid is None:
+                continue
+            lines = self._iptables(pid, "-S", "INPUT").stdout.splitlines()
+            mine = [ln for ln in lines if marker in ln]
+            if mine:
+                out[n] = mine
+        return out
+
+    def heal_links(self) -> None:
+        """Removes every link cut: the tracked ones, then any rule of this project
+        still found in a node (a rule made before the harness lost track, or for an
+        address that changed). Raises if one survives."""
+        for src, dst in list(self.links):
+            self.uncut_link(src, dst, both=False)
+        try:
+            found = self.link_rules()
+        except ClusterError as e:
+            if self._ever_cut:
+                raise
+            # No cut was ever made here (e.g. a scenario without link faults on a host
+            # without nsenter/iptables): nothing of ours to remove.
+            if not self._warned:
+                log(f"warning: cannot list link cut rules ({e})")
+                self._warned = True
+            return
+        for n, lines in found.items():
+            pid = self._netns_pid(n)
+            for ln in lines:
+                args = shlex.split(ln)
+                if args[:1] == ["-A"]:
+                    self._iptables(pid, "-D", *args[1:], check=False)
+        left = self.link_rules()
+        if left:
+            raise ClusterError(f"link cut rules left after heal: {left}")
+        self.links.clear()
+
     def heal_all(self) -> None:
         """Undo every fault, whatever state a failed scenario left: unpause, start,
-        reconnect. Idempotent."""
+        reconnect, remove link cuts. Idempotent."""
         net = self.network()
         for n in self.nodes:
             st = self.state(n)
@@ -161,6 +304,7 @@ class ComposeCluster:
                 self.connect(n)
         self.paused.clear()
         self.cut.clear()
+        self.heal_links()
 
     # -- growing and shrinking ---------------------------------------------------------
 
@@ -204,6 +348,21 @@ class ComposeCluster:
         return None
 
     # -- observation -----------------------------------------------------------------
+
+    def health(self, node_id: int, timeout: float = 1.0) -> tuple:
+        """GET /healthz through the published port: (status, body), status None when
+        the node did not answer (body then says why)."""
+        try:
+            with urllib.request.urlopen(f"http://{self.node(node_id).http}/healthz", timeout=timeout) as r:
+                return r.status, r.read(300).decode(errors="replace").strip()
+        except urllib.error.HTTPError as e:
+            try:
+                body = e.read(300).decode(errors="replace").strip()
+            except OSError:
+                body = ""
+            return e.code, body
+        except (OSError, urllib.error.URLError) as e:
+            return None, f"{type(e).__name__}: {e}"
 
     def healthy(self, node_id: int, timeout: float = 2.0) -> bool:
         try:

@@ -18,7 +18,20 @@ Nemeses:
   pause-leader        docker pause the leader longer than the session timeout, unpause
   partition-leader    cut the leader off the peer network (clients still reach it)
   partition-follower  the same for a follower of partition 0
-  partition-controller  the same for the metadata quorum's leader (the controller)
+  partition-controller  the same for the metadata quorum's leader (the controller); while
+                      it is cut off its /healthz must turn non-200 within the session
+                      timeout + 3 s (else healthy-while-cut-off)
+  bridge              cut the link between the controller C and another node E (both
+                      directions; each still reaches the third node M, which leads a
+                      partition when a non-controller does) for ~20 s, heal; every
+                      partition must take writes again within session timeout + replica
+                      lag + 3 s of the cut until the heal (else partition-unwritable);
+                      E's /healthz is recorded
+  asymmetric          drop only the packets from a partition's leader to one follower
+                      (a non-controller leader and follower when there is one, so the
+                      link carries replication, not Raft) for ~15 s, heal: the follower's
+                      fetches go unanswered and it cannot connect, the leader must drop
+                      it from the ISR and keep taking writes
   kill-all            SIGKILL all three nodes at once, start them again
   rolling-restart     docker restart (SIGTERM, then start) each node in turn
   add-node            a fourth node (compose service sluice4) joins, partition 0 moves
@@ -61,6 +74,17 @@ RATE = 250  # records per second offered
 # The controller fences a node after 6 s without heartbeats (session timeout) and
 # Raft elects within 1-2 s: a fault shorter than that tests nothing but retries.
 SESSION_TIMEOUT_S = 6.0
+# A leader drops a follower from the ISR that has not caught up for 5 s.
+REPLICA_LAG_S = 5.0
+SLACK_S = 3.0
+# A node cut off from its peers must say so on /healthz within this long.
+HEALTH_DEADLINE_S = SESSION_TIMEOUT_S + SLACK_S
+# A bridge may leave a partition unwritable this long (fence, then shrink/grow ISRs);
+# after that every partition must take writes until the heal.
+BRIDGE_GRACE_S = SESSION_TIMEOUT_S + REPLICA_LAG_S + SLACK_S
+# The bridge is held at least this long after the grace, so the check has a window.
+BRIDGE_CHECKED_S = 6.0
+POLL_S = 0.25
 
 
 @dataclass
@@ -71,6 +95,8 @@ class Timing:
     settle_s: float = 3.0  # after a heal, before the next round
     tail_s: float = 5.0  # after the last heal, before the producer stops
     recovery_s: float = 60.0  # an ack must arrive this long after the last heal
+    bridge_s: float = 20.0  # a bridge (controller <-> one node cut) is held this long
+    asym_s: float = 15.0  # a one-way link cut is held this long
 
 
 @dataclass
@@ -82,6 +108,11 @@ class Ctx:
     rng: random.Random
     t0: float
     events: list = field(default_factory=list)
+    # Failures a nemesis found itself: kind -> [example], reported like the checker's.
+    failures: dict = field(default_factory=dict)
+    # Fault windows whose per-partition writability is checked after the run:
+    # dict(what, t_fault, t_heal, grace_s, enforce, roles), times as ctx.now().
+    writability: list = field(default_factory=list)
 
     def now(self):
         return time.monotonic() - self.t0
@@ -91,18 +122,26 @@ class Ctx:
         self.events.append(e)
         log(f"  t={e['t']:7.2f}s {what} {kw if kw else ''}")
 
+    def fail(self, kind, example):
+        self.failures.setdefault(kind, []).append(example)
+        log(f"  FAILURE {kind}: {example}")
+
     def controller(self, exclude=()):
         """The metadata quorum's leader (the controller) as the freshest reachable node sees it."""
         st = self.cluster.freshest_status(exclude)
         return st.get("controller_id") if st else None
 
-    def hold_fault(self, seconds, node):
+    def hold_fault(self, seconds, node, failover=True, health=()):
         """Keeps a fault on `node` for `seconds` while watching, through the other
-        nodes, when partition 0 gets a leader other than `node` (the failover time)."""
+        nodes, when partition 0 gets a leader other than `node` (the failover time),
+        unless not `failover`; and /healthz of the `health` nodes (see HealthWatch,
+        returned)."""
         t_fault = time.monotonic()
         end = t_fault + seconds
-        moved = False
+        hw = HealthWatch(self, health, t_fault)
+        moved = not failover
         while time.monotonic() < end:
+            hw.poll()
             if not moved:
                 parts = self.cluster.partitions(self.topic, exclude=(node,)) or []
                 lead = next((p.get("leader") for p in parts if p.get("partition") == 0), None)
@@ -110,9 +149,10 @@ class Ctx:
                     moved = True
                     self.event("failover", new_leader=lead, after_s=round(time.monotonic() - t_fault, 2),
                                controller=self.controller(exclude=(node,)))
-            time.sleep(0.25)
+            time.sleep(POLL_S)
         if not moved:
             self.event("no failover during the fault", node=node, held_s=round(seconds, 1))
+        return hw
 
     def jitter(self, s):
         # Soak runs vary the fault lengths; the default run is deterministic enough.
@@ -122,6 +162,111 @@ class Ctx:
         self.cluster.wait_healthy(nodes, timeout=120)
         self.cluster.wait_isr_full(self.topic, timeout=30)
         self.event("healthy")
+
+
+class HealthWatch:
+    """Polls /healthz of `nodes` through their published ports (clients reach a node
+    that is cut off from its peers) and records each change of the answer as a
+    `healthz` event with the seconds since `t_fault` (monotonic). ``first_unhealthy``:
+    node -> (after_s, status, body) of the first answer other than 200 (status None:
+    no answer within 1 s, which a probe counts as a failure too)."""
+
+    def __init__(self, ctx, nodes, t_fault):
+        self.ctx = ctx
+        self.nodes = tuple(nodes)
+        self.t_fault = t_fault
+        self.last = {}
+        self.first_unhealthy = {}
+
+    def poll(self):
+        for n in self.nodes:
+            status, body = self.ctx.cluster.health(n, timeout=1.0)
+            after = round(time.monotonic() - self.t_fault, 2)
+            if status != 200 and n not in self.first_unhealthy:
+                self.first_unhealthy[n] = (after, status, body)
+            if self.last.get(n, ("?",))[0] != status:
+                self.ctx.event("healthz", node=n, status=status, body=body[:160], after_s=after)
+            self.last[n] = (status, body)
+
+
+class Watch:
+    """Follows the cluster while a link fault is held and records every change once,
+    as an event with the seconds since the fault began (`after_s`): the controller,
+    the nodes' states (alive / fenced) and each partition's leader and ISR of the
+    scenario's topic in the freshest view (highest applied metadata index), the
+    controller each node of `views` believes in (its own, possibly stale, view),
+    and /healthz of the `health` nodes. A partition whose leader moves to another
+    node gets a `failover` event (as in hold_fault)."""
+
+    def __init__(self, ctx, views=(), health=()):
+        self.ctx = ctx
+        self.views = tuple(views)
+        self.health_nodes = tuple(health)
+        self.t_fault = time.monotonic()
+        self.health = HealthWatch(ctx, self.health_nodes, self.t_fault)
+        self.controller = None
+        self.states = {}
+        self.leaders = {}
+        self.isrs = {}
+        self.seen = {}
+        self.failed_over = set()
+        self._read(record=False)
+
+    def _after(self):
+        return round(time.monotonic() - self.t_fault, 2)
+
+    def _read(self, record=True):
+        c = self.ctx.cluster
+        st = c.freshest_status()
+        if st:
+            ctl = st.get("controller_id")
+            if ctl != self.controller:
+                if record:
+                    self.ctx.event("controller", controller=ctl, was=self.controller, after_s=self._after())
+                self.controller = ctl
+            for n in st.get("nodes", []):
+                if self.states.get(n["id"]) != n.get("state"):
+                    if record:
+                        self.ctx.event("node state", node=n["id"], state=n.get("state"),
+                                       was=self.states.get(n["id"]), after_s=self._after())
+                    self.states[n["id"]] = n.get("state")
+            for t in st.get("topics", []):
+                if t.get("name") != self.ctx.topic:
+                    continue
+                for p in t.get("partitions", []):
+                    k = p.get("partition")
+                    lead, isr = p.get("leader"), sorted(p.get("isr", []))
+                    if k in self.leaders and lead != self.leaders[k] and record:
+                        if lead in c.nodes and k not in self.failed_over:
+                            self.failed_over.add(k)
+                            self.ctx.event("failover", partition=k, new_leader=lead, was=self.leaders[k],
+                                           after_s=self._after(), controller=ctl)
+                        else:
+                            self.ctx.event("leader", partition=k, leader=lead, was=self.leaders[k],
+                                           after_s=self._after())
+                    if k in self.isrs and isr != self.isrs[k] and record:
+                        self.ctx.event("isr", partition=k, isr=isr, was=self.isrs[k], leader=lead,
+                                       after_s=self._after())
+                    self.leaders[k], self.isrs[k] = lead, isr
+        for n in self.views:
+            v = c.status(n)
+            ctl = v.get("controller_id") if v else "no answer"
+            if self.seen.get(n, "?") != ctl:
+                if record:
+                    self.ctx.event("view", node=n, controller=ctl, after_s=self._after())
+                self.seen[n] = ctl
+
+    def start(self):
+        """The fault is in place from now on."""
+        self.t_fault = time.monotonic()
+        self.health.t_fault = self.t_fault
+
+    def hold(self, seconds):
+        end = self.t_fault + seconds
+        while time.monotonic() < end:
+            self._read()
+            self.health.poll()
+            time.sleep(POLL_S)
 
 
 # -- nemeses -----------------------------------------------------------------------
@@ -151,16 +296,22 @@ def pause_leader(ctx: Ctx):
         time.sleep(ctx.timing.settle_s)
 
 
-def _partition(ctx: Ctx, pick):
+def _partition(ctx: Ctx, pick, check_health=False):
     for r in range(ctx.rounds):
         node = pick()
         leader = ctx.cluster.leader(ctx.topic, 0)
         ctx.event("disconnect", round=r + 1, node=node, leader=leader, controller=ctx.controller())
         ctx.cluster.disconnect(node)
-        if node == leader:
-            ctx.hold_fault(ctx.jitter(ctx.timing.fault_s), node)
+        hold = ctx.jitter(ctx.timing.fault_s)
+        if check_health:
+            # Long enough to see the deadline pass.
+            hold = max(hold, HEALTH_DEADLINE_S + 1.0)
+            hw = ctx.hold_fault(hold, node, failover=node == leader, health=(node,))
+            _check_cut_off_health(ctx, r, node, hw, hold)
+        elif node == leader:
+            ctx.hold_fault(hold, node)
         else:
-            time.sleep(ctx.jitter(ctx.timing.fault_s))
+            time.sleep(hold)
         ctx.cluster.connect(node)
         ctx.event("connect", node=node)
         ctx.healed()
@@ -171,8 +322,27 @@ def partition_leader(ctx: Ctx):
     _partition(ctx, lambda: ctx.cluster.leader(ctx.topic, 0))
 
 
+def _check_cut_off_health(ctx: Ctx, r, node, hw: HealthWatch, held):
+    """A node cut off from its peers (it lost the quorum: no controller, or fenced)
+    must answer /healthz with something other than 200 within HEALTH_DEADLINE_S of
+    the cut, so that a load balancer or readiness probe stops sending clients to it."""
+    first = hw.first_unhealthy.get(node)
+    ctx.event("cut-off health", node=node, first_unhealthy_after_s=first[0] if first else None,
+              status=first[1] if first else 200, body=(first[2] if first else "ok")[:160],
+              limit_s=HEALTH_DEADLINE_S, held_s=round(held, 1))
+    if first is None:
+        ctx.fail("healthy-while-cut-off",
+                 f"round {r + 1}: node {node} (cut off from its peers) still answered /healthz 200 when "
+                 f"reconnected {held:.1f}s after the cut (limit {HEALTH_DEADLINE_S:.0f}s)")
+    elif first[0] > HEALTH_DEADLINE_S:
+        ctx.fail("healthy-while-cut-off",
+                 f"round {r + 1}: node {node} (cut off from its peers) answered /healthz 200 for {first[0]:.1f}s "
+                 f"after the cut (limit {HEALTH_DEADLINE_S:.0f}s), then {first[1]} {first[2][:120]}")
+
+
 def partition_controller(ctx: Ctx):
-    """Cuts off the metadata quorum's leader (whether or not it leads partition 0)."""
+    """Cuts off the metadata quorum's leader (whether or not it leads partition 0).
+    Its /healthz must turn non-200 within HEALTH_DEADLINE_S of the cut."""
 
     def pick():
         c = ctx.controller()
@@ -180,7 +350,90 @@ def partition_controller(ctx: Ctx):
             raise ClusterError(f"no controller in the cluster status ({c!r})")
         return c
 
-    _partition(ctx, pick)
+    _partition(ctx, pick, check_health=True)
+
+
+def bridge(ctx: Ctx):
+    """The controller C and another node E lose the link between them (both
+    directions); both still reach the third node M. M is a node other than the
+    controller, preferably one leading a partition of the topic. E's heartbeats no
+    longer reach the controller, so C fences E after the session timeout; E still
+    replicates with M, and C with M. Raft may or may not move (E can only win with
+    M's vote). Held ~bridge_s (at least BRIDGE_GRACE_S + BRIDGE_CHECKED_S), then
+    healed. Every partition must take writes again BRIDGE_GRACE_S after the cut
+    and until the heal (checked after the run: `partition-unwritable`); E's
+    /healthz is recorded (events only)."""
+    c = ctx.cluster
+    for r in range(ctx.rounds):
+        ctl = ctx.controller()
+        if ctl not in c.nodes:
+            raise ClusterError(f"no controller in the cluster status ({ctl!r})")
+        parts = c.partitions(ctx.topic) or []
+        leaders = {p["partition"]: p.get("leader") for p in parts}
+        others = sorted(n for n in c.nodes if n != ctl)
+        led = sorted({x for x in leaders.values() if x in others})
+        m = ctx.rng.choice(led or others)
+        e = next(n for n in others if n != m)
+        watch = Watch(ctx, views=(e,), health=sorted(c.nodes))
+        ctx.event("bridge", round=r + 1, controller=ctl, cut_off=e, bridge=m, leaders=leaders,
+                  isr={p["partition"]: p.get("isr") for p in parts})
+        c.cut_link(ctl, e, both=True)
+        t_fault = ctx.now()
+        watch.start()
+        ctx.event("link cut", between=[ctl, e], rules=c.link_rules())
+        hold = max(ctx.jitter(ctx.timing.bridge_s), BRIDGE_GRACE_S + BRIDGE_CHECKED_S)
+        watch.hold(hold)
+        t_heal = ctx.now()
+        first = watch.health.first_unhealthy.get(e)
+        ctx.event("bridge health", node=e, first_unhealthy_after_s=first[0] if first else None,
+                  first_status=first[1] if first else 200, first_body=(first[2] if first else "ok")[:160],
+                  at_heal=watch.health.last.get(e))
+        c.heal_links()
+        ctx.event("links healed", held_s=round(t_heal - t_fault, 1), rules=c.link_rules())
+        ctx.writability.append(dict(what=f"bridge round {r + 1}", t_fault=t_fault, t_heal=t_heal,
+                                    grace_s=BRIDGE_GRACE_S, enforce=True,
+                                    roles=dict(controller=ctl, cut_off=e, bridge=m)))
+        ctx.healed()
+        time.sleep(ctx.timing.settle_s)
+
+
+def asymmetric(ctx: Ctx):
+    """Drops only the packets from a partition's leader L to one of its followers F
+    (F -> L still flows). Picked so that the link carries replication, not Raft:
+    a partition led by a node other than the controller (partition 0 first) and a
+    follower that is not the controller, when there is one. F's fetch requests can
+    still reach L on an established connection, but L's answers (and the SYN-ACKs of
+    new connections) never reach F: F cannot replicate, while its heartbeats to the
+    controller are untouched (no fencing). L must drop F from the ISR after the
+    replica lag time and keep taking writes with the remaining ISR; after the heal F
+    catches up and rejoins. The per-partition writability is recorded (information
+    only, grace = replica lag + 3 s)."""
+    c = ctx.cluster
+    for r in range(ctx.rounds):
+        ctl = ctx.controller()
+        parts = [p for p in (c.partitions(ctx.topic) or []) if p.get("leader") in c.nodes]
+        if not parts:
+            raise ClusterError(f"{ctx.topic} has no partition with a leader")
+        p = sorted(parts, key=lambda p: (p.get("leader") == ctl, p.get("partition")))[0]
+        lead = p["leader"]
+        followers = sorted(n for n in p.get("replicas", []) if n != lead)
+        f = ctx.rng.choice([n for n in followers if n != ctl] or followers)
+        watch = Watch(ctx, health=(f,))
+        ctx.event("cut one way", round=r + 1, partition=p["partition"], dropped=f"{lead}->{f}", leader=lead,
+                  follower=f, controller=ctl, isr=p.get("isr"))
+        c.cut_link(lead, f, both=False)
+        t_fault = ctx.now()
+        watch.start()
+        ctx.event("link cut", rules=c.link_rules())
+        watch.hold(ctx.jitter(ctx.timing.asym_s))
+        t_heal = ctx.now()
+        c.heal_links()
+        ctx.event("links healed", held_s=round(t_heal - t_fault, 1), rules=c.link_rules())
+        ctx.writability.append(dict(what=f"asymmetric round {r + 1}", t_fault=t_fault, t_heal=t_heal,
+                                    grace_s=REPLICA_LAG_S + SLACK_S, enforce=False,
+                                    roles=dict(leader=lead, follower=f, controller=ctl, partition=p["partition"])))
+        ctx.healed()
+        time.sleep(ctx.timing.settle_s)
 
 
 def partition_follower(ctx: Ctx):
@@ -285,6 +538,8 @@ SCENARIOS = {
     "partition-leader": (partition_leader, 2),
     "partition-follower": (partition_follower, 1),
     "partition-controller": (partition_controller, 1),
+    "bridge": (bridge, 1),
+    "asymmetric": (asymmetric, 1),
     "kill-all": (kill_all, 2),
     "rolling-restart": (rolling_restart, 1),
     "add-node": (add_node, 1),
@@ -394,6 +649,29 @@ def run_scenario(name, nemesis, rounds, cluster: ComposeCluster, timing: Timing,
                         group_reads=grp.reads, commits=grp.commits, final_committed=final_committed)
 
     failures = list(rep.failures)
+    examples = {k: [repr(x) for x in v] for k, v in rep.examples.items()}
+    # Per-partition writability of the fault windows a nemesis asked for.
+    writability = []
+    for wnd in ctx.writability:
+        gaps = checker.partition_gaps(writes, wnd["t_fault"], wnd["t_heal"], range(PARTITIONS))
+        bad = checker.unwritable_partitions(writes, wnd["t_fault"], wnd["t_heal"], wnd["grace_s"],
+                                            range(PARTITIONS))
+        writability.append(dict(
+            wnd, violations=[(p, why) for p, why, _ in bad],
+            partitions={p: dict(longest_gap_s=round(g[0], 2), gap=(round(g[1], 2), round(g[2], 2)), acks=g[3])
+                        for p, g in gaps.items()}))
+        log(f"--- {name}: {wnd['what']} ({wnd['roles']}): fault {wnd['t_fault']:.1f}..{wnd['t_heal']:.1f}s, "
+            f"grace {wnd['grace_s']:.0f}s, per partition (longest gap, acks): "
+            + ", ".join(f"p{p} {g[0]:.1f}s [{g[1]:.1f}..{g[2]:.1f}] {g[3]}" for p, g in gaps.items())
+            + (f"; VIOLATIONS {[(p, why) for p, why, _ in bad]}" if bad else "")
+            + ("" if wnd["enforce"] else " (information only)"))
+        if wnd["enforce"]:
+            for p, why, detail in bad:
+                ctx.failures.setdefault("partition-unwritable", []).append(
+                    f"{wnd['what']} {wnd['roles']}: partition {p} {why}: {detail}")
+    for kind, items in ctx.failures.items():
+        failures.append(kind)
+        examples[kind] = [str(x) for x in items]
     if not recovered:
         failures.append("no-recovery")
     if final_committed is None:
@@ -417,7 +695,8 @@ def run_scenario(name, nemesis, rounds, cluster: ComposeCluster, timing: Timing,
         harness_error=harness_error,
         client_crash=[repr(x) for x in [prod.crashed, grp.crashed, *[c.crashed for c in cons]] if x],
         events=ctx.events,
-        examples={k: [repr(x) for x in v] for k, v in rep.examples.items()},
+        examples=examples,
+        writability=writability,
         duration_s=round(ctx.now(), 1),
     )
     log(f"--- {name}: {rep.summary()}")
@@ -462,7 +741,7 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     timing = Timing()
     if args.soak:
-        timing = Timing(warmup_s=5, down_s=12, fault_s=20, settle_s=5, tail_s=10)
+        timing = Timing(warmup_s=5, down_s=12, fault_s=20, settle_s=5, tail_s=10, bridge_s=30, asym_s=20)
     extra = {4: Node(4, "sluice4", int(os.environ.get("SLUICE_KAFKA_PORT_4", "19095")),
                      int(os.environ.get("SLUICE_HTTP_PORT_4", "18084")))}
     cluster = ComposeCluster(args.project, args.kafka_ports.split(","), args.http_ports.split(","), extra=extra)

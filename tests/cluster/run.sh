@@ -7,14 +7,18 @@
 #   4. the image built from the host's release binary (docker/build-local-image.sh,
 #      nothing pulled), the compose cluster started under a project name of its own
 #   5. the Jepsen-style scenarios (tests/cluster/jepsen.py): kill / pause / partition
-#      the leader, partition a follower, kill all, rolling restart, a fourth node
+#      the leader, partition a follower or the controller, a bridge (the link between
+#      the controller and one node cut) and a one-way link cut (single links are cut
+#      with iptables in the containers' network namespaces: root, nsenter and
+#      /usr/sbin/iptables on the host), kill all, rolling restart, a fourth node
 #      joining, taking over partition 0 and leaving again; each checked for
-#      lost, duplicated, reordered or dirty-read records
+#      lost, duplicated, reordered or dirty-read records, partitions left unwritable
+#      by a bridge and a cut-off controller that still reports healthy
 #   6. teardown (`down -v`) even on failure; only this run's project, volumes and
 #      image tag are touched
 #
 # Usage: tests/cluster/run.sh [--soak] [--check-only] [--keep] [--scenarios a,b] [--rounds N]
-#   --soak        4x the rounds with longer, varied faults (about 20 minutes)
+#   --soak        4x the rounds with longer, varied faults (about 25-30 minutes)
 #   --check-only  steps 1-3 only: no Docker cluster
 #   --keep        leave the cluster running at the end (then: docker-compose -p NAME down -v)
 #

@@ -19,9 +19,11 @@ from checker import (  # noqa: E402
     duplicates,
     group_gaps,
     lost_commits,
+    partition_gaps,
     poll_order,
     reorders,
     unavailability,
+    unwritable_partitions,
 )
 
 
@@ -306,3 +308,99 @@ def test_commit_checks_skipped_without_final_committed():
     writes, reads, final = clean_history(4, partitions=1)
     rep = check(writes, reads, final, commits=[Commit(0, 9)])
     assert rep.ok
+
+
+# -- per-partition writability (bridge) ------------------------------------------------
+
+
+def acks_every(partition, t_from, t_to, step=0.5, seq0=0, producer="p0"):
+    """Acknowledged writes to one partition, one every `step` seconds in [t_from, t_to)."""
+    out, t, i = [], t_from, 0
+    while t < t_to - 1e-9:
+        out.append(w(seq0 + i, partition=partition, offset=seq0 + i, t=t - 0.01, t_done=t, producer=producer))
+        t += step
+        i += 1
+    return out
+
+
+def test_partition_gaps_per_partition():
+    # Partition 0 writable throughout; partition 1 stalls from 4.0 to 11.0.
+    writes = acks_every(0, 0.0, 20.0, producer="a") + acks_every(1, 0.0, 4.5, producer="b") + \
+        acks_every(1, 11.0, 20.0, seq0=100, producer="b")
+    gaps = partition_gaps(writes, 2.0, 16.0, partitions=[0, 1])
+    secs, a, b, acks = gaps[0]
+    assert secs == 0.5 and acks == 29  # 2.0 .. 16.0, the ends included
+    secs, a, b, acks = gaps[1]
+    assert (secs, a, b) == (7.0, 4.0, 11.0)
+    assert acks == 5 + 11  # 2.0 .. 4.0 and 11.0 .. 16.0
+
+
+def test_partition_gaps_ignores_failures_and_other_windows():
+    writes = [
+        w(0, partition=0, offset=0, t=0.0, t_done=1.0),
+        w(1, partition=0, outcome=FAIL, t=2.0, t_done=5.0, error="x"),  # a failure is no ack
+        w(2, partition=0, outcome=UNKNOWN, t=3.0),
+        w(3, partition=0, offset=1, t=3.0, t_done=30.0),  # acknowledged after the window
+    ]
+    gaps = partition_gaps(writes, 2.0, 10.0, partitions=[0])
+    assert gaps[0] == (8.0, 2.0, 10.0, 0)
+
+
+def test_partition_gaps_lists_silent_partitions_and_acked_ones():
+    writes = acks_every(1, 0.0, 10.0)
+    gaps = partition_gaps(writes, 0.0, 10.0, partitions=[0])
+    # Partition 0 was asked for and never acknowledged: the whole window.
+    assert gaps[0] == (10.0, 0.0, 10.0, 0)
+    # Partition 1 was not asked for but had acknowledgements: listed too.
+    assert gaps[1][3] == 20 and abs(gaps[1][0] - 0.5) < 1e-9
+
+
+def test_partition_gaps_tail_counts():
+    writes = [w(0, partition=0, offset=0, t=0.0, t_done=1.0)]
+    assert partition_gaps(writes, 0.0, 20.0, [0])[0] == (19.0, 1.0, 20.0, 1)
+
+
+def test_bridge_all_partitions_writable_after_grace_passes():
+    # Fault 10..35, grace 14: both partitions stall for up to 8 s, then write again.
+    writes = acks_every(0, 0.0, 12.0, producer="a") + acks_every(0, 18.0, 40.0, seq0=100, producer="a") + \
+        acks_every(1, 0.0, 10.0, producer="b") + acks_every(1, 17.0, 40.0, seq0=100, producer="b")
+    assert unwritable_partitions(writes, 10.0, 35.0, 14.0, [0, 1]) == []
+
+
+def test_bridge_partition_stuck_for_the_whole_fault():
+    # Partition 1 never takes a write between the cut (10) and the heal (35): ISR
+    # [M] below min.insync.replicas for the whole cut.
+    writes = acks_every(0, 0.0, 40.0, producer="a") + acks_every(1, 0.0, 10.0, producer="b") + \
+        acks_every(1, 36.0, 40.0, seq0=100, producer="b")
+    got = unwritable_partitions(writes, 10.0, 35.0, 14.0, [0, 1])
+    assert len(got) == 1
+    p, reason, detail = got[0]
+    assert (p, reason) == (1, "no-ack-after-grace")
+    assert detail["gap_s"] == 25.0 and (detail["gap_from"], detail["gap_to"]) == (10.0, 35.0)
+    assert detail["acks_during_fault"] == 0 and detail["acks_after_grace"] == 0
+
+
+def test_bridge_partition_writable_late_only_is_a_gap_over_grace():
+    # Partition 0 writes again only 20 s into the fault (> 14 s grace), then keeps writing.
+    writes = acks_every(0, 0.0, 10.0, producer="a") + acks_every(0, 30.0, 40.0, seq0=100, producer="a") + \
+        acks_every(1, 0.0, 40.0, producer="b")
+    got = unwritable_partitions(writes, 10.0, 35.0, 14.0, [0, 1])
+    assert [(p, reason) for p, reason, _ in got] == [(0, "gap-over-grace")]
+    d = got[0][2]
+    assert (d["gap_s"], d["gap_from"], d["gap_to"]) == (20.0, 10.0, 30.0)
+    assert d["acks_after_grace"] == 11  # 30.0 .. 35.0, the ends included
+
+
+def test_bridge_partition_unwritable_at_the_end_of_the_fault():
+    # Partition 0 writes early in the grace, then stalls again until the heal:
+    # no acknowledgement after the grace.
+    writes = acks_every(0, 0.0, 18.0, producer="a") + acks_every(1, 0.0, 40.0, producer="b")
+    got = unwritable_partitions(writes, 10.0, 35.0, 14.0, [0, 1])
+    assert [(p, reason) for p, reason, _ in got] == [(0, "no-ack-after-grace")]
+    assert got[0][2]["gap_s"] == 17.5  # 17.5 .. 35.0
+
+
+def test_bridge_fault_shorter_than_grace_checks_gaps_only():
+    writes = acks_every(0, 0.0, 10.0) + acks_every(0, 15.0, 20.0, seq0=100)
+    # Fault 10..18, grace 14: no window after the grace; a 5 s gap is within it.
+    assert unwritable_partitions(writes, 10.0, 18.0, 14.0, [0]) == []
