@@ -11,6 +11,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
+use sluice_vocab::ErrorCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -178,10 +179,10 @@ impl Conn {
         // v2: the last non-flexible version, served by every broker since 2.0
         // and by Sluice; its answer is the same table as later versions.
         let resp = conn.call(&ApiVersionsRequest::default(), 2).await?;
-        if resp.error_code != 0 {
+        if let Err(code) = ErrorCode::check(resp.error_code) {
             return Err(BenchError::Broker {
                 what: format!("ApiVersions from {addr}"),
-                code: resp.error_code,
+                code,
             });
         }
         conn.versions = Versions::from_pairs(

@@ -3,6 +3,7 @@
 //! (ListOffsets). Only standard APIs, and the leader addresses the brokers
 //! advertise, so any Kafka-compatible cluster works.
 
+use sluice_vocab::ErrorCode;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -16,11 +17,6 @@ use kafka_protocol::protocol::StrBytes;
 
 use crate::client::Conn;
 use crate::BenchError;
-
-const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
-const LEADER_NOT_AVAILABLE: i16 = 5;
-const NOT_LEADER_OR_FOLLOWER: i16 = 6;
-const TOPIC_ALREADY_EXISTS: i16 = 36;
 
 /// How long a just-created topic may take to get leaders.
 const LEADER_WAIT: Duration = Duration::from_secs(15);
@@ -137,11 +133,11 @@ async fn describe(conn: &mut Conn, topic: &str) -> Result<Described, BenchError>
     else {
         return Ok(Described::Missing);
     };
-    match t.error_code {
-        0 => {}
-        UNKNOWN_TOPIC_OR_PARTITION => return Ok(Described::Missing),
-        LEADER_NOT_AVAILABLE => return Ok(Described::NotReady),
-        code => {
+    match ErrorCode::check(t.error_code) {
+        Ok(()) => {}
+        Err(ErrorCode::UnknownTopicOrPartition) => return Ok(Described::Missing),
+        Err(ErrorCode::LeaderNotAvailable) => return Ok(Described::NotReady),
+        Err(code) => {
             return Err(BenchError::Broker {
                 what: format!("Metadata of {topic:?}"),
                 code,
@@ -165,7 +161,10 @@ async fn describe(conn: &mut Conn, topic: &str) -> Result<Described, BenchError>
             .ok_or_else(|| {
                 BenchError::Protocol(format!("partition index {} of {n}", p.partition_index))
             })?;
-        if p.error_code != 0 && p.error_code != NOT_LEADER_OR_FOLLOWER {
+        if !matches!(
+            ErrorCode::check(p.error_code),
+            Ok(()) | Err(ErrorCode::NotLeaderOrFollower)
+        ) {
             return Ok(Described::NotReady);
         }
         if let Some(slot) = leaders.get_mut(idx) {
@@ -196,18 +195,20 @@ async fn create_topic(conn: &mut Conn, topic: &str, partitions: u32) -> Result<(
         .with_timeout_ms(30_000);
     let resp = conn.call(&req, version).await?;
     for t in &resp.topics {
-        if t.error_code != 0 && t.error_code != TOPIC_ALREADY_EXISTS {
-            return Err(BenchError::Broker {
-                what: format!(
-                    "CreateTopics {topic:?}{}",
-                    t.error_message
-                        .as_ref()
-                        .map(|m| format!(" ({})", m.as_str()))
-                        .unwrap_or_default()
-                ),
-                code: t.error_code,
-            });
-        }
+        let code = match ErrorCode::check(t.error_code) {
+            Ok(()) | Err(ErrorCode::TopicAlreadyExists) => continue,
+            Err(code) => code,
+        };
+        return Err(BenchError::Broker {
+            what: format!(
+                "CreateTopics {topic:?}{}",
+                t.error_message
+                    .as_ref()
+                    .map(|m| format!(" ({})", m.as_str()))
+                    .unwrap_or_default()
+            ),
+            code,
+        });
     }
     Ok(())
 }
@@ -237,10 +238,10 @@ pub async fn list_offsets(cluster: &Cluster, timestamp: i64) -> Result<Vec<i64>,
         let resp = conn.call(&req, version).await?;
         for t in &resp.topics {
             for p in &t.partitions {
-                if p.error_code != 0 {
+                if let Err(code) = ErrorCode::check(p.error_code) {
                     return Err(BenchError::Broker {
                         what: format!("ListOffsets partition {}", p.partition_index),
-                        code: p.error_code,
+                        code,
                     });
                 }
                 let slot = usize::try_from(p.partition_index)

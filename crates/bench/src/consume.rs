@@ -6,6 +6,7 @@
 //! decoded; only e2e mode decodes records, to read the send time each value
 //! carries.
 
+use sluice_vocab::ErrorCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,20 +148,20 @@ async fn fetch_loop(
         let now = start.elapsed();
         counters.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
         let resp = resp?;
-        if resp.error_code != 0 {
+        if let Err(code) = ErrorCode::check(resp.error_code) {
             return Err(BenchError::Broker {
                 what: "Fetch".into(),
-                code: resp.error_code,
+                code,
             });
         }
         let now_ns = now.as_nanos() as u64;
         let mut got = 0u64;
         for t in &resp.responses {
             for pd in &t.partitions {
-                if pd.error_code != 0 {
+                if let Err(code) = ErrorCode::check(pd.error_code) {
                     return Err(BenchError::Broker {
                         what: format!("Fetch partition {}", pd.partition_index),
-                        code: pd.error_code,
+                        code,
                     });
                 }
                 let Some(cursor) = cursors

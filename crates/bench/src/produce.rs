@@ -8,6 +8,7 @@
 //! one buffer per batch that every record's value slices, so there is no
 //! allocation per record.
 
+use sluice_vocab::ErrorCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -453,7 +454,7 @@ impl AckReader {
                     if part.index == p.partition {
                         answered = true;
                     }
-                    if part.error_code != 0 {
+                    if let Err(code) = ErrorCode::check(part.error_code) {
                         return Err(BenchError::Broker {
                             what: format!(
                                 "Produce to partition {}{}",
@@ -463,7 +464,7 @@ impl AckReader {
                                     .map(|m| format!(" ({})", m.as_str()))
                                     .unwrap_or_default()
                             ),
-                            code: part.error_code,
+                            code,
                         });
                     }
                 }

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+use sluice_vocab::{ErrorCode, KafkaError, TopicConfig, TopicName};
 
 /// Kafka broker id (also the Raft node id, as `u64`).
 pub type BrokerId = i32;
@@ -16,9 +17,6 @@ pub const NO_LEADER: BrokerId = -1;
 
 /// Most producer ids one `AllocateProducerIds` may hand out (Kafka uses blocks of 1000).
 pub const MAX_PRODUCER_ID_BLOCK: i64 = 1_000_000;
-
-/// Longest topic name Kafka accepts.
-const MAX_TOPIC_NAME_LEN: usize = 249;
 
 /// Most partitions one topic may have; bounds the work one command can cause.
 pub const MAX_PARTITIONS: i32 = 100_000;
@@ -190,7 +188,8 @@ pub enum CommandOutput {
     ProducerIds { first: i64, count: i64 },
 }
 
-/// Why a command was rejected. Each variant is one Kafka error code ([`Self::kafka_code`]).
+/// Why a command was rejected. Each variant is one Kafka error code
+/// ([`KafkaError::error_code`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum CommandError {
     /// UNKNOWN_TOPIC_OR_PARTITION (3).
@@ -217,6 +216,9 @@ pub enum CommandError {
     /// INVALID_REPLICA_ASSIGNMENT (39).
     #[error("invalid replica assignment: {0}")]
     InvalidReplicaAssignment(String),
+    /// INVALID_CONFIG (40): an unknown topic config key or a value outside its limits.
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
     /// INVALID_REQUEST (42).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -237,36 +239,25 @@ pub enum CommandError {
     IneligibleReplica(BrokerId),
 }
 
-impl CommandError {
-    /// The Kafka error code this rejection is answered with.
-    pub fn kafka_code(&self) -> i16 {
+impl KafkaError for CommandError {
+    fn error_code(&self) -> ErrorCode {
         match self {
-            CommandError::UnknownTopicOrPartition => 3,
-            CommandError::NotLeaderOrFollower => 6,
-            CommandError::BrokerNotAvailable(_) => 8,
-            CommandError::InvalidTopic(_) => 17,
-            CommandError::TopicAlreadyExists => 36,
-            CommandError::InvalidPartitions(_) => 37,
-            CommandError::InvalidReplicationFactor(_) => 38,
-            CommandError::InvalidReplicaAssignment(_) => 39,
-            CommandError::InvalidRequest(_) => 42,
-            CommandError::FencedLeaderEpoch => 74,
-            CommandError::EligibleLeadersNotAvailable => 83,
-            CommandError::ElectionNotNeeded => 84,
-            CommandError::InvalidUpdateVersion => 95,
-            CommandError::IneligibleReplica(_) => 107,
+            CommandError::UnknownTopicOrPartition => ErrorCode::UnknownTopicOrPartition,
+            CommandError::NotLeaderOrFollower => ErrorCode::NotLeaderOrFollower,
+            CommandError::BrokerNotAvailable(_) => ErrorCode::BrokerNotAvailable,
+            CommandError::InvalidTopic(_) => ErrorCode::InvalidTopicException,
+            CommandError::TopicAlreadyExists => ErrorCode::TopicAlreadyExists,
+            CommandError::InvalidPartitions(_) => ErrorCode::InvalidPartitions,
+            CommandError::InvalidReplicationFactor(_) => ErrorCode::InvalidReplicationFactor,
+            CommandError::InvalidReplicaAssignment(_) => ErrorCode::InvalidReplicaAssignment,
+            CommandError::InvalidConfig(_) => ErrorCode::InvalidConfig,
+            CommandError::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            CommandError::FencedLeaderEpoch => ErrorCode::FencedLeaderEpoch,
+            CommandError::EligibleLeadersNotAvailable => ErrorCode::EligibleLeadersNotAvailable,
+            CommandError::ElectionNotNeeded => ErrorCode::ElectionNotNeeded,
+            CommandError::InvalidUpdateVersion => ErrorCode::InvalidUpdateVersion,
+            CommandError::IneligibleReplica(_) => ErrorCode::IneligibleReplica,
         }
-    }
-
-    /// Whether the same request may succeed if retried later (Kafka's retriable flag).
-    pub fn is_retriable(&self) -> bool {
-        matches!(
-            self,
-            CommandError::UnknownTopicOrPartition
-                | CommandError::NotLeaderOrFollower
-                | CommandError::FencedLeaderEpoch
-                | CommandError::EligibleLeadersNotAvailable
-        )
     }
 }
 
@@ -293,26 +284,14 @@ pub enum InternalTopicPlan {
     Waiting { placeable: usize, needed: usize },
 }
 
-/// Kafka's topic name rule: 1..=249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
-pub fn validate_topic_name(name: &str) -> Result<(), CommandError> {
-    if name.is_empty() || name.len() > MAX_TOPIC_NAME_LEN {
-        return Err(CommandError::InvalidTopic(format!(
-            "length {} is outside 1..={MAX_TOPIC_NAME_LEN}",
-            name.len()
-        )));
-    }
-    if name == "." || name == ".." {
-        return Err(CommandError::InvalidTopic(name.to_string()));
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
-    {
-        return Err(CommandError::InvalidTopic(format!(
-            "{name:?} has characters outside [a-zA-Z0-9._-]"
-        )));
-    }
-    Ok(())
+/// Kafka's topic name rule ([`TopicName`]), as a rejection.
+fn validate_topic_name(name: &str) -> Result<(), CommandError> {
+    TopicName::validate(name).map_err(|e| CommandError::InvalidTopic(e.to_string()))
+}
+
+/// Topic config overrides checked against Kafka's keys and limits ([`TopicConfig`]).
+fn validate_configs(configs: &BTreeMap<String, String>) -> Result<(), CommandError> {
+    TopicConfig::validate(configs).map_err(|e| CommandError::InvalidConfig(e.to_string()))
 }
 
 impl MetadataImage {
@@ -459,16 +438,24 @@ impl MetadataImage {
                     .topics
                     .get_mut(name)
                     .ok_or(CommandError::UnknownTopicOrPartition)?;
+                let mut altered = t.configs.clone();
                 for (k, v) in configs {
                     match v {
                         Some(v) => {
-                            t.configs.insert(k.clone(), v.clone());
+                            altered.insert(k.clone(), v.clone());
                         }
                         None => {
-                            t.configs.remove(k);
+                            if !TopicConfig::KEYS.contains(&k.as_str()) {
+                                return Err(CommandError::InvalidConfig(format!(
+                                    "unknown topic config key {k:?}"
+                                )));
+                            }
+                            altered.remove(k);
                         }
                     }
                 }
+                validate_configs(&altered)?;
+                t.configs = altered;
                 Ok(CommandOutput::Done)
             }
             Command::AlterPartition {
@@ -644,6 +631,7 @@ impl MetadataImage {
         if self.topics.contains_key(name) {
             return Err(CommandError::TopicAlreadyExists);
         }
+        validate_configs(configs)?;
         if partitions <= 0 || partitions > MAX_PARTITIONS {
             return Err(CommandError::InvalidPartitions(format!(
                 "{partitions} is outside 1..={MAX_PARTITIONS}"

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState, SnapshotPolicy};
+use sluice_vocab::{ErrorCode, KafkaError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
@@ -122,7 +123,7 @@ impl ClusterConfig {
     }
 }
 
-/// Failures of the node API. Each maps to a Kafka error code ([`Self::kafka_code`]).
+/// Failures of the node API. Each is one Kafka error code ([`KafkaError::error_code`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// No Raft leader could be found or reached in time. NOT_CONTROLLER (41), retriable.
@@ -143,15 +144,14 @@ pub enum ClusterError {
     Io(#[from] std::io::Error),
 }
 
-impl ClusterError {
-    /// The Kafka error code this failure is answered with.
-    pub fn kafka_code(&self) -> i16 {
+impl KafkaError for ClusterError {
+    fn error_code(&self) -> ErrorCode {
         match self {
-            ClusterError::NoController(_) => 41,
-            ClusterError::Indeterminate(_) => 7,
-            ClusterError::Stopped(_) => 8,
-            ClusterError::Config(_) => 40,
-            ClusterError::Io(_) => 56,
+            ClusterError::NoController(_) => ErrorCode::NotController,
+            ClusterError::Indeterminate(_) => ErrorCode::RequestTimedOut,
+            ClusterError::Stopped(_) => ErrorCode::BrokerNotAvailable,
+            ClusterError::Config(_) => ErrorCode::InvalidConfig,
+            ClusterError::Io(_) => ErrorCode::KafkaStorageError,
         }
     }
 }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kafka_protocol::ResponseError;
+use sluice_vocab::ErrorCode;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -44,7 +44,7 @@ impl GroupState {
     }
 }
 
-fn code(err: ResponseError) -> i16 {
+fn code(err: ErrorCode) -> i16 {
     err.code()
 }
 
@@ -64,7 +64,7 @@ pub(crate) struct JoinResult {
 }
 
 impl JoinResult {
-    pub(crate) fn error(member_id: &str, err: ResponseError) -> Self {
+    pub(crate) fn error(member_id: &str, err: ErrorCode) -> Self {
         JoinResult {
             error: code(err),
             member_id: member_id.to_owned(),
@@ -88,7 +88,7 @@ pub(crate) struct SyncResult {
 }
 
 impl SyncResult {
-    pub(crate) fn error(err: ResponseError) -> Self {
+    pub(crate) fn error(err: ErrorCode) -> Self {
         SyncResult {
             error: code(err),
             protocol_type: None,
@@ -266,7 +266,7 @@ impl Group {
 
     /// Answers every waiting JoinGroup and SyncGroup with `err` (the
     /// coordinator is going away; the clients look it up again).
-    pub(crate) fn fail_waiters(&mut self, err: ResponseError) {
+    pub(crate) fn fail_waiters(&mut self, err: ErrorCode) {
         for member in self.members.values_mut() {
             if let Some(tx) = member.join_waiter.take() {
                 let _ = tx.send(JoinResult::error(&member.id, err));
@@ -362,11 +362,11 @@ impl Group {
         &self,
         member_id: &str,
         instance_id: Option<&str>,
-    ) -> Result<(), ResponseError> {
+    ) -> Result<(), ErrorCode> {
         if self.is_static_member_fenced(instance_id, member_id) {
-            Err(ResponseError::FencedInstanceId)
+            Err(ErrorCode::FencedInstanceId)
         } else if !self.members.contains_key(member_id) {
-            Err(ResponseError::UnknownMemberId)
+            Err(ErrorCode::UnknownMemberId)
         } else {
             Ok(())
         }
@@ -466,16 +466,10 @@ impl Group {
         cfg: &GroupConfig,
     ) -> Outcome<JoinResult> {
         if self.state == GroupState::Dead {
-            return Outcome::Now(JoinResult::error(
-                "",
-                ResponseError::CoordinatorNotAvailable,
-            ));
+            return Outcome::Now(JoinResult::error("", ErrorCode::CoordinatorNotAvailable));
         }
         if !self.supports_protocols(&p.protocol_type, &p.protocols) {
-            return Outcome::Now(JoinResult::error(
-                "",
-                ResponseError::InconsistentGroupProtocol,
-            ));
+            return Outcome::Now(JoinResult::error("", ErrorCode::InconsistentGroupProtocol));
         }
         let prefix = p.instance_id.as_deref().unwrap_or(&p.client_id);
         let new_id = new_member_id(prefix);
@@ -494,7 +488,7 @@ impl Group {
             let ms = u64::try_from(p.session_timeout_ms).unwrap_or(0);
             self.pending_members
                 .insert(new_id.clone(), now + Duration::from_millis(ms));
-            Outcome::Now(JoinResult::error(&new_id, ResponseError::MemberIdRequired))
+            Outcome::Now(JoinResult::error(&new_id, ErrorCode::MemberIdRequired))
         } else {
             self.add_member_and_rebalance(new_id, p, now, cfg)
         }
@@ -510,13 +504,13 @@ impl Group {
         if self.state == GroupState::Dead {
             return Outcome::Now(JoinResult::error(
                 &member_id,
-                ResponseError::CoordinatorNotAvailable,
+                ErrorCode::CoordinatorNotAvailable,
             ));
         }
         if !self.supports_protocols(&p.protocol_type, &p.protocols) {
             return Outcome::Now(JoinResult::error(
                 &member_id,
-                ResponseError::InconsistentGroupProtocol,
+                ErrorCode::InconsistentGroupProtocol,
             ));
         }
         if self.pending_members.contains_key(&member_id) {
@@ -528,17 +522,11 @@ impl Group {
         }
         let instance = p.instance_id.as_deref();
         if self.is_static_member_fenced(instance, &member_id) {
-            return Outcome::Now(JoinResult::error(
-                &member_id,
-                ResponseError::FencedInstanceId,
-            ));
+            return Outcome::Now(JoinResult::error(&member_id, ErrorCode::FencedInstanceId));
         }
         let instance_unknown = instance.is_some_and(|i| !self.static_members.contains_key(i));
         if !self.members.contains_key(&member_id) || instance_unknown {
-            return Outcome::Now(JoinResult::error(
-                &member_id,
-                ResponseError::UnknownMemberId,
-            ));
+            return Outcome::Now(JoinResult::error(&member_id, ErrorCode::UnknownMemberId));
         }
         let matches = self
             .members
@@ -566,10 +554,9 @@ impl Group {
                     Outcome::Now(self.success_join(&member_id, false, leader))
                 }
             }
-            GroupState::Empty | GroupState::Dead => Outcome::Now(JoinResult::error(
-                &member_id,
-                ResponseError::UnknownMemberId,
-            )),
+            GroupState::Empty | GroupState::Dead => {
+                Outcome::Now(JoinResult::error(&member_id, ErrorCode::UnknownMemberId))
+            }
         }
     }
 
@@ -646,10 +633,7 @@ impl Group {
                 self.maybe_prepare_rebalance(now, cfg);
                 Outcome::Wait(rx)
             }
-            None => Outcome::Now(JoinResult::error(
-                &member_id,
-                ResponseError::UnknownMemberId,
-            )),
+            None => Outcome::Now(JoinResult::error(&member_id, ErrorCode::UnknownMemberId)),
         }
     }
 
@@ -659,8 +643,8 @@ impl Group {
         let Some(mut member) = self.members.remove(old_id) else {
             return;
         };
-        member.send_join(JoinResult::error(old_id, ResponseError::FencedInstanceId));
-        member.send_sync(SyncResult::error(ResponseError::FencedInstanceId));
+        member.send_join(JoinResult::error(old_id, ErrorCode::FencedInstanceId));
+        member.send_sync(SyncResult::error(ErrorCode::FencedInstanceId));
         member.id = new_id.to_owned();
         self.members.insert(new_id.to_owned(), member);
         if self.is_leader(old_id) {
@@ -691,7 +675,7 @@ impl Group {
         }
         let support_skip = p.support_skip_assignment;
         let Some(rx) = self.update_member(&new_id, p) else {
-            return Outcome::Now(JoinResult::error(&new_id, ResponseError::UnknownMemberId));
+            return Outcome::Now(JoinResult::error(&new_id, ErrorCode::UnknownMemberId));
         };
         match self.state {
             GroupState::Stable => {
@@ -735,7 +719,7 @@ impl Group {
                 if let Some(m) = self.members.get_mut(&new_id) {
                     m.join_waiter = None;
                 }
-                Outcome::Now(JoinResult::error(&new_id, ResponseError::UnknownMemberId))
+                Outcome::Now(JoinResult::error(&new_id, ErrorCode::UnknownMemberId))
             }
         }
     }
@@ -751,7 +735,7 @@ impl Group {
 
     fn prepare_rebalance(&mut self, now: Instant, cfg: &GroupConfig) {
         if self.state == GroupState::CompletingRebalance {
-            self.reset_and_propagate_assignment_error(ResponseError::RebalanceInProgress, now);
+            self.reset_and_propagate_assignment_error(ErrorCode::RebalanceInProgress, now);
         }
         self.sync_deadline = None;
         let rebalance_ms = self.rebalance_timeout_ms();
@@ -912,8 +896,8 @@ impl Group {
         cfg: &GroupConfig,
     ) {
         if let Some(mut m) = self.remove_member(member_id) {
-            m.send_join(JoinResult::error("", ResponseError::UnknownMemberId));
-            m.send_sync(SyncResult::error(ResponseError::UnknownMemberId));
+            m.send_join(JoinResult::error("", ErrorCode::UnknownMemberId));
+            m.send_sync(SyncResult::error(ErrorCode::UnknownMemberId));
         }
         match self.state {
             GroupState::Dead | GroupState::Empty => {}
@@ -932,7 +916,7 @@ impl Group {
     }
 
     /// Answers every waiting SyncGroup: assignments with `None`, else the error.
-    fn propagate_assignment(&mut self, error: Option<ResponseError>, now: Instant) {
+    fn propagate_assignment(&mut self, error: Option<ErrorCode>, now: Instant) {
         let (ptype, pname) = match error {
             None => (self.protocol_type.clone(), self.protocol_name.clone()),
             Some(_) => (None, None),
@@ -952,7 +936,7 @@ impl Group {
         }
     }
 
-    fn reset_and_propagate_assignment_error(&mut self, error: ResponseError, now: Instant) {
+    fn reset_and_propagate_assignment_error(&mut self, error: ErrorCode, now: Instant) {
         for m in self.members.values_mut() {
             m.assignment = Bytes::new();
         }
@@ -973,25 +957,25 @@ impl Group {
         now: Instant,
     ) -> Outcome<SyncResult> {
         if self.state == GroupState::Dead {
-            return Outcome::Now(SyncResult::error(ResponseError::CoordinatorNotAvailable));
+            return Outcome::Now(SyncResult::error(ErrorCode::CoordinatorNotAvailable));
         }
         if let Err(e) = self.validate_current_member(member_id, instance_id) {
             return Outcome::Now(SyncResult::error(e));
         }
         if generation != self.generation {
-            return Outcome::Now(SyncResult::error(ResponseError::IllegalGeneration));
+            return Outcome::Now(SyncResult::error(ErrorCode::IllegalGeneration));
         }
         if protocol_type.is_some_and(|t| self.protocol_type.as_deref() != Some(t))
             || protocol_name.is_some_and(|n| self.protocol_name.as_deref() != Some(n))
         {
-            return Outcome::Now(SyncResult::error(ResponseError::InconsistentGroupProtocol));
+            return Outcome::Now(SyncResult::error(ErrorCode::InconsistentGroupProtocol));
         }
         match self.state {
             GroupState::Empty | GroupState::Dead => {
-                Outcome::Now(SyncResult::error(ResponseError::UnknownMemberId))
+                Outcome::Now(SyncResult::error(ErrorCode::UnknownMemberId))
             }
             GroupState::PreparingRebalance => {
-                Outcome::Now(SyncResult::error(ResponseError::RebalanceInProgress))
+                Outcome::Now(SyncResult::error(ErrorCode::RebalanceInProgress))
             }
             GroupState::CompletingRebalance => {
                 let (tx, rx) = oneshot::channel();
@@ -1028,7 +1012,7 @@ impl Group {
                             assignment: m.assignment.clone(),
                         })
                     }
-                    None => Outcome::Now(SyncResult::error(ResponseError::UnknownMemberId)),
+                    None => Outcome::Now(SyncResult::error(ErrorCode::UnknownMemberId)),
                 }
             }
         }
@@ -1049,24 +1033,24 @@ impl Group {
         member_id: &str,
         instance_id: Option<&str>,
         now: Instant,
-    ) -> Result<(), ResponseError> {
+    ) -> Result<(), ErrorCode> {
         if self.state == GroupState::Dead {
-            return Err(ResponseError::CoordinatorNotAvailable);
+            return Err(ErrorCode::CoordinatorNotAvailable);
         }
         self.validate_current_member(member_id, instance_id)?;
         if generation != self.generation {
-            return Err(ResponseError::IllegalGeneration);
+            return Err(ErrorCode::IllegalGeneration);
         }
         let state = self.state;
         let member = self
             .members
             .get_mut(member_id)
-            .ok_or(ResponseError::UnknownMemberId)?;
+            .ok_or(ErrorCode::UnknownMemberId)?;
         match state {
-            GroupState::Empty | GroupState::Dead => Err(ResponseError::UnknownMemberId),
+            GroupState::Empty | GroupState::Dead => Err(ErrorCode::UnknownMemberId),
             GroupState::PreparingRebalance => {
                 member.reset_session(now);
-                Err(ResponseError::RebalanceInProgress)
+                Err(ErrorCode::RebalanceInProgress)
             }
             GroupState::CompletingRebalance | GroupState::Stable => {
                 member.reset_session(now);
@@ -1082,7 +1066,7 @@ impl Group {
         instance_id: Option<&str>,
         now: Instant,
         cfg: &GroupConfig,
-    ) -> Result<(), ResponseError> {
+    ) -> Result<(), ErrorCode> {
         if member_id.is_empty() {
             // Administrative removal by group instance id.
             let current = instance_id
@@ -1094,7 +1078,7 @@ impl Group {
                     self.remove_member_and_update(&id, now, cfg);
                     Ok(())
                 }
-                None => Err(ResponseError::UnknownMemberId),
+                None => Err(ErrorCode::UnknownMemberId),
             };
         }
         if self.pending_members.contains_key(member_id) {
@@ -1113,26 +1097,26 @@ impl Group {
         generation: i32,
         member_id: &str,
         instance_id: Option<&str>,
-    ) -> Result<(), ResponseError> {
+    ) -> Result<(), ErrorCode> {
         if self.state == GroupState::Dead {
-            return Err(ResponseError::CoordinatorNotAvailable);
+            return Err(ErrorCode::CoordinatorNotAvailable);
         }
         if generation >= 0 || !member_id.is_empty() || instance_id.is_some() {
             self.validate_current_member(member_id, instance_id)?;
             if generation != self.generation {
-                return Err(ResponseError::IllegalGeneration);
+                return Err(ErrorCode::IllegalGeneration);
             }
         } else if self.state != GroupState::Empty {
             // Only members may commit for a group with members.
-            return Err(ResponseError::UnknownMemberId);
+            return Err(ErrorCode::UnknownMemberId);
         }
         match self.state {
             GroupState::Empty => Ok(()),
             // Kafka accepts commits while preparing a rebalance: the member
             // learns of the rebalance from its next heartbeat.
             GroupState::Stable | GroupState::PreparingRebalance => Ok(()),
-            GroupState::CompletingRebalance => Err(ResponseError::RebalanceInProgress),
-            GroupState::Dead => Err(ResponseError::CoordinatorNotAvailable),
+            GroupState::CompletingRebalance => Err(ErrorCode::RebalanceInProgress),
+            GroupState::Dead => Err(ErrorCode::CoordinatorNotAvailable),
         }
     }
 
@@ -1244,7 +1228,7 @@ impl Group {
                         "removing members that did not sync in time");
                     for id in &missing {
                         if let Some(mut m) = self.remove_member(id) {
-                            m.send_join(JoinResult::error("", ResponseError::UnknownMemberId));
+                            m.send_join(JoinResult::error("", ErrorCode::UnknownMemberId));
                         }
                     }
                     self.prepare_rebalance(now, cfg);

@@ -87,17 +87,15 @@ use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
     TimestampType, NO_PARTITION_LEADER_EPOCH, NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE,
 };
-use kafka_protocol::ResponseError;
 use parking_lot::Mutex;
 use sluice_log::{LogError, Partition, ReadLimit, Store};
+use sluice_vocab::internal::{offsets_topic_configs, OFFSETS_TOPIC};
+use sluice_vocab::ErrorCode;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::group::{Committed, Group, GroupState, JoinParams, JoinResult, Outcome, SyncResult};
 use crate::record::{OffsetKey, OffsetValue};
-
-/// Name of the internal topic that holds committed offsets.
-pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 
 /// Kafka's `offset.metadata.max.bytes`: longer commit metadata is refused
 /// with OFFSET_METADATA_TOO_LARGE.
@@ -172,24 +170,6 @@ fn closed_error() -> LogError {
     LogError::Io(std::io::Error::other(CLOSED))
 }
 
-/// The overrides `__consumer_offsets` is created with. Offsets must never
-/// age out of the log: replay is the only copy after a restart. Kafka
-/// compacts this topic; Sluice keeps it whole (cleanup.policy is recorded as
-/// compact) and snapshots it ([`GroupCoordinator::compact_offsets`]).
-pub fn offsets_topic_configs() -> BTreeMap<String, String> {
-    [
-        ("cleanup.policy", "compact"),
-        ("retention.ms", "-1"),
-        ("retention.bytes", "-1"),
-        // Small segments, so that compaction frees disk space soon
-        // (Kafka's offsets.topic.segment.bytes).
-        ("segment.bytes", "104857600"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum GroupError {
     #[error(transparent)]
@@ -260,12 +240,12 @@ fn committed(v: &OffsetValue, log_offset: i64) -> Committed {
 }
 
 /// Kafka's mapping of an offsets-log write failure to a commit error.
-fn commit_error(err: &LogError) -> ResponseError {
+fn commit_error(err: &LogError) -> ErrorCode {
     match err {
-        LogError::MessageTooLarge { .. } => ResponseError::InvalidCommitOffsetSize,
-        LogError::Io(_) => ResponseError::NotCoordinator,
-        LogError::UnknownTopicOrPartition(_) => ResponseError::CoordinatorNotAvailable,
-        _ => ResponseError::UnknownServerError,
+        LogError::MessageTooLarge { .. } => ErrorCode::InvalidCommitOffsetSize,
+        LogError::Io(_) => ErrorCode::NotCoordinator,
+        LogError::UnknownTopicOrPartition(_) => ErrorCode::CoordinatorNotAvailable,
+        _ => ErrorCode::UnknownServerError,
     }
 }
 
@@ -368,10 +348,7 @@ impl GroupCoordinator {
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         for handle in self.handles() {
-            handle
-                .state
-                .lock()
-                .fail_waiters(ResponseError::NotCoordinator);
+            handle.state.lock().fail_waiters(ErrorCode::NotCoordinator);
         }
         self.shutdown.send_replace(());
         tracing::info!("group coordinator closed");
@@ -523,7 +500,7 @@ impl GroupCoordinator {
             Outcome::Wait(rx) => rx.await.unwrap_or_else(|_| {
                 // The wait was superseded or the coordinator is going away;
                 // the client rediscovers the coordinator and rejoins.
-                JoinResult::error(&member_id, ResponseError::CoordinatorNotAvailable)
+                JoinResult::error(&member_id, ErrorCode::CoordinatorNotAvailable)
             }),
         };
         join_response(result, version)
@@ -539,7 +516,7 @@ impl GroupCoordinator {
         let member_id = req.member_id.to_string();
         let group_id = req.group_id.as_str();
         if group_id.is_empty() {
-            return Outcome::Now(JoinResult::error(&member_id, ResponseError::InvalidGroupId));
+            return Outcome::Now(JoinResult::error(&member_id, ErrorCode::InvalidGroupId));
         }
         let session = req.session_timeout_ms;
         if session < self.config.min_session_timeout_ms
@@ -547,7 +524,7 @@ impl GroupCoordinator {
         {
             return Outcome::Now(JoinResult::error(
                 &member_id,
-                ResponseError::InvalidSessionTimeout,
+                ErrorCode::InvalidSessionTimeout,
             ));
         }
         let params = JoinParams {
@@ -577,10 +554,7 @@ impl GroupCoordinator {
             match self.get_group(group_id) {
                 Some(h) => h,
                 None => {
-                    return Outcome::Now(JoinResult::error(
-                        &member_id,
-                        ResponseError::UnknownMemberId,
-                    ))
+                    return Outcome::Now(JoinResult::error(&member_id, ErrorCode::UnknownMemberId))
                 }
             }
         };
@@ -589,7 +563,7 @@ impl GroupCoordinator {
             // Checked under the group's lock: `close` fails the waiters of
             // every group after setting the flag, so none is left behind.
             if self.is_closed() {
-                return Outcome::Now(JoinResult::error(&member_id, ResponseError::NotCoordinator));
+                return Outcome::Now(JoinResult::error(&member_id, ErrorCode::NotCoordinator));
             }
             g.join(
                 params,
@@ -614,7 +588,7 @@ impl GroupCoordinator {
             Outcome::Now(r) => r,
             Outcome::Wait(rx) => rx
                 .await
-                .unwrap_or_else(|_| SyncResult::error(ResponseError::RebalanceInProgress)),
+                .unwrap_or_else(|_| SyncResult::error(ErrorCode::RebalanceInProgress)),
         };
         sync_response(result, version)
     }
@@ -622,10 +596,10 @@ impl GroupCoordinator {
     fn sync_outcome(&self, req: SyncGroupRequest) -> Outcome<SyncResult> {
         let group_id = req.group_id.as_str();
         if group_id.is_empty() {
-            return Outcome::Now(SyncResult::error(ResponseError::InvalidGroupId));
+            return Outcome::Now(SyncResult::error(ErrorCode::InvalidGroupId));
         }
         let Some(handle) = self.get_group(group_id) else {
-            return Outcome::Now(SyncResult::error(ResponseError::UnknownMemberId));
+            return Outcome::Now(SyncResult::error(ErrorCode::UnknownMemberId));
         };
         let assignments = req
             .assignments
@@ -634,7 +608,7 @@ impl GroupCoordinator {
             .collect();
         let mut g = handle.state.lock();
         if self.is_closed() {
-            return Outcome::Now(SyncResult::error(ResponseError::NotCoordinator));
+            return Outcome::Now(SyncResult::error(ErrorCode::NotCoordinator));
         }
         let outcome = g.sync(
             req.generation_id,
@@ -659,10 +633,10 @@ impl GroupCoordinator {
         let mut resp = HeartbeatResponse::default();
         let group_id = req.group_id.as_str();
         let result = if group_id.is_empty() {
-            Err(ResponseError::InvalidGroupId)
+            Err(ErrorCode::InvalidGroupId)
         } else {
             match self.get_group(group_id) {
-                None => Err(ResponseError::UnknownMemberId),
+                None => Err(ErrorCode::UnknownMemberId),
                 Some(handle) => {
                     let r = handle.state.lock().heartbeat(
                         req.generation_id,
@@ -694,38 +668,38 @@ impl GroupCoordinator {
                 .collect()
         };
         let group_id = req.group_id.as_str();
-        let (top, per_member): (Option<ResponseError>, Vec<Option<ResponseError>>) =
-            if group_id.is_empty() {
-                (Some(ResponseError::InvalidGroupId), Vec::new())
-            } else {
-                match self.get_group(group_id) {
-                    None => (
-                        None,
-                        leaving
+        let (top, per_member): (Option<ErrorCode>, Vec<Option<ErrorCode>>) = if group_id.is_empty()
+        {
+            (Some(ErrorCode::InvalidGroupId), Vec::new())
+        } else {
+            match self.get_group(group_id) {
+                None => (
+                    None,
+                    leaving
+                        .iter()
+                        .map(|_| Some(ErrorCode::UnknownMemberId))
+                        .collect(),
+                ),
+                Some(handle) => {
+                    let mut g = handle.state.lock();
+                    if g.state == GroupState::Dead {
+                        (Some(ErrorCode::CoordinatorNotAvailable), Vec::new())
+                    } else {
+                        let now = Instant::now();
+                        let errors = leaving
                             .iter()
-                            .map(|_| Some(ResponseError::UnknownMemberId))
-                            .collect(),
-                    ),
-                    Some(handle) => {
-                        let mut g = handle.state.lock();
-                        if g.state == GroupState::Dead {
-                            (Some(ResponseError::CoordinatorNotAvailable), Vec::new())
-                        } else {
-                            let now = Instant::now();
-                            let errors = leaving
-                                .iter()
-                                .map(|(member, instance)| {
-                                    g.leave(member.as_str(), instance.as_deref(), now, &self.config)
-                                        .err()
-                                })
-                                .collect();
-                            drop(g);
-                            handle.wake.notify_one();
-                            (None, errors)
-                        }
+                            .map(|(member, instance)| {
+                                g.leave(member.as_str(), instance.as_deref(), now, &self.config)
+                                    .err()
+                            })
+                            .collect();
+                        drop(g);
+                        handle.wake.notify_one();
+                        (None, errors)
                     }
                 }
-            };
+            }
+        };
         if version < 3 {
             // One member: its error is the response's error, as in Kafka.
             resp.error_code = top
@@ -776,7 +750,7 @@ impl GroupCoordinator {
                 topic
             })
             .collect();
-        let set = |resp: &mut OffsetCommitResponse, ti: usize, pi: usize, err: ResponseError| {
+        let set = |resp: &mut OffsetCommitResponse, ti: usize, pi: usize, err: ErrorCode| {
             if let Some(p) = resp
                 .topics
                 .get_mut(ti)
@@ -794,7 +768,7 @@ impl GroupCoordinator {
                 if self.partition_exists(t.name.as_str(), p.partition_index) {
                     valid.push((ti, pi));
                 } else {
-                    set(&mut resp, ti, pi, ResponseError::UnknownTopicOrPartition);
+                    set(&mut resp, ti, pi, ErrorCode::UnknownTopicOrPartition);
                 }
             }
         }
@@ -802,13 +776,13 @@ impl GroupCoordinator {
             return resp;
         }
         let group_id = req.group_id.as_str();
-        let fail_all = |resp: &mut OffsetCommitResponse, err: ResponseError| {
+        let fail_all = |resp: &mut OffsetCommitResponse, err: ErrorCode| {
             for &(ti, pi) in &valid {
                 set(resp, ti, pi, err);
             }
         };
         if group_id.len() > record::MAX_STRING {
-            fail_all(&mut resp, ResponseError::InvalidGroupId);
+            fail_all(&mut resp, ErrorCode::InvalidGroupId);
             return resp;
         }
         let generation = req.generation_id_or_member_epoch;
@@ -820,7 +794,7 @@ impl GroupCoordinator {
             // admin tool commits with generation -1 and no member id.
             None if generation < 0 => self.live_group(group_id),
             None => {
-                fail_all(&mut resp, ResponseError::IllegalGeneration);
+                fail_all(&mut resp, ErrorCode::IllegalGeneration);
                 return resp;
             }
         };
@@ -844,7 +818,7 @@ impl GroupCoordinator {
                 };
                 let metadata = p.committed_metadata.as_deref().unwrap_or("");
                 if metadata.len() > OFFSET_METADATA_MAX_BYTES {
-                    set(&mut resp, ti, pi, ResponseError::OffsetMetadataTooLarge);
+                    set(&mut resp, ti, pi, ErrorCode::OffsetMetadataTooLarge);
                     continue;
                 }
                 entries.push((
@@ -926,7 +900,7 @@ impl GroupCoordinator {
             }
             Err(e) => {
                 tracing::error!(error = %e, "offset commit completion failed");
-                fail_all(&mut resp, ResponseError::UnknownServerError);
+                fail_all(&mut resp, ErrorCode::UnknownServerError);
             }
         }
         resp
@@ -1264,7 +1238,7 @@ impl GroupCoordinator {
                     // Before v6 Kafka answers an unknown group as Dead with
                     // no error; v6 (KIP-1043) says GROUP_ID_NOT_FOUND.
                     if version >= 6 {
-                        out.error_code = ResponseError::GroupIdNotFound.code();
+                        out.error_code = ErrorCode::GroupIdNotFound.code();
                         out.error_message = Some(StrBytes::from_string(format!(
                             "Group {} not found.",
                             group_id.as_str()
@@ -1321,7 +1295,7 @@ impl GroupCoordinator {
             let mut result = DeletableGroupResult::default();
             result.group_id = group_id.clone();
             let outcome = match self.get_group(group_id.as_str()) {
-                None => Err(ResponseError::GroupIdNotFound),
+                None => Err(ErrorCode::GroupIdNotFound),
                 Some(handle) => {
                     let r = self.delete_group(&handle);
                     if r.is_ok() {
@@ -1351,13 +1325,13 @@ impl GroupCoordinator {
 
     /// Kafka's DeleteGroups for one group: only an Empty group goes; its
     /// offsets get tombstones. Returns the end offset to wait for, if any.
-    fn delete_group(self: &Arc<Self>, handle: &GroupHandle) -> Result<Option<i64>, ResponseError> {
+    fn delete_group(self: &Arc<Self>, handle: &GroupHandle) -> Result<Option<i64>, ErrorCode> {
         let mut g = handle.state.lock();
         match g.state {
-            GroupState::Dead => return Err(ResponseError::GroupIdNotFound),
+            GroupState::Dead => return Err(ErrorCode::GroupIdNotFound),
             GroupState::Stable
             | GroupState::PreparingRebalance
-            | GroupState::CompletingRebalance => return Err(ResponseError::NonEmptyGroup),
+            | GroupState::CompletingRebalance => return Err(ErrorCode::NonEmptyGroup),
             GroupState::Empty => {}
         }
         // Tombstones for every committed partition and for commits still on
@@ -1412,35 +1386,31 @@ pub mod refuse {
         ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
         OffsetFetchResponse, SyncGroupResponse,
     };
-    use kafka_protocol::ResponseError;
+    use sluice_vocab::ErrorCode;
 
     use crate::group::{JoinResult, SyncResult};
 
-    pub fn join_group(
-        req: &JoinGroupRequest,
-        version: i16,
-        err: ResponseError,
-    ) -> JoinGroupResponse {
+    pub fn join_group(req: &JoinGroupRequest, version: i16, err: ErrorCode) -> JoinGroupResponse {
         super::join_response(JoinResult::error(req.member_id.as_str(), err), version)
     }
 
-    pub fn sync_group(version: i16, err: ResponseError) -> SyncGroupResponse {
+    pub fn sync_group(version: i16, err: ErrorCode) -> SyncGroupResponse {
         super::sync_response(SyncResult::error(err), version)
     }
 
-    pub fn heartbeat(err: ResponseError) -> HeartbeatResponse {
+    pub fn heartbeat(err: ErrorCode) -> HeartbeatResponse {
         HeartbeatResponse::default().with_error_code(err.code())
     }
 
-    pub fn leave_group(err: ResponseError) -> LeaveGroupResponse {
+    pub fn leave_group(err: ErrorCode) -> LeaveGroupResponse {
         LeaveGroupResponse::default().with_error_code(err.code())
     }
 
-    pub fn list_groups(err: ResponseError) -> ListGroupsResponse {
+    pub fn list_groups(err: ErrorCode) -> ListGroupsResponse {
         ListGroupsResponse::default().with_error_code(err.code())
     }
 
-    pub fn offset_commit(req: &OffsetCommitRequest, err: ResponseError) -> OffsetCommitResponse {
+    pub fn offset_commit(req: &OffsetCommitRequest, err: ErrorCode) -> OffsetCommitResponse {
         let topics = req
             .topics
             .iter()
@@ -1465,7 +1435,7 @@ pub mod refuse {
     pub fn offset_fetch(
         req: &OffsetFetchRequest,
         version: i16,
-        err: ResponseError,
+        err: ErrorCode,
     ) -> OffsetFetchResponse {
         if version >= 8 {
             let groups = req
@@ -1508,10 +1478,7 @@ pub mod refuse {
         resp
     }
 
-    pub fn describe_groups(
-        req: &DescribeGroupsRequest,
-        err: ResponseError,
-    ) -> DescribeGroupsResponse {
+    pub fn describe_groups(req: &DescribeGroupsRequest, err: ErrorCode) -> DescribeGroupsResponse {
         let groups = req
             .groups
             .iter()
@@ -1524,7 +1491,7 @@ pub mod refuse {
         DescribeGroupsResponse::default().with_groups(groups)
     }
 
-    pub fn delete_groups(req: &DeleteGroupsRequest, err: ResponseError) -> DeleteGroupsResponse {
+    pub fn delete_groups(req: &DeleteGroupsRequest, err: ErrorCode) -> DeleteGroupsResponse {
         let results = req
             .groups_names
             .iter()
@@ -1733,14 +1700,14 @@ mod response_encoding_tests {
             leader(false, None, None),
         ];
         for err in [
-            ResponseError::InvalidGroupId,
-            ResponseError::InvalidSessionTimeout,
-            ResponseError::UnknownMemberId,
-            ResponseError::MemberIdRequired,
-            ResponseError::CoordinatorNotAvailable,
-            ResponseError::InconsistentGroupProtocol,
-            ResponseError::FencedInstanceId,
-            ResponseError::RebalanceInProgress,
+            ErrorCode::InvalidGroupId,
+            ErrorCode::InvalidSessionTimeout,
+            ErrorCode::UnknownMemberId,
+            ErrorCode::MemberIdRequired,
+            ErrorCode::CoordinatorNotAvailable,
+            ErrorCode::InconsistentGroupProtocol,
+            ErrorCode::FencedInstanceId,
+            ErrorCode::RebalanceInProgress,
         ] {
             all.push(JoinResult::error("m-1", err));
         }
@@ -1779,10 +1746,10 @@ mod response_encoding_tests {
         for version in served.min..=served.max {
             let results = [
                 ok(),
-                SyncResult::error(ResponseError::RebalanceInProgress),
-                SyncResult::error(ResponseError::UnknownMemberId),
-                SyncResult::error(ResponseError::IllegalGeneration),
-                SyncResult::error(ResponseError::InconsistentGroupProtocol),
+                SyncResult::error(ErrorCode::RebalanceInProgress),
+                SyncResult::error(ErrorCode::UnknownMemberId),
+                SyncResult::error(ErrorCode::IllegalGeneration),
+                SyncResult::error(ErrorCode::InconsistentGroupProtocol),
             ];
             for r in results {
                 let resp = sync_response(r, version);
@@ -1825,7 +1792,7 @@ mod refuse_tests {
 
     #[test]
     fn refusals_encode_at_every_version() {
-        let err = ResponseError::NotCoordinator;
+        let err = ErrorCode::NotCoordinator;
         let join = JoinGroupRequest::default().with_member_id(str_bytes("m-1"));
         for v in range(ApiKey::JoinGroup) {
             let resp = refuse::join_group(&join, v, err);

@@ -14,8 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_cluster::{ClusterError, Command, CommandOutput, CommandResult, MetadataImage};
-use sluice_group::{GroupConfig, GroupCoordinator, ReplicatedOffsets, OFFSETS_TOPIC};
+use sluice_group::{GroupConfig, GroupCoordinator, ReplicatedOffsets};
 use sluice_log::{AppendResult, Partition, Store};
+use sluice_vocab::internal::OFFSETS_TOPIC;
+use sluice_vocab::KafkaError;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -137,8 +139,8 @@ impl ClusterCtx {
     pub(crate) async fn propose(&self, cmd: Command) -> Result<CommandOutput, (i16, String)> {
         match self.replicas.propose(cmd).await {
             Ok(Ok(out)) => Ok(out),
-            Ok(Err(rejected)) => Err((rejected.kafka_code(), rejected.to_string())),
-            Err(err) => Err((err.kafka_code(), err.to_string())),
+            Ok(Err(rejected)) => Err((rejected.error_code().code(), rejected.to_string())),
+            Err(err) => Err((err.error_code().code(), err.to_string())),
         }
     }
 
@@ -180,7 +182,7 @@ impl ClusterCtx {
                 CommandOutput::ProducerIds { first, count } => *ids = (first, first + count),
                 other => {
                     return Err((
-                        kafka_protocol::ResponseError::UnknownServerError.code(),
+                        sluice_vocab::ErrorCode::UnknownServerError.code(),
                         format!("unexpected answer to a producer id allocation: {other:?}"),
                     ))
                 }
@@ -196,9 +198,9 @@ impl ClusterCtx {
         match &*self.coordinator.read() {
             CoordinatorState::Ready(_, g) => Ok(g.clone()),
             CoordinatorState::Loading(_) => {
-                Err(kafka_protocol::ResponseError::CoordinatorLoadInProgress.code())
+                Err(sluice_vocab::ErrorCode::CoordinatorLoadInProgress.code())
             }
-            CoordinatorState::Absent => Err(kafka_protocol::ResponseError::NotCoordinator.code()),
+            CoordinatorState::Absent => Err(sluice_vocab::ErrorCode::NotCoordinator.code()),
         }
     }
 }

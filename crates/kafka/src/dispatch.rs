@@ -8,8 +8,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
 
-use kafka_protocol::ResponseError;
 use sluice_group::refuse;
+use sluice_vocab::ErrorCode;
 
 use crate::api_versions::{refused, supported_range};
 use crate::connection::Slot;
@@ -35,8 +35,8 @@ pub(crate) struct Hdr {
 }
 
 /// The Kafka error of a code (UNKNOWN_SERVER_ERROR for one we do not know).
-fn error(code: i16) -> ResponseError {
-    ResponseError::try_from_code(code).unwrap_or(ResponseError::UnknownServerError)
+fn error(code: i16) -> ErrorCode {
+    ErrorCode::from_code(code).unwrap_or(ErrorCode::UnknownServerError)
 }
 
 fn peek_i16(frame: &[u8], at: usize) -> Option<i16> {
@@ -255,7 +255,7 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
                 Ok(groups) => now(h, &groups.list_groups(req, version)),
                 // A broker that coordinates nothing has no groups to list
                 // (clients ask every broker).
-                Err(code) if code == ResponseError::NotCoordinator.code() => {
+                Err(code) if code == ErrorCode::NotCoordinator.code() => {
                     now(h, &ListGroupsResponse::default())
                 }
                 Err(code) => now(h, &refuse::list_groups(error(code))),

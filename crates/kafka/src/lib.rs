@@ -77,7 +77,6 @@ mod api_versions;
 mod cluster;
 mod connection;
 mod dispatch;
-mod errors;
 mod handlers;
 mod replica;
 mod server;

@@ -7,14 +7,15 @@ use std::time::Duration;
 use sluice_cluster::{ClusterError, Command, CommandResult, MetadataImage};
 use sluice_log::{AppendResult, Partition};
 use sluice_replica::{LeaderHandle, ReplicaManager};
+use sluice_vocab::{ErrorCode, KafkaError};
 use tokio::sync::watch;
 
 use crate::cluster::{BoxFut, ProduceLeader, Replicas};
 
 pub(crate) struct Live(pub Arc<ReplicaManager>);
 
-/// NOT_LEADER_OR_FOLLOWER.
-const NOT_LEADER: i16 = 6;
+/// NOT_LEADER_OR_FOLLOWER as the handlers still spell it.
+const NOT_LEADER: i16 = ErrorCode::NotLeaderOrFollower.code();
 
 /// Longest wait for the controller's read index on a metadata miss; a client
 /// that asked for a topic this node does not know yet waits at most this long.
@@ -63,7 +64,10 @@ impl Replicas for Live {
         partition: i32,
         acks_all: bool,
     ) -> Result<ProduceLeader, i16> {
-        let h = self.0.leader_for_produce(topic, partition, acks_all)?;
+        let h = self
+            .0
+            .leader_for_produce(topic, partition, acks_all)
+            .map_err(ErrorCode::code)?;
         Ok(ProduceLeader {
             partition: h.partition.clone(),
             token: Arc::new(h),
@@ -83,7 +87,7 @@ impl Replicas for Live {
         };
         match handle(leader).map(|h| h.append(records)) {
             Some(Ok(appended)) => Ok(appended),
-            Some(Err(Some(err))) => Err((crate::errors::code(&err), err.to_string())),
+            Some(Err(Some(err))) => Err((err.error_code().code(), err.to_string())),
             Some(Err(None)) | None => Err(not_leader()),
         }
     }
@@ -96,7 +100,11 @@ impl Replicas for Live {
     ) -> BoxFut<'a, Result<(), i16>> {
         Box::pin(async move {
             match handle(leader) {
-                Some(h) => self.0.wait_replicated(h, end_offset, timeout).await,
+                Some(h) => self
+                    .0
+                    .wait_replicated(h, end_offset, timeout)
+                    .await
+                    .map_err(ErrorCode::code),
                 None => Err(NOT_LEADER),
             }
         })
@@ -110,6 +118,7 @@ impl Replicas for Live {
     ) -> Result<(Arc<Partition>, i32), i16> {
         self.0
             .leader_for_read(topic, partition, current_leader_epoch)
+            .map_err(ErrorCode::code)
     }
 
     fn on_follower_fetch(
@@ -121,18 +130,22 @@ impl Replicas for Live {
         current_leader_epoch: i32,
         log_start_offset: i64,
     ) -> Result<Arc<Partition>, i16> {
-        self.0.on_follower_fetch(
-            topic,
-            partition,
-            replica_id,
-            fetch_offset,
-            current_leader_epoch,
-            log_start_offset,
-        )
+        self.0
+            .on_follower_fetch(
+                topic,
+                partition,
+                replica_id,
+                fetch_offset,
+                current_leader_epoch,
+                log_start_offset,
+            )
+            .map_err(ErrorCode::code)
     }
 
     fn low_watermark(&self, topic: &str, partition: i32) -> Result<i64, i16> {
-        self.0.low_watermark(topic, partition)
+        self.0
+            .low_watermark(topic, partition)
+            .map_err(ErrorCode::code)
     }
 
     fn watch_roles(&self) -> watch::Receiver<u64> {

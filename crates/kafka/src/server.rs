@@ -43,7 +43,7 @@ impl Ctx {
         match (&self.groups, &self.cluster) {
             (Some(g), _) => Ok(g.clone()),
             (None, Some(c)) => c.groups(),
-            (None, None) => Err(kafka_protocol::ResponseError::NotCoordinator.code()),
+            (None, None) => Err(sluice_vocab::ErrorCode::NotCoordinator.code()),
         }
     }
 }

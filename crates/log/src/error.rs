@@ -1,7 +1,9 @@
 //! The storage engine's error type.
 
-/// Errors of the storage engine. Each maps to one Kafka error code in the
-/// front end (noted per variant).
+use sluice_vocab::{ConfigError, ErrorCode, InvalidTopicName, KafkaError};
+
+/// Errors of the storage engine. Each is one Kafka error code (noted per
+/// variant, [`KafkaError::error_code`]).
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     /// CORRUPT_MESSAGE (2): bad CRC, bad length, bad magic, record count mismatch.
@@ -41,14 +43,14 @@ pub enum LogError {
     #[error("topic {0} already exists")]
     TopicAlreadyExists(String),
     /// INVALID_TOPIC_EXCEPTION (17)
-    #[error("invalid topic name {0:?}: {1}")]
-    InvalidTopic(String, &'static str),
+    #[error(transparent)]
+    InvalidTopic(#[from] InvalidTopicName),
     /// INVALID_PARTITIONS (37)
     #[error("invalid partitions: {0}")]
     InvalidPartitions(String),
     /// INVALID_CONFIG (40)
     #[error("invalid config: {0}")]
-    InvalidConfig(String),
+    InvalidConfig(#[from] ConfigError),
     /// OFFSET_OUT_OF_RANGE (1): a follower append whose first batch does not
     /// start at the log end, or whose batches are not contiguous.
     #[error("replica append at offset {got} does not continue the log at {expected}")]
@@ -56,4 +58,30 @@ pub enum LogError {
     /// KAFKA_STORAGE_ERROR (56): the disk failed us; the partition is unusable.
     #[error("storage error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl KafkaError for LogError {
+    /// Disk errors are logged here, once, because the client only sees
+    /// KAFKA_STORAGE_ERROR.
+    fn error_code(&self) -> ErrorCode {
+        match self {
+            LogError::CorruptBatch(_) => ErrorCode::CorruptMessage,
+            LogError::InvalidRecord(_) => ErrorCode::InvalidRecord,
+            LogError::MessageTooLarge { .. } => ErrorCode::MessageTooLarge,
+            LogError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequenceNumber,
+            LogError::InvalidProducerEpoch { .. } => ErrorCode::InvalidProducerEpoch,
+            LogError::OffsetOutOfRange { .. } | LogError::ReplicaOffsetMismatch { .. } => {
+                ErrorCode::OffsetOutOfRange
+            }
+            LogError::UnknownTopicOrPartition(_) => ErrorCode::UnknownTopicOrPartition,
+            LogError::TopicAlreadyExists(_) => ErrorCode::TopicAlreadyExists,
+            LogError::InvalidTopic(_) => ErrorCode::InvalidTopicException,
+            LogError::InvalidPartitions(_) => ErrorCode::InvalidPartitions,
+            LogError::InvalidConfig(_) => ErrorCode::InvalidConfig,
+            LogError::Io(err) => {
+                tracing::error!(error = %err, "storage error");
+                ErrorCode::KafkaStorageError
+            }
+        }
+    }
 }

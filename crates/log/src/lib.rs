@@ -41,7 +41,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 pub use batch::{validate_batches, BatchHeader};
-pub use config::{validate_topic_name, FlushPolicy, StoreConfig, TopicConfig};
+pub use config::{FlushPolicy, StoreConfig, TopicConfig};
 pub use error::LogError;
 pub use partition::Partition;
 pub use store::Store;

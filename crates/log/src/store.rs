@@ -18,10 +18,10 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use crate::config::validate_topic_name;
 use crate::fsutil;
 use crate::partition::{now_ms, Partition};
 use crate::{ConfigChange, ConfigEntry, LogError, StoreConfig, TopicConfig, TopicInfo};
+use sluice_vocab::{ConfigError, TopicName};
 
 const META_DIR: &str = "meta";
 const TOPICS_FILE: &str = "topics.json";
@@ -123,15 +123,7 @@ fn effective(
     defaults: &TopicConfig,
     overrides: &BTreeMap<String, String>,
 ) -> Result<TopicConfig, LogError> {
-    let mut c = defaults.clone();
-    for (k, v) in overrides {
-        c.set(k, v)?;
-    }
-    Ok(c)
-}
-
-fn internal(name: &str) -> bool {
-    name.starts_with("__")
+    Ok(TopicConfig::with_overrides(defaults, overrides)?)
 }
 
 impl Store {
@@ -232,7 +224,7 @@ impl Store {
             let Ok(part) = part.parse::<u32>() else {
                 continue;
             };
-            if validate_topic_name(topic).is_err() || !entry.path().is_dir() {
+            if TopicName::validate(topic).is_err() || !entry.path().is_dir() {
                 continue;
             }
             let claimed = topics
@@ -283,7 +275,7 @@ impl Store {
             partitions: t.partitions.len() as u32,
             config: t.config.read().clone(),
             overrides: t.overrides.clone(),
-            internal: internal(name),
+            internal: sluice_vocab::internal::is_internal(name),
         }
     }
 
@@ -366,7 +358,7 @@ impl Store {
         validate_only: bool,
         topic_id: Option<[u8; 16]>,
     ) -> Result<TopicInfo, LogError> {
-        validate_topic_name(name)?;
+        TopicName::validate(name)?;
         if partitions == 0 || partitions > MAX_PARTITIONS {
             return Err(LogError::InvalidPartitions(format!(
                 "number of partitions must be in [1, {MAX_PARTITIONS}], got {partitions}"
@@ -385,7 +377,7 @@ impl Store {
                 partitions,
                 config: cfg,
                 overrides: overrides.clone(),
-                internal: internal(name),
+                internal: sluice_vocab::internal::is_internal(name),
             });
         }
         let shared = Arc::new(RwLock::new(cfg));
@@ -552,9 +544,7 @@ impl Store {
                 }
                 ConfigChange::Delete { key } => {
                     if !TopicConfig::KEYS.contains(&key.as_str()) {
-                        return Err(LogError::InvalidConfig(format!(
-                            "unknown topic config key {key:?}"
-                        )));
+                        return Err(ConfigError::UnknownKey(key.clone()).into());
                     }
                     overrides.remove(key);
                 }

@@ -6,9 +6,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use sluice_cluster::{BrokerId, MetadataImage};
 use sluice_log::{LogError, Partition};
+use sluice_vocab::ErrorCode;
 use tokio::sync::watch;
 
-use crate::codes;
 use crate::transport::{FetchArgs, LeaderConnector, LeaderTransport, TransportError};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -32,8 +32,8 @@ pub(crate) struct Fetcher {
 enum FetchError {
     #[error(transparent)]
     Transport(#[from] TransportError),
-    #[error("leader answered error code {0}")]
-    Leader(i16),
+    #[error("leader answered {0}")]
+    Leader(ErrorCode),
     #[error("local log: {0}")]
     Log(#[from] LogError),
     #[error("leader {0} has no address in the image")]
@@ -114,8 +114,8 @@ impl Fetcher {
             let ans = t
                 .end_offset_for_epoch(&self.topic, self.index, self.epoch, latest)
                 .await?;
-            if ans.error_code != 0 {
-                return Err(FetchError::Leader(ans.error_code));
+            if let Some(code) = ans.error {
+                return Err(FetchError::Leader(code));
             }
             if ans.leader_epoch < 0 || ans.end_offset < 0 {
                 p.high_watermark()
@@ -170,12 +170,12 @@ impl Fetcher {
             max_wait: self.max_wait,
         };
         let ans = t.fetch(&args).await?;
-        match ans.error_code {
-            0 => {}
-            codes::OFFSET_OUT_OF_RANGE => {
+        match ans.error {
+            None => {}
+            Some(ErrorCode::OffsetOutOfRange) => {
                 return self.out_of_range(t, offset, ans.log_start_offset).await
             }
-            code => return Err(FetchError::Leader(code)),
+            Some(code) => return Err(FetchError::Leader(code)),
         }
         let records = whole_batches_from(&ans.records, offset);
         let mut end = offset;
@@ -207,13 +207,9 @@ impl Fetcher {
         let start = if known_start >= 0 {
             known_start
         } else {
-            let (code, start) = t
-                .log_start_offset(&self.topic, self.index, self.epoch)
-                .await?;
-            if code != 0 {
-                return Err(FetchError::Leader(code));
-            }
-            start
+            t.log_start_offset(&self.topic, self.index, self.epoch)
+                .await?
+                .map_err(FetchError::Leader)?
         };
         if start >= 0 && offset < start {
             tracing::info!(
@@ -227,7 +223,7 @@ impl Fetcher {
             self.partition.truncate_to(start)?;
             return Ok(self.partition.log_end_offset());
         }
-        Err(FetchError::Leader(codes::OFFSET_OUT_OF_RANGE))
+        Err(FetchError::Leader(ErrorCode::OffsetOutOfRange))
     }
 }
 

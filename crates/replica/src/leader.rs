@@ -12,7 +12,7 @@ use sluice_log::Partition;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::codes;
+use sluice_vocab::ErrorCode;
 
 /// How long to wait before proposing the same ISR again after it failed or was
 /// rejected. A different ISR (another eligible follower) may be proposed at once.
@@ -216,17 +216,17 @@ impl Leader {
         replica: BrokerId,
         fetch_offset: i64,
         log_start: i64,
-    ) -> Result<(), i16> {
+    ) -> Result<(), ErrorCode> {
         let mut g = self.inner.lock();
         if !g.active {
-            return Err(codes::NOT_LEADER_OR_FOLLOWER);
+            return Err(ErrorCode::NotLeaderOrFollower);
         }
         if replica == self.me || !g.replicas.contains(&replica) {
-            return Err(codes::NOT_LEADER_OR_FOLLOWER);
+            return Err(ErrorCode::NotLeaderOrFollower);
         }
         let leader_end = self.partition.log_end_offset();
         if fetch_offset < self.partition.log_start_offset() || fetch_offset > leader_end {
-            return Err(codes::OFFSET_OUT_OF_RANGE);
+            return Err(ErrorCode::OffsetOutOfRange);
         }
         let now = Instant::now();
         let p = g

@@ -56,8 +56,8 @@
 //! - *Fencing by epoch.* Produce and consumer reads are accepted only while this
 //!   node's *current image* says it leads with the epoch of its leader state
 //!   ([`ReplicaManager::leader_for_produce`]). Followers send their image's
-//!   `current_leader_epoch`; a leader answers FENCED_LEADER_EPOCH (74) when the
-//!   follower's epoch is older and UNKNOWN_LEADER_EPOCH (79) when newer, so a paused
+//!   `current_leader_epoch`; a leader answers FENCED_LEADER_EPOCH when the
+//!   follower's epoch is older and UNKNOWN_LEADER_EPOCH when newer, so a paused
 //!   (zombie) old leader gets no fetches from the new ISR, never raises its HW past what
 //!   the committed ISR has, and never answers acks=all. [`ReplicaManager::wait_replicated`]
 //!   answers success only while the leader state it was issued under is still active.
@@ -68,8 +68,8 @@
 //!
 //! # Errors
 //!
-//! The API the Kafka front end calls answers Kafka error codes (`i16`), see
-//! [`codes`].
+//! The API the Kafka front end calls answers Kafka error codes
+//! ([`sluice_vocab::ErrorCode`]).
 
 mod follower;
 mod leader;
@@ -90,26 +90,6 @@ use sluice_cluster::BrokerId;
 
 #[doc(no_inline)]
 pub use sluice_cluster::ClusterNode;
-
-/// Kafka error codes this crate answers.
-pub mod codes {
-    /// OFFSET_OUT_OF_RANGE
-    pub const OFFSET_OUT_OF_RANGE: i16 = 1;
-    /// UNKNOWN_TOPIC_OR_PARTITION
-    pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
-    /// NOT_LEADER_OR_FOLLOWER
-    pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
-    /// REQUEST_TIMED_OUT
-    pub const REQUEST_TIMED_OUT: i16 = 7;
-    /// NOT_ENOUGH_REPLICAS
-    pub const NOT_ENOUGH_REPLICAS: i16 = 19;
-    /// KAFKA_STORAGE_ERROR
-    pub const KAFKA_STORAGE_ERROR: i16 = 56;
-    /// FENCED_LEADER_EPOCH: the requester's epoch is older than the leader's.
-    pub const FENCED_LEADER_EPOCH: i16 = 74;
-    /// UNKNOWN_LEADER_EPOCH: the requester's epoch is newer than the leader's.
-    pub const UNKNOWN_LEADER_EPOCH: i16 = 79;
-}
 
 /// Settings of a [`ReplicaManager`]. [`ReplicaConfig::new`] fills Kafka's defaults.
 #[derive(Debug, Clone)]

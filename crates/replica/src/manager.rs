@@ -9,6 +9,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use sluice_cluster::{BrokerId, ClusterNode, MetadataImage, PartitionState, NO_LEADER};
 use sluice_log::{AppendResult, LogError, Partition, ReadLimit, Store};
+use sluice_vocab::ErrorCode;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -16,7 +17,7 @@ use tokio::time::Instant;
 use crate::follower::Fetcher;
 use crate::leader::Leader;
 use crate::transport::{EpochAnswer, FetchAnswer, FetchArgs, LeaderConnector};
-use crate::{codes, ReplicaConfig, TcpConnector};
+use crate::{ReplicaConfig, TcpConnector};
 
 /// When applying an image failed locally (disk), try again this soon.
 const IMAGE_RETRY: Duration = Duration::from_secs(1);
@@ -209,18 +210,18 @@ impl ReplicaManager {
         &self,
         topic: &str,
         partition: i32,
-    ) -> Result<(Arc<Leader>, Arc<MetadataImage>), i16> {
+    ) -> Result<(Arc<Leader>, Arc<MetadataImage>), ErrorCode> {
         let image = self.image();
         let Some(p) = image.partition(topic, partition) else {
-            return Err(codes::UNKNOWN_TOPIC_OR_PARTITION);
+            return Err(ErrorCode::UnknownTopicOrPartition);
         };
         if p.leader != self.cfg.node_id {
-            return Err(codes::NOT_LEADER_OR_FOLLOWER);
+            return Err(ErrorCode::NotLeaderOrFollower);
         }
         // Refusing is always safe; serving after our lease may have expired
         // only makes clients wait on a leader that can no longer commit.
         if self.lease_expired() {
-            return Err(codes::NOT_LEADER_OR_FOLLOWER);
+            return Err(ErrorCode::NotLeaderOrFollower);
         }
         let epoch = p.leader_epoch;
         let state = self.state.lock();
@@ -233,7 +234,7 @@ impl ReplicaManager {
                 Ok((leader.clone(), image.clone()))
             }
             // The watcher has not taken the role yet (or is giving it up).
-            _ => Err(codes::NOT_LEADER_OR_FOLLOWER),
+            _ => Err(ErrorCode::NotLeaderOrFollower),
         }
     }
 
@@ -258,14 +259,14 @@ impl ReplicaManager {
         topic: &str,
         partition: i32,
         acks_all: bool,
-    ) -> Result<LeaderHandle, i16> {
+    ) -> Result<LeaderHandle, ErrorCode> {
         let (leader, image) = self.current_leader(topic, partition)?;
         if acks_all {
             let replicas = image
                 .partition(topic, partition)
                 .map_or(1, |p| p.replicas.len());
             if leader.isr_len() < self.min_insync(&image, topic, replicas) {
-                return Err(codes::NOT_ENOUGH_REPLICAS);
+                return Err(ErrorCode::NotEnoughReplicas);
             }
         }
         Ok(LeaderHandle {
@@ -282,7 +283,7 @@ impl ReplicaManager {
         h: &LeaderHandle,
         end_offset: i64,
         timeout: Duration,
-    ) -> Result<(), i16> {
+    ) -> Result<(), ErrorCode> {
         let deadline = Instant::now() + timeout;
         let mut hw = h.partition.watch_high_watermark();
         let mut roles = self.roles_tx.subscribe();
@@ -290,17 +291,17 @@ impl ReplicaManager {
             let reached = *hw.borrow_and_update() >= end_offset;
             // The HW counts only while it was raised by this leadership.
             if !h.leader.is_active() {
-                return Err(codes::NOT_LEADER_OR_FOLLOWER);
+                return Err(ErrorCode::NotLeaderOrFollower);
             }
             if reached {
                 return Ok(());
             }
             tokio::select! {
                 r = hw.changed() => if r.is_err() {
-                    return Err(codes::NOT_LEADER_OR_FOLLOWER);
+                    return Err(ErrorCode::NotLeaderOrFollower);
                 },
                 _ = roles.changed() => {}
-                _ = tokio::time::sleep_until(deadline) => return Err(codes::REQUEST_TIMED_OUT),
+                _ = tokio::time::sleep_until(deadline) => return Err(ErrorCode::RequestTimedOut),
             }
         }
     }
@@ -312,7 +313,7 @@ impl ReplicaManager {
         topic: &str,
         partition: i32,
         current_leader_epoch: i32,
-    ) -> Result<(Arc<Partition>, i32), i16> {
+    ) -> Result<(Arc<Partition>, i32), ErrorCode> {
         let (leader, _) = self.current_leader(topic, partition)?;
         check_epoch(current_leader_epoch, leader.epoch)?;
         Ok((leader.partition.clone(), leader.epoch))
@@ -331,7 +332,7 @@ impl ReplicaManager {
         fetch_offset: i64,
         current_leader_epoch: i32,
         log_start_offset: i64,
-    ) -> Result<Arc<Partition>, i16> {
+    ) -> Result<Arc<Partition>, ErrorCode> {
         let (leader, _) = self.current_leader(topic, partition)?;
         check_epoch(current_leader_epoch, leader.epoch)?;
         leader.on_follower_fetch(replica_id, fetch_offset, log_start_offset)?;
@@ -341,7 +342,7 @@ impl ReplicaManager {
     /// Kafka's low watermark of a partition this node leads: the smallest log start
     /// offset among this replica and the in-sync followers that reported theirs in
     /// this leadership. DeleteRecords is done once it reaches the requested offset.
-    pub fn low_watermark(&self, topic: &str, partition: i32) -> Result<i64, i16> {
+    pub fn low_watermark(&self, topic: &str, partition: i32) -> Result<i64, ErrorCode> {
         let (leader, _) = self.current_leader(topic, partition)?;
         Ok(leader.low_watermark())
     }
@@ -362,7 +363,7 @@ impl ReplicaManager {
             Ok(p) => p,
             Err(code) => {
                 let mut a = FetchAnswer::error(code);
-                if code == codes::OFFSET_OUT_OF_RANGE {
+                if code == ErrorCode::OffsetOutOfRange {
                     if let Some(p) = self.store.partition(&args.topic, args.partition) {
                         a.log_start_offset = p.log_start_offset();
                     }
@@ -389,24 +390,24 @@ impl ReplicaManager {
         }
         match p.read(args.fetch_offset, args.max_bytes, true, ReadLimit::LogEnd) {
             Ok(r) => FetchAnswer {
-                error_code: 0,
+                error: None,
                 high_watermark: r.high_watermark,
                 log_start_offset: r.log_start_offset,
                 records: r.records,
             },
             Err(LogError::OffsetOutOfRange { log_start, .. }) => FetchAnswer {
                 log_start_offset: log_start,
-                ..FetchAnswer::error(codes::OFFSET_OUT_OF_RANGE)
+                ..FetchAnswer::error(ErrorCode::OffsetOutOfRange)
             },
             Err(LogError::UnknownTopicOrPartition(_)) => {
-                FetchAnswer::error(codes::UNKNOWN_TOPIC_OR_PARTITION)
+                FetchAnswer::error(ErrorCode::UnknownTopicOrPartition)
             }
-            Err(_) => FetchAnswer::error(codes::KAFKA_STORAGE_ERROR),
+            Err(_) => FetchAnswer::error(ErrorCode::KafkaStorageError),
         }
     }
 
     /// The leader side of OffsetForLeaderEpoch for a follower: checks the epoch
-    /// (74/79), then the end offset of `leader_epoch` (or the largest smaller epoch).
+    /// (FENCED_LEADER_EPOCH / UNKNOWN_LEADER_EPOCH), then the end offset of `leader_epoch` (or the largest smaller epoch).
     pub fn answer_end_offset_for_epoch(
         &self,
         topic: &str,
@@ -415,7 +416,7 @@ impl ReplicaManager {
         leader_epoch: i32,
     ) -> EpochAnswer {
         let fail = |code| EpochAnswer {
-            error_code: code,
+            error: Some(code),
             leader_epoch: -1,
             end_offset: -1,
         };
@@ -423,7 +424,7 @@ impl ReplicaManager {
             Ok((p, _)) => {
                 let (epoch, end) = p.end_offset_for_epoch(leader_epoch);
                 EpochAnswer {
-                    error_code: 0,
+                    error: None,
                     leader_epoch: epoch,
                     end_offset: end,
                 }
@@ -742,13 +743,13 @@ impl ReplicaManager {
     }
 }
 
-fn check_epoch(requested: i32, ours: i32) -> Result<(), i16> {
+fn check_epoch(requested: i32, ours: i32) -> Result<(), ErrorCode> {
     if requested < 0 || requested == ours {
         Ok(())
     } else if requested < ours {
-        Err(codes::FENCED_LEADER_EPOCH)
+        Err(ErrorCode::FencedLeaderEpoch)
     } else {
-        Err(codes::UNKNOWN_LEADER_EPOCH)
+        Err(ErrorCode::UnknownLeaderEpoch)
     }
 }
 

@@ -17,6 +17,7 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 use sluice_cluster::BrokerId;
+use sluice_vocab::ErrorCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -230,8 +231,8 @@ impl LeaderTransport for Conn {
             let resp = self
                 .call_within(&req, FETCH_VERSION, args.max_wait + CALL_TIMEOUT)
                 .await?;
-            if resp.error_code != 0 {
-                return Ok(FetchAnswer::error(resp.error_code));
+            if let Err(code) = ErrorCode::check(resp.error_code) {
+                return Ok(FetchAnswer::error(code));
             }
             let part = resp
                 .responses
@@ -243,7 +244,7 @@ impl LeaderTransport for Conn {
                     TransportError::Protocol("fetch answer without our partition".into())
                 })?;
             Ok(FetchAnswer {
-                error_code: part.error_code,
+                error: ErrorCode::check(part.error_code).err(),
                 high_watermark: part.high_watermark,
                 log_start_offset: part.log_start_offset,
                 records: part.records.unwrap_or_default(),
@@ -281,7 +282,7 @@ impl LeaderTransport for Conn {
                     )
                 })?;
             Ok(EpochAnswer {
-                error_code: p.error_code,
+                error: ErrorCode::check(p.error_code).err(),
                 leader_epoch: p.leader_epoch,
                 end_offset: p.end_offset,
             })
@@ -293,7 +294,7 @@ impl LeaderTransport for Conn {
         topic: &'a str,
         partition: i32,
         current_leader_epoch: i32,
-    ) -> BoxFuture<'a, Result<(i16, i64), TransportError>> {
+    ) -> BoxFuture<'a, Result<Result<i64, ErrorCode>, TransportError>> {
         Box::pin(async move {
             let version = self.list_offsets_version;
             let mut p = ListOffsetsPartition::default()
@@ -317,7 +318,7 @@ impl LeaderTransport for Conn {
                 .ok_or_else(|| {
                     TransportError::Protocol("ListOffsets answer without our partition".into())
                 })?;
-            Ok((p.error_code, p.offset))
+            Ok(ErrorCode::check(p.error_code).map(|()| p.offset))
         })
     }
 }
@@ -446,7 +447,7 @@ mod tests {
         assert_eq!(
             e,
             EpochAnswer {
-                error_code: 0,
+                error: None,
                 leader_epoch: 1,
                 end_offset: 30
             }
@@ -463,11 +464,11 @@ mod tests {
         };
         let a = t.fetch(&args).await.unwrap();
         assert_eq!(
-            (a.error_code, a.high_watermark, a.log_start_offset),
-            (0, 40, 5)
+            (a.error, a.high_watermark, a.log_start_offset),
+            (None, 40, 5)
         );
         assert_eq!(&a.records[..], b"xyz");
-        assert_eq!(t.log_start_offset("t", 0, 3).await.unwrap(), (0, 5));
+        assert_eq!(t.log_start_offset("t", 0, 3).await.unwrap(), Ok(5));
         drop(t);
         server.await.unwrap();
     }

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use parking_lot::RwLock;
 use sluice_cluster::BrokerId;
+use sluice_vocab::ErrorCode;
 
 use crate::ReplicaManager;
 
@@ -39,8 +40,8 @@ pub struct FetchArgs {
 /// The leader's answer to one [`FetchArgs`].
 #[derive(Debug, Clone, Default)]
 pub struct FetchAnswer {
-    /// Kafka error code, 0 on success.
-    pub error_code: i16,
+    /// Why the leader refused the fetch; `None` on success.
+    pub error: Option<ErrorCode>,
     /// The leader's high watermark (-1 when unknown).
     pub high_watermark: i64,
     /// The leader's log start offset (-1 when unknown).
@@ -51,9 +52,9 @@ pub struct FetchAnswer {
 
 impl FetchAnswer {
     /// An error answer without data.
-    pub fn error(code: i16) -> FetchAnswer {
+    pub fn error(code: ErrorCode) -> FetchAnswer {
         FetchAnswer {
-            error_code: code,
+            error: Some(code),
             high_watermark: -1,
             log_start_offset: -1,
             records: Bytes::new(),
@@ -64,8 +65,8 @@ impl FetchAnswer {
 /// The leader's answer to OffsetForLeaderEpoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EpochAnswer {
-    /// Kafka error code, 0 on success.
-    pub error_code: i16,
+    /// Why the leader refused; `None` on success.
+    pub error: Option<ErrorCode>,
     /// The largest epoch <= the one asked for that the leader knows (-1 when none).
     pub leader_epoch: i32,
     /// The end offset of that epoch on the leader (-1 when unknown).
@@ -119,14 +120,13 @@ pub trait LeaderTransport: Send {
         leader_epoch: i32,
     ) -> BoxFuture<'a, Result<EpochAnswer, TransportError>>;
 
-    /// Kafka ListOffsets(earliest): the leader's log start offset, as
-    /// `(error code, offset)`.
+    /// Kafka ListOffsets(earliest): the leader's log start offset, or why it refused.
     fn log_start_offset<'a>(
         &'a mut self,
         topic: &'a str,
         partition: i32,
         current_leader_epoch: i32,
-    ) -> BoxFuture<'a, Result<(i16, i64), TransportError>>;
+    ) -> BoxFuture<'a, Result<Result<i64, ErrorCode>, TransportError>>;
 }
 
 /// Connects followers to [`ReplicaManager`]s of the same process, by broker id. The
@@ -263,15 +263,11 @@ impl LeaderTransport for InProcessTransport {
         topic: &'a str,
         partition: i32,
         current_leader_epoch: i32,
-    ) -> BoxFuture<'a, Result<(i16, i64), TransportError>> {
+    ) -> BoxFuture<'a, Result<Result<i64, ErrorCode>, TransportError>> {
         Box::pin(async move {
             let m = self.target()?;
-            Ok(
-                match m.leader_for_read(topic, partition, current_leader_epoch) {
-                    Ok((p, _)) => (0, p.log_start_offset()),
-                    Err(code) => (code, -1),
-                },
-            )
+            Ok(m.leader_for_read(topic, partition, current_leader_epoch)
+                .map(|(p, _)| p.log_start_offset()))
         })
     }
 }

@@ -21,6 +21,7 @@ use sluice_cluster::{
 };
 use sluice_log::Store;
 use sluice_replica::ReplicaManager;
+use sluice_vocab::KafkaError;
 use tracing::error;
 
 /// Shared with the handlers; the store is set once it has been opened.
@@ -297,7 +298,7 @@ async fn propose(node: &ClusterNode, cmd: Command) -> Result<CommandOutput, Resp
             StatusCode::BAD_REQUEST,
             Json(serde_json::json!({
                 "error": rejected.to_string(),
-                "kafka_error_code": rejected.kafka_code(),
+                "kafka_error_code": rejected.error_code().code(),
             })),
         )
             .into_response()),

@@ -223,9 +223,9 @@ async fn start_cluster_node(
     cc.session_timeout = settings.session_timeout;
     cc.internal_replication_factor = settings.internal_replication_factor;
     cc.internal_topics = vec![InternalTopic {
-        name: sluice_group::OFFSETS_TOPIC.to_owned(),
-        partitions: 1,
-        configs: sluice_group::offsets_topic_configs(),
+        name: sluice_vocab::internal::OFFSETS_TOPIC.to_owned(),
+        partitions: sluice_vocab::internal::OFFSETS_TOPIC_PARTITIONS,
+        configs: sluice_vocab::internal::offsets_topic_configs(),
     }];
     let node = ClusterNode::start(cc).await.map_err(|e| match e {
         sluice_cluster::ClusterError::Io(io) => bind_error("Raft", settings.raft_listen, io),

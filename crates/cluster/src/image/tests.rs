@@ -66,7 +66,7 @@ fn create_topic_places_round_robin_over_live_brokers() {
 #[test]
 fn create_topic_validation_maps_to_kafka_codes() {
     let (mut img, i) = cluster(3);
-    let code = |r: CommandResult| r.err().map(|e| e.kafka_code());
+    let code = |r: CommandResult| r.err().map(|e| e.error_code().code());
     assert_eq!(code(img.apply(i + 1, &create("t", 1, 4))), Some(38));
     assert_eq!(code(img.apply(i + 1, &create("t", 1, 0))), Some(38));
     assert_eq!(code(img.apply(i + 1, &create("t", 0, 1))), Some(37));
@@ -198,8 +198,9 @@ fn alter_partition_is_fenced_by_epochs_and_validated() {
             partition_epoch,
             new_isr,
         };
-    let code =
-        |img: &mut MetadataImage, c: Command| img.apply(i + 2, &c).err().map(|e| e.kafka_code());
+    let code = |img: &mut MetadataImage, c: Command| {
+        img.apply(i + 2, &c).err().map(|e| e.error_code().code())
+    };
     assert_eq!(code(&mut img, alter(1, 0, 0, vec![1, 2])), None);
     assert_eq!(part(&img, "t", 0).partition_epoch, 1);
     assert_eq!(
@@ -293,7 +294,7 @@ fn reassign_validates_and_completes_at_once_onto_in_sync_replicas() {
     for bad in [vec![3, 9], vec![3, 3], vec![]] {
         let before = img.clone();
         let r = img.apply(i + 2, &re(bad.clone()));
-        assert_eq!(r.err().map(|e| e.kafka_code()), Some(39), "{bad:?}");
+        assert_eq!(r.err().map(|e| e.error_code().code()), Some(39), "{bad:?}");
         assert_eq!(img.topics, before.topics, "a rejection changes nothing");
     }
     // Dropping replica 1 keeps in-sync 2: done at once, 2 leads under a new epoch.
@@ -438,7 +439,9 @@ fn configs_partitions_producer_ids_and_delete() {
         count,
     };
     assert_eq!(
-        img.apply(i + 4, &grow(1)).err().map(|e| e.kafka_code()),
+        img.apply(i + 4, &grow(1))
+            .err()
+            .map(|e| e.error_code().code()),
         Some(37)
     );
     assert!(img.apply(i + 4, &grow(3)).is_ok());
@@ -463,7 +466,9 @@ fn configs_partitions_producer_ids_and_delete() {
         })
     );
     assert_eq!(
-        img.apply(i + 7, &alloc(0)).err().map(|e| e.kafka_code()),
+        img.apply(i + 7, &alloc(0))
+            .err()
+            .map(|e| e.error_code().code()),
         Some(42)
     );
     assert_eq!(img.next_producer_id, 1010);
@@ -473,7 +478,7 @@ fn configs_partitions_producer_ids_and_delete() {
     assert_eq!(
         img.apply(i + 9, &Command::DeleteTopic { name: "t".into() })
             .err()
-            .map(|e| e.kafka_code()),
+            .map(|e| e.error_code().code()),
         Some(3)
     );
 }

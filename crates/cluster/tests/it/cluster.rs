@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use openraft::LogId;
 use sluice_cluster::{ClusterNode, Command, CommandError, CommandOutput, MetadataImage};
+use sluice_vocab::KafkaError;
 
 use crate::support::{eventually, wait_image, TestCluster};
 
@@ -76,7 +77,7 @@ async fn bootstrap_create_topic_rf3_and_every_image_converges() {
         .propose(create("big", 1, 4))
         .await
         .expect("quorum");
-    assert_eq!(r.map_err(|e| e.kafka_code()), Err(38));
+    assert_eq!(r.map_err(|e| e.error_code().code()), Err(38));
     c.shutdown().await;
 }
 

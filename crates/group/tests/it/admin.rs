@@ -1,7 +1,7 @@
 //! ListGroups / DescribeGroups / DeleteGroups.
 
 use kafka_protocol::messages::{DeleteGroupsRequest, LeaveGroupRequest, ListGroupsRequest};
-use kafka_protocol::ResponseError;
+use sluice_vocab::ErrorCode;
 
 use crate::*;
 
@@ -67,8 +67,8 @@ async fn delete_groups_refuses_non_empty_groups() {
     assert_eq!(
         delete(c, &["busy", "unknown"]).await,
         vec![
-            ("busy".to_owned(), code(ResponseError::NonEmptyGroup)),
-            ("unknown".to_owned(), code(ResponseError::GroupIdNotFound)),
+            ("busy".to_owned(), code(ErrorCode::NonEmptyGroup)),
+            ("unknown".to_owned(), code(ErrorCode::GroupIdNotFound)),
         ]
     );
     assert_eq!(fetched(&fetch(c, "busy", TOPIC, Some(&[0])).await)[0].2, 10);
@@ -85,7 +85,7 @@ async fn delete_groups_refuses_non_empty_groups() {
     assert!(list(c, &[], &[], 3).is_empty());
     assert_eq!(
         delete(c, &["busy"]).await,
-        vec![("busy".to_owned(), code(ResponseError::GroupIdNotFound))]
+        vec![("busy".to_owned(), code(ErrorCode::GroupIdNotFound))]
     );
 }
 
@@ -137,10 +137,7 @@ async fn describe_groups_as_kafka() {
     assert_eq!(old.groups[0].error_code, 0);
     assert_eq!(old.groups[0].group_state.as_str(), "Dead");
     let new = describe(c, "ghost", 6);
-    assert_eq!(
-        new.groups[0].error_code,
-        code(ResponseError::GroupIdNotFound)
-    );
+    assert_eq!(new.groups[0].error_code, code(ErrorCode::GroupIdNotFound));
     assert!(new.groups[0].error_message.is_some());
 
     // CompletingRebalance: members without metadata or assignment.

@@ -27,9 +27,9 @@ use kafka_protocol::messages::{
     OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::ResponseError;
 use sluice_group::{GroupConfig, GroupCoordinator};
 use sluice_log::{FlushPolicy, Store, StoreConfig, TopicConfig};
+use sluice_vocab::ErrorCode;
 use tempfile::TempDir;
 
 pub const TOPIC: &str = "events";
@@ -52,7 +52,7 @@ pub fn gid(v: &str) -> GroupId {
     GroupId(s(v))
 }
 
-pub fn code(err: ResponseError) -> i16 {
+pub fn code(err: ErrorCode) -> i16 {
     err.code()
 }
 
@@ -136,7 +136,7 @@ pub async fn join_new(
             "/127.0.0.1",
         )
         .await;
-    assert_eq!(first.error_code, code(ResponseError::MemberIdRequired));
+    assert_eq!(first.error_code, code(ErrorCode::MemberIdRequired));
     assert!(
         first
             .member_id

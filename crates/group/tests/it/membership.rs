@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use kafka_protocol::messages::leave_group_request::MemberIdentity;
 use kafka_protocol::messages::{JoinGroupResponse, LeaveGroupRequest};
-use kafka_protocol::ResponseError;
 use sluice_group::GroupCoordinator;
+use sluice_vocab::ErrorCode;
 
 use crate::*;
 
@@ -169,7 +169,7 @@ async fn two_members_split_then_third_joins_and_one_leaves() {
     for m in &members {
         assert_eq!(
             until_rebalance(c, g1, m).await,
-            code(ResponseError::RebalanceInProgress)
+            code(ErrorCode::RebalanceInProgress)
         );
     }
     assert_eq!(state_of(c, GROUP).0, "PreparingRebalance");
@@ -198,13 +198,13 @@ async fn two_members_split_then_third_joins_and_one_leaves() {
     assert_eq!(resp.members[0].error_code, 0);
     assert_eq!(
         heartbeat(c, GROUP, g2, &leaving, None).await,
-        code(ResponseError::UnknownMemberId)
+        code(ErrorCode::UnknownMemberId)
     );
     let rest: Vec<String> = members2.into_iter().filter(|m| *m != leaving).collect();
     for m in &rest {
         assert_eq!(
             until_rebalance(c, g2, m).await,
-            code(ResponseError::RebalanceInProgress)
+            code(ErrorCode::RebalanceInProgress)
         );
     }
     let rejoins: Vec<_> = rest
@@ -236,7 +236,7 @@ async fn members_that_do_not_rejoin_are_dropped_after_the_rebalance_timeout() {
     let third = spawn_join_new(c, "c", 10_000, 800);
     assert_eq!(
         until_rebalance(c, g1, &leader).await,
-        code(ResponseError::RebalanceInProgress)
+        code(ErrorCode::RebalanceInProgress)
     );
     let started = tokio::time::Instant::now();
     let leader_join = rejoin(c, GROUP, &leader, b"meta", 10_000, 800).await;
@@ -259,7 +259,7 @@ async fn members_that_do_not_rejoin_are_dropped_after_the_rebalance_timeout() {
     sync_all(c, &[leader_join, third]).await;
     assert_eq!(
         heartbeat(c, GROUP, g1, &silent, None).await,
-        code(ResponseError::UnknownMemberId)
+        code(ErrorCode::UnknownMemberId)
     );
 }
 
@@ -278,7 +278,7 @@ async fn session_expiry_evicts_a_silent_member() {
     let started = tokio::time::Instant::now();
     assert_eq!(
         until_rebalance(c, g1, &leader).await,
-        code(ResponseError::RebalanceInProgress)
+        code(ErrorCode::RebalanceInProgress)
     );
     assert!(started.elapsed() >= Duration::from_millis(400));
     let (_, left) = state_of(c, GROUP);
@@ -290,7 +290,7 @@ async fn session_expiry_evicts_a_silent_member() {
     assert_eq!(members, vec![leader]);
     assert_eq!(
         heartbeat(c, GROUP, g1, &silent, None).await,
-        code(ResponseError::UnknownMemberId)
+        code(ErrorCode::UnknownMemberId)
     );
 
     // With nobody heartbeating, the group ends up Empty.
@@ -383,10 +383,10 @@ async fn static_member_rejoins_without_rebalance_and_old_id_is_fenced() {
     // The old incarnation is fenced.
     assert_eq!(
         heartbeat(c, GROUP, g1, &old_id, Some(follower_instance)).await,
-        code(ResponseError::FencedInstanceId)
+        code(ErrorCode::FencedInstanceId)
     );
     let zombie = static_join(follower_instance, old_id.clone(), JOIN_V).await;
-    assert_eq!(zombie.error_code, code(ResponseError::FencedInstanceId));
+    assert_eq!(zombie.error_code, code(ErrorCode::FencedInstanceId));
 
     // A static leader restarting with v9 is told it leads but must skip assignment.
     let new_leader = static_join(leader_instance, String::new(), JOIN_V).await;
@@ -415,26 +415,26 @@ async fn join_errors_match_kafka() {
 
     // Session timeout outside [min, max].
     let r = join_v(join_request(GROUP, "", None, 5, 1_000, b""), JOIN_V).await;
-    assert_eq!(r.error_code, code(ResponseError::InvalidSessionTimeout));
+    assert_eq!(r.error_code, code(ErrorCode::InvalidSessionTimeout));
     let r = join_v(join_request(GROUP, "", None, 70_000, 1_000, b""), JOIN_V).await;
-    assert_eq!(r.error_code, code(ResponseError::InvalidSessionTimeout));
+    assert_eq!(r.error_code, code(ErrorCode::InvalidSessionTimeout));
     // Empty group id.
     let r = join_v(join_request("", "", None, 1_000, 1_000, b""), JOIN_V).await;
-    assert_eq!(r.error_code, code(ResponseError::InvalidGroupId));
+    assert_eq!(r.error_code, code(ErrorCode::InvalidGroupId));
     // A member id the coordinator never handed out.
     let r = join_v(
         join_request(GROUP, "nobody", None, 1_000, 1_000, b""),
         JOIN_V,
     )
     .await;
-    assert_eq!(r.error_code, code(ResponseError::UnknownMemberId));
+    assert_eq!(r.error_code, code(ErrorCode::UnknownMemberId));
     assert_eq!(
         heartbeat(c, "nope", 1, "nobody", None).await,
-        code(ResponseError::UnknownMemberId)
+        code(ErrorCode::UnknownMemberId)
     );
     assert_eq!(
         sync(c, "nope", 1, "nobody", None, &[]).await.error_code,
-        code(ResponseError::UnknownMemberId)
+        code(ErrorCode::UnknownMemberId)
     );
 
     // v3 has no MEMBER_ID_REQUIRED: the first join is the real one.
@@ -448,22 +448,22 @@ async fn join_errors_match_kafka() {
     let mut other = join_request(GROUP, "", None, 1_000, 1_000, b"");
     other.protocol_type = s("connect");
     let r = join_v(other, 3).await;
-    assert_eq!(r.error_code, code(ResponseError::InconsistentGroupProtocol));
+    assert_eq!(r.error_code, code(ErrorCode::InconsistentGroupProtocol));
     // v0-v6 never send a null protocol name.
     let mut none = join_request(GROUP, "", None, 1_000, 1_000, b"");
     none.protocols.clear();
     let r = join_v(none, 0).await;
-    assert_eq!(r.error_code, code(ResponseError::InconsistentGroupProtocol));
+    assert_eq!(r.error_code, code(ErrorCode::InconsistentGroupProtocol));
     assert_eq!(r.protocol_name.as_deref(), Some(""));
 
     // Commits and heartbeats need the right generation.
     assert_eq!(
         heartbeat(c, GROUP, 7, &me, None).await,
-        code(ResponseError::IllegalGeneration)
+        code(ErrorCode::IllegalGeneration)
     );
     assert_eq!(
         sync(c, GROUP, 7, &me, None, &[]).await.error_code,
-        code(ResponseError::IllegalGeneration)
+        code(ErrorCode::IllegalGeneration)
     );
     // Heartbeats in CompletingRebalance are fine (Kafka resets the session).
     assert_eq!(heartbeat(c, GROUP, 1, &me, None).await, 0);
@@ -499,8 +499,8 @@ async fn leave_group_batch_reports_per_member_errors() {
         errors,
         vec![
             0,
-            code(ResponseError::UnknownMemberId),
-            code(ResponseError::UnknownMemberId)
+            code(ErrorCode::UnknownMemberId),
+            code(ErrorCode::UnknownMemberId)
         ]
     );
     assert_eq!(state_of(c, GROUP).1, vec![members[1].clone()]);
@@ -512,7 +512,7 @@ async fn leave_group_batch_reports_per_member_errors() {
     old.member_id = s("ghost");
     assert_eq!(
         c.leave_group(old, 1).await.error_code,
-        code(ResponseError::UnknownMemberId)
+        code(ErrorCode::UnknownMemberId)
     );
     let mut old = LeaveGroupRequest::default();
     old.group_id = gid(GROUP);
@@ -543,11 +543,11 @@ async fn a_leader_that_never_syncs_is_removed_and_followers_rejoin() {
     // follower is told to rejoin.
     let started = tokio::time::Instant::now();
     let r = sync(c, GROUP, generation, &follower, None, &[]).await;
-    assert_eq!(r.error_code, code(ResponseError::RebalanceInProgress));
+    assert_eq!(r.error_code, code(ErrorCode::RebalanceInProgress));
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert_eq!(
         heartbeat(c, GROUP, generation, &leader, None).await,
-        code(ResponseError::UnknownMemberId)
+        code(ErrorCode::UnknownMemberId)
     );
     let j = rejoin(c, GROUP, &follower, b"meta", 10_000, 500).await;
     assert_eq!(j.generation_id, generation + 1);

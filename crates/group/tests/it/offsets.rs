@@ -11,8 +11,9 @@ use kafka_protocol::messages::offset_fetch_request::{
 use kafka_protocol::messages::{
     DeleteGroupsRequest, ListGroupsRequest, OffsetCommitRequest, OffsetFetchRequest,
 };
-use kafka_protocol::ResponseError;
-use sluice_group::{GroupCoordinator, OFFSETS_TOPIC};
+use sluice_group::GroupCoordinator;
+use sluice_vocab::internal::OFFSETS_TOPIC;
+use sluice_vocab::ErrorCode;
 
 use crate::*;
 
@@ -42,12 +43,12 @@ async fn commit_and_fetch_round_trip_metadata() {
     .await;
     assert_eq!(
         commit_errors(&resp),
-        vec![0, 0, 0, code(ResponseError::UnknownTopicOrPartition)]
+        vec![0, 0, 0, code(ErrorCode::UnknownTopicOrPartition)]
     );
     let resp = commit(c, "solo", -1, "", "no-such-topic", &[(0, 1, -1, None)]).await;
     assert_eq!(
         commit_errors(&resp),
-        vec![code(ResponseError::UnknownTopicOrPartition)]
+        vec![code(ErrorCode::UnknownTopicOrPartition)]
     );
     let big = "m".repeat(5000);
     let resp = commit(
@@ -61,7 +62,7 @@ async fn commit_and_fetch_round_trip_metadata() {
     .await;
     assert_eq!(
         commit_errors(&resp),
-        vec![code(ResponseError::OffsetMetadataTooLarge), 0]
+        vec![code(ErrorCode::OffsetMetadataTooLarge), 0]
     );
 
     let got = fetched(&fetch(c, "solo", TOPIC, Some(&[0, 1, 3])).await);
@@ -133,10 +134,7 @@ async fn commits_need_a_current_member_and_generation() {
 
     // No group and a real generation: a stale member, ILLEGAL_GENERATION.
     let r = commit(c, "g", 3, "someone", TOPIC, &[(0, 1, -1, None)]).await;
-    assert_eq!(
-        commit_errors(&r),
-        vec![code(ResponseError::IllegalGeneration)]
-    );
+    assert_eq!(commit_errors(&r), vec![code(ErrorCode::IllegalGeneration)]);
 
     // Joined but not yet synced (CompletingRebalance): REBALANCE_IN_PROGRESS.
     let j = join_new(c, "g", "solo", 10_000, 1_000).await;
@@ -144,28 +142,19 @@ async fn commits_need_a_current_member_and_generation() {
     let r = commit(c, "g", j.generation_id, &me, TOPIC, &[(0, 1, -1, None)]).await;
     assert_eq!(
         commit_errors(&r),
-        vec![code(ResponseError::RebalanceInProgress)]
+        vec![code(ErrorCode::RebalanceInProgress)]
     );
     let s1 = sync(c, "g", j.generation_id, &me, None, &[(&me, b"all")]).await;
     assert_eq!(s1.error_code, 0);
     let generation = j.generation_id;
 
     let r = commit(c, "g", generation + 1, &me, TOPIC, &[(0, 1, -1, None)]).await;
-    assert_eq!(
-        commit_errors(&r),
-        vec![code(ResponseError::IllegalGeneration)]
-    );
+    assert_eq!(commit_errors(&r), vec![code(ErrorCode::IllegalGeneration)]);
     let r = commit(c, "g", generation, "intruder", TOPIC, &[(0, 1, -1, None)]).await;
-    assert_eq!(
-        commit_errors(&r),
-        vec![code(ResponseError::UnknownMemberId)]
-    );
+    assert_eq!(commit_errors(&r), vec![code(ErrorCode::UnknownMemberId)]);
     // The admin-style commit is refused while the group has members.
     let r = commit(c, "g", -1, "", TOPIC, &[(0, 1, -1, None)]).await;
-    assert_eq!(
-        commit_errors(&r),
-        vec![code(ResponseError::UnknownMemberId)]
-    );
+    assert_eq!(commit_errors(&r), vec![code(ErrorCode::UnknownMemberId)]);
     assert_eq!(
         fetched(&fetch(c, "g", TOPIC, Some(&[0])).await)[0].2,
         -1,

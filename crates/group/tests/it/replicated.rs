@@ -4,7 +4,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use sluice_group::{offsets_topic_configs, ReplicatedOffsets, OFFSETS_TOPIC};
+use sluice_group::ReplicatedOffsets;
+use sluice_vocab::internal::{offsets_topic_configs, OFFSETS_TOPIC};
 
 use super::*;
 
@@ -62,7 +63,7 @@ async fn commits_are_stamped_replayed_and_refused_after_close() {
     // A new leadership replays what the old one committed.
     coord.close();
     let r = commit(&coord, "g", -1, "", TOPIC, &[(0, 43, 3, None)]).await;
-    assert_eq!(commit_errors(&r), vec![code(ResponseError::NotCoordinator)]);
+    assert_eq!(commit_errors(&r), vec![code(ErrorCode::NotCoordinator)]);
     let again = open(&c, 8).await;
     assert_eq!(
         fetched(&fetch(&again, "g", TOPIC, Some(&[0])).await),
@@ -73,7 +74,7 @@ async fn commits_are_stamped_replayed_and_refused_after_close() {
     c.leading.store(false, Ordering::SeqCst);
     let end = offsets.log_end_offset();
     let r = commit(&again, "g", -1, "", TOPIC, &[(1, 5, 3, None)]).await;
-    assert_eq!(commit_errors(&r), vec![code(ResponseError::NotCoordinator)]);
+    assert_eq!(commit_errors(&r), vec![code(ErrorCode::NotCoordinator)]);
     assert_eq!(offsets.log_end_offset(), end);
 }
 
@@ -84,7 +85,7 @@ async fn topic_existence_comes_from_the_caller() {
     let r = commit(&coord, "g", -1, "", "elsewhere", &[(0, 1, 0, None)]).await;
     assert_eq!(
         commit_errors(&r),
-        vec![code(ResponseError::UnknownTopicOrPartition)]
+        vec![code(ErrorCode::UnknownTopicOrPartition)]
     );
 }
 
@@ -114,7 +115,7 @@ async fn close_answers_waiting_joins() {
             "/127.0.0.1",
         )
         .await;
-    assert_eq!(first.error_code, code(ResponseError::MemberIdRequired));
+    assert_eq!(first.error_code, code(ErrorCode::MemberIdRequired));
     let waiting = {
         let slow = slow.clone();
         let member = first.member_id.to_string();
@@ -138,7 +139,7 @@ async fn close_answers_waiting_joins() {
         .await
         .expect("answered")
         .expect("task");
-    assert_eq!(resp.error_code, code(ResponseError::NotCoordinator));
+    assert_eq!(resp.error_code, code(ErrorCode::NotCoordinator));
     // New joins are refused at once.
     let late = slow
         .join_group_with_client(
@@ -148,5 +149,5 @@ async fn close_answers_waiting_joins() {
             "/127.0.0.1",
         )
         .await;
-    assert_eq!(late.error_code, code(ResponseError::NotCoordinator));
+    assert_eq!(late.error_code, code(ErrorCode::NotCoordinator));
 }

@@ -12,8 +12,8 @@ use kafka_protocol::messages::{
     ListGroupsRequest, OffsetFetchRequest, SyncGroupRequest,
 };
 use kafka_protocol::protocol::Encodable;
-use kafka_protocol::ResponseError;
 use sluice_group::SUPPORTED_VERSIONS;
+use sluice_vocab::ErrorCode;
 
 use crate::*;
 
@@ -47,7 +47,7 @@ async fn responses_encode_at_every_supported_version() {
             .join_group_with_client(req.clone(), v, "cl", "/127.0.0.1")
             .await;
         encodes("JoinGroup", &resp, v);
-        if resp.error_code == code(ResponseError::MemberIdRequired) {
+        if resp.error_code == code(ErrorCode::MemberIdRequired) {
             req.member_id = resp.member_id.clone();
             resp = c.join_group_with_client(req, v, "cl", "/127.0.0.1").await;
             encodes("JoinGroup", &resp, v);
@@ -57,7 +57,7 @@ async fn responses_encode_at_every_supported_version() {
         let bad = c
             .join_group(join_request(&group, "", None, 1, 1_000, b""), v)
             .await;
-        assert_eq!(bad.error_code, code(ResponseError::InvalidSessionTimeout));
+        assert_eq!(bad.error_code, code(ErrorCode::InvalidSessionTimeout));
         encodes("JoinGroup", &bad, v);
 
         let member = resp.member_id.to_string();

@@ -1,6 +1,7 @@
 //! Cluster-mode handlers against a fake replication layer whose quorum is a
 //! local [`MetadataImage`] (commands applied in place), on a real store.
 
+use sluice_vocab::KafkaError;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
@@ -9,9 +10,9 @@ use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
-use kafka_protocol::ResponseError;
 use sluice_cluster::{BrokerState, PartitionState, TopicState, NO_LEADER};
 use sluice_log::{FlushPolicy, StoreConfig, TopicConfig};
+use sluice_vocab::ErrorCode;
 
 use super::*;
 use crate::connection::Slot;
@@ -96,7 +97,7 @@ impl Replicas for Fake {
         leader
             .partition
             .append(records, 5)
-            .map_err(|e| (crate::errors::code(&e), e.to_string()))
+            .map_err(|e| (e.error_code().code(), e.to_string()))
     }
     fn wait_replicated<'a>(
         &'a self,
@@ -234,7 +235,7 @@ fn metadata_from_the_image() {
         vec![3]
     );
     let p1 = &t.partitions[1];
-    assert_eq!(p1.error_code, ResponseError::LeaderNotAvailable.code());
+    assert_eq!(p1.error_code, ErrorCode::LeaderNotAvailable.code());
     assert_eq!(p1.leader_id.0, -1);
     for v in 0..=12 {
         let mut buf = bytes::BytesMut::new();
@@ -275,7 +276,7 @@ fn coordinator_is_the_offsets_leader() {
     let (code, _, node, ..) = coordinator(&image, 0);
     assert_eq!(
         (code, node),
-        (ResponseError::CoordinatorNotAvailable.code(), -1)
+        (ErrorCode::CoordinatorNotAvailable.code(), -1)
     );
     image.topics.insert(
         OFFSETS_TOPIC.into(),
@@ -291,11 +292,11 @@ fn coordinator_is_the_offsets_leader() {
     image.brokers.insert(2, broker(9002, true));
     assert_eq!(
         coordinator(&image, 0).0,
-        ResponseError::CoordinatorNotAvailable.code()
+        ErrorCode::CoordinatorNotAvailable.code()
     );
     assert_eq!(
         coordinator(&image, 1).0,
-        ResponseError::CoordinatorNotAvailable.code()
+        ErrorCode::CoordinatorNotAvailable.code()
     );
 }
 
@@ -387,8 +388,8 @@ async fn create_topics_with_default_replication_factor() {
         codes,
         vec![
             0,
-            ResponseError::TopicAlreadyExists.code(),
-            ResponseError::InvalidReplicationFactor.code()
+            ErrorCode::TopicAlreadyExists.code(),
+            ErrorCode::InvalidReplicationFactor.code()
         ]
     );
     // Two live brokers: RF -1 is min(3, 2).
@@ -429,7 +430,7 @@ async fn a_node_cut_off_from_the_controller_names_no_leaders() {
     for p in &stale.topics[0].partitions {
         assert_eq!(
             (p.error_code, p.leader_id.0),
-            (ResponseError::LeaderNotAvailable.code(), -1)
+            (ErrorCode::LeaderNotAvailable.code(), -1)
         );
         assert!(!p.replica_nodes.is_empty(), "replicas still listed");
     }
@@ -547,10 +548,7 @@ async fn produce_goes_to_the_leader_only() {
     let resp: ProduceResponse = body(outcome, 8).await;
     let parts = &resp.responses[0].partition_responses;
     assert_eq!((parts[0].error_code, parts[0].base_offset), (0, 0));
-    assert_eq!(
-        parts[1].error_code,
-        ResponseError::NotLeaderOrFollower.code()
-    );
+    assert_eq!(parts[1].error_code, ErrorCode::NotLeaderOrFollower.code());
     assert_eq!(p0.end_offset_for_epoch(5), (5, 1));
 
     // acks=all: the replication wait's error is the partition's answer.
@@ -558,7 +556,7 @@ async fn produce_goes_to_the_leader_only() {
         crate::handlers::produce::handle(&env.ctx, produce_request(-1), hdr(ApiKey::Produce, 8));
     let resp: ProduceResponse = body(outcome, 8).await;
     let parts = &resp.responses[0].partition_responses;
-    assert_eq!(parts[0].error_code, ResponseError::RequestTimedOut.code());
+    assert_eq!(parts[0].error_code, ErrorCode::RequestTimedOut.code());
     assert_eq!(parts[0].base_offset, -1);
 }
 
@@ -611,19 +609,19 @@ async fn group_requests_follow_the_coordinator_state() {
     let env = env(image());
     assert_eq!(
         env.ctx.groups().err(),
-        Some(ResponseError::NotCoordinator.code())
+        Some(ErrorCode::NotCoordinator.code())
     );
     *env.cluster.coordinator.write() = CoordinatorState::Loading(3);
     assert_eq!(
         env.ctx.groups().err(),
-        Some(ResponseError::CoordinatorLoadInProgress.code())
+        Some(ErrorCode::CoordinatorLoadInProgress.code())
     );
 }
 
 #[tokio::test]
 async fn coordinator_opens_and_closes_with_leadership() {
     let env = env(image());
-    let offsets = sluice_group::offsets_topic_configs();
+    let offsets = sluice_vocab::internal::offsets_topic_configs();
     env.ctx
         .store
         .create_topic(OFFSETS_TOPIC, 1, &offsets, false)

@@ -16,10 +16,9 @@ use kafka_protocol::messages::create_topics_response::{
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::ResponseError;
-use sluice_cluster::image::validate_topic_name;
 use sluice_cluster::{Command, CommandOutput, MetadataImage};
 use sluice_log::{ConfigChange, TopicConfig};
+use sluice_vocab::ErrorCode;
 use uuid::Uuid;
 
 use super::configs::{
@@ -33,7 +32,7 @@ use crate::server::Ctx;
 
 type Failure = (i16, String);
 
-fn invalid(code: ResponseError, message: impl Into<String>) -> Failure {
+fn invalid(code: ErrorCode, message: impl Into<String>) -> Failure {
     (code.code(), message.into())
 }
 
@@ -52,7 +51,7 @@ pub(crate) fn validate_overrides(overrides: &BTreeMap<String, String>) -> Result
     for (k, v) in overrides {
         config
             .set(k, v)
-            .map_err(|e| invalid(ResponseError::InvalidConfig, e.to_string()))?;
+            .map_err(|e| invalid(ErrorCode::InvalidConfig, e.to_string()))?;
     }
     Ok(())
 }
@@ -66,11 +65,11 @@ pub(crate) fn creation(
     topic: &CreatableTopic,
 ) -> Result<(i32, i16, BTreeMap<String, String>), Failure> {
     let name = topic.name.0.as_str();
-    validate_topic_name(name)
-        .map_err(|e| invalid(ResponseError::InvalidTopicException, e.to_string()))?;
+    sluice_vocab::TopicName::validate(name)
+        .map_err(|e| invalid(ErrorCode::InvalidTopicException, e.to_string()))?;
     if !topic.assignments.is_empty() {
         return Err(invalid(
-            ResponseError::InvalidReplicaAssignment,
+            ErrorCode::InvalidReplicaAssignment,
             "manual replica assignments are not supported; create the topic, then use \
              `sluice partition reassign`",
         ));
@@ -80,7 +79,7 @@ pub(crate) fn creation(
         n if n >= 1 => n,
         n => {
             return Err(invalid(
-                ResponseError::InvalidPartitions,
+                ErrorCode::InvalidPartitions,
                 format!("number of partitions {n} is below 1"),
             ))
         }
@@ -91,7 +90,7 @@ pub(crate) fn creation(
         n if n >= 1 && usize::try_from(n).is_ok_and(|n| n <= live) => n,
         n => {
             return Err(invalid(
-                ResponseError::InvalidReplicationFactor,
+                ErrorCode::InvalidReplicationFactor,
                 format!("replication factor {n} with {live} live brokers"),
             ))
         }
@@ -168,7 +167,7 @@ async fn create_one(
         if image.topics.contains_key(&name) {
             return error_result(
                 topic.name,
-                invalid(ResponseError::TopicAlreadyExists, "topic already exists"),
+                invalid(ErrorCode::TopicAlreadyExists, "topic already exists"),
             );
         }
         return created_result(ctx, &name, [0; 16], partitions, rf, &overrides, version);
@@ -194,7 +193,7 @@ async fn create_one(
         Ok(other) => error_result(
             topic.name,
             invalid(
-                ResponseError::UnknownServerError,
+                ErrorCode::UnknownServerError,
                 format!("unexpected answer {other:?}"),
             ),
         ),
@@ -226,7 +225,7 @@ pub(crate) fn create_topics(
                     return error_result(
                         topic.name,
                         invalid(
-                            ResponseError::InvalidRequest,
+                            ErrorCode::InvalidRequest,
                             "topic named more than once in the request",
                         ),
                     );
@@ -244,13 +243,13 @@ pub(crate) fn create_topics(
 async fn delete_one(c: &ClusterCtx, name: &str, wait: Duration) -> Result<(), Failure> {
     if name.starts_with("__") {
         return Err(invalid(
-            ResponseError::InvalidRequest,
+            ErrorCode::InvalidRequest,
             format!("internal topic {name} cannot be deleted"),
         ));
     }
     let Some(id) = c.replicas.image().topics.get(name).map(|t| t.topic_id) else {
         return Err(invalid(
-            ResponseError::UnknownTopicOrPartition,
+            ErrorCode::UnknownTopicOrPartition,
             format!("unknown topic {name}"),
         ));
     };
@@ -290,7 +289,7 @@ pub(crate) fn delete_topics(c: &Arc<ClusterCtx>, req: DeleteTopicsRequest, h: Hd
                     let Some((name, id)) = named else {
                         return DeletableTopicResult::default()
                             .with_topic_id(t.topic_id)
-                            .with_error_code(ResponseError::UnknownTopicId.code());
+                            .with_error_code(ErrorCode::UnknownTopicId.code());
                     };
                     let outcome = delete_one(c, name.0.as_str(), wait).await;
                     let (code, message) = outcome.err().map_or((0, None), |(c, m)| (c, Some(m)));
@@ -342,15 +341,15 @@ pub(crate) fn create_partitions(
                 let current = c.replicas.image().topics.get(&name).map(|t| t.partitions.len());
                 let outcome: Result<(), Failure> = match current {
                     None => Err(invalid(
-                        ResponseError::UnknownTopicOrPartition,
+                        ErrorCode::UnknownTopicOrPartition,
                         format!("unknown topic {name}"),
                     )),
                     Some(_) if topic.assignments.is_some() => Err(invalid(
-                        ResponseError::InvalidReplicaAssignment,
+                        ErrorCode::InvalidReplicaAssignment,
                         "manual replica assignments are not supported; use `sluice partition reassign`",
                     )),
                     Some(n) if usize::try_from(topic.count).map_or(true, |count| count <= n) => Err(invalid(
-                        ResponseError::InvalidPartitions,
+                        ErrorCode::InvalidPartitions,
                         format!("topic has {n} partitions; {} must be more", topic.count),
                     )),
                     Some(_) if validate_only => Ok(()),
@@ -405,7 +404,7 @@ async fn alter_topic(
         .map(|t| t.configs.clone())
     else {
         return Err(invalid(
-            ResponseError::UnknownTopicOrPartition,
+            ErrorCode::UnknownTopicOrPartition,
             format!("unknown topic {topic}"),
         ));
     };
@@ -423,7 +422,7 @@ async fn alter_topic(
             ConfigChange::Delete { key } => {
                 if !TopicConfig::KEYS.contains(&key.as_str()) {
                     return Err(invalid(
-                        ResponseError::InvalidConfig,
+                        ErrorCode::InvalidConfig,
                         format!("unknown topic config {key}"),
                     ));
                 }
@@ -462,7 +461,7 @@ fn broker_refused() -> Failure {
 }
 
 fn unsupported_resource() -> Failure {
-    invalid(ResponseError::InvalidRequest, "unsupported resource type")
+    invalid(ErrorCode::InvalidRequest, "unsupported resource type")
 }
 
 pub(crate) fn incremental_alter_configs(

@@ -10,10 +10,9 @@ use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
 use kafka_protocol::messages::*;
-use kafka_protocol::ResponseError;
-use sluice_cluster::image::validate_topic_name;
 use sluice_cluster::{Command, MetadataImage, TopicState, NO_LEADER};
-use sluice_group::OFFSETS_TOPIC;
+use sluice_vocab::internal::OFFSETS_TOPIC;
+use sluice_vocab::ErrorCode;
 use uuid::Uuid;
 
 use super::{str_bytes, topic_name};
@@ -75,7 +74,7 @@ fn partition_metadata(
         NO_LEADER
     };
     let error = if leader == NO_LEADER {
-        ResponseError::LeaderNotAvailable.code()
+        ErrorCode::LeaderNotAvailable.code()
     } else {
         0
     };
@@ -129,12 +128,12 @@ pub(crate) fn build_metadata(
                 Wanted::Name(name) => match image.topics.get(name.0.as_str()) {
                     Some(t) => topic_metadata(image, name.0.as_str(), t),
                     None => {
-                        let code = if validate_topic_name(name.0.as_str()).is_err() {
-                            ResponseError::InvalidTopicException.code()
+                        let code = if sluice_vocab::TopicName::validate(name.0.as_str()).is_err() {
+                            ErrorCode::InvalidTopicException.code()
                         } else if missing == Missing::Creating {
-                            ResponseError::LeaderNotAvailable.code()
+                            ErrorCode::LeaderNotAvailable.code()
                         } else {
-                            ResponseError::UnknownTopicOrPartition.code()
+                            ErrorCode::UnknownTopicOrPartition.code()
                         };
                         MetadataResponseTopic::default()
                             .with_error_code(code)
@@ -146,7 +145,7 @@ pub(crate) fn build_metadata(
                     match image.topics.iter().find(|(_, t)| t.topic_id == bytes) {
                         Some((name, t)) => topic_metadata(image, name, t),
                         None => MetadataResponseTopic::default()
-                            .with_error_code(ResponseError::UnknownTopicId.code())
+                            .with_error_code(ErrorCode::UnknownTopicId.code())
                             .with_topic_id(id),
                     }
                 }
@@ -212,7 +211,7 @@ async fn auto_create(ctx: &Ctx, c: &ClusterCtx, name: &str) -> Result<(), (i16, 
             tracing::info!(topic = name, "auto-created topic");
             Ok(())
         }
-        Err((code, _)) if code == ResponseError::TopicAlreadyExists.code() => Ok(()),
+        Err((code, _)) if code == ErrorCode::TopicAlreadyExists.code() => Ok(()),
         Err(e) => Err(e),
     }
 }
@@ -221,7 +220,7 @@ async fn auto_create(ctx: &Ctx, c: &ClusterCtx, name: &str) -> Result<(), (i16, 
 pub(crate) fn auto_create_in_background(ctx: &Arc<Ctx>, c: &Arc<ClusterCtx>, name: &str) {
     if !ctx.config.auto_create_topics
         || name.starts_with("__")
-        || validate_topic_name(name).is_err()
+        || sluice_vocab::TopicName::validate(name).is_err()
         || c.replicas.image().topics.contains_key(name)
     {
         return;
@@ -268,7 +267,7 @@ pub(crate) fn metadata(
         let to_create: Vec<String> = if allow_create {
             unknown_names(&wanted, &image)
                 .into_iter()
-                .filter(|n| !n.starts_with("__") && validate_topic_name(n).is_ok())
+                .filter(|n| !n.starts_with("__") && sluice_vocab::TopicName::validate(n).is_ok())
                 .collect()
         } else {
             Vec::new()
@@ -324,7 +323,7 @@ fn guard_stale(c: &ClusterCtx, mut resp: MetadataResponse) -> MetadataResponse {
     for t in &mut resp.topics {
         for p in &mut t.partitions {
             if p.error_code == 0 {
-                p.error_code = ResponseError::LeaderNotAvailable.code();
+                p.error_code = ErrorCode::LeaderNotAvailable.code();
             }
             p.leader_id = BrokerId(NO_LEADER);
         }
@@ -359,7 +358,7 @@ pub(crate) fn describe_cluster(
         .with_controller_id(BrokerId(c.replicas.controller_id().unwrap_or(-1)));
     if version >= 1 && req.endpoint_type != ENDPOINT_TYPE_BROKERS {
         return resp
-            .with_error_code(ResponseError::UnsupportedEndpointType.code())
+            .with_error_code(ErrorCode::UnsupportedEndpointType.code())
             .with_error_message(Some(str_bytes("only broker endpoints are served")));
     }
     resp.brokers = live_endpoints(&image)
@@ -395,17 +394,17 @@ pub(crate) fn coordinator(
                     i32::from(b.kafka_port),
                 ),
                 None => none(
-                    ResponseError::CoordinatorNotAvailable.code(),
+                    ErrorCode::CoordinatorNotAvailable.code(),
                     "the offsets topic has no leader",
                 ),
             }
         }
         KEY_TYPE_TRANSACTION => none(
-            ResponseError::CoordinatorNotAvailable.code(),
+            ErrorCode::CoordinatorNotAvailable.code(),
             "transactions are not supported",
         ),
         _ => none(
-            ResponseError::InvalidRequest.code(),
+            ErrorCode::InvalidRequest.code(),
             "unknown coordinator key type",
         ),
     }
@@ -457,7 +456,7 @@ pub(crate) fn init_producer_id(c: &Arc<ClusterCtx>, req: InitProducerIdRequest, 
     {
         return now(
             h,
-            &resp.with_error_code(ResponseError::TransactionalIdAuthorizationFailed.code()),
+            &resp.with_error_code(ErrorCode::TransactionalIdAuthorizationFailed.code()),
         );
     }
     let c = c.clone();
@@ -468,7 +467,7 @@ pub(crate) fn init_producer_id(c: &Arc<ClusterCtx>, req: InitProducerIdRequest, 
                 tracing::warn!(code, error = %message, "cannot allocate producer ids");
                 // Whatever kept the quorum from answering, the client's
                 // retriable answer for InitProducerId is this one.
-                resp.with_error_code(ResponseError::CoordinatorNotAvailable.code())
+                resp.with_error_code(ErrorCode::CoordinatorNotAvailable.code())
             }
         }
     })

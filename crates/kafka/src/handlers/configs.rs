@@ -5,8 +5,9 @@ use kafka_protocol::messages::describe_configs_response::{
 };
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::ResponseError;
 use sluice_log::{ConfigChange, ConfigEntry, LogError};
+use sluice_vocab::ErrorCode;
+use sluice_vocab::KafkaError;
 
 use super::str_bytes;
 use super::topics::{SOURCE_DEFAULT_CONFIG, SOURCE_TOPIC_CONFIG};
@@ -111,14 +112,14 @@ pub(crate) fn describe_configs(
                         result.with_configs(configs)
                     }
                     Err(err) => result
-                        .with_error_code(crate::errors::code(&err))
+                        .with_error_code(err.error_code().code())
                         .with_error_message(Some(str_bytes(&err.to_string()))),
                 },
                 RESOURCE_BROKER => {
                     let name = resource.resource_name.as_str();
                     if !name.is_empty() && name != ctx.config.node_id.to_string() {
                         return result
-                            .with_error_code(ResponseError::InvalidRequest.code())
+                            .with_error_code(ErrorCode::InvalidRequest.code())
                             .with_error_message(Some(str_bytes("unknown broker id")));
                     }
                     let configs = broker_configs(ctx)
@@ -131,7 +132,7 @@ pub(crate) fn describe_configs(
                     result.with_configs(configs)
                 }
                 _ => result
-                    .with_error_code(ResponseError::InvalidRequest.code())
+                    .with_error_code(ErrorCode::InvalidRequest.code())
                     .with_error_message(Some(str_bytes("unsupported resource type"))),
             }
         })
@@ -198,7 +199,7 @@ fn broker_configs(ctx: &Ctx) -> Vec<(&'static str, String)> {
 
 pub(crate) fn broker_is_read_only() -> (i16, Option<StrBytes>) {
     (
-        ResponseError::InvalidRequest.code(),
+        ErrorCode::InvalidRequest.code(),
         Some(str_bytes(
             "broker configs are static; set them in the config file",
         )),
@@ -222,7 +223,7 @@ pub(crate) fn alter_result(
 }
 
 fn log_err(err: LogError) -> (i16, String) {
-    (crate::errors::code(&err), err.to_string())
+    (err.error_code().code(), err.to_string())
 }
 
 /// New value of a list-valued key after APPEND or SUBTRACT of `value`.
@@ -274,7 +275,7 @@ pub(crate) fn changes_with(
                 (op @ (OP_APPEND | OP_SUBTRACT), Some(value)) => {
                     if !LIST_KEYS.contains(&key.as_str()) {
                         return Err((
-                            ResponseError::InvalidConfig.code(),
+                            ErrorCode::InvalidConfig.code(),
                             format!("{key} is not a list; APPEND and SUBTRACT do not apply"),
                         ));
                     }
@@ -282,11 +283,11 @@ pub(crate) fn changes_with(
                     Ok(ConfigChange::Set { key, value })
                 }
                 (OP_SET | OP_APPEND | OP_SUBTRACT, None) => Err((
-                    ResponseError::InvalidRequest.code(),
+                    ErrorCode::InvalidRequest.code(),
                     format!("no value given for {key}"),
                 )),
                 (op, _) => Err((
-                    ResponseError::InvalidRequest.code(),
+                    ErrorCode::InvalidRequest.code(),
                     format!("unknown config operation {op}"),
                 )),
             }
@@ -316,7 +317,7 @@ pub(crate) fn incremental_alter_configs(
                     Err((code, message.map(|m| m.to_string()).unwrap_or_default()))
                 }
                 _ => Err((
-                    ResponseError::InvalidRequest.code(),
+                    ErrorCode::InvalidRequest.code(),
                     "unsupported resource type".into(),
                 )),
             };
@@ -340,7 +341,7 @@ pub(crate) fn alter_configs(ctx: &Ctx, req: AlterConfigsRequest) -> AlterConfigs
                     let topic = resource.resource_name.as_str();
                     match ctx.store.topic(topic) {
                         None => Err((
-                            ResponseError::UnknownTopicOrPartition.code(),
+                            ErrorCode::UnknownTopicOrPartition.code(),
                             format!("unknown topic {topic}"),
                         )),
                         Some(info) => {
@@ -377,7 +378,7 @@ pub(crate) fn alter_configs(ctx: &Ctx, req: AlterConfigsRequest) -> AlterConfigs
                     Err((code, message.map(|m| m.to_string()).unwrap_or_default()))
                 }
                 _ => Err((
-                    ResponseError::InvalidRequest.code(),
+                    ErrorCode::InvalidRequest.code(),
                     "unsupported resource type".into(),
                 )),
             };

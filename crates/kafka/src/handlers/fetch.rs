@@ -1,14 +1,15 @@
 //! Fetch: returns the stored batches as `Bytes` slices, never decoding
 //! records; long polls on the partitions' high-watermark watches.
 
+use sluice_vocab::KafkaError;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::*;
-use kafka_protocol::ResponseError;
 use sluice_log::{Partition, ReadLimit};
+use sluice_vocab::ErrorCode;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -97,12 +98,12 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
                 .with_aborted_transactions((req.isolation_level == READ_COMMITTED).then(Vec::new))
                 .with_records(Some(Bytes::new()));
             let source = match resolved.as_deref() {
-                None => Err(ResponseError::UnknownTopicId.code()),
+                None => Err(ErrorCode::UnknownTopicId.code()),
                 Some(name) => fetch_source(ctx, req, version, name, fp),
             };
             let code = match source {
                 Err(code) => {
-                    if code == ResponseError::OffsetOutOfRange.code() {
+                    if code == ErrorCode::OffsetOutOfRange.code() {
                         // A follower outside our log resets from our log start.
                         if let Some(log) = resolved
                             .as_deref()
@@ -136,7 +137,7 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
                             }
                             0
                         }
-                        Err(err) => crate::errors::code(&err),
+                        Err(err) => err.error_code().code(),
                     };
                     if code != 0 {
                         pd.high_watermark = log.high_watermark();
@@ -179,7 +180,7 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: FetchRequest, h: Hdr) -> Outcome {
     if version >= 7 && req.session_id != 0 {
         return now(
             h,
-            &FetchResponse::default().with_error_code(ResponseError::FetchSessionIdNotFound.code()),
+            &FetchResponse::default().with_error_code(ErrorCode::FetchSessionIdNotFound.code()),
         );
     }
     let min_bytes = usize::try_from(req.min_bytes).unwrap_or(0);

@@ -7,8 +7,9 @@ use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
 use kafka_protocol::messages::*;
-use kafka_protocol::ResponseError;
 use sluice_log::TopicInfo;
+use sluice_vocab::ErrorCode;
+use sluice_vocab::KafkaError;
 
 use super::{str_bytes, topic_by_id, topic_name, topic_or_create, topic_uuid, LEADER_EPOCH};
 use crate::api_versions::SUPPORTED_APIS;
@@ -91,7 +92,7 @@ pub(crate) fn metadata(ctx: &Ctx, req: MetadataRequest, version: i16) -> Metadat
                 _ => match topic_by_id(ctx, t.topic_id) {
                     Some(info) => topic_metadata(ctx, &info),
                     None => MetadataResponseTopic::default()
-                        .with_error_code(ResponseError::UnknownTopicId.code())
+                        .with_error_code(ErrorCode::UnknownTopicId.code())
                         .with_topic_id(t.topic_id),
                 },
             })
@@ -118,7 +119,7 @@ pub(crate) fn describe_cluster(
         .with_controller_id(broker_id(ctx));
     if version >= 1 && req.endpoint_type != ENDPOINT_TYPE_BROKERS {
         return resp
-            .with_error_code(ResponseError::UnsupportedEndpointType.code())
+            .with_error_code(ErrorCode::UnsupportedEndpointType.code())
             .with_error_message(Some(str_bytes("only broker endpoints are served")));
     }
     resp.brokers = vec![DescribeClusterBroker::default()
@@ -133,14 +134,14 @@ fn coordinator(ctx: &Ctx, key_type: i8) -> (i16, Option<&'static str>, i32, Stri
     match key_type {
         KEY_TYPE_GROUP => (0, None, ctx.config.node_id, ctx.host.clone(), ctx.port),
         KEY_TYPE_TRANSACTION => (
-            ResponseError::CoordinatorNotAvailable.code(),
+            ErrorCode::CoordinatorNotAvailable.code(),
             Some("transactions are not supported"),
             -1,
             String::new(),
             -1,
         ),
         _ => (
-            ResponseError::InvalidRequest.code(),
+            ErrorCode::InvalidRequest.code(),
             Some("unknown coordinator key type"),
             -1,
             String::new(),
@@ -194,12 +195,12 @@ pub(crate) fn init_producer_id(ctx: &Ctx, req: InitProducerIdRequest) -> InitPro
     {
         // Transactions are not supported; a fatal, explicit error beats a
         // retriable one the client would loop on.
-        return resp.with_error_code(ResponseError::TransactionalIdAuthorizationFailed.code());
+        return resp.with_error_code(ErrorCode::TransactionalIdAuthorizationFailed.code());
     }
     // Idempotent producers get a fresh id on every (re)initialisation, as
     // Kafka does for producers without a transactional id.
     match ctx.store.next_producer_id() {
         Ok(id) => resp.with_producer_id(ProducerId(id)).with_producer_epoch(0),
-        Err(err) => resp.with_error_code(crate::errors::code(&err)),
+        Err(err) => resp.with_error_code(err.error_code().code()),
     }
 }

@@ -12,10 +12,11 @@ pub(crate) mod unsupported;
 
 use kafka_protocol::messages::TopicName;
 use kafka_protocol::protocol::StrBytes;
+use sluice_vocab::KafkaError;
 use std::sync::Arc;
 
-use kafka_protocol::ResponseError;
 use sluice_log::{LogError, Partition, TopicInfo};
+use sluice_vocab::ErrorCode;
 use uuid::Uuid;
 
 use crate::server::Ctx;
@@ -72,7 +73,7 @@ pub(crate) fn topic_or_create(ctx: &Ctx, name: &str, allow: bool) -> Result<Topi
         return Ok(info);
     }
     if !(allow && ctx.config.auto_create_topics) {
-        return Err(ResponseError::UnknownTopicOrPartition.code());
+        return Err(ErrorCode::UnknownTopicOrPartition.code());
     }
     let none = std::collections::BTreeMap::new();
     match ctx
@@ -91,8 +92,8 @@ pub(crate) fn topic_or_create(ctx: &Ctx, name: &str, allow: bool) -> Result<Topi
         Err(LogError::TopicAlreadyExists(_)) => ctx
             .store
             .topic(name)
-            .ok_or(ResponseError::UnknownTopicOrPartition.code()),
-        Err(err) => Err(crate::errors::code(&err)),
+            .ok_or(ErrorCode::UnknownTopicOrPartition.code()),
+        Err(err) => Err(err.error_code().code()),
     }
 }
 
@@ -101,9 +102,9 @@ pub(crate) fn leader_epoch_error(current_leader_epoch: i32) -> i16 {
     if current_leader_epoch < 0 || current_leader_epoch == LEADER_EPOCH {
         0
     } else if current_leader_epoch > LEADER_EPOCH {
-        ResponseError::UnknownLeaderEpoch.code()
+        ErrorCode::UnknownLeaderEpoch.code()
     } else {
-        ResponseError::FencedLeaderEpoch.code()
+        ErrorCode::FencedLeaderEpoch.code()
     }
 }
 
@@ -145,7 +146,7 @@ pub(crate) fn leader_partition(
             let log = ctx
                 .store
                 .partition(topic, partition)
-                .ok_or(ResponseError::UnknownTopicOrPartition.code())?;
+                .ok_or(ErrorCode::UnknownTopicOrPartition.code())?;
             match leader_epoch_error(current_leader_epoch) {
                 0 => Ok((log, LEADER_EPOCH)),
                 code => Err(code),

@@ -11,8 +11,9 @@ use kafka_protocol::messages::offset_for_leader_epoch_response::{
 };
 use kafka_protocol::messages::*;
 use kafka_protocol::records::RecordBatchDecoder;
-use kafka_protocol::ResponseError;
 use sluice_log::{Partition, ReadLimit};
+use sluice_vocab::ErrorCode;
+use sluice_vocab::KafkaError;
 
 use std::time::Duration;
 
@@ -60,7 +61,7 @@ pub(crate) fn list_offsets(
                             found.map(|(offset, t)| exact_record(&log, ts, offset, t))
                         }),
                         _ => {
-                            return resp.with_error_code(ResponseError::InvalidRequest.code());
+                            return resp.with_error_code(ErrorCode::InvalidRequest.code());
                         }
                     };
                     match found {
@@ -73,7 +74,7 @@ pub(crate) fn list_offsets(
                         }
                         // No record at or after the timestamp.
                         Ok(None) => resp,
-                        Err(err) => resp.with_error_code(crate::errors::code(&err)),
+                        Err(err) => resp.with_error_code(err.error_code().code()),
                     }
                 })
                 .collect();
@@ -180,7 +181,7 @@ pub(crate) async fn delete_records_replicated(
                         tokio::time::sleep(LOW_WATERMARK_POLL).await;
                     }
                     Ok(_) => {
-                        p.error_code = ResponseError::RequestTimedOut.code();
+                        p.error_code = ErrorCode::RequestTimedOut.code();
                         break;
                     }
                     Err(code) => {
@@ -219,7 +220,7 @@ pub(crate) fn delete_records(ctx: &Ctx, req: DeleteRecordsRequest) -> DeleteReco
                                 log_start_offset = low, "deleted records");
                             resp.with_low_watermark(low)
                         }
-                        Err(err) => resp.with_error_code(crate::errors::code(&err)),
+                        Err(err) => resp.with_error_code(err.error_code().code()),
                     }
                 })
                 .collect();

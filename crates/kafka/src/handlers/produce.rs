@@ -1,13 +1,14 @@
 //! Produce: record batches go to `Partition::append` exactly as received
 //! (the store validates them); the response waits for durability.
 
+use sluice_vocab::KafkaError;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::*;
-use kafka_protocol::ResponseError;
 use sluice_log::Partition;
+use sluice_vocab::ErrorCode;
 
 use super::{str_bytes, topic_or_create, LEADER_EPOCH};
 use crate::cluster::{ProduceLeader, Replicas};
@@ -40,13 +41,13 @@ fn append(
     waits: &mut Vec<Wait>,
 ) -> Result<(), (i16, String)> {
     let Some(records) = records else {
-        return Err((ResponseError::CorruptMessage.code(), "no records".into()));
+        return Err((ErrorCode::CorruptMessage.code(), "no records".into()));
     };
     let appended = match (&leader, replicas) {
         (Some(leader), Some(replicas)) => replicas.append(leader, records),
         _ => log
             .append(records, LEADER_EPOCH)
-            .map_err(|err| (crate::errors::code(&err), err.to_string())),
+            .map_err(|err| (err.error_code().code(), err.to_string())),
     };
     match appended {
         Ok(appended) => {
@@ -94,19 +95,19 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
                 .with_log_start_offset(-1);
             let outcome: Result<(), (i16, String)> = if !acks_valid {
                 Err((
-                    ResponseError::InvalidRequiredAcks.code(),
+                    ErrorCode::InvalidRequiredAcks.code(),
                     format!("acks {acks} is not -1, 0 or 1"),
                 ))
             } else if name.starts_with("__") {
                 // Internal topics (committed offsets) are written by the
                 // broker only; a client's bytes there could break replay.
                 Err((
-                    ResponseError::InvalidTopicException.code(),
+                    ErrorCode::InvalidTopicException.code(),
                     format!("cannot produce to internal topic {name}"),
                 ))
             } else if transactional {
                 Err((
-                    ResponseError::TransactionalIdAuthorizationFailed.code(),
+                    ErrorCode::TransactionalIdAuthorizationFailed.code(),
                     "transactions are not supported".into(),
                 ))
             } else if let Some(c) = &ctx.cluster {
@@ -124,8 +125,7 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
                         &mut waits,
                     ),
                     Err(code) => {
-                        if code == ResponseError::UnknownTopicOrPartition.code() && known.is_none()
-                        {
+                        if code == ErrorCode::UnknownTopicOrPartition.code() && known.is_none() {
                             // Created in the background; the client retries.
                             super::cluster_meta::auto_create_in_background(ctx, c, name);
                             known = Some(Err(code));
@@ -145,7 +145,7 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
                 match (&known, log) {
                     (Some(Err(code)), _) => Err((*code, format!("unknown topic {name}"))),
                     (_, None) => Err((
-                        ResponseError::UnknownTopicOrPartition.code(),
+                        ErrorCode::UnknownTopicOrPartition.code(),
                         format!("unknown partition {name}-{}", data.index),
                     )),
                     (_, Some(log)) => append(
@@ -231,7 +231,7 @@ async fn acknowledge(
                 .log
                 .wait_durable(w.end_offset)
                 .await
-                .map_err(|err| crate::errors::code(&err)),
+                .map_err(|err| err.error_code().code()),
         }
     }))
     .await;

@@ -1,5 +1,6 @@
 //! CreateTopics, DeleteTopics, CreatePartitions.
 
+use sluice_vocab::KafkaError;
 use std::collections::{BTreeMap, HashSet};
 
 use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
@@ -9,8 +10,8 @@ use kafka_protocol::messages::create_topics_response::{
 };
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
 use kafka_protocol::messages::*;
-use kafka_protocol::ResponseError;
 use sluice_log::{LogError, TopicInfo};
+use sluice_vocab::ErrorCode;
 
 use super::{str_bytes, topic_by_id, topic_uuid};
 use crate::server::Ctx;
@@ -33,7 +34,7 @@ fn partition_count(ctx: &Ctx, topic: &CreatableTopic) -> Result<u32, (i16, Strin
     if !topic.assignments.is_empty() {
         if topic.num_partitions != -1 || topic.replication_factor != -1 {
             return Err((
-                ResponseError::InvalidRequest.code(),
+                ErrorCode::InvalidRequest.code(),
                 "give either assignments or partitions and replication factor".into(),
             ));
         }
@@ -43,7 +44,7 @@ fn partition_count(ctx: &Ctx, topic: &CreatableTopic) -> Result<u32, (i16, Strin
                 || a.broker_ids.iter().any(|b| b.0 != ctx.config.node_id)
             {
                 return Err((
-                    ResponseError::InvalidReplicaAssignment.code(),
+                    ErrorCode::InvalidReplicaAssignment.code(),
                     format!(
                         "partitions must be 0..n, each on broker {} only",
                         ctx.config.node_id
@@ -53,14 +54,14 @@ fn partition_count(ctx: &Ctx, topic: &CreatableTopic) -> Result<u32, (i16, Strin
         }
         return u32::try_from(topic.assignments.len()).map_err(|_| {
             (
-                ResponseError::InvalidPartitions.code(),
+                ErrorCode::InvalidPartitions.code(),
                 "too many partitions".into(),
             )
         });
     }
     if topic.replication_factor != -1 && topic.replication_factor != 1 {
         return Err((
-            ResponseError::InvalidReplicationFactor.code(),
+            ErrorCode::InvalidReplicationFactor.code(),
             format!(
                 "replication factor {} is larger than the 1 available broker",
                 topic.replication_factor
@@ -71,7 +72,7 @@ fn partition_count(ctx: &Ctx, topic: &CreatableTopic) -> Result<u32, (i16, Strin
         -1 => Ok(ctx.config.default_partitions.max(1)),
         n if n >= 1 => Ok(n as u32),
         n => Err((
-            ResponseError::InvalidPartitions.code(),
+            ErrorCode::InvalidPartitions.code(),
             format!("number of partitions {n} is below 1"),
         )),
     }
@@ -127,7 +128,7 @@ pub(crate) fn create_topics(
             if duplicates.contains(&name) {
                 return error_result(
                     topic.name,
-                    ResponseError::InvalidRequest.code(),
+                    ErrorCode::InvalidRequest.code(),
                     "topic named more than once in the request".into(),
                 );
             }
@@ -154,7 +155,7 @@ pub(crate) fn create_topics(
                 }
                 Err(err) => {
                     let message = err.to_string();
-                    error_result(topic.name, crate::errors::code(&err), message)
+                    error_result(topic.name, err.error_code().code(), message)
                 }
             }
         })
@@ -165,7 +166,7 @@ pub(crate) fn create_topics(
 fn delete_one(ctx: &Ctx, name: &str) -> (i16, Option<String>) {
     if ctx.store.topic(name).is_some_and(|t| t.internal) {
         return (
-            ResponseError::InvalidRequest.code(),
+            ErrorCode::InvalidRequest.code(),
             Some(format!("internal topic {name} cannot be deleted")),
         );
     }
@@ -174,7 +175,7 @@ fn delete_one(ctx: &Ctx, name: &str) -> (i16, Option<String>) {
             tracing::info!(topic = name, "deleted topic");
             (0, None)
         }
-        Err(err) => (crate::errors::code(&err), Some(err.to_string())),
+        Err(err) => (err.error_code().code(), Some(err.to_string())),
     }
 }
 
@@ -199,7 +200,7 @@ pub(crate) fn delete_topics(
                     (None, None) => {
                         return DeletableTopicResult::default()
                             .with_topic_id(t.topic_id)
-                            .with_error_code(ResponseError::UnknownTopicId.code());
+                            .with_error_code(ErrorCode::UnknownTopicId.code());
                     }
                 };
                 let topic = name.as_ref().map(|n| n.0.to_string()).unwrap_or_default();
@@ -240,7 +241,7 @@ pub(crate) fn create_partitions(
             let result = CreatePartitionsTopicResult::default().with_name(topic.name.clone());
             let outcome = match u32::try_from(topic.count) {
                 Err(_) => Err((
-                    ResponseError::InvalidPartitions.code(),
+                    ErrorCode::InvalidPartitions.code(),
                     format!("partition count {} is below 1", topic.count),
                 )),
                 Ok(_) if topic.assignments.as_ref().is_some_and(|a| {
@@ -248,14 +249,14 @@ pub(crate) fn create_partitions(
                 }) =>
                 {
                     Err((
-                        ResponseError::InvalidReplicaAssignment.code(),
+                        ErrorCode::InvalidReplicaAssignment.code(),
                         format!("new partitions can only be placed on broker {}", ctx.config.node_id),
                     ))
                 }
                 Ok(count) => ctx
                     .store
                     .create_partitions(topic.name.0.as_str(), count, req.validate_only)
-                    .map_err(|err: LogError| (crate::errors::code(&err), err.to_string())),
+                    .map_err(|err: LogError| (err.error_code().code(), err.to_string())),
             };
             match outcome {
                 Ok(()) => {

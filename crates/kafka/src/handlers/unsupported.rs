@@ -24,11 +24,11 @@ use kafka_protocol::messages::offset_fetch_response::OffsetFetchResponseGroup;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
-use kafka_protocol::ResponseError;
+use sluice_vocab::ErrorCode;
 
 use crate::dispatch::{now, now_at, Hdr, Outcome};
 
-const UNSUPPORTED: i16 = ResponseError::UnsupportedVersion.code();
+const UNSUPPORTED: i16 = ErrorCode::UnsupportedVersion.code();
 
 fn close(h: Hdr, why: &str) -> Outcome {
     tracing::warn!(peer = %h.peer, api = ?h.api, version = h.version, reason = why,

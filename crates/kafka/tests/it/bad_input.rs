@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use bytes::{BufMut, BytesMut};
 use kafka_protocol::messages::*;
-use kafka_protocol::ResponseError;
+use sluice_vocab::ErrorCode;
 use tokio::io::AsyncWriteExt;
 
 use crate::harness::*;
@@ -125,16 +125,16 @@ async fn corrupt_batch_gets_corrupt_message() {
     let last = bad.len() - 1;
     bad[last] ^= 0x55;
     let (code, offset) = produce(&mut c, "safe", 0, bad.freeze()).await;
-    assert_eq!(code, ResponseError::CorruptMessage.code());
+    assert_eq!(code, ErrorCode::CorruptMessage.code());
     assert_eq!(offset, -1);
     // A batch whose length field lies.
     let mut lying = BytesMut::from(&good[..]);
     lying[8..12].copy_from_slice(&1_000_000i32.to_be_bytes());
     let (code, _) = produce(&mut c, "safe", 0, lying.freeze()).await;
-    assert_eq!(code, ResponseError::CorruptMessage.code());
+    assert_eq!(code, ErrorCode::CorruptMessage.code());
     // Not a batch at all; and an empty record set.
     let (code, _) = produce(&mut c, "safe", 0, bytes::Bytes::from_static(b"rubbish")).await;
-    assert_eq!(code, ResponseError::CorruptMessage.code());
+    assert_eq!(code, ErrorCode::CorruptMessage.code());
     // The same connection keeps working.
     let resp = c.call(&ApiVersionsRequest::default(), 3).await;
     assert_eq!(resp.error_code, 0);
@@ -154,7 +154,7 @@ async fn oversized_batch_gets_message_too_large() {
     let mut c = server.client().await;
     let big: Vec<String> = (0..20).map(|i| format!("{i:0>100}")).collect();
     let (code, _) = produce(&mut c, "small", 0, batch(&strs(&big), 1)).await;
-    assert_eq!(code, ResponseError::MessageTooLarge.code());
+    assert_eq!(code, ErrorCode::MessageTooLarge.code());
     let (code, offset) = produce(&mut c, "small", 0, batch(&["fits"], 1)).await;
     assert_eq!((code, offset), (0, 0));
     let (_, hw, _) = fetch(&mut c, "small", 0, 0).await;

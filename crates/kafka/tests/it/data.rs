@@ -12,7 +12,7 @@ use kafka_protocol::messages::offset_for_leader_epoch_request::{
     OffsetForLeaderPartition, OffsetForLeaderTopic,
 };
 use kafka_protocol::messages::*;
-use kafka_protocol::ResponseError;
+use sluice_vocab::ErrorCode;
 
 use crate::harness::*;
 
@@ -74,22 +74,22 @@ async fn produce_fetch_round_trip_across_versions() {
         let resp = c.call(&unknown, version).await;
         assert_eq!(
             resp.responses[0].partitions[0].error_code,
-            ResponseError::UnknownTopicId.code()
+            ErrorCode::UnknownTopicId.code()
         );
     }
     // The other partition is empty; out-of-range offsets are refused.
     let (code, hw, recs) = fetch(&mut c, "rt", 0, 0).await;
     assert_eq!((code, hw, recs.len()), (0, 0, 0));
     let (code, _, _) = fetch(&mut c, "rt", 1, offset + 10).await;
-    assert_eq!(code, ResponseError::OffsetOutOfRange.code());
+    assert_eq!(code, ErrorCode::OffsetOutOfRange.code());
     let (code, _, _) = fetch(&mut c, "rt", 7, 0).await;
-    assert_eq!(code, ResponseError::UnknownTopicOrPartition.code());
+    assert_eq!(code, ErrorCode::UnknownTopicOrPartition.code());
     // Clients cannot write to internal topics.
     let (code, _) = produce(&mut c, "__consumer_offsets", 0, batch(&["x"], 1)).await;
-    assert_eq!(code, ResponseError::InvalidTopicException.code());
+    assert_eq!(code, ErrorCode::InvalidTopicException.code());
     // Produce to a missing partition.
     let (code, _) = produce(&mut c, "rt", 9, batch(&["x"], 1)).await;
-    assert_eq!(code, ResponseError::UnknownTopicOrPartition.code());
+    assert_eq!(code, ErrorCode::UnknownTopicOrPartition.code());
     server.stop().await;
 }
 
@@ -253,7 +253,7 @@ async fn list_offsets_delete_records_and_leader_epochs() {
     let resp = c.call(&list_offsets("missing", -1), 5).await;
     assert_eq!(
         resp.topics[0].partitions[0].error_code,
-        ResponseError::UnknownTopicOrPartition.code()
+        ErrorCode::UnknownTopicOrPartition.code()
     );
 
     // DeleteRecords moves the log start; earlier offsets are then out of range.
@@ -269,14 +269,14 @@ async fn list_offsets_delete_records_and_leader_epochs() {
     assert_eq!((p.error_code, p.low_watermark), (0, 2));
     assert_eq!(offset_at(&mut c, "lo", -2, 4).await.1, 2);
     let (code, _, _) = fetch(&mut c, "lo", 0, 0).await;
-    assert_eq!(code, ResponseError::OffsetOutOfRange.code());
+    assert_eq!(code, ErrorCode::OffsetOutOfRange.code());
     let (code, _, recs) = fetch(&mut c, "lo", 0, 2).await;
     assert_eq!(code, 0);
     assert_eq!(recs.first().map(|r| r.0), Some(2));
     let resp = c.call(&del(100), 1).await;
     assert_eq!(
         resp.topics[0].partitions[0].error_code,
-        ResponseError::OffsetOutOfRange.code()
+        ErrorCode::OffsetOutOfRange.code()
     );
 
     // OffsetForLeaderEpoch: everything was written in epoch 0.
@@ -295,7 +295,7 @@ async fn list_offsets_delete_records_and_leader_epochs() {
     let resp = c.call(&future_epoch, 3).await;
     assert_eq!(
         resp.topics[0].partitions[0].error_code,
-        ResponseError::UnknownLeaderEpoch.code()
+        ErrorCode::UnknownLeaderEpoch.code()
     );
     server.stop().await;
 }
@@ -318,7 +318,7 @@ async fn idempotent_retry_is_acknowledged_once() {
     );
     // A gap in the sequence.
     let (code, _) = produce(&mut c, "idem", 0, idempotent_batch(&["z"], pid, 0, 7)).await;
-    assert_eq!(code, ResponseError::OutOfOrderSequenceNumber.code());
+    assert_eq!(code, ErrorCode::OutOfOrderSequenceNumber.code());
     let (_, hw, recs) = fetch(&mut c, "idem", 0, 0).await;
     assert_eq!(hw, 3);
     let got: Vec<&str> = recs.iter().map(|r| r.1.as_str()).collect();
@@ -411,7 +411,7 @@ async fn acks_zero_gets_no_response() {
         .await;
     assert_eq!(
         resp.responses[0].partition_responses[0].error_code,
-        ResponseError::InvalidRequiredAcks.code()
+        ErrorCode::InvalidRequiredAcks.code()
     );
     server.stop().await;
 }

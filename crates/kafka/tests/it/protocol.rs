@@ -9,8 +9,8 @@ use kafka_protocol::messages::incremental_alter_configs_request::{
 };
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::*;
-use kafka_protocol::ResponseError;
 use sluice_kafka::SUPPORTED_APIS;
+use sluice_vocab::ErrorCode;
 
 use crate::harness::*;
 
@@ -41,7 +41,7 @@ async fn api_versions_v0_v3_and_unsupported() {
     let sent = c.send(&ApiVersionsRequest::default(), 4).await;
     let (got, resp) = c.recv::<ApiVersionsRequest>(0).await;
     assert_eq!(sent, got);
-    assert_eq!(resp.error_code, ResponseError::UnsupportedVersion.code());
+    assert_eq!(resp.error_code, ErrorCode::UnsupportedVersion.code());
     assert_eq!(table(&resp), SUPPORTED_APIS);
     // A version from the future, with a body we cannot know: same answer.
     let body = [0u8, 18, 0, 127, 0, 0, 0, 77, 0xff, 0xff, 0, 1, 2, 3, 4];
@@ -50,7 +50,7 @@ async fn api_versions_v0_v3_and_unsupported() {
     c.send_raw(&raw).await;
     let (got, resp) = c.recv::<ApiVersionsRequest>(0).await;
     assert_eq!(got, 77);
-    assert_eq!(resp.error_code, ResponseError::UnsupportedVersion.code());
+    assert_eq!(resp.error_code, ErrorCode::UnsupportedVersion.code());
     assert_eq!(table(&resp), SUPPORTED_APIS);
     // The connection stays usable.
     let resp = c.call(&ApiVersionsRequest::default(), 3).await;
@@ -65,7 +65,7 @@ async fn unsupported_versions_get_unsupported_version() {
         OffsetCommitRequestPartition, OffsetCommitRequestTopic,
     };
     use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestGroup;
-    const E: i16 = ResponseError::UnsupportedVersion.code();
+    const E: i16 = ErrorCode::UnsupportedVersion.code();
     let server = Server::start().await;
     server.create_topic("t", 1);
     let mut c = server.client().await;
@@ -175,7 +175,7 @@ async fn metadata_auto_create_and_listing() {
     let resp = c.call(&metadata_request(&["auto-b"], false), 12).await;
     assert_eq!(
         resp.topics[0].error_code,
-        ResponseError::UnknownTopicOrPartition.code()
+        ErrorCode::UnknownTopicOrPartition.code()
     );
     assert!(server.store.topic("auto-b").is_none());
 
@@ -224,11 +224,11 @@ async fn metadata_auto_create_disabled_by_config() {
     let resp = c.call(&metadata_request(&["nope"], true), 12).await;
     assert_eq!(
         resp.topics[0].error_code,
-        ResponseError::UnknownTopicOrPartition.code()
+        ErrorCode::UnknownTopicOrPartition.code()
     );
     // Produce to an unknown topic is refused as well.
     let (code, _) = produce(&mut c, "nope", 0, batch(&["k"], 1)).await;
-    assert_eq!(code, ResponseError::UnknownTopicOrPartition.code());
+    assert_eq!(code, ErrorCode::UnknownTopicOrPartition.code());
     assert!(server.store.topic("nope").is_none());
     server.stop().await;
 }
@@ -259,8 +259,8 @@ async fn create_and_delete_topics() {
         vec![
             0,
             0,
-            ResponseError::InvalidReplicationFactor.code(),
-            ResponseError::InvalidTopicException.code()
+            ErrorCode::InvalidReplicationFactor.code(),
+            ErrorCode::InvalidTopicException.code()
         ]
     );
     assert_eq!(resp.topics[0].num_partitions, 4);
@@ -287,7 +287,7 @@ async fn create_and_delete_topics() {
         .await;
     assert_eq!(
         resp.topics[0].error_code,
-        ResponseError::TopicAlreadyExists.code()
+        ErrorCode::TopicAlreadyExists.code()
     );
     let resp = c
         .call(
@@ -310,7 +310,7 @@ async fn create_and_delete_topics() {
     assert_eq!(resp.responses[0].error_code, 0);
     assert_eq!(
         resp.responses[1].error_code,
-        ResponseError::UnknownTopicOrPartition.code()
+        ErrorCode::UnknownTopicOrPartition.code()
     );
     assert!(server.store.topic("t1").is_none());
     let id = uuid::Uuid::from_bytes(server.store.topic("t2").unwrap().id);
@@ -350,7 +350,7 @@ async fn create_partitions_grows_and_refuses_shrink() {
     let resp = c.call(&req(2), 0).await;
     assert_eq!(
         resp.results[0].error_code,
-        ResponseError::InvalidPartitions.code()
+        ErrorCode::InvalidPartitions.code()
     );
     assert_eq!(server.store.topic("grow").unwrap().partitions, 3);
     server.stop().await;
@@ -480,7 +480,7 @@ async fn describe_and_alter_configs_round_trip() {
         .await;
     assert_eq!(
         resp.responses[0].error_code,
-        ResponseError::InvalidConfig.code()
+        ErrorCode::InvalidConfig.code()
     );
     let resp = c
         .call(&describe("cfg", Some(vec!["retention.ms"])), 1)
@@ -491,7 +491,7 @@ async fn describe_and_alter_configs_round_trip() {
         .await;
     assert_eq!(
         resp.responses[0].error_code,
-        ResponseError::InvalidConfig.code()
+        ErrorCode::InvalidConfig.code()
     );
 
     // Legacy AlterConfigs replaces the overrides.
@@ -537,7 +537,7 @@ async fn describe_and_alter_configs_round_trip() {
     let resp = c.call(&describe("missing", None), 4).await;
     assert_eq!(
         resp.results[0].error_code,
-        ResponseError::UnknownTopicOrPartition.code()
+        ErrorCode::UnknownTopicOrPartition.code()
     );
     server.stop().await;
 }
@@ -571,10 +571,7 @@ async fn describe_cluster_find_coordinator_init_producer_id() {
             2,
         )
         .await;
-    assert_eq!(
-        resp.error_code,
-        ResponseError::CoordinatorNotAvailable.code()
-    );
+    assert_eq!(resp.error_code, ErrorCode::CoordinatorNotAvailable.code());
     let resp = c
         .call(
             &FindCoordinatorRequest::default().with_coordinator_keys(vec![sb("g1"), sb("g2")]),
@@ -607,7 +604,7 @@ async fn describe_cluster_find_coordinator_init_producer_id() {
         .await;
     assert_eq!(
         t.error_code,
-        ResponseError::TransactionalIdAuthorizationFailed.code()
+        ErrorCode::TransactionalIdAuthorizationFailed.code()
     );
     server.stop().await;
 }
@@ -664,7 +661,7 @@ async fn connection_limit_closes_extra_connections() {
 async fn produce_v0_v2_advertised_but_refused() {
     use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
     use kafka_protocol::protocol::Decodable;
-    const E: i16 = ResponseError::UnsupportedVersion.code();
+    const E: i16 = ErrorCode::UnsupportedVersion.code();
     let server = Server::start().await;
     server.create_topic("t", 2);
     let mut c = server.client().await;

@@ -1,5 +1,6 @@
 //! Replication end to end: acks=all, failover, truncation, ISR changes, min.insync.
 
+use sluice_vocab::ErrorCode;
 use std::time::Duration;
 
 use sluice_cluster::BrokerId;
@@ -51,28 +52,31 @@ async fn acks_all_replicates_and_survives_leader_failover() {
         c.mgr(follower)
             .leader_for_produce("t", 0, false)
             .unwrap_err(),
-        6
+        ErrorCode::NotLeaderOrFollower
     );
-    assert_eq!(c.mgr(follower).leader_for_read("t", 0, -1).unwrap_err(), 6);
+    assert_eq!(
+        c.mgr(follower).leader_for_read("t", 0, -1).unwrap_err(),
+        ErrorCode::NotLeaderOrFollower
+    );
     assert_eq!(
         c.mgr(leader)
             .leader_for_produce("nope", 0, false)
             .unwrap_err(),
-        3
+        ErrorCode::UnknownTopicOrPartition
     );
     let epoch = c.mgr(leader).leader_epoch_of("t", 0).unwrap();
     assert_eq!(
         c.mgr(leader)
             .leader_for_read("t", 0, epoch + 1)
             .unwrap_err(),
-        79
+        ErrorCode::UnknownLeaderEpoch
     );
     if epoch > 0 {
         assert_eq!(
             c.mgr(leader)
                 .leader_for_read("t", 0, epoch - 1)
                 .unwrap_err(),
-            74
+            ErrorCode::FencedLeaderEpoch
         );
     }
 
@@ -130,7 +134,13 @@ async fn divergent_suffix_is_truncated_on_rejoin() {
     let waited = mgr
         .wait_replicated(&h, unreplicated, Duration::from_millis(500))
         .await;
-    assert!(matches!(waited, Err(7) | Err(6)), "{waited:?}");
+    assert!(
+        matches!(
+            waited,
+            Err(ErrorCode::RequestTimedOut) | Err(ErrorCode::NotLeaderOrFollower)
+        ),
+        "{waited:?}"
+    );
     assert_eq!(
         tags_of(&log_contents(&c.partition(leader, "d", 0))).len(),
         8
@@ -195,7 +205,7 @@ async fn isr_shrinks_and_expands_and_min_insync_is_enforced() {
     let end_before = c.partition(leader, "i", 0).log_end_offset();
     assert_eq!(
         c.mgr(leader).leader_for_produce("i", 0, true).unwrap_err(),
-        19
+        ErrorCode::NotEnoughReplicas
     );
     assert_eq!(c.partition(leader, "i", 0).log_end_offset(), end_before);
     let h = c
@@ -291,6 +301,9 @@ async fn low_watermark_waits_for_the_in_sync_followers_log_starts() {
     }
     // Only the leader answers.
     let follower = *c.nodes.keys().find(|id| **id != leader).unwrap();
-    assert_eq!(c.mgr(follower).low_watermark("d", 0), Err(6));
+    assert_eq!(
+        c.mgr(follower).low_watermark("d", 0),
+        Err(ErrorCode::NotLeaderOrFollower)
+    );
     c.shutdown().await;
 }

@@ -2,6 +2,7 @@
 //! ephemeral ports, one Store per broker in a temp dir, ReplicaManagers whose followers
 //! reach leaders through an [`InProcessConnector`].
 
+use sluice_vocab::ErrorCode;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -305,10 +306,17 @@ pub fn batch(count: i32, tag: u8) -> Vec<u8> {
 }
 
 /// Produces one batch with acks=all on broker `id`; returns its end offset.
-pub async fn produce_all(c: &Cluster, id: BrokerId, topic: &str, tag: u8) -> Result<i64, i16> {
+pub async fn produce_all(
+    c: &Cluster,
+    id: BrokerId,
+    topic: &str,
+    tag: u8,
+) -> Result<i64, ErrorCode> {
     let mgr = c.mgr(id);
     let h = mgr.leader_for_produce(topic, 0, true)?;
-    let r = h.append(&batch(2, tag)).map_err(|_| 6i16)?;
+    let r = h
+        .append(&batch(2, tag))
+        .map_err(|_| ErrorCode::NotLeaderOrFollower)?;
     mgr.wait_replicated(&h, r.end_offset, Duration::from_secs(10))
         .await?;
     Ok(r.end_offset)

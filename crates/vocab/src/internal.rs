@@ -1,0 +1,50 @@
+//! The broker's own topics: which they are and how they are configured.
+
+use std::collections::BTreeMap;
+
+/// The topic that holds consumer groups' committed offsets.
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+
+/// Partitions of [`OFFSETS_TOPIC`]: its leader coordinates every group.
+pub const OFFSETS_TOPIC_PARTITIONS: i32 = 1;
+
+/// Whether the broker owns a topic: names starting with `__` are written by the
+/// broker only (a client's bytes there could break its replay); clients may read
+/// them.
+pub fn is_internal(name: &str) -> bool {
+    name.starts_with("__")
+}
+
+/// The overrides [`OFFSETS_TOPIC`] is created with. Offsets must never age out of
+/// the log: replay is the only copy after a restart. Kafka compacts this topic;
+/// Sluice keeps it whole (cleanup.policy is recorded as compact) and the group
+/// coordinator snapshots it.
+pub fn offsets_topic_configs() -> BTreeMap<String, String> {
+    [
+        ("cleanup.policy", "compact"),
+        ("retention.ms", "-1"),
+        ("retention.bytes", "-1"),
+        // Small segments, so that snapshots free disk space soon (Kafka's
+        // offsets.topic.segment.bytes).
+        ("segment.bytes", "104857600"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_offsets_topic_is_internal_and_its_configs_are_valid() {
+        assert!(is_internal(OFFSETS_TOPIC));
+        assert!(!is_internal("orders"));
+        let mut config = crate::TopicConfig::default();
+        for (k, v) in offsets_topic_configs() {
+            config.set(&k, &v).unwrap();
+        }
+        assert_eq!(config.retention_ms, -1);
+    }
+}
