@@ -41,9 +41,20 @@ struct Cluster {
 }
 
 /// A port that was free a moment ago (the Raft peers must be known up front).
+///
+/// Chosen below the kernel's ephemeral range (32768 and up by default): a port
+/// the kernel handed out could be taken again, by another test's outgoing
+/// connection or `:0` listener, between this check and the node's bind.
 fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    use std::hash::{BuildHasher, RandomState};
+    let seed = RandomState::new();
+    for attempt in 0u64.. {
+        let port = 20_000 + (seed.hash_one(attempt) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    unreachable!("the loop above returns")
 }
 
 impl Cluster {
@@ -105,6 +116,9 @@ impl Cluster {
         cmd.args(&self.extra);
         // Peers through the environment, the rest as flags: both paths.
         cmd.env("SLUICE_CLUSTER_PEERS", &self.peers);
+        // openraft warns about every stale vote response; a failing test's
+        // output should show the broker's own lines.
+        cmd.env("SLUICE_LOG", "info,openraft=error");
         let (child, line) = spawn_until_listening(cmd);
         let field = |name: &str| -> SocketAddr {
             line.split_whitespace()
