@@ -99,11 +99,13 @@ struct AlignedBuf {
     layout: std::alloc::Layout,
 }
 
+#[allow(unsafe_code)]
 impl AlignedBuf {
     fn new(len: usize) -> Result<Self> {
         let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096)?;
-        // SAFETY: layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc(layout) };
+        // SAFETY: layout has a non-zero size. Zeroed, so the bytes are initialised
+        // before as_mut_slice hands them out as `&mut [u8]`.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
             bail!("allocating {len} aligned bytes failed");
         }
@@ -120,7 +122,8 @@ impl AlignedBuf {
     }
 
     fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr points to layout.size() initialised bytes owned by self.
+        // SAFETY: ptr points to layout.size() bytes owned by self, initialised by
+        // alloc_zeroed.
         unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
     }
 
@@ -130,6 +133,7 @@ impl AlignedBuf {
     }
 }
 
+#[allow(unsafe_code)]
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in new() with this layout.
@@ -137,6 +141,7 @@ impl Drop for AlignedBuf {
     }
 }
 
+#[allow(unsafe_code)]
 fn fdatasync(f: &File) -> Result<()> {
     // SAFETY: the fd is valid for the lifetime of `f`.
     let rc = unsafe { libc::fdatasync(f.as_raw_fd()) };
@@ -193,6 +198,7 @@ fn seq_write(dir: &Path, bytes: u64, sync_every: u64, method: Method) -> Result<
                 .with_context(|| format!("creating {}", path.display()))?;
             let len = libc::off_t::try_from(total)?;
             // SAFETY: valid fd; offset 0 and a positive length.
+            #[allow(unsafe_code)]
             let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len) };
             if rc != 0 {
                 return Err(std::io::Error::from_raw_os_error(rc)).context("posix_fallocate");

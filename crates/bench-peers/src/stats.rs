@@ -82,6 +82,7 @@ fn unreachable_histogram() -> Histogram<u64> {
 }
 
 /// User + system CPU seconds consumed by this process so far.
+#[allow(unsafe_code)]
 pub fn process_cpu_seconds() -> f64 {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: getrusage writes a full rusage into the pointer we pass; the

@@ -14,12 +14,16 @@ use kafka_protocol::messages::{
     ApiKey, BrokerId, CreateTopicsRequest, ListOffsetsRequest, MetadataRequest, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
+use sluice_client::Connection;
 
-use crate::client::Conn;
 use crate::BenchError;
 
 /// How long a just-created topic may take to get leaders.
 const LEADER_WAIT: Duration = Duration::from_secs(15);
+/// Client id sent in every request header.
+const CLIENT_ID: &str = "sluice-bench";
+/// Time allowed for a connection and its ApiVersions handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// ListOffsets timestamps.
 pub const EARLIEST: i64 = -2;
@@ -66,11 +70,16 @@ pub fn topic_name(s: &str) -> TopicName {
     TopicName(StrBytes::from_string(s.to_owned()))
 }
 
+/// Connects to one broker as the load generator.
+pub(crate) async fn connect(addr: &str) -> Result<Connection, BenchError> {
+    Ok(Connection::connect(addr, CLIENT_ID, CONNECT_TIMEOUT).await?)
+}
+
 /// Connects to the first reachable bootstrap server (comma separated list).
-pub async fn bootstrap(servers: &str) -> Result<Conn, BenchError> {
+pub async fn bootstrap(servers: &str) -> Result<Connection, BenchError> {
     let mut last = None;
     for addr in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        match Conn::connect(addr).await {
+        match connect(addr).await {
             Ok(c) => return Ok(c),
             Err(e) => last = Some(e),
         }
@@ -81,7 +90,7 @@ pub async fn bootstrap(servers: &str) -> Result<Conn, BenchError> {
 /// Describes `topic`; when it does not exist and `create` is Some(n), creates
 /// it with n partitions (broker-default replication) and waits for leaders.
 pub async fn discover(
-    conn: &mut Conn,
+    conn: &mut Connection,
     topic: &str,
     create: Option<u32>,
 ) -> Result<Cluster, BenchError> {
@@ -116,10 +125,10 @@ enum Described {
     NotReady,
 }
 
-async fn describe(conn: &mut Conn, topic: &str) -> Result<Described, BenchError> {
+async fn describe(conn: &mut Connection, topic: &str) -> Result<Described, BenchError> {
     // v1 is the first version with a topic list that can name one topic
     // without meaning "all"; v4 adds allow_auto_topic_creation.
-    let version = conn.versions.pick(ApiKey::Metadata, 1, 12)?;
+    let version = conn.versions().pick(ApiKey::Metadata, 1, 12)?;
     let req = MetadataRequest::default()
         .with_topics(Some(vec![
             MetadataRequestTopic::default().with_name(Some(topic_name(topic)))
@@ -181,8 +190,12 @@ async fn describe(conn: &mut Conn, topic: &str) -> Result<Described, BenchError>
     }))
 }
 
-async fn create_topic(conn: &mut Conn, topic: &str, partitions: u32) -> Result<(), BenchError> {
-    let version = conn.versions.pick(ApiKey::CreateTopics, 2, 7)?;
+async fn create_topic(
+    conn: &mut Connection,
+    topic: &str,
+    partitions: u32,
+) -> Result<(), BenchError> {
+    let version = conn.versions().pick(ApiKey::CreateTopics, 2, 7)?;
     let partitions = i32::try_from(partitions)
         .map_err(|_| BenchError::Config(format!("{partitions} partitions")))?;
     // -1 (the broker's default replication factor) needs v4.
@@ -218,8 +231,8 @@ async fn create_topic(conn: &mut Conn, topic: &str, partitions: u32) -> Result<(
 pub async fn list_offsets(cluster: &Cluster, timestamp: i64) -> Result<Vec<i64>, BenchError> {
     let mut offsets = vec![-1i64; cluster.leaders.len()];
     for node in cluster.leader_nodes() {
-        let mut conn = Conn::connect(cluster.address(node)?).await?;
-        let version = conn.versions.pick(ApiKey::ListOffsets, 1, 6)?;
+        let mut conn = connect(cluster.address(node)?).await?;
+        let version = conn.versions().pick(ApiKey::ListOffsets, 1, 6)?;
         let partitions = cluster
             .partitions_led_by(node)
             .into_iter()

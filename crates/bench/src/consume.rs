@@ -2,9 +2,8 @@
 //! p % consumers, and each consumer runs one Fetch loop per partition
 //! leader, for all its partitions on that leader.
 //!
-//! Records are counted from RecordBatch headers (sluice-log's parser), not
-//! decoded; only e2e mode decodes records, to read the send time each value
-//! carries.
+//! Records are counted from RecordBatch headers, not decoded; only e2e
+//! mode decodes records, to read the send time each value carries.
 
 use sluice_vocab::ErrorCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,16 +14,19 @@ use bytes::Bytes;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest};
 use kafka_protocol::records::RecordBatchDecoder;
-use sluice_log::BatchHeader;
+use sluice_client::Connection;
 
-use crate::client::Conn;
-use crate::cluster::{topic_name, Cluster};
+use crate::cluster::{self, topic_name, Cluster};
 use crate::report::Stats;
 use crate::schedule::Counters;
 use crate::{BenchConfig, BenchError};
 
 /// RecordBatch v2 header size: a batch is never smaller.
 const HEADER_LEN: usize = 61;
+/// Bytes before the part a batch's length counts (base offset, length).
+const LOG_OVERHEAD: usize = 12;
+/// Control batches (transaction markers) hold no data records.
+const ATTR_CONTROL: i16 = 1 << 5;
 /// Fetch v12 is the last version that names topics (v13+ uses ids).
 const FETCH_MIN: i16 = 4;
 const FETCH_MAX: i16 = 12;
@@ -49,7 +51,7 @@ pub(crate) struct Plan {
 
 /// One fetch loop: a consumer's partitions on one leader.
 pub(crate) struct FetchTask {
-    conn: Conn,
+    conn: Connection,
     topic: String,
     fetch_bytes: i32,
     version: i16,
@@ -72,8 +74,8 @@ pub(crate) async fn connect_all(
             if partitions.is_empty() {
                 continue;
             }
-            let conn = Conn::connect(cluster.address(node)?).await?;
-            let version = conn.versions.pick(ApiKey::Fetch, FETCH_MIN, FETCH_MAX)?;
+            let conn = cluster::connect(cluster.address(node)?).await?;
+            let version = conn.versions().pick(ApiKey::Fetch, FETCH_MIN, FETCH_MAX)?;
             tasks.push(FetchTask {
                 conn,
                 topic: cluster.topic.clone(),
@@ -176,7 +178,7 @@ async fn fetch_loop(
                 let from = cursor.offset;
                 let stats = &mut out.stats;
                 let (n, next) = if plan.e2e {
-                    walk_batches(records, from, |_, batch| {
+                    walk_batches(records, from, |batch| {
                         decode_latencies(batch, from, now_ns, stats)
                     })?
                 } else {
@@ -205,18 +207,60 @@ async fn fetch_loop(
     Ok(out)
 }
 
+/// The RecordBatch header fields that counting needs, at the offsets of
+/// Kafka's v2 layout (the magic byte sits at the same place in v0 and v1
+/// message sets, so older formats are recognised and refused).
+struct BatchHeader {
+    base_offset: i64,
+    /// Bytes after the first [`LOG_OVERHEAD`].
+    batch_length: i32,
+    magic: i8,
+    attributes: i16,
+    last_offset_delta: i32,
+    records_count: i32,
+}
+
+impl BatchHeader {
+    /// None when `buf` is shorter than a header.
+    fn parse(buf: &[u8]) -> Option<BatchHeader> {
+        let h = buf.get(..HEADER_LEN)?;
+        let at = |from: usize, to: usize| h.get(from..to);
+        Some(BatchHeader {
+            base_offset: i64::from_be_bytes(at(0, 8)?.try_into().ok()?),
+            batch_length: i32::from_be_bytes(at(8, 12)?.try_into().ok()?),
+            magic: i8::from_be_bytes(at(16, 17)?.try_into().ok()?),
+            attributes: i16::from_be_bytes(at(21, 23)?.try_into().ok()?),
+            last_offset_delta: i32::from_be_bytes(at(23, 27)?.try_into().ok()?),
+            records_count: i32::from_be_bytes(at(57, 61)?.try_into().ok()?),
+        })
+    }
+
+    /// Total size of the batch in bytes (header included).
+    fn size(&self) -> usize {
+        LOG_OVERHEAD + self.batch_length.max(0) as usize
+    }
+
+    fn last_offset(&self) -> i64 {
+        self.base_offset + i64::from(self.last_offset_delta)
+    }
+
+    fn is_control(&self) -> bool {
+        self.attributes & ATTR_CONTROL != 0
+    }
+}
+
 /// Walks the complete RecordBatches at the start of `records` (a fetch
 /// answer may end with a partial batch, which is left for the next fetch).
-/// Calls `on_batch` for each complete data batch with its header and bytes.
-/// Returns the records at or after `fetch_offset` (control batches and
-/// records before `fetch_offset` excluded) and the next offset to fetch.
-pub fn walk_batches<F>(
+/// Calls `on_batch` with the bytes of each complete data batch. Returns
+/// the records at or after `fetch_offset` (control batches and records
+/// before `fetch_offset` excluded) and the next offset to fetch.
+fn walk_batches<F>(
     records: &Bytes,
     fetch_offset: i64,
     mut on_batch: F,
 ) -> Result<(u64, i64), BenchError>
 where
-    F: FnMut(&BatchHeader, Bytes) -> Result<(), BenchError>,
+    F: FnMut(Bytes) -> Result<(), BenchError>,
 {
     let mut pos = 0usize;
     let mut count = 0u64;
@@ -245,9 +289,9 @@ where
             } else {
                 (h.last_offset() - fetch_offset + 1) as u64
             };
-            on_batch(&h, records.slice(pos..end))?;
+            on_batch(records.slice(pos..end))?;
         }
-        next = next.max(h.next_offset());
+        next = next.max(h.last_offset() + 1);
         pos = end;
     }
     Ok((count, next))
@@ -255,7 +299,7 @@ where
 
 /// Counts the records of a fetch answer from batch headers only.
 pub fn count_records(records: &Bytes, fetch_offset: i64) -> Result<(u64, i64), BenchError> {
-    walk_batches(records, fetch_offset, |_, _| Ok(()))
+    walk_batches(records, fetch_offset, |_| Ok(()))
 }
 
 fn decode_latencies(

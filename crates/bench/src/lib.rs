@@ -1,8 +1,8 @@
 //! `sluice bench`: a Kafka load generator.
 //!
 //! It speaks only standard Kafka APIs (ApiVersions, Metadata, CreateTopics,
-//! ListOffsets, Produce, Fetch) through a lean client built on the
-//! `kafka-protocol` codecs, so it measures Sluice or any Kafka-compatible
+//! ListOffsets, Produce, Fetch) through `sluice-client`, the workspace's
+//! Kafka wire client, so it measures Sluice or any Kafka-compatible
 //! broker, and it is cheap enough per record that the broker, not the load
 //! generator, is what gets measured: each producer keeps up to
 //! `max_in_flight` Produce requests outstanding on a connection per leader,
@@ -14,7 +14,6 @@
 //! intended send time to its consumption). With a target rate the run is
 //! open loop (see [`schedule::Schedule`]).
 
-pub mod client;
 pub mod cluster;
 mod consume;
 mod produce;
@@ -37,10 +36,8 @@ pub use schedule::LittlesLaw;
 pub enum BenchError {
     #[error("invalid settings: {0}")]
     Config(String),
-    #[error("cannot connect to {0}: {1}")]
-    Connect(String, std::io::Error),
-    #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Client(#[from] sluice_client::ClientError),
     #[error("protocol: {0}")]
     Protocol(String),
     #[error("{0}")]

@@ -21,12 +21,10 @@ use kafka_protocol::records::{
     Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType, NO_PARTITION_LEADER_EPOCH,
     NO_PRODUCER_EPOCH, NO_PRODUCER_ID,
 };
-use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use sluice_client::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use crate::client::{decode_response, encode_request, read_frame, Conn};
-use crate::cluster::{topic_name, Cluster};
+use crate::cluster::{self, topic_name, Cluster};
 use crate::report::Stats;
 use crate::schedule::{Counters, Schedule};
 use crate::{Acks, BenchConfig, BenchError};
@@ -46,9 +44,8 @@ const BATCH_HEADER: usize = 61;
 /// One connection of one producer, before its reader is started.
 pub(crate) struct Link {
     node: i32,
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
-    next_correlation: i32,
+    reader: ReadHalf,
+    writer: WriteHalf,
     version: i16,
 }
 
@@ -61,16 +58,15 @@ pub(crate) async fn connect_all(
     for _ in 0..cfg.producers {
         let mut links = Vec::new();
         for node in cluster.leader_nodes() {
-            let conn = Conn::connect(cluster.address(node)?).await?;
+            let conn = cluster::connect(cluster.address(node)?).await?;
             let version = conn
-                .versions
+                .versions()
                 .pick(ApiKey::Produce, PRODUCE_MIN, PRODUCE_MAX)?;
-            let (reader, writer, next_correlation) = conn.into_split();
+            let (reader, writer) = conn.into_split();
             links.push(Link {
                 node,
                 reader,
                 writer,
-                next_correlation,
                 version,
             });
         }
@@ -113,13 +109,11 @@ struct Pending {
 
 /// The per-connection state the producer loop writes through.
 struct Writer {
-    writer: OwnedWriteHalf,
-    next_correlation: i32,
+    writer: WriteHalf,
     version: i16,
     window: Arc<Semaphore>,
     /// Acknowledgements (None with acks=0).
     pending: Option<mpsc::UnboundedSender<Pending>>,
-    frame: BytesMut,
 }
 
 struct Producer {
@@ -209,11 +203,9 @@ impl Producer {
             node_of.push(link.node);
             writers.push(Writer {
                 writer: link.writer,
-                next_correlation: link.next_correlation,
                 version: link.version,
                 window,
                 pending,
-                frame: BytesMut::new(),
             });
         }
         // Writer index per partition.
@@ -230,7 +222,6 @@ impl Producer {
         let mut last_done = Duration::ZERO;
         for w in &mut writers {
             w.pending = None;
-            let _ = w.writer.flush().await;
         }
         if let Ok((_, stats, last)) = &sent {
             local = stats.clone();
@@ -354,13 +345,13 @@ impl Producer {
                     .with_partition_data(vec![PartitionProduceData::default()
                         .with_index(partition as i32)
                         .with_records(Some(batch))])]);
-            let correlation_id = w.next_correlation;
-            w.next_correlation = w.next_correlation.wrapping_add(1);
-            w.frame.clear();
-            encode_request(&mut w.frame, &req, w.version, correlation_id)?;
+            let correlation_id = w.writer.send(&req, w.version).await?;
             drop(req);
             let count = u32::try_from(batch_len).unwrap_or(u32::MAX);
             if let Some(tx) = &w.pending {
+                // Queued once written: the reader takes an answer only
+                // after its entry is queued, so an early one waits in the
+                // socket.
                 tx.send(Pending {
                     correlation_id,
                     partition: partition as i32,
@@ -370,9 +361,7 @@ impl Producer {
                     _permit: permit,
                 })
                 .map_err(|_| closed())?;
-                w.writer.write_all(&w.frame).await?;
             } else {
-                w.writer.write_all(&w.frame).await?;
                 drop(permit);
                 let now = self.elapsed();
                 record_batch(
@@ -431,23 +420,16 @@ struct AckReader {
 impl AckReader {
     async fn run(
         self,
-        reader: OwnedReadHalf,
+        mut reader: ReadHalf,
         mut rx: mpsc::UnboundedReceiver<Pending>,
     ) -> Result<(Stats, Duration), BenchError> {
-        let mut reader = BufReader::with_capacity(64 * 1024, reader);
         let mut stats = Stats::new();
         let mut last = Duration::ZERO;
-        let mut buf = BytesMut::new();
         while let Some(p) = rx.recv().await {
-            let frame = read_frame(&mut reader, &mut buf).await?;
+            let resp = reader
+                .recv::<ProduceRequest>(self.version, p.correlation_id)
+                .await?;
             let now = self.start.elapsed();
-            let (correlation_id, resp) = decode_response::<ProduceRequest>(frame, self.version)?;
-            if correlation_id != p.correlation_id {
-                return Err(BenchError::Protocol(format!(
-                    "produce answer with correlation id {correlation_id}, expected {}",
-                    p.correlation_id
-                )));
-            }
             let mut answered = false;
             for t in &resp.responses {
                 for part in &t.partition_responses {
@@ -608,9 +590,14 @@ mod tests {
                 duration: None,
             };
             let bytes = b.build(10, 5, &s, 0).unwrap();
-            let headers = sluice_log::validate_batches(&bytes).unwrap();
-            assert_eq!(headers.len(), 1);
-            assert_eq!(headers[0].records_count, 5);
+            // One batch (checksum verified by the decoder), counted as 5.
+            assert_eq!(
+                RecordBatchDecoder::decode_all(&mut bytes.clone())
+                    .unwrap()
+                    .len(),
+                1
+            );
+            assert_eq!(crate::count_records(&bytes, 0).unwrap(), (5, 5));
             let mut buf = bytes.clone();
             let set = RecordBatchDecoder::decode(&mut buf).unwrap();
             assert_eq!(set.records.len(), 5);
@@ -651,8 +638,12 @@ mod tests {
         // While a batch is still referenced, the next one gets its own bytes.
         let third = b.build(2000, 1000, &s, 3).unwrap();
         assert_ne!(third.as_ptr(), second.as_ptr());
+        assert_eq!(crate::count_records(&second, 0).unwrap(), (1000, 1000));
         assert_eq!(
-            sluice_log::validate_batches(&second).unwrap()[0].records_count,
+            RecordBatchDecoder::decode(&mut second.clone())
+                .unwrap()
+                .records
+                .len(),
             1000
         );
     }

@@ -204,9 +204,11 @@ impl LittlesLaw {
 }
 
 /// CPU seconds (user + system) this process has used so far.
+#[allow(unsafe_code)]
 pub fn process_cpu_seconds() -> f64 {
-    // SAFETY: getrusage only writes the struct it is given.
+    // SAFETY: rusage is plain integers, for which all-zero bytes are a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes the struct it is given.
     let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     if rc != 0 {
         return 0.0;

@@ -92,6 +92,20 @@ pub struct MetadataImage {
     pub next_producer_id: i64,
     /// Raft log index of the last entry applied to this image (0 before any).
     pub applied_index: u64,
+    /// Whether `AdoptLocalState` has run: a single node's topics from before its
+    /// metadata lived in the quorum are adopted once, never again.
+    #[serde(default)]
+    pub local_state_adopted: bool,
+}
+
+/// A topic of a single node's data directory from an earlier release, adopted into
+/// the metadata with its own id, partition count and configs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdoptedTopic {
+    pub name: String,
+    pub topic_id: [u8; 16],
+    pub partitions: i32,
+    pub configs: BTreeMap<String, String>,
 }
 
 /// A state change proposed to the quorum. Validated inside `apply`, never before: only
@@ -160,6 +174,16 @@ pub enum Command {
     /// Forget a decommissioned broker: only a fenced one (stopped) that holds no
     /// replica. A broker that starts again registers anew.
     UnregisterBroker { node_id: BrokerId },
+    /// Once per image: the topics a single node's data directory held before its
+    /// metadata lived in the quorum (an earlier release), each with `broker` as its one
+    /// replica, and the producer ids that node had handed out already. Names the image
+    /// has are kept as they are; a later `AdoptLocalState` changes nothing.
+    AdoptLocalState {
+        broker: BrokerId,
+        topics: Vec<AdoptedTopic>,
+        /// Producer ids below this were handed out already.
+        producer_ids_from: i64,
+    },
 }
 
 /// Outcome of one partition in an election.
@@ -412,6 +436,11 @@ impl MetadataImage {
                 Ok(CommandOutput::Done)
             }
             Command::UnregisterBroker { node_id } => self.unregister_broker(*node_id),
+            Command::AdoptLocalState {
+                broker,
+                topics,
+                producer_ids_from,
+            } => self.adopt_local_state(*broker, topics, *producer_ids_from),
             Command::SetDraining { node_id, draining } => {
                 let b = self
                     .brokers
@@ -875,6 +904,63 @@ impl MetadataImage {
         }
         p.partition_epoch += 1;
         Ok(CommandOutput::Partition(p.clone()))
+    }
+
+    fn adopt_local_state(
+        &mut self,
+        broker: BrokerId,
+        topics: &[AdoptedTopic],
+        producer_ids_from: i64,
+    ) -> CommandResult {
+        if self.local_state_adopted {
+            return Ok(CommandOutput::Done);
+        }
+        if broker < 0 {
+            return Err(CommandError::InvalidRequest(format!(
+                "broker id {broker} is negative"
+            )));
+        }
+        // All or nothing: a topic left out would be deleted from the disk as absent.
+        for t in topics {
+            validate_topic_name(&t.name)?;
+            validate_configs(&t.configs)?;
+            if t.partitions <= 0 || t.partitions > MAX_PARTITIONS {
+                return Err(CommandError::InvalidPartitions(format!(
+                    "{}: {} is outside 1..={MAX_PARTITIONS}",
+                    t.name, t.partitions
+                )));
+            }
+        }
+        let leader = if self.is_live(broker) {
+            broker
+        } else {
+            // Registration (unfencing) makes it the leader.
+            NO_LEADER
+        };
+        for t in topics {
+            if self.topics.contains_key(&t.name) {
+                continue;
+            }
+            let partition = PartitionState {
+                replicas: vec![broker],
+                isr: vec![broker],
+                leader,
+                leader_epoch: 0,
+                partition_epoch: 0,
+                target_replicas: None,
+            };
+            self.topics.insert(
+                t.name.clone(),
+                TopicState {
+                    topic_id: t.topic_id,
+                    configs: t.configs.clone(),
+                    partitions: vec![partition; usize::try_from(t.partitions).unwrap_or(0)],
+                },
+            );
+        }
+        self.next_producer_id = self.next_producer_id.max(producer_ids_from);
+        self.local_state_adopted = true;
+        Ok(CommandOutput::Done)
     }
 
     fn unregister_broker(&mut self, node_id: BrokerId) -> CommandResult {

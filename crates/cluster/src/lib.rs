@@ -133,10 +133,13 @@ pub mod store;
 use std::io::Cursor;
 
 pub use image::{
-    BrokerId, BrokerState, Command, CommandError, CommandOutput, CommandResult, ElectionOutcome,
-    InternalTopic, InternalTopicPlan, MetadataImage, PartitionState, TopicState, NO_LEADER,
+    AdoptedTopic, BrokerId, BrokerState, Command, CommandError, CommandOutput, CommandResult,
+    ElectionOutcome, InternalTopic, InternalTopicPlan, MetadataImage, PartitionState, TopicState,
+    NO_LEADER,
 };
-pub use node::{ClusterConfig, ClusterError, ClusterNode, HeartbeatAck, Members, StaleView};
+pub use node::{
+    ClusterConfig, ClusterError, ClusterNode, HeartbeatAck, LocalState, Members, StaleView,
+};
 
 /// Raft node id (the broker id as `u64`).
 pub type NodeId = u64;

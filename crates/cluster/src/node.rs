@@ -16,7 +16,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::image::{
-    BrokerId, Command, CommandResult, InternalTopic, InternalTopicPlan, MetadataImage,
+    AdoptedTopic, BrokerId, Command, CommandResult, InternalTopic, InternalTopicPlan, MetadataImage,
 };
 use crate::network::{
     read_frame, write_frame, BrokerHeartbeat, ForwardError, HeartbeatReply, Request, Response,
@@ -33,8 +33,9 @@ pub struct ClusterConfig {
     /// as a non-voting member (a Raft learner, KRaft's "broker-only" node) and needs
     /// `raft_advertised`.
     pub node_id: BrokerId,
-    /// Address the Raft/inter-node listener binds (default port 9093).
-    pub raft_listen: SocketAddr,
+    /// Address the Raft/inter-node listener binds (default port 9093); `None` for a
+    /// node that is the only voter and talks to nobody (a single node).
+    pub raft_listen: Option<SocketAddr>,
     /// Address peers reach this node at; defaults to this node's entry in `peers`
     /// (required for a node that is not one of them).
     pub raft_advertised: Option<String>,
@@ -73,6 +74,21 @@ pub struct ClusterConfig {
     pub internal_topics: Vec<InternalTopic>,
     /// Replicas of each internal topic partition: default min(3, voters).
     pub internal_replication_factor: usize,
+    /// The cluster id the first controller sets (Kafka's cluster id); `None`: a
+    /// random one.
+    pub cluster_id: Option<String>,
+    /// A single node's local state from before its metadata lived in the quorum:
+    /// adopted once by this node's first leadership, before anything else is created
+    /// (see [`Command::AdoptLocalState`]).
+    pub adopt_local_state: Option<LocalState>,
+}
+
+/// What [`Command::AdoptLocalState`] adopts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalState {
+    pub topics: Vec<AdoptedTopic>,
+    /// Producer ids below this were handed out already.
+    pub producer_ids_from: i64,
 }
 
 impl ClusterConfig {
@@ -85,7 +101,7 @@ impl ClusterConfig {
     ) -> Self {
         ClusterConfig {
             node_id,
-            raft_listen: SocketAddr::from(([0, 0, 0, 0], 9093)),
+            raft_listen: Some(SocketAddr::from(([0, 0, 0, 0], 9093))),
             raft_advertised: None,
             kafka_host: "localhost".to_string(),
             kafka_port: 9092,
@@ -102,6 +118,8 @@ impl ClusterConfig {
             max_frame: DEFAULT_MAX_FRAME,
             internal_replication_factor: peers.len().clamp(1, 3),
             internal_topics: Vec::new(),
+            cluster_id: None,
+            adopt_local_state: None,
             peers,
         }
     }
@@ -239,7 +257,7 @@ struct Inner {
 /// One member of the metadata quorum. See the crate docs.
 pub struct ClusterNode {
     inner: Arc<Inner>,
-    local_addr: SocketAddr,
+    local_addr: Option<SocketAddr>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The broker heartbeat sender, stopped first by a controlled shutdown.
     heartbeats: Mutex<Option<JoinHandle<()>>>,
@@ -250,10 +268,13 @@ fn node_id_of(id: BrokerId) -> Result<NodeId, ClusterError> {
 }
 
 impl ClusterNode {
-    /// Binds `config.raft_listen` and starts the node.
+    /// Binds `config.raft_listen` (when set) and starts the node.
     pub async fn start(config: ClusterConfig) -> Result<ClusterNode, ClusterError> {
-        let listener = TcpListener::bind(config.raft_listen).await?;
-        ClusterNode::start_on(config, listener).await
+        let listener = match config.raft_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        ClusterNode::start_with(config, listener).await
     }
 
     /// Starts the node on an already bound listener (tests bind port 0 first so that
@@ -262,10 +283,23 @@ impl ClusterNode {
         config: ClusterConfig,
         listener: TcpListener,
     ) -> Result<ClusterNode, ClusterError> {
+        ClusterNode::start_with(config, Some(listener)).await
+    }
+
+    async fn start_with(
+        config: ClusterConfig,
+        listener: Option<TcpListener>,
+    ) -> Result<ClusterNode, ClusterError> {
         let id = node_id_of(config.node_id)?;
         let mut peers = BTreeMap::new();
         for (pid, addr) in &config.peers {
             peers.insert(node_id_of(*pid)?, addr.clone());
+        }
+        if listener.is_none() && (peers.len() != 1 || !peers.contains_key(&id)) {
+            return Err(ClusterError::Config(
+                "only a node that is the one voter of its quorum runs without a Raft listener"
+                    .to_string(),
+            ));
         }
         let raft_addr = match (&config.raft_advertised, peers.get(&id)) {
             (Some(a), _) => a.clone(),
@@ -292,7 +326,10 @@ impl ClusterNode {
         )
         .await
         .map_err(|e| ClusterError::Stopped(e.to_string()))?;
-        let local_addr = listener.local_addr()?;
+        let local_addr = match &listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
         let inner = Arc::new(Inner {
             id,
             config,
@@ -305,13 +342,15 @@ impl ClusterNode {
             controller: Mutex::new(ControllerState::default()),
             last_ack: Mutex::new(None),
         });
-        let tasks = vec![
-            tokio::spawn(accept_loop(inner.clone(), listener)),
+        let mut tasks = vec![
             tokio::spawn(bootstrap(inner.clone())),
             tokio::spawn(controller_loop(inner.clone())),
         ];
+        if let Some(listener) = listener {
+            tasks.push(tokio::spawn(accept_loop(inner.clone(), listener)));
+        }
         let heartbeats = tokio::spawn(heartbeat_loop(inner.clone()));
-        tracing::info!(node = id, raft = %local_addr, "cluster node started");
+        tracing::info!(node = id, raft = ?local_addr, "cluster node started");
         Ok(ClusterNode {
             inner,
             local_addr,
@@ -332,8 +371,8 @@ impl ClusterNode {
         self.inner.replica_addr()
     }
 
-    /// The address the Raft listener is bound to.
-    pub fn local_raft_addr(&self) -> SocketAddr {
+    /// The address the Raft listener is bound to (`None`: a single node without one).
+    pub fn local_raft_addr(&self) -> Option<SocketAddr> {
         self.local_addr
     }
 
@@ -1088,8 +1127,22 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
             Err(ForwardError::NotController { leader: Some(l) }) if l != leader => hint = Some(l),
             Err(e) => tracing::debug!(node = inner.id, error = %e, "heartbeat not delivered"),
         }
+        let never_heard = inner
+            .last_ack
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none();
+        if never_heard {
+            // A node leads and serves nothing before its first acknowledged
+            // heartbeat: while starting, try again soon rather than a whole
+            // interval later (a single node elects itself within milliseconds).
+            ticks.reset_after(STARTUP_HEARTBEAT_RETRY.min(interval));
+        }
     }
 }
+
+/// How soon a node that has never been answered heartbeats again.
+const STARTUP_HEARTBEAT_RETRY: Duration = Duration::from_millis(10);
 
 /// While leader: set the cluster id once, fence brokers silent for longer than the
 /// session timeout (counting from the start of this leadership for brokers not heard
@@ -1101,8 +1154,16 @@ async fn controller_loop(inner: Arc<Inner>) {
     let mut ticks = tokio::time::interval(tick);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_tick = Instant::now();
+    // A new image (a broker registered, a topic appeared) may need the controller at
+    // once: the internal topics of a fresh node, say, should not wait for a tick.
+    let mut images = inner.sm.subscribe();
     loop {
-        ticks.tick().await;
+        tokio::select! {
+            _ = ticks.tick() => {}
+            changed = images.changed() => if changed.is_err() {
+                return;
+            },
+        }
         let now = Instant::now();
         // Time this loop did not run (the process was paused or starved) was not
         // observed: heartbeats could not have been heard either, so it must not count
@@ -1144,8 +1205,34 @@ async fn controller_loop(inner: Arc<Inner>) {
             c.since.unwrap_or(now)
         };
         let image = inner.sm.image();
+        if let Some(local) = &inner.config.adopt_local_state {
+            if !image.local_state_adopted {
+                // First of all: topics must not be created (or deleted as absent) before
+                // the node's own are in the image.
+                let cmd = Command::AdoptLocalState {
+                    broker: inner.config.node_id,
+                    topics: local.topics.clone(),
+                    producer_ids_from: local.producer_ids_from,
+                };
+                match inner.write_local_within(cmd, session).await {
+                    Ok(Ok(_)) => tracing::info!(
+                        topics = local.topics.len(),
+                        "adopted the data directory's topics into the metadata quorum"
+                    ),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot adopt the data directory's topics")
+                    }
+                    Err(e) => tracing::debug!(error = %e, "adopting local topics not proposed"),
+                }
+                continue;
+            }
+        }
         if image.cluster_id.is_empty() {
-            let cluster_id = format!("{:032x}", rand::random::<u128>());
+            let cluster_id = inner
+                .config
+                .cluster_id
+                .clone()
+                .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
             if let Err(e) = inner
                 .write_local_within(Command::InitCluster { cluster_id }, session)
                 .await

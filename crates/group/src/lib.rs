@@ -1,6 +1,6 @@
 //! Kafka's classic consumer-group protocol: membership, rebalances and
-//! committed offsets, the latter kept durably in the `__consumer_offsets`
-//! topic of a Sluice [`Store`] and replayed on start.
+//! committed offsets, the latter kept in the replicated `__consumer_offsets`
+//! topic and replayed when a node takes over its leadership.
 //!
 //! Structure:
 //! - every group is a `group::Group` state machine behind its own mutex
@@ -12,20 +12,21 @@
 //!   ids, sync deadline) and fires what is due;
 //! - committed offsets are records of the offsets topic (`record` documents
 //!   the format); a commit is appended under the group's mutex (so appends of
-//!   one group are in log order) and answered once durable, without holding
-//!   any lock across the wait;
+//!   one group are in log order) and answered once committed (the high
+//!   watermark passed it: on every in-sync replica), without holding any lock
+//!   across the wait;
 //! - the offsets log is compacted by snapshot: see
 //!   [`GroupCoordinator::compact_offsets`].
 //!
-//! Cluster mode ([`GroupCoordinator::open_replicated`]): the offsets topic
-//! is a replicated partition created through the metadata quorum, and the
-//! coordinator lives on its leader only. It is opened once everything the
-//! leader holds is committed, stamps its leader epoch on every batch,
-//! answers writes once committed (high watermark) instead of durable, takes
-//! topic existence from the caller (the image), and is closed
+//! Placement ([`Coordination`]): every group is coordinated by the leader of
+//! `__consumer_offsets-0` (the controller creates that topic). A node opens a
+//! coordinator ([`GroupCoordinator::open`]) when it takes that leadership —
+//! once everything its replica holds is committed — and closes it
 //! ([`GroupCoordinator::close`]) when the leadership goes: no more writes,
-//! waiters answered NOT_COORDINATOR. [`refuse`] builds the answers of a
-//! broker that is not the coordinator.
+//! waiters answered NOT_COORDINATOR. Every batch it writes goes through the
+//! [`Leadership`] (stamped with its epoch, refused once it ended). The same
+//! code runs on a single node, which is a cluster of one. [`refuse`] builds
+//! the answers of a broker that is not the coordinator.
 //!
 //! Protocol versions handled (see [`SUPPORTED_VERSIONS`]):
 //!
@@ -53,8 +54,11 @@
 //!   (Kafka picks arbitrarily);
 //! - DeleteGroups answers after its tombstones are durable (Kafka does not wait).
 
+mod coordination;
 mod group;
 mod record;
+
+pub use coordination::Coordination;
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
@@ -88,8 +92,8 @@ use kafka_protocol::records::{
     TimestampType, NO_PARTITION_LEADER_EPOCH, NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE,
 };
 use parking_lot::Mutex;
-use sluice_log::{LogError, Partition, ReadLimit, Store};
-use sluice_vocab::internal::{offsets_topic_configs, OFFSETS_TOPIC};
+use sluice_log::{LogError, Partition, ReadLimit};
+use sluice_topology::{AppendError, Leadership};
 use sluice_vocab::ErrorCode;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -137,29 +141,19 @@ impl Default for GroupConfig {
     }
 }
 
-/// Tells whether a topic partition exists (cluster mode asks the metadata
-/// image, since the coordinator's node need not host every topic).
+/// Tells whether a topic partition exists (the metadata image knows; the
+/// coordinator's node need not host every topic).
 pub type PartitionExists = Arc<dyn Fn(&str, i32) -> bool + Send + Sync>;
 
-/// Cluster mode: the coordinator of a replicated offsets partition this
-/// node leads (see [`GroupCoordinator::open_replicated`]).
-pub struct ReplicatedOffsets {
-    /// The local replica of `__consumer_offsets-0`, which this node leads.
-    pub partition: Arc<Partition>,
-    /// The leader epoch stamped on every batch the coordinator writes.
-    pub leader_epoch: i32,
+/// The offsets log a coordinator writes: `__consumer_offsets-0` as this node
+/// leads it.
+pub struct OffsetsLog {
+    /// The leadership of `__consumer_offsets-0`: every batch is appended
+    /// through it, so a coordinator not yet closed never writes into a log it
+    /// no longer leads.
+    pub leadership: Leadership,
     /// Whether a commit's topic partition exists.
     pub partition_exists: PartitionExists,
-    /// Whether this node still leads the partition in `leader_epoch`;
-    /// checked before every append, so that a coordinator that has not yet
-    /// been closed never writes into a log it no longer leads.
-    pub still_leading: Arc<dyn Fn() -> bool + Send + Sync>,
-}
-
-/// What cluster mode adds to a coordinator.
-struct Replicated {
-    partition_exists: PartitionExists,
-    still_leading: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// Why an offsets-log write failed because the coordinator was closed
@@ -188,9 +182,11 @@ struct GroupHandle {
 
 /// Coordinates every group of this broker.
 pub struct GroupCoordinator {
-    store: Arc<Store>,
     config: GroupConfig,
     offsets: Arc<Partition>,
+    /// How `offsets` is led: batches are appended and committed through it.
+    leadership: Leadership,
+    partition_exists: PartitionExists,
     /// Never lock a group while holding this map's lock.
     groups: Mutex<HashMap<String, Arc<GroupHandle>>>,
     /// Dropped with the coordinator, which ends every timer task.
@@ -205,11 +201,6 @@ pub struct GroupCoordinator {
     /// last snapshot when that is larger.
     compact_after: AtomicU64,
     compact_base: AtomicU64,
-    /// Leader epoch stamped on written batches (0 on a single node).
-    leader_epoch: i32,
-    /// Cluster mode: writes are answered once committed (high watermark),
-    /// not merely durable, and topic existence comes from the image.
-    replicated: Option<Replicated>,
     /// Set by [`GroupCoordinator::close`]: nothing more is written.
     closed: AtomicBool,
 }
@@ -258,63 +249,29 @@ const TOMBSTONES_PER_BATCH: usize = 1000;
 const GROUP_AUTHORIZED_OPERATIONS: i32 = (1 << 3) | (1 << 6) | (1 << 8);
 
 impl GroupCoordinator {
-    /// Creates the offsets topic if missing and replays it.
-    /// Must be called inside a Tokio runtime (session timers are spawned on it).
-    pub fn open(store: Arc<Store>, config: GroupConfig) -> Result<Arc<Self>, GroupError> {
-        if store.topic(OFFSETS_TOPIC).is_none() {
-            match store.create_topic(OFFSETS_TOPIC, 1, &offsets_topic_configs(), false) {
-                Ok(_) | Err(LogError::TopicAlreadyExists(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let offsets = store
-            .partition(OFFSETS_TOPIC, 0)
-            .ok_or_else(|| LogError::UnknownTopicOrPartition(format!("{OFFSETS_TOPIC}-0")))?;
-        Self::start(store, config, offsets, 0, None)
-    }
-
-    /// Cluster mode: the coordinator of a node that has just become leader
-    /// of `__consumer_offsets-0` (the topic is created through the metadata
-    /// quorum, not here). Waits until everything in the local log is
+    /// The coordinator of a node that has just become leader of
+    /// `__consumer_offsets-0`. Waits until everything in the local log is
     /// committed (the high watermark reaches the log end seen on entry: the
-    /// previous leader's commits this node replicated), then replays up to
-    /// the high watermark. Every batch it writes carries `leader_epoch` and
-    /// is answered once committed ([`Partition::wait_committed`]). The wait
-    /// ends only with the high watermark or an error; the caller bounds it
-    /// (drops the future when leadership moves on). Call
-    /// [`GroupCoordinator::close`] when this node stops leading.
-    pub async fn open_replicated(
-        store: Arc<Store>,
-        config: GroupConfig,
-        offsets: ReplicatedOffsets,
-    ) -> Result<Arc<Self>, GroupError> {
-        let end = offsets.partition.log_end_offset();
-        offsets.partition.wait_committed(end).await?;
-        Self::start(
-            store,
-            config,
-            offsets.partition,
-            offsets.leader_epoch,
-            Some(Replicated {
-                partition_exists: offsets.partition_exists,
-                still_leading: offsets.still_leading,
-            }),
-        )
-    }
-
-    fn start(
-        store: Arc<Store>,
-        config: GroupConfig,
-        offsets: Arc<Partition>,
-        leader_epoch: i32,
-        replicated: Option<Replicated>,
-    ) -> Result<Arc<Self>, GroupError> {
-        let replayed = replay(&offsets)?;
+    /// previous leader's commits this node replicated), then replays up to the
+    /// high watermark. The wait ends with the high watermark, the end of the
+    /// leadership (NOT_COORDINATOR) or an error; the caller may also drop it.
+    /// Must be called inside a Tokio runtime (session timers are spawned on
+    /// it). Call [`GroupCoordinator::close`] when this node stops leading.
+    pub async fn open(config: GroupConfig, offsets: OffsetsLog) -> Result<Arc<Self>, GroupError> {
+        let partition = offsets.leadership.partition().clone();
+        let end = partition.log_end_offset();
+        offsets
+            .leadership
+            .wait_committed(end, None)
+            .await
+            .map_err(|_| closed_error())?;
+        let replayed = replay(&partition)?;
         let (shutdown, _) = watch::channel(());
         let coordinator = Arc::new(GroupCoordinator {
-            store,
             config,
-            offsets,
+            offsets: partition,
+            leadership: offsets.leadership,
+            partition_exists: offsets.partition_exists,
             groups: Mutex::new(HashMap::new()),
             shutdown,
             id_seq: AtomicU64::new(0),
@@ -323,8 +280,6 @@ impl GroupCoordinator {
             appended: AtomicU64::new(0),
             compact_after: AtomicU64::new(DEFAULT_OFFSETS_COMPACTION_THRESHOLD),
             compact_base: AtomicU64::new(DEFAULT_OFFSETS_COMPACTION_THRESHOLD),
-            leader_epoch,
-            replicated,
             closed: AtomicBool::new(false),
         });
         let now = Instant::now();
@@ -341,7 +296,7 @@ impl GroupCoordinator {
         Ok(coordinator)
     }
 
-    /// Cluster mode, when this node stops leading the offsets partition:
+    /// When this node stops leading the offsets partition:
     /// nothing more is written, waiting JoinGroup/SyncGroup requests and
     /// commits waiting to be committed are answered NOT_COORDINATOR, and the
     /// session timers stop. Idempotent.
@@ -362,19 +317,15 @@ impl GroupCoordinator {
     /// What makes a write of the offsets log safe to answer, as a future
     /// that owns what it needs (a commit completes in a task of its own).
     fn settle(&self, end_offset: i64) -> impl std::future::Future<Output = Result<(), LogError>> {
-        let offsets = self.offsets.clone();
-        let replicated = self.replicated.is_some();
+        let leadership = self.leadership.clone();
         let mut closed = self.shutdown.subscribe();
         let already_closed = self.is_closed();
         async move {
-            if !replicated {
-                return offsets.wait_durable(end_offset).await;
-            }
             if already_closed {
                 return Err(closed_error());
             }
             tokio::select! {
-                r = offsets.wait_committed(end_offset) => r,
+                r = leadership.wait_committed(end_offset, None) => r.map_err(|_| closed_error()),
                 _ = closed.changed() => Err(closed_error()),
             }
         }
@@ -382,10 +333,7 @@ impl GroupCoordinator {
 
     /// Whether a commit's topic partition exists.
     fn partition_exists(&self, topic: &str, partition: i32) -> bool {
-        match &self.replicated {
-            Some(r) => (r.partition_exists)(topic, partition),
-            None => self.store.partition(topic, partition).is_some(),
-        }
+        (self.partition_exists)(topic, partition)
     }
 
     // ---- group registry --------------------------------------------------
@@ -939,11 +887,13 @@ impl GroupCoordinator {
             },
         )
         .map_err(|e| LogError::InvalidRecord(format!("cannot encode offsets batch: {e}")))?;
-        let leading = self.replicated.as_ref().is_none_or(|r| (r.still_leading)());
-        if self.is_closed() || !leading {
+        if self.is_closed() {
             return Err(closed_error());
         }
-        let result = self.offsets.append(&buf, self.leader_epoch)?;
+        let result = self.leadership.append(&buf).map_err(|e| match e {
+            AppendError::NotLeader => closed_error(),
+            AppendError::Log(e) => e,
+        })?;
         Ok((result.base_offset, result.end_offset))
     }
 

@@ -13,6 +13,9 @@
 //!
 //! Run: `cargo bench -p sluice-kafka --bench decode`
 
+// A failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
 use std::hint::black_box;
 use std::time::Duration;
 

@@ -34,11 +34,6 @@ pub(crate) struct Hdr {
     pub peer: SocketAddr,
 }
 
-/// The Kafka error of a code (UNKNOWN_SERVER_ERROR for one we do not know).
-fn error(code: i16) -> ErrorCode {
-    ErrorCode::from_code(code).unwrap_or(ErrorCode::UnknownServerError)
-}
-
 fn peek_i16(frame: &[u8], at: usize) -> Option<i16> {
     let bytes = frame.get(at..at.checked_add(2)?)?;
     Some(i16::from_be_bytes(bytes.try_into().ok()?))
@@ -97,58 +92,31 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
         }
         ApiKey::Metadata => {
             let req = decode!(MetadataRequest, buf, h);
-            match &ctx.cluster {
-                Some(c) => handlers::cluster_meta::metadata(ctx, c, req, h),
-                None => now(h, &handlers::meta::metadata(ctx, req, version)),
-            }
+            handlers::meta::metadata(ctx, req, h)
         }
         ApiKey::DescribeCluster => {
             let req = decode!(DescribeClusterRequest, buf, h);
-            match &ctx.cluster {
-                Some(c) => now(
-                    h,
-                    &handlers::cluster_meta::describe_cluster(ctx, c, req, version),
-                ),
-                None => now(h, &handlers::meta::describe_cluster(ctx, req, version)),
-            }
+            now(h, &handlers::meta::describe_cluster(ctx, req, version))
         }
         ApiKey::FindCoordinator => {
             let req = decode!(FindCoordinatorRequest, buf, h);
-            match &ctx.cluster {
-                Some(c) => now(
-                    h,
-                    &handlers::cluster_meta::find_coordinator(c, req, version),
-                ),
-                None => now(h, &handlers::meta::find_coordinator(ctx, req, version)),
-            }
+            now(h, &handlers::meta::find_coordinator(ctx, req, version))
         }
         ApiKey::InitProducerId => {
             let req = decode!(InitProducerIdRequest, buf, h);
-            match &ctx.cluster {
-                Some(c) => handlers::cluster_meta::init_producer_id(c, req, h),
-                None => now(h, &handlers::meta::init_producer_id(ctx, req)),
-            }
+            handlers::meta::init_producer_id(ctx, req, h)
         }
         ApiKey::CreateTopics => {
             let req = decode!(CreateTopicsRequest, buf, h);
-            match &ctx.cluster {
-                Some(c) => handlers::cluster_admin::create_topics(ctx, c, req, h),
-                None => now(h, &handlers::topics::create_topics(ctx, req, version)),
-            }
+            handlers::admin::create_topics(ctx, req, h)
         }
         ApiKey::DeleteTopics => {
             let req = decode!(DeleteTopicsRequest, buf, h);
-            match &ctx.cluster {
-                Some(c) => handlers::cluster_admin::delete_topics(c, req, h),
-                None => now(h, &handlers::topics::delete_topics(ctx, req, version)),
-            }
+            handlers::admin::delete_topics(ctx, req, h)
         }
         ApiKey::CreatePartitions => {
             let req = decode!(CreatePartitionsRequest, buf, h);
-            match &ctx.cluster {
-                Some(c) => handlers::cluster_admin::create_partitions(c, req, h),
-                None => now(h, &handlers::topics::create_partitions(ctx, req)),
-            }
+            handlers::admin::create_partitions(ctx, req, h)
         }
         ApiKey::DescribeConfigs => {
             let req = decode!(DescribeConfigsRequest, buf, h);
@@ -156,17 +124,11 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
         }
         ApiKey::IncrementalAlterConfigs => {
             let req = decode!(IncrementalAlterConfigsRequest, buf, h);
-            match &ctx.cluster {
-                Some(c) => handlers::cluster_admin::incremental_alter_configs(ctx, c, req, h),
-                None => now(h, &handlers::configs::incremental_alter_configs(ctx, req)),
-            }
+            handlers::admin::incremental_alter_configs(ctx, req, h)
         }
         ApiKey::AlterConfigs => {
             let req = decode!(AlterConfigsRequest, buf, h);
-            match &ctx.cluster {
-                Some(c) => handlers::cluster_admin::alter_configs(ctx, c, req, h),
-                None => now(h, &handlers::configs::alter_configs(ctx, req)),
-            }
+            handlers::admin::alter_configs(ctx, req, h)
         }
         ApiKey::Produce => {
             let req = decode!(ProduceRequest, buf, h);
@@ -186,22 +148,17 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
         }
         ApiKey::DeleteRecords => {
             let req = decode!(DeleteRecordsRequest, buf, h);
-            match &ctx.cluster {
-                Some(c) => {
-                    let (ctx, c) = (ctx.clone(), c.clone());
-                    later(h, async move {
-                        handlers::offsets::delete_records_replicated(&ctx, &c, req).await
-                    })
-                }
-                None => now(h, &handlers::offsets::delete_records(ctx, req)),
-            }
+            let ctx = ctx.clone();
+            later(h, async move {
+                handlers::offsets::delete_records(&ctx, req).await
+            })
         }
         // Group APIs: awaited in line, like Kafka, which handles one request
         // of a connection at a time; a JoinGroup holds its connection until
         // the rebalance completes.
         ApiKey::JoinGroup => {
             let req = decode!(JoinGroupRequest, buf, h);
-            match ctx.groups() {
+            match ctx.groups.groups() {
                 Ok(groups) => {
                     // Kafka names members after the client id and shows "/<ip>" as their host.
                     let client_id = header.client_id.as_ref().map_or("", |id| id.as_str());
@@ -211,68 +168,66 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
                         .await;
                     now(h, &response)
                 }
-                Err(code) => now(h, &refuse::join_group(&req, version, error(code))),
+                Err(code) => now(h, &refuse::join_group(&req, version, code)),
             }
         }
         ApiKey::SyncGroup => {
             let req = decode!(SyncGroupRequest, buf, h);
-            match ctx.groups() {
+            match ctx.groups.groups() {
                 Ok(groups) => now(h, &groups.sync_group(req, version).await),
-                Err(code) => now(h, &refuse::sync_group(version, error(code))),
+                Err(code) => now(h, &refuse::sync_group(version, code)),
             }
         }
         ApiKey::Heartbeat => {
             let req = decode!(HeartbeatRequest, buf, h);
-            match ctx.groups() {
+            match ctx.groups.groups() {
                 Ok(groups) => now(h, &groups.heartbeat(req, version).await),
-                Err(code) => now(h, &refuse::heartbeat(error(code))),
+                Err(code) => now(h, &refuse::heartbeat(code)),
             }
         }
         ApiKey::LeaveGroup => {
             let req = decode!(LeaveGroupRequest, buf, h);
-            match ctx.groups() {
+            match ctx.groups.groups() {
                 Ok(groups) => now(h, &groups.leave_group(req, version).await),
-                Err(code) => now(h, &refuse::leave_group(error(code))),
+                Err(code) => now(h, &refuse::leave_group(code)),
             }
         }
         ApiKey::OffsetCommit => {
             let req = decode!(OffsetCommitRequest, buf, h);
-            match ctx.groups() {
+            match ctx.groups.groups() {
                 Ok(groups) => now(h, &groups.offset_commit(req, version).await),
-                Err(code) => now(h, &refuse::offset_commit(&req, error(code))),
+                Err(code) => now(h, &refuse::offset_commit(&req, code)),
             }
         }
         ApiKey::OffsetFetch => {
             let req = decode!(OffsetFetchRequest, buf, h);
-            match ctx.groups() {
+            match ctx.groups.groups() {
                 Ok(groups) => now(h, &groups.offset_fetch(req, version).await),
-                Err(code) => now(h, &refuse::offset_fetch(&req, version, error(code))),
+                Err(code) => now(h, &refuse::offset_fetch(&req, version, code)),
             }
         }
         ApiKey::ListGroups => {
             let req = decode!(ListGroupsRequest, buf, h);
-            match ctx.groups() {
+            match ctx.groups.groups() {
                 Ok(groups) => now(h, &groups.list_groups(req, version)),
                 // A broker that coordinates nothing has no groups to list
                 // (clients ask every broker).
-                Err(code) if code == ErrorCode::NotCoordinator.code() => {
-                    now(h, &ListGroupsResponse::default())
-                }
-                Err(code) => now(h, &refuse::list_groups(error(code))),
+                Err(ErrorCode::NotCoordinator) => now(h, &ListGroupsResponse::default()),
+                Err(code) => now(h, &refuse::list_groups(code)),
             }
         }
         ApiKey::DescribeGroups => {
             let req = decode!(DescribeGroupsRequest, buf, h);
-            match ctx.groups() {
+            match ctx.groups.groups() {
                 Ok(groups) => now(h, &groups.describe_groups(req, version)),
-                Err(code) => now(h, &refuse::describe_groups(&req, error(code))),
+                Err(code) => now(h, &refuse::describe_groups(&req, code)),
             }
         }
         ApiKey::DeleteGroups => {
             let req = decode!(DeleteGroupsRequest, buf, h);
-            match ctx.groups() {
+            match ctx.groups.groups() {
                 Ok(groups) => now(h, &groups.delete_groups(req, version).await),
-                Err(code) => now(h, &refuse::delete_groups(&req, error(code))),
+                Err(code) => now(h, &refuse::delete_groups(&req, code)),
             }
         }
         other => {

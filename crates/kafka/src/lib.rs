@@ -25,60 +25,61 @@
 //! compress when the Produce range includes v0) but answered with
 //! UNSUPPORTED_VERSION per partition, as Kafka 4 does.
 //!
-//! Two modes. [`KafkaListener::serve`] is the single node: every topic is
-//! local, this broker leads everything in epoch 0, the group coordinator
-//! owns a local `__consumer_offsets`, and acknowledgements wait for
-//! durability. [`KafkaListener::serve_cluster`] is cluster mode
-//! (`cluster.rs`, `handlers/cluster_*.rs`, `replica.rs`):
+//! One path. The handlers are written once against
+//! [`sluice_topology::Topology`] (metadata, proposals, partition leadership)
+//! and [`sluice_group::Coordination`] (the group coordinator on the leader of
+//! `__consumer_offsets-0`); a single node is a cluster of one voter, so there
+//! is no mode to branch on. *Architecture invariant:* this crate depends on
+//! the topology seam, never on the replication layer or the quorum behind it.
 //!
-//! - Metadata, DescribeCluster and FindCoordinator come from the quorum's
-//!   image: brokers are the registered, unfenced ones with their advertised
-//!   Kafka endpoint; partitions carry leader, leader epoch, replicas, ISR
-//!   and offline replicas, and a partition without a live leader says
-//!   LEADER_NOT_AVAILABLE. The group coordinator is the leader of
+//! - Metadata, DescribeCluster and FindCoordinator come from the image:
+//!   brokers are the registered, unfenced ones with their advertised Kafka
+//!   endpoint; partitions carry leader, leader epoch, replicas, ISR and
+//!   offline replicas, and a partition without a live leader says
+//!   LEADER_NOT_AVAILABLE. A node whose view may be stale names no leaders.
+//!   A topic this node does not know is looked up again after the
+//!   controller's read index (at most 2 s) before it is called unknown or
+//!   auto-created. The group coordinator is the leader of
 //!   `__consumer_offsets-0` (COORDINATOR_NOT_AVAILABLE while it has none).
 //! - CreateTopics, DeleteTopics, CreatePartitions, AlterConfigs,
-//!   IncrementalAlterConfigs and auto-creation are validated here (names,
-//!   counts, config values) and proposed to the quorum; the answer waits
-//!   (at most 10 s, or the request's timeout) until the local image shows
-//!   the change. Replication factor -1 is min(3, live brokers); manual
-//!   replica assignments are refused (INVALID_REPLICA_ASSIGNMENT).
-//!   InitProducerId hands out ids from blocks of 1000 allocated by the quorum.
+//!   IncrementalAlterConfigs and auto-creation are proposed to the quorum,
+//!   which validates them; the answer waits (at most 10 s, or the request's
+//!   timeout) until the local image shows the change. Replication factor -1
+//!   is min(3, live brokers); manual replica assignments are refused
+//!   (INVALID_REPLICA_ASSIGNMENT; `sluice partition reassign` moves
+//!   replicas). Auto-creation on Metadata waits up to 3 s for the topic; on
+//!   Produce it runs in the background and the produce is answered
+//!   UNKNOWN_TOPIC_OR_PARTITION (retriable).
+//! - InitProducerId hands out ids from blocks of 1000 allocated by the quorum.
 //! - Produce goes to the partition's leader only (NOT_LEADER_OR_FOLLOWER
-//!   elsewhere), is appended stamped with the leader's epoch, and is
-//!   acknowledged once durable (acks=1) or once the high watermark passes it
-//!   (acks=all; NOT_ENOUGH_REPLICAS before appending when the ISR is below
+//!   elsewhere), is appended through its [`sluice_topology::Leadership`]
+//!   (stamped with the leader epoch), and is acknowledged once durable
+//!   (acks=1) or once the high watermark passes it (acks=all;
+//!   NOT_ENOUGH_REPLICAS before appending when the ISR is below
 //!   `min.insync.replicas`, REQUEST_TIMED_OUT after the request's timeout).
 //! - Fetch with a replica id (v<15 `replica_id`, v15+ `replica_state`) is a
-//!   follower's: it records the follower's fetch offset (which may move the
-//!   high watermark), reads up to the log end and long-polls on the log end
-//!   and the high watermark. Consumer fetches, ListOffsets,
-//!   OffsetForLeaderEpoch (followers' too) and DeleteRecords are served by
-//!   the leader only, with FENCED_LEADER_EPOCH / UNKNOWN_LEADER_EPOCH on a
-//!   stale or future `current_leader_epoch`; consumers read up to the high
-//!   watermark (an offset between it and the log end reads empty).
+//!   follower's and goes to the topology's leader side of replication, per
+//!   partition. Consumer fetches, ListOffsets, OffsetForLeaderEpoch and
+//!   DeleteRecords are served by the leader only, with FENCED_LEADER_EPOCH /
+//!   UNKNOWN_LEADER_EPOCH on a stale or future `current_leader_epoch`;
+//!   consumers read up to the high watermark. DeleteRecords answers once the
+//!   low watermark (the in-sync followers' log starts) reaches the new start.
 //! - Group requests are served only while this node leads
-//!   `__consumer_offsets-0`: the coordinator is opened (after the partition
-//!   is committed up to its log end and replayed: COORDINATOR_LOAD_IN_PROGRESS
-//!   meanwhile) when the node takes that leadership and closed when it loses
-//!   it (NOT_COORDINATOR; ListGroups answers an empty list). The controller
-//!   creates `__consumer_offsets` (1 partition, the cluster's internal
-//!   replication factor, compacted) and keeps it at that factor.
+//!   `__consumer_offsets-0` (NOT_COORDINATOR otherwise,
+//!   COORDINATOR_LOAD_IN_PROGRESS while the coordinator replays the log;
+//!   ListGroups answers an empty list on a node that coordinates nothing).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use sluice_group::GroupConfig;
-use sluice_log::Store;
+use sluice_group::Coordination;
+use sluice_topology::Topology;
 
 mod api_versions;
-mod cluster;
 mod connection;
 mod dispatch;
 mod handlers;
-mod replica;
 mod server;
 
 pub use api_versions::SUPPORTED_APIS;
@@ -95,13 +96,9 @@ pub fn decode_request_frame(frame: &[u8]) -> Result<(), String> {
 pub struct ServerConfig {
     /// Where to listen (default 127.0.0.1:9092).
     pub listen: SocketAddr,
-    /// Host and port given to clients in Metadata, FindCoordinator and
-    /// DescribeCluster; defaults to the bound address (`listen` with the
-    /// actual port when it was 0; a wildcard address is advertised as
-    /// loopback, so set this when clients connect from elsewhere).
+    /// Host and port clients are told to connect to for this node (see
+    /// [`KafkaListener::advertised`]); set it when clients connect from elsewhere.
     pub advertised: Option<(String, u16)>,
-    /// This broker's node id (0 for a single node).
-    pub node_id: i32,
     /// Create a topic on Metadata/Produce for an unknown name (`auto.create.topics.enable`, default true).
     pub auto_create_topics: bool,
     /// Partitions of an auto-created topic (`num.partitions`, default 1).
@@ -110,9 +107,6 @@ pub struct ServerConfig {
     pub max_request_bytes: usize,
     /// Connections served at once; further ones are closed at accept (default 10,000).
     pub max_connections: usize,
-    /// How often retention and segment.ms rolls are enforced (default 30 s).
-    pub retention_check_interval: Duration,
-    pub group: GroupConfig,
 }
 
 impl Default for ServerConfig {
@@ -120,23 +114,12 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9092)),
             advertised: None,
-            node_id: 0,
             auto_create_topics: true,
             default_partitions: 1,
             max_request_bytes: 100 * 1024 * 1024,
             max_connections: 10_000,
-            retention_check_interval: Duration::from_secs(30),
-            group: GroupConfig::default(),
         }
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Group(#[from] sluice_group::GroupError),
 }
 
 /// A bound Kafka listener, not yet serving. Binding first lets the binary
@@ -162,44 +145,29 @@ impl KafkaListener {
         self.local_addr
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
-    /// requests finish and returns.
-    pub async fn serve(
-        self,
-        store: Arc<Store>,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), ServeError> {
-        server::serve(
-            self.listener,
-            self.local_addr,
-            self.config,
-            store,
-            None,
-            shutdown,
-        )
-        .await
+    /// The host and port clients are told to connect to for this node:
+    /// [`ServerConfig::advertised`], else the bound address (a wildcard one as
+    /// loopback). The node registers it in the metadata, where every node's
+    /// Metadata answers find it.
+    pub fn advertised(&self) -> (String, u16) {
+        match &self.config.advertised {
+            Some((host, port)) => (host.clone(), *port),
+            None => (
+                server::advertised_ip(self.local_addr.ip()).to_string(),
+                self.local_addr.port(),
+            ),
+        }
     }
 
-    /// Cluster mode: serves until `shutdown` resolves, with metadata from
-    /// the quorum's image, partitions through `replicas` (leaders take
-    /// produce and consumer reads, followers fetch from here) and the group
-    /// coordinator on the leader of `__consumer_offsets-0`. Creates that
-    /// topic through the quorum if it is missing. Does not shut `replicas`
-    /// down.
-    pub async fn serve_cluster(
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
+    /// requests finish and returns: metadata and partitions through
+    /// `topology`, groups through `groups`.
+    pub async fn serve(
         self,
-        store: Arc<Store>,
-        replicas: Arc<sluice_replica::ReplicaManager>,
+        topology: Arc<dyn Topology>,
+        groups: Arc<Coordination>,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), ServeError> {
-        server::serve(
-            self.listener,
-            self.local_addr,
-            self.config,
-            store,
-            Some(Arc::new(replica::Live(replicas))),
-            shutdown,
-        )
-        .await
+    ) -> std::io::Result<()> {
+        server::serve(self.listener, self.config, topology, groups, shutdown).await
     }
 }

@@ -12,6 +12,9 @@
 //!
 //! Run: `cargo bench -p sluice-log --bench append`
 
+// A failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::cell::Cell;

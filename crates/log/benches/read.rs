@@ -11,6 +11,9 @@
 //!
 //! Run: `cargo bench -p sluice-log --bench read`
 
+// A failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::hint::black_box;

@@ -61,28 +61,6 @@ pub struct TopicInfo {
     pub internal: bool,
 }
 
-/// One entry of a DescribeConfigs answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigEntry {
-    pub name: String,
-    pub value: String,
-    /// True when the value comes from the broker default, not a topic override.
-    pub is_default: bool,
-}
-
-/// One change of an IncrementalAlterConfigs request.
-#[derive(Clone, Debug)]
-pub enum ConfigChange {
-    Set {
-        key: String,
-        value: String,
-    },
-    /// Back to the broker default.
-    Delete {
-        key: String,
-    },
-}
-
 /// Where reads stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReadLimit {

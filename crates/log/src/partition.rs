@@ -1115,6 +1115,12 @@ impl Partition {
         self.view.read().log_start
     }
 
+    /// The topic's `min.insync.replicas` (its override, else the broker default):
+    /// enforced by the replication layer, kept with the other topic configs.
+    pub fn min_insync_replicas(&self) -> i32 {
+        self.config.read().min_insync_replicas
+    }
+
     pub fn log_end_offset(&self) -> i64 {
         self.view.read().log_end
     }

@@ -5,7 +5,8 @@
 //! ```text
 //! <data_dir>/meta/topics.json        topic names, ids, partition counts, overrides
 //! <data_dir>/meta/cluster-id         random id made on first start
-//! <data_dir>/meta/producer-id-block  first producer id not yet reserved
+//! <data_dir>/meta/producer-id-block  (earlier single-node releases) first producer
+//!                                    id not yet reserved
 //! <data_dir>/<topic>-<partition>/    segments and per-partition checkpoints
 //! ```
 //! Every file in meta/ is replaced atomically (tmp, fsync, rename, fsync dir).
@@ -20,16 +21,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
 use crate::partition::{now_ms, Partition};
-use crate::{ConfigChange, ConfigEntry, LogError, StoreConfig, TopicConfig, TopicInfo};
-use sluice_vocab::{ConfigError, TopicName};
+use crate::{LogError, StoreConfig, TopicConfig, TopicInfo};
+use sluice_vocab::TopicName;
 
 const META_DIR: &str = "meta";
 const TOPICS_FILE: &str = "topics.json";
 const CLUSTER_ID_FILE: &str = "cluster-id";
+/// Written by releases that allocated producer ids locally; read for adoption only.
 const PRODUCER_ID_FILE: &str = "producer-id-block";
-/// Producer ids are reserved on disk this many at a time; a crash skips
-/// the rest of the block, so an id is never handed out twice.
-const PRODUCER_ID_BLOCK: i64 = 1000;
 /// Upper bound on partitions per topic, a guard against absurd requests.
 const MAX_PARTITIONS: u32 = 100_000;
 
@@ -54,11 +53,6 @@ struct TopicState {
     partitions: Vec<Arc<Partition>>,
 }
 
-struct PidAllocator {
-    next: i64,
-    reserved_until: i64,
-}
-
 /// The owner of a data directory: topics, their partitions, their configs.
 pub struct Store {
     config: StoreConfig,
@@ -68,7 +62,7 @@ pub struct Store {
     /// Serialises topic-metadata changes and their file writes.
     meta_lock: Mutex<()>,
     cluster_id: String,
-    pids: Mutex<PidAllocator>,
+    reserved_producer_ids: i64,
 }
 
 impl std::fmt::Debug for Store {
@@ -242,10 +236,7 @@ impl Store {
             topics: RwLock::new(topics),
             meta_lock: Mutex::new(()),
             cluster_id,
-            pids: Mutex::new(PidAllocator {
-                next: next_pid,
-                reserved_until: next_pid,
-            }),
+            reserved_producer_ids: next_pid,
             config,
         }))
     }
@@ -323,17 +314,7 @@ impl Store {
                     self.create_partitions(name, partitions, false)?;
                 }
                 if t.overrides != overrides {
-                    let mut changes: Vec<ConfigChange> = t
-                        .overrides
-                        .keys()
-                        .filter(|k| !overrides.contains_key(*k))
-                        .map(|k| ConfigChange::Delete { key: k.clone() })
-                        .collect();
-                    changes.extend(overrides.iter().map(|(k, v)| ConfigChange::Set {
-                        key: k.clone(),
-                        value: v.clone(),
-                    }));
-                    self.alter_topic_config(name, &changes, false)?;
+                    self.replace_overrides(name, overrides)?;
                 }
                 return self
                     .topic(name)
@@ -444,7 +425,7 @@ impl Store {
     }
 
     /// Grows a topic to `total` partitions (never shrinks: InvalidPartitions).
-    pub fn create_partitions(
+    fn create_partitions(
         &self,
         name: &str,
         total: u32,
@@ -521,39 +502,14 @@ impl Store {
         self.topics.read().get(topic)?.partitions.get(idx).cloned()
     }
 
-    /// Applies config changes atomically (all or none), persisting them.
-    pub fn alter_topic_config(
+    /// Makes `overrides` the topic's config overrides (all or none), persisting them.
+    fn replace_overrides(
         &self,
         name: &str,
-        changes: &[ConfigChange],
-        validate_only: bool,
+        overrides: BTreeMap<String, String>,
     ) -> Result<(), LogError> {
         let _g = self.meta_lock.lock();
-        let mut overrides = {
-            let topics = self.topics.read();
-            topics
-                .get(name)
-                .ok_or_else(|| LogError::UnknownTopicOrPartition(name.to_string()))?
-                .overrides
-                .clone()
-        };
-        for c in changes {
-            match c {
-                ConfigChange::Set { key, value } => {
-                    overrides.insert(key.clone(), value.clone());
-                }
-                ConfigChange::Delete { key } => {
-                    if !TopicConfig::KEYS.contains(&key.as_str()) {
-                        return Err(ConfigError::UnknownKey(key.clone()).into());
-                    }
-                    overrides.remove(key);
-                }
-            }
-        }
         let cfg = effective(&self.config.defaults, &overrides)?;
-        if validate_only {
-            return Ok(());
-        }
         let mut topics = self.topics.write();
         let Some(t) = topics.get_mut(name) else {
             return Err(LogError::UnknownTopicOrPartition(name.to_string()));
@@ -569,23 +525,6 @@ impl Store {
             *t.config.write() = cfg;
         }
         Ok(())
-    }
-
-    /// Every key of [`TopicConfig::KEYS`] with its effective value.
-    pub fn describe_topic_config(&self, name: &str) -> Result<Vec<ConfigEntry>, LogError> {
-        let topics = self.topics.read();
-        let t = topics
-            .get(name)
-            .ok_or_else(|| LogError::UnknownTopicOrPartition(name.to_string()))?;
-        let cfg = t.config.read();
-        Ok(TopicConfig::KEYS
-            .iter()
-            .map(|k| ConfigEntry {
-                name: (*k).to_string(),
-                value: cfg.get(k).unwrap_or_default(),
-                is_default: !t.overrides.contains_key(*k),
-            })
-            .collect())
     }
 
     fn all_partitions(&self) -> Vec<Arc<Partition>> {
@@ -608,26 +547,21 @@ impl Store {
         Ok(deleted)
     }
 
-    /// Allocates a producer id that is never handed out again, also across
-    /// restarts (InitProducerId).
-    pub fn next_producer_id(&self) -> Result<i64, LogError> {
-        let mut a = self.pids.lock();
-        if a.next >= a.reserved_until {
-            let until = a.next + PRODUCER_ID_BLOCK;
-            fsutil::atomic_write(
-                &self.meta_dir.join(PRODUCER_ID_FILE),
-                until.to_string().as_bytes(),
-            )?;
-            a.reserved_until = until;
-        }
-        let id = a.next;
-        a.next += 1;
-        Ok(id)
+    /// Producer ids below this were handed out from this data directory itself,
+    /// before the metadata quorum allocated them (an earlier single-node release
+    /// wrote `meta/producer-id-block`); 0 when none were.
+    pub fn reserved_producer_ids(&self) -> i64 {
+        self.reserved_producer_ids
     }
 
     /// A random id made when the data directory is first created (Kafka's cluster id).
     pub fn cluster_id(&self) -> String {
         self.cluster_id.clone()
+    }
+
+    /// The broker-wide topic config defaults that topics override key by key.
+    pub fn topic_defaults(&self) -> &TopicConfig {
+        &self.config.defaults
     }
 
     /// Flushes everything and writes the high watermarks of replicated

@@ -9,6 +9,7 @@ use sluice_cluster::{
     BrokerId, ClusterNode, Command, CommandOutput, MetadataImage, PartitionState,
 };
 use sluice_log::Partition;
+use sluice_topology::{Leadership, Term};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -84,6 +85,8 @@ pub(crate) struct Leader {
     epoch_start: i64,
     lag_max: Duration,
     cluster: Arc<ClusterNode>,
+    /// Ends with the role; every [`Leadership`] handed out shares it.
+    term: Arc<Term>,
     inner: Mutex<Inner>,
 }
 
@@ -113,6 +116,7 @@ impl Leader {
             partition,
             lag_max,
             cluster,
+            term: Term::new(),
             inner: Mutex::new(Inner {
                 active: true,
                 replicas: state.replicas.clone(),
@@ -129,13 +133,20 @@ impl Leader {
     }
 
     pub(crate) fn is_active(&self) -> bool {
-        self.inner.lock().active
+        self.term.is_current()
     }
 
-    /// Gives the role up: the HW stops moving, waiters get NOT_LEADER_OR_FOLLOWER.
+    /// The partition as a front end leads it, for as long as this role lasts.
+    pub(crate) fn leadership(&self) -> Leadership {
+        Leadership::new(self.partition.clone(), self.epoch, self.term.clone())
+    }
+
+    /// Gives the role up: the HW stops moving, appends through its leaderships are
+    /// refused and commit waiters get NOT_LEADER_OR_FOLLOWER.
     pub(crate) fn deactivate(&self) {
         let mut g = self.inner.lock();
         g.active = false;
+        self.term.end();
         if let Some(t) = g.pending_task.take() {
             t.abort();
         }

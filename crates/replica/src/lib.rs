@@ -77,7 +77,7 @@ mod manager;
 mod tcp;
 mod transport;
 
-pub use manager::{LeaderHandle, ReplicaManager};
+pub use manager::ReplicaManager;
 pub use tcp::TcpConnector;
 pub use transport::{
     EpochAnswer, FetchAnswer, FetchArgs, InProcessConnector, LeaderConnector, LeaderTransport,
@@ -102,19 +102,16 @@ pub struct ReplicaConfig {
     pub fetch_max_wait: Duration,
     /// `replica.fetch.max.bytes`: bytes asked for per partition and fetch.
     pub fetch_max_bytes: usize,
-    /// `min.insync.replicas` when the topic does not set it (capped at the replica count).
-    pub default_min_insync: i32,
 }
 
 impl ReplicaConfig {
-    /// Defaults: lag 5 s, fetch wait 500 ms, 1 MiB per fetch, min.insync.replicas 2.
+    /// Kafka's defaults: lag 5 s, fetch wait 500 ms, 1 MiB per fetch.
     pub fn new(node_id: BrokerId) -> ReplicaConfig {
         ReplicaConfig {
             node_id,
             replica_lag_max: Duration::from_secs(5),
             fetch_max_wait: Duration::from_millis(500),
             fetch_max_bytes: 1 << 20,
-            default_min_insync: 2,
         }
     }
 }

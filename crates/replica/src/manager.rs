@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use sluice_cluster::{BrokerId, ClusterNode, MetadataImage, PartitionState, NO_LEADER};
-use sluice_log::{AppendResult, LogError, Partition, ReadLimit, Store};
+use sluice_log::{LogError, Partition, ReadLimit, Store};
+use sluice_topology::Leadership;
 use sluice_vocab::ErrorCode;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use crate::follower::Fetcher;
 use crate::leader::Leader;
@@ -26,43 +26,6 @@ type Key = (String, i32);
 
 /// A topic as last made to match the image: (id, partition count, configs).
 type TopicDesc = ([u8; 16], u32, BTreeMap<String, String>);
-
-/// A partition this node leads, handed to the produce path. Valid while the leadership
-/// it was issued under lasts ([`LeaderHandle::is_current`]).
-#[derive(Clone)]
-pub struct LeaderHandle {
-    pub partition: Arc<Partition>,
-    pub leader_epoch: i32,
-    leader: Arc<Leader>,
-}
-
-impl std::fmt::Debug for LeaderHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LeaderHandle")
-            .field("topic", &self.leader.topic)
-            .field("partition", &self.leader.index)
-            .field("leader_epoch", &self.leader_epoch)
-            .finish_non_exhaustive()
-    }
-}
-
-impl LeaderHandle {
-    /// Whether this node still leads the partition in the handle's epoch.
-    pub fn is_current(&self) -> bool {
-        self.leader.is_active()
-    }
-
-    /// `Partition::append` stamped with the handle's epoch, refused with
-    /// NOT_LEADER_OR_FOLLOWER (as `Err(None)`) once the leadership is over.
-    pub fn append(&self, records: &[u8]) -> Result<AppendResult, Option<LogError>> {
-        if !self.is_current() {
-            return Err(None);
-        }
-        self.partition
-            .append(records, self.leader_epoch)
-            .map_err(Some)
-    }
-}
 
 enum Role {
     Leader {
@@ -131,6 +94,9 @@ pub struct ReplicaManager {
     cluster: Arc<ClusterNode>,
     connector: Arc<dyn LeaderConnector>,
     images: watch::Receiver<Arc<MetadataImage>>,
+    /// The last image this node has fully acted on: local topics match it and roles
+    /// are taken (what front ends answer from, so a change they waited for is usable).
+    acted: watch::Sender<Arc<MetadataImage>>,
     /// Role changes are applied by the watcher only; this lock is held across them.
     apply_lock: tokio::sync::Mutex<()>,
     state: Mutex<State>,
@@ -161,6 +127,7 @@ impl ReplicaManager {
             cluster,
             connector,
             images,
+            acted: watch::channel(Arc::new(MetadataImage::default())).0,
             apply_lock: tokio::sync::Mutex::new(()),
             state: Mutex::new(State::default()),
             roles_tx: watch::channel(0).0,
@@ -177,9 +144,21 @@ impl ReplicaManager {
         self.cfg.node_id
     }
 
-    /// The latest applied metadata image.
+    /// The latest metadata image the quorum applied locally.
     pub fn image(&self) -> Arc<MetadataImage> {
         self.images.borrow().clone()
+    }
+
+    /// The latest image this node has acted on: every local topic matches it and
+    /// every partition role it gives this node is taken (a failed step is retried,
+    /// and the image is published only once all of it succeeded).
+    pub fn acted_image(&self) -> Arc<MetadataImage> {
+        self.acted.borrow().clone()
+    }
+
+    /// Changes whenever [`Self::acted_image`] does.
+    pub fn watch_acted_image(&self) -> watch::Receiver<Arc<MetadataImage>> {
+        self.acted.subscribe()
     }
 
     /// The metadata quorum member this manager follows.
@@ -238,88 +217,42 @@ impl ReplicaManager {
         }
     }
 
-    /// `min.insync.replicas` of a topic: its config, else the default; capped at the
-    /// replica count, at least 1.
-    fn min_insync(&self, image: &MetadataImage, topic: &str, replicas: usize) -> usize {
-        let configured = image
-            .topics
-            .get(topic)
-            .and_then(|t| t.configs.get("min.insync.replicas"))
-            .and_then(|v| v.trim().parse::<i32>().ok())
-            .unwrap_or(self.cfg.default_min_insync);
-        usize::try_from(configured)
-            .unwrap_or(1)
-            .clamp(1, replicas.max(1))
-    }
-
-    /// Produce path. Err(kafka code): 3 unknown, 6 not leader, 19 not enough replicas
-    /// (only checked when `acks_all`).
+    /// Produce path: the leadership to append under (UNKNOWN_TOPIC_OR_PARTITION,
+    /// NOT_LEADER_OR_FOLLOWER). With `acks_all`, NOT_ENOUGH_REPLICAS when the ISR is
+    /// smaller than the topic's `min.insync.replicas` (capped at the replica count).
     pub fn leader_for_produce(
         &self,
         topic: &str,
         partition: i32,
         acks_all: bool,
-    ) -> Result<LeaderHandle, ErrorCode> {
+    ) -> Result<Leadership, ErrorCode> {
         let (leader, image) = self.current_leader(topic, partition)?;
         if acks_all {
             let replicas = image
                 .partition(topic, partition)
                 .map_or(1, |p| p.replicas.len());
-            if leader.isr_len() < self.min_insync(&image, topic, replicas) {
+            let configured = usize::try_from(leader.partition.min_insync_replicas()).unwrap_or(1);
+            if leader.isr_len() < configured.clamp(1, replicas.max(1)) {
                 return Err(ErrorCode::NotEnoughReplicas);
             }
         }
-        Ok(LeaderHandle {
-            partition: leader.partition.clone(),
-            leader_epoch: leader.epoch,
-            leader,
-        })
+        Ok(leader.leadership())
     }
 
-    /// acks=all: resolves once HW >= `end_offset`. Err(6) if this node stopped leading
-    /// that epoch meanwhile; Err(7 REQUEST_TIMED_OUT) after `timeout`.
-    pub async fn wait_replicated(
-        &self,
-        h: &LeaderHandle,
-        end_offset: i64,
-        timeout: Duration,
-    ) -> Result<(), ErrorCode> {
-        let deadline = Instant::now() + timeout;
-        let mut hw = h.partition.watch_high_watermark();
-        let mut roles = self.roles_tx.subscribe();
-        loop {
-            let reached = *hw.borrow_and_update() >= end_offset;
-            // The HW counts only while it was raised by this leadership.
-            if !h.leader.is_active() {
-                return Err(ErrorCode::NotLeaderOrFollower);
-            }
-            if reached {
-                return Ok(());
-            }
-            tokio::select! {
-                r = hw.changed() => if r.is_err() {
-                    return Err(ErrorCode::NotLeaderOrFollower);
-                },
-                _ = roles.changed() => {}
-                _ = tokio::time::sleep_until(deadline) => return Err(ErrorCode::RequestTimedOut),
-            }
-        }
-    }
-
-    /// Consumer fetch / ListOffsets: the partition if this node leads it (Err 6/3
-    /// otherwise); `current_leader_epoch` checked (74/79) when >= 0.
+    /// Leader-only reads (consumer fetch, ListOffsets, OffsetForLeaderEpoch,
+    /// DeleteRecords): the leadership, with `current_leader_epoch` checked when >= 0.
     pub fn leader_for_read(
         &self,
         topic: &str,
         partition: i32,
         current_leader_epoch: i32,
-    ) -> Result<(Arc<Partition>, i32), ErrorCode> {
+    ) -> Result<Leadership, ErrorCode> {
         let (leader, _) = self.current_leader(topic, partition)?;
         check_epoch(current_leader_epoch, leader.epoch)?;
-        Ok((leader.partition.clone(), leader.epoch))
+        Ok(leader.leadership())
     }
 
-    /// A Fetch from follower `replica_id`: checks the epoch (74/79), records
+    /// A Fetch from follower `replica_id`: checks the epoch, records
     /// `fetch_offset` as that follower's durable end (and `log_start_offset`, -1 when
     /// not sent, as its log start), recomputes the HW and ISR expansion. Returns the
     /// partition to read from (follower reads go up to the log end, not the HW).
@@ -406,8 +339,9 @@ impl ReplicaManager {
         }
     }
 
-    /// The leader side of OffsetForLeaderEpoch for a follower: checks the epoch
-    /// (FENCED_LEADER_EPOCH / UNKNOWN_LEADER_EPOCH), then the end offset of `leader_epoch` (or the largest smaller epoch).
+    /// The leader side of OffsetForLeaderEpoch (followers' and consumers'): checks the
+    /// epoch (FENCED_LEADER_EPOCH / UNKNOWN_LEADER_EPOCH), then the end offset of
+    /// `leader_epoch` (or of the largest smaller epoch).
     pub fn answer_end_offset_for_epoch(
         &self,
         topic: &str,
@@ -415,40 +349,40 @@ impl ReplicaManager {
         current_leader_epoch: i32,
         leader_epoch: i32,
     ) -> EpochAnswer {
-        let fail = |code| EpochAnswer {
-            error: Some(code),
-            leader_epoch: -1,
-            end_offset: -1,
-        };
         match self.leader_for_read(topic, partition, current_leader_epoch) {
-            Ok((p, _)) => {
-                let (epoch, end) = p.end_offset_for_epoch(leader_epoch);
+            Ok(lead) => {
+                let (epoch, end) = lead.partition().end_offset_for_epoch(leader_epoch);
                 EpochAnswer {
                     error: None,
                     leader_epoch: epoch,
                     end_offset: end,
                 }
             }
-            Err(code) => fail(code),
+            Err(code) => EpochAnswer::error(code),
         }
     }
 
-    /// Fires whenever roles change; [`Self::leader_epoch_of`] tells whether we lead.
+    /// Fires whenever roles change; [`Self::leadership`] tells whether we lead.
     pub fn watch_roles(&self) -> watch::Receiver<u64> {
         self.roles_tx.subscribe()
     }
 
-    /// The epoch this node leads the partition in, if it does.
-    pub fn leader_epoch_of(&self, topic: &str, partition: i32) -> Option<i32> {
+    /// The leadership this node holds of the partition now, if it leads it.
+    pub fn leadership(&self, topic: &str, partition: i32) -> Option<Leadership> {
         let state = self.state.lock();
         match state
             .slots
             .get(&(topic.to_string(), partition))
             .and_then(|s| s.role.as_ref())
         {
-            Some(Role::Leader { leader, .. }) if leader.is_active() => Some(leader.epoch),
+            Some(Role::Leader { leader, .. }) if leader.is_active() => Some(leader.leadership()),
             _ => None,
         }
+    }
+
+    /// The epoch this node leads the partition in, if it does.
+    pub fn leader_epoch_of(&self, topic: &str, partition: i32) -> Option<i32> {
+        self.leadership(topic, partition).map(|l| l.epoch())
     }
 
     /// The leader this node follows for the partition, with the epoch, if it follows.
@@ -781,7 +715,13 @@ async fn watch_images(
     loop {
         let image = images.borrow_and_update().clone();
         let ok = match mgr.upgrade() {
-            Some(m) => m.apply_image(&image).await,
+            Some(m) => {
+                let ok = m.apply_image(&image).await;
+                if ok {
+                    m.acted.send_replace(image);
+                }
+                ok
+            }
             None => return,
         };
         if ok {

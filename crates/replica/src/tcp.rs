@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
@@ -12,14 +11,13 @@ use kafka_protocol::messages::offset_for_leader_epoch_request::{
     OffsetForLeaderPartition, OffsetForLeaderTopic,
 };
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, BrokerId as KBrokerId, FetchRequest, ListOffsetsRequest,
-    OffsetForLeaderEpochRequest, RequestHeader, ResponseHeader, TopicName,
+    ApiKey, BrokerId as KBrokerId, FetchRequest, ListOffsetsRequest, OffsetForLeaderEpochRequest,
+    TopicName,
 };
-use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
+use kafka_protocol::protocol::{Request, StrBytes};
+use sluice_client::{ClientError, Connection};
 use sluice_cluster::BrokerId;
 use sluice_vocab::ErrorCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::transport::{
     EpochAnswer, FetchAnswer, FetchArgs, LeaderConnector, LeaderTransport, TransportError,
@@ -28,8 +26,6 @@ use crate::transport::{
 const CLIENT_ID: &str = "sluice-replica";
 /// Fetch v12: the last version with replica_id at the top level and topics by name.
 const FETCH_VERSION: i16 = 12;
-/// Largest response accepted (a fetch answer is bounded by max_bytes).
-const MAX_RESPONSE: usize = 256 << 20;
 /// Time allowed for connecting and for a non-fetch request.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,15 +49,14 @@ impl LeaderConnector for TcpConnector {
         addr: &'a str,
     ) -> BoxFuture<'a, Result<Box<dyn LeaderTransport>, TransportError>> {
         Box::pin(async move {
-            let conn = tokio::time::timeout(CALL_TIMEOUT, Conn::connect(self.node_id, addr))
-                .await
-                .map_err(|_| TransportError::Io(format!("connecting to {addr} timed out")))
-                .and_then(|r| r)
-                .map_err(|e| TransportError::Connect {
-                    leader,
-                    addr: addr.to_string(),
-                    reason: e.to_string(),
-                })?;
+            let conn =
+                Conn::connect(self.node_id, addr)
+                    .await
+                    .map_err(|e| TransportError::Connect {
+                        leader,
+                        addr: addr.to_string(),
+                        reason: e.to_string(),
+                    })?;
             Ok(Box::new(conn) as Box<dyn LeaderTransport>)
         })
     }
@@ -69,123 +64,37 @@ impl LeaderConnector for TcpConnector {
 
 struct Conn {
     node_id: BrokerId,
-    stream: TcpStream,
-    next_correlation: i32,
+    conn: Connection,
     epoch_version: i16,
     list_offsets_version: i16,
-    wbuf: BytesMut,
-    rbuf: BytesMut,
 }
 
-fn proto(what: &str, e: impl std::fmt::Display) -> TransportError {
-    TransportError::Protocol(format!("{what}: {e}"))
-}
-
-fn io(e: std::io::Error) -> TransportError {
-    TransportError::Io(e.to_string())
+/// A dead or silent leader (reconnect) versus one that answers something
+/// a follower cannot use.
+fn transport_error(e: ClientError) -> TransportError {
+    match e {
+        ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Timeout { .. } => {
+            TransportError::Io(e.to_string())
+        }
+        ClientError::Protocol(_) | ClientError::Unsupported { .. } | ClientError::Handshake(_) => {
+            TransportError::Protocol(e.to_string())
+        }
+    }
 }
 
 impl Conn {
-    async fn connect(node_id: BrokerId, addr: &str) -> Result<Conn, TransportError> {
-        let stream = TcpStream::connect(addr).await.map_err(io)?;
-        stream.set_nodelay(true).map_err(io)?;
-        let mut conn = Conn {
+    async fn connect(node_id: BrokerId, addr: &str) -> Result<Conn, ClientError> {
+        let conn = Connection::connect(addr, CLIENT_ID, CALL_TIMEOUT).await?;
+        let versions = conn.versions();
+        versions.pick(ApiKey::Fetch, FETCH_VERSION, FETCH_VERSION)?;
+        let epoch_version = versions.pick(ApiKey::OffsetForLeaderEpoch, 3, 4)?;
+        let list_offsets_version = versions.pick(ApiKey::ListOffsets, 1, 6)?;
+        Ok(Conn {
             node_id,
-            stream,
-            next_correlation: 1,
-            epoch_version: 3,
-            list_offsets_version: 1,
-            wbuf: BytesMut::new(),
-            rbuf: BytesMut::new(),
-        };
-        let resp = conn.call(&ApiVersionsRequest::default(), 2).await?;
-        if resp.error_code != 0 {
-            return Err(TransportError::Protocol(format!(
-                "ApiVersions answered error {}",
-                resp.error_code
-            )));
-        }
-        let range = |key: ApiKey| {
-            resp.api_keys
-                .iter()
-                .find(|k| k.api_key == key as i16)
-                .map(|k| (k.min_version, k.max_version))
-        };
-        let pick = |key: ApiKey, lo: i16, hi: i16| -> Result<i16, TransportError> {
-            match range(key) {
-                Some((min, max)) if max.min(hi) >= lo.max(min) => Ok(max.min(hi)),
-                other => Err(TransportError::Protocol(format!(
-                    "leader serves {key:?} {other:?}; a follower needs v{lo}-v{hi}"
-                ))),
-            }
-        };
-        pick(ApiKey::Fetch, FETCH_VERSION, FETCH_VERSION)?;
-        conn.epoch_version = pick(ApiKey::OffsetForLeaderEpoch, 3, 4)?;
-        conn.list_offsets_version = pick(ApiKey::ListOffsets, 1, 6)?;
-        Ok(conn)
-    }
-
-    async fn call<R: Request>(
-        &mut self,
-        req: &R,
-        version: i16,
-    ) -> Result<R::Response, TransportError> {
-        let correlation_id = self.next_correlation;
-        self.next_correlation = self.next_correlation.wrapping_add(1);
-        self.wbuf.clear();
-        self.wbuf.put_i32(0);
-        RequestHeader::default()
-            .with_request_api_key(R::KEY)
-            .with_request_api_version(version)
-            .with_correlation_id(correlation_id)
-            .with_client_id(Some(StrBytes::from_static_str(CLIENT_ID)))
-            .encode(&mut self.wbuf, R::header_version(version))
-            .map_err(|e| proto("encoding a request header", e))?;
-        req.encode(&mut self.wbuf, version)
-            .map_err(|e| proto("encoding a request", e))?;
-        let size = i32::try_from(self.wbuf.len() - 4)
-            .map_err(|_| TransportError::Protocol("request too large".into()))?;
-        self.wbuf[0..4].copy_from_slice(&size.to_be_bytes());
-        self.stream.write_all(&self.wbuf).await.map_err(io)?;
-
-        let size = self.stream.read_i32().await.map_err(io)?;
-        let size = usize::try_from(size)
-            .ok()
-            .filter(|s| *s >= 4 && *s <= MAX_RESPONSE)
-            .ok_or_else(|| TransportError::Protocol(format!("response frame of {size} bytes")))?;
-        self.rbuf.clear();
-        self.rbuf.reserve(size);
-        while self.rbuf.len() < size {
-            let want = (size - self.rbuf.len()) as u64;
-            let n = (&mut self.stream)
-                .take(want)
-                .read_buf(&mut self.rbuf)
-                .await
-                .map_err(io)?;
-            if n == 0 {
-                return Err(TransportError::Io("connection closed mid-response".into()));
-            }
-        }
-        let mut frame: Bytes = self.rbuf.split().freeze();
-        let header = ResponseHeader::decode(
-            &mut frame,
-            <R::Response as HeaderVersion>::header_version(version),
-        )
-        .map_err(|e| proto("decoding a response header", e))?;
-        if header.correlation_id != correlation_id {
-            return Err(TransportError::Protocol(format!(
-                "correlation id {} in answer to {correlation_id}",
-                header.correlation_id
-            )));
-        }
-        let body = R::Response::decode(&mut frame, version)
-            .map_err(|e| proto("decoding a response", e))?;
-        if frame.has_remaining() {
-            return Err(TransportError::Protocol(
-                "trailing bytes after a response".into(),
-            ));
-        }
-        Ok(body)
+            conn,
+            epoch_version,
+            list_offsets_version,
+        })
     }
 
     async fn call_within<R: Request>(
@@ -194,9 +103,10 @@ impl Conn {
         version: i16,
         limit: Duration,
     ) -> Result<R::Response, TransportError> {
-        tokio::time::timeout(limit, self.call(req, version))
+        self.conn
+            .call_within(req, version, limit)
             .await
-            .map_err(|_| TransportError::Io(format!("no answer within {limit:?}")))?
+            .map_err(transport_error)
     }
 }
 
@@ -326,6 +236,7 @@ impl LeaderTransport for Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::{BufMut, Bytes, BytesMut};
     use kafka_protocol::messages::api_versions_response::ApiVersion;
     use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
     use kafka_protocol::messages::list_offsets_response::{
@@ -336,8 +247,11 @@ mod tests {
     };
     use kafka_protocol::messages::{
         ApiVersionsResponse, FetchResponse, ListOffsetsResponse, OffsetForLeaderEpochResponse,
+        RequestHeader, ResponseHeader,
     };
-    use tokio::net::TcpListener;
+    use kafka_protocol::protocol::{Decodable, Encodable};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
 
     async fn read_request(s: &mut TcpStream) -> Option<(ApiKey, i16, RequestHeader, Bytes)> {
         let size = s.read_i32().await.ok()?;

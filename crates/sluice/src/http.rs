@@ -1,13 +1,13 @@
 //! The broker's small HTTP surface: `GET /healthz` for health checks,
-//! `GET /api/v1/topics` for a JSON view of topics and their offsets, and in
-//! cluster mode the operations API: `GET /api/v1/cluster` (nodes,
-//! controller, partitions, under-replicated and offline lists),
+//! `GET /api/v1/topics` for a JSON view of the local topics and their offsets,
+//! and the operations API: `GET /api/v1/cluster` (nodes, controller,
+//! partitions, under-replicated and offline lists),
 //! `POST /api/v1/partitions/reassign`, `POST /api/v1/nodes/{id}/drain` and
-//! `POST /api/v1/nodes/{id}/remove`.
-//! Operations are proposals to the metadata quorum, answered once applied.
+//! `POST /api/v1/nodes/{id}/remove`. A single node is a cluster of one and
+//! answers the same. Operations are proposals to the metadata quorum,
+//! answered once applied.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::extract;
@@ -20,37 +20,34 @@ use sluice_cluster::{
     ClusterNode, Command, CommandOutput, MetadataImage, PartitionState, NO_LEADER,
 };
 use sluice_log::Store;
-use sluice_replica::ReplicaManager;
+use sluice_node::Node;
+use sluice_topology::Topology;
 use sluice_vocab::KafkaError;
 use tracing::error;
 
-/// Shared with the handlers; the store is set once it has been opened.
+/// Shared with the handlers; the store and the node are set once they run.
 #[derive(Clone, Default)]
 pub struct State {
     store: Arc<OnceLock<Arc<Store>>>,
-    cluster: Arc<OnceLock<(Arc<ClusterNode>, Arc<ReplicaManager>)>>,
-    /// Cluster mode: not healthy before the cluster node has started either.
-    cluster_mode: Arc<AtomicBool>,
+    node: Arc<OnceLock<Arc<Node>>>,
 }
 
 impl State {
-    /// A state for cluster mode: /healthz waits for [`State::set_cluster`] too.
-    pub fn for_cluster() -> State {
-        let s = State::default();
-        s.cluster_mode.store(true, Ordering::Relaxed);
-        s
-    }
-
     pub fn set_store(&self, store: Arc<Store>) {
         let _ = self.store.set(store);
     }
 
-    pub fn set_cluster(&self, node: Arc<ClusterNode>, replicas: Arc<ReplicaManager>) {
-        let _ = self.cluster.set((node, replicas));
+    pub fn set_node(&self, node: Arc<Node>) {
+        let _ = self.node.set(node);
     }
 
-    fn cluster(&self) -> Option<&(Arc<ClusterNode>, Arc<ReplicaManager>)> {
-        self.cluster.get()
+    /// The quorum member of the node, once it runs.
+    fn cluster(&self) -> Option<&Arc<ClusterNode>> {
+        self.node.get().map(|n| n.cluster())
+    }
+
+    fn node(&self) -> Option<&Arc<Node>> {
+        self.node.get()
     }
 
     fn store(&self) -> Option<&Arc<Store>> {
@@ -85,22 +82,17 @@ pub async fn serve(
 const STARTING: (StatusCode, &str) = (StatusCode::SERVICE_UNAVAILABLE, "starting\n");
 
 async fn healthz(extract::State(state): extract::State<State>) -> Response {
-    if state.store().is_none() {
+    let Some(topology) = state.node() else {
         return STARTING.into_response();
-    }
-    let Some((node, replicas)) = state.cluster() else {
-        if state.cluster_mode.load(Ordering::Relaxed) {
-            return STARTING.into_response();
-        }
-        return (StatusCode::OK, "ok\n").into_response();
     };
+    let node = topology.cluster();
     // A cluster node is healthy once it sees a controller, the quorum has it
     // registered and unfenced (it can lead and replicate), and a controller that
     // a quorum stands behind answered it within the session timeout: a node cut
     // off from the quorum -- a controller without a majority included -- may
     // still see itself registered in its own, stale, image.
     let me = node.node_id();
-    let image = replicas.image();
+    let image = topology.image();
     let reason = match (node.controller_id(), image.brokers.get(&me)) {
         (None, _) => Some("no controller (the metadata quorum has no leader)".to_owned()),
         (Some(_), None) => Some("not registered with the controller yet".to_owned()),
@@ -116,11 +108,6 @@ async fn healthz(extract::State(state): extract::State<State>) -> Response {
             .into_response(),
     }
 }
-
-const NOT_CLUSTER: (StatusCode, &str) = (
-    StatusCode::NOT_FOUND,
-    "not in cluster mode (start sluice serve with --cluster-peers)\n",
-);
 
 #[derive(Serialize)]
 struct ClusterView {
@@ -258,10 +245,11 @@ fn cluster_view(
 }
 
 async fn cluster_status(extract::State(state): extract::State<State>) -> Response {
-    let Some((node, replicas)) = state.cluster() else {
-        return NOT_CLUSTER.into_response();
+    let Some(topology) = state.node() else {
+        return STARTING.into_response();
     };
-    let image = replicas.image();
+    let node = topology.cluster();
+    let image = topology.image();
     let voters = node.members().voters;
     Json(cluster_view(
         node.node_id(),
@@ -314,8 +302,8 @@ async fn reassign(
     extract::State(state): extract::State<State>,
     Json(req): Json<ReassignRequest>,
 ) -> Response {
-    let Some((node, _)) = state.cluster() else {
-        return NOT_CLUSTER.into_response();
+    let Some(node) = state.cluster() else {
+        return STARTING.into_response();
     };
     let partition = req.partition;
     let cmd = Command::ReassignPartition {
@@ -337,8 +325,8 @@ async fn drain(
     extract::Path(id): extract::Path<i32>,
     body: Option<Json<DrainRequest>>,
 ) -> Response {
-    let Some((node, _)) = state.cluster() else {
-        return NOT_CLUSTER.into_response();
+    let Some(node) = state.cluster() else {
+        return STARTING.into_response();
     };
     let draining = body.is_none_or(|Json(b)| b.draining);
     if let Err(r) = propose(
@@ -376,8 +364,8 @@ async fn remove_node(
     extract::State(state): extract::State<State>,
     extract::Path(id): extract::Path<i32>,
 ) -> Response {
-    let Some((node, _)) = state.cluster() else {
-        return NOT_CLUSTER.into_response();
+    let Some(node) = state.cluster() else {
+        return STARTING.into_response();
     };
     if node.members().voters.contains(&id) {
         return (
@@ -454,26 +442,10 @@ mod tests {
     use sluice_cluster::{BrokerState, PartitionState, TopicState};
 
     #[tokio::test]
-    async fn healthz_waits_for_the_cluster_node_in_cluster_mode() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(sluice_log::StoreConfig {
-            data_dir: tmp.path().to_path_buf(),
-            defaults: Default::default(),
-            flush: sluice_log::FlushPolicy::Never,
-        })
-        .unwrap();
-        let single = State::default();
-        let status = |r: Response| r.status();
-        assert_eq!(status(healthz(extract::State(single.clone())).await), 503);
-        single.set_store(store.clone());
-        assert_eq!(status(healthz(extract::State(single)).await), 200);
-        let cluster = State::for_cluster();
-        cluster.set_store(store);
-        assert_eq!(
-            status(healthz(extract::State(cluster)).await),
-            503,
-            "store open but the cluster node not started yet"
-        );
+    async fn healthz_is_starting_until_the_node_runs() {
+        let state = State::default();
+        let r = healthz(extract::State(state)).await;
+        assert_eq!(r.status(), 503);
     }
 
     #[test]

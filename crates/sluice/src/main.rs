@@ -41,9 +41,9 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Cluster status through a node's HTTP admin port.
     Cluster(cli::cluster::ClusterArgs),
-    /// Move a partition's replicas (cluster mode).
+    /// Move a partition's replicas through a node's HTTP admin port.
     Partition(cli::cluster::PartitionArgs),
-    /// Drain a node before maintenance, or undo it (cluster mode).
+    /// Drain a node before maintenance (or undo it), or remove a stopped one.
     Node(cli::cluster::NodeArgs),
 }
 

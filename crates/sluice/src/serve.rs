@@ -9,10 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use sluice_cluster::{ClusterConfig, ClusterNode, InternalTopic};
+use sluice_cluster::{ClusterConfig, ClusterError};
+use sluice_group::Coordination;
 use sluice_kafka::{KafkaListener, ServerConfig};
 use sluice_log::{Store, StoreConfig};
-use sluice_replica::{ReplicaConfig, ReplicaManager};
+use sluice_node::{Node, NodeConfig, NodeError};
+use sluice_replica::ReplicaConfig;
+use sluice_topology::Topology;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -24,6 +27,9 @@ const CONTROLLED_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// How long in-flight work may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// How long a single node may take to become its own controller before it serves.
+const SINGLE_NODE_READY_WAIT: Duration = Duration::from_secs(10);
 
 pub async fn run(args: ServeArgs) -> Result<()> {
     let config = Config::load(&args)?;
@@ -38,19 +44,15 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             topic_defaults.min_insync_replicas = settings.min_insync_replicas;
         }
     }
-    let default_min_insync = topic_defaults.min_insync_replicas;
     let data_dir = prepare_data_dir(&config.data_dir)?;
 
     let server_config = ServerConfig {
         listen: config.kafka_addr,
         advertised: config.advertised.clone(),
-        node_id: config.node_id,
         auto_create_topics: config.auto_create_topics,
         default_partitions: config.num_partitions,
         max_request_bytes: config.max_request_bytes,
         max_connections: config.max_connections,
-        retention_check_interval: config.retention_check_interval,
-        group: config.group.clone(),
     };
     let kafka = KafkaListener::bind(server_config)
         .await
@@ -68,11 +70,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
     // HTTP serves from here on so that /healthz can say "starting" (503)
     // while a large store recovers.
-    let http_state = if config.cluster.is_some() {
-        http::State::for_cluster()
-    } else {
-        http::State::default()
-    };
+    let http_state = http::State::default();
     let http_task = tokio::spawn(http::serve(
         http_listener,
         http_state.clone(),
@@ -93,37 +91,57 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
     http_state.set_store(store.clone());
 
-    // Cluster mode: join the metadata quorum, then take partition roles.
-    let cluster = match &config.cluster {
-        None => None,
+    // One node or many: decided here, once. A single node is a cluster of one
+    // voter; everything from here on is the same code.
+    let advertised = kafka.advertised();
+    let mut node_config = match &config.cluster {
+        None => NodeConfig::single(config.node_id, &data_dir, advertised),
         Some(settings) => {
-            let (host, port) = match &config.advertised {
-                Some((h, p)) => (h.clone(), *p),
-                None => (advertised_host(kafka_addr.ip()), kafka_addr.port()),
-            };
             let replica_addr = settings
                 .replica_addr
                 .clone()
                 .unwrap_or_else(|| default_replica_addr(settings, kafka_addr));
-            let node = start_cluster_node(&config, settings, &data_dir, (host, port), replica_addr)
-                .await?;
-            let mut rc = ReplicaConfig::new(config.node_id);
-            rc.default_min_insync = default_min_insync;
-            rc.replica_lag_max = settings.replica_lag_time_max;
-            let replicas = ReplicaManager::start(store.clone(), node.clone(), rc);
-            http_state.set_cluster(node.clone(), replicas.clone());
+            cluster_node_config(&config, settings, &data_dir, advertised, replica_addr)
+        }
+    };
+    node_config.retention_check_interval = config.retention_check_interval;
+    let node =
+        Node::start(store.clone(), node_config)
+            .await
+            .map_err(|e| match (e, &config.cluster) {
+                (NodeError::Cluster(ClusterError::Io(io)), Some(settings)) => {
+                    bind_error("Raft", settings.raft_listen, io)
+                }
+                (e, _) => anyhow!(e).context("cannot start the node"),
+            })?;
+    http_state.set_node(node.clone());
+    match &config.cluster {
+        None => {
+            // Alone, the node is its own controller within milliseconds: announce
+            // once it can serve, so the first request finds it leading.
+            if !node.wait_ready(SINGLE_NODE_READY_WAIT).await {
+                warn!("the node did not become ready within {SINGLE_NODE_READY_WAIT:?}; serving anyway");
+            }
+        }
+        Some(settings) => {
             let voter = settings.peers.iter().any(|(id, _)| *id == config.node_id);
             info!(
                 node = config.node_id,
                 role = %if voter { "voter" } else { "broker" },
-                raft = %node.local_raft_addr(),
+                raft = ?node.cluster().local_raft_addr(),
                 advertised = %settings.raft_advertised,
                 peers = settings.peers.len(),
                 "cluster mode"
             );
-            Some((node, replicas))
         }
-    };
+    }
+    let topology: Arc<dyn Topology> = node.clone();
+    let groups = Coordination::start(topology.clone(), config.group.clone());
+    if config.cluster.is_none() && !groups.wait_coordinating(SINGLE_NODE_READY_WAIT).await {
+        warn!(
+            "the node does not coordinate groups after {SINGLE_NODE_READY_WAIT:?}; serving anyway"
+        );
+    }
 
     announce(kafka_addr, http_addr, &data_dir)?;
     info!(
@@ -134,14 +152,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         "sluice is ready"
     );
 
-    let mut kafka_task = match &cluster {
-        None => tokio::spawn(kafka.serve(store.clone(), wait_for(shutdown_rx.clone()))),
-        Some((_, replicas)) => tokio::spawn(kafka.serve_cluster(
-            store.clone(),
-            replicas.clone(),
-            wait_for(shutdown_rx.clone()),
-        )),
-    };
+    let mut kafka_task =
+        tokio::spawn(kafka.serve(topology, groups.clone(), wait_for(shutdown_rx.clone())));
     let early_exit = tokio::select! {
         signal = shutdown_signal() => {
             info!("received {signal}, shutting down");
@@ -149,7 +161,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         }
         res = &mut kafka_task => Some(res),
     };
-    if let (None, Some((node, _))) = (&early_exit, &cluster) {
+    if early_exit.is_none() {
         // Hand leadership over while still serving, so clients move to the new
         // leaders now rather than after the controller's session timeout.
         match node.controlled_shutdown(CONTROLLED_SHUTDOWN_WAIT).await {
@@ -185,12 +197,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         warn!("HTTP server did not stop within {SHUTDOWN_GRACE:?}");
     }
 
-    // Roles stop before the quorum does, so no fetcher or ISR change is
-    // left waiting on a stopped Raft core.
-    if let Some((node, replicas)) = &cluster {
-        replicas.shutdown().await;
-        node.shutdown().await;
-    }
+    groups.shutdown().await;
+    node.shutdown().await;
 
     let flushed = store.flush_all();
     if let Err(e) = &flushed {
@@ -207,31 +215,25 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-async fn start_cluster_node(
+/// The node of a cluster: a voter of `--cluster-peers`, or a broker that joins it.
+fn cluster_node_config(
     config: &Config,
     settings: &ClusterSettings,
     data_dir: &Path,
     (kafka_host, kafka_port): (String, u16),
     replica_addr: String,
-) -> Result<Arc<ClusterNode>> {
+) -> NodeConfig {
     let mut cc = ClusterConfig::new(config.node_id, data_dir, settings.peers.clone());
-    cc.raft_listen = settings.raft_listen;
+    cc.raft_listen = Some(settings.raft_listen);
     cc.raft_advertised = Some(settings.raft_advertised.clone());
     cc.kafka_host = kafka_host;
     cc.kafka_port = kafka_port;
     cc.replica_addr = Some(replica_addr);
     cc.session_timeout = settings.session_timeout;
     cc.internal_replication_factor = settings.internal_replication_factor;
-    cc.internal_topics = vec![InternalTopic {
-        name: sluice_vocab::internal::OFFSETS_TOPIC.to_owned(),
-        partitions: sluice_vocab::internal::OFFSETS_TOPIC_PARTITIONS,
-        configs: sluice_vocab::internal::offsets_topic_configs(),
-    }];
-    let node = ClusterNode::start(cc).await.map_err(|e| match e {
-        sluice_cluster::ClusterError::Io(io) => bind_error("Raft", settings.raft_listen, io),
-        other => anyhow!(other).context("cannot start the cluster node"),
-    })?;
-    Ok(Arc::new(node))
+    let mut rc = ReplicaConfig::new(config.node_id);
+    rc.replica_lag_max = settings.replica_lag_time_max;
+    NodeConfig::cluster(cc, rc)
 }
 
 /// Where peers replicate from when --replica-addr is not set: the host of this

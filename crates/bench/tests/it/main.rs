@@ -1,75 +1,38 @@
 //! Integration tests of sluice-bench against an in-process Sluice broker
 //! (the same listener `sluice serve` runs) on 127.0.0.1:0.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+// A failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::records::Compression;
 use sluice_bench::cluster::{self, EARLIEST, LATEST};
 use sluice_bench::{count_records, Acks, BenchConfig, Mode};
-use sluice_group::GroupConfig;
-use sluice_kafka::{KafkaListener, ServerConfig};
-use sluice_log::{FlushPolicy, Store, StoreConfig, TopicConfig};
-use tokio::sync::oneshot;
+use sluice_testkit::Broker;
 
-struct Server {
-    addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), sluice_kafka::ServeError>>,
-    _dir: tempfile::TempDir,
-    _store: Arc<Store>,
-}
+struct Server(Broker);
 
 impl Server {
     async fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(StoreConfig {
-            data_dir: dir.path().to_path_buf(),
-            defaults: TopicConfig::default(),
-            flush: FlushPolicy::Always,
-        })
-        .unwrap();
-        let listener = KafkaListener::bind(ServerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            group: GroupConfig {
-                initial_rebalance_delay_ms: 0,
-                ..GroupConfig::default()
-            },
-            ..ServerConfig::default()
-        })
-        .await
-        .unwrap();
-        let addr = listener.local_addr();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(listener.serve(store.clone(), async move {
-            let _ = rx.await;
-        }));
-        Server {
-            addr,
-            shutdown: Some(tx),
-            task,
-            _dir: dir,
-            _store: store,
-        }
+        Server(Broker::start().await)
     }
 
     fn config(&self, mode: Mode, topic: &str) -> BenchConfig {
-        BenchConfig::new(mode, &self.addr.to_string(), topic)
+        BenchConfig::new(mode, &self.0.addr.to_string(), topic)
     }
 
-    async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
+    async fn stop(self) {
+        self.0.stop().await;
     }
 }
 
 /// Records the topic holds according to ListOffsets (latest - earliest).
 async fn held(server: &Server, topic: &str) -> u64 {
-    let mut conn = cluster::bootstrap(&server.addr.to_string()).await.unwrap();
+    let mut conn = cluster::bootstrap(&server.0.addr.to_string())
+        .await
+        .unwrap();
     let c = cluster::discover(&mut conn, topic, None).await.unwrap();
     let earliest = cluster::list_offsets(&c, EARLIEST).await.unwrap();
     let latest = cluster::list_offsets(&c, LATEST).await.unwrap();
@@ -319,7 +282,7 @@ async fn librdkafka_reads_bench_records() {
     cfg.record_size = 50;
     sluice_bench::run(cfg).await.unwrap();
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", server.addr.to_string())
+        .set("bootstrap.servers", server.0.addr.to_string())
         .set("broker.address.family", "v4")
         .set("group.id", "assign-only")
         .set("enable.auto.commit", "false")

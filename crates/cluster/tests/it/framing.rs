@@ -21,7 +21,7 @@ async fn closed_by_peer(s: &mut TcpStream) -> bool {
 async fn oversized_and_malformed_frames_close_only_that_connection() {
     let c = TestCluster::start(1).await;
     let node = c.node(1);
-    let addr = node.local_raft_addr();
+    let addr = node.local_raft_addr().expect("a Raft listener");
 
     // A length far above the limit: refused before allocating 4 GiB.
     let mut s = TcpStream::connect(addr).await.expect("connect");

@@ -51,7 +51,7 @@ fn delete(
 
 #[tokio::test]
 async fn delete_groups_refuses_non_empty_groups() {
-    let env = env(0);
+    let env = env(0).await;
     let c = &env.coord;
     let j = join_new(c, "busy", "m", 10_000, 1_000).await;
     let me = j.member_id.to_string();
@@ -91,7 +91,7 @@ async fn delete_groups_refuses_non_empty_groups() {
 
 #[tokio::test]
 async fn list_groups_filters_by_state_and_type() {
-    let env = env(0);
+    let env = env(0).await;
     let c = &env.coord;
     let j = join_new(c, "stable", "m", 10_000, 1_000).await;
     let me = j.member_id.to_string();
@@ -129,7 +129,7 @@ async fn list_groups_filters_by_state_and_type() {
 
 #[tokio::test]
 async fn describe_groups_as_kafka() {
-    let env = env(0);
+    let env = env(0).await;
     let c = &env.coord;
 
     // Unknown: Dead without error before v6, GROUP_ID_NOT_FOUND from v6.

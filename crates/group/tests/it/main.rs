@@ -3,6 +3,9 @@
 //! temporary directory. Timeouts are small (tens to hundreds of ms) so the
 //! tests run in real time quickly.
 
+// A failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
 mod admin;
 mod membership;
 mod offsets;
@@ -27,8 +30,10 @@ use kafka_protocol::messages::{
     OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
-use sluice_group::{GroupConfig, GroupCoordinator};
+use sluice_group::{GroupConfig, GroupCoordinator, OffsetsLog};
 use sluice_log::{FlushPolicy, Store, StoreConfig, TopicConfig};
+use sluice_topology::{Leadership, Term};
+use sluice_vocab::internal::{offsets_topic_configs, OFFSETS_TOPIC};
 use sluice_vocab::ErrorCode;
 use tempfile::TempDir;
 
@@ -80,14 +85,43 @@ pub fn open_store(dir: &Path) -> Arc<Store> {
     .expect("open store")
 }
 
-pub fn env(initial_delay_ms: u64) -> Env {
+pub async fn env(initial_delay_ms: u64) -> Env {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_store(dir.path());
     store
         .create_topic(TOPIC, PARTITIONS, &BTreeMap::new(), false)
         .expect("create topic");
-    let coord = GroupCoordinator::open(store.clone(), config(initial_delay_ms)).expect("open");
+    let coord = open_coordinator(&store, config(initial_delay_ms)).await;
     Env { dir, store, coord }
+}
+
+/// The local `__consumer_offsets-0` (created if missing) as the coordinator's
+/// leadership. The partition stays in local mode, where the high watermark
+/// is the durable end, so commits are committed once on disk.
+pub fn offsets_leadership(store: &Arc<Store>, epoch: i32) -> (Leadership, Arc<Term>) {
+    if store.topic(OFFSETS_TOPIC).is_none() {
+        store
+            .create_topic(OFFSETS_TOPIC, 1, &offsets_topic_configs(), false)
+            .expect("offsets topic");
+    }
+    let partition = store
+        .partition(OFFSETS_TOPIC, 0)
+        .expect("offsets partition");
+    let term = Term::new();
+    (Leadership::new(partition, epoch, term.clone()), term)
+}
+
+/// A coordinator on `store`'s offsets partition; topic existence from `store`.
+pub async fn open_coordinator(store: &Arc<Store>, config: GroupConfig) -> Arc<GroupCoordinator> {
+    let (leadership, _) = offsets_leadership(store, 0);
+    let topics = store.clone();
+    let offsets = OffsetsLog {
+        leadership,
+        partition_exists: Arc::new(move |topic, partition| {
+            topics.partition(topic, partition).is_some()
+        }),
+    };
+    GroupCoordinator::open(config, offsets).await.expect("open")
 }
 
 /// A JoinGroup of a "consumer" with one "range" protocol.

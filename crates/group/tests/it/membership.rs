@@ -124,7 +124,7 @@ async fn sync_all(
 
 #[tokio::test]
 async fn two_members_split_then_third_joins_and_one_leaves() {
-    let env = env(300);
+    let env = env(300).await;
     let c = &env.coord;
 
     // Both join within the initial delay, so one rebalance takes both.
@@ -223,7 +223,7 @@ async fn two_members_split_then_third_joins_and_one_leaves() {
 
 #[tokio::test]
 async fn members_that_do_not_rejoin_are_dropped_after_the_rebalance_timeout() {
-    let env = env(100);
+    let env = env(100).await;
     let c = &env.coord;
     let (a, b) = tokio::join!(
         join_new(c, GROUP, "a", 10_000, 800),
@@ -265,7 +265,7 @@ async fn members_that_do_not_rejoin_are_dropped_after_the_rebalance_timeout() {
 
 #[tokio::test]
 async fn session_expiry_evicts_a_silent_member() {
-    let env = env(100);
+    let env = env(100).await;
     let c = &env.coord;
     let (a, b) = tokio::join!(
         join_new(c, GROUP, "a", 600, 1_000),
@@ -302,7 +302,7 @@ async fn session_expiry_evicts_a_silent_member() {
 
 #[tokio::test]
 async fn static_member_rejoins_without_rebalance_and_old_id_is_fenced() {
-    let env = env(200);
+    let env = env(200).await;
     let c = &env.coord;
     let static_join = |instance: &'static str, member: String, version: i16| {
         let c = c.clone();
@@ -406,7 +406,7 @@ async fn static_member_rejoins_without_rebalance_and_old_id_is_fenced() {
 
 #[tokio::test]
 async fn join_errors_match_kafka() {
-    let env = env(0);
+    let env = env(0).await;
     let c = &env.coord;
     let join_v = |req, v| {
         let c = c.clone();
@@ -471,7 +471,7 @@ async fn join_errors_match_kafka() {
 
 #[tokio::test]
 async fn leave_group_batch_reports_per_member_errors() {
-    let env = env(100);
+    let env = env(100).await;
     let c = &env.coord;
     let (a, b) = tokio::join!(
         join_new(c, GROUP, "a", 10_000, 1_000),
@@ -523,7 +523,7 @@ async fn leave_group_batch_reports_per_member_errors() {
 
 #[tokio::test]
 async fn a_leader_that_never_syncs_is_removed_and_followers_rejoin() {
-    let env = env(100);
+    let env = env(100).await;
     let c = &env.coord;
     let (a, b) = tokio::join!(
         join_new(c, GROUP, "a", 10_000, 500),

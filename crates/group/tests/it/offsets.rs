@@ -19,7 +19,7 @@ use crate::*;
 
 #[tokio::test]
 async fn commit_and_fetch_round_trip_metadata() {
-    let env = env(0);
+    let env = env(0).await;
     let c = &env.coord;
     assert!(env
         .store
@@ -129,7 +129,7 @@ async fn stable_single(c: &Arc<GroupCoordinator>, group: &str) -> (String, i32) 
 
 #[tokio::test]
 async fn commits_need_a_current_member_and_generation() {
-    let env = env(0);
+    let env = env(0).await;
     let c = &env.coord;
 
     // No group and a real generation: a stale member, ILLEGAL_GENERATION.
@@ -189,7 +189,7 @@ async fn commits_need_a_current_member_and_generation() {
 
 #[tokio::test]
 async fn offsets_survive_reopening_store_and_coordinator() {
-    let env = env(0);
+    let env = env(0).await;
     let dir = env.dir;
     {
         let c = &env.coord;
@@ -226,7 +226,7 @@ async fn offsets_survive_reopening_store_and_coordinator() {
     drop(env.store);
 
     let store = open_store(dir.path());
-    let c = GroupCoordinator::open(store.clone(), config(0)).expect("reopen");
+    let c = open_coordinator(&store, config(0)).await;
     assert_eq!(
         fetched(&fetch(&c, "members", TOPIC, None).await),
         vec![(TOPIC.to_owned(), 0, 7, 1, "meta".to_owned(), 0)],
@@ -263,7 +263,7 @@ async fn offsets_survive_reopening_store_and_coordinator() {
     drop(store);
 
     let store = open_store(dir.path());
-    let c = GroupCoordinator::open(store, config(0)).expect("reopen twice");
+    let c = open_coordinator(&store, config(0)).await;
     assert_eq!(
         fetched(&fetch(&c, "members", TOPIC, Some(&[0])).await)[0].2,
         8
@@ -297,7 +297,7 @@ fn offsets_log(store: &sluice_log::Store) -> Vec<(i64, bool)> {
 
 #[tokio::test]
 async fn compaction_keeps_latest_offsets_and_truncates_the_log() {
-    let env = env(0);
+    let env = env(0).await;
     let dir = env.dir;
     let c = &env.coord;
     for offset in 1..=20 {
@@ -346,7 +346,7 @@ async fn compaction_keeps_latest_offsets_and_truncates_the_log() {
     drop(env.coord);
     drop(env.store);
     let store = open_store(dir.path());
-    let c = GroupCoordinator::open(store.clone(), config(0)).expect("reopen");
+    let c = open_coordinator(&store, config(0)).await;
     assert_eq!(fetched(&fetch(&c, "a", TOPIC, None).await)[0].2, 20);
     assert_eq!(
         fetched(&fetch(&c, "b", TOPIC, None).await),
@@ -378,7 +378,7 @@ async fn compaction_keeps_latest_offsets_and_truncates_the_log() {
 /// and the replayed log agree on the winner (the last one appended).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_commits_agree_with_replay() {
-    let env = env(0);
+    let env = env(0).await;
     let dir = env.dir;
     let mut tasks = Vec::new();
     for t in 0..8i64 {
@@ -411,6 +411,6 @@ async fn concurrent_commits_agree_with_replay() {
     drop(env.coord);
     drop(env.store);
     let store = open_store(dir.path());
-    let c = GroupCoordinator::open(store, config(0)).expect("reopen");
+    let c = open_coordinator(&store, config(0)).await;
     assert_eq!(fetched(&fetch(&c, "race", TOPIC, None).await), live);
 }

@@ -1,18 +1,12 @@
-//! Cluster mode: a coordinator opened on a replicated offsets partition
-//! (here a local one, whose committed offset is its durable end), closed when
-//! the leadership goes.
-
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use sluice_group::ReplicatedOffsets;
-use sluice_vocab::internal::{offsets_topic_configs, OFFSETS_TOPIC};
+//! The coordinator and its leadership of the offsets partition: batches are
+//! stamped with the leader epoch, replayed by the next leadership, refused once
+//! the leadership ends or the coordinator is closed.
 
 use super::*;
 
 struct Cluster {
     _dir: TempDir,
     store: Arc<Store>,
-    leading: Arc<AtomicBool>,
 }
 
 fn cluster() -> Cluster {
@@ -21,39 +15,33 @@ fn cluster() -> Cluster {
     store
         .create_topic(TOPIC, PARTITIONS, &BTreeMap::new(), false)
         .expect("create topic");
-    store
-        .create_topic(OFFSETS_TOPIC, 1, &offsets_topic_configs(), false)
-        .expect("offsets topic");
-    Cluster {
-        _dir: dir,
-        store,
-        leading: Arc::new(AtomicBool::new(true)),
-    }
+    Cluster { _dir: dir, store }
 }
 
-async fn open(c: &Cluster, epoch: i32) -> Arc<GroupCoordinator> {
-    let leading = c.leading.clone();
-    let offsets = ReplicatedOffsets {
-        partition: c.store.partition(OFFSETS_TOPIC, 0).expect("partition"),
-        leader_epoch: epoch,
-        // Only "events" exists as far as the image is concerned.
+/// A coordinator leading the offsets partition in `epoch`; only "events"
+/// exists as far as the image is concerned. The term ends the leadership.
+async fn open(c: &Cluster, epoch: i32, config: GroupConfig) -> (Arc<GroupCoordinator>, Arc<Term>) {
+    let (leadership, term) = offsets_leadership(&c.store, epoch);
+    let offsets = OffsetsLog {
+        leadership,
         partition_exists: Arc::new(|topic, partition| {
             topic == TOPIC && (0..PARTITIONS as i32).contains(&partition)
         }),
-        still_leading: Arc::new(move || leading.load(Ordering::SeqCst)),
     };
-    GroupCoordinator::open_replicated(c.store.clone(), config(0), offsets)
-        .await
-        .expect("open")
+    let coord = GroupCoordinator::open(config, offsets).await.expect("open");
+    (coord, term)
 }
 
 #[tokio::test]
 async fn commits_are_stamped_replayed_and_refused_after_close() {
     let c = cluster();
-    let coord = open(&c, 7).await;
+    let (coord, _) = open(&c, 7, config(0)).await;
     let r = commit(&coord, "g", -1, "", TOPIC, &[(0, 42, 3, Some("m"))]).await;
     assert_eq!(commit_errors(&r), vec![0]);
-    let offsets = c.store.partition(OFFSETS_TOPIC, 0).expect("partition");
+    let offsets = c
+        .store
+        .partition(sluice_vocab::internal::OFFSETS_TOPIC, 0)
+        .expect("partition");
     assert_eq!(
         offsets.end_offset_for_epoch(7),
         (7, 1),
@@ -64,14 +52,14 @@ async fn commits_are_stamped_replayed_and_refused_after_close() {
     coord.close();
     let r = commit(&coord, "g", -1, "", TOPIC, &[(0, 43, 3, None)]).await;
     assert_eq!(commit_errors(&r), vec![code(ErrorCode::NotCoordinator)]);
-    let again = open(&c, 8).await;
+    let (again, term) = open(&c, 8, config(0)).await;
     assert_eq!(
         fetched(&fetch(&again, "g", TOPIC, Some(&[0])).await),
         vec![(TOPIC.to_owned(), 0, 42, 3, "m".to_owned(), 0)]
     );
 
     // A coordinator that no longer leads writes nothing, even before close.
-    c.leading.store(false, Ordering::SeqCst);
+    term.end();
     let end = offsets.log_end_offset();
     let r = commit(&again, "g", -1, "", TOPIC, &[(1, 5, 3, None)]).await;
     assert_eq!(commit_errors(&r), vec![code(ErrorCode::NotCoordinator)]);
@@ -81,7 +69,7 @@ async fn commits_are_stamped_replayed_and_refused_after_close() {
 #[tokio::test]
 async fn topic_existence_comes_from_the_caller() {
     let c = cluster();
-    let coord = open(&c, 0).await;
+    let (coord, _) = open(&c, 0, config(0)).await;
     let r = commit(&coord, "g", -1, "", "elsewhere", &[(0, 1, 0, None)]).await;
     assert_eq!(
         commit_errors(&r),
@@ -92,21 +80,8 @@ async fn topic_existence_comes_from_the_caller() {
 #[tokio::test]
 async fn close_answers_waiting_joins() {
     let c = cluster();
-    let coord = open(&c, 0).await;
     // An initial rebalance delay keeps the first member's join waiting.
-    let slow = GroupCoordinator::open_replicated(
-        c.store.clone(),
-        config(60_000),
-        ReplicatedOffsets {
-            partition: c.store.partition(OFFSETS_TOPIC, 0).expect("partition"),
-            leader_epoch: 1,
-            partition_exists: Arc::new(|_, _| true),
-            still_leading: Arc::new(|| true),
-        },
-    )
-    .await
-    .expect("open");
-    drop(coord);
+    let (slow, _) = open(&c, 1, config(60_000)).await;
     let first = slow
         .join_group_with_client(
             join_request("g", "", None, 10_000, 10_000, b"x"),

@@ -35,7 +35,7 @@ fn versions(key: i16) -> std::ops::RangeInclusive<i16> {
 
 #[tokio::test]
 async fn responses_encode_at_every_supported_version() {
-    let env = env(0);
+    let env = env(0).await;
     let c = &env.coord;
 
     for v in versions(11) {

@@ -1,5 +1,6 @@
 //! Fetch: returns the stored batches as `Bytes` slices, never decoding
-//! records; long polls on the partitions' high-watermark watches.
+//! records; consumers long-poll on the partitions' high-watermark watches,
+//! followers are answered by the topology's leader side of replication.
 
 use sluice_vocab::KafkaError;
 use std::sync::Arc;
@@ -8,14 +9,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::*;
-use sluice_log::{Partition, ReadLimit};
+use sluice_log::ReadLimit;
+use sluice_topology::FetchArgs;
 use sluice_vocab::ErrorCode;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use kafka_protocol::messages::fetch_request::FetchPartition;
-
-use super::{leader_partition, topic_name_by_id};
+use super::topic_name_by_id;
 use crate::dispatch::{later, now, Hdr, Outcome};
 use crate::server::Ctx;
 
@@ -38,40 +38,13 @@ struct Watched {
     seen: i64,
 }
 
-/// The partition a fetch reads and how far.
-fn fetch_source(
-    ctx: &Ctx,
-    req: &FetchRequest,
-    version: i16,
-    topic: &str,
-    fp: &FetchPartition,
-) -> Result<(Arc<Partition>, ReadLimit), i16> {
-    let Some(c) = &ctx.cluster else {
-        let (log, _) = leader_partition(ctx, topic, fp.partition, fp.current_leader_epoch)?;
-        return Ok((log, ReadLimit::HighWatermark));
-    };
-    let replica_id = if version >= 15 {
+/// The replica id of a follower's fetch (v<15 `replica_id`, v15+ `replica_state`);
+/// consumers send -1.
+fn replica_id(req: &FetchRequest, version: i16) -> i32 {
+    if version >= 15 {
         req.replica_state.replica_id.0
     } else {
         req.replica_id.0
-    };
-    if replica_id >= 0 {
-        // A follower: its fetch offset is its durable log end, which may
-        // move the high watermark; it reads up to our log end.
-        let log = c.replicas.on_follower_fetch(
-            topic,
-            fp.partition,
-            replica_id,
-            fp.fetch_offset,
-            fp.current_leader_epoch,
-            fp.log_start_offset,
-        )?;
-        Ok((log, ReadLimit::LogEnd))
-    } else {
-        let (log, _) = c
-            .replicas
-            .leader_for_read(topic, fp.partition, fp.current_leader_epoch)?;
-        Ok((log, ReadLimit::HighWatermark))
     }
 }
 
@@ -98,43 +71,28 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
                 .with_aborted_transactions((req.isolation_level == READ_COMMITTED).then(Vec::new))
                 .with_records(Some(Bytes::new()));
             let source = match resolved.as_deref() {
-                None => Err(ErrorCode::UnknownTopicId.code()),
-                Some(name) => fetch_source(ctx, req, version, name, fp),
+                None => Err(ErrorCode::UnknownTopicId),
+                Some(name) => {
+                    ctx.topology
+                        .lead_for_read(name, fp.partition, fp.current_leader_epoch)
+                }
             };
             let code = match source {
-                Err(code) => {
-                    if code == ErrorCode::OffsetOutOfRange.code() {
-                        // A follower outside our log resets from our log start.
-                        if let Some(log) = resolved
-                            .as_deref()
-                            .and_then(|name| ctx.store.partition(name, fp.partition))
-                        {
-                            pd.log_start_offset = log.log_start_offset();
-                            pd.high_watermark = log.high_watermark();
-                            pd.last_stable_offset = pd.high_watermark;
-                        }
-                    }
-                    code
-                }
-                Ok((log, limit)) => {
+                Err(code) => code.code(),
+                Ok(lead) => {
+                    let log = lead.partition();
                     let partition_max = usize::try_from(fp.partition_max_bytes).unwrap_or(0);
                     let max = partition_max.min(response_max.saturating_sub(bytes));
                     // KIP-74: the first partition with data returns at least one
                     // whole batch, so a batch above the limits cannot stall a consumer.
-                    let code = match log.read(fp.fetch_offset, max, bytes == 0, limit) {
+                    let read = log.read(fp.fetch_offset, max, bytes == 0, ReadLimit::HighWatermark);
+                    let code = match read {
                         Ok(read) => {
                             bytes += read.records.len();
                             pd.high_watermark = read.high_watermark;
                             pd.last_stable_offset = read.high_watermark;
                             pd.log_start_offset = read.log_start_offset;
                             pd.records = Some(read.records);
-                            if limit == ReadLimit::LogEnd {
-                                // A follower also waits for our log end to move.
-                                watched.push(Watched {
-                                    rx: log.watch_durable_end(),
-                                    seen: read.log_end_offset,
-                                });
-                            }
                             0
                         }
                         Err(err) => err.error_code().code(),
@@ -182,6 +140,11 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: FetchRequest, h: Hdr) -> Outcome {
             h,
             &FetchResponse::default().with_error_code(ErrorCode::FetchSessionIdNotFound.code()),
         );
+    }
+    let replica = replica_id(&req, version);
+    if replica >= 0 {
+        let ctx = ctx.clone();
+        return later(h, follower_fetch(ctx, req, version, replica));
     }
     let min_bytes = usize::try_from(req.min_bytes).unwrap_or(0);
     let max_wait = Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0));
@@ -246,4 +209,68 @@ async fn long_poll(
         }
         last = again.response;
     }
+}
+
+/// A follower's fetch: every partition goes to the topology's leader side of
+/// replication (the one implementation every transport reaches), concurrently, so
+/// the request waits at most `max_wait` for the slowest of them.
+async fn follower_fetch(
+    ctx: Arc<Ctx>,
+    req: FetchRequest,
+    version: i16,
+    replica: i32,
+) -> FetchResponse {
+    let by_id = version >= 13;
+    let max_wait = Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0));
+    let topology = ctx.topology.as_ref();
+    let topics = futures::future::join_all(req.topics.iter().map(|topic| {
+        let name = if by_id {
+            topic_name_by_id(&ctx, topic.topic_id)
+        } else {
+            Some(topic.topic.0.to_string())
+        };
+        async move {
+            let partitions = futures::future::join_all(topic.partitions.iter().map(|fp| {
+                let name = name.clone();
+                async move {
+                    let pd = PartitionData::default()
+                        .with_partition_index(fp.partition)
+                        .with_records(Some(Bytes::new()));
+                    let Some(name) = name else {
+                        return pd
+                            .with_error_code(ErrorCode::UnknownTopicId.code())
+                            .with_high_watermark(-1)
+                            .with_last_stable_offset(-1)
+                            .with_log_start_offset(-1);
+                    };
+                    let args = FetchArgs {
+                        topic: name,
+                        partition: fp.partition,
+                        fetch_offset: fp.fetch_offset,
+                        current_leader_epoch: fp.current_leader_epoch,
+                        last_fetched_epoch: fp.last_fetched_epoch,
+                        log_start_offset: fp.log_start_offset,
+                        max_bytes: usize::try_from(fp.partition_max_bytes).unwrap_or(0),
+                        max_wait,
+                    };
+                    let answer = topology.follower_fetch(replica, &args).await;
+                    pd.with_error_code(ErrorCode::of(answer.error.map_or(Ok(()), Err)))
+                        .with_high_watermark(answer.high_watermark)
+                        .with_last_stable_offset(answer.high_watermark)
+                        .with_log_start_offset(answer.log_start_offset)
+                        .with_records(Some(answer.records))
+                }
+            }))
+            .await;
+            let mut resp = FetchableTopicResponse::default().with_partitions(partitions);
+            if by_id {
+                resp.topic_id = topic.topic_id;
+            } else {
+                resp.topic = topic.topic.clone();
+            }
+            resp
+        }
+    }))
+    .await;
+    FetchResponse::default().with_responses(topics)
 }

@@ -19,8 +19,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::leader_partition;
-use crate::cluster::ClusterCtx;
 use crate::server::Ctx;
 
 const LATEST: i64 = -1;
@@ -43,23 +41,23 @@ pub(crate) fn list_offsets(
                         .with_partition_index(p.partition_index)
                         .with_timestamp(-1)
                         .with_offset(-1);
-                    let (log, leader_epoch) = match leader_partition(
-                        ctx,
+                    let lead = match ctx.topology.lead_for_read(
                         topic.name.0.as_str(),
                         p.partition_index,
                         p.current_leader_epoch,
                     ) {
-                        Ok(found) => found,
-                        Err(code) => return resp.with_error_code(code),
+                        Ok(lead) => lead,
+                        Err(code) => return resp.with_error_code(code.code()),
                     };
+                    let (log, leader_epoch) = (lead.partition(), lead.epoch());
                     // Read-committed sees up to the last stable offset, which
                     // is the high watermark without transactions.
                     let found = match p.timestamp {
                         LATEST => Ok(Some((log.high_watermark(), -1))),
                         EARLIEST => Ok(Some((log.log_start_offset(), -1))),
-                        ts if ts >= 0 => log.offset_for_timestamp(ts).map(|found| {
-                            found.map(|(offset, t)| exact_record(&log, ts, offset, t))
-                        }),
+                        ts if ts >= 0 => log
+                            .offset_for_timestamp(ts)
+                            .map(|found| found.map(|(offset, t)| exact_record(log, ts, offset, t))),
                         _ => {
                             return resp.with_error_code(ErrorCode::InvalidRequest.code());
                         }
@@ -120,23 +118,19 @@ pub(crate) fn offset_for_leader_epoch(
                 .partitions
                 .iter()
                 .map(|p| {
-                    let resp = EpochEndOffset::default()
-                        .with_partition(p.partition)
-                        .with_leader_epoch(-1)
-                        .with_end_offset(-1);
-                    // Followers ask too (replica_id >= 0), to truncate after
-                    // a leader change: only the leader answers either.
-                    let log = match leader_partition(
-                        ctx,
+                    // Followers ask too (replica_id >= 0), to truncate after a
+                    // leader change: the leader side of replication answers both.
+                    let answer = ctx.topology.end_offset_for_epoch(
                         topic.topic.0.as_str(),
                         p.partition,
                         p.current_leader_epoch,
-                    ) {
-                        Ok((log, _)) => log,
-                        Err(code) => return resp.with_error_code(code),
-                    };
-                    let (epoch, end_offset) = log.end_offset_for_epoch(p.leader_epoch);
-                    resp.with_leader_epoch(epoch).with_end_offset(end_offset)
+                        p.leader_epoch,
+                    );
+                    EpochEndOffset::default()
+                        .with_partition(p.partition)
+                        .with_error_code(ErrorCode::of(answer.error.map_or(Ok(()), Err)))
+                        .with_leader_epoch(answer.leader_epoch)
+                        .with_end_offset(answer.end_offset)
                 })
                 .collect();
             OffsetForLeaderTopicResult::default()
@@ -147,18 +141,13 @@ pub(crate) fn offset_for_leader_epoch(
     OffsetForLeaderEpochResponse::default().with_topics(topics)
 }
 
-/// Cluster mode: deletes on the leader, then answers each partition once its low
-/// watermark (the smallest log start among the leader and its in-sync followers)
-/// has reached the new log start, as Kafka's delayed DeleteRecords does; a
-/// partition whose followers do not follow within `timeout_ms` gets
-/// REQUEST_TIMED_OUT (the deletion itself stands and completes on the followers'
-/// next fetches).
-pub(crate) async fn delete_records_replicated(
-    ctx: &Ctx,
-    c: &ClusterCtx,
-    req: DeleteRecordsRequest,
-) -> DeleteRecordsResponse {
-    let resp = delete_records(ctx, req.clone());
+/// Deletes on the leader, then answers each partition once its low watermark (the
+/// smallest log start among the leader and its in-sync followers) has reached the
+/// new log start, as Kafka's delayed DeleteRecords does; a partition whose followers
+/// do not follow within `timeout_ms` gets REQUEST_TIMED_OUT (the deletion itself
+/// stands and completes on the followers' next fetches).
+pub(crate) async fn delete_records(ctx: &Ctx, req: DeleteRecordsRequest) -> DeleteRecordsResponse {
+    let resp = delete_on_leader(ctx, req.clone());
     let deadline =
         Instant::now() + Duration::from_millis(u64::try_from(req.timeout_ms).unwrap_or(0));
     let mut topics = resp.topics;
@@ -169,8 +158,8 @@ pub(crate) async fn delete_records_replicated(
             }
             let target = p.low_watermark;
             loop {
-                match c
-                    .replicas
+                match ctx
+                    .topology
                     .low_watermark(t.name.0.as_str(), p.partition_index)
                 {
                     Ok(low) if low >= target => {
@@ -185,7 +174,7 @@ pub(crate) async fn delete_records_replicated(
                         break;
                     }
                     Err(code) => {
-                        p.error_code = code;
+                        p.error_code = code.code();
                         break;
                     }
                 }
@@ -198,7 +187,7 @@ pub(crate) async fn delete_records_replicated(
 /// How often a replicated DeleteRecords looks at the followers' log starts.
 const LOW_WATERMARK_POLL: Duration = Duration::from_millis(20);
 
-pub(crate) fn delete_records(ctx: &Ctx, req: DeleteRecordsRequest) -> DeleteRecordsResponse {
+fn delete_on_leader(ctx: &Ctx, req: DeleteRecordsRequest) -> DeleteRecordsResponse {
     let topics = req
         .topics
         .into_iter()
@@ -210,11 +199,15 @@ pub(crate) fn delete_records(ctx: &Ctx, req: DeleteRecordsRequest) -> DeleteReco
                     let resp = DeleteRecordsPartitionResult::default()
                         .with_partition_index(p.partition_index)
                         .with_low_watermark(-1);
-                    let log = match leader_partition(ctx, topic.name.0.as_str(), p.partition_index, -1) {
-                        Ok((log, _)) => log,
-                        Err(code) => return resp.with_error_code(code),
+                    let lead = match ctx.topology.lead_for_read(
+                        topic.name.0.as_str(),
+                        p.partition_index,
+                        -1,
+                    ) {
+                        Ok(lead) => lead,
+                        Err(code) => return resp.with_error_code(code.code()),
                     };
-                    match log.delete_records_before(p.offset) {
+                    match lead.partition().delete_records_before(p.offset) {
                         Ok(low) => {
                             tracing::info!(topic = %topic.name.0.as_str(), partition = p.partition_index,
                                 log_start_offset = low, "deleted records");

@@ -1,79 +1,82 @@
-//! Produce: record batches go to `Partition::append` exactly as received
-//! (the store validates them); the response waits for durability.
+//! Produce: record batches go to the partition leader's
+//! [`Leadership::append`] exactly as received (the store validates them); the
+//! response waits for durability (acks=1) or for the high watermark (acks=all).
 
-use sluice_vocab::KafkaError;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::*;
-use sluice_log::Partition;
-use sluice_vocab::ErrorCode;
+use sluice_topology::Leadership;
+use sluice_vocab::internal::is_internal;
+use sluice_vocab::{ErrorCode, KafkaError, Refused};
 
-use super::{str_bytes, topic_or_create, LEADER_EPOCH};
-use crate::cluster::{ProduceLeader, Replicas};
+use super::str_bytes;
 use crate::dispatch::{later, now, Hdr, Outcome};
 use crate::server::Ctx;
 
-/// An appended partition whose acknowledgement waits for durability.
+/// An appended partition whose acknowledgement waits.
 struct Wait {
     topic: usize,
     partition: usize,
-    log: Arc<Partition>,
+    leadership: Leadership,
     end_offset: i64,
-    /// Cluster mode: the leadership the batch was appended under.
-    leader: Option<ProduceLeader>,
 }
 
-/// Appends one partition's records; the wait for its acknowledgement is
-/// pushed to `waits`.
-#[allow(clippy::too_many_arguments)]
+/// Appends one partition's records under `leadership`; the wait for its
+/// acknowledgement is pushed to `waits`.
 fn append(
-    h: Hdr,
-    name: &str,
-    index: i32,
     records: &Option<bytes::Bytes>,
-    log: Arc<Partition>,
-    leader: Option<ProduceLeader>,
-    replicas: Option<&dyn Replicas>,
+    leadership: Leadership,
     at: (usize, usize),
     resp: &mut PartitionProduceResponse,
     waits: &mut Vec<Wait>,
-) -> Result<(), (i16, String)> {
+) -> Result<(), Refused> {
     let Some(records) = records else {
-        return Err((ErrorCode::CorruptMessage.code(), "no records".into()));
+        return Err(Refused::new(ErrorCode::CorruptMessage, "no records"));
     };
-    let appended = match (&leader, replicas) {
-        (Some(leader), Some(replicas)) => replicas.append(leader, records),
-        _ => log
-            .append(records, LEADER_EPOCH)
-            .map_err(|err| (err.error_code().code(), err.to_string())),
-    };
-    match appended {
-        Ok(appended) => {
-            resp.base_offset = appended.base_offset;
-            resp.log_start_offset = appended.log_start_offset;
-            waits.push(Wait {
-                topic: at.0,
-                partition: at.1,
-                log,
-                end_offset: appended.end_offset,
-                leader,
-            });
-            Ok(())
-        }
-        Err((code, message)) => {
-            tracing::debug!(peer = %h.peer, topic = name, partition = index,
-                error = %message, "produce rejected");
-            Err((code, message))
-        }
+    let appended = leadership
+        .append(records)
+        .map_err(|e| Refused::from_error(&e))?;
+    resp.base_offset = appended.base_offset;
+    resp.log_start_offset = appended.log_start_offset;
+    waits.push(Wait {
+        topic: at.0,
+        partition: at.1,
+        leadership,
+        end_offset: appended.end_offset,
+    });
+    Ok(())
+}
+
+/// Why a partition of this request is refused before anything is appended.
+fn refusal(acks: i16, name: &str, transactional: bool) -> Option<Refused> {
+    if !matches!(acks, -1..=1) {
+        return Some(Refused::new(
+            ErrorCode::InvalidRequiredAcks,
+            format!("acks {acks} is not -1, 0 or 1"),
+        ));
     }
+    if is_internal(name) {
+        // Internal topics (committed offsets) are written by the broker only; a
+        // client's bytes there could break replay.
+        return Some(Refused::new(
+            ErrorCode::InvalidTopicException,
+            format!("cannot produce to internal topic {name}"),
+        ));
+    }
+    if transactional {
+        return Some(Refused::new(
+            ErrorCode::TransactionalIdAuthorizationFailed,
+            "transactions are not supported",
+        ));
+    }
+    None
 }
 
 pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
     let acks = req.acks;
     let timeout_ms = req.timeout_ms;
-    let acks_valid = matches!(acks, -1..=1);
     let transactional = req
         .transactional_id
         .as_ref()
@@ -83,9 +86,9 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
     let mut responses = Vec::with_capacity(req.topic_data.len());
     for (ti, topic) in req.topic_data.into_iter().enumerate() {
         let name = topic.name.0.as_str();
-        // Looked up (and auto-created) only when a partition is unknown, so
-        // the common path costs one map lookup per partition.
-        let mut known: Option<Result<(), i16>> = None;
+        let refused = refusal(acks, name, transactional);
+        // Auto-creation is asked for once per topic of the request.
+        let mut creating = false;
         let mut partitions = Vec::with_capacity(topic.partition_data.len());
         for (pi, data) in topic.partition_data.into_iter().enumerate() {
             let mut resp = PartitionProduceResponse::default()
@@ -93,80 +96,32 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
                 .with_base_offset(-1)
                 .with_log_append_time_ms(-1)
                 .with_log_start_offset(-1);
-            let outcome: Result<(), (i16, String)> = if !acks_valid {
-                Err((
-                    ErrorCode::InvalidRequiredAcks.code(),
-                    format!("acks {acks} is not -1, 0 or 1"),
-                ))
-            } else if name.starts_with("__") {
-                // Internal topics (committed offsets) are written by the
-                // broker only; a client's bytes there could break replay.
-                Err((
-                    ErrorCode::InvalidTopicException.code(),
-                    format!("cannot produce to internal topic {name}"),
-                ))
-            } else if transactional {
-                Err((
-                    ErrorCode::TransactionalIdAuthorizationFailed.code(),
-                    "transactions are not supported".into(),
-                ))
-            } else if let Some(c) = &ctx.cluster {
-                match c.replicas.leader_for_produce(name, data.index, acks == -1) {
-                    Ok(leader) => append(
-                        h,
-                        name,
-                        data.index,
-                        &data.records,
-                        leader.partition.clone(),
-                        Some(leader),
-                        Some(c.replicas.as_ref()),
-                        (ti, pi),
-                        &mut resp,
-                        &mut waits,
-                    ),
+            let outcome = match &refused {
+                Some(refused) => Err(refused.clone()),
+                None => match ctx.topology.lead_for_produce(name, data.index, acks == -1) {
+                    Ok(leadership) => {
+                        append(&data.records, leadership, (ti, pi), &mut resp, &mut waits)
+                    }
                     Err(code) => {
-                        if code == ErrorCode::UnknownTopicOrPartition.code() && known.is_none() {
+                        if code == ErrorCode::UnknownTopicOrPartition && !creating {
                             // Created in the background; the client retries.
-                            super::cluster_meta::auto_create_in_background(ctx, c, name);
-                            known = Some(Err(code));
+                            super::meta::auto_create_in_background(ctx, name);
+                            creating = true;
                         }
-                        Err((code, format!("cannot produce to {name}-{}", data.index)))
+                        Err(Refused::new(
+                            code,
+                            format!("cannot produce to {name}-{}", data.index),
+                        ))
                     }
-                }
-            } else {
-                let mut log = ctx.store.partition(name, data.index);
-                if log.is_none() && known.is_none() {
-                    let created = topic_or_create(ctx, name, true).map(|_| ());
-                    if created.is_ok() {
-                        log = ctx.store.partition(name, data.index);
-                    }
-                    known = Some(created);
-                }
-                match (&known, log) {
-                    (Some(Err(code)), _) => Err((*code, format!("unknown topic {name}"))),
-                    (_, None) => Err((
-                        ErrorCode::UnknownTopicOrPartition.code(),
-                        format!("unknown partition {name}-{}", data.index),
-                    )),
-                    (_, Some(log)) => append(
-                        h,
-                        name,
-                        data.index,
-                        &data.records,
-                        log,
-                        None,
-                        None,
-                        (ti, pi),
-                        &mut resp,
-                        &mut waits,
-                    ),
-                }
+                },
             };
-            if let Err((code, message)) = outcome {
+            if let Err(refused) = outcome {
+                tracing::debug!(peer = %h.peer, topic = name, partition = data.index,
+                    error = %refused, "produce rejected");
                 failed = true;
-                resp.error_code = code;
+                resp.error_code = refused.code.code();
                 if h.version >= 8 {
-                    resp.error_message = Some(str_bytes(&message));
+                    resp.error_message = Some(str_bytes(&refused.message));
                 }
             }
             partitions.push(resp);
@@ -179,13 +134,18 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
     }
     let resp = ProduceResponse::default().with_responses(responses);
     if acks == 0 {
-        // Nobody waits for the answer, but the data must still be flushed
-        // under the flush policy: that is what moves the high watermark and
-        // makes it visible to consumers.
+        // Nobody waits for the answer, but the data must still be flushed under the
+        // flush policy: that is what moves the high watermark and makes it visible to
+        // consumers.
         if !waits.is_empty() {
             tokio::spawn(async move {
                 for wait in waits {
-                    if let Err(err) = wait.log.wait_durable(wait.end_offset).await {
+                    if let Err(err) = wait
+                        .leadership
+                        .partition()
+                        .wait_durable(wait.end_offset)
+                        .await
+                    {
                         tracing::warn!(error = %err, "acks=0 produce not made durable");
                     }
                 }
@@ -201,37 +161,32 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
     if waits.is_empty() {
         return now(h, &resp);
     }
-    let replicated = match (&ctx.cluster, acks) {
-        (Some(c), -1) => Some((
-            c.replicas.clone(),
-            Duration::from_millis(u64::try_from(timeout_ms).unwrap_or(0)),
-        )),
-        _ => None,
-    };
-    later(h, acknowledge(resp, waits, replicated))
+    let commit_timeout =
+        (acks == -1).then(|| Duration::from_millis(u64::try_from(timeout_ms).unwrap_or(0)));
+    later(h, acknowledge(resp, waits, commit_timeout))
 }
 
-/// Waits until every appended partition is durable (acks=1) or, in cluster
-/// mode with acks=all, replicated to the ISR (the high watermark passed the
-/// batch); a partition that fails is answered with its error instead of an
-/// offset.
+/// Waits until every appended partition is durable (acks=1) or committed, the high
+/// watermark past the batch (acks=all, bounded by `commit_timeout`); a partition
+/// that fails is answered with its error instead of an offset.
 async fn acknowledge(
     mut resp: ProduceResponse,
     waits: Vec<Wait>,
-    replicated: Option<(Arc<dyn Replicas>, Duration)>,
+    commit_timeout: Option<Duration>,
 ) -> ProduceResponse {
     let results = futures::future::join_all(waits.iter().map(|w| async {
-        match (&replicated, &w.leader) {
-            (Some((replicas, timeout)), Some(leader)) => {
-                replicas
-                    .wait_replicated(leader, w.end_offset, *timeout)
+        match commit_timeout {
+            Some(timeout) => {
+                w.leadership
+                    .wait_committed(w.end_offset, Some(timeout))
                     .await
             }
-            _ => w
-                .log
+            None => w
+                .leadership
+                .partition()
                 .wait_durable(w.end_offset)
                 .await
-                .map_err(|err| err.error_code().code()),
+                .map_err(|err| err.error_code()),
         }
     }))
     .await;
@@ -242,7 +197,7 @@ async fn acknowledge(
                 .get_mut(wait.topic)
                 .and_then(|t| t.partition_responses.get_mut(wait.partition))
             {
-                p.error_code = code;
+                p.error_code = code.code();
                 p.base_offset = -1;
             }
         }

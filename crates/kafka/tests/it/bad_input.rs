@@ -16,7 +16,7 @@ type Log = Vec<(i64, String, String)>;
 /// A server with a topic holding a few records.
 async fn seeded() -> (Server, Log) {
     let server = Server::start().await;
-    server.create_topic("safe", 1);
+    server.create_topic("safe", 1).await;
     let mut c = server.client().await;
     let k = keys(5, "seed-");
     assert_eq!(
@@ -104,8 +104,8 @@ async fn garbage_and_bad_frames_close_only_that_connection() {
 
 #[tokio::test]
 async fn oversized_request_is_refused_before_reading_it() {
-    let server = Server::start_with(|c| c.max_request_bytes = 1024).await;
-    server.create_topic("safe", 1);
+    let server = Server::start_with(|s| s.server.max_request_bytes = 1024).await;
+    server.create_topic("safe", 1).await;
     let mut c = server.client().await;
     // Just the size prefix: refused without waiting for (or allocating) the body.
     c.send_raw(&2048i32.to_be_bytes()).await;
@@ -147,10 +147,7 @@ async fn oversized_batch_gets_message_too_large() {
     let (server, mut log) = seeded().await;
     let mut overrides = BTreeMap::new();
     overrides.insert("max.message.bytes".to_string(), "1000".to_string());
-    server
-        .store
-        .create_topic("small", 1, &overrides, false)
-        .unwrap();
+    server.create_topic_with("small", 1, overrides).await;
     let mut c = server.client().await;
     let big: Vec<String> = (0..20).map(|i| format!("{i:0>100}")).collect();
     let (code, _) = produce(&mut c, "small", 0, batch(&strs(&big), 1)).await;

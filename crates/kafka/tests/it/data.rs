@@ -19,7 +19,7 @@ use crate::harness::*;
 #[tokio::test]
 async fn produce_fetch_round_trip_across_versions() {
     let server = Server::start().await;
-    server.create_topic("rt", 2);
+    server.create_topic("rt", 2).await;
     let mut c = server.client().await;
     let mut expected = Vec::new();
     let mut offset = 0;
@@ -96,7 +96,7 @@ async fn produce_fetch_round_trip_across_versions() {
 #[tokio::test]
 async fn fetch_size_limits_and_first_batch_rule() {
     let server = Server::start().await;
-    server.create_topic("lim", 2);
+    server.create_topic("lim", 2).await;
     let mut c = server.client().await;
     let big: Vec<String> = (0..50).map(|i| format!("{i:0>200}")).collect();
     for p in 0..2 {
@@ -140,7 +140,7 @@ async fn fetch_size_limits_and_first_batch_rule() {
 #[tokio::test]
 async fn long_poll_waits_for_data_and_times_out() {
     let server = Server::start().await;
-    server.create_topic("lp", 1);
+    server.create_topic("lp", 1).await;
     let mut consumer = server.client().await;
     // Nothing arrives: the fetch answers empty after max_wait.
     let mut req = fetch_request("lp", 0, 0);
@@ -204,7 +204,7 @@ async fn offset_at(c: &mut Raw, topic: &str, timestamp: i64, version: i16) -> (i
 #[tokio::test]
 async fn list_offsets_delete_records_and_leader_epochs() {
     let server = Server::start().await;
-    server.create_topic("lo", 1);
+    server.create_topic("lo", 1).await;
     let mut c = server.client().await;
     for (i, ts) in [1_000i64, 2_000, 3_000].into_iter().enumerate() {
         let k = keys(2, &format!("t{i}-"));
@@ -303,7 +303,7 @@ async fn list_offsets_delete_records_and_leader_epochs() {
 #[tokio::test]
 async fn idempotent_retry_is_acknowledged_once() {
     let server = Server::start().await;
-    server.create_topic("idem", 1);
+    server.create_topic("idem", 1).await;
     let mut c = server.client().await;
     let pid = c.call(&InitProducerIdRequest::default(), 4).await;
     assert_eq!(pid.error_code, 0);
@@ -329,7 +329,7 @@ async fn idempotent_retry_is_acknowledged_once() {
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order() {
     let server = Server::start().await;
-    server.create_topic("pipe", 1);
+    server.create_topic("pipe", 1).await;
     let mut c = server.client().await;
     let mut frames = Vec::new();
     let mut expected = Vec::new();
@@ -384,7 +384,7 @@ async fn pipelined_requests_are_answered_in_order() {
 #[tokio::test]
 async fn acks_zero_gets_no_response() {
     let server = Server::start().await;
-    server.create_topic("zero", 1);
+    server.create_topic("zero", 1).await;
     let mut c = server.client().await;
     c.send(&produce_request("zero", 0, batch(&["a"], 1), 0), 9)
         .await;
@@ -419,8 +419,8 @@ async fn acks_zero_gets_no_response() {
 #[tokio::test]
 async fn fetch_many_partitions_one_request() {
     let server = Server::start().await;
-    server.create_topic("m1", 3);
-    server.create_topic("m2", 1);
+    server.create_topic("m1", 3).await;
+    server.create_topic("m2", 1).await;
     let mut c = server.client().await;
     for p in 0..3 {
         assert_eq!(

@@ -199,8 +199,8 @@ async fn mutated_requests_never_hurt_the_broker() {
 #[ignore = "run in a child process by mutated_requests_never_hurt_the_broker"]
 async fn mutated_requests_child() {
     let server = Server::start().await;
-    server.create_topic("safe", 1);
-    server.create_topic("fz", 1);
+    server.create_topic("safe", 1).await;
+    server.create_topic("fz", 1).await;
     let mut c = server.client().await;
     let k = keys(4, "keep-");
     assert_eq!(

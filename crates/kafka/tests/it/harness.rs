@@ -2,74 +2,38 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use kafka_protocol::indexmap::IndexMap;
 use kafka_protocol::messages::*;
-use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
+use kafka_protocol::protocol::{Decodable, Request, StrBytes};
 use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
-use sluice_group::GroupConfig;
-use sluice_kafka::{KafkaListener, ServerConfig};
-use sluice_log::{FlushPolicy, Store, StoreConfig, TopicConfig};
+use sluice_client::{decode_response, encode_request, read_frame, MAX_FRAME};
+use sluice_testkit::Broker;
+pub use sluice_testkit::Setup;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-pub struct Server {
-    pub addr: SocketAddr,
-    pub store: Arc<Store>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), sluice_kafka::ServeError>>>,
-    _dir: tempfile::TempDir,
+/// The in-process broker every test talks to.
+pub struct Server(Broker);
+
+impl std::ops::Deref for Server {
+    type Target = Broker;
+    fn deref(&self) -> &Broker {
+        &self.0
+    }
 }
 
 impl Server {
     pub async fn start() -> Server {
-        Self::start_with(|_| {}).await
+        Server(Broker::start().await)
     }
 
-    pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> Server {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                    .unwrap_or_else(|_| "warn".into()),
-            )
-            .with_test_writer()
-            .try_init();
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(StoreConfig {
-            data_dir: dir.path().to_path_buf(),
-            defaults: TopicConfig::default(),
-            flush: FlushPolicy::Always,
-        })
-        .unwrap();
-        let mut config = ServerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            group: GroupConfig {
-                initial_rebalance_delay_ms: 0,
-                ..GroupConfig::default()
-            },
-            ..ServerConfig::default()
-        };
-        tweak(&mut config);
-        let listener = KafkaListener::bind(config).await.unwrap();
-        let addr = listener.local_addr();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(listener.serve(store.clone(), async move {
-            let _ = rx.await;
-        }));
-        Server {
-            addr,
-            store,
-            shutdown: Some(tx),
-            task: Some(task),
-            _dir: dir,
-        }
+    pub async fn start_with(tweak: impl FnOnce(&mut Setup)) -> Server {
+        Server(Broker::start_with(tweak).await)
     }
 
     pub async fn client(&self) -> Raw {
@@ -78,35 +42,37 @@ impl Server {
 
     /// Resolves the shutdown future given to `serve`.
     pub fn signal_stop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+        self.0.signal_stop();
     }
 
-    /// Signals shutdown and waits for `serve` to return.
-    pub async fn stop(mut self) {
-        self.signal_stop();
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), task)
-                .await
-                .expect("serve returns after shutdown")
-                .expect("serve task")
-                .expect("serve ok");
-        }
+    pub async fn stop(self) {
+        self.0.stop().await;
     }
 
-    /// Creates a topic through the store.
-    pub fn create_topic(&self, name: &str, partitions: u32) {
-        self.store
-            .create_topic(name, partitions, &BTreeMap::new(), false)
-            .unwrap();
+    /// Creates a topic through the metadata quorum; returns once it is led here.
+    pub async fn create_topic(&self, name: &str, partitions: u32) {
+        self.0.create_topic(name, partitions, BTreeMap::new()).await;
+    }
+
+    /// [`Server::create_topic`] with config overrides.
+    pub async fn create_topic_with(
+        &self,
+        name: &str,
+        partitions: u32,
+        configs: BTreeMap<String, String>,
+    ) {
+        self.0.create_topic(name, partitions, configs).await;
     }
 }
 
-/// A raw protocol client: encodes requests with kafka-protocol.
+/// A raw protocol client on sluice-client's frame functions. It does no
+/// handshake and keeps the socket public, so tests can send malformed
+/// bytes, see the correlation ids the server echoes, and watch it close
+/// the connection.
 pub struct Raw {
     pub stream: TcpStream,
     next_correlation: i32,
+    rbuf: BytesMut,
 }
 
 impl Raw {
@@ -116,6 +82,7 @@ impl Raw {
         Raw {
             stream,
             next_correlation: 1,
+            rbuf: BytesMut::new(),
         }
     }
 
@@ -123,19 +90,8 @@ impl Raw {
     pub fn frame<R: Request>(&mut self, req: &R, version: i16) -> (i32, Bytes) {
         let correlation_id = self.next_correlation;
         self.next_correlation += 1;
-        let header = RequestHeader::default()
-            .with_request_api_key(R::KEY)
-            .with_request_api_version(version)
-            .with_correlation_id(correlation_id)
-            .with_client_id(Some(StrBytes::from_static_str("sluice-test")));
-        let mut body = BytesMut::new();
-        header
-            .encode(&mut body, R::header_version(version))
-            .unwrap();
-        req.encode(&mut body, version).unwrap();
-        let mut frame = BytesMut::with_capacity(body.len() + 4);
-        frame.put_i32(body.len() as i32);
-        frame.put_slice(&body);
+        let mut frame = BytesMut::new();
+        encode_request(&mut frame, req, version, correlation_id, "sluice-test").unwrap();
         (correlation_id, frame.freeze())
     }
 
@@ -149,25 +105,31 @@ impl Raw {
         self.stream.write_all(bytes).await.unwrap();
     }
 
+    /// Reads one whole response frame (without its size prefix).
+    async fn read(&mut self) -> Bytes {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            read_frame(&mut self.stream, &mut self.rbuf, MAX_FRAME),
+        )
+        .await
+        .expect("response within 20 s")
+        .expect("response frame")
+    }
+
     /// Reads one response frame: (correlation id, body).
     pub async fn recv_frame(&mut self, header_version: i16) -> (i32, Bytes) {
-        let size = tokio::time::timeout(Duration::from_secs(20), self.stream.read_i32())
-            .await
-            .expect("response within 20 s")
-            .expect("response size");
-        let mut buf = vec![0u8; size as usize];
-        self.stream.read_exact(&mut buf).await.unwrap();
-        let mut buf = Bytes::from(buf);
+        let mut buf = self.read().await;
         let header = ResponseHeader::decode(&mut buf, header_version).unwrap();
         (header.correlation_id, buf)
     }
 
+    /// Reads and decodes one response, whatever correlation id it carries
+    /// (the caller checks it): (correlation id, body).
     pub async fn recv<R: Request>(&mut self, version: i16) -> (i32, R::Response) {
-        let (correlation_id, mut body) = self
-            .recv_frame(<R::Response as HeaderVersion>::header_version(version))
-            .await;
-        let resp = R::Response::decode(&mut body, version).unwrap();
-        assert_eq!(body.remaining(), 0, "trailing bytes in response");
+        let frame = self.read().await;
+        // Every response header starts with the correlation id.
+        let correlation_id = i32::from_be_bytes(frame[..4].try_into().unwrap());
+        let resp = decode_response::<R>(frame, version, correlation_id).unwrap();
         (correlation_id, resp)
     }
 

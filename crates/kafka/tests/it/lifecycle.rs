@@ -10,7 +10,7 @@ use crate::harness::*;
 #[tokio::test]
 async fn shutdown_answers_in_flight_requests_then_returns() {
     let mut server = Server::start().await;
-    server.create_topic("sd", 1);
+    server.create_topic("sd", 1).await;
     let mut c = server.client().await;
     // A long poll that will wait its full 700 ms.
     let mut req = fetch_request("sd", 0, 0);
@@ -46,14 +46,11 @@ async fn shutdown_answers_in_flight_requests_then_returns() {
 #[tokio::test]
 async fn retention_task_deletes_expired_segments() {
     let server =
-        Server::start_with(|c| c.retention_check_interval = Duration::from_millis(50)).await;
+        Server::start_with(|s| s.retention_check_interval = Duration::from_millis(50)).await;
     let mut overrides = BTreeMap::new();
     overrides.insert("segment.ms".to_string(), "100".to_string());
     overrides.insert("retention.ms".to_string(), "200".to_string());
-    server
-        .store
-        .create_topic("ret", 1, &overrides, false)
-        .unwrap();
+    server.create_topic_with("ret", 1, overrides).await;
     let mut c = server.client().await;
     // Records stamped in 1970: expired as soon as their segment is closed.
     for i in 0..3 {

@@ -67,7 +67,7 @@ async fn unsupported_versions_get_unsupported_version() {
     use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestGroup;
     const E: i16 = ErrorCode::UnsupportedVersion.code();
     let server = Server::start().await;
-    server.create_topic("t", 1);
+    server.create_topic("t", 1).await;
     let mut c = server.client().await;
 
     let resp = c
@@ -147,7 +147,7 @@ fn metadata_request(topics: &[&str], auto_create: bool) -> MetadataRequest {
 
 #[tokio::test]
 async fn metadata_auto_create_and_listing() {
-    let server = Server::start_with(|c| c.default_partitions = 3).await;
+    let server = Server::start_with(|s| s.server.default_partitions = 3).await;
     let mut c = server.client().await;
     let resp = c.call(&metadata_request(&["auto-a"], true), 12).await;
     assert_eq!(resp.brokers.len(), 1);
@@ -219,7 +219,7 @@ async fn metadata_auto_create_and_listing() {
 
 #[tokio::test]
 async fn metadata_auto_create_disabled_by_config() {
-    let server = Server::start_with(|c| c.auto_create_topics = false).await;
+    let server = Server::start_with(|s| s.server.auto_create_topics = false).await;
     let mut c = server.client().await;
     let resp = c.call(&metadata_request(&["nope"], true), 12).await;
     assert_eq!(
@@ -242,7 +242,7 @@ fn creatable(name_: &str, partitions: i32, rf: i16) -> CreatableTopic {
 
 #[tokio::test]
 async fn create_and_delete_topics() {
-    let server = Server::start_with(|c| c.default_partitions = 2).await;
+    let server = Server::start_with(|s| s.server.default_partitions = 2).await;
     let mut c = server.client().await;
     let req = CreateTopicsRequest::default().with_topics(vec![
         creatable("t1", 4, 1).with_configs(vec![CreatableTopicConfig::default()
@@ -333,7 +333,7 @@ async fn create_and_delete_topics() {
 #[tokio::test]
 async fn create_partitions_grows_and_refuses_shrink() {
     let server = Server::start().await;
-    server.create_topic("grow", 1);
+    server.create_topic("grow", 1).await;
     let mut c = server.client().await;
     let req = |count| {
         CreatePartitionsRequest::default().with_topics(vec![CreatePartitionsTopic::default()
@@ -392,7 +392,7 @@ fn alter(topic: &str, configs: Vec<(&str, i8, Option<&str>)>) -> IncrementalAlte
 #[tokio::test]
 async fn describe_and_alter_configs_round_trip() {
     let server = Server::start().await;
-    server.create_topic("cfg", 1);
+    server.create_topic("cfg", 1).await;
     let mut c = server.client().await;
     let resp = c.call(&describe("cfg", None), 4).await;
     assert_eq!(resp.results[0].error_code, 0);
@@ -611,7 +611,7 @@ async fn describe_cluster_find_coordinator_init_producer_id() {
 
 #[tokio::test]
 async fn connection_limit_closes_extra_connections() {
-    let server = Server::start_with(|c| c.max_connections = 1).await;
+    let server = Server::start_with(|s| s.server.max_connections = 1).await;
     let mut first = server.client().await;
     assert_eq!(
         first
@@ -663,7 +663,7 @@ async fn produce_v0_v2_advertised_but_refused() {
     use kafka_protocol::protocol::Decodable;
     const E: i16 = ErrorCode::UnsupportedVersion.code();
     let server = Server::start().await;
-    server.create_topic("t", 2);
+    server.create_topic("t", 2).await;
     let mut c = server.client().await;
 
     let resp = c.call(&ApiVersionsRequest::default(), 3).await;

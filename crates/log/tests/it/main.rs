@@ -1,5 +1,8 @@
 //! Integration tests of the storage engine (one test binary).
 
+// A failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
 mod crash;
 mod durability;
 mod idempotence;

@@ -2,14 +2,14 @@
 
 use std::collections::BTreeMap;
 
-use sluice_log::{ConfigChange, FlushPolicy, LogError, TopicConfig};
+use sluice_log::{FlushPolicy, LogError, TopicConfig};
 
 use crate::{batch, no_overrides, open, Spec};
 
 #[tokio::test]
 async fn topics_persist_with_ids_partitions_and_overrides() {
     let dir = tempfile::tempdir().unwrap();
-    let (id, cluster, pids) = {
+    let (id, cluster) = {
         let store = open(dir.path(), FlushPolicy::Always, TopicConfig::default());
         let mut o = BTreeMap::new();
         o.insert("retention.ms".to_string(), "1000".to_string());
@@ -45,12 +45,11 @@ async fn topics_persist_with_ids_partitions_and_overrides() {
         assert!(store.topic("dry").is_none());
         assert!(!dir.path().join("dry-0").exists());
 
-        store.create_partitions("orders", 5, false).unwrap();
-        assert!(matches!(
-            store.create_partitions("orders", 5, false),
-            Err(LogError::InvalidPartitions(_))
-        ));
-        store.create_partitions("orders", 9, true).unwrap();
+        // The metadata quorum's record of the topic: more partitions.
+        let orders = store.topic("orders").unwrap();
+        store
+            .ensure_topic("orders", orders.id, 5, &orders.overrides)
+            .unwrap();
         assert_eq!(store.topic("orders").unwrap().partitions, 5);
         store
             .partition("orders", 4)
@@ -61,8 +60,12 @@ async fn topics_persist_with_ids_partitions_and_overrides() {
         assert!(store.partition("orders", -1).is_none());
         let names: Vec<String> = store.topics().into_iter().map(|t| t.name).collect();
         assert_eq!(names, vec!["__consumer_offsets", "orders"]);
-        let pids: Vec<i64> = (0..3).map(|_| store.next_producer_id().unwrap()).collect();
-        (store.topic("orders").unwrap().id, store.cluster_id(), pids)
+        assert_eq!(
+            store.reserved_producer_ids(),
+            0,
+            "a new data directory handed none out"
+        );
+        (store.topic("orders").unwrap().id, store.cluster_id())
     };
     assert_eq!(cluster.len(), 22);
     let store = open(dir.path(), FlushPolicy::Always, TopicConfig::default());
@@ -74,11 +77,6 @@ async fn topics_persist_with_ids_partitions_and_overrides() {
     );
     assert_eq!(store.cluster_id(), cluster);
     assert_eq!(store.partition("orders", 4).unwrap().log_end_offset(), 1);
-    let next = store.next_producer_id().unwrap();
-    assert!(
-        pids.iter().all(|p| *p < next),
-        "producer ids are never reused"
-    );
 
     store.delete_topic("orders").unwrap();
     assert!(store.topic("orders").is_none());
@@ -98,45 +96,42 @@ async fn topics_persist_with_ids_partitions_and_overrides() {
 }
 
 #[tokio::test]
-async fn alter_config_is_all_or_nothing_and_describe_marks_defaults() {
+async fn producer_ids_an_earlier_release_handed_out_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("meta")).unwrap();
+    std::fs::write(dir.path().join("meta/producer-id-block"), b"3000").unwrap();
+    let store = open(dir.path(), FlushPolicy::Always, TopicConfig::default());
+    assert_eq!(store.reserved_producer_ids(), 3000);
+}
+
+#[tokio::test]
+async fn config_changes_from_the_quorum_are_all_or_nothing_and_apply_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), FlushPolicy::Never, TopicConfig::default());
-    store.create_topic("c", 1, &no_overrides(), false).unwrap();
-    let bad = [
-        ConfigChange::Set {
-            key: "retention.ms".into(),
-            value: "5".into(),
-        },
-        ConfigChange::Set {
-            key: "segment.bytes".into(),
-            value: "many".into(),
-        },
-    ];
+    let id = store
+        .create_topic("c", 1, &no_overrides(), false)
+        .unwrap()
+        .id;
+    let configs = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let bad = configs(&[("retention.ms", "5"), ("segment.bytes", "many")]);
     assert!(matches!(
-        store.alter_topic_config("c", &bad, false),
+        store.ensure_topic("c", id, 1, &bad),
         Err(LogError::InvalidConfig(_))
     ));
     assert_eq!(store.topic("c").unwrap().config.retention_ms, 604_800_000);
-    let good = [
-        ConfigChange::Set {
-            key: "retention.ms".into(),
-            value: "5".into(),
-        },
-        ConfigChange::Set {
-            key: "max.message.bytes".into(),
-            value: "100".into(),
-        },
-    ];
-    store.alter_topic_config("c", &good, true).unwrap();
-    assert_eq!(store.topic("c").unwrap().config.retention_ms, 604_800_000);
-    store.alter_topic_config("c", &good, false).unwrap();
-    let d = store.describe_topic_config("c").unwrap();
-    let keys: Vec<&str> = d.iter().map(|e| e.name.as_str()).collect();
-    assert_eq!(keys, TopicConfig::KEYS);
-    let r = d.iter().find(|e| e.name == "retention.ms").unwrap();
-    assert_eq!((r.value.as_str(), r.is_default), ("5", false));
-    let s = d.iter().find(|e| e.name == "segment.bytes").unwrap();
-    assert_eq!((s.value.as_str(), s.is_default), ("1073741824", true));
+    let good = configs(&[("retention.ms", "5"), ("max.message.bytes", "100")]);
+    store.ensure_topic("c", id, 1, &good).unwrap();
+    let t = store.topic("c").unwrap();
+    assert_eq!(
+        (t.config.retention_ms, t.config.segment_bytes),
+        (5, 1_073_741_824)
+    );
+    assert_eq!(t.overrides, good);
     // The new max.message.bytes applies to appends at once.
     let p = store.partition("c", 0).unwrap();
     assert!(matches!(
@@ -147,13 +142,7 @@ async fn alter_config_is_all_or_nothing_and_describe_marks_defaults() {
         })
     ));
     store
-        .alter_topic_config(
-            "c",
-            &[ConfigChange::Delete {
-                key: "max.message.bytes".into(),
-            }],
-            false,
-        )
+        .ensure_topic("c", id, 1, &configs(&[("retention.ms", "5")]))
         .unwrap();
     p.append(&batch(&Spec::plain(1, 100)), 0).unwrap();
     drop(p);
@@ -162,7 +151,6 @@ async fn alter_config_is_all_or_nothing_and_describe_marks_defaults() {
     let t = store.topic("c").unwrap();
     assert_eq!(t.config.retention_ms, 5);
     assert_eq!(t.config.max_message_bytes, 1_048_588);
-    assert!(store.describe_topic_config("nope").is_err());
 }
 
 #[tokio::test]

@@ -131,8 +131,8 @@ async fn divergent_suffix_is_truncated_on_rejoin() {
         unreplicated = r.end_offset;
     }
     // It cannot ack with acks=all: the followers never fetch what it appended.
-    let waited = mgr
-        .wait_replicated(&h, unreplicated, Duration::from_millis(500))
+    let waited = h
+        .wait_committed(unreplicated, Some(Duration::from_millis(500)))
         .await;
     assert!(
         matches!(
@@ -214,8 +214,7 @@ async fn isr_shrinks_and_expands_and_min_insync_is_enforced() {
         .expect("acks=1");
     let r = h.append(&batch(2, 2)).expect("append");
     // The HW still moves with the remaining ISR.
-    c.mgr(leader)
-        .wait_replicated(&h, r.end_offset, Duration::from_secs(10))
+    h.wait_committed(r.end_offset, Some(Duration::from_secs(10)))
         .await
         .expect("HW covers the 2-member ISR");
 

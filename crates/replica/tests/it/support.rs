@@ -106,7 +106,11 @@ impl Cluster {
         );
         let store = Store::open(StoreConfig {
             data_dir: self.data_dir(id),
-            defaults: TopicConfig::default(),
+            // As a cluster node runs: acks=all needs two in-sync replicas.
+            defaults: TopicConfig {
+                min_insync_replicas: 2,
+                ..TopicConfig::default()
+            },
             flush: FlushPolicy::Always,
         })
         .expect("open store");
@@ -317,7 +321,7 @@ pub async fn produce_all(
     let r = h
         .append(&batch(2, tag))
         .map_err(|_| ErrorCode::NotLeaderOrFollower)?;
-    mgr.wait_replicated(&h, r.end_offset, Duration::from_secs(10))
+    h.wait_committed(r.end_offset, Some(Duration::from_secs(10)))
         .await?;
     Ok(r.end_offset)
 }

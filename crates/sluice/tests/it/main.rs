@@ -2,6 +2,9 @@
 //! ephemeral ports with a temporary data directory, driven by the binary's
 //! own client commands (which speak Kafka through librdkafka).
 
+// A failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

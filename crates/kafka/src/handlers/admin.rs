@@ -1,8 +1,8 @@
-//! Cluster mode: CreateTopics, DeleteTopics, CreatePartitions, AlterConfigs
-//! and IncrementalAlterConfigs as commands to the metadata quorum. Each is
-//! validated here as far as the broker can (config values, counts), then
-//! proposed; the answer waits (bounded by [`IMAGE_WAIT`]) until this node's
-//! image shows the change, so a client that acts on the answer finds it.
+//! CreateTopics, DeleteTopics, CreatePartitions, AlterConfigs and
+//! IncrementalAlterConfigs as commands to the metadata quorum, which validates
+//! them inside `apply`; requests that only validate use the same rules
+//! (`sluice_vocab`). The answer waits (bounded by [`IMAGE_WAIT`]) until this
+//! node's image shows the change, so a client that acts on the answer finds it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -16,24 +16,28 @@ use kafka_protocol::messages::create_topics_response::{
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
-use sluice_cluster::{Command, CommandOutput, MetadataImage};
-use sluice_log::{ConfigChange, TopicConfig};
-use sluice_vocab::ErrorCode;
+use sluice_topology::{wait_image, Command, CommandOutput, MetadataImage};
+use sluice_vocab::internal::is_internal;
+use sluice_vocab::{ErrorCode, Refused, TopicConfig, TopicName as ValidTopicName};
 use uuid::Uuid;
 
 use super::configs::{
-    alter_result, broker_is_read_only, changes_with, current_value, RESOURCE_BROKER, RESOURCE_TOPIC,
+    alter_result, broker_is_read_only, changes_with, current_value, ConfigChange, RESOURCE_BROKER,
+    RESOURCE_TOPIC,
 };
-use super::topics::{SOURCE_DEFAULT_CONFIG, SOURCE_TOPIC_CONFIG};
+use super::configs::{SOURCE_DEFAULT_CONFIG, SOURCE_TOPIC_CONFIG};
+use super::meta::default_replication_factor;
 use super::{str_bytes, topic_name};
-use crate::cluster::{default_replication_factor, ClusterCtx, IMAGE_WAIT};
 use crate::dispatch::{later, Hdr, Outcome};
 use crate::server::Ctx;
 
-type Failure = (i16, String);
+/// Longest wait for the local image to show a committed change.
+const IMAGE_WAIT: Duration = Duration::from_secs(10);
+
+type Failure = Refused;
 
 fn invalid(code: ErrorCode, message: impl Into<String>) -> Failure {
-    (code.code(), message.into())
+    Refused::new(code, message)
 }
 
 /// How long to wait for the image: the request's timeout when it gives
@@ -45,15 +49,10 @@ fn image_wait(timeout_ms: i32) -> Duration {
     }
 }
 
-/// The effective config a set of overrides gives, or INVALID_CONFIG.
-pub(crate) fn validate_overrides(overrides: &BTreeMap<String, String>) -> Result<(), Failure> {
-    let mut config = TopicConfig::default();
-    for (k, v) in overrides {
-        config
-            .set(k, v)
-            .map_err(|e| invalid(ErrorCode::InvalidConfig, e.to_string()))?;
-    }
-    Ok(())
+/// Overrides checked against Kafka's keys and limits (the rule the quorum applies),
+/// or INVALID_CONFIG.
+fn validate_overrides(overrides: &BTreeMap<String, String>) -> Result<(), Failure> {
+    TopicConfig::validate(overrides).map_err(|e| Refused::from_error(&e))
 }
 
 // ---- CreateTopics ----------------------------------------------------------
@@ -65,8 +64,7 @@ pub(crate) fn creation(
     topic: &CreatableTopic,
 ) -> Result<(i32, i16, BTreeMap<String, String>), Failure> {
     let name = topic.name.0.as_str();
-    sluice_vocab::TopicName::validate(name)
-        .map_err(|e| invalid(ErrorCode::InvalidTopicException, e.to_string()))?;
+    ValidTopicName::validate(name).map_err(|e| Refused::from_error(&e))?;
     if !topic.assignments.is_empty() {
         return Err(invalid(
             ErrorCode::InvalidReplicaAssignment,
@@ -106,11 +104,11 @@ pub(crate) fn creation(
     Ok((partitions, rf, overrides))
 }
 
-fn error_result(name: TopicName, (code, message): Failure) -> CreatableTopicResult {
+fn error_result(name: TopicName, failure: Failure) -> CreatableTopicResult {
     CreatableTopicResult::default()
         .with_name(name)
-        .with_error_code(code)
-        .with_error_message(Some(str_bytes(&message)))
+        .with_error_code(failure.code.code())
+        .with_error_message(Some(str_bytes(&failure.message)))
         .with_num_partitions(-1)
         .with_replication_factor(-1)
 }
@@ -140,7 +138,7 @@ fn created_result(
                 };
                 CreatableTopicConfigs::default()
                     .with_name(str_bytes(key))
-                    .with_value(Some(str_bytes(&current_value(ctx, name, overrides, key))))
+                    .with_value(Some(str_bytes(&current_value(ctx, overrides, key))))
                     .with_config_source(source)
             })
             .collect();
@@ -151,13 +149,12 @@ fn created_result(
 
 async fn create_one(
     ctx: &Ctx,
-    c: &ClusterCtx,
     topic: CreatableTopic,
     validate_only: bool,
     wait: Duration,
     version: i16,
 ) -> CreatableTopicResult {
-    let image = c.replicas.image();
+    let image = ctx.topology.image();
     let (partitions, rf, overrides) = match creation(ctx, &image, &topic) {
         Ok(x) => x,
         Err(failure) => return error_result(topic.name, failure),
@@ -178,10 +175,10 @@ async fn create_one(
         replication_factor: rf,
         configs: overrides.clone(),
     };
-    match c.propose(cmd).await {
+    match ctx.topology.propose(cmd).await {
         Ok(CommandOutput::TopicCreated { topic_id }) => {
             tracing::info!(topic = %name, partitions, replication_factor = rf, "created topic");
-            c.wait_image(wait, |image| {
+            wait_image(ctx.topology.as_ref(), wait, |image| {
                 image
                     .topics
                     .get(&name)
@@ -201,13 +198,8 @@ async fn create_one(
     }
 }
 
-pub(crate) fn create_topics(
-    ctx: &Arc<Ctx>,
-    c: &Arc<ClusterCtx>,
-    req: CreateTopicsRequest,
-    h: Hdr,
-) -> Outcome {
-    let (ctx, c) = (ctx.clone(), c.clone());
+pub(crate) fn create_topics(ctx: &Arc<Ctx>, req: CreateTopicsRequest, h: Hdr) -> Outcome {
+    let ctx = ctx.clone();
     later(h, async move {
         let mut seen = HashSet::new();
         let duplicates: HashSet<String> = req
@@ -218,7 +210,7 @@ pub(crate) fn create_topics(
             .collect();
         let wait = image_wait(req.timeout_ms);
         let topics = futures::future::join_all(req.topics.into_iter().map(|topic| {
-            let (ctx, c) = (&ctx, &c);
+            let ctx = &ctx;
             let duplicate = duplicates.contains(topic.name.0.as_str());
             async move {
                 if duplicate {
@@ -230,7 +222,7 @@ pub(crate) fn create_topics(
                         ),
                     );
                 }
-                create_one(ctx, c, topic, req.validate_only, wait, h.version).await
+                create_one(ctx, topic, req.validate_only, wait, h.version).await
             }
         }))
         .await;
@@ -240,40 +232,41 @@ pub(crate) fn create_topics(
 
 // ---- DeleteTopics ----------------------------------------------------------
 
-async fn delete_one(c: &ClusterCtx, name: &str, wait: Duration) -> Result<(), Failure> {
-    if name.starts_with("__") {
+async fn delete_one(ctx: &Ctx, name: &str, wait: Duration) -> Result<(), Failure> {
+    if is_internal(name) {
         return Err(invalid(
             ErrorCode::InvalidRequest,
             format!("internal topic {name} cannot be deleted"),
         ));
     }
-    let Some(id) = c.replicas.image().topics.get(name).map(|t| t.topic_id) else {
+    let Some(id) = ctx.topology.image().topics.get(name).map(|t| t.topic_id) else {
         return Err(invalid(
             ErrorCode::UnknownTopicOrPartition,
             format!("unknown topic {name}"),
         ));
     };
-    c.propose(Command::DeleteTopic {
-        name: name.to_owned(),
-    })
-    .await?;
+    ctx.topology
+        .propose(Command::DeleteTopic {
+            name: name.to_owned(),
+        })
+        .await?;
     tracing::info!(topic = name, "deleted topic");
-    c.wait_image(wait, |image| {
+    wait_image(ctx.topology.as_ref(), wait, |image| {
         image.topics.get(name).is_none_or(|t| t.topic_id != id)
     })
     .await;
     Ok(())
 }
 
-pub(crate) fn delete_topics(c: &Arc<ClusterCtx>, req: DeleteTopicsRequest, h: Hdr) -> Outcome {
-    let c = c.clone();
+pub(crate) fn delete_topics(ctx: &Arc<Ctx>, req: DeleteTopicsRequest, h: Hdr) -> Outcome {
+    let ctx = ctx.clone();
     let version = h.version;
     later(h, async move {
         let wait = image_wait(req.timeout_ms);
-        let image = c.replicas.image();
+        let image = ctx.topology.image();
         let responses = if version >= 6 {
             futures::future::join_all(req.topics.into_iter().map(|t| {
-                let c = &c;
+                let ctx = &ctx;
                 let named = match &t.name {
                     Some(name) => Some((
                         name.clone(),
@@ -291,8 +284,10 @@ pub(crate) fn delete_topics(c: &Arc<ClusterCtx>, req: DeleteTopicsRequest, h: Hd
                             .with_topic_id(t.topic_id)
                             .with_error_code(ErrorCode::UnknownTopicId.code());
                     };
-                    let outcome = delete_one(c, name.0.as_str(), wait).await;
-                    let (code, message) = outcome.err().map_or((0, None), |(c, m)| (c, Some(m)));
+                    let outcome = delete_one(ctx, name.0.as_str(), wait).await;
+                    let (code, message) = outcome
+                        .err()
+                        .map_or((0, None), |r| (r.code.code(), Some(r.message)));
                     DeletableTopicResult::default()
                         .with_name(Some(name))
                         .with_topic_id(id.map(Uuid::from_bytes).unwrap_or_default())
@@ -303,10 +298,12 @@ pub(crate) fn delete_topics(c: &Arc<ClusterCtx>, req: DeleteTopicsRequest, h: Hd
             .await
         } else {
             futures::future::join_all(req.topic_names.into_iter().map(|name| {
-                let c = &c;
+                let ctx = &ctx;
                 async move {
-                    let outcome = delete_one(c, name.0.as_str(), wait).await;
-                    let (code, message) = outcome.err().map_or((0, None), |(c, m)| (c, Some(m)));
+                    let outcome = delete_one(ctx, name.0.as_str(), wait).await;
+                    let (code, message) = outcome
+                        .err()
+                        .map_or((0, None), |r| (r.code.code(), Some(r.message)));
                     let mut result = DeletableTopicResult::default()
                         .with_name(Some(name))
                         .with_error_code(code);
@@ -324,27 +321,23 @@ pub(crate) fn delete_topics(c: &Arc<ClusterCtx>, req: DeleteTopicsRequest, h: Hd
 
 // ---- CreatePartitions ------------------------------------------------------
 
-pub(crate) fn create_partitions(
-    c: &Arc<ClusterCtx>,
-    req: CreatePartitionsRequest,
-    h: Hdr,
-) -> Outcome {
-    let c = c.clone();
+pub(crate) fn create_partitions(ctx: &Arc<Ctx>, req: CreatePartitionsRequest, h: Hdr) -> Outcome {
+    let ctx = ctx.clone();
     later(h, async move {
         let wait = image_wait(req.timeout_ms);
         let validate_only = req.validate_only;
         let results = futures::future::join_all(req.topics.into_iter().map(|topic| {
-            let c = &c;
+            let ctx = &ctx;
             async move {
                 let name = topic.name.0.to_string();
                 let result = CreatePartitionsTopicResult::default().with_name(topic.name.clone());
-                let current = c.replicas.image().topics.get(&name).map(|t| t.partitions.len());
+                let current = ctx.topology.image().topics.get(&name).map(|t| t.partitions.len());
                 let outcome: Result<(), Failure> = match current {
                     None => Err(invalid(
                         ErrorCode::UnknownTopicOrPartition,
                         format!("unknown topic {name}"),
                     )),
-                    Some(_) if topic.assignments.is_some() => Err(invalid(
+                    Some(_) if topic.assignments.as_ref().is_some_and(|a| !a.is_empty()) => Err(invalid(
                         ErrorCode::InvalidReplicaAssignment,
                         "manual replica assignments are not supported; use `sluice partition reassign`",
                     )),
@@ -355,10 +348,10 @@ pub(crate) fn create_partitions(
                     Some(_) if validate_only => Ok(()),
                     Some(_) => {
                         let count = topic.count;
-                        match c.propose(Command::CreatePartitions { name: name.clone(), count }).await {
+                        match ctx.topology.propose(Command::CreatePartitions { name: name.clone(), count }).await {
                             Ok(_) => {
                                 tracing::info!(topic = %name, count, "grew topic");
-                                c.wait_image(wait, |image| {
+                                wait_image(ctx.topology.as_ref(), wait, |image| {
                                     image.topics.get(&name).is_some_and(|t| {
                                         usize::try_from(count).is_ok_and(|n| t.partitions.len() >= n)
                                     })
@@ -372,9 +365,9 @@ pub(crate) fn create_partitions(
                 };
                 match outcome {
                     Ok(()) => result,
-                    Err((code, message)) => result
-                        .with_error_code(code)
-                        .with_error_message(Some(str_bytes(&message))),
+                    Err(refused) => result
+                        .with_error_code(refused.code.code())
+                        .with_error_message(Some(str_bytes(&refused.message))),
                 }
             }
         }))
@@ -389,15 +382,14 @@ pub(crate) fn create_partitions(
 /// (legacy AlterConfigs) first drops every override not set again.
 async fn alter_topic(
     ctx: &Ctx,
-    c: &ClusterCtx,
     topic: &str,
     changes: Result<Vec<ConfigChange>, Failure>,
     replace: bool,
     validate_only: bool,
 ) -> Result<(), Failure> {
     let changes = changes?;
-    let Some(current) = c
-        .replicas
+    let Some(current) = ctx
+        .topology
         .image()
         .topics
         .get(topic)
@@ -441,23 +433,22 @@ async fn alter_topic(
     if validate_only {
         return Ok(());
     }
-    c.propose(Command::AlterConfigs {
-        name: topic.to_owned(),
-        configs: delta,
-    })
-    .await?;
+    ctx.topology
+        .propose(Command::AlterConfigs {
+            name: topic.to_owned(),
+            configs: delta,
+        })
+        .await?;
     tracing::info!(topic, "altered topic config");
-    c.wait_image(IMAGE_WAIT, |image| {
+    wait_image(ctx.topology.as_ref(), IMAGE_WAIT, |image| {
         image.topics.get(topic).is_none_or(|t| t.configs == after)
     })
     .await;
-    let _ = ctx;
     Ok(())
 }
 
 fn broker_refused() -> Failure {
-    let (code, message) = broker_is_read_only();
-    (code, message.map(|m| m.to_string()).unwrap_or_default())
+    broker_is_read_only()
 }
 
 fn unsupported_resource() -> Failure {
@@ -466,11 +457,10 @@ fn unsupported_resource() -> Failure {
 
 pub(crate) fn incremental_alter_configs(
     ctx: &Arc<Ctx>,
-    c: &Arc<ClusterCtx>,
     req: IncrementalAlterConfigsRequest,
     h: Hdr,
 ) -> Outcome {
-    let (ctx, c) = (ctx.clone(), c.clone());
+    let ctx = ctx.clone();
     later(h, async move {
         let mut responses = Vec::with_capacity(req.resources.len());
         // One at a time: two changes of one topic in a request apply in order.
@@ -478,16 +468,16 @@ pub(crate) fn incremental_alter_configs(
             let outcome = match resource.resource_type {
                 RESOURCE_TOPIC => {
                     let topic = resource.resource_name.as_str();
-                    let image = c.replicas.image();
+                    let image = ctx.topology.image();
                     let overrides = image
                         .topics
                         .get(topic)
                         .map(|t| t.configs.clone())
                         .unwrap_or_default();
                     let changes = changes_with(&resource.configs, |key| {
-                        current_value(&ctx, topic, &overrides, key)
+                        current_value(&ctx, &overrides, key)
                     });
-                    alter_topic(&ctx, &c, topic, changes, false, req.validate_only).await
+                    alter_topic(&ctx, topic, changes, false, req.validate_only).await
                 }
                 RESOURCE_BROKER => Err(broker_refused()),
                 _ => Err(unsupported_resource()),
@@ -502,13 +492,8 @@ pub(crate) fn incremental_alter_configs(
     })
 }
 
-pub(crate) fn alter_configs(
-    ctx: &Arc<Ctx>,
-    c: &Arc<ClusterCtx>,
-    req: AlterConfigsRequest,
-    h: Hdr,
-) -> Outcome {
-    let (ctx, c) = (ctx.clone(), c.clone());
+pub(crate) fn alter_configs(ctx: &Arc<Ctx>, req: AlterConfigsRequest, h: Hdr) -> Outcome {
+    let ctx = ctx.clone();
     later(h, async move {
         let mut responses = Vec::with_capacity(req.resources.len());
         for resource in req.resources {
@@ -528,7 +513,7 @@ pub(crate) fn alter_configs(
                         })
                         .collect();
                     let topic = resource.resource_name.as_str();
-                    alter_topic(&ctx, &c, topic, Ok(changes), true, req.validate_only).await
+                    alter_topic(&ctx, topic, Ok(changes), true, req.validate_only).await
                 }
                 RESOURCE_BROKER => Err(broker_refused()),
                 _ => Err(unsupported_resource()),
@@ -538,9 +523,9 @@ pub(crate) fn alter_configs(
                 .with_resource_name(resource.resource_name);
             responses.push(match outcome {
                 Ok(()) => result,
-                Err((code, message)) => result
-                    .with_error_code(code)
-                    .with_error_message(Some(StrBytes::from_string(message))),
+                Err(refused) => result
+                    .with_error_code(refused.code.code())
+                    .with_error_message(Some(StrBytes::from_string(refused.message))),
             });
         }
         AlterConfigsResponse::default().with_responses(responses)
