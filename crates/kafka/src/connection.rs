@@ -7,6 +7,11 @@
 //! the writer task writes responses strictly in request order. At most
 //! [`MAX_IN_FLIGHT`] responses are queued per connection; beyond that the
 //! reader stops reading, which pushes back on the client through TCP.
+//!
+//! A client that goes away (end of stream or a failed read) takes its
+//! pending work with it: long polls and acks waits are aborted and the
+//! connection's slot is free at once, as Kafka drops a closed channel's
+//! responses. Only a broker shutdown lets queued responses drain.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,12 +49,26 @@ pub(crate) async fn run(
     }
     let (reader, writer) = socket.into_split();
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
-    let writer = tokio::spawn(write_loop(writer, rx, peer));
-    read_loop(&ctx, reader, tx, peer, stop).await;
-    // The sender is gone: the writer flushes what is queued and closes.
+    let (gone_tx, gone_rx) = watch::channel(false);
+    let writer = tokio::spawn(write_loop(writer, rx, peer, gone_rx));
+    if read_loop(&ctx, reader, tx, peer, stop).await == Ended::PeerGone {
+        let _ = gone_tx.send(true);
+    }
+    // The sender is gone: the writer flushes what is queued and closes, or
+    // (peer gone) aborts it.
     if let Err(err) = writer.await {
         tracing::error!(%peer, error = %err, "connection writer failed");
     }
+}
+
+/// Why the reader stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The client closed the connection or it broke: nobody will read the
+    /// answers still pending.
+    PeerGone,
+    /// The broker stops, or closes the connection itself.
+    Closed,
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
@@ -58,49 +77,49 @@ async fn read_loop<R: AsyncRead + Unpin>(
     tx: mpsc::Sender<Slot>,
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
-) {
+) -> Ended {
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let max = ctx.config.max_request_bytes;
     loop {
         if *stop.borrow() {
-            return;
+            return Ended::Closed;
         }
         let frame = tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.changed() => return Ended::Closed,
             // The writer closed (peer gone or a fatal response error).
-            _ = tx.closed() => return,
+            _ = tx.closed() => return Ended::PeerGone,
             frame = read_frame(&mut reader, max, peer) => match frame {
-                Some(frame) => frame,
-                None => return,
+                Ok(frame) => frame,
+                Err(ended) => return ended,
             },
         };
         match dispatch::handle(ctx, frame, peer).await {
             Outcome::Respond(slot) => {
                 if tx.send(slot).await.is_err() {
                     // The writer is gone (peer closed); stop reading.
-                    return;
+                    return Ended::PeerGone;
                 }
             }
             Outcome::NoResponse => {}
-            Outcome::Close => return,
+            Outcome::Close => return Ended::Closed,
         }
     }
 }
 
-/// Reads one size-prefixed frame; None closes the connection (logged here
+/// Reads one size-prefixed frame; an error ends the connection (logged here
 /// when the peer did something wrong).
 async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     max: usize,
     peer: SocketAddr,
-) -> Option<Bytes> {
+) -> Result<Bytes, Ended> {
     let size = match reader.read_i32().await {
         Ok(size) => size,
         Err(err) => {
             if err.kind() != std::io::ErrorKind::UnexpectedEof {
                 tracing::debug!(%peer, error = %err, "read failed");
             }
-            return None;
+            return Err(Ended::PeerGone);
         }
     };
     // Checked before allocating anything for the frame.
@@ -108,7 +127,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
         Ok(len) if len <= max => len,
         _ => {
             tracing::warn!(%peer, size, max, "closing connection: request size out of range");
-            return None;
+            return Err(Ended::Closed);
         }
     };
     let mut buf = BytesMut::with_capacity(len);
@@ -117,31 +136,46 @@ async fn read_frame<R: AsyncRead + Unpin>(
         match limited.read_buf(&mut buf).await {
             Ok(0) => {
                 tracing::warn!(%peer, expected = len, got = buf.len(), "closing connection: truncated request frame");
-                return None;
+                return Err(Ended::PeerGone);
             }
             Ok(_) => {}
             Err(err) => {
                 tracing::debug!(%peer, error = %err, "read failed");
-                return None;
+                return Err(Ended::PeerGone);
             }
         }
     }
-    Some(buf.freeze())
+    Ok(buf.freeze())
 }
 
-async fn write_loop(writer: OwnedWriteHalf, mut rx: mpsc::Receiver<Slot>, peer: SocketAddr) {
+async fn write_loop(
+    writer: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Slot>,
+    peer: SocketAddr,
+    mut gone: watch::Receiver<bool>,
+) {
     let mut writer = BufWriter::with_capacity(64 * 1024, writer);
     while let Some(slot) = rx.recv().await {
         let bytes = match slot {
             Slot::Ready(bytes) => bytes,
-            Slot::Pending(task) => match task.await {
-                Ok(Some(bytes)) => bytes,
-                Ok(None) => break,
-                Err(err) => {
-                    tracing::error!(%peer, error = %err, "request task failed; closing connection");
-                    break;
+            Slot::Pending(mut task) => {
+                let done = tokio::select! {
+                    done = &mut task => done,
+                    Ok(_) = gone.wait_for(|gone| *gone) => {
+                        task.abort();
+                        abort_pending(&mut rx);
+                        return;
+                    }
+                };
+                match done {
+                    Ok(Some(bytes)) => bytes,
+                    Ok(None) => break,
+                    Err(err) => {
+                        tracing::error!(%peer, error = %err, "request task failed; closing connection");
+                        break;
+                    }
                 }
-            },
+            }
         };
         if let Err(err) = writer.write_all(&bytes).await {
             tracing::debug!(%peer, error = %err, "write failed");
@@ -157,4 +191,14 @@ async fn write_loop(writer: OwnedWriteHalf, mut rx: mpsc::Receiver<Slot>, peer: 
     }
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;
+}
+
+/// Aborts the work queued for a client that is gone.
+fn abort_pending(rx: &mut mpsc::Receiver<Slot>) {
+    rx.close();
+    while let Ok(slot) = rx.try_recv() {
+        if let Slot::Pending(task) = slot {
+            task.abort();
+        }
+    }
 }

@@ -107,6 +107,10 @@ pub struct ServerConfig {
     pub max_request_bytes: usize,
     /// Connections served at once; further ones are closed at accept (default 10,000).
     pub max_connections: usize,
+    /// Most record bytes in one Fetch response, whatever the client asks
+    /// (`fetch.max.bytes`, default 55 MiB); also each partition's share of a
+    /// follower's fetch. The first batch of a response may exceed it (KIP-74).
+    pub fetch_max_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -118,6 +122,7 @@ impl Default for ServerConfig {
             default_partitions: 1,
             max_request_bytes: 100 * 1024 * 1024,
             max_connections: 10_000,
+            fetch_max_bytes: 55 * 1024 * 1024,
         }
     }
 }

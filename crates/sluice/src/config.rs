@@ -34,6 +34,8 @@ impl Defaults {
     pub const NUM_PARTITIONS: u32 = 1;
     pub const MAX_REQUEST_BYTES: usize = 100 * 1024 * 1024;
     pub const MAX_CONNECTIONS: usize = 10_000;
+    /// Kafka's fetch.max.bytes.
+    pub const FETCH_MAX_BYTES: usize = 55 * 1024 * 1024;
     pub const RAFT_ADDR: &'static str = "0.0.0.0:9093";
     /// acks=all needs this many in-sync replicas (Kafka's default is 1; two of
     /// three keeps every acknowledged write through the loss of any one node).
@@ -136,6 +138,10 @@ pub struct ServeArgs {
     /// Kafka connections served at once [default: 10000].
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Most record bytes in one Fetch response, whatever the client asks for
+    /// [default: 57671680].
+    #[arg(long, env = "SLUICE_FETCH_MAX_BYTES", value_name = "N")]
+    pub fetch_max_bytes: Option<usize>,
 }
 
 /// The TOML file. Unknown keys are errors so that a typo is not silently ignored.
@@ -177,6 +183,7 @@ pub struct KafkaSection {
     pub num_partitions: Option<u32>,
     pub max_request_bytes: Option<usize>,
     pub max_connections: Option<usize>,
+    pub fetch_max_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -277,6 +284,7 @@ pub struct Config {
     pub num_partitions: u32,
     pub max_request_bytes: usize,
     pub max_connections: usize,
+    pub fetch_max_bytes: usize,
     pub group: GroupConfig,
     /// Cluster mode, when peers are configured.
     pub cluster: Option<ClusterSettings>,
@@ -484,6 +492,10 @@ impl Config {
                 .max_connections
                 .or(file.kafka.max_connections)
                 .unwrap_or(Defaults::MAX_CONNECTIONS),
+            fetch_max_bytes: args
+                .fetch_max_bytes
+                .or(file.kafka.fetch_max_bytes)
+                .unwrap_or(Defaults::FETCH_MAX_BYTES),
             group,
             cluster,
             topic_defaults,
@@ -656,6 +668,7 @@ mod tests {
         assert_eq!(c.num_partitions, d.num_partitions);
         assert_eq!(c.max_request_bytes, d.max_request_bytes);
         assert_eq!(c.max_connections, d.max_connections);
+        assert_eq!(c.fetch_max_bytes, d.fetch_max_bytes);
         assert_eq!(c.retention_check_interval, d.retention_check_interval);
         assert_eq!(
             c.group.initial_rebalance_delay_ms,

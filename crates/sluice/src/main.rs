@@ -6,6 +6,7 @@
 mod cli;
 mod config;
 mod http;
+mod logging;
 mod serve;
 
 use std::io::IsTerminal;
@@ -91,10 +92,11 @@ fn main() -> ExitCode {
 /// filtered by SLUICE_LOG (tracing's EnvFilter syntax, default `info`).
 fn init_logging() {
     let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(logging::EscapingStderr { ansi })
+        .with_ansi(ansi)
         .init();
 }
 

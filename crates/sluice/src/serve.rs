@@ -53,6 +53,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         default_partitions: config.num_partitions,
         max_request_bytes: config.max_request_bytes,
         max_connections: config.max_connections,
+        fetch_max_bytes: config.fetch_max_bytes,
     };
     let kafka = KafkaListener::bind(server_config)
         .await

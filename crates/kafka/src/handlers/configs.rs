@@ -203,6 +203,7 @@ fn broker_configs(ctx: &Ctx) -> Vec<(&'static str, String)> {
             "socket.request.max.bytes",
             ctx.config.max_request_bytes.to_string(),
         ),
+        ("fetch.max.bytes", ctx.config.fetch_max_bytes.to_string()),
     ]
 }
 

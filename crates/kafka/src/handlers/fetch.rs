@@ -48,21 +48,55 @@ fn replica_id(req: &FetchRequest, version: i16) -> i32 {
     }
 }
 
+/// Kafka answers each partition of a fetch once: a partition listed again
+/// (a buggy or hostile client) is dropped from the request, so it is neither
+/// read twice nor answered twice. The first listing wins.
+fn first_listings<'r>(
+    ctx: &Ctx,
+    req: &'r FetchRequest,
+    by_id: bool,
+) -> Vec<(
+    &'r fetch_request::FetchTopic,
+    Option<String>,
+    Vec<&'r fetch_request::FetchPartition>,
+)> {
+    let mut seen = std::collections::HashSet::new();
+    req.topics
+        .iter()
+        .map(|topic| {
+            let name = if by_id {
+                topic_name_by_id(ctx, topic.topic_id)
+            } else {
+                Some(topic.topic.0.to_string())
+            };
+            let partitions = topic
+                .partitions
+                .iter()
+                .filter(|fp| match &name {
+                    Some(n) => seen.insert((n.clone(), fp.partition)),
+                    None => seen.insert((format!("id:{}", topic.topic_id), fp.partition)),
+                })
+                .collect();
+            (topic, name, partitions)
+        })
+        .collect()
+}
+
 fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
     let by_id = version >= 13;
-    let response_max = usize::try_from(req.max_bytes).unwrap_or(0);
+    // The broker's cap (fetch.max.bytes) bounds what one response holds,
+    // whatever the client asks for.
+    let response_max = usize::try_from(req.max_bytes)
+        .unwrap_or(0)
+        .min(ctx.config.fetch_max_bytes);
     let mut bytes = 0usize;
     let mut error = false;
     let mut watched = Vec::new();
-    let mut topics = Vec::with_capacity(req.topics.len());
-    for topic in &req.topics {
-        let resolved: Option<std::borrow::Cow<'_, str>> = if by_id {
-            topic_name_by_id(ctx, topic.topic_id).map(Into::into)
-        } else {
-            Some(topic.topic.0.as_str().into())
-        };
-        let mut partitions = Vec::with_capacity(topic.partitions.len());
-        for fp in &topic.partitions {
+    let listings = first_listings(ctx, req, by_id);
+    let mut topics = Vec::with_capacity(listings.len());
+    for (topic, resolved, requested) in listings {
+        let mut partitions = Vec::with_capacity(requested.len());
+        for fp in requested {
             let mut pd = PartitionData::default()
                 .with_partition_index(fp.partition)
                 .with_high_watermark(-1)
@@ -223,14 +257,11 @@ async fn follower_fetch(
     let by_id = version >= 13;
     let max_wait = Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0));
     let topology = ctx.topology.as_ref();
-    let topics = futures::future::join_all(req.topics.iter().map(|topic| {
-        let name = if by_id {
-            topic_name_by_id(&ctx, topic.topic_id)
-        } else {
-            Some(topic.topic.0.to_string())
-        };
-        async move {
-            let partitions = futures::future::join_all(topic.partitions.iter().map(|fp| {
+    let partition_cap = ctx.config.fetch_max_bytes;
+    let listings = first_listings(&ctx, &req, by_id);
+    let topics = futures::future::join_all(listings.into_iter().map(
+        |(topic, name, requested)| async move {
+            let partitions = futures::future::join_all(requested.into_iter().map(|fp| {
                 let name = name.clone();
                 async move {
                     let pd = PartitionData::default()
@@ -250,7 +281,9 @@ async fn follower_fetch(
                         current_leader_epoch: fp.current_leader_epoch,
                         last_fetched_epoch: fp.last_fetched_epoch,
                         log_start_offset: fp.log_start_offset,
-                        max_bytes: usize::try_from(fp.partition_max_bytes).unwrap_or(0),
+                        max_bytes: usize::try_from(fp.partition_max_bytes)
+                            .unwrap_or(0)
+                            .min(partition_cap),
                         max_wait,
                     };
                     let answer = topology.follower_fetch(replica, &args).await;
@@ -269,8 +302,8 @@ async fn follower_fetch(
                 resp.topic = topic.topic.clone();
             }
             resp
-        }
-    }))
+        },
+    ))
     .await;
     FetchResponse::default().with_responses(topics)
 }

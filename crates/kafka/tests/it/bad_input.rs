@@ -207,3 +207,171 @@ async fn huge_array_count_child() {
     assert_healthy(&server, &mut log, "huge array").await;
     server.stop().await;
 }
+
+/// A fetch request for `partitions` of `topic`, each listed `times` times,
+/// asking for everything (no client-side limit).
+fn greedy_fetch(topic: &str, partitions: i32, times: usize) -> FetchRequest {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    let listed = (0..times)
+        .flat_map(|_| 0..partitions)
+        .map(|p| {
+            FetchPartition::default()
+                .with_partition(p)
+                .with_fetch_offset(0)
+                .with_partition_max_bytes(i32::MAX)
+        })
+        .collect();
+    FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(0)
+        .with_min_bytes(0)
+        .with_max_bytes(i32::MAX)
+        .with_session_epoch(-1)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(name(topic))
+            .with_partitions(listed)])
+}
+
+fn record_bytes(resp: &FetchResponse) -> usize {
+    resp.responses
+        .iter()
+        .flat_map(|t| &t.partitions)
+        .map(|p| p.records.as_ref().map_or(0, |r| r.len()))
+        .sum()
+}
+
+/// However much a client asks for, one Fetch response holds at most the
+/// broker's fetch cap of record bytes, and a partition listed many times is
+/// read and answered once (Kafka collapses duplicates). Without both, a few
+/// hundred request bytes could make the broker build a response of hundreds
+/// of megabytes.
+#[tokio::test]
+async fn fetch_responses_are_capped_and_each_partition_is_read_once() {
+    const CAP: usize = 256 * 1024;
+    let server = Server::start_with(|s| s.server.fetch_max_bytes = CAP).await;
+    server.create_topic("big", 4).await;
+    let mut c = server.client().await;
+    // Batches of about 100 KiB: 50 records with 1,000-byte keys (and values).
+    let prefix = "k".repeat(1_000);
+    for p in 0..4 {
+        for b in 0..8 {
+            let k = keys(50, &format!("{prefix}-{b}-"));
+            assert_eq!(
+                produce(&mut c, "big", p, batch(&strs(&k), 1_000)).await.0,
+                0
+            );
+        }
+    }
+    let resp = c.call(&greedy_fetch("big", 4, 20), 11).await;
+    assert_eq!(resp.error_code, 0);
+    let answered: Vec<i32> = resp.responses[0]
+        .partitions
+        .iter()
+        .map(|p| p.partition_index)
+        .collect();
+    assert_eq!(answered, vec![0, 1, 2, 3], "each partition answered once");
+    let total = record_bytes(&resp);
+    assert!(total > 0 && total <= CAP, "{total} record bytes, cap {CAP}");
+    // What came back is whole batches, from offset 0.
+    let first = decode(
+        resp.responses[0].partitions[0]
+            .records
+            .clone()
+            .unwrap_or_default(),
+    );
+    assert_eq!(first.first().map(|r| r.0), Some(0));
+    assert_eq!(first.len() % 50, 0);
+}
+
+/// The cap never stalls a consumer: a batch larger than the cap is still
+/// returned, alone, as the first data of a response (KIP-74).
+#[tokio::test]
+async fn a_batch_above_the_fetch_cap_is_still_delivered() {
+    const CAP: usize = 64 * 1024;
+    let server = Server::start_with(|s| s.server.fetch_max_bytes = CAP).await;
+    server.create_topic("wide", 1).await;
+    let mut c = server.client().await;
+    let prefix = "w".repeat(1_000);
+    for b in 0..2 {
+        let k = keys(100, &format!("{prefix}-{b}-"));
+        assert_eq!(
+            produce(&mut c, "wide", 0, batch(&strs(&k), 1_000)).await.0,
+            0
+        );
+    }
+    let resp = c.call(&greedy_fetch("wide", 1, 1), 11).await;
+    let got = decode(
+        resp.responses[0].partitions[0]
+            .records
+            .clone()
+            .unwrap_or_default(),
+    );
+    assert_eq!(got.len(), 100, "exactly the first (oversized) batch");
+    assert!(record_bytes(&resp) > CAP);
+    let (_, _, rest) = fetch(&mut c, "wide", 0, 100).await;
+    assert_eq!(rest.len(), 100, "and the next one after it");
+}
+
+/// A fresh connection that got an answer to ApiVersions, or `None` when the
+/// broker closed it (at its connection limit).
+async fn served(server: &Server) -> Option<Raw> {
+    use tokio::io::AsyncReadExt;
+    let mut c = server.client().await;
+    let (_, frame) = c.frame(&ApiVersionsRequest::default(), 3);
+    let mut stream = c.into_stream();
+    stream.write_all(&frame).await.ok()?;
+    let mut size = [0u8; 4];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_exact(&mut size),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let mut body = vec![0u8; usize::try_from(i32::from_be_bytes(size)).ok()?];
+    stream.read_exact(&mut body).await.ok()?;
+    Some(Raw::from_stream(stream))
+}
+
+/// Polls until a fresh connection is served, at most `limit`.
+async fn served_within(server: &Server, limit: std::time::Duration) -> Option<Raw> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(c) = served(server).await {
+            return Some(c);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A client that goes away while its long-poll Fetch waits takes the request
+/// with it: the connection's slot is free at once, not when the poll's max
+/// wait (here ten minutes) runs out.
+#[tokio::test]
+async fn an_abandoned_long_poll_frees_its_connection_slot() {
+    let server = Server::start_with(|s| s.server.max_connections = 2).await;
+    server.create_topic("quiet", 1).await;
+    let limit = std::time::Duration::from_secs(5);
+    // Both slots: served connections that then wait on a long poll.
+    let mut polls = Vec::new();
+    for _ in 0..2 {
+        let mut c = served_within(&server, limit)
+            .await
+            .expect("a free slot while fewer than two are taken");
+        let req = fetch_request("quiet", 0, 0)
+            .with_max_wait_ms(600_000)
+            .with_min_bytes(1);
+        c.send(&req, 11).await;
+        polls.push(c);
+    }
+    // The broker is full: a third connection is refused.
+    assert!(served(&server).await.is_none(), "the limit holds");
+    drop(polls);
+    assert!(
+        served_within(&server, limit).await.is_some(),
+        "the abandoned long polls still hold the connection slots"
+    );
+}

@@ -101,6 +101,21 @@ impl Raw {
         correlation_id
     }
 
+    /// The socket itself, for a test that must see write and read errors.
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
+    /// A client over a socket [`Raw::into_stream`] gave out, with no bytes of
+    /// an answer left unread on it.
+    pub fn from_stream(stream: TcpStream) -> Raw {
+        Raw {
+            stream,
+            next_correlation: 100,
+            rbuf: BytesMut::new(),
+        }
+    }
+
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
     }

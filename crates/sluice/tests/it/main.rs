@@ -794,3 +794,58 @@ fn now_ms() -> i64 {
         .unwrap()
         .as_millis() as i64
 }
+
+/// A client-chosen string (here a group id) with a newline in it cannot forge a
+/// log line: the broker escapes control characters inside each event.
+#[test]
+fn client_strings_cannot_forge_log_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log_path = tmp.path().join("broker.log");
+    let mut child = sluice_cmd()
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .args(["--kafka-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--group-initial-rebalance-delay-ms", "0"])
+        .env("SLUICE_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let kafka = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("kafka="))
+        .unwrap_or_else(|| panic!("no kafka= in {line:?}"))
+        .to_string();
+    let created = sluice_cmd()
+        .args(["topic", "create", "jobs", "--bootstrap", &kafka])
+        .output()
+        .unwrap();
+    assert_success(&created, &["topic", "create"]);
+    let group = "evil\nFORGED ERROR sluice: disk on fire\r";
+    let out = sluice_cmd()
+        .args(["consume", "jobs", "--group", group, "--from-beginning"])
+        .args(["--max-messages", "1", "--timeout-ms", "3000"])
+        .args(["--bootstrap", &kafka])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(out, Duration::from_secs(60));
+    assert_success(&out, &["consume"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains(r"evil\nFORGED ERROR sluice: disk on fire\r"),
+        "the group id is logged, escaped:\n{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED")),
+        "a forged line:\n{log}"
+    );
+}
