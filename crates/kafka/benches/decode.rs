@@ -7,7 +7,9 @@
 //! - `decode/produce_v9_16KiB`: acks=all, one partition, one uncompressed
 //!   16 KiB batch of 100-byte records made by RecordBatchEncoder;
 //! - `decode/fetch_v12`: a consumer's fetch of one partition (1 MiB max);
-//! - `decode/metadata_v12`: metadata for one topic.
+//! - `decode/metadata_v12`: metadata for one topic;
+//! - `validate/records_16KiB`: the record walk Produce runs on that batch
+//!   before appending (throughput per record).
 //!
 //! Throughput is per request (and frame bytes for Produce).
 //!
@@ -197,6 +199,17 @@ fn bench_decode(c: &mut Criterion) {
     });
     group.bench_function("metadata_v12", |b| {
         b.iter(|| black_box(decode::<MetadataRequest>(black_box(&metadata))))
+    });
+    group.finish();
+
+    // The record walk Produce adds before appending, per record of the same batch.
+    let mut group = c.benchmark_group("validate");
+    group.throughput(Throughput::ElementsAndBytes {
+        elements: records as u64,
+        bytes: batch.len() as u64,
+    });
+    group.bench_function("records_16KiB", |b| {
+        b.iter(|| black_box(sluice_kafka::validate_records(black_box(&batch))).unwrap())
     });
     group.finish();
 }

@@ -80,6 +80,7 @@ mod api_versions;
 mod connection;
 mod dispatch;
 mod handlers;
+mod records;
 mod server;
 
 pub use api_versions::SUPPORTED_APIS;
@@ -89,6 +90,14 @@ pub use api_versions::SUPPORTED_APIS;
 #[doc(hidden)]
 pub fn decode_request_frame(frame: &[u8]) -> Result<(), String> {
     dispatch::decode_only(bytes::Bytes::copy_from_slice(frame))
+}
+
+/// Checks the records of a producer's batches the way Produce does before
+/// appending; the error is what the client is told. For the fuzz target and
+/// tests; not an API.
+#[doc(hidden)]
+pub fn validate_records(batches: &[u8]) -> Result<(), String> {
+    records::validate(batches).map_err(|fault| fault.message)
 }
 
 /// Front-end settings.

@@ -1,11 +1,14 @@
 //! Produce: record batches go to the partition leader's
-//! [`Leadership::append`] exactly as received (the store validates them); the
+//! [`Leadership::append`] exactly as received, once their records passed
+//! [`crate::records::validate`] (the store checks headers and CRCs); the
 //! response waits for durability (acks=1) or for the high watermark (acks=all).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::produce_response::{
+    BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
+};
 use kafka_protocol::messages::*;
 use sluice_topology::Leadership;
 use sluice_vocab::internal::is_internal;
@@ -35,6 +38,14 @@ fn append(
     let Some(records) = records else {
         return Err(Refused::new(ErrorCode::CorruptMessage, "no records"));
     };
+    if let Err(fault) = crate::records::validate(records) {
+        if let Some(index) = fault.record {
+            resp.record_errors = vec![BatchIndexAndErrorMessage::default()
+                .with_batch_index(index)
+                .with_batch_index_error_message(Some(str_bytes(&fault.message)))];
+        }
+        return Err(fault.refused());
+    }
     let appended = leadership
         .append(records)
         .map_err(|e| Refused::from_error(&e))?;
@@ -122,6 +133,9 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
                 resp.error_code = refused.code.code();
                 if h.version >= 8 {
                     resp.error_message = Some(str_bytes(&refused.message));
+                } else {
+                    // Not in the older response schemas.
+                    resp.record_errors.clear();
                 }
             }
             partitions.push(resp);

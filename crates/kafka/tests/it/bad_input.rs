@@ -375,3 +375,63 @@ async fn an_abandoned_long_poll_frees_its_connection_slot() {
         "the abandoned long polls still hold the connection slots"
     );
 }
+
+/// A real one-record batch, changed by `f` and sealed again (length and
+/// CRC-32C recomputed), as a client that means it would send it.
+fn forged(f: impl FnOnce(&mut Vec<u8>)) -> bytes::Bytes {
+    let mut b = batch(&["forged"], 1_000).to_vec();
+    f(&mut b);
+    let len = i32::try_from(b.len() - 12).unwrap();
+    b[8..12].copy_from_slice(&len.to_be_bytes());
+    let crc = crc32c::crc32c(&b[21..]);
+    b[17..21].copy_from_slice(&crc.to_be_bytes());
+    b.into()
+}
+
+/// Batches whose CRC is right but whose records are not what the header says
+/// are refused with CORRUPT_MESSAGE, as Kafka's LogValidator refuses them:
+/// nothing is appended (no phantom offsets), and the records produced after
+/// them are delivered to consumers.
+#[tokio::test]
+async fn batches_whose_records_lie_are_refused() {
+    let (server, mut log) = seeded().await;
+    let set_count = |count: i32| {
+        move |b: &mut Vec<u8>| {
+            b[23..27].copy_from_slice(&(count - 1).to_be_bytes());
+            b[57..61].copy_from_slice(&count.to_be_bytes());
+        }
+    };
+    let cases: Vec<(&str, bytes::Bytes, Option<i32>)> = vec![
+        ("count 5, one record", forged(set_count(5)), Some(1)),
+        (
+            "count 2^31-1 in 70 bytes",
+            forged(set_count(i32::MAX)),
+            Some(1),
+        ),
+        (
+            "40 bytes of 0xff as the record",
+            forged(|b| {
+                b.truncate(61);
+                b.extend_from_slice(&[0xff; 40]);
+            }),
+            Some(0),
+        ),
+        ("unknown codec 7", forged(|b| b[22] |= 7), None),
+    ];
+    for (what, records, bad_record) in cases {
+        let mut c = server.client().await;
+        let resp = c.call(&produce_request("safe", 0, records, -1), 9).await;
+        let p = &resp.responses[0].partition_responses[0];
+        assert_eq!(
+            p.error_code,
+            ErrorCode::CorruptMessage.code(),
+            "{what}: {p:?}"
+        );
+        assert_eq!(
+            p.record_errors.first().map(|e| e.batch_index),
+            bad_record,
+            "{what}: {p:?}"
+        );
+        assert_healthy(&server, &mut log, what).await;
+    }
+}

@@ -801,6 +801,14 @@ fn now_ms() -> i64 {
 fn client_strings_cannot_forge_log_lines() {
     let tmp = tempfile::tempdir().unwrap();
     let log_path = tmp.path().join("broker.log");
+    /// Kills the broker however the test ends.
+    struct Killed(Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut child = sluice_cmd()
         .arg("serve")
         .arg("--data-dir")
@@ -812,10 +820,10 @@ fn client_strings_cannot_forge_log_lines() {
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let child = Killed(child);
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
     let kafka = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("kafka="))
@@ -837,8 +845,7 @@ fn client_strings_cannot_forge_log_lines() {
         .unwrap();
     let out = wait_output(out, Duration::from_secs(60));
     assert_success(&out, &["consume"]);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(
         log.contains(r"evil\nFORGED ERROR sluice: disk on fire\r"),
