@@ -11,9 +11,12 @@
 //! A client that goes away (end of stream or a failed read) takes its
 //! pending work with it: long polls and acks waits are aborted and the
 //! connection's slot is free at once, as Kafka drops a closed channel's
-//! responses. Only a broker shutdown lets queued responses drain.
+//! responses. Only a broker shutdown lets queued responses drain. A
+//! connection that neither sent a request nor got a response for
+//! `connections_max_idle` is closed the same way.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -22,6 +25,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::dispatch::{self, Outcome};
 use crate::server::Ctx;
@@ -50,8 +54,9 @@ pub(crate) async fn run(
     let (reader, writer) = socket.into_split();
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
     let (gone_tx, gone_rx) = watch::channel(false);
-    let writer = tokio::spawn(write_loop(writer, rx, peer, gone_rx));
-    if read_loop(&ctx, reader, tx, peer, stop).await == Ended::PeerGone {
+    let activity = Arc::new(Activity::new());
+    let writer = tokio::spawn(write_loop(writer, rx, peer, gone_rx, activity.clone()));
+    if read_loop(&ctx, reader, tx, peer, stop, &activity).await == Ended::PeerGone {
         let _ = gone_tx.send(true);
     }
     // The sender is gone: the writer flushes what is queued and closes, or
@@ -61,11 +66,36 @@ pub(crate) async fn run(
     }
 }
 
+/// When the connection last read a request or wrote a response.
+struct Activity {
+    start: Instant,
+    /// Milliseconds after `start`.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
 /// Why the reader stopped.
 #[derive(Debug, PartialEq, Eq)]
 enum Ended {
-    /// The client closed the connection or it broke: nobody will read the
-    /// answers still pending.
+    /// The client closed the connection, it broke, or it sat idle: nobody
+    /// will read the answers still pending.
     PeerGone,
     /// The broker stops, or closes the connection itself.
     Closed,
@@ -77,22 +107,43 @@ async fn read_loop<R: AsyncRead + Unpin>(
     tx: mpsc::Sender<Slot>,
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
+    activity: &Activity,
 ) -> Ended {
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let max = ctx.config.max_request_bytes;
+    // Capped so that adding it to an instant cannot overflow.
+    let idle = ctx
+        .config
+        .connections_max_idle
+        .min(std::time::Duration::from_secs(365 * 24 * 3600));
     loop {
         if *stop.borrow() {
             return Ended::Closed;
         }
-        let frame = tokio::select! {
-            _ = stop.changed() => return Ended::Closed,
-            // The writer closed (peer gone or a fatal response error).
-            _ = tx.closed() => return Ended::PeerGone,
-            frame = read_frame(&mut reader, max, peer) => match frame {
-                Ok(frame) => frame,
-                Err(ended) => return ended,
-            },
+        // One read future across idle checks: dropping it mid-frame would
+        // lose the bytes it already took.
+        let read = read_frame(&mut reader, max, peer);
+        tokio::pin!(read);
+        let frame = loop {
+            let idle_at = activity.last() + idle;
+            tokio::select! {
+                _ = stop.changed() => return Ended::Closed,
+                // The writer closed (peer gone or a fatal response error).
+                _ = tx.closed() => return Ended::PeerGone,
+                _ = tokio::time::sleep_until(idle_at) => {
+                    // A response written meanwhile counts as activity.
+                    if activity.last() + idle <= Instant::now() {
+                        tracing::debug!(%peer, idle_ms = idle.as_millis(), "closing idle connection");
+                        return Ended::PeerGone;
+                    }
+                }
+                frame = &mut read => match frame {
+                    Ok(frame) => break frame,
+                    Err(ended) => return ended,
+                },
+            }
         };
+        activity.touch();
         match dispatch::handle(ctx, frame, peer).await {
             Outcome::Respond(slot) => {
                 if tx.send(slot).await.is_err() {
@@ -153,6 +204,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Slot>,
     peer: SocketAddr,
     mut gone: watch::Receiver<bool>,
+    activity: Arc<Activity>,
 ) {
     let mut writer = BufWriter::with_capacity(64 * 1024, writer);
     while let Some(slot) = rx.recv().await {
@@ -181,6 +233,7 @@ async fn write_loop(
             tracing::debug!(%peer, error = %err, "write failed");
             return;
         }
+        activity.touch();
         // Coalesce writes of responses that are already queued.
         if rx.is_empty() {
             if let Err(err) = writer.flush().await {

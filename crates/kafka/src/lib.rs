@@ -116,6 +116,12 @@ pub struct ServerConfig {
     pub max_request_bytes: usize,
     /// Connections served at once; further ones are closed at accept (default 10,000).
     pub max_connections: usize,
+    /// Connections served at once from one client address (`max.connections.per.ip`;
+    /// default: no limit below `max_connections`).
+    pub max_connections_per_ip: usize,
+    /// A connection with no request read and no response written for this long
+    /// is closed (`connections.max.idle.ms`, default 10 minutes).
+    pub connections_max_idle: std::time::Duration,
     /// Most record bytes in one Fetch response, whatever the client asks
     /// (`fetch.max.bytes`, default 55 MiB); also each partition's share of a
     /// follower's fetch. The first batch of a response may exceed it (KIP-74).
@@ -131,6 +137,8 @@ impl Default for ServerConfig {
             default_partitions: 1,
             max_request_bytes: 100 * 1024 * 1024,
             max_connections: 10_000,
+            max_connections_per_ip: usize::MAX,
+            connections_max_idle: std::time::Duration::from_secs(600),
             fetch_max_bytes: 55 * 1024 * 1024,
         }
     }

@@ -1,9 +1,12 @@
 //! The accept loop: connection limit, per-connection tasks and graceful shutdown.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use sluice_group::Coordination;
 use sluice_topology::Topology;
@@ -38,6 +41,7 @@ pub(crate) async fn serve(
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(ctx.config.max_connections));
+    let per_ip = Arc::new(PerAddress::default());
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -46,10 +50,20 @@ pub(crate) async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => match permits.clone().try_acquire_owned() {
                     Ok(permit) => {
+                        let Some(address_slot) =
+                            per_ip.acquire(peer.ip(), ctx.config.max_connections_per_ip)
+                        else {
+                            tracing::warn!(%peer,
+                                max_connections_per_ip = ctx.config.max_connections_per_ip,
+                                "connection limit of this address reached; closing new connection");
+                            drop(socket);
+                            continue;
+                        };
                         let ctx = ctx.clone();
                         let stop = stop_rx.clone();
                         connections.spawn(async move {
                             connection::run(ctx, socket, peer, stop).await;
+                            drop(address_slot);
                             drop(permit);
                         });
                     }
@@ -86,6 +100,46 @@ pub(crate) async fn serve(
         connections.shutdown().await;
     }
     Ok(())
+}
+
+/// Connections open per client address (Kafka's max.connections.per.ip).
+#[derive(Default)]
+struct PerAddress {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerAddress {
+    /// A slot for one more connection from `ip`, unless it has `limit` already.
+    fn acquire(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<AddressSlot> {
+        let mut open = self.open.lock();
+        let n = open.entry(ip).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One open connection of an address; released on drop.
+struct AddressSlot {
+    table: Arc<PerAddress>,
+    ip: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock();
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// A wildcard bind address cannot be connected to; tell clients loopback.

@@ -36,6 +36,8 @@ impl Defaults {
     pub const MAX_CONNECTIONS: usize = 10_000;
     /// Kafka's fetch.max.bytes.
     pub const FETCH_MAX_BYTES: usize = 55 * 1024 * 1024;
+    /// Kafka's connections.max.idle.ms.
+    pub const CONNECTIONS_MAX_IDLE_MS: u64 = 600_000;
     pub const RAFT_ADDR: &'static str = "0.0.0.0:9093";
     /// acks=all needs this many in-sync replicas (Kafka's default is 1; two of
     /// three keeps every acknowledged write through the loss of any one node).
@@ -142,6 +144,14 @@ pub struct ServeArgs {
     /// [default: 57671680].
     #[arg(long, env = "SLUICE_FETCH_MAX_BYTES", value_name = "N")]
     pub fetch_max_bytes: Option<usize>,
+    /// Kafka connections served at once from one client address
+    /// [default: no limit of its own].
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Close a connection that sent no request and got no response for this
+    /// long [default: 600000].
+    #[arg(long, env = "SLUICE_CONNECTIONS_MAX_IDLE_MS", value_name = "MS")]
+    pub connections_max_idle_ms: Option<u64>,
 }
 
 /// The TOML file. Unknown keys are errors so that a typo is not silently ignored.
@@ -184,6 +194,8 @@ pub struct KafkaSection {
     pub max_request_bytes: Option<usize>,
     pub max_connections: Option<usize>,
     pub fetch_max_bytes: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    pub connections_max_idle_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -285,6 +297,8 @@ pub struct Config {
     pub max_request_bytes: usize,
     pub max_connections: usize,
     pub fetch_max_bytes: usize,
+    pub max_connections_per_ip: usize,
+    pub connections_max_idle: Duration,
     pub group: GroupConfig,
     /// Cluster mode, when peers are configured.
     pub cluster: Option<ClusterSettings>,
@@ -496,6 +510,15 @@ impl Config {
                 .fetch_max_bytes
                 .or(file.kafka.fetch_max_bytes)
                 .unwrap_or(Defaults::FETCH_MAX_BYTES),
+            max_connections_per_ip: args
+                .max_connections_per_ip
+                .or(file.kafka.max_connections_per_ip)
+                .unwrap_or(usize::MAX),
+            connections_max_idle: Duration::from_millis(
+                args.connections_max_idle_ms
+                    .or(file.kafka.connections_max_idle_ms)
+                    .unwrap_or(Defaults::CONNECTIONS_MAX_IDLE_MS),
+            ),
             group,
             cluster,
             topic_defaults,
@@ -669,6 +692,7 @@ mod tests {
         assert_eq!(c.max_request_bytes, d.max_request_bytes);
         assert_eq!(c.max_connections, d.max_connections);
         assert_eq!(c.fetch_max_bytes, d.fetch_max_bytes);
+        assert_eq!(c.connections_max_idle, d.connections_max_idle);
         assert_eq!(c.retention_check_interval, d.retention_check_interval);
         assert_eq!(
             c.group.initial_rebalance_delay_ms,

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the broker.
-    Serve(config::ServeArgs),
+    Serve(Box<config::ServeArgs>),
     /// Create, list, describe, alter and delete topics.
     Topic(cli::topic::TopicArgs),
     /// Produce one record per input line (stdin or --file).
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve(args) => runtime.block_on(serve::run(args)),
+        Command::Serve(args) => runtime.block_on(serve::run(*args)),
         Command::Topic(args) => runtime.block_on(cli::topic::run(args)),
         Command::Produce(args) => cli::produce::run(&runtime, args),
         Command::Consume(args) => cli::consume::run(&runtime, args),

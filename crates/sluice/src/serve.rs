@@ -54,6 +54,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         max_request_bytes: config.max_request_bytes,
         max_connections: config.max_connections,
         fetch_max_bytes: config.fetch_max_bytes,
+        max_connections_per_ip: config.max_connections_per_ip,
+        connections_max_idle: config.connections_max_idle,
     };
     let kafka = KafkaListener::bind(server_config)
         .await

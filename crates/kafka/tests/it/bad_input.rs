@@ -435,3 +435,44 @@ async fn batches_whose_records_lie_are_refused() {
         assert_healthy(&server, &mut log, what).await;
     }
 }
+
+/// A connection that sends nothing is closed after `connections_max_idle`
+/// (Kafka's connections.max.idle.ms); one that keeps sending requests is not.
+#[tokio::test]
+async fn idle_connections_are_closed_and_busy_ones_are_not() {
+    let idle = std::time::Duration::from_millis(300);
+    let server = Server::start_with(|s| s.server.connections_max_idle = idle).await;
+    let mut quiet = served(&server).await.expect("served");
+    let mut busy = served(&server).await.expect("served");
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < idle * 4 {
+        let resp = busy.call(&ApiVersionsRequest::default(), 3).await;
+        assert_eq!(resp.error_code, 0);
+        tokio::time::sleep(idle / 3).await;
+    }
+    assert!(
+        quiet.closed_by_server().await,
+        "the idle connection is closed"
+    );
+    let resp = busy.call(&ApiVersionsRequest::default(), 3).await;
+    assert_eq!(resp.error_code, 0, "the busy one still serves");
+}
+
+/// At most `max_connections_per_ip` connections from one address; a slot is
+/// free again once one of them closes.
+#[tokio::test]
+async fn connections_per_address_are_limited() {
+    let server = Server::start_with(|s| s.server.max_connections_per_ip = 2).await;
+    let limit = std::time::Duration::from_secs(5);
+    let first = served_within(&server, limit).await.expect("first");
+    let _second = served_within(&server, limit).await.expect("second");
+    assert!(
+        served(&server).await.is_none(),
+        "a third from 127.0.0.1 is refused"
+    );
+    drop(first);
+    assert!(
+        served_within(&server, limit).await.is_some(),
+        "a slot frees when a connection closes"
+    );
+}
