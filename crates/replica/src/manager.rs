@@ -645,6 +645,10 @@ impl ReplicaManager {
                     self.cfg.replica_lag_max,
                     self.cluster.clone(),
                 );
+                // Before the leadership is handed out: with an ISR of one the HW is
+                // the durable end at once, so a reader never sees committed data
+                // hidden while the leader task starts.
+                leader.on_durable_end();
                 let task = tokio::spawn(leader_loop(leader.clone(), self.cfg.replica_lag_max));
                 Some(Role::Leader { leader, task })
             }
