@@ -5,8 +5,12 @@
 //! idempotent sequences are checked in the order the producer sent them.
 //! Parts that wait (durability for acks, long-poll fetches) run as tasks;
 //! the writer task writes responses strictly in request order. At most
-//! [`MAX_IN_FLIGHT`] responses are queued per connection; beyond that the
-//! reader stops reading, which pushes back on the client through TCP.
+//! [`MAX_IN_FLIGHT`] responses are queued per connection, and the reader
+//! stops reading while the responses built but not yet written hold more
+//! than `max_unsent_response_bytes` (Kafka mutes such a channel): a client
+//! that sends requests and never reads the answers costs the broker about
+//! one budget plus one response, not a queue of full responses. Not reading
+//! pushes back on the client through TCP.
 //!
 //! A client that goes away (end of stream or a failed read) takes its
 //! pending work with it: long polls and acks waits are aborted and the
@@ -16,14 +20,14 @@
 //! `connections_max_idle` is closed the same way.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -32,6 +36,40 @@ use crate::server::Ctx;
 
 /// Responses queued or being prepared per connection.
 const MAX_IN_FLIGHT: usize = 64;
+
+/// Bytes of responses built for one connection and not yet written.
+pub(crate) struct Unsent {
+    bytes: AtomicUsize,
+    written: Notify,
+}
+
+impl Unsent {
+    fn new() -> Self {
+        Unsent {
+            bytes: AtomicUsize::new(0),
+            written: Notify::new(),
+        }
+    }
+
+    pub(crate) fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
+    fn sub(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+        self.written.notify_one();
+    }
+
+    fn get(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+}
+
+tokio::task_local! {
+    /// The connection whose request is being dispatched: a response finished
+    /// later (`dispatch::later`) counts itself against this connection's budget.
+    pub(crate) static UNSENT: Arc<Unsent>;
+}
 
 /// A response in its place in the connection's order.
 pub(crate) enum Slot {
@@ -55,8 +93,17 @@ pub(crate) async fn run(
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
     let (gone_tx, gone_rx) = watch::channel(false);
     let activity = Arc::new(Activity::new());
-    let writer = tokio::spawn(write_loop(writer, rx, peer, gone_rx, activity.clone()));
-    if read_loop(&ctx, reader, tx, peer, stop, &activity).await == Ended::PeerGone {
+    let unsent = Arc::new(Unsent::new());
+    let writer = tokio::spawn(write_loop(
+        writer,
+        rx,
+        peer,
+        gone_rx,
+        activity.clone(),
+        unsent.clone(),
+    ));
+    let ended = read_loop(&ctx, reader, tx, peer, stop, &activity, &unsent).await;
+    if ended == Ended::PeerGone {
         let _ = gone_tx.send(true);
     }
     // The sender is gone: the writer flushes what is queued and closes, or
@@ -108,6 +155,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
     activity: &Activity,
+    unsent: &Arc<Unsent>,
 ) -> Ended {
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let max = ctx.config.max_request_bytes;
@@ -116,9 +164,22 @@ async fn read_loop<R: AsyncRead + Unpin>(
         .config
         .connections_max_idle
         .min(std::time::Duration::from_secs(365 * 24 * 3600));
+    let budget = ctx.config.max_unsent_response_bytes;
     loop {
         if *stop.borrow() {
             return Ended::Closed;
+        }
+        // Muted while the client has not taken enough of its answers.
+        while unsent.get() > budget {
+            let written = unsent.written.notified();
+            if unsent.get() <= budget {
+                break;
+            }
+            tokio::select! {
+                _ = stop.changed() => return Ended::Closed,
+                _ = tx.closed() => return Ended::PeerGone,
+                _ = written => {}
+            }
         }
         // One read future across idle checks: dropping it mid-frame would
         // lose the bytes it already took.
@@ -144,8 +205,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         };
         activity.touch();
-        match dispatch::handle(ctx, frame, peer).await {
+        match UNSENT
+            .scope(unsent.clone(), dispatch::handle(ctx, frame, peer))
+            .await
+        {
             Outcome::Respond(slot) => {
+                if let Slot::Ready(bytes) = &slot {
+                    unsent.add(bytes.len());
+                }
                 if tx.send(slot).await.is_err() {
                     // The writer is gone (peer closed); stop reading.
                     return Ended::PeerGone;
@@ -205,6 +272,7 @@ async fn write_loop(
     peer: SocketAddr,
     mut gone: watch::Receiver<bool>,
     activity: Arc<Activity>,
+    unsent: Arc<Unsent>,
 ) {
     let mut writer = BufWriter::with_capacity(64 * 1024, writer);
     while let Some(slot) = rx.recv().await {
@@ -233,6 +301,8 @@ async fn write_loop(
             tracing::debug!(%peer, error = %err, "write failed");
             return;
         }
+        // Every response was counted when it was built (ready now, or by its task).
+        unsent.sub(bytes.len());
         activity.touch();
         // Coalesce writes of responses that are already queued.
         if rx.is_empty() {

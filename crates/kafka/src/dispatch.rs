@@ -344,9 +344,15 @@ where
     R: Encodable + HeaderVersion + Send + 'static,
     F: Future<Output = R> + Send + 'static,
 {
+    // Outside a connection (tests of a handler) nothing is counted.
+    let unsent = crate::connection::UNSENT.try_with(Arc::clone).ok();
     let task = tokio::spawn(async move {
         let resp = fut.await;
-        encode_frame(h, h.version, &resp)
+        let frame = encode_frame(h, h.version, &resp);
+        if let (Some(unsent), Some(frame)) = (&unsent, &frame) {
+            unsent.add(frame.len());
+        }
+        frame
     });
     Outcome::Respond(Slot::Pending(task))
 }

@@ -126,6 +126,9 @@ pub struct ServerConfig {
     /// (`fetch.max.bytes`, default 55 MiB); also each partition's share of a
     /// follower's fetch. The first batch of a response may exceed it (KIP-74).
     pub fetch_max_bytes: usize,
+    /// The reader of a connection stops taking requests while the responses
+    /// built for it and not yet written exceed this many bytes (default 64 MiB).
+    pub max_unsent_response_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -140,6 +143,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: usize::MAX,
             connections_max_idle: std::time::Duration::from_secs(600),
             fetch_max_bytes: 55 * 1024 * 1024,
+            max_unsent_response_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -36,6 +36,7 @@ impl Defaults {
     pub const MAX_CONNECTIONS: usize = 10_000;
     /// Kafka's fetch.max.bytes.
     pub const FETCH_MAX_BYTES: usize = 55 * 1024 * 1024;
+    pub const MAX_UNSENT_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
     /// Kafka's connections.max.idle.ms.
     pub const CONNECTIONS_MAX_IDLE_MS: u64 = 600_000;
     pub const RAFT_ADDR: &'static str = "0.0.0.0:9093";
@@ -152,6 +153,10 @@ pub struct ServeArgs {
     /// long [default: 600000].
     #[arg(long, env = "SLUICE_CONNECTIONS_MAX_IDLE_MS", value_name = "MS")]
     pub connections_max_idle_ms: Option<u64>,
+    /// Stop reading a connection's requests while its built, unsent responses
+    /// exceed this many bytes [default: 67108864].
+    #[arg(long, env = "SLUICE_MAX_UNSENT_RESPONSE_BYTES", value_name = "N")]
+    pub max_unsent_response_bytes: Option<usize>,
 }
 
 /// The TOML file. Unknown keys are errors so that a typo is not silently ignored.
@@ -196,6 +201,7 @@ pub struct KafkaSection {
     pub fetch_max_bytes: Option<usize>,
     pub max_connections_per_ip: Option<usize>,
     pub connections_max_idle_ms: Option<u64>,
+    pub max_unsent_response_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -299,6 +305,7 @@ pub struct Config {
     pub fetch_max_bytes: usize,
     pub max_connections_per_ip: usize,
     pub connections_max_idle: Duration,
+    pub max_unsent_response_bytes: usize,
     pub group: GroupConfig,
     /// Cluster mode, when peers are configured.
     pub cluster: Option<ClusterSettings>,
@@ -519,6 +526,10 @@ impl Config {
                     .or(file.kafka.connections_max_idle_ms)
                     .unwrap_or(Defaults::CONNECTIONS_MAX_IDLE_MS),
             ),
+            max_unsent_response_bytes: args
+                .max_unsent_response_bytes
+                .or(file.kafka.max_unsent_response_bytes)
+                .unwrap_or(Defaults::MAX_UNSENT_RESPONSE_BYTES),
             group,
             cluster,
             topic_defaults,
@@ -693,6 +704,7 @@ mod tests {
         assert_eq!(c.max_connections, d.max_connections);
         assert_eq!(c.fetch_max_bytes, d.fetch_max_bytes);
         assert_eq!(c.connections_max_idle, d.connections_max_idle);
+        assert_eq!(c.max_unsent_response_bytes, d.max_unsent_response_bytes);
         assert_eq!(c.retention_check_interval, d.retention_check_interval);
         assert_eq!(
             c.group.initial_rebalance_delay_ms,

@@ -56,6 +56,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         fetch_max_bytes: config.fetch_max_bytes,
         max_connections_per_ip: config.max_connections_per_ip,
         connections_max_idle: config.connections_max_idle,
+        max_unsent_response_bytes: config.max_unsent_response_bytes,
     };
     let kafka = KafkaListener::bind(server_config)
         .await

@@ -476,3 +476,66 @@ async fn connections_per_address_are_limited() {
         "a slot frees when a connection closes"
     );
 }
+
+/// This process's resident memory, from /proc.
+fn rss_bytes() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// A client that sends requests and never reads the answers costs the broker
+/// about its unsent-response budget plus one response, not a queue of full
+/// responses; once it reads, every answer arrives. (In a child process: the
+/// measure is this process's RSS.)
+#[tokio::test]
+async fn a_client_that_never_reads_costs_a_bounded_amount() {
+    crate::fuzz::run_child("bad_input::never_reading_client_child").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run in a child process by a_client_that_never_reads_costs_a_bounded_amount"]
+async fn never_reading_client_child() {
+    const BUDGET: usize = 8 * 1024 * 1024;
+    const REQUESTS: usize = 32;
+    let server = Server::start_with(|s| s.server.max_unsent_response_bytes = BUDGET).await;
+    server.create_topic("big", 1).await;
+    let mut c = server.client().await;
+    // About 8 MiB in the partition, in batches of about 200 KiB.
+    let prefix = "b".repeat(1_000);
+    for b in 0..40 {
+        let k = keys(100, &format!("{prefix}-{b}-"));
+        assert_eq!(
+            produce(&mut c, "big", 0, batch(&strs(&k), 1_000)).await.0,
+            0
+        );
+    }
+    let (_, hw, _) = fetch(&mut c, "big", 0, 0).await;
+    assert_eq!(hw, 4_000);
+    let before = rss_bytes();
+    let mut greedy = server.client().await;
+    let req = greedy_fetch("big", 1, 1);
+    for _ in 0..REQUESTS {
+        greedy.send(&req, 11).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let grown = rss_bytes().saturating_sub(before);
+    // Unbounded, this is REQUESTS full answers: about 256 MiB.
+    assert!(
+        grown < 96 * 1024 * 1024,
+        "RSS grew by {} MiB for a client that does not read",
+        grown >> 20
+    );
+    for i in 0..REQUESTS {
+        let (_, resp) = greedy.recv::<FetchRequest>(11).await;
+        let records = resp.responses[0].partitions[0]
+            .records
+            .as_ref()
+            .map_or(0, |r| r.len());
+        assert!(records > 7 * 1024 * 1024, "answer {i}: {records} bytes");
+    }
+}

@@ -174,7 +174,7 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
 }
 
 /// Runs the ignored test `name` in a child process and asserts it passed.
-async fn run_child(name: &str) {
+pub(crate) async fn run_child(name: &str) {
     let exe = std::env::current_exe().unwrap();
     let out = tokio::process::Command::new(exe)
         .args(["--exact", name, "--ignored", "--test-threads=1"])
