@@ -46,15 +46,19 @@ async fn the_previous_releases_single_node_data_directory_is_adopted_unchanged()
     assert_eq!(ids.len(), 3, "{ids:?}");
 
     let node = start_single(dir.path()).await;
-    image_where(&node, "the adopted topics led here, the cluster id set", |img| {
-        img.local_state_adopted
-            && !img.cluster_id.is_empty()
-            && ["orders", "events", OFFSETS_TOPIC].iter().all(|t| {
-                img.topics
-                    .get(*t)
-                    .is_some_and(|t| t.partitions.iter().all(|p| p.leader == 0))
-            })
-    })
+    image_where(
+        &node,
+        "the adopted topics led here, the cluster id set",
+        |img| {
+            img.local_state_adopted
+                && !img.cluster_id.is_empty()
+                && ["orders", "events", OFFSETS_TOPIC].iter().all(|t| {
+                    img.topics
+                        .get(*t)
+                        .is_some_and(|t| t.partitions.iter().all(|p| p.leader == 0))
+                })
+        },
+    )
     .await;
     let image = node.image();
     assert_eq!(
