@@ -5,8 +5,9 @@
 # Usage: bench/compare.sh BEFORE_BIN AFTER_BIN [ROUNDS]   (default 3 rounds)
 #
 # Per round and binary, on a fresh single-node data directory:
-#   - start-up: time from `sluice serve` to its listening line, and idle RSS
-#     two seconds later (/proc/PID/status VmRSS);
+#   - start-up: time from `sluice serve` to its listening line (polled every
+#     millisecond from bash, so an upper bound by a few ms, more on a busy
+#     machine), and idle RSS two seconds later (/proc/PID/status VmRSS);
 #   - produce 100 B, acks=all, 1 producer, 10 s;
 #   - produce 1 KiB, acks=all, 4 producers on 4 partitions, 10 s.
 # The load generator is AFTER_BIN's `sluice bench` for both, so only the broker
