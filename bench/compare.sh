@@ -14,7 +14,7 @@
 # differs. Not part of the test suite (it measures, it does not check).
 set -euo pipefail
 BEFORE=${1:?before binary} AFTER=${2:?after binary} ROUNDS=${3:-3}
-WORK=$(mktemp -d /var/tmp/sluice-compare.XXXX)
+WORK=$(mktemp -d /var/tmp/sluice-compare.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 
 rate() { python3 -c 'import json,sys; print(round(json.load(sys.stdin)["records_per_sec"]))'; }

@@ -56,7 +56,13 @@ impl Unsent {
     }
 
     fn sub(&self, n: usize) {
-        self.bytes.fetch_sub(n, Ordering::AcqRel);
+        // Saturating: a response built outside a connection's scope was never
+        // counted, and wrapping around would mute the connection for good.
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                Some(b.saturating_sub(n))
+            });
         self.written.notify_one();
     }
 

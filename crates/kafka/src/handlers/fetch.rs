@@ -3,6 +3,8 @@
 //! followers are answered by the topology's leader side of replication.
 
 use sluice_vocab::KafkaError;
+use std::borrow::Cow;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,34 +50,41 @@ fn replica_id(req: &FetchRequest, version: i16) -> i32 {
     }
 }
 
+/// One topic of a fetch request: as sent, its name (None: an unknown topic
+/// id), and the partitions to answer.
+type Listing<'r> = (
+    &'r fetch_request::FetchTopic,
+    Option<Cow<'r, str>>,
+    Vec<&'r fetch_request::FetchPartition>,
+);
+
 /// Kafka answers each partition of a fetch once: a partition listed again
 /// (a buggy or hostile client) is dropped from the request, so it is neither
-/// read twice nor answered twice. The first listing wins.
-fn first_listings<'r>(
-    ctx: &Ctx,
-    req: &'r FetchRequest,
-    by_id: bool,
-) -> Vec<(
-    &'r fetch_request::FetchTopic,
-    Option<String>,
-    Vec<&'r fetch_request::FetchPartition>,
-)> {
-    let mut seen = std::collections::HashSet::new();
+/// read twice nor answered twice. The first listing wins. Listings are told
+/// apart by what the request names them with (topic ids from v13, names
+/// before; one request never mixes the two), so nothing is copied.
+fn first_listings<'r>(ctx: &Ctx, req: &'r FetchRequest, by_id: bool) -> Vec<Listing<'r>> {
+    let listed: usize = req.topics.iter().map(|t| t.partitions.len()).sum();
+    let mut seen: HashSet<(&'r [u8], i32)> = HashSet::new();
     req.topics
         .iter()
         .map(|topic| {
-            let name = if by_id {
-                topic_name_by_id(ctx, topic.topic_id)
+            let (name, key) = if by_id {
+                (
+                    topic_name_by_id(ctx, topic.topic_id).map(Cow::Owned),
+                    &topic.topic_id.as_bytes()[..],
+                )
             } else {
-                Some(topic.topic.0.to_string())
+                (
+                    Some(Cow::Borrowed(topic.topic.0.as_str())),
+                    topic.topic.0.as_bytes(),
+                )
             };
             let partitions = topic
                 .partitions
                 .iter()
-                .filter(|fp| match &name {
-                    Some(n) => seen.insert((n.clone(), fp.partition)),
-                    None => seen.insert((format!("id:{}", topic.topic_id), fp.partition)),
-                })
+                // One listing cannot repeat itself: no set needed.
+                .filter(|fp| listed <= 1 || seen.insert((key, fp.partition)))
                 .collect();
             (topic, name, partitions)
         })
@@ -275,7 +284,7 @@ async fn follower_fetch(
                             .with_log_start_offset(-1);
                     };
                     let args = FetchArgs {
-                        topic: name,
+                        topic: name.into_owned(),
                         partition: fp.partition,
                         fetch_offset: fp.fetch_offset,
                         current_leader_epoch: fp.current_leader_epoch,
