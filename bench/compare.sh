@@ -9,11 +9,15 @@
 #     millisecond from bash, so an upper bound by a few ms, more on a busy
 #     machine), and idle RSS two seconds later (/proc/PID/status VmRSS);
 #   - produce 100 B, acks=all, 1 producer, 10 s;
-#   - produce 1 KiB, acks=all, 4 producers on 4 partitions, 10 s.
+#   - produce 1 KiB, acks=all, 4 producers on 4 partitions, 10 s;
+#   - produce 1 KiB, acks=all, 1 producer, 5 s, with each codec in $CODECS
+#     (default "gzip snappy lz4 zstd"; the broker walks every record of a
+#     compressed batch, so this is where record validation costs most).
 # The load generator is AFTER_BIN's `sluice bench` for both, so only the broker
 # differs. Not part of the test suite (it measures, it does not check).
 set -euo pipefail
 BEFORE=${1:?before binary} AFTER=${2:?after binary} ROUNDS=${3:-3}
+CODECS=${CODECS-gzip snappy lz4 zstd}
 WORK=$(mktemp -d /var/tmp/sluice-compare.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 
@@ -38,8 +42,14 @@ run() { # run LABEL BIN
         --record-size 100 --acks all --duration 10 --json | rate)
     four=$("$AFTER" bench produce --bootstrap "$boot" --topic p4 --partitions 4 --producers 4 \
         --record-size 1024 --acks all --duration 10 --json | rate)
-    printf '%-6s ready_ms=%-6s idle_rss_kib=%-6s produce_100B_1p=%-9s produce_1KiB_4p=%s\n' \
-        "$label" "$(((t1 - t0) / 1000000))" "$rss" "$one" "$four"
+    local codecs="" codec r
+    for codec in $CODECS; do
+        r=$("$AFTER" bench produce --bootstrap "$boot" --topic "c-$codec" --partitions 1 \
+            --record-size 1024 --acks all --compression "$codec" --duration 5 --json | rate)
+        codecs+=" produce_1KiB_$codec=$r"
+    done
+    printf '%-6s ready_ms=%-6s idle_rss_kib=%-6s produce_100B_1p=%-9s produce_1KiB_4p=%s%s\n' \
+        "$label" "$(((t1 - t0) / 1000000))" "$rss" "$one" "$four" "$codecs"
     kill "$pid"
     wait "$pid" || true
     rm -rf "$dir" "$dir.out"

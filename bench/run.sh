@@ -294,6 +294,14 @@ else
                 "${SB[@]}" e2e "${SBO[@]}" --topic "e2e-50e-$size" --partitions 1 --record-size "$size" --acks all --rate "$rate" --duration "$SLUICE_E2E_DUR"
         fi
     done
+    # Compressed produce: the broker decompresses and walks every record of
+    # every batch before appending (record validation), so these rows carry
+    # its cost per codec.
+    for codec in gzip snappy lz4 zstd; do
+        measure --set system=sluice --set "scenario=produce 1024 B, acks=all, 1 producer, $codec" --set durable_before_ack=true -- \
+            "${SB[@]}" produce "${SBO[@]}" --topic "codec-$codec" --partitions 1 --record-size 1024 --acks all --compression "$codec" --duration "$SLUICE_DUR"
+    done
+    note "- Compressed rows: the load generator's records of one batch share a payload (only an 8-byte timestamp differs), so batches compress far better than real data would; the rows show what checking every record of a compressed batch costs the broker, with the client compressing on the same two cores."
     note "- Sluice's consume latency is per fetch request (\`sluice bench\`'s definition); the peers' consume rows have none (draining a pre-filled queue has no per-message latency). Consume reads the topic written by the 1-producer acks=all run."
     note "- Sluice runs with its default flush policy (fsync before acknowledging, group commit). On a single broker acks=1 and acks=all both wait for that fsync, so both are durable before ack."
 fi
@@ -323,6 +331,10 @@ if [[ -d /dev/shm && -w /dev/shm ]]; then
         for size in 100 1024; do
             measure --set system=memory-peer --set "scenario=produce $size B, acks=1, 1 producer (tmpfs, no fsync)" --set durable_before_ack=false -- \
                 "$SLUICE" bench produce --bootstrap "$BOOT" --json --topic "mem-$size" --partitions 1 --record-size "$size" --acks 1 --duration "$SLUICE_DUR"
+        done
+        for codec in gzip snappy lz4 zstd; do
+            measure --set system=memory-peer --set "scenario=produce 1024 B, acks=1, 1 producer, $codec (tmpfs, no fsync)" --set durable_before_ack=false -- \
+                "$SLUICE" bench produce --bootstrap "$BOOT" --json --topic "mem-$codec" --partitions 1 --record-size 1024 --acks 1 --compression "$codec" --duration "$SLUICE_DUR"
         done
     fi
     stop_group "$MEM_PID"

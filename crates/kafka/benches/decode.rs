@@ -9,7 +9,11 @@
 //! - `decode/fetch_v12`: a consumer's fetch of one partition (1 MiB max);
 //! - `decode/metadata_v12`: metadata for one topic;
 //! - `validate/records_16KiB`: the record walk Produce runs on that batch
-//!   before appending (throughput per record).
+//!   before appending (throughput per record);
+//! - `validate_compressed/records_16KiB_{gzip,snappy,lz4,zstd}`: the same
+//!   records compressed with each codec (as kafka-protocol's encoder does;
+//!   one repeated value, so they compress far better than real data), which
+//!   the walk decompresses as it goes.
 //!
 //! Throughput is per request (and frame bytes for Produce).
 //!
@@ -37,17 +41,18 @@ use kafka_protocol::records::{
 
 const BATCH_BYTES: usize = 16 * 1024;
 const VALUE_BYTES: usize = 100;
+/// The broker's default limit on a batch's decompressed records.
+const MAX_DECOMPRESSED: usize = 64 << 20;
 
 fn topic() -> TopicName {
     TopicName(StrBytes::from_static_str("bench-topic"))
 }
 
-/// The largest uncompressed batch of 100-byte records (no key) that fits in
-/// a producer's default `batch.size` of 16 KiB; returns it and its record count.
-fn producer_batch() -> (Bytes, usize) {
+/// The records of the largest uncompressed batch of 100-byte records (no
+/// key) that fits in a producer's default `batch.size` of 16 KiB.
+fn producer_records() -> Vec<Record> {
     let value = Bytes::from(vec![0x5a; VALUE_BYTES]);
     let mut records: Vec<Record> = Vec::new();
-    let mut best = None;
     loop {
         let i = records.len();
         records.push(Record {
@@ -66,22 +71,21 @@ fn producer_batch() -> (Bytes, usize) {
             value: Some(value.clone()),
             headers: IndexMap::new(),
         });
-        let mut buf = BytesMut::with_capacity(BATCH_BYTES + 256);
-        RecordBatchEncoder::encode(
-            &mut buf,
-            &records,
-            &RecordEncodeOptions {
-                version: 2,
-                compression: Compression::None,
-            },
-        )
-        .expect("encode batch");
-        if buf.len() > BATCH_BYTES {
-            break;
+        if encode(&records, Compression::None).len() > BATCH_BYTES {
+            records.pop();
+            return records;
         }
-        best = Some((buf.freeze(), records.len()));
     }
-    best.expect("one record fits")
+}
+
+fn encode(records: &[Record], compression: Compression) -> Bytes {
+    let mut buf = BytesMut::with_capacity(BATCH_BYTES + 256);
+    let options = RecordEncodeOptions {
+        version: 2,
+        compression,
+    };
+    RecordBatchEncoder::encode(&mut buf, records, &options).expect("encode batch");
+    buf.freeze()
 }
 
 /// A request frame without its size prefix, as the connection hands it to
@@ -123,7 +127,9 @@ fn decode<T: Decodable>(frame: &Bytes) -> (RequestHeader, T) {
 }
 
 fn bench_decode(c: &mut Criterion) {
-    let (batch, records) = producer_batch();
+    let producer_records = producer_records();
+    let records = producer_records.len();
+    let batch = encode(&producer_records, Compression::None);
     let produce = frame(
         ApiKey::Produce,
         9,
@@ -209,8 +215,36 @@ fn bench_decode(c: &mut Criterion) {
         bytes: batch.len() as u64,
     });
     group.bench_function("records_16KiB", |b| {
-        b.iter(|| black_box(sluice_kafka::validate_records(black_box(&batch))).unwrap())
+        b.iter(|| {
+            black_box(sluice_kafka::validate_records(
+                black_box(&batch),
+                MAX_DECOMPRESSED,
+            ))
+            .unwrap()
+        })
     });
+    group.finish();
+
+    // The same records compressed: decompressing them is most of the work.
+    let mut group = c.benchmark_group("validate_compressed");
+    group.throughput(Throughput::Elements(records as u64));
+    for (name, codec) in [
+        ("gzip", Compression::Gzip),
+        ("snappy", Compression::Snappy),
+        ("lz4", Compression::Lz4),
+        ("zstd", Compression::Zstd),
+    ] {
+        let compressed = encode(&producer_records, codec);
+        group.bench_function(format!("records_16KiB_{name}"), |b| {
+            b.iter(|| {
+                black_box(sluice_kafka::validate_records(
+                    black_box(&compressed),
+                    MAX_DECOMPRESSED,
+                ))
+                .unwrap()
+            })
+        });
+    }
     group.finish();
 }
 

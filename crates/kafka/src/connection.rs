@@ -12,6 +12,16 @@
 //! one budget plus one response, not a queue of full responses. Not reading
 //! pushes back on the client through TCP.
 //!
+//! Across connections, one [`Budget`] of `max_in_flight_bytes` bounds the
+//! rest. Request frames take their bytes from it before they are allocated
+//! and give them back once handled; a reader waits while they would exceed
+//! it (Kafka's memory pool mutes channels the same way). Responses count
+//! against it from when they are built until they are written; while they
+//! exceed it, every connection that holds unsent responses is muted, and
+//! connections whose clients have taken their answers read on, so clients
+//! that do not read cannot stall those that do. Together: about twice the
+//! budget plus one response per connection, however many clients push.
+//!
 //! A client that goes away (end of stream or a failed read) takes its
 //! pending work with it: long polls and acks waits are aborted and the
 //! connection's slot is free at once, as Kafka drops a closed channel's
@@ -37,38 +47,132 @@ use crate::server::Ctx;
 /// Responses queued or being prepared per connection.
 const MAX_IN_FLIGHT: usize = 64;
 
-/// Bytes of responses built for one connection and not yet written.
+/// Request and response bytes in flight on every connection together.
+pub(crate) struct Budget {
+    /// Request frames being read or handled.
+    requests: AtomicUsize,
+    /// Responses built and not yet written.
+    responses: AtomicUsize,
+    limit: usize,
+    freed: Notify,
+}
+
+impl Budget {
+    pub(crate) fn new(limit: usize) -> Self {
+        Budget {
+            requests: AtomicUsize::new(0),
+            responses: AtomicUsize::new(0),
+            limit,
+            freed: Notify::new(),
+        }
+    }
+
+    fn responses_over(&self) -> bool {
+        self.responses.load(Ordering::Acquire) > self.limit
+    }
+
+    fn free(&self, counter: &AtomicUsize, n: usize) -> usize {
+        let taken = saturating_sub(counter, n);
+        self.freed.notify_waiters();
+        taken
+    }
+
+    /// Takes `n` request bytes once they fit under the limit (or no other
+    /// request is in flight, so one larger than the limit still goes through).
+    async fn reserve(self: &Arc<Self>, n: usize) -> Reserved {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let taken = self
+                .requests
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                    (b == 0 || b.saturating_add(n) <= self.limit).then(|| b.saturating_add(n))
+                })
+                .is_ok();
+            if taken {
+                return Reserved {
+                    budget: self.clone(),
+                    bytes: n,
+                };
+            }
+            freed.await;
+        }
+    }
+}
+
+/// Bytes taken from the [`Budget`] for a request frame, given back on drop.
+struct Reserved {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.budget.free(&self.budget.requests, self.bytes);
+    }
+}
+
+/// Bytes of responses built for one connection and not yet written; they
+/// count against the broker-wide [`Budget`] too, until written or, when the
+/// connection is gone, until the last of its pending work ends.
 pub(crate) struct Unsent {
     bytes: AtomicUsize,
     written: Notify,
+    budget: Arc<Budget>,
 }
 
 impl Unsent {
-    fn new() -> Self {
+    fn new(budget: Arc<Budget>) -> Self {
         Unsent {
             bytes: AtomicUsize::new(0),
             written: Notify::new(),
+            budget,
         }
     }
 
     pub(crate) fn add(&self, n: usize) {
         self.bytes.fetch_add(n, Ordering::AcqRel);
+        self.budget.responses.fetch_add(n, Ordering::AcqRel);
     }
 
     fn sub(&self, n: usize) {
-        // Saturating: a response built outside a connection's scope was never
-        // counted, and wrapping around would mute the connection for good.
-        let _ = self
-            .bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
-                Some(b.saturating_sub(n))
-            });
+        let taken = saturating_sub(&self.bytes, n);
+        self.budget.free(&self.budget.responses, taken);
         self.written.notify_one();
     }
 
     fn get(&self) -> usize {
         self.bytes.load(Ordering::Acquire)
     }
+
+    /// Whether this connection must not read: its client has not taken
+    /// enough of its answers, or all connections' unsent answers are over
+    /// the broker-wide budget and some of them are this one's.
+    fn muted(&self, own_limit: usize) -> bool {
+        let own = self.get();
+        own > own_limit || (own > 0 && self.budget.responses_over())
+    }
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        // Responses that were built and never written (the client left).
+        let left = *self.bytes.get_mut();
+        self.budget.free(&self.budget.responses, left);
+    }
+}
+
+/// Subtracts at most what `counter` holds (a response built outside a
+/// connection's scope was never counted, and wrapping around would mute
+/// readers for good); returns what was subtracted.
+fn saturating_sub(counter: &AtomicUsize, n: usize) -> usize {
+    let before = counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+            Some(b.saturating_sub(n))
+        })
+        .unwrap_or_else(|b| b);
+    before.min(n)
 }
 
 tokio::task_local! {
@@ -99,7 +203,7 @@ pub(crate) async fn run(
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
     let (gone_tx, gone_rx) = watch::channel(false);
     let activity = Arc::new(Activity::new());
-    let unsent = Arc::new(Unsent::new());
+    let unsent = Arc::new(Unsent::new(ctx.budget.clone()));
     let writer = tokio::spawn(write_loop(
         writer,
         rx,
@@ -175,21 +279,25 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if *stop.borrow() {
             return Ended::Closed;
         }
-        // Muted while the client has not taken enough of its answers.
-        while unsent.get() > budget {
+        // Muted while its answers hold too much (see `Unsent::muted`).
+        loop {
             let written = unsent.written.notified();
-            if unsent.get() <= budget {
+            let freed = ctx.budget.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if !unsent.muted(budget) {
                 break;
             }
             tokio::select! {
                 _ = stop.changed() => return Ended::Closed,
                 _ = tx.closed() => return Ended::PeerGone,
                 _ = written => {}
+                _ = freed => {}
             }
         }
         // One read future across idle checks: dropping it mid-frame would
         // lose the bytes it already took.
-        let read = read_frame(&mut reader, max, peer);
+        let read = read_frame(&mut reader, max, peer, &ctx.budget);
         tokio::pin!(read);
         let frame = loop {
             let idle_at = activity.last() + idle;
@@ -211,6 +319,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         };
         activity.touch();
+        let (frame, _in_flight) = frame;
         match UNSENT
             .scope(unsent.clone(), dispatch::handle(ctx, frame, peer))
             .await
@@ -230,13 +339,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
-/// Reads one size-prefixed frame; an error ends the connection (logged here
-/// when the peer did something wrong).
+/// Reads one size-prefixed frame, its bytes taken from `budget` before they
+/// are allocated; an error ends the connection (logged here when the peer did
+/// something wrong).
 async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     max: usize,
     peer: SocketAddr,
-) -> Result<Bytes, Ended> {
+    budget: &Arc<Budget>,
+) -> Result<(Bytes, Reserved), Ended> {
     let size = match reader.read_i32().await {
         Ok(size) => size,
         Err(err) => {
@@ -254,6 +365,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
             return Err(Ended::Closed);
         }
     };
+    let reserved = budget.reserve(len).await;
     let mut buf = BytesMut::with_capacity(len);
     let mut limited = reader.take(len as u64);
     while buf.len() < len {
@@ -269,7 +381,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
             }
         }
     }
-    Ok(buf.freeze())
+    Ok((buf.freeze(), reserved))
 }
 
 async fn write_loop(

@@ -96,8 +96,9 @@ pub fn decode_request_frame(frame: &[u8]) -> Result<(), String> {
 /// appending; the error is what the client is told. For the fuzz target and
 /// tests; not an API.
 #[doc(hidden)]
-pub fn validate_records(batches: &[u8]) -> Result<(), String> {
-    records::validate(batches).map_err(|fault| fault.message)
+pub fn validate_records(batches: &[u8], max_decompressed: usize) -> Result<(), String> {
+    records::validate(batches, records::RecordLimits { max_decompressed })
+        .map_err(|fault| fault.message)
 }
 
 /// Front-end settings.
@@ -129,6 +130,15 @@ pub struct ServerConfig {
     /// The reader of a connection stops taking requests while the responses
     /// built for it and not yet written exceed this many bytes (default 64 MiB).
     pub max_unsent_response_bytes: usize,
+    /// Most bytes the records of one compressed batch may take once
+    /// decompressed; a batch beyond it is refused with CORRUPT_MESSAGE
+    /// after at most that much decompression work (default 64 MiB).
+    pub max_decompressed_batch_bytes: usize,
+    /// Request bytes being read or handled plus response bytes not yet
+    /// written, across all connections: readers wait before taking a request
+    /// that would go beyond it (default 512 MiB; one request larger than it
+    /// is taken when nothing else is in flight).
+    pub max_in_flight_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -144,6 +154,8 @@ impl Default for ServerConfig {
             connections_max_idle: std::time::Duration::from_secs(600),
             fetch_max_bytes: 55 * 1024 * 1024,
             max_unsent_response_bytes: 64 * 1024 * 1024,
+            max_decompressed_batch_bytes: 64 * 1024 * 1024,
+            max_in_flight_bytes: 512 * 1024 * 1024,
         }
     }
 }

@@ -8,11 +8,16 @@
 //! offset for good), or name a codec nobody knows. Kafka's LogValidator
 //! refuses all of these; so does this walk, which reads only the varint
 //! framing of each record (lengths, deltas, header counts), skips keys,
-//! values and header values without copying (header keys are checked to be
-//! UTF-8), and leaves the stored bytes exactly the producer's.
+//! values and header values without keeping them (header keys are checked to
+//! be UTF-8), and leaves the stored bytes exactly the producer's.
 //!
-//! Compressed batches are checked for a known codec; their records are not
-//! walked here yet.
+//! Compressed batches are walked the same way over a decompressing stream:
+//! the records pass through a small buffer and are never held whole, and
+//! the walk stops with an error once it has read more than
+//! [`RecordLimits::max_decompressed`] bytes, so a small "bomb" batch costs at
+//! most that much decompression work.
+
+use std::io::{BufRead, BufReader, Read};
 
 use sluice_vocab::{ErrorCode, Refused};
 
@@ -23,9 +28,29 @@ const OFF_BATCH_LENGTH: usize = 8;
 const OFF_MAGIC: usize = 16;
 const OFF_ATTRIBUTES: usize = 21;
 const OFF_RECORDS_COUNT: usize = 57;
-/// Codec ids in the low three attribute bits: none, gzip, snappy, lz4, zstd.
+/// Codec ids in the low three attribute bits.
 const CODEC_MASK: u8 = 0x07;
-const LAST_CODEC: u8 = 4;
+const NONE: u8 = 0;
+const GZIP: u8 = 1;
+const SNAPPY: u8 = 2;
+const LZ4: u8 = 3;
+const ZSTD: u8 = 4;
+/// Decompressed bytes pass through a buffer of this size.
+const STREAM_BUFFER: usize = 32 * 1024;
+/// Largest zstd window (2^24 = 16 MiB) a batch may ask the decoder to
+/// allocate. Producers use 2^21 or less at their default levels.
+const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+/// The header of the xerial framing Java producers put around snappy blocks
+/// (magic, version 1, compatible with 1), matched whole as consumers that
+/// are not Java match it; librdkafka sends one raw snappy block instead.
+const XERIAL_HEADER: &[u8; 16] = b"\x82SNAPPY\x00\x00\x00\x00\x01\x00\x00\x00\x01";
+
+/// Bounds of the record walk.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RecordLimits {
+    /// Most bytes a compressed batch's records may take once decompressed.
+    pub max_decompressed: usize,
+}
 
 /// Why a producer's batches are refused: what, and in which record of its
 /// batch (Kafka's `record_errors` batch index), when one record is to blame.
@@ -51,7 +76,7 @@ impl RecordFault {
 /// Checks the records of every batch in `buf`. Batches whose framing is
 /// broken are left to the storage engine's header check when this walk cannot
 /// even find them; anything it can see to be wrong is refused here.
-pub(crate) fn validate(buf: &[u8]) -> Result<(), RecordFault> {
+pub(crate) fn validate(buf: &[u8], limits: RecordLimits) -> Result<(), RecordFault> {
     let mut rest = buf;
     while !rest.is_empty() {
         let (Some(len), Some(&magic)) = (be_i32(rest, OFF_BATCH_LENGTH), rest.get(OFF_MAGIC))
@@ -68,137 +93,454 @@ pub(crate) fn validate(buf: &[u8]) -> Result<(), RecordFault> {
             .filter(|&s| s >= HEADER_LEN && s <= rest.len())
             .ok_or_else(|| RecordFault::batch(format!("record batch length {len} out of range")))?;
         let (batch, next) = rest.split_at(size);
-        check_batch(batch)?;
+        check_batch(batch, limits)?;
         rest = next;
     }
     Ok(())
 }
 
-fn check_batch(batch: &[u8]) -> Result<(), RecordFault> {
+fn check_batch(batch: &[u8], limits: RecordLimits) -> Result<(), RecordFault> {
     let codec = batch.get(OFF_ATTRIBUTES + 1).map_or(0, |b| b & CODEC_MASK);
-    if codec > LAST_CODEC {
-        return Err(RecordFault::batch(format!(
-            "unknown compression codec {codec}"
-        )));
-    }
     let count = be_i32(batch, OFF_RECORDS_COUNT).unwrap_or(-1);
-    if codec != 0 {
-        return Ok(());
+    let body = batch.get(HEADER_LEN..).unwrap_or_default();
+    let cap = limits.max_decompressed as u64;
+    let opened = |e: std::io::Error, name: &str| RecordFault::batch(format!("{name} stream: {e}"));
+    match codec {
+        NONE => walk_records(Slice { buf: body, pos: 0 }, count),
+        GZIP => walk_records(
+            Stream::new(Box::new(flate2::bufread::MultiGzDecoder::new(body)), cap),
+            count,
+        ),
+        SNAPPY => walk_records(Stream::new(Box::new(Snappy::new(body, cap)), cap), count),
+        LZ4 => {
+            let decoder = lz4::Decoder::new(body).map_err(|e| opened(e, "lz4"))?;
+            walk_records(Stream::new(Box::new(decoder), cap), count)
+        }
+        ZSTD => {
+            let mut decoder =
+                zstd::stream::read::Decoder::with_buffer(body).map_err(|e| opened(e, "zstd"))?;
+            decoder
+                .window_log_max(ZSTD_WINDOW_LOG_MAX)
+                .map_err(|e| opened(e, "zstd"))?;
+            walk_records(Stream::new(Box::new(decoder), cap), count)
+        }
+        _ => Err(RecordFault::batch(format!(
+            "unknown compression codec {codec}"
+        ))),
     }
-    walk_records(batch.get(HEADER_LEN..).unwrap_or_default(), count)
 }
 
-/// Walks `count` uncompressed records that must fill `body` exactly.
-fn walk_records(body: &[u8], count: i32) -> Result<(), RecordFault> {
-    let mut r = Reader { buf: body, pos: 0 };
+/// Why a walk stopped: a fault of one record, or of the batch's bytes as a
+/// whole (a broken compressed stream, the decompressed-size limit).
+enum Stop {
+    Record(String),
+    Batch(String),
+}
+
+impl From<&'static str> for Stop {
+    fn from(message: &'static str) -> Self {
+        Stop::Record(message.to_string())
+    }
+}
+
+impl From<String> for Stop {
+    fn from(message: String) -> Self {
+        Stop::Record(message)
+    }
+}
+
+/// Walks `count` records that must fill `input` exactly.
+fn walk_records(input: impl Input, count: i32) -> Result<(), RecordFault> {
+    let mut w = Walker { input, pos: 0 };
     for index in 0..count {
         let at = |message: String| RecordFault {
             record: Some(index),
             message,
         };
-        if r.pos == body.len() {
-            return Err(at(format!(
-                "batch declares {count} records but holds {index}"
-            )));
+        match w.input.at_end() {
+            Ok(false) => {}
+            Ok(true) => {
+                return Err(at(format!(
+                    "batch declares {count} records but holds {index}"
+                )))
+            }
+            Err(stop) => return Err(located(stop, index)),
         }
-        let len = r.varint().map_err(|e| at(e.into()))?;
-        let record = usize::try_from(len)
-            .ok()
-            .and_then(|l| r.take(l))
-            .ok_or_else(|| at(format!("record length {len} out of range")))?;
-        check_record(record, index).map_err(at)?;
+        w.record(index).map_err(|stop| located(stop, index))?;
     }
-    if r.pos != body.len() {
-        return Err(RecordFault::batch(format!(
-            "{} bytes after the {count} declared records",
-            body.len() - r.pos
-        )));
+    match w.input.at_end() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(RecordFault::batch(format!(
+            "bytes follow the {count} declared records"
+        ))),
+        Err(stop) => Err(located(stop, count)),
     }
-    Ok(())
 }
 
-/// One record: attributes, timestamp delta, offset delta (which must be its
-/// index: offsets in a batch are dense), key, value and headers, exactly
-/// filling the record's declared length.
-fn check_record(record: &[u8], index: i32) -> Result<(), String> {
-    let mut r = Reader {
-        buf: record,
-        pos: 0,
-    };
-    r.take(1).ok_or("record too short for its attributes")?;
-    r.varlong()?;
-    let offset_delta = r.varint()?;
-    if offset_delta != index {
-        return Err(format!("offset delta {offset_delta}, expected {index}"));
+fn located(stop: Stop, index: i32) -> RecordFault {
+    match stop {
+        Stop::Record(message) => RecordFault {
+            record: Some(index),
+            message,
+        },
+        Stop::Batch(message) => RecordFault::batch(message),
     }
-    r.bytes(-1, "key")?;
-    r.bytes(-1, "value")?;
-    let headers = r.varint()?;
-    if headers < 0 {
-        return Err(format!("negative header count {headers}"));
-    }
-    for _ in 0..headers {
-        // Header keys are strings (Java's clients hand them out as String);
-        // bytes that are not UTF-8 are refused so every consumer can read them.
-        let key = r.bytes(0, "header key")?;
-        std::str::from_utf8(key).map_err(|_| "header key is not UTF-8".to_string())?;
-        r.bytes(-1, "header value")?;
-    }
-    if r.pos != record.len() {
-        return Err(format!(
-            "record declares {} bytes but its fields take {}",
-            record.len(),
-            r.pos
-        ));
-    }
-    Ok(())
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// Reads the framing of records from an [`Input`], counting bytes so each
+/// record's fields can be held to its declared length.
+struct Walker<I> {
+    input: I,
+    pos: u64,
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.pos.checked_add(n)?;
-        let s = self.buf.get(self.pos..end)?;
-        self.pos = end;
-        Some(s)
+impl<I: Input> Walker<I> {
+    /// One record: attributes, timestamp delta, offset delta (which must be
+    /// its index: offsets in a batch are dense), key, value and headers,
+    /// exactly filling the record's declared length.
+    fn record(&mut self, index: i32) -> Result<(), Stop> {
+        let len = self.varint()?;
+        let len = u64::try_from(len).map_err(|_| format!("record length {len} out of range"))?;
+        let end = self.pos + len;
+        self.skip(1, end, "attributes")?;
+        self.varlong()?;
+        let offset_delta = self.varint()?;
+        if offset_delta != index {
+            return Err(format!("offset delta {offset_delta}, expected {index}").into());
+        }
+        self.bytes(-1, end, "key", |_| Ok(()))?;
+        self.bytes(-1, end, "value", |_| Ok(()))?;
+        let headers = self.varint()?;
+        if headers < 0 {
+            return Err(format!("negative header count {headers}").into());
+        }
+        for _ in 0..headers {
+            // Header keys are strings (Java's clients hand them out as
+            // String); bytes that are not UTF-8 are refused so every
+            // consumer can read them.
+            let mut utf8 = Utf8::default();
+            self.bytes(0, end, "header key", |piece| utf8.push(piece))?;
+            utf8.finish()?;
+            self.bytes(-1, end, "header value", |_| Ok(()))?;
+        }
+        if self.pos != end {
+            return Err(format!(
+                "record declares {len} bytes but its fields take {}",
+                len + self.pos - end
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// A length-prefixed byte string (`min` -1 allows null), handed to `f`.
+    #[inline]
+    fn bytes(
+        &mut self,
+        min: i32,
+        end: u64,
+        what: &str,
+        f: impl FnMut(&[u8]) -> Result<(), Stop>,
+    ) -> Result<(), Stop> {
+        let len = self.varint()?;
+        if len < min {
+            return Err(format!("{what} length {len} below {min}").into());
+        }
+        let n = usize::try_from(len).unwrap_or(0);
+        self.feed(n, end, what, f)
+    }
+
+    #[inline]
+    fn skip(&mut self, n: usize, end: u64, what: &str) -> Result<(), Stop> {
+        self.feed(n, end, what, |_| Ok(()))
+    }
+
+    #[inline]
+    fn feed(
+        &mut self,
+        n: usize,
+        end: u64,
+        what: &str,
+        f: impl FnMut(&[u8]) -> Result<(), Stop>,
+    ) -> Result<(), Stop> {
+        let overrun = || Stop::from(format!("{what} of {n} bytes overruns its record"));
+        let after = self.pos + n as u64;
+        if after > end || !self.input.feed(n, f)? {
+            return Err(overrun());
+        }
+        self.pos = after;
+        Ok(())
     }
 
     /// A zigzag varint of at most `max_bytes` bytes.
-    fn zigzag(&mut self, max_bytes: u32) -> Result<i64, &'static str> {
+    #[inline]
+    fn zigzag(&mut self, max_bytes: u32) -> Result<i64, Stop> {
         let mut raw: u64 = 0;
         for i in 0..max_bytes {
-            let b = *self.buf.get(self.pos).ok_or("truncated varint")?;
+            let b = self.input.byte()?.ok_or("truncated varint")?;
             self.pos += 1;
             raw |= u64::from(b & 0x7f) << (7 * i);
             if b & 0x80 == 0 {
                 return Ok(((raw >> 1) as i64) ^ -((raw & 1) as i64));
             }
         }
-        Err("varint too long")
+        Err("varint too long".into())
     }
 
-    fn varint(&mut self) -> Result<i32, &'static str> {
+    #[inline]
+    fn varint(&mut self) -> Result<i32, Stop> {
         let v = self.zigzag(5)?;
-        i32::try_from(v).map_err(|_| "varint out of range")
+        i32::try_from(v).map_err(|_| "varint out of range".into())
     }
 
-    fn varlong(&mut self) -> Result<i64, &'static str> {
+    #[inline]
+    fn varlong(&mut self) -> Result<i64, Stop> {
         self.zigzag(10)
     }
+}
 
-    /// A length-prefixed byte string (`min` -1 allows null; empty then).
-    fn bytes(&mut self, min: i32, what: &str) -> Result<&'a [u8], String> {
-        let len = self.varint()?;
-        if len < min {
-            return Err(format!("{what} length {len} below {min}"));
+/// Where a walk reads a batch's record bytes from.
+trait Input {
+    /// The next byte, `None` at the end of the records.
+    fn byte(&mut self) -> Result<Option<u8>, Stop>;
+    /// Whether the records end here.
+    fn at_end(&mut self) -> Result<bool, Stop>;
+    /// Passes the next `n` bytes to `f`, in one or more pieces; `false` if
+    /// the records end first.
+    fn feed(&mut self, n: usize, f: impl FnMut(&[u8]) -> Result<(), Stop>) -> Result<bool, Stop>;
+}
+
+/// An uncompressed batch's records, in place.
+struct Slice<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Input for Slice<'_> {
+    #[inline]
+    fn byte(&mut self) -> Result<Option<u8>, Stop> {
+        let b = self.buf.get(self.pos).copied();
+        if b.is_some() {
+            self.pos += 1;
         }
-        let n = usize::try_from(len).unwrap_or(0);
-        self.take(n)
-            .ok_or_else(|| format!("{what} of {len} bytes overruns its record"))
+        Ok(b)
+    }
+
+    fn at_end(&mut self) -> Result<bool, Stop> {
+        Ok(self.pos >= self.buf.len())
+    }
+
+    #[inline]
+    fn feed(
+        &mut self,
+        n: usize,
+        mut f: impl FnMut(&[u8]) -> Result<(), Stop>,
+    ) -> Result<bool, Stop> {
+        let Some(piece) = (self.pos.checked_add(n)).and_then(|end| self.buf.get(self.pos..end))
+        else {
+            return Ok(false);
+        };
+        self.pos += n;
+        f(piece)?;
+        Ok(true)
+    }
+}
+
+/// A compressed batch's records, decompressed through a bounded buffer; the
+/// walk stops once more than `cap` bytes have been read from it.
+struct Stream<R> {
+    r: R,
+    read: u64,
+    cap: u64,
+}
+
+impl<'a> Stream<BufReader<Box<dyn Read + 'a>>> {
+    fn new(decoder: Box<dyn Read + 'a>, cap: u64) -> Self {
+        Stream {
+            r: BufReader::with_capacity(STREAM_BUFFER, decoder),
+            read: 0,
+            cap,
+        }
+    }
+}
+
+impl<R: BufRead> Stream<R> {
+    fn fill(r: &mut R) -> Result<&[u8], Stop> {
+        r.fill_buf()
+            .map_err(|e| Stop::Batch(format!("cannot decompress records: {e}")))
+    }
+
+    fn consume(&mut self, n: usize) -> Result<(), Stop> {
+        self.r.consume(n);
+        self.read += n as u64;
+        self.within_cap(0)
+    }
+
+    fn within_cap(&self, more: u64) -> Result<(), Stop> {
+        if self.read + more > self.cap {
+            return Err(Stop::Batch(format!(
+                "records take more than {} bytes decompressed",
+                self.cap
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl<R: BufRead> Input for Stream<R> {
+    fn byte(&mut self) -> Result<Option<u8>, Stop> {
+        let b = Self::fill(&mut self.r)?.first().copied();
+        if b.is_some() {
+            self.consume(1)?;
+        }
+        Ok(b)
+    }
+
+    fn at_end(&mut self) -> Result<bool, Stop> {
+        Ok(Self::fill(&mut self.r)?.is_empty())
+    }
+
+    fn feed(
+        &mut self,
+        n: usize,
+        mut f: impl FnMut(&[u8]) -> Result<(), Stop>,
+    ) -> Result<bool, Stop> {
+        // A declared length beyond the limit is refused before decompressing it.
+        self.within_cap(n as u64)?;
+        let mut left = n;
+        while left > 0 {
+            let buf = Self::fill(&mut self.r)?;
+            if buf.is_empty() {
+                return Ok(false);
+            }
+            let k = left.min(buf.len());
+            f(&buf[..k])?;
+            self.consume(k)?;
+            left -= k;
+        }
+        Ok(true)
+    }
+}
+
+/// Snappy as producers send it: xerial-framed blocks (Java's clients) or one
+/// raw block (librdkafka). A raw block can only be decompressed whole, so
+/// each block's declared size counts against `budget` before it is.
+struct Snappy<'a> {
+    input: &'a [u8],
+    framed: bool,
+    block: Vec<u8>,
+    at: usize,
+    budget: u64,
+}
+
+impl<'a> Snappy<'a> {
+    fn new(body: &'a [u8], budget: u64) -> Self {
+        let framed = body.starts_with(XERIAL_HEADER);
+        Snappy {
+            input: if framed {
+                &body[XERIAL_HEADER.len()..]
+            } else {
+                body
+            },
+            framed,
+            block: Vec::new(),
+            at: 0,
+            budget,
+        }
+    }
+
+    fn next_block(&mut self) -> std::io::Result<()> {
+        let broken = |what: &str| std::io::Error::other(format!("snappy: {what}"));
+        let compressed = if self.framed {
+            let len = be_i32(self.input, 0)
+                .and_then(|l| usize::try_from(l).ok())
+                .ok_or_else(|| broken("truncated block length"))?;
+            let block = self
+                .input
+                .get(4..4 + len)
+                .ok_or_else(|| broken("block overruns the batch"))?;
+            self.input = &self.input[4 + len..];
+            block
+        } else {
+            std::mem::take(&mut self.input)
+        };
+        let size = snap::raw::decompress_len(compressed).map_err(|e| broken(&e.to_string()))?;
+        if size as u64 > self.budget {
+            return Err(broken(&format!(
+                "a block of {size} bytes exceeds the decompressed-size limit"
+            )));
+        }
+        self.budget -= size as u64;
+        self.block.clear();
+        self.block.resize(size, 0);
+        snap::raw::Decoder::new()
+            .decompress(compressed, &mut self.block)
+            .map_err(|e| broken(&e.to_string()))?;
+        self.at = 0;
+        Ok(())
+    }
+}
+
+impl Read for Snappy<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.block.len() {
+            if self.input.is_empty() {
+                return Ok(0);
+            }
+            self.next_block()?;
+        }
+        let k = out.len().min(self.block.len() - self.at);
+        out[..k].copy_from_slice(&self.block[self.at..self.at + k]);
+        self.at += k;
+        Ok(k)
+    }
+}
+
+/// Checks UTF-8 that arrives in pieces (a character may straddle two).
+#[derive(Default)]
+struct Utf8 {
+    pending: [u8; 4],
+    len: usize,
+}
+
+impl Utf8 {
+    fn push(&mut self, mut piece: &[u8]) -> Result<(), Stop> {
+        let invalid = || Stop::from("header key is not UTF-8");
+        if self.len > 0 {
+            let width = match self.pending[0] {
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                _ => 4,
+            };
+            let take = (width - self.len).min(piece.len());
+            self.pending[self.len..self.len + take].copy_from_slice(&piece[..take]);
+            self.len += take;
+            piece = &piece[take..];
+            if self.len < width {
+                return Ok(());
+            }
+            std::str::from_utf8(&self.pending[..width]).map_err(|_| invalid())?;
+            self.len = 0;
+        }
+        match std::str::from_utf8(piece) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_none() => {
+                // An incomplete character at the end: kept for the next piece.
+                let tail = &piece[e.valid_up_to()..];
+                self.pending[..tail.len()].copy_from_slice(tail);
+                self.len = tail.len();
+                Ok(())
+            }
+            Err(_) => Err(invalid()),
+        }
+    }
+
+    fn finish(&self) -> Result<(), Stop> {
+        if self.len == 0 {
+            Ok(())
+        } else {
+            Err("header key is not UTF-8".into())
+        }
     }
 }
 
@@ -209,7 +551,17 @@ fn be_i32(buf: &[u8], at: usize) -> Option<i32> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
+
+    const LIMITS: RecordLimits = RecordLimits {
+        max_decompressed: 1 << 20,
+    };
+
+    fn check(buf: &[u8]) -> Result<(), RecordFault> {
+        validate(buf, LIMITS)
+    }
 
     fn zigzag(v: i64, out: &mut Vec<u8>) {
         let mut z = ((v << 1) ^ (v >> 63)) as u64;
@@ -225,7 +577,12 @@ mod tests {
     }
 
     /// A record with the given offset delta, key, value and one header.
-    fn record(offset_delta: i64, key: &[u8], value: Option<&[u8]>) -> Vec<u8> {
+    fn record_with_header(
+        offset_delta: i64,
+        key: &[u8],
+        value: Option<&[u8]>,
+        header: &[u8],
+    ) -> Vec<u8> {
         let mut body = vec![0u8]; // attributes
         zigzag(3, &mut body); // timestamp delta
         zigzag(offset_delta, &mut body);
@@ -239,13 +596,17 @@ mod tests {
             None => zigzag(-1, &mut body),
         }
         zigzag(1, &mut body);
-        zigzag(1, &mut body);
-        body.push(b'h');
+        zigzag(header.len() as i64, &mut body);
+        body.extend_from_slice(header);
         zigzag(-1, &mut body);
         let mut r = Vec::new();
         zigzag(body.len() as i64, &mut r);
         r.extend(body);
         r
+    }
+
+    fn record(offset_delta: i64, key: &[u8], value: Option<&[u8]>) -> Vec<u8> {
+        record_with_header(offset_delta, key, value, b"h")
     }
 
     /// A batch header (CRC not set: the storage engine checks it) over `body`.
@@ -266,36 +627,71 @@ mod tests {
             .collect()
     }
 
+    /// `records` compressed as a producer using `codec` sends them (snappy
+    /// both xerial-framed, as Java does, and raw, as librdkafka does).
+    fn compress(codec: u8, records: &[u8], xerial: bool) -> Vec<u8> {
+        match codec {
+            GZIP => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+                e.write_all(records).unwrap();
+                e.finish().unwrap()
+            }
+            SNAPPY if xerial => {
+                let mut out = b"\x82SNAPPY\x00\x00\x00\x00\x01\x00\x00\x00\x01".to_vec();
+                for chunk in records.chunks(32 * 1024) {
+                    let block = snap::raw::Encoder::new().compress_vec(chunk).unwrap();
+                    out.extend((block.len() as u32).to_be_bytes());
+                    out.extend(block);
+                }
+                out
+            }
+            SNAPPY => snap::raw::Encoder::new().compress_vec(records).unwrap(),
+            LZ4 => {
+                let mut e = lz4::EncoderBuilder::new().build(Vec::new()).unwrap();
+                e.write_all(records).unwrap();
+                let (out, result) = e.finish();
+                result.unwrap();
+                out
+            }
+            ZSTD => zstd::encode_all(records, 3).unwrap(),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Every codec producers use, with snappy in both framings.
+    const CODECS: [(u8, bool); 5] = [
+        (GZIP, false),
+        (SNAPPY, true),
+        (SNAPPY, false),
+        (LZ4, false),
+        (ZSTD, false),
+    ];
+
     #[test]
     fn well_formed_batches_pass() {
         let mut buf = batch(3, 0, &records(3));
         buf.extend(batch(1, 0, &record(0, b"", None)));
-        assert_eq!(validate(&buf), Ok(()));
-        // Compressed bodies are not walked; a known codec passes.
-        assert_eq!(validate(&batch(5, 4, &[0xff; 40])), Ok(()));
+        assert_eq!(check(&buf), Ok(()));
     }
 
     #[test]
     fn lying_counts_are_refused() {
-        let fault = validate(&batch(5, 0, &records(1))).unwrap_err();
+        let fault = check(&batch(5, 0, &records(1))).unwrap_err();
         assert_eq!(fault.record, Some(1), "{fault:?}");
-        assert!(validate(&batch(i32::MAX, 0, &records(1))).is_err());
+        assert!(check(&batch(i32::MAX, 0, &records(1))).is_err());
+        assert!(check(&batch(1, 0, &records(2))).is_err(), "bytes left over");
         assert!(
-            validate(&batch(1, 0, &records(2))).is_err(),
-            "bytes left over"
-        );
-        assert!(
-            validate(&batch(0, 0, &[])).is_ok(),
+            check(&batch(0, 0, &[])).is_ok(),
             "the header check refuses 0"
         );
     }
 
     #[test]
     fn garbage_records_and_unknown_codecs_are_refused() {
-        let fault = validate(&batch(1, 0, &[0xff; 40])).unwrap_err();
+        let fault = check(&batch(1, 0, &[0xff; 40])).unwrap_err();
         assert_eq!(fault.record, Some(0));
         for codec in 5..=7 {
-            let fault = validate(&batch(1, codec, &records(1))).unwrap_err();
+            let fault = check(&batch(1, codec, &records(1))).unwrap_err();
             assert!(fault.message.contains("codec"), "{fault:?}");
         }
     }
@@ -304,12 +700,12 @@ mod tests {
     fn record_fields_must_fill_the_record_exactly() {
         // Offset deltas must count up from 0.
         let skipped: Vec<u8> = [record(0, b"k", None), record(2, b"k", None)].concat();
-        assert!(validate(&batch(2, 0, &skipped)).is_err());
+        assert!(check(&batch(2, 0, &skipped)).is_err());
         // A record whose length claims one byte more than its fields.
         let mut long = record(0, b"k", Some(b"v"));
         long[0] += 2; // zigzag: +1
         long.push(0);
-        assert!(validate(&batch(1, 0, &long)).is_err());
+        assert!(check(&batch(1, 0, &long)).is_err());
         // A key longer than the record.
         let mut r = vec![0u8];
         zigzag(0, &mut r);
@@ -318,10 +714,89 @@ mod tests {
         let mut framed = Vec::new();
         zigzag(r.len() as i64, &mut framed);
         framed.extend(r);
-        assert!(validate(&batch(1, 0, &framed)).is_err());
+        assert!(check(&batch(1, 0, &framed)).is_err());
         // A batch length beyond the buffer.
         let mut b = batch(1, 0, &records(1));
         b.truncate(b.len() - 1);
-        assert!(validate(&b).is_err());
+        assert!(check(&b).is_err());
+    }
+
+    #[test]
+    fn compressed_records_are_walked_like_plain_ones() {
+        for (codec, xerial) in CODECS {
+            let attrs = i16::from(codec);
+            let case = format!("codec {codec} xerial {xerial}");
+            let good = compress(codec, &records(300), xerial);
+            assert_eq!(check(&batch(300, attrs, &good)), Ok(()), "{case}");
+            // The same lies as uncompressed: counts, garbage, leftovers.
+            let fault = check(&batch(301, attrs, &good)).unwrap_err();
+            assert_eq!(fault.record, Some(300), "{case}: {fault:?}");
+            assert!(check(&batch(299, attrs, &good)).is_err(), "{case}");
+            let garbage = compress(codec, &[0xff; 40], xerial);
+            let fault = check(&batch(1, attrs, &garbage)).unwrap_err();
+            assert_eq!(fault.record, Some(0), "{case}: {fault:?}");
+            // Bytes that do not decompress at all.
+            let mut broken = good.clone();
+            let mid = broken.len() / 2;
+            broken.truncate(mid);
+            let fault = check(&batch(300, attrs, &broken)).unwrap_err();
+            assert!(!fault.message.is_empty(), "{case}");
+        }
+    }
+
+    /// A small batch that decompresses to far more than the limit (a
+    /// "bomb") is refused after reading about the limit, not all of it.
+    #[test]
+    fn decompressed_size_is_limited() {
+        let big = vec![0u8; 4 << 20];
+        let records: Vec<u8> = record(0, b"k", Some(&big));
+        for (codec, xerial) in CODECS {
+            let body = compress(codec, &records, xerial);
+            assert!(body.len() < 300 << 10, "{codec}: {} bytes", body.len());
+            let fault = check(&batch(1, i16::from(codec), &body)).unwrap_err();
+            assert_eq!(fault.record, None, "{codec} {xerial}: {fault:?}");
+            let roomy = RecordLimits {
+                max_decompressed: 8 << 20,
+            };
+            assert_eq!(validate(&batch(1, i16::from(codec), &body), roomy), Ok(()));
+        }
+        // Header keys are checked as UTF-8 across buffer refills too.
+        let key = "é".repeat(STREAM_BUFFER);
+        let good = record_with_header(0, b"k", None, key.as_bytes());
+        let mut bad = key.into_bytes();
+        let last = bad.len() - 1;
+        bad[last] = b'x'; // cuts the last character in half
+        let bad = record_with_header(0, b"k", None, &bad);
+        for (codec, xerial) in CODECS {
+            let attrs = i16::from(codec);
+            assert_eq!(
+                check(&batch(1, attrs, &compress(codec, &good, xerial))),
+                Ok(())
+            );
+            let fault = check(&batch(1, attrs, &compress(codec, &bad, xerial))).unwrap_err();
+            assert!(fault.message.contains("UTF-8"), "{fault:?}");
+        }
+    }
+
+    #[test]
+    fn utf8_split_anywhere_is_checked_as_a_whole() {
+        let text = "aé€😀z".as_bytes();
+        for cut in 0..=text.len() {
+            for cut2 in cut..=text.len() {
+                let mut u = Utf8::default();
+                let ok = [&text[..cut], &text[cut..cut2], &text[cut2..]]
+                    .into_iter()
+                    .try_for_each(|p| u.push(p))
+                    .and_then(|()| u.finish())
+                    .is_ok();
+                assert!(ok, "{cut} {cut2}");
+            }
+        }
+        let mut u = Utf8::default();
+        assert!(u.push(&text[..2]).is_ok());
+        assert!(u.finish().is_err(), "a character cut short at the end");
+        let mut u = Utf8::default();
+        assert!(u.push(&[0xe2]).is_ok());
+        assert!(u.push(&[0x28, 0x80]).is_err(), "a bad continuation byte");
     }
 }

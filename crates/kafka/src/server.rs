@@ -25,6 +25,8 @@ pub(crate) struct Ctx {
     pub topology: Arc<dyn Topology>,
     pub groups: Arc<Coordination>,
     pub config: ServerConfig,
+    /// In-flight request and response bytes of all connections.
+    pub budget: Arc<connection::Budget>,
 }
 
 pub(crate) async fn serve(
@@ -37,6 +39,7 @@ pub(crate) async fn serve(
     let ctx = Arc::new(Ctx {
         topology,
         groups,
+        budget: Arc::new(connection::Budget::new(config.max_in_flight_bytes)),
         config,
     });
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -37,6 +37,8 @@ impl Defaults {
     /// Kafka's fetch.max.bytes.
     pub const FETCH_MAX_BYTES: usize = 55 * 1024 * 1024;
     pub const MAX_UNSENT_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+    pub const MAX_DECOMPRESSED_BATCH_BYTES: usize = 64 * 1024 * 1024;
+    pub const MAX_IN_FLIGHT_BYTES: usize = 512 * 1024 * 1024;
     /// Kafka's connections.max.idle.ms.
     pub const CONNECTIONS_MAX_IDLE_MS: u64 = 600_000;
     pub const RAFT_ADDR: &'static str = "0.0.0.0:9093";
@@ -157,6 +159,14 @@ pub struct ServeArgs {
     /// exceed this many bytes [default: 67108864].
     #[arg(long, env = "SLUICE_MAX_UNSENT_RESPONSE_BYTES", value_name = "N")]
     pub max_unsent_response_bytes: Option<usize>,
+    /// Refuse a compressed batch whose records take more than this many
+    /// bytes decompressed [default: 67108864].
+    #[arg(long, env = "SLUICE_MAX_DECOMPRESSED_BATCH_BYTES", value_name = "N")]
+    pub max_decompressed_batch_bytes: Option<usize>,
+    /// Stop reading requests, on every connection, while the request and
+    /// unsent response bytes of all connections exceed this [default: 536870912].
+    #[arg(long, env = "SLUICE_MAX_IN_FLIGHT_BYTES", value_name = "N")]
+    pub max_in_flight_bytes: Option<usize>,
 }
 
 /// The TOML file. Unknown keys are errors so that a typo is not silently ignored.
@@ -202,6 +212,8 @@ pub struct KafkaSection {
     pub max_connections_per_ip: Option<usize>,
     pub connections_max_idle_ms: Option<u64>,
     pub max_unsent_response_bytes: Option<usize>,
+    pub max_decompressed_batch_bytes: Option<usize>,
+    pub max_in_flight_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -306,6 +318,8 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     pub connections_max_idle: Duration,
     pub max_unsent_response_bytes: usize,
+    pub max_decompressed_batch_bytes: usize,
+    pub max_in_flight_bytes: usize,
     pub group: GroupConfig,
     /// Cluster mode, when peers are configured.
     pub cluster: Option<ClusterSettings>,
@@ -530,6 +544,14 @@ impl Config {
                 .max_unsent_response_bytes
                 .or(file.kafka.max_unsent_response_bytes)
                 .unwrap_or(Defaults::MAX_UNSENT_RESPONSE_BYTES),
+            max_decompressed_batch_bytes: args
+                .max_decompressed_batch_bytes
+                .or(file.kafka.max_decompressed_batch_bytes)
+                .unwrap_or(Defaults::MAX_DECOMPRESSED_BATCH_BYTES),
+            max_in_flight_bytes: args
+                .max_in_flight_bytes
+                .or(file.kafka.max_in_flight_bytes)
+                .unwrap_or(Defaults::MAX_IN_FLIGHT_BYTES),
             group,
             cluster,
             topic_defaults,
@@ -705,6 +727,11 @@ mod tests {
         assert_eq!(c.fetch_max_bytes, d.fetch_max_bytes);
         assert_eq!(c.connections_max_idle, d.connections_max_idle);
         assert_eq!(c.max_unsent_response_bytes, d.max_unsent_response_bytes);
+        assert_eq!(
+            c.max_decompressed_batch_bytes,
+            d.max_decompressed_batch_bytes
+        );
+        assert_eq!(c.max_in_flight_bytes, d.max_in_flight_bytes);
         assert_eq!(c.retention_check_interval, d.retention_check_interval);
         assert_eq!(
             c.group.initial_rebalance_delay_ms,

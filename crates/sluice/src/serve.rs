@@ -57,6 +57,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         max_connections_per_ip: config.max_connections_per_ip,
         connections_max_idle: config.connections_max_idle,
         max_unsent_response_bytes: config.max_unsent_response_bytes,
+        max_decompressed_batch_bytes: config.max_decompressed_batch_bytes,
+        max_in_flight_bytes: config.max_in_flight_bytes,
     };
     let kafka = KafkaListener::bind(server_config)
         .await

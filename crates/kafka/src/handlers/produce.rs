@@ -29,6 +29,7 @@ struct Wait {
 /// Appends one partition's records under `leadership`; the wait for its
 /// acknowledgement is pushed to `waits`.
 fn append(
+    ctx: &Ctx,
     records: &Option<bytes::Bytes>,
     leadership: Leadership,
     at: (usize, usize),
@@ -38,7 +39,10 @@ fn append(
     let Some(records) = records else {
         return Err(Refused::new(ErrorCode::CorruptMessage, "no records"));
     };
-    if let Err(fault) = crate::records::validate(records) {
+    let limits = crate::records::RecordLimits {
+        max_decompressed: ctx.config.max_decompressed_batch_bytes,
+    };
+    if let Err(fault) = crate::records::validate(records, limits) {
         if let Some(index) = fault.record {
             resp.record_errors = vec![BatchIndexAndErrorMessage::default()
                 .with_batch_index(index)
@@ -110,9 +114,14 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
             let outcome = match &refused {
                 Some(refused) => Err(refused.clone()),
                 None => match ctx.topology.lead_for_produce(name, data.index, acks == -1) {
-                    Ok(leadership) => {
-                        append(&data.records, leadership, (ti, pi), &mut resp, &mut waits)
-                    }
+                    Ok(leadership) => append(
+                        ctx,
+                        &data.records,
+                        leadership,
+                        (ti, pi),
+                        &mut resp,
+                        &mut waits,
+                    ),
                     Err(code) => {
                         if code == ErrorCode::UnknownTopicOrPartition && !creating {
                             // Created in the background; the client retries.

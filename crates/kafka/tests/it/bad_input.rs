@@ -15,7 +15,12 @@ type Log = Vec<(i64, String, String)>;
 
 /// A server with a topic holding a few records.
 async fn seeded() -> (Server, Log) {
-    let server = Server::start().await;
+    seeded_with(|_| {}).await
+}
+
+/// [`seeded`], with settings changed by `tweak`.
+async fn seeded_with(tweak: impl FnOnce(&mut Setup)) -> (Server, Log) {
+    let server = Server::start_with(tweak).await;
     server.create_topic("safe", 1).await;
     let mut c = server.client().await;
     let k = keys(5, "seed-");
@@ -381,11 +386,34 @@ async fn an_abandoned_long_poll_frees_its_connection_slot() {
 fn forged(f: impl FnOnce(&mut Vec<u8>)) -> bytes::Bytes {
     let mut b = batch(&["forged"], 1_000).to_vec();
     f(&mut b);
-    let len = i32::try_from(b.len() - 12).unwrap();
-    b[8..12].copy_from_slice(&len.to_be_bytes());
-    let crc = crc32c::crc32c(&b[21..]);
-    b[17..21].copy_from_slice(&crc.to_be_bytes());
+    seal(&mut b);
     b.into()
+}
+
+/// Producing `records` to `safe` is refused with CORRUPT_MESSAGE, naming
+/// `bad_record` as the failing record; nothing is appended and the log
+/// stays usable.
+async fn assert_corrupt(
+    server: &Server,
+    log: &mut Log,
+    what: &str,
+    records: bytes::Bytes,
+    bad_record: Option<i32>,
+) {
+    let mut c = server.client().await;
+    let resp = c.call(&produce_request("safe", 0, records, -1), 9).await;
+    let p = &resp.responses[0].partition_responses[0];
+    assert_eq!(
+        p.error_code,
+        ErrorCode::CorruptMessage.code(),
+        "{what}: {p:?}"
+    );
+    assert_eq!(
+        p.record_errors.first().map(|e| e.batch_index),
+        bad_record,
+        "{what}: {p:?}"
+    );
+    assert_healthy(server, log, what).await;
 }
 
 /// Batches whose CRC is right but whose records are not what the header says
@@ -419,21 +447,88 @@ async fn batches_whose_records_lie_are_refused() {
         ("unknown codec 7", forged(|b| b[22] |= 7), None),
     ];
     for (what, records, bad_record) in cases {
-        let mut c = server.client().await;
-        let resp = c.call(&produce_request("safe", 0, records, -1), 9).await;
-        let p = &resp.responses[0].partition_responses[0];
-        assert_eq!(
-            p.error_code,
-            ErrorCode::CorruptMessage.code(),
-            "{what}: {p:?}"
-        );
-        assert_eq!(
-            p.record_errors.first().map(|e| e.batch_index),
-            bad_record,
-            "{what}: {p:?}"
-        );
-        assert_healthy(&server, &mut log, what).await;
+        assert_corrupt(&server, &mut log, what, records, bad_record).await;
     }
+}
+
+/// Compressed batches are walked like plain ones: a lying count inside a
+/// gzip batch, garbage records inside zstd, and a "bomb" (a batch that
+/// decompresses to 16 to 1,000 times its size, more than `max_decompressed_batch_bytes`) in every codec are
+/// refused with CORRUPT_MESSAGE, and nothing of them is appended; honest
+/// batches of every codec are accepted; consumers read on past the refusals.
+#[tokio::test]
+async fn compressed_batches_are_walked_and_bombs_refused() {
+    const LIMIT: usize = 1 << 20;
+    let (server, mut log) = seeded_with(|s| s.server.max_decompressed_batch_bytes = LIMIT).await;
+    let plain = batch(&["one"], 1_000);
+    let bomb = {
+        // One record whose value is zeros, twice the limit.
+        let mut b = batch(&["k"], 1_000).to_vec();
+        b.truncate(61);
+        let value = vec![0u8; 2 * LIMIT];
+        // Attributes, timestamp and offset deltas 0, a null key (zigzag -1).
+        let mut fields = vec![0u8, 0, 0, 1];
+        varint(value.len() as i64, &mut fields);
+        fields.extend(&value);
+        fields.push(0); // no headers
+        let mut record = Vec::new();
+        varint(fields.len() as i64, &mut record);
+        record.extend(fields);
+        b.extend(record);
+        seal(&mut b);
+        b
+    };
+    let mut garbage = plain.to_vec();
+    garbage.truncate(61);
+    garbage.extend([0xff; 40]);
+    seal(&mut garbage);
+    let mut lying = plain.to_vec();
+    lying[57..61].copy_from_slice(&3i32.to_be_bytes());
+    lying[23..27].copy_from_slice(&2i32.to_be_bytes());
+    seal(&mut lying);
+    let mut cases: Vec<(String, Vec<u8>, Option<i32>)> = vec![
+        (
+            "gzip, count 3, one record".into(),
+            with_codec(&lying, 1),
+            Some(1),
+        ),
+        (
+            "zstd, 40 bytes of 0xff".into(),
+            with_codec(&garbage, 4),
+            Some(0),
+        ),
+    ];
+    for (codec, name) in CODECS {
+        let b = with_codec(&bomb, codec);
+        assert!(
+            b.len() < bomb.len() / 16,
+            "{name} bomb is {} bytes",
+            b.len()
+        );
+        cases.push((format!("{name} bomb"), b, None));
+    }
+    for (what, records, bad_record) in cases {
+        assert_corrupt(&server, &mut log, &what, records.into(), bad_record).await;
+    }
+    for (codec, name) in CODECS {
+        let key = format!("honest-{name}");
+        let mut c = server.client().await;
+        let honest = with_codec(&batch(&[&key], 3_000), codec);
+        let (code, offset) = produce(&mut c, "safe", 0, honest.into()).await;
+        assert_eq!((code, offset), (0, log.len() as i64), "{name}");
+        log.push((offset, key.clone(), format!("value-of-{key}")));
+        assert_healthy(&server, &mut log, name).await;
+    }
+}
+
+/// A zigzag varint, as records encode lengths.
+fn varint(v: i64, out: &mut Vec<u8>) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    while z >= 0x80 {
+        out.push((z as u8) | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
 }
 
 /// A connection that sends nothing is closed after `connections_max_idle`
@@ -488,6 +583,23 @@ fn rss_bytes() -> usize {
     kib * 1024
 }
 
+/// Creates topic `big` with about 8 MiB in its one partition (4,000 records
+/// in batches of about 200 KiB); returns the client that wrote them.
+async fn big_partition(server: &Server) -> Raw {
+    server.create_topic("big", 1).await;
+    let mut c = server.client().await;
+    // About 8 MiB in the partition, in batches of about 200 KiB.
+    let prefix = "b".repeat(1_000);
+    for b in 0..40 {
+        let k = keys(100, &format!("{prefix}-{b}-"));
+        assert_eq!(
+            produce(&mut c, "big", 0, batch(&strs(&k), 1_000)).await.0,
+            0
+        );
+    }
+    c
+}
+
 /// A client that sends requests and never reads the answers costs the broker
 /// about its unsent-response budget plus one response, not a queue of full
 /// responses; once it reads, every answer arrives. (In a child process: the
@@ -503,17 +615,7 @@ async fn never_reading_client_child() {
     const BUDGET: usize = 8 * 1024 * 1024;
     const REQUESTS: usize = 32;
     let server = Server::start_with(|s| s.server.max_unsent_response_bytes = BUDGET).await;
-    server.create_topic("big", 1).await;
-    let mut c = server.client().await;
-    // About 8 MiB in the partition, in batches of about 200 KiB.
-    let prefix = "b".repeat(1_000);
-    for b in 0..40 {
-        let k = keys(100, &format!("{prefix}-{b}-"));
-        assert_eq!(
-            produce(&mut c, "big", 0, batch(&strs(&k), 1_000)).await.0,
-            0
-        );
-    }
+    let mut c = big_partition(&server).await;
     let (_, hw, _) = fetch(&mut c, "big", 0, 0).await;
     assert_eq!(hw, 4_000);
     let before = rss_bytes();
@@ -537,5 +639,65 @@ async fn never_reading_client_child() {
             .as_ref()
             .map_or(0, |r| r.len());
         assert!(records > 7 * 1024 * 1024, "answer {i}: {records} bytes");
+    }
+}
+
+/// Many clients that send fetches and do not read the answers hold, all
+/// together, about the broker-wide `max_in_flight_bytes` plus one answer
+/// each, not each its own unsent-response budget; meanwhile a client that
+/// reads its answers is served as usual. Once they read, every answer
+/// arrives. (In a child process: the measure is this process's RSS.)
+#[tokio::test]
+async fn clients_together_hold_at_most_the_in_flight_budget() {
+    crate::fuzz::run_child("bad_input::in_flight_budget_child").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run in a child process by clients_together_hold_at_most_the_in_flight_budget"]
+async fn in_flight_budget_child() {
+    const BUDGET: usize = 16 * 1024 * 1024;
+    const CLIENTS: usize = 8;
+    const REQUESTS: usize = 8;
+    let server = Server::start_with(|s| s.server.max_in_flight_bytes = BUDGET).await;
+    big_partition(&server).await;
+    let before = rss_bytes();
+    let req = greedy_fetch("big", 1, 1);
+    let mut greedy = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut g = server.client().await;
+        for _ in 0..REQUESTS {
+            g.send(&req, 11).await;
+        }
+        greedy.push(g);
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let grown = rss_bytes().saturating_sub(before);
+    // Each connection's own budget (64 MiB) would let every answer be
+    // built: CLIENTS * REQUESTS * 8 MiB = 512 MiB.
+    assert!(
+        grown < 160 * 1024 * 1024,
+        "RSS grew by {} MiB for {CLIENTS} clients that do not read",
+        grown >> 20
+    );
+    // A client that reads its answers is not held up by those that do not.
+    let mut other = server.client().await;
+    let (code, offset) = produce(&mut other, "big", 0, batch(&["late"], 1_000)).await;
+    assert_eq!((code, offset), (0, 4_000));
+    let (code, _, _) = fetch(&mut other, "big", 0, 4_000).await;
+    assert_eq!(code, 0);
+    // Every answer arrives once the clients read, at the pace they read.
+    let readers = greedy.into_iter().enumerate().map(|(i, mut g)| {
+        tokio::spawn(async move {
+            for r in 0..REQUESTS {
+                let (_, resp) = g.recv::<FetchRequest>(11).await;
+                assert!(
+                    record_bytes(&resp) > 7 * 1024 * 1024,
+                    "client {i} answer {r}"
+                );
+            }
+        })
+    });
+    for r in futures::future::join_all(readers).await {
+        r.unwrap();
     }
 }

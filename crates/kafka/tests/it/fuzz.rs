@@ -289,46 +289,31 @@ fn mutate_records(rng: &mut Rng, batch: &[u8]) -> Vec<u8> {
             }
         }
     }
-    let len = i32::try_from(b.len() - 12).unwrap();
-    b[8..12].copy_from_slice(&len.to_be_bytes());
-    let crc = crc32c::crc32c(&b[21..]);
-    b[17..21].copy_from_slice(&crc.to_be_bytes());
+    seal(&mut b);
     b
 }
 
-/// Record validation against a model: on mutated uncompressed batches it
-/// never panics, and whatever it accepts, kafka-protocol's record decoder (what
-/// consumers run) decodes into exactly the declared number of records with
-/// dense offsets.
-#[test]
-fn record_validation_accepts_only_what_consumers_can_decode() {
-    let seeds: Vec<Vec<u8>> = vec![
-        batch(&["a"], 1).to_vec(),
-        batch(&["k1", "k2", "k3"], 7).to_vec(),
-        {
-            let mut recs = records(&["h1", "h2"], 9);
-            for r in &mut recs {
-                r.headers
-                    .insert(sb("trace"), Some(Bytes::from_static(b"abc")));
-                r.headers.insert(sb("empty"), None);
-            }
-            encode_batch(&recs).to_vec()
-        },
-    ];
-    for seed in &seeds {
-        sluice_kafka::validate_records(seed).unwrap();
-    }
-    let mut rng = Rng(0x7eed_5eed_0bad_cafe);
-    let (mut accepted, mut refused) = (0, 0);
-    for _ in 0..50_000 {
-        let seed = &seeds[rng.below(seeds.len())];
-        let b = mutate_records(&mut rng, seed);
-        match sluice_kafka::validate_records(&b) {
-            Err(_) => refused += 1,
+/// Most decompressed bytes the record fuzzing lets a batch take.
+const FUZZ_DECOMPRESSED: usize = 1 << 20;
+
+/// Outcome counts of a record-fuzzing run.
+#[derive(Default)]
+struct Verdicts {
+    accepted: usize,
+    refused: usize,
+}
+
+impl Verdicts {
+    /// Validates `b` and, when it is accepted, checks it against the model:
+    /// kafka-protocol's record decoder (what consumers run) decodes it into
+    /// exactly the declared number of records with dense offsets.
+    fn judge(&mut self, b: &[u8]) {
+        match sluice_kafka::validate_records(b, FUZZ_DECOMPRESSED) {
+            Err(_) => self.refused += 1,
             Ok(()) => {
-                accepted += 1;
+                self.accepted += 1;
                 let declared = i32::from_be_bytes(b[57..61].try_into().unwrap());
-                let mut bytes = Bytes::from(b.clone());
+                let mut bytes = Bytes::from(b.to_vec());
                 let sets = kafka_protocol::records::RecordBatchDecoder::decode_all(&mut bytes)
                     .unwrap_or_else(|e| panic!("accepted but undecodable ({e}): {b:02x?}"));
                 let offsets: Vec<i64> = sets
@@ -341,9 +326,176 @@ fn record_validation_accepts_only_what_consumers_can_decode() {
             }
         }
     }
-    // Both outcomes happen, so the property above was exercised.
-    assert!(
-        accepted > 100 && refused > 100,
-        "accepted {accepted}, refused {refused}"
+
+    /// Both outcomes happened, so the property was exercised.
+    fn assert_both(&self, what: &str) {
+        assert!(
+            self.accepted > 100 && self.refused > 100,
+            "{what}: accepted {}, refused {}",
+            self.accepted,
+            self.refused
+        );
+    }
+}
+
+/// Uncompressed batches as the model encodes them: plain, several records,
+/// and records with headers (one null-valued).
+fn plain_seeds() -> Vec<Vec<u8>> {
+    vec![
+        batch(&["a"], 1).to_vec(),
+        batch(&["k1", "k2", "k3"], 7).to_vec(),
+        {
+            let mut recs = records(&["h1", "h2"], 9);
+            for r in &mut recs {
+                r.headers
+                    .insert(sb("trace"), Some(Bytes::from_static(b"abc")));
+                r.headers.insert(sb("empty"), None);
+            }
+            encode_batch(&recs).to_vec()
+        },
+    ]
+}
+
+/// Record validation against a model: on mutated uncompressed batches it
+/// never panics, and whatever it accepts, consumers can decode.
+#[test]
+fn record_validation_accepts_only_what_consumers_can_decode() {
+    let seeds = plain_seeds();
+    for seed in &seeds {
+        sluice_kafka::validate_records(seed, FUZZ_DECOMPRESSED).unwrap();
+    }
+    let mut rng = Rng(0x7eed_5eed_0bad_cafe);
+    let mut verdicts = Verdicts::default();
+    for _ in 0..50_000 {
+        let seed = &seeds[rng.below(seeds.len())];
+        verdicts.judge(&mutate_records(&mut rng, seed));
+    }
+    verdicts.assert_both("uncompressed");
+}
+
+/// Batches as librdkafka compresses them, one per codec, fetched back raw.
+async fn real_client_batches(server: &Server) -> Vec<Vec<u8>> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    server.create_topic("codecs", 1).await;
+    for (_, codec) in CODECS {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", server.addr.to_string())
+            .set("broker.address.family", "v4")
+            .set("compression.type", codec)
+            .set("linger.ms", "50")
+            .create()
+            .unwrap();
+        let sends: Vec<_> = (0..5)
+            .map(|i| {
+                let value = format!("{codec} value {i} {}", "z".repeat(i * 10));
+                let key = format!("key-{i}");
+                let record = FutureRecord::to("codecs")
+                    .key(&key)
+                    .payload(&value)
+                    .headers(OwnedHeaders::new().insert(Header {
+                        key: "codec",
+                        value: Some(codec),
+                    }));
+                producer.send_result(record).map_err(|(e, _)| e).unwrap()
+            })
+            .collect();
+        for s in sends {
+            s.await.unwrap().unwrap();
+        }
+    }
+    let mut c = server.client().await;
+    let resp = c.call(&fetch_request("codecs", 0, 0), 11).await;
+    let mut raw = resp.responses[0].partitions[0]
+        .records
+        .clone()
+        .unwrap_or_default();
+    let mut batches = Vec::new();
+    while raw.len() >= 61 {
+        let len = usize::try_from(i32::from_be_bytes(raw[8..12].try_into().unwrap())).unwrap();
+        let b = raw.split_to(len + 12);
+        // Producers' base offsets are 0; the log assigned others.
+        let mut b = b.to_vec();
+        b[..8].fill(0);
+        batches.push(b);
+    }
+    let codecs: std::collections::BTreeSet<u8> = batches.iter().map(|b| b[22] & 7).collect();
+    assert_eq!(
+        codecs,
+        CODECS.iter().map(|c| c.0).collect(),
+        "one batch per codec"
     );
+    batches
+}
+
+/// Batches as kafka-protocol's encoder (the Rust clients') compresses them,
+/// one per codec; its snappy uses the xerial framing of Java's clients.
+fn encoder_batches() -> Vec<Vec<u8>> {
+    use kafka_protocol::records::{Compression, RecordBatchEncoder, RecordEncodeOptions};
+    [
+        Compression::Gzip,
+        Compression::Snappy,
+        Compression::Lz4,
+        Compression::Zstd,
+    ]
+    .into_iter()
+    .map(|compression| {
+        let mut recs = records(&["e1", "e2", "e3"], 11);
+        recs[1]
+            .headers
+            .insert(sb("trace"), Some(Bytes::from_static(b"xyz")));
+        let mut buf = bytes::BytesMut::new();
+        let options = RecordEncodeOptions {
+            version: 2,
+            compression,
+        };
+        RecordBatchEncoder::encode(&mut buf, &recs, &options).unwrap();
+        buf.to_vec()
+    })
+    .collect()
+}
+
+/// The same property on compressed batches: batches of every codec as real
+/// clients (librdkafka, kafka-protocol) made them, with their compressed bytes damaged, and
+/// model batches whose records were damaged before being compressed with
+/// each codec. Set `SLUICE_WRITE_FUZZ_CORPUS=1` to store the client batches
+/// as the seed corpus of the `validate_records` fuzz target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_record_validation_accepts_only_what_consumers_can_decode() {
+    let server = Server::start().await;
+    let mut client_batches = real_client_batches(&server).await;
+    server.stop().await;
+    client_batches.extend(encoder_batches());
+    if std::env::var_os("SLUICE_WRITE_FUZZ_CORPUS").is_some() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/validate_records");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, b) in client_batches.iter().enumerate() {
+            let (_, name) = CODECS.iter().find(|c| c.0 == b[22] & 7).unwrap();
+            let by = if i < CODECS.len() {
+                "librdkafka"
+            } else {
+                "kafka-protocol"
+            };
+            std::fs::write(dir.join(format!("{by}-{name}")), b).unwrap();
+        }
+    }
+    for b in &client_batches {
+        sluice_kafka::validate_records(b, FUZZ_DECOMPRESSED).unwrap();
+    }
+    let plain = plain_seeds();
+    let mut rng = Rng(0xc0de_c5ee_d0ff_1ce5);
+    let mut damaged = Verdicts::default();
+    let mut walked = Verdicts::default();
+    for _ in 0..10_000 {
+        let seed = &client_batches[rng.below(client_batches.len())];
+        damaged.judge(&mutate_records(&mut rng, seed));
+        let seed = &plain[rng.below(plain.len())];
+        let (codec, _) = CODECS[rng.below(CODECS.len())];
+        walked.judge(&with_codec(&mutate_records(&mut rng, seed), codec));
+    }
+    damaged.assert_both("damaged compressed bytes");
+    walked.assert_both("damaged records, compressed");
 }

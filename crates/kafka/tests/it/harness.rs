@@ -214,6 +214,59 @@ pub fn encode_batch(records: &[Record]) -> Bytes {
     buf.freeze()
 }
 
+/// Sets a v2 batch's length and CRC-32C to match its bytes, as a client that
+/// means what it sends would.
+pub fn seal(b: &mut [u8]) {
+    let len = i32::try_from(b.len() - 12).unwrap();
+    b[8..12].copy_from_slice(&len.to_be_bytes());
+    let crc = crc32c::crc32c(&b[21..]);
+    b[17..21].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// Kafka's codec ids with names, as clients configure them.
+pub const CODECS: [(u8, &str); 4] = [(1, "gzip"), (2, "snappy"), (3, "lz4"), (4, "zstd")];
+
+/// A batch's record bytes compressed as clients do with codec id `codec`
+/// (snappy in the xerial framing Java's clients use).
+pub fn compress(codec: u8, records: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    match codec {
+        1 => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+            e.write_all(records).unwrap();
+            e.finish().unwrap()
+        }
+        2 => {
+            let mut out = b"\x82SNAPPY\x00\x00\x00\x00\x01\x00\x00\x00\x01".to_vec();
+            for chunk in records.chunks(32 * 1024) {
+                let block = snap::raw::Encoder::new().compress_vec(chunk).unwrap();
+                out.extend(u32::try_from(block.len()).unwrap().to_be_bytes());
+                out.extend(block);
+            }
+            out
+        }
+        3 => {
+            let mut e = lz4::EncoderBuilder::new().build(Vec::new()).unwrap();
+            e.write_all(records).unwrap();
+            let (out, result) = e.finish();
+            result.unwrap();
+            out
+        }
+        4 => zstd::encode_all(records, 3).unwrap(),
+        _ => panic!("no codec {codec}"),
+    }
+}
+
+/// An uncompressed v2 `batch` with its records compressed with `codec`,
+/// sealed again.
+pub fn with_codec(batch: &[u8], codec: u8) -> Vec<u8> {
+    let mut b = batch[..61].to_vec();
+    b[22] = (b[22] & !7) | codec;
+    b.extend(compress(codec, &batch[61..]));
+    seal(&mut b);
+    b
+}
+
 /// A plain batch of records with the given keys, all at `timestamp`.
 pub fn batch(keys: &[&str], timestamp: i64) -> Bytes {
     encode_batch(&records(keys, timestamp))
