@@ -239,20 +239,27 @@ async fn delete_one(ctx: &Ctx, name: &str, wait: Duration) -> Result<(), Failure
             format!("internal topic {name} cannot be deleted"),
         ));
     }
-    let Some(id) = ctx.topology.image().topics.get(name).map(|t| t.topic_id) else {
-        return Err(invalid(
-            ErrorCode::UnknownTopicOrPartition,
-            format!("unknown topic {name}"),
-        ));
-    };
+    // The quorum says whether the topic exists: this node's image can lag a
+    // create it already answered (while the new partitions are still being
+    // opened), and the topic must be deletable then too.
+    let id = ctx.topology.image().topics.get(name).map(|t| t.topic_id);
     ctx.topology
         .propose(Command::DeleteTopic {
             name: name.to_owned(),
         })
-        .await?;
+        .await
+        .map_err(|refused| match refused.code {
+            ErrorCode::UnknownTopicOrPartition => {
+                invalid(refused.code, format!("unknown topic {name}"))
+            }
+            _ => refused,
+        })?;
     tracing::info!(topic = name, "deleted topic");
     wait_image(ctx.topology.as_ref(), wait, |image| {
-        image.topics.get(name).is_none_or(|t| t.topic_id != id)
+        image
+            .topics
+            .get(name)
+            .is_none_or(|t| Some(t.topic_id) != id)
     })
     .await;
     Ok(())
