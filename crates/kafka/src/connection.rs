@@ -16,11 +16,12 @@
 //! rest. Request frames take their bytes from it before they are allocated
 //! and give them back once handled; a reader waits while they would exceed
 //! it (Kafka's memory pool mutes channels the same way). Responses count
-//! against it from when they are built until they are written; while they
+//! against it from when they are built until they are written, and Fetch
+//! answers are cut to what is left of it (down to one batch); while they
 //! exceed it, every connection that holds unsent responses is muted, and
 //! connections whose clients have taken their answers read on, so clients
 //! that do not read cannot stall those that do. Together: about twice the
-//! budget plus one response per connection, however many clients push.
+//! budget plus one batch per connection, however many clients push.
 //!
 //! A client that goes away (end of stream or a failed read) takes its
 //! pending work with it: long polls and acks waits are aborted and the
@@ -65,6 +66,15 @@ impl Budget {
             limit,
             freed: Notify::new(),
         }
+    }
+
+    /// Response bytes that may still be built before the budget is spent.
+    /// Fetch answers are cut to it (down to one batch, KIP-74), so many
+    /// consumers reading at once share the budget instead of each building a
+    /// full answer.
+    pub(crate) fn response_room(&self) -> usize {
+        self.limit
+            .saturating_sub(self.responses.load(Ordering::Acquire))
     }
 
     fn responses_over(&self) -> bool {

@@ -94,10 +94,12 @@ fn first_listings<'r>(ctx: &Ctx, req: &'r FetchRequest, by_id: bool) -> Vec<List
 fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
     let by_id = version >= 13;
     // The broker's cap (fetch.max.bytes) bounds what one response holds,
-    // whatever the client asks for.
+    // whatever the client asks for, and so does what is left of the
+    // broker-wide response budget.
     let response_max = usize::try_from(req.max_bytes)
         .unwrap_or(0)
-        .min(ctx.config.fetch_max_bytes);
+        .min(ctx.config.fetch_max_bytes)
+        .min(ctx.budget.response_room());
     let mut bytes = 0usize;
     let mut error = false;
     let mut watched = Vec::new();
@@ -266,8 +268,15 @@ async fn follower_fetch(
     let by_id = version >= 13;
     let max_wait = Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0));
     let topology = ctx.topology.as_ref();
-    let partition_cap = ctx.config.fetch_max_bytes;
     let listings = first_listings(&ctx, &req, by_id);
+    // The partitions, read concurrently, share one response's cap (and what
+    // is left of the response budget); each still returns at least one batch,
+    // so replication never stalls.
+    let listed: usize = listings
+        .iter()
+        .map(|(_, _, requested)| requested.len())
+        .sum();
+    let partition_cap = ctx.config.fetch_max_bytes.min(ctx.budget.response_room()) / listed.max(1);
     let topics = futures::future::join_all(listings.into_iter().map(
         |(topic, name, requested)| async move {
             let partitions = futures::future::join_all(requested.into_iter().map(|fp| {
