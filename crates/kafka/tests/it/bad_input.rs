@@ -381,6 +381,64 @@ async fn an_abandoned_long_poll_frees_its_connection_slot() {
     );
 }
 
+/// Sockets this process holds open, from /proc (the broker's and the test
+/// clients' ends alike).
+fn open_sockets() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+/// The open socket count once `want` holds for it, or after 5 s.
+async fn sockets_once(want: impl Fn(usize) -> bool) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let n = open_sockets();
+        if want(n) || std::time::Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Fifty clients that start a ten-minute long poll and go away leave no
+/// socket behind: the broker closes its ends as soon as they close theirs
+/// (counted in /proc), not when the polls would have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_long_polls_leave_no_open_sockets() {
+    const CLIENTS: usize = 50;
+    let server = Server::start().await;
+    server.create_topic("quiet", 1).await;
+    let baseline = open_sockets();
+    let mut polls = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut c = server.client().await;
+        let req = fetch_request("quiet", 0, 0)
+            .with_max_wait_ms(600_000)
+            .with_min_bytes(1);
+        c.send(&req, 11).await;
+        polls.push(c);
+    }
+    // Both ends of every connection are open while the polls wait.
+    let waiting = sockets_once(|n| n >= baseline + 2 * CLIENTS).await;
+    assert!(
+        waiting >= baseline + 2 * CLIENTS,
+        "{waiting} sockets, baseline {baseline}"
+    );
+    drop(polls);
+    let after = sockets_once(|n| n <= baseline).await;
+    assert!(
+        after <= baseline,
+        "{after} sockets 5 s after the clients left (baseline {baseline})"
+    );
+    // And the broker still serves.
+    let mut c = server.client().await;
+    let (code, _) = produce(&mut c, "quiet", 0, batch(&["k"], 1_000)).await;
+    assert_eq!(code, 0);
+}
+
 /// A real one-record batch, changed by `f` and sealed again (length and
 /// CRC-32C recomputed), as a client that means it would send it.
 fn forged(f: impl FnOnce(&mut Vec<u8>)) -> bytes::Bytes {
