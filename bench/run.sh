@@ -343,6 +343,65 @@ else
     note "- The memory-only peer was not measured: /dev/shm is not writable here."
 fi
 
+# ---------------------------------------------------------- fetch-heavy ---
+# Many consumers fetching large answers at once: the broker's memory must stay
+# within its configured budgets (max_in_flight_bytes), not grow with the number
+# of consumers times their fetch size. The same data and load twice: with a
+# 64 MiB budget and with the default 512 MiB; peak RSS sampled every 100 ms.
+start_sluice() { # start_sluice NAME ARGS...: sets SERVICE_PID and BOOT
+    local name=$1 i
+    shift
+    start_service "$name" "$SLUICE" serve --kafka-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 "$@"
+    BOOT=
+    for ((i = 0; i < 300; i++)); do
+        BOOT=$(grep -o 'kafka=[^ ]*' "$LOGS/$name.log" 2>/dev/null | head -n1 | cut -d= -f2) || true
+        [[ -n $BOOT ]] && break
+        kill -0 "$SERVICE_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    [[ -n $BOOT ]]
+}
+# peak_rss_mib PID STOPFILE: the largest VmRSS of PID until STOPFILE exists.
+peak_rss_mib() {
+    local pid=$1 stop=$2 peak=0 kib
+    while [[ ! -e $stop ]]; do
+        kib=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null) || break
+        [[ -n $kib ]] && ((kib > peak)) && peak=$kib
+        sleep 0.1
+    done
+    echo $((peak / 1024))
+}
+if ((QUICK)); then HEAVY_RECORDS=262144; else HEAVY_RECORDS=1048576; fi
+HEAVY_DIR=$DATA/fetch-heavy
+HEAVY_CONSUMERS=16
+for budget in 67108864 default; do
+    flags=(--data-dir "$HEAVY_DIR")
+    [[ $budget != default ]] && flags+=(--max-in-flight-bytes "$budget")
+    label=$([[ $budget == default ]] && echo "default 512 MiB" || echo "$((budget >> 20)) MiB")
+    if ! start_sluice "sluice-heavy-$budget" "${flags[@]}"; then
+        FAILED+=("fetch-heavy sluice ($label) did not start")
+        stop_group "$SERVICE_PID"
+        continue
+    fi
+    HEAVY_PID=$SERVICE_PID
+    if [[ $budget != default ]]; then
+        "$SLUICE" bench produce --bootstrap "$BOOT" --json --topic heavy --partitions "$HEAVY_CONSUMERS" \
+            --record-size 1024 --acks 1 --records "$HEAVY_RECORDS" >/dev/null 2>>"$LOGS/steps.log" ||
+            FAILED+=("fetch-heavy fill")
+    fi
+    rm -f "$WORK/heavy.stop"
+    peak_rss_mib "$HEAVY_PID" "$WORK/heavy.stop" >"$WORK/heavy.peak" &
+    SAMPLER=$!
+    measure --set system=sluice --set "scenario=consume 1024 B, $HEAVY_CONSUMERS consumers at once, 32 MiB fetches, in-flight budget $label" --set durable_before_ack=true -- \
+        "$SLUICE" bench consume --bootstrap "$BOOT" --json --topic heavy --record-size 1024 \
+        --consumers "$HEAVY_CONSUMERS" --fetch-bytes $((32 << 20))
+    touch "$WORK/heavy.stop"
+    wait "$SAMPLER" || true
+    note "- Fetch-heavy, in-flight budget $label: broker peak RSS $(cat "$WORK/heavy.peak") MiB while $HEAVY_CONSUMERS consumers each fetched up to 32 MiB at once ($((HEAVY_RECORDS >> 10)) MiB of records)."
+    stop_group "$HEAVY_PID"
+done
+rm -rf "$HEAVY_DIR"
+
 # ------------------------------------------------------------ rabbitmq ---
 RMQ=$DATA/rabbitmq
 mkdir -p "$RMQ/mnesia" "$RMQ/log" "$RMQ/home"

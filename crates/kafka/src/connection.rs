@@ -31,6 +31,7 @@
 //! `connections_max_idle` is closed the same way.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -38,6 +39,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
+use tokio::sync::futures::Notified;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -55,15 +57,22 @@ pub(crate) struct Budget {
     /// Responses built and not yet written.
     responses: AtomicUsize,
     limit: usize,
+    /// Readers waiting for bytes to be freed: frees wake them only when
+    /// there are some, so the common case touches no lock.
+    waiting: AtomicUsize,
     freed: Notify,
 }
 
+// The counters and `waiting` are SeqCst: a reader counts itself waiting and
+// then checks a counter, a free changes the counter and then checks for
+// waiters, so one of the two always sees the other.
 impl Budget {
     pub(crate) fn new(limit: usize) -> Self {
         Budget {
             requests: AtomicUsize::new(0),
             responses: AtomicUsize::new(0),
             limit,
+            waiting: AtomicUsize::new(0),
             freed: Notify::new(),
         }
     }
@@ -74,40 +83,65 @@ impl Budget {
     /// full answer.
     pub(crate) fn response_room(&self) -> usize {
         self.limit
-            .saturating_sub(self.responses.load(Ordering::Acquire))
+            .saturating_sub(self.responses.load(Ordering::SeqCst))
     }
 
     fn responses_over(&self) -> bool {
-        self.responses.load(Ordering::Acquire) > self.limit
+        self.responses.load(Ordering::SeqCst) > self.limit
     }
 
     fn free(&self, counter: &AtomicUsize, n: usize) -> usize {
         let taken = saturating_sub(counter, n);
-        self.freed.notify_waiters();
+        if taken > 0 && self.waiting.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
         taken
+    }
+
+    /// A wake-up for the next free, registered (and counted as waiting)
+    /// before the caller checks its condition again.
+    fn next_free(&self) -> (Waiting<'_>, Pin<Box<Notified<'_>>>) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let waiting = Waiting(self);
+        let mut freed = Box::pin(self.freed.notified());
+        freed.as_mut().enable();
+        (waiting, freed)
+    }
+
+    fn try_reserve(&self, n: usize) -> bool {
+        self.requests
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                (b == 0 || b.saturating_add(n) <= self.limit).then(|| b.saturating_add(n))
+            })
+            .is_ok()
     }
 
     /// Takes `n` request bytes once they fit under the limit (or no other
     /// request is in flight, so one larger than the limit still goes through).
     async fn reserve(self: &Arc<Self>, n: usize) -> Reserved {
+        let reserved = || Reserved {
+            budget: self.clone(),
+            bytes: n,
+        };
         loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            let taken = self
-                .requests
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
-                    (b == 0 || b.saturating_add(n) <= self.limit).then(|| b.saturating_add(n))
-                })
-                .is_ok();
-            if taken {
-                return Reserved {
-                    budget: self.clone(),
-                    bytes: n,
-                };
+            if self.try_reserve(n) {
+                return reserved();
+            }
+            let (_waiting, freed) = self.next_free();
+            if self.try_reserve(n) {
+                return reserved();
             }
             freed.await;
         }
+    }
+}
+
+/// Counts a reader as waiting on [`Budget::freed`] while alive.
+struct Waiting<'a>(&'a Budget);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -142,8 +176,8 @@ impl Unsent {
     }
 
     pub(crate) fn add(&self, n: usize) {
-        self.bytes.fetch_add(n, Ordering::AcqRel);
-        self.budget.responses.fetch_add(n, Ordering::AcqRel);
+        self.bytes.fetch_add(n, Ordering::SeqCst);
+        self.budget.responses.fetch_add(n, Ordering::SeqCst);
     }
 
     fn sub(&self, n: usize) {
@@ -153,7 +187,7 @@ impl Unsent {
     }
 
     fn get(&self) -> usize {
-        self.bytes.load(Ordering::Acquire)
+        self.bytes.load(Ordering::SeqCst)
     }
 
     /// Whether this connection must not read: its client has not taken
@@ -178,7 +212,7 @@ impl Drop for Unsent {
 /// readers for good); returns what was subtracted.
 fn saturating_sub(counter: &AtomicUsize, n: usize) -> usize {
     let before = counter
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
             Some(b.saturating_sub(n))
         })
         .unwrap_or_else(|b| b);
@@ -290,11 +324,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             return Ended::Closed;
         }
         // Muted while its answers hold too much (see `Unsent::muted`).
-        loop {
+        while unsent.muted(budget) {
             let written = unsent.written.notified();
-            let freed = ctx.budget.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
+            let (_waiting, freed) = ctx.budget.next_free();
             if !unsent.muted(budget) {
                 break;
             }
