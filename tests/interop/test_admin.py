@@ -395,7 +395,10 @@ def test_auto_topic_creation(abroker, admin):
     md = wait_until(lambda: p.list_topics(topic_md, timeout=10).topics[topic_md].partitions or None, 15,
                     what="metadata auto-creation")
     assert sorted(md) == [0], f"metadata-created topic partitions: {sorted(md)}"
-    assert topic_md in admin.list_topics(timeout=10).topics
+    # In a cluster the admin client may ask another node, whose metadata can
+    # trail the creating node's by a moment (as between Kafka brokers).
+    wait_until(lambda: topic_md in admin.list_topics(timeout=10).topics, 15,
+               what="the created topic in every node's metadata")
 
     # ... but not when the request says allow_auto_topic_creation=false.
     topic_no = unique("auto-no")
