@@ -374,6 +374,16 @@ peak_rss_mib() {
 if ((QUICK)); then HEAVY_RECORDS=262144; else HEAVY_RECORDS=1048576; fi
 HEAVY_DIR=$DATA/fetch-heavy
 HEAVY_CONSUMERS=16
+# Filled by a broker of its own, so both measured brokers start from the same
+# state and their peaks hold only what serving the consumers costs.
+if start_sluice sluice-heavy-fill --data-dir "$HEAVY_DIR"; then
+    "$SLUICE" bench produce --bootstrap "$BOOT" --json --topic heavy --partitions "$HEAVY_CONSUMERS" \
+        --record-size 1024 --acks 1 --records "$HEAVY_RECORDS" >/dev/null 2>>"$LOGS/steps.log" ||
+        FAILED+=("fetch-heavy fill")
+else
+    FAILED+=("fetch-heavy fill: sluice did not start")
+fi
+stop_group "$SERVICE_PID"
 for budget in 67108864 default; do
     flags=(--data-dir "$HEAVY_DIR")
     [[ $budget != default ]] && flags+=(--max-in-flight-bytes "$budget")
@@ -384,11 +394,7 @@ for budget in 67108864 default; do
         continue
     fi
     HEAVY_PID=$SERVICE_PID
-    if [[ $budget != default ]]; then
-        "$SLUICE" bench produce --bootstrap "$BOOT" --json --topic heavy --partitions "$HEAVY_CONSUMERS" \
-            --record-size 1024 --acks 1 --records "$HEAVY_RECORDS" >/dev/null 2>>"$LOGS/steps.log" ||
-            FAILED+=("fetch-heavy fill")
-    fi
+    idle=$(awk '/^VmRSS/ {print int($2 / 1024)}' "/proc/$HEAVY_PID/status")
     rm -f "$WORK/heavy.stop"
     peak_rss_mib "$HEAVY_PID" "$WORK/heavy.stop" >"$WORK/heavy.peak" &
     SAMPLER=$!
@@ -397,7 +403,7 @@ for budget in 67108864 default; do
         --consumers "$HEAVY_CONSUMERS" --fetch-bytes $((32 << 20))
     touch "$WORK/heavy.stop"
     wait "$SAMPLER" || true
-    note "- Fetch-heavy, in-flight budget $label: broker peak RSS $(cat "$WORK/heavy.peak") MiB while $HEAVY_CONSUMERS consumers each fetched up to 32 MiB at once ($((HEAVY_RECORDS >> 10)) MiB of records)."
+    note "- Fetch-heavy, in-flight budget $label: broker peak RSS $(cat "$WORK/heavy.peak") MiB (idle before: $idle MiB) while $HEAVY_CONSUMERS consumers each fetched up to 32 MiB at once ($((HEAVY_RECORDS >> 10)) MiB of records)."
     stop_group "$HEAVY_PID"
 done
 rm -rf "$HEAVY_DIR"
