@@ -37,12 +37,16 @@ const LZ4: u8 = 3;
 const ZSTD: u8 = 4;
 /// Decompressed bytes pass through a buffer of this size.
 const STREAM_BUFFER: usize = 32 * 1024;
-/// Largest zstd window (2^24 = 16 MiB) a batch may ask the decoder to
-/// allocate. Producers use 2^21 or less at their default levels.
-const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+/// Largest zstd window a batch may ask the decoder for: 2^27 (128 MiB), as
+/// Kafka's broker allows, since Java producers at levels 20-22 use it. The
+/// decoder reserves it, but only the pages the records fill become
+/// resident, and they are bounded by the decompressed-size limit.
+const ZSTD_WINDOW_LOG_MAX: u32 = 27;
 /// The header of the xerial framing Java producers put around snappy blocks
 /// (magic, version 1, compatible with 1), matched whole as consumers that
 /// are not Java match it; librdkafka sends one raw snappy block instead.
+/// Snappy's largest expansion, rounded up.
+const SNAPPY_MAX_EXPANSION: usize = 22;
 const XERIAL_HEADER: &[u8; 16] = b"\x82SNAPPY\x00\x00\x00\x00\x01\x00\x00\x00\x01";
 
 /// Bounds of the record walk.
@@ -78,6 +82,7 @@ impl RecordFault {
 /// even find them; anything it can see to be wrong is refused here.
 pub(crate) fn validate(buf: &[u8], limits: RecordLimits) -> Result<(), RecordFault> {
     let mut rest = buf;
+    let mut left = limits.max_decompressed as u64;
     while !rest.is_empty() {
         let (Some(len), Some(&magic)) = (be_i32(rest, OFF_BATCH_LENGTH), rest.get(OFF_MAGIC))
         else {
@@ -93,26 +98,31 @@ pub(crate) fn validate(buf: &[u8], limits: RecordLimits) -> Result<(), RecordFau
             .filter(|&s| s >= HEADER_LEN && s <= rest.len())
             .ok_or_else(|| RecordFault::batch(format!("record batch length {len} out of range")))?;
         let (batch, next) = rest.split_at(size);
-        check_batch(batch, limits)?;
+        // One limit for all the batches of a request's partition: many
+        // small bombs in one request cost no more than one.
+        let used = check_batch(batch, left)?;
+        left = left.saturating_sub(used);
         rest = next;
     }
     Ok(())
 }
 
-fn check_batch(batch: &[u8], limits: RecordLimits) -> Result<(), RecordFault> {
+/// Checks one batch; returns the bytes its records took decompressed
+/// (none for an uncompressed batch), which must stay within `cap`.
+fn check_batch(batch: &[u8], cap: u64) -> Result<u64, RecordFault> {
     let codec = batch.get(OFF_ATTRIBUTES + 1).map_or(0, |b| b & CODEC_MASK);
     let count = be_i32(batch, OFF_RECORDS_COUNT).unwrap_or(-1);
     let body = batch.get(HEADER_LEN..).unwrap_or_default();
-    let cap = limits.max_decompressed as u64;
     let opened = |e: std::io::Error, name: &str| RecordFault::batch(format!("{name} stream: {e}"));
     match codec {
-        NONE => walk_records(Slice { buf: body, pos: 0 }, count),
+        NONE => walk_records(Slice { buf: body, pos: 0 }, count).map(|_| 0),
         GZIP => walk_records(
             Stream::new(Box::new(flate2::bufread::MultiGzDecoder::new(body)), cap),
             count,
         ),
         SNAPPY => walk_records(Stream::new(Box::new(Snappy::new(body, cap)), cap), count),
         LZ4 => {
+            lz4_frame(body).map_err(|e| RecordFault::batch(format!("lz4 frame: {e}")))?;
             let decoder = lz4::Decoder::new(body).map_err(|e| opened(e, "lz4"))?;
             walk_records(Stream::new(Box::new(decoder), cap), count)
         }
@@ -128,6 +138,47 @@ fn check_batch(batch: &[u8], limits: RecordLimits) -> Result<(), RecordFault> {
             "unknown compression codec {codec}"
         ))),
     }
+}
+
+/// The frame around an lz4 batch, as Kafka's Java consumers read it: one
+/// frame of independent blocks (they refuse linked ones), no dictionary,
+/// ending with its end mark (and content checksum when flagged) exactly at
+/// the batch's end. The decoder alone takes a frame cut before its end mark
+/// for a whole one.
+fn lz4_frame(body: &[u8]) -> Result<(), &'static str> {
+    const MAGIC: [u8; 4] = [0x04, 0x22, 0x4d, 0x18];
+    let flg = match body {
+        [m0, m1, m2, m3, flg, ..] if [*m0, *m1, *m2, *m3] == MAGIC => *flg,
+        _ => return Err("no frame header"),
+    };
+    if flg >> 6 != 1 || flg & 0x03 != 0 {
+        return Err("unsupported version, reserved bits or dictionary");
+    }
+    if flg & 0x20 == 0 {
+        return Err("dependent blocks (Kafka's consumers need independent ones)");
+    }
+    let block_checksum = if flg & 0x10 != 0 { 4 } else { 0 };
+    let content_size = if flg & 0x08 != 0 { 8 } else { 0 };
+    let content_checksum = if flg & 0x04 != 0 { 4 } else { 0 };
+    // Magic, FLG, BD, optional content size, header checksum.
+    let mut at = 4 + 1 + 1 + content_size + 1;
+    loop {
+        let word = body
+            .get(at..at + 4)
+            .ok_or("cut short before its end mark")?;
+        at += 4;
+        let size = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) & 0x7fff_ffff;
+        if size == 0 {
+            break;
+        }
+        at = at
+            .checked_add(size as usize + block_checksum)
+            .ok_or("block size out of range")?;
+    }
+    if at + content_checksum != body.len() {
+        return Err("bytes missing or left over after its end mark");
+    }
+    Ok(())
 }
 
 /// Why a walk stopped: a fault of one record, or of the batch's bytes as a
@@ -149,8 +200,9 @@ impl From<String> for Stop {
     }
 }
 
-/// Walks `count` records that must fill `input` exactly.
-fn walk_records(input: impl Input, count: i32) -> Result<(), RecordFault> {
+/// Walks `count` records that must fill `input` exactly; returns the bytes
+/// they took.
+fn walk_records(input: impl Input, count: i32) -> Result<u64, RecordFault> {
     let mut w = Walker { input, pos: 0 };
     for index in 0..count {
         let at = |message: String| RecordFault {
@@ -169,7 +221,7 @@ fn walk_records(input: impl Input, count: i32) -> Result<(), RecordFault> {
         w.record(index).map_err(|stop| located(stop, index))?;
     }
     match w.input.at_end() {
-        Ok(true) => Ok(()),
+        Ok(true) => Ok(w.pos),
         Ok(false) => Err(RecordFault::batch(format!(
             "bytes follow the {count} declared records"
         ))),
@@ -379,7 +431,7 @@ impl<R: BufRead> Stream<R> {
     fn within_cap(&self, more: u64) -> Result<(), Stop> {
         if self.read + more > self.cap {
             return Err(Stop::Batch(format!(
-                "records take more than {} bytes decompressed",
+                "records exceed the decompressed-size limit ({} bytes left of it)",
                 self.cap
             )));
         }
@@ -465,6 +517,15 @@ impl<'a> Snappy<'a> {
             std::mem::take(&mut self.input)
         };
         let size = snap::raw::decompress_len(compressed).map_err(|e| broken(&e.to_string()))?;
+        // Snappy expands at most about 21 times (a 3-byte copy of 64
+        // bytes); a block that claims more is refused before its buffer is
+        // allocated.
+        if size / SNAPPY_MAX_EXPANSION > compressed.len() {
+            return Err(broken(&format!(
+                "a block of {} bytes claims {size} decompressed",
+                compressed.len()
+            )));
+        }
         if size as u64 > self.budget {
             return Err(broken(&format!(
                 "a block of {size} bytes exceeds the decompressed-size limit"
@@ -647,7 +708,10 @@ mod tests {
             }
             SNAPPY => snap::raw::Encoder::new().compress_vec(records).unwrap(),
             LZ4 => {
-                let mut e = lz4::EncoderBuilder::new().build(Vec::new()).unwrap();
+                let mut e = lz4::EncoderBuilder::new()
+                    .block_mode(lz4::BlockMode::Independent)
+                    .build(Vec::new())
+                    .unwrap();
                 e.write_all(records).unwrap();
                 let (out, result) = e.finish();
                 result.unwrap();
@@ -776,6 +840,76 @@ mod tests {
             let fault = check(&batch(1, attrs, &compress(codec, &bad, xerial))).unwrap_err();
             assert!(fault.message.contains("UTF-8"), "{fault:?}");
         }
+    }
+
+    /// lz4 frames Kafka's Java consumers could not read are refused: cut
+    /// before the end mark, linked blocks, bytes after the frame.
+    #[test]
+    fn lz4_frames_must_be_whole_and_of_independent_blocks() {
+        let good = compress(LZ4, &records(50), false);
+        assert_eq!(check(&batch(50, i16::from(LZ4), &good)), Ok(()));
+        let cut = &good[..good.len() - 4];
+        assert!(
+            check(&batch(50, i16::from(LZ4), cut)).is_err(),
+            "no end mark"
+        );
+        let mut trailing = good.clone();
+        trailing.extend([0, 0, 0, 0]);
+        assert!(check(&batch(50, i16::from(LZ4), &trailing)).is_err());
+        let mut e = lz4::EncoderBuilder::new()
+            .block_mode(lz4::BlockMode::Linked)
+            .build(Vec::new())
+            .unwrap();
+        e.write_all(&records(50)).unwrap();
+        let (linked, result) = e.finish();
+        result.unwrap();
+        let fault = check(&batch(50, i16::from(LZ4), &linked)).unwrap_err();
+        assert!(fault.message.contains("independent"), "{fault:?}");
+    }
+
+    /// A raw snappy block that claims more than snappy can expand to is
+    /// refused before anything is allocated for it.
+    #[test]
+    fn snappy_blocks_cannot_claim_more_than_they_can_hold() {
+        let mut claim = Vec::new();
+        let mut n: u64 = 60 << 20; // uvarint length preamble
+        while n >= 0x80 {
+            claim.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        claim.push(n as u8);
+        claim.extend([0u8; 40]);
+        let roomy = RecordLimits {
+            max_decompressed: 1 << 30,
+        };
+        let fault = validate(&batch(1, i16::from(SNAPPY), &claim), roomy).unwrap_err();
+        assert!(fault.message.contains("claims"), "{fault:?}");
+    }
+
+    /// The decompressed-size limit holds for all the batches of one call
+    /// together, not for each.
+    #[test]
+    fn the_limit_covers_all_batches_of_a_request() {
+        let value = vec![0u8; 600 << 10];
+        let one = batch(
+            1,
+            i16::from(ZSTD),
+            &compress(ZSTD, &record(0, b"k", Some(&value)), false),
+        );
+        assert_eq!(check(&one), Ok(()), "one batch fits the 1 MiB limit");
+        let two = [one.clone(), one].concat();
+        let fault = check(&two).unwrap_err();
+        assert!(fault.message.contains("limit"), "{fault:?}");
+    }
+
+    /// zstd as Java producers at the highest levels write it (a 2^27 window
+    /// declared by a streaming encoder) is accepted, as Kafka accepts it.
+    #[test]
+    fn zstd_high_level_windows_are_accepted() {
+        let mut e = zstd::stream::write::Encoder::new(Vec::new(), 22).unwrap();
+        e.write_all(&records(20)).unwrap();
+        let body = e.finish().unwrap();
+        assert_eq!(check(&batch(20, i16::from(ZSTD), &body)), Ok(()));
     }
 
     #[test]

@@ -246,7 +246,11 @@ pub fn compress(codec: u8, records: &[u8]) -> Vec<u8> {
             out
         }
         3 => {
-            let mut e = lz4::EncoderBuilder::new().build(Vec::new()).unwrap();
+            // Independent blocks: Kafka's Java consumers refuse linked ones.
+            let mut e = lz4::EncoderBuilder::new()
+                .block_mode(lz4::BlockMode::Independent)
+                .build(Vec::new())
+                .unwrap();
             e.write_all(records).unwrap();
             let (out, result) = e.finish();
             result.unwrap();
