@@ -13,9 +13,11 @@
 //! pushes back on the client through TCP.
 //!
 //! Across connections, one [`Budget`] of `max_in_flight_bytes` bounds the
-//! rest. Request frames take their bytes from it before they are allocated
-//! and give them back once handled; a reader waits while they would exceed
-//! it (Kafka's memory pool mutes channels the same way). Responses count
+//! rest. Request frames count against it from when they have arrived until
+//! they are handled; while they exceed it, no reader starts a new frame
+//! (Kafka's memory pool mutes channels the same way). A frame still arriving
+//! costs the bytes received so far and is not counted, so a client that
+//! sends part of a frame and stalls holds up no one. Responses count
 //! against it from when they are built until they are written, and Fetch
 //! answers are cut to what is left of it (down to one batch); while they
 //! exceed it, every connection that holds unsent responses is muted, and
@@ -108,30 +110,29 @@ impl Budget {
         (waiting, freed)
     }
 
-    fn try_reserve(&self, n: usize) -> bool {
-        self.requests
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
-                (b == 0 || b.saturating_add(n) <= self.limit).then(|| b.saturating_add(n))
-            })
-            .is_ok()
+    fn requests_over(&self) -> bool {
+        self.requests.load(Ordering::SeqCst) > self.limit
     }
 
-    /// Takes `n` request bytes once they fit under the limit (or no other
-    /// request is in flight, so one larger than the limit still goes through).
-    async fn reserve(self: &Arc<Self>, n: usize) -> Reserved {
-        let reserved = || Reserved {
-            budget: self.clone(),
-            bytes: n,
-        };
-        loop {
-            if self.try_reserve(n) {
-                return reserved();
-            }
+    /// Waits, holding nothing, while the request frames being handled exceed
+    /// the limit; a reader calls it before it starts the next frame, so a
+    /// client that sends half a frame and stalls stalls nobody else.
+    async fn wait_for_requests(&self) {
+        while self.requests_over() {
             let (_waiting, freed) = self.next_free();
-            if self.try_reserve(n) {
-                return reserved();
+            if !self.requests_over() {
+                return;
             }
             freed.await;
+        }
+    }
+
+    /// Counts a whole request frame of `n` bytes until the guard is dropped.
+    fn count_request(self: &Arc<Self>, n: usize) -> Reserved {
+        self.requests.fetch_add(n, Ordering::SeqCst);
+        Reserved {
+            budget: self.clone(),
+            bytes: n,
         }
     }
 }
@@ -145,7 +146,7 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Bytes taken from the [`Budget`] for a request frame, given back on drop.
+/// A request frame's bytes counted in the [`Budget`], given back on drop.
 struct Reserved {
     budget: Arc<Budget>,
     bytes: usize,
@@ -335,11 +336,24 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 _ = tx.closed() => return Ended::PeerGone,
                 _ = written => {}
                 _ = freed => {}
+                // A client that takes none of its answers (a stopped process
+                // keeps its receive window at zero) is idle too.
+                _ = tokio::time::sleep_until(activity.last() + idle) => {
+                    if activity.last() + idle <= Instant::now() {
+                        tracing::debug!(%peer, idle_ms = idle.as_millis(), "closing connection whose client takes no answers");
+                        return Ended::PeerGone;
+                    }
+                }
             }
+        }
+        tokio::select! {
+            _ = stop.changed() => return Ended::Closed,
+            _ = tx.closed() => return Ended::PeerGone,
+            _ = ctx.budget.wait_for_requests() => {}
         }
         // One read future across idle checks: dropping it mid-frame would
         // lose the bytes it already took.
-        let read = read_frame(&mut reader, max, peer, &ctx.budget);
+        let read = read_frame(&mut reader, max, peer);
         tokio::pin!(read);
         let frame = loop {
             let idle_at = activity.last() + idle;
@@ -361,11 +375,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         };
         activity.touch();
-        let (frame, _in_flight) = frame;
-        match UNSENT
+        let in_flight = ctx.budget.count_request(frame.len());
+        let outcome = UNSENT
             .scope(unsent.clone(), dispatch::handle(ctx, frame, peer))
-            .await
-        {
+            .await;
+        drop(in_flight);
+        match outcome {
             Outcome::Respond(slot) => {
                 if let Slot::Ready(bytes) = &slot {
                     unsent.add(bytes.len());
@@ -381,15 +396,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
-/// Reads one size-prefixed frame, its bytes taken from `budget` before they
-/// are allocated; an error ends the connection (logged here when the peer did
-/// something wrong).
+/// Reads one size-prefixed frame; an error ends the connection (logged here
+/// when the peer did something wrong). Its buffer's pages become resident
+/// only as its bytes arrive.
 async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     max: usize,
     peer: SocketAddr,
-    budget: &Arc<Budget>,
-) -> Result<(Bytes, Reserved), Ended> {
+) -> Result<Bytes, Ended> {
     let size = match reader.read_i32().await {
         Ok(size) => size,
         Err(err) => {
@@ -407,7 +421,6 @@ async fn read_frame<R: AsyncRead + Unpin>(
             return Err(Ended::Closed);
         }
     };
-    let reserved = budget.reserve(len).await;
     let mut buf = BytesMut::with_capacity(len);
     let mut limited = reader.take(len as u64);
     while buf.len() < len {
@@ -423,7 +436,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
             }
         }
     }
-    Ok((buf.freeze(), reserved))
+    Ok(buf.freeze())
 }
 
 async fn write_loop(
@@ -457,7 +470,16 @@ async fn write_loop(
                 }
             }
         };
-        if let Err(err) = writer.write_all(&bytes).await {
+        // A client gone (or idle past its limit) while a write waits on its
+        // full receive window must not keep this task and its bytes forever.
+        let written = tokio::select! {
+            r = writer.write_all(&bytes) => r,
+            Ok(_) = gone.wait_for(|gone| *gone) => {
+                abort_pending(&mut rx);
+                return;
+            }
+        };
+        if let Err(err) = written {
             tracing::debug!(%peer, error = %err, "write failed");
             return;
         }
@@ -466,7 +488,14 @@ async fn write_loop(
         activity.touch();
         // Coalesce writes of responses that are already queued.
         if rx.is_empty() {
-            if let Err(err) = writer.flush().await {
+            let flushed = tokio::select! {
+                r = writer.flush() => r,
+                Ok(_) = gone.wait_for(|gone| *gone) => {
+                    abort_pending(&mut rx);
+                    return;
+                }
+            };
+            if let Err(err) = flushed {
                 tracing::debug!(%peer, error = %err, "write failed");
                 return;
             }

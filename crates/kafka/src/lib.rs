@@ -134,10 +134,11 @@ pub struct ServerConfig {
     /// decompressed; a batch beyond it is refused with CORRUPT_MESSAGE
     /// after at most that much decompression work (default 64 MiB).
     pub max_decompressed_batch_bytes: usize,
-    /// Request bytes being read or handled plus response bytes not yet
-    /// written, across all connections: readers wait before taking a request
-    /// that would go beyond it (default 512 MiB; one request larger than it
-    /// is taken when nothing else is in flight).
+    /// Broker-wide budget of request bytes being handled and of response
+    /// bytes not yet written (default 512 MiB): no reader starts a new
+    /// request while requests exceed it, Fetch answers are cut to what is
+    /// left of it, and connections holding unsent answers are muted while
+    /// answers exceed it.
     pub max_in_flight_bytes: usize,
 }
 

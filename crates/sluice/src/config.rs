@@ -163,8 +163,8 @@ pub struct ServeArgs {
     /// bytes decompressed [default: 67108864].
     #[arg(long, env = "SLUICE_MAX_DECOMPRESSED_BATCH_BYTES", value_name = "N")]
     pub max_decompressed_batch_bytes: Option<usize>,
-    /// Stop reading requests, on every connection, while the request and
-    /// unsent response bytes of all connections exceed this [default: 536870912].
+    /// Broker-wide budget for requests being handled and answers not yet
+    /// written; beyond it readers wait and Fetch answers shrink [default: 536870912].
     #[arg(long, env = "SLUICE_MAX_IN_FLIGHT_BYTES", value_name = "N")]
     pub max_in_flight_bytes: Option<usize>,
 }

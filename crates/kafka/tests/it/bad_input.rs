@@ -929,3 +929,71 @@ async fn sharing_consumers_child() {
         grown >> 20
     );
 }
+
+/// A client that stops taking its answers without closing (a stopped
+/// process keeps its receive window at zero) is closed once it has been idle
+/// for `connections_max_idle`, and the answers it held go back to the
+/// in-flight budget: afterwards another client's fetch is answered whole,
+/// not cut to what the stuck one left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_gives_its_budget_back_when_idle() {
+    const BUDGET: usize = 16 * 1024 * 1024;
+    let server = Server::start_with(|s| {
+        s.server.max_in_flight_bytes = BUDGET;
+        s.server.connections_max_idle = std::time::Duration::from_secs(1);
+    })
+    .await;
+    big_partition(&server).await;
+    let baseline = open_sockets();
+    let mut stuck = server.client().await;
+    let req = greedy_fetch("big", 1, 1);
+    for _ in 0..8 {
+        stuck.send(&req, 11).await;
+    }
+    // Its answers fill the budget: another client's answer is cut meanwhile.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Past the idle limit the broker closes it and frees what it held.
+    let after = sockets_once(|n| n <= baseline + 1).await;
+    assert!(
+        after <= baseline + 1,
+        "{after} sockets: the stuck connection's broker end is still open (baseline {baseline})"
+    );
+    let mut other = server.client().await;
+    let resp = other.call(&req, 11).await;
+    assert!(
+        record_bytes(&resp) > 7 * 1024 * 1024,
+        "answer cut to {} bytes: the budget was not given back",
+        record_bytes(&resp)
+    );
+    drop(stuck);
+}
+
+/// Clients that announce large request frames and then send nothing hold
+/// up no one: a frame counts against the in-flight budget only once it has
+/// arrived, so another client is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_frames_that_never_arrive_stall_no_one() {
+    const BUDGET: usize = 16 * 1024 * 1024;
+    let (server, mut log) = seeded_with(|s| s.server.max_in_flight_bytes = BUDGET).await;
+    let mut stalled = Vec::new();
+    for _ in 0..6 {
+        let mut c = server.client().await;
+        // A size prefix of 90 MiB, then silence.
+        c.stream
+            .write_all(&(90i32 << 20).to_be_bytes())
+            .await
+            .unwrap();
+        stalled.push(c);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let served = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        assert_healthy(&server, &mut log, "announced frames"),
+    )
+    .await;
+    assert!(
+        served.is_ok(),
+        "another client waited on frames that never arrived"
+    );
+    drop(stalled);
+}
