@@ -255,11 +255,16 @@ async fn delete_one(ctx: &Ctx, name: &str, wait: Duration) -> Result<(), Failure
             _ => refused,
         })?;
     tracing::info!(topic = name, "deleted topic");
-    wait_image(ctx.topology.as_ref(), wait, |image| {
-        image
+    // Answered once this node has acted on the delete: by the log index the
+    // controller had committed (the delete's or later), or, when the
+    // controller cannot be asked, by the topic this node knew being gone.
+    let committed = ctx.topology.catch_up().await;
+    wait_image(ctx.topology.as_ref(), wait, |image| match committed {
+        Some(index) => image.applied_index >= index,
+        None => image
             .topics
             .get(name)
-            .is_none_or(|t| Some(t.topic_id) != id)
+            .is_none_or(|t| Some(t.topic_id) != id),
     })
     .await;
     Ok(())
