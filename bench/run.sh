@@ -109,6 +109,22 @@ start_service() {
     GROUPS_STARTED+=("$SERVICE_PID")
 }
 
+# Starts `sluice serve` on free ports with ARGS, logging to $LOGS/NAME.log, and
+# waits for its listening line: sets SERVICE_PID and BOOT (empty if it did not start).
+start_sluice() { # start_sluice NAME ARGS...
+    local name=$1 i
+    shift
+    start_service "$name" "$SLUICE" serve --kafka-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 "$@"
+    BOOT=
+    for ((i = 0; i < 300; i++)); do
+        BOOT=$(grep -o 'kafka=[^ ]*' "$LOGS/$name.log" 2>/dev/null | head -n1 | cut -d= -f2) || true
+        [[ -n $BOOT ]] && break
+        kill -0 "$SERVICE_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    [[ -n $BOOT ]]
+}
+
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
@@ -240,16 +256,8 @@ else
 fi
 
 log "sluice: serve with a fresh data dir (default flush policy: fsync before ack)"
-start_service sluice "$SLUICE" serve --data-dir "$DATA/sluice" \
-    --kafka-addr 127.0.0.1:0 --http-addr 127.0.0.1:0
+start_sluice sluice --data-dir "$DATA/sluice" || true
 SLUICE_PID=$SERVICE_PID
-BOOT=
-for ((i = 0; i < 300; i++)); do
-    BOOT=$(grep -o 'kafka=[^ ]*' "$LOGS/sluice.log" 2>/dev/null | head -n1 | cut -d= -f2) || true
-    [[ -n $BOOT ]] && break
-    kill -0 "$SLUICE_PID" 2>/dev/null || break
-    sleep 0.1
-done
 if [[ -z $BOOT ]]; then
     FAILED+=("sluice serve did not start")
     note "- FAILED: \`sluice serve\` did not print its listening line (logs/sluice.log)"
@@ -315,16 +323,8 @@ MEM_DIR=
 if [[ -d /dev/shm && -w /dev/shm ]]; then
     MEM_DIR=$(mktemp -d /dev/shm/sluice-bench-mem.XXXXXX)
     log "memory-only peer: sluice serve --flush never with its log on tmpfs ($MEM_DIR)"
-    start_service sluice-memory "$SLUICE" serve --data-dir "$MEM_DIR" --flush never \
-        --kafka-addr 127.0.0.1:0 --http-addr 127.0.0.1:0
+    start_sluice sluice-memory --data-dir "$MEM_DIR" --flush never || true
     MEM_PID=$SERVICE_PID
-    BOOT=
-    for ((i = 0; i < 300; i++)); do
-        BOOT=$(grep -o 'kafka=[^ ]*' "$LOGS/sluice-memory.log" 2>/dev/null | head -n1 | cut -d= -f2) || true
-        [[ -n $BOOT ]] && break
-        kill -0 "$MEM_PID" 2>/dev/null || break
-        sleep 0.1
-    done
     if [[ -z $BOOT ]]; then
         FAILED+=("memory-only sluice serve did not start")
     else
@@ -348,19 +348,6 @@ fi
 # within its configured budgets (max_in_flight_bytes), not grow with the number
 # of consumers times their fetch size. The same data and load twice: with a
 # 64 MiB budget and with the default 512 MiB; peak RSS sampled every 100 ms.
-start_sluice() { # start_sluice NAME ARGS...: sets SERVICE_PID and BOOT
-    local name=$1 i
-    shift
-    start_service "$name" "$SLUICE" serve --kafka-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 "$@"
-    BOOT=
-    for ((i = 0; i < 300; i++)); do
-        BOOT=$(grep -o 'kafka=[^ ]*' "$LOGS/$name.log" 2>/dev/null | head -n1 | cut -d= -f2) || true
-        [[ -n $BOOT ]] && break
-        kill -0 "$SERVICE_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    [[ -n $BOOT ]]
-}
 # peak_rss_mib PID STOPFILE: the largest VmRSS of PID until STOPFILE exists.
 peak_rss_mib() {
     local pid=$1 stop=$2 peak=0 kib
