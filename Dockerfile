@@ -33,12 +33,15 @@ USER sluice
 WORKDIR /data
 # A named volume mounted here inherits the sluice owner from the image.
 VOLUME ["/data"]
-# 9092: Kafka protocol. 8080: HTTP (/healthz, admin).
-EXPOSE 9092 8080
+# 9092: Kafka protocol. 5672: AMQP 0-9-1. 8080: HTTP (/healthz, admin).
+EXPOSE 9092 5672 8080
 ENV SLUICE_LOG=info
+# As in RabbitMQ's own image: clients reach the container through a published port,
+# never over its loopback, so the default user `guest` may connect from anywhere.
+ENV SLUICE_AMQP_GUEST_LOOPBACK_ONLY=false
 # The slim base has no curl: speak HTTP/1.0 over bash's /dev/tcp and accept
 # only a 200 status line.
 HEALTHCHECK --interval=5s --timeout=3s --start-period=15s --retries=3 \
     CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8080 && printf 'GET /healthz HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && head -n 1 <&3 | grep -q ' 200'"]
 ENTRYPOINT ["sluice"]
-CMD ["serve", "--data-dir", "/data", "--kafka-addr", "0.0.0.0:9092", "--http-addr", "0.0.0.0:8080"]
+CMD ["serve", "--data-dir", "/data", "--kafka-addr", "0.0.0.0:9092", "--http-addr", "0.0.0.0:8080", "--amqp-addr", "0.0.0.0:5672"]

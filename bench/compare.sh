@@ -26,7 +26,7 @@ rate() { python3 -c 'import json,sys; print(round(json.load(sys.stdin)["records_
 run() { # run LABEL BIN
     local label=$1 bin=$2 dir="$WORK/$1-$RANDOM" t0 t1 boot pid rss
     t0=$(date +%s%N)
-    "$bin" serve --data-dir "$dir" --kafka-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
+    "$bin" serve --data-dir "$dir" --kafka-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 --amqp-addr 127.0.0.1:0 \
         >"$dir.out" 2>/dev/null &
     pid=$!
     until grep -q listening "$dir.out" 2>/dev/null; do

@@ -114,7 +114,7 @@ start_service() {
 start_sluice() { # start_sluice NAME ARGS...
     local name=$1 i
     shift
-    start_service "$name" "$SLUICE" serve --kafka-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 "$@"
+    start_service "$name" "$SLUICE" serve --kafka-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 --amqp-addr 127.0.0.1:0 "$@"
     BOOT=
     for ((i = 0; i < 300; i++)); do
         BOOT=$(grep -o 'kafka=[^ ]*' "$LOGS/$name.log" 2>/dev/null | head -n1 | cut -d= -f2) || true
@@ -394,6 +394,37 @@ for budget in 67108864 default; do
     stop_group "$HEAVY_PID"
 done
 rm -rf "$HEAVY_DIR"
+
+# --------------------------------------------------------- sluice amqp ---
+# The same AMQP load generator (lapin) as RabbitMQ's rows below, against Sluice's
+# AMQP listener: durable queue, persistent messages, confirms window 1000, manual
+# acks with prefetch 1000. Sluice serves both queue types the same way (a queue is
+# a replicated log); both are measured so the rows line up with RabbitMQ's.
+log "sluice: AMQP listener on a fresh data dir"
+start_sluice sluice-amqp --data-dir "$DATA/sluice-amqp" || true
+SLUICE_AMQP_PID=$SERVICE_PID
+AMQP_ADDR=$(grep -o 'amqp=[^ ]*' "$LOGS/sluice-amqp.log" 2>/dev/null | head -n1 | cut -d= -f2) || true
+if [[ -z $BOOT || -z $AMQP_ADDR ]]; then
+    FAILED+=("sluice serve (AMQP) did not start")
+    note "- FAILED: \`sluice serve\` for the AMQP rows did not print its listening line (logs/sluice-amqp.log)"
+else
+    URL="amqp://guest:guest@$AMQP_ADDR/%2f"
+    for qt in classic quorum; do
+        for size in $RMQ_SIZES; do
+            measure --set "system=sluice" --set "scenario=$qt queue, publish $size B, confirms window 1000" --set durable_before_ack=true -- \
+                "$PEERS" amqp --url "$URL" --queue-type "$qt" --mode publish --record-size "$size" --records "$RMQ_RECORDS"
+            peak=$(json_num records_per_sec)
+            measure --set "system=sluice" --set "scenario=$qt queue, consume $size B, manual acks, prefetch 1000" --set durable_before_ack=true -- \
+                "$PEERS" amqp --url "$URL" --queue-type "$qt" --mode consume --record-size "$size" --records "$RMQ_RECORDS"
+            rate=$(frac "$peak" 0.5)
+            n=$((rate * RMQ_E2E_S))
+            measure --set "system=sluice" --set "scenario=$qt queue, e2e $size B at 50% of peak ($rate/s)" --set durable_before_ack=true -- \
+                "$PEERS" amqp --url "$URL" --queue-type "$qt" --mode e2e --record-size "$size" --records "$n" --rate "$rate"
+        done
+    done
+    note "- Sluice AMQP: the RabbitMQ rows' workload against \`sluice serve\` (default flush policy: a confirm is sent once the message is fsynced)."
+fi
+stop_group "$SLUICE_AMQP_PID"
 
 # ------------------------------------------------------------ rabbitmq ---
 RMQ=$DATA/rabbitmq

@@ -66,7 +66,8 @@ summary() {
 }
 
 # ---- setup: system packages and the Python venv, idempotent --------------------
-APT_PACKAGES=(kcat debootstrap ca-certificates docker-compose)
+# rabbitmq-server: the reference broker the AMQP interop tests also run against.
+APT_PACKAGES=(kcat debootstrap ca-certificates docker-compose rabbitmq-server)
 
 apt_missing() {
     local p

@@ -181,7 +181,7 @@ k8s_probe sluice-3 4 'role=broker .*advertised=sluice-3.sluice-headless:9093'
 # The documented ports when free, otherwise free ones (another cluster on this machine).
 read -r -a PORTS <<<"$("$PY" - <<'EOF'
 import socket
-want = [19092, 19093, 19094, 18081, 18082, 18083, 19095, 18084]
+want = [19092, 19093, 19094, 18081, 18082, 18083, 19095, 18084, 5672, 5673, 5674, 5675]
 def free(p):
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -205,6 +205,7 @@ export SLUICE_HTTP_PORT_1=${PORTS[3]} SLUICE_HTTP_PORT_2=${PORTS[4]} SLUICE_HTTP
 export SLUICE_KAFKA_PORTS="${PORTS[0]},${PORTS[1]},${PORTS[2]}" SLUICE_HTTP_PORTS="${PORTS[3]},${PORTS[4]},${PORTS[5]}"
 # sluice4 (compose profile "grow") is started by the add-node scenario.
 export SLUICE_KAFKA_PORT_4=${PORTS[6]} SLUICE_HTTP_PORT_4=${PORTS[7]}
+export SLUICE_AMQP_PORT_1=${PORTS[8]} SLUICE_AMQP_PORT_2=${PORTS[9]} SLUICE_AMQP_PORT_3=${PORTS[10]} SLUICE_AMQP_PORT_4=${PORTS[11]}
 export SLUICE_IMAGE=$IMAGE
 export SLUICE_COMPOSE="${COMPOSE[*]} -p $PROJECT -f $ROOT/docker-compose.yml"
 

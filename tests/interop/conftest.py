@@ -34,7 +34,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 DEFAULT_BIN = "/var/tmp/sluice-target/release/sluice"
-READY_RE = re.compile(r"^sluice listening kafka=(\S+) http=(\S+) data=(.+)$")
+READY_RE = re.compile(r"^sluice listening kafka=(\S+) http=(\S+) amqp=(\S+) data=(.+)$")
 START_TIMEOUT_S = 30.0
 TEST_TIMEOUT_S = float(os.environ.get("SLUICE_TEST_TIMEOUT", "300"))
 
@@ -76,6 +76,8 @@ class Broker:
         self.http = None
         self.kafka_port = 0
         self.http_port = 0
+        self.amqp_port = 0
+        self.amqp = None
         self.starts = 0
         self._log = None
         self._drain = None
@@ -98,6 +100,8 @@ class Broker:
             f"127.0.0.1:{self.kafka_port}",
             "--http-addr",
             f"127.0.0.1:{self.http_port}",
+            "--amqp-addr",
+            f"127.0.0.1:{self.amqp_port}",
         ]
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
@@ -165,6 +169,8 @@ class Broker:
         self.http = m.group(2)
         self.kafka_port = int(self.bootstrap.rsplit(":", 1)[1])
         self.http_port = int(self.http.rsplit(":", 1)[1])
+        self.amqp = m.group(3)
+        self.amqp_port = int(self.amqp.rsplit(":", 1)[1])
         self.starts += 1
         return True, ""
 

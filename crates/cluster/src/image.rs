@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sluice_vocab::{ErrorCode, KafkaError, TopicConfig, TopicName};
 
+use crate::amqp::{AmqpCommand, AmqpModel};
+
 /// Kafka broker id (also the Raft node id, as `u64`).
 pub type BrokerId = i32;
 
@@ -96,6 +98,9 @@ pub struct MetadataImage {
     /// metadata lived in the quorum are adopted once, never again.
     #[serde(default)]
     pub local_state_adopted: bool,
+    /// AMQP exchanges, queues and bindings.
+    #[serde(default)]
+    pub amqp: AmqpModel,
 }
 
 /// A topic of a single node's data directory from an earlier release, adopted into
@@ -184,6 +189,8 @@ pub enum Command {
         /// Producer ids below this were handed out already.
         producer_ids_from: i64,
     },
+    /// A change to the AMQP model.
+    Amqp(AmqpCommand),
 }
 
 /// Outcome of one partition in an election.
@@ -320,6 +327,12 @@ fn validate_configs(configs: &BTreeMap<String, String>) -> Result<(), CommandErr
 
 impl MetadataImage {
     /// Brokers that may lead and be placed on: registered and not fenced (ascending id).
+    /// Replication factor of a topic created without one (Kafka's `-1`):
+    /// min(3, live brokers).
+    pub fn default_replication_factor(&self) -> i16 {
+        i16::try_from(self.live_brokers().len().clamp(1, 3)).unwrap_or(1)
+    }
+
     pub fn live_brokers(&self) -> Vec<BrokerId> {
         self.brokers
             .iter()
@@ -459,8 +472,10 @@ impl MetadataImage {
                 self.topics
                     .remove(name)
                     .ok_or(CommandError::UnknownTopicOrPartition)?;
+                self.forget_queues_of(name);
                 Ok(CommandOutput::Done)
             }
+            Command::Amqp(cmd) => self.apply_amqp(index, cmd),
             Command::CreatePartitions { name, count } => self.create_partitions(name, *count),
             Command::AlterConfigs { name, configs } => {
                 let t = self
@@ -648,7 +663,7 @@ impl MetadataImage {
         }
     }
 
-    fn create_topic(
+    pub(crate) fn create_topic(
         &mut self,
         index: u64,
         name: &str,

@@ -125,6 +125,7 @@
 //! leader's uncommitted suffix is truncated and all images agree. A failing seed is
 //! printed; `SLUICE_SEED=<n>` replays it.
 
+pub mod amqp;
 pub mod image;
 pub mod network;
 pub mod node;
@@ -132,6 +133,10 @@ pub mod store;
 
 use std::io::Cursor;
 
+pub use amqp::{
+    AmqpCommand, AmqpModel, Binding, Destination, ExchangeState, QueueState, Vhost,
+    PREDECLARED_EXCHANGES,
+};
 pub use image::{
     AdoptedTopic, BrokerId, BrokerState, Command, CommandError, CommandOutput, CommandResult,
     ElectionOutcome, InternalTopic, InternalTopicPlan, MetadataImage, PartitionState, TopicState,

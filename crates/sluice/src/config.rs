@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, ValueEnum};
 use serde::Deserialize;
+use sluice_amqp::AmqpConfig;
 use sluice_group::GroupConfig;
 use sluice_log::{FlushPolicy, TopicConfig};
 
@@ -25,6 +26,7 @@ impl Defaults {
     pub const DATA_DIR: &'static str = "./data";
     pub const KAFKA_ADDR: &'static str = "127.0.0.1:9092";
     pub const HTTP_ADDR: &'static str = "127.0.0.1:8080";
+    pub const AMQP_ADDR: &'static str = "127.0.0.1:5672";
     pub const NODE_ID: i32 = 0;
     pub const FLUSH: FlushMode = FlushMode::Always;
     pub const FLUSH_INTERVAL_MS: u64 = 1_000;
@@ -73,6 +75,18 @@ pub struct ServeArgs {
     /// Kafka listener; port 0 picks a free port [default: 127.0.0.1:9092].
     #[arg(long, env = "SLUICE_KAFKA_ADDR", value_name = "HOST:PORT")]
     pub kafka_addr: Option<String>,
+    /// AMQP 0-9-1 listener (RabbitMQ clients); port 0 picks a free port
+    /// [default: 127.0.0.1:5672].
+    #[arg(long, env = "SLUICE_AMQP_ADDR", value_name = "HOST:PORT")]
+    pub amqp_addr: Option<String>,
+    /// Whether the AMQP user `guest` may only connect from loopback, as in
+    /// RabbitMQ [default: true].
+    #[arg(long, env = "SLUICE_AMQP_GUEST_LOOPBACK_ONLY", value_name = "BOOL",
+          action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub amqp_guest_loopback_only: Option<bool>,
+    /// Largest AMQP message body accepted, in bytes [default: 16777216].
+    #[arg(long, env = "SLUICE_AMQP_MAX_MESSAGE_BYTES", value_name = "N")]
+    pub amqp_max_message_bytes: Option<u64>,
     /// HTTP listener (/healthz, /api/v1) [default: 127.0.0.1:8080].
     #[arg(long, env = "SLUICE_HTTP_ADDR", value_name = "HOST:PORT")]
     pub http_addr: Option<String>,
@@ -176,6 +190,7 @@ pub struct FileConfig {
     pub server: ServerSection,
     pub storage: StorageSection,
     pub kafka: KafkaSection,
+    pub amqp: AmqpSection,
     pub group: GroupSection,
     pub cluster: ClusterSection,
     /// Broker-wide topic defaults with Kafka's names (`retention.ms = 86400000`).
@@ -186,9 +201,20 @@ pub struct FileConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSection {
     pub kafka_addr: Option<String>,
+    pub amqp_addr: Option<String>,
     pub http_addr: Option<String>,
     pub advertised_kafka_addr: Option<String>,
     pub node_id: Option<i32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpSection {
+    pub frame_max: Option<u32>,
+    pub channel_max: Option<u16>,
+    pub heartbeat_secs: Option<u16>,
+    pub max_message_bytes: Option<u64>,
+    pub guest_loopback_only: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -306,6 +332,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub kafka_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    pub amqp: AmqpConfig,
     pub advertised: Option<(String, u16)>,
     pub node_id: i32,
     pub flush: FlushPolicy,
@@ -350,6 +377,33 @@ impl Config {
             Defaults::KAFKA_ADDR,
         );
         let http_addr = pick(&args.http_addr, file.server.http_addr, Defaults::HTTP_ADDR);
+        let amqp_addr = pick(&args.amqp_addr, file.server.amqp_addr, Defaults::AMQP_ADDR);
+        let mut amqp = AmqpConfig::new(resolve(&amqp_addr).context("invalid AMQP listen address")?);
+        if let Some(f) = file.amqp.frame_max {
+            if f < 4096 {
+                bail!("[amqp] frame_max must be at least 4096");
+            }
+            amqp.frame_max = f;
+        }
+        if let Some(c) = file.amqp.channel_max {
+            amqp.channel_max = c.max(1);
+        }
+        if let Some(h) = file.amqp.heartbeat_secs {
+            amqp.heartbeat_secs = h;
+        }
+        if let Some(m) = args.amqp_max_message_bytes.or(file.amqp.max_message_bytes) {
+            // RabbitMQ's own ceiling for max_message_size.
+            if m > 512 * 1024 * 1024 {
+                bail!("amqp max_message_bytes must be at most 536870912 (512 MiB)");
+            }
+            amqp.max_message_bytes = m;
+        }
+        if let Some(g) = args
+            .amqp_guest_loopback_only
+            .or(file.amqp.guest_loopback_only)
+        {
+            amqp.guest_loopback_only = g;
+        }
         let advertised = args
             .advertised_kafka_addr
             .clone()
@@ -505,6 +559,7 @@ impl Config {
             data_dir,
             kafka_addr: resolve(&kafka_addr).context("invalid Kafka listen address")?,
             http_addr: resolve(&http_addr).context("invalid HTTP listen address")?,
+            amqp,
             advertised,
             node_id,
             flush,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use sluice_amqp::AmqpListener;
 use sluice_cluster::{ClusterConfig, ClusterError};
 use sluice_group::Coordination;
 use sluice_kafka::{KafkaListener, ServerConfig};
@@ -71,6 +72,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let http_addr = http_listener
         .local_addr()
         .context("cannot read the HTTP listener's address")?;
+
+    let amqp = AmqpListener::bind(config.amqp.clone())
+        .await
+        .map_err(|e| bind_error("AMQP", config.amqp.listen, e))?;
+    let amqp_addr = amqp.local_addr();
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
@@ -149,15 +155,17 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         );
     }
 
-    announce(kafka_addr, http_addr, &data_dir)?;
+    announce(kafka_addr, http_addr, amqp_addr, &data_dir)?;
     info!(
         kafka = %kafka_addr,
+        amqp = %amqp_addr,
         http = %http_addr,
         data = %data_dir.display(),
         flush = ?config.flush,
         "sluice is ready"
     );
 
+    let amqp_task = tokio::spawn(amqp.serve(topology.clone(), wait_for(shutdown_rx.clone())));
     let mut kafka_task =
         tokio::spawn(kafka.serve(topology, groups.clone(), wait_for(shutdown_rx.clone())));
     let early_exit = tokio::select! {
@@ -196,6 +204,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             }
         },
     };
+    if tokio::time::timeout(SHUTDOWN_GRACE, amqp_task)
+        .await
+        .is_err()
+    {
+        warn!("AMQP listener did not stop within {SHUTDOWN_GRACE:?}");
+    }
     if tokio::time::timeout(SHUTDOWN_GRACE, http_task)
         .await
         .is_err()
@@ -266,11 +280,11 @@ fn advertised_host(ip: std::net::IpAddr) -> String {
 
 /// The one stdout line tooling waits for. Flushed at once: stdout is a pipe
 /// (block buffered) when a test or supervisor reads it.
-fn announce(kafka: SocketAddr, http: SocketAddr, data_dir: &Path) -> Result<()> {
+fn announce(kafka: SocketAddr, http: SocketAddr, amqp: SocketAddr, data_dir: &Path) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "sluice listening kafka={kafka} http={http} data={}",
+        "sluice listening kafka={kafka} http={http} amqp={amqp} data={}",
         data_dir.display()
     )
     .and_then(|()| out.flush())

@@ -46,9 +46,9 @@ pub(crate) fn api_versions(error_code: i16) -> ApiVersionsResponse {
         .with_api_keys(api_keys)
 }
 
-/// Replication factor of `replication_factor: -1`: min(3, live brokers).
+/// Replication factor of `replication_factor: -1`.
 pub(crate) fn default_replication_factor(image: &MetadataImage) -> i16 {
-    i16::try_from(image.live_brokers().len().clamp(1, 3)).unwrap_or(1)
+    image.default_replication_factor()
 }
 
 /// A topic a Metadata request names.

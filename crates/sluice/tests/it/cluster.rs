@@ -107,6 +107,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&data)
             .args(["--kafka-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--amqp-addr", "127.0.0.1:0"])
             .args(["--group-initial-rebalance-delay-ms", "0"])
             .args(["--node-id", &id.to_string()])
             .args(["--raft-listen", &format!("127.0.0.1:{port}")]);

@@ -49,6 +49,7 @@ impl Broker {
             .arg("--data-dir")
             .arg(&data)
             .args(["--kafka-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--amqp-addr", "127.0.0.1:0"])
             .args(["--group-initial-rebalance-delay-ms", "0"]);
         let (child, line) = spawn_until_listening(cmd);
         let field = |name: &str| -> String {
@@ -340,7 +341,7 @@ fn config_precedence_is_flag_then_env_then_file() {
     std::fs::write(
         &config,
         format!(
-            "[server]\nkafka_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n\
+            "[server]\nkafka_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\namqp_addr = \"127.0.0.1:0\"\n\
              [storage]\ndata_dir = {:?}\n",
             from_file.to_str().unwrap()
         ),
@@ -405,7 +406,7 @@ fn serve_announces_itself_and_answers_health_checks() {
     std::fs::write(
         &config,
         format!(
-            "[server]\nkafka_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n\
+            "[server]\nkafka_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\namqp_addr = \"127.0.0.1:0\"\n\
              [storage]\ndata_dir = {:?}\n[defaults]\n\"retention.ms\" = 3600000\n",
             data.to_str().unwrap()
         ),
@@ -814,6 +815,7 @@ fn client_strings_cannot_forge_log_lines() {
         .arg("--data-dir")
         .arg(tmp.path().join("data"))
         .args(["--kafka-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--amqp-addr", "127.0.0.1:0"])
         .args(["--group-initial-rebalance-delay-ms", "0"])
         .env("SLUICE_LOG", "info")
         .stdout(Stdio::piped())

@@ -1,0 +1,1357 @@
+//! Channels: the methods of the channel, exchange, queue, basic and confirm
+//! classes, content assembly, deliveries and publisher confirms.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
+use amq_protocol::protocol::basic::AMQPProperties;
+use amq_protocol::protocol::{basic, channel, confirm, exchange, queue, AMQPClass};
+use bytes::{Bytes, BytesMut};
+use sluice_topology::amqp::{AmqpCommand, Binding, Destination, ExchangeState, QueueState};
+use sluice_topology::Leadership;
+use tokio::sync::mpsc;
+
+use crate::connection::Conn;
+use crate::error::AmqpError;
+use crate::frame::{put, put_method};
+use crate::message::{encode_batch, Publication, Stored};
+use crate::model::{
+    check_queue_arguments, encode_table, queue_mismatch, queue_topic, same_exchange, EXCHANGE_KINDS,
+};
+use crate::queue::{ConsumerSpec, Credit, Event, QueueLink};
+use crate::{no_queue, short};
+
+/// What confirm tasks tell the connection.
+#[derive(Debug)]
+pub(crate) enum Notice {
+    Confirm {
+        channel: u16,
+        seq: u64,
+        multiple: bool,
+        ack: bool,
+    },
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    Open,
+    /// We sent `channel.close`: everything but `close-ok` is dropped.
+    Closing,
+}
+
+/// A `basic.publish` waiting for its content.
+#[derive(Debug)]
+struct Pending {
+    exchange: String,
+    routing_key: String,
+    mandatory: bool,
+    header: Option<(u64, AMQPProperties, Bytes)>,
+    body: Vec<Bytes>,
+    received: u64,
+}
+
+#[derive(Debug)]
+struct Unacked {
+    queue: QueueLink,
+    offset: i64,
+    /// The consumer whose prefetch window it takes (none for `basic.get`).
+    consumer: Option<Arc<str>>,
+}
+
+#[derive(Debug)]
+struct ConsumerEntry {
+    queue: QueueLink,
+    credit: Arc<Credit>,
+}
+
+/// A published message waiting for the queues it went to.
+struct ConfirmJob {
+    seq: u64,
+    waits: Vec<(Leadership, i64)>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Channel {
+    state: State,
+    pending: Option<Pending>,
+    confirms: Option<mpsc::UnboundedSender<ConfirmJob>>,
+    next_seq: u64,
+    next_tag: u64,
+    unacked: BTreeMap<u64, Unacked>,
+    consumers: HashMap<Arc<str>, ConsumerEntry>,
+    /// `basic.qos` with global=false: the window of consumers started later.
+    prefetch: u16,
+    /// `basic.qos` with global=true: one window for the whole channel.
+    shared: Arc<Credit>,
+}
+
+impl std::fmt::Debug for ConfirmJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ConfirmJob({})", self.seq)
+    }
+}
+
+impl Channel {
+    fn new() -> Channel {
+        Channel {
+            state: State::Open,
+            pending: None,
+            confirms: None,
+            next_seq: 1,
+            next_tag: 1,
+            unacked: BTreeMap::new(),
+            consumers: HashMap::new(),
+            prefetch: 0,
+            shared: Arc::new(Credit::default()),
+        }
+    }
+}
+
+/// Resolves confirm jobs in publish order and tells the connection, one
+/// `multiple` acknowledgement for every run that completed together.
+async fn confirm_loop(
+    channel: u16,
+    mut jobs: mpsc::UnboundedReceiver<ConfirmJob>,
+    notices: mpsc::UnboundedSender<Notice>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let mut ok = wait_all(&job.waits).await;
+        let mut last = job.seq;
+        let mut multiple = false;
+        // Jobs already committed join this acknowledgement.
+        while ok {
+            match jobs.try_recv() {
+                Ok(next) if committed(&next.waits) => {
+                    last = next.seq;
+                    multiple = true;
+                }
+                Ok(next) => {
+                    send_confirm(&notices, channel, last, multiple, true);
+                    ok = wait_all(&next.waits).await;
+                    last = next.seq;
+                    multiple = false;
+                }
+                Err(_) => break,
+            }
+        }
+        if notices
+            .send(Notice::Confirm {
+                channel,
+                seq: last,
+                multiple,
+                ack: ok,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn send_confirm(
+    notices: &mpsc::UnboundedSender<Notice>,
+    channel: u16,
+    seq: u64,
+    multiple: bool,
+    ack: bool,
+) {
+    let _ = notices.send(Notice::Confirm {
+        channel,
+        seq,
+        multiple,
+        ack,
+    });
+}
+
+async fn wait_all(waits: &[(Leadership, i64)]) -> bool {
+    for (l, end) in waits {
+        if l.wait_committed(*end, None).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+fn committed(waits: &[(Leadership, i64)]) -> bool {
+    waits
+        .iter()
+        .all(|(l, end)| l.is_current() && l.partition().high_watermark() >= *end)
+}
+
+fn method(out: &mut Vec<u8>, ch: u16, m: AMQPClass) {
+    put_method(out, ch, m);
+}
+
+impl Conn {
+    fn send_method(&self, ch: u16, m: AMQPClass) {
+        let mut buf = Vec::new();
+        method(&mut buf, ch, m);
+        self.out.send(buf);
+    }
+
+    /// Writes a message: the method, its content header, its body in frames.
+    fn send_content(&self, ch: u16, m: AMQPClass, properties: AMQPProperties, body: &Bytes) {
+        let mut buf = Vec::with_capacity(body.len() + 256);
+        method(&mut buf, ch, m);
+        put(
+            &mut buf,
+            &AMQPFrame::Header(
+                ch,
+                AMQPContentHeader {
+                    class_id: 60,
+                    body_size: body.len() as u64,
+                    properties,
+                },
+            ),
+        );
+        for chunk in body.chunks(self.body_chunk()) {
+            put(&mut buf, &AMQPFrame::Body(ch, chunk.to_vec()));
+        }
+        self.out.send(buf);
+    }
+
+    pub(crate) async fn on_channel_method(
+        &mut self,
+        ch: u16,
+        m: AMQPClass,
+        events: &mpsc::Sender<Event>,
+        notices: &mpsc::UnboundedSender<Notice>,
+    ) -> Result<(), AmqpError> {
+        self.check_channel_id(ch)?;
+        match (&m, self.channels.get(&ch).map(|c| &c.state)) {
+            (AMQPClass::Channel(channel::AMQPMethod::Open(_)), None) => {
+                self.channels.insert(ch, Channel::new());
+                self.send_method(
+                    ch,
+                    AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+                );
+                return Ok(());
+            }
+            (AMQPClass::Channel(channel::AMQPMethod::Open(_)), Some(_)) => {
+                return Err(AmqpError::channel_error("second 'channel.open' seen").on(&m));
+            }
+            (_, None) => {
+                return Err(AmqpError::channel_error("expected 'channel.open'").on(&m));
+            }
+            (AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)), Some(State::Closing)) => {
+                self.channels.remove(&ch);
+                return Ok(());
+            }
+            (AMQPClass::Channel(channel::AMQPMethod::Close(_)), Some(_)) => {
+                self.release_channel(ch);
+                self.channels.remove(&ch);
+                self.send_method(
+                    ch,
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                );
+                return Ok(());
+            }
+            (_, Some(State::Closing)) => return Ok(()),
+            (_, Some(State::Open)) => {}
+        }
+        if self.channels.get(&ch).is_some_and(|c| c.pending.is_some()) {
+            return Err(AmqpError::unexpected_frame(
+                "expected content header for class 60, got non content header frame instead",
+            )
+            .on(&m));
+        }
+        let r = self.dispatch(ch, &m, events, notices).await;
+        match r {
+            Err(e) if !e.is_hard() => {
+                self.close_channel(ch, &e.on(&m));
+                Ok(())
+            }
+            Err(e) if e.class_id == 0 => Err(e.on(&m)),
+            other => other,
+        }
+    }
+
+    /// Closes one channel with a soft error.
+    fn close_channel(&mut self, ch: u16, e: &AmqpError) {
+        tracing::debug!(
+            channel = ch,
+            code = e.reply_code(),
+            "closing AMQP channel: {}",
+            e.text
+        );
+        self.release_channel(ch);
+        if let Some(c) = self.channels.get_mut(&ch) {
+            c.state = State::Closing;
+        }
+        self.send_method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: e.reply_code(),
+                reply_text: short(&e.text),
+                class_id: e.class_id,
+                method_id: e.method_id,
+            })),
+        );
+    }
+
+    /// A channel ends: its unacked messages return to their queues, its consumers
+    /// go, its confirm task stops.
+    pub(crate) fn release_channel(&mut self, ch: u16) {
+        let Some(c) = self.channels.get_mut(&ch) else {
+            return;
+        };
+        let unacked = std::mem::take(&mut c.unacked);
+        let consumers = std::mem::take(&mut c.consumers);
+        c.pending = None;
+        c.confirms = None;
+        let mut detached: Vec<QueueLink> = Vec::new();
+        for (_, e) in consumers {
+            if !detached.contains(&e.queue) {
+                e.queue.detach(self.id, Some(ch));
+                detached.push(e.queue);
+            }
+        }
+        settle(unacked.into_values(), true);
+    }
+
+    async fn dispatch(
+        &mut self,
+        ch: u16,
+        m: &AMQPClass,
+        events: &mpsc::Sender<Event>,
+        notices: &mpsc::UnboundedSender<Notice>,
+    ) -> Result<(), AmqpError> {
+        match m {
+            AMQPClass::Channel(channel::AMQPMethod::Flow(f)) => {
+                if !f.active {
+                    return Err(AmqpError::not_implemented("active=false"));
+                }
+                self.send_method(
+                    ch,
+                    AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
+                        active: true,
+                    })),
+                );
+                Ok(())
+            }
+            AMQPClass::Channel(_) => Err(AmqpError::command_invalid("unexpected channel method")),
+            AMQPClass::Access(_) => {
+                self.send_method(
+                    ch,
+                    AMQPClass::Access(amq_protocol::protocol::access::AMQPMethod::RequestOk(
+                        amq_protocol::protocol::access::RequestOk {},
+                    )),
+                );
+                Ok(())
+            }
+            AMQPClass::Exchange(e) => self.on_exchange(ch, e).await,
+            AMQPClass::Queue(q) => self.on_queue(ch, q).await,
+            AMQPClass::Basic(b) => self.on_basic(ch, b, events).await,
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
+                let c = self.channel(ch)?;
+                if c.confirms.is_none() {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(confirm_loop(ch, rx, notices.clone()));
+                    c.confirms = Some(tx);
+                }
+                if !s.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
+                    );
+                }
+                Ok(())
+            }
+            AMQPClass::Confirm(_) => Err(AmqpError::command_invalid("unexpected confirm method")),
+            AMQPClass::Tx(_) => Err(AmqpError::not_implemented(
+                "transactions (tx.*) are not supported by this Sluice release",
+            )),
+            AMQPClass::Connection(_) => {
+                Err(AmqpError::command_invalid("connection method on a channel"))
+            }
+        }
+    }
+
+    fn channel(&mut self, ch: u16) -> Result<&mut Channel, AmqpError> {
+        self.channels
+            .get_mut(&ch)
+            .ok_or_else(|| AmqpError::channel_error("expected 'channel.open'"))
+    }
+
+    // ---------------------------------------------------------------- exchanges
+
+    async fn on_exchange(&mut self, ch: u16, m: &exchange::AMQPMethod) -> Result<(), AmqpError> {
+        let vhost = self.vhost.clone();
+        match m {
+            exchange::AMQPMethod::Declare(d) => {
+                let name = d.exchange.as_str();
+                let image = self.broker.topology.image();
+                let v = image.vhost(&vhost);
+                let exists = v.is_some_and(|v| v.has_exchange(name))
+                    || sluice_topology::amqp::PREDECLARED_EXCHANGES
+                        .iter()
+                        .any(|(n, _)| *n == name);
+                if d.passive {
+                    if !exists {
+                        return Err(no_exchange(&vhost, name));
+                    }
+                } else {
+                    if name.is_empty() {
+                        return Err(AmqpError::access_refused(
+                            "operation not permitted on the default exchange",
+                        ));
+                    }
+                    if !EXCHANGE_KINDS.contains(&d.kind.as_str()) {
+                        return Err(AmqpError::command_invalid(format!(
+                            "invalid exchange type '{}'",
+                            d.kind
+                        )));
+                    }
+                    let wanted = ExchangeState {
+                        kind: d.kind.as_str().to_owned(),
+                        durable: d.durable,
+                        auto_delete: d.auto_delete,
+                        internal: d.internal,
+                        arguments: encode_table(&d.arguments),
+                    };
+                    let existing = v.and_then(|v| v.exchanges.get(name)).cloned();
+                    let predeclared = sluice_topology::amqp::PREDECLARED_EXCHANGES
+                        .iter()
+                        .find(|(n, _)| *n == name);
+                    if let Some((_, kind)) = predeclared {
+                        if *kind != wanted.kind || !wanted.durable {
+                            return Err(AmqpError::precondition(format!(
+                                "inequivalent arg 'type' for exchange '{name}' in vhost '{vhost}': received '{}' but current is '{kind}'",
+                                wanted.kind
+                            )));
+                        }
+                    } else if name.starts_with("amq.") {
+                        return Err(AmqpError::access_refused(format!(
+                            "exchange name '{name}' contains reserved prefix 'amq.*'"
+                        )));
+                    } else if let Some(existing) = existing {
+                        check_exchange(&vhost, name, &existing, &wanted)?;
+                    } else {
+                        self.broker
+                            .propose(
+                                AmqpCommand::DeclareExchange {
+                                    vhost: vhost.clone(),
+                                    name: name.to_owned(),
+                                    exchange: wanted.clone(),
+                                },
+                                name,
+                            )
+                            .await?;
+                        let image = self.broker.topology.image();
+                        if let Some(now) = image.vhost(&vhost).and_then(|v| v.exchanges.get(name)) {
+                            check_exchange(&vhost, name, now, &wanted)?;
+                        }
+                    }
+                }
+                if !d.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
+                            exchange::DeclareOk {},
+                        )),
+                    );
+                }
+                Ok(())
+            }
+            exchange::AMQPMethod::Delete(d) => {
+                let name = d.exchange.as_str();
+                if name.is_empty() || name.starts_with("amq.") {
+                    return Err(AmqpError::access_refused(format!(
+                        "operation not permitted on the default exchange or '{name}'"
+                    )));
+                }
+                let image = self.broker.topology.image();
+                let v = image.vhost(&vhost);
+                if v.is_some_and(|v| v.exchanges.contains_key(name)) {
+                    if d.if_unused && v.is_some_and(|v| v.bindings.iter().any(|b| b.source == name))
+                    {
+                        return Err(AmqpError::precondition(format!(
+                            "exchange '{name}' in vhost '{vhost}' in use"
+                        )));
+                    }
+                    let cmd = AmqpCommand::DeleteExchange {
+                        vhost: vhost.clone(),
+                        name: name.to_owned(),
+                    };
+                    match self.broker.propose(cmd, name).await {
+                        Err(e) if e.reply_code() != 404 => return Err(e),
+                        _ => {}
+                    }
+                }
+                if !d.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
+                    );
+                }
+                Ok(())
+            }
+            exchange::AMQPMethod::Bind(b) => {
+                let binding = Binding {
+                    source: b.source.as_str().to_owned(),
+                    destination: Destination::Exchange(b.destination.as_str().to_owned()),
+                    routing_key: b.routing_key.as_str().to_owned(),
+                    arguments: encode_table(&b.arguments),
+                };
+                self.bind(&vhost, binding).await?;
+                if !b.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
+                    );
+                }
+                Ok(())
+            }
+            exchange::AMQPMethod::Unbind(b) => {
+                let binding = Binding {
+                    source: b.source.as_str().to_owned(),
+                    destination: Destination::Exchange(b.destination.as_str().to_owned()),
+                    routing_key: b.routing_key.as_str().to_owned(),
+                    arguments: encode_table(&b.arguments),
+                };
+                self.unbind(&vhost, binding).await?;
+                if !b.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
+                    );
+                }
+                Ok(())
+            }
+            _ => Err(AmqpError::command_invalid("unexpected exchange method")),
+        }
+    }
+
+    async fn bind(&self, vhost: &str, binding: Binding) -> Result<(), AmqpError> {
+        let image = self.broker.topology.image();
+        let v = image.vhost(vhost);
+        if binding.source.is_empty() {
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
+        let exchange_exists = |n: &str| {
+            v.is_some_and(|v| v.has_exchange(n))
+                || sluice_topology::amqp::PREDECLARED_EXCHANGES
+                    .iter()
+                    .any(|(p, _)| *p == n)
+        };
+        match &binding.destination {
+            Destination::Queue(q) => {
+                let queue = v
+                    .and_then(|v| v.queues.get(q))
+                    .ok_or_else(|| no_queue(vhost, q))?;
+                self.check_exclusive(vhost, q, queue)?;
+            }
+            Destination::Exchange(x) => {
+                if !exchange_exists(x) {
+                    return Err(no_exchange(vhost, x));
+                }
+            }
+        }
+        if !exchange_exists(&binding.source) {
+            return Err(no_exchange(vhost, &binding.source));
+        }
+        self.broker
+            .propose(
+                AmqpCommand::Bind {
+                    vhost: vhost.to_owned(),
+                    binding,
+                },
+                "binding",
+            )
+            .await
+    }
+
+    async fn unbind(&self, vhost: &str, binding: Binding) -> Result<(), AmqpError> {
+        if binding.source.is_empty() {
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
+        self.broker
+            .propose(
+                AmqpCommand::Unbind {
+                    vhost: vhost.to_owned(),
+                    binding,
+                },
+                "binding",
+            )
+            .await
+    }
+
+    // ------------------------------------------------------------------- queues
+
+    fn check_exclusive(&self, vhost: &str, name: &str, q: &QueueState) -> Result<(), AmqpError> {
+        match &q.exclusive_owner {
+            Some(owner) if *owner != self.broker.owner_tag(self.id) => Err(AmqpError::locked(format!(
+                "cannot obtain exclusive access to locked queue '{name}' in vhost '{vhost}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration."
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    async fn on_queue(&mut self, ch: u16, m: &queue::AMQPMethod) -> Result<(), AmqpError> {
+        let vhost = self.vhost.clone();
+        match m {
+            queue::AMQPMethod::Declare(d) => {
+                let mut name = d.queue.as_str().to_owned();
+                if name.is_empty() {
+                    name = format!("amq.gen-{}", uuid::Uuid::new_v4().simple());
+                } else if name.starts_with("amq.") && !d.passive {
+                    return Err(AmqpError::access_refused(format!(
+                        "queue name '{name}' contains reserved prefix 'amq.*'"
+                    )));
+                }
+                let image = self.broker.topology.image();
+                let existing = image
+                    .vhost(&vhost)
+                    .and_then(|v| v.queues.get(&name))
+                    .cloned();
+                if d.passive {
+                    let q = existing.ok_or_else(|| no_queue(&vhost, &name))?;
+                    self.check_exclusive(&vhost, &name, &q)?;
+                } else {
+                    check_queue_arguments(&d.arguments)?;
+                    let check = |q: &QueueState| {
+                        self.check_exclusive(&vhost, &name, q)?;
+                        match queue_mismatch(
+                            &name,
+                            &vhost,
+                            q,
+                            d.durable,
+                            d.auto_delete,
+                            d.exclusive,
+                            &d.arguments,
+                        ) {
+                            Some(e) => Err(e),
+                            None => Ok(()),
+                        }
+                    };
+                    match existing {
+                        Some(q) => check(&q)?,
+                        None => {
+                            let queue = QueueState {
+                                topic: queue_topic(&vhost, &name).ok_or_else(|| {
+                                    AmqpError::precondition(format!(
+                                        "queue name '{name}' is too long for its topic name (at most 249 characters once escaped)"
+                                    ))
+                                })?,
+                                durable: d.durable,
+                                auto_delete: d.auto_delete,
+                                exclusive_owner: d
+                                    .exclusive
+                                    .then(|| self.broker.owner_tag(self.id)),
+                                declared_by: self.broker.process_tag(),
+                                arguments: encode_table(&d.arguments),
+                            };
+                            let mut topic_configs = std::collections::BTreeMap::new();
+                            // Messages leave a queue when acknowledged, never by age.
+                            topic_configs.insert("retention.ms".to_owned(), "-1".to_owned());
+                            topic_configs.insert("retention.bytes".to_owned(), "-1".to_owned());
+                            // One message is one batch: room for the largest body
+                            // accepted and its properties (at most one frame).
+                            let largest = self.broker.config.max_message_bytes
+                                + u64::from(self.broker.config.frame_max)
+                                + 4096;
+                            topic_configs.insert(
+                                "max.message.bytes".to_owned(),
+                                largest.min(i32::MAX as u64).to_string(),
+                            );
+                            self.broker
+                                .propose(
+                                    AmqpCommand::DeclareQueue {
+                                        vhost: vhost.clone(),
+                                        name: name.clone(),
+                                        queue,
+                                        replication_factor: image.default_replication_factor(),
+                                        topic_configs,
+                                    },
+                                    &format!("queue '{name}' in vhost '{vhost}'"),
+                                )
+                                .await?;
+                            let image = self.broker.topology.image();
+                            let now = image
+                                .vhost(&vhost)
+                                .and_then(|v| v.queues.get(&name))
+                                .ok_or_else(|| no_queue(&vhost, &name))?;
+                            check(now)?;
+                            if d.exclusive && !self.exclusive_queues.contains(&name) {
+                                self.exclusive_queues.push(name.clone());
+                            }
+                        }
+                    }
+                }
+                let status = match self.broker.queue(&vhost, &name) {
+                    Ok(link) => link.status().await.unwrap_or_default(),
+                    Err(_) => Default::default(),
+                };
+                if !d.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                            queue: short(&name),
+                            message_count: status.ready,
+                            consumer_count: status.consumers,
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            queue::AMQPMethod::Bind(b) => {
+                let binding = Binding {
+                    source: b.exchange.as_str().to_owned(),
+                    destination: Destination::Queue(b.queue.as_str().to_owned()),
+                    routing_key: b.routing_key.as_str().to_owned(),
+                    arguments: encode_table(&b.arguments),
+                };
+                self.bind(&vhost, binding).await?;
+                if !b.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
+                    );
+                }
+                Ok(())
+            }
+            queue::AMQPMethod::Unbind(b) => {
+                let binding = Binding {
+                    source: b.exchange.as_str().to_owned(),
+                    destination: Destination::Queue(b.queue.as_str().to_owned()),
+                    routing_key: b.routing_key.as_str().to_owned(),
+                    arguments: encode_table(&b.arguments),
+                };
+                self.unbind(&vhost, binding).await?;
+                self.send_method(
+                    ch,
+                    AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})),
+                );
+                Ok(())
+            }
+            queue::AMQPMethod::Purge(p) => {
+                let name = p.queue.as_str();
+                self.queue_state(&vhost, name)?;
+                let purged = self.broker.queue(&vhost, name)?.purge().await?;
+                if !p.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
+                            message_count: purged,
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            queue::AMQPMethod::Delete(d) => {
+                let name = d.queue.as_str();
+                let image = self.broker.topology.image();
+                let mut count = 0;
+                if let Some(q) = image.vhost(&vhost).and_then(|v| v.queues.get(name)) {
+                    self.check_exclusive(&vhost, name, q)?;
+                    let status = match self.broker.queue(&vhost, name) {
+                        Ok(link) => link.status().await.unwrap_or_default(),
+                        Err(_) => Default::default(),
+                    };
+                    if d.if_unused && status.consumers > 0 {
+                        return Err(AmqpError::precondition(format!(
+                            "queue '{name}' in vhost '{vhost}' in use"
+                        )));
+                    }
+                    if d.if_empty && status.ready + status.unacked > 0 {
+                        return Err(AmqpError::precondition(format!(
+                            "queue '{name}' in vhost '{vhost}' is not empty"
+                        )));
+                    }
+                    count = status.ready;
+                    self.broker.delete_queue(&vhost, name).await;
+                    self.exclusive_queues.retain(|q| q != name);
+                }
+                if !d.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+                            message_count: count,
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            _ => Err(AmqpError::command_invalid("unexpected queue method")),
+        }
+    }
+
+    fn queue_state(&self, vhost: &str, name: &str) -> Result<QueueState, AmqpError> {
+        let image = self.broker.topology.image();
+        let q = image
+            .vhost(vhost)
+            .and_then(|v| v.queues.get(name))
+            .cloned()
+            .ok_or_else(|| no_queue(vhost, name))?;
+        self.check_exclusive(vhost, name, &q)?;
+        Ok(q)
+    }
+
+    // -------------------------------------------------------------------- basic
+
+    async fn on_basic(
+        &mut self,
+        ch: u16,
+        m: &basic::AMQPMethod,
+        events: &mpsc::Sender<Event>,
+    ) -> Result<(), AmqpError> {
+        let vhost = self.vhost.clone();
+        match m {
+            basic::AMQPMethod::Qos(q) => {
+                let c = self.channel(ch)?;
+                if q.global {
+                    c.shared
+                        .limit
+                        .store(u32::from(q.prefetch_count), Ordering::Release);
+                } else {
+                    c.prefetch = q.prefetch_count;
+                }
+                self.send_method(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
+                );
+                Ok(())
+            }
+            basic::AMQPMethod::Publish(p) => {
+                if p.immediate {
+                    return Err(AmqpError::not_implemented("immediate=true"));
+                }
+                let exchange = p.exchange.as_str();
+                if !exchange.is_empty() {
+                    let image = self.broker.topology.image();
+                    let v = image.vhost(&vhost);
+                    let predeclared = sluice_topology::amqp::PREDECLARED_EXCHANGES
+                        .iter()
+                        .any(|(n, _)| *n == exchange);
+                    if !predeclared && !v.is_some_and(|v| v.has_exchange(exchange)) {
+                        return Err(no_exchange(&vhost, exchange));
+                    }
+                    if v.and_then(|v| v.exchanges.get(exchange))
+                        .is_some_and(|e| e.internal)
+                    {
+                        return Err(AmqpError::access_refused(format!(
+                            "cannot publish to internal exchange '{exchange}' in vhost '{vhost}'"
+                        )));
+                    }
+                }
+                self.channel(ch)?.pending = Some(Pending {
+                    exchange: exchange.to_owned(),
+                    routing_key: p.routing_key.as_str().to_owned(),
+                    mandatory: p.mandatory,
+                    header: None,
+                    body: Vec::new(),
+                    received: 0,
+                });
+                Ok(())
+            }
+            basic::AMQPMethod::Consume(c) => {
+                let name = c.queue.as_str();
+                self.queue_state(&vhost, name)?;
+                let link = self.broker.queue(&vhost, name)?;
+                let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
+                    Arc::from(format!("amq.ctag-{}", uuid::Uuid::new_v4().simple()))
+                } else {
+                    Arc::from(c.consumer_tag.as_str())
+                };
+                let chan = self.channel(ch)?;
+                if chan.consumers.contains_key(&tag) {
+                    return Err(AmqpError::not_allowed(format!(
+                        "attempt to reuse consumer tag '{tag}'"
+                    )));
+                }
+                let credit = Arc::new(Credit::default());
+                credit
+                    .limit
+                    .store(u32::from(chan.prefetch), Ordering::Release);
+                let shared = chan.shared.clone();
+                chan.consumers.insert(
+                    tag.clone(),
+                    ConsumerEntry {
+                        queue: link.clone(),
+                        credit: credit.clone(),
+                    },
+                );
+                // consume-ok goes out before any delivery: deliveries reach this
+                // task through `events`, after this method is handled.
+                let spec = ConsumerSpec {
+                    connection: self.id,
+                    channel: ch,
+                    tag: tag.clone(),
+                    exclusive: c.exclusive,
+                    no_ack: c.no_ack,
+                    own: credit,
+                    shared,
+                    events: events.clone(),
+                };
+                if let Err(e) = link.consume(spec).await {
+                    if let Some(chan) = self.channels.get_mut(&ch) {
+                        chan.consumers.remove(&tag);
+                    }
+                    return Err(e);
+                }
+                if !c.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                            consumer_tag: short(&tag),
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            basic::AMQPMethod::Cancel(c) => {
+                let tag: Arc<str> = Arc::from(c.consumer_tag.as_str());
+                if let Some(e) = self.channel(ch)?.consumers.remove(&tag) {
+                    e.queue.cancel(self.id, ch, tag.clone());
+                }
+                if !c.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                            consumer_tag: c.consumer_tag.clone(),
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            basic::AMQPMethod::Get(g) => {
+                let name = g.queue.as_str();
+                self.queue_state(&vhost, name)?;
+                let link = self.broker.queue(&vhost, name)?;
+                match link.get(g.no_ack).await? {
+                    None => self.send_method(
+                        ch,
+                        AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
+                    ),
+                    Some(got) => {
+                        let chan = self.channel(ch)?;
+                        let tag = chan.next_tag;
+                        chan.next_tag += 1;
+                        if !g.no_ack {
+                            chan.unacked.insert(
+                                tag,
+                                Unacked {
+                                    queue: link,
+                                    offset: got.message.offset,
+                                    consumer: None,
+                                },
+                            );
+                        }
+                        let Stored {
+                            exchange,
+                            routing_key,
+                            properties,
+                            body,
+                            ..
+                        } = got.message;
+                        self.send_content(
+                            ch,
+                            AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+                                delivery_tag: tag,
+                                redelivered: got.redelivered,
+                                exchange: short(&exchange),
+                                routing_key: short(&routing_key),
+                                message_count: got.remaining,
+                            })),
+                            properties,
+                            &body,
+                        );
+                    }
+                }
+                Ok(())
+            }
+            basic::AMQPMethod::Ack(a) => self.settle_tags(ch, a.delivery_tag, a.multiple, false),
+            basic::AMQPMethod::Nack(n) => {
+                self.settle_tags(ch, n.delivery_tag, n.multiple, n.requeue)
+            }
+            basic::AMQPMethod::Reject(r) => self.settle_tags(ch, r.delivery_tag, false, r.requeue),
+            basic::AMQPMethod::Recover(_) | basic::AMQPMethod::RecoverAsync(_) => {
+                let chan = self.channel(ch)?;
+                let unacked = std::mem::take(&mut chan.unacked);
+                release_credit(chan, unacked.values());
+                settle(unacked.into_values(), true);
+                if matches!(m, basic::AMQPMethod::Recover(_)) {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})),
+                    );
+                }
+                Ok(())
+            }
+            _ => Err(AmqpError::command_invalid("unexpected basic method")),
+        }
+    }
+
+    /// ack / nack / reject of one tag, or of every tag up to it with `multiple`.
+    fn settle_tags(
+        &mut self,
+        ch: u16,
+        tag: u64,
+        multiple: bool,
+        requeue: bool,
+    ) -> Result<(), AmqpError> {
+        let chan = self.channel(ch)?;
+        let settled: Vec<Unacked> = if multiple {
+            let keep = if tag == 0 {
+                BTreeMap::new()
+            } else {
+                chan.unacked.split_off(&(tag + 1))
+            };
+            let done = std::mem::replace(&mut chan.unacked, keep);
+            if tag != 0 && done.is_empty() {
+                return Err(AmqpError::precondition(format!(
+                    "unknown delivery tag {tag}"
+                )));
+            }
+            done.into_values().collect()
+        } else {
+            match chan.unacked.remove(&tag) {
+                Some(u) => vec![u],
+                None => {
+                    return Err(AmqpError::precondition(format!(
+                        "unknown delivery tag {tag}"
+                    )))
+                }
+            }
+        };
+        release_credit(chan, settled.iter());
+        settle(settled.into_iter(), requeue);
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ content
+
+    pub(crate) async fn on_content_header(
+        &mut self,
+        ch: u16,
+        header: AMQPContentHeader,
+        raw_properties: Bytes,
+    ) -> Result<(), AmqpError> {
+        self.check_channel_id(ch)?;
+        let max = self.broker.config.max_message_bytes;
+        let Some(chan) = self.channels.get_mut(&ch) else {
+            return Err(AmqpError::channel_error("expected 'channel.open'"));
+        };
+        if chan.state == State::Closing {
+            return Ok(());
+        }
+        let Some(p) = chan.pending.as_mut().filter(|p| p.header.is_none()) else {
+            return Err(AmqpError::unexpected_frame(
+                "content header without a preceding basic.publish",
+            ));
+        };
+        if header.class_id != 60 {
+            return Err(AmqpError::unexpected_frame(format!(
+                "content header for class {}",
+                header.class_id
+            )));
+        }
+        if header.body_size > max {
+            let e = AmqpError::precondition(format!(
+                "message size {} is larger than configured max size {max}",
+                header.body_size
+            ));
+            let e = AmqpError {
+                class_id: 60,
+                method_id: 40,
+                ..e
+            };
+            self.close_channel(ch, &e);
+            return Ok(());
+        }
+        p.header = Some((header.body_size, header.properties, raw_properties));
+        if header.body_size == 0 {
+            return self.publish(ch).await;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn on_content_body(&mut self, ch: u16, body: Bytes) -> Result<(), AmqpError> {
+        self.check_channel_id(ch)?;
+        let Some(chan) = self.channels.get_mut(&ch) else {
+            return Err(AmqpError::channel_error("expected 'channel.open'"));
+        };
+        if chan.state == State::Closing {
+            return Ok(());
+        }
+        let Some(p) = chan.pending.as_mut() else {
+            return Err(AmqpError::unexpected_frame(
+                "content body without a basic.publish",
+            ));
+        };
+        let Some((size, ..)) = p.header else {
+            return Err(AmqpError::unexpected_frame(
+                "content body before its header",
+            ));
+        };
+        p.received += body.len() as u64;
+        if p.received > size {
+            return Err(AmqpError::frame_error(format!(
+                "content body of {} bytes exceeds the declared {size}",
+                p.received
+            )));
+        }
+        p.body.push(body);
+        if p.received == size {
+            return self.publish(ch).await;
+        }
+        Ok(())
+    }
+
+    /// A whole message arrived: route it, append it to every queue it reaches,
+    /// return it when mandatory and unroutable, and queue its confirm.
+    async fn publish(&mut self, ch: u16) -> Result<(), AmqpError> {
+        let vhost = self.vhost.clone();
+        let Some(chan) = self.channels.get_mut(&ch) else {
+            return Ok(());
+        };
+        let Some(p) = chan.pending.take() else {
+            return Ok(());
+        };
+        let Some((_, properties, raw_properties)) = p.header else {
+            return Ok(());
+        };
+        let body = match p.body.len() {
+            0 => Bytes::new(),
+            1 => p.body.into_iter().next().unwrap_or_default(),
+            _ => {
+                let mut b = BytesMut::with_capacity(usize::try_from(p.received).unwrap_or(0));
+                for part in &p.body {
+                    b.extend_from_slice(part);
+                }
+                b.freeze()
+            }
+        };
+        let seq = if chan.confirms.is_some() {
+            let s = chan.next_seq;
+            chan.next_seq += 1;
+            Some(s)
+        } else {
+            None
+        };
+        let router = self.broker.router(&vhost);
+        let image = self.broker.topology.image();
+        let queues = router.route(
+            image.vhost(&vhost),
+            &p.exchange,
+            &p.routing_key,
+            properties.headers().as_ref(),
+        );
+        let publication = Publication {
+            exchange: p.exchange.clone(),
+            routing_key: p.routing_key.clone(),
+            properties: raw_properties,
+            body: body.clone(),
+        };
+        let mut waits = Vec::with_capacity(queues.len());
+        if !queues.is_empty() {
+            let batch = encode_batch(&[&publication])
+                .map_err(|e| AmqpError::internal(format!("cannot encode message: {e}")))?;
+            for q in &queues {
+                let link = self.broker.queue(&vhost, q)?;
+                let appended = link.leadership.append(&batch).map_err(|e| {
+                    AmqpError::unavailable(format!("cannot store message in queue '{q}': {e}"))
+                })?;
+                waits.push((link.leadership.clone(), appended.end_offset));
+            }
+        } else if p.mandatory {
+            self.send_content(
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                    reply_code: 312,
+                    reply_text: "NO_ROUTE".into(),
+                    exchange: short(&p.exchange),
+                    routing_key: short(&p.routing_key),
+                })),
+                properties,
+                &body,
+            );
+        }
+        if let Some(seq) = seq {
+            if let Some(tx) = self.channels.get(&ch).and_then(|c| c.confirms.as_ref()) {
+                let _ = tx.send(ConfirmJob { seq, waits });
+            }
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------- queue → client
+
+    pub(crate) fn on_event(&mut self, e: Event) {
+        match e {
+            Event::Deliver {
+                channel: ch,
+                consumer_tag,
+                queue,
+                message,
+                redelivered,
+                no_ack,
+            } => {
+                let Some(chan) = self
+                    .channels
+                    .get_mut(&ch)
+                    .filter(|c| c.state == State::Open && c.consumers.contains_key(&consumer_tag))
+                else {
+                    // The consumer went while this was on its way: back to the queue.
+                    if !no_ack {
+                        queue.settle(vec![message.offset], true);
+                    }
+                    return;
+                };
+                let tag = chan.next_tag;
+                chan.next_tag += 1;
+                if !no_ack {
+                    chan.unacked.insert(
+                        tag,
+                        Unacked {
+                            queue,
+                            offset: message.offset,
+                            consumer: Some(consumer_tag.clone()),
+                        },
+                    );
+                }
+                let Stored {
+                    exchange,
+                    routing_key,
+                    properties,
+                    body,
+                    ..
+                } = *message;
+                self.send_content(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+                        consumer_tag: short(&consumer_tag),
+                        delivery_tag: tag,
+                        redelivered,
+                        exchange: short(&exchange),
+                        routing_key: short(&routing_key),
+                    })),
+                    properties,
+                    &body,
+                );
+            }
+            Event::Cancelled {
+                channel: ch,
+                consumer_tag,
+            } => {
+                let Some(chan) = self.channels.get_mut(&ch) else {
+                    return;
+                };
+                if chan.consumers.remove(&consumer_tag).is_some() && chan.state == State::Open {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                            consumer_tag: short(&consumer_tag),
+                            nowait: true,
+                        })),
+                    );
+                }
+            }
+        }
+    }
+
+    pub(crate) fn on_notice(&mut self, n: Notice) {
+        match n {
+            Notice::Confirm {
+                channel: ch,
+                seq,
+                multiple,
+                ack,
+            } => {
+                if !self
+                    .channels
+                    .get(&ch)
+                    .is_some_and(|c| c.state == State::Open && c.confirms.is_some())
+                {
+                    return;
+                }
+                let m = if ack {
+                    basic::AMQPMethod::Ack(basic::Ack {
+                        delivery_tag: seq,
+                        multiple,
+                    })
+                } else {
+                    basic::AMQPMethod::Nack(basic::Nack {
+                        delivery_tag: seq,
+                        multiple,
+                        requeue: false,
+                    })
+                };
+                self.send_method(ch, AMQPClass::Basic(m));
+            }
+        }
+    }
+}
+
+fn check_exchange(
+    vhost: &str,
+    name: &str,
+    existing: &ExchangeState,
+    wanted: &ExchangeState,
+) -> Result<(), AmqpError> {
+    if same_exchange(existing, wanted) {
+        return Ok(());
+    }
+    let (what, was, asked) = if existing.kind != wanted.kind {
+        ("type", existing.kind.clone(), wanted.kind.clone())
+    } else if existing.durable != wanted.durable {
+        (
+            "durable",
+            existing.durable.to_string(),
+            wanted.durable.to_string(),
+        )
+    } else if existing.auto_delete != wanted.auto_delete {
+        (
+            "auto_delete",
+            existing.auto_delete.to_string(),
+            wanted.auto_delete.to_string(),
+        )
+    } else if existing.internal != wanted.internal {
+        (
+            "internal",
+            existing.internal.to_string(),
+            wanted.internal.to_string(),
+        )
+    } else {
+        ("arguments", "current".to_owned(), "different".to_owned())
+    };
+    Err(AmqpError::precondition(format!(
+        "inequivalent arg '{what}' for exchange '{name}' in vhost '{vhost}': received '{asked}' but current is '{was}'"
+    )))
+}
+
+fn no_exchange(vhost: &str, name: &str) -> AmqpError {
+    AmqpError::not_found(format!("no exchange '{name}' in vhost '{vhost}'"))
+}
+
+/// Settled deliveries give their consumer's and the channel's window back.
+fn release_credit<'a>(chan: &Channel, settled: impl Iterator<Item = &'a Unacked>) {
+    for u in settled {
+        if let Some(tag) = &u.consumer {
+            chan.shared.release();
+            if let Some(c) = chan.consumers.get(tag) {
+                c.credit.release();
+            }
+        }
+    }
+}
+
+/// Tells each queue which of its deliveries are acknowledged or returned.
+fn settle(unacked: impl Iterator<Item = Unacked>, requeue: bool) {
+    let mut by_queue: Vec<(QueueLink, Vec<i64>)> = Vec::new();
+    for u in unacked {
+        match by_queue.iter_mut().find(|(q, _)| *q == u.queue) {
+            Some((_, offsets)) => offsets.push(u.offset),
+            None => by_queue.push((u.queue, vec![u.offset])),
+        }
+    }
+    for (q, offsets) in by_queue {
+        q.settle(offsets, requeue);
+    }
+}

@@ -1,0 +1,572 @@
+//! One client connection: the handshake, then frames in, deliveries and confirms
+//! out. A reader task turns bytes into frames (bounded by `frame_max`), a writer
+//! task owns the socket's write half; this task owns all channel state, so channel
+//! handling needs no locks.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use amq_protocol::protocol::{connection, AMQPClass};
+use amq_protocol::types::parsing::parse_field_table;
+use amq_protocol::types::{AMQPValue, FieldTable, LongString};
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::channel::{Channel, Notice};
+use crate::error::AmqpError;
+use crate::frame::{put_method, FrameError, FrameReader, Inbound, FRAME_OVERHEAD};
+use crate::queue::Event;
+use crate::{short, Broker, DEFAULT_VHOST};
+
+/// The protocol header of AMQP 0-9-1, also what a client with another one is sent.
+const PROTOCOL_HEADER: [u8; 8] = *b"AMQP\x00\x00\x09\x01";
+/// Time a client has for the whole handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frame size before `tune-ok` (the spec's minimum frame size).
+const HANDSHAKE_FRAME_MAX: u32 = 4096;
+/// Deliveries a queue may hand a connection ahead of the socket.
+const EVENT_QUEUE: usize = 1024;
+/// Unsent bytes above which the connection takes no more deliveries.
+const WRITE_BACKLOG: usize = 8 * 1024 * 1024;
+/// Time a client has to answer our `close` with `close-ok`.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Bytes for the writer task, with a count of what is not written yet.
+#[derive(Clone)]
+pub(crate) struct Output {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    backlog: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+}
+
+impl Output {
+    pub(crate) fn send(&self, bytes: Vec<u8>) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.backlog.fetch_add(bytes.len(), Ordering::AcqRel);
+        let _ = self.tx.send(bytes);
+    }
+
+    fn has_room(&self) -> bool {
+        self.backlog.load(Ordering::Acquire) < WRITE_BACKLOG
+    }
+}
+
+async fn write_loop(
+    socket: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    backlog: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+) {
+    let mut w = BufWriter::with_capacity(64 * 1024, socket);
+    while let Some(first) = rx.recv().await {
+        let mut n = first.len();
+        if w.write_all(&first).await.is_err() {
+            break;
+        }
+        while let Ok(more) = rx.try_recv() {
+            n += more.len();
+            if w.write_all(&more).await.is_err() {
+                return;
+            }
+        }
+        if w.flush().await.is_err() {
+            break;
+        }
+        backlog.fetch_sub(n, Ordering::AcqRel);
+        drained.notify_waiters();
+    }
+    let _ = w.shutdown().await;
+}
+
+/// Serves one connection until it closes.
+pub(crate) async fn serve(
+    broker: Arc<Broker>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (read, write) = socket.into_split();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let backlog = Arc::new(AtomicUsize::new(0));
+    let drained = Arc::new(Notify::new());
+    let writer = tokio::spawn(write_loop(write, rx, backlog.clone(), drained.clone()));
+    let out = Output {
+        tx,
+        backlog,
+        drained,
+    };
+    let frame_max = Arc::new(AtomicU32::new(HANDSHAKE_FRAME_MAX));
+    let (frames_tx, frames) = mpsc::channel(64);
+    let reader = tokio::spawn(read_loop(
+        FrameReader::new(read),
+        frames_tx,
+        frame_max.clone(),
+    ));
+    let id = broker.next_connection_id();
+    let mut conn = Conn {
+        broker,
+        id,
+        peer,
+        out,
+        frames,
+        frame_max,
+        negotiated_frame_max: HANDSHAKE_FRAME_MAX,
+        channel_max: 0,
+        heartbeat: 0,
+        vhost: DEFAULT_VHOST.to_owned(),
+        channels: HashMap::new(),
+        exclusive_queues: Vec::new(),
+        closing: false,
+    };
+    let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+    let (notices_tx, notices) = mpsc::unbounded_channel();
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.handshake()).await {
+        Ok(Ok(true)) => {
+            debug!(%peer, connection = id, "AMQP connection open");
+            conn.run(events_tx, events, notices_tx, notices, &mut stop)
+                .await;
+        }
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => {
+            debug!(%peer, "AMQP handshake failed: {e}");
+            conn.close_connection(&e).await;
+        }
+        Err(_) => debug!(%peer, "AMQP handshake timed out"),
+    }
+    conn.release_all().await;
+    reader.abort();
+    drop(conn);
+    let _ = writer.await;
+}
+
+async fn read_loop(
+    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    tx: mpsc::Sender<Result<Inbound, FrameError>>,
+    frame_max: Arc<AtomicU32>,
+) {
+    loop {
+        let r = reader.next(frame_max.load(Ordering::Acquire)).await;
+        let end = !matches!(r, Ok(Some(_)));
+        let item = match r {
+            Ok(Some(f)) => Ok(f),
+            Ok(None) => return,
+            Err(e) => Err(e),
+        };
+        if tx.send(item).await.is_err() || end {
+            return;
+        }
+    }
+}
+
+pub(crate) struct Conn {
+    pub broker: Arc<Broker>,
+    pub id: u64,
+    peer: SocketAddr,
+    pub out: Output,
+    frames: mpsc::Receiver<Result<Inbound, FrameError>>,
+    frame_max: Arc<AtomicU32>,
+    pub negotiated_frame_max: u32,
+    channel_max: u16,
+    heartbeat: u16,
+    pub vhost: String,
+    pub channels: HashMap<u16, Channel>,
+    /// Exclusive queues this connection declared: deleted when it closes.
+    pub exclusive_queues: Vec<String>,
+    /// We sent `connection.close`: only `close-ok` matters now.
+    closing: bool,
+}
+
+impl Conn {
+    /// Start, secure (PLAIN / AMQPLAIN), tune, open. `false`: the client left or
+    /// spoke another protocol.
+    async fn handshake(&mut self) -> Result<bool, AmqpError> {
+        match self.frames.recv().await {
+            Some(Ok(Inbound::ProtocolHeader(h))) if h == PROTOCOL_HEADER => {}
+            Some(Ok(Inbound::ProtocolHeader(_))) | Some(Ok(_)) | Some(Err(_)) => {
+                // The spec: answer with the header we speak, then close.
+                self.out.send(PROTOCOL_HEADER.to_vec());
+                return Ok(false);
+            }
+            None => return Ok(false),
+        }
+        let mut capabilities = FieldTable::default();
+        for cap in [
+            "publisher_confirms",
+            "exchange_exchange_bindings",
+            "basic.nack",
+            "consumer_cancel_notify",
+            "connection.blocked",
+            "authentication_failure_close",
+            "per_consumer_qos",
+        ] {
+            capabilities.insert(cap.into(), AMQPValue::Boolean(true));
+        }
+        let mut props = FieldTable::default();
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+        props.insert("product".into(), text("Sluice"));
+        props.insert("version".into(), text(env!("CARGO_PKG_VERSION")));
+        props.insert("platform".into(), text("Rust"));
+        props.insert(
+            "cluster_name".into(),
+            text(&self.broker.topology.image().cluster_id),
+        );
+        props.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
+        let mut buf = Vec::new();
+        put_method(
+            &mut buf,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
+                version_major: 0,
+                version_minor: 9,
+                server_properties: props,
+                mechanisms: "PLAIN AMQPLAIN".into(),
+                locales: "en_US".into(),
+            })),
+        );
+        self.out.send(buf);
+
+        let start_ok = match self.expect_connection_method().await? {
+            Some(connection::AMQPMethod::StartOk(s)) => s,
+            Some(_) => return Err(AmqpError::command_invalid("expected connection.start-ok")),
+            None => return Ok(false),
+        };
+        self.authenticate(&start_ok)?;
+
+        let config = self.broker.config.clone();
+        let mut buf = Vec::new();
+        put_method(
+            &mut buf,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
+                channel_max: config.channel_max,
+                frame_max: config.frame_max,
+                heartbeat: config.heartbeat_secs,
+            })),
+        );
+        self.out.send(buf);
+        let tune_ok = match self.expect_connection_method().await? {
+            Some(connection::AMQPMethod::TuneOk(t)) => t,
+            Some(_) => return Err(AmqpError::command_invalid("expected connection.tune-ok")),
+            None => return Ok(false),
+        };
+        let frame_max = match tune_ok.frame_max {
+            0 => config.frame_max,
+            f => f.min(config.frame_max),
+        };
+        if frame_max < HANDSHAKE_FRAME_MAX {
+            return Err(AmqpError::not_allowed(format!(
+                "frame_max={frame_max} < {HANDSHAKE_FRAME_MAX} min size"
+            )));
+        }
+        self.negotiated_frame_max = frame_max;
+        self.frame_max.store(frame_max, Ordering::Release);
+        self.channel_max = match tune_ok.channel_max {
+            0 => config.channel_max,
+            c => c.min(config.channel_max),
+        };
+        self.heartbeat = tune_ok.heartbeat;
+
+        let open = match self.expect_connection_method().await? {
+            Some(connection::AMQPMethod::Open(o)) => o,
+            Some(_) => return Err(AmqpError::command_invalid("expected connection.open")),
+            None => return Ok(false),
+        };
+        let vhost = open.virtual_host.as_str().to_owned();
+        if vhost != DEFAULT_VHOST {
+            return Err(AmqpError::not_allowed(format!("vhost {vhost} not found")));
+        }
+        self.vhost = vhost;
+        let mut buf = Vec::new();
+        put_method(
+            &mut buf,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
+        );
+        self.out.send(buf);
+        Ok(true)
+    }
+
+    async fn expect_connection_method(
+        &mut self,
+    ) -> Result<Option<connection::AMQPMethod>, AmqpError> {
+        loop {
+            match self.frames.recv().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(frame_error(&e)),
+                Some(Ok(Inbound::Heartbeat(_))) => continue,
+                Some(Ok(Inbound::Method(0, m))) => match *m {
+                    AMQPClass::Connection(c) => return Ok(Some(c)),
+                    other => {
+                        return Err(
+                            AmqpError::command_invalid("expected a connection method").on(&other)
+                        )
+                    }
+                },
+                Some(Ok(_)) => {
+                    return Err(AmqpError::unexpected_frame(
+                        "expected a connection method on channel 0",
+                    ))
+                }
+            }
+        }
+    }
+
+    fn authenticate(&self, s: &connection::StartOk) -> Result<(), AmqpError> {
+        let refused = || {
+            AmqpError::access_refused(format!(
+                "Login was refused using authentication mechanism {}. For details see the broker logfile.",
+                s.mechanism
+            ))
+        };
+        let response = s.response.as_bytes();
+        let (user, pass): (Vec<u8>, Vec<u8>) = match s.mechanism.as_str() {
+            "PLAIN" => {
+                // [authzid] NUL authcid NUL passwd
+                let mut parts = response.split(|b| *b == 0);
+                let (Some(_), Some(u), Some(p), None) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    return Err(refused());
+                };
+                (u.to_vec(), p.to_vec())
+            }
+            "AMQPLAIN" => {
+                // A field table without its length prefix.
+                let len = u32::try_from(response.len()).map_err(|_| refused())?;
+                let mut table = len.to_be_bytes().to_vec();
+                table.extend_from_slice(response);
+                let (_, t) = parse_field_table(&table[..]).map_err(|_| refused())?;
+                let field = |k: &str| match t.inner().get(k) {
+                    Some(AMQPValue::LongString(s)) => Some(s.as_bytes().to_vec()),
+                    Some(AMQPValue::ShortString(s)) => Some(s.as_str().as_bytes().to_vec()),
+                    _ => None,
+                };
+                (
+                    field("LOGIN").ok_or_else(refused)?,
+                    field("PASSWORD").ok_or_else(refused)?,
+                )
+            }
+            other => {
+                return Err(AmqpError::access_refused(format!(
+                    "unsupported authentication mechanism '{other}'"
+                )))
+            }
+        };
+        // The one user until users live in the quorum: RabbitMQ's default.
+        if user != b"guest" || pass != b"guest" {
+            info!(peer = %self.peer, "AMQP login refused: unknown user or wrong password");
+            return Err(refused());
+        }
+        if self.broker.config.guest_loopback_only && !self.peer.ip().is_loopback() {
+            info!(peer = %self.peer, "AMQP login refused: user 'guest' may only connect from loopback");
+            return Err(refused());
+        }
+        Ok(())
+    }
+
+    async fn run(
+        &mut self,
+        events_tx: mpsc::Sender<Event>,
+        mut events: mpsc::Receiver<Event>,
+        notices_tx: mpsc::UnboundedSender<Notice>,
+        mut notices: mpsc::UnboundedReceiver<Notice>,
+        stop: &mut watch::Receiver<bool>,
+    ) {
+        let heartbeat = Duration::from_secs(u64::from(self.heartbeat));
+        let mut last_read = Instant::now();
+        let mut ticker = tokio::time::interval(if self.heartbeat > 0 {
+            heartbeat / 2
+        } else {
+            Duration::from_secs(3600)
+        });
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let drained = self.out.drained.clone();
+        loop {
+            let room = self.out.has_room();
+            let result = tokio::select! {
+                biased;
+                _ = stop.changed() => {
+                    let e = AmqpError::hard(
+                        amq_protocol::protocol::AMQPHardError::CONNECTIONFORCED,
+                        "broker forced connection closure with reason 'shutdown'",
+                    );
+                    self.close_connection(&e).await;
+                    return;
+                }
+                n = notices.recv() => match n {
+                    Some(n) => { self.on_notice(n); Ok(()) }
+                    None => Ok(()),
+                },
+                f = self.frames.recv() => match f {
+                    None => return,
+                    Some(Err(e)) => Err(frame_error(&e)),
+                    Some(Ok(frame)) => {
+                        last_read = Instant::now();
+                        self.on_frame(frame, &events_tx, &notices_tx).await
+                    }
+                },
+                e = events.recv(), if room => match e {
+                    Some(e) => { self.on_event(e); Ok(()) }
+                    None => Ok(()),
+                },
+                _ = drained.notified(), if !room => Ok(()),
+                _ = ticker.tick(), if self.heartbeat > 0 => {
+                    if last_read.elapsed() > heartbeat * 2 {
+                        info!(peer = %self.peer, "AMQP client missed heartbeats; closing");
+                        return;
+                    }
+                    self.out.send(heartbeat_frame());
+                    Ok(())
+                }
+            };
+            match result {
+                Ok(()) if self.closing_done() => return,
+                Ok(()) => {}
+                Err(e) if e.is_hard() => {
+                    self.close_connection(&e).await;
+                    return;
+                }
+                Err(e) => warn!("channel error escaped its channel: {e}"),
+            }
+        }
+    }
+
+    fn closing_done(&self) -> bool {
+        self.closing
+    }
+
+    async fn on_frame(
+        &mut self,
+        frame: Inbound,
+        events: &mpsc::Sender<Event>,
+        notices: &mpsc::UnboundedSender<Notice>,
+    ) -> Result<(), AmqpError> {
+        match frame {
+            Inbound::Heartbeat(0) => Ok(()),
+            Inbound::Heartbeat(_) => Err(AmqpError::frame_error(
+                "heartbeat on a channel other than 0",
+            )),
+            Inbound::ProtocolHeader(_) => Err(AmqpError::unexpected_frame(
+                "protocol header after the handshake",
+            )),
+            Inbound::Method(0, m) => self.on_connection_method(*m).await,
+            Inbound::Method(ch, m) => self.on_channel_method(ch, *m, events, notices).await,
+            Inbound::Header(0, ..) | Inbound::Body(0, _) => {
+                Err(AmqpError::unexpected_frame("content frame on channel 0"))
+            }
+            Inbound::Header(ch, header, props) => self.on_content_header(ch, *header, props).await,
+            Inbound::Body(ch, body) => self.on_content_body(ch, body).await,
+        }
+    }
+
+    async fn on_connection_method(&mut self, m: AMQPClass) -> Result<(), AmqpError> {
+        match &m {
+            AMQPClass::Connection(connection::AMQPMethod::Close(_)) => {
+                // As RabbitMQ: by `close-ok`, exclusive queues are gone and unacked
+                // messages are back in their queues.
+                self.release_all().await;
+                let mut buf = Vec::new();
+                put_method(
+                    &mut buf,
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+                );
+                self.out.send(buf);
+                self.closing = true;
+                Ok(())
+            }
+            AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => {
+                self.closing = true;
+                Ok(())
+            }
+            AMQPClass::Connection(connection::AMQPMethod::Blocked(_))
+            | AMQPClass::Connection(connection::AMQPMethod::Unblocked(_))
+            | AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(_)) => {
+                Err(AmqpError::not_implemented("this connection method is not served").on(&m))
+            }
+            _ => Err(AmqpError::command_invalid("unexpected method on channel 0").on(&m)),
+        }
+    }
+
+    /// Checks a channel number against the negotiated maximum.
+    pub(crate) fn check_channel_id(&self, ch: u16) -> Result<(), AmqpError> {
+        if ch > self.channel_max {
+            return Err(AmqpError::not_allowed(format!(
+                "channel number {ch} exceeds channel_max {}",
+                self.channel_max
+            )));
+        }
+        Ok(())
+    }
+
+    /// The largest body a single frame carries.
+    pub(crate) fn body_chunk(&self) -> usize {
+        (self.negotiated_frame_max - FRAME_OVERHEAD) as usize
+    }
+
+    /// Sends `connection.close`, waits briefly for `close-ok`, releases everything.
+    async fn close_connection(&mut self, e: &AmqpError) {
+        if e.reply_code() != 320 {
+            warn!(peer = %self.peer, code = e.reply_code(), "closing AMQP connection: {}", e.text);
+        }
+        let mut buf = Vec::new();
+        put_method(
+            &mut buf,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                reply_code: e.reply_code(),
+                reply_text: short(&e.text),
+                class_id: e.class_id,
+                method_id: e.method_id,
+            })),
+        );
+        self.out.send(buf);
+        self.release_all().await;
+        let deadline = Instant::now() + CLOSE_WAIT;
+        while let Ok(Some(Ok(f))) = tokio::time::timeout_at(deadline, self.frames.recv()).await {
+            if let Inbound::Method(0, m) = f {
+                if matches!(
+                    *m,
+                    AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))
+                        | AMQPClass::Connection(connection::AMQPMethod::Close(_))
+                ) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Every channel's unacked messages go back, consumers and exclusive queues go.
+    async fn release_all(&mut self) {
+        let ids: Vec<u16> = self.channels.keys().copied().collect();
+        for ch in ids {
+            self.release_channel(ch);
+        }
+        for name in std::mem::take(&mut self.exclusive_queues) {
+            let vhost = self.vhost.clone();
+            self.broker.delete_queue(&vhost, &name).await;
+        }
+    }
+}
+
+fn frame_error(e: &FrameError) -> AmqpError {
+    match e {
+        FrameError::Io(e) => AmqpError::frame_error(format!("read failed: {e}")),
+        other => AmqpError::frame_error(other.to_string()),
+    }
+}
+
+fn heartbeat_frame() -> Vec<u8> {
+    let mut buf = Vec::new();
+    crate::frame::put(&mut buf, &amq_protocol::frame::AMQPFrame::Heartbeat);
+    buf
+}

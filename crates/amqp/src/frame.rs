@@ -1,0 +1,164 @@
+//! Frames on the socket. Parsing and generation are amq-protocol's; this module only
+//! bounds what is buffered: a frame's declared size is checked against the
+//! negotiated `frame_max` before its payload is read, and a body frame's payload
+//! stays a slice of the read buffer.
+
+use amq_protocol::frame::parsing::parse_raw_frame;
+use amq_protocol::frame::{gen_frame, AMQPContentHeader, AMQPFrame, AMQPFrameType, WriteContext};
+use amq_protocol::protocol::{parse_class, AMQPClass};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Bytes before a frame's payload: type, channel, size.
+const HEADER_LEN: usize = 7;
+/// The frame-end octet after the payload.
+const END_LEN: usize = 1;
+/// A frame's bytes besides its payload.
+pub(crate) const FRAME_OVERHEAD: u32 = (HEADER_LEN + END_LEN) as u32;
+
+/// One frame a client sent.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    /// `AMQP` followed by a version: only valid as the first bytes.
+    ProtocolHeader([u8; 8]),
+    Method(u16, Box<AMQPClass>),
+    /// The parsed header and its properties exactly as sent (stored unchanged).
+    Header(u16, Box<AMQPContentHeader>, Bytes),
+    Body(u16, Bytes),
+    Heartbeat(u16),
+}
+
+/// Why the byte stream is not AMQP.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FrameError {
+    #[error("frame of {size} bytes exceeds frame_max {max}")]
+    TooLarge { size: u64, max: u32 },
+    #[error("malformed {0} frame")]
+    Malformed(&'static str),
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads frames from one socket into one growing buffer.
+pub(crate) struct FrameReader<R> {
+    io: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub(crate) fn new(io: R) -> Self {
+        FrameReader {
+            io,
+            buf: BytesMut::with_capacity(64 * 1024),
+        }
+    }
+
+    /// The next frame, `None` at a clean end of stream. `frame_max` bounds the whole
+    /// frame (0: no limit beyond u32). Cancel-safe: bytes read stay buffered.
+    pub(crate) async fn next(&mut self, frame_max: u32) -> Result<Option<Inbound>, FrameError> {
+        loop {
+            if let Some(frame) = self.parse_buffered(frame_max)? {
+                return Ok(Some(frame));
+            }
+            if self.buf.capacity() - self.buf.len() < 8 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()))
+                };
+            }
+        }
+    }
+
+    fn parse_buffered(&mut self, frame_max: u32) -> Result<Option<Inbound>, FrameError> {
+        if self.buf.first() == Some(&b'A') {
+            if self.buf.len() < 8 {
+                return Ok(None);
+            }
+            let mut header = [0u8; 8];
+            self.buf.copy_to_slice(&mut header);
+            return Ok(Some(Inbound::ProtocolHeader(header)));
+        }
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let size = u32::from_be_bytes([self.buf[3], self.buf[4], self.buf[5], self.buf[6]]);
+        let total = u64::from(size) + u64::from(FRAME_OVERHEAD);
+        if frame_max != 0 && total > u64::from(frame_max) {
+            return Err(FrameError::TooLarge {
+                size: total,
+                max: frame_max,
+            });
+        }
+        let total = usize::try_from(total).map_err(|_| FrameError::Malformed("oversized"))?;
+        if self.buf.len() < total {
+            self.buf.reserve(total - self.buf.len());
+            return Ok(None);
+        }
+        let frame = self.buf.split_to(total).freeze();
+        decode(frame).map(Some)
+    }
+}
+
+/// Decodes one whole frame (`frame` holds exactly its bytes).
+fn decode(frame: Bytes) -> Result<Inbound, FrameError> {
+    let kind = match frame[0] {
+        amq_protocol::protocol::constants::FRAME_METHOD => AMQPFrameType::Method,
+        amq_protocol::protocol::constants::FRAME_HEADER => AMQPFrameType::Header,
+        amq_protocol::protocol::constants::FRAME_BODY => AMQPFrameType::Body,
+        amq_protocol::protocol::constants::FRAME_HEARTBEAT => AMQPFrameType::Heartbeat,
+        other => return Err(FrameError::UnknownType(other)),
+    };
+    let (rest, raw) =
+        parse_raw_frame(kind)(&frame[1..]).map_err(|_| FrameError::Malformed("raw"))?;
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed("raw"));
+    }
+    let channel = raw.channel_id;
+    Ok(match kind {
+        AMQPFrameType::Method => {
+            let (rest, class) =
+                parse_class(raw.payload).map_err(|_| FrameError::Malformed("method"))?;
+            if !rest.is_empty() {
+                return Err(FrameError::Malformed("method"));
+            }
+            Inbound::Method(channel, Box::new(class))
+        }
+        AMQPFrameType::Header => {
+            let (rest, header) = amq_protocol::frame::parsing::parse_content_header(raw.payload)
+                .map_err(|_| FrameError::Malformed("content header"))?;
+            if !rest.is_empty() {
+                return Err(FrameError::Malformed("content header"));
+            }
+            // class id, weight and body size precede the properties.
+            let props = frame.slice(HEADER_LEN + 12..frame.len() - END_LEN);
+            Inbound::Header(channel, Box::new(header), props)
+        }
+        AMQPFrameType::Body => {
+            let start = HEADER_LEN;
+            Inbound::Body(channel, frame.slice(start..frame.len() - END_LEN))
+        }
+        AMQPFrameType::Heartbeat => Inbound::Heartbeat(channel),
+        AMQPFrameType::ProtocolHeader => return Err(FrameError::Malformed("protocol header")),
+    })
+}
+
+/// Appends one generated frame to `out`.
+pub(crate) fn put(out: &mut Vec<u8>, frame: &AMQPFrame) {
+    match gen_frame(frame)(WriteContext::from(Vec::new())) {
+        Ok(ctx) => out.extend_from_slice(&ctx.into_inner().0),
+        // Generation into a Vec fails only when a value exceeds its wire type: the
+        // values are ours and bounded, so this is a bug, logged rather than a panic.
+        Err(e) => tracing::error!("cannot encode AMQP frame: {e}"),
+    }
+}
+
+/// Appends a method frame.
+pub(crate) fn put_method(out: &mut Vec<u8>, channel: u16, method: AMQPClass) {
+    put(out, &AMQPFrame::Method(channel, method));
+}

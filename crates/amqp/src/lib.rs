@@ -1,0 +1,302 @@
+//! `sluice-amqp`: the AMQP 0-9-1 front end. RabbitMQ clients (pika, aio-pika,
+//! lapin, the Java client) connect unmodified; their queues are one-partition
+//! topics on the same replicated log as Kafka topics.
+//!
+//! How it fits: frames and methods are amq-protocol's (`frame.rs` only bounds what
+//! is buffered); exchanges, queues and bindings live in the metadata quorum
+//! (`sluice_topology::amqp`); a queue's messages are Kafka records of its topic
+//! (`message.rs`, so Kafka clients read a queue as a topic) and its delivery state
+//! belongs to one task on the topic's leader (`queue.rs`). Like the Kafka front
+//! end, this crate is written against [`Topology`] only.
+//!
+//! A connection: protocol header → `connection.start` (PLAIN and AMQPLAIN) →
+//! `tune` (frame_max, channel_max, heartbeat) → `open` (virtual host) → channels.
+//! Frames larger than the negotiated `frame_max` close the connection (501) before
+//! their payload is read; a content header announcing a body above
+//! `max_message_bytes` closes the channel (406) before any body is buffered.
+//!
+//! Confirms: a message published on a confirming channel is acknowledged once the
+//! high watermark of every queue it was routed to covers it: durable under the
+//! flush policy on the in-sync replicas.
+//!
+//! Not yet served (refused with a clear error, never ignored): queue TTLs, length
+//! limits, dead-lettering, priorities, single active consumer, delivery limits,
+//! stream queues, transactions (`tx.*`); queues led by another node of a cluster.
+
+mod channel;
+mod connection;
+mod error;
+mod frame;
+mod message;
+mod model;
+mod queue;
+mod routing;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use amq_protocol::types::ShortString;
+use parking_lot::Mutex;
+use sluice_topology::amqp::AmqpCommand;
+use sluice_topology::{Command, Topology};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use model::{queue_topic, DEFAULT_VHOST};
+
+use crate::error::AmqpError;
+use crate::queue::QueueLink;
+use crate::routing::Router;
+
+/// Settings of the AMQP listener.
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    pub listen: SocketAddr,
+    /// Largest frame the server accepts and proposes (RabbitMQ: 131072).
+    pub frame_max: u32,
+    /// Most channels per connection (RabbitMQ: 2047).
+    pub channel_max: u16,
+    /// Heartbeat interval the server proposes, seconds (RabbitMQ: 60).
+    pub heartbeat_secs: u16,
+    /// Largest message body accepted (RabbitMQ's `max_message_size`, 16 MiB).
+    pub max_message_bytes: u64,
+    /// Whether the default user `guest` may only connect from loopback (RabbitMQ's
+    /// `loopback_users`).
+    pub guest_loopback_only: bool,
+}
+
+impl AmqpConfig {
+    pub const DEFAULT_FRAME_MAX: u32 = 131_072;
+    pub const DEFAULT_CHANNEL_MAX: u16 = 2047;
+    pub const DEFAULT_HEARTBEAT_SECS: u16 = 60;
+    pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 16 * 1024 * 1024;
+
+    pub fn new(listen: SocketAddr) -> AmqpConfig {
+        AmqpConfig {
+            listen,
+            frame_max: Self::DEFAULT_FRAME_MAX,
+            channel_max: Self::DEFAULT_CHANNEL_MAX,
+            heartbeat_secs: Self::DEFAULT_HEARTBEAT_SECS,
+            max_message_bytes: Self::DEFAULT_MAX_MESSAGE_BYTES,
+            guest_loopback_only: true,
+        }
+    }
+}
+
+/// The bound AMQP listener.
+pub struct AmqpListener {
+    listener: TcpListener,
+    config: AmqpConfig,
+}
+
+impl AmqpListener {
+    pub async fn bind(config: AmqpConfig) -> std::io::Result<AmqpListener> {
+        let listener = TcpListener::bind(config.listen).await?;
+        Ok(AmqpListener { listener, config })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// Accepts connections until `shutdown` resolves; each is served on its own task.
+    pub async fn serve(
+        self,
+        topology: Arc<dyn Topology>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) {
+        let broker = Broker::new(topology, self.config);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(broker.clone().forget_stale_queues());
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((socket, peer)) => {
+                        let _ = socket.set_nodelay(true);
+                        tokio::spawn(connection::serve(broker.clone(), socket, peer, stop_rx.clone()));
+                    }
+                    Err(e) => {
+                        warn!("AMQP accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        let _ = stop_tx.send(true);
+    }
+}
+
+/// What every connection of one listener shares.
+pub(crate) struct Broker {
+    pub topology: Arc<dyn Topology>,
+    pub config: AmqpConfig,
+    /// Queue actors on this node, by topic.
+    queues: Mutex<HashMap<String, QueueLink>>,
+    /// Routing tables by virtual host, for the image they were compiled from.
+    routers: Mutex<(u64, HashMap<String, Arc<Router>>)>,
+    /// Names this process: exclusive queues record `node:incarnation:connection`.
+    incarnation: u64,
+    next_connection: AtomicU64,
+}
+
+impl Broker {
+    fn new(topology: Arc<dyn Topology>, config: AmqpConfig) -> Arc<Broker> {
+        let incarnation = u64::from_le_bytes(
+            uuid::Uuid::new_v4().as_bytes()[..8]
+                .try_into()
+                .unwrap_or([0; 8]),
+        );
+        Arc::new(Broker {
+            topology,
+            config,
+            queues: Mutex::new(HashMap::new()),
+            routers: Mutex::new((u64::MAX, HashMap::new())),
+            incarnation,
+            next_connection: AtomicU64::new(1),
+        })
+    }
+
+    pub(crate) fn next_connection_id(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// This process, as a queue's `declared_by` records it.
+    pub(crate) fn process_tag(&self) -> String {
+        format!("{}:{}", self.topology.node_id(), self.incarnation)
+    }
+
+    /// The owner an exclusive queue of `connection` records.
+    pub(crate) fn owner_tag(&self, connection: u64) -> String {
+        format!("{}:{connection}", self.process_tag())
+    }
+
+    /// The routing table of `vhost` for the current image.
+    pub(crate) fn router(&self, vhost: &str) -> Arc<Router> {
+        let image = self.topology.image();
+        let mut cache = self.routers.lock();
+        if cache.0 != image.applied_index {
+            *cache = (image.applied_index, HashMap::new());
+        }
+        cache
+            .1
+            .entry(vhost.to_owned())
+            .or_insert_with(|| Arc::new(Router::compile(image.vhost(vhost))))
+            .clone()
+    }
+
+    /// The actor of a queue this node leads, started on first use.
+    pub(crate) fn queue(self: &Arc<Self>, vhost: &str, name: &str) -> Result<QueueLink, AmqpError> {
+        let image = self.topology.image();
+        let q = image
+            .vhost(vhost)
+            .and_then(|v| v.queues.get(name))
+            .ok_or_else(|| no_queue(vhost, name))?;
+        let mut queues = self.queues.lock();
+        if let Some(link) = queues.get(&q.topic).filter(|l| l.is_alive()) {
+            return Ok(link.clone());
+        }
+        let Some(leadership) = self.topology.leadership(&q.topic, 0) else {
+            let leader = image
+                .topics
+                .get(&q.topic)
+                .and_then(|t| t.partitions.first())
+                .map(|p| p.leader);
+            return Err(AmqpError::unavailable(format!(
+                "queue '{name}' in vhost '{vhost}' is led by node {}; this release serves a queue on the node that leads it",
+                leader.map_or_else(|| "none".to_owned(), |l| l.to_string())
+            )));
+        };
+        let on_unused = q.auto_delete.then(|| {
+            let (broker, vhost, name) = (Arc::downgrade(self), vhost.to_owned(), name.to_owned());
+            Box::new(move || {
+                if let Some(broker) = broker.upgrade() {
+                    let (vhost, name) = (vhost.clone(), name.clone());
+                    tokio::spawn(async move { broker.delete_queue(&vhost, &name).await });
+                }
+            }) as queue::OnUnused
+        });
+        let link = queue::start(Arc::from(name), leadership, on_unused);
+        queues.insert(q.topic.clone(), link.clone());
+        Ok(link)
+    }
+
+    /// Proposes a change to the AMQP model and waits until this node's image has it.
+    pub(crate) async fn propose(&self, cmd: AmqpCommand, what: &str) -> Result<(), AmqpError> {
+        self.topology
+            .propose(Command::Amqp(cmd))
+            .await
+            .map_err(|r| AmqpError::from_refused(&r, what))?;
+        // The change is committed; answer once this node acts on it, so the
+        // client's next method finds it here.
+        if let Some(index) = self.topology.catch_up().await {
+            sluice_topology::wait_image(&*self.topology, Duration::from_secs(10), |i| {
+                i.applied_index >= index
+            })
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Deletes a queue: its actor stops (consumers are told), then the metadata.
+    pub(crate) async fn delete_queue(&self, vhost: &str, name: &str) {
+        let image = self.topology.image();
+        if let Some(q) = image.vhost(vhost).and_then(|v| v.queues.get(name)) {
+            if let Some(link) = self.queues.lock().remove(&q.topic) {
+                link.close();
+            }
+        }
+        let cmd = AmqpCommand::DeleteQueue {
+            vhost: vhost.to_owned(),
+            name: name.to_owned(),
+        };
+        if let Err(e) = self.propose(cmd, name).await {
+            if e.reply_code() != 404 {
+                warn!(queue = name, vhost, "cannot delete queue: {e}");
+            }
+        }
+    }
+
+    /// At start: exclusive queues of this node's earlier processes and transient
+    /// queues declared here go, as RabbitMQ drops them when their node restarts.
+    async fn forget_stale_queues(self: Arc<Self>) {
+        let me = self.topology.node_id();
+        let ready = sluice_topology::wait_image(&*self.topology, Duration::from_secs(30), |i| {
+            i.brokers.contains_key(&me)
+        })
+        .await;
+        if !ready {
+            return;
+        }
+        let (node, process) = (format!("{me}:"), self.process_tag());
+        let image = self.topology.image();
+        for (vhost, v) in &image.amqp.vhosts {
+            for (name, q) in &v.queues {
+                let transient = !q.durable || q.exclusive_owner.is_some();
+                let earlier_process = q.declared_by.starts_with(&node) && q.declared_by != process;
+                if transient && earlier_process {
+                    info!(queue = %name, vhost = %vhost, "deleting a queue that did not outlive its node's restart");
+                    self.delete_queue(vhost, name).await;
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn no_queue(vhost: &str, name: &str) -> AmqpError {
+    AmqpError::not_found(format!("no queue '{name}' in vhost '{vhost}'"))
+}
+
+/// A short string from text that may be longer than 255 bytes (cut at a character).
+pub(crate) fn short(s: &str) -> ShortString {
+    let mut end = s.len().min(255);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    ShortString::try_new(&s[..end]).unwrap_or_default()
+}

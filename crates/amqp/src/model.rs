@@ -1,0 +1,218 @@
+//! Declarations: what a queue or exchange declaration means, the topic that backs a
+//! queue, and arguments as stored in the metadata image.
+
+use amq_protocol::types::generation::gen_field_table;
+use amq_protocol::types::parsing::parse_field_table;
+use amq_protocol::types::{AMQPValue, FieldTable};
+use sluice_topology::amqp::{ExchangeState, QueueState};
+
+use crate::error::AmqpError;
+
+/// The default virtual host.
+pub const DEFAULT_VHOST: &str = "/";
+
+/// Longest Kafka topic name.
+const MAX_TOPIC_LEN: usize = 249;
+
+/// The topic that holds a queue's messages.
+///
+/// `amqp.` followed by the queue name for the default virtual host, and by the
+/// virtual host, `..` and the queue name for others. Bytes other than ASCII letters,
+/// digits, `-` and `_` are written `.XX` (upper-case hex), so `.` and `..` cannot
+/// come from a name and the mapping is one-to-one: queue `task_queue` is topic
+/// `amqp.task_queue`, `amq.gen-x` is `amqp.amq.2Egen-x`.
+/// `None` when the topic name would be longer than Kafka allows.
+pub fn queue_topic(vhost: &str, queue: &str) -> Option<String> {
+    let mut topic = String::from("amqp.");
+    if vhost != DEFAULT_VHOST {
+        escape_into(&mut topic, vhost);
+        topic.push_str("..");
+    }
+    escape_into(&mut topic, queue);
+    (topic.len() <= MAX_TOPIC_LEN).then_some(topic)
+}
+
+fn escape_into(out: &mut String, name: &str) {
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!(".{b:02X}"));
+        }
+    }
+}
+
+/// A field table as stored in the image.
+pub(crate) fn encode_table(t: &FieldTable) -> Vec<u8> {
+    match gen_field_table(t)(Vec::new().into()) {
+        Ok(ctx) => ctx.into_inner().0,
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A stored field table (empty when the bytes are not one: they are ours).
+pub(crate) fn decode_table(bytes: &[u8]) -> FieldTable {
+    if bytes.is_empty() {
+        return FieldTable::default();
+    }
+    parse_field_table(bytes).map(|(_, t)| t).unwrap_or_default()
+}
+
+/// Exchange kinds Sluice routes.
+pub(crate) const EXCHANGE_KINDS: [&str; 4] = ["direct", "fanout", "topic", "headers"];
+
+/// Whether a redeclaration matches the exchange as it exists (RabbitMQ compares
+/// type, durability, auto-delete, internal and arguments).
+pub(crate) fn same_exchange(existing: &ExchangeState, wanted: &ExchangeState) -> bool {
+    existing.kind == wanted.kind
+        && existing.durable == wanted.durable
+        && existing.auto_delete == wanted.auto_delete
+        && existing.internal == wanted.internal
+        && decode_table(&existing.arguments) == decode_table(&wanted.arguments)
+}
+
+/// Queue arguments that must match on redeclaration, as RabbitMQ checks them (an
+/// argument it does not check, such as `x-single-active-consumer` changes, is
+/// ignored likewise).
+const EQUIVALENT_ARGS: [&str; 9] = [
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-expires",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-priority",
+    "x-message-ttl",
+    "x-overflow",
+    "x-queue-type",
+];
+
+/// Why a redeclaration does not match the queue as it exists, if it does not.
+pub(crate) fn queue_mismatch(
+    name: &str,
+    vhost: &str,
+    existing: &QueueState,
+    durable: bool,
+    auto_delete: bool,
+    exclusive: bool,
+    arguments: &FieldTable,
+) -> Option<AmqpError> {
+    let field = |what: &str, was: bool, asked: bool| {
+        AmqpError::precondition(format!(
+            "inequivalent arg '{what}' for queue '{name}' in vhost '{vhost}': received '{asked}' but current is '{was}'"
+        ))
+    };
+    if existing.durable != durable {
+        return Some(field("durable", existing.durable, durable));
+    }
+    if existing.auto_delete != auto_delete {
+        return Some(field("auto_delete", existing.auto_delete, auto_delete));
+    }
+    if existing.exclusive_owner.is_some() != exclusive {
+        return Some(field(
+            "exclusive",
+            existing.exclusive_owner.is_some(),
+            exclusive,
+        ));
+    }
+    let was = decode_table(&existing.arguments);
+    for key in EQUIVALENT_ARGS {
+        let (a, b) = (was.inner().get(key), arguments.inner().get(key));
+        let same = match (a, b) {
+            (Some(a), Some(b)) => same_value(a, b),
+            (None, None) => true,
+            // RabbitMQ treats x-queue-type=classic as the default.
+            (None, Some(v)) | (Some(v), None) if key == "x-queue-type" => {
+                value_text(v).as_deref() == Some("classic")
+            }
+            _ => false,
+        };
+        if !same {
+            return Some(AmqpError::precondition(format!(
+                "inequivalent arg '{key}' for queue '{name}' in vhost '{vhost}': received {} but current is {}",
+                describe(b),
+                describe(a)
+            )));
+        }
+    }
+    None
+}
+
+/// Equal as RabbitMQ compares arguments: integers by value whatever their width,
+/// strings whether short or long.
+fn same_value(a: &AMQPValue, b: &AMQPValue) -> bool {
+    match (value_int(a), value_int(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => match (value_text(a), value_text(b)) {
+            (Some(x), Some(y)) => x == y,
+            _ => a == b,
+        },
+    }
+}
+
+pub(crate) fn value_int(v: &AMQPValue) -> Option<i64> {
+    Some(match v {
+        AMQPValue::ShortShortInt(x) => i64::from(*x),
+        AMQPValue::ShortShortUInt(x) => i64::from(*x),
+        AMQPValue::ShortInt(x) => i64::from(*x),
+        AMQPValue::ShortUInt(x) => i64::from(*x),
+        AMQPValue::LongInt(x) => i64::from(*x),
+        AMQPValue::LongUInt(x) => i64::from(*x),
+        AMQPValue::LongLongInt(x) => *x,
+        _ => return None,
+    })
+}
+
+pub(crate) fn value_text(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn describe(v: Option<&AMQPValue>) -> String {
+    match v {
+        None => "none".to_owned(),
+        Some(v) => value_int(v)
+            .map(|i| format!("the value '{i}' of type 'long'"))
+            .or_else(|| value_text(v).map(|s| format!("the value '{s}' of type 'longstr'")))
+            .unwrap_or_else(|| format!("{v:?}")),
+    }
+}
+
+/// Queue arguments RabbitMQ gives a meaning that Sluice does not implement yet: a
+/// declaration that sets one is refused rather than silently given other
+/// semantics.
+const NOT_YET: [&str; 10] = [
+    "x-message-ttl",
+    "x-expires",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-overflow",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-priority",
+    "x-single-active-consumer",
+    "x-delivery-limit",
+];
+
+/// Checks the queue arguments: the queue types served, and none whose semantics
+/// are missing.
+pub(crate) fn check_queue_arguments(arguments: &FieldTable) -> Result<(), AmqpError> {
+    for (key, v) in arguments.inner() {
+        let key = key.as_str();
+        if key == "x-queue-type" {
+            let t = value_text(v).unwrap_or_default();
+            if !matches!(t.as_str(), "classic" | "quorum") {
+                return Err(AmqpError::precondition(format!(
+                    "invalid arg 'x-queue-type': queue type '{t}' is not supported"
+                )));
+            }
+        } else if NOT_YET.contains(&key) {
+            return Err(AmqpError::precondition(format!(
+                "queue argument '{key}' is not supported by this Sluice release"
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,675 @@
+"""AMQP 0-9-1 with pika, unmodified, against Sluice and against RabbitMQ.
+
+Every test runs twice: on a `sluice serve` and on a private node of Debian's
+rabbitmq-server. The assertions are what RabbitMQ does, so a test that passes on
+both is RabbitMQ's behaviour reproduced, not Sluice's idea of it.
+
+Covered here: the source article's pika sample, RabbitMQ's six tutorials, acks
+and redelivery, confirms and returns, prefetch, large multi-frame bodies, every
+message property, exclusive and auto-delete lifecycles, and the error codes of
+refused methods.
+"""
+
+import os
+import threading
+import time
+import uuid
+
+import pika
+import pika.exceptions
+import pytest
+
+from rabbitmq import RabbitMQ
+
+pytestmark = pytest.mark.skipif(
+    bool(os.environ.get("SLUICE_INTEROP_CLUSTER")),
+    reason="AMQP serves a queue on the node that leads it; forwarding between nodes is not built yet",
+)
+
+WAIT_S = 15.0
+
+
+class Server:
+    def __init__(self, kind, port):
+        self.kind = kind
+        self.port = port
+
+    def params(self, **kw):
+        kw.setdefault("heartbeat", 30)
+        kw.setdefault("blocked_connection_timeout", 30)
+        return pika.ConnectionParameters(
+            "127.0.0.1", self.port, "/", pika.PlainCredentials("guest", "guest"), **kw
+        )
+
+    def connect(self, **kw):
+        return pika.BlockingConnection(self.params(**kw))
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(tmp_path_factory):
+    r = RabbitMQ(tmp_path_factory.mktemp("rabbitmq"))
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module", params=["sluice", "rabbitmq"])
+def server(request, broker_factory):
+    if request.param == "sluice":
+        b = broker_factory("amqp")
+        return Server("sluice", b.amqp_port)
+    r = request.getfixturevalue("rabbitmq_server")
+    return Server("rabbitmq", r.port)
+
+
+def name(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def drain(channel, queue, count, auto_ack=True, timeout=WAIT_S):
+    """Consumes `count` messages (bodies, in order) with basic.consume."""
+    got = []
+    deadline = time.monotonic() + timeout
+    for method, props, body in channel.consume(queue, auto_ack=auto_ack, inactivity_timeout=0.5):
+        if method is not None:
+            got.append(body)
+            if not auto_ack:
+                channel.basic_ack(method.delivery_tag)
+        if len(got) >= count or time.monotonic() > deadline:
+            break
+    channel.cancel()
+    return got
+
+
+def get_one(channel, queue, timeout=WAIT_S):
+    """basic.get until a message arrives (confirm-less publishes land a little later)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        method, props, body = channel.basic_get(queue, auto_ack=False)
+        if method is not None:
+            return method, props, body
+        time.sleep(0.05)
+    raise AssertionError(f"no message on {queue} within {timeout}s")
+
+
+# -- the source article's sample ---------------------------------------------------
+
+
+def test_article_sample_publishes_hello_world(server):
+    # The article's app.py, with `import pika` and the credentials passed as pika
+    # takes them.
+    params = pika.ConnectionParameters("localhost", server.port, "/", pika.PlainCredentials("guest", "guest"))
+    connection = pika.BlockingConnection(params)
+    channel = connection.channel()
+    channel.queue_declare(queue="hello")
+    channel.basic_publish(exchange="", routing_key="hello", body="Hello World!")
+    connection.close()
+
+    with server.connect() as c:
+        ch = c.channel()
+        method, _, body = get_one(ch, "hello")
+        assert body == b"Hello World!"
+        assert method.routing_key == "hello"
+        assert method.exchange == ""
+        assert method.redelivered is False
+        ch.basic_ack(method.delivery_tag)
+        ch.queue_delete("hello")
+
+
+# -- RabbitMQ's tutorials ------------------------------------------------------
+
+
+def test_tutorial1_hello_world_consumer(server):
+    q = name("t1")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q)
+        for i in range(10):
+            ch.basic_publish("", q, f"hello {i}".encode())
+        got = drain(ch, q, 10)
+        assert got == [f"hello {i}".encode() for i in range(10)]
+        ch.queue_delete(q)
+
+
+def test_tutorial2_work_queue_fair_dispatch(server):
+    q = name("task_queue")
+    n = 40
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q, durable=True)
+        ch.confirm_delivery()
+        for i in range(n):
+            ch.basic_publish(
+                "", q, f"task {i}".encode(), pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
+            )
+    done = {"slow": [], "fast": []}
+    lock = threading.Lock()
+
+    def worker(label, delay):
+        with server.connect() as c:
+            ch = c.channel()
+            ch.basic_qos(prefetch_count=1)
+            deadline = time.monotonic() + 30
+            for method, _, body in ch.consume(q, inactivity_timeout=0.3):
+                if method is None:
+                    with lock:
+                        if len(done["slow"]) + len(done["fast"]) >= n or time.monotonic() > deadline:
+                            break
+                    continue
+                time.sleep(delay)
+                with lock:
+                    done[label].append(body)
+                ch.basic_ack(method.delivery_tag)
+            ch.cancel()
+
+    threads = [threading.Thread(target=worker, args=a) for a in (("slow", 0.2), ("fast", 0.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    everything = sorted(done["slow"] + done["fast"], key=lambda b: int(b.split()[1]))
+    assert everything == [f"task {i}".encode() for i in range(n)], "each task once"
+    # Fair dispatch with prefetch 1: the busy worker is not handed every other task.
+    assert len(done["fast"]) > len(done["slow"]) * 2, (len(done["fast"]), len(done["slow"]))
+    with server.connect() as c:
+        c.channel().queue_delete(q)
+
+
+def test_tutorial3_publish_subscribe_fanout(server):
+    ex = name("logs")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.exchange_declare(ex, exchange_type="fanout")
+        queues = []
+        for _ in range(2):
+            r = ch.queue_declare("", exclusive=True)
+            assert r.method.queue.startswith("amq.gen-")
+            ch.queue_bind(r.method.queue, ex)
+            queues.append(r.method.queue)
+        for i in range(5):
+            ch.basic_publish(ex, "", f"log {i}".encode())
+        for q in queues:
+            assert drain(ch, q, 5) == [f"log {i}".encode() for i in range(5)]
+        ch.exchange_delete(ex)
+
+
+def test_tutorial4_routing_direct(server):
+    ex = name("direct_logs")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.exchange_declare(ex, exchange_type="direct")
+        errors = ch.queue_declare("", exclusive=True).method.queue
+        everything = ch.queue_declare("", exclusive=True).method.queue
+        ch.queue_bind(errors, ex, routing_key="error")
+        for sev in ("info", "warning", "error"):
+            ch.queue_bind(everything, ex, routing_key=sev)
+        for sev in ("info", "error", "debug", "warning"):
+            ch.basic_publish(ex, sev, sev.encode())
+        assert drain(ch, errors, 1) == [b"error"]
+        assert drain(ch, everything, 3) == [b"info", b"error", b"warning"]
+        ch.exchange_delete(ex)
+
+
+def test_tutorial5_topics(server):
+    ex = name("topic_logs")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.exchange_declare(ex, exchange_type="topic")
+        orange = ch.queue_declare("", exclusive=True).method.queue
+        lazy = ch.queue_declare("", exclusive=True).method.queue
+        ch.queue_bind(orange, ex, "*.orange.*")
+        ch.queue_bind(lazy, ex, "*.*.rabbit")
+        ch.queue_bind(lazy, ex, "lazy.#")
+        keys = [
+            "quick.orange.rabbit",
+            "lazy.orange.elephant",
+            "quick.orange.fox",
+            "lazy.brown.fox",
+            "quick.brown.fox",
+            "quick.orange.male.rabbit",
+            "lazy.orange.male.rabbit",
+            "lazy",
+        ]
+        for k in keys:
+            ch.basic_publish(ex, k, k.encode())
+        assert drain(ch, orange, 3) == [b"quick.orange.rabbit", b"lazy.orange.elephant", b"quick.orange.fox"]
+        assert drain(ch, lazy, 5) == [
+            b"quick.orange.rabbit",
+            b"lazy.orange.elephant",
+            b"lazy.brown.fox",
+            b"lazy.orange.male.rabbit",
+            b"lazy",
+        ]
+        ch.exchange_delete(ex)
+
+
+def test_tutorial6_rpc(server):
+    rpc_queue = name("rpc_queue")
+    ready = threading.Event()
+    stop = threading.Event()
+
+    def fib(n):
+        a, b = 0, 1
+        for _ in range(n):
+            a, b = b, a + b
+        return a
+
+    def rpc_server():
+        with server.connect() as c:
+            ch = c.channel()
+            ch.queue_declare(rpc_queue)
+            ch.basic_qos(prefetch_count=1)
+            ready.set()
+            for method, props, body in ch.consume(rpc_queue, inactivity_timeout=0.2):
+                if stop.is_set():
+                    break
+                if method is None:
+                    continue
+                reply = str(fib(int(body))).encode()
+                ch.basic_publish(
+                    "", props.reply_to, reply, pika.BasicProperties(correlation_id=props.correlation_id)
+                )
+                ch.basic_ack(method.delivery_tag)
+            ch.cancel()
+
+    t = threading.Thread(target=rpc_server)
+    t.start()
+    try:
+        assert ready.wait(WAIT_S)
+        with server.connect() as c:
+            ch = c.channel()
+            callback = ch.queue_declare("", exclusive=True).method.queue
+            answers = {}
+            for n in (1, 10, 30):
+                corr = str(uuid.uuid4())
+                ch.basic_publish(
+                    "", rpc_queue, str(n).encode(), pika.BasicProperties(reply_to=callback, correlation_id=corr)
+                )
+                _, props, body = get_one(ch, callback)
+                assert props.correlation_id == corr
+                answers[n] = int(body)
+            assert answers == {1: 1, 10: 55, 30: 832040}
+    finally:
+        stop.set()
+        t.join(WAIT_S)
+    with server.connect() as c:
+        c.channel().queue_delete(rpc_queue)
+
+
+# -- acknowledgements ----------------------------------------------------------
+
+
+def test_unacked_message_is_redelivered_when_its_channel_closes(server):
+    q = name("redeliver")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q)
+        ch.confirm_delivery()
+        ch.basic_publish("", q, b"once")
+        method, _, body = get_one(ch, q)
+        assert (body, method.redelivered) == (b"once", False)
+        ch.close()
+        ch = c.channel()
+        method, _, body = get_one(ch, q)
+        assert (body, method.redelivered) == (b"once", True)
+        ch.basic_ack(method.delivery_tag)
+        assert ch.basic_get(q)[0] is None
+        ch.queue_delete(q)
+
+
+def test_nack_requeues_and_reject_discards(server):
+    q = name("nack")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q)
+        ch.confirm_delivery()
+        ch.basic_publish("", q, b"a")
+        ch.basic_publish("", q, b"b")
+        m1, _, b1 = get_one(ch, q)
+        m2, _, b2 = get_one(ch, q)
+        assert (b1, b2) == (b"a", b"b")
+        ch.basic_nack(m2.delivery_tag, multiple=True, requeue=True)
+        again = [get_one(ch, q) for _ in range(2)]
+        assert sorted(b for _, _, b in again) == [b"a", b"b"]
+        assert all(m.redelivered for m, _, _ in again)
+        for m, _, _ in again:
+            ch.basic_reject(m.delivery_tag, requeue=False)
+        ch.basic_qos(prefetch_count=0)  # a round trip: the rejects were handled
+        assert ch.basic_get(q)[0] is None
+        ch.queue_delete(q)
+
+
+def test_multiple_ack_settles_everything_up_to_the_tag(server):
+    q = name("multi")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q)
+        ch.confirm_delivery()
+        for i in range(5):
+            ch.basic_publish("", q, str(i).encode())
+        tags = [get_one(ch, q)[0].delivery_tag for _ in range(5)]
+        assert tags == sorted(tags)
+        ch.basic_ack(tags[2], multiple=True)
+        ch.close()
+        ch = c.channel()
+        left = [get_one(ch, q)[2] for _ in range(2)]
+        assert left == [b"3", b"4"]
+        ch.queue_delete(q)
+
+
+def test_prefetch_limits_unacked_deliveries(server):
+    q = name("prefetch")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q)
+        ch.confirm_delivery()
+        for i in range(10):
+            ch.basic_publish("", q, str(i).encode())
+        ch.basic_qos(prefetch_count=3)
+        seen = []
+        ch.basic_consume(q, lambda c_, m, p, b: seen.append(m))
+        c.process_data_events(time_limit=1.0)
+        assert len(seen) == 3
+        ch.basic_ack(seen[0].delivery_tag)
+        c.process_data_events(time_limit=1.0)
+        assert len(seen) == 4
+        ch.basic_ack(0, multiple=True)
+        deadline = time.monotonic() + WAIT_S
+        while len(seen) < 10 and time.monotonic() < deadline:
+            c.process_data_events(time_limit=0.2)
+            ch.basic_ack(0, multiple=True)
+        assert [m.delivery_tag for m in seen] == list(range(1, 11))
+        ch.queue_delete(q)
+
+
+# -- confirms and returns ------------------------------------------------------
+
+
+def test_confirms_and_mandatory_returns(server):
+    q = name("confirm")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q, durable=True)
+        ch.confirm_delivery()
+        for i in range(100):
+            ch.basic_publish("", q, str(i).encode(), pika.BasicProperties(delivery_mode=2), mandatory=True)
+        with pytest.raises(pika.exceptions.UnroutableError):
+            ch.basic_publish("", name("nowhere"), b"lost", mandatory=True)
+        # Unroutable without mandatory: confirmed and dropped, as RabbitMQ does.
+        ch.basic_publish("", name("nowhere"), b"dropped")
+        assert ch.queue_declare(q, durable=True, passive=True).method.message_count == 100
+        ch.queue_delete(q)
+
+
+# -- content -------------------------------------------------------------------
+
+
+def test_large_body_spans_many_frames(server):
+    q = name("large")
+    body = os.urandom(3 * 1024 * 1024 + 17)
+    with server.connect(frame_max=8192) as c:
+        ch = c.channel()
+        ch.queue_declare(q)
+        ch.confirm_delivery()
+        ch.basic_publish("", q, body)
+        _, _, got = get_one(ch, q)
+        assert got == body
+        ch.queue_delete(q)
+
+
+def test_every_property_round_trips(server):
+    q = name("props")
+    props = pika.BasicProperties(
+        content_type="application/json",
+        content_encoding="gzip",
+        headers={
+            "s": "text",
+            "i": 42,
+            "neg": -7,
+            "big": 2**40,
+            "t": True,
+            "nested": {"a": [1, "two", False]},
+            "bytes": b"\x00\x01",
+        },
+        delivery_mode=2,
+        priority=5,
+        correlation_id="corr-1",
+        reply_to="replies",
+        expiration="60000",
+        message_id="msg-1",
+        timestamp=1700000000,
+        type="order.created",
+        user_id="guest",
+        app_id="tests",
+        cluster_id="c1",
+    )
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q)
+        ch.confirm_delivery()
+        ch.basic_publish("", q, b"{}", props)
+        _, got, _ = get_one(ch, q)
+        for field in (
+            "content_type",
+            "content_encoding",
+            "delivery_mode",
+            "priority",
+            "correlation_id",
+            "reply_to",
+            "expiration",
+            "message_id",
+            "timestamp",
+            "type",
+            "user_id",
+            "app_id",
+            "cluster_id",
+        ):
+            assert getattr(got, field) == getattr(props, field), field
+        assert got.headers == props.headers
+        ch.queue_delete(q)
+
+
+def test_empty_body(server):
+    q = name("empty")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q)
+        ch.confirm_delivery()
+        ch.basic_publish("", q, b"")
+        assert get_one(ch, q)[2] == b""
+        ch.queue_delete(q)
+
+
+# -- lifecycles ----------------------------------------------------------------
+
+
+def test_exclusive_queue_belongs_to_its_connection(server):
+    owner = server.connect()
+    q = owner.channel().queue_declare("", exclusive=True).method.queue
+    with server.connect() as other:
+        ch = other.channel()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+            ch.queue_declare(q, passive=True)
+        assert e.value.reply_code == 405
+    owner.close()
+    with server.connect() as other:
+        ch = other.channel()
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            try:
+                ch.queue_declare(q, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as e:
+                assert e.reply_code == 404
+                break
+            assert time.monotonic() < deadline, "exclusive queue outlived its connection"
+            time.sleep(0.1)
+
+
+def test_auto_delete_queue_goes_with_its_last_consumer(server):
+    q = name("auto")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q, auto_delete=True)
+        tag = ch.basic_consume(q, lambda *a: None)
+        ch.basic_cancel(tag)
+        deadline = time.monotonic() + WAIT_S
+        ch2 = c.channel()
+        while True:
+            try:
+                ch2.queue_declare(q, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as e:
+                assert e.reply_code == 404
+                break
+            assert time.monotonic() < deadline, "auto-delete queue outlived its consumer"
+            time.sleep(0.1)
+
+
+def test_purge_and_conditional_delete(server):
+    q = name("purge")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q)
+        ch.confirm_delivery()
+        for i in range(7):
+            ch.basic_publish("", q, b"x")
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+            ch.queue_delete(q, if_empty=True)
+        assert e.value.reply_code == 406
+        ch = c.channel()
+        assert ch.queue_purge(q).method.message_count == 7
+        assert ch.basic_get(q)[0] is None
+        ch.queue_delete(q, if_empty=True)
+
+
+def test_consumer_is_cancelled_when_its_queue_is_deleted(server):
+    q = name("cancelled")
+    cancelled = []
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q)
+        ch.add_on_cancel_callback(lambda frame: cancelled.append(frame.method.consumer_tag))
+        tag = ch.basic_consume(q, lambda *a: None)
+        with server.connect() as other:
+            other.channel().queue_delete(q)
+        deadline = time.monotonic() + WAIT_S
+        while not cancelled and time.monotonic() < deadline:
+            c.process_data_events(time_limit=0.2)
+        assert cancelled == [tag]
+
+
+# -- routing details -----------------------------------------------------------
+
+
+def test_headers_exchange_all_and_any(server):
+    ex = name("hdrs")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.exchange_declare(ex, exchange_type="headers")
+        all_q = ch.queue_declare("", exclusive=True).method.queue
+        any_q = ch.queue_declare("", exclusive=True).method.queue
+        ch.queue_bind(all_q, ex, arguments={"x-match": "all", "format": "pdf", "type": "report"})
+        ch.queue_bind(any_q, ex, arguments={"x-match": "any", "format": "pdf", "type": "report"})
+        for i, h in enumerate(({"format": "pdf", "type": "report"}, {"format": "pdf"}, {"type": "log"})):
+            ch.basic_publish(ex, "", str(i).encode(), pika.BasicProperties(headers=h))
+        assert drain(ch, all_q, 1) == [b"0"]
+        assert drain(ch, any_q, 2) == [b"0", b"1"]
+        ch.exchange_delete(ex)
+
+
+def test_exchange_to_exchange_and_alternate_exchange(server):
+    upstream, downstream, alt = name("up"), name("down"), name("alt")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.exchange_declare(alt, exchange_type="fanout")
+        ch.exchange_declare(upstream, exchange_type="direct", arguments={"alternate-exchange": alt})
+        ch.exchange_declare(downstream, exchange_type="fanout")
+        ch.exchange_bind(downstream, upstream, routing_key="k")
+        via = ch.queue_declare("", exclusive=True).method.queue
+        unrouted = ch.queue_declare("", exclusive=True).method.queue
+        ch.queue_bind(via, downstream)
+        ch.queue_bind(unrouted, alt)
+        ch.basic_publish(upstream, "k", b"routed")
+        ch.basic_publish(upstream, "other", b"alternate")
+        assert drain(ch, via, 1) == [b"routed"]
+        assert drain(ch, unrouted, 1) == [b"alternate"]
+        for ex in (upstream, downstream, alt):
+            ch.exchange_delete(ex)
+
+
+# -- errors as RabbitMQ gives them -------------------------------------------------
+
+
+def closed_by_broker(server, action):
+    with server.connect() as c:
+        ch = c.channel()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+            action(ch)
+        return e.value.reply_code, e.value.reply_text
+
+
+def test_passive_declare_of_a_missing_queue_is_404(server):
+    code, text = closed_by_broker(server, lambda ch: ch.queue_declare(name("missing"), passive=True))
+    assert code == 404 and text.startswith("NOT_FOUND"), text
+
+
+def test_redeclare_with_other_properties_is_406(server):
+    q = name("redeclare")
+
+    def act(ch):
+        ch.queue_declare(q, durable=False)
+        ch.queue_declare(q, durable=True)
+
+    code, text = closed_by_broker(server, act)
+    assert code == 406 and "inequivalent arg 'durable'" in text, text
+    with server.connect() as c:
+        c.channel().queue_delete(q)
+
+
+def test_ack_of_an_unknown_delivery_tag_is_406(server):
+    def act(ch):
+        ch.basic_ack(99)
+        ch.queue_declare(name("after"), exclusive=True)
+
+    code, text = closed_by_broker(server, act)
+    assert code == 406 and "unknown delivery tag 99" in text, text
+
+
+def test_reserved_exchange_name_is_403(server):
+    code, _ = closed_by_broker(server, lambda ch: ch.exchange_declare("amq.mine", exchange_type="direct"))
+    assert code == 403
+
+
+def test_publish_to_a_missing_exchange_is_404(server):
+    def act(ch):
+        ch.confirm_delivery()
+        ch.basic_publish(name("no-such-exchange"), "k", b"x")
+
+    code, text = closed_by_broker(server, act)
+    assert code == 404 and "no exchange" in text, text
+
+
+def test_redeclare_exchange_with_another_type_is_406(server):
+    ex = name("typed")
+
+    def act(ch):
+        ch.exchange_declare(ex, exchange_type="direct")
+        ch.exchange_declare(ex, exchange_type="fanout")
+
+    code, _ = closed_by_broker(server, act)
+    assert code == 406
+    with server.connect() as c:
+        c.channel().exchange_delete(ex)
+
+
+def test_a_closed_channel_leaves_the_connection_and_its_other_channels_working(server):
+    q = name("survivor")
+    with server.connect() as c:
+        good = c.channel()
+        good.queue_declare(q)
+        bad = c.channel()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+            bad.queue_declare(name("missing"), passive=True)
+        good.confirm_delivery()
+        good.basic_publish("", q, b"still fine")
+        assert get_one(good, q)[2] == b"still fine"
+        good.queue_delete(q)
