@@ -59,7 +59,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// frame (0: no limit beyond u32). Cancel-safe: bytes read stay buffered.
     pub(crate) async fn next(&mut self, frame_max: u32) -> Result<Option<Inbound>, FrameError> {
         loop {
-            if let Some(frame) = self.parse_buffered(frame_max)? {
+            if let Some(frame) = parse_one(&mut self.buf, frame_max)? {
                 return Ok(Some(frame));
             }
             if self.buf.capacity() - self.buf.len() < 8 * 1024 {
@@ -74,35 +74,37 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
         }
     }
+}
 
-    fn parse_buffered(&mut self, frame_max: u32) -> Result<Option<Inbound>, FrameError> {
-        if self.buf.first() == Some(&b'A') {
-            if self.buf.len() < 8 {
-                return Ok(None);
-            }
-            let mut header = [0u8; 8];
-            self.buf.copy_to_slice(&mut header);
-            return Ok(Some(Inbound::ProtocolHeader(header)));
-        }
-        if self.buf.len() < HEADER_LEN {
+/// Takes one whole frame off the front of `buf`; `None` until one has arrived.
+/// A declared size above `frame_max` is an error before the payload is awaited.
+pub(crate) fn parse_one(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Inbound>, FrameError> {
+    if buf.first() == Some(&b'A') {
+        if buf.len() < 8 {
             return Ok(None);
         }
-        let size = u32::from_be_bytes([self.buf[3], self.buf[4], self.buf[5], self.buf[6]]);
-        let total = u64::from(size) + u64::from(FRAME_OVERHEAD);
-        if frame_max != 0 && total > u64::from(frame_max) {
-            return Err(FrameError::TooLarge {
-                size: total,
-                max: frame_max,
-            });
-        }
-        let total = usize::try_from(total).map_err(|_| FrameError::Malformed("oversized"))?;
-        if self.buf.len() < total {
-            self.buf.reserve(total - self.buf.len());
-            return Ok(None);
-        }
-        let frame = self.buf.split_to(total).freeze();
-        decode(frame).map(Some)
+        let mut header = [0u8; 8];
+        buf.copy_to_slice(&mut header);
+        return Ok(Some(Inbound::ProtocolHeader(header)));
     }
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]);
+    let total = u64::from(size) + u64::from(FRAME_OVERHEAD);
+    if frame_max != 0 && total > u64::from(frame_max) {
+        return Err(FrameError::TooLarge {
+            size: total,
+            max: frame_max,
+        });
+    }
+    let total = usize::try_from(total).map_err(|_| FrameError::Malformed("oversized"))?;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let frame = buf.split_to(total).freeze();
+    decode(frame).map(Some)
 }
 
 /// Decodes one whole frame (`frame` holds exactly its bytes).

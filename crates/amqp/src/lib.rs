@@ -288,6 +288,19 @@ impl Broker {
     }
 }
 
+/// Decodes `data` as the bytes a client sent, frames up to `frame_max`, and returns
+/// how many whole frames came before the end or the first error. The fuzz target's
+/// entry: whatever the bytes, this returns.
+#[doc(hidden)]
+pub fn decode_client_bytes(data: &[u8], frame_max: u32) -> usize {
+    let mut buf = bytes::BytesMut::from(data);
+    let mut frames = 0;
+    while let Ok(Some(_)) = frame::parse_one(&mut buf, frame_max.max(4096)) {
+        frames += 1;
+    }
+    frames
+}
+
 pub(crate) fn no_queue(vhost: &str, name: &str) -> AmqpError {
     AmqpError::not_found(format!("no queue '{name}' in vhost '{vhost}'"))
 }

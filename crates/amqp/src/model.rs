@@ -216,3 +216,46 @@ pub(crate) fn check_queue_arguments(arguments: &FieldTable) -> Result<(), AmqpEr
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use sluice_vocab::TopicName;
+
+    #[test]
+    fn documented_examples() {
+        assert_eq!(
+            queue_topic("/", "task_queue").as_deref(),
+            Some("amqp.task_queue")
+        );
+        assert_eq!(
+            queue_topic("/", "amq.gen-x").as_deref(),
+            Some("amqp.amq.2Egen-x")
+        );
+        assert_eq!(queue_topic("shop", "q").as_deref(), Some("amqp.shop..q"));
+        assert_eq!(queue_topic("/", &"q".repeat(250)), None);
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop::sample::select(vec!["a", "Z", "0", "-", "_", ".", "..", "/", " ", "é", ":"]),
+            0..12,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn distinct_queues_get_distinct_valid_topics(
+            a in (prop::sample::select(vec!["/", "shop", "a.b", ""]), name()),
+            b in (prop::sample::select(vec!["/", "shop", "a.b", ""]), name()),
+        ) {
+            let (ta, tb) = (queue_topic(a.0, &a.1), queue_topic(b.0, &b.1));
+            if let (Some(ta), Some(tb)) = (&ta, &tb) {
+                prop_assert_eq!(ta == tb, a == b, "{:?} {:?} -> {} {}", a, b, ta, tb);
+                prop_assert!(TopicName::new(ta).is_ok(), "{} is not a valid topic name", ta);
+            }
+        }
+    }
+}

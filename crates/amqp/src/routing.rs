@@ -211,3 +211,81 @@ pub(crate) fn headers_match(arguments: &FieldTable, headers: Option<&FieldTable>
         checks.all(|m| m)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The model: topic matching by dynamic programming over (pattern, key) word
+    /// positions, written independently of the recursive matcher.
+    fn model(pattern: &[&str], key: &[&str]) -> bool {
+        let (p, k) = (pattern.len(), key.len());
+        // m[i][j]: pattern[i..] matches key[j..]
+        let mut m = vec![vec![false; k + 1]; p + 1];
+        m[p][k] = true;
+        for i in (0..p).rev() {
+            for j in (0..=k).rev() {
+                m[i][j] = match pattern[i] {
+                    "#" => m[i + 1][j] || (j < k && m[i][j + 1]),
+                    "*" => j < k && m[i + 1][j + 1],
+                    w => j < k && key[j] == w && m[i + 1][j + 1],
+                };
+            }
+        }
+        m[0][0]
+    }
+
+    #[test]
+    fn rabbitmq_tutorial_topic_examples() {
+        let cases = [
+            ("*.orange.*", "quick.orange.rabbit", true),
+            ("*.*.rabbit", "quick.orange.rabbit", true),
+            ("lazy.#", "lazy.orange.elephant", true),
+            ("*.orange.*", "quick.orange.male.rabbit", false),
+            ("lazy.#", "lazy", true),
+            ("#", "", true),
+            ("*", "", true),
+            ("a.*", "a", false),
+            ("#.b", "b", true),
+            ("a.#.b", "a.b", true),
+        ];
+        for (pattern, key, want) in cases {
+            let p: Vec<&str> = pattern.split('.').collect();
+            let k: Vec<&str> = key.split('.').collect();
+            assert_eq!(topic_matches(&p, &k), want, "{pattern} ~ {key}");
+        }
+    }
+
+    fn words() -> impl Strategy<Value = Vec<&'static str>> {
+        proptest::collection::vec(prop::sample::select(vec!["a", "b", "c", "*", "#"]), 0..7)
+    }
+
+    proptest! {
+        #[test]
+        fn topic_matching_agrees_with_the_model(
+            pattern in words(),
+            key in proptest::collection::vec(prop::sample::select(vec!["a", "b", "c"]), 0..7),
+        ) {
+            prop_assert_eq!(topic_matches(&pattern, &key), model(&pattern, &key));
+        }
+    }
+
+    #[test]
+    fn headers_matching_follows_x_match() {
+        let mut args = FieldTable::default();
+        args.insert("format".into(), AMQPValue::LongString("pdf".into()));
+        args.insert("x-extra".into(), AMQPValue::LongString("1".into()));
+        let mut h = FieldTable::default();
+        h.insert("format".into(), AMQPValue::LongString("pdf".into()));
+        assert!(
+            headers_match(&args, Some(&h)),
+            "x- arguments are ignored by default"
+        );
+        args.insert("x-match".into(), AMQPValue::LongString("all-with-x".into()));
+        assert!(!headers_match(&args, Some(&h)));
+        args.insert("x-match".into(), AMQPValue::LongString("any".into()));
+        assert!(headers_match(&args, Some(&h)));
+        assert!(!headers_match(&args, None));
+    }
+}

@@ -774,6 +774,12 @@ mod tests {
         assert_eq!(c.data_dir, d.data_dir);
         assert_eq!(c.kafka_addr, d.kafka_addr);
         assert_eq!(c.http_addr, d.http_addr);
+        assert_eq!(c.amqp.listen, d.amqp.listen);
+        assert_eq!(c.amqp.frame_max, d.amqp.frame_max);
+        assert_eq!(c.amqp.channel_max, d.amqp.channel_max);
+        assert_eq!(c.amqp.heartbeat_secs, d.amqp.heartbeat_secs);
+        assert_eq!(c.amqp.max_message_bytes, d.amqp.max_message_bytes);
+        assert_eq!(c.amqp.guest_loopback_only, d.amqp.guest_loopback_only);
         assert_eq!(c.flush, d.flush);
         assert_eq!(c.auto_create_topics, d.auto_create_topics);
         assert_eq!(c.num_partitions, d.num_partitions);

@@ -1,13 +1,15 @@
 //! `sluice-testkit`: a whole single-node Sluice broker in the test's own process —
 //! store, node (a cluster of one voter), group coordination and Kafka listener on
-//! 127.0.0.1:0, composed exactly as `sluice serve` composes them — for the tests of
-//! crates that need a broker to talk to (the Kafka front end, the load generator).
+//! 127.0.0.1:0, composed exactly as `sluice serve` composes them, and the AMQP
+//! listener beside it — for the tests of crates that need a broker to talk to (the
+//! Kafka and AMQP front ends, the load generator).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_amqp::{AmqpConfig, AmqpListener};
 use sluice_group::{Coordination, GroupConfig};
 use sluice_kafka::{KafkaListener, ServerConfig};
 use sluice_log::{FlushPolicy, Store, StoreConfig, TopicConfig};
@@ -23,6 +25,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 /// What a test may change before the broker starts.
 pub struct Setup {
     pub server: ServerConfig,
+    pub amqp: AmqpConfig,
     pub group: GroupConfig,
     pub retention_check_interval: Duration,
 }
@@ -30,6 +33,8 @@ pub struct Setup {
 /// A running broker; its data directory is removed when it is dropped.
 pub struct Broker {
     pub addr: SocketAddr,
+    /// The AMQP listener.
+    pub amqp_addr: SocketAddr,
     pub store: Arc<Store>,
     pub node: Arc<Node>,
     groups: Arc<Coordination>,
@@ -75,6 +80,7 @@ impl Broker {
                 listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
                 ..ServerConfig::default()
             },
+            amqp: AmqpConfig::new(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
             group: GroupConfig {
                 initial_rebalance_delay_ms: 0,
                 ..GroupConfig::default()
@@ -86,6 +92,10 @@ impl Broker {
             .await
             .expect("the Kafka listener binds");
         let addr = listener.local_addr();
+        let amqp = AmqpListener::bind(setup.amqp)
+            .await
+            .expect("the AMQP listener binds");
+        let amqp_addr = amqp.local_addr();
         let mut config = NodeConfig::single(0, dir.path(), listener.advertised());
         config.retention_check_interval = setup.retention_check_interval;
         let node = Node::start(store.clone(), config)
@@ -102,11 +112,17 @@ impl Broker {
             "the node coordinates groups within {WAIT:?}"
         );
         let (tx, rx) = oneshot::channel::<()>();
+        let (amqp_tx, amqp_rx) = oneshot::channel::<()>();
+        tokio::spawn(amqp.serve(topology.clone(), async move {
+            let _ = amqp_rx.await;
+        }));
         let task = tokio::spawn(listener.serve(topology, groups.clone(), async move {
             let _ = rx.await;
+            let _ = amqp_tx.send(());
         }));
         Broker {
             addr,
+            amqp_addr,
             store,
             node,
             groups,

@@ -1,1 +1,7 @@
-mod smoke;
+//! The AMQP front end from outside: an independent client (lapin), a raw client
+//! that sends what no client library would, and the frame decoder under mutation.
+
+mod bad_input;
+mod fuzz;
+mod lapin_smoke;
+mod raw;

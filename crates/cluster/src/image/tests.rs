@@ -831,3 +831,175 @@ fn an_internal_partition_without_a_live_leader_waits_for_it() {
         InternalTopicPlan::Waiting { .. }
     ));
 }
+
+// ---- the AMQP model -------------------------------------------------------------
+
+mod amqp_model {
+    use super::*;
+    use crate::amqp::{AmqpCommand, Binding, Destination, ExchangeState, QueueState};
+
+    fn queue(topic: &str) -> QueueState {
+        QueueState {
+            topic: topic.to_owned(),
+            durable: true,
+            auto_delete: false,
+            exclusive_owner: None,
+            declared_by: "1:7".to_owned(),
+            arguments: Vec::new(),
+        }
+    }
+
+    fn declare(name: &str) -> Command {
+        Command::Amqp(AmqpCommand::DeclareQueue {
+            vhost: "/".to_owned(),
+            name: name.to_owned(),
+            queue: queue(&format!("amqp.{name}")),
+            replication_factor: 1,
+            topic_configs: BTreeMap::new(),
+        })
+    }
+
+    fn bind(source: &str, queue: &str) -> Command {
+        Command::Amqp(AmqpCommand::Bind {
+            vhost: "/".to_owned(),
+            binding: Binding {
+                source: source.to_owned(),
+                destination: Destination::Queue(queue.to_owned()),
+                routing_key: "k".to_owned(),
+                arguments: Vec::new(),
+            },
+        })
+    }
+
+    #[test]
+    fn a_queue_and_its_topic_are_created_and_deleted_together() {
+        let (mut img, mut i) = cluster(1);
+        i += 1;
+        assert!(matches!(
+            img.apply(i, &declare("jobs")),
+            Ok(CommandOutput::TopicCreated { .. })
+        ));
+        assert_eq!(img.topics["amqp.jobs"].partitions.len(), 1);
+        // Declaring again changes nothing (the front end compares properties).
+        i += 1;
+        assert_eq!(img.apply(i, &declare("jobs")), Ok(CommandOutput::Done));
+        i += 1;
+        assert_eq!(
+            img.apply(i, &bind("amq.direct", "jobs")),
+            Ok(CommandOutput::Done)
+        );
+        assert_eq!(img.vhost("/").unwrap().bindings.len(), 1);
+        i += 1;
+        let delete = Command::Amqp(AmqpCommand::DeleteQueue {
+            vhost: "/".to_owned(),
+            name: "jobs".to_owned(),
+        });
+        assert_eq!(img.apply(i, &delete), Ok(CommandOutput::Done));
+        assert!(!img.topics.contains_key("amqp.jobs"));
+        let v = img.vhost("/").unwrap();
+        assert!(v.queues.is_empty() && v.bindings.is_empty());
+        i += 1;
+        assert_eq!(
+            img.apply(i, &delete),
+            Err(CommandError::UnknownTopicOrPartition)
+        );
+    }
+
+    #[test]
+    fn a_queue_whose_topic_exists_is_refused_and_nothing_changes() {
+        let (mut img, mut i) = cluster(1);
+        i += 1;
+        img.apply(i, &create("amqp.taken", 1, 1)).unwrap();
+        let before = img.clone();
+        i += 1;
+        assert_eq!(
+            img.apply(i, &declare("taken")),
+            Err(CommandError::TopicAlreadyExists)
+        );
+        assert_eq!(img.amqp, before.amqp);
+        assert_eq!(img.topics, before.topics);
+    }
+
+    #[test]
+    fn deleting_a_queue_topic_over_kafka_deletes_the_queue() {
+        let (mut img, mut i) = cluster(1);
+        i += 1;
+        img.apply(i, &declare("q")).unwrap();
+        i += 1;
+        img.apply(i, &bind("amq.fanout", "q")).unwrap();
+        i += 1;
+        img.apply(
+            i,
+            &Command::DeleteTopic {
+                name: "amqp.q".to_owned(),
+            },
+        )
+        .unwrap();
+        let v = img.vhost("/").unwrap();
+        assert!(v.queues.is_empty() && v.bindings.is_empty());
+    }
+
+    #[test]
+    fn bindings_need_both_ends_and_exchanges_take_theirs_along() {
+        let (mut img, mut i) = cluster(1);
+        i += 1;
+        img.apply(i, &declare("q")).unwrap();
+        i += 1;
+        assert_eq!(
+            img.apply(i, &bind("no-such-exchange", "q")),
+            Err(CommandError::UnknownTopicOrPartition)
+        );
+        i += 1;
+        assert_eq!(
+            img.apply(i, &bind("amq.topic", "no-such-queue")),
+            Err(CommandError::UnknownTopicOrPartition)
+        );
+        i += 1;
+        let ex = ExchangeState {
+            kind: "direct".to_owned(),
+            durable: true,
+            auto_delete: false,
+            internal: false,
+            arguments: Vec::new(),
+        };
+        img.apply(
+            i,
+            &Command::Amqp(AmqpCommand::DeclareExchange {
+                vhost: "/".to_owned(),
+                name: "x".to_owned(),
+                exchange: ex,
+            }),
+        )
+        .unwrap();
+        i += 1;
+        img.apply(i, &bind("x", "q")).unwrap();
+        i += 1;
+        img.apply(
+            i,
+            &Command::Amqp(AmqpCommand::DeleteExchange {
+                vhost: "/".to_owned(),
+                name: "x".to_owned(),
+            }),
+        )
+        .unwrap();
+        assert!(img.vhost("/").unwrap().bindings.is_empty());
+        assert!(img.vhost("/").unwrap().queues.contains_key("q"));
+    }
+
+    #[test]
+    fn the_model_survives_a_snapshot_round_trip() {
+        let (mut img, mut i) = cluster(1);
+        i += 1;
+        img.apply(i, &declare("q")).unwrap();
+        i += 1;
+        img.apply(i, &bind("amq.direct", "q")).unwrap();
+        let json = serde_json::to_string(&img).unwrap();
+        let back: MetadataImage = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, img);
+        // An image from before AMQP existed still loads.
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        old.as_object_mut().unwrap().remove("amqp");
+        let loaded: MetadataImage = serde_json::from_value(old).unwrap();
+        assert!(loaded.amqp.vhosts.is_empty());
+    }
+}
