@@ -752,3 +752,183 @@ def test_kafka_client_reads_an_amqp_queue_as_a_topic(server):
     headers = dict(got[0].headers())
     assert headers["amqp.exchange"] == b""
     assert b"id-0" in headers["amqp.properties"]
+
+
+# -- queue arguments: dead-lettering, TTL, length limits, single active consumer ----
+
+
+def declare_dlq(ch):
+    """A fanout dead-letter exchange and the queue it feeds."""
+    dlx = name("dlx")
+    ch.exchange_declare(dlx, exchange_type="fanout")
+    dlq = name("dlq")
+    ch.queue_declare(dlq)
+    ch.queue_bind(dlq, dlx)
+    return dlx, dlq
+
+
+def test_rejected_message_is_dead_lettered_with_x_death(server):
+    q = name("work")
+    with server.connect() as c:
+        ch = c.channel()
+        dlx, dlq = declare_dlq(ch)
+        ch.queue_declare(q, arguments={"x-dead-letter-exchange": dlx})
+        ch.confirm_delivery()
+        ch.basic_publish("", q, b"bad", pika.BasicProperties(headers={"mine": "kept"}))
+        method, _, _ = get_one(ch, q)
+        ch.basic_reject(method.delivery_tag, requeue=False)
+        m, props, body = get_one(ch, dlq)
+        assert body == b"bad"
+        assert m.routing_key == q and m.exchange == dlx
+        death = props.headers["x-death"][0]
+        assert death["reason"] == "rejected"
+        assert death["queue"] == q
+        assert death["count"] == 1
+        assert death["exchange"] == ""
+        assert death["routing-keys"] == [q]
+        assert props.headers["x-first-death-reason"] == "rejected"
+        assert props.headers["x-first-death-queue"] == q
+        assert props.headers["mine"] == "kept"
+        ch.basic_ack(m.delivery_tag)
+        for x in (q, dlq):
+            ch.queue_delete(x)
+        ch.exchange_delete(dlx)
+
+
+def test_queue_ttl_dead_letters_expired_messages_without_a_consumer(server):
+    q, dlq = name("ttl"), name("expired")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(dlq)
+        ch.queue_declare(
+            q,
+            arguments={"x-message-ttl": 200, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq},
+        )
+        ch.confirm_delivery()
+        for i in range(3):
+            ch.basic_publish("", q, f"late {i}".encode())
+        got = [get_one(ch, dlq) for _ in range(3)]
+        assert [b for _, _, b in got] == [b"late 0", b"late 1", b"late 2"]
+        assert all(p.headers["x-death"][0]["reason"] == "expired" for _, p, _ in got)
+        assert all(m.routing_key == dlq for m, _, _ in got)
+        assert ch.basic_get(q)[0] is None
+        for x in (q, dlq):
+            ch.queue_delete(x)
+
+
+def test_per_message_expiration_is_dropped_on_dead_lettering(server):
+    q = name("msg-ttl")
+    with server.connect() as c:
+        ch = c.channel()
+        dlx, dlq = declare_dlq(ch)
+        ch.queue_declare(q, arguments={"x-dead-letter-exchange": dlx})
+        ch.confirm_delivery()
+        ch.basic_publish("", q, b"short-lived", pika.BasicProperties(expiration="100"))
+        ch.basic_publish("", q, b"long-lived", pika.BasicProperties(expiration="600000"))
+        _, props, body = get_one(ch, dlq)
+        assert body == b"short-lived"
+        assert props.expiration is None
+        assert props.headers["x-death"][0]["original-expiration"] == "100"
+        assert get_one(ch, q)[2] == b"long-lived"
+        for x in (q, dlq):
+            ch.queue_delete(x)
+        ch.exchange_delete(dlx)
+
+
+def test_max_length_drops_and_dead_letters_the_head(server):
+    q = name("bounded")
+    with server.connect() as c:
+        ch = c.channel()
+        dlx, dlq = declare_dlq(ch)
+        ch.queue_declare(q, arguments={"x-max-length": 3, "x-dead-letter-exchange": dlx})
+        ch.confirm_delivery()
+        for i in range(5):
+            ch.basic_publish("", q, str(i).encode())
+        assert [get_one(ch, dlq)[2] for _ in range(2)] == [b"0", b"1"]
+        deadline = time.monotonic() + WAIT_S
+        while ch.queue_declare(q, passive=True).method.message_count != 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert [get_one(ch, q)[2] for _ in range(3)] == [b"2", b"3", b"4"]
+        for x in (q, dlq):
+            ch.queue_delete(x)
+        ch.exchange_delete(dlx)
+
+
+def test_max_length_bytes_counts_bodies(server):
+    q = name("bytes")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q, arguments={"x-max-length-bytes": 10})
+        ch.confirm_delivery()
+        for body in (b"aaaa", b"bbbb", b"cccc"):
+            ch.basic_publish("", q, body)
+        deadline = time.monotonic() + WAIT_S
+        while ch.queue_declare(q, passive=True).method.message_count != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert [get_one(ch, q)[2] for _ in range(2)] == [b"bbbb", b"cccc"]
+        ch.queue_delete(q)
+
+
+def test_reject_publish_nacks_what_a_full_queue_refuses(server):
+    q = name("full")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q, arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
+        ch.confirm_delivery()
+        ch.basic_publish("", q, b"1")
+        ch.basic_publish("", q, b"2")
+        with pytest.raises(pika.exceptions.NackError):
+            ch.basic_publish("", q, b"3")
+        assert ch.queue_declare(q, passive=True).method.message_count == 2
+        assert [get_one(ch, q)[2] for _ in range(2)] == [b"1", b"2"]
+        ch.queue_delete(q)
+
+
+def test_single_active_consumer_gets_everything_until_it_leaves(server):
+    q = name("sac")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q, arguments={"x-single-active-consumer": True})
+        ch.confirm_delivery()
+        got = {"first": [], "second": []}
+        first = ch.basic_consume(q, lambda c_, m, p, b: got["first"].append(b), auto_ack=True)
+        ch2 = c.channel()
+        ch2.basic_consume(q, lambda c_, m, p, b: got["second"].append(b), auto_ack=True)
+        for i in range(6):
+            ch.basic_publish("", q, str(i).encode())
+        deadline = time.monotonic() + WAIT_S
+        while len(got["first"]) < 6 and time.monotonic() < deadline:
+            c.process_data_events(time_limit=0.1)
+        assert got == {"first": [str(i).encode() for i in range(6)], "second": []}
+        ch.basic_cancel(first)
+        ch.basic_publish("", q, b"after")
+        while not got["second"] and time.monotonic() < deadline:
+            c.process_data_events(time_limit=0.1)
+        assert got["second"] == [b"after"]
+        ch.queue_delete(q)
+
+
+def test_unused_queue_expires(server):
+    q = name("expires")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q, arguments={"x-expires": 300})
+        # A declaration (passive too) counts as use: look only once it had time to go.
+        delay = 1.0
+        while True:
+            time.sleep(delay)
+            try:
+                ch.queue_declare(q, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as e:
+                assert e.reply_code == 404
+                break
+            delay *= 2
+            assert delay < WAIT_S, "x-expires queue still there"
+
+
+def test_invalid_queue_arguments_are_406(server):
+    for args in ({"x-message-ttl": -1}, {"x-overflow": "sideways"}, {"x-dead-letter-routing-key": "k"}):
+        code, _ = closed_by_broker(server, lambda ch: ch.queue_declare(name("invalid"), arguments=args))
+        assert code == 406, args

@@ -18,9 +18,9 @@ use crate::error::AmqpError;
 use crate::frame::{put, put_method};
 use crate::message::{encode_batch, Publication, Stored};
 use crate::model::{
-    check_queue_arguments, encode_table, queue_mismatch, queue_topic, same_exchange, EXCHANGE_KINDS,
+    encode_table, queue_arguments, queue_mismatch, queue_topic, same_exchange, EXCHANGE_KINDS,
 };
-use crate::queue::{ConsumerSpec, Credit, Event, QueueLink};
+use crate::queue::{ConsumerSpec, Credit, Event, Outcome, QueueLink};
 use crate::{no_queue, short};
 
 /// What confirm tasks tell the connection.
@@ -70,6 +70,8 @@ struct ConsumerEntry {
 struct ConfirmJob {
     seq: u64,
     waits: Vec<(Leadership, i64)>,
+    /// A full queue refused it: the confirm is a nack.
+    refused: bool,
 }
 
 #[derive(Debug)]
@@ -117,19 +119,19 @@ async fn confirm_loop(
     notices: mpsc::UnboundedSender<Notice>,
 ) {
     while let Some(job) = jobs.recv().await {
-        let mut ok = wait_all(&job.waits).await;
+        let mut ok = !job.refused && wait_all(&job.waits).await;
         let mut last = job.seq;
         let mut multiple = false;
         // Jobs already committed join this acknowledgement.
         while ok {
             match jobs.try_recv() {
-                Ok(next) if committed(&next.waits) => {
+                Ok(next) if !next.refused && committed(&next.waits) => {
                     last = next.seq;
                     multiple = true;
                 }
                 Ok(next) => {
                     send_confirm(&notices, channel, last, multiple, true);
-                    ok = wait_all(&next.waits).await;
+                    ok = !next.refused && wait_all(&next.waits).await;
                     last = next.seq;
                     multiple = false;
                 }
@@ -308,7 +310,7 @@ impl Conn {
                 detached.push(e.queue);
             }
         }
-        settle(unacked.into_values(), true);
+        settle(unacked.into_values(), Outcome::Requeue);
     }
 
     async fn dispatch(
@@ -614,7 +616,7 @@ impl Conn {
                     let q = existing.ok_or_else(|| no_queue(&vhost, &name))?;
                     self.check_exclusive(&vhost, &name, &q)?;
                 } else {
-                    check_queue_arguments(&d.arguments)?;
+                    queue_arguments(&name, &vhost, &d.arguments)?;
                     let check = |q: &QueueState| {
                         self.check_exclusive(&vhost, &name, q)?;
                         match queue_mismatch(
@@ -966,16 +968,30 @@ impl Conn {
                 }
                 Ok(())
             }
-            basic::AMQPMethod::Ack(a) => self.settle_tags(ch, a.delivery_tag, a.multiple, false),
-            basic::AMQPMethod::Nack(n) => {
-                self.settle_tags(ch, n.delivery_tag, n.multiple, n.requeue)
+            basic::AMQPMethod::Ack(a) => {
+                self.settle_tags(ch, a.delivery_tag, a.multiple, Outcome::Ack)
             }
-            basic::AMQPMethod::Reject(r) => self.settle_tags(ch, r.delivery_tag, false, r.requeue),
+            basic::AMQPMethod::Nack(n) => {
+                let outcome = if n.requeue {
+                    Outcome::Requeue
+                } else {
+                    Outcome::Reject
+                };
+                self.settle_tags(ch, n.delivery_tag, n.multiple, outcome)
+            }
+            basic::AMQPMethod::Reject(r) => {
+                let outcome = if r.requeue {
+                    Outcome::Requeue
+                } else {
+                    Outcome::Reject
+                };
+                self.settle_tags(ch, r.delivery_tag, false, outcome)
+            }
             basic::AMQPMethod::Recover(_) | basic::AMQPMethod::RecoverAsync(_) => {
                 let chan = self.channel(ch)?;
                 let unacked = std::mem::take(&mut chan.unacked);
                 release_credit(chan, unacked.values());
-                settle(unacked.into_values(), true);
+                settle(unacked.into_values(), Outcome::Requeue);
                 if matches!(m, basic::AMQPMethod::Recover(_)) {
                     self.send_method(
                         ch,
@@ -994,7 +1010,7 @@ impl Conn {
         ch: u16,
         tag: u64,
         multiple: bool,
-        requeue: bool,
+        outcome: Outcome,
     ) -> Result<(), AmqpError> {
         let chan = self.channel(ch)?;
         let settled: Vec<Unacked> = if multiple {
@@ -1021,7 +1037,7 @@ impl Conn {
             }
         };
         release_credit(chan, settled.iter());
-        settle(settled.into_iter(), requeue);
+        settle(settled.into_iter(), outcome);
         Ok(())
     }
 
@@ -1150,11 +1166,38 @@ impl Conn {
             body: body.clone(),
         };
         let mut waits = Vec::with_capacity(queues.len());
+        let mut refused = false;
         if !queues.is_empty() {
             let batch = encode_batch(&[&publication])
                 .map_err(|e| AmqpError::internal(format!("cannot encode message: {e}")))?;
             for q in &queues {
                 let link = self.broker.queue(&vhost, q)?;
+                // x-overflow reject-publish: a full queue refuses the message (the
+                // publisher's confirm is a nack), and -dlx dead-letters it.
+                if link.is_full_for(body.len() as u64) {
+                    refused = true;
+                    if link.args.overflow == crate::model::Overflow::RejectPublishDlx {
+                        if let Some(dlx) = &link.args.dead_letter_exchange {
+                            let key = link
+                                .args
+                                .dead_letter_routing_key
+                                .clone()
+                                .unwrap_or_else(|| p.routing_key.clone());
+                            let stored = Stored {
+                                offset: -1,
+                                timestamp: crate::message::now_ms(),
+                                exchange: p.exchange.clone(),
+                                routing_key: p.routing_key.clone(),
+                                properties: properties.clone(),
+                                body: body.clone(),
+                            };
+                            if let Ok(dead) = stored.dead_lettered(q, "maxlen", dlx, &key) {
+                                self.broker.store_routed(&vhost, &[dead]);
+                            }
+                        }
+                    }
+                    continue;
+                }
                 let appended = link.leadership.append(&batch).map_err(|e| {
                     AmqpError::unavailable(format!("cannot store message in queue '{q}': {e}"))
                 })?;
@@ -1175,7 +1218,11 @@ impl Conn {
         }
         if let Some(seq) = seq {
             if let Some(tx) = self.channels.get(&ch).and_then(|c| c.confirms.as_ref()) {
-                let _ = tx.send(ConfirmJob { seq, waits });
+                let _ = tx.send(ConfirmJob {
+                    seq,
+                    waits,
+                    refused,
+                });
             }
         }
         Ok(())
@@ -1200,7 +1247,7 @@ impl Conn {
                 else {
                     // The consumer went while this was on its way: back to the queue.
                     if !no_ack {
-                        queue.settle(vec![message.offset], true);
+                        queue.settle(vec![message.offset], Outcome::Requeue);
                     }
                     return;
                 };
@@ -1343,7 +1390,7 @@ fn release_credit<'a>(chan: &Channel, settled: impl Iterator<Item = &'a Unacked>
 }
 
 /// Tells each queue which of its deliveries are acknowledged or returned.
-fn settle(unacked: impl Iterator<Item = Unacked>, requeue: bool) {
+fn settle(unacked: impl Iterator<Item = Unacked>, outcome: Outcome) {
     let mut by_queue: Vec<(QueueLink, Vec<i64>)> = Vec::new();
     for u in unacked {
         match by_queue.iter_mut().find(|(q, _)| *q == u.queue) {
@@ -1352,6 +1399,6 @@ fn settle(unacked: impl Iterator<Item = Unacked>, requeue: bool) {
         }
     }
     for (q, offsets) in by_queue {
-        q.settle(offsets, requeue);
+        q.settle(offsets, outcome);
     }
 }

@@ -19,9 +19,11 @@
 //! high watermark of every queue it was routed to covers it: durable under the
 //! flush policy on the in-sync replicas.
 //!
-//! Not yet served (refused with a clear error, never ignored): queue TTLs, length
-//! limits, dead-lettering, priorities, single active consumer, delivery limits,
-//! stream queues, transactions (`tx.*`); queues led by another node of a cluster.
+//! Queue arguments served: message TTLs, `x-expires`, length limits with the
+//! three overflow modes, dead-lettering (`x-death` as RabbitMQ writes it), single
+//! active consumer. Not yet served (refused with a clear error, never ignored):
+//! priorities, delivery limits, stream queues, transactions (`tx.*`); queues led
+//! by another node of a cluster.
 
 mod channel;
 mod connection;
@@ -212,18 +214,84 @@ impl Broker {
                 leader.map_or_else(|| "none".to_owned(), |l| l.to_string())
             )));
         };
-        let on_unused = q.auto_delete.then(|| {
+        let args = model::queue_arguments(name, vhost, &model::decode_table(&q.arguments))
+            .unwrap_or_else(|e| {
+                warn!(
+                    queue = name,
+                    vhost, "stored queue arguments do not parse ({e}); serving without them"
+                );
+                model::QueueArgs::default()
+            });
+        let delete = {
             let (broker, vhost, name) = (Arc::downgrade(self), vhost.to_owned(), name.to_owned());
             Box::new(move || {
                 if let Some(broker) = broker.upgrade() {
                     let (vhost, name) = (vhost.clone(), name.clone());
                     tokio::spawn(async move { broker.delete_queue(&vhost, &name).await });
                 }
-            }) as queue::OnUnused
-        });
-        let link = queue::start(Arc::from(name), leadership, on_unused);
+            })
+        };
+        let dead_letter = {
+            let (broker, vhost) = (Arc::downgrade(self), vhost.to_owned());
+            Box::new(move |messages: Vec<message::Publication>| {
+                if let Some(broker) = broker.upgrade() {
+                    broker.store_routed(&vhost, &messages);
+                }
+            })
+        };
+        let spec = queue::QueueSpec {
+            name: Arc::from(name),
+            auto_delete: q.auto_delete,
+            args,
+        };
+        let link = queue::start(
+            spec,
+            leadership,
+            queue::Hooks {
+                delete,
+                dead_letter,
+            },
+        );
         queues.insert(q.topic.clone(), link.clone());
         Ok(link)
+    }
+
+    /// Routes `messages` (dead-lettered ones) and appends each to the queues it
+    /// reaches on this node. Best effort, as RabbitMQ's dead-lettering: a message
+    /// that reaches no queue is dropped.
+    pub(crate) fn store_routed(self: &Arc<Self>, vhost: &str, messages: &[message::Publication]) {
+        let router = self.router(vhost);
+        let image = self.topology.image();
+        for m in messages {
+            let headers = amq_protocol::protocol::basic::parse_properties(&m.properties[..])
+                .ok()
+                .and_then(|(_, p)| p.headers().clone());
+            let targets = router.route(
+                image.vhost(vhost),
+                &m.exchange,
+                &m.routing_key,
+                headers.as_ref(),
+            );
+            if targets.is_empty() {
+                continue;
+            }
+            let batch = match message::encode_batch(&[m]) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!("cannot encode a dead-lettered message: {e}");
+                    continue;
+                }
+            };
+            for q in targets {
+                let appended = self
+                    .queue(vhost, &q)
+                    .map_err(|e| e.to_string())
+                    .and_then(|link| link.leadership.append(&batch).map_err(|e| e.to_string()));
+                if let Err(e) = appended {
+                    warn!(queue = %q, vhost, "dead-lettered message not stored: {e}");
+                }
+            }
+        }
     }
 
     /// Proposes a change to the AMQP model and waits until this node's image has it.

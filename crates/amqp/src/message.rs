@@ -14,7 +14,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use amq_protocol::protocol::basic::{parse_properties, AMQPProperties};
+use amq_protocol::frame::WriteContext;
+use amq_protocol::protocol::basic::{gen_properties, parse_properties, AMQPProperties};
+use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::indexmap::IndexMap;
 use kafka_protocol::protocol::StrBytes;
@@ -40,13 +42,15 @@ pub(crate) struct Publication {
 #[derive(Debug, Clone)]
 pub(crate) struct Stored {
     pub offset: i64,
+    /// When the broker received it, ms since the epoch.
+    pub timestamp: i64,
     pub exchange: String,
     pub routing_key: String,
     pub properties: AMQPProperties,
     pub body: Bytes,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -136,9 +140,151 @@ fn stored(rec: Record) -> Stored {
         .unwrap_or_default();
     Stored {
         offset: rec.offset,
+        timestamp: rec.timestamp,
         exchange,
         routing_key,
         properties,
         body: rec.value.unwrap_or_default(),
+    }
+}
+
+impl Stored {
+    /// When it expires (ms since the epoch): the queue's TTL or its own
+    /// `expiration` property, whichever comes first.
+    pub(crate) fn expires_at(&self, queue_ttl: Option<u64>) -> Option<i64> {
+        let own = self
+            .properties
+            .expiration()
+            .as_ref()
+            .and_then(|e| e.as_str().parse::<u64>().ok());
+        [queue_ttl, own]
+            .into_iter()
+            .flatten()
+            .map(|ttl| {
+                self.timestamp
+                    .saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX))
+            })
+            .min()
+    }
+
+    pub(crate) fn body_len(&self) -> u64 {
+        self.body.len() as u64
+    }
+
+    /// The message as it is re-published to a dead-letter exchange: an `x-death`
+    /// entry for (`queue`, `reason`) first in the list (its count raised when there
+    /// was one), the `x-first-death-*` headers set once, and `expiration` removed
+    /// (kept in the entry as `original-expiration`), as RabbitMQ does.
+    pub(crate) fn dead_lettered(
+        &self,
+        queue: &str,
+        reason: &str,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<Publication, String> {
+        let p = &self.properties;
+        let mut headers = p.headers().clone().unwrap_or_default();
+        let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
+            Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
+            _ => Vec::new(),
+        };
+        let same = |v: &AMQPValue| match v {
+            AMQPValue::FieldTable(t) => {
+                text_of(t.inner().get("queue")).as_deref() == Some(queue)
+                    && text_of(t.inner().get("reason")).as_deref() == Some(reason)
+            }
+            _ => false,
+        };
+        let mut count = 1i64;
+        if let Some(i) = deaths.iter().position(same) {
+            if let AMQPValue::FieldTable(t) = deaths.remove(i) {
+                if let Some(AMQPValue::LongLongInt(c)) = t.inner().get("count") {
+                    count = c + 1;
+                }
+            }
+        }
+        let long = |s: &str| AMQPValue::LongString(s.as_bytes().to_vec().into());
+        let mut entry = FieldTable::default();
+        entry.insert("count".into(), AMQPValue::LongLongInt(count));
+        entry.insert("reason".into(), long(reason));
+        entry.insert("queue".into(), long(queue));
+        entry.insert(
+            "time".into(),
+            AMQPValue::Timestamp(u64::try_from(now_ms() / 1000).unwrap_or(0)),
+        );
+        entry.insert("exchange".into(), long(&self.exchange));
+        entry.insert(
+            "routing-keys".into(),
+            AMQPValue::FieldArray(vec![long(&self.routing_key)].into()),
+        );
+        if let Some(e) = p.expiration() {
+            entry.insert("original-expiration".into(), long(e.as_str()));
+        }
+        deaths.insert(0, AMQPValue::FieldTable(entry));
+        headers.insert("x-death".into(), AMQPValue::FieldArray(deaths.into()));
+        for (k, v) in [
+            ("x-first-death-exchange", self.exchange.as_str()),
+            ("x-first-death-queue", queue),
+            ("x-first-death-reason", reason),
+        ] {
+            if !headers.contains_key(k) {
+                headers.insert(k.into(), long(v));
+            }
+        }
+        let mut out = AMQPProperties::default().with_headers(headers);
+        if let Some(v) = p.content_type() {
+            out = out.with_content_type(v.clone());
+        }
+        if let Some(v) = p.content_encoding() {
+            out = out.with_content_encoding(v.clone());
+        }
+        if let Some(v) = p.delivery_mode() {
+            out = out.with_delivery_mode(*v);
+        }
+        if let Some(v) = p.priority() {
+            out = out.with_priority(*v);
+        }
+        if let Some(v) = p.correlation_id() {
+            out = out.with_correlation_id(v.clone());
+        }
+        if let Some(v) = p.reply_to() {
+            out = out.with_reply_to(v.clone());
+        }
+        if let Some(v) = p.message_id() {
+            out = out.with_message_id(v.clone());
+        }
+        if let Some(v) = p.timestamp() {
+            out = out.with_timestamp(*v);
+        }
+        if let Some(v) = p.kind() {
+            out = out.with_type(v.clone());
+        }
+        if let Some(v) = p.user_id() {
+            out = out.with_user_id(v.clone());
+        }
+        if let Some(v) = p.app_id() {
+            out = out.with_app_id(v.clone());
+        }
+        if let Some(v) = p.cluster_id() {
+            out = out.with_cluster_id(v.clone());
+        }
+        let encoded = gen_properties(&out)(WriteContext::from(Vec::new()))
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .0;
+        Ok(Publication {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            properties: Bytes::from(encoded),
+            body: self.body.clone(),
+        })
+    }
+}
+
+fn text_of(v: Option<&AMQPValue>) -> Option<String> {
+    match v? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
     }
 }

@@ -183,38 +183,114 @@ fn describe(v: Option<&AMQPValue>) -> String {
 /// Queue arguments RabbitMQ gives a meaning that Sluice does not implement yet: a
 /// declaration that sets one is refused rather than silently given other
 /// semantics.
-const NOT_YET: [&str; 10] = [
-    "x-message-ttl",
-    "x-expires",
-    "x-max-length",
-    "x-max-length-bytes",
-    "x-overflow",
-    "x-dead-letter-exchange",
-    "x-dead-letter-routing-key",
-    "x-max-priority",
-    "x-single-active-consumer",
-    "x-delivery-limit",
-];
+const NOT_YET: [&str; 2] = ["x-max-priority", "x-delivery-limit"];
 
-/// Checks the queue arguments: the queue types served, and none whose semantics
-/// are missing.
-pub(crate) fn check_queue_arguments(arguments: &FieldTable) -> Result<(), AmqpError> {
+/// What to do with a publish to a full queue (`x-overflow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Overflow {
+    /// Drop (dead-letter) the oldest ready messages.
+    #[default]
+    DropHead,
+    /// Refuse the new message (a confirm nack).
+    RejectPublish,
+    /// Refuse the new message and dead-letter it.
+    RejectPublishDlx,
+}
+
+/// The queue arguments Sluice acts on, parsed once per queue actor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct QueueArgs {
+    /// `x-message-ttl`, milliseconds.
+    pub message_ttl: Option<u64>,
+    /// `x-expires`: the queue is deleted after this long unused, milliseconds.
+    pub expires: Option<u64>,
+    pub max_length: Option<u64>,
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Overflow,
+    /// `x-dead-letter-exchange` (`""` is the default exchange).
+    pub dead_letter_exchange: Option<String>,
+    pub dead_letter_routing_key: Option<String>,
+    pub single_active_consumer: bool,
+}
+
+impl QueueArgs {
+    pub(crate) fn is_bounded(&self) -> bool {
+        self.max_length.is_some() || self.max_length_bytes.is_some()
+    }
+}
+
+/// Checks and parses a queue's arguments as RabbitMQ validates them (406 with
+/// RabbitMQ's wording); refuses the ones whose semantics are missing.
+pub(crate) fn queue_arguments(
+    name: &str,
+    vhost: &str,
+    arguments: &FieldTable,
+) -> Result<QueueArgs, AmqpError> {
+    let invalid = |key: &str, why: &str| {
+        AmqpError::precondition(format!(
+            "invalid arg '{key}' for queue '{name}' in vhost '{vhost}': {why}"
+        ))
+    };
+    let non_negative = |key: &str, v: &AMQPValue| match value_int(v) {
+        Some(i) if i >= 0 => Ok(i as u64),
+        Some(i) => Err(invalid(key, &format!("{{value_negative,{i}}}"))),
+        None => Err(invalid(key, "{unacceptable_type,...}")),
+    };
+    let text = |key: &str, v: &AMQPValue| {
+        value_text(v).ok_or_else(|| invalid(key, "{unacceptable_type,...}"))
+    };
+    let mut args = QueueArgs::default();
     for (key, v) in arguments.inner() {
         let key = key.as_str();
-        if key == "x-queue-type" {
-            let t = value_text(v).unwrap_or_default();
-            if !matches!(t.as_str(), "classic" | "quorum") {
-                return Err(AmqpError::precondition(format!(
-                    "invalid arg 'x-queue-type': queue type '{t}' is not supported"
-                )));
+        match key {
+            "x-queue-type" => {
+                let t = value_text(v).unwrap_or_default();
+                if !matches!(t.as_str(), "classic" | "quorum") {
+                    return Err(AmqpError::precondition(format!(
+                        "invalid arg 'x-queue-type': queue type '{t}' is not supported"
+                    )));
+                }
             }
-        } else if NOT_YET.contains(&key) {
-            return Err(AmqpError::precondition(format!(
-                "queue argument '{key}' is not supported by this Sluice release"
-            )));
+            "x-message-ttl" => args.message_ttl = Some(non_negative(key, v)?),
+            "x-expires" => {
+                let ms = non_negative(key, v)?;
+                if ms == 0 {
+                    return Err(invalid(key, "{value_zero,0}"));
+                }
+                args.expires = Some(ms);
+            }
+            "x-max-length" => args.max_length = Some(non_negative(key, v)?),
+            "x-max-length-bytes" => args.max_length_bytes = Some(non_negative(key, v)?),
+            "x-overflow" => {
+                args.overflow = match text(key, v)?.as_str() {
+                    "drop-head" => Overflow::DropHead,
+                    "reject-publish" => Overflow::RejectPublish,
+                    "reject-publish-dlx" => Overflow::RejectPublishDlx,
+                    other => return Err(invalid(key, &format!("{{unknown_overflow,{other}}}"))),
+                }
+            }
+            "x-dead-letter-exchange" => args.dead_letter_exchange = Some(text(key, v)?),
+            "x-dead-letter-routing-key" => args.dead_letter_routing_key = Some(text(key, v)?),
+            "x-single-active-consumer" => {
+                args.single_active_consumer = match v {
+                    AMQPValue::Boolean(b) => *b,
+                    _ => return Err(invalid(key, "{unacceptable_type,...}")),
+                }
+            }
+            k if NOT_YET.contains(&k) => {
+                return Err(AmqpError::precondition(format!(
+                    "queue argument '{k}' is not supported by this Sluice release"
+                )))
+            }
+            _ => {}
         }
     }
-    Ok(())
+    if args.dead_letter_routing_key.is_some() && args.dead_letter_exchange.is_none() {
+        return Err(AmqpError::precondition(format!(
+            "invalid arg 'x-dead-letter-routing-key' for queue '{name}' in vhost '{vhost}': Key 'x-dead-letter-exchange' is mandatory if 'x-dead-letter-routing-key' is set"
+        )));
+    }
+    Ok(args)
 }
 
 #[cfg(test)]

@@ -12,16 +12,18 @@
 //! that were acknowledged.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_log::{Partition, ReadLimit};
 use sluice_topology::Leadership;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::error::AmqpError;
-use crate::message::{decode_batches, Stored};
+use crate::message::{decode_batches, now_ms, Publication, Stored};
+use crate::model::{Overflow, QueueArgs};
 
 /// How much of the log one read brings into memory.
 const READ_AHEAD_BYTES: usize = 256 * 1024;
@@ -110,10 +112,9 @@ enum Command {
         no_ack: bool,
         reply: oneshot::Sender<Option<Got>>,
     },
-    /// Acknowledge (`requeue: false`) or return to the queue.
     Settle {
         offsets: Vec<i64>,
-        requeue: bool,
+        outcome: Outcome,
     },
     Purge {
         reply: oneshot::Sender<u32>,
@@ -127,6 +128,16 @@ enum Command {
         to: i64,
         ok: bool,
     },
+}
+
+/// How a delivery is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Ack,
+    /// Back to the queue, delivered again (flagged redelivered).
+    Requeue,
+    /// Rejected without requeue: dead-lettered (reason `rejected`) or dropped.
+    Reject,
 }
 
 /// Counts `queue.declare-ok`, `queue.delete` and the operator see.
@@ -143,7 +154,36 @@ pub(crate) struct QueueLink {
     tx: mpsc::UnboundedSender<Command>,
     pub leadership: Leadership,
     pub name: Arc<str>,
+    pub args: Arc<QueueArgs>,
+    gauge: Arc<Gauge>,
     id: u64,
+}
+
+/// The actor's counts, for the publish path's overflow check.
+#[derive(Debug, Default)]
+struct Gauge {
+    /// Ready messages held in memory (read ahead or requeued).
+    in_memory: AtomicU64,
+    /// Their body bytes (all ready bytes when a byte limit makes the actor read
+    /// everything ahead).
+    bytes: AtomicU64,
+    /// The first offset not read yet.
+    next: AtomicI64,
+}
+
+/// What a queue actor needs from the broker.
+pub(crate) struct Hooks {
+    /// Deletes the queue (auto-delete, `x-expires`).
+    pub delete: Box<dyn Fn() + Send + Sync>,
+    /// Routes and stores dead-lettered messages.
+    pub dead_letter: Box<dyn Fn(Vec<Publication>) + Send + Sync>,
+}
+
+/// A queue as its actor serves it.
+pub(crate) struct QueueSpec {
+    pub name: Arc<str>,
+    pub auto_delete: bool,
+    pub args: QueueArgs,
 }
 
 impl PartialEq for QueueLink {
@@ -184,10 +224,29 @@ impl QueueLink {
         rx.await.map_err(|_| gone(&self.name))
     }
 
-    pub(crate) fn settle(&self, offsets: Vec<i64>, requeue: bool) {
+    pub(crate) fn settle(&self, offsets: Vec<i64>, outcome: Outcome) {
         if !offsets.is_empty() {
-            self.send(Command::Settle { offsets, requeue });
+            self.send(Command::Settle { offsets, outcome });
         }
+    }
+
+    /// Whether a publish of `body_len` bytes must be refused (`x-overflow`
+    /// `reject-publish*` on a full queue), judged from the actor's last count and
+    /// what was appended since.
+    pub(crate) fn is_full_for(&self, body_len: u64) -> bool {
+        if self.args.overflow == Overflow::DropHead {
+            return false;
+        }
+        let unread = (self.leadership.partition().log_end_offset()
+            - self.gauge.next.load(Ordering::Acquire))
+        .max(0) as u64;
+        let count = self.gauge.in_memory.load(Ordering::Acquire) + unread;
+        let bytes = self.gauge.bytes.load(Ordering::Acquire);
+        self.args.max_length.is_some_and(|m| count >= m)
+            || self
+                .args
+                .max_length_bytes
+                .is_some_and(|m| bytes + body_len > m)
     }
 
     pub(crate) async fn purge(&self) -> Result<u32, AmqpError> {
@@ -220,23 +279,24 @@ fn gone(name: &str) -> AmqpError {
 }
 
 /// Starts the actor of a queue this node leads.
-pub(crate) fn start(
-    name: Arc<str>,
-    leadership: Leadership,
-    on_unused: Option<OnUnused>,
-) -> QueueLink {
+pub(crate) fn start(spec: QueueSpec, leadership: Leadership, hooks: Hooks) -> QueueLink {
     static IDS: AtomicU64 = AtomicU64::new(1);
     let (tx, rx) = mpsc::unbounded_channel();
+    let partition = leadership.partition().clone();
+    let head = partition.log_start_offset();
+    let gauge = Arc::new(Gauge::default());
+    gauge.next.store(head, Ordering::Release);
+    let args = Arc::new(spec.args);
     let link = QueueLink {
         tx: tx.clone(),
         leadership: leadership.clone(),
-        name: name.clone(),
+        name: spec.name.clone(),
+        args: args.clone(),
+        gauge: gauge.clone(),
         id: IDS.fetch_add(1, Ordering::Relaxed),
     };
-    let partition = leadership.partition().clone();
-    let head = partition.log_start_offset();
     let actor = Actor {
-        name,
+        name: spec.name,
         link: link.clone(),
         self_tx: tx,
         partition,
@@ -250,14 +310,17 @@ pub(crate) fn start(
         trimmed: head,
         trimming: false,
         had_consumer: false,
-        on_unused,
+        auto_delete: spec.auto_delete,
+        args,
+        gauge,
+        in_memory_bytes: 0,
+        last_used: Instant::now(),
+        deleting: false,
+        hooks,
     };
     tokio::spawn(actor.run(rx, leadership));
     link
 }
-
-/// What an auto-delete queue does once its last consumer is gone.
-pub(crate) type OnUnused = Box<dyn Fn() + Send + Sync>;
 
 #[derive(Debug)]
 struct Consumer {
@@ -287,7 +350,16 @@ struct Actor {
     trimmed: i64,
     trimming: bool,
     had_consumer: bool,
-    on_unused: Option<OnUnused>,
+    auto_delete: bool,
+    args: Arc<QueueArgs>,
+    gauge: Arc<Gauge>,
+    /// Body bytes of `ready` and `requeued`.
+    in_memory_bytes: u64,
+    /// Last consume, get or declaration (`x-expires` counts from here).
+    last_used: Instant,
+    /// The queue asked to be deleted: it does so once.
+    deleting: bool,
+    hooks: Hooks,
 }
 
 impl Actor {
@@ -296,8 +368,17 @@ impl Actor {
         let ended = leadership.ended();
         tokio::pin!(ended);
         loop {
+            self.enforce_limits();
             self.dispatch();
+            self.publish_gauge();
             let blocked = self.consumers.iter().any(|c| c.blocked);
+            let deadline = self.next_deadline();
+            let timer = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 c = rx.recv() => match c {
                     Some(Command::Close) | None => break,
@@ -306,6 +387,7 @@ impl Actor {
                 r = hw.changed() => if r.is_err() { break },
                 _ = &mut ended => break,
                 _ = tokio::time::sleep(BLOCKED_RETRY), if blocked => {}
+                _ = timer => self.on_timer(),
             }
         }
         // Consumers learn that this queue no longer delivers here; their unacked
@@ -321,6 +403,7 @@ impl Actor {
     fn handle(&mut self, c: Command) {
         match c {
             Command::Consume { spec, reply } => {
+                self.last_used = Instant::now();
                 let locked = self.consumers.iter().any(|c| c.spec.exclusive)
                     || (spec.exclusive && !self.consumers.is_empty());
                 let r = if locked {
@@ -361,6 +444,7 @@ impl Actor {
                 self.check_auto_delete();
             }
             Command::Get { no_ack, reply } => {
+                self.last_used = Instant::now();
                 let got = self.take().map(|(message, redelivered)| {
                     if !no_ack {
                         self.unacked.insert(message.offset);
@@ -383,23 +467,43 @@ impl Actor {
                 }
                 self.advance_head();
             }
-            Command::Settle { offsets, requeue } => {
+            Command::Settle { offsets, outcome } => {
+                let mut rejected = Vec::new();
                 for o in offsets {
-                    if self.unacked.remove(&o) && requeue {
-                        self.requeue(o);
+                    if !self.unacked.remove(&o) {
+                        continue;
+                    }
+                    match outcome {
+                        Outcome::Ack => {}
+                        Outcome::Requeue => {
+                            if let Some(m) = self.read_back(o) {
+                                self.in_memory_bytes += m.body_len();
+                                self.requeued.insert(o, m);
+                            }
+                        }
+                        Outcome::Reject => {
+                            if self.args.dead_letter_exchange.is_some() {
+                                if let Some(m) = self.read_back(o) {
+                                    rejected.push(m);
+                                }
+                            }
+                        }
                     }
                 }
+                self.dead_letter(&rejected, "rejected");
                 self.advance_head();
             }
             Command::Purge { reply } => {
                 let purged = self.ready_count();
                 self.requeued.clear();
                 self.ready.clear();
+                self.in_memory_bytes = 0;
                 self.next = self.next.max(self.partition.high_watermark());
                 self.advance_head();
                 let _ = reply.send(purged);
             }
             Command::Status { reply } => {
+                self.last_used = Instant::now();
                 let _ = reply.send(QueueStatus {
                     ready: self.ready_count(),
                     unacked: u32::try_from(self.unacked.len()).unwrap_or(u32::MAX),
@@ -425,19 +529,55 @@ impl Actor {
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
-    /// The next message to hand out, and whether it was delivered before.
-    fn take(&mut self) -> Option<(Stored, bool)> {
-        if let Some((_, m)) = self.requeued.pop_first() {
-            return Some((m, true));
-        }
+    fn publish_gauge(&self) {
+        let in_memory = (self.requeued.len() + self.ready.len()) as u64;
+        self.gauge.in_memory.store(in_memory, Ordering::Release);
+        self.gauge
+            .bytes
+            .store(self.in_memory_bytes, Ordering::Release);
+        self.gauge.next.store(self.next, Ordering::Release);
+    }
+
+    /// The oldest ready message, whatever its expiry.
+    fn pop_oldest(&mut self) -> Option<(Stored, bool)> {
         if self.ready.is_empty() {
             self.read_ahead();
         }
-        self.ready.pop_front().map(|m| (m, false))
+        let requeued_first = match (self.requeued.first_key_value(), self.ready.front()) {
+            (Some((&r, _)), Some(m)) => r < m.offset,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        let taken = if requeued_first {
+            self.requeued.pop_first().map(|(_, m)| (m, true))
+        } else {
+            self.ready.pop_front().map(|m| (m, false))
+        };
+        if let Some((m, _)) = &taken {
+            self.in_memory_bytes = self.in_memory_bytes.saturating_sub(m.body_len());
+        }
+        taken
+    }
+
+    /// The next message to hand out, and whether it was delivered before. Expired
+    /// messages met on the way are dead-lettered.
+    fn take(&mut self) -> Option<(Stored, bool)> {
+        let now = now_ms();
+        loop {
+            let (m, redelivered) = self.pop_oldest()?;
+            if m.expires_at(self.args.message_ttl)
+                .is_some_and(|at| at <= now)
+            {
+                self.dead_letter(std::slice::from_ref(&m), "expired");
+                continue;
+            }
+            return Some((m, redelivered));
+        }
     }
 
     /// Puts back a message that was taken but not delivered.
     fn untake(&mut self, m: Stored, redelivered: bool) {
+        self.in_memory_bytes += m.body_len();
         if redelivered {
             self.requeued.insert(m.offset, m);
         } else {
@@ -445,9 +585,12 @@ impl Actor {
         }
     }
 
+    /// Reads the next batches into `ready` (all of them, when a byte limit needs
+    /// their sizes).
     fn read_ahead(&mut self) {
         let hw = self.partition.high_watermark();
-        while self.ready.is_empty() && self.next < hw {
+        let all = self.args.max_length_bytes.is_some();
+        while (self.ready.is_empty() || all) && self.next < hw {
             let read = self
                 .partition
                 .read(self.next, READ_AHEAD_BYTES, true, ReadLimit::HighWatermark)
@@ -456,6 +599,7 @@ impl Actor {
             match read {
                 Ok((messages, end)) if end > self.next => {
                     self.next = end;
+                    self.in_memory_bytes += messages.iter().map(Stored::body_len).sum::<u64>();
                     self.ready.extend(messages);
                 }
                 Ok(_) => return,
@@ -467,32 +611,147 @@ impl Actor {
         }
     }
 
-    /// A delivered message returns to the queue: read it back from the log.
-    fn requeue(&mut self, offset: i64) {
+    /// A delivered message, read back from the log.
+    fn read_back(&self, offset: i64) -> Option<Stored> {
         let read = self
             .partition
             .read(offset, 1, true, ReadLimit::HighWatermark)
             .map_err(|e| e.to_string())
             .and_then(|r| decode_batches(r.records, offset));
         match read {
-            Ok((messages, _)) => {
-                if let Some(m) = messages.into_iter().find(|m| m.offset == offset) {
-                    self.requeued.insert(offset, m);
-                }
-            }
+            Ok((messages, _)) => messages.into_iter().find(|m| m.offset == offset),
             Err(e) => {
-                tracing::warn!(queue = %self.name, offset, "cannot read back a requeued message: {e}")
+                tracing::warn!(queue = %self.name, offset, "cannot read back a message: {e}");
+                None
             }
         }
     }
 
-    /// Hands ready messages to consumers with room, in turn.
+    /// Re-publishes messages leaving the queue to its dead-letter exchange (those
+    /// without one are dropped, as in RabbitMQ).
+    fn dead_letter(&self, messages: &[Stored], reason: &str) {
+        let Some(exchange) = &self.args.dead_letter_exchange else {
+            return;
+        };
+        let out: Vec<Publication> = messages
+            .iter()
+            .filter_map(|m| {
+                let key = self
+                    .args
+                    .dead_letter_routing_key
+                    .as_deref()
+                    .unwrap_or(&m.routing_key);
+                m.dead_lettered(&self.name, reason, exchange, key)
+                    .map_err(
+                        |e| tracing::warn!(queue = %self.name, "cannot dead-letter a message: {e}"),
+                    )
+                    .ok()
+            })
+            .collect();
+        if !out.is_empty() {
+            (self.hooks.dead_letter)(out);
+        }
+    }
+
+    /// `x-max-length` / `x-max-length-bytes` with drop-head: the oldest ready
+    /// messages go (dead-lettered, reason `maxlen`).
+    fn enforce_limits(&mut self) {
+        if !self.args.is_bounded() || self.args.overflow != Overflow::DropHead {
+            return;
+        }
+        if self.args.max_length_bytes.is_some() {
+            self.read_ahead();
+        }
+        let mut dropped = Vec::new();
+        loop {
+            let over_count = self
+                .args
+                .max_length
+                .is_some_and(|m| u64::from(self.ready_count()) > m);
+            let over_bytes = self
+                .args
+                .max_length_bytes
+                .is_some_and(|m| self.in_memory_bytes > m);
+            if !over_count && !over_bytes {
+                break;
+            }
+            match self.pop_oldest() {
+                Some((m, _)) => dropped.push(m),
+                None => break,
+            }
+        }
+        if !dropped.is_empty() {
+            self.dead_letter(&dropped, "maxlen");
+            self.advance_head();
+        }
+    }
+
+    /// When the timer must wake the actor: the oldest ready message expires, or
+    /// the unused queue expires.
+    fn next_deadline(&mut self) -> Option<Instant> {
+        let mut deadline = None;
+        if let Some(ms) = self.args.expires {
+            if self.consumers.is_empty() && !self.deleting {
+                deadline = Some(self.last_used + Duration::from_millis(ms));
+            }
+        }
+        if self.ready.is_empty() && self.requeued.is_empty() {
+            self.read_ahead();
+        }
+        let head = match (self.requeued.first_key_value(), self.ready.front()) {
+            (Some((&r, rm)), Some(m)) => Some(if r < m.offset { rm } else { m }),
+            (Some((_, rm)), None) => Some(rm),
+            (None, Some(m)) => Some(m),
+            (None, None) => None,
+        };
+        if let Some(at) = head.and_then(|m| m.expires_at(self.args.message_ttl)) {
+            let wait = Duration::from_millis(u64::try_from((at - now_ms()).max(0)).unwrap_or(0));
+            let at = Instant::now() + wait;
+            deadline = Some(deadline.map_or(at, |d: Instant| d.min(at)));
+        }
+        deadline
+    }
+
+    fn on_timer(&mut self) {
+        // Expired messages at the head leave the queue even with no consumer.
+        let now = now_ms();
+        let mut expired = Vec::new();
+        while let Some((m, redelivered)) = self.pop_oldest() {
+            if m.expires_at(self.args.message_ttl)
+                .is_some_and(|at| at <= now)
+            {
+                expired.push(m);
+            } else {
+                self.untake(m, redelivered);
+                break;
+            }
+        }
+        if !expired.is_empty() {
+            self.dead_letter(&expired, "expired");
+            self.advance_head();
+        }
+        if let Some(ms) = self.args.expires {
+            let unused =
+                self.consumers.is_empty() && self.last_used.elapsed() >= Duration::from_millis(ms);
+            if unused && !self.deleting {
+                self.deleting = true;
+                (self.hooks.delete)();
+            }
+        }
+    }
+
+    /// Hands ready messages to consumers with room, in turn (only to the first
+    /// consumer with `x-single-active-consumer`).
     fn dispatch(&mut self) {
         for c in &mut self.consumers {
             c.blocked = false;
         }
         loop {
-            let n = self.consumers.len();
+            let n = if self.args.single_active_consumer {
+                self.consumers.len().min(1)
+            } else {
+                self.consumers.len()
+            };
             let Some(i) = (0..n).map(|k| (self.turn + k) % n.max(1)).find(|&i| {
                 let c = &self.consumers[i];
                 !c.blocked && (c.spec.no_ack || (c.spec.own.has_room() && c.spec.shared.has_room()))
@@ -567,11 +826,13 @@ impl Actor {
     }
 
     fn check_auto_delete(&mut self) {
-        if !self.had_consumer || !self.consumers.is_empty() {
+        if self.consumers.is_empty() {
+            self.last_used = Instant::now();
+        }
+        if !self.auto_delete || !self.had_consumer || !self.consumers.is_empty() || self.deleting {
             return;
         }
-        if let Some(on_unused) = self.on_unused.take() {
-            on_unused();
-        }
+        self.deleting = true;
+        (self.hooks.delete)();
     }
 }
