@@ -85,6 +85,7 @@ free_port() {
 }
 KAFKA_PORT=$(free_port)
 HTTP_PORT=$(free_port)
+AMQP_PORT=$(free_port)
 BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
 
 wait_healthy() {
@@ -102,7 +103,7 @@ wait_healthy() {
 # ---- run --------------------------------------------------------------------
 start_container() {
     docker run -d --name "$CONTAINER" \
-        -p "127.0.0.1:$KAFKA_PORT:9092" -p "127.0.0.1:$HTTP_PORT:8080" \
+        -p "127.0.0.1:$KAFKA_PORT:9092" -p "127.0.0.1:$HTTP_PORT:8080" -p "127.0.0.1:$AMQP_PORT:5672" \
         -v "$VOLUME:/data" \
         -e SLUICE_ADVERTISED_KAFKA_ADDR="$BOOTSTRAP" \
         "$IMAGE" >/dev/null
@@ -144,11 +145,37 @@ consume_and_check() {
 }
 consume_and_check "before restart"
 
+# ---- AMQP through the published port: the source article's pika sample --------
+PY=${SLUICE_VENV:-/var/tmp/sluice-venv}/bin/python
+amqp_sample() { # amqp_sample publish|get
+    timeout 60 "$PY" - "$AMQP_PORT" "$1" <<'PYEOF'
+import sys, time
+import pika
+port, action = int(sys.argv[1]), sys.argv[2]
+params = pika.ConnectionParameters("localhost", port, "/", pika.PlainCredentials("guest", "guest"))
+connection = pika.BlockingConnection(params)
+channel = connection.channel()
+if action == "publish":
+    channel.queue_declare(queue="hello", durable=True)
+    channel.confirm_delivery()
+    channel.basic_publish(exchange="", routing_key="hello", body="Hello World!",
+                          properties=pika.BasicProperties(delivery_mode=2))
+else:
+    method, _, body = channel.basic_get("hello", auto_ack=True)
+    assert body == b"Hello World!", body
+connection.close()
+PYEOF
+}
+amqp_sample publish || fail "pika could not publish to the container's AMQP port"
+log "AMQP: pika published 'Hello World!' to queue hello"
+
 # ---- restart: records must survive on the volume -------------------------------
 docker restart --time 10 "$CONTAINER" >/dev/null
 log "restarted $CONTAINER"
 wait_healthy
 consume_and_check "after restart"
+amqp_sample get || fail "the confirmed AMQP message did not survive the restart"
+log "AMQP: the confirmed message survived the restart"
 
 # ---- a new container on the same volume: the data lives in /data ------------
 docker rm -f "$CONTAINER" >/dev/null
