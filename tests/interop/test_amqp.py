@@ -65,6 +65,19 @@ def server(request, broker_factory):
     return Server("rabbitmq", r.port)
 
 
+def wait_gone(ch_factory, queue, why):
+    """Passive declares until the queue is gone (404), within WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            ch_factory().queue_declare(queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            assert e.reply_code == 404
+            return
+        assert time.monotonic() < deadline, why
+        time.sleep(0.1)
+
+
 def name(prefix):
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
@@ -496,16 +509,10 @@ def test_exclusive_queue_belongs_to_its_connection(server):
         assert e.value.reply_code == 405
     owner.close()
     with server.connect() as other:
-        ch = other.channel()
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            try:
-                ch.queue_declare(q, passive=True)
-            except pika.exceptions.ChannelClosedByBroker as e:
-                assert e.reply_code == 404
-                break
-            assert time.monotonic() < deadline, "exclusive queue outlived its connection"
-            time.sleep(0.1)
+        # RabbitMQ has deleted it by close-ok: the first look must find it gone.
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+            other.channel().queue_declare(q, passive=True)
+        assert e.value.reply_code == 404
 
 
 def test_auto_delete_queue_goes_with_its_last_consumer(server):
@@ -515,16 +522,7 @@ def test_auto_delete_queue_goes_with_its_last_consumer(server):
         ch.queue_declare(q, auto_delete=True)
         tag = ch.basic_consume(q, lambda *a: None)
         ch.basic_cancel(tag)
-        deadline = time.monotonic() + WAIT_S
-        ch2 = c.channel()
-        while True:
-            try:
-                ch2.queue_declare(q, passive=True)
-            except pika.exceptions.ChannelClosedByBroker as e:
-                assert e.reply_code == 404
-                break
-            assert time.monotonic() < deadline, "auto-delete queue outlived its consumer"
-            time.sleep(0.1)
+        wait_gone(c.channel, q, "auto-delete queue outlived its consumer")
 
 
 def test_purge_and_conditional_delete(server):
@@ -932,3 +930,50 @@ def test_invalid_queue_arguments_are_406(server):
     for args in ({"x-message-ttl": -1}, {"x-overflow": "sideways"}, {"x-dead-letter-routing-key": "k"}):
         code, _ = closed_by_broker(server, lambda ch: ch.queue_declare(name("invalid"), arguments=args))
         assert code == 406, args
+
+
+# -- transactions ----------------------------------------------------------------
+
+
+def test_transaction_publishes_and_acks_take_effect_at_commit(server):
+    q = name("tx")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q)
+        ch.tx_select()
+        ch.basic_publish("", q, b"kept")
+        ch.basic_publish("", q, b"kept too")
+        with server.connect() as other:
+            assert other.channel().queue_declare(q, passive=True).method.message_count == 0
+        ch.tx_commit()
+        ch.basic_publish("", q, b"rolled back")
+        ch.tx_rollback()
+        assert ch.queue_declare(q, passive=True).method.message_count == 2
+        method, _, body = ch.basic_get(q)
+        assert body == b"kept"
+        ch.basic_ack(method.delivery_tag)
+        ch.tx_rollback()  # the ack is discarded: the message stays unacked
+        ch.close()
+        ch = c.channel()
+        method, _, body = get_one(ch, q)
+        assert (body, method.redelivered) == (b"kept", True)
+        ch.tx_select()
+        ch.basic_ack(method.delivery_tag)
+        ch.tx_commit()
+        assert get_one(ch, q)[2] == b"kept too"
+        ch.close()
+        ch = c.channel()
+        assert get_one(ch, q)[2] == b"kept too"
+        ch.queue_delete(q)
+
+
+def test_transaction_modes_do_not_mix(server):
+    code, text = closed_by_broker(server, lambda ch: ch.tx_commit())
+    assert code == 406 and "not transactional" in text, text
+
+    def confirm_then_tx(ch):
+        ch.confirm_delivery()
+        ch.tx_select()
+
+    code, _ = closed_by_broker(server, confirm_then_tx)
+    assert code == 406

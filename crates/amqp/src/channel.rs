@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
 use amq_protocol::protocol::basic::AMQPProperties;
-use amq_protocol::protocol::{basic, channel, confirm, exchange, queue, AMQPClass};
+use amq_protocol::protocol::{basic, channel, confirm, exchange, queue, tx, AMQPClass};
+use amq_protocol::types::{FieldTable, ShortString};
 use bytes::{Bytes, BytesMut};
-use sluice_topology::amqp::{AmqpCommand, Binding, Destination, ExchangeState, QueueState};
+use sluice_topology::amqp::{Binding, Destination};
 use sluice_topology::Leadership;
 use tokio::sync::mpsc;
 
@@ -17,11 +18,10 @@ use crate::connection::Conn;
 use crate::error::AmqpError;
 use crate::frame::{put, put_method};
 use crate::message::{encode_batch, Publication, Stored};
-use crate::model::{
-    encode_table, queue_arguments, queue_mismatch, queue_topic, same_exchange, EXCHANGE_KINDS,
-};
+use crate::model::encode_table;
+use crate::ops::{no_exchange, ExchangeDeclaration, QueueDeclaration, Who};
 use crate::queue::{ConsumerSpec, Credit, Event, Outcome, QueueLink};
-use crate::{no_queue, short};
+use crate::short;
 
 /// What confirm tasks tell the connection.
 #[derive(Debug)]
@@ -52,7 +52,25 @@ struct Pending {
     received: u64,
 }
 
+/// A whole published message.
 #[derive(Debug)]
+struct Message {
+    publication: Publication,
+    /// The properties, parsed (routing by headers, returns).
+    properties: AMQPProperties,
+    mandatory: bool,
+}
+
+/// What a transaction holds until `tx.commit`.
+#[derive(Debug, Default)]
+struct TxWork {
+    publishes: Vec<Message>,
+    /// Settlements and their delivery tags (given back on rollback).
+    settles: Vec<(Unacked, Outcome)>,
+    settle_tags: Vec<u64>,
+}
+
+#[derive(Debug, Clone)]
 struct Unacked {
     queue: QueueLink,
     offset: i64,
@@ -79,6 +97,8 @@ pub(crate) struct Channel {
     state: State,
     pending: Option<Pending>,
     confirms: Option<mpsc::UnboundedSender<ConfirmJob>>,
+    /// `tx.select`ed: publishes and settlements wait for `tx.commit`.
+    tx: Option<TxWork>,
     next_seq: u64,
     next_tag: u64,
     unacked: BTreeMap<u64, Unacked>,
@@ -101,6 +121,7 @@ impl Channel {
             state: State::Open,
             pending: None,
             confirms: None,
+            tx: None,
             next_seq: 1,
             next_tag: 1,
             unacked: BTreeMap::new(),
@@ -299,7 +320,11 @@ impl Conn {
         let Some(c) = self.channels.get_mut(&ch) else {
             return;
         };
-        let unacked = std::mem::take(&mut c.unacked);
+        let mut unacked: Vec<Unacked> = std::mem::take(&mut c.unacked).into_values().collect();
+        // Settlements of an uncommitted transaction never happened.
+        if let Some(tx) = c.tx.take() {
+            unacked.extend(tx.settles.into_iter().map(|(u, _)| u));
+        }
         let consumers = std::mem::take(&mut c.consumers);
         c.pending = None;
         c.confirms = None;
@@ -310,7 +335,7 @@ impl Conn {
                 detached.push(e.queue);
             }
         }
-        settle(unacked.into_values(), Outcome::Requeue);
+        settle(unacked.into_iter(), Outcome::Requeue);
     }
 
     async fn dispatch(
@@ -348,6 +373,11 @@ impl Conn {
             AMQPClass::Basic(b) => self.on_basic(ch, b, events).await,
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
                 let c = self.channel(ch)?;
+                if c.tx.is_some() {
+                    return Err(AmqpError::precondition(
+                        "cannot switch from tx to confirm mode",
+                    ));
+                }
                 if c.confirms.is_none() {
                     let (tx, rx) = mpsc::unbounded_channel();
                     tokio::spawn(confirm_loop(ch, rx, notices.clone()));
@@ -362,9 +392,7 @@ impl Conn {
                 Ok(())
             }
             AMQPClass::Confirm(_) => Err(AmqpError::command_invalid("unexpected confirm method")),
-            AMQPClass::Tx(_) => Err(AmqpError::not_implemented(
-                "transactions (tx.*) are not supported by this Sluice release",
-            )),
+            AMQPClass::Tx(t) => self.on_tx(ch, t).await,
             AMQPClass::Connection(_) => {
                 Err(AmqpError::command_invalid("connection method on a channel"))
             }
@@ -381,418 +409,128 @@ impl Conn {
 
     async fn on_exchange(&mut self, ch: u16, m: &exchange::AMQPMethod) -> Result<(), AmqpError> {
         let vhost = self.vhost.clone();
-        match m {
+        let (reply, nowait) = match m {
             exchange::AMQPMethod::Declare(d) => {
-                let name = d.exchange.as_str();
-                let image = self.broker.topology.image();
-                let v = image.vhost(&vhost);
-                let exists = v.is_some_and(|v| v.has_exchange(name))
-                    || sluice_topology::amqp::PREDECLARED_EXCHANGES
-                        .iter()
-                        .any(|(n, _)| *n == name);
-                if d.passive {
-                    if !exists {
-                        return Err(no_exchange(&vhost, name));
-                    }
-                } else {
-                    if name.is_empty() {
-                        return Err(AmqpError::access_refused(
-                            "operation not permitted on the default exchange",
-                        ));
-                    }
-                    if !EXCHANGE_KINDS.contains(&d.kind.as_str()) {
-                        return Err(AmqpError::command_invalid(format!(
-                            "invalid exchange type '{}'",
-                            d.kind
-                        )));
-                    }
-                    let wanted = ExchangeState {
-                        kind: d.kind.as_str().to_owned(),
-                        durable: d.durable,
-                        auto_delete: d.auto_delete,
-                        internal: d.internal,
-                        arguments: encode_table(&d.arguments),
-                    };
-                    let existing = v.and_then(|v| v.exchanges.get(name)).cloned();
-                    let predeclared = sluice_topology::amqp::PREDECLARED_EXCHANGES
-                        .iter()
-                        .find(|(n, _)| *n == name);
-                    if let Some((_, kind)) = predeclared {
-                        if *kind != wanted.kind || !wanted.durable {
-                            return Err(AmqpError::precondition(format!(
-                                "inequivalent arg 'type' for exchange '{name}' in vhost '{vhost}': received '{}' but current is '{kind}'",
-                                wanted.kind
-                            )));
-                        }
-                    } else if name.starts_with("amq.") {
-                        return Err(AmqpError::access_refused(format!(
-                            "exchange name '{name}' contains reserved prefix 'amq.*'"
-                        )));
-                    } else if let Some(existing) = existing {
-                        check_exchange(&vhost, name, &existing, &wanted)?;
-                    } else {
-                        self.broker
-                            .propose(
-                                AmqpCommand::DeclareExchange {
-                                    vhost: vhost.clone(),
-                                    name: name.to_owned(),
-                                    exchange: wanted.clone(),
-                                },
-                                name,
-                            )
-                            .await?;
-                        let image = self.broker.topology.image();
-                        if let Some(now) = image.vhost(&vhost).and_then(|v| v.exchanges.get(name)) {
-                            check_exchange(&vhost, name, now, &wanted)?;
-                        }
-                    }
-                }
-                if !d.nowait {
-                    self.send_method(
-                        ch,
-                        AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
-                            exchange::DeclareOk {},
-                        )),
-                    );
-                }
-                Ok(())
+                let declaration = ExchangeDeclaration {
+                    name: d.exchange.as_str(),
+                    kind: d.kind.as_str(),
+                    passive: d.passive,
+                    durable: d.durable,
+                    auto_delete: d.auto_delete,
+                    internal: d.internal,
+                    arguments: &d.arguments,
+                };
+                self.broker.declare_exchange(&vhost, declaration).await?;
+                (
+                    exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {}),
+                    d.nowait,
+                )
             }
             exchange::AMQPMethod::Delete(d) => {
-                let name = d.exchange.as_str();
-                if name.is_empty() || name.starts_with("amq.") {
-                    return Err(AmqpError::access_refused(format!(
-                        "operation not permitted on the default exchange or '{name}'"
-                    )));
-                }
-                let image = self.broker.topology.image();
-                let v = image.vhost(&vhost);
-                if v.is_some_and(|v| v.exchanges.contains_key(name)) {
-                    if d.if_unused && v.is_some_and(|v| v.bindings.iter().any(|b| b.source == name))
-                    {
-                        return Err(AmqpError::precondition(format!(
-                            "exchange '{name}' in vhost '{vhost}' in use"
-                        )));
-                    }
-                    let cmd = AmqpCommand::DeleteExchange {
-                        vhost: vhost.clone(),
-                        name: name.to_owned(),
-                    };
-                    match self.broker.propose(cmd, name).await {
-                        Err(e) if e.reply_code() != 404 => return Err(e),
-                        _ => {}
-                    }
-                }
-                if !d.nowait {
-                    self.send_method(
-                        ch,
-                        AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
-                    );
-                }
-                Ok(())
+                self.broker
+                    .delete_exchange(&vhost, d.exchange.as_str(), d.if_unused)
+                    .await?;
+                (
+                    exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {}),
+                    d.nowait,
+                )
             }
             exchange::AMQPMethod::Bind(b) => {
-                let binding = Binding {
-                    source: b.source.as_str().to_owned(),
-                    destination: Destination::Exchange(b.destination.as_str().to_owned()),
-                    routing_key: b.routing_key.as_str().to_owned(),
-                    arguments: encode_table(&b.arguments),
-                };
-                self.bind(&vhost, binding).await?;
-                if !b.nowait {
-                    self.send_method(
-                        ch,
-                        AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
-                    );
-                }
-                Ok(())
+                let destination = Destination::Exchange(b.destination.as_str().to_owned());
+                let binding = binding(&b.source, destination, &b.routing_key, &b.arguments);
+                self.broker.bind(&vhost, binding, self.who()).await?;
+                (exchange::AMQPMethod::BindOk(exchange::BindOk {}), b.nowait)
             }
             exchange::AMQPMethod::Unbind(b) => {
-                let binding = Binding {
-                    source: b.source.as_str().to_owned(),
-                    destination: Destination::Exchange(b.destination.as_str().to_owned()),
-                    routing_key: b.routing_key.as_str().to_owned(),
-                    arguments: encode_table(&b.arguments),
-                };
-                self.unbind(&vhost, binding).await?;
-                if !b.nowait {
-                    self.send_method(
-                        ch,
-                        AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
-                    );
-                }
-                Ok(())
+                let destination = Destination::Exchange(b.destination.as_str().to_owned());
+                let binding = binding(&b.source, destination, &b.routing_key, &b.arguments);
+                self.broker.unbind(&vhost, binding).await?;
+                (
+                    exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {}),
+                    b.nowait,
+                )
             }
-            _ => Err(AmqpError::command_invalid("unexpected exchange method")),
-        }
-    }
-
-    async fn bind(&self, vhost: &str, binding: Binding) -> Result<(), AmqpError> {
-        let image = self.broker.topology.image();
-        let v = image.vhost(vhost);
-        if binding.source.is_empty() {
-            return Err(AmqpError::access_refused(
-                "operation not permitted on the default exchange",
-            ));
-        }
-        let exchange_exists = |n: &str| {
-            v.is_some_and(|v| v.has_exchange(n))
-                || sluice_topology::amqp::PREDECLARED_EXCHANGES
-                    .iter()
-                    .any(|(p, _)| *p == n)
+            _ => return Err(AmqpError::command_invalid("unexpected exchange method")),
         };
-        match &binding.destination {
-            Destination::Queue(q) => {
-                let queue = v
-                    .and_then(|v| v.queues.get(q))
-                    .ok_or_else(|| no_queue(vhost, q))?;
-                self.check_exclusive(vhost, q, queue)?;
-            }
-            Destination::Exchange(x) => {
-                if !exchange_exists(x) {
-                    return Err(no_exchange(vhost, x));
-                }
-            }
+        if !nowait {
+            self.send_method(ch, AMQPClass::Exchange(reply));
         }
-        if !exchange_exists(&binding.source) {
-            return Err(no_exchange(vhost, &binding.source));
-        }
-        self.broker
-            .propose(
-                AmqpCommand::Bind {
-                    vhost: vhost.to_owned(),
-                    binding,
-                },
-                "binding",
-            )
-            .await
-    }
-
-    async fn unbind(&self, vhost: &str, binding: Binding) -> Result<(), AmqpError> {
-        if binding.source.is_empty() {
-            return Err(AmqpError::access_refused(
-                "operation not permitted on the default exchange",
-            ));
-        }
-        self.broker
-            .propose(
-                AmqpCommand::Unbind {
-                    vhost: vhost.to_owned(),
-                    binding,
-                },
-                "binding",
-            )
-            .await
+        Ok(())
     }
 
     // ------------------------------------------------------------------- queues
 
-    fn check_exclusive(&self, vhost: &str, name: &str, q: &QueueState) -> Result<(), AmqpError> {
-        match &q.exclusive_owner {
-            Some(owner) if *owner != self.broker.owner_tag(self.id) => Err(AmqpError::locked(format!(
-                "cannot obtain exclusive access to locked queue '{name}' in vhost '{vhost}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration."
-            ))),
-            _ => Ok(()),
-        }
+    /// This connection, as exclusive queues know it.
+    fn who(&self) -> Who<'_> {
+        Who::Connection(&self.owner)
     }
 
     async fn on_queue(&mut self, ch: u16, m: &queue::AMQPMethod) -> Result<(), AmqpError> {
         let vhost = self.vhost.clone();
-        match m {
+        let (reply, nowait) = match m {
             queue::AMQPMethod::Declare(d) => {
-                let mut name = d.queue.as_str().to_owned();
-                if name.is_empty() {
-                    name = format!("amq.gen-{}", uuid::Uuid::new_v4().simple());
-                } else if name.starts_with("amq.") && !d.passive {
-                    return Err(AmqpError::access_refused(format!(
-                        "queue name '{name}' contains reserved prefix 'amq.*'"
-                    )));
-                }
-                let image = self.broker.topology.image();
-                let existing = image
-                    .vhost(&vhost)
-                    .and_then(|v| v.queues.get(&name))
-                    .cloned();
-                if d.passive {
-                    let q = existing.ok_or_else(|| no_queue(&vhost, &name))?;
-                    self.check_exclusive(&vhost, &name, &q)?;
-                } else {
-                    queue_arguments(&name, &vhost, &d.arguments)?;
-                    let check = |q: &QueueState| {
-                        self.check_exclusive(&vhost, &name, q)?;
-                        match queue_mismatch(
-                            &name,
-                            &vhost,
-                            q,
-                            d.durable,
-                            d.auto_delete,
-                            d.exclusive,
-                            &d.arguments,
-                        ) {
-                            Some(e) => Err(e),
-                            None => Ok(()),
-                        }
-                    };
-                    match existing {
-                        Some(q) => check(&q)?,
-                        None => {
-                            let queue = QueueState {
-                                topic: queue_topic(&vhost, &name).ok_or_else(|| {
-                                    AmqpError::precondition(format!(
-                                        "queue name '{name}' is too long for its topic name (at most 249 characters once escaped)"
-                                    ))
-                                })?,
-                                durable: d.durable,
-                                auto_delete: d.auto_delete,
-                                exclusive_owner: d
-                                    .exclusive
-                                    .then(|| self.broker.owner_tag(self.id)),
-                                declared_by: self.broker.process_tag(),
-                                arguments: encode_table(&d.arguments),
-                            };
-                            let mut topic_configs = std::collections::BTreeMap::new();
-                            // Messages leave a queue when acknowledged, never by age.
-                            topic_configs.insert("retention.ms".to_owned(), "-1".to_owned());
-                            topic_configs.insert("retention.bytes".to_owned(), "-1".to_owned());
-                            // One message is one batch: room for the largest body
-                            // accepted and its properties (at most one frame).
-                            let largest = self.broker.config.max_message_bytes
-                                + u64::from(self.broker.config.frame_max)
-                                + 4096;
-                            topic_configs.insert(
-                                "max.message.bytes".to_owned(),
-                                largest.min(i32::MAX as u64).to_string(),
-                            );
-                            self.broker
-                                .propose(
-                                    AmqpCommand::DeclareQueue {
-                                        vhost: vhost.clone(),
-                                        name: name.clone(),
-                                        queue,
-                                        replication_factor: image.default_replication_factor(),
-                                        topic_configs,
-                                    },
-                                    &format!("queue '{name}' in vhost '{vhost}'"),
-                                )
-                                .await?;
-                            let image = self.broker.topology.image();
-                            let now = image
-                                .vhost(&vhost)
-                                .and_then(|v| v.queues.get(&name))
-                                .ok_or_else(|| no_queue(&vhost, &name))?;
-                            check(now)?;
-                            if d.exclusive && !self.exclusive_queues.contains(&name) {
-                                self.exclusive_queues.push(name.clone());
-                            }
-                        }
-                    }
-                }
-                let status = match self.broker.queue(&vhost, &name) {
-                    Ok(link) => link.status().await.unwrap_or_default(),
-                    Err(_) => Default::default(),
+                let declaration = QueueDeclaration {
+                    name: d.queue.as_str(),
+                    passive: d.passive,
+                    durable: d.durable,
+                    exclusive: d.exclusive,
+                    auto_delete: d.auto_delete,
+                    arguments: &d.arguments,
                 };
-                if !d.nowait {
-                    self.send_method(
-                        ch,
-                        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
-                            queue: short(&name),
-                            message_count: status.ready,
-                            consumer_count: status.consumers,
-                        })),
-                    );
+                let declared = self
+                    .broker
+                    .declare_queue(&vhost, declaration, self.who())
+                    .await?;
+                if declared.created && d.exclusive {
+                    self.exclusive_queues.push(declared.name.clone());
                 }
-                Ok(())
+                let ok = queue::DeclareOk {
+                    queue: short(&declared.name),
+                    message_count: declared.status.ready,
+                    consumer_count: declared.status.consumers,
+                };
+                (queue::AMQPMethod::DeclareOk(ok), d.nowait)
             }
             queue::AMQPMethod::Bind(b) => {
-                let binding = Binding {
-                    source: b.exchange.as_str().to_owned(),
-                    destination: Destination::Queue(b.queue.as_str().to_owned()),
-                    routing_key: b.routing_key.as_str().to_owned(),
-                    arguments: encode_table(&b.arguments),
-                };
-                self.bind(&vhost, binding).await?;
-                if !b.nowait {
-                    self.send_method(
-                        ch,
-                        AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
-                    );
-                }
-                Ok(())
+                let destination = Destination::Queue(b.queue.as_str().to_owned());
+                let binding = binding(&b.exchange, destination, &b.routing_key, &b.arguments);
+                self.broker.bind(&vhost, binding, self.who()).await?;
+                (queue::AMQPMethod::BindOk(queue::BindOk {}), b.nowait)
             }
             queue::AMQPMethod::Unbind(b) => {
-                let binding = Binding {
-                    source: b.exchange.as_str().to_owned(),
-                    destination: Destination::Queue(b.queue.as_str().to_owned()),
-                    routing_key: b.routing_key.as_str().to_owned(),
-                    arguments: encode_table(&b.arguments),
-                };
-                self.unbind(&vhost, binding).await?;
-                self.send_method(
-                    ch,
-                    AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})),
-                );
-                Ok(())
+                let destination = Destination::Queue(b.queue.as_str().to_owned());
+                let binding = binding(&b.exchange, destination, &b.routing_key, &b.arguments);
+                self.broker.unbind(&vhost, binding).await?;
+                (queue::AMQPMethod::UnbindOk(queue::UnbindOk {}), false)
             }
             queue::AMQPMethod::Purge(p) => {
-                let name = p.queue.as_str();
-                self.queue_state(&vhost, name)?;
-                let purged = self.broker.queue(&vhost, name)?.purge().await?;
-                if !p.nowait {
-                    self.send_method(
-                        ch,
-                        AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
-                            message_count: purged,
-                        })),
-                    );
-                }
-                Ok(())
+                let purged = self
+                    .broker
+                    .purge_queue(&vhost, p.queue.as_str(), self.who())
+                    .await?;
+                let ok = queue::PurgeOk {
+                    message_count: purged,
+                };
+                (queue::AMQPMethod::PurgeOk(ok), p.nowait)
             }
             queue::AMQPMethod::Delete(d) => {
                 let name = d.queue.as_str();
-                let image = self.broker.topology.image();
-                let mut count = 0;
-                if let Some(q) = image.vhost(&vhost).and_then(|v| v.queues.get(name)) {
-                    self.check_exclusive(&vhost, name, q)?;
-                    let status = match self.broker.queue(&vhost, name) {
-                        Ok(link) => link.status().await.unwrap_or_default(),
-                        Err(_) => Default::default(),
-                    };
-                    if d.if_unused && status.consumers > 0 {
-                        return Err(AmqpError::precondition(format!(
-                            "queue '{name}' in vhost '{vhost}' in use"
-                        )));
-                    }
-                    if d.if_empty && status.ready + status.unacked > 0 {
-                        return Err(AmqpError::precondition(format!(
-                            "queue '{name}' in vhost '{vhost}' is not empty"
-                        )));
-                    }
-                    count = status.ready;
-                    self.broker.delete_queue(&vhost, name).await;
-                    self.exclusive_queues.retain(|q| q != name);
-                }
-                if !d.nowait {
-                    self.send_method(
-                        ch,
-                        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
-                            message_count: count,
-                        })),
-                    );
-                }
-                Ok(())
+                let count = self
+                    .broker
+                    .delete_queue_checked(&vhost, name, d.if_unused, d.if_empty, self.who())
+                    .await?;
+                self.exclusive_queues.retain(|q| q != name);
+                let ok = queue::DeleteOk {
+                    message_count: count,
+                };
+                (queue::AMQPMethod::DeleteOk(ok), d.nowait)
             }
-            _ => Err(AmqpError::command_invalid("unexpected queue method")),
+            _ => return Err(AmqpError::command_invalid("unexpected queue method")),
+        };
+        if !nowait {
+            self.send_method(ch, AMQPClass::Queue(reply));
         }
-    }
-
-    fn queue_state(&self, vhost: &str, name: &str) -> Result<QueueState, AmqpError> {
-        let image = self.broker.topology.image();
-        let q = image
-            .vhost(vhost)
-            .and_then(|v| v.queues.get(name))
-            .cloned()
-            .ok_or_else(|| no_queue(vhost, name))?;
-        self.check_exclusive(vhost, name, &q)?;
-        Ok(q)
+        Ok(())
     }
 
     // -------------------------------------------------------------------- basic
@@ -854,7 +592,7 @@ impl Conn {
             }
             basic::AMQPMethod::Consume(c) => {
                 let name = c.queue.as_str();
-                self.queue_state(&vhost, name)?;
+                self.broker.queue_state(&vhost, name, self.who())?;
                 let link = self.broker.queue(&vhost, name)?;
                 let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
                     Arc::from(format!("amq.ctag-{}", uuid::Uuid::new_v4().simple()))
@@ -924,7 +662,7 @@ impl Conn {
             }
             basic::AMQPMethod::Get(g) => {
                 let name = g.queue.as_str();
-                self.queue_state(&vhost, name)?;
+                self.broker.queue_state(&vhost, name, self.who())?;
                 let link = self.broker.queue(&vhost, name)?;
                 match link.get(g.no_ack).await? {
                     None => self.send_method(
@@ -1005,6 +743,7 @@ impl Conn {
     }
 
     /// ack / nack / reject of one tag, or of every tag up to it with `multiple`.
+    /// In a transaction they take effect at `tx.commit`.
     fn settle_tags(
         &mut self,
         ch: u16,
@@ -1013,7 +752,7 @@ impl Conn {
         outcome: Outcome,
     ) -> Result<(), AmqpError> {
         let chan = self.channel(ch)?;
-        let settled: Vec<Unacked> = if multiple {
+        let settled: Vec<(u64, Unacked)> = if multiple {
             let keep = if tag == 0 {
                 BTreeMap::new()
             } else {
@@ -1025,10 +764,10 @@ impl Conn {
                     "unknown delivery tag {tag}"
                 )));
             }
-            done.into_values().collect()
+            done.into_iter().collect()
         } else {
             match chan.unacked.remove(&tag) {
-                Some(u) => vec![u],
+                Some(u) => vec![(tag, u)],
                 None => {
                     return Err(AmqpError::precondition(format!(
                         "unknown delivery tag {tag}"
@@ -1036,8 +775,15 @@ impl Conn {
                 }
             }
         };
-        release_credit(chan, settled.iter());
-        settle(settled.into_iter(), outcome);
+        if let Some(tx) = chan.tx.as_mut() {
+            for (tag, u) in settled {
+                tx.settle_tags.push(tag);
+                tx.settles.push((u, outcome));
+            }
+            return Ok(());
+        }
+        release_credit(chan, settled.iter().map(|(_, u)| u));
+        settle(settled.into_iter().map(|(_, u)| u), outcome);
         Ok(())
     }
 
@@ -1123,7 +869,6 @@ impl Conn {
     /// A whole message arrived: route it, append it to every queue it reaches,
     /// return it when mandatory and unroutable, and queue its confirm.
     async fn publish(&mut self, ch: u16) -> Result<(), AmqpError> {
-        let vhost = self.vhost.clone();
         let Some(chan) = self.channels.get_mut(&ch) else {
             return Ok(());
         };
@@ -1144,6 +889,21 @@ impl Conn {
                 b.freeze()
             }
         };
+        let message = Message {
+            publication: Publication {
+                exchange: p.exchange,
+                routing_key: p.routing_key,
+                properties: raw_properties,
+                body,
+            },
+            properties,
+            mandatory: p.mandatory,
+        };
+        // In a transaction the message waits for tx.commit.
+        if let Some(tx) = chan.tx.as_mut() {
+            tx.publishes.push(message);
+            return Ok(());
+        }
         let seq = if chan.confirms.is_some() {
             let s = chan.next_seq;
             chan.next_seq += 1;
@@ -1151,71 +911,7 @@ impl Conn {
         } else {
             None
         };
-        let router = self.broker.router(&vhost);
-        let image = self.broker.topology.image();
-        let queues = router.route(
-            image.vhost(&vhost),
-            &p.exchange,
-            &p.routing_key,
-            properties.headers().as_ref(),
-        );
-        let publication = Publication {
-            exchange: p.exchange.clone(),
-            routing_key: p.routing_key.clone(),
-            properties: raw_properties,
-            body: body.clone(),
-        };
-        let mut waits = Vec::with_capacity(queues.len());
-        let mut refused = false;
-        if !queues.is_empty() {
-            let batch = encode_batch(&[&publication])
-                .map_err(|e| AmqpError::internal(format!("cannot encode message: {e}")))?;
-            for q in &queues {
-                let link = self.broker.queue(&vhost, q)?;
-                // x-overflow reject-publish: a full queue refuses the message (the
-                // publisher's confirm is a nack), and -dlx dead-letters it.
-                if link.is_full_for(body.len() as u64) {
-                    refused = true;
-                    if link.args.overflow == crate::model::Overflow::RejectPublishDlx {
-                        if let Some(dlx) = &link.args.dead_letter_exchange {
-                            let key = link
-                                .args
-                                .dead_letter_routing_key
-                                .clone()
-                                .unwrap_or_else(|| p.routing_key.clone());
-                            let stored = Stored {
-                                offset: -1,
-                                timestamp: crate::message::now_ms(),
-                                exchange: p.exchange.clone(),
-                                routing_key: p.routing_key.clone(),
-                                properties: properties.clone(),
-                                body: body.clone(),
-                            };
-                            if let Ok(dead) = stored.dead_lettered(q, "maxlen", dlx, &key) {
-                                self.broker.store_routed(&vhost, &[dead]);
-                            }
-                        }
-                    }
-                    continue;
-                }
-                let appended = link.leadership.append(&batch).map_err(|e| {
-                    AmqpError::unavailable(format!("cannot store message in queue '{q}': {e}"))
-                })?;
-                waits.push((link.leadership.clone(), appended.end_offset));
-            }
-        } else if p.mandatory {
-            self.send_content(
-                ch,
-                AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
-                    reply_code: 312,
-                    reply_text: "NO_ROUTE".into(),
-                    exchange: short(&p.exchange),
-                    routing_key: short(&p.routing_key),
-                })),
-                properties,
-                &body,
-            );
-        }
+        let (waits, refused) = self.store(ch, message)?;
         if let Some(seq) = seq {
             if let Some(tx) = self.channels.get(&ch).and_then(|c| c.confirms.as_ref()) {
                 let _ = tx.send(ConfirmJob {
@@ -1226,6 +922,140 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// Routes a message and appends it to every queue it reaches; returns what
+    /// its confirm waits for and whether a full queue refused it. An unroutable
+    /// mandatory message goes back to the publisher (`basic.return`).
+    fn store(&mut self, ch: u16, m: Message) -> Result<(Vec<(Leadership, i64)>, bool), AmqpError> {
+        let vhost = self.vhost.clone();
+        let p = &m.publication;
+        let router = self.broker.router(&vhost);
+        let image = self.broker.topology.image();
+        let queues = router.route(
+            image.vhost(&vhost),
+            &p.exchange,
+            &p.routing_key,
+            m.properties.headers().as_ref(),
+        );
+        let mut waits = Vec::with_capacity(queues.len());
+        let mut refused = false;
+        if queues.is_empty() {
+            if m.mandatory {
+                self.send_content(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                        reply_code: 312,
+                        reply_text: "NO_ROUTE".into(),
+                        exchange: short(&p.exchange),
+                        routing_key: short(&p.routing_key),
+                    })),
+                    m.properties.clone(),
+                    &p.body,
+                );
+            }
+            return Ok((waits, refused));
+        }
+        let batch = encode_batch(&[p])
+            .map_err(|e| AmqpError::internal(format!("cannot encode message: {e}")))?;
+        for q in &queues {
+            let link = self.broker.queue(&vhost, q)?;
+            // x-overflow reject-publish: a full queue refuses the message (the
+            // publisher's confirm is a nack), and -dlx dead-letters it.
+            if link.is_full_for(p.body.len() as u64) {
+                refused = true;
+                if link.args.overflow == crate::model::Overflow::RejectPublishDlx {
+                    if let Some(dlx) = &link.args.dead_letter_exchange {
+                        let key = link
+                            .args
+                            .dead_letter_routing_key
+                            .clone()
+                            .unwrap_or_else(|| p.routing_key.clone());
+                        let stored = Stored {
+                            offset: -1,
+                            timestamp: crate::message::now_ms(),
+                            exchange: p.exchange.clone(),
+                            routing_key: p.routing_key.clone(),
+                            properties: m.properties.clone(),
+                            body: p.body.clone(),
+                        };
+                        if let Ok(dead) = stored.dead_lettered(q, "maxlen", dlx, &key) {
+                            self.broker.store_routed(&vhost, &[dead]);
+                        }
+                    }
+                }
+                continue;
+            }
+            let appended = link.leadership.append(&batch).map_err(|e| {
+                AmqpError::unavailable(format!("cannot store message in queue '{q}': {e}"))
+            })?;
+            link.count_published();
+            waits.push((link.leadership.clone(), appended.end_offset));
+        }
+        Ok((waits, refused))
+    }
+
+    // ------------------------------------------------------------ transactions
+
+    async fn on_tx(&mut self, ch: u16, m: &tx::AMQPMethod) -> Result<(), AmqpError> {
+        match m {
+            tx::AMQPMethod::Select(_) => {
+                let c = self.channel(ch)?;
+                if c.confirms.is_some() {
+                    return Err(AmqpError::precondition(
+                        "cannot switch from confirm to tx mode",
+                    ));
+                }
+                c.tx.get_or_insert_with(Default::default);
+                self.send_method(ch, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
+                Ok(())
+            }
+            tx::AMQPMethod::Commit(_) => {
+                let c = self.channel(ch)?;
+                let Some(work) = c.tx.as_mut().map(std::mem::take) else {
+                    return Err(AmqpError::precondition("channel is not transactional"));
+                };
+                // Publishes first, all of them durable before the acks count.
+                let mut waits = Vec::new();
+                for m in work.publishes {
+                    waits.extend(self.store(ch, m)?.0);
+                }
+                if !wait_all(&waits).await {
+                    return Err(AmqpError::unavailable(
+                        "the transaction's messages could not be made durable",
+                    ));
+                }
+                if let Some(c) = self.channels.get(&ch) {
+                    release_credit(c, work.settles.iter().map(|(u, _)| u));
+                }
+                for outcome in [Outcome::Ack, Outcome::Requeue, Outcome::Reject] {
+                    let group = work
+                        .settles
+                        .iter()
+                        .filter(|(_, o)| *o == outcome)
+                        .map(|(u, _)| u.clone());
+                    settle(group, outcome);
+                }
+                self.send_method(ch, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+                Ok(())
+            }
+            tx::AMQPMethod::Rollback(_) => {
+                let c = self.channel(ch)?;
+                let Some(work) = c.tx.as_mut().map(std::mem::take) else {
+                    return Err(AmqpError::precondition("channel is not transactional"));
+                };
+                // Discarded acks leave their messages unacknowledged, as before.
+                for (tag, (u, _)) in work.settle_tags.into_iter().zip(work.settles) {
+                    c.unacked.insert(tag, u);
+                }
+                self.send_method(
+                    ch,
+                    AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})),
+                );
+                Ok(())
+            }
+            _ => Err(AmqpError::command_invalid("unexpected tx method")),
+        }
     }
 
     // ---------------------------------------------------------- queue → client
@@ -1336,45 +1166,19 @@ impl Conn {
     }
 }
 
-fn check_exchange(
-    vhost: &str,
-    name: &str,
-    existing: &ExchangeState,
-    wanted: &ExchangeState,
-) -> Result<(), AmqpError> {
-    if same_exchange(existing, wanted) {
-        return Ok(());
+/// A binding as the quorum stores it.
+fn binding(
+    source: &ShortString,
+    destination: Destination,
+    routing_key: &ShortString,
+    arguments: &FieldTable,
+) -> Binding {
+    Binding {
+        source: source.as_str().to_owned(),
+        destination,
+        routing_key: routing_key.as_str().to_owned(),
+        arguments: encode_table(arguments),
     }
-    let (what, was, asked) = if existing.kind != wanted.kind {
-        ("type", existing.kind.clone(), wanted.kind.clone())
-    } else if existing.durable != wanted.durable {
-        (
-            "durable",
-            existing.durable.to_string(),
-            wanted.durable.to_string(),
-        )
-    } else if existing.auto_delete != wanted.auto_delete {
-        (
-            "auto_delete",
-            existing.auto_delete.to_string(),
-            wanted.auto_delete.to_string(),
-        )
-    } else if existing.internal != wanted.internal {
-        (
-            "internal",
-            existing.internal.to_string(),
-            wanted.internal.to_string(),
-        )
-    } else {
-        ("arguments", "current".to_owned(), "different".to_owned())
-    };
-    Err(AmqpError::precondition(format!(
-        "inequivalent arg '{what}' for exchange '{name}' in vhost '{vhost}': received '{asked}' but current is '{was}'"
-    )))
-}
-
-fn no_exchange(vhost: &str, name: &str) -> AmqpError {
-    AmqpError::not_found(format!("no exchange '{name}' in vhost '{vhost}'"))
 }
 
 /// Settled deliveries give their consumer's and the channel's window back.

@@ -112,9 +112,11 @@ pub(crate) async fn serve(
         frame_max.clone(),
     ));
     let id = broker.next_connection_id();
+    let owner = broker.owner_tag(id);
     let mut conn = Conn {
         broker,
         id,
+        owner,
         peer,
         out,
         frames,
@@ -170,6 +172,8 @@ async fn read_loop(
 pub(crate) struct Conn {
     pub broker: Arc<Broker>,
     pub id: u64,
+    /// What exclusive queues of this connection record as their owner.
+    pub owner: String,
     peer: SocketAddr,
     pub out: Output,
     frames: mpsc::Receiver<Result<Inbound, FrameError>>,

@@ -22,15 +22,17 @@
 //! Queue arguments served: message TTLs, `x-expires`, length limits with the
 //! three overflow modes, dead-lettering (`x-death` as RabbitMQ writes it), single
 //! active consumer. Not yet served (refused with a clear error, never ignored):
-//! priorities, delivery limits, stream queues, transactions (`tx.*`); queues led
-//! by another node of a cluster.
+//! priorities, delivery limits, stream queues; queues led by another node of a
+//! cluster. Transactions (`tx.*`) hold publishes and settlements until commit.
 
+mod admin;
 mod channel;
 mod connection;
 mod error;
 mod frame;
 mod message;
 mod model;
+mod ops;
 mod queue;
 mod routing;
 
@@ -48,7 +50,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+pub use admin::{
+    AdminError, AmqpAdmin, BindingInfo, BindingSpec, DestinationKind, ExchangeInfo, ExchangeSpec,
+    FieldTableText, GotMessage, QueueInfo,
+};
 pub use model::{queue_topic, DEFAULT_VHOST};
+pub use queue::QueueStatus;
 
 use crate::error::AmqpError;
 use crate::queue::QueueLink;
@@ -93,16 +100,34 @@ impl AmqpConfig {
 pub struct AmqpListener {
     listener: TcpListener,
     config: AmqpConfig,
+    broker: std::sync::OnceLock<Arc<Broker>>,
 }
 
 impl AmqpListener {
     pub async fn bind(config: AmqpConfig) -> std::io::Result<AmqpListener> {
         let listener = TcpListener::bind(config.listen).await?;
-        Ok(AmqpListener { listener, config })
+        Ok(AmqpListener {
+            listener,
+            config,
+            broker: std::sync::OnceLock::new(),
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// The operator's handle on the AMQP objects this listener serves.
+    pub fn admin(&self, topology: Arc<dyn Topology>) -> AmqpAdmin {
+        AmqpAdmin {
+            broker: self.broker_for(topology),
+        }
+    }
+
+    fn broker_for(&self, topology: Arc<dyn Topology>) -> Arc<Broker> {
+        self.broker
+            .get_or_init(|| Broker::new(topology, self.config.clone()))
+            .clone()
     }
 
     /// Accepts connections until `shutdown` resolves; each is served on its own task.
@@ -111,7 +136,7 @@ impl AmqpListener {
         topology: Arc<dyn Topology>,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) {
-        let broker = Broker::new(topology, self.config);
+        let broker = self.broker_for(topology);
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(broker.clone().forget_stale_queues());
         tokio::pin!(shutdown);

@@ -58,9 +58,6 @@ pub(crate) fn decode_table(bytes: &[u8]) -> FieldTable {
     parse_field_table(bytes).map(|(_, t)| t).unwrap_or_default()
 }
 
-/// Exchange kinds Sluice routes.
-pub(crate) const EXCHANGE_KINDS: [&str; 4] = ["direct", "fanout", "topic", "headers"];
-
 /// Whether a redeclaration matches the exchange as it exists (RabbitMQ compares
 /// type, durability, auto-delete, internal and arguments).
 pub(crate) fn same_exchange(existing: &ExchangeState, wanted: &ExchangeState) -> bool {

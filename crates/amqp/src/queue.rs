@@ -142,7 +142,7 @@ pub(crate) enum Outcome {
 
 /// Counts `queue.declare-ok`, `queue.delete` and the operator see.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct QueueStatus {
+pub struct QueueStatus {
     pub ready: u32,
     pub unacked: u32,
     pub consumers: u32,
@@ -169,6 +169,27 @@ struct Gauge {
     bytes: AtomicU64,
     /// The first offset not read yet.
     next: AtomicI64,
+    /// Messages stored into the queue, handed out, acknowledged (totals).
+    published: AtomicU64,
+    delivered: AtomicU64,
+    acked: AtomicU64,
+    sample: parking_lot::Mutex<Option<RateSample>>,
+}
+
+/// Totals at the last rate sample, and the rates then (per second).
+#[derive(Debug, Clone, Copy)]
+struct RateSample {
+    at: Instant,
+    totals: [u64; 3],
+    rates: [f64; 3],
+}
+
+/// A queue's totals and rates, for the operator.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Traffic {
+    pub totals: [u64; 3],
+    /// Per second, over the time since the previous sample (at least a second).
+    pub rates: [f64; 3],
 }
 
 /// What a queue actor needs from the broker.
@@ -228,6 +249,46 @@ impl QueueLink {
         if !offsets.is_empty() {
             self.send(Command::Settle { offsets, outcome });
         }
+    }
+
+    /// Counts a message stored into the queue.
+    pub(crate) fn count_published(&self) {
+        self.gauge.published.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Publish, deliver and ack totals and rates (`[published, delivered, acked]`).
+    pub(crate) fn traffic(&self) -> Traffic {
+        let g = &self.gauge;
+        let totals = [
+            g.published.load(Ordering::Relaxed),
+            g.delivered.load(Ordering::Relaxed),
+            g.acked.load(Ordering::Relaxed),
+        ];
+        let now = Instant::now();
+        let mut sample = g.sample.lock();
+        let rates = match *sample {
+            Some(s) if now.duration_since(s.at) < Duration::from_secs(1) => s.rates,
+            Some(s) => {
+                let secs = now.duration_since(s.at).as_secs_f64();
+                let rates = [0, 1, 2].map(|i| totals[i].saturating_sub(s.totals[i]) as f64 / secs);
+                *sample = Some(RateSample {
+                    at: now,
+                    totals,
+                    rates,
+                });
+                rates
+            }
+            None => {
+                let rates = [0.0; 3];
+                *sample = Some(RateSample {
+                    at: now,
+                    totals,
+                    rates,
+                });
+                rates
+            }
+        };
+        Traffic { totals, rates }
     }
 
     /// Whether a publish of `body_len` bytes must be refused (`x-overflow`
@@ -446,6 +507,7 @@ impl Actor {
             Command::Get { no_ack, reply } => {
                 self.last_used = Instant::now();
                 let got = self.take().map(|(message, redelivered)| {
+                    self.gauge.delivered.fetch_add(1, Ordering::Relaxed);
                     if !no_ack {
                         self.unacked.insert(message.offset);
                     }
@@ -474,7 +536,9 @@ impl Actor {
                         continue;
                     }
                     match outcome {
-                        Outcome::Ack => {}
+                        Outcome::Ack => {
+                            self.gauge.acked.fetch_add(1, Ordering::Relaxed);
+                        }
                         Outcome::Requeue => {
                             if let Some(m) = self.read_back(o) {
                                 self.in_memory_bytes += m.body_len();
@@ -773,10 +837,13 @@ impl Actor {
             };
             match c.spec.events.try_send(event) {
                 Ok(()) => {
+                    self.gauge.delivered.fetch_add(1, Ordering::Relaxed);
                     if !c.spec.no_ack {
                         c.spec.own.used.fetch_add(1, Ordering::AcqRel);
                         c.spec.shared.used.fetch_add(1, Ordering::AcqRel);
                         self.unacked.insert(offset);
+                    } else {
+                        self.gauge.acked.fetch_add(1, Ordering::Relaxed);
                     }
                     self.turn = i + 1;
                 }

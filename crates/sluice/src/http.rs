@@ -3,7 +3,9 @@
 //! and the operations API: `GET /api/v1/cluster` (nodes, controller,
 //! partitions, under-replicated and offline lists),
 //! `POST /api/v1/partitions/reassign`, `POST /api/v1/nodes/{id}/drain` and
-//! `POST /api/v1/nodes/{id}/remove`. A single node is a cluster of one and
+//! `POST /api/v1/nodes/{id}/remove`; and the AMQP objects (`http_amqp.rs`:
+//! `/api/v1/queues`, `/api/v1/exchanges`, `/api/v1/bindings`). A single node
+//! is a cluster of one and
 //! answers the same. Operations are proposals to the metadata quorum,
 //! answered once applied.
 
@@ -16,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use sluice_amqp::AmqpAdmin;
 use sluice_cluster::{
     ClusterNode, Command, CommandOutput, MetadataImage, PartitionState, NO_LEADER,
 };
@@ -30,6 +33,7 @@ use tracing::error;
 pub struct State {
     store: Arc<OnceLock<Arc<Store>>>,
     node: Arc<OnceLock<Arc<Node>>>,
+    amqp: Arc<OnceLock<AmqpAdmin>>,
 }
 
 impl State {
@@ -39,6 +43,15 @@ impl State {
 
     pub fn set_node(&self, node: Arc<Node>) {
         let _ = self.node.set(node);
+    }
+
+    pub fn set_amqp(&self, amqp: AmqpAdmin) {
+        let _ = self.amqp.set(amqp);
+    }
+
+    /// The AMQP objects, once the node runs.
+    pub(crate) fn amqp(&self) -> Option<&AmqpAdmin> {
+        self.amqp.get()
     }
 
     /// The quorum member of the node, once it runs.
@@ -63,6 +76,7 @@ pub fn router(state: State) -> Router {
         .route("/api/v1/partitions/reassign", post(reassign))
         .route("/api/v1/nodes/{id}/drain", post(drain))
         .route("/api/v1/nodes/{id}/remove", post(remove_node))
+        .merge(crate::http_amqp::routes())
         .with_state(state)
 }
 

@@ -1,11 +1,13 @@
 //! The `sluice` binary: `sluice serve` runs the broker; `topic`, `produce`,
 //! `consume` and `group` are Kafka clients (librdkafka via rdkafka) that work
-//! against Sluice or any Kafka cluster; `bench` is the load generator
+//! against Sluice or any Kafka cluster; `queue`, `exchange` and `binding`
+//! manage AMQP objects through the HTTP admin port; `bench` is the load generator
 //! (sluice-bench, its own lean Kafka client).
 
 mod cli;
 mod config;
 mod http;
+mod http_amqp;
 mod logging;
 mod serve;
 
@@ -46,6 +48,12 @@ enum Command {
     Partition(cli::cluster::PartitionArgs),
     /// Drain a node before maintenance (or undo it), or remove a stopped one.
     Node(cli::cluster::NodeArgs),
+    /// AMQP queues: list (depth, consumers, rates), declare, purge, delete, get.
+    Queue(cli::amqp::QueueArgs),
+    /// AMQP exchanges: list, declare, delete.
+    Exchange(cli::amqp::ExchangeArgs),
+    /// AMQP bindings: list, add, remove.
+    Binding(cli::amqp::BindingArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +86,9 @@ fn main() -> ExitCode {
         Command::Cluster(args) => runtime.block_on(cli::cluster::run_cluster(args)),
         Command::Partition(args) => runtime.block_on(cli::cluster::run_partition(args)),
         Command::Node(args) => runtime.block_on(cli::cluster::run_node(args)),
+        Command::Queue(args) => runtime.block_on(cli::amqp::run_queue(args)),
+        Command::Exchange(args) => runtime.block_on(cli::amqp::run_exchange(args)),
+        Command::Binding(args) => runtime.block_on(cli::amqp::run_binding(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -165,6 +165,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         "sluice is ready"
     );
 
+    http_state.set_amqp(amqp.admin(topology.clone()));
     let amqp_task = tokio::spawn(amqp.serve(topology.clone(), wait_for(shutdown_rx.clone())));
     let mut kafka_task =
         tokio::spawn(kafka.serve(topology, groups.clone(), wait_for(shutdown_rx.clone())));

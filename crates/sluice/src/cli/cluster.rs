@@ -236,7 +236,7 @@ fn leader(id: i32) -> String {
 }
 
 /// Left-aligned columns, two spaces apart.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -405,9 +405,27 @@ async fn post_json(addr: &str, path: &str, body: &Value) -> Result<Value> {
     )
 }
 
-/// A 2xx JSON body, or the node's error as a message.
+/// Any method; a 2xx answer's JSON (`null` when it has no body).
+pub(crate) async fn request_json(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Value> {
+    answer(
+        addr,
+        method,
+        path,
+        http_request(addr, method, path, body).await?,
+    )
+}
+
+/// A 2xx JSON body (`null` when empty), or the node's error as a message.
 fn answer(addr: &str, method: &str, path: &str, (status, body): (u16, Vec<u8>)) -> Result<Value> {
     let text = String::from_utf8_lossy(&body);
+    if (200..300).contains(&status) && body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
     if (200..300).contains(&status) {
         return serde_json::from_slice(&body)
             .with_context(|| format!("{method} {path} on {addr}: the answer is not JSON: {text}"));
@@ -416,7 +434,11 @@ fn answer(addr: &str, method: &str, path: &str, (status, body): (u16, Vec<u8>)) 
         Ok(v) => match (v["error"].as_str(), v["kafka_error_code"].as_i64()) {
             (Some(e), Some(code)) => format!("{e} (Kafka error {code})"),
             (Some(e), None) => e.to_string(),
-            _ => v.to_string(),
+            // The AMQP routes answer RabbitMQ's reply code and text.
+            _ => match v["reason"].as_str() {
+                Some(reason) => reason.to_string(),
+                None => v.to_string(),
+            },
         },
         Err(_) => text.trim().to_string(),
     };

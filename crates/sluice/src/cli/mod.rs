@@ -1,8 +1,9 @@
 //! Client commands. They speak only the Kafka protocol (librdkafka through
 //! rdkafka), so they work against Sluice and against any Kafka cluster. The
-//! exception is [`cluster`] (`sluice cluster|partition|node`), which uses a
-//! Sluice node's HTTP admin port.
+//! exceptions are [`cluster`] (`sluice cluster|partition|node`) and [`amqp`]
+//! (`sluice queue|exchange|binding`), which use a Sluice node's HTTP admin port.
 
+pub mod amqp;
 pub mod bench;
 pub mod cluster;
 pub mod consume;
