@@ -66,8 +66,10 @@ summary() {
 }
 
 # ---- setup: system packages and the Python venv, idempotent --------------------
-# rabbitmq-server: the reference broker the AMQP interop tests also run against.
-APT_PACKAGES=(kcat debootstrap ca-certificates docker-compose rabbitmq-server)
+# rabbitmq-server: the reference broker the AMQP interop tests also run against;
+# librabbitmq-client-java (RabbitMQ's Java client) and amqp-tools (rabbitmq-c's)
+# are two more AMQP clients the tests drive.
+APT_PACKAGES=(kcat debootstrap ca-certificates docker-compose rabbitmq-server librabbitmq-client-java amqp-tools)
 
 apt_missing() {
     local p
@@ -133,6 +135,11 @@ do_setup() {
         apt_install $missing
     else
         echo "Debian packages present: ${APT_PACKAGES[*]}"
+    fi
+    # The Java client test runs a single-file program, which needs a JDK's
+    # compiler; install one only where none is.
+    if ! command -v javac >/dev/null; then
+        apt_install default-jdk-headless
     fi
     setup_python
     command -v cargo >/dev/null || { echo "cargo not found" >&2; return 1; }

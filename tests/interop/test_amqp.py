@@ -19,7 +19,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from rabbitmq import RabbitMQ
+from amqp_servers import rabbitmq_server, server  # noqa: F401 - pytest fixtures
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("SLUICE_INTEROP_CLUSTER")),
@@ -27,42 +27,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 WAIT_S = 15.0
-
-
-class Server:
-    def __init__(self, kind, port, bootstrap=None):
-        self.kind = kind
-        self.port = port
-        self.bootstrap = bootstrap
-
-    def params(self, **kw):
-        kw.setdefault("heartbeat", 30)
-        kw.setdefault("blocked_connection_timeout", 30)
-        return pika.ConnectionParameters(
-            "127.0.0.1", self.port, "/", pika.PlainCredentials("guest", "guest"), **kw
-        )
-
-    def connect(self, **kw):
-        return pika.BlockingConnection(self.params(**kw))
-
-
-@pytest.fixture(scope="session")
-def rabbitmq_server(tmp_path_factory):
-    r = RabbitMQ(tmp_path_factory.mktemp("rabbitmq"))
-    r.start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="module", params=["sluice", "rabbitmq"])
-def server(request, broker_factory):
-    if request.param == "sluice":
-        b = broker_factory("amqp")
-        if not getattr(b, "amqp_port", None):
-            pytest.skip("the external broker has no AMQP listener known to the harness")
-        return Server("sluice", b.amqp_port, b.bootstrap)
-    r = request.getfixturevalue("rabbitmq_server")
-    return Server("rabbitmq", r.port)
 
 
 def wait_gone(ch_factory, queue, why):
