@@ -83,7 +83,7 @@ check(sts["spec"].get("podManagementPolicy") == "Parallel",
 pod = sts["spec"]["template"]["spec"]
 (container,) = pod["containers"]
 ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-check(ports == {"kafka": 9092, "raft": 9093, "http": 8080}, f"container ports {ports}")
+check(ports == {"kafka": 9092, "raft": 9093, "http": 8080, "amqp": 5672}, f"container ports {ports}")
 mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
 claims = {c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]}
 check(mounts.get("data") == "/data" and "data" in claims, "the data claim is not mounted at /data")
@@ -92,7 +92,7 @@ check(mounts.get("data") == "/data" and "data" in claims, "the data claim is not
 cfg_vol = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == cm["metadata"]["name"]]
 check(cfg_vol and mounts.get(cfg_vol[0]["name"]) == "/etc/sluice", "the ConfigMap is not mounted at /etc/sluice")
 cfg = tomllib.loads(cm["data"]["sluice.toml"])
-known = {"server", "storage", "kafka", "group", "cluster", "defaults"}
+known = {"server", "storage", "kafka", "amqp", "group", "cluster", "defaults"}
 check(set(cfg) <= known, f"unknown sections in sluice.toml: {set(cfg) - known}")
 check(cfg["storage"]["data_dir"] == "/data", "data_dir is not /data")
 peers = cfg["cluster"]["peers"]
