@@ -115,3 +115,13 @@ def test_exchanges_and_bindings_from_the_command_line(node):
     assert bad.returncode != 0 and "ACCESS_REFUSED" in bad.stderr
     sluice(node, "exchange", "delete", ex)
     sluice(node, "queue", "delete", q)
+
+
+def test_listing_queues_does_not_keep_an_expiring_queue_alive(node):
+    q = f"ops-exp-{uuid.uuid4().hex[:8]}"
+    sluice(node, "queue", "declare", q, "--arg", "x-expires=1000")
+    # An operator watching the list is not a use of the queue (as in RabbitMQ).
+    deadline = time.monotonic() + 10
+    while any(r["name"] == q for r in json.loads(sluice(node, "queue", "list", "--json").stdout)):
+        assert time.monotonic() < deadline, "the listed queue never expired"
+        time.sleep(0.2)

@@ -199,7 +199,7 @@ impl AmqpAdmin {
                     .then(|| self.broker.queue(vhost, name).ok())
                     .flatten();
                 let (status, traffic) = match &link {
-                    Some(l) => (l.status().await.unwrap_or_default(), l.traffic()),
+                    Some(l) => (l.peek().await.unwrap_or_default(), l.traffic()),
                     None => (QueueStatus::default(), Default::default()),
                 };
                 out.push(QueueInfo {

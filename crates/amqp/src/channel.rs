@@ -292,7 +292,7 @@ impl Conn {
     }
 
     /// Closes one channel with a soft error.
-    fn close_channel(&mut self, ch: u16, e: &AmqpError) {
+    pub(crate) fn close_channel(&mut self, ch: u16, e: &AmqpError) {
         tracing::debug!(
             channel = ch,
             code = e.reply_code(),
@@ -815,17 +815,10 @@ impl Conn {
             )));
         }
         if header.body_size > max {
-            let e = AmqpError::precondition(format!(
+            return Err(AmqpError::precondition(format!(
                 "message size {} is larger than configured max size {max}",
                 header.body_size
-            ));
-            let e = AmqpError {
-                class_id: 60,
-                method_id: 40,
-                ..e
-            };
-            self.close_channel(ch, &e);
-            return Ok(());
+            )));
         }
         p.header = Some((header.body_size, header.properties, raw_properties));
         if header.body_size == 0 {

@@ -433,19 +433,16 @@ impl Conn {
                 }
             };
             match result {
-                Ok(()) if self.closing_done() => return,
+                Ok(()) if self.closing => return,
                 Ok(()) => {}
                 Err(e) if e.is_hard() => {
                     self.close_connection(&e).await;
                     return;
                 }
+                // Channel errors close their channel where they arise.
                 Err(e) => warn!("channel error escaped its channel: {e}"),
             }
         }
-    }
-
-    fn closing_done(&self) -> bool {
-        self.closing
     }
 
     async fn on_frame(
@@ -467,8 +464,36 @@ impl Conn {
             Inbound::Header(0, ..) | Inbound::Body(0, _) => {
                 Err(AmqpError::unexpected_frame("content frame on channel 0"))
             }
-            Inbound::Header(ch, header, props) => self.on_content_header(ch, *header, props).await,
-            Inbound::Body(ch, body) => self.on_content_body(ch, body).await,
+            Inbound::Header(ch, header, props) => {
+                let r = self.on_content_header(ch, *header, props).await;
+                self.close_channel_on_soft_error(ch, r)
+            }
+            Inbound::Body(ch, body) => {
+                let r = self.on_content_body(ch, body).await;
+                self.close_channel_on_soft_error(ch, r)
+            }
+        }
+    }
+
+    /// A message's content completes a `basic.publish`: a soft error storing it
+    /// (its queue is led elsewhere, the log refused it) closes the channel as the
+    /// publish's own error would, so a confirming publisher is not left waiting.
+    fn close_channel_on_soft_error(
+        &mut self,
+        ch: u16,
+        r: Result<(), AmqpError>,
+    ) -> Result<(), AmqpError> {
+        match r {
+            Err(e) if !e.is_hard() => {
+                let e = AmqpError {
+                    class_id: 60,
+                    method_id: 40,
+                    ..e
+                };
+                self.close_channel(ch, &e);
+                Ok(())
+            }
+            other => other,
         }
     }
 

@@ -56,7 +56,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// The next frame, `None` at a clean end of stream. `frame_max` bounds the whole
-    /// frame (0: no limit beyond u32). Cancel-safe: bytes read stay buffered.
+    /// frame (at least 4096 once tuned). Cancel-safe: bytes read stay buffered.
     pub(crate) async fn next(&mut self, frame_max: u32) -> Result<Option<Inbound>, FrameError> {
         loop {
             if let Some(frame) = parse_one(&mut self.buf, frame_max)? {
@@ -92,7 +92,7 @@ pub(crate) fn parse_one(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Inb
     }
     let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]);
     let total = u64::from(size) + u64::from(FRAME_OVERHEAD);
-    if frame_max != 0 && total > u64::from(frame_max) {
+    if total > u64::from(frame_max) {
         return Err(FrameError::TooLarge {
             size: total,
             max: frame_max,

@@ -121,6 +121,9 @@ enum Command {
     },
     Status {
         reply: oneshot::Sender<QueueStatus>,
+        /// A client's look (a declaration) is a use that restarts `x-expires`;
+        /// the operator's listing is not.
+        is_use: bool,
     },
     /// The queue is deleted: consumers are told, the actor stops.
     Close,
@@ -316,9 +319,19 @@ impl QueueLink {
         rx.await.map_err(|_| gone(&self.name))
     }
 
+    /// The counts, as a client's declaration sees them (a use of the queue).
     pub(crate) async fn status(&self) -> Result<QueueStatus, AmqpError> {
+        self.counts(true).await
+    }
+
+    /// The counts, as the operator sees them (not a use: `x-expires` runs on).
+    pub(crate) async fn peek(&self) -> Result<QueueStatus, AmqpError> {
+        self.counts(false).await
+    }
+
+    async fn counts(&self, is_use: bool) -> Result<QueueStatus, AmqpError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Status { reply });
+        self.send(Command::Status { reply, is_use });
         rx.await.map_err(|_| gone(&self.name))
     }
 
@@ -566,8 +579,10 @@ impl Actor {
                 self.advance_head();
                 let _ = reply.send(purged);
             }
-            Command::Status { reply } => {
-                self.last_used = Instant::now();
+            Command::Status { reply, is_use } => {
+                if is_use {
+                    self.last_used = Instant::now();
+                }
                 let _ = reply.send(QueueStatus {
                     ready: self.ready_count(),
                     unacked: u32::try_from(self.unacked.len()).unwrap_or(u32::MAX),

@@ -129,7 +129,6 @@ impl Router {
             return;
         };
         let before = queues.len();
-        let mut matched_any = false;
         let key_words: Vec<&str> = if e.kind == Kind::Topic {
             routing_key.split('.').collect()
         } else {
@@ -145,7 +144,6 @@ impl Router {
             if !hit {
                 continue;
             }
-            matched_any = true;
             match &r.destination {
                 Destination::Queue(q) => {
                     queues.insert(q.clone());
@@ -155,7 +153,8 @@ impl Router {
                 }
             }
         }
-        if (!matched_any || queues.len() == before) && e.alternate.is_some() {
+        // Routed to no queue: the alternate exchange takes it.
+        if queues.len() == before {
             if let Some(alt) = &e.alternate {
                 self.route_into(alt, routing_key, headers, queues, seen, hops + 1);
             }
