@@ -40,21 +40,59 @@ struct Cluster {
     _tmp: tempfile::TempDir,
 }
 
-/// A port that was free a moment ago (the Raft peers must be known up front).
+/// A Raft port no other cluster of this test run has used (the Raft peers must be
+/// known up front, so the port cannot come from binding `:0`).
 ///
 /// Chosen below the kernel's ephemeral range (32768 and up by default): a port
 /// the kernel handed out could be taken again, by another test's outgoing
 /// connection or `:0` listener, between this check and the node's bind.
+///
+/// Never handed out twice in one run, across the run's test processes: a
+/// cluster whose node was killed keeps sending Raft messages to that node's
+/// port, and a fresh cluster listening there would take them as its own
+/// peers' (two "node 1"s in one term). Each port is claimed by creating a file
+/// in a directory shared by the run's processes.
 fn free_port() -> u16 {
     use std::hash::{BuildHasher, RandomState};
+    let claims = port_claims();
     let seed = RandomState::new();
     for attempt in 0u64.. {
         let port = 20_000 + (seed.hash_one(attempt) % 12_000) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let claimed = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(claims.join(port.to_string()))
+            .is_ok();
+        if claimed && TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
     unreachable!("the loop above returns")
+}
+
+/// The directory where this test run's processes claim ports: one per nextest
+/// run, or per process under `cargo test` (which runs every test in one).
+/// Directories of runs older than a day are removed.
+fn port_claims() -> std::path::PathBuf {
+    const PREFIX: &str = "sluice-it-raft-ports-";
+    let run = std::env::var("NEXTEST_RUN_ID").unwrap_or_else(|_| std::process::id().to_string());
+    let tmp = std::env::temp_dir();
+    if let Ok(entries) = std::fs::read_dir(&tmp) {
+        for e in entries.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(86_400));
+            if old && e.file_name().to_string_lossy().starts_with(PREFIX) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let dir = tmp.join(format!("{PREFIX}{run}"));
+    std::fs::create_dir_all(&dir).expect("create the port claims directory");
+    dir
 }
 
 impl Cluster {
