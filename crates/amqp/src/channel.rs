@@ -20,7 +20,7 @@ use crate::frame::{put, put_method};
 use crate::message::{encode_batch, Publication, Stored};
 use crate::model::encode_table;
 use crate::ops::{no_exchange, ExchangeDeclaration, QueueDeclaration, Who};
-use crate::queue::{ConsumerSpec, Credit, Event, Outcome, QueueLink};
+use crate::queue::{ConsumerSpec, Credit, Event, Outcome, QueueLink, StreamStart};
 use crate::short;
 
 /// What confirm tasks tell the connection.
@@ -594,6 +594,11 @@ impl Conn {
                 let name = c.queue.as_str();
                 self.broker.queue_state(&vhost, name, self.who())?;
                 let link = self.broker.queue(&vhost, name)?;
+                let start = if link.is_stream() {
+                    StreamStart::parse(&c.arguments)?
+                } else {
+                    StreamStart::default()
+                };
                 let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
                     Arc::from(format!("amq.ctag-{}", uuid::Uuid::new_v4().simple()))
                 } else {
@@ -628,6 +633,7 @@ impl Conn {
                     own: credit,
                     shared,
                     events: events.clone(),
+                    start,
                 };
                 if let Err(e) = link.consume(spec).await {
                     if let Some(chan) = self.channels.get_mut(&ch) {
@@ -775,6 +781,14 @@ impl Conn {
                 }
             }
         };
+        if outcome != Outcome::Ack {
+            if let Some((_, u)) = settled.iter().find(|(_, u)| u.queue.is_stream()) {
+                return Err(AmqpError::not_implemented(format!(
+                    "basic.nack and basic.reject not supported by stream queues queue '{}' in vhost '{}'",
+                    u.queue.name, u.queue.vhost
+                )));
+            }
+        }
         if let Some(tx) = chan.tx.as_mut() {
             for (tag, u) in settled {
                 tx.settle_tags.push(tag);
@@ -979,11 +993,12 @@ impl Conn {
                 }
                 continue;
             }
-            let appended = link.leadership.append(&batch).map_err(|e| {
+            let leadership = link.leadership_for(&p.routing_key);
+            let appended = leadership.append(&batch).map_err(|e| {
                 AmqpError::unavailable(format!("cannot store message in queue '{q}': {e}"))
             })?;
             link.count_published();
-            waits.push((link.leadership.clone(), appended.end_offset));
+            waits.push((leadership.clone(), appended.end_offset));
         }
         Ok((waits, refused))
     }

@@ -21,8 +21,11 @@
 //!
 //! Queue arguments served: message TTLs, `x-expires`, length limits with the
 //! three overflow modes, dead-lettering (`x-death` as RabbitMQ writes it), single
-//! active consumer. Not yet served (refused with a clear error, never ignored):
-//! priorities, delivery limits, stream queues; queues led by another node of a
+//! active consumer. Stream queues (`x-queue-type=stream`, `queue/stream.rs`) are
+//! read without consuming, from the position `x-stream-offset` names; with
+//! `x-stream-topic` a stream reads (and appends to) an existing Kafka topic, all
+//! its partitions. Not yet served (refused with a clear error, never ignored):
+//! priorities, delivery limits; queues led by another node of a
 //! cluster. Transactions (`tx.*`) hold publishes and settlements until commit.
 
 mod admin;
@@ -228,17 +231,27 @@ impl Broker {
         if let Some(link) = queues.get(&q.topic).filter(|l| l.is_alive()) {
             return Ok(link.clone());
         }
-        let Some(leadership) = self.topology.leadership(&q.topic, 0) else {
-            let leader = image
-                .topics
-                .get(&q.topic)
-                .and_then(|t| t.partitions.first())
-                .map(|p| p.leader);
-            return Err(AmqpError::unavailable(format!(
-                "queue '{name}' in vhost '{vhost}' is led by node {}; this release serves a queue on the node that leads it",
-                leader.map_or_else(|| "none".to_owned(), |l| l.to_string())
-            )));
-        };
+        let partitions = image.topics.get(&q.topic).map_or(1, |t| t.partitions.len());
+        let mut leaderships = Vec::with_capacity(partitions);
+        for p in 0..partitions {
+            let led = i32::try_from(p)
+                .ok()
+                .and_then(|p| self.topology.leadership(&q.topic, p));
+            let Some(leadership) = led else {
+                let leader = image
+                    .topics
+                    .get(&q.topic)
+                    .and_then(|t| t.partitions.get(p))
+                    .map(|p| p.leader);
+                return Err(AmqpError::unavailable(format!(
+                    "queue '{name}' in vhost '{vhost}' (partition {p} of topic '{}') is led by node {}; this release serves a queue on the node that leads it",
+                    q.topic,
+                    leader.map_or_else(|| "none".to_owned(), |l| l.to_string())
+                )));
+            };
+            leaderships.push(leadership);
+        }
+        let leadership = leaderships.remove(0);
         let args = model::queue_arguments(name, vhost, &model::decode_table(&q.arguments))
             .unwrap_or_else(|e| {
                 warn!(
@@ -266,12 +279,14 @@ impl Broker {
         };
         let spec = queue::QueueSpec {
             name: Arc::from(name),
+            vhost: Arc::from(vhost),
             auto_delete: q.auto_delete,
             args,
         };
         let link = queue::start(
             spec,
             leadership,
+            leaderships,
             queue::Hooks {
                 delete,
                 dead_letter,
@@ -311,7 +326,11 @@ impl Broker {
                 let appended = self
                     .queue(vhost, &q)
                     .map_err(|e| e.to_string())
-                    .and_then(|link| link.leadership.append(&batch).map_err(|e| e.to_string()));
+                    .and_then(|link| {
+                        link.leadership_for(&m.routing_key)
+                            .append(&batch)
+                            .map_err(|e| e.to_string())
+                    });
                 if let Err(e) = appended {
                     warn!(queue = %q, vhost, "dead-lettered message not stored: {e}");
                 }

@@ -9,7 +9,8 @@
 //! | header `amqp.properties` | the content properties exactly as the publisher encoded them (AMQP 0-9-1 property flags and fields) |
 //! | timestamp | when the broker received it (ms since the epoch) |
 //!
-//! A record without `amqp.properties` (produced over Kafka) is delivered with no
+//! A record without `amqp.properties` (produced over Kafka) is delivered with its
+//! Kafka headers as AMQP headers (values as long strings) and no other
 //! properties, its key as the routing key.
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -127,12 +128,13 @@ fn stored(rec: Record) -> Stored {
             .map(|v| String::from_utf8_lossy(v).into_owned())
     };
     let exchange = text(rec.headers.get(EXCHANGE_HEADER.as_bytes())).unwrap_or_default();
-    let properties = rec
-        .headers
-        .get(PROPERTIES_HEADER.as_bytes())
-        .and_then(|v| v.as_ref())
-        .and_then(|raw| parse_properties(&raw[..]).ok().map(|(_, p)| p))
-        .unwrap_or_default();
+    let properties = match rec.headers.get(PROPERTIES_HEADER.as_bytes()) {
+        Some(raw) => raw
+            .as_ref()
+            .and_then(|raw| parse_properties(&raw[..]).ok().map(|(_, p)| p))
+            .unwrap_or_default(),
+        None => kafka_properties(&rec),
+    };
     let routing_key = rec
         .key
         .as_ref()
@@ -146,6 +148,26 @@ fn stored(rec: Record) -> Stored {
         properties,
         body: rec.value.unwrap_or_default(),
     }
+}
+
+/// The properties of a record produced over Kafka: its headers as AMQP headers
+/// (values as long strings, a null value as void).
+fn kafka_properties(rec: &Record) -> AMQPProperties {
+    if rec.headers.is_empty() {
+        return AMQPProperties::default();
+    }
+    let mut table = FieldTable::default();
+    for (name, value) in &rec.headers {
+        let value = match value {
+            Some(v) => AMQPValue::LongString(v.to_vec().into()),
+            None => AMQPValue::Void,
+        };
+        table.insert(
+            String::from_utf8_lossy(name.as_bytes()).as_ref().into(),
+            value,
+        );
+    }
+    AMQPProperties::default().with_headers(table)
 }
 
 impl Stored {

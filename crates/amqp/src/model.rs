@@ -71,7 +71,7 @@ pub(crate) fn same_exchange(existing: &ExchangeState, wanted: &ExchangeState) ->
 /// Queue arguments that must match on redeclaration, as RabbitMQ checks them (an
 /// argument it does not check, such as `x-single-active-consumer` changes, is
 /// ignored likewise).
-const EQUIVALENT_ARGS: [&str; 9] = [
+const EQUIVALENT_ARGS: [&str; 10] = [
     "x-dead-letter-exchange",
     "x-dead-letter-routing-key",
     "x-expires",
@@ -81,6 +81,7 @@ const EQUIVALENT_ARGS: [&str; 9] = [
     "x-message-ttl",
     "x-overflow",
     "x-queue-type",
+    "x-stream-topic",
 ];
 
 /// Why a redeclaration does not match the queue as it exists, if it does not.
@@ -177,6 +178,24 @@ fn describe(v: Option<&AMQPValue>) -> String {
     }
 }
 
+/// A duration as RabbitMQ writes `x-max-age` and `x-stream-offset` intervals: a
+/// positive number and one of the units Y, M, D, h, m, s (a year is 365 days, a
+/// month 30), in milliseconds.
+pub(crate) fn parse_age(text: &str) -> Option<u64> {
+    let unit = text.chars().last()?;
+    let secs: u64 = match unit {
+        'Y' => 365 * 86_400,
+        'M' => 30 * 86_400,
+        'D' => 86_400,
+        'h' => 3_600,
+        'm' => 60,
+        's' => 1,
+        _ => return None,
+    };
+    let n: u64 = text[..text.len() - 1].parse().ok()?;
+    (n > 0).then_some(n)?.checked_mul(secs)?.checked_mul(1000)
+}
+
 /// Queue arguments RabbitMQ gives a meaning that Sluice does not implement yet: a
 /// declaration that sets one is refused rather than silently given other
 /// semantics.
@@ -208,7 +227,37 @@ pub(crate) struct QueueArgs {
     pub dead_letter_exchange: Option<String>,
     pub dead_letter_routing_key: Option<String>,
     pub single_active_consumer: bool,
+    pub kind: QueueKind,
+    /// `x-max-age` of a stream queue, milliseconds.
+    pub max_age: Option<u64>,
+    /// `x-stream-max-segment-size-bytes` of a stream queue.
+    pub segment_bytes: Option<u64>,
+    /// `x-stream-topic` (Sluice's): the stream queue reads and appends to this
+    /// existing topic (a Kafka topic) instead of a topic of its own.
+    pub topic: Option<String>,
 }
+
+/// `x-queue-type`. Classic and quorum queues are served alike (durable and, in a
+/// cluster, replicated); a stream queue is read without consuming.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum QueueKind {
+    #[default]
+    Classic,
+    Quorum,
+    Stream,
+}
+
+/// The arguments a stream queue takes (RabbitMQ refuses the others with 406).
+const STREAM_ARGS: [&str; 8] = [
+    "x-queue-type",
+    "x-stream-topic",
+    "x-max-length-bytes",
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
+    "x-initial-cluster-size",
+    "x-queue-leader-locator",
+    "x-stream-filter-size-bytes",
+];
 
 impl QueueArgs {
     pub(crate) fn is_bounded(&self) -> bool {
@@ -237,17 +286,46 @@ pub(crate) fn queue_arguments(
         value_text(v).ok_or_else(|| invalid(key, "{unacceptable_type,...}"))
     };
     let mut args = QueueArgs::default();
+    if let Some(v) = arguments.inner().get("x-queue-type") {
+        args.kind = match value_text(v).unwrap_or_default().as_str() {
+            "classic" => QueueKind::Classic,
+            "quorum" => QueueKind::Quorum,
+            "stream" => QueueKind::Stream,
+            t => {
+                return Err(AmqpError::precondition(format!(
+                    "invalid arg 'x-queue-type': queue type '{t}' is not supported"
+                )))
+            }
+        };
+    }
     for (key, v) in arguments.inner() {
         let key = key.as_str();
+        if args.kind == QueueKind::Stream && key.starts_with("x-") && !STREAM_ARGS.contains(&key) {
+            return Err(AmqpError::precondition(format!(
+                "invalid arg '{key}' for queue '{name}' in vhost '{vhost}' of queue type rabbit_stream_queue"
+            )));
+        }
         match key {
-            "x-queue-type" => {
-                let t = value_text(v).unwrap_or_default();
-                if !matches!(t.as_str(), "classic" | "quorum") {
-                    return Err(AmqpError::precondition(format!(
-                        "invalid arg 'x-queue-type': queue type '{t}' is not supported"
+            "x-queue-type" => {}
+            "x-max-age" => {
+                let text = text(key, v)?;
+                args.max_age =
+                    Some(parse_age(&text).ok_or_else(|| invalid(key, "invalid_max_age"))?);
+            }
+            "x-stream-topic" => {
+                let topic = text(key, v)?;
+                if topic.is_empty() {
+                    return Err(invalid(key, "empty topic name"));
+                }
+                // The broker's own logs are written only by the broker.
+                if sluice_vocab::internal::is_internal(&topic) {
+                    return Err(AmqpError::access_refused(format!(
+                        "topic '{topic}' is internal to the broker"
                     )));
                 }
+                args.topic = Some(topic);
             }
+            "x-stream-max-segment-size-bytes" => args.segment_bytes = Some(non_negative(key, v)?),
             "x-message-ttl" => args.message_ttl = Some(non_negative(key, v)?),
             "x-expires" => {
                 let ms = non_negative(key, v)?;
@@ -281,6 +359,12 @@ pub(crate) fn queue_arguments(
             }
             _ => {}
         }
+    }
+    if args.topic.is_some() && args.kind != QueueKind::Stream {
+        return Err(invalid(
+            "x-stream-topic",
+            "only a stream queue (x-queue-type=stream) reads a topic",
+        ));
     }
     if args.dead_letter_routing_key.is_some() && args.dead_letter_exchange.is_none() {
         return Err(AmqpError::precondition(format!(

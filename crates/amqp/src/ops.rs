@@ -12,7 +12,9 @@ use sluice_topology::amqp::{
 };
 
 use crate::error::AmqpError;
-use crate::model::{encode_table, queue_arguments, queue_mismatch, queue_topic, same_exchange};
+use crate::model::{
+    encode_table, queue_arguments, queue_mismatch, queue_topic, same_exchange, QueueKind,
+};
 use crate::queue::QueueStatus;
 use crate::{no_queue, Broker};
 
@@ -134,7 +136,21 @@ impl Broker {
             let q = existing.ok_or_else(|| no_queue(vhost, &name))?;
             self.check_exclusive(vhost, &name, &q, who)?;
         } else {
-            queue_arguments(&name, vhost, d.arguments)?;
+            let args = queue_arguments(&name, vhost, d.arguments)?;
+            if args.kind == QueueKind::Stream {
+                // A stream is a log read many times over: it outlives its
+                // declarer, as RabbitMQ requires.
+                let refused = [
+                    (!d.durable, "non-durable"),
+                    (d.exclusive, "exclusive-owner"),
+                    (d.auto_delete, "auto-delete"),
+                ];
+                if let Some((_, property)) = refused.iter().find(|(bad, _)| *bad) {
+                    return Err(AmqpError::precondition(format!(
+                        "invalid property '{property}' for queue '{name}' in vhost '{vhost}'"
+                    )));
+                }
+            }
             let check = |q: &QueueState| {
                 self.check_exclusive(vhost, &name, q, who)?;
                 match queue_mismatch(
@@ -161,12 +177,22 @@ impl Broker {
                             )),
                             (false, _) => None,
                         };
-                    let queue = QueueState {
-                        topic: queue_topic(vhost, &name).ok_or_else(|| {
+                    let topic = match &args.topic {
+                        Some(topic) => topic.clone(),
+                        None => queue_topic(vhost, &name).ok_or_else(|| {
                             AmqpError::precondition(format!(
                                 "queue name '{name}' is too long for its topic name (at most 249 characters once escaped)"
                             ))
                         })?,
+                    };
+                    if args.topic.is_some() && !image.topics.contains_key(&topic) {
+                        return Err(AmqpError::not_found(format!(
+                            "no topic '{topic}' for stream queue '{name}' in vhost '{vhost}'"
+                        )));
+                    }
+                    let queue = QueueState {
+                        topic,
+                        attached: args.topic.is_some(),
                         durable: d.durable,
                         auto_delete: d.auto_delete,
                         exclusive_owner: owner,
@@ -174,9 +200,19 @@ impl Broker {
                         arguments: encode_table(d.arguments),
                     };
                     let mut topic_configs = BTreeMap::new();
-                    // Messages leave a queue when acknowledged, never by age.
-                    topic_configs.insert("retention.ms".to_owned(), "-1".to_owned());
-                    topic_configs.insert("retention.bytes".to_owned(), "-1".to_owned());
+                    // Messages leave a queue when acknowledged, never by age; a
+                    // stream keeps them until its retention drops them.
+                    let limit =
+                        |v: Option<u64>| v.map_or_else(|| "-1".to_owned(), |v| v.to_string());
+                    let (retention_ms, retention_bytes) = match args.kind {
+                        QueueKind::Stream => (limit(args.max_age), limit(args.max_length_bytes)),
+                        _ => (limit(None), limit(None)),
+                    };
+                    topic_configs.insert("retention.ms".to_owned(), retention_ms);
+                    topic_configs.insert("retention.bytes".to_owned(), retention_bytes);
+                    if let Some(segment) = args.segment_bytes {
+                        topic_configs.insert("segment.bytes".to_owned(), segment.to_string());
+                    }
                     // One message is one batch: room for the largest body accepted
                     // and its properties (at most one frame).
                     let largest =

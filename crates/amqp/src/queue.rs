@@ -23,7 +23,10 @@ use tokio::time::Instant;
 
 use crate::error::AmqpError;
 use crate::message::{decode_batches, now_ms, Publication, Stored};
-use crate::model::{Overflow, QueueArgs};
+use crate::model::{Overflow, QueueArgs, QueueKind};
+
+mod stream;
+pub(crate) use stream::StreamStart;
 
 /// How much of the log one read brings into memory.
 const READ_AHEAD_BYTES: usize = 256 * 1024;
@@ -81,6 +84,8 @@ pub(crate) struct ConsumerSpec {
     pub own: Arc<Credit>,
     pub shared: Arc<Credit>,
     pub events: mpsc::Sender<Event>,
+    /// Where a stream queue's consumer starts (other queues ignore it).
+    pub start: StreamStart,
 }
 
 /// A message for `basic.get`.
@@ -155,8 +160,13 @@ pub struct QueueStatus {
 #[derive(Debug, Clone)]
 pub(crate) struct QueueLink {
     tx: mpsc::UnboundedSender<Command>,
+    /// Partition 0 of its topic: a queue's only partition.
     pub leadership: Leadership,
+    /// Every partition of its topic (a stream attached to a Kafka topic may have
+    /// several), led here.
+    partitions: Arc<[Leadership]>,
     pub name: Arc<str>,
+    pub vhost: Arc<str>,
     pub args: Arc<QueueArgs>,
     gauge: Arc<Gauge>,
     id: u64,
@@ -206,6 +216,7 @@ pub(crate) struct Hooks {
 /// A queue as its actor serves it.
 pub(crate) struct QueueSpec {
     pub name: Arc<str>,
+    pub vhost: Arc<str>,
     pub auto_delete: bool,
     pub args: QueueArgs,
 }
@@ -218,7 +229,18 @@ impl PartialEq for QueueLink {
 
 impl QueueLink {
     pub(crate) fn is_alive(&self) -> bool {
-        !self.tx.is_closed() && self.leadership.is_current()
+        !self.tx.is_closed() && self.partitions.iter().all(Leadership::is_current)
+    }
+
+    /// The partition a message with this routing key is appended to: the one
+    /// Kafka's default partitioner picks for the same record key.
+    pub(crate) fn leadership_for(&self, routing_key: &str) -> &Leadership {
+        let n = i32::try_from(self.partitions.len()).unwrap_or(i32::MAX);
+        let p = sluice_vocab::partition_for_key(routing_key.as_bytes(), n);
+        usize::try_from(p)
+            .ok()
+            .and_then(|p| self.partitions.get(p))
+            .unwrap_or(&self.leadership)
     }
 
     pub(crate) async fn consume(&self, spec: ConsumerSpec) -> Result<(), AmqpError> {
@@ -242,7 +264,24 @@ impl QueueLink {
         });
     }
 
+    pub(crate) fn is_stream(&self) -> bool {
+        self.args.kind == QueueKind::Stream
+    }
+
+    /// A stream is read by consumers only, as in RabbitMQ (540, closing the
+    /// connection).
+    fn refuse_on_stream(&self, what: &str) -> Result<(), AmqpError> {
+        if self.is_stream() {
+            return Err(AmqpError::not_implemented(format!(
+                "{what} not supported by stream queues queue '{}' in vhost '{}'",
+                self.name, self.vhost
+            )));
+        }
+        Ok(())
+    }
+
     pub(crate) async fn get(&self, no_ack: bool) -> Result<Option<Got>, AmqpError> {
+        self.refuse_on_stream("basic.get")?;
         let (reply, rx) = oneshot::channel();
         self.send(Command::Get { no_ack, reply });
         rx.await.map_err(|_| gone(&self.name))
@@ -314,6 +353,7 @@ impl QueueLink {
     }
 
     pub(crate) async fn purge(&self) -> Result<u32, AmqpError> {
+        self.refuse_on_stream("queue.purge")?;
         let (reply, rx) = oneshot::channel();
         self.send(Command::Purge { reply });
         rx.await.map_err(|_| gone(&self.name))
@@ -352,8 +392,16 @@ fn gone(name: &str) -> AmqpError {
     ))
 }
 
-/// Starts the actor of a queue this node leads.
-pub(crate) fn start(spec: QueueSpec, leadership: Leadership, hooks: Hooks) -> QueueLink {
+/// Starts the actor of a queue this node leads: `leadership` is partition 0 of its
+/// topic, `more` the others (a queue has one; a stream over a Kafka topic may
+/// have more).
+pub(crate) fn start(
+    spec: QueueSpec,
+    leadership: Leadership,
+    more: Vec<Leadership>,
+    hooks: Hooks,
+) -> QueueLink {
+    let partitions: Vec<Leadership> = std::iter::once(leadership.clone()).chain(more).collect();
     static IDS: AtomicU64 = AtomicU64::new(1);
     let (tx, rx) = mpsc::unbounded_channel();
     let partition = leadership.partition().clone();
@@ -364,11 +412,17 @@ pub(crate) fn start(spec: QueueSpec, leadership: Leadership, hooks: Hooks) -> Qu
     let link = QueueLink {
         tx: tx.clone(),
         leadership: leadership.clone(),
+        partitions: partitions.clone().into(),
         name: spec.name.clone(),
+        vhost: spec.vhost.clone(),
         args: args.clone(),
         gauge: gauge.clone(),
         id: IDS.fetch_add(1, Ordering::Relaxed),
     };
+    if args.kind == QueueKind::Stream {
+        stream::start(link.clone(), rx, partitions, gauge);
+        return link;
+    }
     let actor = Actor {
         name: spec.name,
         link: link.clone(),
@@ -482,8 +536,8 @@ impl Actor {
                     || (spec.exclusive && !self.consumers.is_empty());
                 let r = if locked {
                     Err(AmqpError::access_refused(format!(
-                        "queue '{}' in vhost '/' in exclusive use",
-                        self.name
+                        "queue '{}' in vhost '{}' in exclusive use",
+                        self.name, self.link.vhost
                     )))
                 } else {
                     self.had_consumer = true;

@@ -57,6 +57,10 @@ pub struct QueueState {
     pub declared_by: String,
     /// The declaration's arguments, an encoded AMQP field table.
     pub arguments: Vec<u8>,
+    /// A stream queue declared over an existing topic (a Kafka topic read over
+    /// AMQP): the queue does not own it, so deleting the queue leaves the topic.
+    #[serde(default)]
+    pub attached: bool,
 }
 
 /// What a binding connects.
@@ -88,7 +92,8 @@ pub enum AmqpCommand {
     /// Removes the exchange and every binding from or to it.
     DeleteExchange { vhost: String, name: String },
     /// Creates the queue and its topic unless the queue exists (an existing one is
-    /// left as it is). TOPIC_ALREADY_EXISTS when its topic exists without it.
+    /// left as it is). TOPIC_ALREADY_EXISTS when its topic exists without it; for
+    /// an `attached` queue the topic must exist instead (UNKNOWN_TOPIC_OR_PARTITION).
     DeclareQueue {
         vhost: String,
         name: String,
@@ -205,8 +210,14 @@ impl MetadataImage {
                 {
                     return Ok(CommandOutput::Done);
                 }
-                let created =
-                    self.create_topic(index, &queue.topic, 1, *replication_factor, topic_configs)?;
+                let created = if queue.attached {
+                    if !self.topics.contains_key(&queue.topic) {
+                        return Err(CommandError::UnknownTopicOrPartition);
+                    }
+                    CommandOutput::Done
+                } else {
+                    self.create_topic(index, &queue.topic, 1, *replication_factor, topic_configs)?
+                };
                 let v = self.amqp.vhosts.entry(vhost.clone()).or_default();
                 v.queues.insert(name.clone(), queue.clone());
                 Ok(created)
@@ -223,7 +234,9 @@ impl MetadataImage {
                     .ok_or(CommandError::UnknownTopicOrPartition)?;
                 let gone = Destination::Queue(name.clone());
                 v.bindings.retain(|b| b.destination != gone);
-                self.topics.remove(&q.topic);
+                if !q.attached {
+                    self.topics.remove(&q.topic);
+                }
                 Ok(CommandOutput::Done)
             }
             AmqpCommand::Bind { vhost, binding } => {

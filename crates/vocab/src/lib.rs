@@ -16,9 +16,11 @@ mod config;
 mod error_code;
 mod error_code_table;
 pub mod internal;
+mod partitioner;
 mod topic;
 
 pub use config::{ConfigError, TopicConfig};
 pub use error_code::{KafkaError, Refused};
 pub use error_code_table::ErrorCode;
+pub use partitioner::partition_for_key;
 pub use topic::{InvalidTopicName, TopicName, MAX_TOPIC_NAME_LEN};

@@ -846,6 +846,7 @@ mod amqp_model {
             exclusive_owner: None,
             declared_by: "1:7".to_owned(),
             arguments: Vec::new(),
+            attached: false,
         }
     }
 
@@ -903,6 +904,50 @@ mod amqp_model {
             img.apply(i, &delete),
             Err(CommandError::UnknownTopicOrPartition)
         );
+    }
+
+    #[test]
+    fn a_stream_attached_to_a_topic_needs_it_and_leaves_it_when_deleted() {
+        let (mut img, mut i) = cluster(1);
+        let attach = Command::Amqp(AmqpCommand::DeclareQueue {
+            vhost: "/".to_owned(),
+            name: "orders-stream".to_owned(),
+            queue: QueueState {
+                attached: true,
+                ..queue("orders")
+            },
+            replication_factor: 1,
+            topic_configs: BTreeMap::new(),
+        });
+        i += 1;
+        assert_eq!(
+            img.apply(i, &attach),
+            Err(CommandError::UnknownTopicOrPartition)
+        );
+        assert!(img.vhost("/").is_none_or(|v| v.queues.is_empty()));
+        i += 1;
+        img.apply(i, &create("orders", 3, 1)).unwrap();
+        i += 1;
+        assert_eq!(img.apply(i, &attach), Ok(CommandOutput::Done));
+        i += 1;
+        let delete = Command::Amqp(AmqpCommand::DeleteQueue {
+            vhost: "/".to_owned(),
+            name: "orders-stream".to_owned(),
+        });
+        assert_eq!(img.apply(i, &delete), Ok(CommandOutput::Done));
+        assert_eq!(img.topics["orders"].partitions.len(), 3);
+        // Deleting the topic over Kafka takes an attached queue with it.
+        i += 1;
+        img.apply(i, &attach).unwrap();
+        i += 1;
+        img.apply(
+            i,
+            &Command::DeleteTopic {
+                name: "orders".to_owned(),
+            },
+        )
+        .unwrap();
+        assert!(img.vhost("/").unwrap().queues.is_empty());
     }
 
     #[test]
