@@ -36,8 +36,9 @@ def _listening(port: int) -> bool:
 class RabbitMQ:
     """One private rabbitmq-server process."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, extra_conf: str = ""):
         self.dir = Path(workdir)
+        self.extra_conf = extra_conf
         self.port = free_port()
         self.dist_port = free_port()
         self.epmd_port = free_port()
@@ -53,7 +54,7 @@ class RabbitMQ:
         # Remote guest logins are allowed as in RabbitMQ's Docker image; the
         # loopback-only default is checked against Sluice alone.
         (self.dir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n"
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n{self.extra_conf}"
         )
         env = dict(os.environ)
         env.update(

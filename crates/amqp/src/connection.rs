@@ -113,8 +113,13 @@ pub(crate) async fn serve(
     ));
     let id = broker.next_connection_id();
     let owner = broker.owner_tag(id);
+    let alarm = broker.alarm.clone();
     let mut conn = Conn {
         broker,
+        alarm,
+        wants_blocked: false,
+        held: None,
+        told_blocked: false,
         id,
         owner,
         peer,
@@ -150,6 +155,11 @@ pub(crate) async fn serve(
     let _ = writer.await;
 }
 
+fn is_publish(frame: &Inbound) -> bool {
+    matches!(frame, Inbound::Method(_, m)
+        if matches!(**m, AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Publish(_))))
+}
+
 async fn read_loop(
     mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
     tx: mpsc::Sender<Result<Inbound, FrameError>>,
@@ -171,6 +181,14 @@ async fn read_loop(
 
 pub(crate) struct Conn {
     pub broker: Arc<Broker>,
+    alarm: crate::ResourceAlarm,
+    /// The client listed the `connection.blocked` capability.
+    wants_blocked: bool,
+    /// A publish that arrived under a resource alarm, handled once it clears;
+    /// until then nothing more is read from this connection.
+    held: Option<Inbound>,
+    /// `connection.blocked` was sent and `unblocked` is owed.
+    told_blocked: bool,
     pub id: u64,
     /// What exclusive queues of this connection record as their owner.
     pub owner: String,
@@ -244,6 +262,11 @@ impl Conn {
             None => return Ok(false),
         };
         self.authenticate(&start_ok)?;
+        self.wants_blocked = matches!(
+            start_ok.client_properties.inner().get("capabilities"),
+            Some(AMQPValue::FieldTable(caps))
+                if matches!(caps.inner().get("connection.blocked"), Some(AMQPValue::Boolean(true)))
+        );
 
         let config = self.broker.config.clone();
         let mut buf = Vec::new();
@@ -410,12 +433,29 @@ impl Conn {
                     Some(n) => { self.on_notice(n); Ok(()) }
                     None => Ok(()),
                 },
-                f = self.frames.recv() => match f {
+                f = self.frames.recv(), if self.held.is_none() => match f {
                     None => return,
                     Some(Err(e)) => Err(frame_error(&e)),
                     Some(Ok(frame)) => {
                         last_read = Instant::now();
-                        self.on_frame(frame, &events_tx, &notices_tx).await
+                        if is_publish(&frame) && self.alarm.borrow().is_some() {
+                            self.hold(frame);
+                            Ok(())
+                        } else {
+                            self.on_frame(frame, &events_tx, &notices_tx).await
+                        }
+                    }
+                },
+                changed = self.alarm.changed(), if self.held.is_some() => {
+                    // A dropped sender means nobody watches resources any more.
+                    if changed.is_err() || self.alarm.borrow().is_none() {
+                        last_read = Instant::now();
+                        match self.release_held() {
+                            Some(frame) => self.on_frame(frame, &events_tx, &notices_tx).await,
+                            None => Ok(()),
+                        }
+                    } else {
+                        Ok(())
                     }
                 },
                 e = events.recv(), if room => match e {
@@ -424,7 +464,14 @@ impl Conn {
                 },
                 _ = drained.notified(), if !room => Ok(()),
                 _ = ticker.tick(), if self.heartbeat > 0 => {
-                    if last_read.elapsed() > heartbeat * 2 {
+                    // A blocked connection is not read, so its heartbeats are
+                    // not seen: RabbitMQ pauses the check too.
+                    // It is not read either when the client gives up and goes:
+                    // the reader's end or a dead socket tells.
+                    if self.held.is_some() && (self.frames.is_closed() || self.out.tx.is_closed()) {
+                        return;
+                    }
+                    if self.held.is_none() && last_read.elapsed() > heartbeat * 2 {
                         info!(peer = %self.peer, "AMQP client missed heartbeats; closing");
                         return;
                     }
@@ -443,6 +490,40 @@ impl Conn {
                 Err(e) => warn!("channel error escaped its channel: {e}"),
             }
         }
+    }
+
+    /// Holds a publish that arrived under a resource alarm, telling the client
+    /// once why it is blocked.
+    fn hold(&mut self, frame: Inbound) {
+        self.held = Some(frame);
+        if self.wants_blocked && !self.told_blocked {
+            let reason = self.alarm.borrow().clone().unwrap_or_default();
+            info!(peer = %self.peer, %reason, "blocking an AMQP publisher");
+            self.told_blocked = true;
+            let mut buf = Vec::new();
+            put_method(
+                &mut buf,
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Blocked(connection::Blocked {
+                    reason: short(&reason),
+                })),
+            );
+            self.out.send(buf);
+        }
+    }
+
+    /// The alarm cleared: the held publish, after `connection.unblocked`.
+    fn release_held(&mut self) -> Option<Inbound> {
+        if std::mem::take(&mut self.told_blocked) {
+            let mut buf = Vec::new();
+            put_method(
+                &mut buf,
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Unblocked(connection::Unblocked {})),
+            );
+            self.out.send(buf);
+        }
+        self.held.take()
     }
 
     async fn on_frame(

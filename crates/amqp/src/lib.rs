@@ -99,10 +99,16 @@ impl AmqpConfig {
     }
 }
 
+/// Why publishers are held back (RabbitMQ's resource alarms: "low on disk",
+/// "low on memory"), or `None` while resources are fine. Whoever watches the
+/// node's resources holds the sender.
+pub type ResourceAlarm = watch::Receiver<Option<Arc<str>>>;
+
 /// The bound AMQP listener.
 pub struct AmqpListener {
     listener: TcpListener,
     config: AmqpConfig,
+    alarm: ResourceAlarm,
     broker: std::sync::OnceLock<Arc<Broker>>,
 }
 
@@ -112,8 +118,18 @@ impl AmqpListener {
         Ok(AmqpListener {
             listener,
             config,
+            alarm: watch::channel(None).1,
             broker: std::sync::OnceLock::new(),
         })
+    }
+
+    /// While `alarm` holds a reason, a connection that publishes is blocked: it
+    /// is sent `connection.blocked` (if it asked for it) and nothing more is read
+    /// from it until the alarm clears, as RabbitMQ does under a memory or disk
+    /// alarm. Connections that only consume keep going.
+    pub fn with_resource_alarm(mut self, alarm: ResourceAlarm) -> AmqpListener {
+        self.alarm = alarm;
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -129,7 +145,7 @@ impl AmqpListener {
 
     fn broker_for(&self, topology: Arc<dyn Topology>) -> Arc<Broker> {
         self.broker
-            .get_or_init(|| Broker::new(topology, self.config.clone()))
+            .get_or_init(|| Broker::new(topology, self.config.clone(), self.alarm.clone()))
             .clone()
     }
 
@@ -166,6 +182,7 @@ impl AmqpListener {
 pub(crate) struct Broker {
     pub topology: Arc<dyn Topology>,
     pub config: AmqpConfig,
+    pub alarm: ResourceAlarm,
     /// Queue actors on this node, by topic.
     queues: Mutex<HashMap<String, QueueLink>>,
     /// Routing tables by virtual host, for the image they were compiled from.
@@ -176,7 +193,7 @@ pub(crate) struct Broker {
 }
 
 impl Broker {
-    fn new(topology: Arc<dyn Topology>, config: AmqpConfig) -> Arc<Broker> {
+    fn new(topology: Arc<dyn Topology>, config: AmqpConfig, alarm: ResourceAlarm) -> Arc<Broker> {
         let incarnation = u64::from_le_bytes(
             uuid::Uuid::new_v4().as_bytes()[..8]
                 .try_into()
@@ -185,6 +202,7 @@ impl Broker {
         Arc::new(Broker {
             topology,
             config,
+            alarm,
             queues: Mutex::new(HashMap::new()),
             routers: Mutex::new((u64::MAX, HashMap::new())),
             incarnation,

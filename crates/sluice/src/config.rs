@@ -87,6 +87,18 @@ pub struct ServeArgs {
     /// Largest AMQP message body accepted, in bytes [default: 16777216].
     #[arg(long, env = "SLUICE_AMQP_MAX_MESSAGE_BYTES", value_name = "N")]
     pub amqp_max_message_bytes: Option<u64>,
+    /// Free bytes on the data directory's disk below which AMQP publishers are
+    /// blocked (RabbitMQ's disk_free_limit) [default: 50000000].
+    #[arg(long, env = "SLUICE_AMQP_DISK_FREE_LIMIT_BYTES", value_name = "N")]
+    pub amqp_disk_free_limit_bytes: Option<u64>,
+    /// Resident memory above which AMQP publishers are blocked (RabbitMQ's
+    /// vm_memory_high_watermark) [default: 40% of the machine's memory].
+    #[arg(
+        long,
+        env = "SLUICE_AMQP_MEMORY_HIGH_WATERMARK_BYTES",
+        value_name = "N"
+    )]
+    pub amqp_memory_high_watermark_bytes: Option<u64>,
     /// HTTP listener (/healthz, /api/v1) [default: 127.0.0.1:8080].
     #[arg(long, env = "SLUICE_HTTP_ADDR", value_name = "HOST:PORT")]
     pub http_addr: Option<String>,
@@ -215,6 +227,8 @@ pub struct AmqpSection {
     pub heartbeat_secs: Option<u16>,
     pub max_message_bytes: Option<u64>,
     pub guest_loopback_only: Option<bool>,
+    pub disk_free_limit_bytes: Option<u64>,
+    pub memory_high_watermark_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -326,6 +340,20 @@ impl FileConfig {
     }
 }
 
+/// Resource alarms: below this much free disk or above this much resident
+/// memory, AMQP publishers are blocked until it passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResourceLimits {
+    pub disk_free_bytes: u64,
+    /// `None`: 40% of the machine's memory, as RabbitMQ's default watermark.
+    pub memory_bytes: Option<u64>,
+}
+
+impl ResourceLimits {
+    /// RabbitMQ's default `disk_free_limit`.
+    pub const DEFAULT_DISK_FREE_BYTES: u64 = 50_000_000;
+}
+
 /// The merged configuration `serve` runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -333,6 +361,8 @@ pub struct Config {
     pub kafka_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub amqp: AmqpConfig,
+    /// When AMQP publishers are blocked.
+    pub resource_limits: ResourceLimits,
     pub advertised: Option<(String, u16)>,
     pub node_id: i32,
     pub flush: FlushPolicy,
@@ -404,6 +434,15 @@ impl Config {
         {
             amqp.guest_loopback_only = g;
         }
+        let resource_limits = ResourceLimits {
+            disk_free_bytes: args
+                .amqp_disk_free_limit_bytes
+                .or(file.amqp.disk_free_limit_bytes)
+                .unwrap_or(ResourceLimits::DEFAULT_DISK_FREE_BYTES),
+            memory_bytes: args
+                .amqp_memory_high_watermark_bytes
+                .or(file.amqp.memory_high_watermark_bytes),
+        };
         let advertised = args
             .advertised_kafka_addr
             .clone()
@@ -560,6 +599,7 @@ impl Config {
             kafka_addr: resolve(&kafka_addr).context("invalid Kafka listen address")?,
             http_addr: resolve(&http_addr).context("invalid HTTP listen address")?,
             amqp,
+            resource_limits,
             advertised,
             node_id,
             flush,

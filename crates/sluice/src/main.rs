@@ -9,6 +9,7 @@ mod config;
 mod http;
 mod http_amqp;
 mod logging;
+mod resources;
 mod serve;
 
 use std::io::IsTerminal;

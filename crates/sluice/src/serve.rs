@@ -75,7 +75,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
     let amqp = AmqpListener::bind(config.amqp.clone())
         .await
-        .map_err(|e| bind_error("AMQP", config.amqp.listen, e))?;
+        .map_err(|e| bind_error("AMQP", config.amqp.listen, e))?
+        .with_resource_alarm(crate::resources::watch(
+            data_dir.clone(),
+            config.resource_limits,
+        ));
     let amqp_addr = amqp.local_addr();
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_amqp::{AmqpConfig, AmqpListener};
+use sluice_amqp::{AmqpConfig, AmqpListener, ResourceAlarm};
 use sluice_group::{Coordination, GroupConfig};
 use sluice_kafka::{KafkaListener, ServerConfig};
 use sluice_log::{FlushPolicy, Store, StoreConfig, TopicConfig};
@@ -26,6 +26,8 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub struct Setup {
     pub server: ServerConfig,
     pub amqp: AmqpConfig,
+    /// The resource alarm the AMQP listener obeys (none raised when unset).
+    pub amqp_alarm: Option<ResourceAlarm>,
     pub group: GroupConfig,
     pub retention_check_interval: Duration,
 }
@@ -81,6 +83,7 @@ impl Broker {
                 ..ServerConfig::default()
             },
             amqp: AmqpConfig::new(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            amqp_alarm: None,
             group: GroupConfig {
                 initial_rebalance_delay_ms: 0,
                 ..GroupConfig::default()
@@ -92,9 +95,12 @@ impl Broker {
             .await
             .expect("the Kafka listener binds");
         let addr = listener.local_addr();
-        let amqp = AmqpListener::bind(setup.amqp)
+        let mut amqp = AmqpListener::bind(setup.amqp)
             .await
             .expect("the AMQP listener binds");
+        if let Some(alarm) = setup.amqp_alarm {
+            amqp = amqp.with_resource_alarm(alarm);
+        }
         let amqp_addr = amqp.local_addr();
         let mut config = NodeConfig::single(0, dir.path(), listener.advertised());
         config.retention_check_interval = setup.retention_check_interval;

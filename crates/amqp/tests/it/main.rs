@@ -2,6 +2,7 @@
 //! that sends what no client library would, and the frame decoder under mutation.
 
 mod bad_input;
+mod flow;
 mod fuzz;
 mod lapin_smoke;
 mod raw;

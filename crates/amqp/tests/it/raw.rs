@@ -110,11 +110,23 @@ impl Raw {
         c
     }
 
+    /// `start-ok`, listing the `connection.blocked` capability as client
+    /// libraries do.
     pub async fn start_ok(&mut self, mechanism: &str, response: &[u8]) {
+        let mut capabilities = amq_protocol::types::FieldTable::default();
+        capabilities.insert(
+            "connection.blocked".into(),
+            amq_protocol::types::AMQPValue::Boolean(true),
+        );
+        let mut client_properties = amq_protocol::types::FieldTable::default();
+        client_properties.insert(
+            "capabilities".into(),
+            amq_protocol::types::AMQPValue::FieldTable(capabilities),
+        );
         self.method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-                client_properties: Default::default(),
+                client_properties,
                 mechanism: mechanism.into(),
                 response: response.to_vec().into(),
                 locale: "en_US".into(),

@@ -1,0 +1,130 @@
+//! Resource alarms: a task that looks at the data directory's free disk space
+//! and the process's resident memory once a second and raises an alarm, as
+//! RabbitMQ's disk and memory monitors do, while either is past its limit. The
+//! AMQP listener blocks publishers while an alarm is raised.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::ResourceLimits;
+
+const INTERVAL: Duration = Duration::from_secs(1);
+
+/// Starts the monitor; the receiver holds the alarm's reason while one is raised.
+pub fn watch(data_dir: PathBuf, limits: ResourceLimits) -> watch::Receiver<Option<Arc<str>>> {
+    let memory_limit = limits
+        .memory_bytes
+        .or_else(|| machine_memory().map(|total| total / 10 * 4));
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let dir = data_dir.clone();
+            let Ok((free, resident)) =
+                tokio::task::spawn_blocking(move || (disk_free(&dir), resident_memory())).await
+            else {
+                continue;
+            };
+            let reason = alarm_reason(free, resident, limits.disk_free_bytes, memory_limit);
+            let changed = *tx.borrow() != reason;
+            if changed {
+                match &reason {
+                    Some(r) => warn!(
+                        reason = %r,
+                        disk_free = ?free,
+                        resident = ?resident,
+                        disk_free_limit = limits.disk_free_bytes,
+                        memory_limit = ?memory_limit,
+                        "resource alarm raised: AMQP publishers are blocked"
+                    ),
+                    None => info!("resource alarm cleared: AMQP publishers resume"),
+                }
+                if tx.send(reason).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// RabbitMQ's wording of what is low, or `None`. A figure that cannot be read
+/// raises nothing.
+fn alarm_reason(
+    disk_free: Option<u64>,
+    resident: Option<u64>,
+    disk_limit: u64,
+    memory_limit: Option<u64>,
+) -> Option<Arc<str>> {
+    let disk = disk_free.is_some_and(|f| f < disk_limit);
+    let memory = matches!((resident, memory_limit), (Some(r), Some(l)) if r > l);
+    match (disk, memory) {
+        (true, true) => Some(Arc::from("low on memory & disk")),
+        (true, false) => Some(Arc::from("low on disk")),
+        (false, true) => Some(Arc::from("low on memory")),
+        (false, false) => None,
+    }
+}
+
+/// Bytes an unprivileged writer may still use on the disk holding `dir`.
+fn disk_free(dir: &Path) -> Option<u64> {
+    let s = rustix::fs::statvfs(dir).ok()?;
+    s.f_bavail.checked_mul(s.f_frsize)
+}
+
+/// This process's resident set, from /proc/self/statm (in pages).
+fn resident_memory() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    pages.checked_mul(page_size())
+}
+
+fn page_size() -> u64 {
+    rustix::param::page_size() as u64
+}
+
+/// MemTotal from /proc/meminfo, in bytes.
+fn machine_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_rabbitmqs() {
+        assert_eq!(alarm_reason(Some(100), Some(10), 50, Some(20)), None);
+        assert_eq!(
+            alarm_reason(Some(10), Some(10), 50, Some(20)).as_deref(),
+            Some("low on disk")
+        );
+        assert_eq!(
+            alarm_reason(Some(100), Some(30), 50, Some(20)).as_deref(),
+            Some("low on memory")
+        );
+        assert_eq!(
+            alarm_reason(Some(10), Some(30), 50, Some(20)).as_deref(),
+            Some("low on memory & disk")
+        );
+        // Unknown figures raise nothing.
+        assert_eq!(alarm_reason(None, None, 50, None), None);
+    }
+
+    #[test]
+    fn this_machine_reports_its_figures() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        assert!(disk_free(dir.path()).is_some_and(|f| f > 0));
+        assert!(resident_memory().is_some_and(|r| r > 0));
+        assert!(machine_memory().is_some_and(|m| m > 0));
+    }
+}
