@@ -38,6 +38,7 @@ mod model;
 mod ops;
 mod queue;
 mod routing;
+mod state;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

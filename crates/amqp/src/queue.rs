@@ -10,6 +10,11 @@
 //! *Invariant:* `head` never passes an offset that is ready or unacked, so the log
 //! start offset (the durable record of acknowledgements) only ever drops messages
 //! that were acknowledged.
+//!
+//! Above `head`, what was settled out of order and how far messages were handed
+//! out are recorded in the log too (`state.rs`), after each round of changes: a
+//! restarted or new leader skips what was settled and flags what was delivered
+//! before as redelivered.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -24,6 +29,7 @@ use tokio::time::Instant;
 use crate::error::AmqpError;
 use crate::message::{decode_batches, now_ms, Publication, Stored};
 use crate::model::{Overflow, QueueArgs, QueueKind};
+use crate::state::{self, DeliveryState, Ranges};
 
 mod stream;
 pub(crate) use stream::StreamStart;
@@ -32,6 +38,9 @@ pub(crate) use stream::StreamStart;
 const READ_AHEAD_BYTES: usize = 256 * 1024;
 /// How often a consumer whose connection could take no more is retried.
 const BLOCKED_RETRY: Duration = Duration::from_millis(5);
+/// Commands handled together before deliveries and the delivery state are
+/// brought up to date (a client acking one by one sends one per message).
+const COMMANDS_PER_ROUND: usize = 256;
 
 /// A prefetch window (`basic.qos`): at most `limit` unacked deliveries (0: no limit).
 #[derive(Debug, Default)]
@@ -182,6 +191,9 @@ struct Gauge {
     bytes: AtomicU64,
     /// The first offset not read yet.
     next: AtomicI64,
+    /// Offsets from `next` on that hold nothing to deliver (delivery-state records,
+    /// messages settled before a restart).
+    skipped: AtomicI64,
     /// Messages stored into the queue, handed out, acknowledged (totals).
     published: AtomicU64,
     delivered: AtomicU64,
@@ -341,7 +353,8 @@ impl QueueLink {
             return false;
         }
         let unread = (self.leadership.partition().log_end_offset()
-            - self.gauge.next.load(Ordering::Acquire))
+            - self.gauge.next.load(Ordering::Acquire)
+            - self.gauge.skipped.load(Ordering::Acquire))
         .max(0) as u64;
         let count = self.gauge.in_memory.load(Ordering::Acquire) + unread;
         let bytes = self.gauge.bytes.load(Ordering::Acquire);
@@ -445,6 +458,10 @@ pub(crate) fn start(
         last_used: Instant::now(),
         deleting: false,
         hooks,
+        delivered_up_to: head,
+        skip: Ranges::default(),
+        state_dirty: false,
+        last_state: None,
     };
     tokio::spawn(actor.run(rx, leadership));
     link
@@ -488,16 +505,28 @@ struct Actor {
     /// The queue asked to be deleted: it does so once.
     deleting: bool,
     hooks: Hooks,
+    /// Every message below was handed out at least once (here, or before a
+    /// restart or failover).
+    delivered_up_to: i64,
+    /// Offsets at or above `next` with nothing to deliver: settled before this
+    /// actor started, and delivery-state records not read yet. Counts leave
+    /// them out.
+    skip: Ranges,
+    /// Something the delivery state records changed since it was last written.
+    state_dirty: bool,
+    last_state: Option<DeliveryState>,
 }
 
 impl Actor {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>, leadership: Leadership) {
+        self.recover().await;
         let mut hw = self.partition.watch_high_watermark();
         let ended = leadership.ended();
         tokio::pin!(ended);
         loop {
             self.enforce_limits();
             self.dispatch();
+            self.persist_state();
             self.publish_gauge();
             let blocked = self.consumers.iter().any(|c| c.blocked);
             let deadline = self.next_deadline();
@@ -510,7 +539,18 @@ impl Actor {
             tokio::select! {
                 c = rx.recv() => match c {
                     Some(Command::Close) | None => break,
-                    Some(c) => self.handle(c),
+                    Some(c) => {
+                        self.handle(c);
+                        let mut closed = false;
+                        for _ in 1..COMMANDS_PER_ROUND {
+                            match rx.try_recv() {
+                                Ok(Command::Close) => { closed = true; break }
+                                Ok(c) => self.handle(c),
+                                Err(_) => break,
+                            }
+                        }
+                        if closed { break }
+                    }
                 },
                 r = hw.changed() => if r.is_err() { break },
                 _ = &mut ended => break,
@@ -575,6 +615,8 @@ impl Actor {
                 self.last_used = Instant::now();
                 let got = self.take().map(|(message, redelivered)| {
                     self.gauge.delivered.fetch_add(1, Ordering::Relaxed);
+                    self.delivered_up_to = self.delivered_up_to.max(message.offset + 1);
+                    self.state_dirty = true;
                     if !no_ack {
                         self.unacked.insert(message.offset);
                     }
@@ -597,6 +639,7 @@ impl Actor {
                 self.advance_head();
             }
             Command::Settle { offsets, outcome } => {
+                self.state_dirty = true;
                 let mut rejected = Vec::new();
                 for o in offsets {
                     if !self.unacked.remove(&o) {
@@ -625,6 +668,7 @@ impl Actor {
                 self.advance_head();
             }
             Command::Purge { reply } => {
+                self.state_dirty = true;
                 let purged = self.ready_count();
                 self.requeued.clear();
                 self.ready.clear();
@@ -657,7 +701,10 @@ impl Actor {
 
     /// Messages ready for delivery (unread ones counted by offset).
     fn ready_count(&self) -> u32 {
-        let unread = (self.partition.high_watermark() - self.next).max(0);
+        let unread = (self.partition.high_watermark() - self.next).max(0)
+            - self
+                .skip
+                .count_in(self.next, self.partition.high_watermark());
         let n = self.requeued.len() as i64 + self.ready.len() as i64 + unread;
         u32::try_from(n).unwrap_or(u32::MAX)
     }
@@ -669,6 +716,9 @@ impl Actor {
             .bytes
             .store(self.in_memory_bytes, Ordering::Release);
         self.gauge.next.store(self.next, Ordering::Release);
+        self.gauge
+            .skipped
+            .store(self.skip.count_in(self.next, i64::MAX), Ordering::Release);
     }
 
     /// The oldest ready message, whatever its expiry.
@@ -702,6 +752,7 @@ impl Actor {
                 .is_some_and(|at| at <= now)
             {
                 self.dead_letter(std::slice::from_ref(&m), "expired");
+                self.state_dirty = true;
                 continue;
             }
             return Some((m, redelivered));
@@ -732,8 +783,20 @@ impl Actor {
             match read {
                 Ok((messages, end)) if end > self.next => {
                     self.next = end;
-                    self.in_memory_bytes += messages.iter().map(Stored::body_len).sum::<u64>();
-                    self.ready.extend(messages);
+                    for m in messages {
+                        // Settled before a restart: gone. Handed out before it:
+                        // delivered again first, flagged redelivered.
+                        if self.skip.contains(m.offset) {
+                            continue;
+                        }
+                        self.in_memory_bytes += m.body_len();
+                        if m.offset < self.delivered_up_to {
+                            self.requeued.insert(m.offset, m);
+                        } else {
+                            self.ready.push_back(m);
+                        }
+                    }
+                    self.skip.remove_below(self.next);
                 }
                 Ok(_) => return,
                 Err(e) => {
@@ -815,6 +878,7 @@ impl Actor {
         }
         if !dropped.is_empty() {
             self.dead_letter(&dropped, "maxlen");
+            self.state_dirty = true;
             self.advance_head();
         }
     }
@@ -861,6 +925,7 @@ impl Actor {
         }
         if !expired.is_empty() {
             self.dead_letter(&expired, "expired");
+            self.state_dirty = true;
             self.advance_head();
         }
         if let Some(ms) = self.args.expires {
@@ -907,6 +972,8 @@ impl Actor {
             match c.spec.events.try_send(event) {
                 Ok(()) => {
                     self.gauge.delivered.fetch_add(1, Ordering::Relaxed);
+                    self.delivered_up_to = self.delivered_up_to.max(offset + 1);
+                    self.state_dirty = true;
                     if !c.spec.no_ack {
                         c.spec.own.used.fetch_add(1, Ordering::AcqRel);
                         c.spec.shared.used.fetch_add(1, Ordering::AcqRel);
@@ -928,6 +995,82 @@ impl Actor {
             }
         }
         self.advance_head();
+    }
+
+    /// Reads the delivery state the log records, before anything is delivered.
+    async fn recover(&mut self) {
+        let (partition, from) = (self.partition.clone(), self.head);
+        let Ok((recorded, controls)) =
+            tokio::task::spawn_blocking(move || state::last_recorded(&partition, from)).await
+        else {
+            return;
+        };
+        // Earlier delivery-state records hold nothing to deliver either.
+        for (start, end) in controls.iter() {
+            self.skip.insert(start, end);
+        }
+        if let Some(s) = recorded {
+            self.delivered_up_to = self.delivered_up_to.max(s.delivered_up_to);
+            for (start, end) in s.settled.iter() {
+                self.skip.insert(start, end);
+            }
+            tracing::debug!(queue = %self.name, delivered_up_to = self.delivered_up_to, "delivery state recovered");
+        }
+        self.skip.remove_below(self.head);
+    }
+
+    /// Records what changed in the delivery state: the settled offsets above
+    /// `head` (everything between `head` and `next` that is neither ready nor
+    /// unacked) and how far messages were handed out.
+    fn persist_state(&mut self) {
+        if !std::mem::take(&mut self.state_dirty) {
+            return;
+        }
+        let mut pending: Vec<i64> = self
+            .unacked
+            .iter()
+            .copied()
+            .chain(self.requeued.keys().copied())
+            .chain(self.ready.iter().map(|m| m.offset))
+            .collect();
+        pending.sort_unstable();
+        let mut settled = Ranges::default();
+        let mut at = self.head;
+        for o in pending {
+            if o > at {
+                settled.insert(at, o);
+            }
+            at = at.max(o + 1);
+        }
+        settled.insert(at, self.next);
+        for (start, end) in self.skip.iter() {
+            settled.insert(start.max(self.next), end);
+        }
+        let state = DeliveryState {
+            delivered_up_to: self.delivered_up_to,
+            read_up_to: self.next,
+            settled,
+        };
+        // Nothing to add to what the log start offset and the last record say.
+        let nothing_above_head = state.settled.is_empty() && state.delivered_up_to <= self.head;
+        if self.last_state.as_ref() == Some(&state)
+            || (nothing_above_head && self.last_state.is_none())
+        {
+            return;
+        }
+        let written = state.encode().and_then(|batch| {
+            self.link
+                .leadership
+                .append_control(&batch)
+                .map_err(|e| e.to_string())
+        });
+        match written {
+            Ok(appended) => {
+                self.skip.insert(appended.base_offset, appended.end_offset);
+                self.last_state = Some(state);
+            }
+            Err(e) => tracing::warn!(queue = %self.name, "cannot record the delivery state: {e}"),
+        }
     }
 
     /// Moves `head` over what is acknowledged and the log start offset after it.

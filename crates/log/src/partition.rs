@@ -444,6 +444,28 @@ impl Partition {
     /// written to the OS, before they are durable: call
     /// [`Partition::wait_durable`] before acknowledging.
     pub fn append(&self, records: &[u8], leader_epoch: i32) -> Result<AppendResult, LogError> {
+        self.append_kind(records, leader_epoch, false)
+    }
+
+    /// Appends the broker's own control batches (never a producer's: the wire
+    /// front end refuses those): non-transactional batches with the control
+    /// attribute, which Kafka consumers skip. The AMQP front end records a
+    /// queue's delivery state this way, in the queue's own log, so it is
+    /// replicated and trimmed with the messages it describes.
+    pub fn append_control(
+        &self,
+        records: &[u8],
+        leader_epoch: i32,
+    ) -> Result<AppendResult, LogError> {
+        self.append_kind(records, leader_epoch, true)
+    }
+
+    fn append_kind(
+        &self,
+        records: &[u8],
+        leader_epoch: i32,
+        control: bool,
+    ) -> Result<AppendResult, LogError> {
         self.check_usable()?;
         // Validation (CRC over every byte) happens before taking the lock.
         let headers = batch::validate_batches(records)?;
@@ -463,10 +485,12 @@ impl Partition {
                     max: max_message,
                 });
             }
-            if h.is_control() || h.is_transactional() {
-                return Err(LogError::InvalidRecord(
-                    "transactional and control batches are not supported".into(),
-                ));
+            if h.is_transactional() || h.is_control() != control {
+                return Err(LogError::InvalidRecord(if control {
+                    "only non-transactional control batches are the broker's to write".into()
+                } else {
+                    "transactional and control batches are not supported".into()
+                }));
             }
         }
 

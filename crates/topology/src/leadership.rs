@@ -99,6 +99,15 @@ impl Leadership {
         Ok(self.partition.append(records, self.epoch)?)
     }
 
+    /// Appends the broker's own control batches (see
+    /// [`Partition::append_control`]) while this leadership lasts.
+    pub fn append_control(&self, records: &[u8]) -> Result<AppendResult, AppendError> {
+        if !self.is_current() {
+            return Err(AppendError::NotLeader);
+        }
+        Ok(self.partition.append_control(records, self.epoch)?)
+    }
+
     /// Resolves once the high watermark reaches `end_offset` (the records are on
     /// every in-sync replica; on a single node: on its disk). NOT_LEADER_OR_FOLLOWER
     /// when the leadership ends first (the high watermark counts only while it was
