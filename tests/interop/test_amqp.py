@@ -716,6 +716,53 @@ def test_kafka_client_reads_an_amqp_queue_as_a_topic(server):
     assert b"id-0" in headers["amqp.properties"]
 
 
+def test_kafka_clients_read_past_the_queues_delivery_state_records(server):
+    if server.kind != "sluice":
+        pytest.skip("a queue readable as a Kafka topic is Sluice's")
+    from confluent_kafka import Consumer, TopicPartition
+
+    # AMQP consumption with out-of-order acks leaves delivery-state control
+    # records in the queue's log, between its messages; Kafka readers skip them.
+    q = name("xproto-state")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q, durable=True)
+        ch.confirm_delivery()
+        for i in range(10):
+            ch.basic_publish("", q, f"body {i}".encode())
+        ch.basic_qos(prefetch_count=10)
+        got = []
+        ch.basic_consume(q, lambda ch_, m, p, b: got.append(m.delivery_tag))
+        deadline = time.monotonic() + WAIT_S
+        while len(got) < 10 and time.monotonic() < deadline:
+            c.process_data_events(0.1)
+        for tag in got[1::2]:
+            ch.basic_ack(tag)
+        ch.basic_qos(prefetch_count=10)
+        for _ in range(5):
+            ch.basic_publish("", q, b"after")
+        time.sleep(0.5)
+    consumer = Consumer({"bootstrap.servers": server.bootstrap, "group.id": name("reader"), "enable.auto.commit": False})
+    consumer.assign([TopicPartition(f"amqp.{q}", 0, 0)])
+    values = []
+    deadline = time.monotonic() + 30
+    while len(values) < 15 and time.monotonic() < deadline:
+        m = consumer.poll(0.5)
+        if m is not None and not m.error():
+            values.append(m.value())
+    consumer.close()
+    assert values == [f"body {i}".encode() for i in range(10)] + [b"after"] * 5
+    # kafka-python, a client with its own decoder, reads it the same way.
+    from kafka import KafkaConsumer
+    from kafka import TopicPartition as KTP
+
+    kc = KafkaConsumer(bootstrap_servers=server.bootstrap, enable_auto_commit=False, consumer_timeout_ms=5000)
+    kc.assign([KTP(f"amqp.{q}", 0)])
+    kc.seek(KTP(f"amqp.{q}", 0), 0)
+    assert [r.value for r in kc] == values
+    kc.close()
+
+
 # -- queue arguments: dead-lettering, TTL, length limits, single active consumer ----
 
 
