@@ -937,8 +937,38 @@ def test_unused_queue_expires(server):
             assert delay < WAIT_S, "x-expires queue still there"
 
 
+def test_priority_queue_delivers_highest_priority_first(server):
+    q = name("priority")
+    # (body, priority); priorities above the queue's maximum count as the maximum.
+    sent = [(b"m0", 1), (b"m1", 5), (b"m2", None), (b"m3", 9), (b"m4", 3), (b"m5", 5)]
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q, arguments={"x-max-priority": 5})
+        ch.confirm_delivery()
+        for body, p in sent:
+            ch.basic_publish("", q, body, pika.BasicProperties(priority=p))
+        got = [get_one(ch, q)[2] for _ in sent]
+        assert got == [b"m1", b"m3", b"m5", b"m4", b"m0", b"m2"]
+
+        # A consumer with room gets them in the same order; one returned goes
+        # back ahead of its priority level.
+        for body, p in sent:
+            ch.basic_publish("", q, body, pika.BasicProperties(priority=p))
+        method, _, body = get_one(ch, q)
+        assert body == b"m1"
+        ch.basic_nack(method.delivery_tag, requeue=True)
+        assert drain(ch, q, 6) == [b"m1", b"m3", b"m5", b"m4", b"m0", b"m2"]
+        ch.queue_delete(q)
+
+
 def test_invalid_queue_arguments_are_406(server):
-    for args in ({"x-message-ttl": -1}, {"x-overflow": "sideways"}, {"x-dead-letter-routing-key": "k"}):
+    for args in (
+        {"x-message-ttl": -1},
+        {"x-overflow": "sideways"},
+        {"x-dead-letter-routing-key": "k"},
+        {"x-max-priority": 256},
+        {"x-max-priority": -1},
+    ):
         code, _ = closed_by_broker(server, lambda ch: ch.queue_declare(name("invalid"), arguments=args))
         assert code == 406, args
 

@@ -21,11 +21,11 @@
 //!
 //! Queue arguments served: message TTLs, `x-expires`, length limits with the
 //! three overflow modes, dead-lettering (`x-death` as RabbitMQ writes it), single
-//! active consumer. Stream queues (`x-queue-type=stream`, `queue/stream.rs`) are
+//! active consumer, priorities (`queue/ready.rs`). Stream queues (`x-queue-type=stream`, `queue/stream.rs`) are
 //! read without consuming, from the position `x-stream-offset` names; with
 //! `x-stream-topic` a stream reads (and appends to) an existing Kafka topic, all
 //! its partitions. Not yet served (refused with a clear error, never ignored):
-//! priorities, delivery limits; queues led by another node of a
+//! delivery limits; queues led by another node of a
 //! cluster. Transactions (`tx.*`) hold publishes and settlements until commit.
 
 mod admin;

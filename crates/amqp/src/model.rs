@@ -199,7 +199,7 @@ pub(crate) fn parse_age(text: &str) -> Option<u64> {
 /// Queue arguments RabbitMQ gives a meaning that Sluice does not implement yet: a
 /// declaration that sets one is refused rather than silently given other
 /// semantics.
-const NOT_YET: [&str; 2] = ["x-max-priority", "x-delivery-limit"];
+const NOT_YET: [&str; 1] = ["x-delivery-limit"];
 
 /// What to do with a publish to a full queue (`x-overflow`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -227,6 +227,9 @@ pub(crate) struct QueueArgs {
     pub dead_letter_exchange: Option<String>,
     pub dead_letter_routing_key: Option<String>,
     pub single_active_consumer: bool,
+    /// `x-max-priority`: messages are delivered highest `priority` first, up to
+    /// this level.
+    pub max_priority: Option<u8>,
     pub kind: QueueKind,
     /// `x-max-age` of a stream queue, milliseconds.
     pub max_age: Option<u64>,
@@ -343,6 +346,13 @@ pub(crate) fn queue_arguments(
                     "reject-publish-dlx" => Overflow::RejectPublishDlx,
                     other => return Err(invalid(key, &format!("{{unknown_overflow,{other}}}"))),
                 }
+            }
+            "x-max-priority" => {
+                let p = non_negative(key, v)?;
+                args.max_priority = Some(
+                    u8::try_from(p)
+                        .map_err(|_| invalid(key, &format!("{{value_too_large,{p},255}}")))?,
+                );
             }
             "x-dead-letter-exchange" => args.dead_letter_exchange = Some(text(key, v)?),
             "x-dead-letter-routing-key" => args.dead_letter_routing_key = Some(text(key, v)?),

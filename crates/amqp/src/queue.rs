@@ -16,7 +16,7 @@
 //! restarted or new leader skips what was settled and flags what was delivered
 //! before as redelivered.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +31,9 @@ use crate::message::{decode_batches, now_ms, Publication, Stored};
 use crate::model::{Overflow, QueueArgs, QueueKind};
 use crate::state::{self, DeliveryState, Ranges};
 
+mod ready;
 mod stream;
+use ready::Ready;
 pub(crate) use stream::StreamStart;
 
 /// How much of the log one read brings into memory.
@@ -444,7 +446,7 @@ pub(crate) fn start(
         consumers: Vec::new(),
         turn: 0,
         next: head,
-        ready: VecDeque::new(),
+        ready: Ready::new(args.max_priority),
         requeued: BTreeMap::new(),
         unacked: BTreeSet::new(),
         head,
@@ -484,7 +486,7 @@ struct Actor {
     /// First offset not read into memory yet.
     next: i64,
     /// Read, never delivered, in offset order.
-    ready: VecDeque<Stored>,
+    ready: Ready,
     /// Delivered once, returned to the queue: delivered again first, redelivered.
     requeued: BTreeMap<i64, Stored>,
     unacked: BTreeSet<i64>,
@@ -721,12 +723,10 @@ impl Actor {
             .store(self.skip.count_in(self.next, i64::MAX), Ordering::Release);
     }
 
-    /// The oldest ready message, whatever its expiry.
+    /// The oldest ready message, whatever its expiry or priority.
     fn pop_oldest(&mut self) -> Option<(Stored, bool)> {
-        if self.ready.is_empty() {
-            self.read_ahead();
-        }
-        let requeued_first = match (self.requeued.first_key_value(), self.ready.front()) {
+        self.refill();
+        let requeued_first = match (self.requeued.first_key_value(), self.ready.oldest()) {
             (Some((&r, _)), Some(m)) => r < m.offset,
             (Some(_), None) => true,
             _ => false,
@@ -734,12 +734,50 @@ impl Actor {
         let taken = if requeued_first {
             self.requeued.pop_first().map(|(_, m)| (m, true))
         } else {
-            self.ready.pop_front().map(|m| (m, false))
+            self.ready.pop_oldest().map(|m| (m, false))
         };
-        if let Some((m, _)) = &taken {
+        self.forget_bytes(taken.as_ref());
+        taken
+    }
+
+    /// The ready message to deliver next: requeued ones first (RabbitMQ puts a
+    /// returned message back at the head), unless a ready one has a higher
+    /// priority.
+    fn pop_next(&mut self) -> Option<(Stored, bool)> {
+        self.refill();
+        let requeued_first = match (self.requeued.first_key_value(), self.ready.next()) {
+            (Some((&r, rm)), Some(m)) => {
+                let (rl, l) = (self.ready.level_of(rm), self.ready.level_of(m));
+                rl > l || (rl == l && r < m.offset)
+            }
+            (Some(_), None) => true,
+            _ => false,
+        };
+        let taken = if requeued_first {
+            self.requeued.pop_first().map(|(_, m)| (m, true))
+        } else {
+            self.ready.pop_next().map(|m| (m, false))
+        };
+        self.forget_bytes(taken.as_ref());
+        taken
+    }
+
+    /// Reads ahead when nothing is ready, or always when the queue must see
+    /// every ready message (priorities, a byte limit).
+    fn refill(&mut self) {
+        if self.ready.is_empty() || self.reads_everything() {
+            self.read_ahead();
+        }
+    }
+
+    fn reads_everything(&self) -> bool {
+        self.args.max_length_bytes.is_some() || self.args.max_priority.is_some()
+    }
+
+    fn forget_bytes(&mut self, taken: Option<&(Stored, bool)>) {
+        if let Some((m, _)) = taken {
             self.in_memory_bytes = self.in_memory_bytes.saturating_sub(m.body_len());
         }
-        taken
     }
 
     /// The next message to hand out, and whether it was delivered before. Expired
@@ -747,7 +785,7 @@ impl Actor {
     fn take(&mut self) -> Option<(Stored, bool)> {
         let now = now_ms();
         loop {
-            let (m, redelivered) = self.pop_oldest()?;
+            let (m, redelivered) = self.pop_next()?;
             if m.expires_at(self.args.message_ttl)
                 .is_some_and(|at| at <= now)
             {
@@ -773,7 +811,9 @@ impl Actor {
     /// their sizes).
     fn read_ahead(&mut self) {
         let hw = self.partition.high_watermark();
-        let all = self.args.max_length_bytes.is_some();
+        // A byte limit needs every ready message's size, priorities need every
+        // ready message to pick the highest.
+        let all = self.reads_everything();
         while (self.ready.is_empty() || all) && self.next < hw {
             let read = self
                 .partition
@@ -895,7 +935,7 @@ impl Actor {
         if self.ready.is_empty() && self.requeued.is_empty() {
             self.read_ahead();
         }
-        let head = match (self.requeued.first_key_value(), self.ready.front()) {
+        let head = match (self.requeued.first_key_value(), self.ready.oldest()) {
             (Some((&r, rm)), Some(m)) => Some(if r < m.offset { rm } else { m }),
             (Some((_, rm)), None) => Some(rm),
             (None, Some(m)) => Some(m),
@@ -1031,7 +1071,7 @@ impl Actor {
             .iter()
             .copied()
             .chain(self.requeued.keys().copied())
-            .chain(self.ready.iter().map(|m| m.offset))
+            .chain(self.ready.offsets())
             .collect();
         pending.sort_unstable();
         let mut settled = Ranges::default();
@@ -1082,7 +1122,7 @@ impl Actor {
         if let Some((&o, _)) = self.requeued.first_key_value() {
             head = head.min(o);
         }
-        if let Some(m) = self.ready.front() {
+        if let Some(m) = self.ready.oldest() {
             head = head.min(m.offset);
         }
         self.head = self.head.max(head);
