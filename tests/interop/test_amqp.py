@@ -961,6 +961,47 @@ def test_priority_queue_delivers_highest_priority_first(server):
         ch.queue_delete(q)
 
 
+def test_quorum_delivery_limit_dead_letters_a_poison_message(server):
+    q, dlq = name("poison"), name("poison-dlq")
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(dlq, durable=True)
+        ch.queue_declare(
+            q,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": 2,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": dlq,
+            },
+        )
+        ch.confirm_delivery()
+        ch.basic_publish("", q, b"poison", pika.BasicProperties(headers={"a": 1}))
+        # Delivered three times (x-delivery-count 0, 1, 2), returned each time.
+        for count in range(3):
+            method, props, body = get_one(ch, q)
+            assert body == b"poison" and method.redelivered == (count > 0)
+            assert props.headers["x-delivery-count"] == count
+            ch.basic_nack(method.delivery_tag, requeue=True)
+        # The third return passes the limit: dead-lettered, gone from the queue.
+        method, props, body = get_one(ch, dlq)
+        assert body == b"poison"
+        death = props.headers["x-death"][0]
+        assert death["reason"] == "delivery_limit" and death["queue"] == q
+        ch.basic_ack(method.delivery_tag)
+        assert ch.queue_declare(q, passive=True).method.message_count == 0
+        ch.queue_delete(q)
+        ch.queue_delete(dlq)
+
+
+def test_delivery_limit_on_a_classic_queue_is_406(server):
+    code, text = closed_by_broker(
+        server, lambda ch: ch.queue_declare(name("classic-limit"), arguments={"x-delivery-limit": 2})
+    )
+    assert code == 406 and "x-delivery-limit" in text, text
+
+
 def test_invalid_queue_arguments_are_406(server):
     for args in (
         {"x-message-ttl": -1},

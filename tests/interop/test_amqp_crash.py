@@ -152,3 +152,42 @@ def test_confirms_and_acks_survive_kill_9(broker_factory):
     ch.basic_ack(got[-1][0], multiple=True)
     c.process_data_events(0.5)
     c.close()
+
+
+def test_delivery_counts_survive_kill_9(broker_factory):
+    broker = broker_factory("crash-counts")
+    q, dlq = f"poison-{uuid.uuid4().hex[:8]}", f"poison-dlq-{uuid.uuid4().hex[:8]}"
+    with connect(broker) as c:
+        ch = c.channel()
+        ch.queue_declare(dlq, durable=True)
+        ch.queue_declare(
+            q,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": 1,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": dlq,
+            },
+        )
+        ch.confirm_delivery()
+        ch.basic_publish("", q, b"poison", pika.BasicProperties(delivery_mode=2))
+        method, props, _ = ch.basic_get(q)
+        assert props.headers["x-delivery-count"] == 0
+        ch.basic_nack(method.delivery_tag, requeue=True)
+        ch.basic_qos(prefetch_count=1)  # a round trip: the nack was read
+        time.sleep(SETTLE_S)
+    broker.kill9()
+    broker.start()
+    with connect(broker) as c:
+        ch = c.channel()
+        method, props, _ = ch.basic_get(q)
+        assert method.redelivered and props.headers["x-delivery-count"] == 1
+        ch.basic_nack(method.delivery_tag, requeue=True)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            method, props, body = ch.basic_get(dlq, auto_ack=True)
+            if method is not None:
+                break
+            time.sleep(0.1)
+        assert body == b"poison" and props.headers["x-death"][0]["reason"] == "delivery_limit"

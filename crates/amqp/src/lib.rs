@@ -24,8 +24,8 @@
 //! active consumer, priorities (`queue/ready.rs`). Stream queues (`x-queue-type=stream`, `queue/stream.rs`) are
 //! read without consuming, from the position `x-stream-offset` names; with
 //! `x-stream-topic` a stream reads (and appends to) an existing Kafka topic, all
-//! its partitions. Not yet served (refused with a clear error, never ignored):
-//! delivery limits; queues led by another node of a
+//! its partitions. Quorum queues count returns (`x-delivery-count`,
+//! `x-delivery-limit`). Not yet served: queues led by another node of a
 //! cluster. Transactions (`tx.*`) hold publishes and settlements until commit.
 
 mod admin;

@@ -196,11 +196,6 @@ pub(crate) fn parse_age(text: &str) -> Option<u64> {
     (n > 0).then_some(n)?.checked_mul(secs)?.checked_mul(1000)
 }
 
-/// Queue arguments RabbitMQ gives a meaning that Sluice does not implement yet: a
-/// declaration that sets one is refused rather than silently given other
-/// semantics.
-const NOT_YET: [&str; 1] = ["x-delivery-limit"];
-
 /// What to do with a publish to a full queue (`x-overflow`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum Overflow {
@@ -230,6 +225,9 @@ pub(crate) struct QueueArgs {
     /// `x-max-priority`: messages are delivered highest `priority` first, up to
     /// this level.
     pub max_priority: Option<u8>,
+    /// `x-delivery-limit` (quorum queues): a message returned more often than
+    /// this is dead-lettered with reason `delivery_limit`.
+    pub delivery_limit: Option<u64>,
     pub kind: QueueKind,
     /// `x-max-age` of a stream queue, milliseconds.
     pub max_age: Option<u64>,
@@ -362,13 +360,14 @@ pub(crate) fn queue_arguments(
                     _ => return Err(invalid(key, "{unacceptable_type,...}")),
                 }
             }
-            k if NOT_YET.contains(&k) => {
-                return Err(AmqpError::precondition(format!(
-                    "queue argument '{k}' is not supported by this Sluice release"
-                )))
-            }
+            "x-delivery-limit" => args.delivery_limit = Some(non_negative(key, v)?),
             _ => {}
         }
+    }
+    if args.delivery_limit.is_some() && args.kind == QueueKind::Classic {
+        return Err(AmqpError::precondition(format!(
+            "invalid arg 'x-delivery-limit' for queue '{name}' in vhost '{vhost}' of queue type rabbit_classic_queue"
+        )));
     }
     if args.topic.is_some() && args.kind != QueueKind::Stream {
         return Err(invalid(

@@ -401,6 +401,18 @@ impl QueueLink {
     }
 }
 
+/// A quorum queue's delivery carries how often the message was returned before
+/// (`x-delivery-count`, 0 the first time), as RabbitMQ's quorum queues do.
+fn with_delivery_count(mut m: Stored, count: u32) -> Stored {
+    let mut headers = m.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        "x-delivery-count".into(),
+        amq_protocol::types::AMQPValue::LongLongInt(i64::from(count)),
+    );
+    m.properties = m.properties.with_headers(headers);
+    m
+}
+
 fn gone(name: &str) -> AmqpError {
     AmqpError::unavailable(format!(
         "queue '{name}' is no longer served by this node (leadership moved or the queue was deleted)"
@@ -462,6 +474,7 @@ pub(crate) fn start(
         hooks,
         delivered_up_to: head,
         skip: Ranges::default(),
+        returns: BTreeMap::new(),
         state_dirty: false,
         last_state: None,
     };
@@ -514,6 +527,8 @@ struct Actor {
     /// actor started, and delivery-state records not read yet. Counts leave
     /// them out.
     skip: Ranges,
+    /// How often each message above `head` was returned (x-delivery-count).
+    returns: BTreeMap<i64, u32>,
     /// Something the delivery state records changed since it was last written.
     state_dirty: bool,
     last_state: Option<DeliveryState>,
@@ -642,14 +657,36 @@ impl Actor {
             }
             Command::Settle { offsets, outcome } => {
                 self.state_dirty = true;
-                let mut rejected = Vec::new();
+                let (mut rejected, mut over_limit) = (Vec::new(), Vec::new());
                 for o in offsets {
                     if !self.unacked.remove(&o) {
                         continue;
                     }
+                    // Every return counts (a nack, a reject, a channel that went
+                    // with the message unacked); past x-delivery-limit the
+                    // message leaves as a poison message.
+                    let returned = outcome == Outcome::Requeue;
+                    let returns = if returned {
+                        let n = self.returns.entry(o).or_insert(0);
+                        *n = n.saturating_add(1);
+                        *n
+                    } else {
+                        self.returns.remove(&o).unwrap_or(0)
+                    };
+                    let poison = returned
+                        && self
+                            .args
+                            .delivery_limit
+                            .is_some_and(|limit| u64::from(returns) > limit);
                     match outcome {
                         Outcome::Ack => {
                             self.gauge.acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Outcome::Requeue if poison => {
+                            self.returns.remove(&o);
+                            if let Some(m) = self.read_back(o) {
+                                over_limit.push(m);
+                            }
                         }
                         Outcome::Requeue => {
                             if let Some(m) = self.read_back(o) {
@@ -667,6 +704,7 @@ impl Actor {
                     }
                 }
                 self.dead_letter(&rejected, "rejected");
+                self.dead_letter(&over_limit, "delivery_limit");
                 self.advance_head();
             }
             Command::Purge { reply } => {
@@ -792,6 +830,10 @@ impl Actor {
                 self.dead_letter(std::slice::from_ref(&m), "expired");
                 self.state_dirty = true;
                 continue;
+            }
+            if self.args.kind == QueueKind::Quorum {
+                let count = self.returns.get(&m.offset).copied().unwrap_or(0);
+                return Some((with_delivery_count(m, count), redelivered));
             }
             return Some((m, redelivered));
         }
@@ -1049,8 +1091,9 @@ impl Actor {
         for (start, end) in controls.iter() {
             self.skip.insert(start, end);
         }
-        if let Some(s) = recorded {
+        if let Some(mut s) = recorded {
             self.delivered_up_to = self.delivered_up_to.max(s.delivered_up_to);
+            self.returns = s.returns.split_off(&self.head);
             for (start, end) in s.settled.iter() {
                 self.skip.insert(start, end);
             }
@@ -1086,13 +1129,17 @@ impl Actor {
         for (start, end) in self.skip.iter() {
             settled.insert(start.max(self.next), end);
         }
+        self.returns = self.returns.split_off(&self.head);
         let state = DeliveryState {
             delivered_up_to: self.delivered_up_to,
             read_up_to: self.next,
             settled,
+            returns: self.returns.clone(),
         };
         // Nothing to add to what the log start offset and the last record say.
-        let nothing_above_head = state.settled.is_empty() && state.delivered_up_to <= self.head;
+        let nothing_above_head = state.settled.is_empty()
+            && state.returns.is_empty()
+            && state.delivered_up_to <= self.head;
         if self.last_state.as_ref() == Some(&state)
             || (nothing_above_head && self.last_state.is_none())
         {

@@ -12,7 +12,7 @@
 //! |---|---|
 //! | batch attributes | control (Kafka consumers skip it), not transactional |
 //! | key | version `0` (int16), type [`STATE_TYPE`] (int16), as Kafka's control keys |
-//! | value | format `1` (int8), delivered-up-to (int64), read-up-to (int64), range count (int32), then `[start, end)` pairs (int64, int64) |
+//! | value | format `1` (int8), delivered-up-to (int64), read-up-to (int64), range count (int32), then `[start, end)` pairs (int64, int64); return count (int32), then (offset int64, returns int32) pairs |
 
 use std::collections::BTreeMap;
 
@@ -103,6 +103,9 @@ pub(crate) struct DeliveryState {
     /// The settled set is complete below this offset.
     pub read_up_to: i64,
     pub settled: Ranges,
+    /// How often messages above the log start offset were returned to the
+    /// queue (x-delivery-count, x-delivery-limit).
+    pub returns: BTreeMap<i64, u32>,
 }
 
 impl DeliveryState {
@@ -113,7 +116,9 @@ impl DeliveryState {
         key.put_i16(STATE_TYPE);
         let ranges: Vec<(i64, i64)> = self.settled.iter().collect();
         let count = i32::try_from(ranges.len()).map_err(|_| "too many settled ranges")?;
-        let mut value = BytesMut::with_capacity(21 + ranges.len() * 16);
+        let returns =
+            i32::try_from(self.returns.len()).map_err(|_| "too many returned messages")?;
+        let mut value = BytesMut::with_capacity(25 + ranges.len() * 16 + self.returns.len() * 12);
         value.put_i8(FORMAT);
         value.put_i64(self.delivered_up_to);
         value.put_i64(self.read_up_to);
@@ -121,6 +126,11 @@ impl DeliveryState {
         for (s, e) in ranges {
             value.put_i64(s);
             value.put_i64(e);
+        }
+        value.put_i32(returns);
+        for (&offset, &n) in &self.returns {
+            value.put_i64(offset);
+            value.put_i32(i32::try_from(n).unwrap_or(i32::MAX));
         }
         let record = Record {
             transactional: false,
@@ -163,7 +173,7 @@ impl DeliveryState {
         let delivered_up_to = v.get_i64();
         let read_up_to = v.get_i64();
         let count = usize::try_from(v.get_i32()).ok()?;
-        if v.remaining() != count.checked_mul(16)? {
+        if v.remaining() < count.checked_mul(16)?.checked_add(4)? {
             return None;
         }
         let mut settled = Ranges::default();
@@ -171,10 +181,20 @@ impl DeliveryState {
             let (s, e) = (v.get_i64(), v.get_i64());
             settled.insert(s, e);
         }
+        let count = usize::try_from(v.get_i32()).ok()?;
+        if v.remaining() != count.checked_mul(12)? {
+            return None;
+        }
+        let mut returns = BTreeMap::new();
+        for _ in 0..count {
+            let offset = v.get_i64();
+            returns.insert(offset, u32::try_from(v.get_i32()).ok()?);
+        }
         Some(DeliveryState {
             delivered_up_to,
             read_up_to,
             settled,
+            returns,
         })
     }
 }
@@ -280,6 +300,7 @@ mod tests {
             delivered_up_to: 20,
             read_up_to: 21,
             settled,
+            returns: BTreeMap::from([(6, 2), (15, 1)]),
         };
         let mut batch = state.encode().expect("encodes").freeze();
         let header = BatchHeader::parse(&batch).expect("a batch");
