@@ -763,29 +763,30 @@ impl Actor {
 
     /// The oldest ready message, whatever its expiry or priority.
     fn pop_oldest(&mut self) -> Option<(Stored, bool)> {
-        self.refill();
-        let requeued_first = match (self.requeued.first_key_value(), self.ready.oldest()) {
-            (Some((&r, _)), Some(m)) => r < m.offset,
-            (Some(_), None) => true,
-            _ => false,
-        };
-        let taken = if requeued_first {
-            self.requeued.pop_first().map(|(_, m)| (m, true))
-        } else {
-            self.ready.pop_oldest().map(|m| (m, false))
-        };
-        self.forget_bytes(taken.as_ref());
-        taken
+        self.pop_ready(false)
     }
 
     /// The ready message to deliver next: requeued ones first (RabbitMQ puts a
     /// returned message back at the head), unless a ready one has a higher
     /// priority.
     fn pop_next(&mut self) -> Option<(Stored, bool)> {
+        self.pop_ready(true)
+    }
+
+    fn pop_ready(&mut self, by_priority: bool) -> Option<(Stored, bool)> {
         self.refill();
-        let requeued_first = match (self.requeued.first_key_value(), self.ready.next()) {
+        let candidate = if by_priority {
+            self.ready.next()
+        } else {
+            self.ready.oldest()
+        };
+        let requeued_first = match (self.requeued.first_key_value(), candidate) {
             (Some((&r, rm)), Some(m)) => {
-                let (rl, l) = (self.ready.level_of(rm), self.ready.level_of(m));
+                let (rl, l) = if by_priority {
+                    (self.ready.level_of(rm), self.ready.level_of(m))
+                } else {
+                    (0, 0)
+                };
                 rl > l || (rl == l && r < m.offset)
             }
             (Some(_), None) => true,
@@ -793,10 +794,14 @@ impl Actor {
         };
         let taken = if requeued_first {
             self.requeued.pop_first().map(|(_, m)| (m, true))
-        } else {
+        } else if by_priority {
             self.ready.pop_next().map(|m| (m, false))
+        } else {
+            self.ready.pop_oldest().map(|m| (m, false))
         };
-        self.forget_bytes(taken.as_ref());
+        if let Some((m, _)) = &taken {
+            self.in_memory_bytes = self.in_memory_bytes.saturating_sub(m.body_len());
+        }
         taken
     }
 
@@ -810,12 +815,6 @@ impl Actor {
 
     fn reads_everything(&self) -> bool {
         self.args.max_length_bytes.is_some() || self.args.max_priority.is_some()
-    }
-
-    fn forget_bytes(&mut self, taken: Option<&(Stored, bool)>) {
-        if let Some((m, _)) = taken {
-            self.in_memory_bytes = self.in_memory_bytes.saturating_sub(m.body_len());
-        }
     }
 
     /// The next message to hand out, and whether it was delivered before. Expired

@@ -6,19 +6,7 @@ use amq_protocol::protocol::{channel, connection, queue, AMQPClass};
 use sluice_testkit::Broker;
 use tokio::io::AsyncReadExt;
 
-use crate::raw::{Raw, WAIT};
-
-fn declare(name: &str) -> AMQPClass {
-    AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-        queue: name.into(),
-        passive: false,
-        durable: true,
-        exclusive: false,
-        auto_delete: false,
-        nowait: false,
-        arguments: Default::default(),
-    }))
-}
+use crate::raw::{declare, Raw, WAIT};
 
 /// A healthy connection still declares a queue and gets its answer.
 async fn still_serves(c: &mut Raw, ch: u16, name: &str) {

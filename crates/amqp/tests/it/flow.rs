@@ -10,19 +10,7 @@ use amq_protocol::protocol::{basic, connection, queue, AMQPClass};
 use sluice_testkit::Broker;
 use tokio::sync::watch;
 
-use crate::raw::{Raw, WAIT};
-
-fn declare(name: &str) -> AMQPClass {
-    AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-        queue: name.into(),
-        passive: false,
-        durable: true,
-        exclusive: false,
-        auto_delete: false,
-        nowait: false,
-        arguments: Default::default(),
-    }))
-}
+use crate::raw::{declare, Raw, WAIT};
 
 /// basic.get on `ch`: the body, or `None` for get-empty.
 async fn get(c: &mut Raw, ch: u16, queue: &str) -> Option<Vec<u8>> {

@@ -248,3 +248,18 @@ impl Raw {
         .await;
     }
 }
+
+/// `queue.declare` of a durable queue named `name`, defaults otherwise.
+pub fn declare(name: &str) -> AMQPClass {
+    AMQPClass::Queue(amq_protocol::protocol::queue::AMQPMethod::Declare(
+        amq_protocol::protocol::queue::Declare {
+            queue: name.into(),
+            passive: false,
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: Default::default(),
+        },
+    ))
+}
