@@ -398,8 +398,9 @@ rm -rf "$HEAVY_DIR"
 # --------------------------------------------------------- sluice amqp ---
 # The same AMQP load generator (lapin) as RabbitMQ's rows below, against Sluice's
 # AMQP listener: durable queue, persistent messages, confirms window 1000, manual
-# acks with prefetch 1000. Sluice serves both queue types the same way (a queue is
-# a replicated log); both are measured so the rows line up with RabbitMQ's.
+# acks with prefetch 1000. Sluice serves classic and quorum queues the same way (a
+# queue is a replicated log); both are measured so the rows line up with
+# RabbitMQ's. Stream queues are read from the first message, acks returning credit.
 log "sluice: AMQP listener on a fresh data dir"
 start_sluice sluice-amqp --data-dir "$DATA/sluice-amqp" || true
 SLUICE_AMQP_PID=$SERVICE_PID
@@ -409,7 +410,7 @@ if [[ -z $BOOT || -z $AMQP_ADDR ]]; then
     note "- FAILED: \`sluice serve\` for the AMQP rows did not print its listening line (logs/sluice-amqp.log)"
 else
     URL="amqp://guest:guest@$AMQP_ADDR/%2f"
-    for qt in classic quorum; do
+    for qt in classic quorum stream; do
         for size in $RMQ_SIZES; do
             measure --set "system=sluice" --set "scenario=$qt queue, publish $size B, confirms window 1000" --set durable_before_ack=true -- \
                 "$PEERS" amqp --url "$URL" --queue-type "$qt" --mode publish --record-size "$size" --records "$RMQ_RECORDS"
@@ -454,7 +455,7 @@ if wait_port "$RMQ_PORT" 120 "$RMQ_PID"; then
     if [[ -n $EPMD_PID ]]; then PIDS_STARTED+=("$EPMD_PID"); fi
     RMQ_VERSION=$(dpkg-query -W -f '${Version}' rabbitmq-server)
     URL="amqp://guest:guest@127.0.0.1:$RMQ_PORT/%2f"
-    for qt in classic quorum; do
+    for qt in classic quorum stream; do
         for size in $RMQ_SIZES; do
             measure --set "system=rabbitmq" --set "scenario=$qt queue, publish $size B, confirms window 1000" -- \
                 "$PEERS" amqp --url "$URL" --queue-type "$qt" --mode publish --record-size "$size" --records "$RMQ_RECORDS"

@@ -401,6 +401,25 @@ impl QueueLink {
     }
 }
 
+/// Handles `first` and whatever else is queued, up to [`COMMANDS_PER_ROUND`],
+/// before the actor delivers and records its state again (a client acking one
+/// by one sends a command per message). True when the queue was closed.
+fn handle_round(
+    rx: &mut mpsc::UnboundedReceiver<Command>,
+    first: Command,
+    mut handle: impl FnMut(Command),
+) -> bool {
+    handle(first);
+    for _ in 1..COMMANDS_PER_ROUND {
+        match rx.try_recv() {
+            Ok(Command::Close) => return true,
+            Ok(c) => handle(c),
+            Err(_) => break,
+        }
+    }
+    false
+}
+
 /// A quorum queue's delivery carries how often the message was returned before
 /// (`x-delivery-count`, 0 the first time), as RabbitMQ's quorum queues do.
 fn with_delivery_count(mut m: Stored, count: u32) -> Stored {
@@ -556,18 +575,7 @@ impl Actor {
             tokio::select! {
                 c = rx.recv() => match c {
                     Some(Command::Close) | None => break,
-                    Some(c) => {
-                        self.handle(c);
-                        let mut closed = false;
-                        for _ in 1..COMMANDS_PER_ROUND {
-                            match rx.try_recv() {
-                                Ok(Command::Close) => { closed = true; break }
-                                Ok(c) => self.handle(c),
-                                Err(_) => break,
-                            }
-                        }
-                        if closed { break }
-                    }
+                    Some(c) => if handle_round(&mut rx, c, |c| self.handle(c)) { break },
                 },
                 r = hw.changed() => if r.is_err() { break },
                 _ = &mut ended => break,

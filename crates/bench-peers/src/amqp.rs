@@ -22,6 +22,8 @@ use crate::{Mode, PeerArgs};
 pub enum QueueType {
     Classic,
     Quorum,
+    /// Read from the first message (`x-stream-offset: first`); acks return credit.
+    Stream,
 }
 
 impl QueueType {
@@ -29,6 +31,7 @@ impl QueueType {
         match self {
             QueueType::Classic => "classic",
             QueueType::Quorum => "quorum",
+            QueueType::Stream => "stream",
         }
     }
 }
@@ -255,12 +258,19 @@ async fn consume(
     let c = &args.common;
     ch.basic_qos(args.prefetch, BasicQosOptions::default())
         .await?;
+    let mut consume_args = FieldTable::default();
+    if args.queue_type == QueueType::Stream {
+        consume_args.insert(
+            "x-stream-offset".into(),
+            AMQPValue::LongString(LongString::from("first")),
+        );
+    }
     let mut consumer = ch
         .basic_consume(
             args.queue.as_str().into(),
             "sluice-bench".into(),
             BasicConsumeOptions::default(),
-            FieldTable::default(),
+            consume_args,
         )
         .await
         .context("basic.consume")?;

@@ -20,7 +20,9 @@ use sluice_log::{Partition, ReadLimit};
 use sluice_topology::Leadership;
 use tokio::sync::mpsc;
 
-use super::{Command, ConsumerSpec, Event, Gauge, QueueLink, QueueStatus, BLOCKED_RETRY};
+use super::{
+    handle_round, Command, ConsumerSpec, Event, Gauge, QueueLink, QueueStatus, BLOCKED_RETRY,
+};
 use crate::error::AmqpError;
 use crate::message::{decode_batches, now_ms, Stored};
 use crate::model::{parse_age, value_int, value_text};
@@ -133,7 +135,7 @@ impl StreamActor {
             tokio::select! {
                 c = rx.recv() => match c {
                     Some(Command::Close) | None => break,
-                    Some(c) => self.handle(c),
+                    Some(c) => if handle_round(&mut rx, c, |c| self.handle(c)) { break },
                 },
                 w = written.next() => if w.is_none() { break },
                 _ = &mut ended => break,
