@@ -958,6 +958,20 @@ def test_priority_queue_delivers_highest_priority_first(server):
         assert body == b"m1"
         ch.basic_nack(method.delivery_tag, requeue=True)
         assert drain(ch, q, 6) == [b"m1", b"m3", b"m5", b"m4", b"m0", b"m2"]
+
+        # Returned messages keep their priority: a returned high one goes before
+        # a ready middle one, and a returned low one after it.
+        for body, p in [(b"low", 0), (b"high", 5)]:
+            ch.basic_publish("", q, body, pika.BasicProperties(priority=p))
+        tags = {}
+        for _ in range(2):
+            method, _, body = get_one(ch, q)
+            tags[body] = method.delivery_tag
+        assert set(tags) == {b"high", b"low"}
+        ch.basic_publish("", q, b"mid", pika.BasicProperties(priority=3))
+        ch.basic_nack(tags[b"low"], requeue=True)
+        ch.basic_nack(tags[b"high"], requeue=True)
+        assert drain(ch, q, 3) == [b"high", b"mid", b"low"]
         ch.queue_delete(q)
 
 

@@ -333,3 +333,11 @@ def test_a_stream_over_a_missing_topic_is_404(server):
     assert code == 406, text
     code, text = refused(server, lambda c, ch: declare_stream(ch, name("s"), **{"x-stream-topic": "__consumer_offsets"}))
     assert code == 403, text
+    # A queue's own topic, or one another stream reads, is taken.
+    owner = name("owner")
+    with server.connect() as c:
+        c.channel().queue_declare(owner, durable=True)
+    code, text = refused(server, lambda c, ch: declare_stream(ch, name("s"), **{"x-stream-topic": f"amqp.{owner}"}))
+    assert code == 405, text
+    with server.connect() as c:
+        c.channel().queue_delete(owner)

@@ -190,6 +190,21 @@ impl Broker {
                             "no topic '{topic}' for stream queue '{name}' in vhost '{vhost}'"
                         )));
                     }
+                    // A queue's topic is its own, and one stream reads a topic:
+                    // two queues on one log would consume each other's messages.
+                    if args.topic.is_some() {
+                        let holder = image.amqp.vhosts.iter().find_map(|(v, vh)| {
+                            vh.queues
+                                .iter()
+                                .find(|(_, q)| q.topic == topic)
+                                .map(|(n, _)| (v.clone(), n.clone()))
+                        });
+                        if let Some((v, n)) = holder {
+                            return Err(AmqpError::locked(format!(
+                                "topic '{topic}' is already the log of queue '{n}' in vhost '{v}'"
+                            )));
+                        }
+                    }
                     let queue = QueueState {
                         topic,
                         attached: args.topic.is_some(),

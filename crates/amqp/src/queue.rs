@@ -494,6 +494,7 @@ pub(crate) fn start(
         delivered_up_to: head,
         skip: Ranges::default(),
         returns: BTreeMap::new(),
+        controls: Ranges::default(),
         state_dirty: false,
         last_state: None,
     };
@@ -548,6 +549,9 @@ struct Actor {
     skip: Ranges,
     /// How often each message above `head` was returned (x-delivery-count).
     returns: BTreeMap<i64, u32>,
+    /// Delivery-state records above `head`: gaps made only of them need no
+    /// mention in the next record (recovery finds them by their headers).
+    controls: Ranges,
     /// Something the delivery state records changed since it was last written.
     state_dirty: bool,
     last_state: Option<DeliveryState>,
@@ -788,9 +792,20 @@ impl Actor {
         } else {
             self.ready.oldest()
         };
-        let requeued_first = match (self.requeued.first_key_value(), candidate) {
+        // The requeued message that goes first: the oldest, or in a priority
+        // queue the oldest of the highest level (requeued messages are few:
+        // at most what consumers held).
+        let priorities = by_priority && self.args.max_priority.is_some();
+        let requeued = if priorities {
+            self.requeued
+                .iter()
+                .min_by_key(|(&o, m)| (std::cmp::Reverse(self.ready.level_of(m)), o))
+        } else {
+            self.requeued.first_key_value()
+        };
+        let requeued_first = match (requeued, candidate) {
             (Some((&r, rm)), Some(m)) => {
-                let (rl, l) = if by_priority {
+                let (rl, l) = if priorities {
                     (self.ready.level_of(rm), self.ready.level_of(m))
                 } else {
                     (0, 0)
@@ -800,8 +815,11 @@ impl Actor {
             (Some(_), None) => true,
             _ => false,
         };
+        let requeued = requeued.map(|(&o, _)| o);
         let taken = if requeued_first {
-            self.requeued.pop_first().map(|(_, m)| (m, true))
+            requeued
+                .and_then(|o| self.requeued.remove(&o))
+                .map(|m| (m, true))
         } else if by_priority {
             self.ready.pop_next().map(|m| (m, false))
         } else {
@@ -1098,8 +1116,12 @@ impl Actor {
         for (start, end) in controls.iter() {
             self.skip.insert(start, end);
         }
+        self.controls = controls;
         if let Some(mut s) = recorded {
             self.delivered_up_to = self.delivered_up_to.max(s.delivered_up_to);
+            // Acknowledged before the crash, though the log start offset did
+            // not get there.
+            self.skip.insert(self.head, s.acked_below);
             self.returns = s.returns.split_off(&self.head);
             for (start, end) in s.settled.iter() {
                 self.skip.insert(start, end);
@@ -1124,22 +1146,25 @@ impl Actor {
             .chain(self.ready.offsets())
             .collect();
         pending.sort_unstable();
+        self.controls.remove_below(self.head);
         let mut settled = Ranges::default();
         let mut at = self.head;
-        for o in pending {
-            if o > at {
+        for o in pending.into_iter().chain(std::iter::once(self.next)) {
+            // A gap of delivery-state records alone settles no message: leaving
+            // it out keeps a record small while publishers and consumers
+            // interleave records with messages.
+            if o > at && self.controls.count_in(at, o) < o - at {
                 settled.insert(at, o);
             }
             at = at.max(o + 1);
         }
-        settled.insert(at, self.next);
         for (start, end) in self.skip.iter() {
             settled.insert(start.max(self.next), end);
         }
         self.returns = self.returns.split_off(&self.head);
         let state = DeliveryState {
             delivered_up_to: self.delivered_up_to,
-            read_up_to: self.next,
+            acked_below: self.head,
             settled,
             returns: self.returns.clone(),
         };
@@ -1161,9 +1186,15 @@ impl Actor {
         match written {
             Ok(appended) => {
                 self.skip.insert(appended.base_offset, appended.end_offset);
+                self.controls
+                    .insert(appended.base_offset, appended.end_offset);
                 self.last_state = Some(state);
             }
-            Err(e) => tracing::warn!(queue = %self.name, "cannot record the delivery state: {e}"),
+            Err(e) => {
+                // Tried again after the next round.
+                self.state_dirty = true;
+                tracing::warn!(queue = %self.name, "cannot record the delivery state: {e}");
+            }
         }
     }
 

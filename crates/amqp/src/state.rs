@@ -12,7 +12,7 @@
 //! |---|---|
 //! | batch attributes | control (Kafka consumers skip it), not transactional |
 //! | key | version `0` (int16), type [`STATE_TYPE`] (int16), as Kafka's control keys |
-//! | value | format `1` (int8), delivered-up-to (int64), read-up-to (int64), range count (int32), then `[start, end)` pairs (int64, int64); return count (int32), then (offset int64, returns int32) pairs |
+//! | value | format `1` (int8), delivered-up-to (int64), acked-below (int64), range count (int32), then `[start, end)` pairs (int64, int64); return count (int32), then (offset int64, returns int32) pairs |
 
 use std::collections::BTreeMap;
 
@@ -100,8 +100,9 @@ impl Ranges {
 pub(crate) struct DeliveryState {
     /// Every message below was handed out at least once.
     pub delivered_up_to: i64,
-    /// The settled set is complete below this offset.
-    pub read_up_to: i64,
+    /// Everything below is settled (the queue's `head` when written): the log
+    /// start offset follows it only after a checkpoint, which a crash can beat.
+    pub acked_below: i64,
     pub settled: Ranges,
     /// How often messages above the log start offset were returned to the
     /// queue (x-delivery-count, x-delivery-limit).
@@ -121,7 +122,7 @@ impl DeliveryState {
         let mut value = BytesMut::with_capacity(25 + ranges.len() * 16 + self.returns.len() * 12);
         value.put_i8(FORMAT);
         value.put_i64(self.delivered_up_to);
-        value.put_i64(self.read_up_to);
+        value.put_i64(self.acked_below);
         value.put_i32(count);
         for (s, e) in ranges {
             value.put_i64(s);
@@ -171,7 +172,7 @@ impl DeliveryState {
             return None;
         }
         let delivered_up_to = v.get_i64();
-        let read_up_to = v.get_i64();
+        let acked_below = v.get_i64();
         let count = usize::try_from(v.get_i32()).ok()?;
         if v.remaining() < count.checked_mul(16)?.checked_add(4)? {
             return None;
@@ -192,7 +193,7 @@ impl DeliveryState {
         }
         Some(DeliveryState {
             delivered_up_to,
-            read_up_to,
+            acked_below,
             settled,
             returns,
         })
@@ -207,8 +208,10 @@ pub(crate) fn last_recorded(partition: &Partition, from: i64) -> (Option<Deliver
     let mut last = None;
     let mut controls = Ranges::default();
     let mut at = from;
-    while at < partition.high_watermark() {
-        let read = match partition.read(at, SCAN_BYTES, true, ReadLimit::HighWatermark) {
+    while at < partition.log_end_offset() {
+        // Up to the log end: a new leader's high watermark may still lag
+        // records of its own log that will be committed.
+        let read = match partition.read(at, SCAN_BYTES, true, ReadLimit::LogEnd) {
             Ok(r) => r.records,
             Err(e) => {
                 tracing::warn!(
@@ -298,7 +301,7 @@ mod tests {
         settled.insert(12, 13);
         let state = DeliveryState {
             delivered_up_to: 20,
-            read_up_to: 21,
+            acked_below: 3,
             settled,
             returns: BTreeMap::from([(6, 2), (15, 1)]),
         };
