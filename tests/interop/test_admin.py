@@ -201,13 +201,18 @@ def test_delete_records(abroker, admin):
     # The log start offset survives a crash of the broker (of every node).
     abroker.kill9()
     abroker.start()
-    # A new client: after a restart of every node the partition has a new
-    # leader epoch, which a client's cached metadata does not know yet.
-    admin = AdminClient({"bootstrap.servers": abroker.bootstrap})
-    assert wait_until(lambda: earliest(admin, topic) == 31, 30, what="log start offset 31 after restart")
+    # A new client for every attempt: after a restart of every node the
+    # controller moves the partition to a new leader epoch a moment after the
+    # nodes answer, and librdkafka's admin ListOffsets does not refresh its
+    # metadata on FENCED_LEADER_EPOCH, so a client that cached the epoch of that
+    # moment would be fenced until its next periodic refresh (minutes).
+    def fresh():
+        return AdminClient({"bootstrap.servers": abroker.bootstrap})
+
+    assert wait_until(lambda: earliest(fresh(), topic) == 31, 30, interval=0.5, what="log start offset 31 after restart")
     # A restarted replicated partition starts its high watermark low and
     # raises it as the followers fetch again (a single node has it at once).
-    assert wait_until(lambda: latest(admin, topic) == 50, 30, what="high watermark 50 after restart")
+    assert wait_until(lambda: latest(fresh(), topic) == 50, 30, interval=0.5, what="high watermark 50 after restart")
 
 
 # -- retention ----------------------------------------------------------------------
