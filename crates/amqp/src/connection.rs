@@ -35,6 +35,9 @@ const HANDSHAKE_FRAME_MAX: u32 = 4096;
 const EVENT_QUEUE: usize = 1024;
 /// Unsent bytes above which the connection takes no more deliveries.
 const WRITE_BACKLOG: usize = 8 * 1024 * 1024;
+/// How often a connection held under a resource alarm checks that its client
+/// is still there.
+const HELD_CHECK: Duration = Duration::from_secs(1);
 /// Time a client has to answer our `close` with `close-ok`.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -446,6 +449,14 @@ impl Conn {
                         }
                     }
                 },
+                // Held connections are not read; a client that gave up and went
+                // is noticed by its reader's end or a dead socket.
+                _ = tokio::time::sleep(HELD_CHECK), if self.held.is_some() => {
+                    if self.frames.is_closed() || self.out.tx.is_closed() {
+                        return;
+                    }
+                    Ok(())
+                },
                 changed = self.alarm.changed(), if self.held.is_some() => {
                     // A dropped sender means nobody watches resources any more.
                     if changed.is_err() || self.alarm.borrow().is_none() {
@@ -466,11 +477,6 @@ impl Conn {
                 _ = ticker.tick(), if self.heartbeat > 0 => {
                     // A blocked connection is not read, so its heartbeats are
                     // not seen: RabbitMQ pauses the check too.
-                    // It is not read either when the client gives up and goes:
-                    // the reader's end or a dead socket tells.
-                    if self.held.is_some() && (self.frames.is_closed() || self.out.tx.is_closed()) {
-                        return;
-                    }
                     if self.held.is_none() && last_read.elapsed() > heartbeat * 2 {
                         info!(peer = %self.peer, "AMQP client missed heartbeats; closing");
                         return;

@@ -700,12 +700,18 @@ impl Actor {
                                 over_limit.push(m);
                             }
                         }
-                        Outcome::Requeue => {
-                            if let Some(m) = self.read_back(o) {
+                        Outcome::Requeue => match self.read_back(o) {
+                            Some(m) => {
                                 self.in_memory_bytes += m.body_len();
                                 self.requeued.insert(o, m);
                             }
-                        }
+                            // Unreadable now: it stays unacknowledged, so `head`
+                            // (and the log start offset) cannot pass it, and a
+                            // restart delivers it again.
+                            None => {
+                                self.unacked.insert(o);
+                            }
+                        },
                         Outcome::Reject => {
                             if self.args.dead_letter_exchange.is_some() {
                                 if let Some(m) = self.read_back(o) {
