@@ -309,33 +309,38 @@ fn fill(partitions: &[Arc<Partition>], r: &mut Reader, queue: &str) -> bool {
     for k in 0..n {
         let p = (r.turn + k) % n;
         let partition = &partitions[p];
-        // Retention may have dropped what this consumer had not read.
-        let from = r.next[p].max(partition.log_start_offset());
-        r.next[p] = from;
-        if from >= partition.high_watermark() {
-            continue;
-        }
-        let read = partition
-            .read(from, READ_BYTES, true, ReadLimit::HighWatermark)
-            .map_err(|e| e.to_string())
-            .and_then(|read| decode_batches(read.records, from));
-        match read {
-            Ok((messages, end)) if end > from => {
-                r.next[p] = end;
-                r.turn = p + 1;
-                r.buffered.extend(messages.into_iter().map(|m| (p, m)));
-                if !r.buffered.is_empty() {
-                    return true;
-                }
+        // A read may hold only control batches: read on in this partition
+        // until a message comes or its committed end.
+        loop {
+            // Retention may have dropped what this consumer had not read.
+            let from = r.next[p].max(partition.log_start_offset());
+            r.next[p] = from;
+            if from >= partition.high_watermark() {
+                break;
             }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(
-                    queue,
-                    partition = p,
-                    offset = from,
-                    "cannot read stream: {e}"
-                );
+            let read = partition
+                .read(from, READ_BYTES, true, ReadLimit::HighWatermark)
+                .map_err(|e| e.to_string())
+                .and_then(|read| decode_batches(read.records, from));
+            match read {
+                Ok((messages, end)) if end > from => {
+                    r.next[p] = end;
+                    if !messages.is_empty() {
+                        r.turn = p + 1;
+                        r.buffered.extend(messages.into_iter().map(|m| (p, m)));
+                        return true;
+                    }
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(
+                        queue,
+                        partition = p,
+                        offset = from,
+                        "cannot read stream: {e}"
+                    );
+                    break;
+                }
             }
         }
     }
