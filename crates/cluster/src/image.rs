@@ -37,6 +37,12 @@ pub struct BrokerState {
     /// reachable from outside (a published container port).
     #[serde(default)]
     pub replica_addr: String,
+    /// Named protocol endpoints of this broker that other nodes connect to: name →
+    /// `host:port`. The names are free-form; `"amqp"` is the AMQP listener other
+    /// nodes forward queue operations to (the queue leader's node). Empty in images
+    /// from before endpoints were registered.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, String>,
     /// Fenced brokers lead nothing and are not placed on; set when the controller
     /// stops hearing from the broker.
     pub fenced: bool,
@@ -129,6 +135,9 @@ pub enum Command {
         incarnation: u64,
         #[serde(default)]
         replica_addr: String,
+        /// See [`BrokerState::endpoints`].
+        #[serde(default)]
+        endpoints: BTreeMap<String, String>,
     },
     /// The controller stopped hearing from the broker.
     FenceBroker { node_id: BrokerId },
@@ -426,12 +435,13 @@ impl MetadataImage {
                 raft_addr,
                 incarnation,
                 replica_addr,
+                endpoints,
             } => self.register_broker(
                 index,
                 *node_id,
                 (kafka_host, *kafka_port),
                 raft_addr,
-                replica_addr,
+                (replica_addr, endpoints),
                 *incarnation,
             ),
             Command::FenceBroker { node_id } => {
@@ -565,7 +575,7 @@ impl MetadataImage {
         node_id: BrokerId,
         (kafka_host, kafka_port): (&str, u16),
         raft_addr: &str,
-        replica_addr: &str,
+        (replica_addr, endpoints): (&str, &BTreeMap<String, String>),
         incarnation: u64,
     ) -> CommandResult {
         if node_id < 0 {
@@ -588,6 +598,7 @@ impl MetadataImage {
                 && b.kafka_port == kafka_port
                 && b.raft_addr == raft_addr
                 && b.replica_addr == replica_addr
+                && b.endpoints == *endpoints
         });
         let epoch = match same {
             // Re-announcement of the same process: keep its epoch.
@@ -601,6 +612,7 @@ impl MetadataImage {
                 kafka_port,
                 raft_addr: raft_addr.to_string(),
                 replica_addr: replica_addr.to_string(),
+                endpoints: endpoints.clone(),
                 fenced: true,
                 draining,
                 incarnation,

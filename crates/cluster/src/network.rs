@@ -5,7 +5,7 @@
 //! is allocated; a frame that is too long or does not decode closes that connection.
 //! One request is in flight per connection; the reply comes back on the same one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +42,10 @@ pub struct BrokerHeartbeat {
     pub raft_addr: String,
     #[serde(default)]
     pub replica_addr: String,
+    /// Named protocol endpoints (name → `host:port`) to register, see
+    /// [`crate::BrokerState::endpoints`]; absent from older brokers' heartbeats.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, String>,
 }
 
 /// The controller's answer to a heartbeat.

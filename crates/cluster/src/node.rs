@@ -46,6 +46,11 @@ pub struct ClusterConfig {
     /// Where peers reach this node's Kafka listener to replicate; defaults to the
     /// host of this node's Raft address with `kafka_port`.
     pub replica_addr: Option<String>,
+    /// Named protocol endpoints other nodes reach this node at (name → `host:port`),
+    /// registered in the image as [`crate::BrokerState::endpoints`]. The names are
+    /// free-form; `"amqp"` is the AMQP listener other nodes forward queue operations
+    /// to. Empty by default.
+    pub endpoints: BTreeMap<String, String>,
     /// The voters of the metadata quorum: `(node id, raft address)`. Fixed for the
     /// life of the cluster; brokers beyond them join as learners.
     pub peers: Vec<(BrokerId, String)>,
@@ -106,6 +111,7 @@ impl ClusterConfig {
             kafka_host: "localhost".to_string(),
             kafka_port: 9092,
             replica_addr: None,
+            endpoints: BTreeMap::new(),
             data_dir: data_dir.into(),
             heartbeat_interval: Duration::from_millis(500),
             session_timeout: Duration::from_secs(6),
@@ -369,6 +375,12 @@ impl ClusterNode {
     /// `kafka_port`. Registered in the image as [`crate::BrokerState::replica_addr`].
     pub fn replica_addr(&self) -> String {
         self.inner.replica_addr()
+    }
+
+    /// The named protocol endpoints this node registers (name → `host:port`), from
+    /// [`ClusterConfig::endpoints`]; see [`crate::BrokerState::endpoints`].
+    pub fn endpoints(&self) -> &BTreeMap<String, String> {
+        &self.inner.config.endpoints
     }
 
     /// The address the Raft listener is bound to (`None`: a single node without one).
@@ -662,6 +674,7 @@ impl Inner {
             kafka_port: self.config.kafka_port,
             raft_addr: self.raft_addr.clone(),
             replica_addr: self.replica_addr(),
+            endpoints: self.config.endpoints.clone(),
         }
     }
 
@@ -834,7 +847,8 @@ impl Inner {
                     && b.kafka_host == hb.kafka_host
                     && b.kafka_port == hb.kafka_port
                     && b.raft_addr == hb.raft_addr
-                    && b.replica_addr == hb.replica_addr =>
+                    && b.replica_addr == hb.replica_addr
+                    && b.endpoints == hb.endpoints =>
             {
                 if !b.fenced {
                     return Ok(HeartbeatReply {
@@ -860,6 +874,7 @@ impl Inner {
                     raft_addr: hb.raft_addr.clone(),
                     incarnation: hb.incarnation,
                     replica_addr: hb.replica_addr.clone(),
+                    endpoints: hb.endpoints.clone(),
                 }
             }
         };

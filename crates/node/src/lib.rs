@@ -24,6 +24,7 @@
 
 mod topology;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,6 +83,15 @@ impl NodeConfig {
             replica,
             retention_check_interval: Duration::from_secs(30),
         }
+    }
+
+    /// Sets the named protocol endpoints (name → `host:port`) this node registers in
+    /// the metadata image, for a single node and a cluster node alike; stored in
+    /// [`ClusterConfig::endpoints`]. The names are free-form; `"amqp"` is the AMQP
+    /// listener other nodes forward queue operations to.
+    pub fn with_endpoints(mut self, endpoints: BTreeMap<String, String>) -> NodeConfig {
+        self.cluster.endpoints = endpoints;
+        self
     }
 
     /// Whether this node is its quorum's only voter.

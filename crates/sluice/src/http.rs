@@ -469,6 +469,7 @@ mod tests {
             kafka_port: 9092,
             raft_addr: "h:9093".into(),
             replica_addr: "r:9092".into(),
+            endpoints: Default::default(),
             fenced,
             draining,
             incarnation: 1,

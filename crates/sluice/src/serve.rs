@@ -2,6 +2,7 @@
 //! listeners, open the store, announce readiness on stdout, serve until
 //! SIGINT/SIGTERM, then shut down cleanly and flush.
 
+use std::collections::BTreeMap;
 use std::io::{ErrorKind, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -110,16 +111,23 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     // One node or many: decided here, once. A single node is a cluster of one
     // voter; everything from here on is the same code.
     let advertised = kafka.advertised();
+    let replica_addr = match &config.cluster {
+        // What NodeConfig::single registers.
+        None => format!("{}:{}", advertised.0, advertised.1),
+        Some(settings) => settings
+            .replica_addr
+            .clone()
+            .unwrap_or_else(|| default_replica_addr(settings, kafka_addr)),
+    };
+    // Other nodes forward AMQP queue operations to the queue leader's node here.
+    let endpoints = BTreeMap::from([("amqp".to_string(), amqp_endpoint(amqp_addr, &replica_addr))]);
     let mut node_config = match &config.cluster {
         None => NodeConfig::single(config.node_id, &data_dir, advertised),
         Some(settings) => {
-            let replica_addr = settings
-                .replica_addr
-                .clone()
-                .unwrap_or_else(|| default_replica_addr(settings, kafka_addr));
             cluster_node_config(&config, settings, &data_dir, advertised, replica_addr)
         }
-    };
+    }
+    .with_endpoints(endpoints);
     node_config.retention_check_interval = config.retention_check_interval;
     let node =
         Node::start(store.clone(), node_config)
@@ -273,6 +281,20 @@ fn default_replica_addr(settings: &ClusterSettings, kafka: SocketAddr) -> String
     format!("{host}:{}", kafka.port())
 }
 
+/// Where other nodes reach the AMQP listener bound at `amqp` (its actual address,
+/// so a port 0 listen is resolved): a wildcard IP is replaced by the host of this
+/// node's replica address (`host:port`), which other nodes already reach.
+fn amqp_endpoint(amqp: SocketAddr, replica_addr: &str) -> String {
+    if !amqp.ip().is_unspecified() {
+        return amqp.to_string();
+    }
+    let host = match replica_addr.rsplit_once(':') {
+        Some((h, _)) if !h.is_empty() => h.to_string(),
+        _ => advertised_host(amqp.ip()),
+    };
+    format!("{host}:{}", amqp.port())
+}
+
 /// A wildcard listen address is advertised as loopback (set
 /// --advertised-kafka when clients connect from elsewhere).
 fn advertised_host(ip: std::net::IpAddr) -> String {
@@ -417,6 +439,22 @@ mod tests {
         assert_eq!(
             default_replica_addr(&settings("[::1]:9093"), kafka),
             "[::1]:9092"
+        );
+    }
+
+    #[test]
+    fn amqp_endpoint_replaces_a_wildcard_ip_with_the_replica_host() {
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert_eq!(amqp_endpoint(at("0.0.0.0:5672"), "b1:9092"), "b1:5672");
+        assert_eq!(amqp_endpoint(at("[::]:5673"), "[::1]:9092"), "[::1]:5673");
+        assert_eq!(
+            amqp_endpoint(at("10.0.0.2:5672"), "b1:9092"),
+            "10.0.0.2:5672"
+        );
+        assert_eq!(amqp_endpoint(at("[::1]:5672"), "b1:9092"), "[::1]:5672");
+        assert_eq!(
+            amqp_endpoint(at("0.0.0.0:5672"), "nohost"),
+            "127.0.0.1:5672"
         );
     }
 

@@ -18,6 +18,7 @@ fn register(img: &mut MetadataImage, index: &mut u64, id: BrokerId) {
             raft_addr: format!("b{id}:9093"),
             incarnation: 1,
             replica_addr: String::new(),
+            endpoints: BTreeMap::new(),
         },
     );
     assert_eq!(r, Ok(CommandOutput::BrokerEpoch(*index)));
@@ -177,6 +178,7 @@ fn restart_with_new_incarnation_moves_leadership_and_bumps_epoch() {
             raft_addr: "b1:9093".into(),
             incarnation: 2,
             replica_addr: String::new(),
+            endpoints: BTreeMap::new(),
         },
     );
     assert_eq!(r, Ok(CommandOutput::BrokerEpoch(i + 2)));
@@ -501,6 +503,7 @@ fn random_command(rng: &mut StdRng, img: &MetadataImage) -> Command {
             raft_addr: "h:9093".into(),
             incarnation: rng.gen_range(0..2),
             replica_addr: String::new(),
+            endpoints: BTreeMap::new(),
         },
         1 => Command::FenceBroker { node_id: broker },
         2 => Command::UnfenceBroker { node_id: broker },
@@ -708,6 +711,7 @@ fn replica_addr_is_registered_and_defaults_to_empty_in_old_json() {
             raft_addr: "b1:9093".into(),
             incarnation: 1,
             replica_addr: "b1:9092".into(),
+            endpoints: BTreeMap::new(),
         },
     );
     assert_eq!(r, Ok(CommandOutput::BrokerEpoch(1)));
@@ -722,6 +726,7 @@ fn replica_addr_is_registered_and_defaults_to_empty_in_old_json() {
             raft_addr: "b1:9093".into(),
             incarnation: 1,
             replica_addr: "b1:9094".into(),
+            endpoints: BTreeMap::new(),
         },
     );
     assert_eq!(r, Ok(CommandOutput::BrokerEpoch(2)));
@@ -734,6 +739,46 @@ fn replica_addr_is_registered_and_defaults_to_empty_in_old_json() {
     let old = r#"{"kafka_host":"h","kafka_port":9092,"raft_addr":"h:9093","fenced":false,"draining":false,"incarnation":7,"epoch":3}"#;
     let b: BrokerState = serde_json::from_str(old).expect("old broker state");
     assert_eq!(b.replica_addr, "");
+}
+
+#[test]
+fn endpoints_are_registered_and_default_to_empty_in_old_json() {
+    let reg = |endpoints: BTreeMap<String, String>| Command::RegisterBroker {
+        node_id: 1,
+        kafka_host: "public".into(),
+        kafka_port: 19092,
+        raft_addr: "b1:9093".into(),
+        incarnation: 1,
+        replica_addr: "b1:9092".into(),
+        endpoints,
+    };
+    let amqp = |addr: &str| BTreeMap::from([("amqp".to_string(), addr.to_string())]);
+    let mut img = MetadataImage::default();
+    let r = img.apply(1, &reg(amqp("b1:5672")));
+    assert_eq!(r, Ok(CommandOutput::BrokerEpoch(1)));
+    assert_eq!(img.brokers[&1].endpoints, amqp("b1:5672"));
+    // The same registration again keeps the epoch.
+    let r = img.apply(2, &reg(amqp("b1:5672")));
+    assert_eq!(r, Ok(CommandOutput::BrokerEpoch(1)));
+    // Changed endpoints are a new registration (new broker epoch).
+    let r = img.apply(3, &reg(amqp("b1:5673")));
+    assert_eq!(r, Ok(CommandOutput::BrokerEpoch(3)));
+    assert_eq!(img.brokers[&1].endpoints, amqp("b1:5673"));
+    // Log entries and snapshots written before the field existed still decode.
+    let old = r#"{"RegisterBroker":{"node_id":2,"kafka_host":"h","kafka_port":9092,"raft_addr":"h:9093","incarnation":7,"replica_addr":"h:9092"}}"#;
+    let cmd: Command = serde_json::from_str(old).expect("old command");
+    assert!(matches!(cmd, Command::RegisterBroker { ref endpoints, .. } if endpoints.is_empty()));
+    let old = r#"{"kafka_host":"h","kafka_port":9092,"raft_addr":"h:9093","replica_addr":"h:9092","fenced":false,"draining":false,"incarnation":7,"epoch":3}"#;
+    let b: BrokerState = serde_json::from_str(old).expect("old broker state");
+    assert!(b.endpoints.is_empty());
+    // And a broker state round-trips with them.
+    let mut b = b;
+    b.endpoints = amqp("h:5672");
+    let json = serde_json::to_string(&b).expect("encode");
+    assert_eq!(
+        serde_json::from_str::<BrokerState>(&json).expect("decode"),
+        b
+    );
 }
 
 fn offsets_spec() -> InternalTopic {

@@ -280,6 +280,7 @@ async fn isolated_leader_loses_its_uncommitted_suffix_and_all_nodes_converge() {
             raft_addr: "h:9093".into(),
             incarnation: 1,
             replica_addr: String::new(),
+            endpoints: Default::default(),
         })
         .await
         .unwrap();

@@ -504,6 +504,7 @@ mod tests {
             kafka_port: port,
             raft_addr: String::new(),
             replica_addr: String::new(),
+            endpoints: Default::default(),
             fenced,
             draining: false,
             incarnation: 1,
