@@ -9,10 +9,20 @@ from rabbitmq import RabbitMQ
 
 
 class Server:
-    def __init__(self, kind, port, bootstrap=None):
+    def __init__(self, kind, port, bootstrap=None, ports=None):
         self.kind = kind
-        self.port = port
+        self._ports = list(ports or [port])
+        self._next = 0
         self.bootstrap = bootstrap
+
+    @property
+    def port(self):
+        """An AMQP port to connect to. On a cluster each connection goes to the
+        next node, so the publishers and consumers of one queue sit on different
+        nodes and reach its leader through the node they are connected to."""
+        p = self._ports[self._next % len(self._ports)]
+        self._next += 1
+        return p
 
     def params(self, **kw):
         kw.setdefault("heartbeat", 30)
@@ -39,6 +49,6 @@ def server(request, broker_factory):
         b = broker_factory("amqp")
         if not getattr(b, "amqp_port", None):
             pytest.skip("the external broker has no AMQP listener known to the harness")
-        return Server("sluice", b.amqp_port, b.bootstrap)
+        return Server("sluice", b.amqp_port, b.bootstrap, getattr(b, "amqp_ports", None))
     r = request.getfixturevalue("rabbitmq_server")
     return Server("rabbitmq", r.port)

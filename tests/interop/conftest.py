@@ -330,6 +330,15 @@ class LocalCluster:
     def http(self):
         return self.nodes[0].http
 
+    @property
+    def amqp_port(self):
+        return self.nodes[0].amqp_port
+
+    @property
+    def amqp_ports(self):
+        """Every node's AMQP port: a client may connect to any of them."""
+        return [b.amqp_port for b in self.nodes]
+
     def start(self, timeout=START_TIMEOUT_S):
         # All at once: a node may wait for a quorum before it reports ready.
         errors = []

@@ -21,10 +21,6 @@ import pytest
 
 from amqp_servers import rabbitmq_server, server  # noqa: F401 - pytest fixtures
 
-pytestmark = pytest.mark.skipif(
-    bool(os.environ.get("SLUICE_INTEROP_CLUSTER")),
-    reason="AMQP serves a queue on the node that leads it; forwarding between nodes is not built yet",
-)
 
 WAIT_S = 15.0
 

@@ -12,11 +12,6 @@ import pytest
 
 from conftest import sluice_bin
 
-pytestmark = pytest.mark.skipif(
-    bool(os.environ.get("SLUICE_INTEROP_CLUSTER")),
-    reason="AMQP serves a queue on the node that leads it; forwarding between nodes is not built yet",
-)
-
 
 @pytest.fixture(scope="module")
 def node(broker):
@@ -61,7 +56,10 @@ def test_queue_lifecycle_from_the_command_line(node):
         assert row["messages_ready"] == 5
         assert row["published_total"] == 5
         assert row["durable"] is True and row["arguments"] == {"x-max-length": "100"}
-        assert row["topic"] == f"amqp.{q}" and row["served_here"] is True
+        assert row["topic"] == f"amqp.{q}"
+        # The list comes from node 1; in a cluster the queue may be led by
+        # another node, whose counts node 1 asks for.
+        assert row["served_here"] is (row["leader"] == 1 or not os.environ.get("SLUICE_INTEROP_CLUSTER"))
 
         peek = sluice(node, "queue", "get", q, "--count", "2", "--requeue").stdout
         assert "m0" in peek and "m1" in peek

@@ -12,11 +12,6 @@ import pytest
 
 from amqp_servers import rabbitmq_server, server  # noqa: F401 - pytest fixtures
 
-pytestmark = pytest.mark.skipif(
-    bool(os.environ.get("SLUICE_INTEROP_CLUSTER")),
-    reason="AMQP serves a queue on the node that leads it; forwarding between nodes is not built yet",
-)
-
 HERE = Path(__file__).resolve().parent
 JARS = ["/usr/share/java/amqp-client.jar", "/usr/share/java/slf4j-api.jar", "/usr/share/java/slf4j-nop.jar"]
 

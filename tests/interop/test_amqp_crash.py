@@ -21,11 +21,6 @@ import uuid
 import pika
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    bool(os.environ.get("SLUICE_INTEROP_CLUSTER")),
-    reason="AMQP serves a queue on the node that leads it; forwarding between nodes is not built yet",
-)
-
 ROUNDS = 3
 PER_ROUND = 120
 # Acknowledgements and delivery marks are written within milliseconds of their

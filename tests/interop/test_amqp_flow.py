@@ -19,11 +19,6 @@ import pytest
 from amqp_servers import Server
 from rabbitmq import RabbitMQ
 
-pytestmark = pytest.mark.skipif(
-    bool(os.environ.get("SLUICE_INTEROP_CLUSTER")),
-    reason="AMQP serves a queue on the node that leads it; forwarding between nodes is not built yet",
-)
-
 # A petabyte: more than any disk here has free.
 HUGE = 10**15
 

@@ -12,8 +12,8 @@ use sluice_topology::amqp::{Binding, Destination, PREDECLARED_EXCHANGES};
 use crate::error::AmqpError;
 use crate::model::{decode_table, value_int, value_text};
 use crate::ops::{ExchangeDeclaration, QueueDeclaration, Who};
-use crate::queue::{Outcome, QueueStatus};
-use crate::Broker;
+use crate::queue::{Outcome, QueueHandle, QueueStatus};
+use crate::{Broker, NODE_SESSION};
 
 /// Handle on the AMQP objects of a node, for the operator.
 #[derive(Clone)]
@@ -196,11 +196,20 @@ impl AmqpAdmin {
                     .and_then(|t| t.partitions.first())
                     .map_or(-1, |p| p.leader);
                 let link = (leader == me)
-                    .then(|| self.broker.queue(vhost, name).ok())
+                    .then(|| self.broker.local_queue(vhost, name).ok())
                     .flatten();
-                let (status, traffic) = match &link {
-                    Some(l) => (l.peek().await.unwrap_or_default(), l.traffic()),
-                    None => (QueueStatus::default(), Default::default()),
+                // A queue led elsewhere: its leader counts.
+                let remote = match (&link, leader >= 0) {
+                    (None, true) => match self.broker.queue_for(NODE_SESSION, vhost, name) {
+                        Ok(QueueHandle::There(r)) => r.observe().await.ok(),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                let (status, traffic) = match (&link, remote) {
+                    (Some(l), _) => (l.peek().await.unwrap_or_default(), l.traffic()),
+                    (None, Some(observed)) => observed,
+                    (None, None) => (QueueStatus::default(), Default::default()),
                 };
                 out.push(QueueInfo {
                     vhost: vhost.clone(),
@@ -278,7 +287,7 @@ impl AmqpAdmin {
         requeue: bool,
     ) -> Result<Vec<GotMessage>, AdminError> {
         self.broker.queue_state(vhost, name, Who::Operator)?;
-        let link = self.broker.queue(vhost, name)?;
+        let link = self.broker.queue_for(NODE_SESSION, vhost, name)?;
         let mut out = Vec::new();
         let mut offsets = Vec::new();
         for _ in 0..count {

@@ -20,8 +20,13 @@ use crate::frame::{put, put_method};
 use crate::message::{encode_batch, Publication, Stored};
 use crate::model::encode_table;
 use crate::ops::{no_exchange, ExchangeDeclaration, QueueDeclaration, Who};
-use crate::queue::{ConsumerSpec, Credit, Event, Outcome, QueueLink, StreamStart};
+use crate::queue::{ConsumerSpec, Credit, Event, Outcome, QueueHandle, StreamStart};
 use crate::short;
+
+/// How long a consume or get whose queue's leadership moved under it is tried
+/// again at the new leader, and how often.
+const LEADER_MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const LEADER_MOVE_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What confirm tasks tell the connection.
 #[derive(Debug)]
@@ -72,7 +77,7 @@ struct TxWork {
 
 #[derive(Debug, Clone)]
 struct Unacked {
-    queue: QueueLink,
+    queue: QueueHandle,
     offset: i64,
     /// The consumer whose prefetch window it takes (none for `basic.get`).
     consumer: Option<Arc<str>>,
@@ -80,14 +85,44 @@ struct Unacked {
 
 #[derive(Debug)]
 struct ConsumerEntry {
-    queue: QueueLink,
+    queue: QueueHandle,
     credit: Arc<Credit>,
+}
+
+/// What a published message waits for in one queue it went to.
+enum Wait {
+    /// Its offset committed in a partition this node leads.
+    Log(Leadership, i64),
+    /// The leader's answer, through a peer session.
+    Peer(crate::peer::PublishAnswer),
+}
+
+impl Wait {
+    /// Stored (`Ok(true)`), refused by a full queue (`Ok(false)`), or not known
+    /// to be durable (`Err`).
+    async fn outcome(&self) -> Result<bool, ()> {
+        match self {
+            Wait::Log(l, end) => l
+                .wait_committed(*end, None)
+                .await
+                .map(|_| true)
+                .map_err(|_| ()),
+            Wait::Peer(answer) => answer.clone().await,
+        }
+    }
+
+    fn is_stored(&self) -> bool {
+        match self {
+            Wait::Log(l, end) => l.is_current() && l.partition().high_watermark() >= *end,
+            Wait::Peer(answer) => matches!(answer.peek(), Some(Ok(true))),
+        }
+    }
 }
 
 /// A published message waiting for the queues it went to.
 struct ConfirmJob {
     seq: u64,
-    waits: Vec<(Leadership, i64)>,
+    waits: Vec<Wait>,
     /// A full queue refused it: the confirm is a nack.
     refused: bool,
 }
@@ -188,19 +223,29 @@ fn send_confirm(
     });
 }
 
-async fn wait_all(waits: &[(Leadership, i64)]) -> bool {
-    for (l, end) in waits {
-        if l.wait_committed(*end, None).await.is_err() {
+/// Whether every queue stored the message (a confirm's ack).
+async fn wait_all(waits: &[Wait]) -> bool {
+    for w in waits {
+        if w.outcome().await != Ok(true) {
             return false;
         }
     }
     true
 }
 
-fn committed(waits: &[(Leadership, i64)]) -> bool {
-    waits
-        .iter()
-        .all(|(l, end)| l.is_current() && l.partition().high_watermark() >= *end)
+/// Whether every queue's answer is known and none failed (a full queue's
+/// refusal is an answer: the message is dropped there, as RabbitMQ drops it).
+async fn wait_known(waits: &[Wait]) -> bool {
+    for w in waits {
+        if w.outcome().await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+fn committed(waits: &[Wait]) -> bool {
+    waits.iter().all(Wait::is_stored)
 }
 
 fn method(out: &mut Vec<u8>, ch: u16, m: AMQPClass) {
@@ -328,7 +373,7 @@ impl Conn {
         let consumers = std::mem::take(&mut c.consumers);
         c.pending = None;
         c.confirms = None;
-        let mut detached: Vec<QueueLink> = Vec::new();
+        let mut detached: Vec<QueueHandle> = Vec::new();
         for (_, e) in consumers {
             if !detached.contains(&e.queue) {
                 e.queue.detach(self.id, Some(ch));
@@ -462,7 +507,10 @@ impl Conn {
 
     /// This connection, as exclusive queues know it.
     fn who(&self) -> Who<'_> {
-        Who::Connection(&self.owner)
+        Who::Connection {
+            owner: &self.owner,
+            id: self.id,
+        }
     }
 
     async fn on_queue(&mut self, ch: u16, m: &queue::AMQPMethod) -> Result<(), AmqpError> {
@@ -549,6 +597,11 @@ impl Conn {
                     c.shared
                         .limit
                         .store(u32::from(q.prefetch_count), Ordering::Release);
+                    crate::peer::shared_limit_changed(
+                        &self.broker.sessions_of(self.id),
+                        ch,
+                        u32::from(q.prefetch_count),
+                    );
                 } else {
                     c.prefetch = q.prefetch_count;
                 }
@@ -593,7 +646,7 @@ impl Conn {
             basic::AMQPMethod::Consume(c) => {
                 let name = c.queue.as_str();
                 self.broker.queue_state(&vhost, name, self.who())?;
-                let link = self.broker.queue(&vhost, name)?;
+                let link = self.broker.queue_for(self.id, &vhost, name)?;
                 let start = if link.is_stream() {
                     StreamStart::parse(&c.arguments)?
                 } else {
@@ -635,7 +688,27 @@ impl Conn {
                     events: events.clone(),
                     start,
                 };
-                if let Err(e) = link.consume(spec).await {
+                let mut consumed = link.consume(spec.clone()).await;
+                let deadline = tokio::time::Instant::now() + LEADER_MOVE_WAIT;
+                while consumed.as_ref().is_err_and(|e| e.retriable)
+                    && tokio::time::Instant::now() < deadline
+                {
+                    // The queue's leadership moved under the consume: again,
+                    // at its leader now.
+                    tokio::time::sleep(LEADER_MOVE_RETRY).await;
+                    let Ok(fresh) = self.broker.queue_for(self.id, &vhost, name) else {
+                        continue;
+                    };
+                    if let Some(e) = self
+                        .channels
+                        .get_mut(&ch)
+                        .and_then(|c| c.consumers.get_mut(&tag))
+                    {
+                        e.queue = fresh.clone();
+                    }
+                    consumed = fresh.consume(spec.clone()).await;
+                }
+                if let Err(e) = consumed {
                     if let Some(chan) = self.channels.get_mut(&ch) {
                         chan.consumers.remove(&tag);
                     }
@@ -669,8 +742,19 @@ impl Conn {
             basic::AMQPMethod::Get(g) => {
                 let name = g.queue.as_str();
                 self.broker.queue_state(&vhost, name, self.who())?;
-                let link = self.broker.queue(&vhost, name)?;
-                match link.get(g.no_ack).await? {
+                let mut link = self.broker.queue_for(self.id, &vhost, name)?;
+                let mut got = link.get(g.no_ack).await;
+                let deadline = tokio::time::Instant::now() + LEADER_MOVE_WAIT;
+                while got.as_ref().is_err_and(|e| e.retriable)
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(LEADER_MOVE_RETRY).await;
+                    if let Ok(fresh) = self.broker.queue_for(self.id, &vhost, name) {
+                        link = fresh;
+                        got = link.get(g.no_ack).await;
+                    }
+                }
+                match got? {
                     None => self.send_method(
                         ch,
                         AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
@@ -785,7 +869,7 @@ impl Conn {
             if let Some((_, u)) = settled.iter().find(|(_, u)| u.queue.is_stream()) {
                 return Err(AmqpError::not_implemented(format!(
                     "basic.nack and basic.reject not supported by stream queues queue '{}' in vhost '{}'",
-                    u.queue.name, u.queue.vhost
+                    u.queue.name(), u.queue.vhost()
                 )));
             }
         }
@@ -934,7 +1018,7 @@ impl Conn {
     /// Routes a message and appends it to every queue it reaches; returns what
     /// its confirm waits for and whether a full queue refused it. An unroutable
     /// mandatory message goes back to the publisher (`basic.return`).
-    fn store(&mut self, ch: u16, m: Message) -> Result<(Vec<(Leadership, i64)>, bool), AmqpError> {
+    fn store(&mut self, ch: u16, m: Message) -> Result<(Vec<Wait>, bool), AmqpError> {
         let vhost = self.vhost.clone();
         let p = &m.publication;
         let router = self.broker.router(&vhost);
@@ -963,42 +1047,27 @@ impl Conn {
             }
             return Ok((waits, refused));
         }
-        let batch = encode_batch(&[p])
-            .map_err(|e| AmqpError::internal(format!("cannot encode message: {e}")))?;
+        let mut batch = None;
         for q in &queues {
-            let link = self.broker.queue(&vhost, q)?;
-            // x-overflow reject-publish: a full queue refuses the message (the
-            // publisher's confirm is a nack), and -dlx dead-letters it.
-            if link.is_full_for(p.body.len() as u64) {
-                refused = true;
-                if link.args.overflow == crate::model::Overflow::RejectPublishDlx {
-                    if let Some(dlx) = &link.args.dead_letter_exchange {
-                        let key = link
-                            .args
-                            .dead_letter_routing_key
-                            .clone()
-                            .unwrap_or_else(|| p.routing_key.clone());
-                        let stored = Stored {
-                            offset: -1,
-                            timestamp: crate::message::now_ms(),
-                            exchange: p.exchange.clone(),
-                            routing_key: p.routing_key.clone(),
-                            properties: m.properties.clone(),
-                            body: p.body.clone(),
-                        };
-                        if let Ok(dead) = stored.dead_lettered(q, "maxlen", dlx, &key) {
-                            self.broker.store_routed(&vhost, &[dead]);
-                        }
+            match self.broker.queue_for(self.id, &vhost, q)? {
+                QueueHandle::Here(link) => {
+                    let batch = match &mut batch {
+                        Some(b) => b,
+                        None => batch.insert(encode_batch(&[p]).map_err(|e| {
+                            AmqpError::internal(format!("cannot encode message: {e}"))
+                        })?),
+                    };
+                    match self
+                        .broker
+                        .append_here(&link, p, &m.properties, batch, true)?
+                    {
+                        Some((leadership, end)) => waits.push(Wait::Log(leadership, end)),
+                        // A full queue refused it: the publisher's confirm is a nack.
+                        None => refused = true,
                     }
                 }
-                continue;
+                QueueHandle::There(remote) => waits.push(Wait::Peer(remote.publish(p))),
             }
-            let leadership = link.leadership_for(&p.routing_key);
-            let appended = leadership.append(&batch).map_err(|e| {
-                AmqpError::unavailable(format!("cannot store message in queue '{q}': {e}"))
-            })?;
-            link.count_published();
-            waits.push((leadership.clone(), appended.end_offset));
         }
         Ok((waits, refused))
     }
@@ -1028,7 +1097,7 @@ impl Conn {
                 for m in work.publishes {
                     waits.extend(self.store(ch, m)?.0);
                 }
-                if !wait_all(&waits).await {
+                if !wait_known(&waits).await {
                     return Err(AmqpError::unavailable(
                         "the transaction's messages could not be made durable",
                     ));
@@ -1203,7 +1272,7 @@ fn release_credit<'a>(chan: &Channel, settled: impl Iterator<Item = &'a Unacked>
 
 /// Tells each queue which of its deliveries are acknowledged or returned.
 fn settle(unacked: impl Iterator<Item = Unacked>, outcome: Outcome) {
-    let mut by_queue: Vec<(QueueLink, Vec<i64>)> = Vec::new();
+    let mut by_queue: Vec<(QueueHandle, Vec<i64>)> = Vec::new();
     for u in unacked {
         match by_queue.iter_mut().find(|(q, _)| *q == u.queue) {
             Some((_, offsets)) => offsets.push(u.offset),

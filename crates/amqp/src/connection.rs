@@ -32,7 +32,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frame size before `tune-ok` (the spec's minimum frame size).
 const HANDSHAKE_FRAME_MAX: u32 = 4096;
 /// Deliveries a queue may hand a connection ahead of the socket.
-const EVENT_QUEUE: usize = 1024;
+pub(crate) const EVENT_QUEUE: usize = 1024;
 /// Unsent bytes above which the connection takes no more deliveries.
 const WRITE_BACKLOG: usize = 8 * 1024 * 1024;
 /// How often a connection held under a resource alarm checks that its client
@@ -667,6 +667,7 @@ impl Conn {
         for ch in ids {
             self.release_channel(ch);
         }
+        self.broker.end_sessions(self.id).await;
         for name in std::mem::take(&mut self.exclusive_queues) {
             let vhost = self.vhost.clone();
             self.broker.delete_queue(&vhost, &name).await;

@@ -13,6 +13,9 @@ pub(crate) struct AmqpError {
     pub text: String,
     pub class_id: u16,
     pub method_id: u16,
+    /// The queue's actor stopped under the method (its leadership moved): the
+    /// same method against the queue's current leader may well succeed.
+    pub retriable: bool,
 }
 
 impl AmqpError {
@@ -55,6 +58,7 @@ impl AmqpError {
             text,
             class_id: 0,
             method_id: 0,
+            retriable: false,
         }
     }
 
@@ -114,6 +118,12 @@ impl AmqpError {
     /// the channel closes (RabbitMQ's 541 would close the connection over less).
     pub fn unavailable(detail: impl AsRef<str>) -> AmqpError {
         AmqpError::soft(AMQPSoftError::RESOURCELOCKED, detail)
+    }
+
+    /// Marks an error the next leader may not repeat (see `retriable`).
+    pub fn retriable(mut self) -> AmqpError {
+        self.retriable = true;
+        self
     }
 
     /// Names the method that caused the error.

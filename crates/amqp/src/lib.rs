@@ -25,8 +25,8 @@
 //! read without consuming, from the position `x-stream-offset` names; with
 //! `x-stream-topic` a stream reads (and appends to) an existing Kafka topic, all
 //! its partitions. Quorum queues count returns (`x-delivery-count`,
-//! `x-delivery-limit`). Not yet served: queues led by another node of a
-//! cluster. Transactions (`tx.*`) hold publishes and settlements until commit.
+//! `x-delivery-limit`). A queue led by another node of a cluster is used through
+//! that node (`peer.rs`). Transactions (`tx.*`) hold publishes and settlements until commit.
 
 mod admin;
 mod channel;
@@ -36,6 +36,7 @@ mod frame;
 mod message;
 mod model;
 mod ops;
+mod peer;
 mod queue;
 mod routing;
 mod state;
@@ -62,7 +63,8 @@ pub use model::{queue_topic, DEFAULT_VHOST};
 pub use queue::QueueStatus;
 
 use crate::error::AmqpError;
-use crate::queue::QueueLink;
+use crate::peer::{PeerClient, RemoteQueue};
+use crate::queue::{QueueHandle, QueueLink};
 use crate::routing::Router;
 
 /// Settings of the AMQP listener.
@@ -166,7 +168,7 @@ impl AmqpListener {
                 accepted = self.listener.accept() => match accepted {
                     Ok((socket, peer)) => {
                         let _ = socket.set_nodelay(true);
-                        tokio::spawn(connection::serve(broker.clone(), socket, peer, stop_rx.clone()));
+                        tokio::spawn(accept(broker.clone(), socket, peer, stop_rx.clone()));
                     }
                     Err(e) => {
                         warn!("AMQP accept failed: {e}");
@@ -179,6 +181,39 @@ impl AmqpListener {
     }
 }
 
+/// Serves an accepted socket: a client's AMQP connection, or another node's
+/// peer session (told apart by the first eight bytes).
+async fn accept(
+    broker: Arc<Broker>,
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+) {
+    let mut header = [0u8; 8];
+    let peeked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match socket.peek(&mut header).await {
+                Ok(n) if n >= header.len() => return true,
+                Ok(0) | Err(_) => return false,
+                // Fewer bytes so far: wait for more.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    })
+    .await;
+    if matches!(peeked, Ok(true)) && header == peer::PEER_HEADER {
+        let mut socket = socket;
+        if tokio::io::AsyncReadExt::read_exact(&mut socket, &mut header)
+            .await
+            .is_ok()
+        {
+            peer::serve(broker, socket).await;
+        }
+        return;
+    }
+    connection::serve(broker, socket, peer, stop).await;
+}
+
 /// What every connection of one listener shares.
 pub(crate) struct Broker {
     pub topology: Arc<dyn Topology>,
@@ -186,6 +221,9 @@ pub(crate) struct Broker {
     pub alarm: ResourceAlarm,
     /// Queue actors on this node, by topic.
     queues: Mutex<HashMap<String, QueueLink>>,
+    /// Peer sessions to the nodes that lead queues used here, by the connection
+    /// they act for ([`NODE_SESSION`] for the node's own uses) and node.
+    peers: Mutex<HashMap<(u64, i32), Arc<PeerClient>>>,
     /// Routing tables by virtual host, for the image they were compiled from.
     routers: Mutex<(u64, HashMap<String, Arc<Router>>)>,
     /// Names this process: exclusive queues record `node:incarnation:connection`.
@@ -205,6 +243,7 @@ impl Broker {
             config,
             alarm,
             queues: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
             routers: Mutex::new((u64::MAX, HashMap::new())),
             incarnation,
             next_connection: AtomicU64::new(1),
@@ -239,8 +278,136 @@ impl Broker {
             .clone()
     }
 
+    /// A queue as a connection (or, with [`NODE_SESSION`], the node itself)
+    /// uses it: its actor here when this node leads it, else its leader through
+    /// the connection's peer session to that node.
+    pub(crate) fn queue_for(
+        self: &Arc<Self>,
+        session: u64,
+        vhost: &str,
+        name: &str,
+    ) -> Result<QueueHandle, AmqpError> {
+        let image = self.topology.image();
+        let q = image
+            .vhost(vhost)
+            .and_then(|v| v.queues.get(name))
+            .ok_or_else(|| no_queue(vhost, name))?;
+        let leader = image
+            .topics
+            .get(&q.topic)
+            .and_then(|t| t.partitions.first())
+            .map(|p| p.leader);
+        let me = self.topology.node_id();
+        let Some(leader) = leader.filter(|l| *l >= 0 && *l != me) else {
+            return self.local_queue(vhost, name).map(QueueHandle::Here);
+        };
+        let addr = image
+            .brokers
+            .get(&leader)
+            .and_then(|b| b.endpoints.get(AMQP_ENDPOINT))
+            .cloned()
+            .ok_or_else(|| {
+                AmqpError::unavailable(format!(
+                    "queue '{name}' in vhost '{vhost}' is led by node {leader}, which registered no AMQP endpoint"
+                ))
+            })?;
+        let args = Arc::new(stored_arguments(vhost, name, q));
+        let client = {
+            let mut peers = self.peers.lock();
+            match peers.get(&(session, leader)) {
+                Some(c) if c.is_alive() => c.clone(),
+                _ => {
+                    let max_frame = peer::max_frame(self);
+                    let c = PeerClient::open(leader, addr, max_frame);
+                    peers.insert((session, leader), c.clone());
+                    c
+                }
+            }
+        };
+        Ok(QueueHandle::There(RemoteQueue::new(
+            client, vhost, name, args,
+        )))
+    }
+
+    /// The peer sessions a connection has open.
+    pub(crate) fn sessions_of(&self, connection: u64) -> Vec<Arc<PeerClient>> {
+        self.peers
+            .lock()
+            .iter()
+            .filter(|((c, _), _)| *c == connection)
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    /// A connection closes: its peer sessions end once the leaders have what it
+    /// sent, and the leaders return what they delivered through them and was not
+    /// acknowledged.
+    pub(crate) async fn end_sessions(&self, connection: u64) {
+        let ending: Vec<Arc<PeerClient>> = {
+            let mut peers = self.peers.lock();
+            let mine: Vec<(u64, i32)> = peers
+                .keys()
+                .filter(|(c, _)| *c == connection)
+                .copied()
+                .collect();
+            peers.retain(|_, p| p.is_alive());
+            mine.iter().filter_map(|k| peers.remove(k)).collect()
+        };
+        futures::future::join_all(ending.iter().map(|p| p.finish())).await;
+    }
+
+    /// Appends a routed message to a queue this node leads: where and up to
+    /// which offset to wait for it to be committed, or `None` when the queue is
+    /// full and refuses it (`x-overflow` reject-publish; with
+    /// `reject-publish-dlx` and `dead_letter_refused`, it is dead-lettered).
+    pub(crate) fn append_here(
+        self: &Arc<Self>,
+        link: &QueueLink,
+        p: &message::Publication,
+        properties: &amq_protocol::protocol::basic::AMQPProperties,
+        batch: &[u8],
+        dead_letter_refused: bool,
+    ) -> Result<Option<(sluice_topology::Leadership, i64)>, AmqpError> {
+        if link.is_full_for(p.body.len() as u64) {
+            if dead_letter_refused && link.args.overflow == model::Overflow::RejectPublishDlx {
+                if let Some(dlx) = &link.args.dead_letter_exchange {
+                    let key = link
+                        .args
+                        .dead_letter_routing_key
+                        .clone()
+                        .unwrap_or_else(|| p.routing_key.clone());
+                    let stored = message::Stored {
+                        offset: -1,
+                        timestamp: message::now_ms(),
+                        exchange: p.exchange.clone(),
+                        routing_key: p.routing_key.clone(),
+                        properties: properties.clone(),
+                        body: p.body.clone(),
+                    };
+                    if let Ok(dead) = stored.dead_lettered(&link.name, "maxlen", dlx, &key) {
+                        self.store_routed(&link.vhost, &[dead]);
+                    }
+                }
+            }
+            return Ok(None);
+        }
+        let leadership = link.leadership_for(&p.routing_key);
+        let appended = leadership.append(batch).map_err(|e| {
+            AmqpError::unavailable(format!(
+                "cannot store message in queue '{}': {e}",
+                link.name
+            ))
+        })?;
+        link.count_published();
+        Ok(Some((leadership.clone(), appended.end_offset)))
+    }
+
     /// The actor of a queue this node leads, started on first use.
-    pub(crate) fn queue(self: &Arc<Self>, vhost: &str, name: &str) -> Result<QueueLink, AmqpError> {
+    pub(crate) fn local_queue(
+        self: &Arc<Self>,
+        vhost: &str,
+        name: &str,
+    ) -> Result<QueueLink, AmqpError> {
         let image = self.topology.image();
         let q = image
             .vhost(vhost)
@@ -263,7 +430,7 @@ impl Broker {
                     .and_then(|t| t.partitions.get(p))
                     .map(|p| p.leader);
                 return Err(AmqpError::unavailable(format!(
-                    "queue '{name}' in vhost '{vhost}' (partition {p} of topic '{}') is led by node {}; this release serves a queue on the node that leads it",
+                    "queue '{name}' in vhost '{vhost}' (partition {p} of topic '{}') is led by node {}, not here",
                     q.topic,
                     leader.map_or_else(|| "none".to_owned(), |l| l.to_string())
                 )));
@@ -271,14 +438,7 @@ impl Broker {
             leaderships.push(leadership);
         }
         let leadership = leaderships.remove(0);
-        let args = model::queue_arguments(name, vhost, &model::decode_table(&q.arguments))
-            .unwrap_or_else(|e| {
-                warn!(
-                    queue = name,
-                    vhost, "stored queue arguments do not parse ({e}); serving without them"
-                );
-                model::QueueArgs::default()
-            });
+        let args = stored_arguments(vhost, name, q);
         let delete = {
             let (broker, vhost, name) = (Arc::downgrade(self), vhost.to_owned(), name.to_owned());
             Box::new(move || {
@@ -322,9 +482,7 @@ impl Broker {
         let router = self.router(vhost);
         let image = self.topology.image();
         for m in messages {
-            let headers = amq_protocol::protocol::basic::parse_properties(&m.properties[..])
-                .ok()
-                .and_then(|(_, p)| p.headers().clone());
+            let headers = headers_parsed(&m.properties).headers().clone();
             let targets = router.route(
                 image.vhost(vhost),
                 &m.exchange,
@@ -341,16 +499,22 @@ impl Broker {
                     continue;
                 }
             };
+            let properties = headers_parsed(&m.properties);
             for q in targets {
-                let appended = self
-                    .queue(vhost, &q)
-                    .map_err(|e| e.to_string())
-                    .and_then(|link| {
-                        link.leadership_for(&m.routing_key)
-                            .append(&batch)
-                            .map_err(|e| e.to_string())
-                    });
-                if let Err(e) = appended {
+                // Dead letters into a full queue are dropped, never dead-lettered
+                // again: a cycle of full queues must not loop.
+                let stored =
+                    self.queue_for(NODE_SESSION, vhost, &q)
+                        .and_then(|handle| match handle {
+                            QueueHandle::Here(link) => self
+                                .append_here(&link, m, &properties, &batch, false)
+                                .map(|_| ()),
+                            QueueHandle::There(remote) => {
+                                drop(remote.publish(m));
+                                Ok(())
+                            }
+                        });
+                if let Err(e) = stored {
                     warn!(queue = %q, vhost, "dead-lettered message not stored: {e}");
                 }
             }
@@ -430,6 +594,43 @@ pub fn decode_client_bytes(data: &[u8], frame_max: u32) -> usize {
         frames += 1;
     }
     frames
+}
+
+/// The node's own uses of queues (the operator's, dead-lettering) share one peer
+/// session per leader under this connection id; connections count from 1.
+pub(crate) const NODE_SESSION: u64 = 0;
+
+/// The endpoint name under which a broker registers its AMQP listener.
+pub const AMQP_ENDPOINT: &str = "amqp";
+
+/// Encoded content properties, parsed (empty when they do not parse).
+fn headers_parsed(raw: &[u8]) -> amq_protocol::protocol::basic::AMQPProperties {
+    amq_protocol::protocol::basic::parse_properties(raw)
+        .map(|(_, p)| p)
+        .unwrap_or_default()
+}
+
+/// A queue's arguments as the quorum stores them, parsed.
+fn stored_arguments(
+    vhost: &str,
+    name: &str,
+    q: &sluice_topology::amqp::QueueState,
+) -> model::QueueArgs {
+    model::queue_arguments(name, vhost, &model::decode_table(&q.arguments)).unwrap_or_else(|e| {
+        warn!(
+            queue = name,
+            vhost, "stored queue arguments do not parse ({e}); serving without them"
+        );
+        model::QueueArgs::default()
+    })
+}
+
+/// Decodes `data` as the frames of a peer session, both directions, each bounded
+/// by `max` bytes; returns how many whole frames came before the end or the
+/// first error. The peer fuzz target's entry: whatever the bytes, this returns.
+#[doc(hidden)]
+pub fn decode_peer_bytes(data: &[u8], max: u64) -> usize {
+    peer::decode_all(data, max)
 }
 
 pub(crate) fn no_queue(vhost: &str, name: &str) -> AmqpError {

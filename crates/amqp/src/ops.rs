@@ -21,10 +21,22 @@ use crate::{no_queue, Broker};
 /// Who asks: exclusive queues are their connection's alone.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Who<'a> {
-    /// A client connection, by its owner tag.
-    Connection(&'a str),
+    /// A client connection: its owner tag, and its id (its peer sessions).
+    Connection { owner: &'a str, id: u64 },
     /// The operator (HTTP API, CLI): sees and changes every queue.
     Operator,
+}
+
+impl Who<'_> {
+    /// The peer sessions this asker's queue operations go through: a
+    /// connection's own, so they stay in order with its consumers' cancels and
+    /// acknowledgements.
+    fn session(&self) -> u64 {
+        match self {
+            Who::Connection { id, .. } => *id,
+            Who::Operator => crate::NODE_SESSION,
+        }
+    }
 }
 
 /// A queue declaration.
@@ -80,7 +92,7 @@ impl Broker {
         who: Who<'_>,
     ) -> Result<(), AmqpError> {
         match (&q.exclusive_owner, who) {
-            (Some(owner), Who::Connection(me)) if owner != me => Err(AmqpError::locked(format!(
+            (Some(owner), Who::Connection { owner: me, .. }) if owner != me => Err(AmqpError::locked(format!(
                 "cannot obtain exclusive access to locked queue '{name}' in vhost '{vhost}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration."
             ))),
             _ => Ok(()),
@@ -105,8 +117,13 @@ impl Broker {
     }
 
     /// The queue's counts, zero when it is not served here.
-    pub(crate) async fn queue_status(self: &Arc<Self>, vhost: &str, name: &str) -> QueueStatus {
-        match self.queue(vhost, name) {
+    pub(crate) async fn queue_status(
+        self: &Arc<Self>,
+        vhost: &str,
+        name: &str,
+        who: Who<'_>,
+    ) -> QueueStatus {
+        match self.queue_for(who.session(), vhost, name) {
             Ok(link) => link.status().await.unwrap_or_default(),
             Err(_) => QueueStatus::default(),
         }
@@ -171,7 +188,7 @@ impl Broker {
                 None => {
                     let owner =
                         match (d.exclusive, who) {
-                            (true, Who::Connection(me)) => Some(me.to_owned()),
+                            (true, Who::Connection { owner: me, .. }) => Some(me.to_owned()),
                             (true, Who::Operator) => return Err(AmqpError::precondition(
                                 "an exclusive queue belongs to a connection; declare it over AMQP",
                             )),
@@ -257,7 +274,7 @@ impl Broker {
                 }
             }
         }
-        let status = self.queue_status(vhost, &name).await;
+        let status = self.queue_status(vhost, &name, who).await;
         Ok(Declared {
             name,
             created,
@@ -280,7 +297,7 @@ impl Broker {
             return Ok(0);
         };
         self.check_exclusive(vhost, name, q, who)?;
-        let status = self.queue_status(vhost, name).await;
+        let status = self.queue_status(vhost, name, who).await;
         if if_unused && status.consumers > 0 {
             return Err(AmqpError::precondition(format!(
                 "queue '{name}' in vhost '{vhost}' in use"
@@ -302,7 +319,7 @@ impl Broker {
         who: Who<'_>,
     ) -> Result<u32, AmqpError> {
         self.queue_state(vhost, name, who)?;
-        self.queue(vhost, name)?.purge().await
+        self.queue_for(who.session(), vhost, name)?.purge().await
     }
 
     pub(crate) async fn declare_exchange(

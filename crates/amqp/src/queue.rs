@@ -38,6 +38,9 @@ pub(crate) use stream::StreamStart;
 
 /// How much of the log one read brings into memory.
 const READ_AHEAD_BYTES: usize = 256 * 1024;
+/// Longest a new leader waits for its log's tail to be committed before it
+/// serves the queue.
+const RECOVERY_WAIT: Duration = Duration::from_secs(10);
 /// How often a consumer whose connection could take no more is retried.
 const BLOCKED_RETRY: Duration = Duration::from_millis(5);
 /// Commands handled together before deliveries and the delivery state are
@@ -71,7 +74,7 @@ pub(crate) enum Event {
     Deliver {
         channel: u16,
         consumer_tag: Arc<str>,
-        queue: QueueLink,
+        queue: QueueHandle,
         message: Box<Stored>,
         redelivered: bool,
         /// Acknowledged on delivery (`no_ack`): nothing to settle.
@@ -85,7 +88,7 @@ pub(crate) enum Event {
 }
 
 /// Who consumes.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct ConsumerSpec {
     pub connection: u64,
     pub channel: u16,
@@ -150,7 +153,7 @@ enum Command {
 }
 
 /// How a delivery is settled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Outcome {
     Ack,
     /// Back to the queue, delivered again (flagged redelivered).
@@ -212,7 +215,7 @@ struct RateSample {
 }
 
 /// A queue's totals and rates, for the operator.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Traffic {
     pub totals: [u64; 3],
     /// Per second, over the time since the previous sample (at least a second).
@@ -401,6 +404,88 @@ impl QueueLink {
     }
 }
 
+/// A queue as a channel uses it: served by its actor on this node, or by its
+/// leader through a peer session (`peer.rs`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum QueueHandle {
+    Here(QueueLink),
+    There(crate::peer::RemoteQueue),
+}
+
+impl QueueHandle {
+    pub(crate) fn name(&self) -> &Arc<str> {
+        match self {
+            QueueHandle::Here(l) => &l.name,
+            QueueHandle::There(r) => &r.name,
+        }
+    }
+
+    pub(crate) fn vhost(&self) -> &Arc<str> {
+        match self {
+            QueueHandle::Here(l) => &l.vhost,
+            QueueHandle::There(r) => &r.vhost,
+        }
+    }
+
+    pub(crate) fn is_stream(&self) -> bool {
+        let args = match self {
+            QueueHandle::Here(l) => &l.args,
+            QueueHandle::There(r) => &r.args,
+        };
+        args.kind == QueueKind::Stream
+    }
+
+    pub(crate) async fn consume(&self, spec: ConsumerSpec) -> Result<(), AmqpError> {
+        match self {
+            QueueHandle::Here(l) => l.consume(spec).await,
+            QueueHandle::There(r) => r.consume(spec).await,
+        }
+    }
+
+    pub(crate) fn cancel(&self, connection: u64, channel: u16, tag: Arc<str>) {
+        match self {
+            QueueHandle::Here(l) => l.cancel(connection, channel, tag),
+            QueueHandle::There(r) => r.cancel(channel, tag),
+        }
+    }
+
+    pub(crate) fn detach(&self, connection: u64, channel: Option<u16>) {
+        match self {
+            QueueHandle::Here(l) => l.detach(connection, channel),
+            QueueHandle::There(r) => r.detach(channel),
+        }
+    }
+
+    pub(crate) async fn get(&self, no_ack: bool) -> Result<Option<Got>, AmqpError> {
+        match self {
+            QueueHandle::Here(l) => l.get(no_ack).await,
+            QueueHandle::There(r) => r.get(no_ack).await,
+        }
+    }
+
+    pub(crate) fn settle(&self, offsets: Vec<i64>, outcome: Outcome) {
+        match self {
+            QueueHandle::Here(l) => l.settle(offsets, outcome),
+            QueueHandle::There(r) => r.settle(offsets, outcome),
+        }
+    }
+
+    pub(crate) async fn purge(&self) -> Result<u32, AmqpError> {
+        match self {
+            QueueHandle::Here(l) => l.purge().await,
+            QueueHandle::There(r) => r.purge().await,
+        }
+    }
+
+    /// The counts, as a client's declaration sees them (a use of the queue).
+    pub(crate) async fn status(&self) -> Result<QueueStatus, AmqpError> {
+        match self {
+            QueueHandle::Here(l) => l.status().await,
+            QueueHandle::There(r) => r.counts(true).await,
+        }
+    }
+}
+
 /// Handles `first` and whatever else is queued, up to [`COMMANDS_PER_ROUND`],
 /// before the actor delivers and records its state again (a client acking one
 /// by one sends a command per message). True when the queue was closed.
@@ -436,6 +521,7 @@ fn gone(name: &str) -> AmqpError {
     AmqpError::unavailable(format!(
         "queue '{name}' is no longer served by this node (leadership moved or the queue was deleted)"
     ))
+    .retriable()
 }
 
 /// Starts the actor of a queue this node leads: `leadership` is partition 0 of its
@@ -1077,7 +1163,7 @@ impl Actor {
             let event = Event::Deliver {
                 channel: c.spec.channel,
                 consumer_tag: c.spec.tag.clone(),
-                queue: self.link.clone(),
+                queue: QueueHandle::Here(self.link.clone()),
                 message: Box::new(message),
                 redelivered,
                 no_ack: c.spec.no_ack,
@@ -1112,6 +1198,21 @@ impl Actor {
 
     /// Reads the delivery state the log records, before anything is delivered.
     async fn recover(&mut self) {
+        // A leader that just took over, or restarted with its followers, holds
+        // the queue up to its log end, but its high watermark stays below until
+        // the followers confirm that tail. Serving starts once it is committed,
+        // so a restarted queue is not seen empty (bounded: a follower that
+        // does not come back leaves the ISR and the watermark moves on).
+        let end = self.partition.log_end_offset();
+        let mut hw = self.partition.watch_high_watermark();
+        let caught_up = async {
+            while self.partition.high_watermark() < end {
+                if hw.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(RECOVERY_WAIT, caught_up).await;
         let (partition, from) = (self.partition.clone(), self.head);
         let Ok((recorded, controls)) =
             tokio::task::spawn_blocking(move || state::last_recorded(&partition, from)).await

@@ -31,7 +31,7 @@ use crate::model::{parse_age, value_int, value_text};
 const READ_BYTES: usize = 64 * 1024;
 
 /// Where a stream consumer starts (`x-stream-offset`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) enum StreamStart {
     /// The first message still in the log.
     First,
@@ -271,7 +271,7 @@ impl StreamActor {
                 let event = Event::Deliver {
                     channel: r.spec.channel,
                     consumer_tag: r.spec.tag.clone(),
-                    queue: self.link.clone(),
+                    queue: super::QueueHandle::Here(self.link.clone()),
                     message: Box::new(with_position_headers(message, several.then_some(partition))),
                     redelivered: false,
                     no_ack: false,

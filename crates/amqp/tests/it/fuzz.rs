@@ -86,3 +86,56 @@ proptest! {
         let _ = sluice_amqp::decode_client_bytes(&bytes, 4096);
     }
 }
+
+/// A peer-session frame: `[len][head len][JSON head][payload]`.
+fn peer_frame(head: &str, payload: &[u8]) -> Vec<u8> {
+    let len = 4 + head.len() + payload.len();
+    let mut out = (len as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&(head.len() as u32).to_be_bytes());
+    out.extend_from_slice(head.as_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+#[test]
+fn peer_frames_decode_and_their_bounds_hold() {
+    let ping = peer_frame(r#"{"Ping":{"id":7}}"#, b"");
+    let mut two = ping.clone();
+    two.extend_from_slice(&ping);
+    assert_eq!(sluice_amqp::decode_peer_bytes(&two, 1 << 20), 2);
+    // A frame longer than the bound is refused before it is read.
+    assert_eq!(sluice_amqp::decode_peer_bytes(&ping, 8), 0);
+    // A head that claims more than the frame holds.
+    let mut lying = ping.clone();
+    lying[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    assert_eq!(sluice_amqp::decode_peer_bytes(&lying, 1 << 20), 0);
+    // A frame cut short.
+    assert_eq!(
+        sluice_amqp::decode_peer_bytes(&ping[..ping.len() - 1], 1 << 20),
+        0
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn peer_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let _ = sluice_amqp::decode_peer_bytes(&bytes, 1 << 20);
+    }
+
+    #[test]
+    fn mutated_peer_frames_never_panic(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+    ) {
+        let mut bytes = peer_frame(
+            r#"{"Publish":{"id":1,"vhost":"/","queue":"q","exchange":"","routing_key":"q","properties_len":0}}"#,
+            b"body",
+        );
+        for (at, value) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] = value;
+        }
+        prop_assert!(sluice_amqp::decode_peer_bytes(&bytes, 1 << 20) <= 2);
+    }
+}
