@@ -17,6 +17,7 @@ started with PR_SET_PDEATHSIG so they die with the test run even then.
 import ctypes
 import faulthandler
 import os
+import random
 import re
 import shutil
 import signal
@@ -287,9 +288,18 @@ class ExternalBroker:
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768 and up), so no
+    socket bound to port 0 or connecting out (a node's AMQP listener, the peer
+    sessions between nodes, clients) takes it between this pick and its use."""
+    for _ in range(500):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 class LocalCluster:
