@@ -3,7 +3,8 @@ consumer with manual acks, each connected to a node that does not lead the
 queue, while the queue's leader is killed (and restarted) and then paused.
 
 Counted: every confirmed message is received; no message acknowledged before
-the faults began, or after the cluster settled, is delivered again; a message
+the faults began (less a second for an ack in flight), or after the cluster
+settled, is delivered again; a message
 is delivered twice only around a failover (an acknowledgement the lost leader
 never recorded). Runs only against the cluster
 (SLUICE_INTEROP_CLUSTER=1).
@@ -31,6 +32,9 @@ pytestmark = pytest.mark.skipif(
 # How long the paused leader stays stopped: past the peer sessions' ping
 # timeout and the controller's fencing of a silent broker.
 PAUSE_S = 9.0
+# An acknowledgement is recorded within milliseconds of its arrival; one sent
+# this close to the kill may die with the leader (at least once, as RabbitMQ).
+ACK_GRACE_S = 1.0
 # After the last fault: time for a new leader, reconnections and redeliveries.
 SETTLE_S = 8.0
 
@@ -197,7 +201,7 @@ def test_leader_killed_and_paused_under_confirms_and_acks(broker_factory):
             acked_before = first_ack[body]
             # Acknowledged before any fault, or redelivered after the cluster
             # settled: that acknowledgement was lost outside a failover.
-            assert acked_before >= faults_began, f"{body!r} acknowledged before the faults came back"
+            assert acked_before >= faults_began - ACK_GRACE_S, f"{body!r} acknowledged before the faults came back"
             assert received_at < settled, f"{body!r} acknowledged, delivered again after the cluster settled"
             # Not asserted: the redelivered flag. A delivery made just before
             # the leader died may not be in the delivery state the next leader
