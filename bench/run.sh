@@ -381,6 +381,12 @@ for budget in 67108864 default; do
         continue
     fi
     HEAVY_PID=$SERVICE_PID
+    # A restarted node says it listens a few milliseconds before it leads every
+    # partition again; the consumers start once it leads them all.
+    for ((i = 0; i < 100; i++)); do
+        (($(grep -c "becoming leader.* topic=heavy " "$LOGS/sluice-heavy-$budget.log" || true) >= HEAVY_CONSUMERS)) && break
+        sleep 0.1
+    done
     idle=$(awk '/^VmRSS/ {print int($2 / 1024)}' "/proc/$HEAVY_PID/status")
     rm -f "$WORK/heavy.stop"
     peak_rss_mib "$HEAVY_PID" "$WORK/heavy.stop" >"$WORK/heavy.peak" &

@@ -71,23 +71,30 @@ async fn write_loop(
 ) {
     let mut w = BufWriter::with_capacity(64 * 1024, socket);
     while let Some(first) = rx.recv().await {
-        let mut n = first.len();
-        if w.write_all(&first).await.is_err() {
+        let Ok(n) = write_batch(&mut w, first, &mut rx).await else {
             break;
-        }
-        while let Ok(more) = rx.try_recv() {
-            n += more.len();
-            if w.write_all(&more).await.is_err() {
-                return;
-            }
-        }
-        if w.flush().await.is_err() {
-            break;
-        }
+        };
         backlog.fetch_sub(n, Ordering::AcqRel);
         drained.notify_waiters();
     }
     let _ = w.shutdown().await;
+}
+
+/// Writes `first` and whatever else is queued behind it, then flushes: one
+/// write to the socket for everything that piled up. Returns the bytes written.
+pub(crate) async fn write_batch<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    first: Vec<u8>,
+    rx: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+) -> std::io::Result<usize> {
+    let mut n = first.len();
+    w.write_all(&first).await?;
+    while let Ok(more) = rx.try_recv() {
+        n += more.len();
+        w.write_all(&more).await?;
+    }
+    w.flush().await?;
+    Ok(n)
 }
 
 /// Serves one connection until it closes.

@@ -42,6 +42,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, warn};
 
+use crate::connection::write_batch;
 use crate::error::AmqpError;
 use crate::message::{encode_batch, Publication, Stored};
 use crate::model::QueueArgs;
@@ -553,15 +554,7 @@ async fn run_client(
             tokio::select! {
                 m = rx.recv() => {
                     let Some(first) = m else { break };
-                    if w.write_all(&first).await.is_err() {
-                        return;
-                    }
-                    while let Ok(more) = rx.try_recv() {
-                        if w.write_all(&more).await.is_err() {
-                            return;
-                        }
-                    }
-                    if w.flush().await.is_err() {
+                    if write_batch(&mut w, first, &mut rx).await.is_err() {
                         return;
                     }
                 }
@@ -1030,15 +1023,7 @@ pub(crate) async fn serve(broker: Arc<Broker>, socket: TcpStream) {
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::with_capacity(64 * 1024, write);
         while let Some(first) = out_rx.recv().await {
-            if w.write_all(&first).await.is_err() {
-                return;
-            }
-            while let Ok(more) = out_rx.try_recv() {
-                if w.write_all(&more).await.is_err() {
-                    return;
-                }
-            }
-            if w.flush().await.is_err() {
+            if write_batch(&mut w, first, &mut out_rx).await.is_err() {
                 return;
             }
         }
