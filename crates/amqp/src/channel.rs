@@ -28,6 +28,11 @@ use crate::short;
 const LEADER_MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const LEADER_MOVE_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Unconfirmed publishes a channel keeps before it drops those already committed.
+const UNCONFIRMED_PRUNE: usize = 256;
+/// Longest a close waits for the channel's unconfirmed publishes to commit.
+const CLOSE_SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What confirm tasks tell the connection.
 #[derive(Debug)]
 pub(crate) enum Notice {
@@ -97,6 +102,15 @@ enum Wait {
     Peer(crate::peer::PublishAnswer),
 }
 
+impl std::fmt::Debug for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Wait::Log(_, end) => write!(f, "Wait::Log(..{end})"),
+            Wait::Peer(_) => write!(f, "Wait::Peer"),
+        }
+    }
+}
+
 impl Wait {
     /// Stored (`Ok(true)`), refused by a full queue (`Ok(false)`), or not known
     /// to be durable (`Err`).
@@ -135,6 +149,10 @@ pub(crate) struct Channel {
     /// `tx.select`ed: publishes and settlements wait for `tx.commit`.
     tx: Option<TxWork>,
     next_seq: u64,
+    /// Publishes without confirms not yet known to be committed: the channel's
+    /// (and its connection's) `close-ok` waits for them, so a client that
+    /// closed finds its messages in the queue from any other connection.
+    unconfirmed: Vec<Wait>,
     next_tag: u64,
     unacked: BTreeMap<u64, Unacked>,
     consumers: HashMap<Arc<str>, ConsumerEntry>,
@@ -158,6 +176,7 @@ impl Channel {
             confirms: None,
             tx: None,
             next_seq: 1,
+            unconfirmed: Vec::new(),
             next_tag: 1,
             unacked: BTreeMap::new(),
             consumers: HashMap::new(),
@@ -308,6 +327,7 @@ impl Conn {
                 return Ok(());
             }
             (AMQPClass::Channel(channel::AMQPMethod::Close(_)), Some(_)) => {
+                self.settle_unconfirmed(Some(ch)).await;
                 self.release_channel(ch);
                 self.channels.remove(&ch);
                 self.send_method(
@@ -333,6 +353,21 @@ impl Conn {
             }
             Err(e) if e.class_id == 0 => Err(e.on(&m)),
             other => other,
+        }
+    }
+
+    /// Waits (bounded) until the publishes without confirms of one channel, or
+    /// of every channel, are committed: what a client sent before its close is
+    /// in the queue once the close is answered.
+    pub(crate) async fn settle_unconfirmed(&mut self, ch: Option<u16>) {
+        let mut waits = Vec::new();
+        for (id, c) in self.channels.iter_mut() {
+            if ch.is_none_or(|ch| ch == *id) {
+                waits.append(&mut c.unconfirmed);
+            }
+        }
+        if !waits.is_empty() {
+            let _ = tokio::time::timeout(CLOSE_SETTLE, wait_known(&waits)).await;
         }
     }
 
@@ -1003,6 +1038,15 @@ impl Conn {
             None
         };
         let (waits, refused) = self.store(ch, message)?;
+        if seq.is_none() {
+            if let Some(c) = self.channels.get_mut(&ch) {
+                if c.unconfirmed.len() >= UNCONFIRMED_PRUNE {
+                    c.unconfirmed.retain(|w| !w.is_stored());
+                }
+                c.unconfirmed.extend(waits);
+            }
+            return Ok(());
+        }
         if let Some(seq) = seq {
             if let Some(tx) = self.channels.get(&ch).and_then(|c| c.confirms.as_ref()) {
                 let _ = tx.send(ConfirmJob {

@@ -670,6 +670,7 @@ impl Conn {
 
     /// Every channel's unacked messages go back, consumers and exclusive queues go.
     async fn release_all(&mut self) {
+        self.settle_unconfirmed(None).await;
         let ids: Vec<u16> = self.channels.keys().copied().collect();
         for ch in ids {
             self.release_channel(ch);
