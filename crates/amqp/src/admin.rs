@@ -15,6 +15,10 @@ use crate::ops::{ExchangeDeclaration, QueueDeclaration, Who};
 use crate::queue::{Outcome, QueueHandle, QueueStatus};
 use crate::{Broker, NODE_SESSION};
 
+/// How long the operator's listing waits for another node's counts of a queue
+/// it leads (a paused or cut-off leader must not hold the listing).
+const OBSERVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Handle on the AMQP objects of a node, for the operator.
 #[derive(Clone)]
 pub struct AmqpAdmin {
@@ -188,6 +192,7 @@ impl AmqpAdmin {
         let image = self.broker.topology.image();
         let me = self.broker.topology.node_id();
         let mut out = Vec::new();
+        let mut unreachable = std::collections::BTreeSet::new();
         for (vhost, v) in &image.amqp.vhosts {
             for (name, q) in &v.queues {
                 let leader = image
@@ -198,10 +203,19 @@ impl AmqpAdmin {
                 let link = (leader == me)
                     .then(|| self.broker.local_queue(vhost, name).ok())
                     .flatten();
-                // A queue led elsewhere: its leader counts.
-                let remote = match (&link, leader >= 0) {
+                // A queue led elsewhere: its leader counts, unless it did not
+                // answer for another queue of this listing already.
+                let remote = match (&link, leader >= 0 && !unreachable.contains(&leader)) {
                     (None, true) => match self.broker.queue_for(NODE_SESSION, vhost, name) {
-                        Ok(QueueHandle::There(r)) => r.observe().await.ok(),
+                        Ok(QueueHandle::There(r)) => {
+                            match tokio::time::timeout(OBSERVE_TIMEOUT, r.observe()).await {
+                                Ok(Ok(observed)) => Some(observed),
+                                _ => {
+                                    unreachable.insert(leader);
+                                    None
+                                }
+                            }
+                        }
                         _ => None,
                     },
                     _ => None,

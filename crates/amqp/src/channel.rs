@@ -1038,22 +1038,22 @@ impl Conn {
             None
         };
         let (waits, refused) = self.store(ch, message)?;
-        if seq.is_none() {
-            if let Some(c) = self.channels.get_mut(&ch) {
-                if c.unconfirmed.len() >= UNCONFIRMED_PRUNE {
-                    c.unconfirmed.retain(|w| !w.is_stored());
-                }
-                c.unconfirmed.extend(waits);
-            }
+        let Some(c) = self.channels.get_mut(&ch) else {
             return Ok(());
-        }
-        if let Some(seq) = seq {
-            if let Some(tx) = self.channels.get(&ch).and_then(|c| c.confirms.as_ref()) {
-                let _ = tx.send(ConfirmJob {
+        };
+        match (seq, &c.confirms) {
+            (Some(seq), Some(confirms)) => {
+                let _ = confirms.send(ConfirmJob {
                     seq,
                     waits,
                     refused,
                 });
+            }
+            _ => {
+                if c.unconfirmed.len() >= UNCONFIRMED_PRUNE {
+                    c.unconfirmed.retain(|w| !w.is_stored());
+                }
+                c.unconfirmed.extend(waits);
             }
         }
         Ok(())
@@ -1101,10 +1101,7 @@ impl Conn {
                             AmqpError::internal(format!("cannot encode message: {e}"))
                         })?),
                     };
-                    match self
-                        .broker
-                        .append_here(&link, p, &m.properties, batch, true)?
-                    {
+                    match self.broker.append_here(&link, p, batch, true)? {
                         Some((leadership, end)) => waits.push(Wait::Log(leadership, end)),
                         // A full queue refused it: the publisher's confirm is a nack.
                         None => refused = true,

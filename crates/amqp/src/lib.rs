@@ -226,6 +226,9 @@ pub(crate) struct Broker {
     peers: Mutex<HashMap<(u64, i32), Arc<PeerClient>>>,
     /// Routing tables by virtual host, for the image they were compiled from.
     routers: Mutex<(u64, HashMap<String, Arc<Router>>)>,
+    /// Arguments of queues led elsewhere, by topic, for the image they were
+    /// parsed from: a forwarded publish does not parse them again.
+    remote_args: Mutex<(u64, HashMap<String, Arc<model::QueueArgs>>)>,
     /// Names this process: exclusive queues record `node:incarnation:connection`.
     incarnation: u64,
     next_connection: AtomicU64,
@@ -245,6 +248,7 @@ impl Broker {
             queues: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             routers: Mutex::new((u64::MAX, HashMap::new())),
+            remote_args: Mutex::new((u64::MAX, HashMap::new())),
             incarnation,
             next_connection: AtomicU64::new(1),
         })
@@ -311,7 +315,20 @@ impl Broker {
                     "queue '{name}' in vhost '{vhost}' is led by node {leader}, which registered no AMQP endpoint"
                 ))
             })?;
-        let args = Arc::new(stored_arguments(vhost, name, q));
+        let args = {
+            let mut cache = self.remote_args.lock();
+            if cache.0 != image.applied_index {
+                *cache = (image.applied_index, HashMap::new());
+            }
+            match cache.1.get(&q.topic) {
+                Some(a) => a.clone(),
+                None => {
+                    let a = Arc::new(stored_arguments(vhost, name, q));
+                    cache.1.insert(q.topic.clone(), a.clone());
+                    a
+                }
+            }
+        };
         let client = {
             let mut peers = self.peers.lock();
             match peers.get(&(session, leader)) {
@@ -364,7 +381,6 @@ impl Broker {
         self: &Arc<Self>,
         link: &QueueLink,
         p: &message::Publication,
-        properties: &amq_protocol::protocol::basic::AMQPProperties,
         batch: &[u8],
         dead_letter_refused: bool,
     ) -> Result<Option<(sluice_topology::Leadership, i64)>, AmqpError> {
@@ -381,7 +397,8 @@ impl Broker {
                         timestamp: message::now_ms(),
                         exchange: p.exchange.clone(),
                         routing_key: p.routing_key.clone(),
-                        properties: properties.clone(),
+                        // Parsed only here: a refusal that dead-letters is rare.
+                        properties: message::decode_properties(&p.properties),
                         body: p.body.clone(),
                     };
                     if let Ok(dead) = stored.dead_lettered(&link.name, "maxlen", dlx, &key) {
@@ -482,12 +499,12 @@ impl Broker {
         let router = self.router(vhost);
         let image = self.topology.image();
         for m in messages {
-            let headers = headers_parsed(&m.properties).headers().clone();
+            let properties = message::decode_properties(&m.properties);
             let targets = router.route(
                 image.vhost(vhost),
                 &m.exchange,
                 &m.routing_key,
-                headers.as_ref(),
+                properties.headers().as_ref(),
             );
             if targets.is_empty() {
                 continue;
@@ -499,16 +516,15 @@ impl Broker {
                     continue;
                 }
             };
-            let properties = headers_parsed(&m.properties);
             for q in targets {
                 // Dead letters into a full queue are dropped, never dead-lettered
                 // again: a cycle of full queues must not loop.
                 let stored =
                     self.queue_for(NODE_SESSION, vhost, &q)
                         .and_then(|handle| match handle {
-                            QueueHandle::Here(link) => self
-                                .append_here(&link, m, &properties, &batch, false)
-                                .map(|_| ()),
+                            QueueHandle::Here(link) => {
+                                self.append_here(&link, m, &batch, false).map(|_| ())
+                            }
                             QueueHandle::There(remote) => {
                                 drop(remote.publish(m));
                                 Ok(())
@@ -602,13 +618,6 @@ pub(crate) const NODE_SESSION: u64 = 0;
 
 /// The endpoint name under which a broker registers its AMQP listener.
 pub const AMQP_ENDPOINT: &str = "amqp";
-
-/// Encoded content properties, parsed (empty when they do not parse).
-fn headers_parsed(raw: &[u8]) -> amq_protocol::protocol::basic::AMQPProperties {
-    amq_protocol::protocol::basic::parse_properties(raw)
-        .map(|(_, p)| p)
-        .unwrap_or_default()
-}
 
 /// A queue's arguments as the quorum stores them, parsed.
 fn stored_arguments(

@@ -51,6 +51,19 @@ pub(crate) struct Stored {
     pub body: Bytes,
 }
 
+/// Content properties as a publisher encoded them, parsed; properties that do
+/// not parse are delivered as none (the body still goes).
+pub(crate) fn decode_properties(raw: &[u8]) -> AMQPProperties {
+    parse_properties(raw).map(|(_, p)| p).unwrap_or_default()
+}
+
+/// Content properties in their AMQP 0-9-1 encoding (flags, then the fields).
+pub(crate) fn encode_properties(p: &AMQPProperties) -> Result<Vec<u8>, String> {
+    gen_properties(p)(WriteContext::from(Vec::new()))
+        .map(|ctx| ctx.into_inner().0)
+        .map_err(|e| e.to_string())
+}
+
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -131,7 +144,7 @@ fn stored(rec: Record) -> Stored {
     let properties = match rec.headers.get(PROPERTIES_HEADER.as_bytes()) {
         Some(raw) => raw
             .as_ref()
-            .and_then(|raw| parse_properties(&raw[..]).ok().map(|(_, p)| p))
+            .map(|raw| decode_properties(raw))
             .unwrap_or_default(),
         None => kafka_properties(&rec),
     };
@@ -290,10 +303,7 @@ impl Stored {
         if let Some(v) = p.cluster_id() {
             out = out.with_cluster_id(v.clone());
         }
-        let encoded = gen_properties(&out)(WriteContext::from(Vec::new()))
-            .map_err(|e| e.to_string())?
-            .into_inner()
-            .0;
+        let encoded = encode_properties(&out)?;
         Ok(Publication {
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),

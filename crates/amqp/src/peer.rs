@@ -31,8 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use amq_protocol::frame::WriteContext;
-use amq_protocol::protocol::basic::{gen_properties, parse_properties, AMQPProperties};
+use amq_protocol::protocol::basic::AMQPProperties;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::future::{FutureExt, Shared};
 use parking_lot::Mutex;
@@ -44,7 +43,7 @@ use tracing::{debug, warn};
 
 use crate::connection::write_batch;
 use crate::error::AmqpError;
-use crate::message::{encode_batch, Publication, Stored};
+use crate::message::{decode_properties, encode_batch, encode_properties, Publication, Stored};
 use crate::model::QueueArgs;
 use crate::queue::{
     ConsumerSpec, Credit, Event, Got, Outcome, QueueHandle, QueueLink, QueueStatus, StreamStart,
@@ -285,13 +284,10 @@ pub(crate) fn max_frame(broker: &Broker) -> u64 {
 }
 
 fn properties_bytes(p: &AMQPProperties) -> Vec<u8> {
-    match gen_properties(p)(WriteContext::from(Vec::new())) {
-        Ok(ctx) => ctx.into_inner().0,
-        Err(e) => {
-            warn!("cannot encode message properties: {e}");
-            Vec::new()
-        }
-    }
+    encode_properties(p).unwrap_or_else(|e| {
+        warn!("cannot encode message properties: {e}");
+        Vec::new()
+    })
 }
 
 fn message_head(m: &Stored, properties_len: usize) -> MessageHead {
@@ -318,9 +314,7 @@ fn split_payload(mut payload: Bytes, properties_len: u32) -> Result<(Bytes, Byte
 
 fn stored_from(head: MessageHead, payload: Bytes) -> Result<Stored, AmqpError> {
     let (properties, body) = split_payload(payload, head.properties_len)?;
-    let properties = parse_properties(&properties[..])
-        .map(|(_, p)| p)
-        .unwrap_or_default();
+    let properties = decode_properties(&properties);
     Ok(Stored {
         offset: head.offset,
         timestamp: head.timestamp,
@@ -336,6 +330,19 @@ fn failed(e: &AmqpError) -> Answer {
         code: e.reply_code(),
         text: e.text.clone(),
         retriable: e.retriable,
+    }
+}
+
+/// A call's answer that is not the one asked for: the leader's refusal, or a
+/// peer that answered out of turn.
+fn refusal(answer: Answer) -> AmqpError {
+    match answer {
+        Answer::Failed {
+            code,
+            text,
+            retriable,
+        } => error_from(code, text, retriable),
+        other => AmqpError::internal(format!("unexpected answer {other:?}")),
     }
 }
 
@@ -385,8 +392,6 @@ pub(crate) struct PeerClient {
     routes: Mutex<HashMap<(u16, Arc<str>), Route>>,
     next_id: AtomicU64,
     closed: AtomicBool,
-    /// Publishes not answered yet: a connection's close waits for them.
-    publishes: Mutex<Vec<PublishAnswer>>,
     /// Wakes the writer to end the session (held apart from the client, so the
     /// writer does not keep the client alive).
     shutdown: Arc<Notify>,
@@ -415,7 +420,6 @@ impl PeerClient {
             routes: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
-            publishes: Mutex::new(Vec::new()),
             shutdown: shutdown.clone(),
         });
         tokio::spawn(run_client(
@@ -433,17 +437,12 @@ impl PeerClient {
         !self.closed.load(Ordering::Acquire)
     }
 
-    /// Ends the session once what the connection did reached the leader: its
-    /// publishes answered, its settlements handled, so a client's `close-ok`
-    /// means the same as with a queue on this node.
+    /// Ends the session once the leader has handled what the connection sent
+    /// before (its settlements: the answer to a ping comes after them), so a
+    /// client's `close-ok` means the same as with a queue on this node. (Its
+    /// channels already waited for their unconfirmed publishes.)
     pub(crate) async fn finish(&self) {
-        let publishes: Vec<PublishAnswer> = std::mem::take(&mut *self.publishes.lock());
-        let flushed = async {
-            for p in publishes {
-                let _ = p.await;
-            }
-            let _ = self.call(|id| ToLeader::Ping { id }).await;
-        };
+        let flushed = self.call(|id| ToLeader::Ping { id });
         let _ = tokio::time::timeout(FINISH_TIMEOUT, flushed).await;
         self.close();
     }
@@ -767,12 +766,8 @@ impl RemoteQueue {
 
     fn answer_unit(answer: Answer) -> Result<(), AmqpError> {
         match answer {
-            Answer::Failed {
-                code,
-                text,
-                retriable,
-            } => Err(error_from(code, text, retriable)),
-            _ => Ok(()),
+            Answer::Done => Ok(()),
+            other => Err(refusal(other)),
         }
     }
 
@@ -857,12 +852,7 @@ impl RemoteQueue {
                 redelivered: g.redelivered,
                 remaining: g.remaining,
             })),
-            Answer::Failed {
-                code,
-                text,
-                retriable,
-            } => Err(error_from(code, text, retriable)),
-            other => Err(AmqpError::internal(format!("unexpected answer {other:?}"))),
+            other => Err(refusal(other)),
         }
     }
 
@@ -891,12 +881,7 @@ impl RemoteQueue {
             .0
         {
             Answer::Count(n) => Ok(n),
-            Answer::Failed {
-                code,
-                text,
-                retriable,
-            } => Err(error_from(code, text, retriable)),
-            other => Err(AmqpError::internal(format!("unexpected answer {other:?}"))),
+            other => Err(refusal(other)),
         }
     }
 
@@ -937,12 +922,7 @@ impl RemoteQueue {
                 },
                 traffic,
             )),
-            Answer::Failed {
-                code,
-                text,
-                retriable,
-            } => Err(error_from(code, text, retriable)),
-            other => Err(AmqpError::internal(format!("unexpected answer {other:?}"))),
+            other => Err(refusal(other)),
         }
     }
 
@@ -964,7 +944,7 @@ impl RemoteQueue {
             &[&p.properties, &p.body],
         );
         let alive = self.client.is_alive();
-        let answer = async move {
+        async move {
             if !alive {
                 return Err(());
             }
@@ -975,13 +955,7 @@ impl RemoteQueue {
             }
         }
         .boxed()
-        .shared();
-        let mut pending = self.client.publishes.lock();
-        if pending.len() >= 64 {
-            pending.retain(|p| p.peek().is_none());
-        }
-        pending.push(answer.clone());
-        answer
+        .shared()
     }
 }
 
@@ -1323,9 +1297,6 @@ impl Session {
         payload: Bytes,
     ) {
         let stored = split_payload(payload, properties_len).and_then(|(properties, body)| {
-            let parsed = parse_properties(&properties[..])
-                .map(|(_, p)| p)
-                .unwrap_or_default();
             let p = Publication {
                 exchange,
                 routing_key,
@@ -1334,7 +1305,7 @@ impl Session {
             };
             let batch = encode_batch(&[&p])
                 .map_err(|e| AmqpError::internal(format!("cannot encode message: {e}")))?;
-            self.broker.append_here(&link?, &p, &parsed, &batch, true)
+            self.broker.append_here(&link?, &p, &batch, true)
         });
         match stored {
             Ok(None) => self.reply(id, Answer::Refused, &[]),

@@ -120,7 +120,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             .unwrap_or_else(|| default_replica_addr(settings, kafka_addr)),
     };
     // Other nodes forward AMQP queue operations to the queue leader's node here.
-    let endpoints = BTreeMap::from([("amqp".to_string(), amqp_endpoint(amqp_addr, &replica_addr))]);
+    let endpoints = BTreeMap::from([(
+        sluice_amqp::AMQP_ENDPOINT.to_string(),
+        amqp_endpoint(amqp_addr, &replica_addr),
+    )]);
     let mut node_config = match &config.cluster {
         None => NodeConfig::single(config.node_id, &data_dir, advertised),
         Some(settings) => {
