@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 START_TIMEOUT_S = 120.0
 
 
@@ -56,6 +57,28 @@ class RabbitMQ:
         (self.dir / "rabbitmq.conf").write_text(
             f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n{self.extra_conf}"
         )
+        log = open(self.dir / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [SERVER], env=self._env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited with {self.proc.returncode}; see {self.dir}/server.log")
+            if _listening(self.port):
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"rabbitmq-server did not listen within {START_TIMEOUT_S} s; see {self.dir}/server.log")
+
+    def ctl(self, *args):
+        """Runs `rabbitmqctl` against this node; its standard output."""
+        cp = subprocess.run([CTL, *args], env=self._env(), capture_output=True, text=True, timeout=60)
+        if cp.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {cp.stderr.strip()}")
+        return cp.stdout
+
+    def _env(self):
         env = dict(os.environ)
         env.update(
             HOME=str(self.dir / "home"),
@@ -72,19 +95,7 @@ class RabbitMQ:
             ERL_EPMD_ADDRESS="127.0.0.1",
             ERL_EPMD_PORT=str(self.epmd_port),
         )
-        log = open(self.dir / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [SERVER], env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-        )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"rabbitmq-server exited with {self.proc.returncode}; see {self.dir}/server.log")
-            if _listening(self.port):
-                return self
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"rabbitmq-server did not listen within {START_TIMEOUT_S} s; see {self.dir}/server.log")
+        return env
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 use serde::Serialize;
-use sluice_topology::amqp::{Binding, Destination, PREDECLARED_EXCHANGES};
+use sluice_topology::amqp::{AmqpCommand, Binding, Destination, PREDECLARED_EXCHANGES};
 
 use crate::error::AmqpError;
 use crate::model::{decode_table, value_int, value_text};
@@ -68,6 +68,15 @@ pub struct QueueInfo {
     pub publish_rate: f64,
     pub deliver_rate: f64,
     pub ack_rate: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VhostInfo {
+    pub name: String,
+    pub queues: usize,
+    pub exchanges: usize,
+    /// Users with permissions on it.
+    pub users: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -187,6 +196,46 @@ impl FieldTableText {
 }
 
 impl AmqpAdmin {
+    /// Every virtual host with its object counts.
+    pub fn vhosts(&self) -> Vec<VhostInfo> {
+        let image = self.broker.topology.image();
+        image
+            .amqp
+            .vhosts
+            .iter()
+            .map(|(name, v)| VhostInfo {
+                name: name.clone(),
+                queues: v.queues.len(),
+                exchanges: v.exchanges.len() + PREDECLARED_EXCHANGES.len(),
+                users: image
+                    .access
+                    .users
+                    .iter()
+                    .filter(|(_, u)| u.permissions.contains_key(name))
+                    .map(|(n, _)| n.clone())
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Creates a virtual host (an existing one is fine).
+    pub async fn create_vhost(&self, name: &str) -> Result<(), AdminError> {
+        let cmd = AmqpCommand::CreateVhost {
+            name: name.to_owned(),
+        };
+        Ok(self.broker.propose(cmd, &format!("vhost '{name}'")).await?)
+    }
+
+    /// Deletes a virtual host with everything in it: its queues' actors stop
+    /// with their topics (consumers are sent `basic.cancel`), and nobody keeps
+    /// permissions on it.
+    pub async fn delete_vhost(&self, name: &str) -> Result<(), AdminError> {
+        let cmd = AmqpCommand::DeleteVhost {
+            name: name.to_owned(),
+        };
+        Ok(self.broker.propose(cmd, &format!("vhost '{name}'")).await?)
+    }
+
     /// Every queue of every virtual host, by name.
     pub async fn queues(&self) -> Vec<QueueInfo> {
         let image = self.broker.topology.image();
@@ -330,12 +379,8 @@ impl AmqpAdmin {
     /// Every exchange, the predeclared ones included.
     pub fn exchanges(&self) -> Vec<ExchangeInfo> {
         let image = self.broker.topology.image();
-        let mut vhosts: Vec<&str> = image.amqp.vhosts.keys().map(String::as_str).collect();
-        if !vhosts.contains(&crate::DEFAULT_VHOST) {
-            vhosts.push(crate::DEFAULT_VHOST);
-        }
         let mut out = Vec::new();
-        for vhost in vhosts {
+        for vhost in image.amqp.vhosts.keys() {
             for (name, kind) in PREDECLARED_EXCHANGES {
                 out.push(ExchangeInfo {
                     vhost: vhost.to_owned(),

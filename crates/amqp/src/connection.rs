@@ -27,6 +27,8 @@ use crate::{short, Broker, DEFAULT_VHOST};
 
 /// The protocol header of AMQP 0-9-1, also what a client with another one is sent.
 const PROTOCOL_HEADER: [u8; 8] = *b"AMQP\x00\x00\x09\x01";
+/// RabbitMQ's `loopback_users` default: the user whose password everyone knows.
+const GUEST: &str = "guest";
 /// Time a client has for the whole handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frame size before `tune-ok` (the spec's minimum frame size).
@@ -140,6 +142,7 @@ pub(crate) async fn serve(
         channel_max: 0,
         heartbeat: 0,
         vhost: DEFAULT_VHOST.to_owned(),
+        user: String::new(),
         channels: HashMap::new(),
         exclusive_queues: Vec::new(),
         closing: false,
@@ -210,6 +213,8 @@ pub(crate) struct Conn {
     channel_max: u16,
     heartbeat: u16,
     pub vhost: String,
+    /// Who logged in.
+    user: String,
     pub channels: HashMap<u16, Channel>,
     /// Exclusive queues this connection declared: deleted when it closes.
     pub exclusive_queues: Vec<String>,
@@ -271,7 +276,7 @@ impl Conn {
             Some(_) => return Err(AmqpError::command_invalid("expected connection.start-ok")),
             None => return Ok(false),
         };
-        self.authenticate(&start_ok)?;
+        self.user = self.authenticate(&start_ok).await?;
         self.wants_blocked = matches!(
             start_ok.client_properties.inner().get("capabilities"),
             Some(AMQPValue::FieldTable(caps))
@@ -318,8 +323,21 @@ impl Conn {
             None => return Ok(false),
         };
         let vhost = open.virtual_host.as_str().to_owned();
-        if vhost != DEFAULT_VHOST {
+        let mut image = self.broker.topology.image();
+        if !image.may_use_vhost(&self.user, &vhost) {
+            // Created or granted a moment ago through another node?
+            self.broker.topology.catch_up().await;
+            image = self.broker.topology.image();
+        }
+        if image.vhost(&vhost).is_none() {
             return Err(AmqpError::not_allowed(format!("vhost {vhost} not found")));
+        }
+        if !image.may_use_vhost(&self.user, &vhost) {
+            info!(peer = %self.peer, user = %self.user, vhost, "AMQP open refused: no permission on the vhost");
+            return Err(AmqpError::not_allowed(format!(
+                "access to vhost '{vhost}' refused for user '{}'",
+                self.user
+            )));
         }
         self.vhost = vhost;
         let mut buf = Vec::new();
@@ -330,6 +348,36 @@ impl Conn {
         );
         self.out.send(buf);
         Ok(true)
+    }
+
+    /// Why this connection may not go on: its virtual host or its user was
+    /// deleted (RabbitMQ's 320 texts).
+    fn access_revoked(&self) -> Option<AmqpError> {
+        let image = self.broker.topology.image();
+        let forced = |text: String| {
+            AmqpError::hard(
+                amq_protocol::protocol::AMQPHardError::CONNECTIONFORCED,
+                text,
+            )
+        };
+        if image.vhost(&self.vhost).is_none() {
+            return Some(forced(format!("vhost '{}' is deleted", self.vhost)));
+        }
+        if !image.access.users.contains_key(&self.user) {
+            return Some(forced(format!("user '{}' is deleted", self.user)));
+        }
+        None
+    }
+
+    async fn password_checks(&self, user: &str, pass: &[u8]) -> bool {
+        let Some(credential) = self.broker.credential_of(user).await else {
+            return false;
+        };
+        let pass = pass.to_vec();
+        // PBKDF2 costs milliseconds by design: keep it off the async workers.
+        tokio::task::spawn_blocking(move || credential.verify(&pass))
+            .await
+            .unwrap_or(false)
     }
 
     async fn expect_connection_method(
@@ -357,7 +405,9 @@ impl Conn {
         }
     }
 
-    fn authenticate(&self, s: &connection::StartOk) -> Result<(), AmqpError> {
+    /// The user a `start-ok` names, once its password checks against the
+    /// user's stored credential.
+    async fn authenticate(&self, s: &connection::StartOk) -> Result<String, AmqpError> {
         let refused = || {
             AmqpError::access_refused(format!(
                 "Login was refused using authentication mechanism {}. For details see the broker logfile.",
@@ -398,16 +448,24 @@ impl Conn {
                 )))
             }
         };
-        // The one user until users live in the quorum: RabbitMQ's default.
-        if user != b"guest" || pass != b"guest" {
-            info!(peer = %self.peer, "AMQP login refused: unknown user or wrong password");
+        let user = String::from_utf8(user).map_err(|_| refused())?;
+        let mut checks = self.password_checks(&user, &pass).await;
+        if !checks {
+            // The user may have been created or changed a moment ago through
+            // another node: look again once this node has every committed change.
+            self.broker.topology.catch_up().await;
+            checks = self.password_checks(&user, &pass).await;
+        }
+        if !checks {
+            info!(peer = %self.peer, user, "AMQP login refused: unknown user or wrong password");
             return Err(refused());
         }
-        if self.broker.config.guest_loopback_only && !self.peer.ip().is_loopback() {
+        if user == GUEST && self.broker.config.guest_loopback_only && !self.peer.ip().is_loopback()
+        {
             info!(peer = %self.peer, "AMQP login refused: user 'guest' may only connect from loopback");
             return Err(refused());
         }
-        Ok(())
+        Ok(user)
     }
 
     async fn run(
@@ -427,6 +485,7 @@ impl Conn {
         });
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let drained = self.out.drained.clone();
+        let mut access = self.broker.access_changes();
         loop {
             let room = self.out.has_room();
             let result = tokio::select! {
@@ -439,6 +498,14 @@ impl Conn {
                     self.close_connection(&e).await;
                     return;
                 }
+                _ = access.changed() => match self.access_revoked() {
+                    Some(e) => {
+                        info!(peer = %self.peer, user = %self.user, vhost = %self.vhost, "closing AMQP connection: {}", e.text);
+                        self.close_connection(&e).await;
+                        return;
+                    }
+                    None => Ok(()),
+                },
                 n = notices.recv() => match n {
                     Some(n) => { self.on_notice(n); Ok(()) }
                     None => Ok(()),

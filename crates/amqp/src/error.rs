@@ -146,6 +146,7 @@ impl AmqpError {
     pub fn from_refused(r: &Refused, what: &str) -> AmqpError {
         match r.code {
             ErrorCode::UnknownTopicOrPartition => AmqpError::not_found(what),
+            ErrorCode::ResourceNotFound => AmqpError::not_found(&r.message),
             ErrorCode::TopicAlreadyExists => AmqpError::locked(format!(
                 "{what}: its topic exists and is not a queue ({})",
                 r.message

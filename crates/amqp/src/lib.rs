@@ -49,15 +49,17 @@ use std::time::Duration;
 
 use amq_protocol::types::ShortString;
 use parking_lot::Mutex;
+use sluice_auth::Credential;
+use sluice_topology::access::AccessCommand;
 use sluice_topology::amqp::AmqpCommand;
-use sluice_topology::{Command, Topology};
+use sluice_topology::{Command, MetadataImage, Topology};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use admin::{
     AdminError, AmqpAdmin, BindingInfo, BindingSpec, DestinationKind, ExchangeInfo, ExchangeSpec,
-    FieldTableText, GotMessage, QueueInfo,
+    FieldTableText, GotMessage, QueueInfo, VhostInfo,
 };
 pub use model::{queue_topic, DEFAULT_VHOST};
 pub use queue::QueueStatus;
@@ -79,9 +81,13 @@ pub struct AmqpConfig {
     pub heartbeat_secs: u16,
     /// Largest message body accepted (RabbitMQ's `max_message_size`, 16 MiB).
     pub max_message_bytes: u64,
-    /// Whether the default user `guest` may only connect from loopback (RabbitMQ's
+    /// Whether the user `guest` may only connect from loopback (RabbitMQ's
     /// `loopback_users`).
     pub guest_loopback_only: bool,
+    /// The user created, with all permissions on the default virtual host,
+    /// when the cluster first starts (RabbitMQ's `default_user`/`default_pass`).
+    pub default_user: String,
+    pub default_pass: String,
 }
 
 impl AmqpConfig {
@@ -98,6 +104,8 @@ impl AmqpConfig {
             heartbeat_secs: Self::DEFAULT_HEARTBEAT_SECS,
             max_message_bytes: Self::DEFAULT_MAX_MESSAGE_BYTES,
             guest_loopback_only: true,
+            default_user: "guest".to_owned(),
+            default_pass: "guest".to_owned(),
         }
     }
 }
@@ -161,6 +169,8 @@ impl AmqpListener {
         let broker = self.broker_for(topology);
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(broker.clone().forget_stale_queues());
+        tokio::spawn(broker.clone().initialize_access());
+        tokio::spawn(broker.clone().watch_access());
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -229,6 +239,9 @@ pub(crate) struct Broker {
     /// Arguments of queues led elsewhere, by topic, for the image they were
     /// parsed from: a forwarded publish does not parse them again.
     remote_args: Mutex<(u64, HashMap<String, Arc<model::QueueArgs>>)>,
+    /// Bumped when a virtual host or a user goes, so connections check whether
+    /// theirs did (RabbitMQ closes them).
+    access_changes: watch::Sender<u64>,
     /// Names this process: exclusive queues record `node:incarnation:connection`.
     incarnation: u64,
     next_connection: AtomicU64,
@@ -249,6 +262,7 @@ impl Broker {
             peers: Mutex::new(HashMap::new()),
             routers: Mutex::new((u64::MAX, HashMap::new())),
             remote_args: Mutex::new((u64::MAX, HashMap::new())),
+            access_changes: watch::channel(0).0,
             incarnation,
             next_connection: AtomicU64::new(1),
         })
@@ -537,6 +551,67 @@ impl Broker {
         }
     }
 
+    /// Creates the default user and virtual host, once per cluster (as RabbitMQ
+    /// does on a fresh node). Every node proposes it until the image says it is
+    /// done; the first proposal applied wins.
+    async fn initialize_access(self: Arc<Self>) {
+        while !self.topology.image().access.initialized {
+            let pass = self.config.default_pass.clone();
+            let Ok(credential) =
+                tokio::task::spawn_blocking(move || Credential::derive(pass.as_bytes())).await
+            else {
+                return;
+            };
+            let cmd = Command::Access(AccessCommand::Initialize {
+                user: self.config.default_user.clone(),
+                credential,
+                vhost: DEFAULT_VHOST.to_owned(),
+            });
+            if let Err(e) = self.topology.propose(cmd).await {
+                debug!("default AMQP user not created yet: {}", e.message);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    /// Tells connections when a virtual host or a user was deleted: only then,
+    /// so an image change costs connections nothing.
+    async fn watch_access(self: Arc<Self>) {
+        let names = |i: &MetadataImage| -> (Vec<String>, Vec<String>) {
+            (
+                i.amqp.vhosts.keys().cloned().collect(),
+                i.access.users.keys().cloned().collect(),
+            )
+        };
+        let mut changes = self.topology.watch_image();
+        let mut before = names(&changes.borrow_and_update());
+        while changes.changed().await.is_ok() {
+            let now = names(&changes.borrow_and_update());
+            let gone =
+                |old: &[String], new: &[String]| old.iter().any(|n| new.binary_search(n).is_err());
+            if gone(&before.0, &now.0) || gone(&before.1, &now.1) {
+                self.access_changes.send_modify(|g| *g += 1);
+            }
+            before = now;
+        }
+    }
+
+    /// A connection's subscription to [`Broker::watch_access`].
+    pub(crate) fn access_changes(&self) -> watch::Receiver<u64> {
+        self.access_changes.subscribe()
+    }
+
+    /// A user's stored credential. In a node's first moments, before the quorum
+    /// holds the default user, a login waits for it rather than fail.
+    pub(crate) async fn credential_of(&self, user: &str) -> Option<Credential> {
+        if !self.topology.image().access.initialized {
+            sluice_topology::wait_image(&*self.topology, ACCESS_WAIT, |i| i.access.initialized)
+                .await;
+        }
+        let image = self.topology.image();
+        image.access.users.get(user).map(|u| u.credential.clone())
+    }
+
     /// Proposes a change to the AMQP model and waits until this node's image has it.
     pub(crate) async fn propose(&self, cmd: AmqpCommand, what: &str) -> Result<(), AmqpError> {
         self.topology
@@ -615,6 +690,9 @@ pub fn decode_client_bytes(data: &[u8], frame_max: u32) -> usize {
 /// The node's own uses of queues (the operator's, dead-lettering) share one peer
 /// session per leader under this connection id; connections count from 1.
 pub(crate) const NODE_SESSION: u64 = 0;
+
+/// How long a login in a node's first moments waits for the default user.
+const ACCESS_WAIT: Duration = Duration::from_secs(5);
 
 /// The endpoint name under which a broker registers its AMQP listener.
 pub const AMQP_ENDPOINT: &str = "amqp";

@@ -80,9 +80,15 @@ pub struct Binding {
     pub arguments: Vec<u8>,
 }
 
-/// A change to the AMQP model.
+/// A change to the AMQP model. Objects are declared in a virtual host that
+/// exists (RESOURCE_NOT_FOUND otherwise).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AmqpCommand {
+    /// Creates a virtual host unless it exists.
+    CreateVhost { name: String },
+    /// Removes a virtual host with its exchanges, queues (and their topics),
+    /// bindings, and every user's permissions on it.
+    DeleteVhost { name: String },
     /// Creates the exchange unless it exists (an existing one is left as it is).
     DeclareExchange {
         vhost: String,
@@ -168,25 +174,45 @@ impl MetadataImage {
         }
     }
 
+    fn existing_vhost(&mut self, name: &str) -> Result<&mut Vhost, CommandError> {
+        self.amqp
+            .vhosts
+            .get_mut(name)
+            .ok_or_else(|| CommandError::NotFound(format!("no vhost '{name}'")))
+    }
+
     pub(crate) fn apply_amqp(&mut self, index: u64, cmd: &AmqpCommand) -> CommandResult {
         match cmd {
+            AmqpCommand::CreateVhost { name } => {
+                crate::access::validate_name("vhost", name)?;
+                self.amqp.vhosts.entry(name.clone()).or_default();
+                Ok(CommandOutput::Done)
+            }
+            AmqpCommand::DeleteVhost { name } => {
+                let v = self
+                    .amqp
+                    .vhosts
+                    .remove(name)
+                    .ok_or_else(|| CommandError::NotFound(format!("no vhost '{name}'")))?;
+                for q in v.queues.values().filter(|q| !q.attached) {
+                    self.topics.remove(&q.topic);
+                }
+                self.forget_permissions_on(name);
+                Ok(CommandOutput::Done)
+            }
             AmqpCommand::DeclareExchange {
                 vhost,
                 name,
                 exchange,
             } => {
-                let v = self.amqp.vhosts.entry(vhost.clone()).or_default();
+                let v = self.existing_vhost(vhost)?;
                 if !v.has_exchange(name) {
                     v.exchanges.insert(name.clone(), exchange.clone());
                 }
                 Ok(CommandOutput::Done)
             }
             AmqpCommand::DeleteExchange { vhost, name } => {
-                let v = self
-                    .amqp
-                    .vhosts
-                    .get_mut(vhost)
-                    .ok_or(CommandError::UnknownTopicOrPartition)?;
+                let v = self.existing_vhost(vhost)?;
                 v.exchanges
                     .remove(name)
                     .ok_or(CommandError::UnknownTopicOrPartition)?;
@@ -202,12 +228,7 @@ impl MetadataImage {
                 replication_factor,
                 topic_configs,
             } => {
-                if self
-                    .amqp
-                    .vhosts
-                    .get(vhost)
-                    .is_some_and(|v| v.queues.contains_key(name))
-                {
+                if self.existing_vhost(vhost)?.queues.contains_key(name) {
                     return Ok(CommandOutput::Done);
                 }
                 let created = if queue.attached {
@@ -218,16 +239,13 @@ impl MetadataImage {
                 } else {
                     self.create_topic(index, &queue.topic, 1, *replication_factor, topic_configs)?
                 };
-                let v = self.amqp.vhosts.entry(vhost.clone()).or_default();
-                v.queues.insert(name.clone(), queue.clone());
+                self.existing_vhost(vhost)?
+                    .queues
+                    .insert(name.clone(), queue.clone());
                 Ok(created)
             }
             AmqpCommand::DeleteQueue { vhost, name } => {
-                let v = self
-                    .amqp
-                    .vhosts
-                    .get_mut(vhost)
-                    .ok_or(CommandError::UnknownTopicOrPartition)?;
+                let v = self.existing_vhost(vhost)?;
                 let q = v
                     .queues
                     .remove(name)
@@ -240,11 +258,7 @@ impl MetadataImage {
                 Ok(CommandOutput::Done)
             }
             AmqpCommand::Bind { vhost, binding } => {
-                let v = self
-                    .amqp
-                    .vhosts
-                    .get_mut(vhost)
-                    .ok_or(CommandError::UnknownTopicOrPartition)?;
+                let v = self.existing_vhost(vhost)?;
                 if !v.has_exchange(&binding.source) || !v.has_destination(&binding.destination) {
                     return Err(CommandError::UnknownTopicOrPartition);
                 }

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sluice_vocab::{ErrorCode, KafkaError, TopicConfig, TopicName};
 
+use crate::access::{AccessCommand, AccessModel};
 use crate::amqp::{AmqpCommand, AmqpModel};
 
 /// Kafka broker id (also the Raft node id, as `u64`).
@@ -104,9 +105,12 @@ pub struct MetadataImage {
     /// metadata lived in the quorum are adopted once, never again.
     #[serde(default)]
     pub local_state_adopted: bool,
-    /// AMQP exchanges, queues and bindings.
+    /// AMQP virtual hosts, exchanges, queues and bindings.
     #[serde(default)]
     pub amqp: AmqpModel,
+    /// Users and their permissions.
+    #[serde(default)]
+    pub access: AccessModel,
 }
 
 /// A topic of a single node's data directory from an earlier release, adopted into
@@ -200,6 +204,8 @@ pub enum Command {
     },
     /// A change to the AMQP model.
     Amqp(AmqpCommand),
+    /// A change to users and permissions.
+    Access(AccessCommand),
 }
 
 /// Outcome of one partition in an election.
@@ -277,6 +283,9 @@ pub enum CommandError {
     /// INELIGIBLE_REPLICA (107): a fenced or unknown broker cannot join the ISR.
     #[error("replica {0} is not eligible for the ISR")]
     IneligibleReplica(BrokerId),
+    /// RESOURCE_NOT_FOUND (91): a named user or virtual host does not exist.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl KafkaError for CommandError {
@@ -297,6 +306,7 @@ impl KafkaError for CommandError {
             CommandError::ElectionNotNeeded => ErrorCode::ElectionNotNeeded,
             CommandError::InvalidUpdateVersion => ErrorCode::InvalidUpdateVersion,
             CommandError::IneligibleReplica(_) => ErrorCode::IneligibleReplica,
+            CommandError::NotFound(_) => ErrorCode::ResourceNotFound,
         }
     }
 }
@@ -486,6 +496,7 @@ impl MetadataImage {
                 Ok(CommandOutput::Done)
             }
             Command::Amqp(cmd) => self.apply_amqp(index, cmd),
+            Command::Access(cmd) => self.apply_access(cmd),
             Command::CreatePartitions { name, count } => self.create_partitions(name, *count),
             Command::AlterConfigs { name, configs } => {
                 let t = self

@@ -125,6 +125,7 @@
 //! leader's uncommitted suffix is truncated and all images agree. A failing seed is
 //! printed; `SLUICE_SEED=<n>` replays it.
 
+pub mod access;
 pub mod amqp;
 pub mod image;
 pub mod network;
@@ -133,6 +134,7 @@ pub mod store;
 
 use std::io::Cursor;
 
+pub use access::{AccessCommand, AccessModel, Permission, UserState};
 pub use amqp::{
     AmqpCommand, AmqpModel, Binding, Destination, ExchangeState, QueueState, Vhost,
     PREDECLARED_EXCHANGES,

@@ -84,6 +84,19 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_AMQP_GUEST_LOOPBACK_ONLY", value_name = "BOOL",
           action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub amqp_guest_loopback_only: Option<bool>,
+    /// The AMQP user created when the cluster first starts, with all permissions
+    /// on the vhost `/` (RabbitMQ's default_user) [default: guest].
+    #[arg(long, env = "SLUICE_AMQP_DEFAULT_USER", value_name = "NAME")]
+    pub amqp_default_user: Option<String>,
+    /// That user's password (RabbitMQ's default_pass) [default: guest]. Only
+    /// its salted hash is stored.
+    #[arg(
+        long,
+        env = "SLUICE_AMQP_DEFAULT_PASS",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub amqp_default_pass: Option<String>,
     /// Largest AMQP message body accepted, in bytes [default: 16777216].
     #[arg(long, env = "SLUICE_AMQP_MAX_MESSAGE_BYTES", value_name = "N")]
     pub amqp_max_message_bytes: Option<u64>,
@@ -227,6 +240,8 @@ pub struct AmqpSection {
     pub heartbeat_secs: Option<u16>,
     pub max_message_bytes: Option<u64>,
     pub guest_loopback_only: Option<bool>,
+    pub default_user: Option<String>,
+    pub default_pass: Option<String>,
     pub disk_free_limit_bytes: Option<u64>,
     pub memory_high_watermark_bytes: Option<u64>,
 }
@@ -433,6 +448,23 @@ impl Config {
             .or(file.amqp.guest_loopback_only)
         {
             amqp.guest_loopback_only = g;
+        }
+        if let Some(u) = args
+            .amqp_default_user
+            .clone()
+            .or(file.amqp.default_user.clone())
+        {
+            if u.is_empty() {
+                bail!("amqp default_user must not be empty");
+            }
+            amqp.default_user = u;
+        }
+        if let Some(p) = args
+            .amqp_default_pass
+            .clone()
+            .or(file.amqp.default_pass.clone())
+        {
+            amqp.default_pass = p;
         }
         let resource_limits = ResourceLimits {
             disk_free_bytes: args

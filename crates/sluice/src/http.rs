@@ -59,7 +59,7 @@ impl State {
         self.node.get().map(|n| n.cluster())
     }
 
-    fn node(&self) -> Option<&Arc<Node>> {
+    pub(crate) fn node(&self) -> Option<&Arc<Node>> {
         self.node.get()
     }
 
@@ -77,6 +77,7 @@ pub fn router(state: State) -> Router {
         .route("/api/v1/nodes/{id}/drain", post(drain))
         .route("/api/v1/nodes/{id}/remove", post(remove_node))
         .merge(crate::http_amqp::routes())
+        .merge(crate::http_access::routes())
         .with_state(state)
 }
 

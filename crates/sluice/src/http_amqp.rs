@@ -17,6 +17,11 @@ use crate::http::State;
 
 pub fn routes() -> Router<State> {
     Router::new()
+        .route("/api/v1/vhosts", get(vhosts))
+        .route(
+            "/api/v1/vhosts/{name}",
+            put(create_vhost).delete(delete_vhost),
+        )
         .route("/api/v1/queues", get(queues))
         .route(
             "/api/v1/queues/{vhost}/{name}",
@@ -47,6 +52,33 @@ fn refused(e: AdminError) -> Response {
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     (status, Json(json!({ "error": e.code, "reason": e.text }))).into_response()
+}
+
+async fn vhosts(Extract(state): Extract<State>) -> Response {
+    match state.amqp() {
+        Some(a) => Json(a.vhosts()).into_response(),
+        None => STARTING.into_response(),
+    }
+}
+
+async fn create_vhost(Extract(state): Extract<State>, Path(name): Path<String>) -> Response {
+    let Some(a) = state.amqp() else {
+        return STARTING.into_response();
+    };
+    match a.create_vhost(&name).await {
+        Ok(()) => (StatusCode::CREATED, Json(json!({ "vhost": name }))).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+async fn delete_vhost(Extract(state): Extract<State>, Path(name): Path<String>) -> Response {
+    let Some(a) = state.amqp() else {
+        return STARTING.into_response();
+    };
+    match a.delete_vhost(&name).await {
+        Ok(()) => (StatusCode::NO_CONTENT, "").into_response(),
+        Err(e) => refused(e),
+    }
 }
 
 async fn queues(Extract(state): Extract<State>) -> Response {

@@ -7,6 +7,7 @@
 mod cli;
 mod config;
 mod http;
+mod http_access;
 mod http_amqp;
 mod logging;
 mod resources;
@@ -55,6 +56,12 @@ enum Command {
     Exchange(cli::amqp::ExchangeArgs),
     /// AMQP bindings: list, add, remove.
     Binding(cli::amqp::BindingArgs),
+    /// Users: list, create, passwd, delete.
+    User(cli::access::UserArgs),
+    /// AMQP virtual hosts: list, create, delete.
+    Vhost(cli::access::VhostArgs),
+    /// Which virtual hosts a user may use: set, clear.
+    Permission(cli::access::PermissionArgs),
 }
 
 fn main() -> ExitCode {
@@ -90,6 +97,9 @@ fn main() -> ExitCode {
         Command::Queue(args) => runtime.block_on(cli::amqp::run_queue(args)),
         Command::Exchange(args) => runtime.block_on(cli::amqp::run_exchange(args)),
         Command::Binding(args) => runtime.block_on(cli::amqp::run_binding(args)),
+        Command::User(args) => runtime.block_on(cli::access::run_user(args)),
+        Command::Vhost(args) => runtime.block_on(cli::access::run_vhost(args)),
+        Command::Permission(args) => runtime.block_on(cli::access::run_permission(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

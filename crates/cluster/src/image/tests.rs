@@ -895,6 +895,17 @@ mod amqp_model {
         }
     }
 
+    /// A one-node cluster with the virtual host `/`, which objects need.
+    fn with_default_vhost() -> (MetadataImage, u64) {
+        let (mut img, mut i) = cluster(1);
+        i += 1;
+        let create = Command::Amqp(AmqpCommand::CreateVhost {
+            name: "/".to_owned(),
+        });
+        img.apply(i, &create).unwrap();
+        (img, i)
+    }
+
     fn declare(name: &str) -> Command {
         Command::Amqp(AmqpCommand::DeclareQueue {
             vhost: "/".to_owned(),
@@ -919,7 +930,7 @@ mod amqp_model {
 
     #[test]
     fn a_queue_and_its_topic_are_created_and_deleted_together() {
-        let (mut img, mut i) = cluster(1);
+        let (mut img, mut i) = with_default_vhost();
         i += 1;
         assert!(matches!(
             img.apply(i, &declare("jobs")),
@@ -953,7 +964,7 @@ mod amqp_model {
 
     #[test]
     fn a_stream_attached_to_a_topic_needs_it_and_leaves_it_when_deleted() {
-        let (mut img, mut i) = cluster(1);
+        let (mut img, mut i) = with_default_vhost();
         let attach = Command::Amqp(AmqpCommand::DeclareQueue {
             vhost: "/".to_owned(),
             name: "orders-stream".to_owned(),
@@ -997,7 +1008,7 @@ mod amqp_model {
 
     #[test]
     fn a_queue_whose_topic_exists_is_refused_and_nothing_changes() {
-        let (mut img, mut i) = cluster(1);
+        let (mut img, mut i) = with_default_vhost();
         i += 1;
         img.apply(i, &create("amqp.taken", 1, 1)).unwrap();
         let before = img.clone();
@@ -1012,7 +1023,7 @@ mod amqp_model {
 
     #[test]
     fn deleting_a_queue_topic_over_kafka_deletes_the_queue() {
-        let (mut img, mut i) = cluster(1);
+        let (mut img, mut i) = with_default_vhost();
         i += 1;
         img.apply(i, &declare("q")).unwrap();
         i += 1;
@@ -1031,7 +1042,7 @@ mod amqp_model {
 
     #[test]
     fn bindings_need_both_ends_and_exchanges_take_theirs_along() {
-        let (mut img, mut i) = cluster(1);
+        let (mut img, mut i) = with_default_vhost();
         i += 1;
         img.apply(i, &declare("q")).unwrap();
         i += 1;
@@ -1078,7 +1089,7 @@ mod amqp_model {
 
     #[test]
     fn the_model_survives_a_snapshot_round_trip() {
-        let (mut img, mut i) = cluster(1);
+        let (mut img, mut i) = with_default_vhost();
         i += 1;
         img.apply(i, &declare("q")).unwrap();
         i += 1;
@@ -1091,5 +1102,214 @@ mod amqp_model {
         old.as_object_mut().unwrap().remove("amqp");
         let loaded: MetadataImage = serde_json::from_value(old).unwrap();
         assert!(loaded.amqp.vhosts.is_empty());
+    }
+}
+
+// ---- users, virtual hosts and permissions ---------------------------------------
+
+mod access {
+    use super::*;
+    use crate::access::{AccessCommand, Permission};
+    use crate::amqp::{AmqpCommand, QueueState};
+    use sluice_auth::Credential;
+
+    // A cheap credential: these tests are about the model, not the hash.
+    fn credential(password: &str) -> Credential {
+        Credential::derive_with(password.as_bytes(), b"salt".to_vec(), 1)
+    }
+
+    fn initialize(user: &str) -> Command {
+        Command::Access(AccessCommand::Initialize {
+            user: user.to_owned(),
+            credential: credential("guest"),
+            vhost: "/".to_owned(),
+        })
+    }
+
+    fn amqp(cmd: AmqpCommand) -> Command {
+        Command::Amqp(cmd)
+    }
+
+    #[test]
+    fn the_default_user_and_vhost_are_created_once_so_deleting_them_sticks() {
+        let (mut img, mut i) = cluster(1);
+        assert!(!img.may_use_vhost("guest", "/"));
+        i += 1;
+        img.apply(i, &initialize("guest")).unwrap();
+        assert!(img.access.initialized);
+        assert!(img.may_use_vhost("guest", "/"));
+        assert!(img.access.users["guest"].credential.verify(b"guest"));
+        i += 1;
+        img.apply(
+            i,
+            &Command::Access(AccessCommand::DeleteUser {
+                name: "guest".to_owned(),
+            }),
+        )
+        .unwrap();
+        i += 1;
+        img.apply(
+            i,
+            &amqp(AmqpCommand::DeleteVhost {
+                name: "/".to_owned(),
+            }),
+        )
+        .unwrap();
+        // Another node proposing the default again (it restarted) changes nothing.
+        i += 1;
+        assert_eq!(img.apply(i, &initialize("guest")), Ok(CommandOutput::Done));
+        assert!(img.access.users.is_empty() && img.amqp.vhosts.is_empty());
+        // An image from before users existed loads as not yet initialized, and
+        // keeps the vhost its objects were declared in.
+        let mut old = MetadataImage::default();
+        old.amqp.vhosts.insert("/".to_owned(), Default::default());
+        let mut json: serde_json::Value = serde_json::to_value(&old).unwrap();
+        json.as_object_mut().unwrap().remove("access");
+        let mut loaded: MetadataImage = serde_json::from_value(json).unwrap();
+        assert!(!loaded.access.initialized);
+        loaded.apply(1, &initialize("guest")).unwrap();
+        assert!(loaded.may_use_vhost("guest", "/"));
+    }
+
+    #[test]
+    fn objects_live_only_in_a_vhost_that_exists_and_go_with_it() {
+        let (mut img, mut i) = cluster(1);
+        let declare = amqp(AmqpCommand::DeclareQueue {
+            vhost: "v1".to_owned(),
+            name: "jobs".to_owned(),
+            queue: QueueState {
+                topic: "amqp.v1..jobs".to_owned(),
+                durable: true,
+                auto_delete: false,
+                exclusive_owner: None,
+                declared_by: "1:7".to_owned(),
+                arguments: Vec::new(),
+                attached: false,
+            },
+            replication_factor: 1,
+            topic_configs: BTreeMap::new(),
+        });
+        i += 1;
+        assert!(matches!(
+            img.apply(i, &declare),
+            Err(CommandError::NotFound(_))
+        ));
+        assert!(
+            !img.topics.contains_key("amqp.v1..jobs"),
+            "no topic for a refused queue"
+        );
+        i += 1;
+        img.apply(
+            i,
+            &amqp(AmqpCommand::CreateVhost {
+                name: "v1".to_owned(),
+            }),
+        )
+        .unwrap();
+        i += 1;
+        img.apply(i, &declare).unwrap();
+        assert!(img.topics.contains_key("amqp.v1..jobs"));
+        i += 1;
+        img.apply(i, &initialize("guest")).unwrap();
+        i += 1;
+        img.apply(
+            i,
+            &Command::Access(AccessCommand::SetPermission {
+                user: "guest".to_owned(),
+                vhost: "v1".to_owned(),
+                permission: Permission::full(),
+            }),
+        )
+        .unwrap();
+        assert!(img.may_use_vhost("guest", "v1"));
+        i += 1;
+        img.apply(
+            i,
+            &amqp(AmqpCommand::DeleteVhost {
+                name: "v1".to_owned(),
+            }),
+        )
+        .unwrap();
+        assert!(img.vhost("v1").is_none());
+        assert!(
+            !img.topics.contains_key("amqp.v1..jobs"),
+            "the queue's topic goes too"
+        );
+        assert!(!img.access.users["guest"].permissions.contains_key("v1"));
+        assert!(
+            img.may_use_vhost("guest", "/"),
+            "other vhosts are untouched"
+        );
+        i += 1;
+        assert!(matches!(
+            img.apply(
+                i,
+                &amqp(AmqpCommand::DeleteVhost {
+                    name: "v1".to_owned()
+                })
+            ),
+            Err(CommandError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn a_password_change_keeps_permissions_and_unknown_names_are_refused() {
+        let (mut img, mut i) = cluster(1);
+        i += 1;
+        img.apply(i, &initialize("guest")).unwrap();
+        let put = |pw: &str| {
+            Command::Access(AccessCommand::PutUser {
+                name: "alice".to_owned(),
+                credential: credential(pw),
+                tags: Default::default(),
+            })
+        };
+        i += 1;
+        img.apply(i, &put("one")).unwrap();
+        let grant = |user: &str, vhost: &str| {
+            Command::Access(AccessCommand::SetPermission {
+                user: user.to_owned(),
+                vhost: vhost.to_owned(),
+                permission: Permission::full(),
+            })
+        };
+        i += 1;
+        img.apply(i, &grant("alice", "/")).unwrap();
+        i += 1;
+        img.apply(i, &put("two")).unwrap();
+        let alice = &img.access.users["alice"];
+        assert!(alice.credential.verify(b"two") && !alice.credential.verify(b"one"));
+        assert!(img.may_use_vhost("alice", "/"));
+        i += 1;
+        assert!(matches!(
+            img.apply(i, &grant("bob", "/")),
+            Err(CommandError::NotFound(_))
+        ));
+        i += 1;
+        assert!(matches!(
+            img.apply(i, &grant("alice", "nope")),
+            Err(CommandError::NotFound(_))
+        ));
+        i += 1;
+        let bad = Command::Access(AccessCommand::PutUser {
+            name: String::new(),
+            credential: credential("x"),
+            tags: Default::default(),
+        });
+        assert!(matches!(
+            img.apply(i, &bad),
+            Err(CommandError::InvalidRequest(_))
+        ));
+        i += 1;
+        img.apply(
+            i,
+            &Command::Access(AccessCommand::ClearPermission {
+                user: "alice".to_owned(),
+                vhost: "/".to_owned(),
+            }),
+        )
+        .unwrap();
+        assert!(!img.may_use_vhost("alice", "/"));
+        assert!(img.access.users.contains_key("alice"));
     }
 }

@@ -149,7 +149,7 @@ enum BindingCommand {
 }
 
 /// A path segment, percent-encoded (a virtual host `/` is `%2F`).
-fn segment(s: &str) -> String {
+pub(crate) fn segment(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -168,7 +168,7 @@ fn arguments(args: &[(String, String)]) -> Value {
     )
 }
 
-fn text(v: &Value, key: &str) -> String {
+pub(crate) fn text(v: &Value, key: &str) -> String {
     match &v[key] {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
@@ -180,7 +180,7 @@ fn rate(v: &Value, key: &str) -> String {
     format!("{:.1}", v[key].as_f64().unwrap_or(0.0))
 }
 
-fn print_list(
+pub(crate) fn print_list(
     value: &Value,
     json_out: bool,
     header: &[&str],

@@ -1,8 +1,10 @@
 //! Client commands. They speak only the Kafka protocol (librdkafka through
 //! rdkafka), so they work against Sluice and against any Kafka cluster. The
-//! exceptions are [`cluster`] (`sluice cluster|partition|node`) and [`amqp`]
-//! (`sluice queue|exchange|binding`), which use a Sluice node's HTTP admin port.
+//! exceptions are [`cluster`] (`sluice cluster|partition|node`), [`amqp`]
+//! (`sluice queue|exchange|binding`) and [`access`] (`sluice user|vhost|permission`),
+//! which use a Sluice node's HTTP admin port.
 
+pub mod access;
 pub mod amqp;
 pub mod bench;
 pub mod cluster;
