@@ -34,6 +34,10 @@ Nemeses:
                       it from the ISR and keep taking writes
   kill-all            SIGKILL all three nodes at once, start them again
   rolling-restart     docker restart (SIGTERM, then start) each node in turn
+  amqp                a quorum queue under a confirming publisher and an acking consumer
+                      on other nodes: its leader SIGKILLed (and started), paused, then cut
+                      off the peer network; nothing confirmed lost, nothing acked outside
+                      a fault window delivered again (amqp_faults.py)
   add-node            a fourth node (compose service sluice4) joins, partition 0 moves
                       onto it and it leads; it is SIGKILLed (failover back), restarted,
                       the partition moves back, and the node is stopped and removed
@@ -59,6 +63,7 @@ from confluent_kafka import KafkaError, KafkaException  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
 import checker  # noqa: E402
+from amqp_faults import run_amqp_scenario  # noqa: E402
 from cluster import ClusterError, ComposeCluster, Node, log, wait_until  # noqa: E402
 from workload import (  # noqa: E402
     ConsumerWorkload,
@@ -533,6 +538,8 @@ def add_node(ctx: Ctx):
 
 
 SCENARIOS = {
+    # AMQP: a quorum queue's leader killed, paused and cut off in turn (amqp_faults.py).
+    "amqp": (None, 1),
     "kill-leader": (kill_leader, 2),
     "pause-leader": (pause_leader, 2),
     "partition-leader": (partition_leader, 2),
@@ -724,6 +731,7 @@ def main(argv=None) -> int:
     ap.add_argument("--project", required=True, help="compose project name")
     ap.add_argument("--kafka-ports", default=os.environ.get("SLUICE_KAFKA_PORTS", "19092,19093,19094"))
     ap.add_argument("--http-ports", default=os.environ.get("SLUICE_HTTP_PORTS", "18081,18082,18083"))
+    ap.add_argument("--amqp-ports", default=os.environ.get("SLUICE_AMQP_PORTS", "5672,5673,5674"))
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
     ap.add_argument("--rounds", type=int, default=0, help="rounds per scenario (default: each scenario's own)")
     ap.add_argument("--soak", action="store_true", help="more rounds, longer and varied faults")
@@ -755,7 +763,11 @@ def main(argv=None) -> int:
             fn, default_rounds = SCENARIOS[name]
             rounds = args.rounds or (default_rounds * 4 if args.soak else default_rounds)
             try:
-                results.append(run_scenario(name, fn, rounds, cluster, timing, rng, out))
+                if fn is None:
+                    amqp_ports = {i + 1: int(p) for i, p in enumerate(args.amqp_ports.split(","))}
+                    results.append(run_amqp_scenario(name, cluster, amqp_ports, timing, rng))
+                else:
+                    results.append(run_scenario(name, fn, rounds, cluster, timing, rng, out))
             except Exception as e:  # noqa: BLE001 - one broken scenario does not hide the others
                 traceback.print_exc()
                 results.append(dict(scenario=name, failures=["harness-error"], harness_error=str(e), summary=""))

@@ -206,6 +206,7 @@ export SLUICE_KAFKA_PORTS="${PORTS[0]},${PORTS[1]},${PORTS[2]}" SLUICE_HTTP_PORT
 # sluice4 (compose profile "grow") is started by the add-node scenario.
 export SLUICE_KAFKA_PORT_4=${PORTS[6]} SLUICE_HTTP_PORT_4=${PORTS[7]}
 export SLUICE_AMQP_PORT_1=${PORTS[8]} SLUICE_AMQP_PORT_2=${PORTS[9]} SLUICE_AMQP_PORT_3=${PORTS[10]} SLUICE_AMQP_PORT_4=${PORTS[11]}
+export SLUICE_AMQP_PORTS="${PORTS[8]},${PORTS[9]},${PORTS[10]}"
 export SLUICE_IMAGE=$IMAGE
 export SLUICE_COMPOSE="${COMPOSE[*]} -p $PROJECT -f $ROOT/docker-compose.yml"
 

@@ -404,3 +404,60 @@ def test_bridge_fault_shorter_than_grace_checks_gaps_only():
     writes = acks_every(0, 0.0, 10.0) + acks_every(0, 15.0, 20.0, seq0=100)
     # Fault 10..18, grace 14: no window after the grace; a 5 s gap is within it.
     assert unwritable_partitions(writes, 10.0, 18.0, 14.0, [0]) == []
+
+
+# -- the AMQP scenario's check (amqp_faults.check) ------------------------------------
+
+from amqp_faults import ACK_GRACE_S, SETTLE_S, Delivery  # noqa: E402
+from amqp_faults import check as amqp_check  # noqa: E402
+
+
+def d(body, received, acked=None, redelivered=False):
+    return Delivery(body, redelivered, received, received if acked is None else acked, 1)
+
+
+WINDOWS = [(10.0, 20.0)]  # one fault from 10 s to its heal at 20 s
+
+
+def test_amqp_a_clean_history_passes():
+    attempted = {"a", "b", "c"}
+    confirmed = {"a": 1.0, "b": 2.0, "c": 30.0}
+    rep = amqp_check(attempted, confirmed, [d("a", 1.1), d("b", 2.1), d("c", 30.1)], WINDOWS, 20.0)
+    assert rep.failures == []
+    assert rep.counts["confirmed"] == 3 and rep.counts["repeats"] == 0
+
+
+def test_amqp_a_confirmed_message_never_delivered_is_lost_and_a_stranger_is_a_phantom():
+    rep = amqp_check({"a", "b"}, {"a": 1.0, "b": 25.0}, [d("b", 25.1), d("zz", 26.0)], WINDOWS, 20.0)
+    assert set(rep.failures) == {"lost", "phantom"}
+    assert rep.examples["lost"] == ["a"] and rep.examples["phantom"] == ["zz"]
+
+
+def test_amqp_an_unconfirmed_message_may_be_missing_or_delivered():
+    rep = amqp_check({"a", "b", "c"}, {"a": 1.0, "c": 29.0}, [d("a", 1.1), d("c", 29.5)], WINDOWS, 20.0)
+    assert rep.failures == []
+
+
+def test_amqp_an_ack_outside_every_fault_window_must_hold():
+    # Acked at 5 s, well before the fault: delivered again at 12 s is a failure.
+    rep = amqp_check({"a", "b"}, {"a": 1.0, "b": 30.0},
+                     [d("a", 4.9, acked=5.0), d("a", 12.0, redelivered=True), d("b", 30.1)], WINDOWS, 20.0)
+    assert rep.failures == ["acked-redelivered"]
+    assert "acked at 5.00s" in rep.examples["acked-redelivered"][0]
+
+
+def test_amqp_an_ack_in_flight_at_a_fault_may_be_lost():
+    # Acked within ACK_GRACE_S of the fault, or before the cluster settled after
+    # the heal: coming back is at least once, not a failure.
+    inside = [10.0 - ACK_GRACE_S / 2, 15.0, 20.0 + SETTLE_S - 0.5]
+    for t in inside:
+        rep = amqp_check({"a", "b"}, {"a": 1.0, "b": 40.0},
+                         [d("a", t, acked=t), d("a", t + 1.0, redelivered=True), d("b", 40.0)], WINDOWS, 20.0)
+        assert rep.failures == [], (t, rep.failures)
+        assert rep.counts["repeats"] == 1
+
+
+def test_amqp_an_ack_after_the_cluster_settled_must_hold_and_recovery_is_required():
+    settled = 20.0 + SETTLE_S + 0.5
+    rep = amqp_check({"a"}, {"a": 1.0}, [d("a", settled, acked=settled), d("a", settled + 2)], WINDOWS, 20.0)
+    assert rep.failures == ["acked-redelivered", "no-recovery"]
