@@ -18,6 +18,7 @@ Checked afterwards (`check`, pure, unit-tested in test_checker.py):
                     fault until SETTLE_S after its heal): an ack in flight to a
                     leader that dies may be lost, at least once as in RabbitMQ,
                     but an ack the leader had time to record never is
+  unflagged-redelivery  a message delivered again without the redelivered flag
   no-recovery       no confirm after the last heal
 
 Reported, not failing: nacks and publishes whose outcome is unknown (a
@@ -210,19 +211,22 @@ def check(attempted, confirmed, deliveries, windows, t_last_heal) -> Report:
         return any(start - ACK_GRACE_S <= t <= heal + SETTLE_S for start, heal in windows)
 
     safe_ack = {}  # body -> time of its first ack outside every fault window
-    again = []
+    again, unflagged = [], []
     repeats = 0
     seen = set()
     for d in deliveries:
         if d.body in seen:
             repeats += 1
+            if not d.redelivered:
+                unflagged.append(f"{d.body} delivered again at {d.received_s:.2f}s without the redelivered flag")
         if d.body in safe_ack and d.received_s > safe_ack[d.body]:
             again.append(f"{d.body} acked at {safe_ack[d.body]:.2f}s, delivered again at {d.received_s:.2f}s "
                          f"(redelivered={d.redelivered}, via node {d.node})")
         seen.add(d.body)
         if d.body not in safe_ack and not in_window(d.acked_s):
             safe_ack[d.body] = d.acked_s
-    for kind, items in (("lost", lost), ("phantom", phantom), ("acked-redelivered", again)):
+    for kind, items in (("lost", lost), ("phantom", phantom), ("acked-redelivered", again),
+                        ("unflagged-redelivery", unflagged)):
         if items:
             rep.failures.append(kind)
             rep.examples[kind] = items[:10]

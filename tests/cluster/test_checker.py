@@ -455,9 +455,14 @@ def test_amqp_an_ack_in_flight_at_a_fault_may_be_lost():
                          [d("a", t, acked=t), d("a", t + 1.0, redelivered=True), d("b", 40.0)], WINDOWS, 20.0)
         assert rep.failures == [], (t, rep.failures)
         assert rep.counts["repeats"] == 1
+    # ...but it comes back flagged redelivered.
+    rep = amqp_check({"a", "b"}, {"a": 1.0, "b": 40.0},
+                     [d("a", 15.0), d("a", 16.0, redelivered=False), d("b", 40.0)], WINDOWS, 20.0)
+    assert rep.failures == ["unflagged-redelivery"]
 
 
 def test_amqp_an_ack_after_the_cluster_settled_must_hold_and_recovery_is_required():
     settled = 20.0 + SETTLE_S + 0.5
-    rep = amqp_check({"a"}, {"a": 1.0}, [d("a", settled, acked=settled), d("a", settled + 2)], WINDOWS, 20.0)
+    rep = amqp_check({"a"}, {"a": 1.0}, [d("a", settled, acked=settled), d("a", settled + 2, redelivered=True)],
+                     WINDOWS, 20.0)
     assert rep.failures == ["acked-redelivered", "no-recovery"]

@@ -14,7 +14,8 @@
 //! Above `head`, what was settled out of order and how far messages were handed
 //! out are recorded in the log too (`state.rs`), after each round of changes: a
 //! restarted or new leader skips what was settled and flags what was delivered
-//! before as redelivered.
+//! before as redelivered. A first delivery waits until a committed record
+//! claims its offset (`Actor::claimed`), so that flag survives any crash.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -46,6 +47,10 @@ const BLOCKED_RETRY: Duration = Duration::from_millis(5);
 /// Commands handled together before deliveries and the delivery state are
 /// brought up to date (a client acking one by one sends one per message).
 const COMMANDS_PER_ROUND: usize = 256;
+/// How far past the log end a delivery claim reaches (see `Actor::claimed`):
+/// one committed record covers this many later first deliveries, and a claim
+/// is renewed when deliveries come within half of it.
+const CLAIM_AHEAD: i64 = 1024;
 
 /// A prefetch window (`basic.qos`): at most `limit` unacked deliveries (0: no limit).
 #[derive(Debug, Default)]
@@ -578,6 +583,11 @@ pub(crate) fn start(
         deleting: false,
         hooks,
         delivered_up_to: head,
+        claimed: head,
+        claim_written: head,
+        claim: None,
+        want_claim: false,
+        waiting_gets: Vec::new(),
         skip: Ranges::default(),
         returns: BTreeMap::new(),
         controls: Ranges::default(),
@@ -629,6 +639,21 @@ struct Actor {
     /// Every message below was handed out at least once (here, or before a
     /// restart or failover).
     delivered_up_to: i64,
+    /// A message is handed out for the first time only below this offset: a
+    /// committed delivery-state record says everything below may have been
+    /// handed out, so whoever serves the queue after a crash or a failover
+    /// flags it redelivered. A claim reaches `CLAIM_AHEAD` past the log end;
+    /// a false "redelivered" after a failover is allowed, a missing one not.
+    claimed: i64,
+    /// The largest claim any record carried (every later record repeats it:
+    /// recovery reads the last one).
+    claim_written: i64,
+    /// A claim written but not committed yet: (its reach, its record's end).
+    claim: Option<(i64, i64)>,
+    /// Deliveries reached the claim (or came near it): write a new one.
+    want_claim: bool,
+    /// `basic.get`s that wait for a claim to be committed.
+    waiting_gets: Vec<(bool, oneshot::Sender<Option<Got>>)>,
     /// Offsets at or above `next` with nothing to deliver: settled before this
     /// actor started, and delivery-state records not read yet. Counts leave
     /// them out.
@@ -650,6 +675,7 @@ impl Actor {
         let ended = leadership.ended();
         tokio::pin!(ended);
         loop {
+            self.settle_claim();
             self.enforce_limits();
             self.dispatch();
             self.persist_state();
@@ -726,33 +752,7 @@ impl Actor {
                 });
                 self.check_auto_delete();
             }
-            Command::Get { no_ack, reply } => {
-                self.last_used = Instant::now();
-                let got = self.take().map(|(message, redelivered)| {
-                    self.gauge.delivered.fetch_add(1, Ordering::Relaxed);
-                    self.delivered_up_to = self.delivered_up_to.max(message.offset + 1);
-                    self.state_dirty = true;
-                    if !no_ack {
-                        self.unacked.insert(message.offset);
-                    }
-                    Got {
-                        message,
-                        redelivered,
-                        remaining: 0,
-                    }
-                });
-                let got = got.map(|mut g| {
-                    g.remaining = self.ready_count();
-                    g
-                });
-                if let Err(Some(g)) = reply.send(got) {
-                    // The channel went away before the answer: nothing was delivered.
-                    if !no_ack && self.unacked.remove(&g.message.offset) {
-                        self.untake(g.message, g.redelivered);
-                    }
-                }
-                self.advance_head();
-            }
+            Command::Get { no_ack, reply } => self.get(no_ack, reply),
             Command::Settle { offsets, outcome } => {
                 self.state_dirty = true;
                 let (mut rejected, mut over_limit) = (Vec::new(), Vec::new());
@@ -928,6 +928,68 @@ impl Actor {
     fn refill(&mut self) {
         if self.ready.is_empty() || self.reads_everything() {
             self.read_ahead();
+        }
+    }
+
+    fn get(&mut self, no_ack: bool, reply: oneshot::Sender<Option<Got>>) {
+        self.last_used = Instant::now();
+        let taken = match self.take() {
+            Some((message, false)) if !self.may_hand_out(message.offset) => {
+                // Answered once a claim covers it.
+                self.untake(message, false);
+                self.waiting_gets.push((no_ack, reply));
+                return;
+            }
+            taken => taken,
+        };
+        let got = taken.map(|(message, redelivered)| {
+            self.gauge.delivered.fetch_add(1, Ordering::Relaxed);
+            self.delivered_up_to = self.delivered_up_to.max(message.offset + 1);
+            self.state_dirty = true;
+            if !no_ack {
+                self.unacked.insert(message.offset);
+            }
+            Got {
+                message,
+                redelivered,
+                remaining: 0,
+            }
+        });
+        let got = got.map(|mut g| {
+            g.remaining = self.ready_count();
+            g
+        });
+        if let Err(Some(g)) = reply.send(got) {
+            // The channel went away before the answer: nothing was delivered.
+            if !no_ack && self.unacked.remove(&g.message.offset) {
+                self.untake(g.message, g.redelivered);
+            }
+        }
+        self.advance_head();
+    }
+
+    /// Whether a message may be handed out for the first time now; when it is
+    /// near or past the claim, asks for a new one.
+    fn may_hand_out(&mut self, offset: i64) -> bool {
+        if offset + CLAIM_AHEAD / 2 >= self.claimed && self.claim.is_none() {
+            self.want_claim = true;
+            self.state_dirty = true;
+        }
+        offset < self.claimed
+    }
+
+    /// A claim whose record is committed holds: deliveries may go up to it.
+    fn settle_claim(&mut self) {
+        let Some((reach, end)) = self.claim else {
+            return;
+        };
+        if self.partition.high_watermark() < end {
+            return;
+        }
+        self.claim = None;
+        self.claimed = self.claimed.max(reach);
+        for (no_ack, reply) in std::mem::take(&mut self.waiting_gets) {
+            self.get(no_ack, reply);
         }
     }
 
@@ -1158,6 +1220,11 @@ impl Actor {
             let Some((message, redelivered)) = self.take() else {
                 break;
             };
+            if !redelivered && !self.may_hand_out(message.offset) {
+                // Delivered once a claim covers it (the round ends on commit).
+                self.untake(message, false);
+                break;
+            }
             let offset = message.offset;
             let c = &self.consumers[i];
             let event = Event::Deliver {
@@ -1236,6 +1303,9 @@ impl Actor {
             tracing::debug!(queue = %self.name, delivered_up_to = self.delivered_up_to, "delivery state recovered");
         }
         self.skip.remove_below(self.head);
+        // What the log says was (or may have been) handed out is committed.
+        self.claimed = self.delivered_up_to;
+        self.claim_written = self.delivered_up_to;
     }
 
     /// Records what changed in the delivery state: the settled offsets above
@@ -1269,8 +1339,14 @@ impl Actor {
             settled.insert(start.max(self.next), end);
         }
         self.returns = self.returns.split_off(&self.head);
+        let claiming = self.want_claim && self.claim.is_none();
+        if claiming {
+            self.claim_written = self
+                .claim_written
+                .max(self.partition.log_end_offset() + CLAIM_AHEAD);
+        }
         let state = DeliveryState {
-            delivered_up_to: self.delivered_up_to,
+            delivered_up_to: self.delivered_up_to.max(self.claim_written),
             acked_below: self.head,
             settled,
             returns: self.returns.clone(),
@@ -1282,6 +1358,9 @@ impl Actor {
         if self.last_state.as_ref() == Some(&state)
             || (nothing_above_head && self.last_state.is_none())
         {
+            // The last record, committed (no claim is pending), already
+            // carries this reach.
+            self.want_claim = false;
             return;
         }
         let written = state.encode().and_then(|batch| {
@@ -1292,6 +1371,10 @@ impl Actor {
         });
         match written {
             Ok(appended) => {
+                if claiming {
+                    self.want_claim = false;
+                    self.claim = Some((self.claim_written, appended.end_offset));
+                }
                 self.skip.insert(appended.base_offset, appended.end_offset);
                 self.controls
                     .insert(appended.base_offset, appended.end_offset);
