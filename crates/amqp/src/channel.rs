@@ -13,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use sluice_topology::amqp::{Binding, Destination};
 use sluice_topology::Leadership;
 use tokio::sync::mpsc;
+use tokio::time::{Duration, Instant};
 
 use crate::connection::Conn;
 use crate::error::AmqpError;
@@ -20,6 +21,7 @@ use crate::frame::{put, put_method};
 use crate::message::{encode_batch, Publication, Stored};
 use crate::model::encode_table;
 use crate::ops::{no_exchange, ExchangeDeclaration, QueueDeclaration, Who};
+use crate::peer::{PublishAnswer, RemoteQueue};
 use crate::queue::{ConsumerSpec, Credit, Event, Outcome, QueueHandle, StreamStart};
 use crate::short;
 
@@ -95,18 +97,31 @@ struct ConsumerEntry {
 }
 
 /// What a published message waits for in one queue it went to.
+///
+/// On a channel with confirms (or a transaction) a publish that no leader
+/// took is made at the queue's next leader (`Republish`): the queue had no
+/// reachable leader when the message came, or the session it went to never
+/// reached its node. The publisher's confirm then waits through a failover
+/// instead of being a nack. A message a leader may have taken is never offered
+/// again: that leader may have committed it, and nothing deduplicates a second
+/// copy; its confirm is a nack if the leader is lost. The confirm loop awaits
+/// outcomes in publish order, so made-again messages keep the channel's order.
 enum Wait {
     /// Its offset committed in a partition this node leads.
     Log(Leadership, i64),
-    /// The leader's answer, through a peer session.
-    Peer(crate::peer::PublishAnswer),
+    /// The leader's answer, through a peer session; with the way to make it
+    /// again if that session never reached the leader.
+    Peer(PublishAnswer, Option<Box<(RemoteQueue, Arc<Republish>)>>),
+    /// No leader took it yet.
+    Again(Arc<Republish>),
 }
 
 impl std::fmt::Debug for Wait {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Wait::Log(_, end) => write!(f, "Wait::Log(..{end})"),
-            Wait::Peer(_) => write!(f, "Wait::Peer"),
+            Wait::Peer(..) => write!(f, "Wait::Peer"),
+            Wait::Again(_) => write!(f, "Wait::Again"),
         }
     }
 }
@@ -121,17 +136,96 @@ impl Wait {
                 .await
                 .map(|_| true)
                 .map_err(|_| ()),
-            Wait::Peer(answer) => answer.clone().await,
+            Wait::Peer(answer, unsent) => match (answer.clone().await, unsent) {
+                (Err(()), Some(u)) if !u.0.reached_leader() => u.1.clone().run().await,
+                (outcome, _) => outcome,
+            },
+            Wait::Again(r) => r.clone().run().await,
         }
     }
 
     fn is_stored(&self) -> bool {
         match self {
             Wait::Log(l, end) => l.is_current() && l.partition().high_watermark() >= *end,
-            Wait::Peer(answer) => matches!(answer.peek(), Some(Ok(true))),
+            Wait::Peer(answer, _) => matches!(answer.peek(), Some(Ok(true))),
+            Wait::Again(_) => false,
         }
     }
 }
+
+/// How long a publish waits for a queue's next leader before its confirm is a
+/// nack: longer than a failover (a silent leader is fenced after 6 s, and a
+/// new one elected at once).
+const REPUBLISH_FOR: Duration = Duration::from_secs(15);
+const REPUBLISH_EVERY: Duration = Duration::from_millis(250);
+
+/// A message to store in a queue that has no reachable leader yet.
+pub(crate) struct Republish {
+    broker: Arc<crate::Broker>,
+    vhost: Arc<str>,
+    queue: Arc<str>,
+    publication: Arc<Publication>,
+    since: Instant,
+}
+
+impl Republish {
+    /// Tries at whichever node leads the queue now until one takes the
+    /// message; its answer is the outcome. Nobody taking it within
+    /// `REPUBLISH_FOR` is `Err` (the confirm is a nack). Once a leader has the
+    /// message it is never offered again: that could store it twice.
+    async fn run(self: Arc<Self>) -> Result<bool, ()> {
+        let mut first = true;
+        loop {
+            if !std::mem::take(&mut first) {
+                tokio::time::sleep(REPUBLISH_EVERY).await;
+            }
+            if self.since.elapsed() >= REPUBLISH_FOR {
+                return Err(());
+            }
+            let handle = match self
+                .broker
+                .queue_for(crate::NODE_SESSION, &self.vhost, &self.queue)
+            {
+                Ok(h) => h,
+                // No leader yet, or it is not reachable: try again.
+                Err(e) if e.reply_code() == UNAVAILABLE => continue,
+                // The queue is gone.
+                Err(_) => return Err(()),
+            };
+            let p = &*self.publication;
+            match handle {
+                QueueHandle::Here(link) => {
+                    let Ok(batch) = encode_batch(&[p]) else {
+                        return Err(());
+                    };
+                    match self.broker.append_here(&link, p, &batch, true) {
+                        Ok(Some((l, end))) => {
+                            return l
+                                .wait_committed(end, None)
+                                .await
+                                .map(|_| true)
+                                .map_err(|_| ())
+                        }
+                        Ok(None) => return Ok(false),
+                        // Not appended (the leadership moved on): try again.
+                        Err(_) => continue,
+                    }
+                }
+                QueueHandle::There(remote) => {
+                    let answer = remote.publish(p).await;
+                    if answer.is_err() && !remote.reached_leader() {
+                        // The session never reached that node: try again.
+                        continue;
+                    }
+                    return answer;
+                }
+            }
+        }
+    }
+}
+
+/// RESOURCE_LOCKED: what a queue without a reachable leader answers.
+const UNAVAILABLE: u16 = 405;
 
 /// A published message waiting for the queues it went to.
 struct ConfirmJob {
@@ -1064,19 +1158,31 @@ impl Conn {
     /// mandatory message goes back to the publisher (`basic.return`).
     fn store(&mut self, ch: u16, m: Message) -> Result<(Vec<Wait>, bool), AmqpError> {
         let vhost = self.vhost.clone();
-        let p = &m.publication;
+        // Only a publisher that hears of the outcome waits for a next leader;
+        // without confirms a message no leader takes is lost, as before.
+        let told = self
+            .channels
+            .get(&ch)
+            .is_some_and(|c| c.confirms.is_some() || c.tx.is_some());
+        let Message {
+            publication,
+            properties,
+            mandatory,
+        } = m;
+        let publication = Arc::new(publication);
+        let p = &*publication;
         let router = self.broker.router(&vhost);
         let image = self.broker.topology.image();
         let queues = router.route(
             image.vhost(&vhost),
             &p.exchange,
             &p.routing_key,
-            m.properties.headers().as_ref(),
+            properties.headers().as_ref(),
         );
         let mut waits = Vec::with_capacity(queues.len());
         let mut refused = false;
         if queues.is_empty() {
-            if m.mandatory {
+            if mandatory {
                 self.send_content(
                     ch,
                     AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
@@ -1085,7 +1191,7 @@ impl Conn {
                         exchange: short(&p.exchange),
                         routing_key: short(&p.routing_key),
                     })),
-                    m.properties.clone(),
+                    properties.clone(),
                     &p.body,
                 );
             }
@@ -1093,21 +1199,49 @@ impl Conn {
         }
         let mut batch = None;
         for q in &queues {
-            match self.broker.queue_for(self.id, &vhost, q)? {
-                QueueHandle::Here(link) => {
-                    let batch = match &mut batch {
-                        Some(b) => b,
-                        None => batch.insert(encode_batch(&[p]).map_err(|e| {
-                            AmqpError::internal(format!("cannot encode message: {e}"))
-                        })?),
-                    };
-                    match self.broker.append_here(&link, p, batch, true)? {
-                        Some((leadership, end)) => waits.push(Wait::Log(leadership, end)),
-                        // A full queue refused it: the publisher's confirm is a nack.
-                        None => refused = true,
+            let republish = || {
+                Arc::new(Republish {
+                    broker: self.broker.clone(),
+                    vhost: Arc::from(vhost.as_str()),
+                    queue: Arc::from(q.as_str()),
+                    publication: publication.clone(),
+                    since: Instant::now(),
+                })
+            };
+            let stored = self
+                .broker
+                .queue_for(self.id, &vhost, q)
+                .and_then(|h| match h {
+                    QueueHandle::Here(link) => {
+                        let batch = match &mut batch {
+                            Some(b) => b,
+                            None => batch.insert(encode_batch(&[p]).map_err(|e| {
+                                AmqpError::internal(format!("cannot encode message: {e}"))
+                            })?),
+                        };
+                        Ok(self
+                            .broker
+                            .append_here(&link, p, batch, true)?
+                            .map(|(leadership, end)| Wait::Log(leadership, end)))
                     }
+                    QueueHandle::There(remote) => {
+                        let answer = remote.publish(p);
+                        // A session still connecting (to a leader that may be
+                        // gone): made again if it never connects.
+                        let unsent = (told && !remote.reached_leader())
+                            .then(|| Box::new((remote, republish())));
+                        Ok(Some(Wait::Peer(answer, unsent)))
+                    }
+                });
+            match stored {
+                Ok(Some(wait)) => waits.push(wait),
+                // A full queue refused it: the publisher's confirm is a nack.
+                Ok(None) => refused = true,
+                // Between leaders: stored at the next one.
+                Err(e) if told && e.reply_code() == UNAVAILABLE => {
+                    waits.push(Wait::Again(republish()));
                 }
-                QueueHandle::There(remote) => waits.push(Wait::Peer(remote.publish(p))),
+                Err(e) => return Err(e),
             }
         }
         Ok((waits, refused))

@@ -392,6 +392,9 @@ pub(crate) struct PeerClient {
     routes: Mutex<HashMap<(u16, Arc<str>), Route>>,
     next_id: AtomicU64,
     closed: AtomicBool,
+    /// The TCP connection to the leader was made: what was sent since may
+    /// have reached it. Until then nothing did.
+    connected: AtomicBool,
     /// Wakes the writer to end the session (held apart from the client, so the
     /// writer does not keep the client alive).
     shutdown: Arc<Notify>,
@@ -420,6 +423,7 @@ impl PeerClient {
             routes: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
             shutdown: shutdown.clone(),
         });
         tokio::spawn(run_client(
@@ -541,6 +545,9 @@ async fn run_client(
         }
     };
     let _ = socket.set_nodelay(true);
+    if let Some(c) = client.upgrade() {
+        c.connected.store(true, Ordering::Release);
+    }
     let (mut read, write) = socket.into_split();
     let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
     let forward = tokio::spawn(forward_deliveries(client.clone(), deliveries_rx));
@@ -735,6 +742,14 @@ pub(crate) struct RemoteQueue {
     pub name: Arc<str>,
     pub vhost: Arc<str>,
     pub args: Arc<QueueArgs>,
+}
+
+impl RemoteQueue {
+    /// Whether the session ever reached the leader: if not, nothing sent
+    /// through it arrived, and a publish that failed may be made elsewhere.
+    pub(crate) fn reached_leader(&self) -> bool {
+        self.client.connected.load(Ordering::Acquire)
+    }
 }
 
 impl PartialEq for RemoteQueue {
