@@ -94,6 +94,15 @@ class Rotation:
             return self.ids[self.i] == node
 
 
+def failed_over(client, node, e):
+    """A client's connection failed: note why, and reconnect to the next node."""
+    client.reconnects += 1
+    if len(client.errors) < 50:
+        client.errors.append(f"{time.monotonic() - client.t0:.1f}s node {node}: {type(e).__name__}: {e}")
+    client.rotation.advance()
+    time.sleep(0.2)
+
+
 class Publisher(threading.Thread):
     def __init__(self, rotation: Rotation, queue: str, t0: float):
         super().__init__(daemon=True, name="amqp-publisher")
@@ -130,11 +139,7 @@ class Publisher(threading.Thread):
             except Exception as e:  # noqa: BLE001 - a fault: the message in flight may or may not be stored
                 if body is not None:
                     self.unknown.add(body)
-                self.reconnects += 1
-                if len(self.errors) < 50:
-                    self.errors.append(f"{time.monotonic() - self.t0:.1f}s node {node}: {type(e).__name__}: {e}")
-                self.rotation.advance()
-                time.sleep(0.2)
+                failed_over(self, node, e)
 
 
 @dataclass
@@ -184,11 +189,7 @@ class Consumer(threading.Thread):
                         self.cancels += 1
                         continue
             except Exception as e:  # noqa: BLE001 - a fault: consume again elsewhere
-                self.reconnects += 1
-                if len(self.errors) < 50:
-                    self.errors.append(f"{time.monotonic() - self.t0:.1f}s node {node}: {type(e).__name__}: {e}")
-                self.rotation.advance()
-                time.sleep(0.2)
+                failed_over(self, node, e)
 
 
 @dataclass
