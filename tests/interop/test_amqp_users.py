@@ -167,6 +167,41 @@ def test_sluice_stores_no_password(server, tenant):
 
 
 
+def test_a_withdrawn_permission_refuses_the_next_use_with_403(server, tenant):
+    vhost, user, password = tenant
+    conn = server.connect_as(user, password, vhost)
+    ch = conn.channel()
+    ch.queue_declare("perm-q")
+    server.admin.clear_permissions(user, vhost)
+    # The change reaches the node the connection is on within moments. (A
+    # fresh channel each time: RabbitMQ caches a channel's permission checks.)
+    deadline = time.monotonic() + 5
+    while True:
+        conn.process_data_events(time_limit=0.1)
+        try:
+            conn.channel().queue_declare("perm-q")
+        except pika.exceptions.ChannelClosedByBroker as e:
+            refused = e
+            break
+        assert time.monotonic() < deadline, "the withdrawn permission was never enforced"
+    assert refused.reply_code == 403
+    assert refused.reply_text == (
+        f"ACCESS_REFUSED - access to queue 'perm-q' in vhost '{vhost}' refused for user '{user}'"
+    )
+    # The connection stays open; granted again, its next channel works.
+    server.admin.set_permissions(user, vhost)
+    deadline = time.monotonic() + 5
+    while True:
+        ch = conn.channel()
+        try:
+            ch.queue_delete("perm-q")
+            break
+        except pika.exceptions.ChannelClosedByBroker:
+            assert time.monotonic() < deadline, "the permission given back was never seen"
+            time.sleep(0.1)
+    conn.close()
+
+
 def closed_by_broker(conn, seconds=5.0):
     """The reply code and text the broker closed an idle connection with, or None."""
     deadline = time.monotonic() + seconds

@@ -519,6 +519,15 @@ impl Conn {
         events: &mpsc::Sender<Event>,
         notices: &mpsc::UnboundedSender<Notice>,
     ) -> Result<(), AmqpError> {
+        if !self.permitted {
+            if let Some((kind, name)) = resource_of(m) {
+                return Err(AmqpError::access_refused(format!(
+                    "access to {kind} '{name}' in vhost '{}' refused for user '{}'",
+                    self.vhost,
+                    self.user()
+                )));
+            }
+        }
         match m {
             AMQPClass::Channel(channel::AMQPMethod::Flow(f)) => {
                 if !f.active {
@@ -1415,6 +1424,45 @@ impl Conn {
                 self.send_method(ch, AMQPClass::Basic(m));
             }
         }
+    }
+}
+
+/// The queue or exchange a method uses, as RabbitMQ names it when it refuses
+/// access (`None`: the method uses none).
+fn resource_of(m: &AMQPClass) -> Option<(&'static str, &str)> {
+    match m {
+        AMQPClass::Exchange(e) => Some((
+            "exchange",
+            match e {
+                // RabbitMQ checks no permission for a passive declaration.
+                exchange::AMQPMethod::Declare(d) if !d.passive => d.exchange.as_str(),
+                exchange::AMQPMethod::Delete(d) => d.exchange.as_str(),
+                exchange::AMQPMethod::Bind(b) => b.destination.as_str(),
+                exchange::AMQPMethod::Unbind(b) => b.destination.as_str(),
+                _ => return None,
+            },
+        )),
+        AMQPClass::Queue(q) => Some((
+            "queue",
+            match q {
+                queue::AMQPMethod::Declare(d) if !d.passive => d.queue.as_str(),
+                queue::AMQPMethod::Delete(d) => d.queue.as_str(),
+                queue::AMQPMethod::Purge(p) => p.queue.as_str(),
+                queue::AMQPMethod::Bind(b) => b.queue.as_str(),
+                queue::AMQPMethod::Unbind(b) => b.queue.as_str(),
+                _ => return None,
+            },
+        )),
+        AMQPClass::Basic(basic::AMQPMethod::Publish(p)) => Some((
+            "exchange",
+            match p.exchange.as_str() {
+                "" => "amq.default",
+                name => name,
+            },
+        )),
+        AMQPClass::Basic(basic::AMQPMethod::Consume(c)) => Some(("queue", c.queue.as_str())),
+        AMQPClass::Basic(basic::AMQPMethod::Get(g)) => Some(("queue", g.queue.as_str())),
+        _ => None,
     }
 }
 

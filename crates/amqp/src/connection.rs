@@ -143,6 +143,7 @@ pub(crate) async fn serve(
         heartbeat: 0,
         vhost: DEFAULT_VHOST.to_owned(),
         user: String::new(),
+        permitted: true,
         channels: HashMap::new(),
         exclusive_queues: Vec::new(),
         closing: false,
@@ -215,6 +216,10 @@ pub(crate) struct Conn {
     pub vhost: String,
     /// Who logged in.
     user: String,
+    /// The user still holds a permission on the vhost. A withdrawn one
+    /// refuses every later use of a queue or exchange (403), as RabbitMQ's
+    /// permission checks do; the connection stays open.
+    pub permitted: bool,
     pub channels: HashMap<u16, Channel>,
     /// Exclusive queues this connection declared: deleted when it closes.
     pub exclusive_queues: Vec<String>,
@@ -348,6 +353,10 @@ impl Conn {
         );
         self.out.send(buf);
         Ok(true)
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
     }
 
     /// Why this connection may not go on: its virtual host or its user was
@@ -504,7 +513,11 @@ impl Conn {
                         self.close_connection(&e).await;
                         return;
                     }
-                    None => Ok(()),
+                    None => {
+                        let image = self.broker.topology.image();
+                        self.permitted = image.may_use_vhost(&self.user, &self.vhost);
+                        Ok(())
+                    }
                 },
                 n = notices.recv() => match n {
                     Some(n) => { self.on_notice(n); Ok(()) }

@@ -574,22 +574,34 @@ impl Broker {
         }
     }
 
-    /// Tells connections when a virtual host or a user was deleted: only then,
-    /// so an image change costs connections nothing.
+    /// Tells connections when vhosts, users or permissions changed: only
+    /// then, so an image change costs connections nothing.
     async fn watch_access(self: Arc<Self>) {
-        let names = |i: &MetadataImage| -> (Vec<String>, Vec<String>) {
+        // Vhosts, users, and who may use which vhost.
+        type Access = (Vec<String>, Vec<String>, Vec<(String, String)>);
+        let access = |i: &MetadataImage| -> Access {
+            let grants = i
+                .access
+                .users
+                .iter()
+                .flat_map(|(u, state)| {
+                    state
+                        .permissions
+                        .keys()
+                        .map(move |v| (u.clone(), v.clone()))
+                })
+                .collect();
             (
                 i.amqp.vhosts.keys().cloned().collect(),
                 i.access.users.keys().cloned().collect(),
+                grants,
             )
         };
         let mut changes = self.topology.watch_image();
-        let mut before = names(&changes.borrow_and_update());
+        let mut before = access(&changes.borrow_and_update());
         while changes.changed().await.is_ok() {
-            let now = names(&changes.borrow_and_update());
-            let gone =
-                |old: &[String], new: &[String]| old.iter().any(|n| new.binary_search(n).is_err());
-            if gone(&before.0, &now.0) || gone(&before.1, &now.1) {
+            let now = access(&changes.borrow_and_update());
+            if now != before {
                 self.access_changes.send_modify(|g| *g += 1);
             }
             before = now;
