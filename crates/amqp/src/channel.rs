@@ -105,7 +105,9 @@ struct ConsumerEntry {
 /// instead of being a nack. A message a leader may have taken is never offered
 /// again: that leader may have committed it, and nothing deduplicates a second
 /// copy; its confirm is a nack if the leader is lost. The confirm loop awaits
-/// outcomes in publish order, so made-again messages keep the channel's order.
+/// outcomes in publish order; a message made again at the next leader may
+/// still land after a later one that went there directly (as a nacked
+/// message its publisher sends again would).
 enum Wait {
     /// Its offset committed in a partition this node leads.
     Log(Leadership, i64),
@@ -188,7 +190,7 @@ impl Republish {
             {
                 Ok(h) => h,
                 // No leader yet, or it is not reachable: try again.
-                Err(e) if e.reply_code() == UNAVAILABLE => continue,
+                Err(e) if e.retriable => continue,
                 // The queue is gone.
                 Err(_) => return Err(()),
             };
@@ -207,8 +209,8 @@ impl Republish {
                                 .map_err(|_| ())
                         }
                         Ok(None) => return Ok(false),
-                        // Not appended (the leadership moved on): try again.
-                        Err(_) => continue,
+                        // Not appended; the log refused it: a nack.
+                        Err(_) => return Err(()),
                     }
                 }
                 QueueHandle::There(remote) => {
@@ -223,9 +225,6 @@ impl Republish {
         }
     }
 }
-
-/// RESOURCE_LOCKED: what a queue without a reachable leader answers.
-const UNAVAILABLE: u16 = 405;
 
 /// A published message waiting for the queues it went to.
 struct ConfirmJob {
@@ -1247,7 +1246,7 @@ impl Conn {
                 // A full queue refused it: the publisher's confirm is a nack.
                 Ok(None) => refused = true,
                 // Between leaders: stored at the next one.
-                Err(e) if told && e.reply_code() == UNAVAILABLE => {
+                Err(e) if told && e.retriable => {
                     waits.push(Wait::Again(republish()));
                 }
                 Err(e) => return Err(e),

@@ -24,6 +24,7 @@ use crate::error::AmqpError;
 use crate::frame::{put_method, FrameError, FrameReader, Inbound, FRAME_OVERHEAD};
 use crate::queue::Event;
 use crate::{short, Broker, DEFAULT_VHOST};
+use sluice_auth::Credential;
 
 /// The protocol header of AMQP 0-9-1, also what a client with another one is sent.
 const PROTOCOL_HEADER: [u8; 8] = *b"AMQP\x00\x00\x09\x01";
@@ -379,14 +380,20 @@ impl Conn {
     }
 
     async fn password_checks(&self, user: &str, pass: &[u8]) -> bool {
-        let Some(credential) = self.broker.credential_of(user).await else {
-            return false;
-        };
+        let known = self.broker.credential_of(user).await;
         let pass = pass.to_vec();
         // PBKDF2 costs milliseconds by design: keep it off the async workers.
-        tokio::task::spawn_blocking(move || credential.verify(&pass))
-            .await
-            .unwrap_or(false)
+        // An unknown user costs the same as a wrong password, so the time of
+        // a refusal does not tell which names exist.
+        tokio::task::spawn_blocking(move || match known {
+            Some(credential) => credential.verify(&pass),
+            None => {
+                let _ = Credential::derive_with(&pass, vec![0; 16], Credential::ITERATIONS);
+                false
+            }
+        })
+        .await
+        .unwrap_or(false)
     }
 
     async fn expect_connection_method(
@@ -495,6 +502,8 @@ impl Conn {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let drained = self.out.drained.clone();
         let mut access = self.broker.access_changes();
+        // A change between the handshake's check and this subscription.
+        access.mark_changed();
         loop {
             let room = self.out.has_room();
             let result = tokio::select! {

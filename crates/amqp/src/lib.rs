@@ -328,6 +328,7 @@ impl Broker {
                 AmqpError::unavailable(format!(
                     "queue '{name}' in vhost '{vhost}' is led by node {leader}, which registered no AMQP endpoint"
                 ))
+                .retriable()
             })?;
         let args = {
             let mut cache = self.remote_args.lock();
@@ -464,7 +465,8 @@ impl Broker {
                     "queue '{name}' in vhost '{vhost}' (partition {p} of topic '{}') is led by node {}, not here",
                     q.topic,
                     leader.map_or_else(|| "none".to_owned(), |l| l.to_string())
-                )));
+                ))
+                .retriable());
             };
             leaderships.push(leadership);
         }

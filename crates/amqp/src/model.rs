@@ -9,7 +9,7 @@ use sluice_topology::amqp::{ExchangeState, QueueState};
 use crate::error::AmqpError;
 
 /// The default virtual host.
-pub const DEFAULT_VHOST: &str = "/";
+pub use sluice_topology::amqp::DEFAULT_VHOST;
 
 /// Longest Kafka topic name.
 const MAX_TOPIC_LEN: usize = 249;

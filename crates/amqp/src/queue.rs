@@ -47,9 +47,11 @@ const BLOCKED_RETRY: Duration = Duration::from_millis(5);
 /// Commands handled together before deliveries and the delivery state are
 /// brought up to date (a client acking one by one sends one per message).
 const COMMANDS_PER_ROUND: usize = 256;
-/// How far past the log end a delivery claim reaches (see `Actor::claimed`):
-/// one committed record covers this many later first deliveries, and a claim
-/// is renewed when deliveries come within half of it.
+/// How far past the first delivery that asked for it a delivery claim
+/// reaches (see `Actor::claimed`): one committed record covers this many
+/// later first deliveries, and a claim is renewed when deliveries come within
+/// half of it. It bounds what a crash flags redelivered (and holds in memory
+/// as returned) without having been handed out.
 const CLAIM_AHEAD: i64 = 1024;
 
 /// A prefetch window (`basic.qos`): at most `limit` unacked deliveries (0: no limit).
@@ -584,6 +586,7 @@ pub(crate) fn start(
         hooks,
         delivered_up_to: head,
         claimed: head,
+        claim_from: head,
         claim_written: head,
         claim: None,
         want_claim: false,
@@ -642,9 +645,12 @@ struct Actor {
     /// A message is handed out for the first time only below this offset: a
     /// committed delivery-state record says everything below may have been
     /// handed out, so whoever serves the queue after a crash or a failover
-    /// flags it redelivered. A claim reaches `CLAIM_AHEAD` past the log end;
-    /// a false "redelivered" after a failover is allowed, a missing one not.
+    /// flags it redelivered. A claim reaches `CLAIM_AHEAD` past the offset
+    /// that asked for it; a false "redelivered" after a failover is allowed, a
+    /// missing one not.
     claimed: i64,
+    /// The highest offset a first delivery asked a claim for.
+    claim_from: i64,
     /// The largest claim any record carried (every later record repeats it:
     /// recovery reads the last one).
     claim_written: i64,
@@ -974,6 +980,7 @@ impl Actor {
         if offset + CLAIM_AHEAD / 2 >= self.claimed && self.claim.is_none() {
             self.want_claim = true;
             self.state_dirty = true;
+            self.claim_from = self.claim_from.max(offset);
         }
         offset < self.claimed
     }
@@ -983,7 +990,7 @@ impl Actor {
         let Some((reach, end)) = self.claim else {
             return;
         };
-        if self.partition.high_watermark() < end {
+        if !self.link.leadership.is_current() || self.partition.high_watermark() < end {
             return;
         }
         self.claim = None;
@@ -1279,7 +1286,8 @@ impl Actor {
                 }
             }
         };
-        let _ = tokio::time::timeout(RECOVERY_WAIT, caught_up).await;
+        let caught_up = tokio::time::timeout(RECOVERY_WAIT, caught_up).await.is_ok()
+            && self.partition.high_watermark() >= end;
         let (partition, from) = (self.partition.clone(), self.head);
         let Ok((recorded, controls)) =
             tokio::task::spawn_blocking(move || state::last_recorded(&partition, from)).await
@@ -1303,9 +1311,15 @@ impl Actor {
             tracing::debug!(queue = %self.name, delivered_up_to = self.delivered_up_to, "delivery state recovered");
         }
         self.skip.remove_below(self.head);
-        // What the log says was (or may have been) handed out is committed.
-        self.claimed = self.delivered_up_to;
+        // Every later record repeats the largest claim read. It holds for
+        // new first deliveries only once committed: when the tail did not
+        // commit in time, a new claim is written first.
         self.claim_written = self.delivered_up_to;
+        self.claimed = if caught_up {
+            self.delivered_up_to
+        } else {
+            self.head
+        };
     }
 
     /// Records what changed in the delivery state: the settled offsets above
@@ -1343,7 +1357,7 @@ impl Actor {
         if claiming {
             self.claim_written = self
                 .claim_written
-                .max(self.partition.log_end_offset() + CLAIM_AHEAD);
+                .max(self.claimed.max(self.claim_from) + CLAIM_AHEAD);
         }
         let state = DeliveryState {
             delivered_up_to: self.delivered_up_to.max(self.claim_written),

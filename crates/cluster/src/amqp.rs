@@ -115,6 +115,10 @@ pub enum AmqpCommand {
     Unbind { vhost: String, binding: Binding },
 }
 
+/// The virtual host created with the default user, and the one an entry of an
+/// older log declared into.
+pub const DEFAULT_VHOST: &str = "/";
+
 /// Exchanges every virtual host has without declaring them: the default exchange
 /// (`""`) and the `amq.*` ones.
 pub const PREDECLARED_EXCHANGES: [(&str, &str); 6] = [
@@ -175,6 +179,13 @@ impl MetadataImage {
     }
 
     fn existing_vhost(&mut self, name: &str) -> Result<&mut Vhost, CommandError> {
+        // Entries written before vhosts were explicit (an older release's log,
+        // replayed after its snapshot) declared into `/` without creating it.
+        // Until the default vhost and user are initialized, `/` still comes
+        // into being that way, so such a log applies as it always did.
+        if name == DEFAULT_VHOST && !self.access.initialized {
+            return Ok(self.amqp.vhosts.entry(name.to_owned()).or_default());
+        }
         self.amqp
             .vhosts
             .get_mut(name)

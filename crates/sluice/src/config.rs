@@ -454,8 +454,8 @@ impl Config {
             .clone()
             .or(file.amqp.default_user.clone())
         {
-            if u.is_empty() {
-                bail!("amqp default_user must not be empty");
+            if let Err(e) = sluice_topology::access::validate_name("user", &u) {
+                bail!("amqp default_user: {e}");
             }
             amqp.default_user = u;
         }

@@ -1172,6 +1172,43 @@ mod access {
     }
 
     #[test]
+    fn an_older_log_still_declares_into_the_default_vhost_until_it_is_initialized() {
+        let (mut img, mut i) = cluster(1);
+        let declare = amqp(AmqpCommand::DeclareExchange {
+            vhost: "/".to_owned(),
+            name: "x".to_owned(),
+            exchange: crate::amqp::ExchangeState {
+                kind: "direct".to_owned(),
+                durable: true,
+                auto_delete: false,
+                internal: false,
+                arguments: Vec::new(),
+            },
+        });
+        // Replayed from an earlier release's log: `/` was never created.
+        i += 1;
+        img.apply(i, &declare).unwrap();
+        assert!(img.vhost("/").unwrap().exchanges.contains_key("x"));
+        i += 1;
+        img.apply(i, &initialize("guest")).unwrap();
+        assert!(img.vhost("/").unwrap().exchanges.contains_key("x"), "kept");
+        // Once initialized, a deleted `/` stays deleted.
+        i += 1;
+        img.apply(
+            i,
+            &amqp(AmqpCommand::DeleteVhost {
+                name: "/".to_owned(),
+            }),
+        )
+        .unwrap();
+        i += 1;
+        assert!(matches!(
+            img.apply(i, &declare),
+            Err(CommandError::NotFound(_))
+        ));
+    }
+
+    #[test]
     fn objects_live_only_in_a_vhost_that_exists_and_go_with_it() {
         let (mut img, mut i) = cluster(1);
         let declare = amqp(AmqpCommand::DeclareQueue {
