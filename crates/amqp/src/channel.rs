@@ -1177,8 +1177,7 @@ impl Conn {
             properties,
             mandatory,
         } = m;
-        let publication = Arc::new(publication);
-        let p = &*publication;
+        let p = &publication;
         let router = self.broker.router(&vhost);
         let image = self.broker.topology.image();
         let queues = router.route(
@@ -1212,7 +1211,8 @@ impl Conn {
                     broker: self.broker.clone(),
                     vhost: Arc::from(vhost.as_str()),
                     queue: Arc::from(q.as_str()),
-                    publication: publication.clone(),
+                    // Copied only on this rare path, not per message.
+                    publication: Arc::new(p.clone()),
                     since: Instant::now(),
                 })
             };
