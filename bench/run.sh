@@ -402,7 +402,9 @@ done
 rm -rf "$HEAVY_DIR"
 
 # --------------------------------------------------------- sluice amqp ---
-# The same AMQP load generator (lapin) as RabbitMQ's rows below, against Sluice's
+# The same AMQP load generator as RabbitMQ's rows below (a pipelined client on
+# amq-protocol's codecs, a few µs of CPU per message, so it measures the broker
+# rather than itself), against Sluice's
 # AMQP listener: durable queue, persistent messages, confirms window 1000, manual
 # acks with prefetch 1000. Sluice serves classic and quorum queues the same way (a
 # queue is a replicated log); both are measured so the rows line up with

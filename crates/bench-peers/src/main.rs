@@ -4,6 +4,7 @@
 //! collected objects into the suite's results.
 
 mod amqp;
+mod amqp_wire;
 mod charts;
 mod disk;
 mod iperf;
