@@ -22,7 +22,7 @@ use crate::message::{encode_batch, Publication, Stored};
 use crate::model::encode_table;
 use crate::ops::{no_exchange, ExchangeDeclaration, QueueDeclaration, Who};
 use crate::peer::{PublishAnswer, RemoteQueue};
-use crate::queue::{ConsumerSpec, Credit, Event, Outcome, QueueHandle, StreamStart};
+use crate::queue::{ConsumerSpec, Credit, Event, Outcome, QueueHandle, QueueLink, StreamStart};
 use crate::short;
 
 /// How long a consume or get whose queue's leadership moved under it is tried
@@ -64,9 +64,13 @@ struct Pending {
     received: u64,
 }
 
+/// A publish whose content is complete, staged until the connection stores
+/// the publishes of one read together: channel, confirm sequence number.
+pub(crate) type Staged = (u16, Option<u64>, Message);
+
 /// A whole published message.
 #[derive(Debug)]
-struct Message {
+pub(crate) struct Message {
     publication: Publication,
     /// The properties, parsed (routing by headers, returns).
     properties: AMQPProperties,
@@ -83,7 +87,7 @@ struct TxWork {
 }
 
 #[derive(Debug, Clone)]
-struct Unacked {
+pub(crate) struct Unacked {
     queue: QueueHandle,
     offset: i64,
     /// The consumer whose prefetch window it takes (none for `basic.get`).
@@ -226,8 +230,10 @@ impl Republish {
     }
 }
 
-/// A published message waiting for the queues it went to.
+/// Published messages (sequence numbers `first..=seq`) waiting for the queues
+/// they went to.
 struct ConfirmJob {
+    first: u64,
     seq: u64,
     waits: Vec<Wait>,
     /// A full queue refused it: the confirm is a nack.
@@ -257,7 +263,7 @@ pub(crate) struct Channel {
 
 impl std::fmt::Debug for ConfirmJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ConfirmJob({})", self.seq)
+        write!(f, "ConfirmJob({}..={})", self.first, self.seq)
     }
 }
 
@@ -289,7 +295,7 @@ async fn confirm_loop(
     while let Some(job) = jobs.recv().await {
         let mut ok = !job.refused && wait_all(&job.waits).await;
         let mut last = job.seq;
-        let mut multiple = false;
+        let mut multiple = job.first < job.seq;
         // Jobs already committed join this acknowledgement.
         while ok {
             match jobs.try_recv() {
@@ -301,7 +307,7 @@ async fn confirm_loop(
                     send_confirm(&notices, channel, last, multiple, true);
                     ok = !next.refused && wait_all(&next.waits).await;
                     last = next.seq;
-                    multiple = false;
+                    multiple = next.first < next.seq;
                 }
                 Err(_) => break,
             }
@@ -360,19 +366,56 @@ fn committed(waits: &[Wait]) -> bool {
     waits.iter().all(Wait::is_stored)
 }
 
+/// Messages bound for one partition this node leads, appended together.
+struct LocalBatch {
+    link: QueueLink,
+    leadership: Leadership,
+    /// Indices of the messages, in order.
+    members: Vec<usize>,
+}
+
+impl LocalBatch {
+    fn is_for(&self, l: &Leadership) -> bool {
+        Arc::ptr_eq(self.leadership.partition(), l.partition())
+            && self.leadership.epoch() == l.epoch()
+    }
+}
+
+/// Adds `more` to `waits`; a wait for a partition's commit covers every
+/// earlier offset of the same leadership, so one per leadership is kept.
+fn merge_waits(waits: &mut Vec<Wait>, more: Vec<Wait>) {
+    for w in more {
+        if let Wait::Log(l, end) = &w {
+            let same = waits.iter_mut().find_map(|x| match x {
+                Wait::Log(xl, xend)
+                    if Arc::ptr_eq(xl.partition(), l.partition()) && xl.epoch() == l.epoch() =>
+                {
+                    Some(xend)
+                }
+                _ => None,
+            });
+            if let Some(xend) = same {
+                *xend = (*xend).max(*end);
+                continue;
+            }
+        }
+        waits.push(w);
+    }
+}
+
 fn method(out: &mut Vec<u8>, ch: u16, m: AMQPClass) {
     put_method(out, ch, m);
 }
 
 impl Conn {
-    fn send_method(&self, ch: u16, m: AMQPClass) {
+    fn send_method(&mut self, ch: u16, m: AMQPClass) {
         let mut buf = Vec::new();
         method(&mut buf, ch, m);
         self.out.send(buf);
     }
 
     /// Writes a message: the method, its content header, its body in frames.
-    fn send_content(&self, ch: u16, m: AMQPClass, properties: AMQPProperties, body: &Bytes) {
+    fn send_content(&mut self, ch: u16, m: AMQPClass, properties: AMQPProperties, body: &Bytes) {
         let mut buf = Vec::with_capacity(body.len() + 256);
         method(&mut buf, ch, m);
         put(
@@ -1017,6 +1060,13 @@ impl Conn {
             }
             return Ok(());
         }
+        if outcome == Outcome::Ack {
+            // Settled with the other acks of the same read (`store_staged`):
+            // one message to each queue instead of one per ack.
+            self.staged_acks
+                .extend(settled.into_iter().map(|(_, u)| (ch, u)));
+            return Ok(());
+        }
         release_credit(chan, settled.iter().map(|(_, u)| u));
         settle(settled.into_iter().map(|(_, u)| u), outcome);
         Ok(())
@@ -1057,7 +1107,7 @@ impl Conn {
         }
         p.header = Some((header.body_size, header.properties, raw_properties));
         if header.body_size == 0 {
-            return self.publish(ch).await;
+            return self.publish(ch);
         }
         Ok(())
     }
@@ -1089,14 +1139,14 @@ impl Conn {
         }
         p.body.push(body);
         if p.received == size {
-            return self.publish(ch).await;
+            return self.publish(ch);
         }
         Ok(())
     }
 
     /// A whole message arrived: route it, append it to every queue it reaches,
     /// return it when mandatory and unroutable, and queue its confirm.
-    async fn publish(&mut self, ch: u16) -> Result<(), AmqpError> {
+    fn publish(&mut self, ch: u16) -> Result<(), AmqpError> {
         let Some(chan) = self.channels.get_mut(&ch) else {
             return Ok(());
         };
@@ -1139,120 +1189,231 @@ impl Conn {
         } else {
             None
         };
-        let (waits, refused) = self.store(ch, message)?;
-        let Some(c) = self.channels.get_mut(&ch) else {
-            return Ok(());
-        };
-        match (seq, &c.confirms) {
-            (Some(seq), Some(confirms)) => {
-                let _ = confirms.send(ConfirmJob {
-                    seq,
-                    waits,
-                    refused,
-                });
-            }
-            _ => {
-                if c.unconfirmed.len() >= UNCONFIRMED_PRUNE {
-                    c.unconfirmed.retain(|w| !w.is_stored());
-                }
-                c.unconfirmed.extend(waits);
-            }
-        }
+        // Stored with the other publishes of the same read (`store_staged`).
+        self.staged.push((ch, seq, message));
         Ok(())
     }
 
-    /// Routes a message and appends it to every queue it reaches; returns what
-    /// its confirm waits for and whether a full queue refused it. An unroutable
-    /// mandatory message goes back to the publisher (`basic.return`).
-    fn store(&mut self, ch: u16, m: Message) -> Result<(Vec<Wait>, bool), AmqpError> {
+    /// Settles the acks staged since the last call. Stores the publishes
+    /// staged since the last call, in order, and queues
+    /// their confirms: a run of one channel's messages that are all stored is
+    /// one confirm job (one `multiple` acknowledgement).
+    pub(crate) fn store_staged(&mut self) {
+        if !self.staged_acks.is_empty() {
+            let acks = std::mem::take(&mut self.staged_acks);
+            for (ch, u) in &acks {
+                if let Some(c) = self.channels.get(ch) {
+                    release_credit(c, std::iter::once(u));
+                }
+            }
+            settle(acks.into_iter().map(|(_, u)| u), Outcome::Ack);
+        }
+        if self.staged.is_empty() {
+            return;
+        }
+        let staged = std::mem::take(&mut self.staged);
+        let mut keys = Vec::with_capacity(staged.len());
+        let messages = staged
+            .into_iter()
+            .map(|(ch, seq, m)| {
+                keys.push((ch, seq));
+                (ch, m)
+            })
+            .collect();
+        let results = self.store_all(messages);
+        let mut run: Option<(u16, ConfirmJob)> = None;
+        for ((ch, seq), result) in keys.into_iter().zip(results) {
+            let (waits, refused) = match result {
+                Ok(stored) => stored,
+                Err(e) => {
+                    self.confirm_run(run.take());
+                    // As the publish's own error would: its channel closes.
+                    if self
+                        .channels
+                        .get(&ch)
+                        .is_some_and(|c| c.state == State::Open)
+                    {
+                        let e = AmqpError {
+                            class_id: 60,
+                            method_id: 40,
+                            ..e
+                        };
+                        self.close_channel(ch, &e);
+                    }
+                    continue;
+                }
+            };
+            let Some(seq) = seq else {
+                if let Some(c) = self.channels.get_mut(&ch) {
+                    if c.unconfirmed.len() >= UNCONFIRMED_PRUNE {
+                        c.unconfirmed.retain(|w| !w.is_stored());
+                    }
+                    merge_waits(&mut c.unconfirmed, waits);
+                }
+                continue;
+            };
+            match &mut run {
+                Some((rch, job)) if *rch == ch && !job.refused && !refused => {
+                    job.seq = seq;
+                    merge_waits(&mut job.waits, waits);
+                }
+                _ => {
+                    self.confirm_run(run.take());
+                    run = Some((
+                        ch,
+                        ConfirmJob {
+                            first: seq,
+                            seq,
+                            waits,
+                            refused,
+                        },
+                    ));
+                }
+            }
+        }
+        self.confirm_run(run);
+    }
+
+    fn confirm_run(&self, run: Option<(u16, ConfirmJob)>) {
+        if let Some((ch, job)) = run {
+            if let Some(confirms) = self.channels.get(&ch).and_then(|c| c.confirms.as_ref()) {
+                let _ = confirms.send(job);
+            }
+        }
+    }
+
+    /// Routes messages and appends each to every queue it reaches; returns,
+    /// per message, what its confirm waits for and whether a full queue
+    /// refused it. The messages bound for one partition this node leads go in
+    /// one batch, in their order: one append, one commit to wait for. An
+    /// unroutable mandatory message goes back to its publisher (`basic.return`).
+    fn store_all(
+        &mut self,
+        messages: Vec<(u16, Message)>,
+    ) -> Vec<Result<(Vec<Wait>, bool), AmqpError>> {
         let vhost = self.vhost.clone();
-        // Only a publisher that hears of the outcome waits for a next leader;
-        // without confirms a message no leader takes is lost, as before.
-        let told = self
-            .channels
-            .get(&ch)
-            .is_some_and(|c| c.confirms.is_some() || c.tx.is_some());
-        let Message {
-            publication,
-            properties,
-            mandatory,
-        } = m;
-        let p = &publication;
         let router = self.broker.router(&vhost);
         let image = self.broker.topology.image();
-        let queues = router.route(
-            image.vhost(&vhost),
-            &p.exchange,
-            &p.routing_key,
-            properties.headers().as_ref(),
-        );
-        let mut waits = Vec::with_capacity(queues.len());
-        let mut refused = false;
-        if queues.is_empty() {
-            if mandatory {
-                self.send_content(
-                    ch,
-                    AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
-                        reply_code: 312,
-                        reply_text: "NO_ROUTE".into(),
-                        exchange: short(&p.exchange),
-                        routing_key: short(&p.routing_key),
-                    })),
-                    properties.clone(),
-                    &p.body,
-                );
+        let mut handles: HashMap<String, Result<QueueHandle, AmqpError>> = HashMap::new();
+        let mut batches: Vec<LocalBatch> = Vec::new();
+        let mut results = Vec::with_capacity(messages.len());
+        for (i, (ch, m)) in messages.iter().enumerate() {
+            // Only a publisher that hears of the outcome waits for a next
+            // leader; without confirms a message no leader takes is lost.
+            let told = self
+                .channels
+                .get(ch)
+                .is_some_and(|c| c.confirms.is_some() || c.tx.is_some());
+            let p = &m.publication;
+            let queues = router.route(
+                image.vhost(&vhost),
+                &p.exchange,
+                &p.routing_key,
+                m.properties.headers().as_ref(),
+            );
+            if queues.is_empty() {
+                if m.mandatory {
+                    self.send_content(
+                        *ch,
+                        AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                            reply_code: 312,
+                            reply_text: "NO_ROUTE".into(),
+                            exchange: short(&p.exchange),
+                            routing_key: short(&p.routing_key),
+                        })),
+                        m.properties.clone(),
+                        &p.body,
+                    );
+                }
+                results.push(Ok((Vec::new(), false)));
+                continue;
             }
-            return Ok((waits, refused));
-        }
-        let mut batch = None;
-        for q in &queues {
-            let republish = || {
-                Arc::new(Republish {
-                    broker: self.broker.clone(),
-                    vhost: Arc::from(vhost.as_str()),
-                    queue: Arc::from(q.as_str()),
-                    // Copied only on this rare path, not per message.
-                    publication: Arc::new(p.clone()),
-                    since: Instant::now(),
-                })
-            };
-            let stored = self
-                .broker
-                .queue_for(self.id, &vhost, q)
-                .and_then(|h| match h {
-                    QueueHandle::Here(link) => {
-                        let batch = match &mut batch {
-                            Some(b) => b,
-                            None => batch.insert(encode_batch(&[p]).map_err(|e| {
-                                AmqpError::internal(format!("cannot encode message: {e}"))
-                            })?),
-                        };
-                        Ok(self
-                            .broker
-                            .append_here(&link, p, batch, true)?
-                            .map(|(leadership, end)| Wait::Log(leadership, end)))
+            let mut waits = Vec::with_capacity(queues.len());
+            let mut refused = false;
+            let mut failed = None;
+            for q in &queues {
+                let republish = || {
+                    Arc::new(Republish {
+                        broker: self.broker.clone(),
+                        vhost: Arc::from(vhost.as_str()),
+                        queue: Arc::from(q.as_str()),
+                        // Copied only on this rare path, not per message.
+                        publication: Arc::new(p.clone()),
+                        since: Instant::now(),
+                    })
+                };
+                let handle = match handles.get(q.as_str()) {
+                    Some(h) => h,
+                    None => handles
+                        .entry(q.clone())
+                        .or_insert_with(|| self.broker.queue_for(self.id, &vhost, q)),
+                };
+                let stored = match handle {
+                    Ok(QueueHandle::Here(link)) if link.takes_batches() => {
+                        let leadership = link.leadership_for(&p.routing_key);
+                        match batches.iter_mut().find(|b| b.is_for(leadership)) {
+                            Some(b) => b.members.push(i),
+                            None => batches.push(LocalBatch {
+                                link: link.clone(),
+                                leadership: leadership.clone(),
+                                members: vec![i],
+                            }),
+                        }
+                        // Its wait comes with the batch's append.
+                        continue;
                     }
-                    QueueHandle::There(remote) => {
+                    Ok(QueueHandle::Here(link)) => encode_batch(&[p])
+                        .map_err(|e| AmqpError::internal(format!("cannot encode message: {e}")))
+                        .and_then(|batch| self.broker.append_here(link, p, &batch, true))
+                        .map(|stored| stored.map(|(leadership, end)| Wait::Log(leadership, end))),
+                    Ok(QueueHandle::There(remote)) => {
                         let answer = remote.publish(p);
                         // A session still connecting (to a leader that may be
                         // gone): made again if it never connects.
                         let unsent = (told && !remote.reached_leader())
-                            .then(|| Box::new((remote, republish())));
+                            .then(|| Box::new((remote.clone(), republish())));
                         Ok(Some(Wait::Peer(answer, unsent)))
                     }
-                });
-            match stored {
-                Ok(Some(wait)) => waits.push(wait),
-                // A full queue refused it: the publisher's confirm is a nack.
-                Ok(None) => refused = true,
-                // Between leaders: stored at the next one.
-                Err(e) if told && e.retriable => {
-                    waits.push(Wait::Again(republish()));
+                    Err(e) => Err(e.clone()),
+                };
+                match stored {
+                    Ok(Some(wait)) => waits.push(wait),
+                    // A full queue refused it: the publisher's confirm is a nack.
+                    Ok(None) => refused = true,
+                    // Between leaders: stored at the next one.
+                    Err(e) if told && e.retriable => waits.push(Wait::Again(republish())),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
                 }
-                Err(e) => return Err(e),
+            }
+            results.push(match failed {
+                Some(e) => Err(e),
+                None => Ok((waits, refused)),
+            });
+        }
+        for b in batches {
+            let publications: Vec<&Publication> = b
+                .members
+                .iter()
+                .map(|i| &messages[*i].1.publication)
+                .collect();
+            let appended = encode_batch(&publications)
+                .map_err(|e| AmqpError::internal(format!("cannot encode message: {e}")))
+                .and_then(|batch| {
+                    self.broker
+                        .append_batch_here(&b.link, &b.leadership, &batch, b.members.len())
+                });
+            for i in b.members {
+                match (&appended, &mut results[i]) {
+                    (Ok(end), Ok((waits, _))) => waits.push(Wait::Log(b.leadership.clone(), *end)),
+                    (Err(e), r @ Ok(_)) => *r = Err(e.clone()),
+                    (_, Err(_)) => {}
+                }
             }
         }
-        Ok((waits, refused))
+        results
     }
 
     // ------------------------------------------------------------ transactions
@@ -1277,8 +1438,9 @@ impl Conn {
                 };
                 // Publishes first, all of them durable before the acks count.
                 let mut waits = Vec::new();
-                for m in work.publishes {
-                    waits.extend(self.store(ch, m)?.0);
+                let messages = work.publishes.into_iter().map(|m| (ch, m)).collect();
+                for stored in self.store_all(messages) {
+                    waits.extend(stored?.0);
                 }
                 if !wait_known(&waits).await {
                     return Err(AmqpError::unavailable(

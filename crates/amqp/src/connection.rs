@@ -3,7 +3,7 @@
 //! task owns the socket's write half; this task owns all channel state, so channel
 //! handling needs no locks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::channel::{Channel, Notice};
+use crate::channel::{Channel, Notice, Staged, Unacked};
 use crate::error::AmqpError;
 use crate::frame::{put_method, FrameError, FrameReader, Inbound, FRAME_OVERHEAD};
 use crate::queue::Event;
@@ -34,8 +34,13 @@ const GUEST: &str = "guest";
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frame size before `tune-ok` (the spec's minimum frame size).
 const HANDSHAKE_FRAME_MAX: u32 = 4096;
+/// Batches of frames (each what one socket read brought) read ahead of the
+/// connection's handling.
+const READ_AHEAD: usize = 8;
 /// Deliveries a queue may hand a connection ahead of the socket.
 pub(crate) const EVENT_QUEUE: usize = 1024;
+/// Deliveries handled (and written) together at most.
+const EVENT_BATCH: usize = 256;
 /// Unsent bytes above which the connection takes no more deliveries.
 const WRITE_BACKLOG: usize = 8 * 1024 * 1024;
 /// How often a connection held under a resource alarm checks that its client
@@ -45,20 +50,37 @@ const HELD_CHECK: Duration = Duration::from_secs(1);
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Bytes for the writer task, with a count of what is not written yet.
-#[derive(Clone)]
 pub(crate) struct Output {
     tx: mpsc::UnboundedSender<Vec<u8>>,
     backlog: Arc<AtomicUsize>,
     drained: Arc<Notify>,
+    /// Corked: bytes gather here and go to the writer as one (`uncork`).
+    corked: Option<Vec<u8>>,
 }
 
 impl Output {
-    pub(crate) fn send(&self, bytes: Vec<u8>) {
+    pub(crate) fn send(&mut self, bytes: Vec<u8>) {
         if bytes.is_empty() {
+            return;
+        }
+        if let Some(gathered) = self.corked.as_mut() {
+            gathered.extend_from_slice(&bytes);
             return;
         }
         self.backlog.fetch_add(bytes.len(), Ordering::AcqRel);
         let _ = self.tx.send(bytes);
+    }
+
+    /// Gathers what is sent until `uncork`: many small frames (deliveries,
+    /// confirms) become one hand-off to the writer and one socket write.
+    fn cork(&mut self) {
+        self.corked.get_or_insert_with(Vec::new);
+    }
+
+    fn uncork(&mut self) {
+        if let Some(gathered) = self.corked.take() {
+            self.send(gathered);
+        }
     }
 
     fn has_room(&self) -> bool {
@@ -116,9 +138,10 @@ pub(crate) async fn serve(
         tx,
         backlog,
         drained,
+        corked: None,
     };
     let frame_max = Arc::new(AtomicU32::new(HANDSHAKE_FRAME_MAX));
-    let (frames_tx, frames) = mpsc::channel(64);
+    let (frames_tx, frames) = mpsc::channel(READ_AHEAD);
     let reader = tokio::spawn(read_loop(
         FrameReader::new(read),
         frames_tx,
@@ -131,7 +154,8 @@ pub(crate) async fn serve(
         broker,
         alarm,
         wants_blocked: false,
-        held: None,
+        held: false,
+        inbox: VecDeque::new(),
         told_blocked: false,
         id,
         owner,
@@ -146,6 +170,8 @@ pub(crate) async fn serve(
         user: String::new(),
         permitted: true,
         channels: HashMap::new(),
+        staged: Vec::new(),
+        staged_acks: Vec::new(),
         exclusive_queues: Vec::new(),
         closing: false,
     };
@@ -170,6 +196,15 @@ pub(crate) async fn serve(
     let _ = writer.await;
 }
 
+/// Frames whose work may be staged and done together (`store_staged`):
+/// publishes with their content, and acks.
+fn is_staged_work(frame: &Inbound) -> bool {
+    matches!(frame, Inbound::Header(..) | Inbound::Body(..))
+        || is_publish(frame)
+        || matches!(frame, Inbound::Method(_, m)
+            if matches!(**m, AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Ack(_))))
+}
+
 fn is_publish(frame: &Inbound) -> bool {
     matches!(frame, Inbound::Method(_, m)
         if matches!(**m, AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Publish(_))))
@@ -177,17 +212,20 @@ fn is_publish(frame: &Inbound) -> bool {
 
 async fn read_loop(
     mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    tx: mpsc::Sender<Result<Inbound, FrameError>>,
+    tx: mpsc::Sender<Result<Vec<Inbound>, FrameError>>,
     frame_max: Arc<AtomicU32>,
 ) {
     loop {
-        let r = reader.next(frame_max.load(Ordering::Acquire)).await;
-        let end = !matches!(r, Ok(Some(_)));
-        let item = match r {
-            Ok(Some(f)) => Ok(f),
-            Ok(None) => return,
+        let mut batch = Vec::new();
+        let item = match reader
+            .next_batch(frame_max.load(Ordering::Acquire), &mut batch)
+            .await
+        {
+            Ok(true) => Ok(batch),
+            Ok(false) => return,
             Err(e) => Err(e),
         };
+        let end = item.is_err();
         if tx.send(item).await.is_err() || end {
             return;
         }
@@ -199,9 +237,11 @@ pub(crate) struct Conn {
     alarm: crate::ResourceAlarm,
     /// The client listed the `connection.blocked` capability.
     wants_blocked: bool,
-    /// A publish that arrived under a resource alarm, handled once it clears;
-    /// until then nothing more is read from this connection.
-    held: Option<Inbound>,
+    /// A publish arrived under a resource alarm: it and the frames behind it
+    /// wait in `inbox` until the alarm clears, and nothing more is read.
+    held: bool,
+    /// Frames read and not handled yet.
+    inbox: VecDeque<Inbound>,
     /// `connection.blocked` was sent and `unblocked` is owed.
     told_blocked: bool,
     pub id: u64,
@@ -209,7 +249,7 @@ pub(crate) struct Conn {
     pub owner: String,
     peer: SocketAddr,
     pub out: Output,
-    frames: mpsc::Receiver<Result<Inbound, FrameError>>,
+    frames: mpsc::Receiver<Result<Vec<Inbound>, FrameError>>,
     frame_max: Arc<AtomicU32>,
     pub negotiated_frame_max: u32,
     channel_max: u16,
@@ -222,6 +262,10 @@ pub(crate) struct Conn {
     /// permission checks do; the connection stays open.
     pub permitted: bool,
     pub channels: HashMap<u16, Channel>,
+    /// Publishes complete and not stored yet (`store_staged`).
+    pub staged: Vec<Staged>,
+    /// `basic.ack`s not passed to their queues yet, with their channels.
+    pub staged_acks: Vec<(u16, Unacked)>,
     /// Exclusive queues this connection declared: deleted when it closes.
     pub exclusive_queues: Vec<String>,
     /// We sent `connection.close`: only `close-ok` matters now.
@@ -232,7 +276,7 @@ impl Conn {
     /// Start, secure (PLAIN / AMQPLAIN), tune, open. `false`: the client left or
     /// spoke another protocol.
     async fn handshake(&mut self) -> Result<bool, AmqpError> {
-        match self.frames.recv().await {
+        match self.recv_frame().await {
             Some(Ok(Inbound::ProtocolHeader(h))) if h == PROTOCOL_HEADER => {}
             Some(Ok(Inbound::ProtocolHeader(_))) | Some(Ok(_)) | Some(Err(_)) => {
                 // The spec: answer with the header we speak, then close.
@@ -400,7 +444,7 @@ impl Conn {
         &mut self,
     ) -> Result<Option<connection::AMQPMethod>, AmqpError> {
         loop {
-            match self.frames.recv().await {
+            match self.recv_frame().await {
                 None => return Ok(None),
                 Some(Err(e)) => return Err(frame_error(&e)),
                 Some(Ok(Inbound::Heartbeat(_))) => continue,
@@ -529,51 +573,62 @@ impl Conn {
                     }
                 },
                 n = notices.recv() => match n {
-                    Some(n) => { self.on_notice(n); Ok(()) }
+                    Some(n) => {
+                        self.out.cork();
+                        self.on_notice(n);
+                        while let Ok(n) = notices.try_recv() {
+                            self.on_notice(n);
+                        }
+                        self.out.uncork();
+                        Ok(())
+                    }
                     None => Ok(()),
                 },
-                f = self.frames.recv(), if self.held.is_none() => match f {
+                batch = self.frames.recv(), if !self.held => match batch {
                     None => return,
                     Some(Err(e)) => Err(frame_error(&e)),
-                    Some(Ok(frame)) => {
+                    Some(Ok(frames)) => {
                         last_read = Instant::now();
-                        if is_publish(&frame) && self.alarm.borrow().is_some() {
-                            self.hold(frame);
-                            Ok(())
-                        } else {
-                            self.on_frame(frame, &events_tx, &notices_tx).await
-                        }
+                        self.inbox.extend(frames);
+                        self.handle_inbox(&events_tx, &notices_tx).await
                     }
                 },
                 // Held connections are not read; a client that gave up and went
                 // is noticed by its reader's end or a dead socket.
-                _ = tokio::time::sleep(HELD_CHECK), if self.held.is_some() => {
+                _ = tokio::time::sleep(HELD_CHECK), if self.held => {
                     if self.frames.is_closed() || self.out.tx.is_closed() {
                         return;
                     }
                     Ok(())
                 },
-                changed = self.alarm.changed(), if self.held.is_some() => {
+                changed = self.alarm.changed(), if self.held => {
                     // A dropped sender means nobody watches resources any more.
                     if changed.is_err() || self.alarm.borrow().is_none() {
                         last_read = Instant::now();
-                        match self.release_held() {
-                            Some(frame) => self.on_frame(frame, &events_tx, &notices_tx).await,
-                            None => Ok(()),
-                        }
+                        self.release_held();
+                        self.handle_inbox(&events_tx, &notices_tx).await
                     } else {
                         Ok(())
                     }
                 },
                 e = events.recv(), if room => match e {
-                    Some(e) => { self.on_event(e); Ok(()) }
+                    Some(e) => {
+                        self.out.cork();
+                        self.on_event(e);
+                        for _ in 1..EVENT_BATCH {
+                            let Ok(e) = events.try_recv() else { break };
+                            self.on_event(e);
+                        }
+                        self.out.uncork();
+                        Ok(())
+                    }
                     None => Ok(()),
                 },
                 _ = drained.notified(), if !room => Ok(()),
                 _ = ticker.tick(), if self.heartbeat > 0 => {
                     // A blocked connection is not read, so its heartbeats are
                     // not seen: RabbitMQ pauses the check too.
-                    if self.held.is_none() && last_read.elapsed() > heartbeat * 2 {
+                    if !self.held && last_read.elapsed() > heartbeat * 2 {
                         info!(peer = %self.peer, "AMQP client missed heartbeats; closing");
                         return;
                     }
@@ -594,10 +649,56 @@ impl Conn {
         }
     }
 
-    /// Holds a publish that arrived under a resource alarm, telling the client
-    /// once why it is blocked.
-    fn hold(&mut self, frame: Inbound) {
-        self.held = Some(frame);
+    /// The next frame, read ahead or from the reader; `None` when it ended.
+    async fn recv_frame(&mut self) -> Option<Result<Inbound, FrameError>> {
+        loop {
+            if let Some(f) = self.inbox.pop_front() {
+                return Some(Ok(f));
+            }
+            match self.frames.recv().await? {
+                Ok(batch) => self.inbox.extend(batch),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// Handles the frames read, in order, until a publish meets a resource
+    /// alarm (it waits, with everything behind it). Publishes are stored
+    /// together: before any other frame, and when the inbox is empty.
+    async fn handle_inbox(
+        &mut self,
+        events: &mpsc::Sender<Event>,
+        notices: &mpsc::UnboundedSender<Notice>,
+    ) -> Result<(), AmqpError> {
+        let mut result = Ok(());
+        self.out.cork();
+        while let Some(frame) = self.inbox.pop_front() {
+            if is_publish(&frame) && self.alarm.borrow().is_some() {
+                self.inbox.push_front(frame);
+                self.hold();
+                break;
+            }
+            if !is_staged_work(&frame) {
+                // Anything else sees the work before it done, and may wait:
+                // what it answers goes out at once.
+                self.store_staged();
+                self.out.uncork();
+            }
+            result = self.on_frame(frame, events, notices).await;
+            if result.is_err() || self.closing {
+                break;
+            }
+            self.out.cork();
+        }
+        self.store_staged();
+        self.out.uncork();
+        result
+    }
+
+    /// Holds publishes under a resource alarm, telling the client once why it
+    /// is blocked.
+    fn hold(&mut self) {
+        self.held = true;
         if self.wants_blocked && !self.told_blocked {
             let reason = self.alarm.borrow().clone().unwrap_or_default();
             info!(peer = %self.peer, %reason, "blocking an AMQP publisher");
@@ -614,8 +715,8 @@ impl Conn {
         }
     }
 
-    /// The alarm cleared: the held publish, after `connection.unblocked`.
-    fn release_held(&mut self) -> Option<Inbound> {
+    /// The alarm cleared: `connection.unblocked`, and the held frames may go.
+    fn release_held(&mut self) {
         if std::mem::take(&mut self.told_blocked) {
             let mut buf = Vec::new();
             put_method(
@@ -625,7 +726,7 @@ impl Conn {
             );
             self.out.send(buf);
         }
-        self.held.take()
+        self.held = false;
     }
 
     async fn on_frame(
@@ -668,6 +769,8 @@ impl Conn {
     ) -> Result<(), AmqpError> {
         match r {
             Err(e) if !e.is_hard() => {
+                // Publishes before the failing one are stored as they came.
+                self.store_staged();
                 let e = AmqpError {
                     class_id: 60,
                     method_id: 40,
@@ -744,7 +847,7 @@ impl Conn {
         self.out.send(buf);
         self.release_all().await;
         let deadline = Instant::now() + CLOSE_WAIT;
-        while let Ok(Some(Ok(f))) = tokio::time::timeout_at(deadline, self.frames.recv()).await {
+        while let Ok(Some(Ok(f))) = tokio::time::timeout_at(deadline, self.recv_frame()).await {
             if let Inbound::Method(0, m) = f {
                 if matches!(
                     *m,
@@ -759,6 +862,7 @@ impl Conn {
 
     /// Every channel's unacked messages go back, consumers and exclusive queues go.
     async fn release_all(&mut self) {
+        self.store_staged();
         self.settle_unconfirmed(None).await;
         let ids: Vec<u16> = self.channels.keys().copied().collect();
         for ch in ids {

@@ -45,6 +45,8 @@ pub(crate) enum FrameError {
 pub(crate) struct FrameReader<R> {
     io: R,
     buf: BytesMut,
+    /// An error behind frames already returned, for the next call.
+    failed: Option<FrameError>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -52,6 +54,52 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             io,
             buf: BytesMut::with_capacity(64 * 1024),
+            failed: None,
+        }
+    }
+
+    /// Every whole frame the buffer holds, reading once when it holds none:
+    /// what one socket read brought, so the connection handles it as one batch
+    /// (one append per queue, one hand-off). `false` at a clean end of stream.
+    /// Frames parsed before an error are returned first; the error comes with
+    /// the next call. Cancel-safe like `next`.
+    pub(crate) async fn next_batch(
+        &mut self,
+        frame_max: u32,
+        out: &mut Vec<Inbound>,
+    ) -> Result<bool, FrameError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        loop {
+            loop {
+                match parse_one(&mut self.buf, frame_max) {
+                    Ok(Some(frame)) => {
+                        // A connection method (the handshake's `tune-ok`
+                        // among them) ends the batch: frames behind it are
+                        // parsed under the `frame_max` it leads to.
+                        let ends =
+                            matches!(frame, Inbound::ProtocolHeader(_) | Inbound::Method(0, _));
+                        out.push(frame);
+                        if ends {
+                            return Ok(true);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) if out.is_empty() => return Err(e),
+                    Err(e) => {
+                        self.failed = Some(e);
+                        return Ok(true);
+                    }
+                }
+            }
+            if !out.is_empty() {
+                return Ok(true);
+            }
+            match self.next(frame_max).await? {
+                Some(frame) => out.push(frame),
+                None => return Ok(false),
+            }
         }
     }
 
@@ -152,12 +200,25 @@ fn decode(frame: Bytes) -> Result<Inbound, FrameError> {
 
 /// Appends one generated frame to `out`.
 pub(crate) fn put(out: &mut Vec<u8>, frame: &AMQPFrame) {
-    match gen_frame(frame)(WriteContext::from(Vec::new())) {
-        Ok(ctx) => out.extend_from_slice(&ctx.into_inner().0),
-        // Generation into a Vec fails only when a value exceeds its wire type: the
-        // values are ours and bounded, so this is a bug, logged rather than a panic.
-        Err(e) => tracing::error!("cannot encode AMQP frame: {e}"),
+    thread_local! {
+        // The generator writes into an owned buffer: one per thread, reused,
+        // instead of one allocated per frame.
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    SCRATCH.with_borrow_mut(|scratch| {
+        let mut buf = std::mem::take(scratch);
+        buf.clear();
+        match gen_frame(frame)(WriteContext::from(buf)) {
+            Ok(ctx) => {
+                let buf = ctx.into_inner().0;
+                out.extend_from_slice(&buf);
+                *scratch = buf;
+            }
+            // Generation into a Vec fails only when a value exceeds its wire type: the
+            // values are ours and bounded, so this is a bug, logged rather than a panic.
+            Err(e) => tracing::error!("cannot encode AMQP frame: {e}"),
+        }
+    });
 }
 
 /// Appends a method frame.

@@ -424,14 +424,27 @@ impl Broker {
             return Ok(None);
         }
         let leadership = link.leadership_for(&p.routing_key);
+        let end = self.append_batch_here(link, leadership, batch, 1)?;
+        Ok(Some((leadership.clone(), end)))
+    }
+
+    /// Appends `batch` (`messages` messages) to one partition of a queue this
+    /// node leads; returns the offset whose commit makes them all durable.
+    pub(crate) fn append_batch_here(
+        &self,
+        link: &QueueLink,
+        leadership: &sluice_topology::Leadership,
+        batch: &[u8],
+        messages: usize,
+    ) -> Result<i64, AmqpError> {
         let appended = leadership.append(batch).map_err(|e| {
             AmqpError::unavailable(format!(
                 "cannot store message in queue '{}': {e}",
                 link.name
             ))
         })?;
-        link.count_published();
-        Ok(Some((leadership.clone(), appended.end_offset)))
+        link.count_published(messages);
+        Ok(appended.end_offset)
     }
 
     /// The actor of a queue this node leads, started on first use.

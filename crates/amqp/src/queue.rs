@@ -318,8 +318,15 @@ impl QueueLink {
     }
 
     /// Counts a message stored into the queue.
-    pub(crate) fn count_published(&self) {
-        self.gauge.published.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn count_published(&self, n: usize) {
+        self.gauge.published.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Whether publishes may be appended together: a queue that refuses
+    /// messages once full decides message by message (`is_full_for`).
+    pub(crate) fn takes_batches(&self) -> bool {
+        self.args.overflow == Overflow::DropHead
+            || (self.args.max_length.is_none() && self.args.max_length_bytes.is_none())
     }
 
     /// Publish, deliver and ack totals and rates (`[published, delivered, acked]`).
