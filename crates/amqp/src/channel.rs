@@ -60,7 +60,9 @@ struct Pending {
     routing_key: String,
     mandatory: bool,
     header: Option<(u64, AMQPProperties, Bytes)>,
-    body: Vec<Bytes>,
+    /// The body's first frame, and any after it (most bodies are one frame).
+    body: Bytes,
+    more: Vec<Bytes>,
     received: u64,
 }
 
@@ -381,6 +383,29 @@ impl LocalBatch {
     }
 }
 
+/// Bytes of messages one appended batch holds at most, unless one message is
+/// larger on its own.
+const BATCH_BYTES: usize = 1024 * 1024;
+
+/// Splits `members` into runs of at most `BATCH_BYTES` by `size`, in order;
+/// a message larger than that is a run of its own.
+fn chunks(members: &[usize], size: impl Fn(usize) -> usize) -> Vec<&[usize]> {
+    let mut runs = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (k, &i) in members.iter().enumerate() {
+        let s = size(i);
+        if k > start && bytes + s > BATCH_BYTES {
+            runs.push(&members[start..k]);
+            (start, bytes) = (k, 0);
+        }
+        bytes += s;
+    }
+    if start < members.len() {
+        runs.push(&members[start..]);
+    }
+    runs
+}
+
 /// Adds `more` to `waits`; a wait for a partition's commit covers every
 /// earlier offset of the same leadership, so one per leadership is kept.
 fn merge_waits(waits: &mut Vec<Wait>, more: Vec<Wait>) {
@@ -481,7 +506,13 @@ impl Conn {
             )
             .on(&m));
         }
-        let r = self.dispatch(ch, &m, events, notices).await;
+        let r = match &m {
+            // The hot path, without the general dispatch's awaits.
+            AMQPClass::Basic(basic::AMQPMethod::Publish(p)) if self.permitted => {
+                self.on_publish(ch, p)
+            }
+            _ => self.dispatch(ch, &m, events, notices).await,
+        };
         match r {
             Err(e) if !e.is_hard() => {
                 self.close_channel(ch, &e.on(&m));
@@ -763,6 +794,42 @@ impl Conn {
 
     // -------------------------------------------------------------------- basic
 
+    /// `basic.publish`: checks the exchange and waits for the content.
+    fn on_publish(&mut self, ch: u16, p: &basic::Publish) -> Result<(), AmqpError> {
+        if p.immediate {
+            return Err(AmqpError::not_implemented("immediate=true"));
+        }
+        let exchange = p.exchange.as_str();
+        if !exchange.is_empty() {
+            let vhost = &self.vhost;
+            let image = self.broker.topology.image();
+            let v = image.vhost(vhost);
+            let predeclared = sluice_topology::amqp::PREDECLARED_EXCHANGES
+                .iter()
+                .any(|(n, _)| *n == exchange);
+            if !predeclared && !v.is_some_and(|v| v.has_exchange(exchange)) {
+                return Err(no_exchange(vhost, exchange));
+            }
+            if v.and_then(|v| v.exchanges.get(exchange))
+                .is_some_and(|e| e.internal)
+            {
+                return Err(AmqpError::access_refused(format!(
+                    "cannot publish to internal exchange '{exchange}' in vhost '{vhost}'"
+                )));
+            }
+        }
+        self.channel(ch)?.pending = Some(Pending {
+            exchange: exchange.to_owned(),
+            routing_key: p.routing_key.as_str().to_owned(),
+            mandatory: p.mandatory,
+            header: None,
+            body: Bytes::new(),
+            more: Vec::new(),
+            received: 0,
+        });
+        Ok(())
+    }
+
     async fn on_basic(
         &mut self,
         ch: u16,
@@ -791,38 +858,7 @@ impl Conn {
                 );
                 Ok(())
             }
-            basic::AMQPMethod::Publish(p) => {
-                if p.immediate {
-                    return Err(AmqpError::not_implemented("immediate=true"));
-                }
-                let exchange = p.exchange.as_str();
-                if !exchange.is_empty() {
-                    let image = self.broker.topology.image();
-                    let v = image.vhost(&vhost);
-                    let predeclared = sluice_topology::amqp::PREDECLARED_EXCHANGES
-                        .iter()
-                        .any(|(n, _)| *n == exchange);
-                    if !predeclared && !v.is_some_and(|v| v.has_exchange(exchange)) {
-                        return Err(no_exchange(&vhost, exchange));
-                    }
-                    if v.and_then(|v| v.exchanges.get(exchange))
-                        .is_some_and(|e| e.internal)
-                    {
-                        return Err(AmqpError::access_refused(format!(
-                            "cannot publish to internal exchange '{exchange}' in vhost '{vhost}'"
-                        )));
-                    }
-                }
-                self.channel(ch)?.pending = Some(Pending {
-                    exchange: exchange.to_owned(),
-                    routing_key: p.routing_key.as_str().to_owned(),
-                    mandatory: p.mandatory,
-                    header: None,
-                    body: Vec::new(),
-                    received: 0,
-                });
-                Ok(())
-            }
+            basic::AMQPMethod::Publish(p) => self.on_publish(ch, p),
             basic::AMQPMethod::Consume(c) => {
                 let name = c.queue.as_str();
                 self.broker.queue_state(&vhost, name, self.who())?;
@@ -1074,7 +1110,7 @@ impl Conn {
 
     // ------------------------------------------------------------------ content
 
-    pub(crate) async fn on_content_header(
+    pub(crate) fn on_content_header(
         &mut self,
         ch: u16,
         header: AMQPContentHeader,
@@ -1112,7 +1148,7 @@ impl Conn {
         Ok(())
     }
 
-    pub(crate) async fn on_content_body(&mut self, ch: u16, body: Bytes) -> Result<(), AmqpError> {
+    pub(crate) fn on_content_body(&mut self, ch: u16, body: Bytes) -> Result<(), AmqpError> {
         self.check_channel_id(ch)?;
         let Some(chan) = self.channels.get_mut(&ch) else {
             return Err(AmqpError::channel_error("expected 'channel.open'"));
@@ -1130,6 +1166,7 @@ impl Conn {
                 "content body before its header",
             ));
         };
+        let first = p.received == 0;
         p.received += body.len() as u64;
         if p.received > size {
             return Err(AmqpError::frame_error(format!(
@@ -1137,7 +1174,11 @@ impl Conn {
                 p.received
             )));
         }
-        p.body.push(body);
+        if first {
+            p.body = body;
+        } else {
+            p.more.push(body);
+        }
         if p.received == size {
             return self.publish(ch);
         }
@@ -1156,16 +1197,14 @@ impl Conn {
         let Some((_, properties, raw_properties)) = p.header else {
             return Ok(());
         };
-        let body = match p.body.len() {
-            0 => Bytes::new(),
-            1 => p.body.into_iter().next().unwrap_or_default(),
-            _ => {
-                let mut b = BytesMut::with_capacity(usize::try_from(p.received).unwrap_or(0));
-                for part in &p.body {
-                    b.extend_from_slice(part);
-                }
-                b.freeze()
+        let body = if p.more.is_empty() {
+            p.body
+        } else {
+            let mut b = BytesMut::with_capacity(usize::try_from(p.received).unwrap_or(0));
+            for part in std::iter::once(&p.body).chain(&p.more) {
+                b.extend_from_slice(part);
             }
+            b.freeze()
         };
         let message = Message {
             publication: Publication {
@@ -1394,22 +1433,26 @@ impl Conn {
             });
         }
         for b in batches {
-            let publications: Vec<&Publication> = b
-                .members
-                .iter()
-                .map(|i| &messages[*i].1.publication)
-                .collect();
-            let appended = encode_batch(&publications)
-                .map_err(|e| AmqpError::internal(format!("cannot encode message: {e}")))
-                .and_then(|batch| {
-                    self.broker
-                        .append_batch_here(&b.link, &b.leadership, &batch, b.members.len())
-                });
-            for i in b.members {
-                match (&appended, &mut results[i]) {
-                    (Ok(end), Ok((waits, _))) => waits.push(Wait::Log(b.leadership.clone(), *end)),
-                    (Err(e), r @ Ok(_)) => *r = Err(e.clone()),
-                    (_, Err(_)) => {}
+            // Messages bound for one partition go in batches of up to
+            // `BATCH_BYTES` (or one larger message): the partition's largest
+            // batch is sized for one message of the largest body accepted.
+            for chunk in chunks(&b.members, |i| messages[i].1.publication.size()) {
+                let publications: Vec<&Publication> =
+                    chunk.iter().map(|i| &messages[*i].1.publication).collect();
+                let appended = encode_batch(&publications)
+                    .map_err(|e| AmqpError::internal(format!("cannot encode message: {e}")))
+                    .and_then(|batch| {
+                        self.broker
+                            .append_batch_here(&b.link, &b.leadership, &batch, chunk.len())
+                    });
+                for &i in chunk {
+                    match (&appended, &mut results[i]) {
+                        (Ok(end), Ok((waits, _))) => {
+                            waits.push(Wait::Log(b.leadership.clone(), *end))
+                        }
+                        (Err(e), r @ Ok(_)) => *r = Err(e.clone()),
+                        (_, Err(_)) => {}
+                    }
                 }
             }
         }
@@ -1665,5 +1708,24 @@ fn settle(unacked: impl Iterator<Item = Unacked>, outcome: Outcome) {
     }
     for (q, offsets) in by_queue {
         q.settle(offsets, outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_hold_at_most_a_mebibyte_unless_one_message_is_larger() {
+        let sizes = [600_000, 400_000, 100_000, 2_000_000, 10, 20];
+        let members: Vec<usize> = (0..sizes.len()).collect();
+        let runs = chunks(&members, |i| sizes[i]);
+        assert_eq!(runs, vec![&[0, 1][..], &[2][..], &[3][..], &[4, 5][..]]);
+        assert!(chunks(&[], |_| 1).is_empty());
+        let small: Vec<usize> = (0..5000).collect();
+        let runs = chunks(&small, |_| 1000);
+        assert_eq!(runs.len(), 5);
+        assert!(runs.iter().all(|r| r.len() <= BATCH_BYTES / 1000));
+        assert_eq!(runs.concat(), small, "every message once, in order");
     }
 }

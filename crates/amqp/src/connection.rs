@@ -4,6 +4,7 @@
 //! handling needs no locks.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -122,6 +123,32 @@ pub(crate) async fn write_batch<W: tokio::io::AsyncWrite + Unpin>(
     Ok(n)
 }
 
+/// A connection's channels by number. Every frame looks its channel up, and
+/// the numbers are small integers: one multiplication hashes them.
+pub(crate) type Channels = HashMap<u16, Channel, BuildHasherDefault<ChannelNumberHasher>>;
+
+#[derive(Default)]
+pub(crate) struct ChannelNumberHasher(u64);
+
+const FIBONACCI: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl Hasher for ChannelNumberHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(FIBONACCI);
+        }
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        // Fibonacci hashing: spreads the number over the high bits too.
+        self.0 = u64::from(n).wrapping_mul(FIBONACCI);
+    }
+}
+
 /// Serves one connection until it closes.
 pub(crate) async fn serve(
     broker: Arc<Broker>,
@@ -169,7 +196,7 @@ pub(crate) async fn serve(
         vhost: DEFAULT_VHOST.to_owned(),
         user: String::new(),
         permitted: true,
-        channels: HashMap::new(),
+        channels: Channels::default(),
         staged: Vec::new(),
         staged_acks: Vec::new(),
         exclusive_queues: Vec::new(),
@@ -261,7 +288,7 @@ pub(crate) struct Conn {
     /// refuses every later use of a queue or exchange (403), as RabbitMQ's
     /// permission checks do; the connection stays open.
     pub permitted: bool,
-    pub channels: HashMap<u16, Channel>,
+    pub channels: Channels,
     /// Publishes complete and not stored yet (`store_staged`).
     pub staged: Vec<Staged>,
     /// `basic.ack`s not passed to their queues yet, with their channels.
@@ -749,11 +776,11 @@ impl Conn {
                 Err(AmqpError::unexpected_frame("content frame on channel 0"))
             }
             Inbound::Header(ch, header, props) => {
-                let r = self.on_content_header(ch, *header, props).await;
+                let r = self.on_content_header(ch, *header, props);
                 self.close_channel_on_soft_error(ch, r)
             }
             Inbound::Body(ch, body) => {
-                let r = self.on_content_body(ch, body).await;
+                let r = self.on_content_body(ch, body);
                 self.close_channel_on_soft_error(ch, r)
             }
         }

@@ -28,6 +28,8 @@ use kafka_protocol::records::{
 
 const EXCHANGE_HEADER: &str = "amqp.exchange";
 const PROPERTIES_HEADER: &str = "amqp.properties";
+/// A RecordBatch's header.
+const BATCH_OVERHEAD: usize = 61;
 
 /// A message as published.
 #[derive(Debug, Clone)]
@@ -37,6 +39,14 @@ pub(crate) struct Publication {
     /// Encoded content properties, as sent.
     pub properties: Bytes,
     pub body: Bytes,
+}
+
+impl Publication {
+    /// Bytes it takes in a batch, at most (its record's framing and header
+    /// names included).
+    pub(crate) fn size(&self) -> usize {
+        self.exchange.len() + self.routing_key.len() + self.properties.len() + self.body.len() + 96
+    }
 }
 
 /// A stored message, read back for delivery.
@@ -104,7 +114,10 @@ pub(crate) fn encode_batch(messages: &[&Publication]) -> Result<BytesMut, String
             }
         })
         .collect();
-    let mut buf = BytesMut::new();
+    // Sized for the whole batch up front: grown by doubling, the buffer
+    // would be copied several times.
+    let mut buf =
+        BytesMut::with_capacity(BATCH_OVERHEAD + messages.iter().map(|m| m.size()).sum::<usize>());
     RecordBatchEncoder::encode(
         &mut buf,
         &records,

@@ -245,8 +245,9 @@ impl Broker {
                     if let Some(segment) = args.segment_bytes {
                         topic_configs.insert("segment.bytes".to_owned(), segment.to_string());
                     }
-                    // One message is one batch: room for the largest body accepted
-                    // and its properties (at most one frame).
+                    // A batch holds messages up to 1 MiB, or one larger message:
+                    // room for the largest body accepted and its properties (at
+                    // most one frame).
                     let largest =
                         self.config.max_message_bytes + u64::from(self.config.frame_max) + 4096;
                     topic_configs.insert(
