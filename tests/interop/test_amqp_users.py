@@ -97,6 +97,17 @@ def test_a_wrong_password_or_unknown_user_is_403(server, tenant):
     server.connect_as(user, password, vhost).close()
 
 
+def test_a_blank_password_never_logs_in(server, tenant):
+    """RabbitMQ's internal backend refuses a blank password, even one that is
+    the user's own."""
+    vhost, user, password = tenant
+    server.admin.change_password(user, "")
+    code, text = refusal(lambda: server.connect_as(user, "", vhost))
+    assert code == 403 and "ACCESS_REFUSED" in text
+    server.admin.change_password(user, password)
+    server.connect_as(user, password, vhost).close()
+
+
 def test_a_vhost_without_permission_or_that_does_not_exist_is_530(server, tenant):
     vhost, user, password = tenant
     code, text = refusal(lambda: server.connect_as(user, password, "/"))

@@ -536,6 +536,12 @@ impl Conn {
             }
         };
         let user = String::from_utf8(user).map_err(|_| refused())?;
+        if pass.is_empty() {
+            // As RabbitMQ's internal backend: a blank password never logs in,
+            // not even a user's own blank password.
+            info!(peer = %self.peer, user, "AMQP login refused: blank password");
+            return Err(refused());
+        }
         let mut checks = self.password_checks(&user, &pass).await;
         if !checks {
             // The user may have been created or changed a moment ago through
