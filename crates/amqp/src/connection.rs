@@ -195,6 +195,8 @@ pub(crate) async fn serve(
         heartbeat: 0,
         vhost: DEFAULT_VHOST.to_owned(),
         user: String::new(),
+        user_since: 0,
+        vhost_since: 0,
         permitted: true,
         channels: Channels::default(),
         staged: Vec::new(),
@@ -284,6 +286,10 @@ pub(crate) struct Conn {
     pub vhost: String,
     /// Who logged in.
     user: String,
+    /// The log indexes that created the user and the virtual host this
+    /// connection opened: one deleted and created again is another.
+    user_since: u64,
+    vhost_since: u64,
     /// The user still holds a permission on the vhost. A withdrawn one
     /// refuses every later use of a queue or exchange (403), as RabbitMQ's
     /// permission checks do; the connection stays open.
@@ -416,6 +422,8 @@ impl Conn {
                 self.user
             )));
         }
+        self.vhost_since = image.vhost(&vhost).map_or(0, |v| v.since);
+        self.user_since = image.access.users.get(&self.user).map_or(0, |u| u.since);
         self.vhost = vhost;
         let mut buf = Vec::new();
         put_method(
@@ -441,10 +449,19 @@ impl Conn {
                 text,
             )
         };
-        if image.vhost(&self.vhost).is_none() {
+        // Deleted, or deleted and created again since this connection opened.
+        if image
+            .vhost(&self.vhost)
+            .is_none_or(|v| v.since != self.vhost_since)
+        {
             return Some(forced(format!("vhost '{}' is deleted", self.vhost)));
         }
-        if !image.access.users.contains_key(&self.user) {
+        if image
+            .access
+            .users
+            .get(&self.user)
+            .is_none_or(|u| u.since != self.user_since)
+        {
             return Some(forced(format!("user '{}' is deleted", self.user)));
         }
         None

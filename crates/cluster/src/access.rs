@@ -28,6 +28,10 @@ pub struct AccessModel {
 /// One user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserState {
+    /// The log index that created it: a user deleted and created again is
+    /// another user (0: created before this was recorded).
+    #[serde(default)]
+    pub since: u64,
     pub credential: Credential,
     /// Free-form tags, as RabbitMQ's (`administrator`, `monitoring`, ...).
     #[serde(default)]
@@ -118,7 +122,7 @@ impl MetadataImage {
         }
     }
 
-    pub(crate) fn apply_access(&mut self, cmd: &AccessCommand) -> CommandResult {
+    pub(crate) fn apply_access(&mut self, index: u64, cmd: &AccessCommand) -> CommandResult {
         match cmd {
             AccessCommand::Initialize {
                 user,
@@ -137,6 +141,7 @@ impl MetadataImage {
                     .users
                     .entry(user.clone())
                     .or_insert_with(|| UserState {
+                        since: index,
                         credential: credential.clone(),
                         tags: BTreeSet::from(["administrator".to_owned()]),
                         permissions: BTreeMap::new(),
@@ -159,6 +164,7 @@ impl MetadataImage {
                         self.access.users.insert(
                             name.clone(),
                             UserState {
+                                since: index,
                                 credential: credential.clone(),
                                 tags: tags.clone(),
                                 permissions: BTreeMap::new(),

@@ -23,6 +23,11 @@ pub struct AmqpModel {
 /// One virtual host's objects.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vhost {
+    /// The log index that created it: a virtual host deleted and created
+    /// again is another one (0: created before this was recorded, or
+    /// implicitly).
+    #[serde(default)]
+    pub since: u64,
     /// Declared exchanges by name (the default and `amq.*` exchanges are implicit).
     pub exchanges: BTreeMap<String, ExchangeState>,
     /// Queues by name.
@@ -196,7 +201,13 @@ impl MetadataImage {
         match cmd {
             AmqpCommand::CreateVhost { name } => {
                 crate::access::validate_name("vhost", name)?;
-                self.amqp.vhosts.entry(name.clone()).or_default();
+                self.amqp
+                    .vhosts
+                    .entry(name.clone())
+                    .or_insert_with(|| Vhost {
+                        since: index,
+                        ..Vhost::default()
+                    });
                 Ok(CommandOutput::Done)
             }
             AmqpCommand::DeleteVhost { name } => {

@@ -496,7 +496,7 @@ impl MetadataImage {
                 Ok(CommandOutput::Done)
             }
             Command::Amqp(cmd) => self.apply_amqp(index, cmd),
-            Command::Access(cmd) => self.apply_access(cmd),
+            Command::Access(cmd) => self.apply_access(index, cmd),
             Command::CreatePartitions { name, count } => self.create_partitions(name, *count),
             Command::AlterConfigs { name, configs } => {
                 let t = self

@@ -1172,6 +1172,55 @@ mod access {
     }
 
     #[test]
+    fn a_user_or_vhost_deleted_and_created_again_is_another_one() {
+        let (mut img, mut i) = cluster(1);
+        let put = |name: &str, password: &str| {
+            Command::Access(AccessCommand::PutUser {
+                name: name.to_owned(),
+                credential: credential(password),
+                tags: Default::default(),
+            })
+        };
+        let vhost = |create: bool| {
+            let name = "tenant".to_owned();
+            amqp(if create {
+                AmqpCommand::CreateVhost { name }
+            } else {
+                AmqpCommand::DeleteVhost { name }
+            })
+        };
+        i += 1;
+        img.apply(i, &put("ann", "one")).unwrap();
+        i += 1;
+        img.apply(i, &vhost(true)).unwrap();
+        let (user_since, vhost_since) = (
+            img.access.users["ann"].since,
+            img.amqp.vhosts["tenant"].since,
+        );
+        // A password change or a repeated create is the same user and vhost.
+        i += 1;
+        img.apply(i, &put("ann", "two")).unwrap();
+        i += 1;
+        img.apply(i, &vhost(true)).unwrap();
+        assert_eq!(img.access.users["ann"].since, user_since);
+        assert_eq!(img.amqp.vhosts["tenant"].since, vhost_since);
+        // Deleted and created again: another one.
+        for cmd in [
+            Command::Access(AccessCommand::DeleteUser {
+                name: "ann".to_owned(),
+            }),
+            put("ann", "two"),
+            vhost(false),
+            vhost(true),
+        ] {
+            i += 1;
+            img.apply(i, &cmd).unwrap();
+        }
+        assert_ne!(img.access.users["ann"].since, user_since);
+        assert_ne!(img.amqp.vhosts["tenant"].since, vhost_since);
+    }
+
+    #[test]
     fn an_older_log_still_declares_into_the_default_vhost_until_it_is_initialized() {
         let (mut img, mut i) = cluster(1);
         let declare = amqp(AmqpCommand::DeclareExchange {
