@@ -53,6 +53,11 @@ const COMMANDS_PER_ROUND: usize = 256;
 /// half of it. It bounds what a crash flags redelivered (and holds in memory
 /// as returned) without having been handed out.
 const CLAIM_AHEAD: i64 = 1024;
+/// Least time between two moves of the log start offset over acknowledged
+/// messages. A move writes and syncs checkpoints (three fsyncs), and a
+/// consumer acking one by one would otherwise keep the disk busy with them;
+/// acknowledgements are durable sooner, in the delivery-state records.
+const TRIM_EVERY: Duration = Duration::from_millis(250);
 
 /// A prefetch window (`basic.qos`): at most `limit` unacked deliveries (0: no limit).
 #[derive(Debug, Default)]
@@ -583,6 +588,8 @@ pub(crate) fn start(
         head,
         trimmed: head,
         trimming: false,
+        last_trim: Instant::now(),
+        trim_due: None,
         had_consumer: false,
         auto_delete: spec.auto_delete,
         args,
@@ -635,6 +642,10 @@ struct Actor {
     /// The log start offset as last moved.
     trimmed: i64,
     trimming: bool,
+    /// When the log start offset last started to move.
+    last_trim: Instant,
+    /// When a move held back by `TRIM_EVERY` is due.
+    trim_due: Option<Instant>,
     had_consumer: bool,
     auto_delete: bool,
     args: Arc<QueueArgs>,
@@ -1181,10 +1192,16 @@ impl Actor {
             let at = Instant::now() + wait;
             deadline = Some(deadline.map_or(at, |d: Instant| d.min(at)));
         }
+        if let Some(at) = self.trim_due {
+            deadline = Some(deadline.map_or(at, |d: Instant| d.min(at)));
+        }
         deadline
     }
 
     fn on_timer(&mut self) {
+        if self.trim_due.is_some_and(|at| at <= Instant::now()) {
+            self.advance_head();
+        }
         // Expired messages at the head leave the queue even with no consumer.
         let now = now_ms();
         let mut expired = Vec::new();
@@ -1372,10 +1389,13 @@ impl Actor {
             settled,
             returns: self.returns.clone(),
         };
-        // Nothing to add to what the log start offset and the last record say.
+        // Nothing to add to what the log start offset and the last record
+        // say. The log start offset moves at most every `TRIM_EVERY`: until
+        // it reaches `head`, only a record makes those acks durable.
         let nothing_above_head = state.settled.is_empty()
             && state.returns.is_empty()
-            && state.delivered_up_to <= self.head;
+            && state.delivered_up_to <= self.head
+            && self.head <= self.trimmed;
         if self.last_state.as_ref() == Some(&state)
             || (nothing_above_head && self.last_state.is_none())
         {
@@ -1425,6 +1445,13 @@ impl Actor {
         if self.trimming || self.head <= self.trimmed {
             return;
         }
+        let due = self.last_trim + TRIM_EVERY;
+        if Instant::now() < due {
+            self.trim_due = Some(due);
+            return;
+        }
+        self.trim_due = None;
+        self.last_trim = Instant::now();
         self.trimming = true;
         let (partition, to, tx) = (self.partition.clone(), self.head, self.self_tx.clone());
         // Moving the log start offset writes and syncs a checkpoint: off the workers.
