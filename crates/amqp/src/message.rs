@@ -19,17 +19,11 @@ use amq_protocol::frame::WriteContext;
 use amq_protocol::protocol::basic::{gen_properties, parse_properties, AMQPProperties};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::{Bytes, BytesMut};
-use kafka_protocol::indexmap::IndexMap;
-use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
-    TimestampType, NO_PARTITION_LEADER_EPOCH, NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE,
-};
+use kafka_protocol::records::{Record, RecordBatchDecoder};
+use sluice_log::BatchBuilder;
 
 const EXCHANGE_HEADER: &str = "amqp.exchange";
 const PROPERTIES_HEADER: &str = "amqp.properties";
-/// A RecordBatch's header.
-const BATCH_OVERHEAD: usize = 61;
 
 /// A message as published.
 #[derive(Debug, Clone)]
@@ -84,50 +78,21 @@ pub(crate) fn now_ms() -> i64 {
 /// One RecordBatch holding `messages`, in order.
 pub(crate) fn encode_batch(messages: &[&Publication]) -> Result<BytesMut, String> {
     let timestamp = now_ms();
-    let records: Vec<Record> = messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let mut headers = IndexMap::with_capacity(2);
-            headers.insert(
-                StrBytes::from_static_str(EXCHANGE_HEADER),
-                Some(Bytes::copy_from_slice(m.exchange.as_bytes())),
-            );
-            headers.insert(
-                StrBytes::from_static_str(PROPERTIES_HEADER),
-                Some(m.properties.clone()),
-            );
-            Record {
-                transactional: false,
-                control: false,
-                delete_horizon: false,
-                partition_leader_epoch: NO_PARTITION_LEADER_EPOCH,
-                producer_id: NO_PRODUCER_ID,
-                producer_epoch: NO_PRODUCER_EPOCH,
-                timestamp_type: TimestampType::Creation,
-                offset: i64::try_from(i).unwrap_or(i64::MAX),
-                sequence: NO_SEQUENCE,
-                timestamp,
-                key: Some(Bytes::copy_from_slice(m.routing_key.as_bytes())),
-                value: Some(m.body.clone()),
-                headers,
-            }
-        })
-        .collect();
-    // Sized for the whole batch up front: grown by doubling, the buffer
-    // would be copied several times.
-    let mut buf =
-        BytesMut::with_capacity(BATCH_OVERHEAD + messages.iter().map(|m| m.size()).sum::<usize>());
-    RecordBatchEncoder::encode(
-        &mut buf,
-        &records,
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(buf)
+    let mut batch = BatchBuilder::new(messages.iter().map(|m| m.size()).sum(), timestamp);
+    for m in messages {
+        batch.push(
+            timestamp,
+            Some(m.routing_key.as_bytes()),
+            Some(&m.body),
+            &[
+                (EXCHANGE_HEADER.as_bytes(), Some(m.exchange.as_bytes())),
+                (PROPERTIES_HEADER.as_bytes(), Some(&m.properties)),
+            ],
+        );
+    }
+    batch
+        .finish()
+        .ok_or_else(|| "no message to store".to_string())
 }
 
 /// The messages of whole stored batches from `from` on (control records skipped),

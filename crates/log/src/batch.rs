@@ -17,9 +17,9 @@ const OFF_BASE_OFFSET: usize = 0;
 const OFF_BATCH_LENGTH: usize = 8;
 const OFF_LEADER_EPOCH: usize = 12;
 const OFF_MAGIC: usize = 16;
-const OFF_CRC: usize = 17;
+pub(crate) const OFF_CRC: usize = 17;
 /// The CRC covers everything from the attributes to the end of the batch.
-const OFF_ATTRIBUTES: usize = 21;
+pub(crate) const OFF_ATTRIBUTES: usize = 21;
 const OFF_LAST_OFFSET_DELTA: usize = 23;
 const OFF_BASE_TIMESTAMP: usize = 27;
 const OFF_MAX_TIMESTAMP: usize = 35;

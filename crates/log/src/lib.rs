@@ -26,6 +26,7 @@
 //! do not change one without telling the lead.
 
 mod batch;
+mod build;
 mod config;
 mod epoch;
 mod error;
@@ -41,6 +42,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 pub use batch::{validate_batches, BatchHeader};
+pub use build::BatchBuilder;
 pub use config::{FlushPolicy, StoreConfig, TopicConfig};
 pub use error::LogError;
 pub use partition::Partition;
