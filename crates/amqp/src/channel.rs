@@ -17,7 +17,7 @@ use tokio::time::{Duration, Instant};
 
 use crate::connection::Conn;
 use crate::error::AmqpError;
-use crate::frame::{put, put_method};
+use crate::frame::{put, put_body, put_method};
 use crate::message::{encode_batch, Publication, Stored};
 use crate::model::encode_table;
 use crate::ops::{no_exchange, ExchangeDeclaration, QueueDeclaration, Who};
@@ -441,23 +441,25 @@ impl Conn {
 
     /// Writes a message: the method, its content header, its body in frames.
     fn send_content(&mut self, ch: u16, m: AMQPClass, properties: AMQPProperties, body: &Bytes) {
-        let mut buf = Vec::with_capacity(body.len() + 256);
-        method(&mut buf, ch, m);
-        put(
-            &mut buf,
-            &AMQPFrame::Header(
-                ch,
-                AMQPContentHeader {
-                    class_id: 60,
-                    body_size: body.len() as u64,
-                    properties,
-                },
-            ),
-        );
-        for chunk in body.chunks(self.body_chunk()) {
-            put(&mut buf, &AMQPFrame::Body(ch, chunk.to_vec()));
-        }
-        self.out.send(buf);
+        let chunk = self.body_chunk();
+        self.out.frames(|buf| {
+            buf.reserve(body.len() + 256);
+            method(buf, ch, m);
+            put(
+                buf,
+                &AMQPFrame::Header(
+                    ch,
+                    AMQPContentHeader {
+                        class_id: 60,
+                        body_size: body.len() as u64,
+                        properties,
+                    },
+                ),
+            );
+            for part in body.chunks(chunk) {
+                put_body(buf, ch, part);
+            }
+        });
     }
 
     pub(crate) async fn on_channel_method(

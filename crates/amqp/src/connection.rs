@@ -72,6 +72,19 @@ impl Output {
         let _ = self.tx.send(bytes);
     }
 
+    /// Writes frames with `write` straight into the gathered bytes when
+    /// corked (no buffer of their own, no copy), else into one hand-off.
+    pub(crate) fn frames(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        match self.corked.as_mut() {
+            Some(gathered) => write(gathered),
+            None => {
+                let mut bytes = Vec::new();
+                write(&mut bytes);
+                self.send(bytes);
+            }
+        }
+    }
+
     /// Gathers what is sent until `uncork`: many small frames (deliveries,
     /// confirms) become one hand-off to the writer and one socket write.
     fn cork(&mut self) {
