@@ -20,7 +20,7 @@ use amq_protocol::protocol::basic::{gen_properties, parse_properties, AMQPProper
 use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::records::{Record, RecordBatchDecoder};
-use sluice_log::BatchBuilder;
+use sluice_log::{BatchBuilder, BatchHeader, PlainRecords, RecordsError, StoredRecord};
 
 const EXCHANGE_HEADER: &str = "amqp.exchange";
 const PROPERTIES_HEADER: &str = "amqp.properties";
@@ -96,46 +96,87 @@ pub(crate) fn encode_batch(messages: &[&Publication]) -> Result<BytesMut, String
 }
 
 /// The messages of whole stored batches from `from` on (control records skipped),
-/// and the offset after the last record read.
+/// and the offset after the last record read. Uncompressed batches (all that
+/// AMQP publishes write) are read in place; compressed ones, produced over
+/// Kafka, by the client codec.
 pub(crate) fn decode_batches(mut bytes: Bytes, from: i64) -> Result<(Vec<Stored>, i64), String> {
-    let sets = RecordBatchDecoder::decode_all(&mut bytes).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     let mut end = from;
-    for set in sets {
-        for rec in set.records {
-            end = end.max(rec.offset + 1);
-            if rec.offset < from || rec.control {
-                continue;
+    while let Some(header) = BatchHeader::parse(&bytes) {
+        if header.size() > bytes.len() {
+            // A read returns whole batches; a torn tail is read again later.
+            break;
+        }
+        let batch = bytes.split_to(header.size());
+        end = end.max(header.next_offset());
+        if header.is_control() {
+            continue;
+        }
+        match PlainRecords::new(batch.clone()) {
+            Ok(records) => {
+                for record in records {
+                    let record = record.map_err(|e| e.to_string())?;
+                    if record.offset >= from {
+                        out.push(stored_in_place(record));
+                    }
+                }
             }
-            out.push(stored(rec));
+            Err(RecordsError::Compressed) => {
+                let sets = RecordBatchDecoder::decode_all(&mut batch.clone())
+                    .map_err(|e| e.to_string())?;
+                for rec in sets.into_iter().flat_map(|set| set.records) {
+                    if rec.offset >= from && !rec.control {
+                        out.push(stored(rec));
+                    }
+                }
+            }
+            Err(e) => return Err(e.to_string()),
         }
     }
     Ok((out, end))
 }
 
-fn stored(rec: Record) -> Stored {
-    let text = |b: Option<&Option<Bytes>>| {
-        b.and_then(|v| v.as_ref())
-            .map(|v| String::from_utf8_lossy(v).into_owned())
+fn text(b: Option<&[u8]>) -> String {
+    b.map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
+fn stored_in_place(rec: StoredRecord) -> Stored {
+    let properties = match rec.header(PROPERTIES_HEADER.as_bytes()) {
+        Some(raw) => raw.map(|raw| decode_properties(&raw)).unwrap_or_default(),
+        None => kafka_properties(rec.headers()),
     };
-    let exchange = text(rec.headers.get(EXCHANGE_HEADER.as_bytes())).unwrap_or_default();
+    Stored {
+        offset: rec.offset,
+        timestamp: rec.timestamp,
+        exchange: text(rec.header(EXCHANGE_HEADER.as_bytes()).flatten().as_deref()),
+        routing_key: text(rec.key.as_deref()),
+        properties,
+        body: rec.value.unwrap_or_default(),
+    }
+}
+
+fn stored(rec: Record) -> Stored {
     let properties = match rec.headers.get(PROPERTIES_HEADER.as_bytes()) {
         Some(raw) => raw
             .as_ref()
             .map(|raw| decode_properties(raw))
             .unwrap_or_default(),
-        None => kafka_properties(&rec),
+        None => kafka_properties(
+            rec.headers
+                .iter()
+                .map(|(name, value)| (Bytes::from(name.clone()), value.clone())),
+        ),
     };
-    let routing_key = rec
-        .key
-        .as_ref()
-        .map(|k| String::from_utf8_lossy(k).into_owned())
-        .unwrap_or_default();
+    let exchange = rec
+        .headers
+        .get(EXCHANGE_HEADER.as_bytes())
+        .and_then(|v| v.as_deref());
     Stored {
         offset: rec.offset,
         timestamp: rec.timestamp,
-        exchange,
-        routing_key,
+        exchange: text(exchange),
+        routing_key: text(rec.key.as_deref()),
         properties,
         body: rec.value.unwrap_or_default(),
     }
@@ -143,20 +184,17 @@ fn stored(rec: Record) -> Stored {
 
 /// The properties of a record produced over Kafka: its headers as AMQP headers
 /// (values as long strings, a null value as void).
-fn kafka_properties(rec: &Record) -> AMQPProperties {
-    if rec.headers.is_empty() {
-        return AMQPProperties::default();
-    }
+fn kafka_properties(headers: impl Iterator<Item = (Bytes, Option<Bytes>)>) -> AMQPProperties {
     let mut table = FieldTable::default();
-    for (name, value) in &rec.headers {
+    for (name, value) in headers {
         let value = match value {
             Some(v) => AMQPValue::LongString(v.to_vec().into()),
             None => AMQPValue::Void,
         };
-        table.insert(
-            String::from_utf8_lossy(name.as_bytes()).as_ref().into(),
-            value,
-        );
+        table.insert(String::from_utf8_lossy(&name).as_ref().into(), value);
+    }
+    if table.inner().is_empty() {
+        return AMQPProperties::default();
     }
     AMQPProperties::default().with_headers(table)
 }

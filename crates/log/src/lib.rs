@@ -26,7 +26,6 @@
 //! do not change one without telling the lead.
 
 mod batch;
-mod build;
 mod config;
 mod epoch;
 mod error;
@@ -34,6 +33,7 @@ mod fsutil;
 mod index;
 mod partition;
 mod producer;
+mod records;
 mod segment;
 mod store;
 
@@ -42,10 +42,10 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 pub use batch::{validate_batches, BatchHeader};
-pub use build::BatchBuilder;
 pub use config::{FlushPolicy, StoreConfig, TopicConfig};
 pub use error::LogError;
 pub use partition::Partition;
+pub use records::{BatchBuilder, PlainRecords, RecordsError, StoredRecord};
 pub use store::Store;
 
 /// A topic's description.
