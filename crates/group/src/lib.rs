@@ -66,7 +66,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
 use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
@@ -87,12 +87,9 @@ use kafka_protocol::messages::{
     SyncGroupRequest, SyncGroupResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
-    TimestampType, NO_PARTITION_LEADER_EPOCH, NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE,
-};
+use kafka_protocol::records::{Record, RecordBatchDecoder};
 use parking_lot::Mutex;
-use sluice_log::{LogError, Partition, ReadLimit};
+use sluice_log::{BatchBuilder, LogError, Partition, ReadLimit};
 use sluice_topology::{AppendError, Leadership};
 use sluice_vocab::ErrorCode;
 use tokio::sync::{watch, Notify};
@@ -858,35 +855,17 @@ impl GroupCoordinator {
     /// of the first record and one past the last.
     fn append(&self, records: &[(Bytes, Option<Bytes>)]) -> Result<(i64, i64), LogError> {
         let timestamp = wall_clock_ms();
-        let records: Vec<Record> = records
+        let size = records
             .iter()
-            .enumerate()
-            .map(|(i, (key, value))| Record {
-                transactional: false,
-                control: false,
-                delete_horizon: false,
-                partition_leader_epoch: NO_PARTITION_LEADER_EPOCH,
-                producer_id: NO_PRODUCER_ID,
-                producer_epoch: NO_PRODUCER_EPOCH,
-                timestamp_type: TimestampType::Creation,
-                offset: i64::try_from(i).unwrap_or(i64::MAX),
-                sequence: NO_SEQUENCE,
-                timestamp,
-                key: Some(key.clone()),
-                value: value.clone(),
-                headers: Default::default(),
-            })
-            .collect();
-        let mut buf = BytesMut::new();
-        RecordBatchEncoder::encode(
-            &mut buf,
-            &records,
-            &RecordEncodeOptions {
-                version: 2,
-                compression: Compression::None,
-            },
-        )
-        .map_err(|e| LogError::InvalidRecord(format!("cannot encode offsets batch: {e}")))?;
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len) + 16)
+            .sum();
+        let mut batch = BatchBuilder::new(size, timestamp);
+        for (key, value) in records {
+            batch.push(timestamp, Some(key), value.as_deref(), &[]);
+        }
+        let buf = batch
+            .finish()
+            .ok_or_else(|| LogError::InvalidRecord("no offsets to append".into()))?;
         if self.is_closed() {
             return Err(closed_error());
         }
@@ -1726,7 +1705,7 @@ mod refuse_tests {
     use kafka_protocol::protocol::Encodable;
 
     fn encodes<R: Encodable>(resp: &R, api: ApiKey, version: i16) {
-        let mut buf = BytesMut::new();
+        let mut buf = bytes::BytesMut::new();
         resp.encode(&mut buf, version)
             .unwrap_or_else(|e| panic!("{api:?} v{version}: {e}"));
     }
