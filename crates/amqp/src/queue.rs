@@ -1200,6 +1200,9 @@ impl Actor {
 
     fn on_timer(&mut self) {
         if self.trim_due.is_some_and(|at| at <= Instant::now()) {
+            // Cleared first: a deadline left in the past would fire at once,
+            // again and again; `advance_head` sets a new one if it must wait.
+            self.trim_due = None;
             self.advance_head();
         }
         // Expired messages at the head leave the queue even with no consumer.

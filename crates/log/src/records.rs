@@ -44,10 +44,6 @@ impl BatchBuilder {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
     /// Appends one record; `None` is a null key, value or header value.
     pub fn push(
         &mut self,
@@ -182,10 +178,6 @@ impl PlainRecords {
             header,
             index: 0,
         })
-    }
-
-    pub fn header(&self) -> &BatchHeader {
-        &self.header
     }
 
     fn read_one(&mut self) -> Result<StoredRecord, RecordsError> {
