@@ -259,15 +259,12 @@ def create_topic(bootstrap, topic, partitions):
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic].result(30)
+    # The broker's default replication: every node of the cluster holds a
+    # replica of every partition.
+    admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=-1)])[topic].result(30)
     return admin
 
 
-@pytest.mark.skipif(
-    bool(os.environ.get("SLUICE_INTEROP_CLUSTER")),
-    reason="a stream over a Kafka topic is served by the node that leads all its partitions; "
-    "reading partitions led by different nodes is not built yet",
-)
 def test_an_amqp_stream_consumer_reads_a_kafka_topic(server):
     if server.kind != "sluice":
         pytest.skip("x-stream-topic is Sluice's")
@@ -291,6 +288,9 @@ def test_an_amqp_stream_consumer_reads_a_kafka_topic(server):
     assert producer.flush(30) == 0
     assert all(err is None for err, *_ in delivered)
     where = {value: (p, o) for _, p, o, value in delivered}
+    if os.environ.get("SLUICE_INTEROP_CLUSTER"):
+        leaders = {p.leader for p in admin.list_topics(topic, timeout=10).topics[topic].partitions.values()}
+        assert len(leaders) > 1, f"the partitions should be led by different nodes: {leaders}"
 
     q = name("orders-stream")
     with server.connect() as c:
@@ -305,18 +305,33 @@ def test_an_amqp_stream_consumer_reads_a_kafka_topic(server):
         offsets = [g[1] for g in got if g[2]["x-stream-partition"] == p]
         assert offsets == sorted(offsets)
 
-    # A message published over AMQP lands where Kafka's partitioner puts its key.
+    # A message published over AMQP lands where Kafka's partitioner puts its
+    # key (the routing key), whichever node leads that partition.
+    keys = [f"key-{i}" for i in range(12)]
+    exchange = name("orders-in")
     with server.connect() as c:
         ch = c.channel()
+        ch.exchange_declare(exchange, "fanout")
+        ch.queue_bind(q, exchange)
         ch.confirm_delivery()
-        ch.basic_publish("", q, b"from amqp", pika.BasicProperties(headers={"via": "amqp"}))
+        for key in keys:
+            ch.basic_publish(exchange, key, f"amqp {key}".encode(), pika.BasicProperties(headers={"via": "amqp"}))
     key_partition = {}
     probe = Producer({"bootstrap.servers": server.bootstrap, "partitioner": "murmur2_random"})
-    probe.produce(topic, key=q, value=b"probe", on_delivery=lambda err, m: key_partition.update(p=m.partition()))
+    for key in keys:
+        probe.produce(
+            topic,
+            key=key,
+            value=b"probe",
+            on_delivery=lambda err, m: key_partition.update({m.key().decode(): m.partition()}),
+        )
     assert probe.flush(30) == 0
-    tail = [g for g in read(server, q, "first", 32) if g[0] in (b"from amqp", b"probe")]
-    assert {g[0] for g in tail} == {b"from amqp", b"probe"}
-    assert {g[2]["x-stream-partition"] for g in tail} == {key_partition["p"]}
+    assert len(set(key_partition.values())) == 3, "the keys reach every partition"
+    tail = [g for g in read(server, q, "first", 30 + 2 * len(keys)) if g[0] != b"probe" and g[0].startswith(b"amqp ")]
+    assert sorted(g[0] for g in tail) == sorted(f"amqp {k}".encode() for k in keys)
+    for body, _, headers, _ in tail:
+        assert headers["x-stream-partition"] == key_partition[body.decode().removeprefix("amqp ")]
+        assert headers["via"] == "amqp"
 
     # Deleting the stream queue leaves the Kafka topic.
     with server.connect() as c:

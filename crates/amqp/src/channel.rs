@@ -190,10 +190,12 @@ impl Republish {
             if self.since.elapsed() >= REPUBLISH_FOR {
                 return Err(());
             }
-            let handle = match self
-                .broker
-                .queue_for(crate::NODE_SESSION, &self.vhost, &self.queue)
-            {
+            let handle = match self.broker.queue_for_message(
+                crate::NODE_SESSION,
+                &self.vhost,
+                &self.queue,
+                &self.publication.routing_key,
+            ) {
                 Ok(h) => h,
                 // No leader yet, or it is not reachable: try again.
                 Err(e) if e.retriable => continue,
@@ -366,6 +368,21 @@ async fn wait_known(waits: &[Wait]) -> bool {
 
 fn committed(waits: &[Wait]) -> bool {
     waits.iter().all(Wait::is_stored)
+}
+
+/// One publish round's ways to a queue, by partition of its topic (a stream
+/// over a Kafka topic is appended to where each partition is led), each found
+/// on first use.
+struct QueueTargets {
+    handles: Vec<Option<Result<QueueHandle, AmqpError>>>,
+}
+
+impl QueueTargets {
+    fn new(partitions: usize) -> QueueTargets {
+        QueueTargets {
+            handles: vec![None; partitions.max(1)],
+        }
+    }
 }
 
 /// Messages bound for one partition this node leads, appended together.
@@ -1335,7 +1352,7 @@ impl Conn {
         let vhost = self.vhost.clone();
         let router = self.broker.router(&vhost);
         let image = self.broker.topology.image();
-        let mut handles: HashMap<String, Result<QueueHandle, AmqpError>> = HashMap::new();
+        let mut handles: HashMap<String, QueueTargets> = HashMap::new();
         let mut batches: Vec<LocalBatch> = Vec::new();
         let mut results = Vec::with_capacity(messages.len());
         for (i, (ch, m)) in messages.iter().enumerate() {
@@ -1383,25 +1400,32 @@ impl Conn {
                         since: Instant::now(),
                     })
                 };
-                let handle = match handles.get(q.as_str()) {
-                    Some(h) => h,
+                let targets = match handles.get_mut(q.as_str()) {
+                    Some(t) => t,
                     None => handles
                         .entry(q.clone())
-                        .or_insert_with(|| self.broker.queue_for(self.id, &vhost, q)),
+                        .or_insert_with(|| QueueTargets::new(self.broker.partitions_of(&vhost, q))),
                 };
+                let part = crate::queue::partition_for(&p.routing_key, targets.handles.len());
+                let handle = targets.handles[part]
+                    .get_or_insert_with(|| self.broker.queue_at(self.id, &vhost, q, part));
                 let stored = match handle {
                     Ok(QueueHandle::Here(link)) if link.takes_batches() => {
-                        let leadership = link.leadership_for(&p.routing_key);
-                        match batches.iter_mut().find(|b| b.is_for(leadership)) {
-                            Some(b) => b.members.push(i),
-                            None => batches.push(LocalBatch {
-                                link: link.clone(),
-                                leadership: leadership.clone(),
-                                members: vec![i],
-                            }),
+                        match link.leadership_for(&p.routing_key) {
+                            Ok(leadership) => {
+                                match batches.iter_mut().find(|b| b.is_for(&leadership)) {
+                                    Some(b) => b.members.push(i),
+                                    None => batches.push(LocalBatch {
+                                        link: link.clone(),
+                                        leadership: leadership.into_owned(),
+                                        members: vec![i],
+                                    }),
+                                }
+                                // Its wait comes with the batch's append.
+                                continue;
+                            }
+                            Err(e) => Err(e),
                         }
-                        // Its wait comes with the batch's append.
-                        continue;
                     }
                     Ok(QueueHandle::Here(link)) => encode_batch(&[p])
                         .map_err(|e| AmqpError::internal(format!("cannot encode message: {e}")))

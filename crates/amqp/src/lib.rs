@@ -305,6 +305,49 @@ impl Broker {
         vhost: &str,
         name: &str,
     ) -> Result<QueueHandle, AmqpError> {
+        self.queue_at(session, vhost, name, 0)
+    }
+
+    /// The queue as a publish of a message with `routing_key` uses it: a
+    /// stream over a topic of several partitions is appended to on the node
+    /// leading the key's partition.
+    pub(crate) fn queue_for_message(
+        self: &Arc<Self>,
+        session: u64,
+        vhost: &str,
+        name: &str,
+        routing_key: &str,
+    ) -> Result<QueueHandle, AmqpError> {
+        let partitions = self.partitions_of(vhost, name);
+        self.queue_at(
+            session,
+            vhost,
+            name,
+            queue::partition_for(routing_key, partitions),
+        )
+    }
+
+    /// How many partitions a queue's topic has (a queue one; a stream over a
+    /// Kafka topic maybe more).
+    pub(crate) fn partitions_of(&self, vhost: &str, name: &str) -> usize {
+        let image = self.topology.image();
+        image
+            .vhost(vhost)
+            .and_then(|v| v.queues.get(name))
+            .and_then(|q| image.topics.get(&q.topic))
+            .map_or(1, |t| t.partitions.len())
+    }
+
+    /// [`Broker::queue_for`], at the node leading `partition` of the queue's
+    /// topic: consumers and operations go to partition 0's leader, publishes
+    /// to their partition's.
+    pub(crate) fn queue_at(
+        self: &Arc<Self>,
+        session: u64,
+        vhost: &str,
+        name: &str,
+        partition: usize,
+    ) -> Result<QueueHandle, AmqpError> {
         let image = self.topology.image();
         let q = image
             .vhost(vhost)
@@ -313,7 +356,7 @@ impl Broker {
         let leader = image
             .topics
             .get(&q.topic)
-            .and_then(|t| t.partitions.first())
+            .and_then(|t| t.partitions.get(partition))
             .map(|p| p.leader);
         let me = self.topology.node_id();
         let Some(leader) = leader.filter(|l| *l >= 0 && *l != me) else {
@@ -423,9 +466,9 @@ impl Broker {
             }
             return Ok(None);
         }
-        let leadership = link.leadership_for(&p.routing_key);
-        let end = self.append_batch_here(link, leadership, batch, 1)?;
-        Ok(Some((leadership.clone(), end)))
+        let leadership = link.leadership_for(&p.routing_key)?;
+        let end = self.append_batch_here(link, &leadership, batch, 1)?;
+        Ok(Some((leadership.into_owned(), end)))
     }
 
     /// Appends `batch` (`messages` messages) to one partition of a queue this
@@ -463,28 +506,28 @@ impl Broker {
             return Ok(link.clone());
         }
         let partitions = image.topics.get(&q.topic).map_or(1, |t| t.partitions.len());
-        let mut leaderships = Vec::with_capacity(partitions);
-        for p in 0..partitions {
-            let led = i32::try_from(p)
-                .ok()
-                .and_then(|p| self.topology.leadership(&q.topic, p));
-            let Some(leadership) = led else {
+        let args = stored_arguments(vhost, name, q);
+        let placement = if args.kind == model::QueueKind::Stream {
+            queue::Placement::Stream(queue::StreamTopic::new(
+                self.topology.clone(),
+                &q.topic,
+                partitions,
+            ))
+        } else {
+            let Some(leadership) = self.topology.leadership(&q.topic, 0) else {
                 let leader = image
                     .topics
                     .get(&q.topic)
-                    .and_then(|t| t.partitions.get(p))
+                    .and_then(|t| t.partitions.first())
                     .map(|p| p.leader);
                 return Err(AmqpError::unavailable(format!(
-                    "queue '{name}' in vhost '{vhost}' (partition {p} of topic '{}') is led by node {}, not here",
-                    q.topic,
+                    "queue '{name}' in vhost '{vhost}' is led by node {}, not here",
                     leader.map_or_else(|| "none".to_owned(), |l| l.to_string())
                 ))
                 .retriable());
             };
-            leaderships.push(leadership);
-        }
-        let leadership = leaderships.remove(0);
-        let args = stored_arguments(vhost, name, q);
+            queue::Placement::Queue(leadership)
+        };
         let delete = {
             let (broker, vhost, name) = (Arc::downgrade(self), vhost.to_owned(), name.to_owned());
             Box::new(move || {
@@ -510,8 +553,7 @@ impl Broker {
         };
         let link = queue::start(
             spec,
-            leadership,
-            leaderships,
+            placement,
             queue::Hooks {
                 delete,
                 dead_letter,
@@ -548,17 +590,17 @@ impl Broker {
             for q in targets {
                 // Dead letters into a full queue are dropped, never dead-lettered
                 // again: a cycle of full queues must not loop.
-                let stored =
-                    self.queue_for(NODE_SESSION, vhost, &q)
-                        .and_then(|handle| match handle {
-                            QueueHandle::Here(link) => {
-                                self.append_here(&link, m, &batch, false).map(|_| ())
-                            }
-                            QueueHandle::There(remote) => {
-                                drop(remote.publish(m));
-                                Ok(())
-                            }
-                        });
+                let stored = self
+                    .queue_for_message(NODE_SESSION, vhost, &q, &m.routing_key)
+                    .and_then(|handle| match handle {
+                        QueueHandle::Here(link) => {
+                            self.append_here(&link, m, &batch, false).map(|_| ())
+                        }
+                        QueueHandle::There(remote) => {
+                            drop(remote.publish(m));
+                            Ok(())
+                        }
+                    });
                 if let Err(e) = stored {
                     warn!(queue = %q, vhost, "dead-lettered message not stored: {e}");
                 }

@@ -17,13 +17,14 @@
 //! before as redelivered. A first delivery waits until a committed record
 //! claims its offset (`Actor::claimed`), so that flag survives any crash.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_log::{Partition, ReadLimit};
-use sluice_topology::Leadership;
+use sluice_topology::{Leadership, Topology};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -186,11 +187,11 @@ pub struct QueueStatus {
 #[derive(Debug, Clone)]
 pub(crate) struct QueueLink {
     tx: mpsc::UnboundedSender<Command>,
-    /// Partition 0 of its topic: a queue's only partition.
-    pub leadership: Leadership,
-    /// Every partition of its topic (a stream attached to a Kafka topic may have
-    /// several), led here.
-    partitions: Arc<[Leadership]>,
+    /// A queue's only partition, led here. A stream has none: it is read from
+    /// this node's replicas and appended to where each partition is led.
+    leadership: Option<Leadership>,
+    /// A stream's topic as this node holds it.
+    stream: Option<Arc<StreamTopic>>,
     pub name: Arc<str>,
     pub vhost: Arc<str>,
     pub args: Arc<QueueArgs>,
@@ -256,20 +257,120 @@ impl PartialEq for QueueLink {
     }
 }
 
-impl QueueLink {
-    pub(crate) fn is_alive(&self) -> bool {
-        !self.tx.is_closed() && self.partitions.iter().all(Leadership::is_current)
+/// The partition of a queue's topic (of `partitions`) a message with this
+/// routing key is appended to: the one Kafka's default partitioner picks for
+/// the same record key. A queue has one partition; a stream over a Kafka topic
+/// may have several.
+pub(crate) fn partition_for(routing_key: &str, partitions: usize) -> usize {
+    if partitions <= 1 {
+        return 0;
+    }
+    let n = i32::try_from(partitions).unwrap_or(i32::MAX);
+    usize::try_from(sluice_vocab::partition_for_key(routing_key.as_bytes(), n)).unwrap_or(0)
+}
+
+/// A stream's topic as this node holds it: every partition is read from the
+/// replica here, whichever node leads it, and appended to only where it is
+/// led. Replicas below their high watermark hold committed records only, so
+/// any replica serves a reader as the leader would.
+pub(crate) struct StreamTopic {
+    topology: Arc<dyn Topology>,
+    topic: Arc<str>,
+    /// The leadership of each partition last found here.
+    led: parking_lot::RwLock<Vec<Option<Leadership>>>,
+}
+
+impl std::fmt::Debug for StreamTopic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamTopic")
+            .field("topic", &self.topic)
+            .field("partitions", &self.partitions())
+            .finish()
+    }
+}
+
+impl StreamTopic {
+    pub(crate) fn new(
+        topology: Arc<dyn Topology>,
+        topic: &str,
+        partitions: usize,
+    ) -> Arc<StreamTopic> {
+        Arc::new(StreamTopic {
+            topology,
+            topic: Arc::from(topic),
+            led: parking_lot::RwLock::new(vec![None; partitions.max(1)]),
+        })
     }
 
-    /// The partition a message with this routing key is appended to: the one
-    /// Kafka's default partitioner picks for the same record key.
-    pub(crate) fn leadership_for(&self, routing_key: &str) -> &Leadership {
-        let n = i32::try_from(self.partitions.len()).unwrap_or(i32::MAX);
-        let p = sluice_vocab::partition_for_key(routing_key.as_bytes(), n);
-        usize::try_from(p)
-            .ok()
-            .and_then(|p| self.partitions.get(p))
-            .unwrap_or(&self.leadership)
+    fn partitions(&self) -> usize {
+        self.led.read().len()
+    }
+
+    /// This node's leadership of partition `p`, if it leads it now.
+    fn leadership(&self, p: usize) -> Option<Leadership> {
+        if let Some(l) = self.led.read().get(p)?.as_ref().filter(|l| l.is_current()) {
+            return Some(l.clone());
+        }
+        let found = self
+            .topology
+            .leadership(&self.topic, i32::try_from(p).ok()?);
+        if let Some(slot) = self.led.write().get_mut(p) {
+            slot.clone_from(&found);
+        }
+        found
+    }
+
+    /// This node's replica of each partition the topic has now (`None` where
+    /// it holds none).
+    fn replicas(&self) -> Vec<Option<Arc<Partition>>> {
+        let n = self
+            .topology
+            .image()
+            .topics
+            .get(&*self.topic)
+            .map_or(0, |t| t.partitions.len());
+        (0..n)
+            .map(|p| {
+                let p = i32::try_from(p).ok()?;
+                self.topology.store().partition(&self.topic, p)
+            })
+            .collect()
+    }
+}
+
+/// Where a queue's actor finds its log.
+pub(crate) enum Placement {
+    /// A queue: its one partition, led here.
+    Queue(Leadership),
+    /// A stream: its topic's partitions, read from the replicas here.
+    Stream(Arc<StreamTopic>),
+}
+
+impl QueueLink {
+    pub(crate) fn is_alive(&self) -> bool {
+        !self.tx.is_closed() && self.leadership.as_ref().is_none_or(Leadership::is_current)
+    }
+
+    /// The leadership a message with this routing key is appended under; a
+    /// retriable error when another node leads its partition.
+    pub(crate) fn leadership_for(
+        &self,
+        routing_key: &str,
+    ) -> Result<Cow<'_, Leadership>, AmqpError> {
+        if let Some(l) = &self.leadership {
+            return Ok(Cow::Borrowed(l));
+        }
+        let Some(s) = &self.stream else {
+            return Err(gone(&self.name));
+        };
+        let p = partition_for(routing_key, s.partitions());
+        s.leadership(p).map(Cow::Owned).ok_or_else(|| {
+            AmqpError::unavailable(format!(
+                "partition {p} of topic '{}' (stream '{}') is not led by this node",
+                s.topic, self.name
+            ))
+            .retriable()
+        })
     }
 
     pub(crate) async fn consume(&self, spec: ConsumerSpec) -> Result<(), AmqpError> {
@@ -373,10 +474,14 @@ impl QueueLink {
     /// `reject-publish*` on a full queue), judged from the actor's last count and
     /// what was appended since.
     pub(crate) fn is_full_for(&self, body_len: u64) -> bool {
+        let Some(leadership) = &self.leadership else {
+            // A stream drops by retention, never refuses.
+            return false;
+        };
         if self.args.overflow == Overflow::DropHead {
             return false;
         }
-        let unread = (self.leadership.partition().log_end_offset()
+        let unread = (leadership.partition().log_end_offset()
             - self.gauge.next.load(Ordering::Acquire)
             - self.gauge.skipped.load(Ordering::Acquire))
         .max(0) as u64;
@@ -543,41 +648,41 @@ fn gone(name: &str) -> AmqpError {
     .retriable()
 }
 
-/// Starts the actor of a queue this node leads: `leadership` is partition 0 of its
-/// topic, `more` the others (a queue has one; a stream over a Kafka topic may
-/// have more).
-pub(crate) fn start(
-    spec: QueueSpec,
-    leadership: Leadership,
-    more: Vec<Leadership>,
-    hooks: Hooks,
-) -> QueueLink {
-    let partitions: Vec<Leadership> = std::iter::once(leadership.clone()).chain(more).collect();
+/// Starts the actor of a queue this node leads, or of a stream read here.
+pub(crate) fn start(spec: QueueSpec, placement: Placement, hooks: Hooks) -> QueueLink {
     static IDS: AtomicU64 = AtomicU64::new(1);
     let (tx, rx) = mpsc::unbounded_channel();
-    let partition = leadership.partition().clone();
-    let head = partition.log_start_offset();
     let gauge = Arc::new(Gauge::default());
-    gauge.next.store(head, Ordering::Release);
     let args = Arc::new(spec.args);
+    let (leadership, stream) = match &placement {
+        Placement::Queue(l) => (Some(l.clone()), None),
+        Placement::Stream(s) => (None, Some(s.clone())),
+    };
     let link = QueueLink {
         tx: tx.clone(),
-        leadership: leadership.clone(),
-        partitions: partitions.clone().into(),
+        leadership,
+        stream,
         name: spec.name.clone(),
         vhost: spec.vhost.clone(),
         args: args.clone(),
         gauge: gauge.clone(),
         id: IDS.fetch_add(1, Ordering::Relaxed),
     };
-    if args.kind == QueueKind::Stream {
-        stream::start(link.clone(), rx, partitions, gauge);
-        return link;
-    }
+    let leadership = match placement {
+        Placement::Queue(l) => l,
+        Placement::Stream(topic) => {
+            stream::start(link.clone(), rx, topic, gauge);
+            return link;
+        }
+    };
+    let partition = leadership.partition().clone();
+    let head = partition.log_start_offset();
+    gauge.next.store(head, Ordering::Release);
     let actor = Actor {
         name: spec.name,
         link: link.clone(),
         self_tx: tx,
+        leadership: leadership.clone(),
         partition,
         consumers: Vec::new(),
         turn: 0,
@@ -626,6 +731,8 @@ struct Actor {
     name: Arc<str>,
     link: QueueLink,
     self_tx: mpsc::UnboundedSender<Command>,
+    /// Its partition's leadership: the actor serves while it lasts.
+    leadership: Leadership,
     partition: Arc<Partition>,
     consumers: Vec<Consumer>,
     turn: usize,
@@ -1008,7 +1115,7 @@ impl Actor {
         let Some((reach, end)) = self.claim else {
             return;
         };
-        if !self.link.leadership.is_current() || self.partition.high_watermark() < end {
+        if !self.leadership.is_current() || self.partition.high_watermark() < end {
             return;
         }
         self.claim = None;
@@ -1408,8 +1515,7 @@ impl Actor {
             return;
         }
         let written = state.encode().and_then(|batch| {
-            self.link
-                .leadership
+            self.leadership
                 .append_control(&batch)
                 .map_err(|e| e.to_string())
         });

@@ -9,6 +9,14 @@
 //! partitions: a consumer keeps one position per partition, takes turns between
 //! partitions that have messages, and each delivery also carries its partition
 //! in `x-stream-partition` when there is more than one.
+//!
+//! Every partition is read from this node's replica of it, whichever node
+//! leads it: below its high watermark a replica holds committed records only.
+//! So a stream is served on the node leading its partition 0 (where consumers
+//! are sent) even when other nodes lead its other partitions; a node with no
+//! replica of some partition refuses consumers. The actor ends when the
+//! topic's partitions or this node's replicas of them change (its consumers
+//! are cancelled and consume again), not when a leadership moves.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -17,11 +25,11 @@ use std::sync::Arc;
 use amq_protocol::types::{AMQPValue, FieldTable};
 use futures::StreamExt;
 use sluice_log::{Partition, ReadLimit};
-use sluice_topology::Leadership;
 use tokio::sync::mpsc;
 
 use super::{
-    handle_round, Command, ConsumerSpec, Event, Gauge, QueueLink, QueueStatus, BLOCKED_RETRY,
+    handle_round, Command, ConsumerSpec, Event, Gauge, QueueLink, QueueStatus, StreamTopic,
+    BLOCKED_RETRY,
 };
 use crate::error::AmqpError;
 use crate::message::{decode_batches, now_ms, Stored};
@@ -95,40 +103,40 @@ struct Reader {
 
 struct StreamActor {
     link: QueueLink,
-    partitions: Vec<Arc<Partition>>,
+    topic: Arc<StreamTopic>,
+    /// This node's replica of each partition, `None` where it holds none.
+    partitions: Vec<Option<Arc<Partition>>>,
     readers: Vec<Reader>,
     gauge: Arc<Gauge>,
 }
 
-/// Starts the actor of a stream queue this node leads (every partition of its
-/// topic, partition 0 first).
+/// Starts the actor of a stream read on this node.
 pub(super) fn start(
     link: QueueLink,
     rx: mpsc::UnboundedReceiver<Command>,
-    leaderships: Vec<Leadership>,
+    topic: Arc<StreamTopic>,
     gauge: Arc<Gauge>,
 ) {
     let actor = StreamActor {
         link,
-        partitions: leaderships.iter().map(|l| l.partition().clone()).collect(),
+        partitions: topic.replicas(),
+        topic,
         readers: Vec::new(),
         gauge,
     };
-    tokio::spawn(actor.run(rx, leaderships));
+    tokio::spawn(actor.run(rx));
 }
 
 impl StreamActor {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>, leaderships: Vec<Leadership>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         // New committed messages on any partition wake the actor.
-        let mut written = futures::stream::select_all(self.partitions.iter().map(|p| {
+        let mut written = futures::stream::select_all(self.partitions.iter().flatten().map(|p| {
             futures::stream::unfold(p.watch_high_watermark(), |mut hw| async move {
                 hw.changed().await.ok().map(|()| ((), hw))
             })
             .boxed()
         }));
-        // The stream is served here only while this node leads every partition.
-        let ended = futures::future::select_all(leaderships.iter().map(|l| Box::pin(l.ended())));
-        tokio::pin!(ended);
+        let mut roles = self.topic.topology.watch_roles();
         loop {
             self.dispatch();
             let blocked = self.readers.iter().any(|r| r.blocked);
@@ -137,8 +145,12 @@ impl StreamActor {
                     Some(Command::Close) | None => break,
                     Some(c) => if handle_round(&mut rx, c, |c| self.handle(c)) { break },
                 },
-                w = written.next() => if w.is_none() { break },
-                _ = &mut ended => break,
+                Some(()) = written.next() => {}
+                r = roles.changed() => {
+                    if r.is_err() || !same_replicas(&self.partitions, &self.topic.replicas()) {
+                        break;
+                    }
+                }
                 _ = tokio::time::sleep(BLOCKED_RETRY), if blocked => {}
             }
         }
@@ -179,6 +191,7 @@ impl StreamActor {
                 let stored: i64 = self
                     .partitions
                     .iter()
+                    .flatten()
                     .map(|p| (p.high_watermark() - p.log_start_offset()).max(0))
                     .sum();
                 let unacked: u32 = self
@@ -218,11 +231,17 @@ impl StreamActor {
                 "consumer prefetch count is not set for '{queue}'"
             )));
         }
-        let next = self
-            .partitions
-            .iter()
-            .map(|p| self.position(p, spec.start))
-            .collect();
+        let mut next = Vec::with_capacity(self.partitions.len());
+        for (i, p) in self.partitions.iter().enumerate() {
+            let Some(p) = p else {
+                return Err(AmqpError::unavailable(format!(
+                    "{queue} cannot be read on node {}: it holds no replica of partition {i} of topic '{}'",
+                    self.topic.topology.node_id(),
+                    self.topic.topic
+                )));
+            };
+            next.push(self.position(p, spec.start));
+        }
         self.readers.push(Reader {
             spec,
             next,
@@ -304,11 +323,14 @@ impl StreamActor {
 
 /// Reads the next batches of the first partition, in turn, that has messages
 /// past the reader's position; false when none has.
-fn fill(partitions: &[Arc<Partition>], r: &mut Reader, queue: &str) -> bool {
+fn fill(partitions: &[Option<Arc<Partition>>], r: &mut Reader, queue: &str) -> bool {
     let n = partitions.len();
     for k in 0..n {
         let p = (r.turn + k) % n;
-        let partition = &partitions[p];
+        // A consumer is admitted only where every partition has a replica.
+        let Some(partition) = &partitions[p] else {
+            continue;
+        };
         // A read may hold only control batches: read on in this partition
         // until a message comes or its committed end.
         loop {
@@ -345,6 +367,16 @@ fn fill(partitions: &[Arc<Partition>], r: &mut Reader, queue: &str) -> bool {
         }
     }
     false
+}
+
+/// Whether two lists of replicas are the same partitions' same replicas.
+fn same_replicas(a: &[Option<Arc<Partition>>], b: &[Option<Arc<Partition>>]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(a, b)| match (a, b) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        })
 }
 
 /// The message with its offset in the `x-stream-offset` header, as RabbitMQ
