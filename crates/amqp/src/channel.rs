@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
+use amq_protocol::frame::AMQPContentHeader;
 use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::protocol::{basic, channel, confirm, exchange, queue, tx, AMQPClass};
 use amq_protocol::types::{FieldTable, ShortString};
@@ -17,7 +17,7 @@ use tokio::time::{Duration, Instant};
 
 use crate::connection::Conn;
 use crate::error::AmqpError;
-use crate::frame::{put, put_body, put_method};
+use crate::frame::{put_body, put_header, put_method};
 use crate::message::{encode_batch, Publication, Stored};
 use crate::model::encode_table;
 use crate::ops::{no_exchange, ExchangeDeclaration, QueueDeclaration, Who};
@@ -462,17 +462,7 @@ impl Conn {
         self.out.frames(|buf| {
             buf.reserve(body.len() + 256);
             method(buf, ch, m);
-            put(
-                buf,
-                &AMQPFrame::Header(
-                    ch,
-                    AMQPContentHeader {
-                        class_id: 60,
-                        body_size: body.len() as u64,
-                        properties,
-                    },
-                ),
-            );
+            put_header(buf, ch, body.len() as u64, &properties);
             for part in body.chunks(chunk) {
                 put_body(buf, ch, part);
             }
