@@ -7,7 +7,11 @@ at each fault fails (later ones wait for the new leader); no message acknowledge
 the faults began (less a second for an ack in flight), or after the cluster
 settled, is delivered again; a message
 is delivered twice only around a failover (an acknowledgement the lost leader
-never recorded), and then flagged redelivered. Runs only against the cluster
+never recorded), and then flagged redelivered.
+
+And a stream queue over a three-partition Kafka topic, read while the node
+leading one of its other partitions is killed: every record Kafka
+acknowledged arrives once, where Kafka put it. Runs only against the cluster
 (SLUICE_INTEROP_CLUSTER=1).
 """
 
@@ -218,4 +222,112 @@ def test_leader_killed_and_paused_under_confirms_and_acks(broker_factory):
         f"[amqp-faults] confirmed {len(publisher.confirmed)}, received {len(received)} "
         f"({len(deliveries) - len(received)} again around failovers), publisher reconnects {publisher.failures}; "
         f"leaders {leader} (killed), {second}, {paused} (paused)"
+    )
+
+
+def test_a_stream_over_a_kafka_topic_reads_on_while_another_partitions_leader_is_killed(broker_factory):
+    """A stream queue over a three-partition Kafka topic is read on the node
+    leading partition 0, from its replicas of all three. Killing the node that
+    leads another partition moves only that partition's leadership: the AMQP
+    consumer is not cancelled and receives every record Kafka acknowledged,
+    once, at the offset the producer was told, in offset order per partition."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    cluster = broker_factory("stream-faults")
+    nodes = {i + 1: b for i, b in enumerate(cluster.nodes)}
+    topic = f"orders-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=-1)])[topic].result(30)
+    deadline = time.monotonic() + 30
+    while True:
+        parts = admin.list_topics(topic, timeout=10).topics[topic].partitions
+        leaders = {p: parts[p].leader for p in parts}
+        if len(leaders) == 3 and all(l > 0 for l in leaders.values()):
+            break
+        assert time.monotonic() < deadline, f"no leaders for {topic}: {leaders}"
+        time.sleep(0.3)
+    home = leaders[0]
+    victims = {leaders[p] for p in (1, 2)} - {home}
+    assert victims, f"every partition is led by node {home}: nothing to kill but the stream's home"
+    victim = min(victims)
+    reader = next(i for i in nodes if i not in (victim, home))
+
+    q = f"orders-stream-{uuid.uuid4().hex[:8]}"
+    with connect(nodes[home]) as c:
+        c.channel().queue_declare(
+            q, durable=True, arguments={"x-queue-type": "stream", "x-stream-topic": topic}
+        )
+
+    acked = {}  # body -> (partition, offset)
+    stop = threading.Event()
+
+    def produce():
+        p = Producer({"bootstrap.servers": cluster.bootstrap, "enable.idempotence": True, "acks": "all"})
+
+        def on_delivery(err, m):
+            if err is None:
+                acked[m.value()] = (m.partition(), m.offset())
+
+        n = 0
+        while not stop.is_set():
+            p.produce(topic, key=f"k{n % 11}", value=f"r-{n}".encode(), on_delivery=on_delivery)
+            n += 1
+            p.poll(0)
+            time.sleep(0.002)
+        p.flush(60)
+
+    got = []  # (partition, offset, body)
+    cancelled = threading.Event()
+    last = [time.monotonic()]
+
+    def consume():
+        with connect(nodes[reader]) as c:
+            ch = c.channel()
+            ch.basic_qos(prefetch_count=100)
+
+            def on_message(ch_, method, props, body):
+                h = props.headers or {}
+                got.append((h.get("x-stream-partition", 0), h["x-stream-offset"], body))
+                last[0] = time.monotonic()
+                ch_.basic_ack(method.delivery_tag)
+
+            ch.basic_consume(q, on_message, arguments={"x-stream-offset": "first"})
+            while not stop.is_set() or time.monotonic() - last[0] < 4.0:
+                c.process_data_events(0.1)
+                if not ch.consumer_tags:
+                    cancelled.set()
+                    return
+
+    producer = threading.Thread(target=produce, daemon=True)
+    consumer = threading.Thread(target=consume, daemon=True)
+    producer.start()
+    consumer.start()
+    time.sleep(2.0)
+    os.kill(nodes[victim].proc.pid, signal.SIGKILL)
+    nodes[victim]._kill_proc()
+    time.sleep(4.0)
+    nodes[victim].start()
+    cluster.wait_healthy()
+    time.sleep(2.0)
+    stop.set()
+    producer.join(90)
+    consumer.join(90)
+
+    assert not cancelled.is_set(), "the stream consumer was cancelled though the stream's home lived"
+    assert acked, "Kafka acknowledged nothing"
+    seen = {}
+    for partition, offset, body in got:
+        assert body not in seen, f"{body!r} delivered twice"
+        seen[body] = (partition, offset)
+    lost = [b for b in acked if b not in seen]
+    assert not lost, f"{len(lost)} acknowledged records never delivered, e.g. {lost[:5]}"
+    moved = [b for b, where in acked.items() if seen[b] != where]
+    assert not moved, f"delivered at another position than Kafka acknowledged: {moved[:5]}"
+    for p in range(3):
+        offsets = [o for part, o, _ in got if part == p]
+        assert offsets == sorted(offsets), f"partition {p} out of offset order"
+    print(
+        f"[stream-faults] {len(acked)} acknowledged, {len(got)} delivered; home {home}, "
+        f"killed {victim} (leader of partition(s) {[p for p, l in leaders.items() if l == victim]}), read via {reader}"
     )

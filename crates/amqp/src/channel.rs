@@ -1587,8 +1587,9 @@ impl Conn {
                         consumer_tag: short(&consumer_tag),
                         delivery_tag: tag,
                         redelivered,
-                        exchange: short(&exchange),
-                        routing_key: short(&routing_key),
+                        // Moved, not copied: the message's own strings.
+                        exchange: crate::short_owned(exchange),
+                        routing_key: crate::short_owned(routing_key),
                     })),
                     properties,
                     &body,

@@ -795,9 +795,33 @@ pub(crate) fn no_queue(vhost: &str, name: &str) -> AmqpError {
 
 /// A short string from text that may be longer than 255 bytes (cut at a character).
 pub(crate) fn short(s: &str) -> ShortString {
+    ShortString::try_new(&s[..short_len(s)]).unwrap_or_default()
+}
+
+/// [`short`], taking the text's own buffer instead of copying it.
+pub(crate) fn short_owned(mut s: String) -> ShortString {
+    s.truncate(short_len(&s));
+    ShortString::try_new(s).unwrap_or_default()
+}
+
+/// How much of `s` fits a short string: at most 255 bytes, cut at a character.
+fn short_len(s: &str) -> usize {
     let mut end = s.len().min(255);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    ShortString::try_new(&s[..end]).unwrap_or_default()
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn short_strings_are_cut_at_a_character_within_255_bytes() {
+        let long = "é".repeat(200);
+        let cut = super::short_owned(long.clone());
+        assert_eq!(cut.as_str().len(), 254);
+        assert!(long.starts_with(cut.as_str()));
+        assert_eq!(super::short(&long), cut);
+        assert_eq!(super::short_owned("orders.eu".into()).as_str(), "orders.eu");
+    }
 }
