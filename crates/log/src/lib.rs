@@ -36,6 +36,7 @@ mod producer;
 mod records;
 mod segment;
 mod store;
+mod txn;
 
 use std::collections::BTreeMap;
 
@@ -47,6 +48,7 @@ pub use error::LogError;
 pub use partition::Partition;
 pub use records::{BatchBuilder, PlainRecords, RecordsError, StoredRecord};
 pub use store::Store;
+pub use txn::{AbortedTxn, Marker};
 
 /// A topic's description.
 #[derive(Clone, Debug)]
@@ -68,6 +70,8 @@ pub struct TopicInfo {
 pub enum ReadLimit {
     /// Consumers: up to the high watermark.
     HighWatermark,
+    /// `read_committed` consumers: up to the last stable offset.
+    LastStable,
     /// Replicas: up to the log end offset.
     LogEnd,
 }

@@ -26,6 +26,7 @@ use crate::epoch::EpochCache;
 use crate::fsutil;
 use crate::producer::{is_idempotent, Check, ProducerEntry, ProducerStates};
 use crate::segment::{self, IndexTail, SegFiles, SegMeta, Stop, INDEX_WRITE_BATCH};
+use crate::txn::{AbortedTxn, Marker, Transactions};
 use crate::{AppendResult, FlushPolicy, LogError, ReadLimit, ReadResult, TopicConfig};
 
 const LOG_START_FILE: &str = "log-start-offset";
@@ -134,6 +135,9 @@ pub struct Partition {
     config: Arc<RwLock<TopicConfig>>,
     flush: FlushPolicy,
     writer: Mutex<Writer>,
+    /// Open and aborted transactions; changed under the append lock, read
+    /// by fetches without it.
+    txns: RwLock<Transactions>,
     view: RwLock<View>,
     /// Log end offset after each append; wakes the flusher.
     written_tx: watch::Sender<i64>,
@@ -165,6 +169,54 @@ impl std::fmt::Debug for Partition {
 }
 
 /// Parses a segment file name "<20 digits>.log".
+/// What an append may hold.
+#[derive(Clone, Copy, Debug)]
+enum AppendKind {
+    /// A producer's batches, not transactional.
+    Data,
+    /// A transactional producer's batches.
+    Transactional,
+    /// The broker's own control batches, not transactional (AMQP delivery state).
+    Control,
+    /// A transaction coordinator's marker.
+    Marker(Marker),
+}
+
+impl AppendKind {
+    fn check(self, h: &BatchHeader) -> Result<(), LogError> {
+        let refused = match self {
+            AppendKind::Data if h.is_transactional() || h.is_control() => {
+                "transactional batches need a transactional producer, and control batches are the broker's"
+            }
+            AppendKind::Transactional
+                if !h.is_transactional() || h.is_control() || !is_idempotent(h) =>
+            {
+                "a transactional producer's batches are transactional, idempotent data"
+            }
+            AppendKind::Control if h.is_transactional() || !h.is_control() => {
+                "only non-transactional control batches are the broker's to write"
+            }
+            _ => return Ok(()),
+        };
+        Err(LogError::InvalidRecord(refused.into()))
+    }
+
+    fn is_transactional(self) -> bool {
+        matches!(self, AppendKind::Transactional | AppendKind::Marker(_))
+    }
+}
+
+/// The transaction marker a batch of a segment file holds, read at `pos`;
+/// `None` for any other batch (only transactional control batches are read).
+fn marker_at(log: &fs::File, pos: u64, h: &BatchHeader) -> Option<Marker> {
+    if !(h.is_transactional() && h.is_control()) {
+        return None;
+    }
+    let mut buf = vec![0u8; h.size()];
+    log.read_exact_at(&mut buf, pos).ok()?;
+    Marker::read(h, Bytes::from(buf))
+}
+
 fn parse_log_name(name: &str) -> Option<i64> {
     let stem = name.strip_suffix(segment::LOG_SUFFIX)?;
     if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
@@ -229,6 +281,7 @@ impl Partition {
         let loaded_epochs = EpochCache::load(&dir)?;
         let mut epochs = loaded_epochs.clone();
         let mut producers = ProducerStates::default();
+        let mut txns = Transactions::default();
         let mut segments = BTreeMap::new();
         let mut prev_next: Option<i64> = None;
         let mut drop_rest = false;
@@ -246,9 +299,10 @@ impl Partition {
             }
             let file_len = files.log.metadata()?.len();
             let is_last = i + 1 == count;
-            let snapshot = (producers.clone(), epochs.clone());
-            let mut replay = |_: u64, h: &BatchHeader| {
+            let snapshot = (producers.clone(), epochs.clone(), txns.clone());
+            let mut replay = |pos: u64, h: &BatchHeader| {
                 producers.replay(h);
+                txns.replay(h, marker_at(&files.log, pos, h));
                 epochs.assign(h.partition_leader_epoch, h.base_offset);
             };
             let mut w = segment::walk(&files.log, base, file_len, is_last, interval, &mut replay)?;
@@ -267,9 +321,10 @@ impl Partition {
                     None => true,
                 };
                 if w.fault.is_some() || !last_ok || !index_matches(&w) {
-                    (producers, epochs) = snapshot;
-                    let mut replay = |_: u64, h: &BatchHeader| {
+                    (producers, epochs, txns) = snapshot;
+                    let mut replay = |pos: u64, h: &BatchHeader| {
                         producers.replay(h);
+                        txns.replay(h, marker_at(&files.log, pos, h));
                         epochs.assign(h.partition_leader_epoch, h.base_offset);
                     };
                     w = segment::walk(&files.log, base, file_len, true, interval, &mut replay)?;
@@ -334,6 +389,7 @@ impl Partition {
         }
         epochs.truncate_from_end(log_end);
         epochs.truncate_from_start(log_start);
+        txns.forget_before(log_start);
         if epochs != loaded_epochs {
             epochs.persist()?;
         }
@@ -358,6 +414,7 @@ impl Partition {
                 buf: Vec::new(),
                 index_tail: IndexTail::default(),
             }),
+            txns: RwLock::new(txns),
             view: RwLock::new(View {
                 segments,
                 log_start,
@@ -444,7 +501,36 @@ impl Partition {
     /// written to the OS, before they are durable: call
     /// [`Partition::wait_durable`] before acknowledging.
     pub fn append(&self, records: &[u8], leader_epoch: i32) -> Result<AppendResult, LogError> {
-        self.append_kind(records, leader_epoch, false)
+        self.append_kind(records, leader_epoch, AppendKind::Data)
+    }
+
+    /// [`Partition::append`] for a transactional producer: every batch is
+    /// transactional and idempotent, and opens its producer's transaction
+    /// here if none is open; the transaction stays open (holding the last
+    /// stable offset back) until [`Partition::append_marker`] ends it.
+    pub fn append_transactional(
+        &self,
+        records: &[u8],
+        leader_epoch: i32,
+    ) -> Result<AppendResult, LogError> {
+        self.append_kind(records, leader_epoch, AppendKind::Transactional)
+    }
+
+    /// Ends `producer_id`'s transaction with the coordinator's marker (a
+    /// COMMIT or ABORT control batch), written even when the transaction
+    /// wrote nothing here, as Kafka does. A marker from an epoch older than
+    /// the producer's is refused (a fenced coordinator request).
+    pub fn append_marker(
+        &self,
+        producer_id: i64,
+        producer_epoch: i16,
+        marker: Marker,
+        leader_epoch: i32,
+    ) -> Result<AppendResult, LogError> {
+        let batch = marker
+            .batch(producer_id, producer_epoch, now_ms())
+            .ok_or_else(|| LogError::InvalidRecord("empty transaction marker".into()))?;
+        self.append_kind(&batch, leader_epoch, AppendKind::Marker(marker))
     }
 
     /// Appends the broker's own control batches (never a producer's: the wire
@@ -457,14 +543,14 @@ impl Partition {
         records: &[u8],
         leader_epoch: i32,
     ) -> Result<AppendResult, LogError> {
-        self.append_kind(records, leader_epoch, true)
+        self.append_kind(records, leader_epoch, AppendKind::Control)
     }
 
     fn append_kind(
         &self,
         records: &[u8],
         leader_epoch: i32,
-        control: bool,
+        kind: AppendKind,
     ) -> Result<AppendResult, LogError> {
         self.check_usable()?;
         // Validation (CRC over every byte) happens before taking the lock.
@@ -485,13 +571,7 @@ impl Partition {
                     max: max_message,
                 });
             }
-            if h.is_transactional() || h.is_control() != control {
-                return Err(LogError::InvalidRecord(if control {
-                    "only non-transactional control batches are the broker's to write".into()
-                } else {
-                    "transactional and control batches are not supported".into()
-                }));
-            }
+            kind.check(h)?;
         }
 
         let mut w = self.writer.lock();
@@ -505,6 +585,17 @@ impl Partition {
         // earlier in this same append (staged in `touched`).
         let mut touched: Vec<(i64, Option<ProducerEntry>)> = Vec::new();
         let mut next = log_end;
+        if let (AppendKind::Marker(_), Some(h)) = (kind, headers.first()) {
+            if let Some(e) = w.producers.get(h.producer_id) {
+                if h.producer_epoch < e.epoch {
+                    return Err(LogError::InvalidProducerEpoch {
+                        producer_id: h.producer_id,
+                        current: e.epoch,
+                        got: h.producer_epoch,
+                    });
+                }
+            }
+        }
         for h in &headers {
             if is_idempotent(h) {
                 let slot = match touched.iter().position(|(p, _)| *p == h.producer_id) {
@@ -551,6 +642,23 @@ impl Partition {
         for (pid, entry) in touched {
             if let Some(e) = entry {
                 w.producers.insert(pid, e);
+            }
+        }
+        if kind.is_transactional() {
+            let mut txns = self.txns.write();
+            let mut at = log_end;
+            for h in &headers {
+                let stamped = BatchHeader {
+                    base_offset: at,
+                    ..*h
+                };
+                if let AppendKind::Marker(m) = kind {
+                    w.producers.fence(h.producer_id, h.producer_epoch);
+                    txns.replay(&stamped, Some(m));
+                } else {
+                    txns.replay(&stamped, None);
+                }
+                at = stamped.next_offset();
             }
         }
         if w.epochs.assign(leader_epoch, log_end) {
@@ -609,8 +717,19 @@ impl Partition {
             (segment_bytes, segment_ms, interval),
         )?;
         let mut epochs_changed = false;
+        let mut pos = 0usize;
         for h in &headers {
             w.producers.replay(h);
+            if h.is_transactional() {
+                let marker = records
+                    .get(pos..pos + h.size())
+                    .and_then(|b| Marker::read(h, Bytes::copy_from_slice(b)));
+                if marker.is_some() {
+                    w.producers.fence(h.producer_id, h.producer_epoch);
+                }
+                self.txns.write().replay(h, marker);
+            }
+            pos += h.size();
             epochs_changed |= w.epochs.follow(h.partition_leader_epoch, h.base_offset);
         }
         if epochs_changed {
@@ -1064,6 +1183,7 @@ impl Partition {
         }
         let limit_offset = match limit {
             ReadLimit::HighWatermark => high_watermark,
+            ReadLimit::LastStable => self.stable_below(high_watermark),
             ReadLimit::LogEnd => log_end,
         };
         if offset >= limit_offset {
@@ -1128,6 +1248,26 @@ impl Partition {
             }
         };
         Ok(result(records))
+    }
+
+    /// The last stable offset: below it every transaction is decided, so
+    /// `read_committed` consumers read up to it (never past the high
+    /// watermark).
+    pub fn last_stable_offset(&self) -> i64 {
+        self.stable_below(self.high_watermark().min(self.log_end_offset()))
+    }
+
+    fn stable_below(&self, high_watermark: i64) -> i64 {
+        self.txns
+            .read()
+            .first_unstable()
+            .map_or(high_watermark, |first| first.min(high_watermark))
+    }
+
+    /// The aborted transactions whose records reach into `[from, to)`, for a
+    /// `read_committed` fetch of that range.
+    pub fn aborted_transactions(&self, from: i64, to: i64) -> Vec<AbortedTxn> {
+        self.txns.read().aborted_between(from, to)
     }
 
     /// Changes whenever the high watermark moves (long-polling fetches wait on it).
@@ -1268,6 +1408,7 @@ impl Partition {
         if w.epochs.truncate_from_start(start) {
             w.epochs.persist()?;
         }
+        self.txns.write().forget_before(start);
         Ok(())
     }
 
@@ -1411,7 +1552,7 @@ impl Partition {
             self.hw_tx.send_modify(|hw| *hw = (*hw).min(new_end));
             self.durable_end_tx.send_modify(|d| *d = (*d).min(new_end));
         }
-        w.producers = self.rebuild_producers(interval)?;
+        (w.producers, *self.txns.write()) = self.rebuild_producers(interval)?;
         if w.epochs.truncate_from_end(new_end) {
             w.epochs.persist()?;
         }
@@ -1419,8 +1560,8 @@ impl Partition {
         Ok(())
     }
 
-    /// Producer state from the batch headers of every segment.
-    fn rebuild_producers(&self, interval: u32) -> Result<ProducerStates, LogError> {
+    /// Producer and transaction state from the batches of every segment.
+    fn rebuild_producers(&self, interval: u32) -> Result<(ProducerStates, Transactions), LogError> {
         let segs: Vec<(i64, Arc<SegFiles>, u64)> = {
             let v = self.view.read();
             v.segments
@@ -1429,10 +1570,19 @@ impl Partition {
                 .collect()
         };
         let mut p = ProducerStates::default();
+        let mut t = Transactions::default();
         for (base, files, size) in segs {
-            segment::walk(&files.log, base, size, false, interval, |_, h| p.replay(h))?;
+            segment::walk(&files.log, base, size, false, interval, |pos, h| {
+                p.replay(h);
+                let marker = marker_at(&files.log, pos, h);
+                if marker.is_some() {
+                    p.fence(h.producer_id, h.producer_epoch);
+                }
+                t.replay(h, marker);
+            })?;
         }
-        Ok(p)
+        t.forget_before(self.view.read().log_start);
+        Ok((p, t))
     }
 
     /// Total bytes of this partition's segments.

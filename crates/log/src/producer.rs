@@ -138,6 +138,23 @@ impl ProducerStates {
         }
     }
 
+    /// A transaction marker of `epoch` was written for `producer_id`: a
+    /// newer epoch (the coordinator fenced the producer) fences older ones
+    /// and starts its sequences afresh, as Kafka's marker append does.
+    pub fn fence(&mut self, producer_id: i64, epoch: i16) {
+        let e = self
+            .map
+            .entry(producer_id)
+            .or_insert_with(|| ProducerEntry {
+                epoch,
+                batches: VecDeque::with_capacity(CACHED_BATCHES),
+            });
+        if epoch > e.epoch {
+            e.epoch = epoch;
+            e.batches.clear();
+        }
+    }
+
     pub fn insert(&mut self, producer_id: i64, entry: ProducerEntry) {
         self.map.insert(producer_id, entry);
     }

@@ -83,7 +83,18 @@ impl BatchBuilder {
 
     /// The whole batch, header and CRC filled in; None when it holds no record
     /// (a batch must hold at least one).
-    pub fn finish(mut self) -> Option<BytesMut> {
+    pub fn finish(self) -> Option<BytesMut> {
+        self.finish_as(0, NO_PRODUCER_ID, NO_PRODUCER_EPOCH)
+    }
+
+    /// [`BatchBuilder::finish`] with these attributes and producer (the
+    /// log's own transaction markers).
+    pub(crate) fn finish_as(
+        mut self,
+        attributes: i16,
+        producer_id: i64,
+        producer_epoch: i16,
+    ) -> Option<BytesMut> {
         if self.count == 0 {
             return None;
         }
@@ -94,12 +105,12 @@ impl BatchBuilder {
         header.put_i32(NO_PARTITION_LEADER_EPOCH);
         header.put_i8(2);
         header.put_u32(0);
-        header.put_i16(0);
+        header.put_i16(attributes);
         header.put_i32(self.count - 1);
         header.put_i64(self.base_timestamp);
         header.put_i64(self.max_timestamp);
-        header.put_i64(NO_PRODUCER_ID);
-        header.put_i16(NO_PRODUCER_EPOCH);
+        header.put_i64(producer_id);
+        header.put_i16(producer_epoch);
         header.put_i32(NO_SEQUENCE);
         header.put_i32(self.count);
         let crc = crc32c::crc32c(&self.buf[OFF_ATTRIBUTES..]);

@@ -21,7 +21,7 @@ use super::topic_name_by_id;
 use crate::dispatch::{later, now, Hdr, Outcome};
 use crate::server::Ctx;
 
-const READ_COMMITTED: i8 = 1;
+pub(crate) const READ_COMMITTED: i8 = 1;
 
 /// One pass over every requested partition.
 struct Collected {
@@ -130,12 +130,34 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
                     let max = partition_max.min(response_max.saturating_sub(bytes));
                     // KIP-74: the first partition with data returns at least one
                     // whole batch, so a batch above the limits cannot stall a consumer.
-                    let read = log.read(fp.fetch_offset, max, bytes == 0, ReadLimit::HighWatermark);
+                    let committed = req.isolation_level == READ_COMMITTED;
+                    let limit = if committed {
+                        ReadLimit::LastStable
+                    } else {
+                        ReadLimit::HighWatermark
+                    };
+                    let read = log.read(fp.fetch_offset, max, bytes == 0, limit);
                     let code = match read {
                         Ok(read) => {
                             bytes += read.records.len();
+                            let stable = log.last_stable_offset();
+                            if committed {
+                                // Every aborted transaction whose records
+                                // reach into what is returned: the consumer
+                                // drops them.
+                                pd.aborted_transactions = Some(
+                                    log.aborted_transactions(fp.fetch_offset, stable)
+                                        .into_iter()
+                                        .map(|t| {
+                                            fetch_response::AbortedTransaction::default()
+                                                .with_producer_id(t.producer_id.into())
+                                                .with_first_offset(t.first_offset)
+                                        })
+                                        .collect(),
+                                );
+                            }
                             pd.high_watermark = read.high_watermark;
-                            pd.last_stable_offset = read.high_watermark;
+                            pd.last_stable_offset = stable;
                             pd.log_start_offset = read.log_start_offset;
                             pd.records = Some(read.records);
                             0
@@ -144,7 +166,7 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
                     };
                     if code != 0 {
                         pd.high_watermark = log.high_watermark();
-                        pd.last_stable_offset = pd.high_watermark;
+                        pd.last_stable_offset = log.last_stable_offset();
                         pd.log_start_offset = log.log_start_offset();
                     }
                     watched.push(Watched {

@@ -1,5 +1,6 @@
 //! ListOffsets, OffsetForLeaderEpoch, DeleteRecords.
 
+use super::fetch::READ_COMMITTED;
 use kafka_protocol::messages::delete_records_response::{
     DeleteRecordsPartitionResult, DeleteRecordsTopicResult,
 };
@@ -50,10 +51,14 @@ pub(crate) fn list_offsets(
                         Err(code) => return resp.with_error_code(code.code()),
                     };
                     let (log, leader_epoch) = (lead.partition(), lead.epoch());
-                    // Read-committed sees up to the last stable offset, which
-                    // is the high watermark without transactions.
+                    // Read-committed sees up to the last stable offset.
+                    let latest = if req.isolation_level == READ_COMMITTED {
+                        log.last_stable_offset()
+                    } else {
+                        log.high_watermark()
+                    };
                     let found = match p.timestamp {
-                        LATEST => Ok(Some((log.high_watermark(), -1))),
+                        LATEST => Ok(Some((latest, -1))),
                         EARLIEST => Ok(Some((log.log_start_offset(), -1))),
                         ts if ts >= 0 => log
                             .offset_for_timestamp(ts)

@@ -1,13 +1,17 @@
 //! Feeds arbitrary bytes to the in-place record reader as one batch: it must
 //! never panic, stop at the first bad record, and every record it hands out
-//! must lie inside the input.
+//! must lie inside the input. A transaction marker read from the same bytes
+//! never panics either.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice_log::PlainRecords;
+use sluice_log::{BatchHeader, Marker, PlainRecords};
 
 fuzz_target!(|data: &[u8]| {
     let input = bytes::Bytes::copy_from_slice(data);
+    if let Some(header) = BatchHeader::parse(data) {
+        let _ = Marker::read(&header, input.clone());
+    }
     if let Ok(records) = PlainRecords::new(input) {
         let mut failed = false;
         for record in records {

@@ -10,6 +10,7 @@ mod model;
 mod replication;
 mod retention;
 mod store_meta;
+mod transactions;
 mod validator;
 
 use std::collections::BTreeMap;
