@@ -106,6 +106,18 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
             let req = decode!(InitProducerIdRequest, buf, h);
             handlers::meta::init_producer_id(ctx, req, h)
         }
+        ApiKey::AddPartitionsToTxn => {
+            let req = decode!(AddPartitionsToTxnRequest, buf, h);
+            handlers::txn::add_partitions_to_txn(ctx, req, h)
+        }
+        ApiKey::EndTxn => {
+            let req = decode!(EndTxnRequest, buf, h);
+            handlers::txn::end_txn(ctx, req, h)
+        }
+        ApiKey::WriteTxnMarkers => {
+            let req = decode!(WriteTxnMarkersRequest, buf, h);
+            handlers::txn::write_txn_markers(ctx, req, h)
+        }
         ApiKey::CreateTopics => {
             let req = decode!(CreateTopicsRequest, buf, h);
             handlers::admin::create_topics(ctx, req, h)
@@ -265,6 +277,9 @@ pub(crate) fn decode_only(frame: Bytes) -> Result<(), String> {
         ApiKey::DescribeCluster => body::<DescribeClusterRequest>(&mut buf, version),
         ApiKey::FindCoordinator => body::<FindCoordinatorRequest>(&mut buf, version),
         ApiKey::InitProducerId => body::<InitProducerIdRequest>(&mut buf, version),
+        ApiKey::AddPartitionsToTxn => body::<AddPartitionsToTxnRequest>(&mut buf, version),
+        ApiKey::EndTxn => body::<EndTxnRequest>(&mut buf, version),
+        ApiKey::WriteTxnMarkers => body::<WriteTxnMarkersRequest>(&mut buf, version),
         ApiKey::CreateTopics => body::<CreateTopicsRequest>(&mut buf, version),
         ApiKey::DeleteTopics => body::<DeleteTopicsRequest>(&mut buf, version),
         ApiKey::CreatePartitions => body::<CreatePartitionsRequest>(&mut buf, version),

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 
 use sluice_group::Coordination;
 use sluice_topology::Topology;
+use sluice_txn::{TxnConfig, TxnCoordinator};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -24,6 +25,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub(crate) struct Ctx {
     pub topology: Arc<dyn Topology>,
     pub groups: Arc<Coordination>,
+    pub txns: Arc<TxnCoordinator>,
     pub config: ServerConfig,
     /// In-flight request and response bytes of all connections.
     pub budget: Arc<connection::Budget>,
@@ -36,9 +38,15 @@ pub(crate) async fn serve(
     groups: Arc<Coordination>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    let txns = TxnCoordinator::start(
+        topology.clone(),
+        Arc::new(crate::handlers::txn::Markers::new(topology.clone())),
+        TxnConfig::default(),
+    );
     let ctx = Arc::new(Ctx {
         topology,
         groups,
+        txns,
         budget: Arc::new(connection::Budget::new(config.max_in_flight_bytes)),
         config,
     });
@@ -102,6 +110,7 @@ pub(crate) async fn serve(
         );
         connections.shutdown().await;
     }
+    ctx.txns.shutdown();
     Ok(())
 }
 

@@ -34,7 +34,10 @@ use sluice_cluster::{
 };
 use sluice_log::Store;
 use sluice_replica::{ReplicaConfig, ReplicaManager};
-use sluice_vocab::internal::{offsets_topic_configs, OFFSETS_TOPIC, OFFSETS_TOPIC_PARTITIONS};
+use sluice_vocab::internal::{
+    offsets_topic_configs, transaction_state_topic_configs, OFFSETS_TOPIC,
+    OFFSETS_TOPIC_PARTITIONS, TRANSACTION_STATE_TOPIC, TRANSACTION_STATE_TOPIC_PARTITIONS,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -123,11 +126,18 @@ impl Node {
     /// inside a Tokio runtime.
     pub async fn start(store: Arc<Store>, mut config: NodeConfig) -> Result<Arc<Node>, NodeError> {
         config.cluster.cluster_id = Some(store.cluster_id());
-        config.cluster.internal_topics = vec![InternalTopic {
-            name: OFFSETS_TOPIC.to_owned(),
-            partitions: OFFSETS_TOPIC_PARTITIONS,
-            configs: offsets_topic_configs(),
-        }];
+        config.cluster.internal_topics = vec![
+            InternalTopic {
+                name: OFFSETS_TOPIC.to_owned(),
+                partitions: OFFSETS_TOPIC_PARTITIONS,
+                configs: offsets_topic_configs(),
+            },
+            InternalTopic {
+                name: TRANSACTION_STATE_TOPIC.to_owned(),
+                partitions: TRANSACTION_STATE_TOPIC_PARTITIONS,
+                configs: transaction_state_topic_configs(),
+            },
+        ];
         if config.is_single() {
             config.cluster.adopt_local_state = Some(local_state(&store));
         }

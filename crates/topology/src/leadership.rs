@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_log::{AppendResult, LogError, Partition};
+use sluice_log::{AppendResult, LogError, Marker, Partition};
 use sluice_vocab::{ErrorCode, KafkaError};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -106,6 +106,31 @@ impl Leadership {
             return Err(AppendError::NotLeader);
         }
         Ok(self.partition.append_control(records, self.epoch)?)
+    }
+
+    /// Appends a transactional producer's batches (see
+    /// [`Partition::append_transactional`]) while this leadership lasts.
+    pub fn append_transactional(&self, records: &[u8]) -> Result<AppendResult, AppendError> {
+        if !self.is_current() {
+            return Err(AppendError::NotLeader);
+        }
+        Ok(self.partition.append_transactional(records, self.epoch)?)
+    }
+
+    /// Writes a transaction coordinator's marker (see
+    /// [`Partition::append_marker`]) while this leadership lasts.
+    pub fn append_marker(
+        &self,
+        producer_id: i64,
+        producer_epoch: i16,
+        marker: Marker,
+    ) -> Result<AppendResult, AppendError> {
+        if !self.is_current() {
+            return Err(AppendError::NotLeader);
+        }
+        Ok(self
+            .partition
+            .append_marker(producer_id, producer_epoch, marker, self.epoch)?)
     }
 
     /// Resolves once the high watermark reaches `end_offset` (the records are on

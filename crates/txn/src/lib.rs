@@ -26,8 +26,11 @@
 //! - a coordinator that takes over completes every transaction it finds
 //!   preparing.
 
+mod coordinator;
 pub mod record;
 mod state;
+
+pub use coordinator::{MarkerWriter, TxnConfig, TxnCoordinator};
 
 pub use state::{
     End, Init, TopicPartition, TxnMetadata, TxnState, TxnTable, NO_PRODUCER_EPOCH, NO_PRODUCER_ID,

@@ -8,6 +8,14 @@ pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// Partitions of [`OFFSETS_TOPIC`]: its leader coordinates every group.
 pub const OFFSETS_TOPIC_PARTITIONS: i32 = 1;
 
+/// The topic that holds the transaction coordinator's state (one record per
+/// transition of a transactional id).
+pub const TRANSACTION_STATE_TOPIC: &str = "__transaction_state";
+
+/// Partitions of [`TRANSACTION_STATE_TOPIC`]: its leader coordinates every
+/// transaction.
+pub const TRANSACTION_STATE_TOPIC_PARTITIONS: i32 = 1;
+
 /// Whether the broker owns a topic: names starting with `__` are written by the
 /// broker only (a client's bytes there could break its replay); clients may read
 /// them.
@@ -19,6 +27,12 @@ pub fn is_internal(name: &str) -> bool {
 /// the log: replay is the only copy after a restart. Kafka compacts this topic;
 /// Sluice keeps it whole (cleanup.policy is recorded as compact) and the group
 /// coordinator snapshots it.
+/// The overrides [`TRANSACTION_STATE_TOPIC`] is created with: as the offsets
+/// topic's, replay is the only copy of the coordinator's state.
+pub fn transaction_state_topic_configs() -> BTreeMap<String, String> {
+    offsets_topic_configs()
+}
+
 pub fn offsets_topic_configs() -> BTreeMap<String, String> {
     [
         ("cleanup.policy", "compact"),

@@ -12,7 +12,7 @@ use kafka_protocol::messages::metadata_response::{
 };
 use kafka_protocol::messages::*;
 use sluice_topology::{wait_image, Command, MetadataImage, TopicState, NO_LEADER};
-use sluice_vocab::internal::{is_internal, OFFSETS_TOPIC};
+use sluice_vocab::internal::{is_internal, OFFSETS_TOPIC, TRANSACTION_STATE_TOPIC};
 use sluice_vocab::{ErrorCode, TopicName as ValidTopicName};
 use uuid::Uuid;
 
@@ -391,39 +391,36 @@ pub(crate) fn describe_cluster(
 }
 
 /// (error, message, node, host, port) of the coordinator for `key_type`:
-/// groups are coordinated by the leader of `__consumer_offsets-0`.
+/// groups are coordinated by the leader of `__consumer_offsets-0`,
+/// transactions by the leader of `__transaction_state-0`.
 pub(crate) fn coordinator(
     image: &MetadataImage,
     key_type: i8,
 ) -> (i16, Option<&'static str>, i32, String, i32) {
     let none = |code: i16, message: &'static str| (code, Some(message), -1, String::new(), -1);
-    match key_type {
-        KEY_TYPE_GROUP => {
-            let leader = image
-                .partition(OFFSETS_TOPIC, 0)
-                .map_or(NO_LEADER, |p| p.leader);
-            match image.brokers.get(&leader).filter(|b| !b.fenced) {
-                Some(b) => (
-                    0,
-                    None,
-                    leader,
-                    b.kafka_host.clone(),
-                    i32::from(b.kafka_port),
-                ),
-                None => none(
-                    ErrorCode::CoordinatorNotAvailable.code(),
-                    "the offsets topic has no leader",
-                ),
-            }
+    let (topic, no_leader) = match key_type {
+        KEY_TYPE_GROUP => (OFFSETS_TOPIC, "the offsets topic has no leader"),
+        KEY_TYPE_TRANSACTION => (
+            TRANSACTION_STATE_TOPIC,
+            "the transaction state topic has no leader",
+        ),
+        _ => {
+            return none(
+                ErrorCode::InvalidRequest.code(),
+                "unknown coordinator key type",
+            )
         }
-        KEY_TYPE_TRANSACTION => none(
-            ErrorCode::CoordinatorNotAvailable.code(),
-            "transactions are not supported",
+    };
+    let leader = image.partition(topic, 0).map_or(NO_LEADER, |p| p.leader);
+    match image.brokers.get(&leader).filter(|b| !b.fenced) {
+        Some(b) => (
+            0,
+            None,
+            leader,
+            b.kafka_host.clone(),
+            i32::from(b.kafka_port),
         ),
-        _ => none(
-            ErrorCode::InvalidRequest.code(),
-            "unknown coordinator key type",
-        ),
+        None => none(ErrorCode::CoordinatorNotAvailable.code(), no_leader),
     }
 }
 
@@ -466,15 +463,24 @@ pub(crate) fn init_producer_id(ctx: &Arc<Ctx>, req: InitProducerIdRequest, h: Hd
     let resp = InitProducerIdResponse::default()
         .with_producer_id(ProducerId(-1))
         .with_producer_epoch(-1);
-    if req
-        .transactional_id
-        .as_ref()
-        .is_some_and(|id| !id.0.is_empty())
-    {
-        return now(
-            h,
-            &resp.with_error_code(ErrorCode::TransactionalIdAuthorizationFailed.code()),
-        );
+    if let Some(id) = req.transactional_id.as_ref().filter(|id| !id.0.is_empty()) {
+        let id = id.0.to_string();
+        // KIP-360: the id and epoch the producer had, if it had one.
+        let expected = (req.producer_id.0 >= 0).then_some((req.producer_id.0, req.producer_epoch));
+        let ctx = ctx.clone();
+        let version = h.version;
+        return later(h, async move {
+            match ctx
+                .txns
+                .init_producer_id(&id, req.transaction_timeout_ms, expected)
+                .await
+            {
+                Ok((pid, epoch)) => resp
+                    .with_producer_id(ProducerId(pid))
+                    .with_producer_epoch(epoch),
+                Err(code) => resp.with_error_code(super::txn::fenced_as(code, version, 4).code()),
+            }
+        });
     }
     let ctx = ctx.clone();
     later(h, async move {

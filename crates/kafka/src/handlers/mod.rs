@@ -7,6 +7,7 @@ pub(crate) mod fetch;
 pub(crate) mod meta;
 pub(crate) mod offsets;
 pub(crate) mod produce;
+pub(crate) mod txn;
 pub(crate) mod unsupported;
 
 use kafka_protocol::messages::TopicName;

@@ -31,6 +31,7 @@ struct Wait {
 fn append(
     ctx: &Ctx,
     records: &Option<bytes::Bytes>,
+    transactional: bool,
     leadership: Leadership,
     at: (usize, usize),
     resp: &mut PartitionProduceResponse,
@@ -50,9 +51,12 @@ fn append(
         }
         return Err(fault.refused());
     }
-    let appended = leadership
-        .append(records)
-        .map_err(|e| Refused::from_error(&e))?;
+    let appended = if transactional {
+        leadership.append_transactional(records)
+    } else {
+        leadership.append(records)
+    }
+    .map_err(|e| Refused::from_error(&e))?;
     resp.base_offset = appended.base_offset;
     resp.log_start_offset = appended.log_start_offset;
     waits.push(Wait {
@@ -80,10 +84,10 @@ fn refusal(acks: i16, name: &str, transactional: bool) -> Option<Refused> {
             format!("cannot produce to internal topic {name}"),
         ));
     }
-    if transactional {
+    if transactional && acks != -1 {
         return Some(Refused::new(
-            ErrorCode::TransactionalIdAuthorizationFailed,
-            "transactions are not supported",
+            ErrorCode::InvalidRequiredAcks,
+            "a transactional producer must use acks=all",
         ));
     }
     None
@@ -117,6 +121,7 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
                     Ok(leadership) => append(
                         ctx,
                         &data.records,
+                        transactional,
                         leadership,
                         (ti, pi),
                         &mut resp,

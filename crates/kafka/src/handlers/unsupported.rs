@@ -198,6 +198,18 @@ pub(crate) fn respond(h: Hdr, body: Bytes) -> Outcome {
         ApiKey::DescribeCluster => answer(h, body, |_: DescribeClusterRequest| {
             Some(DescribeClusterResponse::default().with_error_code(UNSUPPORTED))
         }),
+        // The brokers' batched form (v4+) has a top-level error.
+        ApiKey::AddPartitionsToTxn => answer(h, body, |_: AddPartitionsToTxnRequest| {
+            Some(AddPartitionsToTxnResponse::default().with_error_code(UNSUPPORTED))
+        }),
+        ApiKey::EndTxn => answer(h, body, |_: EndTxnRequest| {
+            Some(
+                EndTxnResponse::default()
+                    .with_error_code(UNSUPPORTED)
+                    .with_producer_id(ProducerId(-1))
+                    .with_producer_epoch(-1),
+            )
+        }),
         // Every other served API is served over the codec's whole range, so
         // its unsupported versions are ones the codec cannot parse either.
         _ => close(h, "version unknown to the codec"),
@@ -226,6 +238,8 @@ mod tests {
             ApiKey::DescribeGroups,
             ApiKey::InitProducerId,
             ApiKey::DescribeCluster,
+            ApiKey::AddPartitionsToTxn,
+            ApiKey::EndTxn,
         ];
         for &(key, min, max) in SUPPORTED_APIS {
             let api = ApiKey::try_from(key).expect("known key");

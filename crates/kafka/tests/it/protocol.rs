@@ -563,15 +563,32 @@ async fn describe_cluster_find_coordinator_init_producer_id() {
         assert_eq!(resp.node_id.0, 0);
         assert_eq!(resp.port, i32::from(server.addr.port()));
     }
-    let resp = c
-        .call(
-            &FindCoordinatorRequest::default()
-                .with_key(sb("tx"))
-                .with_key_type(1),
-            2,
-        )
-        .await;
-    assert_eq!(resp.error_code, ErrorCode::CoordinatorNotAvailable.code());
+    // Transactions are coordinated by the leader of __transaction_state-0,
+    // which the node creates at start (the client retries until it leads).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let resp = c
+            .call(
+                &FindCoordinatorRequest::default()
+                    .with_key(sb("tx"))
+                    .with_key_type(1),
+                2,
+            )
+            .await;
+        if resp.error_code == 0 {
+            assert_eq!(
+                (resp.node_id.0, resp.port),
+                (0, i32::from(server.addr.port()))
+            );
+            break;
+        }
+        assert_eq!(resp.error_code, ErrorCode::CoordinatorNotAvailable.code());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no transaction coordinator"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let resp = c
         .call(
             &FindCoordinatorRequest::default().with_coordinator_keys(vec![sb("g1"), sb("g2")]),
@@ -595,16 +612,24 @@ async fn describe_cluster_find_coordinator_init_producer_id() {
     assert_eq!((a.error_code, b.error_code), (0, 0));
     assert!(a.producer_id.0 >= 0 && b.producer_id.0 >= 0 && a.producer_id != b.producer_id);
     assert_eq!(a.producer_epoch, 0);
-    let t = c
-        .call(
-            &InitProducerIdRequest::default()
-                .with_transactional_id(Some(TransactionalId(sb("tx")))),
-            4,
-        )
-        .await;
+    let txn = |timeout_ms| {
+        InitProducerIdRequest::default()
+            .with_transactional_id(Some(TransactionalId(sb("tx"))))
+            .with_transaction_timeout_ms(timeout_ms)
+    };
+    // No timeout, or one above transaction.max.timeout.ms.
+    for bad in [0, 900_001] {
+        let t = c.call(&txn(bad), 4).await;
+        assert_eq!(t.error_code, ErrorCode::InvalidTransactionTimeout.code());
+    }
+    // Each InitProducerId of a transactional id bumps its epoch.
+    let first = c.call(&txn(60_000), 4).await;
+    let second = c.call(&txn(60_000), 4).await;
+    assert_eq!((first.error_code, second.error_code), (0, 0));
+    assert!(first.producer_id.0 >= 0);
     assert_eq!(
-        t.error_code,
-        ErrorCode::TransactionalIdAuthorizationFailed.code()
+        (second.producer_id, second.producer_epoch),
+        (first.producer_id, first.producer_epoch + 1)
     );
     server.stop().await;
 }

@@ -1,0 +1,326 @@
+//! Transactions on the wire: AddPartitionsToTxn and EndTxn go to this node's
+//! [`TxnCoordinator`] (InitProducerId with a transactional id and
+//! FindCoordinator for transactions are in `meta.rs`), WriteTxnMarkers
+//! writes a coordinator's markers into partitions this node leads, and
+//! [`Markers`] is how the coordinator reaches every partition of a
+//! transaction: in place where this node leads it, through its leader's
+//! WriteTxnMarkers otherwise.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use kafka_protocol::messages::add_partitions_to_txn_response::{
+    AddPartitionsToTxnPartitionResult, AddPartitionsToTxnTopicResult,
+};
+use kafka_protocol::messages::write_txn_markers_request::{
+    WritableTxnMarker, WritableTxnMarkerTopic,
+};
+use kafka_protocol::messages::write_txn_markers_response::{
+    WritableTxnMarkerPartitionResult, WritableTxnMarkerResult, WritableTxnMarkerTopicResult,
+};
+use kafka_protocol::messages::*;
+use sluice_client::Connection;
+use sluice_log::Marker;
+use sluice_topology::Topology;
+use sluice_txn::{MarkerWriter, TopicPartition};
+use sluice_vocab::{ErrorCode, KafkaError};
+
+use super::str_bytes;
+use crate::dispatch::{later, Hdr, Outcome};
+use crate::server::Ctx;
+
+/// PRODUCER_FENCED as a request of `version` knows it: requests older than
+/// `since` (the version that introduced it, KIP-588) are told
+/// INVALID_PRODUCER_EPOCH, as Kafka does.
+pub(crate) fn fenced_as(code: ErrorCode, version: i16, since: i16) -> ErrorCode {
+    if code == ErrorCode::ProducerFenced && version < since {
+        ErrorCode::InvalidProducerEpoch
+    } else {
+        code
+    }
+}
+
+/// Longest a marker waits to be committed on its partition.
+const MARKER_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a WriteTxnMarkers call to another node may take.
+const MARKER_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// WriteTxnMarkers version this node sends (the only one Kafka 4 serves).
+const WRITE_TXN_MARKERS_VERSION: i16 = 1;
+
+pub(crate) fn add_partitions_to_txn(
+    ctx: &Arc<Ctx>,
+    req: AddPartitionsToTxnRequest,
+    h: Hdr,
+) -> Outcome {
+    let ctx = ctx.clone();
+    let version = h.version;
+    later(h, async move {
+        let id = req.v3_and_below_transactional_id.0.to_string();
+        let wanted: Vec<TopicPartition> = req
+            .v3_and_below_topics
+            .iter()
+            .flat_map(|t| t.partitions.iter().map(|p| (t.name.0.to_string(), *p)))
+            .collect();
+        // Every partition must exist; otherwise none is added (as Kafka).
+        let image = ctx.topology.image();
+        let missing = |(t, p): &TopicPartition| image.partition(t, *p).is_none();
+        let code = if wanted.iter().any(missing) {
+            Err(ErrorCode::UnknownTopicOrPartition)
+        } else {
+            ctx.txns
+                .add_partitions(
+                    &id,
+                    req.v3_and_below_producer_id.0,
+                    req.v3_and_below_producer_epoch,
+                    &wanted,
+                )
+                .await
+        };
+        let results = req
+            .v3_and_below_topics
+            .iter()
+            .map(|t| {
+                let partitions = t
+                    .partitions
+                    .iter()
+                    .map(|p| {
+                        let own = match &code {
+                            Ok(()) => 0,
+                            Err(ErrorCode::UnknownTopicOrPartition)
+                                if missing(&(t.name.0.to_string(), *p)) =>
+                            {
+                                ErrorCode::UnknownTopicOrPartition.code()
+                            }
+                            // The others were not added because of it.
+                            Err(ErrorCode::UnknownTopicOrPartition) => {
+                                ErrorCode::OperationNotAttempted.code()
+                            }
+                            Err(e) => fenced_as(*e, version, 2).code(),
+                        };
+                        AddPartitionsToTxnPartitionResult::default()
+                            .with_partition_index(*p)
+                            .with_partition_error_code(own)
+                    })
+                    .collect();
+                AddPartitionsToTxnTopicResult::default()
+                    .with_name(t.name.clone())
+                    .with_results_by_partition(partitions)
+            })
+            .collect();
+        AddPartitionsToTxnResponse::default().with_results_by_topic_v3_and_below(results)
+    })
+}
+
+pub(crate) fn end_txn(ctx: &Arc<Ctx>, req: EndTxnRequest, h: Hdr) -> Outcome {
+    let ctx = ctx.clone();
+    let version = h.version;
+    later(h, async move {
+        let result = ctx
+            .txns
+            .end_txn(
+                &req.transactional_id.0,
+                req.producer_id.0,
+                req.producer_epoch,
+                req.committed,
+            )
+            .await;
+        EndTxnResponse::default()
+            .with_error_code(ErrorCode::of(result.map_err(|e| fenced_as(e, version, 2))))
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1)
+    })
+}
+
+/// Writes each marker into the partitions this node leads and answers each
+/// partition once its marker is committed (or why not).
+pub(crate) fn write_txn_markers(ctx: &Arc<Ctx>, req: WriteTxnMarkersRequest, h: Hdr) -> Outcome {
+    let ctx = ctx.clone();
+    later(h, async move {
+        let mut markers = Vec::with_capacity(req.markers.len());
+        for m in req.markers {
+            let marker = Marker {
+                commit: m.transaction_result,
+                coordinator_epoch: m.coordinator_epoch,
+            };
+            let mut topics = Vec::with_capacity(m.topics.len());
+            for t in m.topics {
+                let writes = t.partition_indexes.iter().map(|p| {
+                    let topology = ctx.topology.clone();
+                    let name = t.name.0.to_string();
+                    async move {
+                        let code = write_here(
+                            &*topology,
+                            &name,
+                            *p,
+                            m.producer_id.0,
+                            m.producer_epoch,
+                            marker,
+                        )
+                        .await;
+                        WritableTxnMarkerPartitionResult::default()
+                            .with_partition_index(*p)
+                            .with_error_code(ErrorCode::of(code))
+                    }
+                });
+                let partitions = futures::future::join_all(writes).await;
+                topics.push(
+                    WritableTxnMarkerTopicResult::default()
+                        .with_name(t.name)
+                        .with_partitions(partitions),
+                );
+            }
+            markers.push(
+                WritableTxnMarkerResult::default()
+                    .with_producer_id(m.producer_id)
+                    .with_topics(topics),
+            );
+        }
+        WriteTxnMarkersResponse::default().with_markers(markers)
+    })
+}
+
+/// Writes `marker` into `topic`-`partition`, which this node must lead, and
+/// waits until it is committed. A marker whose producer epoch is older than
+/// the partition's (a newer epoch already ended the transaction there) is
+/// done: nothing is left to end.
+async fn write_here(
+    topology: &dyn Topology,
+    topic: &str,
+    partition: i32,
+    producer_id: i64,
+    producer_epoch: i16,
+    marker: Marker,
+) -> Result<(), ErrorCode> {
+    let lead = topology.lead_for_produce(topic, partition, true)?;
+    match lead.append_marker(producer_id, producer_epoch, marker) {
+        Ok(appended) => {
+            lead.wait_committed(appended.end_offset, Some(MARKER_COMMIT_TIMEOUT))
+                .await
+        }
+        Err(e) if e.error_code() == ErrorCode::InvalidProducerEpoch => Ok(()),
+        Err(e) => Err(e.error_code()),
+    }
+}
+
+/// The coordinator's way to every partition of a transaction.
+pub(crate) struct Markers {
+    topology: Arc<dyn Topology>,
+    /// Connections to other nodes, by node id, reused between transactions.
+    peers: tokio::sync::Mutex<HashMap<i32, Connection>>,
+}
+
+impl Markers {
+    pub(crate) fn new(topology: Arc<dyn Topology>) -> Markers {
+        Markers {
+            topology,
+            peers: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Writes the marker at node `leader` through its WriteTxnMarkers.
+    async fn write_there(
+        &self,
+        leader: i32,
+        partitions: &[&TopicPartition],
+        producer_id: i64,
+        producer_epoch: i16,
+        marker: Marker,
+    ) -> Result<(), ErrorCode> {
+        let addr = {
+            let image = self.topology.image();
+            let b = image
+                .brokers
+                .get(&leader)
+                .ok_or(ErrorCode::NotLeaderOrFollower)?;
+            format!("{}:{}", b.kafka_host, b.kafka_port)
+        };
+        let mut by_topic: HashMap<&str, Vec<i32>> = HashMap::new();
+        for (t, p) in partitions {
+            by_topic.entry(t.as_str()).or_default().push(*p);
+        }
+        let req =
+            WriteTxnMarkersRequest::default().with_markers(vec![WritableTxnMarker::default()
+                .with_producer_id(ProducerId(producer_id))
+                .with_producer_epoch(producer_epoch)
+                .with_transaction_result(marker.commit)
+                .with_coordinator_epoch(marker.coordinator_epoch)
+                .with_topics(
+                    by_topic
+                        .into_iter()
+                        .map(|(t, ps)| {
+                            WritableTxnMarkerTopic::default()
+                                .with_name(TopicName(str_bytes(t)))
+                                .with_partition_indexes(ps)
+                        })
+                        .collect(),
+                )]);
+        // Taken out while in use: calls to other nodes go on side by side,
+        // and a failed call's connection (unusable) is not put back.
+        let idle = self.peers.lock().await.remove(&leader);
+        let mut conn = match idle {
+            Some(c) => c,
+            None => Connection::connect(&addr, "sluice-txn-coordinator", MARKER_CALL_TIMEOUT)
+                .await
+                .map_err(|e| {
+                    tracing::debug!(leader, %addr, error = %e, "cannot reach a partition leader for markers");
+                    ErrorCode::NotLeaderOrFollower
+                })?,
+        };
+        let resp = conn
+            .call_within(&req, WRITE_TXN_MARKERS_VERSION, MARKER_CALL_TIMEOUT)
+            .await
+            .map_err(|e| {
+                tracing::debug!(leader, error = %e, "WriteTxnMarkers failed");
+                ErrorCode::NotLeaderOrFollower
+            })?;
+        self.peers.lock().await.insert(leader, conn);
+        for m in resp.markers {
+            for t in m.topics {
+                for p in t.partitions {
+                    ErrorCode::check(p.error_code)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MarkerWriter for Markers {
+    fn write<'a>(
+        &'a self,
+        partitions: &'a [TopicPartition],
+        producer_id: i64,
+        producer_epoch: i16,
+        marker: Marker,
+    ) -> BoxFuture<'a, Result<(), ErrorCode>> {
+        Box::pin(async move {
+            let image = self.topology.image();
+            let me = self.topology.node_id();
+            let mut here = Vec::new();
+            let mut there: HashMap<i32, Vec<&TopicPartition>> = HashMap::new();
+            for tp in partitions {
+                match image.partition(&tp.0, tp.1) {
+                    // A deleted partition has nothing left to mark.
+                    None => {}
+                    Some(p) if p.leader == me => here.push(tp),
+                    Some(p) => there.entry(p.leader).or_default().push(tp),
+                }
+            }
+            drop(image);
+            let local = futures::future::join_all(here.into_iter().map(|(t, p)| {
+                write_here(&*self.topology, t, *p, producer_id, producer_epoch, marker)
+            }));
+            let remote = futures::future::join_all(there.iter().map(|(leader, tps)| {
+                self.write_there(*leader, tps, producer_id, producer_epoch, marker)
+            }));
+            let (local, remote) = futures::join!(local, remote);
+            local
+                .into_iter()
+                .chain(remote)
+                .collect::<Result<Vec<()>, _>>()?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,176 @@
+"""Kafka transactions with confluent-kafka's transactional producer (init,
+begin, produce, commit, abort) and read_committed / read_uncommitted
+consumers: atomic visibility across topics and partitions, the last stable
+offset holding read_committed readers while a transaction is open, zombie
+fencing, the coordinator aborting a transaction past its timeout, and
+`kill -9` with one transaction committed and one left open. In the cluster
+(SLUICE_INTEROP_CLUSTER=1) the partitions are led by different nodes, so
+markers travel between nodes.
+"""
+
+import time
+import uuid
+
+import pytest
+from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from kutil import RF, unique
+
+
+def create(bootstrap, *topics, partitions=3):
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics([NewTopic(t, num_partitions=partitions, replication_factor=RF) for t in topics])
+    for f in futures.values():
+        f.result(30)
+
+
+def producer(bootstrap, tid, **conf):
+    p = Producer({"bootstrap.servers": bootstrap, "transactional.id": tid, "linger.ms": 5, **conf})
+    p.init_transactions(60)
+    return p
+
+
+def read(bootstrap, topics, isolation, expect=None, quiet_s=3.0, timeout=60.0):
+    """Every value of `topics` a consumer with `isolation` reads: until
+    `expect` values came, or nothing came for `quiet_s` (after reaching each
+    partition's end)."""
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": isolation,
+        }
+    )
+    c.subscribe(list(topics))
+    got = []
+    deadline = time.monotonic() + timeout
+    last = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            m = c.poll(0.2)
+            if m is None:
+                if expect is not None and len(got) >= expect:
+                    break
+                if expect is None and time.monotonic() - last > quiet_s:
+                    break
+                continue
+            if m.error():
+                continue
+            got.append(m.value().decode())
+            last = time.monotonic()
+    finally:
+        c.close()
+    return got
+
+
+def test_committed_transactions_are_visible_whole_and_aborted_ones_never(broker):
+    a, b = unique("txa"), unique("txb")
+    create(broker.bootstrap, a, b)
+    p = producer(broker.bootstrap, unique("tid"))
+    committed, aborted = [], []
+    for round_ in range(4):
+        p.begin_transaction()
+        values = [f"r{round_}-{i}" for i in range(20)]
+        for i, v in enumerate(values):
+            p.produce(a if i % 2 else b, key=f"k{i}", value=v)
+        if round_ % 2:
+            p.flush()
+            p.abort_transaction(30)
+            aborted += values
+        else:
+            p.commit_transaction(30)
+            committed += values
+    got = read(broker.bootstrap, [a, b], "read_committed", expect=len(committed))
+    assert sorted(got) == sorted(committed), "read_committed: exactly the committed records"
+    # A quiet spell after: nothing aborted trickles in.
+    assert sorted(read(broker.bootstrap, [a, b], "read_committed")) == sorted(committed)
+    everything = read(broker.bootstrap, [a, b], "read_uncommitted", expect=len(committed) + len(aborted))
+    assert sorted(everything) == sorted(committed + aborted), "read_uncommitted sees aborted records too"
+
+
+def test_an_open_transaction_holds_read_committed_readers_at_its_start(broker):
+    topic = unique("txlso")
+    create(broker.bootstrap, topic, partitions=1)
+    plain = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all"})
+    plain.produce(topic, value="before")
+    plain.flush(30)
+    p = producer(broker.bootstrap, unique("tid"))
+    p.begin_transaction()
+    p.produce(topic, value="in-transaction")
+    p.flush(30)
+    # Written after the open transaction began: above the last stable offset.
+    plain.produce(topic, value="after")
+    plain.flush(30)
+    assert read(broker.bootstrap, [topic], "read_committed") == ["before"]
+    assert sorted(read(broker.bootstrap, [topic], "read_uncommitted", expect=3)) == ["after", "before", "in-transaction"]
+    p.commit_transaction(30)
+    assert read(broker.bootstrap, [topic], "read_committed", expect=3) == ["before", "in-transaction", "after"]
+
+
+def test_a_new_instance_fences_the_old_one(broker):
+    topic = unique("txfence")
+    create(broker.bootstrap, topic, partitions=2)
+    tid = unique("tid")
+    old = producer(broker.bootstrap, tid)
+    old.begin_transaction()
+    old.produce(topic, value="zombie")
+    old.flush(30)
+    # The new instance's init aborts the old one's open transaction.
+    new = producer(broker.bootstrap, tid)
+    with pytest.raises(KafkaException) as fenced:
+        old.produce(topic, value="zombie-2")
+        old.commit_transaction(30)
+    assert fenced.value.args[0].fatal() or "fenced" in str(fenced.value).lower(), fenced.value
+    new.begin_transaction()
+    new.produce(topic, value="new")
+    new.commit_transaction(30)
+    assert read(broker.bootstrap, [topic], "read_committed", expect=1) == ["new"]
+    assert read(broker.bootstrap, [topic], "read_committed") == ["new"]
+
+
+def test_a_transaction_past_its_timeout_is_aborted_by_the_coordinator(broker):
+    topic = unique("txtimeout")
+    create(broker.bootstrap, topic, partitions=1)
+    p = producer(broker.bootstrap, unique("tid"), **{"transaction.timeout.ms": 2000})
+    p.begin_transaction()
+    p.produce(topic, value="abandoned")
+    p.flush(30)
+    plain = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all"})
+    plain.produce(topic, value="later")
+    plain.flush(30)
+    # Once the coordinator aborts it, the stable offset moves past it.
+    got = read(broker.bootstrap, [topic], "read_committed", expect=1, timeout=30)
+    assert got == ["later"]
+    with pytest.raises(KafkaException):
+        p.commit_transaction(30)
+
+
+def test_kill9_keeps_committed_transactions_and_aborts_the_open_one(broker):
+    topic = unique("txcrash")
+    create(broker.bootstrap, topic)
+    done = producer(broker.bootstrap, unique("tid"))
+    done.begin_transaction()
+    for i in range(30):
+        done.produce(topic, key=str(i), value=f"committed-{i}")
+    done.commit_transaction(30)
+    # Its markers are written after the commit is answered: wait for them.
+    assert len(read(broker.bootstrap, [topic], "read_committed", expect=30)) == 30
+    open_ = producer(broker.bootstrap, unique("tid"), **{"transaction.timeout.ms": 3000})
+    open_.begin_transaction()
+    for i in range(10):
+        open_.produce(topic, key=str(i), value=f"open-{i}")
+    open_.flush(30)
+    broker.kill9()
+    broker.start()
+    # The restarted coordinator finds the transaction open and aborts it at
+    # its timeout; the committed one is intact.
+    got = read(broker.bootstrap, [topic], "read_committed", expect=30, timeout=60)
+    assert sorted(got) == sorted(f"committed-{i}" for i in range(30))
+    plain = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all"})
+    plain.produce(topic, key="0", value="after-restart")
+    plain.flush(30)
+    got = read(broker.bootstrap, [topic], "read_committed", expect=31, timeout=60)
+    assert sorted(got) == sorted([f"committed-{i}" for i in range(30)] + ["after-restart"])
