@@ -174,3 +174,59 @@ def test_kill9_keeps_committed_transactions_and_aborts_the_open_one(broker):
     plain.flush(30)
     got = read(broker.bootstrap, [topic], "read_committed", expect=31, timeout=60)
     assert sorted(got) == sorted([f"committed-{i}" for i in range(30)] + ["after-restart"])
+
+
+def test_consume_transform_produce_is_exactly_once_when_the_processor_dies(broker):
+    """Kafka's exactly-once loop: read with read_committed, write the results
+    and the consumed offsets in one transaction. The first processor dies
+    with a transaction open (results written, offsets sent, no commit); the
+    next one, with the same transactional id, fences it, resumes from the
+    committed offsets, and the output holds every input once."""
+    src, dst = unique("eos-in"), unique("eos-out")
+    create(broker.bootstrap, src, dst, partitions=2)
+    inputs = [f"v{i}" for i in range(120)]
+    plain = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all"})
+    for i, v in enumerate(inputs):
+        plain.produce(src, key=str(i % 7), value=v)
+    plain.flush(30)
+    group, tid = unique("eos-group"), unique("eos-tid")
+
+    def run(batches, die=False):
+        c = Consumer(
+            {
+                "bootstrap.servers": broker.bootstrap,
+                "group.id": group,
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+        c.subscribe([src])
+        p = producer(broker.bootstrap, tid)
+        done, idle = 0, 0
+        while done < batches and idle < 10:
+            msgs = [m for m in c.consume(25, timeout=1.0) if not m.error()]
+            if not msgs:
+                idle += 1
+                continue
+            idle = 0
+            p.begin_transaction()
+            for m in msgs:
+                p.produce(dst, key=m.key(), value=b"out-" + m.value())
+            p.send_offsets_to_transaction(c.position(c.assignment()), c.consumer_group_metadata(), 30)
+            if die and done == batches - 1:
+                p.flush(30)
+                c.close()
+                return p  # dies here: the transaction stays open
+            p.commit_transaction(30)
+            done += 1
+        c.close()
+        return p
+
+    zombie = run(3, die=True)
+    run(1000)
+    with pytest.raises(KafkaException):
+        zombie.commit_transaction(30)
+    got = read(broker.bootstrap, [dst], "read_committed", expect=len(inputs))
+    assert sorted(got) == sorted(f"out-{v}" for v in inputs), "every input once"
+    assert sorted(read(broker.bootstrap, [dst], "read_committed")) == sorted(f"out-{v}" for v in inputs)

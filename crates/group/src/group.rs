@@ -298,6 +298,13 @@ impl Group {
         let Some(committed) = committed else {
             return;
         };
+        self.apply_committed(tp, committed);
+    }
+
+    /// A commit that is durable (a settled one, or a transaction's that was
+    /// committed) becomes the committed offset unless the group is gone or
+    /// a later commit already landed.
+    pub(crate) fn apply_committed(&mut self, tp: (String, i32), committed: Committed) {
         let newer = self
             .offsets
             .get(&tp)

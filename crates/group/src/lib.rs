@@ -57,6 +57,7 @@
 mod coordination;
 mod group;
 mod record;
+mod txn_offsets;
 
 pub use coordination::Coordination;
 
@@ -200,6 +201,8 @@ pub struct GroupCoordinator {
     compact_base: AtomicU64,
     /// Set by [`GroupCoordinator::close`]: nothing more is written.
     closed: AtomicBool,
+    /// Offsets committed inside transactions that have not ended.
+    pending_txn: Mutex<txn_offsets::PendingTxnOffsets>,
 }
 
 /// Records appended to the offsets log between two compactions, unless the
@@ -262,7 +265,7 @@ impl GroupCoordinator {
             .wait_committed(end, None)
             .await
             .map_err(|_| closed_error())?;
-        let replayed = replay(&partition)?;
+        let (replayed, pending_txn) = replay(&partition)?;
         let (shutdown, _) = watch::channel(());
         let coordinator = Arc::new(GroupCoordinator {
             config,
@@ -278,6 +281,7 @@ impl GroupCoordinator {
             compact_after: AtomicU64::new(DEFAULT_OFFSETS_COMPACTION_THRESHOLD),
             compact_base: AtomicU64::new(DEFAULT_OFFSETS_COMPACTION_THRESHOLD),
             closed: AtomicBool::new(false),
+            pending_txn: Mutex::new(pending_txn),
         });
         let now = Instant::now();
         let count = replayed.len();
@@ -882,8 +886,17 @@ impl GroupCoordinator {
         version: i16,
     ) -> OffsetFetchResponse {
         let mut resp = OffsetFetchResponse::default();
-        // require_stable is accepted: only durable commits are ever visible
-        // and Sluice has no transactional offsets, so nothing is unstable.
+        // Only durable commits are ever visible; with require_stable (v7+),
+        // a partition whose offset waits for a transaction's outcome is
+        // UNSTABLE_OFFSET_COMMIT (the consumer asks again).
+        let unstable = |group: &str, topic: &str, partition: i32| {
+            version >= 7
+                && req.require_stable
+                && self
+                    .pending_txn
+                    .lock()
+                    .is_pending(group, &(topic.to_owned(), partition))
+        };
         if version >= 8 {
             resp.groups = req
                 .groups
@@ -915,6 +928,10 @@ impl GroupCoordinator {
                                         Some(c.as_ref().map_or_else(StrBytes::new, |c| {
                                             str_bytes(&c.metadata)
                                         }));
+                                    if unstable(g.group_id.as_str(), &name, index) {
+                                        p.committed_offset = -1;
+                                        p.error_code = ErrorCode::UnstableOffsetCommit.code();
+                                    }
                                     p
                                 })
                                 .collect();
@@ -951,6 +968,10 @@ impl GroupCoordinator {
                                 c.as_ref()
                                     .map_or_else(StrBytes::new, |c| str_bytes(&c.metadata)),
                             );
+                            if unstable(req.group_id.as_str(), &name, index) {
+                                p.committed_offset = -1;
+                                p.error_code = ErrorCode::UnstableOffsetCommit.code();
+                            }
                             p
                         })
                         .collect();
@@ -1044,6 +1065,12 @@ impl GroupCoordinator {
     /// way to disk. Returns the number of records in the snapshot.
     pub async fn compact_offsets(self: &Arc<Self>) -> Result<u64, GroupError> {
         let _running = self.compaction.lock().await;
+        if !self.pending_txn.lock().is_empty() {
+            // A snapshot holds committed offsets only: moving the log start
+            // past an open transaction's offsets would lose them on replay.
+            // Compaction waits for the transactions to end.
+            return Ok(0);
+        }
         let start = self.offsets.log_end_offset();
         let mut end = start;
         let mut written = 0u64;
@@ -1526,9 +1553,12 @@ async fn run_timers(
 type OffsetsByGroup = HashMap<String, BTreeMap<(String, i32), Committed>>;
 
 /// Rebuilds every group's committed offsets from the offsets log.
-fn replay(partition: &Partition) -> Result<OffsetsByGroup, GroupError> {
+fn replay(
+    partition: &Partition,
+) -> Result<(OffsetsByGroup, txn_offsets::PendingTxnOffsets), GroupError> {
     const READ_BYTES: usize = 1 << 20;
     let mut groups = OffsetsByGroup::new();
+    let mut pending = txn_offsets::PendingTxnOffsets::default();
     let mut position = partition.log_start_offset();
     let high_watermark = partition.high_watermark();
     let mut records = 0usize;
@@ -1548,6 +1578,9 @@ fn replay(partition: &Partition) -> Result<OffsetsByGroup, GroupError> {
                     continue;
                 }
                 next = next.max(rec.offset + 1);
+                if txn_offsets::replay_in_transaction(&rec, &mut groups, &mut pending)? {
+                    continue;
+                }
                 if rec.control {
                     continue;
                 }
@@ -1565,7 +1598,7 @@ fn replay(partition: &Partition) -> Result<OffsetsByGroup, GroupError> {
     }
     groups.retain(|_, offsets| !offsets.is_empty());
     tracing::debug!(records, groups = groups.len(), "offsets log replayed");
-    Ok(groups)
+    Ok((groups, pending))
 }
 
 fn apply_record(groups: &mut OffsetsByGroup, rec: &Record) -> Result<(), GroupError> {

@@ -42,11 +42,14 @@ pub const SUPPORTED_APIS: &[(i16, i16, i16)] = &[
     (ApiKey::InitProducerId as i16, 0, 4),
     (ApiKey::OffsetForLeaderEpoch as i16, 2, 4),
     // Transactions: AddPartitionsToTxn in the clients' form (v4 on is the
-    // brokers' batched form, KIP-890), EndTxn, and the markers brokers write
+    // brokers' batched form, KIP-890), AddOffsetsToTxn, EndTxn and
+    // TxnOffsetCommit before transactions v2, and the markers brokers write
     // for each other.
     (ApiKey::AddPartitionsToTxn as i16, 0, 3),
+    (ApiKey::AddOffsetsToTxn as i16, 0, 3),
     (ApiKey::EndTxn as i16, 0, 3),
     (ApiKey::WriteTxnMarkers as i16, 1, 1),
+    (ApiKey::TxnOffsetCommit as i16, 0, 3),
     (ApiKey::DescribeConfigs as i16, 1, 4),
     (ApiKey::AlterConfigs as i16, 0, 2),
     (ApiKey::CreatePartitions as i16, 0, 3),

@@ -110,6 +110,14 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
             let req = decode!(AddPartitionsToTxnRequest, buf, h);
             handlers::txn::add_partitions_to_txn(ctx, req, h)
         }
+        ApiKey::AddOffsetsToTxn => {
+            let req = decode!(AddOffsetsToTxnRequest, buf, h);
+            handlers::txn::add_offsets_to_txn(ctx, req, h)
+        }
+        ApiKey::TxnOffsetCommit => {
+            let req = decode!(TxnOffsetCommitRequest, buf, h);
+            handlers::txn::txn_offset_commit(ctx, req, h)
+        }
         ApiKey::EndTxn => {
             let req = decode!(EndTxnRequest, buf, h);
             handlers::txn::end_txn(ctx, req, h)
@@ -278,6 +286,8 @@ pub(crate) fn decode_only(frame: Bytes) -> Result<(), String> {
         ApiKey::FindCoordinator => body::<FindCoordinatorRequest>(&mut buf, version),
         ApiKey::InitProducerId => body::<InitProducerIdRequest>(&mut buf, version),
         ApiKey::AddPartitionsToTxn => body::<AddPartitionsToTxnRequest>(&mut buf, version),
+        ApiKey::AddOffsetsToTxn => body::<AddOffsetsToTxnRequest>(&mut buf, version),
+        ApiKey::TxnOffsetCommit => body::<TxnOffsetCommitRequest>(&mut buf, version),
         ApiKey::EndTxn => body::<EndTxnRequest>(&mut buf, version),
         ApiKey::WriteTxnMarkers => body::<WriteTxnMarkersRequest>(&mut buf, version),
         ApiKey::CreateTopics => body::<CreateTopicsRequest>(&mut buf, version),

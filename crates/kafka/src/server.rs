@@ -40,7 +40,10 @@ pub(crate) async fn serve(
 ) -> std::io::Result<()> {
     let txns = TxnCoordinator::start(
         topology.clone(),
-        Arc::new(crate::handlers::txn::Markers::new(topology.clone())),
+        Arc::new(crate::handlers::txn::Markers::new(
+            topology.clone(),
+            groups.clone(),
+        )),
         TxnConfig::default(),
     );
     let ctx = Arc::new(Ctx {

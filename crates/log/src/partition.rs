@@ -176,6 +176,8 @@ enum AppendKind {
     Data,
     /// A transactional producer's batches.
     Transactional,
+    /// The broker's transactional batches for a producer (no sequences).
+    InTransaction,
     /// The broker's own control batches, not transactional (AMQP delivery state).
     Control,
     /// A transaction coordinator's marker.
@@ -193,6 +195,11 @@ impl AppendKind {
             {
                 "a transactional producer's batches are transactional, idempotent data"
             }
+            AppendKind::InTransaction
+                if !h.is_transactional() || h.is_control() || h.producer_id < 0 =>
+            {
+                "records written in a transaction are transactional data of a producer"
+            }
             AppendKind::Control if h.is_transactional() || !h.is_control() => {
                 "only non-transactional control batches are the broker's to write"
             }
@@ -202,7 +209,10 @@ impl AppendKind {
     }
 
     fn is_transactional(self) -> bool {
-        matches!(self, AppendKind::Transactional | AppendKind::Marker(_))
+        matches!(
+            self,
+            AppendKind::Transactional | AppendKind::InTransaction | AppendKind::Marker(_)
+        )
     }
 }
 
@@ -516,6 +526,18 @@ impl Partition {
         self.append_kind(records, leader_epoch, AppendKind::Transactional)
     }
 
+    /// The broker's own records written inside a producer's transaction
+    /// (offsets a TxnOffsetCommit commits): transactional batches of that
+    /// producer, without sequence numbers (the broker writes them once).
+    /// They open the producer's transaction here as its own batches would.
+    pub fn append_in_transaction(
+        &self,
+        records: &[u8],
+        leader_epoch: i32,
+    ) -> Result<AppendResult, LogError> {
+        self.append_kind(records, leader_epoch, AppendKind::InTransaction)
+    }
+
     /// Ends `producer_id`'s transaction with the coordinator's marker (a
     /// COMMIT or ABORT control batch), written even when the transaction
     /// wrote nothing here, as Kafka does. A marker from an epoch older than
@@ -585,7 +607,9 @@ impl Partition {
         // earlier in this same append (staged in `touched`).
         let mut touched: Vec<(i64, Option<ProducerEntry>)> = Vec::new();
         let mut next = log_end;
-        if let (AppendKind::Marker(_), Some(h)) = (kind, headers.first()) {
+        if let (AppendKind::Marker(_) | AppendKind::InTransaction, Some(h)) =
+            (kind, headers.first())
+        {
             if let Some(e) = w.producers.get(h.producer_id) {
                 if h.producer_epoch < e.epoch {
                     return Err(LogError::InvalidProducerEpoch {

@@ -13,6 +13,7 @@ use crate::batch::{BatchHeader, HEADER_LEN, LOG_OVERHEAD, OFF_ATTRIBUTES, OFF_CR
 
 /// The compression codec bits of a batch's attributes.
 const ATTR_COMPRESSION: i16 = 0x07;
+const ATTR_TRANSACTIONAL: i16 = 1 << 4;
 
 /// The fields of a batch header that this writer does not fill from records.
 const NO_PARTITION_LEADER_EPOCH: i32 = -1;
@@ -85,6 +86,14 @@ impl BatchBuilder {
     /// (a batch must hold at least one).
     pub fn finish(self) -> Option<BytesMut> {
         self.finish_as(0, NO_PRODUCER_ID, NO_PRODUCER_EPOCH)
+    }
+
+    /// [`BatchBuilder::finish`] as a transactional batch of `producer_id`
+    /// in `producer_epoch`, without sequence numbers: records the broker
+    /// writes inside that producer's transaction
+    /// (`Partition::append_in_transaction`).
+    pub fn finish_transactional(self, producer_id: i64, producer_epoch: i16) -> Option<BytesMut> {
+        self.finish_as(ATTR_TRANSACTIONAL, producer_id, producer_epoch)
     }
 
     /// [`BatchBuilder::finish`] with these attributes and producer (the

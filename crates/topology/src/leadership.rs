@@ -117,6 +117,16 @@ impl Leadership {
         Ok(self.partition.append_transactional(records, self.epoch)?)
     }
 
+    /// Appends the broker's records written inside a producer's
+    /// transaction (see [`Partition::append_in_transaction`]) while this
+    /// leadership lasts.
+    pub fn append_in_transaction(&self, records: &[u8]) -> Result<AppendResult, AppendError> {
+        if !self.is_current() {
+            return Err(AppendError::NotLeader);
+        }
+        Ok(self.partition.append_in_transaction(records, self.epoch)?)
+    }
+
     /// Writes a transaction coordinator's marker (see
     /// [`Partition::append_marker`]) while this leadership lasts.
     pub fn append_marker(

@@ -10,6 +10,7 @@ mod admin;
 mod membership;
 mod offsets;
 mod replicated;
+mod transactions;
 mod wire;
 
 use std::collections::BTreeMap;

@@ -14,6 +14,9 @@ use futures::future::BoxFuture;
 use kafka_protocol::messages::add_partitions_to_txn_response::{
     AddPartitionsToTxnPartitionResult, AddPartitionsToTxnTopicResult,
 };
+use kafka_protocol::messages::txn_offset_commit_response::{
+    TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
+};
 use kafka_protocol::messages::write_txn_markers_request::{
     WritableTxnMarker, WritableTxnMarkerTopic,
 };
@@ -22,9 +25,11 @@ use kafka_protocol::messages::write_txn_markers_response::{
 };
 use kafka_protocol::messages::*;
 use sluice_client::Connection;
+use sluice_group::Coordination;
 use sluice_log::Marker;
 use sluice_topology::Topology;
 use sluice_txn::{MarkerWriter, TopicPartition};
+use sluice_vocab::internal::OFFSETS_TOPIC;
 use sluice_vocab::{ErrorCode, KafkaError};
 
 use super::str_bytes;
@@ -113,6 +118,57 @@ pub(crate) fn add_partitions_to_txn(
     })
 }
 
+/// AddOffsetsToTxn: the offsets partition joins the transaction (every
+/// group's offsets live in `__consumer_offsets-0`).
+pub(crate) fn add_offsets_to_txn(ctx: &Arc<Ctx>, req: AddOffsetsToTxnRequest, h: Hdr) -> Outcome {
+    let ctx = ctx.clone();
+    let version = h.version;
+    later(h, async move {
+        let result = ctx
+            .txns
+            .add_partitions(
+                &req.transactional_id.0,
+                req.producer_id.0,
+                req.producer_epoch,
+                &[(OFFSETS_TOPIC.to_owned(), 0)],
+            )
+            .await;
+        AddOffsetsToTxnResponse::default()
+            .with_error_code(ErrorCode::of(result.map_err(|e| fenced_as(e, version, 2))))
+    })
+}
+
+/// TxnOffsetCommit goes to the group coordinator.
+pub(crate) fn txn_offset_commit(ctx: &Arc<Ctx>, req: TxnOffsetCommitRequest, h: Hdr) -> Outcome {
+    let ctx = ctx.clone();
+    later(h, async move {
+        match ctx.groups.groups() {
+            Ok(groups) => groups.txn_offset_commit(req).await,
+            Err(code) => {
+                let topics = req
+                    .topics
+                    .iter()
+                    .map(|t| {
+                        TxnOffsetCommitResponseTopic::default()
+                            .with_name(t.name.clone())
+                            .with_partitions(
+                                t.partitions
+                                    .iter()
+                                    .map(|p| {
+                                        TxnOffsetCommitResponsePartition::default()
+                                            .with_partition_index(p.partition_index)
+                                            .with_error_code(code.code())
+                                    })
+                                    .collect(),
+                            )
+                    })
+                    .collect();
+                TxnOffsetCommitResponse::default().with_topics(topics)
+            }
+        }
+    })
+}
+
 pub(crate) fn end_txn(ctx: &Arc<Ctx>, req: EndTxnRequest, h: Hdr) -> Outcome {
     let ctx = ctx.clone();
     let version = h.version;
@@ -148,10 +204,12 @@ pub(crate) fn write_txn_markers(ctx: &Arc<Ctx>, req: WriteTxnMarkersRequest, h: 
             for t in m.topics {
                 let writes = t.partition_indexes.iter().map(|p| {
                     let topology = ctx.topology.clone();
+                    let groups = ctx.groups.clone();
                     let name = t.name.0.to_string();
                     async move {
                         let code = write_here(
                             &*topology,
+                            &groups,
                             &name,
                             *p,
                             m.producer_id.0,
@@ -182,11 +240,13 @@ pub(crate) fn write_txn_markers(ctx: &Arc<Ctx>, req: WriteTxnMarkersRequest, h: 
 }
 
 /// Writes `marker` into `topic`-`partition`, which this node must lead, and
-/// waits until it is committed. A marker whose producer epoch is older than
-/// the partition's (a newer epoch already ended the transaction there) is
-/// done: nothing is left to end.
+/// waits until it is committed; in the offsets partition the group
+/// coordinator then settles the transaction's offsets. A marker whose
+/// producer epoch is older than the partition's (a newer epoch already ended
+/// the transaction there) is done: nothing is left to end.
 async fn write_here(
     topology: &dyn Topology,
+    groups: &Coordination,
     topic: &str,
     partition: i32,
     producer_id: i64,
@@ -197,7 +257,14 @@ async fn write_here(
     match lead.append_marker(producer_id, producer_epoch, marker) {
         Ok(appended) => {
             lead.wait_committed(appended.end_offset, Some(MARKER_COMMIT_TIMEOUT))
-                .await
+                .await?;
+            if topic == OFFSETS_TOPIC {
+                // The group coordinator lives with this leadership.
+                if let Ok(g) = groups.groups() {
+                    g.complete_transaction(producer_id, marker.commit);
+                }
+            }
+            Ok(())
         }
         Err(e) if e.error_code() == ErrorCode::InvalidProducerEpoch => Ok(()),
         Err(e) => Err(e.error_code()),
@@ -207,14 +274,16 @@ async fn write_here(
 /// The coordinator's way to every partition of a transaction.
 pub(crate) struct Markers {
     topology: Arc<dyn Topology>,
+    groups: Arc<Coordination>,
     /// Connections to other nodes, by node id, reused between transactions.
     peers: tokio::sync::Mutex<HashMap<i32, Connection>>,
 }
 
 impl Markers {
-    pub(crate) fn new(topology: Arc<dyn Topology>) -> Markers {
+    pub(crate) fn new(topology: Arc<dyn Topology>, groups: Arc<Coordination>) -> Markers {
         Markers {
             topology,
+            groups,
             peers: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -310,7 +379,15 @@ impl MarkerWriter for Markers {
             }
             drop(image);
             let local = futures::future::join_all(here.into_iter().map(|(t, p)| {
-                write_here(&*self.topology, t, *p, producer_id, producer_epoch, marker)
+                write_here(
+                    &*self.topology,
+                    &self.groups,
+                    t,
+                    *p,
+                    producer_id,
+                    producer_epoch,
+                    marker,
+                )
             }));
             let remote = futures::future::join_all(there.iter().map(|(leader, tps)| {
                 self.write_there(*leader, tps, producer_id, producer_epoch, marker)

@@ -202,6 +202,30 @@ pub(crate) fn respond(h: Hdr, body: Bytes) -> Outcome {
         ApiKey::AddPartitionsToTxn => answer(h, body, |_: AddPartitionsToTxnRequest| {
             Some(AddPartitionsToTxnResponse::default().with_error_code(UNSUPPORTED))
         }),
+        ApiKey::AddOffsetsToTxn => answer(h, body, |_: AddOffsetsToTxnRequest| {
+            Some(AddOffsetsToTxnResponse::default().with_error_code(UNSUPPORTED))
+        }),
+        ApiKey::TxnOffsetCommit => answer(h, body, |req: TxnOffsetCommitRequest| {
+            let topics = req
+                .topics
+                .into_iter()
+                .map(|t| {
+                    let partitions = t
+                        .partitions
+                        .into_iter()
+                        .map(|p| {
+                            txn_offset_commit_response::TxnOffsetCommitResponsePartition::default()
+                                .with_partition_index(p.partition_index)
+                                .with_error_code(UNSUPPORTED)
+                        })
+                        .collect();
+                    txn_offset_commit_response::TxnOffsetCommitResponseTopic::default()
+                        .with_name(t.name)
+                        .with_partitions(partitions)
+                })
+                .collect();
+            Some(TxnOffsetCommitResponse::default().with_topics(topics))
+        }),
         ApiKey::EndTxn => answer(h, body, |_: EndTxnRequest| {
             Some(
                 EndTxnResponse::default()
@@ -239,6 +263,8 @@ mod tests {
             ApiKey::InitProducerId,
             ApiKey::DescribeCluster,
             ApiKey::AddPartitionsToTxn,
+            ApiKey::AddOffsetsToTxn,
+            ApiKey::TxnOffsetCommit,
             ApiKey::EndTxn,
         ];
         for &(key, min, max) in SUPPORTED_APIS {

@@ -161,6 +161,35 @@ async fn markers_fence_older_epochs_and_batches_are_checked_for_their_kind() {
         0
     )));
     assert!(refused(p.append_control(&txn(21, 0, 0, 1), 0)));
+    assert!(refused(
+        p.append_in_transaction(&batch(&Spec::plain(1, 3)), 0)
+    ));
+
+    // The broker's own records in a producer's transaction (no sequence)
+    // open it like the producer's batches; its marker ends it.
+    end(&p, 20, 3, true).unwrap();
+    let before = p.log_end_offset();
+    let offsets = batch(&Spec {
+        attributes: TXN,
+        ..Spec::idem(22, 0, -1, 2)
+    });
+    assert_eq!(
+        p.append_in_transaction(&offsets, 0).unwrap().base_offset,
+        before
+    );
+    p.wait_durable(p.log_end_offset()).await.unwrap();
+    assert_eq!(
+        p.last_stable_offset(),
+        before,
+        "producer 22's transaction is open"
+    );
+    let marker = end(&p, 22, 0, false).unwrap();
+    p.wait_durable(p.log_end_offset()).await.unwrap();
+    assert_eq!(p.last_stable_offset(), p.log_end_offset());
+    assert_eq!(
+        p.aborted_transactions(before, marker + 1),
+        vec![aborted(22, before, marker)]
+    );
 }
 
 #[tokio::test]
