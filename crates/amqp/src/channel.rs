@@ -450,6 +450,21 @@ fn method(out: &mut Vec<u8>, ch: u16, m: AMQPClass) {
 }
 
 impl Conn {
+    /// The queue as [`crate::Broker::queue_for`] finds it, waiting (at most
+    /// `LEADER_MOVE_WAIT`) while it is between leaders: a node that just
+    /// restarted, or a failover, hands its leadership over in a moment.
+    async fn queue_settled(&self, vhost: &str, name: &str) -> Result<QueueHandle, AmqpError> {
+        let deadline = tokio::time::Instant::now() + LEADER_MOVE_WAIT;
+        loop {
+            match self.broker.queue_for(self.id, vhost, name) {
+                Err(e) if e.retriable && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(LEADER_MOVE_RETRY).await;
+                }
+                found => return found,
+            }
+        }
+    }
+
     fn send_method(&mut self, ch: u16, m: AMQPClass) {
         let mut buf = Vec::new();
         method(&mut buf, ch, m);
@@ -871,7 +886,7 @@ impl Conn {
             basic::AMQPMethod::Consume(c) => {
                 let name = c.queue.as_str();
                 self.broker.queue_state(&vhost, name, self.who())?;
-                let link = self.broker.queue_for(self.id, &vhost, name)?;
+                let link = self.queue_settled(&vhost, name).await?;
                 let start = if link.is_stream() {
                     StreamStart::parse(&c.arguments)?
                 } else {
@@ -967,7 +982,7 @@ impl Conn {
             basic::AMQPMethod::Get(g) => {
                 let name = g.queue.as_str();
                 self.broker.queue_state(&vhost, name, self.who())?;
-                let mut link = self.broker.queue_for(self.id, &vhost, name)?;
+                let mut link = self.queue_settled(&vhost, name).await?;
                 let mut got = link.get(g.no_ack).await;
                 let deadline = tokio::time::Instant::now() + LEADER_MOVE_WAIT;
                 while got.as_ref().is_err_and(|e| e.retriable)
