@@ -2,12 +2,16 @@
 begin, produce, commit, abort) and read_committed / read_uncommitted
 consumers: atomic visibility across topics and partitions, the last stable
 offset holding read_committed readers while a transaction is open, zombie
-fencing, the coordinator aborting a transaction past its timeout, and
-`kill -9` with one transaction committed and one left open. In the cluster
-(SLUICE_INTEROP_CLUSTER=1) the partitions are led by different nodes, so
-markers travel between nodes.
+fencing, the coordinator aborting a transaction past its timeout, `kill -9`
+with one transaction committed and one left open, and exactly-once
+consume-transform-produce. In the cluster (SLUICE_INTEROP_CLUSTER=1) the
+partitions are led by different nodes, so markers travel between nodes, and
+the coordinator's node and a partition leader are killed mid-stream.
 """
 
+import os
+import signal
+import threading
 import time
 import uuid
 
@@ -230,3 +234,86 @@ def test_consume_transform_produce_is_exactly_once_when_the_processor_dies(broke
     got = read(broker.bootstrap, [dst], "read_committed", expect=len(inputs))
     assert sorted(got) == sorted(f"out-{v}" for v in inputs), "every input once"
     assert sorted(read(broker.bootstrap, [dst], "read_committed")) == sorted(f"out-{v}" for v in inputs)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SLUICE_INTEROP_CLUSTER"),
+    reason="needs the three-node cluster (SLUICE_INTEROP_CLUSTER=1)",
+)
+def test_transactions_stay_atomic_when_the_coordinator_and_a_leader_are_killed(broker):
+    """A transactional producer commits transaction after transaction of ten
+    records over three partitions while the node coordinating transactions
+    is killed and restarted, and then a node leading a partition. Read
+    committed afterwards: every transaction the producer saw committed is
+    there whole, every transaction there is whole, and no record twice."""
+    topic = unique("txfault")
+    create(broker.bootstrap, topic)
+    per_txn = 10
+    committed, stop = set(), threading.Event()
+    errors = []
+
+    def produce():
+        tid = unique("tid")
+        p = producer(broker.bootstrap, tid, **{"transaction.timeout.ms": 10000})
+        t = 0
+        while not stop.is_set():
+            t += 1
+            try:
+                p.begin_transaction()
+                for i in range(per_txn):
+                    p.produce(topic, key=f"{t}-{i}", value=f"t{t}-{i}")
+                p.commit_transaction(60)
+                committed.add(t)
+            except KafkaException as e:
+                err = e.args[0]
+                errors.append(str(err))
+                try:
+                    if err.txn_requires_abort():
+                        p.abort_transaction(60)
+                    elif not err.retriable():
+                        p = producer(broker.bootstrap, tid, **{"transaction.timeout.ms": 10000})
+                except KafkaException as again:
+                    errors.append(str(again))
+                    p = producer(broker.bootstrap, tid, **{"transaction.timeout.ms": 10000})
+            time.sleep(0.01)
+
+    def leader(topic_name, partition):
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        return admin.list_topics(topic_name, timeout=10).topics[topic_name].partitions[partition].leader
+
+    def kill_and_restart(node_id):
+        node = broker.nodes[node_id - 1]
+        os.kill(node.proc.pid, signal.SIGKILL)
+        node._kill_proc()
+        time.sleep(4.0)
+        node.start()
+        broker.wait_healthy()
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    time.sleep(2.0)
+    coordinator = leader("__transaction_state", 0)
+    kill_and_restart(coordinator)
+    time.sleep(2.0)
+    data_leader = leader(topic, 1)
+    kill_and_restart(data_leader)
+    time.sleep(2.0)
+    stop.set()
+    thread.join(120)
+    assert not thread.is_alive(), "the producer did not stop"
+    assert len(committed) > 20, f"too few transactions committed: {len(committed)}; errors {errors[:5]}"
+
+    got = read(broker.bootstrap, [topic], "read_committed", quiet_s=5.0, timeout=120)
+    assert len(got) == len(set(got)), "a record twice"
+    by_txn = {}
+    for v in got:
+        t, i = v[1:].split("-")
+        by_txn.setdefault(int(t), set()).add(int(i))
+    partial = {t: sorted(i) for t, i in by_txn.items() if len(i) != per_txn}
+    assert not partial, f"transactions seen in part: {partial}"
+    lost = committed - set(by_txn)
+    assert not lost, f"committed transactions missing: {sorted(lost)[:10]}"
+    print(
+        f"[txn-faults] {len(committed)} committed, {len(by_txn)} visible, coordinator {coordinator} "
+        f"and leader {data_leader} killed; producer errors {len(errors)}"
+    )
