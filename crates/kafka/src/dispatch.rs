@@ -126,6 +126,14 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
             let req = decode!(WriteTxnMarkersRequest, buf, h);
             handlers::txn::write_txn_markers(ctx, req, h)
         }
+        ApiKey::ListTransactions => {
+            let req = decode!(ListTransactionsRequest, buf, h);
+            handlers::txn::list_transactions(ctx, req, h)
+        }
+        ApiKey::DescribeTransactions => {
+            let req = decode!(DescribeTransactionsRequest, buf, h);
+            handlers::txn::describe_transactions(ctx, req, h)
+        }
         ApiKey::CreateTopics => {
             let req = decode!(CreateTopicsRequest, buf, h);
             handlers::admin::create_topics(ctx, req, h)
@@ -290,6 +298,8 @@ pub(crate) fn decode_only(frame: Bytes) -> Result<(), String> {
         ApiKey::TxnOffsetCommit => body::<TxnOffsetCommitRequest>(&mut buf, version),
         ApiKey::EndTxn => body::<EndTxnRequest>(&mut buf, version),
         ApiKey::WriteTxnMarkers => body::<WriteTxnMarkersRequest>(&mut buf, version),
+        ApiKey::ListTransactions => body::<ListTransactionsRequest>(&mut buf, version),
+        ApiKey::DescribeTransactions => body::<DescribeTransactionsRequest>(&mut buf, version),
         ApiKey::CreateTopics => body::<CreateTopicsRequest>(&mut buf, version),
         ApiKey::DeleteTopics => body::<DeleteTopicsRequest>(&mut buf, version),
         ApiKey::CreatePartitions => body::<CreatePartitionsRequest>(&mut buf, version),

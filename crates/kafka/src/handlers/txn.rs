@@ -28,7 +28,7 @@ use sluice_client::Connection;
 use sluice_group::Coordination;
 use sluice_log::Marker;
 use sluice_topology::Topology;
-use sluice_txn::{MarkerWriter, TopicPartition};
+use sluice_txn::{MarkerWriter, TopicPartition, TxnState};
 use sluice_vocab::internal::OFFSETS_TOPIC;
 use sluice_vocab::{ErrorCode, KafkaError};
 
@@ -187,6 +187,118 @@ pub(crate) fn end_txn(ctx: &Arc<Ctx>, req: EndTxnRequest, h: Hdr) -> Outcome {
             .with_producer_id(ProducerId(-1))
             .with_producer_epoch(-1)
     })
+}
+
+/// ListTransactions: the transactions this node coordinates (none unless it
+/// leads `__transaction_state-0`), filtered by state, producer id and how
+/// long they have been open.
+pub(crate) fn list_transactions(ctx: &Arc<Ctx>, req: ListTransactionsRequest, h: Hdr) -> Outcome {
+    let ctx = ctx.clone();
+    later(h, async move {
+        let states: Vec<TxnState> = req
+            .state_filters
+            .iter()
+            .filter_map(|name| state_named(name))
+            .collect();
+        let unknown: Vec<_> = req
+            .state_filters
+            .iter()
+            .filter(|name| state_named(name).is_none())
+            .cloned()
+            .collect();
+        let resp = ListTransactionsResponse::default().with_unknown_state_filters(unknown);
+        let all = match ctx.txns.transactions().await {
+            Ok(all) => all,
+            // Coordinated elsewhere: nothing of this node's to list.
+            Err(ErrorCode::NotCoordinator) => Vec::new(),
+            Err(code) => return resp.with_error_code(code.code()),
+        };
+        let now = now_ms();
+        let listed = all
+            .into_iter()
+            .filter(|(_, m)| states.is_empty() || states.contains(&m.state))
+            .filter(|(_, m)| {
+                req.producer_id_filters.is_empty()
+                    || req.producer_id_filters.iter().any(|p| p.0 == m.producer_id)
+            })
+            .filter(|(_, m)| {
+                req.duration_filter < 0
+                    || (m.start_ms >= 0 && now.saturating_sub(m.start_ms) >= req.duration_filter)
+            })
+            .map(|(id, m)| {
+                list_transactions_response::TransactionState::default()
+                    .with_transactional_id(TransactionalId(str_bytes(&id)))
+                    .with_producer_id(ProducerId(m.producer_id))
+                    .with_transaction_state(str_bytes(m.state.name()))
+            })
+            .collect();
+        resp.with_transaction_states(listed)
+    })
+}
+
+/// DescribeTransactions, answered by the coordinator.
+pub(crate) fn describe_transactions(
+    ctx: &Arc<Ctx>,
+    req: DescribeTransactionsRequest,
+    h: Hdr,
+) -> Outcome {
+    let ctx = ctx.clone();
+    later(h, async move {
+        let all = ctx.txns.transactions().await;
+        let states = req
+            .transactional_ids
+            .into_iter()
+            .map(|id| {
+                let described = describe_transactions_response::TransactionState::default()
+                    .with_transactional_id(id.clone())
+                    .with_producer_id(ProducerId(-1))
+                    .with_producer_epoch(-1)
+                    .with_transaction_start_time_ms(-1);
+                let found = match &all {
+                    Err(code) => return described.with_error_code(code.code()),
+                    Ok(all) => all.iter().find(|(t, _)| t.as_str() == id.0.as_str()),
+                };
+                let Some((_, m)) = found else {
+                    return described.with_error_code(ErrorCode::TransactionalIdNotFound.code());
+                };
+                let mut by_topic: std::collections::BTreeMap<&str, Vec<i32>> =
+                    std::collections::BTreeMap::new();
+                for (t, p) in &m.partitions {
+                    by_topic.entry(t.as_str()).or_default().push(*p);
+                }
+                described
+                    .with_transaction_state(str_bytes(m.state.name()))
+                    .with_transaction_timeout_ms(m.timeout_ms)
+                    .with_transaction_start_time_ms(m.start_ms)
+                    .with_producer_id(ProducerId(m.producer_id))
+                    .with_producer_epoch(m.producer_epoch)
+                    .with_topics(
+                        by_topic
+                            .into_iter()
+                            .map(|(t, ps)| {
+                                describe_transactions_response::TopicData::default()
+                                    .with_topic(TopicName(str_bytes(t)))
+                                    .with_partitions(ps)
+                            })
+                            .collect(),
+                    )
+            })
+            .collect();
+        DescribeTransactionsResponse::default().with_transaction_states(states)
+    })
+}
+
+/// The state Kafka's tools name `name`.
+fn state_named(name: &str) -> Option<TxnState> {
+    (0..8)
+        .filter_map(TxnState::from_code)
+        .find(|s| s.name() == name)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Writes each marker into the partitions this node leads and answers each

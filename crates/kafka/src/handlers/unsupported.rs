@@ -202,6 +202,9 @@ pub(crate) fn respond(h: Hdr, body: Bytes) -> Outcome {
         ApiKey::AddPartitionsToTxn => answer(h, body, |_: AddPartitionsToTxnRequest| {
             Some(AddPartitionsToTxnResponse::default().with_error_code(UNSUPPORTED))
         }),
+        ApiKey::ListTransactions => answer(h, body, |_: ListTransactionsRequest| {
+            Some(ListTransactionsResponse::default().with_error_code(UNSUPPORTED))
+        }),
         ApiKey::AddOffsetsToTxn => answer(h, body, |_: AddOffsetsToTxnRequest| {
             Some(AddOffsetsToTxnResponse::default().with_error_code(UNSUPPORTED))
         }),
@@ -265,6 +268,7 @@ mod tests {
             ApiKey::AddPartitionsToTxn,
             ApiKey::AddOffsetsToTxn,
             ApiKey::TxnOffsetCommit,
+            ApiKey::ListTransactions,
             ApiKey::EndTxn,
         ];
         for &(key, min, max) in SUPPORTED_APIS {

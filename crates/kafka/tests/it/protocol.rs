@@ -631,6 +631,89 @@ async fn describe_cluster_find_coordinator_init_producer_id() {
         (second.producer_id, second.producer_epoch),
         (first.producer_id, first.producer_epoch + 1)
     );
+
+    // The coordinator lists and describes it; an open transaction shows
+    // its partitions.
+    let list = |states: &[&str]| {
+        ListTransactionsRequest::default()
+            .with_state_filters(states.iter().map(|s| sb(s)).collect())
+            .with_duration_filter(-1)
+    };
+    let listed = c.call(&list(&[]), 1).await;
+    assert_eq!(listed.error_code, 0);
+    let names: Vec<(String, String)> = listed
+        .transaction_states
+        .iter()
+        .map(|t| {
+            (
+                t.transactional_id.0.to_string(),
+                t.transaction_state.to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(names, vec![("tx".to_owned(), "Empty".to_owned())]);
+    let filtered = c.call(&list(&["Ongoing", "Bogus"]), 1).await;
+    assert!(filtered.transaction_states.is_empty());
+    assert_eq!(filtered.unknown_state_filters, vec![sb("Bogus")]);
+
+    server.create_topic("txn-topic", 2).await;
+    let added = c
+        .call(
+            &AddPartitionsToTxnRequest::default()
+                .with_v3_and_below_transactional_id(TransactionalId(sb("tx")))
+                .with_v3_and_below_producer_id(second.producer_id)
+                .with_v3_and_below_producer_epoch(second.producer_epoch)
+                .with_v3_and_below_topics(vec![
+                    add_partitions_to_txn_request::AddPartitionsToTxnTopic::default()
+                        .with_name(TopicName(sb("txn-topic")))
+                        .with_partitions(vec![1]),
+                ]),
+            3,
+        )
+        .await;
+    assert_eq!(
+        added.results_by_topic_v3_and_below[0].results_by_partition[0].partition_error_code,
+        0
+    );
+    let described = c
+        .call(
+            &DescribeTransactionsRequest::default().with_transactional_ids(vec![
+                TransactionalId(sb("tx")),
+                TransactionalId(sb("nope")),
+            ]),
+            0,
+        )
+        .await;
+    let tx = &described.transaction_states[0];
+    assert_eq!(
+        (
+            tx.error_code,
+            tx.transaction_state.as_str(),
+            tx.transaction_timeout_ms
+        ),
+        (0, "Ongoing", 60_000)
+    );
+    assert_eq!(
+        (tx.producer_id, tx.producer_epoch),
+        (second.producer_id, second.producer_epoch)
+    );
+    assert!(tx.transaction_start_time_ms > 0);
+    assert_eq!(tx.topics.len(), 1);
+    assert_eq!(
+        (tx.topics[0].topic.as_str(), tx.topics[0].partitions.clone()),
+        ("txn-topic", vec![1])
+    );
+    assert_eq!(
+        described.transaction_states[1].error_code,
+        ErrorCode::TransactionalIdNotFound.code()
+    );
+    assert_eq!(
+        c.call(&list(&["Ongoing"]), 0)
+            .await
+            .transaction_states
+            .len(),
+        1
+    );
     server.stop().await;
 }
 
