@@ -310,6 +310,24 @@ else
         measure --set system=sluice --set "scenario=produce 1024 B, acks=all, 1 producer, $codec" --set durable_before_ack=true -- \
             "${SB[@]}" produce "${SBO[@]}" --topic "codec-$codec" --partitions 1 --record-size 1024 --acks all --compression "$codec" --duration "$SLUICE_DUR"
     done
+    # Exactly-once produce: the same producer as the plain acks=all row, as
+    # an idempotent producer and in transactions committed every 100 ms or
+    # every 10,000 records, side by side in one run.
+    measure --set system=sluice --set "scenario=produce 100 B, acks=all, 1 producer, idempotent" --set durable_before_ack=true -- \
+        "${SB[@]}" produce "${SBO[@]}" --topic idem-100 --partitions 1 --record-size 100 --idempotent --duration "$SLUICE_DUR"
+    idem=$(json_num records_per_sec)
+    for every in "100 ms:--commit-interval-ms 100" "10,000 records:--commit-records 10000 --commit-interval-ms 60000"; do
+        label=${every%%:*}
+        read -r -a flags <<<"${every#*:}"
+        measure --set system=sluice --set "scenario=produce 100 B, acks=all, 1 producer, transactional, commit every $label" --set durable_before_ack=true -- \
+            "${SB[@]}" produce "${SBO[@]}" --topic "txn-${label%% *}" --partitions 1 --record-size 100 --transactional "${flags[@]}" --duration "$SLUICE_DUR"
+        if [[ -n $LAST_JSON ]]; then
+            txn=$(json_num records_per_sec)
+            end=$(printf '%s' "$LAST_JSON" | grep -o '"commit_latency_ms":{[^}]*}' | grep -o '"p99":[0-9.eE+-]*' | cut -d: -f2)
+            call=$(printf '%s' "$LAST_JSON" | grep -o '"commit_call_latency_ms":{[^}]*}' | grep -o '"p99":[0-9.eE+-]*' | cut -d: -f2)
+            note "- Transactional produce, commit every $label: $(json_num transactions) transactions, $(awk -v t="$txn" -v i="$idem" 'BEGIN { if (i > 0) printf "%.0f", 100 * t / i; else print "–" }')% of the idempotent row's records/s; commit latency p99 ${end:-–} ms for EndTxn alone, ${call:-–} ms for the whole commit call (waiting for the batches in flight, then EndTxn). The table's latency is each record's produce acknowledgement."
+        fi
+    done
     note "- Compressed rows: the load generator's records of one batch share a payload (only an 8-byte timestamp differs), so batches compress far better than real data would; the rows show what checking every record of a compressed batch costs the broker, with the client compressing on the same two cores."
     note "- Sluice's consume latency is per fetch request (\`sluice bench\`'s definition); the peers' consume rows have none (draining a pre-filled queue has no per-message latency). Consume reads the topic written by the 1-producer acks=all run."
     note "- Sluice runs with its default flush policy (fsync before acknowledging, group commit). On a single broker acks=1 and acks=all both wait for that fsync, so both are durable before ack."

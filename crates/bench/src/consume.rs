@@ -132,6 +132,7 @@ async fn fetch_loop(
         records: 0,
         last_done: Duration::ZERO,
         stats: Stats::new(),
+        commits: crate::Commits::default(),
     };
     loop {
         if counters.completed.load(Ordering::Relaxed) >= plan.target.load(Ordering::Relaxed) {

@@ -19,6 +19,7 @@ mod consume;
 mod produce;
 pub mod report;
 pub mod schedule;
+mod txn;
 
 use sluice_vocab::ErrorCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use kafka_protocol::records::Compression;
 
 pub use consume::count_records;
-pub use report::{LatencyMs, Report, Stats};
+pub use report::{Commits, LatencyMs, Report, Stats};
 pub use schedule::LittlesLaw;
 
 /// Errors of a benchmark run.
@@ -95,6 +96,33 @@ impl Acks {
     }
 }
 
+/// What a producer promises about its writes, as Kafka's producer settings
+/// name it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Delivery {
+    /// No producer id: a retried batch could be written twice.
+    Plain,
+    /// `enable.idempotence=true`: a producer id and a sequence per batch.
+    Idempotent,
+    /// `transactional.id` set: batches are written in transactions, each
+    /// committed when it is `commit_interval` old or holds `commit_records`
+    /// records, whichever comes first.
+    Transactional {
+        commit_interval: Duration,
+        commit_records: Option<u64>,
+    },
+}
+
+impl Delivery {
+    pub fn name(self) -> &'static str {
+        match self {
+            Delivery::Plain => "plain",
+            Delivery::Idempotent => "idempotent",
+            Delivery::Transactional { .. } => "transactional",
+        }
+    }
+}
+
 /// The name of a compression codec as the CLI and JSON spell it.
 pub fn compression_name(c: Compression) -> &'static str {
     match c {
@@ -135,6 +163,7 @@ pub struct BenchConfig {
     pub fetch_bytes: usize,
     /// Open-loop target rate over all producers, records per second.
     pub rate: Option<f64>,
+    pub delivery: Delivery,
     /// Draw a progress bar on stderr.
     pub progress: bool,
 }
@@ -159,6 +188,7 @@ impl BenchConfig {
             max_in_flight: 5,
             fetch_bytes: 16 << 20,
             rate: None,
+            delivery: Delivery::Plain,
             progress: false,
         }
     }
@@ -192,6 +222,27 @@ impl BenchConfig {
         if let Some(r) = self.rate {
             if !(r.is_finite() && r > 0.0) {
                 return bad("--rate must be a positive number of records per second");
+            }
+        }
+        if self.delivery != Delivery::Plain {
+            // Kafka's producer refuses idempotence without acks=all, and
+            // keeps ordering across retries for at most 5 requests in flight.
+            if self.acks != Acks::All {
+                return bad("an idempotent or transactional producer needs --acks all");
+            }
+            if self.max_in_flight > 5 {
+                return bad(
+                    "an idempotent or transactional producer allows at most 5 requests in flight",
+                );
+            }
+        }
+        if let Delivery::Transactional {
+            commit_interval,
+            commit_records,
+        } = self.delivery
+        {
+            if commit_interval.is_zero() || commit_records == Some(0) {
+                return bad("--commit-interval-ms and --commit-records must be positive");
             }
         }
         if self.fetch_bytes < 1024 || self.fetch_bytes > 64 << 20 {
@@ -350,6 +401,7 @@ async fn run_produce(
             producers: cfg.producers,
             consumers: 0,
             ack_stats: None,
+            commits: out.commits,
         },
     ))
 }
@@ -409,6 +461,7 @@ async fn run_consume(
             producers: 0,
             consumers: cfg.consumers,
             ack_stats: None,
+            commits: Commits::default(),
         },
     ))
 }
@@ -462,7 +515,7 @@ async fn run_e2e(cfg: &BenchConfig, cluster: Arc<cluster::Cluster>) -> Result<Re
     let cpu = schedule::process_cpu_seconds() - cpu0;
     let samples = sampler.finish();
     progress.finish().await;
-    let ack_stats = produced_result?.stats;
+    let produced = produced_result?;
     let out = match drained {
         Ok(Ok(r)) => r?,
         Ok(Err(join)) => return Err(BenchError::Incomplete(format!("consumer task failed: {join}"))),
@@ -486,7 +539,8 @@ async fn run_e2e(cfg: &BenchConfig, cluster: Arc<cluster::Cluster>) -> Result<Re
             latency_of: "end_to_end",
             producers: cfg.producers,
             consumers: cfg.consumers,
-            ack_stats: Some(ack_stats),
+            ack_stats: Some(produced.stats),
+            commits: produced.commits,
         },
     ))
 }
@@ -497,6 +551,8 @@ pub(crate) struct Outcome {
     /// Start to the last acknowledgement (producers) or record consumed (consumers).
     pub last_done: Duration,
     pub stats: report::Stats,
+    /// Transactional producers: the latency of each commit.
+    pub commits: report::Commits,
 }
 
 /// Awaits every task and sums their outcomes; the first error (or panic,
@@ -510,6 +566,7 @@ pub(crate) async fn join_outcomes(
         records: 0,
         last_done: Duration::ZERO,
         stats: report::Stats::new(),
+        commits: report::Commits::default(),
     };
     let mut first_err = None;
     for t in tasks {
@@ -518,6 +575,7 @@ pub(crate) async fn join_outcomes(
                 out.records += r.records;
                 out.last_done = out.last_done.max(r.last_done);
                 out.stats.merge(&r.stats);
+                out.commits.merge(&r.commits);
             }
             Ok(Err(e)) => {
                 first_err.get_or_insert(e);

@@ -25,9 +25,10 @@ use sluice_client::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::cluster::{self, topic_name, Cluster};
-use crate::report::Stats;
+use crate::report::{Commits, Stats};
 use crate::schedule::{Counters, Schedule};
-use crate::{Acks, BenchConfig, BenchError};
+use crate::txn::{Identity, Stamp};
+use crate::{Acks, BenchConfig, BenchError, Delivery};
 
 /// Produce versions used: v3 is the first with RecordBatch v2; v12+ belongs
 /// to transactions v2 and v13+ names topics by id.
@@ -49,13 +50,32 @@ pub(crate) struct Link {
     version: i16,
 }
 
-/// Connections of every producer: `[producer][i]`, one per leader node.
+/// What one producer needs before the clock starts: a connection per
+/// leader node and, unless plain, its producer id.
+pub(crate) struct Connected {
+    links: Vec<Link>,
+    identity: Option<Identity>,
+}
+
+/// Connections (and identities) of every producer.
 pub(crate) async fn connect_all(
     cfg: &BenchConfig,
     cluster: &Cluster,
-) -> Result<Vec<Vec<Link>>, BenchError> {
+) -> Result<Vec<Connected>, BenchError> {
     let mut all = Vec::with_capacity(cfg.producers);
-    for _ in 0..cfg.producers {
+    // Unique per run, so no earlier run's producer is fenced or waited for.
+    let run = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    for idx in 0..cfg.producers {
+        let identity = match cfg.delivery {
+            Delivery::Plain => None,
+            Delivery::Idempotent => Some(Identity::idempotent(cluster).await?),
+            Delivery::Transactional { .. } => {
+                let id = format!("sluice-bench-{}-{run}-{idx}", std::process::id());
+                Some(Identity::transactional(cluster, &id).await?)
+            }
+        };
         let mut links = Vec::new();
         for node in cluster.leader_nodes() {
             let conn = cluster::connect(cluster.address(node)?).await?;
@@ -70,7 +90,7 @@ pub(crate) async fn connect_all(
                 version,
             });
         }
-        all.push(links);
+        all.push(Connected { links, identity });
     }
     Ok(all)
 }
@@ -81,15 +101,16 @@ pub(crate) type ProduceOutcome = crate::Outcome;
 pub(crate) async fn run_producers(
     cfg: &BenchConfig,
     cluster: &Arc<Cluster>,
-    links: Vec<Vec<Link>>,
+    producers: Vec<Connected>,
     schedules: &[Schedule],
     start: Instant,
     counters: Arc<Counters>,
 ) -> Result<ProduceOutcome, BenchError> {
-    let mut tasks = Vec::with_capacity(links.len());
-    for (idx, (links, schedule)) in links.into_iter().zip(schedules).enumerate() {
-        let p = Producer::new(cfg, cluster, idx, *schedule, start, counters.clone());
-        tasks.push(tokio::spawn(p.run(links)));
+    let mut tasks = Vec::with_capacity(producers.len());
+    for (idx, (conns, schedule)) in producers.into_iter().zip(schedules).enumerate() {
+        let mut p = Producer::new(cfg, cluster, idx, *schedule, start, counters.clone());
+        p.identity = conns.identity;
+        tasks.push(tokio::spawn(p.run(conns.links)));
     }
     crate::join_outcomes(tasks, "producer").await
 }
@@ -130,6 +151,19 @@ struct Producer {
     builder: BatchBuilder,
     /// Records per batch.
     capacity: u64,
+    /// Producer id and sequences, unless plain.
+    identity: Option<Identity>,
+    /// When a transaction is committed.
+    commit_every: Option<(Duration, Option<u64>)>,
+    /// Latency of each commit.
+    commits: Commits,
+}
+
+/// The transaction a transactional producer has open.
+#[derive(Clone, Copy)]
+struct OpenTxn {
+    since: Duration,
+    records: u64,
 }
 
 /// Result of one producer.
@@ -157,6 +191,15 @@ impl Producer {
             linger: cfg.linger,
             builder: BatchBuilder::new(cfg.record_size, cfg.compression),
             capacity: capacity as u64,
+            identity: None,
+            commit_every: match cfg.delivery {
+                Delivery::Transactional {
+                    commit_interval,
+                    commit_records,
+                } => Some((commit_interval, commit_records)),
+                Delivery::Plain | Delivery::Idempotent => None,
+            },
+            commits: Commits::default(),
         }
     }
 
@@ -253,6 +296,7 @@ impl Producer {
                 records,
                 last_done,
                 stats: local,
+                commits: std::mem::take(&mut self.commits),
             }),
             (None, Err(e)) => Err(e),
         }
@@ -274,8 +318,21 @@ impl Producer {
         let mut batch_open = Duration::ZERO;
         let mut local = Stats::new();
         let mut last_done = Duration::ZERO;
+        let mut txn: Option<OpenTxn> = None;
+        let transactional_id = self.identity.as_ref().and_then(Identity::transactional_id);
         loop {
             let elapsed = self.elapsed();
+            if let (Some(open), Some((interval, records))) = (txn, self.commit_every) {
+                let due = elapsed >= open.since + interval
+                    || records.is_some_and(|r| open.records >= r)
+                    || self.schedule.finished(next, elapsed);
+                if due && batch_len == 0 {
+                    self.commit(writers).await?;
+                    last_done = last_done.max(self.elapsed());
+                    txn = None;
+                    continue;
+                }
+            }
             let add = self.available(next, elapsed).min(self.capacity - batch_len);
             if add > 0 {
                 if batch_len == 0 {
@@ -306,6 +363,15 @@ impl Producer {
                 tokio::time::sleep_until(tokio_start + wake).await;
                 continue;
             }
+            if self.commit_every.is_some() && txn.is_none() {
+                if let Some(identity) = self.identity.as_mut() {
+                    identity.begin(self.topic.0.as_str(), nparts as u32).await?;
+                }
+                txn = Some(OpenTxn {
+                    since: self.elapsed(),
+                    records: 0,
+                });
+            }
             let w = route
                 .get(partition)
                 .and_then(|i| writers.get_mut(*i))
@@ -334,10 +400,16 @@ impl Producer {
                     .map_err(|_| closed())?,
             };
             let created_ns = batch_open.as_nanos() as u64;
-            let batch = self
-                .builder
-                .build(batch_first, batch_len, &self.schedule, created_ns)?;
+            let count = u32::try_from(batch_len).unwrap_or(u32::MAX);
+            let stamp = match self.identity.as_mut() {
+                Some(identity) => identity.next(partition, count),
+                None => Stamp::PLAIN,
+            };
+            let batch =
+                self.builder
+                    .build(batch_first, batch_len, &self.schedule, created_ns, stamp)?;
             let req = ProduceRequest::default()
+                .with_transactional_id(transactional_id.clone())
                 .with_acks(self.acks.wire())
                 .with_timeout_ms(30_000)
                 .with_topic_data(vec![TopicProduceData::default()
@@ -347,7 +419,9 @@ impl Producer {
                         .with_records(Some(batch))])]);
             let correlation_id = w.writer.send(&req, w.version).await?;
             drop(req);
-            let count = u32::try_from(batch_len).unwrap_or(u32::MAX);
+            if let Some(open) = txn.as_mut() {
+                open.records += batch_len;
+            }
             if let Some(tx) = &w.pending {
                 // Queued once written: the reader takes an answer only
                 // after its entry is queued, so an early one waits in the
@@ -380,7 +454,39 @@ impl Producer {
             batch_len = 0;
             partition = (partition + 1) % nparts;
         }
+        if txn.is_some() {
+            self.commit(writers).await?;
+            last_done = last_done.max(self.elapsed());
+        }
         Ok((next, local, last_done))
+    }
+
+    /// Waits for every batch in flight to be acknowledged (by taking every
+    /// connection's whole window), then commits the transaction.
+    async fn commit(&mut self, writers: &[Writer]) -> Result<(), BenchError> {
+        let Some(identity) = self.identity.as_mut() else {
+            return Ok(());
+        };
+        let t0 = self.start.elapsed();
+        let window = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
+        let mut drained = Vec::with_capacity(writers.len());
+        for w in writers {
+            drained.push(
+                w.window
+                    .clone()
+                    .acquire_many_owned(window)
+                    .await
+                    .map_err(|_| closed())?,
+            );
+        }
+        let t1 = self.start.elapsed();
+        identity.commit().await?;
+        drop(drained);
+        let t2 = self.start.elapsed();
+        let ns = |d: Duration| d.as_nanos() as u64;
+        self.commits.end_txn.record(ns(t2.saturating_sub(t1)));
+        self.commits.with_flush.record(ns(t2.saturating_sub(t0)));
+        Ok(())
     }
 }
 
@@ -522,6 +628,7 @@ impl BatchBuilder {
         len: u64,
         schedule: &Schedule,
         created_ns: u64,
+        stamp: Stamp,
     ) -> Result<Bytes, BenchError> {
         let n = usize::try_from(len).map_err(|_| BenchError::Config("batch too large".into()))?;
         let size = self.payload.len();
@@ -550,9 +657,7 @@ impl BatchBuilder {
                 producer_epoch: NO_PRODUCER_EPOCH,
                 timestamp_type: TimestampType::Creation,
                 offset: j as i64,
-                // The encoder keeps records in one batch while offset -
-                // sequence is constant; base sequence -1 = not idempotent.
-                sequence: j as i32 - 1,
+                sequence: -1,
                 timestamp: 0,
                 key: None,
                 value: None,
@@ -562,6 +667,17 @@ impl BatchBuilder {
         for (j, r) in self.records.iter_mut().take(n).enumerate() {
             r.value = Some(values.slice(j * size..(j + 1) * size));
             r.timestamp = wall_ms;
+            r.producer_id = stamp.producer_id;
+            r.producer_epoch = stamp.epoch;
+            r.transactional = stamp.transactional;
+            // The encoder keeps records in one batch while offset - sequence
+            // is constant and takes the first record's as the base sequence
+            // (-1: not idempotent).
+            r.sequence = if stamp.base_sequence < 0 {
+                j as i32 - 1
+            } else {
+                stamp.base_sequence.wrapping_add(j as i32)
+            };
         }
         let records = self.records.get(..n).unwrap_or_default();
         let encoded = RecordBatchEncoder::encode(&mut self.out, records, &self.options)
@@ -589,7 +705,7 @@ mod tests {
                 total: None,
                 duration: None,
             };
-            let bytes = b.build(10, 5, &s, 0).unwrap();
+            let bytes = b.build(10, 5, &s, 0, Stamp::PLAIN).unwrap();
             // One batch (checksum verified by the decoder), counted as 5.
             assert_eq!(
                 RecordBatchDecoder::decode_all(&mut bytes.clone())
@@ -613,13 +729,44 @@ mod tests {
                 total: Some(3),
                 duration: None,
             };
-            let mut buf = b.build(0, 3, &closed, 777).unwrap();
+            let mut buf = b.build(0, 3, &closed, 777, Stamp::PLAIN).unwrap();
             let set = RecordBatchDecoder::decode(&mut buf).unwrap();
             assert!(set
                 .records
                 .iter()
                 .all(|r| r.value.as_ref().unwrap()[..8] == 777u64.to_be_bytes()));
         }
+    }
+
+    #[test]
+    fn batches_carry_the_producer_stamp() {
+        let mut b = BatchBuilder::new(20, Compression::None);
+        let s = Schedule {
+            rate: None,
+            total: None,
+            duration: None,
+        };
+        let stamp = Stamp {
+            producer_id: 7,
+            epoch: 3,
+            base_sequence: 40,
+            transactional: true,
+        };
+        let mut buf = b.build(0, 4, &s, 1, stamp).unwrap();
+        let set = RecordBatchDecoder::decode(&mut buf).unwrap();
+        assert_eq!(set.records.len(), 4);
+        for (j, r) in set.records.iter().enumerate() {
+            assert_eq!((r.producer_id, r.producer_epoch), (7, 3));
+            assert_eq!(r.sequence, 40 + j as i32);
+            assert!(r.transactional && !r.control);
+        }
+        // The next plain batch from the same builder carries none of it.
+        let mut buf = b.build(4, 4, &s, 1, Stamp::PLAIN).unwrap();
+        let set = RecordBatchDecoder::decode(&mut buf).unwrap();
+        assert!(set
+            .records
+            .iter()
+            .all(|r| r.producer_id == -1 && !r.transactional));
     }
 
     #[test]
@@ -630,13 +777,13 @@ mod tests {
             total: None,
             duration: None,
         };
-        let first = b.build(0, 1000, &s, 1).unwrap();
+        let first = b.build(0, 1000, &s, 1, Stamp::PLAIN).unwrap();
         let at = first.as_ptr();
         drop(first);
-        let second = b.build(1000, 1000, &s, 2).unwrap();
+        let second = b.build(1000, 1000, &s, 2, Stamp::PLAIN).unwrap();
         assert_eq!(second.as_ptr(), at, "the encoded batch reuses its buffer");
         // While a batch is still referenced, the next one gets its own bytes.
-        let third = b.build(2000, 1000, &s, 3).unwrap();
+        let third = b.build(2000, 1000, &s, 3, Stamp::PLAIN).unwrap();
         assert_ne!(third.as_ptr(), second.as_ptr());
         assert_eq!(crate::count_records(&second, 0).unwrap(), (1000, 1000));
         assert_eq!(

@@ -91,6 +91,22 @@ impl Stats {
     }
 }
 
+/// A transactional producer's commits: EndTxn alone (request to answer),
+/// and the whole commit call (waiting for the batches in flight to be
+/// acknowledged, then EndTxn) as a client's `commit_transaction()` takes it.
+#[derive(Clone, Debug, Default)]
+pub struct Commits {
+    pub end_txn: Stats,
+    pub with_flush: Stats,
+}
+
+impl Commits {
+    pub fn merge(&mut self, other: &Commits) {
+        self.end_txn.merge(&other.end_txn);
+        self.with_flush.merge(&other.with_flush);
+    }
+}
+
 /// Latency percentiles in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct LatencyMs {
@@ -117,6 +133,8 @@ pub struct Measured {
     pub consumers: usize,
     /// e2e: the producers' own acknowledgement latencies.
     pub ack_stats: Option<Stats>,
+    /// Transactional producers: commit latencies (empty otherwise).
+    pub commits: Commits,
 }
 
 /// The result of one run; `--json` prints it as one object.
@@ -140,6 +158,17 @@ pub struct Report {
     /// record of the batch, from its intended send time), "socket_write"
     /// (acks=0), "fetch" (consume: per fetch request) or "end_to_end".
     pub latency_of: &'static str,
+    /// "plain", "idempotent" or "transactional".
+    pub delivery: &'static str,
+    /// Transactional producers: transactions committed, the latency of
+    /// EndTxn, and of the whole commit call (the in-flight batches'
+    /// acknowledgements, then EndTxn).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transactions: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit_latency_ms: Option<LatencyMs>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit_call_latency_ms: Option<LatencyMs>,
     pub client_cpu_seconds: f64,
     /// CPU seconds per wall-clock second of the load generator (1.0 = one core).
     pub client_cpu_share: f64,
@@ -181,6 +210,12 @@ impl Report {
             latency_ms: m.stats.latency_ms(),
             ack_latency_ms: m.ack_stats.as_ref().map(Stats::latency_ms),
             latency_of: m.latency_of,
+            delivery: cfg.delivery.name(),
+            transactions: (m.commits.end_txn.count() > 0).then(|| m.commits.end_txn.count()),
+            commit_latency_ms: (m.commits.end_txn.count() > 0)
+                .then(|| m.commits.end_txn.latency_ms()),
+            commit_call_latency_ms: (m.commits.with_flush.count() > 0)
+                .then(|| m.commits.with_flush.latency_ms()),
             client_cpu_seconds: m.cpu_seconds,
             client_cpu_share: if secs > 0.0 {
                 m.cpu_seconds / secs
@@ -221,8 +256,9 @@ impl Report {
         if self.producers > 0 {
             let _ = writeln!(
                 s,
-                "  producers {}  consumers {}  record {} B  acks {}  compression {}  batch {} B  linger {} ms  in-flight {}",
+                "  producers {} ({})  consumers {}  record {} B  acks {}  compression {}  batch {} B  linger {} ms  in-flight {}",
                 self.producers,
+                self.delivery,
                 self.consumers,
                 self.record_size,
                 self.acks,
@@ -248,6 +284,21 @@ impl Report {
             ("mean", l.mean),
         ] {
             let _ = writeln!(s, "    {name:<20} {v:>14.3}");
+        }
+        if let Some(n) = self.transactions {
+            let _ = writeln!(s, "  {:<22} {:>14}", "transactions", n);
+        }
+        for (what, l) in [
+            ("EndTxn", &self.commit_latency_ms),
+            ("flush + EndTxn", &self.commit_call_latency_ms),
+        ] {
+            if let Some(c) = l {
+                let _ = writeln!(
+                    s,
+                    "  commit ({what}) ms: p50 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+                    c.p50, c.p99, c.p999, c.max
+                );
+            }
         }
         if let Some(a) = &self.ack_latency_ms {
             let _ = writeln!(

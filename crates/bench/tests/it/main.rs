@@ -313,3 +313,78 @@ async fn librdkafka_reads_bench_records() {
     assert_eq!(got, 3_000);
     server.stop().await;
 }
+
+/// Idempotent and transactional runs: every record lands once, each
+/// transaction is committed (a read_committed reader sees them all, which it
+/// could not while one was left open), and commits are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_and_transactional_producers_commit_everything() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    use sluice_bench::Delivery;
+    let server = Server::start().await;
+
+    let mut cfg = server.config(Mode::Produce, "idem");
+    cfg.partitions = Some(2);
+    cfg.records = Some(6_000);
+    cfg.batch_bytes = 4096;
+    cfg.delivery = Delivery::Idempotent;
+    let r = sluice_bench::run(cfg.clone()).await.unwrap();
+    assert_eq!((r.records, r.delivery), (6_000, "idempotent"));
+    assert_eq!(r.transactions, None);
+    assert_eq!(held(&server, "idem").await, 6_000);
+    cfg.acks = Acks::Leader;
+    assert!(
+        sluice_bench::run(cfg).await.is_err(),
+        "idempotence needs acks=all"
+    );
+
+    let mut cfg = server.config(Mode::Produce, "txn");
+    cfg.partitions = Some(2);
+    cfg.records = Some(6_000);
+    cfg.producers = 2;
+    cfg.batch_bytes = 4096;
+    cfg.delivery = Delivery::Transactional {
+        commit_interval: Duration::from_secs(60),
+        commit_records: Some(1_000),
+    };
+    let r = sluice_bench::run(cfg).await.unwrap();
+    assert_eq!((r.records, r.delivery), (6_000, "transactional"));
+    // 3,000 records per producer, a commit at each 1,000 or more (whole
+    // batches of 36 records), and the last one at the end.
+    let n = r.transactions.unwrap();
+    assert!((4..=6).contains(&n), "{n} transactions");
+    let end_txn = r.commit_latency_ms.unwrap();
+    let call = r.commit_call_latency_ms.unwrap();
+    assert!(end_txn.max > 0.0 && call.max >= end_txn.max);
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", server.0.addr.to_string())
+        .set("broker.address.family", "v4")
+        .set("group.id", "assign-only")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..2 {
+        tpl.add_partition_offset("txn", p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let got = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut n = 0usize;
+        while n < 6_000 && std::time::Instant::now() < deadline {
+            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                m.unwrap();
+                n += 1;
+            }
+        }
+        n
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, 6_000, "every transaction was committed");
+    server.stop().await;
+}

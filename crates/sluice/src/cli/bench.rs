@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use sluice_bench::{Acks, BenchConfig, Mode};
+use sluice_bench::{Acks, BenchConfig, Delivery, Mode};
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BenchMode {
@@ -96,6 +96,20 @@ pub struct BenchArgs {
     /// latency counts from each record's intended send time.
     #[arg(long, value_name = "RECORDS_PER_SEC")]
     pub rate: Option<f64>,
+    /// Produce as an idempotent producer (a producer id and a sequence per
+    /// batch, as `enable.idempotence=true`).
+    #[arg(long, conflicts_with = "transactional")]
+    pub idempotent: bool,
+    /// Produce in transactions (`transactional.id` set), each committed
+    /// after --commit-interval-ms or --commit-records, whichever is first.
+    #[arg(long)]
+    pub transactional: bool,
+    /// How long a transaction stays open before it is committed.
+    #[arg(long, default_value_t = 100.0, requires = "transactional")]
+    pub commit_interval_ms: f64,
+    /// Records after which a transaction is committed.
+    #[arg(long, requires = "transactional")]
+    pub commit_records: Option<u64>,
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -142,6 +156,17 @@ impl BenchArgs {
         cfg.max_in_flight = self.max_in_flight;
         cfg.fetch_bytes = self.fetch_bytes;
         cfg.rate = self.rate;
+        cfg.delivery = if self.transactional {
+            Delivery::Transactional {
+                commit_interval: Duration::try_from_secs_f64(self.commit_interval_ms / 1e3)
+                    .context("--commit-interval-ms must be a positive number")?,
+                commit_records: self.commit_records,
+            }
+        } else if self.idempotent {
+            Delivery::Idempotent
+        } else {
+            Delivery::Plain
+        };
         cfg.progress = std::io::stderr().is_terminal();
         Ok(cfg)
     }
