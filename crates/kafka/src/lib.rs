@@ -140,6 +140,10 @@ pub struct ServerConfig {
     /// left of it, and connections holding unsent answers are muted while
     /// answers exceed it.
     pub max_in_flight_bytes: usize,
+    /// Longest `transaction.timeout.ms` a transactional producer may ask
+    /// for (`transaction.max.timeout.ms`, default 15 minutes); a longer one
+    /// is refused with INVALID_TRANSACTION_TIMEOUT.
+    pub transaction_max_timeout_ms: i32,
 }
 
 impl Default for ServerConfig {
@@ -157,6 +161,7 @@ impl Default for ServerConfig {
             max_unsent_response_bytes: 64 * 1024 * 1024,
             max_decompressed_batch_bytes: 64 * 1024 * 1024,
             max_in_flight_bytes: 512 * 1024 * 1024,
+            transaction_max_timeout_ms: 900_000,
         }
     }
 }

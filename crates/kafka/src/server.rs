@@ -44,7 +44,10 @@ pub(crate) async fn serve(
             topology.clone(),
             groups.clone(),
         )),
-        TxnConfig::default(),
+        TxnConfig {
+            max_timeout_ms: config.transaction_max_timeout_ms,
+            ..TxnConfig::default()
+        },
     );
     let ctx = Arc::new(Ctx {
         topology,

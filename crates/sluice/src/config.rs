@@ -41,6 +41,8 @@ impl Defaults {
     pub const MAX_UNSENT_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
     pub const MAX_DECOMPRESSED_BATCH_BYTES: usize = 64 * 1024 * 1024;
     pub const MAX_IN_FLIGHT_BYTES: usize = 512 * 1024 * 1024;
+    /// Kafka's `transaction.max.timeout.ms`.
+    pub const TRANSACTION_MAX_TIMEOUT_MS: i32 = 900_000;
     /// Kafka's connections.max.idle.ms.
     pub const CONNECTIONS_MAX_IDLE_MS: u64 = 600_000;
     pub const RAFT_ADDR: &'static str = "0.0.0.0:9093";
@@ -206,6 +208,10 @@ pub struct ServeArgs {
     /// written; beyond it readers wait and Fetch answers shrink [default: 536870912].
     #[arg(long, env = "SLUICE_MAX_IN_FLIGHT_BYTES", value_name = "N")]
     pub max_in_flight_bytes: Option<usize>,
+    /// Longest transaction timeout a transactional producer may ask for;
+    /// a longer one is refused (`transaction.max.timeout.ms`) [default: 900000].
+    #[arg(long, env = "SLUICE_TRANSACTION_MAX_TIMEOUT_MS", value_name = "MS")]
+    pub transaction_max_timeout_ms: Option<i32>,
 }
 
 /// The TOML file. Unknown keys are errors so that a typo is not silently ignored.
@@ -269,6 +275,7 @@ pub struct KafkaSection {
     pub max_unsent_response_bytes: Option<usize>,
     pub max_decompressed_batch_bytes: Option<usize>,
     pub max_in_flight_bytes: Option<usize>,
+    pub transaction_max_timeout_ms: Option<i32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -392,6 +399,7 @@ pub struct Config {
     pub max_unsent_response_bytes: usize,
     pub max_decompressed_batch_bytes: usize,
     pub max_in_flight_bytes: usize,
+    pub transaction_max_timeout_ms: i32,
     pub group: GroupConfig,
     /// Cluster mode, when peers are configured.
     pub cluster: Option<ClusterSettings>,
@@ -523,6 +531,14 @@ impl Config {
                 group.min_session_timeout_ms,
                 group.max_session_timeout_ms
             );
+        }
+
+        let transaction_max_timeout_ms = args
+            .transaction_max_timeout_ms
+            .or(file.kafka.transaction_max_timeout_ms)
+            .unwrap_or(Defaults::TRANSACTION_MAX_TIMEOUT_MS);
+        if transaction_max_timeout_ms < 1 {
+            bail!("transaction_max_timeout_ms must be at least 1");
         }
 
         let num_partitions = args
@@ -679,6 +695,7 @@ impl Config {
                 .max_in_flight_bytes
                 .or(file.kafka.max_in_flight_bytes)
                 .unwrap_or(Defaults::MAX_IN_FLIGHT_BYTES),
+            transaction_max_timeout_ms,
             group,
             cluster,
             topic_defaults,
@@ -865,6 +882,7 @@ mod tests {
             d.max_decompressed_batch_bytes
         );
         assert_eq!(c.max_in_flight_bytes, d.max_in_flight_bytes);
+        assert_eq!(c.transaction_max_timeout_ms, d.transaction_max_timeout_ms);
         assert_eq!(c.retention_check_interval, d.retention_check_interval);
         assert_eq!(
             c.group.initial_rebalance_delay_ms,

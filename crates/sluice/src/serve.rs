@@ -61,6 +61,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         max_unsent_response_bytes: config.max_unsent_response_bytes,
         max_decompressed_batch_bytes: config.max_decompressed_batch_bytes,
         max_in_flight_bytes: config.max_in_flight_bytes,
+        transaction_max_timeout_ms: config.transaction_max_timeout_ms,
     };
     let kafka = KafkaListener::bind(server_config)
         .await

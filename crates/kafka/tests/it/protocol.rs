@@ -542,6 +542,25 @@ async fn describe_and_alter_configs_round_trip() {
     server.stop().await;
 }
 
+/// `transaction.max.timeout.ms` is the broker's setting: a producer's
+/// timeout up to it is accepted, one above it refused.
+#[tokio::test]
+async fn the_transaction_timeout_limit_is_configurable() {
+    let server = Server::start_with(|s| s.server.transaction_max_timeout_ms = 5_000).await;
+    let mut c = server.client().await;
+    let init = |timeout_ms| {
+        InitProducerIdRequest::default()
+            .with_transactional_id(Some(TransactionalId(sb("limited"))))
+            .with_transaction_timeout_ms(timeout_ms)
+    };
+    let over = c.call(&init(5_001), 4).await;
+    assert_eq!(over.error_code, ErrorCode::InvalidTransactionTimeout.code());
+    let at = c.call(&init(5_000), 4).await;
+    assert_eq!(at.error_code, 0);
+    assert!(at.producer_id.0 >= 0);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn describe_cluster_find_coordinator_init_producer_id() {
     let server = Server::start().await;
