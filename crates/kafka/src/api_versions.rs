@@ -41,11 +41,11 @@ pub const SUPPORTED_APIS: &[(i16, i16, i16)] = &[
     (ApiKey::DeleteRecords as i16, 0, 2),
     (ApiKey::InitProducerId as i16, 0, 4),
     (ApiKey::OffsetForLeaderEpoch as i16, 2, 4),
-    // Transactions: AddPartitionsToTxn in the clients' form (v4 on is the
-    // brokers' batched form, KIP-890), AddOffsetsToTxn, EndTxn and
-    // TxnOffsetCommit before transactions v2, and the markers brokers write
-    // for each other.
-    (ApiKey::AddPartitionsToTxn as i16, 0, 3),
+    // Transactions: AddPartitionsToTxn in the clients' form (v0-3) and the
+    // brokers' batched, verifying one (v4-5, KIP-890), AddOffsetsToTxn,
+    // EndTxn and TxnOffsetCommit before transactions v2, and the markers
+    // brokers write for each other.
+    (ApiKey::AddPartitionsToTxn as i16, 0, 5),
     (ApiKey::AddOffsetsToTxn as i16, 0, 3),
     (ApiKey::EndTxn as i16, 0, 3),
     (ApiKey::WriteTxnMarkers as i16, 1, 1),

@@ -300,6 +300,21 @@ impl TxnCoordinator {
         }
     }
 
+    /// AddPartitionsToTxn with `verify_only`: whether each partition is in
+    /// `id`'s open transaction.
+    pub async fn verify_partitions(
+        &self,
+        id: &str,
+        producer_id: i64,
+        producer_epoch: i16,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<bool>, ErrorCode> {
+        let lead = self.lead().await?;
+        self.with_table(&lead, |l| {
+            l.table.verify(id, producer_id, producer_epoch, partitions)
+        })
+    }
+
     /// EndTxn: answered once the outcome is committed to the state log; the
     /// markers follow.
     pub async fn end_txn(

@@ -355,6 +355,33 @@ impl TxnTable {
         Ok(entry)
     }
 
+    /// AddPartitionsToTxn with `verify_only` (a partition leader asking,
+    /// KIP-890): whether each partition is in `id`'s open transaction, from
+    /// its committed state; nothing changes.
+    pub fn verify(
+        &self,
+        id: &str,
+        producer_id: i64,
+        epoch: i16,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<bool>, ErrorCode> {
+        let meta = self.get(id).ok_or(ErrorCode::InvalidProducerIdMapping)?;
+        if meta.producer_id != producer_id {
+            return Err(ErrorCode::InvalidProducerIdMapping);
+        }
+        if meta.producer_epoch != epoch {
+            return Err(ErrorCode::ProducerFenced);
+        }
+        if meta.state.is_preparing() {
+            return Err(ErrorCode::ConcurrentTransactions);
+        }
+        let open = meta.state == TxnState::Ongoing;
+        Ok(partitions
+            .iter()
+            .map(|p| open && meta.partitions.contains(p))
+            .collect())
+    }
+
     /// AddPartitionsToTxn (and AddOffsetsToTxn, with the group's offsets
     /// partition): the state to write, or `None` when every partition is in
     /// the open transaction already.

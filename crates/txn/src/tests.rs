@@ -119,6 +119,50 @@ fn a_transaction_from_init_to_commit() {
     assert_eq!((m.state, m.producer_epoch), (TxnState::CompleteAbort, 0));
 }
 
+/// A partition leader's verification (AddPartitionsToTxn verify_only)
+/// answers from the committed state and changes nothing.
+#[test]
+fn verification_tells_which_partitions_are_in_the_open_transaction() {
+    let mut t = TxnTable::default();
+    let pe = init(&mut t, "app", 5, 0);
+    let (a, b) = (tp("a", 0), tp("b", 1));
+    let only_a = std::slice::from_ref(&a);
+    // No transaction open: no partition is in one.
+    assert_eq!(t.verify("app", pe.0, pe.1, only_a), Ok(vec![false]));
+    add(&mut t, "app", pe, only_a, 1);
+    let before = t.get("app").cloned();
+    assert_eq!(
+        t.verify("app", pe.0, pe.1, &[a.clone(), b.clone()]),
+        Ok(vec![true, false])
+    );
+    assert_eq!(t.get("app").cloned(), before, "verification writes nothing");
+    assert_eq!(
+        t.verify("app", pe.0, pe.1 - 1, only_a),
+        Err(ErrorCode::ProducerFenced)
+    );
+    assert_eq!(
+        t.verify("app", pe.0 + 1, pe.1, only_a),
+        Err(ErrorCode::InvalidProducerIdMapping)
+    );
+    assert_eq!(
+        t.verify("other", pe.0, pe.1, only_a),
+        Err(ErrorCode::InvalidProducerIdMapping)
+    );
+    // While the outcome's markers are being written, ask again later.
+    match t.end("app", pe.0, pe.1, true, 2).unwrap() {
+        End::Write(m) => assert!(t.complete("app", &m)),
+        End::AlreadyDone => panic!("the transaction was open"),
+    }
+    assert_eq!(
+        t.verify("app", pe.0, pe.1, only_a),
+        Err(ErrorCode::ConcurrentTransactions)
+    );
+    if let Some(done) = t.complete_end("app", 3) {
+        assert!(t.complete("app", &done));
+    }
+    assert_eq!(t.verify("app", pe.0, pe.1, only_a), Ok(vec![false]));
+}
+
 #[test]
 fn requests_of_the_wrong_producer_are_refused() {
     let mut t = TxnTable::default();

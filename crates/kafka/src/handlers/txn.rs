@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic;
 use kafka_protocol::messages::add_partitions_to_txn_response::{
-    AddPartitionsToTxnPartitionResult, AddPartitionsToTxnTopicResult,
+    AddPartitionsToTxnPartitionResult, AddPartitionsToTxnResult, AddPartitionsToTxnTopicResult,
 };
 use kafka_protocol::messages::txn_offset_commit_response::{
     TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
@@ -54,6 +55,9 @@ const MARKER_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// WriteTxnMarkers version this node sends (the only one Kafka 4 serves).
 const WRITE_TXN_MARKERS_VERSION: i16 = 1;
 
+/// AddPartitionsToTxn: v0-3 from a producer (one transaction); v4+ the
+/// batched form partition leaders use (KIP-890), where a transaction may be
+/// `verify_only`: is each partition in it already?
 pub(crate) fn add_partitions_to_txn(
     ctx: &Arc<Ctx>,
     req: AddPartitionsToTxnRequest,
@@ -62,60 +66,113 @@ pub(crate) fn add_partitions_to_txn(
     let ctx = ctx.clone();
     let version = h.version;
     later(h, async move {
-        let id = req.v3_and_below_transactional_id.0.to_string();
-        let wanted: Vec<TopicPartition> = req
-            .v3_and_below_topics
-            .iter()
-            .flat_map(|t| t.partitions.iter().map(|p| (t.name.0.to_string(), *p)))
-            .collect();
-        // Every partition must exist; otherwise none is added (as Kafka).
-        let image = ctx.topology.image();
-        let missing = |(t, p): &TopicPartition| image.partition(t, *p).is_none();
-        let code = if wanted.iter().any(missing) {
-            Err(ErrorCode::UnknownTopicOrPartition)
-        } else {
-            ctx.txns
-                .add_partitions(
-                    &id,
-                    req.v3_and_below_producer_id.0,
-                    req.v3_and_below_producer_epoch,
-                    &wanted,
-                )
-                .await
-        };
-        let results = req
-            .v3_and_below_topics
-            .iter()
-            .map(|t| {
-                let partitions = t
-                    .partitions
-                    .iter()
-                    .map(|p| {
-                        let own = match &code {
-                            Ok(()) => 0,
-                            Err(ErrorCode::UnknownTopicOrPartition)
-                                if missing(&(t.name.0.to_string(), *p)) =>
-                            {
-                                ErrorCode::UnknownTopicOrPartition.code()
-                            }
-                            // The others were not added because of it.
-                            Err(ErrorCode::UnknownTopicOrPartition) => {
-                                ErrorCode::OperationNotAttempted.code()
-                            }
-                            Err(e) => fenced_as(*e, version, 2).code(),
-                        };
-                        AddPartitionsToTxnPartitionResult::default()
-                            .with_partition_index(*p)
-                            .with_partition_error_code(own)
-                    })
-                    .collect();
-                AddPartitionsToTxnTopicResult::default()
-                    .with_name(t.name.clone())
-                    .with_results_by_partition(partitions)
-            })
-            .collect();
-        AddPartitionsToTxnResponse::default().with_results_by_topic_v3_and_below(results)
+        if version <= 3 {
+            let results = add_or_verify(
+                &ctx,
+                version,
+                &req.v3_and_below_transactional_id.0,
+                req.v3_and_below_producer_id.0,
+                req.v3_and_below_producer_epoch,
+                false,
+                &req.v3_and_below_topics,
+            )
+            .await;
+            return AddPartitionsToTxnResponse::default()
+                .with_results_by_topic_v3_and_below(results);
+        }
+        let mut results = Vec::with_capacity(req.transactions.len());
+        for t in &req.transactions {
+            let topic_results = add_or_verify(
+                &ctx,
+                version,
+                &t.transactional_id.0,
+                t.producer_id.0,
+                t.producer_epoch,
+                t.verify_only,
+                &t.topics,
+            )
+            .await;
+            results.push(
+                AddPartitionsToTxnResult::default()
+                    .with_transactional_id(t.transactional_id.clone())
+                    .with_topic_results(topic_results),
+            );
+        }
+        AddPartitionsToTxnResponse::default().with_results_by_transaction(results)
     })
+}
+
+/// One transaction of an AddPartitionsToTxn request: its partitions added
+/// (or, `verify_only`, checked), an error code for each.
+async fn add_or_verify(
+    ctx: &Arc<Ctx>,
+    version: i16,
+    id: &str,
+    producer_id: i64,
+    producer_epoch: i16,
+    verify_only: bool,
+    topics: &[AddPartitionsToTxnTopic],
+) -> Vec<AddPartitionsToTxnTopicResult> {
+    let wanted: Vec<TopicPartition> = topics
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(|p| (t.name.0.to_string(), *p)))
+        .collect();
+    // Every partition must exist; otherwise none is added (as Kafka).
+    let image = ctx.topology.image();
+    let missing = |(t, p): &TopicPartition| image.partition(t, *p).is_none();
+    let outcome: Result<Vec<bool>, ErrorCode> = if wanted.iter().any(missing) {
+        Err(ErrorCode::UnknownTopicOrPartition)
+    } else if verify_only {
+        ctx.txns
+            .verify_partitions(id, producer_id, producer_epoch, &wanted)
+            .await
+    } else {
+        ctx.txns
+            .add_partitions(id, producer_id, producer_epoch, &wanted)
+            .await
+            .map(|()| vec![true; wanted.len()])
+    };
+    // A partition a verified transaction does not hold: the producer must
+    // abort (v5 names it so, KIP-890; v4 did not know that code).
+    let not_in_txn = if version >= 5 {
+        ErrorCode::TransactionAbortable
+    } else {
+        ErrorCode::InvalidTxnState
+    };
+    let mut held = outcome.as_ref().ok().map(|v| v.iter());
+    topics
+        .iter()
+        .map(|t| {
+            let partitions = t
+                .partitions
+                .iter()
+                .map(|p| {
+                    let own = match &outcome {
+                        Ok(_) => match held.as_mut().and_then(Iterator::next) {
+                            Some(true) => 0,
+                            _ => not_in_txn.code(),
+                        },
+                        Err(ErrorCode::UnknownTopicOrPartition)
+                            if missing(&(t.name.0.to_string(), *p)) =>
+                        {
+                            ErrorCode::UnknownTopicOrPartition.code()
+                        }
+                        // The others were not added because of it.
+                        Err(ErrorCode::UnknownTopicOrPartition) => {
+                            ErrorCode::OperationNotAttempted.code()
+                        }
+                        Err(e) => fenced_as(*e, version, 2).code(),
+                    };
+                    AddPartitionsToTxnPartitionResult::default()
+                        .with_partition_index(*p)
+                        .with_partition_error_code(own)
+                })
+                .collect();
+            AddPartitionsToTxnTopicResult::default()
+                .with_name(t.name.clone())
+                .with_results_by_partition(partitions)
+        })
+        .collect()
 }
 
 /// AddOffsetsToTxn: the offsets partition joins the transaction (every

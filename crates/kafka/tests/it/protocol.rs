@@ -542,6 +542,97 @@ async fn describe_and_alter_configs_round_trip() {
     server.stop().await;
 }
 
+/// AddPartitionsToTxn v4+, the batched form partition leaders use
+/// (KIP-890): several transactions in one request, each added or only
+/// verified, with a result per transaction.
+#[tokio::test]
+async fn add_partitions_to_txn_batched_and_verify_only() {
+    use add_partitions_to_txn_request::{AddPartitionsToTxnTopic, AddPartitionsToTxnTransaction};
+    let server = Server::start().await;
+    server.create_topic("vt", 2).await;
+    let mut c = server.client().await;
+    let init = c
+        .call(
+            &InitProducerIdRequest::default()
+                .with_transactional_id(Some(TransactionalId(sb("v"))))
+                .with_transaction_timeout_ms(60_000),
+            4,
+        )
+        .await;
+    assert_eq!(init.error_code, 0);
+    let txn = |id: &str, verify_only: bool, partitions: Vec<i32>| {
+        AddPartitionsToTxnTransaction::default()
+            .with_transactional_id(TransactionalId(sb(id)))
+            .with_producer_id(init.producer_id)
+            .with_producer_epoch(init.producer_epoch)
+            .with_verify_only(verify_only)
+            .with_topics(vec![AddPartitionsToTxnTopic::default()
+                .with_name(TopicName(sb("vt")))
+                .with_partitions(partitions)])
+    };
+    let codes = |resp: &AddPartitionsToTxnResponse, i: usize| -> Vec<i16> {
+        resp.results_by_transaction[i].topic_results[0]
+            .results_by_partition
+            .iter()
+            .map(|p| p.partition_error_code)
+            .collect()
+    };
+    // Added through the batched form; then verified, with an unknown id
+    // beside it in the same request.
+    let added = c
+        .call(
+            &AddPartitionsToTxnRequest::default().with_transactions(vec![txn("v", false, vec![0])]),
+            4,
+        )
+        .await;
+    assert_eq!((added.error_code, codes(&added, 0)), (0, vec![0]));
+    let verified = c
+        .call(
+            &AddPartitionsToTxnRequest::default().with_transactions(vec![
+                txn("v", true, vec![0, 1]),
+                txn("nobody", true, vec![0]),
+            ]),
+            4,
+        )
+        .await;
+    assert_eq!(
+        verified.results_by_transaction[1]
+            .transactional_id
+            .0
+            .as_str(),
+        "nobody"
+    );
+    assert_eq!(
+        codes(&verified, 0),
+        vec![0, ErrorCode::InvalidTxnState.code()]
+    );
+    assert_eq!(
+        codes(&verified, 1),
+        vec![ErrorCode::InvalidProducerIdMapping.code()]
+    );
+    // v5 names a partition outside the transaction TRANSACTION_ABORTABLE.
+    let v5 = c
+        .call(
+            &AddPartitionsToTxnRequest::default().with_transactions(vec![txn("v", true, vec![1])]),
+            5,
+        )
+        .await;
+    assert_eq!(codes(&v5, 0), vec![ErrorCode::TransactionAbortable.code()]);
+    // Verification added nothing: the coordinator still holds partition 0 only.
+    let described = c
+        .call(
+            &DescribeTransactionsRequest::default()
+                .with_transactional_ids(vec![TransactionalId(sb("v"))]),
+            0,
+        )
+        .await;
+    assert_eq!(
+        described.transaction_states[0].topics[0].partitions,
+        vec![0]
+    );
+    server.stop().await;
+}
+
 /// `transaction.max.timeout.ms` is the broker's setting: a producer's
 /// timeout up to it is accepted, one above it refused.
 #[tokio::test]
