@@ -56,9 +56,8 @@ pub const SUPPORTED_APIS: &[(i16, i16, i16)] = &[
     (ApiKey::DeleteGroups as i16, 0, 2),
     (ApiKey::IncrementalAlterConfigs as i16, 0, 1),
     (ApiKey::DescribeCluster as i16, 0, 1),
-    // ListTransactions v2 filters by a transactional id pattern: not yet.
     (ApiKey::DescribeTransactions as i16, 0, 0),
-    (ApiKey::ListTransactions as i16, 0, 1),
+    (ApiKey::ListTransactions as i16, 0, 2),
 ];
 
 /// (API key, min, max) ranges inside SUPPORTED_APIS that are advertised

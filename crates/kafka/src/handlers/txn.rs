@@ -264,6 +264,10 @@ pub(crate) fn list_transactions(ctx: &Arc<Ctx>, req: ListTransactionsRequest, h:
             .cloned()
             .collect();
         let resp = ListTransactionsResponse::default().with_unknown_state_filters(unknown);
+        let pattern = match id_pattern(req.transactional_id_pattern.as_deref()) {
+            Ok(p) => p,
+            Err(code) => return resp.with_error_code(code.code()),
+        };
         let all = match ctx.txns.transactions().await {
             Ok(all) => all,
             // Coordinated elsewhere: nothing of this node's to list.
@@ -282,6 +286,7 @@ pub(crate) fn list_transactions(ctx: &Arc<Ctx>, req: ListTransactionsRequest, h:
                 req.duration_filter < 0
                     || (m.start_ms >= 0 && now.saturating_sub(m.start_ms) >= req.duration_filter)
             })
+            .filter(|(id, _)| pattern.as_ref().is_none_or(|p| p.is_match(id)))
             .map(|(id, m)| {
                 list_transactions_response::TransactionState::default()
                     .with_transactional_id(TransactionalId(str_bytes(&id)))
@@ -346,6 +351,23 @@ pub(crate) fn describe_transactions(
 }
 
 /// The state Kafka's tools name `name`.
+/// Most memory a ListTransactions pattern may compile to.
+const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+
+/// ListTransactions v2's transactional id pattern: a regular expression the
+/// whole id must match (Java's `Matcher.matches`, as Kafka applies it); none
+/// when absent or empty.
+fn id_pattern(pattern: Option<&str>) -> Result<Option<regex::Regex>, ErrorCode> {
+    let Some(p) = pattern.filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    regex::RegexBuilder::new(&format!("^(?:{p})$"))
+        .size_limit(PATTERN_SIZE_LIMIT)
+        .build()
+        .map(Some)
+        .map_err(|_| ErrorCode::InvalidRegularExpression)
+}
+
 fn state_named(name: &str) -> Option<TxnState> {
     (0..8)
         .filter_map(TxnState::from_code)

@@ -765,6 +765,21 @@ async fn describe_cluster_find_coordinator_init_producer_id() {
     let filtered = c.call(&list(&["Ongoing", "Bogus"]), 1).await;
     assert!(filtered.transaction_states.is_empty());
     assert_eq!(filtered.unknown_state_filters, vec![sb("Bogus")]);
+    // v2: a pattern the whole transactional id must match.
+    let by_pattern = |pattern: &str| list(&[]).with_transactional_id_pattern(Some(sb(pattern)));
+    let ids = |r: &ListTransactionsResponse| -> Vec<String> {
+        r.transaction_states
+            .iter()
+            .map(|t| t.transactional_id.0.to_string())
+            .collect()
+    };
+    assert_eq!(ids(&c.call(&by_pattern("t."), 2).await), vec!["tx"]);
+    assert_eq!(ids(&c.call(&by_pattern(""), 2).await), vec!["tx"]);
+    assert!(ids(&c.call(&by_pattern("t"), 2).await).is_empty());
+    assert_eq!(
+        c.call(&by_pattern("(unclosed"), 2).await.error_code,
+        ErrorCode::InvalidRegularExpression.code()
+    );
 
     server.create_topic("txn-topic", 2).await;
     let added = c
