@@ -13,8 +13,6 @@
 //! Kafka headers as AMQP headers (values as long strings) and no other
 //! properties, its key as the routing key.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use amq_protocol::frame::WriteContext;
 use amq_protocol::protocol::basic::{gen_properties, parse_properties, AMQPProperties};
 use amq_protocol::types::{AMQPValue, FieldTable};
@@ -68,12 +66,7 @@ pub(crate) fn encode_properties(p: &AMQPProperties) -> Result<Vec<u8>, String> {
         .map_err(|e| e.to_string())
 }
 
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use sluice_vocab::now_ms;
 
 /// One RecordBatch holding `messages`, in order.
 pub(crate) fn encode_batch(messages: &[&Publication]) -> Result<BytesMut, String> {

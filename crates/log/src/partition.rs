@@ -44,11 +44,7 @@ const STATE_OK: u8 = 0;
 const STATE_FAILED: u8 = 1;
 const STATE_DELETED: u8 = 2;
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub(crate) use sluice_vocab::now_ms;
 
 /// Raises a monotonic offset watch to `to`; notifies only on a change.
 fn raise(tx: &watch::Sender<i64>, to: i64) {

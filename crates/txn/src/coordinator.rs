@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 use sluice_log::{BatchBuilder, BatchHeader, Marker, PlainRecords, ReadLimit};
 use sluice_topology::{Leadership, Topology};
 use sluice_vocab::internal::TRANSACTION_STATE_TOPIC;
+use sluice_vocab::now_ms;
 use sluice_vocab::ErrorCode;
 use tokio::sync::watch;
 
@@ -84,12 +85,6 @@ pub struct TxnCoordinator {
     loaded: Mutex<Option<Loaded>>,
     loading: tokio::sync::Mutex<()>,
     stop: watch::Sender<bool>,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A leadership that ended (or a write that failed with it) tells the client

@@ -8,10 +8,12 @@
 //!   limits, used by the storage engine, the metadata quorum (which validates inside
 //!   `apply`) and the replication layer (`min.insync.replicas`).
 //! - [`internal`]: which topics are the broker's own, and how they are configured.
+//! - [`now_ms`]: the wall clock in Kafka's unit.
 //!
 //! *Architecture invariant:* this crate is a leaf. It knows no wire format, no storage
 //! and no consensus, so every other crate may depend on it.
 
+mod clock;
 mod config;
 mod error_code;
 mod error_code_table;
@@ -19,6 +21,7 @@ pub mod internal;
 mod partitioner;
 mod topic;
 
+pub use clock::now_ms;
 pub use config::{ConfigError, TopicConfig};
 pub use error_code::{KafkaError, Refused};
 pub use error_code_table::ErrorCode;

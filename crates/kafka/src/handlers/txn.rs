@@ -31,6 +31,7 @@ use sluice_log::Marker;
 use sluice_topology::Topology;
 use sluice_txn::{MarkerWriter, TopicPartition, TxnState};
 use sluice_vocab::internal::OFFSETS_TOPIC;
+use sluice_vocab::now_ms;
 use sluice_vocab::{ErrorCode, KafkaError};
 
 use super::str_bytes;
@@ -372,12 +373,6 @@ fn state_named(name: &str) -> Option<TxnState> {
     (0..8)
         .filter_map(TxnState::from_code)
         .find(|s| s.name() == name)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Writes each marker into the partitions this node leads and answers each
