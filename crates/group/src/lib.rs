@@ -65,7 +65,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
@@ -92,7 +91,7 @@ use kafka_protocol::records::{Record, RecordBatchDecoder};
 use parking_lot::Mutex;
 use sluice_log::{BatchBuilder, LogError, Partition, ReadLimit};
 use sluice_topology::{AppendError, Leadership};
-use sluice_vocab::ErrorCode;
+use sluice_vocab::{now_ms, ErrorCode};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
@@ -213,11 +212,35 @@ fn str_bytes(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_owned())
 }
 
-fn wall_clock_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+/// One partition's offset commit as the offsets log holds it, or why it is
+/// refused (the one home of the commit rules shared by OffsetCommit and
+/// TxnOffsetCommit).
+fn offset_entry(
+    group: &str,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    leader_epoch: i32,
+    metadata: Option<&str>,
+    commit_timestamp: i64,
+) -> Result<(OffsetKey, OffsetValue), ErrorCode> {
+    let metadata = metadata.unwrap_or("");
+    if metadata.len() > OFFSET_METADATA_MAX_BYTES {
+        return Err(ErrorCode::OffsetMetadataTooLarge);
+    }
+    Ok((
+        OffsetKey {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            partition,
+        },
+        OffsetValue {
+            offset,
+            leader_epoch,
+            metadata: metadata.to_owned(),
+            commit_timestamp,
+        },
+    ))
 }
 
 fn committed(v: &OffsetValue, log_offset: i64) -> Committed {
@@ -748,7 +771,7 @@ impl GroupCoordinator {
             }
         };
 
-        let commit_ts = wall_clock_ms();
+        let commit_ts = now_ms();
         let written = {
             let mut g = handle.state.lock();
             if let Err(e) = g.validate_offset_commit(generation, member_id, instance_id) {
@@ -765,26 +788,18 @@ impl GroupCoordinator {
                 else {
                     continue;
                 };
-                let metadata = p.committed_metadata.as_deref().unwrap_or("");
-                if metadata.len() > OFFSET_METADATA_MAX_BYTES {
-                    set(&mut resp, ti, pi, ErrorCode::OffsetMetadataTooLarge);
-                    continue;
+                match offset_entry(
+                    group_id,
+                    t.name.as_str(),
+                    p.partition_index,
+                    p.committed_offset,
+                    p.committed_leader_epoch,
+                    p.committed_metadata.as_deref(),
+                    commit_ts,
+                ) {
+                    Ok((key, value)) => entries.push((ti, pi, key, value)),
+                    Err(e) => set(&mut resp, ti, pi, e),
                 }
-                entries.push((
-                    ti,
-                    pi,
-                    OffsetKey {
-                        group: group_id.to_owned(),
-                        topic: t.name.to_string(),
-                        partition: p.partition_index,
-                    },
-                    OffsetValue {
-                        offset: p.committed_offset,
-                        leader_epoch: p.committed_leader_epoch,
-                        metadata: metadata.to_owned(),
-                        commit_timestamp: commit_ts,
-                    },
-                ));
             }
             if entries.is_empty() {
                 return resp;
@@ -858,7 +873,7 @@ impl GroupCoordinator {
     /// Appends records as one batch to the offsets log; returns the offset
     /// of the first record and one past the last.
     fn append(&self, records: &[(Bytes, Option<Bytes>)]) -> Result<(i64, i64), LogError> {
-        let timestamp = wall_clock_ms();
+        let timestamp = now_ms();
         let size = records
             .iter()
             .map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len) + 16)

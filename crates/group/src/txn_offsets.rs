@@ -21,13 +21,13 @@ use kafka_protocol::messages::{TxnOffsetCommitRequest, TxnOffsetCommitResponse};
 use kafka_protocol::records::Record;
 use sluice_log::BatchBuilder;
 use sluice_topology::AppendError;
-use sluice_vocab::ErrorCode;
+use sluice_vocab::{now_ms, ErrorCode};
 
 use crate::group::Committed;
 use crate::record::{self, OffsetKey, OffsetValue};
 use crate::{
-    closed_error, commit_error, committed, wall_clock_ms, GroupCoordinator, GroupError,
-    OffsetsByGroup, OFFSET_METADATA_MAX_BYTES,
+    closed_error, commit_error, committed, offset_entry, GroupCoordinator, GroupError,
+    OffsetsByGroup,
 };
 
 /// One offset a transaction committed: group, partition, the commit.
@@ -195,7 +195,7 @@ impl GroupCoordinator {
                 }
             }
         }
-        let commit_ts = wall_clock_ms();
+        let commit_ts = now_ms();
         let mut entries: Vec<(usize, usize, OffsetKey, OffsetValue)> = Vec::new();
         for (ti, t) in req.topics.iter().enumerate() {
             for (pi, p) in t.partitions.iter().enumerate() {
@@ -203,26 +203,18 @@ impl GroupCoordinator {
                     set(&mut topics, ti, pi, ErrorCode::UnknownTopicOrPartition);
                     continue;
                 }
-                let metadata = p.committed_metadata.as_deref().unwrap_or("");
-                if metadata.len() > OFFSET_METADATA_MAX_BYTES {
-                    set(&mut topics, ti, pi, ErrorCode::OffsetMetadataTooLarge);
-                    continue;
+                match offset_entry(
+                    group_id,
+                    t.name.as_str(),
+                    p.partition_index,
+                    p.committed_offset,
+                    p.committed_leader_epoch,
+                    p.committed_metadata.as_deref(),
+                    commit_ts,
+                ) {
+                    Ok((key, value)) => entries.push((ti, pi, key, value)),
+                    Err(e) => set(&mut topics, ti, pi, e),
                 }
-                entries.push((
-                    ti,
-                    pi,
-                    OffsetKey {
-                        group: group_id.to_owned(),
-                        topic: t.name.to_string(),
-                        partition: p.partition_index,
-                    },
-                    OffsetValue {
-                        offset: p.committed_offset,
-                        leader_epoch: p.committed_leader_epoch,
-                        metadata: metadata.to_owned(),
-                        commit_timestamp: commit_ts,
-                    },
-                ));
             }
         }
         if entries.is_empty() {
@@ -298,7 +290,7 @@ impl GroupCoordinator {
         producer_id: i64,
         producer_epoch: i16,
     ) -> Result<(i64, i64), sluice_log::LogError> {
-        let timestamp = wall_clock_ms();
+        let timestamp = now_ms();
         let size = records
             .iter()
             .map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len) + 16)
