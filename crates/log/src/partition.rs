@@ -110,8 +110,7 @@ impl SyncWork {
     fn run(&self, dir: &Path) -> io::Result<()> {
         for f in &self.pending {
             f.log.sync_data()?;
-            f.index.sync_data()?;
-            f.time.sync_data()?;
+            f.sync_indexes()?;
         }
         if let Some(a) = &self.active {
             a.log.sync_data()?;
@@ -1107,8 +1106,7 @@ impl Partition {
         if shutdown {
             // Clean shutdown: the active segment's indexes and the directory too.
             if let Some(a) = &work.active {
-                a.index.sync_data()?;
-                a.time.sync_data()?;
+                a.sync_indexes()?;
             }
             work.dir = true;
             if self.flush == FlushPolicy::Never {

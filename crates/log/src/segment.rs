@@ -21,39 +21,42 @@ pub(crate) fn stem(base_offset: i64) -> String {
     format!("{base_offset:020}")
 }
 
-/// The open files of a segment. Shared (Arc) with readers and the flusher,
-/// so a reader keeps a deleted segment's data readable until it is done.
+/// The files of a segment. Shared (Arc) with readers and the flusher, so a
+/// reader keeps a deleted segment's data readable until it is done.
+///
+/// Only the log file is held open: the indexes live in memory
+/// ([`SegMeta::index`]) and their files are written in bulk and read only
+/// by recovery, so they are opened for each bulk write or sync and closed
+/// again. A segment costs one descriptor, not three.
 #[derive(Debug)]
 pub(crate) struct SegFiles {
     pub base_offset: i64,
     pub log: File,
-    pub index: File,
-    pub time: File,
     pub log_path: PathBuf,
     pub index_path: PathBuf,
     pub time_path: PathBuf,
 }
 
+/// Opens `p` for reading and writing, creating it when missing.
+fn open_rw(p: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)
+}
+
 impl SegFiles {
-    /// Opens (creating when missing) the three files of a segment.
+    /// Opens the log file of a segment (creating it when missing).
     pub fn open(dir: &Path, base_offset: i64) -> io::Result<SegFiles> {
         let s = stem(base_offset);
         let log_path = dir.join(format!("{s}{LOG_SUFFIX}"));
         let index_path = dir.join(format!("{s}{INDEX_SUFFIX}"));
         let time_path = dir.join(format!("{s}{TIME_SUFFIX}"));
-        let open = |p: &Path| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(p)
-        };
         Ok(SegFiles {
             base_offset,
-            log: open(&log_path)?,
-            index: open(&index_path)?,
-            time: open(&time_path)?,
+            log: open_rw(&log_path)?,
             log_path,
             index_path,
             time_path,
@@ -68,12 +71,32 @@ impl SegFiles {
     /// so this is three `open(O_CREAT)` calls and three `fstat`s.
     pub fn create(dir: &Path, base_offset: i64) -> io::Result<SegFiles> {
         let f = SegFiles::open(dir, base_offset)?;
-        for file in [&f.log, &f.index, &f.time] {
+        let emptied = |file: &File| -> io::Result<()> {
             if file.metadata()?.len() > 0 {
                 file.set_len(0)?;
             }
-        }
+            Ok(())
+        };
+        emptied(&f.log)?;
+        emptied(&open_rw(&f.index_path)?)?;
+        emptied(&open_rw(&f.time_path)?)?;
         Ok(f)
+    }
+
+    /// Makes the index files' written contents durable. A file that does
+    /// not exist has nothing to sync (its writes failed and were logged;
+    /// recovery rebuilds it from the log).
+    pub fn sync_indexes(&self) -> io::Result<()> {
+        for p in [&self.index_path, &self.time_path] {
+            // fsync acts on the inode, so a fresh descriptor flushes what
+            // earlier ones wrote.
+            match File::open(p) {
+                Ok(f) => f.sync_data()?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     pub fn remove_files(&self) -> io::Result<()> {
@@ -89,8 +112,8 @@ impl SegFiles {
 
     /// Replaces both index files with the given in-memory index.
     pub fn write_indexes(&self, ix: &SegIndex) -> io::Result<()> {
-        rewrite(&self.index, &ix.encode_offsets())?;
-        rewrite(&self.time, &ix.encode_times())
+        rewrite(&open_rw(&self.index_path)?, &ix.encode_offsets())?;
+        rewrite(&open_rw(&self.time_path)?, &ix.encode_times())
     }
 
     /// Writes index entries that are in memory but not yet in the files
@@ -98,11 +121,11 @@ impl SegFiles {
     pub fn write_index_tail(&self, tail: &IndexTail) -> io::Result<()> {
         if !tail.offsets.is_empty() {
             let at = (tail.from.0 * index::OFFSET_ENTRY) as u64;
-            self.index.write_all_at(&tail.offsets, at)?;
+            open_rw(&self.index_path)?.write_all_at(&tail.offsets, at)?;
         }
         if !tail.times.is_empty() {
             let at = (tail.from.1 * index::TIME_ENTRY) as u64;
-            self.time.write_all_at(&tail.times, at)?;
+            open_rw(&self.time_path)?.write_all_at(&tail.times, at)?;
         }
         Ok(())
     }

@@ -410,3 +410,50 @@ async fn segments_below_a_checkpointed_log_start_are_removed_on_open() {
     assert_eq!(log_files(&dir.path().join("r-0")).len(), 1);
     assert_eq!(p.size_bytes(), 2 * 261);
 }
+
+/// Descriptors this process holds on `dir` or files under it.
+fn descriptors_under(dir: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(dir))
+        .count()
+}
+
+/// A segment holds one descriptor (its log), not three: the indexes live in
+/// memory and their files are opened only to be written or synced. They are
+/// still written, and a restart still finds them.
+#[tokio::test]
+async fn a_segment_holds_one_descriptor_and_its_indexes_are_still_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let part = dir.path().join("r-0");
+    {
+        let store = open(dir.path(), FlushPolicy::Always, small_segments(1000, 100));
+        store.create_topic("r", 1, &no_overrides(), false).unwrap();
+        let p = store.partition("r", 0).unwrap();
+        for _ in 0..30 {
+            let appended = p.append(&batch(&Spec::plain(1, 200)), 0).unwrap();
+            p.wait_durable(appended.end_offset).await.unwrap();
+        }
+        let segments = log_files(&part).len();
+        assert_eq!(segments, 10);
+        assert_eq!(descriptors_under(&part), segments);
+        // Every rolled segment's offset index holds its entries (one per
+        // 100 bytes of batches: the second and third batch; the first is
+        // at position 0).
+        for log in &log_files(&part)[..9] {
+            let index = log.with_extension("index");
+            assert_eq!(std::fs::metadata(&index).unwrap().len(), 2 * 8, "{index:?}");
+            assert!(log.with_extension("timeindex").exists());
+        }
+        store.flush_all().unwrap();
+    }
+    // The first store's flusher may still hold its files; the reopened
+    // store adds one descriptor per segment.
+    let before = descriptors_under(&part);
+    let store = open(dir.path(), FlushPolicy::Always, small_segments(1000, 100));
+    let p = store.partition("r", 0).unwrap();
+    assert_eq!(descriptors_under(&part) - before, 10);
+    let r = p.read(13, 261, false, ReadLimit::HighWatermark).unwrap();
+    assert_eq!(batches_in(&r.records).first().map(|b| b.0), Some(13));
+}
