@@ -46,6 +46,7 @@ pub use batch::{validate_batches, BatchHeader};
 pub use config::{FlushPolicy, StoreConfig, TopicConfig};
 pub use error::LogError;
 pub use partition::Partition;
+pub use producer::ActiveProducer;
 pub use records::{BatchBuilder, PlainRecords, RecordsError, StoredRecord};
 pub use store::Store;
 pub use txn::{AbortedTxn, Marker};

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use crate::batch::{self, BatchHeader};
 use crate::epoch::EpochCache;
 use crate::fsutil;
-use crate::producer::{is_idempotent, Check, ProducerEntry, ProducerStates};
+use crate::producer::{is_idempotent, ActiveProducer, Check, ProducerEntry, ProducerStates};
 use crate::segment::{self, IndexTail, SegFiles, SegMeta, Stop, INDEX_WRITE_BATCH};
 use crate::txn::{AbortedTxn, Marker, Transactions};
 use crate::{AppendResult, FlushPolicy, LogError, ReadLimit, ReadResult, TopicConfig};
@@ -306,8 +306,9 @@ impl Partition {
             let is_last = i + 1 == count;
             let snapshot = (producers.clone(), epochs.clone(), txns.clone());
             let mut replay = |pos: u64, h: &BatchHeader| {
-                producers.replay(h);
-                txns.replay(h, marker_at(&files.log, pos, h));
+                let marker = marker_at(&files.log, pos, h);
+                producers.replay(h, marker);
+                txns.replay(h, marker);
                 epochs.assign(h.partition_leader_epoch, h.base_offset);
             };
             let mut w = segment::walk(&files.log, base, file_len, is_last, interval, &mut replay)?;
@@ -328,8 +329,9 @@ impl Partition {
                 if w.fault.is_some() || !last_ok || !index_matches(&w) {
                     (producers, epochs, txns) = snapshot;
                     let mut replay = |pos: u64, h: &BatchHeader| {
-                        producers.replay(h);
-                        txns.replay(h, marker_at(&files.log, pos, h));
+                        let marker = marker_at(&files.log, pos, h);
+                        producers.replay(h, marker);
+                        txns.replay(h, marker);
                         epochs.assign(h.partition_leader_epoch, h.base_offset);
                     };
                     w = segment::walk(&files.log, base, file_len, true, interval, &mut replay)?;
@@ -672,7 +674,7 @@ impl Partition {
                     ..*h
                 };
                 if let AppendKind::Marker(m) = kind {
-                    w.producers.fence(h.producer_id, h.producer_epoch);
+                    w.producers.end_transaction(&stamped, m);
                     txns.replay(&stamped, Some(m));
                 } else {
                     txns.replay(&stamped, None);
@@ -738,14 +740,15 @@ impl Partition {
         let mut epochs_changed = false;
         let mut pos = 0usize;
         for h in &headers {
-            w.producers.replay(h);
-            if h.is_transactional() {
-                let marker = records
+            let marker = if h.is_transactional() {
+                records
                     .get(pos..pos + h.size())
-                    .and_then(|b| Marker::read(h, Bytes::copy_from_slice(b)));
-                if marker.is_some() {
-                    w.producers.fence(h.producer_id, h.producer_epoch);
-                }
+                    .and_then(|b| Marker::read(h, Bytes::copy_from_slice(b)))
+            } else {
+                None
+            };
+            w.producers.replay(h, marker);
+            if h.is_transactional() {
                 self.txns.write().replay(h, marker);
             }
             pos += h.size();
@@ -1282,6 +1285,16 @@ impl Partition {
             .map_or(high_watermark, |first| first.min(high_watermark))
     }
 
+    /// Every producer this partition knows (its idempotent and transactional
+    /// producers' state), by producer id, with its open transaction's first
+    /// offset.
+    pub fn active_producers(&self) -> Vec<ActiveProducer> {
+        let w = self.writer.lock();
+        let txns = self.txns.read();
+        w.producers
+            .active(|producer_id| txns.open_since(producer_id))
+    }
+
     /// The aborted transactions whose records reach into `[from, to)`, for a
     /// `read_committed` fetch of that range.
     pub fn aborted_transactions(&self, from: i64, to: i64) -> Vec<AbortedTxn> {
@@ -1591,11 +1604,8 @@ impl Partition {
         let mut t = Transactions::default();
         for (base, files, size) in segs {
             segment::walk(&files.log, base, size, false, interval, |pos, h| {
-                p.replay(h);
                 let marker = marker_at(&files.log, pos, h);
-                if marker.is_some() {
-                    p.fence(h.producer_id, h.producer_epoch);
-                }
+                p.replay(h, marker);
                 t.replay(h, marker);
             })?;
         }

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::batch::{wrap_seq, BatchHeader};
+use crate::txn::Marker;
 use crate::LogError;
 
 /// Kafka keeps the metadata of this many recent batches per producer.
@@ -22,6 +23,37 @@ pub(crate) struct BatchMeta {
 pub(crate) struct ProducerEntry {
     pub epoch: i16,
     pub batches: VecDeque<BatchMeta>,
+    /// The max timestamp of the producer's last batch or marker here.
+    pub last_timestamp: i64,
+    /// The coordinator epoch of the last marker here, -1 before any.
+    pub coordinator_epoch: i32,
+}
+
+impl ProducerEntry {
+    fn new(epoch: i16) -> ProducerEntry {
+        ProducerEntry {
+            epoch,
+            batches: VecDeque::with_capacity(CACHED_BATCHES),
+            last_timestamp: -1,
+            coordinator_epoch: -1,
+        }
+    }
+}
+
+/// A producer as one partition knows it, for DescribeProducers (KIP-664).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActiveProducer {
+    pub producer_id: i64,
+    pub epoch: i16,
+    /// The last sequence number it wrote here, -1 when none is remembered
+    /// (only markers since its epoch began).
+    pub last_sequence: i32,
+    /// The max timestamp of its last batch or marker.
+    pub last_timestamp: i64,
+    /// The coordinator epoch of its last marker here, -1 before any.
+    pub coordinator_epoch: i32,
+    /// The first offset of its open transaction here, if one is open.
+    pub txn_start_offset: Option<i64>,
 }
 
 /// Outcome of checking a batch against the producer state.
@@ -111,10 +143,7 @@ impl ProducerStates {
             base_offset: h.base_offset,
             end_offset: h.next_offset(),
         };
-        let e = entry.get_or_insert_with(|| ProducerEntry {
-            epoch: h.producer_epoch,
-            batches: VecDeque::with_capacity(CACHED_BATCHES),
-        });
+        let e = entry.get_or_insert_with(|| ProducerEntry::new(h.producer_epoch));
         if h.producer_epoch > e.epoch {
             e.epoch = h.producer_epoch;
             e.batches.clear();
@@ -123,11 +152,17 @@ impl ProducerStates {
             e.batches.pop_front();
         }
         e.batches.push_back(meta);
+        e.last_timestamp = h.max_timestamp;
     }
 
-    /// Applies a batch read back from the log (recovery): no checks, the
-    /// log is the truth.
-    pub fn replay(&mut self, h: &BatchHeader) {
+    /// Applies a batch read back from the log (recovery, a follower's
+    /// append): no checks, the log is the truth. `marker` is what a
+    /// transactional control batch holds.
+    pub fn replay(&mut self, h: &BatchHeader, marker: Option<Marker>) {
+        if let Some(m) = marker {
+            self.end_transaction(h, m);
+            return;
+        }
         if !is_idempotent(h) {
             return;
         }
@@ -138,21 +173,39 @@ impl ProducerStates {
         }
     }
 
-    /// A transaction marker of `epoch` was written for `producer_id`: a
-    /// newer epoch (the coordinator fenced the producer) fences older ones
-    /// and starts its sequences afresh, as Kafka's marker append does.
-    pub fn fence(&mut self, producer_id: i64, epoch: i16) {
+    /// The marker batch `h` ended its producer's transaction: a newer epoch
+    /// (the coordinator fenced the producer) fences older ones and starts
+    /// its sequences afresh, as Kafka's marker append does.
+    pub fn end_transaction(&mut self, h: &BatchHeader, marker: Marker) {
         let e = self
             .map
-            .entry(producer_id)
-            .or_insert_with(|| ProducerEntry {
-                epoch,
-                batches: VecDeque::with_capacity(CACHED_BATCHES),
-            });
-        if epoch > e.epoch {
-            e.epoch = epoch;
+            .entry(h.producer_id)
+            .or_insert_with(|| ProducerEntry::new(h.producer_epoch));
+        if h.producer_epoch > e.epoch {
+            e.epoch = h.producer_epoch;
             e.batches.clear();
         }
+        e.coordinator_epoch = marker.coordinator_epoch;
+        e.last_timestamp = h.max_timestamp;
+    }
+
+    /// Every producer known here, by producer id; `open_since` gives the
+    /// first offset of a producer's open transaction.
+    pub fn active(&self, open_since: impl Fn(i64) -> Option<i64>) -> Vec<ActiveProducer> {
+        let mut all: Vec<ActiveProducer> = self
+            .map
+            .iter()
+            .map(|(&producer_id, e)| ActiveProducer {
+                producer_id,
+                epoch: e.epoch,
+                last_sequence: e.batches.back().map_or(-1, |b| b.last_seq),
+                last_timestamp: e.last_timestamp,
+                coordinator_epoch: e.coordinator_epoch,
+                txn_start_offset: open_since(producer_id),
+            })
+            .collect();
+        all.sort_unstable_by_key(|p| p.producer_id);
+        all
     }
 
     pub fn insert(&mut self, producer_id: i64, entry: ProducerEntry) {
@@ -185,8 +238,8 @@ mod tests {
     #[test]
     fn sequence_rules() {
         let mut s = ProducerStates::default();
-        s.replay(&hdr(7, 0, 0, 3, 0));
-        s.replay(&hdr(7, 0, 3, 2, 3));
+        s.replay(&hdr(7, 0, 0, 3, 0), None);
+        s.replay(&hdr(7, 0, 3, 2, 3), None);
         let e = s.get(7);
         assert_eq!(
             ProducerStates::check(e, &hdr(7, 0, 5, 1, 0)).unwrap(),
@@ -216,7 +269,7 @@ mod tests {
             ProducerStates::check(e, &hdr(7, 1, 0, 1, 0)).unwrap(),
             Check::Append
         );
-        s.replay(&hdr(7, 1, 0, 1, 5));
+        s.replay(&hdr(7, 1, 0, 1, 5), None);
         assert!(matches!(
             ProducerStates::check(s.get(7), &hdr(7, 0, 5, 1, 0)),
             Err(LogError::InvalidProducerEpoch {
@@ -236,13 +289,13 @@ mod tests {
     fn only_five_batches_are_remembered_and_sequences_wrap() {
         let mut s = ProducerStates::default();
         for i in 0..7 {
-            s.replay(&hdr(1, 0, i, 1, i64::from(i)));
+            s.replay(&hdr(1, 0, i, 1, i64::from(i)), None);
         }
         let e = s.get(1).unwrap();
         assert_eq!(e.batches.len(), CACHED_BATCHES);
         assert_eq!(e.batches.front().unwrap().first_seq, 2);
         let mut s = ProducerStates::default();
-        s.replay(&hdr(1, 0, i32::MAX - 1, 2, 0));
+        s.replay(&hdr(1, 0, i32::MAX - 1, 2, 0), None);
         assert_eq!(s.get(1).unwrap().batches.back().unwrap().last_seq, i32::MAX);
         assert_eq!(
             ProducerStates::check(s.get(1), &hdr(1, 0, 0, 1, 0)).unwrap(),

@@ -141,6 +141,11 @@ impl Transactions {
         }
     }
 
+    /// The first offset of `producer_id`'s open transaction, if it has one.
+    pub fn open_since(&self, producer_id: i64) -> Option<i64> {
+        self.open.get(&producer_id).copied()
+    }
+
     /// The first offset of the oldest open transaction, if any.
     pub fn first_unstable(&self) -> Option<i64> {
         self.by_first.first().map(|(first, _)| *first)

@@ -239,3 +239,78 @@ async fn a_follower_derives_the_same_transactions_from_the_leaders_bytes() {
         })
     ));
 }
+
+#[tokio::test]
+async fn active_producers_are_the_same_after_restart_and_on_a_follower() {
+    let dir = tempfile::tempdir().unwrap();
+    let defaults = small_segments(1 << 20, 4096);
+    let replica = |name: &str| {
+        let store = open(
+            &dir.path().join(name),
+            FlushPolicy::Always,
+            defaults.clone(),
+        );
+        store.create_topic("a", 1, &no_overrides(), false).unwrap();
+        let p = store.partition("a", 0).unwrap();
+        (store, p)
+    };
+    let (leader_store, l) = replica("leader");
+
+    // Offsets 0-2, an idempotent producer; 3-4 and 5, two transactions;
+    // 6, producer 41's abort, with a newer epoch (the coordinator fenced it).
+    let in_txn = |spec: Spec| {
+        batch(&Spec {
+            attributes: TXN,
+            ..spec
+        })
+    };
+    l.append(&batch(&Spec::idem(40, 0, 0, 3).at(1_000)), 0)
+        .unwrap();
+    l.append_transactional(&in_txn(Spec::idem(41, 0, 0, 2).at(2_000)), 0)
+        .unwrap();
+    l.append_transactional(&in_txn(Spec::idem(42, 5, 7, 1).at(3_000)), 0)
+        .unwrap();
+    end(&l, 41, 1, false).unwrap();
+    let producers = l.active_producers();
+    let summary: Vec<_> = producers
+        .iter()
+        .map(|p| {
+            (
+                p.producer_id,
+                p.epoch,
+                p.last_sequence,
+                p.coordinator_epoch,
+                p.txn_start_offset,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (40, 0, 2, -1, None),
+            (41, 1, -1, 1, None),
+            (42, 5, 7, -1, Some(5)),
+        ]
+    );
+    assert_eq!(producers[0].last_timestamp, 1_000);
+    assert_eq!(producers[2].last_timestamp, 3_000);
+    assert!(producers[1].last_timestamp > 3_000, "the marker's time");
+    l.wait_durable(l.log_end_offset()).await.unwrap();
+
+    let (_follower_store, f) = replica("follower");
+    let all = l.read(0, 1 << 20, true, ReadLimit::LogEnd).unwrap();
+    f.append_replica(&all.records).unwrap();
+    assert_eq!(f.active_producers(), producers);
+
+    drop((l, leader_store));
+    let reopened = open(&dir.path().join("leader"), FlushPolicy::Always, defaults);
+    let r = reopened.partition("a", 0).unwrap();
+    assert_eq!(r.active_producers(), producers, "rebuilt from the log");
+    r.truncate_to(6).unwrap();
+    let cut = r.active_producers();
+    assert_eq!(
+        (cut[1].epoch, cut[1].last_sequence, cut[1].txn_start_offset),
+        (0, 1, Some(3)),
+        "without its marker, producer 41's transaction is open again"
+    );
+}
