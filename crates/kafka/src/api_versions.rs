@@ -56,6 +56,7 @@ pub const SUPPORTED_APIS: &[(i16, i16, i16)] = &[
     (ApiKey::DeleteGroups as i16, 0, 2),
     (ApiKey::IncrementalAlterConfigs as i16, 0, 1),
     (ApiKey::DescribeCluster as i16, 0, 1),
+    (ApiKey::DescribeProducers as i16, 0, 0),
     (ApiKey::DescribeTransactions as i16, 0, 0),
     (ApiKey::ListTransactions as i16, 0, 2),
 ];

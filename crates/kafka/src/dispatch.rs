@@ -134,6 +134,10 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
             let req = decode!(DescribeTransactionsRequest, buf, h);
             handlers::txn::describe_transactions(ctx, req, h)
         }
+        ApiKey::DescribeProducers => {
+            let req = decode!(DescribeProducersRequest, buf, h);
+            now(h, &handlers::txn::describe_producers(ctx, req))
+        }
         ApiKey::CreateTopics => {
             let req = decode!(CreateTopicsRequest, buf, h);
             handlers::admin::create_topics(ctx, req, h)
@@ -300,6 +304,7 @@ pub(crate) fn decode_only(frame: Bytes) -> Result<(), String> {
         ApiKey::WriteTxnMarkers => body::<WriteTxnMarkersRequest>(&mut buf, version),
         ApiKey::ListTransactions => body::<ListTransactionsRequest>(&mut buf, version),
         ApiKey::DescribeTransactions => body::<DescribeTransactionsRequest>(&mut buf, version),
+        ApiKey::DescribeProducers => body::<DescribeProducersRequest>(&mut buf, version),
         ApiKey::CreateTopics => body::<CreateTopicsRequest>(&mut buf, version),
         ApiKey::DeleteTopics => body::<DeleteTopicsRequest>(&mut buf, version),
         ApiKey::CreatePartitions => body::<CreatePartitionsRequest>(&mut buf, version),

@@ -1,7 +1,8 @@
 //! Transactions on the wire: AddPartitionsToTxn and EndTxn go to this node's
 //! [`TxnCoordinator`] (InitProducerId with a transactional id and
 //! FindCoordinator for transactions are in `meta.rs`), WriteTxnMarkers
-//! writes a coordinator's markers into partitions this node leads, and
+//! writes a coordinator's markers into partitions this node leads,
+//! DescribeProducers reads the producer state of partitions it leads, and
 //! [`Markers`] is how the coordinator reaches every partition of a
 //! transaction: in place where this node leads it, through its leader's
 //! WriteTxnMarkers otherwise.
@@ -349,6 +350,52 @@ pub(crate) fn describe_transactions(
             .collect();
         DescribeTransactionsResponse::default().with_transaction_states(states)
     })
+}
+
+/// DescribeProducers (KIP-664): the producer state of partitions this node
+/// leads, from their logs; a partition led elsewhere answers
+/// NOT_LEADER_OR_FOLLOWER, so the client asks its leader, as in Kafka.
+pub(crate) fn describe_producers(
+    ctx: &Ctx,
+    req: DescribeProducersRequest,
+) -> DescribeProducersResponse {
+    let topics = req
+        .topics
+        .into_iter()
+        .map(|topic| {
+            let partitions = topic
+                .partition_indexes
+                .iter()
+                .map(|&p| {
+                    let resp = describe_producers_response::PartitionResponse::default()
+                        .with_partition_index(p);
+                    let lead = match ctx.topology.lead_for_read(topic.name.0.as_str(), p, -1) {
+                        Ok(lead) => lead,
+                        Err(code) => return resp.with_error_code(code.code()),
+                    };
+                    let producers = lead
+                        .partition()
+                        .active_producers()
+                        .into_iter()
+                        .map(|a| {
+                            describe_producers_response::ProducerState::default()
+                                .with_producer_id(ProducerId(a.producer_id))
+                                .with_producer_epoch(i32::from(a.epoch))
+                                .with_last_sequence(a.last_sequence)
+                                .with_last_timestamp(a.last_timestamp)
+                                .with_coordinator_epoch(a.coordinator_epoch)
+                                .with_current_txn_start_offset(a.txn_start_offset.unwrap_or(-1))
+                        })
+                        .collect();
+                    resp.with_active_producers(producers)
+                })
+                .collect();
+            describe_producers_response::TopicResponse::default()
+                .with_name(topic.name)
+                .with_partitions(partitions)
+        })
+        .collect();
+    DescribeProducersResponse::default().with_topics(topics)
 }
 
 /// The state Kafka's tools name `name`.

@@ -278,13 +278,62 @@ pub fn batch(keys: &[&str], timestamp: i64) -> Bytes {
 
 /// An idempotent producer's batch.
 pub fn idempotent_batch(keys: &[&str], producer_id: i64, epoch: i16, base_sequence: i32) -> Bytes {
+    producer_batch(keys, producer_id, epoch, base_sequence, false)
+}
+
+/// A transactional producer's batch.
+pub fn transactional_batch(
+    keys: &[&str],
+    producer_id: i64,
+    epoch: i16,
+    base_sequence: i32,
+) -> Bytes {
+    producer_batch(keys, producer_id, epoch, base_sequence, true)
+}
+
+fn producer_batch(
+    keys: &[&str],
+    producer_id: i64,
+    epoch: i16,
+    base_sequence: i32,
+    transactional: bool,
+) -> Bytes {
     let mut recs = records(keys, 1_000);
     for (i, r) in recs.iter_mut().enumerate() {
         r.producer_id = producer_id;
         r.producer_epoch = epoch;
         r.sequence = base_sequence + i as i32;
+        r.transactional = transactional;
     }
     encode_batch(&recs)
+}
+
+/// Waits until this node coordinates transactions: it leads
+/// `__transaction_state-0`, which it creates at start.
+pub async fn wait_for_txn_coordinator(c: &mut Raw) -> FindCoordinatorResponse {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = c
+            .call(
+                &FindCoordinatorRequest::default()
+                    .with_key(sb("tx"))
+                    .with_key_type(1),
+                2,
+            )
+            .await;
+        if resp.error_code == 0 {
+            return resp;
+        }
+        assert_eq!(
+            resp.error_code,
+            sluice_vocab::ErrorCode::CoordinatorNotAvailable.code()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no transaction coordinator"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Decodes fetched record bytes into (offset, key, value).

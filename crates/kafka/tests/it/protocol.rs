@@ -675,30 +675,11 @@ async fn describe_cluster_find_coordinator_init_producer_id() {
     }
     // Transactions are coordinated by the leader of __transaction_state-0,
     // which the node creates at start (the client retries until it leads).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let resp = c
-            .call(
-                &FindCoordinatorRequest::default()
-                    .with_key(sb("tx"))
-                    .with_key_type(1),
-                2,
-            )
-            .await;
-        if resp.error_code == 0 {
-            assert_eq!(
-                (resp.node_id.0, resp.port),
-                (0, i32::from(server.addr.port()))
-            );
-            break;
-        }
-        assert_eq!(resp.error_code, ErrorCode::CoordinatorNotAvailable.code());
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no transaction coordinator"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let resp = wait_for_txn_coordinator(&mut c).await;
+    assert_eq!(
+        (resp.node_id.0, resp.port),
+        (0, i32::from(server.addr.port()))
+    );
     let resp = c
         .call(
             &FindCoordinatorRequest::default().with_coordinator_keys(vec![sb("g1"), sb("g2")]),
@@ -839,6 +820,158 @@ async fn describe_cluster_find_coordinator_init_producer_id() {
             .len(),
         1
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn describe_producers_shows_the_leaders_producer_state() {
+    use kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic;
+    use kafka_protocol::messages::describe_producers_request::TopicRequest;
+
+    let server = Server::start().await;
+    let mut c = server.client().await;
+    server.create_topic("dp", 2).await;
+    let describe = |topics: &[(&str, &[i32])]| {
+        DescribeProducersRequest::default().with_topics(
+            topics
+                .iter()
+                .map(|(t, ps)| {
+                    TopicRequest::default()
+                        .with_name(name(t))
+                        .with_partition_indexes(ps.to_vec())
+                })
+                .collect(),
+        )
+    };
+
+    let idempotent = c.call(&InitProducerIdRequest::default(), 4).await;
+    let pid = idempotent.producer_id.0;
+    let (code, _) = produce(
+        &mut c,
+        "dp",
+        0,
+        idempotent_batch(&["a", "b", "c"], pid, 0, 0),
+    )
+    .await;
+    assert_eq!(code, 0);
+
+    wait_for_txn_coordinator(&mut c).await;
+    let init = c
+        .call(
+            &InitProducerIdRequest::default()
+                .with_transactional_id(Some(TransactionalId(sb("dp-tx"))))
+                .with_transaction_timeout_ms(60_000),
+            4,
+        )
+        .await;
+    assert_eq!(init.error_code, 0);
+    let (tpid, tepoch) = (init.producer_id.0, init.producer_epoch);
+    let added = c
+        .call(
+            &AddPartitionsToTxnRequest::default()
+                .with_v3_and_below_transactional_id(TransactionalId(sb("dp-tx")))
+                .with_v3_and_below_producer_id(ProducerId(tpid))
+                .with_v3_and_below_producer_epoch(tepoch)
+                .with_v3_and_below_topics(vec![AddPartitionsToTxnTopic::default()
+                    .with_name(name("dp"))
+                    .with_partitions(vec![0])]),
+            3,
+        )
+        .await;
+    assert_eq!(
+        added.results_by_topic_v3_and_below[0].results_by_partition[0].partition_error_code,
+        0
+    );
+    let mut req = produce_request(
+        "dp",
+        0,
+        transactional_batch(&["t1", "t2"], tpid, tepoch, 0),
+        -1,
+    );
+    req.transactional_id = Some(TransactionalId(sb("dp-tx")));
+    let produced = c.call(&req, 9).await;
+    let p = &produced.responses[0].partition_responses[0];
+    assert_eq!((p.error_code, p.base_offset), (0, 3));
+
+    let resp = c
+        .call(&describe(&[("dp", &[0, 1, 7]), ("no-such-topic", &[0])]), 0)
+        .await;
+    let dp = &resp.topics[0];
+    assert_eq!(dp.name.0.as_str(), "dp");
+    let p0 = &dp.partitions[0];
+    assert_eq!((p0.partition_index, p0.error_code), (0, 0));
+    let mut states: Vec<_> = p0
+        .active_producers
+        .iter()
+        .map(|s| {
+            (
+                s.producer_id.0,
+                s.producer_epoch,
+                s.last_sequence,
+                s.current_txn_start_offset,
+                s.coordinator_epoch,
+            )
+        })
+        .collect();
+    states.sort_unstable();
+    assert_eq!(
+        states,
+        vec![(pid, 0, 2, -1, -1), (tpid, i32::from(tepoch), 1, 3, -1)]
+    );
+    assert!(p0
+        .active_producers
+        .iter()
+        .all(|s| s.last_timestamp == 1_000));
+    assert_eq!(
+        (
+            dp.partitions[1].error_code,
+            dp.partitions[1].active_producers.len()
+        ),
+        (0, 0)
+    );
+    assert_eq!(
+        dp.partitions[2].error_code,
+        ErrorCode::UnknownTopicOrPartition.code()
+    );
+    assert_eq!(
+        (
+            resp.topics[1].partitions[0].partition_index,
+            resp.topics[1].partitions[0].error_code
+        ),
+        (0, ErrorCode::UnknownTopicOrPartition.code())
+    );
+
+    // Once the commit marker is written, the transaction is no longer open
+    // and the producer carries the coordinator's epoch.
+    let ended = c
+        .call(
+            &EndTxnRequest::default()
+                .with_transactional_id(TransactionalId(sb("dp-tx")))
+                .with_producer_id(ProducerId(tpid))
+                .with_producer_epoch(tepoch)
+                .with_committed(true),
+            3,
+        )
+        .await;
+    assert_eq!(ended.error_code, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let resp = c.call(&describe(&[("dp", &[0])]), 0).await;
+        let state = resp.topics[0].partitions[0]
+            .active_producers
+            .iter()
+            .find(|s| s.producer_id.0 == tpid)
+            .cloned()
+            .unwrap();
+        if state.current_txn_start_offset == -1 {
+            assert!(state.coordinator_epoch >= 0);
+            assert_eq!(state.producer_epoch, i32::from(tepoch));
+            assert!(state.last_timestamp > 1_000, "the marker's time");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no commit marker");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     server.stop().await;
 }
 
