@@ -19,7 +19,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from kutil import RF, unique
+from kutil import RF, unique, wait_until
 
 
 def create(bootstrap, *topics, partitions=3):
@@ -234,6 +234,144 @@ def test_consume_transform_produce_is_exactly_once_when_the_processor_dies(broke
     got = read(broker.bootstrap, [dst], "read_committed", expect=len(inputs))
     assert sorted(got) == sorted(f"out-{v}" for v in inputs), "every input once"
     assert sorted(read(broker.bootstrap, [dst], "read_committed")) == sorted(f"out-{v}" for v in inputs)
+
+
+def rows(out, header):
+    """The whitespace-split rows of the CLI table whose header starts with `header`."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == [header])
+    table = []
+    for line in lines[start + 1:]:
+        if not line.strip() or line.rstrip().endswith(":"):
+            break
+        table.append(line.split())
+    return table
+
+
+def listed(broker, *args):
+    """{transactional id: (producer id, state)} from `sluice transaction list`."""
+    out = broker.cli("transaction", "list", *args).stdout.decode()
+    return {r[0]: (int(r[2]), r[3]) for r in rows(out, "TRANSACTIONAL-ID")}
+
+
+def described(broker, tid):
+    """(producer id, epoch, state, partitions) from `sluice transaction describe`."""
+    out = broker.cli("transaction", "describe", tid).stdout.decode()
+    (row,) = rows(out, "TRANSACTIONAL-ID")
+    assert row[0] == tid, out
+    return int(row[2]), int(row[3]), row[4], row[8]
+
+
+def topic_producers(broker, topic):
+    """{partition: {producer id: (epoch, last sequence, txn start or None)}} from `sluice topic describe`."""
+    out = broker.cli("topic", "describe", topic).stdout.decode()
+    if "Producers: none" in out:
+        return {}
+    found = {}
+    for r in rows(out.split("Producers:", 1)[1], "PARTITION"):
+        found.setdefault(int(r[0]), {})[int(r[1])] = (int(r[2]), int(r[3]), None if r[5] == "-" else int(r[5]))
+    return found
+
+
+def test_sluice_transaction_and_topic_describe_follow_an_open_transaction(broker):
+    """The real binary's `sluice transaction list|describe` and `sluice topic
+    describe` while a confluent-kafka transactional producer has a
+    transaction open on two of three partitions, and after it commits."""
+    topic = unique("txcli")
+    create(broker.bootstrap, topic)
+    tid = unique("tid")
+    p = producer(broker.bootstrap, tid)
+    pid, state = listed(broker)[tid]
+    assert state == "Empty" and pid >= 0
+    assert topic_producers(broker, topic) == {}, "no producer wrote yet"
+
+    p.begin_transaction()
+    for i in range(3):
+        p.produce(topic, partition=0, value=f"p0-{i}")
+    p.produce(topic, partition=2, value="p2")
+    p.flush(30)
+    assert listed(broker)[tid] == (pid, "Ongoing")
+    assert tid in listed(broker, "--state", "Ongoing", "--state", "PrepareCommit")
+    assert tid not in listed(broker, "--state", "CompleteCommit")
+    assert set(listed(broker, "--producer-id", str(pid))) == {tid}
+    assert tid in listed(broker, "--duration-ms", "0")
+    assert tid not in listed(broker, "--duration-ms", "3600000")
+    d_pid, epoch, state, partitions = described(broker, tid)
+    assert (d_pid, state, partitions) == (pid, "Ongoing", f"{topic}:0,2")
+    producers = topic_producers(broker, topic)
+    assert set(producers) == {0, 2}, producers
+    assert producers[0] == {pid: (epoch, 2, 0)}, "three records from offset 0, transaction open at 0"
+    assert producers[2] == {pid: (epoch, 0, 0)}
+
+    p.commit_transaction(30)
+    # The coordinator completes the commit once the markers are written.
+    wait_until(lambda: listed(broker)[tid] == (pid, "CompleteCommit"), 30, what="CompleteCommit")
+    assert described(broker, tid)[1:3] == (epoch, "CompleteCommit")
+    after = wait_until(
+        lambda: (lambda ps: ps if all(s[2] is None for part in ps.values() for s in part.values()) else None)(
+            topic_producers(broker, topic)
+        ),
+        30,
+        what="no open transaction in the topic",
+    )
+    assert after == {0: {pid: (epoch, 2, None)}, 2: {pid: (epoch, 0, None)}}
+
+    missing = broker.cli("transaction", "describe", tid, "no-such-tid", check=False)
+    assert missing.returncode != 0
+    assert 'transactional id "no-such-tid" not found' in missing.stderr.decode(), missing.stderr
+    assert tid in missing.stdout.decode(), "the known id is still described"
+
+
+def test_describe_producers_from_kafka_python(broker):
+    """kafka-python's KafkaAdminClient (KIP-664 tooling) against the same
+    APIs: DescribeProducers on each partition's leader shows an open
+    transaction's first offset, an unknown partition is refused, and in the
+    cluster a node that does not lead the partition answers
+    NOT_LEADER_OR_FOLLOWER."""
+    import kafka.errors as Errors
+    from kafka import TopicPartition as KTP
+    from kafka.admin import KafkaAdminClient
+
+    topic = unique("txkp")
+    create(broker.bootstrap, topic, partitions=2)
+    plain = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all"})
+    plain.produce(topic, partition=1, value="plain")
+    plain.flush(30)
+    tid = unique("tid")
+    p = producer(broker.bootstrap, tid)
+    p.begin_transaction()
+    p.produce(topic, partition=1, value="in-transaction")
+    p.flush(30)
+
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap.split(","))
+    try:
+        described_ = admin.describe_transactions([tid])[tid]
+        assert described_.state.value == "Ongoing"
+        assert described_.topic_partitions == {KTP(topic, 1)}
+        listings = [t for per_broker in admin.list_transactions().values() for t in per_broker]
+        assert [(t.producer_id, t.state.value) for t in listings if t.transactional_id == tid] == [
+            (described_.producer_id, "Ongoing")
+        ]
+
+        states = admin.describe_producers([KTP(topic, 0), KTP(topic, 1)])
+        assert states[KTP(topic, 0)].active_producers == []
+        (state,) = states[KTP(topic, 1)].active_producers
+        assert (state.producer_id, state.producer_epoch) == (described_.producer_id, described_.producer_epoch)
+        assert state.current_transaction_start_offset == 1, "after the plain record at 0"
+        assert state.last_sequence == 0 and state.last_timestamp > 0
+
+        metadata = AdminClient({"bootstrap.servers": broker.bootstrap}).list_topics(topic, timeout=10)
+        leader = metadata.topics[topic].partitions[1].leader
+        with pytest.raises(Errors.UnknownTopicOrPartitionError):
+            admin.describe_producers([KTP(topic, 5)], broker_id=leader)
+        others = [n for n in metadata.brokers if n != leader]
+        assert len(others) == RF - 1
+        for other in others:
+            with pytest.raises(Errors.NotLeaderForPartitionError):
+                admin.describe_producers([KTP(topic, 1)], broker_id=other)
+    finally:
+        admin.close()
+    p.commit_transaction(30)
 
 
 @pytest.mark.skipif(

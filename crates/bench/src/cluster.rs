@@ -77,14 +77,7 @@ pub(crate) async fn connect(addr: &str) -> Result<Connection, BenchError> {
 
 /// Connects to the first reachable bootstrap server (comma separated list).
 pub async fn bootstrap(servers: &str) -> Result<Connection, BenchError> {
-    let mut last = None;
-    for addr in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        match connect(addr).await {
-            Ok(c) => return Ok(c),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| BenchError::Config("--bootstrap is empty".into())))
+    Ok(Connection::connect_any(servers, CLIENT_ID, CONNECT_TIMEOUT).await?)
 }
 
 /// Describes `topic`; when it does not exist and `create` is Some(n), creates

@@ -54,6 +54,27 @@ impl Connection {
             })?
     }
 
+    /// [`connect`](Connection::connect) to the first of `servers` (comma
+    /// separated `host:port`, as a bootstrap list) that answers, in order;
+    /// the error is the last one tried.
+    pub async fn connect_any(
+        servers: &str,
+        client_id: &str,
+        timeout: Duration,
+    ) -> Result<Connection, ClientError> {
+        let mut last = None;
+        for addr in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match Connection::connect(addr, client_id, timeout).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Connect {
+            addr: servers.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no server given"),
+        }))
+    }
+
     async fn open(addr: &str, client_id: &str) -> Result<Connection, ClientError> {
         let stream = TcpStream::connect(addr)
             .await

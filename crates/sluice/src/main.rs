@@ -1,6 +1,7 @@
 //! The `sluice` binary: `sluice serve` runs the broker; `topic`, `produce`,
-//! `consume` and `group` are Kafka clients (librdkafka via rdkafka) that work
-//! against Sluice or any Kafka cluster; `queue`, `exchange` and `binding`
+//! `consume`, `group` and `transaction` are Kafka clients (librdkafka via
+//! rdkafka, and sluice-client for the transaction admin APIs librdkafka
+//! lacks) that work against Sluice or any Kafka cluster; `queue`, `exchange` and `binding`
 //! manage AMQP objects through the HTTP admin port; `bench` is the load generator
 //! (sluice-bench, its own lean Kafka client).
 
@@ -42,6 +43,8 @@ enum Command {
     Consume(cli::consume::ConsumeArgs),
     /// List, describe and reset the offsets of consumer groups.
     Group(cli::group::GroupArgs),
+    /// List and describe transactions (their coordinators' view).
+    Transaction(cli::transaction::TransactionArgs),
     /// Load generator: produce, consume or end-to-end throughput and latency.
     Bench(cli::bench::BenchArgs),
     /// Cluster status through a node's HTTP admin port.
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
         Command::Produce(args) => cli::produce::run(&runtime, args),
         Command::Consume(args) => cli::consume::run(&runtime, args),
         Command::Group(args) => runtime.block_on(cli::group::run(args)),
+        Command::Transaction(args) => runtime.block_on(cli::transaction::run(args)),
         Command::Bench(args) => runtime.block_on(cli::bench::run(args)),
         Command::Cluster(args) => runtime.block_on(cli::cluster::run_cluster(args)),
         Command::Partition(args) => runtime.block_on(cli::cluster::run_partition(args)),

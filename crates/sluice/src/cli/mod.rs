@@ -1,8 +1,11 @@
 //! Client commands. They speak only the Kafka protocol (librdkafka through
-//! rdkafka), so they work against Sluice and against any Kafka cluster. The
-//! exceptions are [`cluster`] (`sluice cluster|partition|node`), [`amqp`]
-//! (`sluice queue|exchange|binding`) and [`access`] (`sluice user|vhost|permission`),
-//! which use a Sluice node's HTTP admin port.
+//! rdkafka), so they work against Sluice and against any Kafka cluster; the
+//! requests librdkafka has no API for (the transaction admin APIs of
+//! [`transaction`] and the producer state in `topic describe`) go through
+//! sluice-client ([`Wire`]). The exceptions are [`cluster`] (`sluice
+//! cluster|partition|node`), [`amqp`] (`sluice queue|exchange|binding`) and
+//! [`access`] (`sluice user|vhost|permission`), which use a Sluice node's HTTP
+//! admin port.
 
 pub mod access;
 pub mod amqp;
@@ -12,16 +15,22 @@ pub mod consume;
 pub mod group;
 pub mod produce;
 pub mod topic;
+pub mod transaction;
 
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+use kafka_protocol::messages::{ApiKey, MetadataRequest};
+use kafka_protocol::protocol::Request;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::metadata::Metadata;
 use rdkafka::ClientConfig;
+use sluice_client::Connection;
 
 /// Timeout of one metadata, admin or offsets request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,6 +79,102 @@ impl ClientArgs {
         config
             .create()
             .with_context(|| format!("cannot create a Kafka client for {}", self.bootstrap))
+    }
+}
+
+/// Client id of the requests sent through [`Wire`].
+const WIRE_CLIENT_ID: &str = "sluice-cli";
+
+/// Kafka requests through sluice-client, for the APIs librdkafka has no
+/// admin call for: one connection per broker address, opened on first use
+/// and dropped when a call on it fails (it is unusable then).
+pub struct Wire {
+    bootstrap: String,
+    conns: HashMap<String, Connection>,
+}
+
+impl Wire {
+    /// sluice-client speaks plaintext only: -X properties that ask for TLS
+    /// or SASL are refused rather than silently ignored.
+    pub fn new(client: &ClientArgs) -> Result<Wire> {
+        for (k, v) in &client.client_config {
+            if k == "security.protocol" && !v.eq_ignore_ascii_case("plaintext") {
+                bail!("-X {k}={v}: this command speaks plaintext Kafka only");
+            }
+        }
+        Ok(Wire {
+            bootstrap: client.bootstrap.clone(),
+            conns: HashMap::new(),
+        })
+    }
+
+    /// Every broker's advertised `host:port`, by node id.
+    pub async fn brokers(&mut self) -> Result<BTreeMap<i32, String>> {
+        // v1 on, an empty topic list asks for the brokers only.
+        let req = MetadataRequest::default().with_topics(Some(Vec::new()));
+        let resp = self.call_any(&req, 1, 12).await?;
+        Ok(resp
+            .brokers
+            .iter()
+            .map(|b| (b.node_id.0, format!("{}:{}", b.host.as_str(), b.port)))
+            .collect())
+    }
+
+    /// Sends `req` to the first bootstrap server that answers, at the
+    /// highest version in `min..=max` both sides speak.
+    pub async fn call_any<R: Request>(
+        &mut self,
+        req: &R,
+        min: i16,
+        max: i16,
+    ) -> Result<R::Response> {
+        self.call_at(None, req, min, max).await
+    }
+
+    /// [`Wire::call_any`] to the broker at `addr`.
+    pub async fn call<R: Request>(
+        &mut self,
+        addr: &str,
+        req: &R,
+        min: i16,
+        max: i16,
+    ) -> Result<R::Response> {
+        self.call_at(Some(addr), req, min, max).await
+    }
+
+    async fn call_at<R: Request>(
+        &mut self,
+        addr: Option<&str>,
+        req: &R,
+        min: i16,
+        max: i16,
+    ) -> Result<R::Response> {
+        let api = ApiKey::try_from(R::KEY).map_err(|()| anyhow!("unknown api key {}", R::KEY))?;
+        let key = addr.unwrap_or(&self.bootstrap).to_owned();
+        let conn = match self.conns.entry(key.clone()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let conn = match addr {
+                    Some(addr) => Connection::connect(addr, WIRE_CLIENT_ID, REQUEST_TIMEOUT).await,
+                    None => {
+                        Connection::connect_any(&self.bootstrap, WIRE_CLIENT_ID, REQUEST_TIMEOUT)
+                            .await
+                    }
+                };
+                // The error names the address and the cause already (its
+                // source again would repeat the cause).
+                e.insert(conn.map_err(|err| anyhow!("{err}"))?)
+            }
+        };
+        let version = conn
+            .versions()
+            .pick(api, min, max)
+            .with_context(|| format!("broker {key}"))?;
+        let resp = conn.call_within(req, version, REQUEST_TIMEOUT).await;
+        if resp.is_err() {
+            self.conns.remove(&key);
+        }
+        resp.with_context(|| format!("{api:?} to {key} failed"))
     }
 }
 

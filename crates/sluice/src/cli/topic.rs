@@ -1,4 +1,5 @@
-//! `sluice topic create|list|describe|alter|delete` through Kafka's admin API.
+//! `sluice topic create|list|describe|alter|delete` through Kafka's admin API
+//! (and DescribeProducers for the producers `describe` shows).
 
 use std::collections::BTreeMap;
 
@@ -11,7 +12,7 @@ use rdkafka::admin::{
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::Consumer;
 
-use super::{all_metadata, parse_kv, ClientArgs, REQUEST_TIMEOUT};
+use super::{all_metadata, parse_kv, transaction, ClientArgs, Wire, REQUEST_TIMEOUT};
 
 #[derive(Args, Debug)]
 pub struct TopicArgs {
@@ -42,7 +43,8 @@ enum TopicCommand {
         #[arg(long)]
         include_internal: bool,
     },
-    /// Show partitions, leaders, replicas, offsets and configs of a topic.
+    /// Show partitions, leaders, replicas, offsets, active producers and
+    /// configs of a topic.
     Describe { name: String },
     /// Delete a topic and its data.
     Delete { name: String },
@@ -256,6 +258,29 @@ async fn describe(client: &ClientArgs, name: &str) -> Result<()> {
         );
     }
 
+    let brokers: BTreeMap<i32, String> = metadata
+        .brokers()
+        .iter()
+        .map(|b| (b.id(), format!("{}:{}", b.host(), b.port())))
+        .collect();
+    let mut leaders: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+    let mut producers = BTreeMap::new();
+    for p in &partitions {
+        match brokers.get(&p.leader()) {
+            Some(addr) => leaders.entry(addr.clone()).or_default().push(p.id()),
+            None => {
+                producers.insert(p.id(), Err("no leader".to_owned()));
+            }
+        }
+    }
+    match Wire::new(client) {
+        Ok(mut wire) => {
+            producers.extend(transaction::producers(&mut wire, name, leaders).await);
+            print_producers(&producers);
+        }
+        Err(e) => println!("Producers: unavailable ({e:#})"),
+    }
+
     let admin = admin(client)?;
     let results = admin
         .describe_configs([&ResourceSpecifier::Topic(name)], &options())
@@ -277,6 +302,56 @@ async fn describe(client: &ClientArgs, name: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The partitions' active producers (idempotent and transactional), one
+/// line each; a single line when there are none.
+fn print_producers(producers: &BTreeMap<i32, transaction::Producers>) {
+    let any = producers
+        .values()
+        .any(|p| p.as_ref().map_or(true, |list| !list.is_empty()));
+    if !any {
+        println!("Producers: none");
+        return;
+    }
+    // One reason for every partition (a broker without DescribeProducers):
+    // said once.
+    let mut reasons = producers.values().map(|p| p.as_ref().err());
+    if let Some(Some(why)) = reasons.next() {
+        if producers.len() > 1 && reasons.all(|r| r == Some(why)) {
+            println!("Producers: unavailable ({why})");
+            return;
+        }
+    }
+    println!("Producers:");
+    println!(
+        "  {:>9}  {:>12}  {:>5}  {:>13}  {:>14}  {:>16}",
+        "PARTITION", "PRODUCER-ID", "EPOCH", "LAST-SEQUENCE", "LAST-TIMESTAMP", "TXN-START-OFFSET"
+    );
+    for (partition, answer) in producers {
+        let list = match answer {
+            Ok(list) => list,
+            Err(why) => {
+                println!("  {partition:>9}  cannot describe: {why}");
+                continue;
+            }
+        };
+        for s in list {
+            let txn_start = match s.current_txn_start_offset {
+                o if o >= 0 => o.to_string(),
+                _ => "-".to_owned(),
+            };
+            println!(
+                "  {:>9}  {:>12}  {:>5}  {:>13}  {:>14}  {:>16}",
+                partition,
+                s.producer_id.0,
+                s.producer_epoch,
+                s.last_sequence,
+                s.last_timestamp,
+                txn_start
+            );
+        }
+    }
 }
 
 fn join(ids: &[i32]) -> String {
