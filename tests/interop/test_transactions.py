@@ -10,6 +10,7 @@ the coordinator's node and a partition leader are killed mid-stream.
 """
 
 import os
+import re
 import signal
 import threading
 import time
@@ -296,6 +297,10 @@ def test_sluice_transaction_and_topic_describe_follow_an_open_transaction(broker
     assert set(listed(broker, "--producer-id", str(pid))) == {tid}
     assert tid in listed(broker, "--duration-ms", "0")
     assert tid not in listed(broker, "--duration-ms", "3600000")
+    # --pattern: the whole id must match the regular expression.
+    assert set(listed(broker, "--pattern", re.escape(tid))) == {tid}
+    assert tid in listed(broker, "--pattern", "tid.*")
+    assert tid not in listed(broker, "--pattern", "tid")
     d_pid, epoch, state, partitions = described(broker, tid)
     assert (d_pid, state, partitions) == (pid, "Ongoing", f"{topic}:0,2")
     producers = topic_producers(broker, topic)

@@ -58,6 +58,9 @@ enum TransactionCommand {
         /// Only transactions open for at least MS milliseconds.
         #[arg(long, value_name = "MS")]
         duration_ms: Option<i64>,
+        /// Only transactional ids the regular expression matches whole.
+        #[arg(long, value_name = "REGEX")]
+        pattern: Option<String>,
     },
     /// Show transactional ids: state, producer, timeout, start and the
     /// partitions of the open transaction.
@@ -74,21 +77,39 @@ pub async fn run(args: TransactionArgs) -> Result<()> {
             states,
             producer_ids,
             duration_ms,
-        } => list(&mut wire, states, producer_ids, duration_ms).await,
+            pattern,
+        } => {
+            let filter = Filter {
+                states,
+                producer_ids,
+                duration_ms,
+                pattern,
+            };
+            list(&mut wire, filter).await
+        }
         TransactionCommand::Describe { transactional_ids } => {
             describe(&mut wire, transactional_ids).await
         }
     }
 }
 
-/// Each broker lists the transactions it coordinates, so every broker is
-/// asked and the answers merged.
-async fn list(
-    wire: &mut Wire,
+/// What `transaction list` asks the coordinators for.
+struct Filter {
     states: Vec<String>,
     producer_ids: Vec<i64>,
     duration_ms: Option<i64>,
-) -> Result<()> {
+    pattern: Option<String>,
+}
+
+/// Each broker lists the transactions it coordinates, so every broker is
+/// asked and the answers merged.
+async fn list(wire: &mut Wire, filter: Filter) -> Result<()> {
+    let Filter {
+        states,
+        producer_ids,
+        duration_ms,
+        pattern,
+    } = filter;
     let brokers = wire.brokers().await?;
     if brokers.is_empty() {
         bail!("the cluster's metadata lists no brokers");
@@ -96,13 +117,19 @@ async fn list(
     let req = ListTransactionsRequest::default()
         .with_state_filters(states.iter().map(|s| str_bytes(s)).collect())
         .with_producer_id_filters(producer_ids.into_iter().map(ProducerId).collect())
-        .with_duration_filter(duration_ms.unwrap_or(-1));
-    // v0 has no duration filter: a broker without v1 cannot apply it.
-    let min = if duration_ms.is_some() { 1 } else { 0 };
+        .with_duration_filter(duration_ms.unwrap_or(-1))
+        .with_transactional_id_pattern(pattern.as_deref().map(str_bytes));
+    // v0 has no duration filter and v1 no pattern: a broker without them
+    // cannot apply them.
+    let min = match (&pattern, duration_ms) {
+        (Some(_), _) => 2,
+        (None, Some(_)) => 1,
+        (None, None) => 0,
+    };
     let mut listed: BTreeMap<String, (i32, i64, String)> = BTreeMap::new();
     let mut failed = Vec::new();
     for (node, addr) in &brokers {
-        let answer = wire.call(addr, &req, min, 1).await.and_then(|resp| {
+        let answer = wire.call(addr, &req, min, 2).await.and_then(|resp| {
             ErrorCode::check(resp.error_code)?;
             Ok(resp)
         });
