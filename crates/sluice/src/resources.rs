@@ -97,6 +97,37 @@ fn machine_memory() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+/// Raises the soft limit on open file descriptors to the hard one, as Kafka's
+/// and RabbitMQ's packaging do: every partition's segments, every client
+/// connection and every replication link take descriptors, and shells and
+/// container runtimes often start processes with a soft limit of 1,024 far
+/// below what the hard limit allows. Returns the limit in force.
+pub fn raise_descriptor_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return limit.current;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            info!(
+                from = ?limit.current,
+                to = ?limit.maximum,
+                "raised the open file descriptor limit to its hard limit"
+            );
+            limit.maximum
+        }
+        Err(e) => {
+            warn!(limit = ?limit.current, error = %e, "could not raise the open file descriptor limit");
+            limit.current
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

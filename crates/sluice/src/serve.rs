@@ -35,6 +35,7 @@ const SINGLE_NODE_READY_WAIT: Duration = Duration::from_secs(10);
 
 pub async fn run(args: ServeArgs) -> Result<()> {
     let config = Config::load(&args)?;
+    crate::resources::raise_descriptor_limit();
     // Topic defaults are checked before anything is bound so a bad config
     // file fails fast with nothing half-started.
     let mut topic_defaults = config.topic_config()?;

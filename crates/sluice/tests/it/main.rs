@@ -433,6 +433,44 @@ fn serve_announces_itself_and_answers_health_checks() {
     let _ = child.wait();
 }
 
+/// Started with a soft descriptor limit below its hard one (as shells and
+/// container runtimes often start processes), `serve` raises it to the hard
+/// limit: partitions and connections need descriptors.
+#[test]
+fn serve_raises_its_descriptor_limit_to_the_hard_limit() {
+    let limits = |pid: u32| -> (String, String) {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .to_owned();
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f[3].to_owned(), f[4].to_owned())
+    };
+    let (_, hard) = limits(std::process::id());
+    if hard == "unlimited" || hard.parse::<u64>().unwrap() <= 256 {
+        // Nothing to raise to: a soft limit can be lowered below the hard
+        // one only when there is room.
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // util-linux's prlimit starts the broker with the soft limit lowered.
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=256:")
+        .arg(BIN)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .args(["--kafka-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--amqp-addr", "127.0.0.1:0"])
+        .env("SLUICE_LOG", "warn");
+    let (mut child, _) = spawn_until_listening(cmd);
+    assert_eq!(limits(child.id()), (hard.clone(), hard));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 #[test]
 fn topics_lifecycle() {
     let b = Broker::start();
