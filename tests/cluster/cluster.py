@@ -154,7 +154,17 @@ class ComposeCluster:
         docker("restart", "--time", str(grace_s), self.container(node_id), timeout=grace_s + 60)
 
     def pause(self, node_id: int) -> None:
-        docker("pause", self.container(node_id))
+        # The cgroup freezer gives up ("unable to freeze") when a task stays
+        # in uninterruptible sleep, e.g. inside an fsync, for longer than it
+        # waits; runc leaves the container running then, so try again.
+        for attempt in range(5):
+            try:
+                docker("pause", self.container(node_id))
+                break
+            except ClusterError as e:
+                if "unable to freeze" not in str(e) or attempt == 4:
+                    raise
+                time.sleep(0.2)
         self.paused.add(node_id)
 
     def unpause(self, node_id: int) -> None:
