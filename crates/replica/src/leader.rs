@@ -176,10 +176,19 @@ impl Leader {
     }
 
     fn adopt(&self, g: &mut Inner, state: &PartitionState) {
-        if state.leader != self.me
-            || state.leader_epoch != self.epoch
-            || state.partition_epoch <= g.partition_epoch
-        {
+        if state.leader != self.me || state.leader_epoch > self.epoch {
+            // The metadata has moved the leadership on (an AlterPartition
+            // answer or the image can say so before the manager gives the
+            // role up). From here the HW must not move: followers that have
+            // not learnt of the new leader yet would otherwise let this
+            // deposed leader acknowledge records the new one never had
+            // (seen when a reassignment's ISR expansion completed and moved
+            // the leadership at once).
+            g.active = false;
+            self.term.end();
+            return;
+        }
+        if state.leader_epoch != self.epoch || state.partition_epoch <= g.partition_epoch {
             return;
         }
         g.replicas = state.replicas.clone();
