@@ -316,11 +316,14 @@ else
     measure --set system=sluice --set "scenario=produce 100 B, acks=all, 1 producer, idempotent" --set durable_before_ack=true -- \
         "${SB[@]}" produce "${SBO[@]}" --topic idem-100 --partitions 1 --record-size 100 --idempotent --duration "$SLUICE_DUR"
     idem=$(json_num records_per_sec)
-    for every in "100 ms:--commit-interval-ms 100" "10,000 records:--commit-records 10000 --commit-interval-ms 60000"; do
+    # label:topic:flags
+    for every in "100 ms:txn-100ms:--commit-interval-ms 100" "10,000 records:txn-10k:--commit-records 10000 --commit-interval-ms 60000"; do
         label=${every%%:*}
-        read -r -a flags <<<"${every#*:}"
+        rest=${every#*:}
+        topic=${rest%%:*}
+        read -r -a flags <<<"${rest#*:}"
         measure --set system=sluice --set "scenario=produce 100 B, acks=all, 1 producer, transactional, commit every $label" --set durable_before_ack=true -- \
-            "${SB[@]}" produce "${SBO[@]}" --topic "txn-${label%% *}" --partitions 1 --record-size 100 --transactional "${flags[@]}" --duration "$SLUICE_DUR"
+            "${SB[@]}" produce "${SBO[@]}" --topic "$topic" --partitions 1 --record-size 100 --transactional "${flags[@]}" --duration "$SLUICE_DUR"
         if [[ -n $LAST_JSON ]]; then
             txn=$(json_num records_per_sec)
             end=$(printf '%s' "$LAST_JSON" | grep -o '"commit_latency_ms":{[^}]*}' | grep -o '"p99":[0-9.eE+-]*' | cut -d: -f2)
