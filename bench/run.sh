@@ -404,9 +404,12 @@ for budget in 67108864 default; do
     fi
     HEAVY_PID=$SERVICE_PID
     # A restarted node says it listens a few milliseconds before it leads every
-    # partition again; the consumers start once it leads them all.
+    # partition again, and it first leads them from its stale local metadata
+    # (advertising the previous run's port) until it has registered and leads
+    # them again under a new epoch: the consumers start after that second
+    # round (or after 10 s).
     for ((i = 0; i < 100; i++)); do
-        (($(grep -c "becoming leader.* topic=heavy " "$LOGS/sluice-heavy-$budget.log" || true) >= HEAVY_CONSUMERS)) && break
+        (($(grep -c "becoming leader.* topic=heavy " "$LOGS/sluice-heavy-$budget.log" || true) >= 2 * HEAVY_CONSUMERS)) && break
         sleep 0.1
     done
     idle=$(awk '/^VmRSS/ {print int($2 / 1024)}' "/proc/$HEAVY_PID/status")
