@@ -398,7 +398,6 @@ pub(crate) fn describe_producers(
     DescribeProducersResponse::default().with_topics(topics)
 }
 
-/// The state Kafka's tools name `name`.
 /// Most memory a ListTransactions pattern may compile to.
 const PATTERN_SIZE_LIMIT: usize = 1 << 20;
 
@@ -416,6 +415,7 @@ fn id_pattern(pattern: Option<&str>) -> Result<Option<regex::Regex>, ErrorCode> 
         .map_err(|_| ErrorCode::InvalidRegularExpression)
 }
 
+/// The state Kafka's tools name `name`.
 fn state_named(name: &str) -> Option<TxnState> {
     (0..8)
         .filter_map(TxnState::from_code)
