@@ -220,6 +220,7 @@ impl TxnCoordinator {
         timeout_ms: i32,
         expected: Option<(i64, i16)>,
     ) -> Result<(i64, i16), ErrorCode> {
+        crate::state::check_timeout(timeout_ms, self.config.max_timeout_ms)?;
         let lead = self.lead().await?;
         let mut fresh = None;
         loop {

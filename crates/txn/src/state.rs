@@ -199,6 +199,17 @@ struct Entry {
     fresh: bool,
 }
 
+/// A producer's transaction timeout must be positive and within the
+/// broker's `transaction.max.timeout.ms`. Kafka checks it before it asks
+/// whether this node coordinates the id, so a misconfigured producer hears
+/// the real problem even while the coordinator is loading.
+pub(crate) fn check_timeout(timeout_ms: i32, max_timeout_ms: i32) -> Result<(), ErrorCode> {
+    if timeout_ms <= 0 || timeout_ms > max_timeout_ms {
+        return Err(ErrorCode::InvalidTransactionTimeout);
+    }
+    Ok(())
+}
+
 /// Every transactional id this coordinator knows.
 #[derive(Clone, Debug, Default)]
 pub struct TxnTable {
@@ -251,9 +262,7 @@ impl TxnTable {
         fresh_producer_id: Option<i64>,
         now_ms: i64,
     ) -> Result<Init, ErrorCode> {
-        if timeout_ms <= 0 || timeout_ms > max_timeout_ms {
-            return Err(ErrorCode::InvalidTransactionTimeout);
-        }
+        check_timeout(timeout_ms, max_timeout_ms)?;
         let Some(entry) = self.ids.get_mut(id) else {
             let Some(producer_id) = fresh_producer_id else {
                 return Ok(Init::NeedProducerId);

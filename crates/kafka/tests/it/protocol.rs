@@ -551,6 +551,7 @@ async fn add_partitions_to_txn_batched_and_verify_only() {
     let server = Server::start().await;
     server.create_topic("vt", 2).await;
     let mut c = server.client().await;
+    wait_for_txn_coordinator(&mut c).await;
     let init = c
         .call(
             &InitProducerIdRequest::default()
@@ -644,6 +645,10 @@ async fn the_transaction_timeout_limit_is_configurable() {
             .with_transactional_id(Some(TransactionalId(sb("limited"))))
             .with_transaction_timeout_ms(timeout_ms)
     };
+    // Refused before the coordinator has loaded, as Kafka does.
+    let over = c.call(&init(5_001), 4).await;
+    assert_eq!(over.error_code, ErrorCode::InvalidTransactionTimeout.code());
+    wait_for_txn_coordinator(&mut c).await;
     let over = c.call(&init(5_001), 4).await;
     assert_eq!(over.error_code, ErrorCode::InvalidTransactionTimeout.code());
     let at = c.call(&init(5_000), 4).await;
