@@ -19,6 +19,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 
+use sluice_codec::Codec;
 use sluice_vocab::{ErrorCode, Refused};
 
 /// RecordBatch v2 layout (the storage engine checks the rest of the header).
@@ -28,26 +29,8 @@ const OFF_BATCH_LENGTH: usize = 8;
 const OFF_MAGIC: usize = 16;
 const OFF_ATTRIBUTES: usize = 21;
 const OFF_RECORDS_COUNT: usize = 57;
-/// Codec ids in the low three attribute bits.
-const CODEC_MASK: u8 = 0x07;
-const NONE: u8 = 0;
-const GZIP: u8 = 1;
-const SNAPPY: u8 = 2;
-const LZ4: u8 = 3;
-const ZSTD: u8 = 4;
 /// Decompressed bytes pass through a buffer of this size.
 const STREAM_BUFFER: usize = 32 * 1024;
-/// Largest zstd window a batch may ask the decoder for: 2^27 (128 MiB), as
-/// Kafka's broker allows, since Java producers at levels 20-22 use it. The
-/// decoder reserves it, but only the pages the records fill become
-/// resident, and they are bounded by the decompressed-size limit.
-const ZSTD_WINDOW_LOG_MAX: u32 = 27;
-/// The header of the xerial framing Java producers put around snappy blocks
-/// (magic, version 1, compatible with 1), matched whole as consumers that
-/// are not Java match it; librdkafka sends one raw snappy block instead.
-/// Snappy's largest expansion, rounded up.
-const SNAPPY_MAX_EXPANSION: usize = 22;
-const XERIAL_HEADER: &[u8; 16] = b"\x82SNAPPY\x00\x00\x00\x00\x01\x00\x00\x00\x01";
 
 /// Bounds of the record walk.
 #[derive(Clone, Copy, Debug)]
@@ -110,75 +93,17 @@ pub(crate) fn validate(buf: &[u8], limits: RecordLimits) -> Result<(), RecordFau
 /// Checks one batch; returns the bytes its records took decompressed
 /// (none for an uncompressed batch), which must stay within `cap`.
 fn check_batch(batch: &[u8], cap: u64) -> Result<u64, RecordFault> {
-    let codec = batch.get(OFF_ATTRIBUTES + 1).map_or(0, |b| b & CODEC_MASK);
+    let attributes = be_i16(batch, OFF_ATTRIBUTES).unwrap_or(0);
     let count = be_i32(batch, OFF_RECORDS_COUNT).unwrap_or(-1);
     let body = batch.get(HEADER_LEN..).unwrap_or_default();
-    let opened = |e: std::io::Error, name: &str| RecordFault::batch(format!("{name} stream: {e}"));
-    match codec {
-        NONE => walk_records(Slice { buf: body, pos: 0 }, count).map(|_| 0),
-        GZIP => walk_records(
-            Stream::new(Box::new(flate2::bufread::MultiGzDecoder::new(body)), cap),
-            count,
-        ),
-        SNAPPY => walk_records(Stream::new(Box::new(Snappy::new(body, cap)), cap), count),
-        LZ4 => {
-            lz4_frame(body).map_err(|e| RecordFault::batch(format!("lz4 frame: {e}")))?;
-            let decoder = lz4::Decoder::new(body).map_err(|e| opened(e, "lz4"))?;
-            walk_records(Stream::new(Box::new(decoder), cap), count)
-        }
-        ZSTD => {
-            let mut decoder =
-                zstd::stream::read::Decoder::with_buffer(body).map_err(|e| opened(e, "zstd"))?;
-            decoder
-                .window_log_max(ZSTD_WINDOW_LOG_MAX)
-                .map_err(|e| opened(e, "zstd"))?;
-            walk_records(Stream::new(Box::new(decoder), cap), count)
-        }
-        _ => Err(RecordFault::batch(format!(
-            "unknown compression codec {codec}"
-        ))),
+    let codec =
+        Codec::from_attributes(attributes).map_err(|e| RecordFault::batch(e.to_string()))?;
+    if codec == Codec::None {
+        return walk_records(Slice { buf: body, pos: 0 }, count).map(|_| 0);
     }
-}
-
-/// The frame around an lz4 batch, as Kafka's Java consumers read it: one
-/// frame of independent blocks (they refuse linked ones), no dictionary,
-/// ending with its end mark (and content checksum when flagged) exactly at
-/// the batch's end. The decoder alone takes a frame cut before its end mark
-/// for a whole one.
-fn lz4_frame(body: &[u8]) -> Result<(), &'static str> {
-    const MAGIC: [u8; 4] = [0x04, 0x22, 0x4d, 0x18];
-    let flg = match body {
-        [m0, m1, m2, m3, flg, ..] if [*m0, *m1, *m2, *m3] == MAGIC => *flg,
-        _ => return Err("no frame header"),
-    };
-    if flg >> 6 != 1 || flg & 0x03 != 0 {
-        return Err("unsupported version, reserved bits or dictionary");
-    }
-    if flg & 0x20 == 0 {
-        return Err("dependent blocks (Kafka's consumers need independent ones)");
-    }
-    let block_checksum = if flg & 0x10 != 0 { 4 } else { 0 };
-    let content_size = if flg & 0x08 != 0 { 8 } else { 0 };
-    let content_checksum = if flg & 0x04 != 0 { 4 } else { 0 };
-    // Magic, FLG, BD, optional content size, header checksum.
-    let mut at = 4 + 1 + 1 + content_size + 1;
-    loop {
-        let word = body
-            .get(at..at + 4)
-            .ok_or("cut short before its end mark")?;
-        at += 4;
-        let size = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) & 0x7fff_ffff;
-        if size == 0 {
-            break;
-        }
-        at = at
-            .checked_add(size as usize + block_checksum)
-            .ok_or("block size out of range")?;
-    }
-    if at + content_checksum != body.len() {
-        return Err("bytes missing or left over after its end mark");
-    }
-    Ok(())
+    let decoder =
+        sluice_codec::decoder(codec, body, cap).map_err(|e| RecordFault::batch(e.to_string()))?;
+    walk_records(Stream::new(decoder, cap), count)
 }
 
 /// Why a walk stopped: a fault of one record, or of the batch's bytes as a
@@ -474,89 +399,6 @@ impl<R: BufRead> Input for Stream<R> {
     }
 }
 
-/// Snappy as producers send it: xerial-framed blocks (Java's clients) or one
-/// raw block (librdkafka). A raw block can only be decompressed whole, so
-/// each block's declared size counts against `budget` before it is.
-struct Snappy<'a> {
-    input: &'a [u8],
-    framed: bool,
-    block: Vec<u8>,
-    at: usize,
-    budget: u64,
-}
-
-impl<'a> Snappy<'a> {
-    fn new(body: &'a [u8], budget: u64) -> Self {
-        let framed = body.starts_with(XERIAL_HEADER);
-        Snappy {
-            input: if framed {
-                &body[XERIAL_HEADER.len()..]
-            } else {
-                body
-            },
-            framed,
-            block: Vec::new(),
-            at: 0,
-            budget,
-        }
-    }
-
-    fn next_block(&mut self) -> std::io::Result<()> {
-        let broken = |what: &str| std::io::Error::other(format!("snappy: {what}"));
-        let compressed = if self.framed {
-            let len = be_i32(self.input, 0)
-                .and_then(|l| usize::try_from(l).ok())
-                .ok_or_else(|| broken("truncated block length"))?;
-            let block = self
-                .input
-                .get(4..4 + len)
-                .ok_or_else(|| broken("block overruns the batch"))?;
-            self.input = &self.input[4 + len..];
-            block
-        } else {
-            std::mem::take(&mut self.input)
-        };
-        let size = snap::raw::decompress_len(compressed).map_err(|e| broken(&e.to_string()))?;
-        // Snappy expands at most about 21 times (a 3-byte copy of 64
-        // bytes); a block that claims more is refused before its buffer is
-        // allocated.
-        if size / SNAPPY_MAX_EXPANSION > compressed.len() {
-            return Err(broken(&format!(
-                "a block of {} bytes claims {size} decompressed",
-                compressed.len()
-            )));
-        }
-        if size as u64 > self.budget {
-            return Err(broken(&format!(
-                "a block of {size} bytes exceeds the decompressed-size limit"
-            )));
-        }
-        self.budget -= size as u64;
-        self.block.clear();
-        self.block.resize(size, 0);
-        snap::raw::Decoder::new()
-            .decompress(compressed, &mut self.block)
-            .map_err(|e| broken(&e.to_string()))?;
-        self.at = 0;
-        Ok(())
-    }
-}
-
-impl Read for Snappy<'_> {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.at == self.block.len() {
-            if self.input.is_empty() {
-                return Ok(0);
-            }
-            self.next_block()?;
-        }
-        let k = out.len().min(self.block.len() - self.at);
-        out[..k].copy_from_slice(&self.block[self.at..self.at + k]);
-        self.at += k;
-        Ok(k)
-    }
-}
-
 /// Checks UTF-8 that arrives in pieces (a character may straddle two).
 #[derive(Default)]
 struct Utf8 {
@@ -603,6 +445,11 @@ impl Utf8 {
             Err("header key is not UTF-8".into())
         }
     }
+}
+
+fn be_i16(buf: &[u8], at: usize) -> Option<i16> {
+    let b: [u8; 2] = buf.get(at..at + 2)?.try_into().ok()?;
+    Some(i16::from_be_bytes(b))
 }
 
 fn be_i32(buf: &[u8], at: usize) -> Option<i32> {
@@ -687,6 +534,12 @@ mod tests {
             .flat_map(|i| record(i, b"key", Some(b"value")))
             .collect()
     }
+
+    /// Codec ids in the low three attribute bits, as producers set them.
+    const GZIP: u8 = 1;
+    const SNAPPY: u8 = 2;
+    const LZ4: u8 = 3;
+    const ZSTD: u8 = 4;
 
     /// `records` compressed as a producer using `codec` sends them (snappy
     /// both xerial-framed, as Java does, and raw, as librdkafka does).
