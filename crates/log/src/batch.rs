@@ -150,8 +150,20 @@ impl BatchFault {
     }
 }
 
+/// Who made a batch, which decides how its record count may relate to its
+/// offsets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Made {
+    /// A producer: `recordsCount == lastOffsetDelta + 1 >= 1`.
+    ByProducer,
+    /// The log (stored, or a leader's stored bytes on a follower): the
+    /// cleaner may have removed records, keeping the batch's offsets, so
+    /// `0 <= recordsCount <= lastOffsetDelta + 1`.
+    InLog,
+}
+
 /// Checks the header fields that can be judged without the batch body.
-pub(crate) fn check_header(h: &BatchHeader) -> Result<(), String> {
+pub(crate) fn check_header(h: &BatchHeader, made: Made) -> Result<(), String> {
     if h.batch_length < MIN_BATCH_LENGTH {
         return Err(format!("batch length {} too small", h.batch_length));
     }
@@ -161,10 +173,20 @@ pub(crate) fn check_header(h: &BatchHeader) -> Result<(), String> {
             h.magic
         ));
     }
-    if h.records_count < 1 {
-        return Err(format!("record count {} below 1", h.records_count));
+    let least = match made {
+        Made::ByProducer => 1,
+        Made::InLog => 0,
+    };
+    if h.records_count < least {
+        return Err(format!("record count {} below {least}", h.records_count));
     }
-    if h.last_offset_delta < 0 || i64::from(h.records_count) != i64::from(h.last_offset_delta) + 1 {
+    let span = i64::from(h.last_offset_delta) + 1;
+    let count = i64::from(h.records_count);
+    let matches = match made {
+        Made::ByProducer => count == span,
+        Made::InLog => count <= span,
+    };
+    if h.last_offset_delta < 0 || !matches {
         return Err(format!(
             "record count {} does not match last offset delta {}",
             h.records_count, h.last_offset_delta
@@ -183,7 +205,7 @@ pub(crate) fn crc_matches(h: &BatchHeader, batch: &[u8]) -> bool {
 /// Checks the declared length of the batch at the start of `buf` against
 /// what is present, returning the parsed header and the batch's total size.
 /// The CRC is not checked here.
-pub(crate) fn check_structure(buf: &[u8]) -> Result<(BatchHeader, usize), BatchFault> {
+pub(crate) fn check_structure(buf: &[u8], made: Made) -> Result<(BatchHeader, usize), BatchFault> {
     let Some(h) = BatchHeader::parse(buf) else {
         // A header too short to parse; if the length field is readable and
         // already absurd, call it corrupt rather than short.
@@ -200,7 +222,7 @@ pub(crate) fn check_structure(buf: &[u8]) -> Result<(BatchHeader, usize), BatchF
             need: HEADER_LEN,
         });
     };
-    check_header(&h).map_err(BatchFault::Corrupt)?;
+    check_header(&h, made).map_err(BatchFault::Corrupt)?;
     let size = h.size();
     if size > buf.len() {
         return Err(BatchFault::Short {
@@ -212,8 +234,8 @@ pub(crate) fn check_structure(buf: &[u8]) -> Result<(BatchHeader, usize), BatchF
 }
 
 /// Checks the batch at the start of `buf` completely (structure and CRC).
-pub(crate) fn check_batch(buf: &[u8]) -> Result<(BatchHeader, usize), BatchFault> {
-    let (h, size) = check_structure(buf)?;
+pub(crate) fn check_batch(buf: &[u8], made: Made) -> Result<(BatchHeader, usize), BatchFault> {
+    let (h, size) = check_structure(buf, made)?;
     let batch = buf
         .get(..size)
         .ok_or_else(|| BatchFault::Corrupt("batch shorter than header".into()))?;
@@ -234,13 +256,24 @@ pub(crate) fn check_batch(buf: &[u8]) -> Result<(BatchHeader, usize), BatchFault
 ///
 /// This is the entry point of the batch-validation fuzz target.
 pub fn validate_batches(buf: &[u8]) -> Result<Vec<BatchHeader>, LogError> {
+    validate(buf, Made::ByProducer)
+}
+
+/// [`validate_batches`] for batches as a log stores them (a leader's bytes
+/// on a follower), which compaction may have thinned.
+pub(crate) fn validate_stored(buf: &[u8]) -> Result<Vec<BatchHeader>, LogError> {
+    validate(buf, Made::InLog)
+}
+
+fn validate(buf: &[u8], made: Made) -> Result<Vec<BatchHeader>, LogError> {
     if buf.is_empty() {
         return Err(LogError::CorruptBatch("no record batch".into()));
     }
     let mut headers = Vec::with_capacity(1);
     let mut rest = buf;
     while !rest.is_empty() {
-        let (h, size) = check_batch(rest).map_err(|f| LogError::CorruptBatch(f.describe()))?;
+        let (h, size) =
+            check_batch(rest, made).map_err(|f| LogError::CorruptBatch(f.describe()))?;
         headers.push(h);
         rest = rest.get(size..).unwrap_or_default();
     }
@@ -313,7 +346,7 @@ mod tests {
         assert!(validate_batches(&bad_count).is_err());
         assert!(validate_batches(&[]).is_err());
         assert!(matches!(
-            check_structure(&[0u8; 30]),
+            check_structure(&[0u8; 30], Made::ByProducer),
             Err(BatchFault::Corrupt(_))
         ));
     }

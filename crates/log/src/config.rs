@@ -24,4 +24,26 @@ pub struct StoreConfig {
     /// Broker-wide topic defaults; topics override single keys.
     pub defaults: TopicConfig,
     pub flush: FlushPolicy,
+    pub cleaner: CleanerConfig,
+}
+
+/// The log cleaner (compaction of `cleanup.policy=compact` topics).
+#[derive(Clone, Debug)]
+pub struct CleanerConfig {
+    /// Memory for one round's key → offset map (Kafka's
+    /// `log.cleaner.dedupe.buffer.size`, 128 MiB); a dirty section with
+    /// more keys is compacted over several rounds.
+    pub dedupe_buffer_bytes: usize,
+    /// Bytes per second the cleaner may read plus write (Kafka's
+    /// `log.cleaner.io.max.bytes.per.second`); None: unlimited.
+    pub io_bytes_per_second: Option<u64>,
+}
+
+impl Default for CleanerConfig {
+    fn default() -> Self {
+        CleanerConfig {
+            dedupe_buffer_bytes: 128 << 20,
+            io_bytes_per_second: None,
+        }
+    }
 }

@@ -26,6 +26,7 @@
 //! do not change one without telling the lead.
 
 mod batch;
+mod cleaner;
 mod config;
 mod epoch;
 mod error;
@@ -43,9 +44,9 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 pub use batch::{validate_batches, BatchHeader};
-pub use config::{FlushPolicy, StoreConfig, TopicConfig};
+pub use config::{CleanerConfig, FlushPolicy, StoreConfig, TopicConfig};
 pub use error::LogError;
-pub use partition::Partition;
+pub use partition::{CleanStats, Partition};
 pub use producer::ActiveProducer;
 pub use records::{BatchBuilder, PlainRecords, RecordsError, StoredRecord};
 pub use store::Store;

@@ -29,6 +29,10 @@ use crate::segment::{self, IndexTail, SegFiles, SegMeta, Stop, INDEX_WRITE_BATCH
 use crate::txn::{AbortedTxn, Marker, Transactions};
 use crate::{AppendResult, FlushPolicy, LogError, ReadLimit, ReadResult, TopicConfig};
 
+mod compact;
+
+pub use compact::CleanStats;
+
 const LOG_START_FILE: &str = "log-start-offset";
 /// Replicated mode: the last high watermark written down (Kafka's
 /// replication-offset-checkpoint), so a restarted replica serves the records
@@ -151,6 +155,10 @@ pub struct Partition {
     /// Held by a flush round from snapshot to publication.
     sync_lock: Mutex<()>,
     state: AtomicU8,
+    /// Held by a compaction round.
+    cleaning: Mutex<()>,
+    /// The first offset compaction has not cleaned (checkpointed).
+    first_dirty: AtomicI64,
 }
 
 impl std::fmt::Debug for Partition {
@@ -257,6 +265,7 @@ impl Partition {
         runtime: &tokio::runtime::Handle,
     ) -> Result<Arc<Partition>, LogError> {
         fs::create_dir_all(&dir)?;
+        compact::finish_swaps(&dir)?;
         let interval = config.read().index_interval_bytes;
         let mut bases = Vec::new();
         let mut stems = Vec::new();
@@ -368,6 +377,7 @@ impl Partition {
 
         let checkpoint = read_offset_checkpoint(&dir, LOG_START_FILE)?;
         let hw_checkpoint = read_offset_checkpoint(&dir, HIGH_WATERMARK_FILE)?;
+        let cleaned_to = read_offset_checkpoint(&dir, compact::CLEANER_CHECKPOINT_FILE)?;
         if segments.is_empty() {
             let start = checkpoint.unwrap_or(0).max(0);
             let files = Arc::new(SegFiles::create(&dir, start)?);
@@ -444,6 +454,8 @@ impl Partition {
             hw_written: AtomicI64::new(hw_checkpoint.unwrap_or(-1)),
             sync_lock: Mutex::new(()),
             state: AtomicU8::new(STATE_OK),
+            cleaning: Mutex::new(()),
+            first_dirty: AtomicI64::new(cleaned_to.unwrap_or(0)),
         });
         let weak = Arc::downgrade(&partition);
         match flush {
@@ -707,7 +719,7 @@ impl Partition {
     /// like `append`, the bytes are not durable yet.
     pub fn append_replica(&self, records: &[u8]) -> Result<i64, LogError> {
         self.check_usable()?;
-        let headers = batch::validate_batches(records)?;
+        let headers = batch::validate_stored(records)?;
         let (segment_bytes, segment_ms, interval) = {
             let c = self.config.read();
             (c.segment_bytes, c.segment_ms, c.index_interval_bytes)
@@ -717,7 +729,9 @@ impl Partition {
         let log_end = self.view.read().log_end;
         let mut next = log_end;
         for h in &headers {
-            if h.base_offset != next {
+            // A leader's compacted segments have gaps between batches
+            // (removed records); a batch never starts below the log end.
+            if h.base_offset < next {
                 return Err(LogError::ReplicaOffsetMismatch {
                     expected: next,
                     got: h.base_offset,
@@ -973,7 +987,9 @@ impl Partition {
             if let Some((_, seg)) = v.segments.iter_mut().next_back() {
                 for h in headers {
                     let stamped = BatchHeader {
-                        base_offset: off,
+                        // A replica's batches keep the leader's offsets
+                        // (which compaction may have spaced apart).
+                        base_offset: if stamp.is_some() { off } else { h.base_offset },
                         partition_leader_epoch: stamp.unwrap_or(h.partition_leader_epoch),
                         ..*h
                     };
@@ -1654,7 +1670,8 @@ impl Partition {
             let n = v.segments.len();
             let mut out = Vec::new();
             for (i, (base, s)) in v.segments.iter().enumerate() {
-                if (i + 1 == n && s.size == 0) || s.next_offset > hw {
+                // A compact-only topic keeps its (compacted) history.
+                if !cfg.deletes() || (i + 1 == n && s.size == 0) || s.next_offset > hw {
                     break;
                 }
                 let by_time = cfg.retention_ms >= 0

@@ -208,6 +208,15 @@ impl ProducerStates {
         all
     }
 
+    /// Each producer's last batch here (its base offset): compaction keeps
+    /// that batch, emptied if need be, so the state replays after a restart.
+    pub fn last_batch_offsets(&self) -> HashMap<i64, i64> {
+        self.map
+            .iter()
+            .filter_map(|(pid, e)| Some((*pid, e.batches.back()?.base_offset)))
+            .collect()
+    }
+
     pub fn insert(&mut self, producer_id: i64, entry: ProducerEntry) {
         self.map.insert(producer_id, entry);
     }

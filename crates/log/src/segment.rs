@@ -37,6 +37,36 @@ pub(crate) struct SegFiles {
     pub time_path: PathBuf,
 }
 
+/// The paths of a segment's three files.
+pub(crate) struct SegPaths {
+    pub log: PathBuf,
+    pub index: PathBuf,
+    pub time: PathBuf,
+}
+
+impl SegPaths {
+    /// Removes the index files (missing ones are fine).
+    pub fn remove_indexes(&self) -> io::Result<()> {
+        remove_if_present(&[&self.index, &self.time])
+    }
+
+    /// Removes all three files (missing ones are fine).
+    pub fn remove(&self) -> io::Result<()> {
+        remove_if_present(&[&self.log, &self.index, &self.time])
+    }
+}
+
+fn remove_if_present(paths: &[&PathBuf]) -> io::Result<()> {
+    for p in paths {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Opens `p` for reading and writing, creating it when missing.
 fn open_rw(p: &Path) -> io::Result<File> {
     OpenOptions::new()
@@ -48,18 +78,34 @@ fn open_rw(p: &Path) -> io::Result<File> {
 }
 
 impl SegFiles {
+    /// The paths of the segment starting at `base_offset` in `dir`.
+    pub fn paths(dir: &Path, base_offset: i64) -> SegPaths {
+        let s = stem(base_offset);
+        SegPaths {
+            log: dir.join(format!("{s}{LOG_SUFFIX}")),
+            index: dir.join(format!("{s}{INDEX_SUFFIX}")),
+            time: dir.join(format!("{s}{TIME_SUFFIX}")),
+        }
+    }
+
+    /// This segment's paths.
+    pub fn paths_of(&self) -> SegPaths {
+        SegPaths {
+            log: self.log_path.clone(),
+            index: self.index_path.clone(),
+            time: self.time_path.clone(),
+        }
+    }
+
     /// Opens the log file of a segment (creating it when missing).
     pub fn open(dir: &Path, base_offset: i64) -> io::Result<SegFiles> {
-        let s = stem(base_offset);
-        let log_path = dir.join(format!("{s}{LOG_SUFFIX}"));
-        let index_path = dir.join(format!("{s}{INDEX_SUFFIX}"));
-        let time_path = dir.join(format!("{s}{TIME_SUFFIX}"));
+        let p = SegFiles::paths(dir, base_offset);
         Ok(SegFiles {
             base_offset,
-            log: open_rw(&log_path)?,
-            log_path,
-            index_path,
-            time_path,
+            log: open_rw(&p.log)?,
+            log_path: p.log,
+            index_path: p.index,
+            time_path: p.time,
         })
     }
 
@@ -100,14 +146,7 @@ impl SegFiles {
     }
 
     pub fn remove_files(&self) -> io::Result<()> {
-        for p in [&self.log_path, &self.index_path, &self.time_path] {
-            match std::fs::remove_file(p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        self.paths_of().remove()
     }
 
     /// Replaces both index files with the given in-memory index.
@@ -486,7 +525,7 @@ pub(crate) fn walk(
             w.fault = Some(format!("truncated batch header ({} bytes)", head.len()));
             break;
         };
-        if let Err(why) = batch::check_header(&h) {
+        if let Err(why) = batch::check_header(&h, batch::Made::InLog) {
             w.fault = Some(why);
             break;
         }
@@ -498,9 +537,10 @@ pub(crate) fn walk(
             ));
             break;
         }
-        if h.base_offset != w.next_offset {
+        // Compaction leaves gaps between batches, never overlaps.
+        if h.base_offset < w.next_offset {
             w.fault = Some(format!(
-                "batch base offset {} where {} was expected",
+                "batch base offset {} where at least {} was expected",
                 h.base_offset, w.next_offset
             ));
             break;

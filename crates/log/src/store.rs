@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
 use crate::partition::{now_ms, Partition};
-use crate::{LogError, StoreConfig, TopicConfig, TopicInfo};
+use crate::{CleanStats, LogError, StoreConfig, TopicConfig, TopicInfo};
 use sluice_vocab::TopicName;
 
 const META_DIR: &str = "meta";
@@ -545,6 +545,23 @@ impl Store {
             deleted += p.enforce_retention(now)?;
         }
         Ok(deleted)
+    }
+
+    /// One compaction round on every partition of a `cleanup.policy=compact`
+    /// topic that needs one (the dirty ratio or `max.compaction.lag.ms`).
+    /// Blocking work: the server runs it on a blocking thread.
+    /// A partition whose round fails is logged and left as it was (the swap
+    /// protocol guarantees that); the others go on.
+    pub fn compact(&self) -> Vec<CleanStats> {
+        let mut rounds = Vec::new();
+        for p in self.all_partitions() {
+            match p.compact(&self.config.cleaner, false) {
+                Ok(Some(stats)) => rounds.push(stats),
+                Ok(None) => {}
+                Err(e) => tracing::error!(partition = ?p, error = %e, "log compaction failed"),
+            }
+        }
+        rounds
     }
 
     /// Producer ids below this were handed out from this data directory itself,

@@ -16,7 +16,7 @@
 //!    of an earlier single-node release serves its topics, committed offsets and
 //!    producer state unchanged. The store's cluster id becomes the cluster's.
 //! 2. The replica manager takes the roles the image gives this node.
-//! 3. Storage duties start: retention and segment.ms rolls, and high-watermark
+//! 3. Storage duties start: retention and segment.ms rolls, compaction, and high-watermark
 //!    checkpoints.
 //!
 //! [`Node::wait_ready`] resolves once the controller has registered this node and a
@@ -61,6 +61,9 @@ pub struct NodeConfig {
     pub replica: ReplicaConfig,
     /// How often retention and segment.ms rolls are enforced (default 30 s).
     pub retention_check_interval: Duration,
+    /// How often compacted topics are checked for a compaction round
+    /// (Kafka's `log.cleaner.backoff.ms`, default 15 s).
+    pub cleaner_check_interval: Duration,
 }
 
 impl NodeConfig {
@@ -85,6 +88,7 @@ impl NodeConfig {
             cluster,
             replica,
             retention_check_interval: Duration::from_secs(30),
+            cleaner_check_interval: Duration::from_secs(15),
         }
     }
 
@@ -151,6 +155,12 @@ impl Node {
                     Ok(0) => {}
                     Ok(deleted) => tracing::info!(deleted, "retention deleted segments"),
                     Err(err) => tracing::error!(error = %err, "retention enforcement failed"),
+                }
+            })),
+            tokio::spawn(every(config.cleaner_check_interval, stop.subscribe(), {
+                let store = store.clone();
+                move || {
+                    store.compact();
                 }
             })),
             tokio::spawn(every(HW_CHECKPOINT_INTERVAL, stop.subscribe(), {

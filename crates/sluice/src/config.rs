@@ -17,7 +17,7 @@ use clap::{ArgAction, Args, ValueEnum};
 use serde::Deserialize;
 use sluice_amqp::AmqpConfig;
 use sluice_group::GroupConfig;
-use sluice_log::{FlushPolicy, TopicConfig};
+use sluice_log::{CleanerConfig, FlushPolicy, TopicConfig};
 
 /// Built-in defaults (documented in `sluice.example.toml`; keep both in step).
 pub struct Defaults;
@@ -32,6 +32,8 @@ impl Defaults {
     pub const FLUSH_INTERVAL_MS: u64 = 1_000;
     pub const FLUSH_BYTES: u64 = 8 * 1024 * 1024;
     pub const RETENTION_CHECK_INTERVAL_MS: u64 = 30_000;
+    /// Kafka's `log.cleaner.backoff.ms`.
+    pub const CLEANER_CHECK_INTERVAL_MS: u64 = 15_000;
     pub const AUTO_CREATE_TOPICS: bool = true;
     pub const NUM_PARTITIONS: u32 = 1;
     pub const MAX_REQUEST_BYTES: usize = 100 * 1024 * 1024;
@@ -260,6 +262,9 @@ pub struct StorageSection {
     pub flush_interval_ms: Option<u64>,
     pub flush_bytes: Option<u64>,
     pub retention_check_interval_ms: Option<u64>,
+    pub cleaner_check_interval_ms: Option<u64>,
+    pub cleaner_io_max_bytes_per_second: Option<u64>,
+    pub cleaner_dedupe_buffer_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -389,6 +394,9 @@ pub struct Config {
     pub node_id: i32,
     pub flush: FlushPolicy,
     pub retention_check_interval: Duration,
+    /// How often compacted topics are checked for a compaction round.
+    pub cleaner_check_interval: Duration,
+    pub cleaner: CleanerConfig,
     pub auto_create_topics: bool,
     pub num_partitions: u32,
     pub max_request_bytes: usize,
@@ -657,6 +665,19 @@ impl Config {
                     .unwrap_or(Defaults::RETENTION_CHECK_INTERVAL_MS)
                     .max(1),
             ),
+            cleaner_check_interval: Duration::from_millis(
+                file.storage
+                    .cleaner_check_interval_ms
+                    .unwrap_or(Defaults::CLEANER_CHECK_INTERVAL_MS)
+                    .max(1),
+            ),
+            cleaner: CleanerConfig {
+                dedupe_buffer_bytes: file
+                    .storage
+                    .cleaner_dedupe_buffer_bytes
+                    .unwrap_or(CleanerConfig::default().dedupe_buffer_bytes),
+                io_bytes_per_second: file.storage.cleaner_io_max_bytes_per_second,
+            },
             auto_create_topics: args
                 .auto_create_topics
                 .or(file.kafka.auto_create_topics)

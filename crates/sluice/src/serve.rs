@@ -100,6 +100,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         data_dir: data_dir.clone(),
         defaults: topic_defaults,
         flush: config.flush,
+        cleaner: config.cleaner.clone(),
     };
     // Recovery reads and may truncate every partition: keep it off the
     // async workers. Store::open needs the runtime context, which blocking
@@ -134,6 +135,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     }
     .with_endpoints(endpoints);
     node_config.retention_check_interval = config.retention_check_interval;
+    node_config.cleaner_check_interval = config.cleaner_check_interval;
     let node =
         Node::start(store.clone(), node_config)
             .await

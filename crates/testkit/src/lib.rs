@@ -75,6 +75,7 @@ impl Broker {
             data_dir: dir.path().to_path_buf(),
             defaults: TopicConfig::default(),
             flush: FlushPolicy::Always,
+            cleaner: Default::default(),
         })
         .expect("the store opens");
         let mut setup = Setup {

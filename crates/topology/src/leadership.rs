@@ -217,6 +217,7 @@ mod tests {
             data_dir: dir.path().to_owned(),
             defaults: TopicConfig::default(),
             flush: FlushPolicy::Always,
+            cleaner: Default::default(),
         })
         .unwrap();
         store

@@ -25,7 +25,32 @@ pub struct TopicConfig {
     /// capped at the replica count (so a single node always has enough). Enforced by
     /// the replication layer.
     pub min_insync_replicas: i32,
+    /// `delete.retention.ms` (default 1 day): how long a compacted topic keeps
+    /// a tombstone (and a finished transaction's marker) once the records
+    /// before it are clean, so a reader that started earlier still sees it.
+    pub delete_retention_ms: i64,
+    /// `min.cleanable.dirty.ratio` (default 0.5): compact once the dirty part
+    /// (not yet compacted) is at least this share of the cleanable log.
+    pub min_cleanable_dirty_ratio: Ratio,
+    /// `min.compaction.lag.ms` (default 0): a record stays uncompacted at
+    /// least this long.
+    pub min_compaction_lag_ms: i64,
+    /// `max.compaction.lag.ms` (default forever): a record is compacted
+    /// within about this long whatever the dirty ratio.
+    pub max_compaction_lag_ms: i64,
 }
+
+/// A ratio in [0, 1] (`min.cleanable.dirty.ratio`), compared by value.
+#[derive(Clone, Copy, Debug)]
+pub struct Ratio(pub f64);
+
+impl PartialEq for Ratio {
+    fn eq(&self, other: &Ratio) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+
+impl Eq for Ratio {}
 
 impl Default for TopicConfig {
     fn default() -> Self {
@@ -38,6 +63,10 @@ impl Default for TopicConfig {
             cleanup_policy: "delete".to_string(),
             index_interval_bytes: 4096,
             min_insync_replicas: 1,
+            delete_retention_ms: 86_400_000,
+            min_cleanable_dirty_ratio: Ratio(0.5),
+            min_compaction_lag_ms: 0,
+            max_compaction_lag_ms: i64::MAX,
         }
     }
 }
@@ -102,8 +131,12 @@ impl TopicConfig {
     /// Every key this config understands, in the order DescribeConfigs lists them.
     pub const KEYS: &'static [&'static str] = &[
         "cleanup.policy",
+        "delete.retention.ms",
         "index.interval.bytes",
+        "max.compaction.lag.ms",
         "max.message.bytes",
+        "min.cleanable.dirty.ratio",
+        "min.compaction.lag.ms",
         "min.insync.replicas",
         "retention.bytes",
         "retention.ms",
@@ -148,9 +181,30 @@ impl TopicConfig {
                 // Normalised so that "delete,compact" and "compact,delete" compare equal.
                 self.cleanup_policy = parts.join(",");
             }
+            "delete.retention.ms" => {
+                self.delete_retention_ms = number(key, value, 0..=i64::MAX, "must be at least 0")?;
+            }
             "index.interval.bytes" => {
                 let v = number(key, value, I32, "must be in [0, 2147483647]")?;
                 self.index_interval_bytes = narrow(v, key, value)?;
+            }
+            "max.compaction.lag.ms" => {
+                self.max_compaction_lag_ms =
+                    number(key, value, 1..=i64::MAX, "must be at least 1")?;
+            }
+            "min.cleanable.dirty.ratio" => {
+                let v: f64 = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(key, value, "is not a valid number"))?;
+                if !(0.0..=1.0).contains(&v) {
+                    return Err(invalid(key, value, "must be in [0, 1]"));
+                }
+                self.min_cleanable_dirty_ratio = Ratio(v);
+            }
+            "min.compaction.lag.ms" => {
+                self.min_compaction_lag_ms =
+                    number(key, value, 0..=i64::MAX, "must be at least 0")?;
             }
             "max.message.bytes" => {
                 let v = number(key, value, I32, "must be in [0, 2147483647]")?;
@@ -185,11 +239,26 @@ impl TopicConfig {
         Ok(())
     }
 
+    /// `cleanup.policy` includes `compact`: the log cleaner keeps the latest
+    /// record per key.
+    pub fn compacts(&self) -> bool {
+        self.cleanup_policy.split(',').any(|p| p == "compact")
+    }
+
+    /// `cleanup.policy` includes `delete`: retention deletes old segments.
+    pub fn deletes(&self) -> bool {
+        self.cleanup_policy.split(',').any(|p| p == "delete")
+    }
+
     /// The string form of one key, None for an unknown key.
     pub fn get(&self, key: &str) -> Option<String> {
         Some(match key {
             "cleanup.policy" => self.cleanup_policy.clone(),
+            "delete.retention.ms" => self.delete_retention_ms.to_string(),
             "index.interval.bytes" => self.index_interval_bytes.to_string(),
+            "max.compaction.lag.ms" => self.max_compaction_lag_ms.to_string(),
+            "min.cleanable.dirty.ratio" => self.min_cleanable_dirty_ratio.0.to_string(),
+            "min.compaction.lag.ms" => self.min_compaction_lag_ms.to_string(),
             "max.message.bytes" => self.max_message_bytes.to_string(),
             "min.insync.replicas" => self.min_insync_replicas.to_string(),
             "retention.bytes" => self.retention_bytes.to_string(),

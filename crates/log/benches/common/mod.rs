@@ -146,6 +146,7 @@ pub fn open_log(flush: FlushPolicy, overrides: &[(&str, &str)]) -> BenchLog {
         data_dir: dir.path().to_path_buf(),
         defaults: TopicConfig::default(),
         flush,
+        cleaner: Default::default(),
     })
     .expect("open store");
     let overrides: BTreeMap<String, String> = overrides

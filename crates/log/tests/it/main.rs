@@ -117,6 +117,7 @@ pub fn config(dir: &Path, flush: FlushPolicy, defaults: TopicConfig) -> StoreCon
         data_dir: dir.to_path_buf(),
         defaults,
         flush,
+        cleaner: Default::default(),
     }
 }
 

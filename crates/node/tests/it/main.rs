@@ -39,6 +39,7 @@ pub fn open_store(dir: &Path) -> Arc<Store> {
         data_dir: dir.to_path_buf(),
         defaults: TopicConfig::default(),
         flush: FlushPolicy::Always,
+        cleaner: Default::default(),
     })
     .expect("open store")
 }

@@ -112,6 +112,7 @@ impl Cluster {
                 ..TopicConfig::default()
             },
             flush: FlushPolicy::Always,
+            cleaner: Default::default(),
         })
         .expect("open store");
         let mgr = ReplicaManager::start_with(
