@@ -151,6 +151,21 @@ def test_a_compacted_topic_keeps_the_latest_record_of_every_key(cbroker):
     assert got == [(o, k, v, ts) for (o, k, v, ts, _) in expected]
 
 
+def test_a_record_without_a_key_is_refused_as_kafka_does(cbroker):
+    topic = unique("keyless")
+    create_compacted(cbroker.bootstrap, topic, delete_retention_ms=0)
+    p = Producer({"bootstrap.servers": cbroker.bootstrap, "retries": 0})
+    errors = []
+    # Separate batches: Kafka refuses a whole batch for one keyless record.
+    p.produce(topic, value=b"no key", on_delivery=lambda err, msg: errors.append(err))
+    assert p.flush(30) == 0
+    p.produce(topic, key=b"", value=b"an empty key is a key", on_delivery=lambda err, msg: errors.append(err))
+    assert p.flush(30) == 0
+    assert errors[0] is not None and errors[0].code() == KafkaError.INVALID_RECORD, errors
+    assert errors[1] is None, errors
+    assert [r[1:3] for r in read_all(cbroker.bootstrap, topic)] == [(b"", b"an empty key is a key")]
+
+
 def test_tombstones_stay_for_delete_retention_ms(cbroker):
     topic = unique("retained-deletes")
     create_compacted(cbroker.bootstrap, topic, delete_retention_ms=3_600_000)

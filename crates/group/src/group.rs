@@ -206,7 +206,6 @@ pub(crate) struct Committed {
     pub offset: i64,
     pub leader_epoch: i32,
     pub metadata: String,
-    pub commit_timestamp: i64,
     /// Where the commit sits in the offsets log; a completion never
     /// replaces a later commit of the same partition.
     pub log_offset: i64,
@@ -233,14 +232,11 @@ pub(crate) struct Group {
     new_member_added: bool,
     pub offsets: BTreeMap<(String, i32), Committed>,
     /// Partitions with commits appended but not yet durable: how many, and
-    /// the latest one appended (what a snapshot of the log must carry).
+    /// the latest one appended (a deleted group's tombstones cover them).
     pub inflight: HashMap<(String, i32), (usize, Committed)>,
     /// When the group last became Empty (for forgetting idle groups).
     empty_since: Instant,
 }
-
-/// A commit of the offsets log as it is in memory.
-pub(crate) type OffsetEntry = ((String, i32), Committed);
 
 impl Group {
     pub(crate) fn new(id: String, now: Instant) -> Self {
@@ -312,20 +308,6 @@ impl Group {
         if self.state != GroupState::Dead && !newer {
             self.offsets.insert(tp, committed);
         }
-    }
-
-    /// Every partition's latest commit in the log, durable or not yet.
-    pub(crate) fn latest_commits(&self) -> Vec<OffsetEntry> {
-        let mut latest: BTreeMap<(String, i32), Committed> = self.offsets.clone();
-        for (tp, (_, c)) in &self.inflight {
-            let newer = latest
-                .get(tp)
-                .is_none_or(|old| old.log_offset < c.log_offset);
-            if newer {
-                latest.insert(tp.clone(), c.clone());
-            }
-        }
-        latest.into_iter().collect()
     }
 
     pub(crate) fn is_leader(&self, member_id: &str) -> bool {

@@ -15,8 +15,9 @@
 //!   one group are in log order) and answered once committed (the high
 //!   watermark passed it: on every in-sync replica), without holding any lock
 //!   across the wait;
-//! - the offsets log is compacted by snapshot: see
-//!   [`GroupCoordinator::compact_offsets`].
+//! - the offsets log is a compacted topic: the log cleaner keeps each
+//!   key's latest commit (and a deleted group's tombstones for
+//!   `delete.retention.ms`), so replay reads what is live.
 //!
 //! Placement ([`Coordination`]): every group is coordinated by the leader of
 //! `__consumer_offsets-0` (the controller creates that topic). A node opens a
@@ -89,7 +90,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{Record, RecordBatchDecoder};
 use parking_lot::Mutex;
-use sluice_log::{BatchBuilder, LogError, Partition, ReadLimit};
+use sluice_log::{BatchBuilder, BatchHeader, LogError, Partition, ReadLimit};
 use sluice_topology::{AppendError, Leadership};
 use sluice_vocab::{now_ms, ErrorCode};
 use tokio::sync::{watch, Notify};
@@ -180,8 +181,7 @@ struct GroupHandle {
 /// Coordinates every group of this broker.
 pub struct GroupCoordinator {
     config: GroupConfig,
-    offsets: Arc<Partition>,
-    /// How `offsets` is led: batches are appended and committed through it.
+    /// How the offsets log is led: batches are appended and committed through it.
     leadership: Leadership,
     partition_exists: PartitionExists,
     /// Never lock a group while holding this map's lock.
@@ -190,23 +190,11 @@ pub struct GroupCoordinator {
     shutdown: watch::Sender<()>,
     id_seq: AtomicU64,
     id_hasher: RandomState,
-    /// Held while the offsets log is compacted (one compaction at a time).
-    compaction: tokio::sync::Mutex<()>,
-    /// Records appended to the offsets log since the last compaction.
-    appended: AtomicU64,
-    /// Compact once `appended` reaches this: `compact_base`, or twice the
-    /// last snapshot when that is larger.
-    compact_after: AtomicU64,
-    compact_base: AtomicU64,
     /// Set by [`GroupCoordinator::close`]: nothing more is written.
     closed: AtomicBool,
     /// Offsets committed inside transactions that have not ended.
     pending_txn: Mutex<txn_offsets::PendingTxnOffsets>,
 }
-
-/// Records appended to the offsets log between two compactions, unless the
-/// last snapshot was larger (then twice its size).
-pub const DEFAULT_OFFSETS_COMPACTION_THRESHOLD: u64 = 100_000;
 
 fn str_bytes(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_owned())
@@ -248,7 +236,6 @@ fn committed(v: &OffsetValue, log_offset: i64) -> Committed {
         offset: v.offset,
         leader_epoch: v.leader_epoch,
         metadata: v.metadata.clone(),
-        commit_timestamp: v.commit_timestamp,
         log_offset,
     }
 }
@@ -292,17 +279,12 @@ impl GroupCoordinator {
         let (shutdown, _) = watch::channel(());
         let coordinator = Arc::new(GroupCoordinator {
             config,
-            offsets: partition,
             leadership: offsets.leadership,
             partition_exists: offsets.partition_exists,
             groups: Mutex::new(HashMap::new()),
             shutdown,
             id_seq: AtomicU64::new(0),
             id_hasher: RandomState::new(),
-            compaction: tokio::sync::Mutex::new(()),
-            appended: AtomicU64::new(0),
-            compact_after: AtomicU64::new(DEFAULT_OFFSETS_COMPACTION_THRESHOLD),
-            compact_base: AtomicU64::new(DEFAULT_OFFSETS_COMPACTION_THRESHOLD),
             closed: AtomicBool::new(false),
             pending_txn: Mutex::new(pending_txn),
         });
@@ -314,9 +296,6 @@ impl GroupCoordinator {
             coordinator.insert_group(id, group);
         }
         tracing::info!(groups = count, "consumer group offsets restored");
-        let log_records =
-            coordinator.offsets.log_end_offset() - coordinator.offsets.log_start_offset();
-        coordinator.note_appended(u64::try_from(log_records).unwrap_or(0));
         Ok(coordinator)
     }
 
@@ -810,7 +789,6 @@ impl GroupCoordinator {
                 .collect();
             match self.append(&records) {
                 Ok((base_offset, end_offset)) => {
-                    self.note_appended(records.len() as u64);
                     for (log_offset, (_, _, k, v)) in (base_offset..).zip(&entries) {
                         g.commit_appended((k.topic.clone(), k.partition), committed(v, log_offset));
                     }
@@ -1038,100 +1016,6 @@ impl GroupCoordinator {
         }
     }
 
-    // ---- offsets log compaction -----------------------------------------
-
-    /// Sets how many records may be appended to the offsets log before it
-    /// is compacted (default [`DEFAULT_OFFSETS_COMPACTION_THRESHOLD`]).
-    pub fn set_offsets_compaction_threshold(self: &Arc<Self>, records: u64) {
-        self.compact_base.store(records.max(1), Ordering::Relaxed);
-        self.compact_after.store(records.max(1), Ordering::Relaxed);
-        self.note_appended(0);
-    }
-
-    /// Counts appended records and starts a compaction in the background
-    /// when enough have accumulated.
-    fn note_appended(self: &Arc<Self>, records: u64) {
-        let total = self.appended.fetch_add(records, Ordering::Relaxed) + records;
-        if total < self.compact_after.load(Ordering::Relaxed) {
-            return;
-        }
-        let Ok(guard) = self.compaction.try_lock() else {
-            return; // one is running
-        };
-        drop(guard);
-        let this = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = this.compact_offsets().await {
-                tracing::warn!(error = %e, "offsets log compaction failed");
-            }
-        });
-    }
-
-    /// Kafka compacts `__consumer_offsets`; Sluice's log cannot rewrite
-    /// records, so it appends a snapshot of every group's latest commits and
-    /// then moves the log start offset to where the snapshot began: the
-    /// records before it are superseded and whole segments of them are
-    /// deleted. Replay then reads the snapshot and what followed it.
-    ///
-    /// Safe with concurrent commits: the snapshot start is the log end before
-    /// any group is visited, so a commit appended later is kept; a commit
-    /// appended earlier belongs to a group visited afterwards, whose snapshot
-    /// (written under its lock) includes it even while it is still on its
-    /// way to disk. Returns the number of records in the snapshot.
-    pub async fn compact_offsets(self: &Arc<Self>) -> Result<u64, GroupError> {
-        let _running = self.compaction.lock().await;
-        if !self.pending_txn.lock().is_empty() {
-            // A snapshot holds committed offsets only: moving the log start
-            // past an open transaction's offsets would lose them on replay.
-            // Compaction waits for the transactions to end.
-            return Ok(0);
-        }
-        let start = self.offsets.log_end_offset();
-        let mut end = start;
-        let mut written = 0u64;
-        for handle in self.handles() {
-            let g = handle.state.lock();
-            if g.state == GroupState::Dead {
-                continue;
-            }
-            let latest = g.latest_commits();
-            for chunk in latest.chunks(TOMBSTONES_PER_BATCH) {
-                let records: Vec<(Bytes, Option<Bytes>)> = chunk
-                    .iter()
-                    .map(|((topic, partition), c)| {
-                        let key = OffsetKey {
-                            group: g.id.clone(),
-                            topic: topic.clone(),
-                            partition: *partition,
-                        };
-                        let value = OffsetValue {
-                            offset: c.offset,
-                            leader_epoch: c.leader_epoch,
-                            metadata: c.metadata.clone(),
-                            commit_timestamp: c.commit_timestamp,
-                        };
-                        (record::encode_key(&key), Some(record::encode_value(&value)))
-                    })
-                    .collect();
-                let (_, chunk_end) = self.append(&records)?;
-                end = chunk_end;
-                written += records.len() as u64;
-            }
-        }
-        self.settle(end).await?;
-        let new_start = self.offsets.delete_records_before(start)?;
-        self.appended.store(0, Ordering::Relaxed);
-        let base = self.compact_base.load(Ordering::Relaxed);
-        self.compact_after
-            .store(base.max(written.saturating_mul(2)), Ordering::Relaxed);
-        tracing::info!(
-            snapshot_records = written,
-            log_start = new_start,
-            "offsets log compacted"
-        );
-        Ok(written)
-    }
-
     // ---- admin -----------------------------------------------------------
 
     fn handles(&self) -> Vec<Arc<GroupHandle>> {
@@ -1328,7 +1212,6 @@ impl GroupCoordinator {
                 tracing::warn!(group = %g.id, error = %e, "writing group tombstones failed");
                 commit_error(&e)
             })?;
-            self.note_appended(records.len() as u64);
             end = Some(end_offset);
         }
         tracing::info!(group = %g.id, partitions = keys.len(), "group deleted");
@@ -1582,17 +1465,23 @@ fn replay(
         if read.records.is_empty() {
             break;
         }
+        // Batches, not records, say where the next read starts: compaction
+        // leaves batches with fewer records than offsets, or none.
+        let mut next = position;
+        let mut rest = &read.records[..];
+        while let Some(h) = BatchHeader::parse(rest) {
+            next = next.max(h.next_offset());
+            rest = rest.get(h.size()..).unwrap_or_default();
+        }
         let mut buf = read.records;
         let sets = RecordBatchDecoder::decode_all(&mut buf)
             .map_err(|e| GroupError::CorruptEntry(position, e.to_string()))?;
-        let mut next = position;
         for set in sets {
             for rec in set.records {
                 if rec.offset < position {
                     // The head of a batch that starts before where we are.
                     continue;
                 }
-                next = next.max(rec.offset + 1);
                 if txn_offsets::replay_in_transaction(&rec, &mut groups, &mut pending)? {
                     continue;
                 }

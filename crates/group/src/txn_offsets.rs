@@ -51,10 +51,6 @@ impl PendingTxnOffsets {
         self.by_producer.remove(&producer_id).unwrap_or_default()
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.by_producer.is_empty()
-    }
-
     /// Whether `group` has an offset of `tp` waiting for its transaction.
     pub(crate) fn is_pending(&self, group: &str, tp: &(String, i32)) -> bool {
         self.by_producer
@@ -257,7 +253,6 @@ impl GroupCoordinator {
                 return done(topics);
             }
         };
-        self.note_appended(records.len() as u64);
         if let Err(e) = self.settle(end).await {
             let offsets: Vec<i64> = (base..end).collect();
             self.pending_txn.lock().forget(producer_id, &offsets);

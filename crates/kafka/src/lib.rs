@@ -97,8 +97,14 @@ pub fn decode_request_frame(frame: &[u8]) -> Result<(), String> {
 /// tests; not an API.
 #[doc(hidden)]
 pub fn validate_records(batches: &[u8], max_decompressed: usize) -> Result<(), String> {
-    records::validate(batches, records::RecordLimits { max_decompressed })
-        .map_err(|fault| fault.message)
+    records::validate(
+        batches,
+        records::RecordLimits {
+            max_decompressed,
+            keys_required: false,
+        },
+    )
+    .map_err(|fault| fault.message)
 }
 
 /// Front-end settings.

@@ -37,6 +37,9 @@ const STREAM_BUFFER: usize = 32 * 1024;
 pub(crate) struct RecordLimits {
     /// Most bytes a compressed batch's records may take once decompressed.
     pub max_decompressed: usize,
+    /// Every record needs a key: the topic is compacted (Kafka refuses
+    /// keyless records there with INVALID_RECORD).
+    pub keys_required: bool,
 }
 
 /// Why a producer's batches are refused: what, and in which record of its
@@ -45,6 +48,9 @@ pub(crate) struct RecordLimits {
 pub(crate) struct RecordFault {
     pub record: Option<i32>,
     pub message: String,
+    /// CORRUPT_MESSAGE for bytes that are not records, INVALID_RECORD for
+    /// records the topic does not take.
+    pub code: ErrorCode,
 }
 
 impl RecordFault {
@@ -52,11 +58,12 @@ impl RecordFault {
         RecordFault {
             record: None,
             message: message.into(),
+            code: ErrorCode::CorruptMessage,
         }
     }
 
     pub(crate) fn refused(&self) -> Refused {
-        Refused::new(ErrorCode::CorruptMessage, self.message.clone())
+        Refused::new(self.code, self.message.clone())
     }
 }
 
@@ -83,7 +90,7 @@ pub(crate) fn validate(buf: &[u8], limits: RecordLimits) -> Result<(), RecordFau
         let (batch, next) = rest.split_at(size);
         // One limit for all the batches of a request's partition: many
         // small bombs in one request cost no more than one.
-        let used = check_batch(batch, left)?;
+        let used = check_batch(batch, left, limits.keys_required)?;
         left = left.saturating_sub(used);
         rest = next;
     }
@@ -92,18 +99,18 @@ pub(crate) fn validate(buf: &[u8], limits: RecordLimits) -> Result<(), RecordFau
 
 /// Checks one batch; returns the bytes its records took decompressed
 /// (none for an uncompressed batch), which must stay within `cap`.
-fn check_batch(batch: &[u8], cap: u64) -> Result<u64, RecordFault> {
+fn check_batch(batch: &[u8], cap: u64, keys_required: bool) -> Result<u64, RecordFault> {
     let attributes = be_i16(batch, OFF_ATTRIBUTES).unwrap_or(0);
     let count = be_i32(batch, OFF_RECORDS_COUNT).unwrap_or(-1);
     let body = batch.get(HEADER_LEN..).unwrap_or_default();
     let codec =
         Codec::from_attributes(attributes).map_err(|e| RecordFault::batch(e.to_string()))?;
     if codec == Codec::None {
-        return walk_records(Slice { buf: body, pos: 0 }, count).map(|_| 0);
+        return walk_records(Slice { buf: body, pos: 0 }, count, keys_required).map(|_| 0);
     }
     let decoder =
         sluice_codec::decoder(codec, body, cap).map_err(|e| RecordFault::batch(e.to_string()))?;
-    walk_records(Stream::new(decoder, cap), count)
+    walk_records(Stream::new(decoder, cap), count, keys_required)
 }
 
 /// Why a walk stopped: a fault of one record, or of the batch's bytes as a
@@ -111,6 +118,8 @@ fn check_batch(batch: &[u8], cap: u64) -> Result<u64, RecordFault> {
 enum Stop {
     Record(String),
     Batch(String),
+    /// A well-formed record the topic does not take.
+    Invalid(String),
 }
 
 impl From<&'static str> for Stop {
@@ -127,12 +136,17 @@ impl From<String> for Stop {
 
 /// Walks `count` records that must fill `input` exactly; returns the bytes
 /// they took.
-fn walk_records(input: impl Input, count: i32) -> Result<u64, RecordFault> {
-    let mut w = Walker { input, pos: 0 };
+fn walk_records(input: impl Input, count: i32, keys_required: bool) -> Result<u64, RecordFault> {
+    let mut w = Walker {
+        input,
+        pos: 0,
+        keys_required,
+    };
     for index in 0..count {
         let at = |message: String| RecordFault {
             record: Some(index),
             message,
+            code: ErrorCode::CorruptMessage,
         };
         match w.input.at_end() {
             Ok(false) => {}
@@ -159,6 +173,12 @@ fn located(stop: Stop, index: i32) -> RecordFault {
         Stop::Record(message) => RecordFault {
             record: Some(index),
             message,
+            code: ErrorCode::CorruptMessage,
+        },
+        Stop::Invalid(message) => RecordFault {
+            record: Some(index),
+            message,
+            code: ErrorCode::InvalidRecord,
         },
         Stop::Batch(message) => RecordFault::batch(message),
     }
@@ -169,6 +189,7 @@ fn located(stop: Stop, index: i32) -> RecordFault {
 struct Walker<I> {
     input: I,
     pos: u64,
+    keys_required: bool,
 }
 
 impl<I: Input> Walker<I> {
@@ -185,7 +206,16 @@ impl<I: Input> Walker<I> {
         if offset_delta != index {
             return Err(format!("offset delta {offset_delta}, expected {index}").into());
         }
-        self.bytes(-1, end, "key", |_| Ok(()))?;
+        let key_len = self.varint()?;
+        if key_len < 0 && self.keys_required {
+            return Err(Stop::Invalid(
+                "Compacted topic cannot accept message without key".into(),
+            ));
+        }
+        if key_len < -1 {
+            return Err(format!("key length {key_len} below -1").into());
+        }
+        self.skip(usize::try_from(key_len).unwrap_or(0), end, "key")?;
         self.bytes(-1, end, "value", |_| Ok(()))?;
         let headers = self.varint()?;
         if headers < 0 {
@@ -465,6 +495,7 @@ mod tests {
 
     const LIMITS: RecordLimits = RecordLimits {
         max_decompressed: 1 << 20,
+        keys_required: false,
     };
 
     fn check(buf: &[u8]) -> Result<(), RecordFault> {
@@ -533,6 +564,44 @@ mod tests {
         (0..n)
             .flat_map(|i| record(i, b"key", Some(b"value")))
             .collect()
+    }
+
+    /// A compacted topic takes no record without a key: INVALID_RECORD,
+    /// naming the record, as Kafka answers; an empty key is a key.
+    #[test]
+    fn a_compacted_topic_refuses_records_without_a_key() {
+        let keyed = LIMITS;
+        let compacted = RecordLimits {
+            keys_required: true,
+            ..LIMITS
+        };
+        // Offset delta 1, a null key (length -1), value "v", no headers.
+        let keyless = {
+            let mut body = vec![0u8];
+            zigzag(3, &mut body);
+            zigzag(1, &mut body);
+            zigzag(-1, &mut body);
+            zigzag(1, &mut body);
+            body.push(b'v');
+            zigzag(0, &mut body);
+            let mut r = Vec::new();
+            zigzag(body.len() as i64, &mut r);
+            r.extend(body);
+            r
+        };
+        let body = [record(0, b"", Some(b"v")), keyless].concat();
+        assert_eq!(validate(&batch(2, 0, &body), keyed), Ok(()));
+        let fault = validate(&batch(2, 0, &body), compacted).unwrap_err();
+        assert_eq!(
+            (fault.record, fault.code),
+            (Some(1), ErrorCode::InvalidRecord)
+        );
+        let packed = compress(ZSTD, &body, false);
+        let fault = validate(&batch(2, i16::from(ZSTD), &packed), compacted).unwrap_err();
+        assert_eq!(
+            (fault.record, fault.code),
+            (Some(1), ErrorCode::InvalidRecord)
+        );
     }
 
     /// Codec ids in the low three attribute bits, as producers set them.
@@ -674,6 +743,7 @@ mod tests {
             assert_eq!(fault.record, None, "{codec} {xerial}: {fault:?}");
             let roomy = RecordLimits {
                 max_decompressed: 8 << 20,
+                keys_required: false,
             };
             assert_eq!(validate(&batch(1, i16::from(codec), &body), roomy), Ok(()));
         }
@@ -734,6 +804,7 @@ mod tests {
         claim.extend([0u8; 40]);
         let roomy = RecordLimits {
             max_decompressed: 1 << 30,
+            keys_required: false,
         };
         let fault = validate(&batch(1, i16::from(SNAPPY), &claim), roomy).unwrap_err();
         assert!(fault.message.contains("claims"), "{fault:?}");

@@ -1287,6 +1287,12 @@ impl Partition {
         Ok(result(records))
     }
 
+    /// Whether the topic's `cleanup.policy` includes `compact` (every record
+    /// then needs a key).
+    pub fn compacted(&self) -> bool {
+        self.config.read().compacts()
+    }
+
     /// The last stable offset: below it every transaction is decided, so
     /// `read_committed` consumers read up to it (never past the high
     /// watermark).

@@ -23,28 +23,28 @@ pub fn is_internal(name: &str) -> bool {
     name.starts_with("__")
 }
 
-/// The overrides [`OFFSETS_TOPIC`] is created with. Offsets must never age out of
-/// the log: replay is the only copy after a restart. Kafka compacts this topic;
-/// Sluice keeps it whole (cleanup.policy is recorded as compact) and the group
-/// coordinator snapshots it.
-/// The overrides [`TRANSACTION_STATE_TOPIC`] is created with: as the offsets
-/// topic's, replay is the only copy of the coordinator's state.
-pub fn transaction_state_topic_configs() -> BTreeMap<String, String> {
-    offsets_topic_configs()
-}
-
+/// The overrides [`OFFSETS_TOPIC`] is created with: a compacted topic, as
+/// Kafka's, so its size tracks the live commits, not their history. Replay
+/// is the only copy of the offsets after a restart, so nothing ages out.
+/// Segments are small (Kafka's `offsets.topic.segment.bytes` is 100 MiB):
+/// only rolled segments are compacted, so the log stays within a few MiB
+/// of what is live however many commits go through it.
 pub fn offsets_topic_configs() -> BTreeMap<String, String> {
     [
         ("cleanup.policy", "compact"),
         ("retention.ms", "-1"),
         ("retention.bytes", "-1"),
-        // Small segments, so that snapshots free disk space soon (Kafka's
-        // offsets.topic.segment.bytes).
-        ("segment.bytes", "104857600"),
+        ("segment.bytes", "1048576"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect()
+}
+
+/// The overrides [`TRANSACTION_STATE_TOPIC`] is created with: as the offsets
+/// topic's, replay is the only copy of the coordinator's state.
+pub fn transaction_state_topic_configs() -> BTreeMap<String, String> {
+    offsets_topic_configs()
 }
 
 #[cfg(test)]

@@ -282,30 +282,51 @@ fn offsets_log(store: &sluice_log::Store) -> Vec<(i64, bool)> {
         let read = p
             .read(pos, 1 << 20, true, sluice_log::ReadLimit::HighWatermark)
             .expect("read");
+        // Batches say where the next read starts: compacted ones may hold
+        // fewer records than offsets, or none.
+        let mut next = pos;
+        let mut rest = &read.records[..];
+        while let Some(h) = sluice_log::BatchHeader::parse(rest) {
+            next = next.max(h.next_offset());
+            rest = &rest[h.size()..];
+        }
         let mut buf = read.records;
         for set in RecordBatchDecoder::decode_all(&mut buf).expect("decode") {
             for r in set.records {
-                if r.offset >= pos {
+                if r.offset >= pos && !r.control {
                     out.push((r.offset, r.value.is_some()));
                 }
             }
         }
-        pos = out.last().map_or(pos, |(o, _)| o + 1);
+        assert!(next > pos, "the read moved on");
+        pos = next;
     }
     out
 }
 
+/// The offsets log is a compacted topic: the log cleaner keeps each key's
+/// latest commit and a deleted group's tombstones, and replay after a
+/// restart reads exactly the live offsets from what it left.
 #[tokio::test]
-async fn compaction_keeps_latest_offsets_and_truncates_the_log() {
-    let env = env(0).await;
-    let dir = env.dir;
-    let c = &env.coord;
+async fn the_cleaner_keeps_the_latest_offsets_and_replay_reads_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_store(dir.path());
+    store
+        .create_topic(TOPIC, PARTITIONS, &BTreeMap::new(), false)
+        .expect("create topic");
+    // Small segments, so that most of the commits below are compactable.
+    let mut configs = sluice_vocab::internal::offsets_topic_configs();
+    configs.insert("segment.bytes".into(), "600".into());
+    store
+        .create_topic(OFFSETS_TOPIC, 1, &configs, false)
+        .expect("offsets topic");
+    let c = open_coordinator(&store, config(0)).await;
     for offset in 1..=20 {
-        let r = commit(c, "a", -1, "", TOPIC, &[(0, offset, 2, Some("a-meta"))]).await;
+        let r = commit(&c, "a", -1, "", TOPIC, &[(0, offset, 2, Some("a-meta"))]).await;
         assert_eq!(commit_errors(&r), vec![0]);
     }
     let r = commit(
-        c,
+        &c,
         "b",
         -1,
         "",
@@ -314,40 +335,52 @@ async fn compaction_keeps_latest_offsets_and_truncates_the_log() {
     )
     .await;
     assert_eq!(commit_errors(&r), vec![0, 0]);
-    let r = commit(c, "gone", -1, "", TOPIC, &[(3, 1, -1, None)]).await;
+    let r = commit(&c, "gone", -1, "", TOPIC, &[(3, 1, -1, None)]).await;
     assert_eq!(commit_errors(&r), vec![0]);
     let mut del = DeleteGroupsRequest::default();
     del.groups_names = vec![gid("gone")];
     assert_eq!(c.delete_groups(del, 2).await.results[0].error_code, 0);
-    let before = offsets_log(&env.store);
-    assert_eq!(before.len(), 20 + 2 + 1 + 1);
+    // More commits of "a", so what came before lies in rolled segments.
+    for offset in 21..=40 {
+        let r = commit(&c, "a", -1, "", TOPIC, &[(0, offset, 2, Some("a-meta"))]).await;
+        assert_eq!(commit_errors(&r), vec![0]);
+    }
+    let before = offsets_log(&store);
+    assert_eq!(before.len(), 40 + 2 + 1 + 1);
 
-    let snapshot = c.compact_offsets().await.expect("compact");
-    assert_eq!(snapshot, 3, "a-0, b-1, b-2");
-    let p = env.store.partition(OFFSETS_TOPIC, 0).unwrap();
+    let p = store.partition(OFFSETS_TOPIC, 0).unwrap();
+    let stats = p
+        .compact(&sluice_log::CleanerConfig::default(), true)
+        .expect("compact")
+        .expect("a round ran");
+    let after = offsets_log(&store);
+    assert!(stats.records_removed > 20, "{stats:?}");
     assert_eq!(
-        p.log_start_offset(),
-        24,
-        "the log now starts at the snapshot"
+        after.len() as u64,
+        before.len() as u64 - stats.records_removed
     );
-    let after = offsets_log(&env.store);
+    // b's two commits and gone's commit and tombstone are each the latest
+    // of their key; of a's 40 commits only the latest in the cleaned part
+    // and those in the active segment stay.
+    let cleaned: Vec<_> = after.iter().filter(|r| r.0 < stats.cleaned_to).collect();
+    assert!(cleaned.len() <= 1 + 2 + 1, "{cleaned:?}");
     assert_eq!(
-        after.iter().map(|r| r.0).collect::<Vec<_>>(),
-        vec![24, 25, 26]
-    );
-    assert_eq!(
-        fetched(&fetch(c, "a", TOPIC, None).await),
-        vec![(TOPIC.to_owned(), 0, 20, 2, "a-meta".to_owned(), 0)]
+        fetched(&fetch(&c, "a", TOPIC, None).await),
+        vec![(TOPIC.to_owned(), 0, 40, 2, "a-meta".to_owned(), 0)]
     );
 
-    // Commits after the snapshot, then a restart: replay = snapshot + tail.
-    let r = commit(c, "b", -1, "", TOPIC, &[(2, 601, -1, Some("after"))]).await;
+    // A restart replays the compacted log.
+    let r = commit(&c, "b", -1, "", TOPIC, &[(2, 601, -1, Some("after"))]).await;
     assert_eq!(commit_errors(&r), vec![0]);
-    drop(env.coord);
-    drop(env.store);
+    drop(c);
+    drop(p);
+    drop(store);
     let store = open_store(dir.path());
     let c = open_coordinator(&store, config(0)).await;
-    assert_eq!(fetched(&fetch(&c, "a", TOPIC, None).await)[0].2, 20);
+    assert_eq!(
+        fetched(&fetch(&c, "a", TOPIC, None).await),
+        vec![(TOPIC.to_owned(), 0, 40, 2, "a-meta".to_owned(), 0)]
+    );
     assert_eq!(
         fetched(&fetch(&c, "b", TOPIC, None).await),
         vec![
@@ -356,22 +389,6 @@ async fn compaction_keeps_latest_offsets_and_truncates_the_log() {
         ]
     );
     assert!(fetch(&c, "gone", TOPIC, None).await.topics.is_empty());
-
-    // The threshold triggers compaction by itself.
-    c.set_offsets_compaction_threshold(10);
-    for offset in 21..=40 {
-        let r = commit(&c, "a", -1, "", TOPIC, &[(0, offset, 2, None)]).await;
-        assert_eq!(commit_errors(&r), vec![0]);
-    }
-    let p = store.partition(OFFSETS_TOPIC, 0).unwrap();
-    assert!(
-        eventually(std::time::Duration::from_secs(5), || p.log_start_offset()
-            > 24)
-        .await,
-        "automatic compaction moved the log start"
-    );
-    assert!(offsets_log(&store).len() < 20);
-    assert_eq!(fetched(&fetch(&c, "a", TOPIC, None).await)[0].2, 40);
 }
 
 /// Concurrent commits of one partition: whatever the interleaving, memory
@@ -413,4 +430,62 @@ async fn concurrent_commits_agree_with_replay() {
     let store = open_store(dir.path());
     let c = open_coordinator(&store, config(0)).await;
     assert_eq!(fetched(&fetch(&c, "race", TOPIC, None).await), live);
+}
+
+/// A million commits of 100 groups through a compacted offsets log: with
+/// the log cleaner running as the node runs it, the log stays a few MiB
+/// (what is live, plus at most a few segments), and a restart replays the
+/// latest offsets.
+#[tokio::test]
+async fn a_million_commits_keep_the_offsets_log_small() {
+    const COMMITS: i64 = 1_000_000;
+    const GROUPS: i64 = 100;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = |dir: &std::path::Path| {
+        Store::open(StoreConfig {
+            data_dir: dir.to_path_buf(),
+            defaults: TopicConfig::default(),
+            // The bound is about bytes, not fsyncs.
+            flush: FlushPolicy::Never,
+            cleaner: Default::default(),
+        })
+        .expect("open store")
+    };
+    let store = open(dir.path());
+    store
+        .create_topic(TOPIC, PARTITIONS, &BTreeMap::new(), false)
+        .expect("create topic");
+    let c = open_coordinator(&store, config(0)).await;
+    let p = store.partition(OFFSETS_TOPIC, 0).unwrap();
+    let cleaner = sluice_log::CleanerConfig::default();
+    let mut largest = 0u64;
+    for i in 0..COMMITS {
+        let group = format!("group-{}", i % GROUPS);
+        let partition = ((i / GROUPS) % i64::from(PARTITIONS)) as i32;
+        let r = commit(&c, &group, -1, "", TOPIC, &[(partition, i, -1, None)]).await;
+        assert_eq!(commit_errors(&r), vec![0]);
+        if i % 20_000 == 0 {
+            // The node's cleaner duty: a round when the dirty ratio says so.
+            p.compact(&cleaner, false).expect("compact");
+            largest = largest.max(p.size_bytes());
+        }
+    }
+    p.compact(&cleaner, false).expect("compact");
+    largest = largest.max(p.size_bytes());
+    assert!(largest < 4 << 20, "the offsets log reached {largest} bytes");
+    let live = fetched(&fetch(&c, "group-7", TOPIC, None).await);
+    drop(c);
+    drop(p);
+    drop(store);
+    let store = open(dir.path());
+    let c = open_coordinator(&store, config(0)).await;
+    assert_eq!(fetched(&fetch(&c, "group-7", TOPIC, None).await), live);
+    assert_eq!(live.len(), PARTITIONS as usize);
+    // The last commit of group-7's partition 0 is the latest i with
+    // i % 100 == 7 and (i / 100) % PARTITIONS == 0.
+    let last = (0..COMMITS)
+        .rev()
+        .find(|i| i % GROUPS == 7 && (i / GROUPS) % i64::from(PARTITIONS) == 0)
+        .unwrap();
+    assert_eq!(live[0].2, last);
 }

@@ -42,6 +42,7 @@ fn append(
     };
     let limits = crate::records::RecordLimits {
         max_decompressed: ctx.config.max_decompressed_batch_bytes,
+        keys_required: leadership.partition().compacted(),
     };
     if let Err(fault) = crate::records::validate(records, limits) {
         if let Some(index) = fault.record {

@@ -682,6 +682,11 @@ mod tests {
                 while let Some(h) = BatchHeader::parse(rest) {
                     let (batch, next) = rest.split_at(h.size());
                     rest = next;
+                    if h.is_control() {
+                        // Markers: consumers skip them too.
+                        at = h.next_offset();
+                        continue;
+                    }
                     let body = cleaner::batch_records(&h, batch, &mut scratch).unwrap();
                     for rec in cleaner::records(body) {
                         let rec = rec.unwrap();
@@ -972,5 +977,93 @@ mod tests {
                 .unwrap();
             check_reader(&history, &f.read_from(0), 0, false);
         }
+    }
+
+    /// An aborted transaction's records go; a committed one's are compacted
+    /// like any other; each marker stays while its transaction's records
+    /// do, and once none remain and the delete horizon passed, it goes too.
+    #[test]
+    fn aborted_records_go_and_markers_stay_while_their_records_do() {
+        let f = Fixture::new(0);
+        let p = f.partition();
+        let in_txn = |pid: i64, key: u8, value: u16| {
+            let mut b = BatchBuilder::new(32, 1_000);
+            b.push(1_000, Some(&[key]), Some(&value.to_be_bytes()), &[]);
+            p.append_in_transaction(&b.finish_transactional(pid, 0).unwrap(), 0)
+                .unwrap()
+        };
+        let marker = |pid: i64, commit: bool| {
+            p.append_marker(
+                pid,
+                0,
+                crate::Marker {
+                    commit,
+                    coordinator_epoch: 0,
+                },
+                0,
+            )
+            .unwrap()
+        };
+        let mut history = History::new();
+        let committed = in_txn(7, 1, 100).base_offset;
+        let aborted = in_txn(8, 2, 200).base_offset;
+        let commit_marker = marker(7, true).base_offset;
+        let abort_marker = marker(8, false).base_offset;
+        history.insert(committed, (1, Some(100)));
+        // Plain records after, so the transactions lie in rolled segments.
+        for i in 0..30u16 {
+            f.append(&[(3, Some(i))], sluice_codec::Codec::None, &mut history);
+        }
+        let batches = |p: &Partition| {
+            let mut out = Vec::new();
+            let mut at = p.log_start_offset();
+            loop {
+                let r = p.read(at, 1 << 20, true, ReadLimit::HighWatermark).unwrap();
+                if r.records.is_empty() {
+                    return out;
+                }
+                let mut rest = &r.records[..];
+                while let Some(h) = BatchHeader::parse(rest) {
+                    out.push((h.base_offset, h.is_control(), h.records_count));
+                    rest = &rest[h.size()..];
+                    at = h.next_offset();
+                }
+            }
+        };
+        p.compact(&CleanerConfig::default(), true).unwrap().unwrap();
+        let after = batches(&p);
+        assert!(
+            !after.iter().any(|b| b.0 == aborted),
+            "the aborted batch is gone: {after:?}"
+        );
+        assert!(
+            after.iter().any(|b| b.0 == committed && b.2 == 1),
+            "{after:?}"
+        );
+        // The first round has no clean part yet: both markers stay.
+        assert!(
+            after.iter().any(|b| b.0 == commit_marker && b.1),
+            "{after:?}"
+        );
+        assert!(
+            after.iter().any(|b| b.0 == abort_marker && b.1),
+            "{after:?}"
+        );
+        check_reader(&history, &f.read_from(0), 0, false);
+        // Another round, past the horizon (delete.retention.ms = 0): the
+        // abort marker has no records left and goes; the commit marker
+        // stays with its committed record.
+        for i in 30..60u16 {
+            f.append(&[(3, Some(i))], sluice_codec::Codec::None, &mut history);
+        }
+        p.compact(&CleanerConfig::default(), true).unwrap().unwrap();
+        let again = batches(&p);
+        assert!(!again.iter().any(|b| b.0 == abort_marker), "{again:?}");
+        assert!(
+            again.iter().any(|b| b.0 == commit_marker && b.1),
+            "{again:?}"
+        );
+        assert!(again.iter().any(|b| b.0 == committed), "{again:?}");
+        check_reader(&history, &f.read_from(0), 0, false);
     }
 }
