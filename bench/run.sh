@@ -426,6 +426,52 @@ for budget in 67108864 default; do
 done
 rm -rf "$HEAVY_DIR"
 
+# Compaction: the same keyed producer into a delete-policy topic and into a
+# compacted one whose segments roll every 16 MiB, with the cleaner checking
+# every second, so rounds run while the producer writes. Compaction's own
+# throughput comes from the rounds the broker logs (bytes read, time taken).
+COMPACT_SCRIPT='
+import json, re, sys
+read = ms = rounds = 0
+for line in open(sys.argv[1], errors="replace"):
+    if " compacted " in line and "topic=compacted-keys" in line:
+        r = re.search(r"dirty=(\d+)", line); t = re.search(r"elapsed_ms=(\d+)", line)
+        if r and t:
+            read += int(r.group(1)); ms += int(t.group(1)); rounds += 1
+if rounds == 0:
+    sys.exit("no compaction round was logged")
+print(json.dumps({"mode": "compaction", "rounds": rounds, "dirty_bytes": read, "elapsed_ms": ms,
+                  "mb_per_sec": read / 1e6 / max(ms, 1) * 1e3, "records_per_sec": 0}))
+'
+log "sluice: compaction rows (cleaner every second)"
+printf '[storage]\ncleaner_check_interval_ms = 1000\n' >"$WORK/compact.toml"
+if start_sluice sluice-compact --data-dir "$DATA/sluice-compact" --config "$WORK/compact.toml"; then
+    COMPACT_PID=$SERVICE_PID
+    SBO=(--bootstrap "$BOOT" --json)
+    if "$SLUICE" topic create compacted-keys --bootstrap "$BOOT" --partitions 1 \
+        --config cleanup.policy=compact --config segment.bytes=16777216 >>"$LOGS/steps.log" 2>&1; then
+        measure --set system=sluice --set "scenario=produce 100 B, 100,000 keys, acks=all, 1 producer" --set durable_before_ack=true -- \
+            "$SLUICE" bench produce "${SBO[@]}" --topic plain-keys --partitions 1 --record-size 100 --keys 100000 --acks all --duration "$SLUICE_DUR"
+        plain=$(json_num records_per_sec)
+        measure --set system=sluice --set "scenario=produce 100 B, 100,000 keys, acks=all, 1 producer, compacted topic, compaction running" --set durable_before_ack=true -- \
+            "$SLUICE" bench produce "${SBO[@]}" --topic compacted-keys --record-size 100 --keys 100000 --acks all --duration "$SLUICE_DUR"
+        compacted=$(json_num records_per_sec)
+        # The rounds that started during the run finish; then one more.
+        sleep 3
+        measure --set system=sluice --set "scenario=compaction of the 100 B, 100,000-key topic (MB/s of dirty log compacted)" -- \
+            python3 -c "$COMPACT_SCRIPT" "$LOGS/sluice-compact.log"
+        note "- Compaction: produce into the compacted topic while its cleaner ran at $(awk -v c="$compacted" -v p="$plain" 'BEGIN { if (p > 0) printf "%.0f", 100 * c / p; else print "–" }')% of the delete-policy row's records/s; compaction itself $(json_num mb_per_sec | cut -d. -f1) MB/s of dirty log over $(json_num rounds) rounds ($(json_num dirty_bytes) dirty bytes in $(json_num elapsed_ms) ms; each round also rereads and rewrites the clean part, as Kafka's cleaner does; one cleaner thread sharing the two cores with the broker and the producer)."
+    else
+        FAILED+=("sluice topic create compacted-keys")
+        note "- FAILED: \`sluice topic create compacted-keys\` (see logs/steps.log)"
+    fi
+    stop_group "$COMPACT_PID"
+    rm -rf "$DATA/sluice-compact"
+else
+    FAILED+=("sluice serve (compaction) did not start")
+    note "- FAILED: \`sluice serve\` for the compaction rows did not print its listening line (logs/sluice-compact.log)"
+fi
+
 # --------------------------------------------------------- sluice amqp ---
 # The same AMQP load generator as RabbitMQ's rows below (a pipelined client on
 # amq-protocol's codecs, a few µs of CPU per message, so it measures the broker

@@ -164,6 +164,8 @@ pub struct BenchConfig {
     /// Open-loop target rate over all producers, records per second.
     pub rate: Option<f64>,
     pub delivery: Delivery,
+    /// Records carry one of this many keys in turn (none when unset).
+    pub keys: Option<u64>,
     /// Draw a progress bar on stderr.
     pub progress: bool,
 }
@@ -189,6 +191,7 @@ impl BenchConfig {
             fetch_bytes: 16 << 20,
             rate: None,
             delivery: Delivery::Plain,
+            keys: None,
             progress: false,
         }
     }
@@ -215,6 +218,9 @@ impl BenchConfig {
         }
         if self.max_in_flight == 0 {
             return bad("--max-in-flight must be at least 1");
+        }
+        if self.keys == Some(0) {
+            return bad("--keys must be at least 1");
         }
         if self.partitions == Some(0) {
             return bad("--partitions must be at least 1");

@@ -41,6 +41,8 @@ const PRODUCE_MAX: i16 = 11;
 const RECORD_OVERHEAD: usize = 12;
 /// RecordBatch v2 header.
 const BATCH_HEADER: usize = 61;
+/// A record's key with `--keys`: its index among the keys, u64 big endian.
+const KEY_BYTES: usize = 8;
 
 /// One connection of one producer, before its reader is started.
 pub(crate) struct Link {
@@ -176,8 +178,10 @@ impl Producer {
         start: Instant,
         counters: Arc<Counters>,
     ) -> Producer {
+        // A key adds its 8 bytes (its length varint is in the overhead).
+        let key_bytes = if cfg.keys.is_some() { KEY_BYTES } else { 0 };
         let capacity = (cfg.batch_bytes.saturating_sub(BATCH_HEADER)
-            / (cfg.record_size + RECORD_OVERHEAD))
+            / (cfg.record_size + RECORD_OVERHEAD + key_bytes))
             .max(1);
         Producer {
             topic: topic_name(&cluster.topic),
@@ -189,7 +193,7 @@ impl Producer {
             counters,
             max_in_flight: cfg.max_in_flight,
             linger: cfg.linger,
-            builder: BatchBuilder::new(cfg.record_size, cfg.compression),
+            builder: BatchBuilder::new(cfg.record_size, cfg.compression).with_keys(cfg.keys),
             capacity: capacity as u64,
             identity: None,
             commit_every: match cfg.delivery {
@@ -588,6 +592,9 @@ pub(crate) struct BatchBuilder {
     payload: Vec<u8>,
     options: RecordEncodeOptions,
     values: BytesMut,
+    /// Record i's key is `i % keys` as 8 bytes, when set.
+    keys: Option<u64>,
+    key_bytes: BytesMut,
     out: BytesMut,
 }
 
@@ -616,8 +623,16 @@ impl BatchBuilder {
                 compression,
             },
             values: BytesMut::new(),
+            keys: None,
+            key_bytes: BytesMut::new(),
             out: BytesMut::new(),
         }
+    }
+
+    /// Records get one of `keys` keys in turn (none when `None`).
+    pub(crate) fn with_keys(mut self, keys: Option<u64>) -> Self {
+        self.keys = keys.filter(|k| *k > 0);
+        self
     }
 
     /// Encodes records `first..first+len` of `schedule`; each value starts
@@ -643,6 +658,15 @@ impl BatchBuilder {
             self.values.put_slice(tail);
         }
         let values = self.values.split().freeze();
+        // Keys live in one buffer per batch too: no allocation per record.
+        self.key_bytes.clear();
+        if let Some(k) = self.keys {
+            self.key_bytes.reserve(n * KEY_BYTES);
+            for i in first..first + len {
+                self.key_bytes.put_u64(i % k);
+            }
+        }
+        let keys = self.key_bytes.split().freeze();
         let wall_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
@@ -666,6 +690,9 @@ impl BatchBuilder {
         }
         for (j, r) in self.records.iter_mut().take(n).enumerate() {
             r.value = Some(values.slice(j * size..(j + 1) * size));
+            r.key = self
+                .keys
+                .map(|_| keys.slice(j * KEY_BYTES..(j + 1) * KEY_BYTES));
             r.timestamp = wall_ms;
             r.producer_id = stamp.producer_id;
             r.producer_epoch = stamp.epoch;
@@ -684,8 +711,10 @@ impl BatchBuilder {
             .map_err(|e| BenchError::Protocol(format!("encoding a record batch: {e}")));
         for r in self.records.iter_mut().take(n) {
             r.value = None;
+            r.key = None;
         }
         drop(values);
+        drop(keys);
         encoded?;
         Ok(self.out.split().freeze())
     }
@@ -767,6 +796,28 @@ mod tests {
             .records
             .iter()
             .all(|r| r.producer_id == -1 && !r.transactional));
+    }
+
+    #[test]
+    fn records_take_the_keys_in_turn() {
+        let mut b = BatchBuilder::new(20, Compression::None).with_keys(Some(3));
+        let s = Schedule {
+            rate: None,
+            total: None,
+            duration: None,
+        };
+        let mut buf = b.build(5, 4, &s, 1, Stamp::PLAIN).unwrap();
+        let set = RecordBatchDecoder::decode(&mut buf).unwrap();
+        let keys: Vec<u64> = set
+            .records
+            .iter()
+            .map(|r| u64::from_be_bytes(r.key.as_deref().unwrap().try_into().unwrap()))
+            .collect();
+        assert_eq!(keys, vec![2, 0, 1, 2]);
+        let mut plain = BatchBuilder::new(20, Compression::None);
+        let mut buf = plain.build(0, 2, &s, 1, Stamp::PLAIN).unwrap();
+        let set = RecordBatchDecoder::decode(&mut buf).unwrap();
+        assert!(set.records.iter().all(|r| r.key.is_none()));
     }
 
     #[test]

@@ -178,6 +178,7 @@ pub struct KafkaListener {
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     config: ServerConfig,
+    disk_low: tokio::sync::watch::Receiver<bool>,
 }
 
 impl KafkaListener {
@@ -188,7 +189,19 @@ impl KafkaListener {
             listener,
             local_addr,
             config,
+            // Never raised unless a monitor is attached.
+            disk_low: tokio::sync::watch::channel(false).1,
         })
+    }
+
+    /// Refuses produce requests with KAFKA_STORAGE_ERROR (retriable) while
+    /// `disk_low` holds true: the node's free-space floor.
+    pub fn with_disk_alarm(
+        mut self,
+        disk_low: tokio::sync::watch::Receiver<bool>,
+    ) -> KafkaListener {
+        self.disk_low = disk_low;
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -218,6 +231,14 @@ impl KafkaListener {
         groups: Arc<Coordination>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> std::io::Result<()> {
-        server::serve(self.listener, self.config, topology, groups, shutdown).await
+        server::serve(
+            self.listener,
+            self.config,
+            topology,
+            groups,
+            self.disk_low,
+            shutdown,
+        )
+        .await
     }
 }

@@ -29,6 +29,10 @@ pub(crate) struct Ctx {
     pub config: ServerConfig,
     /// In-flight request and response bytes of all connections.
     pub budget: Arc<connection::Budget>,
+    /// True while the data directory's disk is below its free-space floor:
+    /// produce is refused (retriable) so retention, compaction and the
+    /// broker's own records keep the space that is left.
+    pub disk_low: watch::Receiver<bool>,
 }
 
 pub(crate) async fn serve(
@@ -36,6 +40,7 @@ pub(crate) async fn serve(
     config: ServerConfig,
     topology: Arc<dyn Topology>,
     groups: Arc<Coordination>,
+    disk_low: watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let txns = TxnCoordinator::start(
@@ -55,6 +60,7 @@ pub(crate) async fn serve(
         txns,
         budget: Arc::new(connection::Budget::new(config.max_in_flight_bytes)),
         config,
+        disk_low,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(ctx.config.max_connections));

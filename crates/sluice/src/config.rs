@@ -105,7 +105,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_AMQP_MAX_MESSAGE_BYTES", value_name = "N")]
     pub amqp_max_message_bytes: Option<u64>,
     /// Free bytes on the data directory's disk below which AMQP publishers are
-    /// blocked (RabbitMQ's disk_free_limit) [default: 50000000].
+    /// blocked (RabbitMQ's disk_free_limit) and Kafka produce requests are
+    /// refused with KAFKA_STORAGE_ERROR, a retriable error [default: 50000000].
     #[arg(long, env = "SLUICE_AMQP_DISK_FREE_LIMIT_BYTES", value_name = "N")]
     pub amqp_disk_free_limit_bytes: Option<u64>,
     /// Resident memory above which AMQP publishers are blocked (RabbitMQ's

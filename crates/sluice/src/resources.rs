@@ -1,7 +1,8 @@
 //! Resource alarms: a task that looks at the data directory's free disk space
 //! and the process's resident memory once a second and raises an alarm, as
 //! RabbitMQ's disk and memory monitors do, while either is past its limit. The
-//! AMQP listener blocks publishers while an alarm is raised.
+//! AMQP listener blocks publishers while an alarm is raised; the Kafka
+//! listener refuses produce requests while the disk is below its limit.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,12 +15,22 @@ use crate::config::ResourceLimits;
 
 const INTERVAL: Duration = Duration::from_secs(1);
 
-/// Starts the monitor; the receiver holds the alarm's reason while one is raised.
-pub fn watch(data_dir: PathBuf, limits: ResourceLimits) -> watch::Receiver<Option<Arc<str>>> {
+/// What the monitor raises.
+pub struct Alarms {
+    /// The alarm's reason while one is raised (AMQP publishers block).
+    pub publishers: watch::Receiver<Option<Arc<str>>>,
+    /// True while the disk is below its free-space limit (Kafka produce is
+    /// refused).
+    pub disk_low: watch::Receiver<bool>,
+}
+
+/// Starts the monitor.
+pub fn watch(data_dir: PathBuf, limits: ResourceLimits) -> Alarms {
     let memory_limit = limits
         .memory_bytes
         .or_else(|| machine_memory().map(|total| total / 10 * 4));
     let (tx, rx) = watch::channel(None);
+    let (disk_tx, disk_rx) = watch::channel(false);
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -32,6 +43,10 @@ pub fn watch(data_dir: PathBuf, limits: ResourceLimits) -> watch::Receiver<Optio
                 continue;
             };
             let reason = alarm_reason(free, resident, limits.disk_free_bytes, memory_limit);
+            disk_tx.send_if_modified(|low| {
+                let now = disk_is_low(free, limits.disk_free_bytes);
+                std::mem::replace(low, now) != now
+            });
             let changed = *tx.borrow() != reason;
             if changed {
                 match &reason {
@@ -41,9 +56,11 @@ pub fn watch(data_dir: PathBuf, limits: ResourceLimits) -> watch::Receiver<Optio
                         resident = ?resident,
                         disk_free_limit = limits.disk_free_bytes,
                         memory_limit = ?memory_limit,
-                        "resource alarm raised: AMQP publishers are blocked"
+                        "resource alarm raised: AMQP publishers are blocked (and Kafka produce refused while the disk is low)"
                     ),
-                    None => info!("resource alarm cleared: AMQP publishers resume"),
+                    None => {
+                        info!("resource alarm cleared: AMQP publishers and Kafka producers resume")
+                    }
                 }
                 if tx.send(reason).is_err() {
                     return;
@@ -51,7 +68,14 @@ pub fn watch(data_dir: PathBuf, limits: ResourceLimits) -> watch::Receiver<Optio
             }
         }
     });
-    rx
+    Alarms {
+        publishers: rx,
+        disk_low: disk_rx,
+    }
+}
+
+fn disk_is_low(disk_free: Option<u64>, disk_limit: u64) -> bool {
+    disk_free.is_some_and(|f| f < disk_limit)
 }
 
 /// RabbitMQ's wording of what is low, or `None`. A figure that cannot be read
@@ -62,7 +86,7 @@ fn alarm_reason(
     disk_limit: u64,
     memory_limit: Option<u64>,
 ) -> Option<Arc<str>> {
-    let disk = disk_free.is_some_and(|f| f < disk_limit);
+    let disk = disk_is_low(disk_free, disk_limit);
     let memory = matches!((resident, memory_limit), (Some(r), Some(l)) if r > l);
     match (disk, memory) {
         (true, true) => Some(Arc::from("low on memory & disk")),

@@ -76,13 +76,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .local_addr()
         .context("cannot read the HTTP listener's address")?;
 
+    let alarms = crate::resources::watch(data_dir.clone(), config.resource_limits);
+    let kafka = kafka.with_disk_alarm(alarms.disk_low);
     let amqp = AmqpListener::bind(config.amqp.clone())
         .await
         .map_err(|e| bind_error("AMQP", config.amqp.listen, e))?
-        .with_resource_alarm(crate::resources::watch(
-            data_dir.clone(),
-            config.resource_limits,
-        ));
+        .with_resource_alarm(alarms.publishers);
     let amqp_addr = amqp.local_addr();
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

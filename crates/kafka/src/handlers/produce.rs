@@ -40,6 +40,12 @@ fn append(
     let Some(records) = records else {
         return Err(Refused::new(ErrorCode::CorruptMessage, "no records"));
     };
+    if *ctx.disk_low.borrow() {
+        return Err(Refused::new(
+            ErrorCode::KafkaStorageError,
+            "free disk space is below the broker's limit; retry once space is freed",
+        ));
+    }
     let limits = crate::records::RecordLimits {
         max_decompressed: ctx.config.max_decompressed_batch_bytes,
         keys_required: leadership.partition().compacted(),

@@ -51,11 +51,17 @@ const WRITE_CHUNK: usize = 1 << 20;
 pub struct CleanStats {
     pub segments_before: usize,
     pub segments_after: usize,
+    /// Bytes of the dirty part this round compacted (its input).
+    pub dirty_bytes: u64,
+    /// Bytes read: the dirty part for the key map, then every cleanable
+    /// segment for the rewrite.
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub records_removed: u64,
     /// The first offset the next round treats as dirty.
     pub cleaned_to: i64,
+    /// Wall-clock time of the round, pacing included.
+    pub elapsed_ms: u64,
 }
 
 /// A cleanable segment, as a round saw it.
@@ -225,6 +231,7 @@ impl Partition {
             return Ok(None);
         }
 
+        let started = std::time::Instant::now();
         let mut throttle = Throttle::new(cleaner.io_bytes_per_second);
         let aborted = self.txns.read().aborted_between(log_start, end);
         let is_aborted = |h: &BatchHeader| {
@@ -263,6 +270,7 @@ impl Partition {
                     }
                 }
             }
+            stats.dirty_bytes += src.size;
             stats.bytes_read += src.size;
             throttle.spend(src.size);
             if map.is_full() && i + 1 < cleanable.len() {
@@ -403,6 +411,8 @@ impl Partition {
                         buf.clear();
                     }
                 }
+                stats.bytes_read += src.size;
+                throttle.spend(src.size);
             }
             out.write_all(&buf)?;
             written += buf.len() as u64;
@@ -449,14 +459,17 @@ impl Partition {
             .store(clean_end, std::sync::atomic::Ordering::Release);
         stats.segments_after = self.view.read().segments.range(..clean_end).count();
         stats.cleaned_to = clean_end;
+        stats.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         tracing::info!(
             topic = %self.topic,
             partition = self.id,
             keys = map.len(),
             removed = stats.records_removed,
+            dirty = stats.dirty_bytes,
             read = stats.bytes_read,
             written = stats.bytes_written,
             cleaned_to = clean_end,
+            elapsed_ms = stats.elapsed_ms,
             "compacted"
         );
         Ok(Some(stats))

@@ -110,6 +110,10 @@ pub struct BenchArgs {
     /// Records after which a transaction is committed.
     #[arg(long, requires = "transactional")]
     pub commit_records: Option<u64>,
+    /// Give records keys, N distinct ones in turn (8 bytes each), as a
+    /// table or changelog topic gets; default: no key.
+    #[arg(long, value_name = "N")]
+    pub keys: Option<u64>,
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -156,6 +160,7 @@ impl BenchArgs {
         cfg.max_in_flight = self.max_in_flight;
         cfg.fetch_bytes = self.fetch_bytes;
         cfg.rate = self.rate;
+        cfg.keys = self.keys;
         cfg.delivery = if self.transactional {
             Delivery::Transactional {
                 commit_interval: Duration::try_from_secs_f64(self.commit_interval_ms / 1e3)
