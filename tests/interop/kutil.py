@@ -413,3 +413,28 @@ def kcat_librdkafka_version():
     m = re.search(rb"librdkafka (\d+)\.(\d+)\.(\d+)", cp.stdout + cp.stderr)
     assert m, cp.stdout
     return tuple(int(x) for x in m.groups())
+
+
+def confluent_read_to_end(bootstrap, topic, start=0, timeout=60.0):
+    """Every message of partition 0 of `topic` from offset `start` up to its
+    end (confluent-kafka, no group commits), as Message objects."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("reader"), "enable.auto.commit": False,
+                  "enable.partition.eof": True, "check.crcs": True, "fetch.wait.max.ms": 50})
+    try:
+        c.assign([TopicPartition(topic, 0, start)])
+        out = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is None:
+                continue
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    return out
+                raise AssertionError(m.error())
+            out.append(m)
+        raise AssertionError(f"no end of {topic}-0 within {timeout} s")
+    finally:
+        c.close()

@@ -16,10 +16,10 @@ The broker for this module rolls and compacts every 200 ms
 import time
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import KafkaError, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from kutil import unique, wait_until, RF
+from kutil import confluent_read_to_end, unique, wait_until, RF
 
 CONFIG = """
 [storage]
@@ -72,24 +72,8 @@ def produce(bootstrap, topic, records, codec):
 
 def read_all(bootstrap, topic, start=0):
     """Every record from `start` to the end: [(offset, key, value, ts, headers)]."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("reader"), "enable.auto.commit": False,
-                  "enable.partition.eof": True, "check.crcs": True, "fetch.wait.max.ms": 50})
-    try:
-        c.assign([TopicPartition(topic, 0, start)])
-        out = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            m = c.poll(0.5)
-            if m is None:
-                continue
-            if m.error():
-                if m.error().code() == KafkaError._PARTITION_EOF:
-                    return out
-                raise AssertionError(m.error())
-            out.append((m.offset(), m.key(), m.value(), m.timestamp()[1], m.headers()))
-        raise AssertionError("no end of partition within 30 s")
-    finally:
-        c.close()
+    return [(m.offset(), m.key(), m.value(), m.timestamp()[1], m.headers())
+            for m in confluent_read_to_end(bootstrap, topic, start, timeout=30)]
 
 
 def latest_per_key(written, with_tombstones):

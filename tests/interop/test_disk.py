@@ -15,11 +15,11 @@ import subprocess
 import time
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import KafkaError, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from conftest import Broker
-from kutil import unique, wait_until, RF
+from kutil import confluent_read_to_end, unique, wait_until, RF
 
 pytestmark = pytest.mark.skipif(RF != 1, reason="one broker's disk")
 
@@ -46,24 +46,7 @@ def produce(bootstrap, topic, values, **conf):
 
 
 def read_values(bootstrap, topic):
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("disk"), "auto.offset.reset": "earliest",
-                  "enable.partition.eof": True, "enable.auto.commit": False})
-    c.subscribe([topic])
-    out = []
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            m = c.poll(0.5)
-            if m is None:
-                continue
-            if m.error():
-                if m.error().code() == KafkaError._PARTITION_EOF:
-                    return out
-                raise AssertionError(m.error())
-            out.append(m.value())
-        raise AssertionError("no end of partition within 60 s")
-    finally:
-        c.close()
+    return [m.value() for m in confluent_read_to_end(bootstrap, topic)]
 
 
 def test_below_the_free_space_floor_produce_is_refused_with_a_retriable_error(broker_factory):

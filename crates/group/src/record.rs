@@ -27,10 +27,9 @@
 //! A record with a null value is a tombstone: DeleteGroups writes one per
 //! committed partition of the group, and replay forgets that key.
 //!
-//! Replay applies records in log order, the last record of a key winning.
-//! Compaction appends ordinary commit records (a snapshot of every group's
-//! latest commits) and then moves the log start offset to where the snapshot
-//! began, so no other record kind is needed.
+//! Replay applies records in log order, the last record of a key winning,
+//! which is what the log cleaner keeps of a compacted topic: the offsets
+//! topic is one, so no other record kind is needed.
 //!
 //! The layout deliberately matches Kafka's own `OffsetCommitKey` v1 and
 //! `OffsetCommitValue` v3, so tools that read Kafka's offsets topic can read

@@ -71,8 +71,8 @@ fn field(buf: &[u8]) -> Option<(Option<&[u8]>, usize)> {
     if len < 0 {
         return Some((None, n));
     }
-    let len = usize::try_from(len).ok()?;
-    Some((Some(buf.get(n..n + len)?), n + len))
+    let end = n.checked_add(usize::try_from(len).ok()?)?;
+    Some((Some(buf.get(n..end)?), end))
 }
 
 /// Walks the records of an uncompressed record section.
