@@ -63,8 +63,11 @@ class BrokerError(RuntimeError):
 class Broker:
     """One `sluice serve` process on a data directory it keeps across restarts."""
 
-    def __init__(self, data_dir: Path, log_path: Path, env=None, config_text=None, extra_args=()):
+    def __init__(self, data_dir: Path, log_path: Path, env=None, config_text=None, extra_args=(),
+                 launcher=()):
         self.data_dir = Path(data_dir)
+        # A command the broker runs under, e.g. prlimit with a lower limit.
+        self.launcher = list(launcher)
         self.log_path = Path(log_path)
         self.extra_env = dict(env or {})
         self.extra_args = list(extra_args)
@@ -93,6 +96,7 @@ class Broker:
         env.setdefault("SLUICE_LOG", "info")
         env.update(self.extra_env)
         cmd = [
+            *self.launcher,
             sluice_bin(),
             "serve",
             "--data-dir",
@@ -107,8 +111,8 @@ class Broker:
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
         cmd += self.extra_args
-        if not Path(cmd[0]).exists():
-            raise BrokerError(f"sluice binary not found at {cmd[0]} (set SLUICE_BIN)")
+        if not Path(sluice_bin()).exists():
+            raise BrokerError(f"sluice binary not found at {sluice_bin()} (set SLUICE_BIN)")
         # A port we held a moment ago may still be taken briefly (a client
         # socket in the kernel's way); retry the same port for a few seconds.
         deadline = time.monotonic() + timeout

@@ -16,6 +16,14 @@ pub(crate) struct EpochCache {
 }
 
 impl EpochCache {
+    /// A partition directory's cache with no entries (no checkpoint file).
+    pub fn empty(dir: &Path) -> EpochCache {
+        EpochCache {
+            path: dir.join(CHECKPOINT_FILE),
+            entries: Vec::new(),
+        }
+    }
+
     /// Loads the checkpoint of a partition directory (empty when missing or unreadable).
     pub fn load(dir: &Path) -> io::Result<EpochCache> {
         let path = dir.join(CHECKPOINT_FILE);
@@ -51,11 +59,20 @@ impl EpochCache {
     }
 
     pub fn persist(&self) -> io::Result<()> {
+        fsutil::atomic_write(&self.path, self.encode().as_bytes())
+    }
+
+    /// Writes the checkpoint without syncing it (see `fsutil::replace_unsynced`).
+    pub fn persist_unsynced(&self) -> io::Result<()> {
+        fsutil::replace_unsynced(&self.path, self.encode().as_bytes())
+    }
+
+    fn encode(&self) -> String {
         let mut s = format!("0\n{}\n", self.entries.len());
         for (e, o) in &self.entries {
             s.push_str(&format!("{e} {o}\n"));
         }
-        fsutil::atomic_write(&self.path, s.as_bytes())
+        s
     }
 
     pub fn latest_epoch(&self) -> i32 {

@@ -1,8 +1,12 @@
 //! Small file-system helpers: crash-safe replacement of small files.
+//! Files are opened through the descriptor cache, so that running out of
+//! descriptors closes cached segment files instead of failing.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::Path;
+
+use crate::descriptors;
 
 /// Replaces `path` with `contents` so that after a crash the file holds
 /// either the old or the new contents: write a temporary file, fsync it,
@@ -11,18 +15,12 @@ pub(crate) fn atomic_write(path: &Path, contents: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::other(format!("{} has no parent", path.display())))?;
-    let mut tmp_name = path
-        .file_name()
-        .ok_or_else(|| io::Error::other(format!("{} has no file name", path.display())))?
-        .to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
+    let tmp = tmp_path(path)?;
     {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let mut f = descriptors::process().open(
+            &tmp,
+            OpenOptions::new().write(true).create(true).truncate(true),
+        )?;
         f.write_all(contents)?;
         f.sync_all()?;
     }
@@ -30,16 +28,51 @@ pub(crate) fn atomic_write(path: &Path, contents: &[u8]) -> io::Result<()> {
     sync_dir(dir)
 }
 
+/// Replaces `path` with `contents` by a rename, without syncing: after a
+/// crash the file may hold the old contents, the new ones or (on some file
+/// systems) nothing. For files whose contents recovery can rebuild, or that
+/// a file-system-wide sync makes durable right after.
+pub(crate) fn replace_unsynced(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let tmp = tmp_path(path)?;
+    {
+        let mut f = descriptors::process().open(
+            &tmp,
+            OpenOptions::new().write(true).create(true).truncate(true),
+        )?;
+        f.write_all(contents)?;
+    }
+    fs::rename(&tmp, path)
+}
+
+fn tmp_path(path: &Path) -> io::Result<std::path::PathBuf> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other(format!("{} has no parent", path.display())))?;
+    let mut tmp_name = path
+        .file_name()
+        .ok_or_else(|| io::Error::other(format!("{} has no file name", path.display())))?
+        .to_os_string();
+    tmp_name.push(".tmp");
+    Ok(dir.join(tmp_name))
+}
+
 /// fsyncs a directory so that entries created, renamed or removed in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    open_read(dir)?.sync_all()
+}
+
+fn open_read(path: &Path) -> io::Result<File> {
+    descriptors::process().open(path, OpenOptions::new().read(true))
 }
 
 /// Reads a small file, None when it does not exist.
 pub(crate) fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
-    match fs::read(path) {
-        Ok(b) => Ok(Some(b)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
+    let mut f = match open_read(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    Ok(Some(bytes))
 }

@@ -28,6 +28,7 @@
 mod batch;
 mod cleaner;
 mod config;
+mod descriptors;
 mod epoch;
 mod error;
 mod fsutil;
@@ -45,6 +46,7 @@ use bytes::Bytes;
 
 pub use batch::{validate_batches, BatchHeader};
 pub use config::{CleanerConfig, FlushPolicy, StoreConfig, TopicConfig};
+pub use descriptors::{segment_file_stats, set_segment_file_budget, DescriptorStats};
 pub use error::LogError;
 pub use partition::{CleanStats, Partition};
 pub use producer::ActiveProducer;

@@ -78,6 +78,8 @@ struct Writer {
     buf: Vec<u8>,
     /// Reused buffers of the bulk index writes.
     index_tail: IndexTail,
+    /// The epoch cache has an assigned epoch its checkpoint file lacks.
+    epochs_unwritten: bool,
 }
 
 /// State readers look at.
@@ -113,17 +115,23 @@ struct SyncWork {
 impl SyncWork {
     fn run(&self, dir: &Path) -> io::Result<()> {
         for f in &self.pending {
-            f.log.sync_data()?;
+            f.log()?.sync_data()?;
             f.sync_indexes()?;
         }
         if let Some(a) = &self.active {
-            a.log.sync_data()?;
+            a.log()?.sync_data()?;
         }
         if self.dir {
             fsutil::sync_dir(dir)?;
         }
         Ok(())
     }
+}
+
+/// A flush round of a store-wide flush: taken, not yet published.
+pub(crate) struct FlushRound<'a> {
+    _round: parking_lot::MutexGuard<'a, ()>,
+    work: SyncWork,
 }
 
 /// One partition's log.
@@ -171,7 +179,17 @@ impl std::fmt::Debug for Partition {
     }
 }
 
-/// Parses a segment file name "<20 digits>.log".
+/// How [`Partition::open`] finds a partition directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Opening {
+    /// Created now: the directory must not exist yet.
+    New,
+    /// The store was closed cleanly: its files are whole and synced.
+    AfterCleanShutdown,
+    /// Anything may be torn: full recovery.
+    AfterCrash,
+}
+
 /// What an append may hold.
 #[derive(Clone, Copy, Debug)]
 enum AppendKind {
@@ -256,6 +274,13 @@ fn read_offset_checkpoint(dir: &Path, name: &str) -> io::Result<Option<i64>> {
 
 impl Partition {
     /// Opens (creating when needed) a partition directory and recovers it.
+    ///
+    /// `opening` says how the store was left: after a clean shutdown the
+    /// files are known whole, synced and matching their indexes, so the
+    /// last segment gets the structural walk only, index files are not
+    /// compared and nothing is synced. A new partition's directory is not
+    /// synced either: its first flush syncs it (an empty partition lost in
+    /// a crash is recreated empty).
     pub(crate) fn open(
         topic: &str,
         id: i32,
@@ -263,12 +288,19 @@ impl Partition {
         config: Arc<RwLock<TopicConfig>>,
         flush: FlushPolicy,
         runtime: &tokio::runtime::Handle,
+        opening: Opening,
     ) -> Result<Arc<Partition>, LogError> {
-        fs::create_dir_all(&dir)?;
-        compact::finish_swaps(&dir)?;
+        if opening == Opening::New {
+            fs::create_dir(&dir)?;
+        } else {
+            fs::create_dir_all(&dir)?;
+        }
+        let clean = opening != Opening::AfterCrash;
         let interval = config.read().index_interval_bytes;
         let mut bases = Vec::new();
         let mut stems = Vec::new();
+        let mut present = Vec::new();
+        let mut swaps = false;
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
             let name = entry.file_name();
@@ -281,8 +313,17 @@ impl Partition {
             } else if name.ends_with(".tmp") {
                 // A checkpoint replacement interrupted by a crash.
                 let _ = fs::remove_file(entry.path());
+            } else if compact::is_swap_file(name) {
+                swaps = true;
+            } else {
+                present.push(name.to_string());
             }
         }
+        if swaps {
+            compact::finish_swaps(&dir)?;
+            return Partition::open(topic, id, dir, config, flush, runtime, Opening::AfterCrash);
+        }
+        let has = |file: &str| present.iter().any(|n| n == file);
         bases.sort_unstable();
         // Index files without a log file belong to a deleted segment.
         for name in stems {
@@ -292,7 +333,11 @@ impl Partition {
             }
         }
 
-        let loaded_epochs = EpochCache::load(&dir)?;
+        let loaded_epochs = if has(crate::epoch::CHECKPOINT_FILE) {
+            EpochCache::load(&dir)?
+        } else {
+            EpochCache::empty(&dir)
+        };
         let mut epochs = loaded_epochs.clone();
         let mut producers = ProducerStates::default();
         let mut txns = Transactions::default();
@@ -301,7 +346,7 @@ impl Partition {
         let mut drop_rest = false;
         let count = bases.len();
         for (i, base) in bases.into_iter().enumerate() {
-            let files = SegFiles::open(&dir, base)?;
+            let files = SegFiles::existing(&dir, base);
             if drop_rest || prev_next.is_some_and(|p| base < p) {
                 tracing::warn!(
                     file = %files.log_path.display(),
@@ -311,39 +356,49 @@ impl Partition {
                 drop_rest = true;
                 continue;
             }
-            let file_len = files.log.metadata()?.len();
+            let log = files.log()?;
+            let file_len = log.metadata()?.len();
             let is_last = i + 1 == count;
             let snapshot = (producers.clone(), epochs.clone(), txns.clone());
             let mut replay = |pos: u64, h: &BatchHeader| {
-                let marker = marker_at(&files.log, pos, h);
+                let marker = marker_at(&log, pos, h);
                 producers.replay(h, marker);
                 txns.replay(h, marker);
                 epochs.assign(h.partition_leader_epoch, h.base_offset);
             };
-            let mut w = segment::walk(&files.log, base, file_len, is_last, interval, &mut replay)?;
-            let on_disk_index = fsutil::read_optional(&files.index_path)?.unwrap_or_default();
-            let on_disk_time = fsutil::read_optional(&files.time_path)?.unwrap_or_default();
-            let index_matches = |w: &segment::Walk| {
-                on_disk_index == w.index.encode_offsets() && on_disk_time == w.index.encode_times()
+            let verify_crc = is_last && !clean;
+            let mut w = segment::walk(&log, base, file_len, verify_crc, interval, &mut replay)?;
+            let (on_disk_index, on_disk_time) = if clean {
+                (Vec::new(), Vec::new())
+            } else {
+                (
+                    fsutil::read_optional(&files.index_path)?.unwrap_or_default(),
+                    fsutil::read_optional(&files.time_path)?.unwrap_or_default(),
+                )
             };
-            if !is_last {
+            let index_matches = |w: &segment::Walk| {
+                clean
+                    || (on_disk_index == w.index.encode_offsets()
+                        && on_disk_time == w.index.encode_times())
+            };
+            if !is_last && !clean {
                 // Older segments get a structural walk. A full CRC walk
                 // follows when something is off: a structural fault, a bad
                 // CRC on the last batch (a tail never synced before a
                 // crash), or index files that do not match the log.
                 let last_ok = match w.last_batch {
-                    Some((pos, size)) => segment::batch_crc_ok(&files.log, pos, size)?,
+                    Some((pos, size)) => segment::batch_crc_ok(&log, pos, size)?,
                     None => true,
                 };
                 if w.fault.is_some() || !last_ok || !index_matches(&w) {
                     (producers, epochs, txns) = snapshot;
                     let mut replay = |pos: u64, h: &BatchHeader| {
-                        let marker = marker_at(&files.log, pos, h);
+                        let marker = marker_at(&log, pos, h);
                         producers.replay(h, marker);
                         txns.replay(h, marker);
                         epochs.assign(h.partition_leader_epoch, h.base_offset);
                     };
-                    w = segment::walk(&files.log, base, file_len, true, interval, &mut replay)?;
+                    w = segment::walk(&log, base, file_len, true, interval, &mut replay)?;
                 }
             }
             if let Some(why) = &w.fault {
@@ -355,8 +410,8 @@ impl Partition {
                     reason = %why,
                     "truncating torn or corrupt segment tail"
                 );
-                files.log.set_len(w.valid_len)?;
-                files.log.sync_all()?;
+                log.set_len(w.valid_len)?;
+                log.sync_all()?;
                 drop_rest = true;
             }
             if !index_matches(&w) {
@@ -375,20 +430,25 @@ impl Partition {
             segments.insert(base, meta);
         }
 
-        let checkpoint = read_offset_checkpoint(&dir, LOG_START_FILE)?;
-        let hw_checkpoint = read_offset_checkpoint(&dir, HIGH_WATERMARK_FILE)?;
-        let cleaned_to = read_offset_checkpoint(&dir, compact::CLEANER_CHECKPOINT_FILE)?;
+        let checkpoint = |name: &str| match has(name) {
+            true => read_offset_checkpoint(&dir, name),
+            false => Ok(None),
+        };
+        let log_start_checkpoint = checkpoint(LOG_START_FILE)?;
+        let hw_checkpoint = checkpoint(HIGH_WATERMARK_FILE)?;
+        let cleaned_to = checkpoint(compact::CLEANER_CHECKPOINT_FILE)?;
+        // The new segment's directory entry is synced by the first flush.
+        let dir_dirty = segments.is_empty();
         if segments.is_empty() {
-            let start = checkpoint.unwrap_or(0).max(0);
+            let start = log_start_checkpoint.unwrap_or(0).max(0);
             let files = Arc::new(SegFiles::create(&dir, start)?);
             segments.insert(start, SegMeta::new_empty(files, now_ms()));
-            fsutil::sync_dir(&dir)?;
         }
         let first_base = segments.first_key_value().map_or(0, |(b, _)| *b);
         let log_end = segments
             .last_key_value()
             .map_or(first_base, |(_, s)| s.next_offset);
-        let log_start = checkpoint
+        let log_start = log_start_checkpoint
             .unwrap_or(first_base)
             .max(first_base)
             .min(log_end);
@@ -408,15 +468,14 @@ impl Partition {
         epochs.truncate_from_start(log_start);
         txns.forget_before(log_start);
         if epochs != loaded_epochs {
-            epochs.persist()?;
+            // Not synced: the batches hold every epoch that has records,
+            // and this only drops epochs that have none (or adds ones the
+            // batches show).
+            epochs.persist_unsynced()?;
         }
-        if flush != FlushPolicy::Never {
-            // Whatever survived in the page cache is made durable now, so
-            // the high watermark may start at the log end.
-            for s in segments.values() {
-                s.files.log.sync_data()?;
-            }
-        }
+        // What survived a crash in the page cache is made durable by the
+        // store before anything is served (one file-system sync for all
+        // partitions), so the high watermark may start at the log end.
 
         let (written_tx, written_rx) = watch::channel(log_end);
         let partition = Arc::new(Partition {
@@ -430,6 +489,7 @@ impl Partition {
                 epochs,
                 buf: Vec::new(),
                 index_tail: IndexTail::default(),
+                epochs_unwritten: false,
             }),
             txns: RwLock::new(txns),
             view: RwLock::new(View {
@@ -437,7 +497,7 @@ impl Partition {
                 log_start,
                 log_end,
                 pending_sync: Vec::new(),
-                dir_dirty: false,
+                dir_dirty,
                 unflushed_bytes: 0,
                 generation: 0,
             }),
@@ -844,14 +904,26 @@ impl Partition {
         {
             return Ok(false);
         }
+        self.write_high_watermark(true)
+    }
+
+    /// Writes the high watermark down when it moved; `synced`: durably
+    /// before returning, else for a file-system-wide sync that follows.
+    fn write_high_watermark(&self, synced: bool) -> Result<bool, LogError> {
+        if !self.replicated.load(Ordering::Acquire) {
+            return Ok(false);
+        }
         let hw = *self.hw_tx.borrow();
         if hw == self.hw_written.load(Ordering::Acquire) {
             return Ok(false);
         }
-        fsutil::atomic_write(
-            &self.dir.join(HIGH_WATERMARK_FILE),
-            hw.to_string().as_bytes(),
-        )?;
+        let path = self.dir.join(HIGH_WATERMARK_FILE);
+        let text = hw.to_string();
+        if synced {
+            fsutil::atomic_write(&path, text.as_bytes())?;
+        } else {
+            fsutil::replace_unsynced(&path, text.as_bytes())?;
+        }
         self.hw_written.store(hw, Ordering::Release);
         Ok(true)
     }
@@ -970,10 +1042,11 @@ impl Partition {
                 None => return Err(LogError::Io(io::Error::other("partition has no segment"))),
             }
         };
-        if let Err(e) = files.log.write_all_at(&w.buf, pos) {
+        let log = files.log()?;
+        if let Err(e) = log.write_all_at(&w.buf, pos) {
             // Cut off whatever part of the write landed so the file matches
             // the in-memory size again; if even that fails, stop the partition.
-            if let Err(e2) = files.log.set_len(pos) {
+            if let Err(e2) = log.set_len(pos) {
                 self.mark_failed("truncating after a failed write", &e2);
             }
             return Err(LogError::Io(e));
@@ -1119,22 +1192,9 @@ impl Partition {
     /// One flush round: snapshot what was written, sync it, publish it.
     /// `sync_lock` makes rounds exclusive, so a round never publishes an
     /// offset whose segment another round drained but has not synced yet.
-    fn sync_round(&self, shutdown: bool) -> io::Result<()> {
+    fn sync_round(&self) -> io::Result<()> {
         let _g = self.sync_lock.lock();
-        let mut work = self.take_sync_work();
-        if shutdown {
-            // Clean shutdown: the active segment's indexes and the directory too.
-            if let Some(a) = &work.active {
-                a.sync_indexes()?;
-            }
-            work.dir = true;
-            if self.flush == FlushPolicy::Never {
-                // Rolled segments are not tracked under Never; sync them all
-                // (cheap for files without dirty pages).
-                let v = self.view.read();
-                work.pending = v.segments.values().map(|s| s.files.clone()).collect();
-            }
-        }
+        let work = self.take_sync_work();
         work.run(&self.dir)?;
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.publish_durable(&work);
@@ -1144,7 +1204,7 @@ impl Partition {
     /// One flush round on a blocking thread; false when the partition failed.
     async fn flush_round(self: &Arc<Self>) -> bool {
         let p = Arc::clone(self);
-        match tokio::task::spawn_blocking(move || p.sync_round(false)).await {
+        match tokio::task::spawn_blocking(move || p.sync_round()).await {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
                 self.mark_failed("fsync", &e);
@@ -1157,23 +1217,37 @@ impl Partition {
         }
     }
 
-    /// Synchronously flushes everything written so far (clean shutdown).
-    pub(crate) fn flush_now(&self) -> Result<(), LogError> {
+    /// First half of a store-wide flush ([`crate::Store::flush_all`]):
+    /// index entries held in memory and the high watermark go to their
+    /// files, unsynced, and what is written so far is taken as one flush
+    /// round, which holds off this partition's flusher until
+    /// [`Self::finish_flush`] publishes it after the file system's sync.
+    pub(crate) fn begin_flush(&self) -> Result<Option<FlushRound<'_>>, LogError> {
         if self.state.load(Ordering::Acquire) != STATE_OK {
-            return Ok(());
+            return Ok(None);
         }
         {
-            // Index entries held in memory go to the files before the sync.
             let mut w = self.writer.lock();
             let active = self.view.read().active().map(SegMeta::base_offset);
             if let Some(base) = active {
                 self.write_index_tail_locked(&mut w, base);
             }
+            if std::mem::take(&mut w.epochs_unwritten) {
+                w.epochs.persist_unsynced()?;
+            }
         }
-        self.sync_round(true).map_err(|e| {
-            self.mark_failed("fsync", &e);
-            LogError::Io(e)
-        })
+        self.write_high_watermark(false)?;
+        let guard = self.sync_lock.lock();
+        Ok(Some(FlushRound {
+            _round: guard,
+            work: self.take_sync_work(),
+        }))
+    }
+
+    /// Publishes a round of [`Self::begin_flush`] once its writes are durable.
+    pub(crate) fn finish_flush(&self, round: FlushRound<'_>) {
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.publish_durable(&round.work);
     }
 
     /// Number of flush rounds (fsync batches) so far; for tests of group commit.
@@ -1378,7 +1452,8 @@ impl Partition {
         };
         for (base, files, start, size) in candidates {
             let mut found = None;
-            let mut sc = segment::Scanner::new(&files.log, size, segment::SCAN_CHUNK_HEADERS);
+            let log = files.log()?;
+            let mut sc = segment::Scanner::new(&log, size, segment::SCAN_CHUNK_HEADERS);
             let mut pos = start;
             while pos < size {
                 let Some(h) = BatchHeader::parse(sc.bytes(pos, batch::HEADER_LEN)?) else {
@@ -1487,7 +1562,14 @@ impl Partition {
         let mut w = self.writer.lock();
         let log_end = self.view.read().log_end;
         if w.epochs.assign(epoch, log_end) {
-            w.epochs.persist()?;
+            // Written down on a clean shutdown or with the next change that
+            // is, not now: an epoch assigned here has nothing written in it
+            // yet, and one that gets records is rebuilt from their batches
+            // after a crash. Losing an empty one is harmless: the epoch
+            // that follows it starts at the same offset. (A node taking
+            // leadership of thousands of partitions at start-up pays no
+            // file write per partition.)
+            w.epochs_unwritten = true;
         }
         Ok(())
     }
@@ -1565,14 +1647,15 @@ impl Partition {
                 )));
             };
             let mut cut = None;
-            segment::walk(&files.log, base, size, false, interval, |pos, h| {
+            let log = files.log()?;
+            segment::walk(&log, base, size, false, interval, |pos, h| {
                 if cut.is_none() && h.last_offset() >= offset {
                     cut = Some(pos);
                 }
             })?;
             let cut = cut.unwrap_or(size);
-            files.log.set_len(cut)?;
-            let walked = segment::walk(&files.log, base, cut, false, interval, |_, _| {})?;
+            log.set_len(cut)?;
+            let walked = segment::walk(&log, base, cut, false, interval, |_, _| {})?;
             files.write_indexes(&walked.index)?;
             let mut v = self.view.write();
             if let Some(s) = v.segments.get_mut(&base) {
@@ -1625,8 +1708,9 @@ impl Partition {
         let mut p = ProducerStates::default();
         let mut t = Transactions::default();
         for (base, files, size) in segs {
-            segment::walk(&files.log, base, size, false, interval, |pos, h| {
-                let marker = marker_at(&files.log, pos, h);
+            let log = files.log()?;
+            segment::walk(&log, base, size, false, interval, |pos, h| {
+                let marker = marker_at(&log, pos, h);
                 p.replay(h, marker);
                 t.replay(h, marker);
             })?;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::batch::{self, BatchHeader, HEADER_LEN};
+use crate::descriptors::{self, LogFile};
 use crate::index::{self, SegIndex};
 
 pub(crate) const LOG_SUFFIX: &str = ".log";
@@ -24,14 +25,16 @@ pub(crate) fn stem(base_offset: i64) -> String {
 /// The files of a segment. Shared (Arc) with readers and the flusher, so a
 /// reader keeps a deleted segment's data readable until it is done.
 ///
-/// Only the log file is held open: the indexes live in memory
-/// ([`SegMeta::index`]) and their files are written in bulk and read only
-/// by recovery, so they are opened for each bulk write or sync and closed
-/// again. A segment costs one descriptor, not three.
+/// The log file is opened on demand through the descriptor cache
+/// ([`crate::descriptors`]), which closes the least recently used ones
+/// beyond its budget. The indexes live in memory ([`SegMeta::index`]) and
+/// their files are written in bulk and read only by recovery, so they are
+/// opened for each bulk write or sync and closed again. An idle segment
+/// costs no descriptor.
 #[derive(Debug)]
 pub(crate) struct SegFiles {
     pub base_offset: i64,
-    pub log: File,
+    file: Arc<LogFile>,
     pub log_path: PathBuf,
     pub index_path: PathBuf,
     pub time_path: PathBuf,
@@ -69,12 +72,14 @@ fn remove_if_present(paths: &[&PathBuf]) -> io::Result<()> {
 
 /// Opens `p` for reading and writing, creating it when missing.
 fn open_rw(p: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(p)
+    descriptors::process().open(
+        p,
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false),
+    )
 }
 
 impl SegFiles {
@@ -97,35 +102,49 @@ impl SegFiles {
         }
     }
 
-    /// Opens the log file of a segment (creating it when missing).
-    pub fn open(dir: &Path, base_offset: i64) -> io::Result<SegFiles> {
+    /// An existing segment; its log file is opened when first used.
+    pub fn existing(dir: &Path, base_offset: i64) -> SegFiles {
         let p = SegFiles::paths(dir, base_offset);
-        Ok(SegFiles {
+        SegFiles {
             base_offset,
-            log: open_rw(&p.log)?,
+            file: LogFile::existing(p.log.clone(), descriptors::process()),
             log_path: p.log,
             index_path: p.index,
             time_path: p.time,
-        })
+        }
     }
 
-    /// Creates a fresh, empty segment (truncating leftovers of the same name).
+    /// The open log file (opened now when the descriptor cache closed it).
+    pub fn log(&self) -> io::Result<Arc<File>> {
+        self.file.get()
+    }
+
+    /// Creates a fresh, empty segment (removing leftovers of the same name).
     ///
-    /// Files are truncated only when they have leftover bytes: on ext4 a
+    /// The log file is truncated only when it has leftover bytes: on ext4 a
     /// truncate marks the inode for writeback on close, which a brand-new
-    /// empty file does not need. A roll normally creates three new files,
-    /// so this is three `open(O_CREAT)` calls and three `fstat`s.
+    /// empty file does not need. The index files appear with their first
+    /// bulk write, so a partition that never gets 128 index entries or a
+    /// roll has none.
     pub fn create(dir: &Path, base_offset: i64) -> io::Result<SegFiles> {
-        let f = SegFiles::open(dir, base_offset)?;
+        let p = SegFiles::paths(dir, base_offset);
+        let f = SegFiles {
+            base_offset,
+            file: LogFile::create(p.log.clone(), descriptors::process())?,
+            log_path: p.log,
+            index_path: p.index,
+            time_path: p.time,
+        };
         let emptied = |file: &File| -> io::Result<()> {
             if file.metadata()?.len() > 0 {
                 file.set_len(0)?;
             }
             Ok(())
         };
-        emptied(&f.log)?;
-        emptied(&open_rw(&f.index_path)?)?;
-        emptied(&open_rw(&f.time_path)?)?;
+        emptied(&*f.log()?)?;
+        // Index files are created by their first bulk write; leftovers of
+        // an earlier segment of this name go.
+        remove_if_present(&[&f.index_path, &f.time_path])?;
         Ok(f)
     }
 
@@ -136,7 +155,7 @@ impl SegFiles {
         for p in [&self.index_path, &self.time_path] {
             // fsync acts on the inode, so a fresh descriptor flushes what
             // earlier ones wrote.
-            match File::open(p) {
+            match descriptors::process().open(p, OpenOptions::new().read(true)) {
                 Ok(f) => f.sync_data()?,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
@@ -145,7 +164,19 @@ impl SegFiles {
         Ok(())
     }
 
+    /// Keeps the log file open for as long as this segment lives, before
+    /// its name is removed or given to another file: readers that still
+    /// hold the segment read on from it.
+    pub fn pin(&self) -> io::Result<()> {
+        match self.file.pin() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Removes the segment's files (readers holding it read on: [`Self::pin`]).
     pub fn remove_files(&self) -> io::Result<()> {
+        self.pin()?;
         self.paths_of().remove()
     }
 
@@ -302,9 +333,7 @@ impl SegMeta {
         if self.index.max_timestamp >= 0 {
             return self.index.max_timestamp;
         }
-        self.files
-            .log
-            .metadata()
+        std::fs::metadata(&self.files.log_path)
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -651,6 +680,7 @@ pub(crate) fn read_batches(
         next_offset: offset,
         stop,
     };
+    let log = files.log()?;
     let mut pos = start_pos;
     // Locate the first batch whose last offset is >= `offset`.
     let (buf, found) = loop {
@@ -658,7 +688,7 @@ pub(crate) fn read_batches(
             return Ok(nothing(Stop::SegmentEnd));
         }
         let want = ((seg_size - pos) as usize).min(slack.saturating_add(budget.max(HEADER_LEN)));
-        let buf = read_pooled(&files.log, pos, want)?;
+        let buf = read_pooled(&log, pos, want)?;
         let mut p = 0usize;
         let mut found = None;
         while let Some(h) = buf.get(p..).and_then(BatchHeader::parse) {
@@ -705,7 +735,7 @@ pub(crate) fn read_batches(
                 .map_or(HEADER_LEN, |h| h.size());
             let from = pos + found as u64;
             let len = ((seg_size - from) as usize).min(budget.max(first_size));
-            let buf = read_pooled(&files.log, from, len)?;
+            let buf = read_pooled(&log, from, len)?;
             match cut(&buf, 0, budget, min_one, limit, offset) {
                 Cut::Done(end, next, stop) => Ok(SegRead {
                     data: buf.slice(..end),

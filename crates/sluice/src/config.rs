@@ -266,6 +266,7 @@ pub struct StorageSection {
     pub cleaner_check_interval_ms: Option<u64>,
     pub cleaner_io_max_bytes_per_second: Option<u64>,
     pub cleaner_dedupe_buffer_bytes: Option<usize>,
+    pub max_open_segment_files: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -398,6 +399,8 @@ pub struct Config {
     /// How often compacted topics are checked for a compaction round.
     pub cleaner_check_interval: Duration,
     pub cleaner: CleanerConfig,
+    /// Segment log files kept open at most (0: half the descriptor limit).
+    pub max_open_segment_files: usize,
     pub auto_create_topics: bool,
     pub num_partitions: u32,
     pub max_request_bytes: usize,
@@ -679,6 +682,7 @@ impl Config {
                     .unwrap_or(CleanerConfig::default().dedupe_buffer_bytes),
                 io_bytes_per_second: file.storage.cleaner_io_max_bytes_per_second,
             },
+            max_open_segment_files: file.storage.max_open_segment_files.unwrap_or(0),
             auto_create_topics: args
                 .auto_create_topics
                 .or(file.kafka.auto_create_topics)

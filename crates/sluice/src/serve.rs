@@ -95,6 +95,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         wait_for(shutdown_rx.clone()),
     ));
 
+    // After the descriptor limit was raised: the default budget is half of it.
+    sluice_log::set_segment_file_budget(config.max_open_segment_files);
     let store_config = StoreConfig {
         data_dir: data_dir.clone(),
         defaults: topic_defaults,
@@ -239,7 +241,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     groups.shutdown().await;
     node.shutdown().await;
 
-    let flushed = store.flush_all();
+    let flushed = store.close();
     if let Err(e) = &flushed {
         error!("flushing the store failed: {e}");
     }

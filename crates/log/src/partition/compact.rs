@@ -74,9 +74,7 @@ struct Source {
 }
 
 fn mtime(files: &SegFiles) -> SystemTime {
-    files
-        .log
-        .metadata()
+    fs::metadata(&files.log_path)
         .and_then(|m| m.modified())
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
@@ -101,6 +99,11 @@ fn parse_swap_name(name: &str) -> Option<(i64, i64)> {
         return None;
     }
     Some((base.parse().ok()?, end.parse().ok()?))
+}
+
+/// A file a compaction round leaves while it runs (`.cleaned`, `.swap`).
+pub(super) fn is_swap_file(name: &str) -> bool {
+    name.ends_with(CLEANED_SUFFIX) || parse_swap_name(name).is_some()
 }
 
 /// Finishes what a crash interrupted, before the segments are opened: a
@@ -254,7 +257,8 @@ impl Partition {
         let mut clean_end = end;
         let mut scratch = Vec::new();
         for (i, (src, _)) in cleanable.iter().enumerate().skip(dirty_from) {
-            let mut sc = Scanner::new(&src.files.log, src.size, segment::SCAN_CHUNK_FULL);
+            let log = src.files.log()?;
+            let mut sc = Scanner::new(&log, src.size, segment::SCAN_CHUNK_FULL);
             let mut pos = 0u64;
             while pos < src.size {
                 let (h, batch) = read_batch(&mut sc, pos, src)?;
@@ -317,11 +321,10 @@ impl Partition {
             let cleaned_path = self
                 .dir
                 .join(format!("{}{CLEANED_SUFFIX}", segment::stem(base)));
-            let mut out = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&cleaned_path)?;
+            let mut out = crate::descriptors::process().open(
+                &cleaned_path,
+                OpenOptions::new().write(true).create(true).truncate(true),
+            )?;
             let mut buf: Vec<u8> = Vec::with_capacity(WRITE_CHUNK);
             let mut written = 0u64;
             let mut index = SegIndex::default();
@@ -330,7 +333,8 @@ impl Partition {
             let mut changed = group.len() > 1;
             for src in group {
                 let retain_deletes = horizon.is_none_or(|h| ms_of(src.mtime) > h);
-                let mut sc = Scanner::new(&src.files.log, src.size, segment::SCAN_CHUNK_FULL);
+                let log = src.files.log()?;
+                let mut sc = Scanner::new(&log, src.size, segment::SCAN_CHUNK_FULL);
                 let mut pos = 0u64;
                 while pos < src.size {
                     let (h, batch) = read_batch(&mut sc, pos, src)?;
@@ -501,6 +505,12 @@ impl Partition {
             .dir
             .join(format!("{}{CLEANED_SUFFIX}", segment::stem(c.base)));
         let swap = self.dir.join(swap_name(c.base, c.after));
+        // Readers that took these segments before the swap read on from
+        // their files, which from here on are removed or replaced under
+        // the same name: the descriptor cache must not reopen the path.
+        for s in group {
+            s.files.pin()?;
+        }
         fs::rename(&cleaned, &swap)?;
         fsutil::sync_dir(&self.dir)?;
         if crash == Some(CrashAt::Committed) {
@@ -515,7 +525,7 @@ impl Partition {
         let target = SegFiles::paths(&self.dir, c.base);
         target.remove_indexes()?;
         fs::rename(&swap, &target.log)?;
-        let files = Arc::new(SegFiles::open(&self.dir, c.base)?);
+        let files = Arc::new(SegFiles::existing(&self.dir, c.base));
         files.write_indexes(&c.index)?;
         fsutil::sync_dir(&self.dir)?;
         let mut v = self.view.write();

@@ -3,6 +3,7 @@
 // A failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
 #![allow(clippy::unwrap_used)]
 
+mod clean_shutdown;
 mod crash;
 mod durability;
 mod idempotence;
@@ -18,6 +19,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use sluice_log::{FlushPolicy, Store, StoreConfig, TopicConfig};
+
+/// Segment log files the tests' process keeps open at most.
+pub const DESCRIPTOR_BUDGET: usize = 32;
 
 /// Describes a RecordBatch v2 to build.
 #[derive(Clone, Debug)]
@@ -113,6 +117,10 @@ pub fn batches_in(buf: &[u8]) -> Vec<(i64, i64, i64, usize)> {
 }
 
 pub fn config(dir: &Path, flush: FlushPolicy, defaults: TopicConfig) -> StoreConfig {
+    // Every test of this binary runs with few segment files open at once,
+    // so closing and reopening them is exercised everywhere.
+    static SMALL_DESCRIPTOR_BUDGET: std::sync::Once = std::sync::Once::new();
+    SMALL_DESCRIPTOR_BUDGET.call_once(|| sluice_log::set_segment_file_budget(DESCRIPTOR_BUDGET));
     StoreConfig {
         data_dir: dir.to_path_buf(),
         defaults,

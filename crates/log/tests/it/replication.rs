@@ -979,6 +979,9 @@ async fn run_replication(ops: Vec<ROp>, flush: FlushPolicy) -> Result<(), TestCa
                 let end = copy(&l, &f, max_bytes);
                 f.wait_durable(end).await.unwrap();
                 prop_assert_eq!(f.durable_end_offset(), end);
+                // The leader's own flush must not land between the two
+                // readings of its durable end below.
+                l.wait_durable(l.log_end_offset()).await.unwrap();
                 // The leader's HW: the follower's durable end, capped by the
                 // leader's own; a waiter for it resolves exactly then.
                 let old = l.high_watermark();
