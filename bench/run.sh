@@ -472,6 +472,20 @@ else
     note "- FAILED: \`sluice serve\` for the compaction rows did not print its listening line (logs/sluice-compact.log)"
 fi
 
+# Many partitions: tests/interop/scale.py creates them through the admin API,
+# produces one record to each, reads them back, restarts the broker cleanly
+# and after kill -9, reads everything again and reports RSS, open
+# descriptors and the time from start to the listening line. 10,000
+# partitions here; the 100,000-partition run takes several minutes
+# (`python tests/interop/scale.py --partitions 100000`).
+SCALE_PARTITIONS=${BENCH_SCALE_PARTITIONS:-10000}
+log "sluice: $SCALE_PARTITIONS partitions"
+measure --set system=sluice --set "scenario=$SCALE_PARTITIONS partitions on one node: create, 1 record each, clean and kill -9 restarts" -- \
+    env SLUICE_BIN="$SLUICE" "$VENV/bin/python" "$ROOT/tests/interop/scale.py" --partitions "$SCALE_PARTITIONS" --json
+if [[ -n $LAST_JSON ]]; then
+    note "- $SCALE_PARTITIONS partitions on one node: RSS $(json_num rss_mib) MiB after writing and reading all (after a clean restart $(json_num rss_after_clean_restart_mib) MiB); start to listening $(json_num restart_clean_s) s after a clean stop, $(json_num restart_kill9_s) s after kill -9; every partition read back after each; created in $(json_num create_s) s, one durable record to each in $(json_num produce_s) s."
+fi
+
 # --------------------------------------------------------- sluice amqp ---
 # The same AMQP load generator as RabbitMQ's rows below (a pipelined client on
 # amq-protocol's codecs, a few µs of CPU per message, so it measures the broker

@@ -12,20 +12,7 @@ use crate::descriptors;
 /// either the old or the new contents: write a temporary file, fsync it,
 /// rename it over the target, fsync the directory.
 pub(crate) fn atomic_write(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::other(format!("{} has no parent", path.display())))?;
-    let tmp = tmp_path(path)?;
-    {
-        let mut f = descriptors::process().open(
-            &tmp,
-            OpenOptions::new().write(true).create(true).truncate(true),
-        )?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    sync_dir(dir)
+    replace(path, contents, true)
 }
 
 /// Replaces `path` with `contents` by a rename, without syncing: after a
@@ -33,6 +20,10 @@ pub(crate) fn atomic_write(path: &Path, contents: &[u8]) -> io::Result<()> {
 /// systems) nothing. For files whose contents recovery can rebuild, or that
 /// a file-system-wide sync makes durable right after.
 pub(crate) fn replace_unsynced(path: &Path, contents: &[u8]) -> io::Result<()> {
+    replace(path, contents, false)
+}
+
+fn replace(path: &Path, contents: &[u8], synced: bool) -> io::Result<()> {
     let tmp = tmp_path(path)?;
     {
         let mut f = descriptors::process().open(
@@ -40,8 +31,15 @@ pub(crate) fn replace_unsynced(path: &Path, contents: &[u8]) -> io::Result<()> {
             OpenOptions::new().write(true).create(true).truncate(true),
         )?;
         f.write_all(contents)?;
+        if synced {
+            f.sync_all()?;
+        }
     }
-    fs::rename(&tmp, path)
+    fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) if synced => sync_dir(dir),
+        _ => Ok(()),
+    }
 }
 
 fn tmp_path(path: &Path) -> io::Result<std::path::PathBuf> {
