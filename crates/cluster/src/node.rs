@@ -366,6 +366,11 @@ impl ClusterNode {
     }
 
     /// This node's id.
+    /// This process's registration: a restart registers a new one.
+    pub fn incarnation(&self) -> u64 {
+        self.inner.incarnation
+    }
+
     pub fn node_id(&self) -> BrokerId {
         self.inner.config.node_id
     }

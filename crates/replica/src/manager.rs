@@ -437,9 +437,17 @@ impl ReplicaManager {
         let mut ok = true;
         let mut changed = false;
 
-        // Partitions this node replicates, per the image.
+        // Partitions this node replicates, per the image. Until this process
+        // is registered the image's leaders and epochs are those of an
+        // earlier run: the controller elects again once it registers, so no
+        // role is taken from them (a restarted node must not lead, even
+        // briefly, a partition another node leads at a newer epoch).
+        let registered = image
+            .brokers
+            .get(&me)
+            .is_some_and(|b| b.incarnation == self.cluster.incarnation());
         let mut want: HashMap<Key, (Wanted, PartitionState)> = HashMap::new();
-        for (name, t) in &image.topics {
+        for (name, t) in image.topics.iter().filter(|_| registered) {
             for (i, p) in t.partitions.iter().enumerate() {
                 if p.replicas.contains(&me) {
                     want.insert((name.clone(), i as i32), (wanted(me, p), p.clone()));
