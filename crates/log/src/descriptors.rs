@@ -178,10 +178,13 @@ impl Descriptors {
     /// Registers a file that just got a descriptor, closing others when
     /// the budget is exceeded.
     fn admit(&self, file: Weak<LogFile>) {
-        self.ring.lock().push_back(file);
+        // Counted before the hand can see it: an eviction of this file
+        // must never subtract it before it was added.
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         self.opens.fetch_add(1, Ordering::Relaxed);
+        self.ring.lock().push_back(file);
         let budget = self.budget.load(Ordering::Relaxed);
-        if self.open.fetch_add(1, Ordering::Relaxed) + 1 > budget {
+        if open > budget {
             self.evict_down_to(budget, false);
         }
     }

@@ -899,16 +899,15 @@ impl Partition {
     /// last time (temporary file, fsync, rename). The replication layer calls it
     /// periodically and on shutdown; true when something was written.
     pub fn checkpoint_high_watermark(&self) -> Result<bool, LogError> {
-        if !self.replicated.load(Ordering::Acquire)
-            || self.state.load(Ordering::Acquire) != STATE_OK
-        {
+        if self.state.load(Ordering::Acquire) != STATE_OK {
             return Ok(false);
         }
         self.write_high_watermark(true)
     }
 
-    /// Writes the high watermark down when it moved; `synced`: durably
-    /// before returning, else for a file-system-wide sync that follows.
+    /// Writes the high watermark of a replicated partition down when it
+    /// moved; `synced`: durably before returning, else for a
+    /// file-system-wide sync that follows.
     fn write_high_watermark(&self, synced: bool) -> Result<bool, LogError> {
         if !self.replicated.load(Ordering::Acquire) {
             return Ok(false);
