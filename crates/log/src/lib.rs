@@ -99,6 +99,9 @@ pub struct ReadResult {
     /// Whole stored record batches, starting with the batch that holds the
     /// requested offset.
     pub records: Bytes,
+    /// The offset after the last record returned (the requested offset
+    /// when none is).
+    pub next_offset: i64,
     pub high_watermark: i64,
     pub log_start_offset: i64,
     pub log_end_offset: i64,

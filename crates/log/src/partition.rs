@@ -8,7 +8,7 @@
 //! snapshot of the files to sync under `view`, syncs without locks, then
 //! publishes the new durable offset.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -248,6 +248,42 @@ fn marker_at(log: &fs::File, pos: u64, h: &BatchHeader) -> Option<Marker> {
     Marker::read(h, Bytes::from(buf))
 }
 
+/// Where each segment's aborted transactions live once filed.
+struct Filed {
+    /// Sealed segments: base, first offset of the earliest aborted
+    /// transaction in its `.txnindex` (`None`: no file).
+    sealed: Vec<(i64, Option<i64>)>,
+    /// The active segment's, kept in memory.
+    active: Vec<AbortedTxn>,
+}
+
+/// Files the aborted transactions a walk found per segment (`found`, by
+/// base): each sealed segment's go to its `.txnindex` (rewritten only when
+/// it differs), the active (last) segment's stay in memory and it keeps no
+/// file. `maybe_filed(base)`: whether that segment may have a file.
+fn file_aborted(
+    segments: impl Iterator<Item = (i64, Arc<SegFiles>)>,
+    mut found: BTreeMap<i64, Vec<AbortedTxn>>,
+    maybe_filed: impl Fn(i64) -> bool,
+) -> io::Result<Filed> {
+    let mut segments = segments.peekable();
+    let mut filed = Filed {
+        sealed: Vec::new(),
+        active: Vec::new(),
+    };
+    while let Some((base, files)) = segments.next() {
+        let entries = found.remove(&base).unwrap_or_default();
+        if segments.peek().is_none() {
+            files.store_aborted(&[], maybe_filed(base))?;
+            filed.active = entries;
+        } else {
+            let from = files.store_aborted(&entries, maybe_filed(base))?;
+            filed.sealed.push((base, from));
+        }
+    }
+    Ok(filed)
+}
+
 fn parse_log_name(name: &str) -> Option<i64> {
     let stem = name.strip_suffix(segment::LOG_SUFFIX)?;
     if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
@@ -300,6 +336,7 @@ impl Partition {
         let mut bases = Vec::new();
         let mut stems = Vec::new();
         let mut present = Vec::new();
+        let mut txn_indexes = HashSet::new();
         let mut swaps = false;
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
@@ -307,8 +344,16 @@ impl Partition {
             let Some(name) = name.to_str() else { continue };
             if let Some(base) = parse_log_name(name) {
                 bases.push(base);
-            } else if name.ends_with(segment::INDEX_SUFFIX) || name.ends_with(segment::TIME_SUFFIX)
+            } else if name.ends_with(segment::INDEX_SUFFIX)
+                || name.ends_with(segment::TIME_SUFFIX)
+                || name.ends_with(segment::TXN_INDEX_SUFFIX)
             {
+                if let Some(base) = name
+                    .strip_suffix(segment::TXN_INDEX_SUFFIX)
+                    .and_then(|stem| stem.parse::<i64>().ok())
+                {
+                    txn_indexes.insert(base);
+                }
                 stems.push(name.to_string());
             } else if name.ends_with(".tmp") {
                 // A checkpoint replacement interrupted by a crash.
@@ -341,6 +386,9 @@ impl Partition {
         let mut epochs = loaded_epochs.clone();
         let mut producers = ProducerStates::default();
         let mut txns = Transactions::default();
+        // Each segment's aborted transactions, filed once the segments that
+        // survive are known.
+        let mut aborted = BTreeMap::new();
         let mut segments = BTreeMap::new();
         let mut prev_next: Option<i64> = None;
         let mut drop_rest = false;
@@ -428,6 +476,7 @@ impl Partition {
             meta.first_batch_ts = w.first_batch_ts;
             prev_next = Some(meta.next_offset);
             segments.insert(base, meta);
+            aborted.insert(base, txns.take_aborted());
         }
 
         let checkpoint = |name: &str| match has(name) {
@@ -464,6 +513,17 @@ impl Partition {
                 }
             }
         }
+        let filed = file_aborted(
+            segments.iter().map(|(b, s)| (*b, s.files.clone())),
+            aborted,
+            |base| txn_indexes.contains(&base),
+        )?;
+        for (base, from) in filed.sealed {
+            if let Some(s) = segments.get_mut(&base) {
+                s.aborted_from = from;
+            }
+        }
+        txns.set_aborted(filed.active);
         epochs.truncate_from_end(log_end);
         epochs.truncate_from_start(log_start);
         txns.forget_before(log_start);
@@ -1115,7 +1175,34 @@ impl Partition {
             self.write_index_tail_locked(w, base);
         }
         let files = Arc::new(SegFiles::create(&self.dir, at)?);
+        // The outgoing segment's aborted transactions go to its .txnindex
+        // under the transactions lock (see `aborted_transactions`). Markers
+        // are replayed after their batch is written, under the append lock,
+        // so memory holds exactly the outgoing segment's.
+        let mut txns = self.txns.write();
+        let outgoing = txns.take_aborted();
+        let sealed = active.filter(|_| !outgoing.is_empty()).and_then(|base| {
+            self.view
+                .read()
+                .segments
+                .get(&base)
+                .map(|s| s.files.clone())
+        });
+        let aborted_from = match sealed.map(|f| f.store_aborted(&outgoing, false)) {
+            Some(Ok(from)) => from,
+            Some(Err(e)) => {
+                txns.set_aborted(outgoing);
+                return Err(e.into());
+            }
+            None => {
+                txns.set_aborted(outgoing);
+                None
+            }
+        };
         let mut v = self.view.write();
+        if let Some(old) = v.segments.values_mut().next_back() {
+            old.aborted_from = aborted_from;
+        }
         if self.flush != FlushPolicy::Never {
             if let Some(old) = v.active() {
                 let f = old.files.clone();
@@ -1278,8 +1365,9 @@ impl Partition {
             (v.log_start, v.log_end)
         };
         let high_watermark = self.high_watermark().min(log_end);
-        let result = |records| ReadResult {
+        let result = |records, next_offset| ReadResult {
             records,
+            next_offset,
             high_watermark,
             log_start_offset: log_start,
             log_end_offset: log_end,
@@ -1297,7 +1385,7 @@ impl Partition {
             ReadLimit::LogEnd => log_end,
         };
         if offset >= limit_offset {
-            return Ok(result(Bytes::new()));
+            return Ok(result(Bytes::new(), offset));
         }
 
         let mut parts: Vec<Bytes> = Vec::new();
@@ -1357,7 +1445,7 @@ impl Partition {
                 out.freeze()
             }
         };
-        Ok(result(records))
+        Ok(result(records, cur))
     }
 
     /// Whether the topic's `cleanup.policy` includes `compact` (every record
@@ -1392,8 +1480,46 @@ impl Partition {
 
     /// The aborted transactions whose records reach into `[from, to)`, for a
     /// `read_committed` fetch of that range.
-    pub fn aborted_transactions(&self, from: i64, to: i64) -> Vec<AbortedTxn> {
-        self.txns.read().aborted_between(from, to)
+    pub fn aborted_transactions(&self, from: i64, to: i64) -> Result<Vec<AbortedTxn>, LogError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        // Every change to a `.txnindex` (a roll filing the active
+        // segment's entries, a truncation, a compaction swap) happens under
+        // the transactions lock, so holding it shows each entry exactly
+        // once: in memory or in a file.
+        let txns = self.txns.read();
+        let (sealed, mut found) = {
+            let v = self.view.read();
+            let active = v.segments.last_key_value().map(|(b, _)| *b);
+            // A transaction is listed by the segment of its marker, which
+            // is at or after its records: the segments before `from`'s
+            // cannot list one that reaches `from`.
+            let start = v
+                .segments
+                .range(..=from)
+                .next_back()
+                .map_or(from, |(b, _)| *b);
+            let sealed: Vec<Arc<SegFiles>> = v
+                .segments
+                .range(start..)
+                .filter(|(b, s)| Some(**b) != active && s.aborted_from.is_some_and(|f| f < to))
+                .map(|(_, s)| s.files.clone())
+                .collect();
+            (sealed, txns.aborted_between(from, to))
+        };
+        let mut out = Vec::new();
+        for files in sealed {
+            out.extend(
+                files
+                    .read_aborted()?
+                    .into_iter()
+                    .filter(|t| t.last_offset >= from && t.first_offset < to),
+            );
+        }
+        drop(txns);
+        out.append(&mut found);
+        Ok(out)
     }
 
     /// Changes whenever the high watermark moves (long-polling fetches wait on it).
@@ -1687,7 +1813,19 @@ impl Partition {
             self.hw_tx.send_modify(|hw| *hw = (*hw).min(new_end));
             self.durable_end_tx.send_modify(|d| *d = (*d).min(new_end));
         }
-        (w.producers, *self.txns.write()) = self.rebuild_producers(interval)?;
+        // Files change under the transactions lock (see
+        // `aborted_transactions`).
+        let mut t = self.txns.write();
+        let (producers, txns, sealed) = self.rebuild_producers(interval)?;
+        w.producers = producers;
+        *t = txns;
+        let mut v = self.view.write();
+        for (base, from) in sealed {
+            if let Some(s) = v.segments.get_mut(&base) {
+                s.aborted_from = from;
+            }
+        }
+        drop((v, t));
         if w.epochs.truncate_from_end(new_end) {
             w.epochs.persist()?;
         }
@@ -1695,8 +1833,14 @@ impl Partition {
         Ok(())
     }
 
-    /// Producer and transaction state from the batches of every segment.
-    fn rebuild_producers(&self, interval: u32) -> Result<(ProducerStates, Transactions), LogError> {
+    /// Producer and transaction state from the batches of every segment,
+    /// the sealed segments' aborted transactions filed again (see
+    /// [`file_aborted`]).
+    #[allow(clippy::type_complexity)]
+    fn rebuild_producers(
+        &self,
+        interval: u32,
+    ) -> Result<(ProducerStates, Transactions, Vec<(i64, Option<i64>)>), LogError> {
         let segs: Vec<(i64, Arc<SegFiles>, u64)> = {
             let v = self.view.read();
             v.segments
@@ -1706,16 +1850,20 @@ impl Partition {
         };
         let mut p = ProducerStates::default();
         let mut t = Transactions::default();
-        for (base, files, size) in segs {
+        let mut found = BTreeMap::new();
+        for (base, files, size) in &segs {
             let log = files.log()?;
-            segment::walk(&log, base, size, false, interval, |pos, h| {
+            segment::walk(&log, *base, *size, false, interval, |pos, h| {
                 let marker = marker_at(&log, pos, h);
                 p.replay(h, marker);
                 t.replay(h, marker);
             })?;
+            found.insert(*base, t.take_aborted());
         }
+        let filed = file_aborted(segs.into_iter().map(|(b, f, _)| (b, f)), found, |_| true)?;
+        t.set_aborted(filed.active);
         t.forget_before(self.view.read().log_start);
-        Ok((p, t))
+        Ok((p, t, filed.sealed))
     }
 
     /// Total bytes of this partition's segments.

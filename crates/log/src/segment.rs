@@ -11,11 +11,16 @@ use bytes::Bytes;
 
 use crate::batch::{self, BatchHeader, HEADER_LEN};
 use crate::descriptors::{self, LogFile};
+use crate::fsutil;
 use crate::index::{self, SegIndex};
+use crate::txn::{self, AbortedTxn};
 
 pub(crate) const LOG_SUFFIX: &str = ".log";
 pub(crate) const INDEX_SUFFIX: &str = ".index";
 pub(crate) const TIME_SUFFIX: &str = ".timeindex";
+/// A sealed segment's aborted transactions (those whose ABORT marker it
+/// holds), as Kafka's per-segment `.txnindex`.
+pub(crate) const TXN_INDEX_SUFFIX: &str = ".txnindex";
 
 /// File name stem of a segment: the base offset, 20 digits, zero padded.
 pub(crate) fn stem(base_offset: i64) -> String {
@@ -38,24 +43,26 @@ pub(crate) struct SegFiles {
     pub log_path: PathBuf,
     pub index_path: PathBuf,
     pub time_path: PathBuf,
+    pub txn_path: PathBuf,
 }
 
-/// The paths of a segment's three files.
+/// The paths of a segment's files.
 pub(crate) struct SegPaths {
     pub log: PathBuf,
     pub index: PathBuf,
     pub time: PathBuf,
+    pub txn: PathBuf,
 }
 
 impl SegPaths {
     /// Removes the index files (missing ones are fine).
     pub fn remove_indexes(&self) -> io::Result<()> {
-        remove_if_present(&[&self.index, &self.time])
+        remove_if_present(&[&self.index, &self.time, &self.txn])
     }
 
-    /// Removes all three files (missing ones are fine).
+    /// Removes all of the segment's files (missing ones are fine).
     pub fn remove(&self) -> io::Result<()> {
-        remove_if_present(&[&self.log, &self.index, &self.time])
+        remove_if_present(&[&self.log, &self.index, &self.time, &self.txn])
     }
 }
 
@@ -90,6 +97,7 @@ impl SegFiles {
             log: dir.join(format!("{s}{LOG_SUFFIX}")),
             index: dir.join(format!("{s}{INDEX_SUFFIX}")),
             time: dir.join(format!("{s}{TIME_SUFFIX}")),
+            txn: dir.join(format!("{s}{TXN_INDEX_SUFFIX}")),
         }
     }
 
@@ -99,6 +107,7 @@ impl SegFiles {
             log: self.log_path.clone(),
             index: self.index_path.clone(),
             time: self.time_path.clone(),
+            txn: self.txn_path.clone(),
         }
     }
 
@@ -111,6 +120,7 @@ impl SegFiles {
             log_path: p.log,
             index_path: p.index,
             time_path: p.time,
+            txn_path: p.txn,
         }
     }
 
@@ -134,6 +144,7 @@ impl SegFiles {
             log_path: p.log,
             index_path: p.index,
             time_path: p.time,
+            txn_path: p.txn,
         };
         let emptied = |file: &File| -> io::Result<()> {
             if file.metadata()?.len() > 0 {
@@ -144,7 +155,7 @@ impl SegFiles {
         emptied(&*f.log()?)?;
         // Index files are created by their first bulk write; leftovers of
         // an earlier segment of this name go.
-        remove_if_present(&[&f.index_path, &f.time_path])?;
+        remove_if_present(&[&f.index_path, &f.time_path, &f.txn_path])?;
         Ok(f)
     }
 
@@ -184,6 +195,40 @@ impl SegFiles {
     pub fn write_indexes(&self, ix: &SegIndex) -> io::Result<()> {
         rewrite(&open_rw(&self.index_path)?, &ix.encode_offsets())?;
         rewrite(&open_rw(&self.time_path)?, &ix.encode_times())
+    }
+
+    /// The aborted transactions in this segment's `.txnindex` (none when it
+    /// has no file).
+    pub fn read_aborted(&self) -> io::Result<Vec<AbortedTxn>> {
+        Ok(fsutil::read_optional(&self.txn_path)?
+            .map(|bytes| txn::decode_aborted(&bytes))
+            .unwrap_or_default())
+    }
+
+    /// Makes this segment's `.txnindex` hold exactly `entries` (no file when
+    /// there are none). `maybe_present`: whether a file may exist already;
+    /// one that holds the same entries is left alone. Not synced: the file
+    /// is derived from the log, and every open checks it against the log.
+    /// Returns the first offset of the earliest aborted transaction listed.
+    pub fn store_aborted(
+        &self,
+        entries: &[AbortedTxn],
+        maybe_present: bool,
+    ) -> io::Result<Option<i64>> {
+        let first = entries.iter().map(|a| a.first_offset).min();
+        if entries.is_empty() {
+            if maybe_present {
+                remove_if_present(&[&self.txn_path])?;
+            }
+            return Ok(None);
+        }
+        let encoded = txn::encode_aborted(entries);
+        if maybe_present && fsutil::read_optional(&self.txn_path)?.as_deref() == Some(&encoded[..])
+        {
+            return Ok(first);
+        }
+        fsutil::replace_unsynced(&self.txn_path, &encoded)?;
+        Ok(first)
     }
 
     /// Writes index entries that are in memory but not yet in the files
@@ -254,6 +299,10 @@ pub(crate) struct SegMeta {
     /// Max timestamp of the segment's first batch (Kafka's
     /// `rollingBasedTimestamp`); `None` while the segment is empty.
     pub first_batch_ts: Option<i64>,
+    /// A sealed segment with aborted transactions in its `.txnindex`: the
+    /// first offset of the earliest of them (a fetch below it must read the
+    /// file). The active segment's are in memory ([`crate::txn`]).
+    pub aborted_from: Option<i64>,
 }
 
 impl SegMeta {
@@ -267,6 +316,7 @@ impl SegMeta {
             index_on_disk: (0, 0),
             created_ms: now_ms,
             first_batch_ts: None,
+            aborted_from: None,
         }
     }
 

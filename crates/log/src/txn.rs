@@ -94,6 +94,39 @@ pub struct AbortedTxn {
     pub last_offset: i64,
 }
 
+/// Bytes of one entry of a segment's `.txnindex`: producer id, first
+/// offset, marker offset, each big-endian.
+const ABORTED_ENTRY: usize = 24;
+
+/// A `.txnindex` file's contents for `entries`.
+pub(crate) fn encode_aborted(entries: &[AbortedTxn]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * ABORTED_ENTRY);
+    for a in entries {
+        out.extend_from_slice(&a.producer_id.to_be_bytes());
+        out.extend_from_slice(&a.first_offset.to_be_bytes());
+        out.extend_from_slice(&a.last_offset.to_be_bytes());
+    }
+    out
+}
+
+/// The entries of a `.txnindex` file; a torn last entry is ignored (the
+/// file is checked against the log, and rewritten, at every open).
+pub(crate) fn decode_aborted(bytes: &[u8]) -> Vec<AbortedTxn> {
+    let word = |e: &[u8], i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&e[i * 8..i * 8 + 8]);
+        i64::from_be_bytes(w)
+    };
+    bytes
+        .chunks_exact(ABORTED_ENTRY)
+        .map(|e| AbortedTxn {
+            producer_id: word(e, 0),
+            first_offset: word(e, 1),
+            last_offset: word(e, 2),
+        })
+        .collect()
+}
+
 /// The transactions of one partition's log.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Transactions {
@@ -101,7 +134,10 @@ pub(crate) struct Transactions {
     open: HashMap<i64, i64>,
     /// The same, ordered by first offset (the LSO is the smallest).
     by_first: BTreeSet<(i64, i64)>,
-    /// Aborted transactions still in the log, in marker order.
+    /// Aborted transactions whose markers were replayed since the last
+    /// [`Transactions::take_aborted`], in marker order: the active
+    /// segment's. A sealed segment's are in its `.txnindex`, so memory
+    /// holds one segment's worth, however long the log.
     aborted: VecDeque<AbortedTxn>,
 }
 
@@ -159,6 +195,17 @@ impl Transactions {
             .filter(|t| t.last_offset >= from && t.first_offset < to)
             .copied()
             .collect()
+    }
+
+    /// The aborted transactions held in memory, for a segment's
+    /// `.txnindex`; memory keeps none.
+    pub fn take_aborted(&mut self) -> Vec<AbortedTxn> {
+        std::mem::take(&mut self.aborted).into()
+    }
+
+    /// Puts aborted transactions (the active segment's) in memory.
+    pub fn set_aborted(&mut self, entries: Vec<AbortedTxn>) {
+        self.aborted = entries.into();
     }
 
     /// Forgets aborted transactions wholly below the log start.

@@ -139,28 +139,41 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
                     let read = log.read(fp.fetch_offset, max, bytes == 0, limit);
                     let code = match read {
                         Ok(read) => {
-                            bytes += read.records.len();
                             let stable = log.last_stable_offset();
-                            if committed {
-                                // Every aborted transaction whose records
-                                // reach into what is returned: the consumer
-                                // drops them.
-                                pd.aborted_transactions = Some(
-                                    log.aborted_transactions(fp.fetch_offset, stable)
-                                        .into_iter()
-                                        .map(|t| {
-                                            fetch_response::AbortedTransaction::default()
-                                                .with_producer_id(t.producer_id.into())
-                                                .with_first_offset(t.first_offset)
-                                        })
-                                        .collect(),
-                                );
+                            // Every aborted transaction whose records reach
+                            // into what is returned (Kafka's upper bound):
+                            // the consumer drops them.
+                            let aborted = match committed {
+                                true => log
+                                    .aborted_transactions(
+                                        fp.fetch_offset,
+                                        read.next_offset.min(stable),
+                                    )
+                                    .map(Some),
+                                false => Ok(None),
+                            };
+                            match aborted {
+                                Err(err) => err.error_code().code(),
+                                Ok(aborted) => {
+                                    if let Some(list) = aborted {
+                                        pd.aborted_transactions = Some(
+                                            list.into_iter()
+                                                .map(|t| {
+                                                    fetch_response::AbortedTransaction::default()
+                                                        .with_producer_id(t.producer_id.into())
+                                                        .with_first_offset(t.first_offset)
+                                                })
+                                                .collect(),
+                                        );
+                                    }
+                                    bytes += read.records.len();
+                                    pd.high_watermark = read.high_watermark;
+                                    pd.last_stable_offset = stable;
+                                    pd.log_start_offset = read.log_start_offset;
+                                    pd.records = Some(read.records);
+                                    0
+                                }
                             }
-                            pd.high_watermark = read.high_watermark;
-                            pd.last_stable_offset = stable;
-                            pd.log_start_offset = read.log_start_offset;
-                            pd.records = Some(read.records);
-                            0
                         }
                         Err(err) => err.error_code().code(),
                     };

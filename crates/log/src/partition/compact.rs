@@ -34,6 +34,7 @@ use crate::config::CleanerConfig;
 use crate::fsutil;
 use crate::index::SegIndex;
 use crate::segment::{self, Scanner, SegFiles, SegMeta};
+use crate::txn::AbortedTxn;
 use crate::LogError;
 
 use super::{now_ms, Partition, STATE_OK};
@@ -236,7 +237,7 @@ impl Partition {
 
         let started = std::time::Instant::now();
         let mut throttle = Throttle::new(cleaner.io_bytes_per_second);
-        let aborted = self.txns.read().aborted_between(log_start, end);
+        let aborted = self.aborted_transactions(log_start, end)?;
         let is_aborted = |h: &BatchHeader| {
             h.is_transactional()
                 && !h.is_control()
@@ -297,6 +298,8 @@ impl Partition {
             .filter(|s| s.base < clean_end)
             .collect();
         let mut txn_data: HashSet<i64> = HashSet::new();
+        // Transaction markers the round keeps, by producer and offset.
+        let mut markers_kept: HashSet<(i64, i64)> = HashSet::new();
         let mut filter_scratch = Default::default();
         let interval = cfg.index_interval_bytes;
         let mut group_start = 0;
@@ -347,6 +350,9 @@ impl Partition {
                         let had_data = txn_data.remove(&h.producer_id);
                         if !h.is_transactional() || had_data || retain_deletes {
                             buf.extend_from_slice(batch);
+                            if h.is_transactional() {
+                                markers_kept.insert((h.producer_id, h.base_offset));
+                            }
                             Filtered::Unchanged
                         } else {
                             Filtered::Dropped
@@ -440,6 +446,16 @@ impl Partition {
             if crash == Some(CrashAt::Cleaned) {
                 return Err(LogError::Io(io::Error::other("crash injected")));
             }
+            // The group's aborted transactions whose markers stay.
+            let group_aborted = aborted
+                .iter()
+                .filter(|a| {
+                    a.last_offset >= base
+                        && a.last_offset < after
+                        && markers_kept.contains(&(a.producer_id, a.last_offset))
+                })
+                .copied()
+                .collect();
             let meta = Cleaned {
                 base,
                 after,
@@ -447,6 +463,7 @@ impl Partition {
                 next_offset: next_offset.max(base),
                 index,
                 first_batch_ts,
+                aborted: group_aborted,
             };
             if !self.swap_in(group, meta, crash)? {
                 // The log changed under the round (retention, deletion):
@@ -511,6 +528,9 @@ impl Partition {
         for s in group {
             s.files.pin()?;
         }
+        // The group's `.txnindex` files change under the transactions lock
+        // (see `aborted_transactions`).
+        let _txns = self.txns.write();
         fs::rename(&cleaned, &swap)?;
         fsutil::sync_dir(&self.dir)?;
         if crash == Some(CrashAt::Committed) {
@@ -527,6 +547,7 @@ impl Partition {
         fs::rename(&swap, &target.log)?;
         let files = Arc::new(SegFiles::existing(&self.dir, c.base));
         files.write_indexes(&c.index)?;
+        let aborted_from = files.store_aborted(&c.aborted, false)?;
         fsutil::sync_dir(&self.dir)?;
         let mut v = self.view.write();
         let created_ms = v
@@ -542,6 +563,7 @@ impl Partition {
         meta.index_on_disk = (c.index.offsets.len(), c.index.times.len());
         meta.index = c.index;
         meta.first_batch_ts = c.first_batch_ts;
+        meta.aborted_from = aborted_from;
         v.segments.insert(c.base, meta);
         Ok(true)
     }
@@ -556,6 +578,8 @@ struct Cleaned {
     next_offset: i64,
     index: SegIndex,
     first_batch_ts: Option<i64>,
+    /// Aborted transactions whose markers the group keeps, for its `.txnindex`.
+    aborted: Vec<AbortedTxn>,
 }
 
 fn next_base_of(sources: &[Source], i: usize, end: i64) -> i64 {
@@ -1073,6 +1097,15 @@ mod tests {
             "{after:?}"
         );
         check_reader(&history, &f.read_from(0), 0, false);
+        // The merged segment's .txnindex still lists the aborted
+        // transaction, whose marker stayed.
+        let listed = |p: &Partition| p.aborted_transactions(0, p.log_end_offset()).unwrap();
+        let abort = crate::AbortedTxn {
+            producer_id: 8,
+            first_offset: aborted,
+            last_offset: abort_marker,
+        };
+        assert_eq!(listed(&p), vec![abort]);
         // Another round, past the horizon (delete.retention.ms = 0): the
         // abort marker has no records left and goes; the commit marker
         // stays with its committed record.
@@ -1088,5 +1121,10 @@ mod tests {
         );
         assert!(again.iter().any(|b| b.0 == committed), "{again:?}");
         check_reader(&history, &f.read_from(0), 0, false);
+        // With its marker gone it is listed no more, as a reopen derives.
+        assert!(listed(&p).is_empty());
+        let mut f = f;
+        f.reopen();
+        assert!(listed(&f.partition()).is_empty());
     }
 }

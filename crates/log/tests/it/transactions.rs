@@ -77,10 +77,16 @@ async fn stable_offset_and_aborted_transactions_survive_restart_and_truncation()
         assert_eq!(end(&p, 11, 0, false).unwrap(), 6);
         p.wait_durable(p.log_end_offset()).await.unwrap();
         assert_eq!(p.last_stable_offset(), 7);
-        assert_eq!(p.aborted_transactions(0, 7), vec![aborted(11, 4, 6)]);
-        assert_eq!(p.aborted_transactions(5, 7), vec![aborted(11, 4, 6)]);
-        assert!(p.aborted_transactions(0, 4).is_empty());
-        assert!(p.aborted_transactions(7, 8).is_empty());
+        assert_eq!(
+            p.aborted_transactions(0, 7).unwrap(),
+            vec![aborted(11, 4, 6)]
+        );
+        assert_eq!(
+            p.aborted_transactions(5, 7).unwrap(),
+            vec![aborted(11, 4, 6)]
+        );
+        assert!(p.aborted_transactions(0, 4).unwrap().is_empty());
+        assert!(p.aborted_transactions(7, 8).unwrap().is_empty());
 
         // A transaction left open at the stop.
         assert_eq!(
@@ -98,7 +104,10 @@ async fn stable_offset_and_aborted_transactions_survive_restart_and_truncation()
         let p = store.partition("t", 0).unwrap();
         assert_eq!(p.log_end_offset(), 10);
         assert_eq!(p.last_stable_offset(), 7);
-        assert_eq!(p.aborted_transactions(0, 10), vec![aborted(11, 4, 6)]);
+        assert_eq!(
+            p.aborted_transactions(0, 10).unwrap(),
+            vec![aborted(11, 4, 6)]
+        );
         assert_eq!(end(&p, 12, 0, true).unwrap(), 10);
         p.wait_durable(p.log_end_offset()).await.unwrap();
         assert_eq!(p.last_stable_offset(), 11);
@@ -106,7 +115,7 @@ async fn stable_offset_and_aborted_transactions_survive_restart_and_truncation()
         // Cutting the abort marker off reopens producer 11's transaction.
         p.truncate_to(6).unwrap();
         assert_eq!(p.last_stable_offset(), 4);
-        assert!(p.aborted_transactions(0, 6).is_empty());
+        assert!(p.aborted_transactions(0, 6).unwrap().is_empty());
     }
     let store = open(dir.path(), FlushPolicy::Always, defaults);
     let p = store.partition("t", 0).unwrap();
@@ -187,7 +196,7 @@ async fn markers_fence_older_epochs_and_batches_are_checked_for_their_kind() {
     p.wait_durable(p.log_end_offset()).await.unwrap();
     assert_eq!(p.last_stable_offset(), p.log_end_offset());
     assert_eq!(
-        p.aborted_transactions(before, marker + 1),
+        p.aborted_transactions(before, marker + 1).unwrap(),
         vec![aborted(22, before, marker)]
     );
 }
@@ -225,8 +234,14 @@ async fn a_follower_derives_the_same_transactions_from_the_leaders_bytes() {
     assert_eq!(f.append_replica(&all.records).unwrap(), l.log_end_offset());
     f.wait_durable(f.log_end_offset()).await.unwrap();
     l.wait_durable(l.log_end_offset()).await.unwrap();
-    assert_eq!(f.aborted_transactions(0, 10), vec![aborted(30, 0, 4)]);
-    assert_eq!(f.aborted_transactions(0, 10), l.aborted_transactions(0, 10));
+    assert_eq!(
+        f.aborted_transactions(0, 10).unwrap(),
+        vec![aborted(30, 0, 4)]
+    );
+    assert_eq!(
+        f.aborted_transactions(0, 10).unwrap(),
+        l.aborted_transactions(0, 10).unwrap()
+    );
     assert_eq!(f.last_stable_offset(), 2, "producer 31 is open on both");
     assert_eq!(l.last_stable_offset(), 2);
     // The follower knows the fencing epoch too, should it lead.
@@ -313,4 +328,232 @@ async fn active_producers_are_the_same_after_restart_and_on_a_follower() {
         (0, 1, Some(3)),
         "without its marker, producer 41's transaction is open again"
     );
+}
+
+mod filed_against_a_model {
+    //! Property test: the aborted transactions a read_committed fetch is
+    //! given, and where they are kept (sealed segments' `.txnindex` files,
+    //! the active segment's in memory), against a model of the log's
+    //! batches, across segment rolls, truncation and clean and crash
+    //! restarts.
+
+    use std::collections::{BTreeSet, HashMap};
+    use std::path::Path;
+
+    use proptest::prelude::*;
+    use sluice_log::{AbortedTxn, FlushPolicy, Partition};
+
+    use super::{end, txn};
+    use crate::{batch, log_files, no_overrides, open, small_segments, Spec};
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Data {
+            pid: i64,
+            len: i32,
+            transactional: bool,
+        },
+        End {
+            pid: i64,
+            commit: bool,
+        },
+        /// Truncate at the offset `permille` of the way into the log.
+        Truncate {
+            permille: i64,
+        },
+        Reopen {
+            clean: bool,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0..4i64, 1..4i32, any::<bool>())
+                .prop_map(|(pid, len, transactional)| Op::Data { pid, len, transactional }),
+            3 => (0..4i64, any::<bool>()).prop_map(|(pid, commit)| Op::End { pid, commit }),
+            1 => (0..1000i64).prop_map(|permille| Op::Truncate { permille }),
+            1 => any::<bool>().prop_map(|clean| Op::Reopen { clean }),
+        ]
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Kind {
+        Plain,
+        Txn,
+        Marker { commit: bool },
+    }
+
+    /// The log as a list of batches: (base offset, records, producer, kind).
+    #[derive(Default)]
+    struct Model {
+        batches: Vec<(i64, i64, i64, Kind)>,
+    }
+
+    impl Model {
+        fn end(&self) -> i64 {
+            self.batches
+                .last()
+                .map_or(0, |(base, len, _, _)| base + len)
+        }
+
+        /// Kafka's rule, replayed: a transaction runs from its producer's
+        /// first transactional batch to its marker (the marker alone when
+        /// nothing came before it).
+        fn replay(&self) -> (Vec<AbortedTxn>, Option<i64>) {
+            let mut open: HashMap<i64, i64> = HashMap::new();
+            let mut aborted = Vec::new();
+            for (base, _, pid, kind) in &self.batches {
+                match kind {
+                    Kind::Plain => {}
+                    Kind::Txn => {
+                        open.entry(*pid).or_insert(*base);
+                    }
+                    Kind::Marker { commit } => {
+                        let first = open.remove(pid).unwrap_or(*base);
+                        if !commit {
+                            aborted.push(AbortedTxn {
+                                producer_id: *pid,
+                                first_offset: first,
+                                last_offset: *base,
+                            });
+                        }
+                    }
+                }
+            }
+            (aborted, open.values().min().copied())
+        }
+    }
+
+    /// Sealed segments holding an ABORT marker have a `.txnindex`; no other
+    /// segment has one (the active one's stay in memory).
+    fn filed_where_the_markers_are(dir: &Path, model: &Model) -> Result<(), TestCaseError> {
+        let bases: Vec<i64> = log_files(dir)
+            .iter()
+            .map(|p| p.file_stem().unwrap().to_str().unwrap().parse().unwrap())
+            .collect();
+        let (aborted, _) = model.replay();
+        for (i, base) in bases.iter().enumerate() {
+            let next = bases.get(i + 1).copied();
+            let expected = next.is_some_and(|next| {
+                aborted
+                    .iter()
+                    .any(|a| a.last_offset >= *base && a.last_offset < next)
+            });
+            let file = dir.join(format!("{base:020}.txnindex"));
+            prop_assert_eq!(file.exists(), expected, "segment {} of {:?}", base, bases);
+        }
+        Ok(())
+    }
+
+    fn check(p: &Partition, model: &Model) -> Result<(), TestCaseError> {
+        let end = model.end();
+        let (aborted, first_open) = model.replay();
+        prop_assert_eq!(p.log_end_offset(), end);
+        prop_assert_eq!(p.last_stable_offset(), first_open.unwrap_or(end).min(end));
+        for from in 0..=end {
+            for to in [from + 1, from + 3, end + 1] {
+                let expected: Vec<AbortedTxn> = aborted
+                    .iter()
+                    .filter(|a| a.last_offset >= from && a.first_offset < to)
+                    .copied()
+                    .collect();
+                prop_assert_eq!(
+                    p.aborted_transactions(from, to).unwrap(),
+                    expected,
+                    "[{}, {})",
+                    from,
+                    to
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn run(ops: Vec<Op>, segment_bytes: u64) -> Result<(), TestCaseError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let defaults = small_segments(segment_bytes, 64);
+        let mut store = open(dir.path(), FlushPolicy::Never, defaults.clone());
+        store.create_topic("t", 1, &no_overrides(), false).unwrap();
+        let partition_dir = dir.path().join("t-0");
+        let mut model = Model::default();
+        // A truncation moves on to fresh producer ids, so sequences never
+        // have to follow what it cut.
+        let mut generation = 0i64;
+        let mut next_seq: HashMap<i64, i32> = HashMap::new();
+        let mut seen = BTreeSet::new();
+        for op in ops {
+            let p = store.partition("t", 0).unwrap();
+            match op {
+                Op::Data {
+                    pid,
+                    len,
+                    transactional,
+                } => {
+                    let at = if transactional {
+                        let pid = pid + generation * 10;
+                        let seq = next_seq.entry(pid).or_insert(0);
+                        let r = p.append_transactional(&txn(pid, 0, *seq, len), 0).unwrap();
+                        *seq += len;
+                        seen.insert(pid);
+                        model
+                            .batches
+                            .push((r.base_offset, i64::from(len), pid, Kind::Txn));
+                        r.base_offset
+                    } else {
+                        let r = p.append(&batch(&Spec::plain(len, 20)), 0).unwrap();
+                        model
+                            .batches
+                            .push((r.base_offset, i64::from(len), -1, Kind::Plain));
+                        r.base_offset
+                    };
+                    prop_assert_eq!(at, model.end() - model.batches.last().unwrap().1);
+                }
+                Op::End { pid, commit } => {
+                    let pid = pid + generation * 10;
+                    if seen.contains(&pid) {
+                        let at = end(&p, pid, 0, commit).unwrap();
+                        prop_assert_eq!(at, model.end());
+                        model.batches.push((at, 1, pid, Kind::Marker { commit }));
+                    }
+                }
+                Op::Truncate { permille } => {
+                    let offset = model.end() * permille / 1000;
+                    p.truncate_to(offset).unwrap();
+                    model
+                        .batches
+                        .retain(|(base, len, _, _)| base + len - 1 < offset);
+                    generation += 1;
+                }
+                Op::Reopen { clean } => {
+                    drop(p);
+                    if clean {
+                        store.close().unwrap();
+                    }
+                    drop(store);
+                    store = open(dir.path(), FlushPolicy::Never, defaults.clone());
+                }
+            }
+            let p = store.partition("t", 0).unwrap();
+            check(&p, &model)?;
+            filed_where_the_markers_are(&partition_dir, &model)?;
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn fetches_list_the_aborted_transactions_the_model_does(
+            ops in prop::collection::vec(op(), 1..50),
+            segment_bytes in 150u64..600,
+        ) {
+            run(ops, segment_bytes)?;
+        }
+    }
 }
