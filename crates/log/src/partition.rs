@@ -158,6 +158,12 @@ pub struct Partition {
     /// in-sync replicas hold); local mode: it follows `durable_end`.
     replicated: AtomicBool,
     fsyncs: AtomicU64,
+    /// Moves (under the transactions lock) whenever an aborted transaction
+    /// may leave the list other than by a roll filing it: a compaction
+    /// dropping its marker, a truncation, the log start passing it. A
+    /// `read_committed` read that sees it move between reading records and
+    /// listing aborted transactions reads again (see [`Partition::read_committed`]).
+    aborted_changes: AtomicU64,
     /// The high watermark last written to `HIGH_WATERMARK_FILE` (-1: none).
     hw_written: AtomicI64,
     /// Held by a flush round from snapshot to publication.
@@ -571,6 +577,7 @@ impl Partition {
             durable_end_tx: watch::channel(log_end).0,
             replicated: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
+            aborted_changes: AtomicU64::new(0),
             hw_written: AtomicI64::new(hw_checkpoint.unwrap_or(-1)),
             sync_lock: Mutex::new(()),
             state: AtomicU8::new(STATE_OK),
@@ -1478,6 +1485,33 @@ impl Partition {
             .active(|producer_id| txns.open_since(producer_id))
     }
 
+    /// A `read_committed` read: records up to the last stable offset, and
+    /// the aborted transactions whose records reach into them (Kafka's
+    /// bound: the end of what is returned), both from the same state of
+    /// the log.
+    pub fn read_committed(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        min_one_batch: bool,
+    ) -> Result<(ReadResult, Vec<AbortedTxn>), LogError> {
+        loop {
+            let before = self.aborted_changes.load(Ordering::SeqCst);
+            let read = self.read(offset, max_bytes, min_one_batch, ReadLimit::LastStable)?;
+            let to = read.next_offset.min(self.last_stable_offset());
+            let aborted = self.aborted_transactions(offset, to)?;
+            if self.aborted_changes.load(Ordering::SeqCst) == before {
+                return Ok((read, aborted));
+            }
+        }
+    }
+
+    /// Marks a change after which aborted transactions may be listed no
+    /// more; the caller holds the transactions lock.
+    pub(crate) fn aborted_list_changed(&self) {
+        self.aborted_changes.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// The aborted transactions whose records reach into `[from, to)`, for a
     /// `read_committed` fetch of that range.
     pub fn aborted_transactions(&self, from: i64, to: i64) -> Result<Vec<AbortedTxn>, LogError> {
@@ -1633,6 +1667,10 @@ impl Partition {
     /// below it and trims the epoch cache. Caller holds the append lock.
     fn advance_log_start(&self, w: &mut Writer, start: i64) -> Result<(), LogError> {
         fsutil::atomic_write(&self.dir.join(LOG_START_FILE), start.to_string().as_bytes())?;
+        // Aborted transactions below the start leave the list with their
+        // segments (see `aborted_changes`).
+        let mut txns = self.txns.write();
+        self.aborted_list_changed();
         let removed = {
             let mut v = self.view.write();
             v.log_start = start.max(v.log_start);
@@ -1658,10 +1696,11 @@ impl Partition {
         for f in &removed {
             f.remove_files()?;
         }
+        txns.forget_before(start);
+        drop(txns);
         if w.epochs.truncate_from_start(start) {
             w.epochs.persist()?;
         }
-        self.txns.write().forget_before(start);
         Ok(())
     }
 
@@ -1733,6 +1772,11 @@ impl Partition {
             }
             return Ok(());
         }
+        // The segments and their `.txnindex` files change under the
+        // transactions lock (see `aborted_transactions`), and what was
+        // listed may be listed no more (see `aborted_changes`).
+        let mut t = self.txns.write();
+        self.aborted_list_changed();
         let new_end;
         if offset < log_start || offset <= first_base {
             let removed: Vec<SegMeta> = {
@@ -1813,13 +1857,13 @@ impl Partition {
             self.hw_tx.send_modify(|hw| *hw = (*hw).min(new_end));
             self.durable_end_tx.send_modify(|d| *d = (*d).min(new_end));
         }
-        // Files change under the transactions lock (see
-        // `aborted_transactions`).
-        let mut t = self.txns.write();
         let (producers, txns, sealed) = self.rebuild_producers(interval)?;
         w.producers = producers;
         *t = txns;
         let mut v = self.view.write();
+        for s in v.segments.values_mut() {
+            s.aborted_from = None;
+        }
         for (base, from) in sealed {
             if let Some(s) = v.segments.get_mut(&base) {
                 s.aborted_from = from;

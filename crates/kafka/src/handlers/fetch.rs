@@ -130,50 +130,35 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
                     let max = partition_max.min(response_max.saturating_sub(bytes));
                     // KIP-74: the first partition with data returns at least one
                     // whole batch, so a batch above the limits cannot stall a consumer.
-                    let committed = req.isolation_level == READ_COMMITTED;
-                    let limit = if committed {
-                        ReadLimit::LastStable
+                    // read_committed: up to the last stable offset, with
+                    // every aborted transaction whose records reach into
+                    // what is returned (the consumer drops them).
+                    let read = if req.isolation_level == READ_COMMITTED {
+                        log.read_committed(fp.fetch_offset, max, bytes == 0)
+                            .map(|(read, aborted)| (read, Some(aborted)))
                     } else {
-                        ReadLimit::HighWatermark
+                        log.read(fp.fetch_offset, max, bytes == 0, ReadLimit::HighWatermark)
+                            .map(|read| (read, None))
                     };
-                    let read = log.read(fp.fetch_offset, max, bytes == 0, limit);
                     let code = match read {
-                        Ok(read) => {
-                            let stable = log.last_stable_offset();
-                            // Every aborted transaction whose records reach
-                            // into what is returned (Kafka's upper bound):
-                            // the consumer drops them.
-                            let aborted = match committed {
-                                true => log
-                                    .aborted_transactions(
-                                        fp.fetch_offset,
-                                        read.next_offset.min(stable),
-                                    )
-                                    .map(Some),
-                                false => Ok(None),
-                            };
-                            match aborted {
-                                Err(err) => err.error_code().code(),
-                                Ok(aborted) => {
-                                    if let Some(list) = aborted {
-                                        pd.aborted_transactions = Some(
-                                            list.into_iter()
-                                                .map(|t| {
-                                                    fetch_response::AbortedTransaction::default()
-                                                        .with_producer_id(t.producer_id.into())
-                                                        .with_first_offset(t.first_offset)
-                                                })
-                                                .collect(),
-                                        );
-                                    }
-                                    bytes += read.records.len();
-                                    pd.high_watermark = read.high_watermark;
-                                    pd.last_stable_offset = stable;
-                                    pd.log_start_offset = read.log_start_offset;
-                                    pd.records = Some(read.records);
-                                    0
-                                }
+                        Ok((read, aborted)) => {
+                            if let Some(list) = aborted {
+                                pd.aborted_transactions = Some(
+                                    list.into_iter()
+                                        .map(|t| {
+                                            fetch_response::AbortedTransaction::default()
+                                                .with_producer_id(t.producer_id.into())
+                                                .with_first_offset(t.first_offset)
+                                        })
+                                        .collect(),
+                                );
                             }
+                            bytes += read.records.len();
+                            pd.high_watermark = read.high_watermark;
+                            pd.last_stable_offset = log.last_stable_offset();
+                            pd.log_start_offset = read.log_start_offset;
+                            pd.records = Some(read.records);
+                            0
                         }
                         Err(err) => err.error_code().code(),
                     };

@@ -529,8 +529,10 @@ impl Partition {
             s.files.pin()?;
         }
         // The group's `.txnindex` files change under the transactions lock
-        // (see `aborted_transactions`).
+        // (see `aborted_transactions`), and the transactions whose markers
+        // the round dropped are listed no more (see `read_committed`).
         let _txns = self.txns.write();
+        self.aborted_list_changed();
         fs::rename(&cleaned, &swap)?;
         fsutil::sync_dir(&self.dir)?;
         if crash == Some(CrashAt::Committed) {

@@ -361,8 +361,12 @@ mod filed_against_a_model {
         Truncate {
             permille: i64,
         },
+        /// `tamper` damages one `.txnindex` before the store opens again
+        /// (picked by the value): removed, torn, or holding a wrong entry,
+        /// as a crash or a bad disk may leave it.
         Reopen {
             clean: bool,
+            tamper: Option<(u8, u8)>,
         },
     }
 
@@ -372,7 +376,8 @@ mod filed_against_a_model {
                 .prop_map(|(pid, len, transactional)| Op::Data { pid, len, transactional }),
             3 => (0..4i64, any::<bool>()).prop_map(|(pid, commit)| Op::End { pid, commit }),
             1 => (0..1000i64).prop_map(|permille| Op::Truncate { permille }),
-            1 => any::<bool>().prop_map(|clean| Op::Reopen { clean }),
+            2 => (any::<bool>(), prop::option::of((any::<u8>(), 0..3u8)))
+                .prop_map(|(clean, tamper)| Op::Reopen { clean, tamper }),
         ]
     }
 
@@ -424,8 +429,9 @@ mod filed_against_a_model {
         }
     }
 
-    /// Sealed segments holding an ABORT marker have a `.txnindex`; no other
-    /// segment has one (the active one's stay in memory).
+    /// Each sealed segment holding ABORT markers has a `.txnindex` listing
+    /// exactly their transactions; no other segment has one (the active
+    /// one's stay in memory).
     fn filed_where_the_markers_are(dir: &Path, model: &Model) -> Result<(), TestCaseError> {
         let bases: Vec<i64> = log_files(dir)
             .iter()
@@ -433,14 +439,33 @@ mod filed_against_a_model {
             .collect();
         let (aborted, _) = model.replay();
         for (i, base) in bases.iter().enumerate() {
-            let next = bases.get(i + 1).copied();
-            let expected = next.is_some_and(|next| {
-                aborted
+            let expected: Vec<AbortedTxn> = match bases.get(i + 1) {
+                Some(next) => aborted
                     .iter()
-                    .any(|a| a.last_offset >= *base && a.last_offset < next)
-            });
+                    .filter(|a| a.last_offset >= *base && a.last_offset < *next)
+                    .copied()
+                    .collect(),
+                None => Vec::new(),
+            };
             let file = dir.join(format!("{base:020}.txnindex"));
-            prop_assert_eq!(file.exists(), expected, "segment {} of {:?}", base, bases);
+            let filed = std::fs::read(&file).ok().map(|bytes| {
+                bytes
+                    .chunks(24)
+                    .map(|e| {
+                        let word = |i: usize| {
+                            e.get(i * 8..i * 8 + 8)
+                                .map_or(-1, |w| i64::from_be_bytes(w.try_into().unwrap()))
+                        };
+                        AbortedTxn {
+                            producer_id: word(0),
+                            first_offset: word(1),
+                            last_offset: word(2),
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let wanted = (!expected.is_empty()).then_some(expected);
+            prop_assert_eq!(filed, wanted, "segment {} of {:?}", base, bases);
         }
         Ok(())
     }
@@ -529,12 +554,33 @@ mod filed_against_a_model {
                         .retain(|(base, len, _, _)| base + len - 1 < offset);
                     generation += 1;
                 }
-                Op::Reopen { clean } => {
+                Op::Reopen { clean, tamper } => {
                     drop(p);
                     if clean {
                         store.close().unwrap();
                     }
                     drop(store);
+                    let mut filed: Vec<_> = std::fs::read_dir(&partition_dir)
+                        .unwrap()
+                        .map(|e| e.unwrap().path())
+                        .filter(|p| p.extension().is_some_and(|e| e == "txnindex"))
+                        .collect();
+                    filed.sort();
+                    if let (Some((pick, how)), false) = (tamper, filed.is_empty()) {
+                        let file = &filed[usize::from(pick) % filed.len()];
+                        let mut bytes = std::fs::read(file).unwrap();
+                        match how {
+                            0 => std::fs::remove_file(file).unwrap(),
+                            1 => {
+                                bytes.truncate(bytes.len() - 5);
+                                std::fs::write(file, bytes).unwrap();
+                            }
+                            _ => {
+                                bytes[15] ^= 1; // an entry's first offset
+                                std::fs::write(file, bytes).unwrap();
+                            }
+                        }
+                    }
                     store = open(dir.path(), FlushPolicy::Never, defaults.clone());
                 }
             }
