@@ -13,9 +13,10 @@
 //! compressed again with the batch's codec.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::time::{Duration, Instant};
 
+use siphasher::sip128::{Hasher128, SipHasher13};
 use sluice_codec::Codec;
 
 use crate::batch::{BatchHeader, HEADER_LEN, LOG_OVERHEAD, OFF_ATTRIBUTES, OFF_CRC};
@@ -142,30 +143,53 @@ pub(crate) fn batch_records<'a>(
 }
 
 /// Key → offset of its latest record in the dirty section. Keys are kept
-/// as 128-bit hashes under random per-map SipHash keys, as Kafka keeps
+/// as 128-bit digests under a random per-map SipHash key, as Kafka keeps
 /// MD5s: fixed memory per key, and no one can aim a collision at it.
 pub(crate) struct OffsetMap {
-    hashers: (RandomState, RandomState),
-    map: HashMap<u128, i64>,
+    key: (u64, u64),
+    map: HashMap<u128, i64, BuildHasherDefault<DigestHasher>>,
     max_entries: usize,
+}
+
+/// The table's hash of a digest: its low 64 bits. A digest is already a
+/// keyed hash, so hashing it again would only cost time.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only digests (`write_u128`) are hashed here; any other input is
+        // folded in so that the hasher stays total.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u128(&mut self, digest: u128) {
+        self.0 = digest as u64;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl OffsetMap {
     pub fn new(budget_bytes: usize) -> OffsetMap {
+        // A fresh random key per map (round): std's RandomState is seeded
+        // from the OS per process and differs per instance.
+        let random = || RandomState::new().build_hasher().finish();
         OffsetMap {
-            hashers: (RandomState::new(), RandomState::new()),
-            map: HashMap::new(),
+            key: (random(), random()),
+            map: HashMap::default(),
             max_entries: (budget_bytes / MAP_ENTRY_BYTES).max(1),
         }
     }
 
     fn hash(&self, key: &[u8]) -> u128 {
-        let half = |s: &RandomState| {
-            let mut h = s.build_hasher();
-            h.write(key);
-            h.finish()
-        };
-        (u128::from(half(&self.hashers.0)) << 64) | u128::from(half(&self.hashers.1))
+        let mut h = SipHasher13::new_with_keys(self.key.0, self.key.1);
+        h.write(key);
+        h.finish128().as_u128()
     }
 
     pub fn put(&mut self, key: &[u8], offset: i64) {
@@ -312,6 +336,26 @@ impl Throttle {
 mod tests {
     use super::*;
     use crate::records::BatchBuilder;
+
+    #[test]
+    fn the_offset_map_keeps_the_latest_offset_of_each_key_and_fills_at_its_budget() {
+        let keys = 50_000u32;
+        let mut map = OffsetMap::new(keys as usize * MAP_ENTRY_BYTES);
+        for round in 0..2i64 {
+            for k in 0..keys {
+                map.put(&k.to_be_bytes(), round * 1_000_000 + i64::from(k));
+            }
+        }
+        assert_eq!(map.len(), keys as usize);
+        assert!(map.is_full());
+        for k in 0..keys {
+            assert_eq!(map.get(&k.to_be_bytes()), Some(1_000_000 + i64::from(k)));
+        }
+        // Keys that differ only in length or by one bit are other keys.
+        assert_eq!(map.get(&[0, 0, 0]), None);
+        assert_eq!(map.get(&(keys | 1 << 31).to_be_bytes()), None);
+        assert!(!OffsetMap::new(2 * MAP_ENTRY_BYTES).is_full());
+    }
 
     #[test]
     fn a_filtered_batch_keeps_its_offsets_and_is_valid() {
