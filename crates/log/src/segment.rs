@@ -306,9 +306,9 @@ pub(crate) struct SegMeta {
 }
 
 impl SegMeta {
-    pub fn new_empty(files: Arc<SegFiles>, now_ms: i64) -> SegMeta {
+    pub fn new_empty(files: Arc<SegFiles>, now_ms: i64) -> Box<SegMeta> {
         let base = files.base_offset;
-        SegMeta {
+        Box::new(SegMeta {
             files,
             size: 0,
             next_offset: base,
@@ -317,7 +317,7 @@ impl SegMeta {
             created_ms: now_ms,
             first_batch_ts: None,
             aborted_from: None,
-        }
+        })
     }
 
     /// How long this segment has waited for a time-based roll when a batch
