@@ -48,6 +48,7 @@ pub use batch::{validate_batches, BatchHeader};
 pub use config::{CleanerConfig, FlushPolicy, StoreConfig, TopicConfig};
 pub use descriptors::{segment_file_stats, set_segment_file_budget, DescriptorStats};
 pub use error::LogError;
+pub use index::set_index_page_entries;
 pub use partition::{CleanStats, Partition};
 pub use producer::ActiveProducer;
 pub use records::{BatchBuilder, PlainRecords, RecordsError, StoredRecord};

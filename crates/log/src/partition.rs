@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use crate::batch::{self, BatchHeader};
 use crate::epoch::EpochCache;
 use crate::fsutil;
+use crate::index::{self, Located};
 use crate::producer::{is_idempotent, ActiveProducer, Check, ProducerEntry, ProducerStates};
 use crate::segment::{self, IndexTail, SegFiles, SegMeta, Stop, INDEX_WRITE_BATCH};
 use crate::txn::{AbortedTxn, Marker, Transactions};
@@ -166,6 +167,9 @@ pub struct Partition {
     /// `read_committed` read that sees it move between reading records and
     /// listing aborted transactions reads again (see [`Partition::read_committed`]).
     aborted_changes: AtomicU64,
+    /// Rewrites of index files that lookups may be reading (see
+    /// [`index::Rewrites`]).
+    index_rewrites: index::Rewrites,
     /// The high watermark last written to `HIGH_WATERMARK_FILE` (-1: none).
     hw_written: AtomicI64,
     /// Held by a flush round from snapshot to publication.
@@ -479,8 +483,8 @@ impl Partition {
             meta.size = w.valid_len;
             meta.next_offset = w.next_offset;
             // The files match the derived index now (checked or rewritten).
-            meta.index_on_disk = (w.index.offsets.len(), w.index.times.len());
             meta.index = w.index;
+            meta.index_written(meta.index.len(), !is_last);
             meta.first_batch_ts = w.first_batch_ts;
             prev_next = Some(meta.next_offset);
             segments.insert(base, meta);
@@ -580,6 +584,7 @@ impl Partition {
             replicated: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
             aborted_changes: AtomicU64::new(0),
+            index_rewrites: index::Rewrites::default(),
             hw_written: AtomicI64::new(hw_checkpoint.unwrap_or(-1)),
             sync_lock: Mutex::new(()),
             state: AtomicU8::new(STATE_OK),
@@ -1164,13 +1169,20 @@ impl Partition {
             if !seg.index_tail(&mut w.index_tail) {
                 return;
             }
-            seg.index_on_disk = w.index_tail.to;
             seg.files.clone()
         };
-        if let Err(e) = files.write_index_tail(&w.index_tail) {
-            tracing::warn!(file = %files.index_path.display(), error = %e, "index write failed");
-            if let Some(seg) = self.view.write().segments.get_mut(&base) {
-                seg.index_on_disk = w.index_tail.from;
+        // Entries leave memory only once the file holds them, so a lookup
+        // that finds them missing may read them there.
+        match files.write_index_tail(&w.index_tail) {
+            Ok(()) => {
+                let mut v = self.view.write();
+                let sealed = v.active().is_some_and(|a| a.base_offset() != base);
+                if let Some(seg) = v.segments.get_mut(&base) {
+                    seg.index_written(w.index_tail.to, sealed);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(file = %files.index_path.display(), error = %e, "index write failed");
             }
         }
     }
@@ -1211,6 +1223,9 @@ impl Partition {
         let mut v = self.view.write();
         if let Some(old) = v.segments.values_mut().next_back() {
             old.aborted_from = aborted_from;
+            // Sealed: memory keeps only the page directory of what the
+            // files hold (all of it, unless the tail write above failed).
+            old.index_written(old.index_on_disk, true);
         }
         if self.flush != FlushPolicy::Never {
             if let Some(old) = v.active() {
@@ -1403,6 +1418,7 @@ impl Partition {
         let mut cur = offset;
         let mut prev_base: Option<i64> = None;
         loop {
+            let stamp = self.index_rewrites.stamp();
             let seg = {
                 let v = self.view.read();
                 let found = match prev_base {
@@ -1413,15 +1429,16 @@ impl Partition {
                     (
                         *base,
                         s.files.clone(),
-                        s.index.position_for(cur - *base),
+                        s.index.locate_offset(cur - *base),
                         s.size,
                     )
                 })
             };
-            let Some((base, files, start_pos, size)) = seg else {
+            let Some((base, files, located, size)) = seg else {
                 break;
             };
             prev_base = Some(base);
+            let start_pos = self.start_position(&files, located, cur - base, stamp);
             let r = segment::read_batches(
                 &files,
                 start_pos,
@@ -1593,25 +1610,37 @@ impl Partition {
     pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(i64, i64)>, LogError> {
         self.check_usable()?;
         let hw = self.high_watermark();
+        let stamp = self.index_rewrites.stamp();
         let (log_start, candidates) = {
             let v = self.view.read();
-            let c: Vec<(i64, Arc<SegFiles>, u64, u64)> = v
+            let c: Vec<_> = v
                 .segments
                 .iter()
                 .filter(|(_, s)| s.index.max_timestamp >= timestamp && s.size > 0)
                 .map(|(base, s)| {
-                    let rel = s.index.scan_start_for_timestamp(timestamp);
                     (
                         *base,
                         s.files.clone(),
-                        s.index.position_for(i64::from(rel)),
+                        s.index.locate_timestamp(timestamp),
                         s.size,
                     )
                 })
                 .collect();
             (v.log_start, c)
         };
-        for (base, files, start, size) in candidates {
+        for (base, files, located, size) in candidates {
+            let rel = self.timestamp_scan_start(&files, located, timestamp, stamp);
+            // A second lookup, for the batch's position.
+            let stamp = self.index_rewrites.stamp();
+            let located = self
+                .view
+                .read()
+                .segments
+                .get(&base)
+                .map(|s| s.index.locate_offset(i64::from(rel)));
+            let start = located.map_or(0, |at| {
+                self.start_position(&files, at, i64::from(rel), stamp)
+            });
             let mut found = None;
             let log = files.log()?;
             let mut sc = segment::Scanner::new(&log, size, segment::SCAN_CHUNK_HEADERS);
@@ -1637,6 +1666,71 @@ impl Partition {
             }
         }
         Ok(None)
+    }
+
+    /// The file position of segment `files` to read from for relative
+    /// offset `rel`, as `at` says: found in memory, or in a page of the
+    /// `.index` file. `stamp` was taken before `at`. A page entry is used
+    /// only when no index rewrite ran meanwhile and the log holds the batch
+    /// it names at its position; else the page's first entry, which memory
+    /// holds, is (reads scan forward from it).
+    fn start_position(
+        &self,
+        files: &SegFiles,
+        at: Located<(u32, u32)>,
+        rel: i64,
+        stamp: u64,
+    ) -> u64 {
+        let rel = u32::try_from(rel.max(0)).unwrap_or(u32::MAX);
+        let Some(range) = at.page_range(index::OFFSET_ENTRY) else {
+            return at.position(rel, None);
+        };
+        let mut buf = [0u8; index::MAX_PAGE_ENTRIES * index::OFFSET_ENTRY];
+        let entry = match files.read_index_page(&files.index_path, range, &mut buf) {
+            Ok(page) => at.page_entry(rel, page),
+            Err(e) => {
+                tracing::debug!(file = %files.index_path.display(), error = %e, "index page unreadable");
+                None
+            }
+        };
+        match entry {
+            Some((erel, pos))
+                if self.index_rewrites.none_since(stamp)
+                    && files
+                        .batch_starts_at(u64::from(pos), files.base_offset + i64::from(erel)) =>
+            {
+                u64::from(pos)
+            }
+            _ => at.position(rel, None),
+        }
+    }
+
+    /// The relative offset from which segment `files` is scanned for the
+    /// first batch reaching `ts`, as `at` says; as [`Self::start_position`].
+    fn timestamp_scan_start(
+        &self,
+        files: &SegFiles,
+        at: Located<(i64, u32)>,
+        ts: i64,
+        stamp: u64,
+    ) -> u32 {
+        let Some(range) = at.page_range(index::TIME_ENTRY) else {
+            return at.scan_start(ts, None);
+        };
+        let mut buf = [0u8; index::MAX_PAGE_ENTRIES * index::TIME_ENTRY];
+        let page = match files.read_index_page(&files.time_path, range, &mut buf) {
+            Ok(page) => Some(page),
+            Err(e) => {
+                tracing::debug!(file = %files.time_path.display(), error = %e, "time index page unreadable");
+                None
+            }
+        };
+        let rel = at.scan_start(ts, page);
+        if self.index_rewrites.none_since(stamp) {
+            rel
+        } else {
+            at.scan_start(ts, None)
+        }
     }
 
     /// Moves the log start offset to `offset` (DeleteRecords); -1 means the
@@ -1779,6 +1873,8 @@ impl Partition {
         // listed may be listed no more (see `aborted_changes`).
         let mut t = self.txns.write();
         self.aborted_list_changed();
+        // Index files are rewritten, and segment names may be reused.
+        let _rewrite = self.index_rewrites.begin();
         let new_end;
         if offset < log_start || offset <= first_base {
             let removed: Vec<Box<SegMeta>> = {
@@ -1833,8 +1929,9 @@ impl Partition {
             if let Some(s) = v.segments.get_mut(&base) {
                 s.size = cut;
                 s.next_offset = walked.next_offset;
-                s.index_on_disk = (walked.index.offsets.len(), walked.index.times.len());
                 s.index = walked.index;
+                // The last segment left: the active one.
+                s.index_written(s.index.len(), false);
                 s.first_batch_ts = walked.first_batch_ts;
             }
             new_end = walked.next_offset;

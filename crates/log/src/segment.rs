@@ -32,10 +32,10 @@ pub(crate) fn stem(base_offset: i64) -> String {
 ///
 /// The log file is opened on demand through the descriptor cache
 /// ([`crate::descriptors`]), which closes the least recently used ones
-/// beyond its budget. The indexes live in memory ([`SegMeta::index`]) and
-/// their files are written in bulk and read only by recovery, so they are
-/// opened for each bulk write or sync and closed again. An idle segment
-/// costs no descriptor.
+/// beyond its budget. The index files are written in bulk and read a page
+/// at a time below what memory keeps of them ([`SegMeta::index`]), so they
+/// are opened for each bulk write, sync or page read and closed again. An
+/// idle segment costs no descriptor.
 #[derive(Debug)]
 pub(crate) struct SegFiles {
     pub base_offset: i64,
@@ -233,6 +233,34 @@ impl SegFiles {
 
     /// Writes index entries that are in memory but not yet in the files
     /// (see [`IndexTail`]), each file with one positioned write.
+    /// Reads `len` bytes at `at` of the index file `path` (one of this
+    /// segment's) into `buf`: one page, for a lookup below the entries
+    /// memory holds. Fails on a short file.
+    pub fn read_index_page<'b>(
+        &self,
+        path: &Path,
+        (at, len): (u64, usize),
+        buf: &'b mut [u8],
+    ) -> io::Result<&'b [u8]> {
+        let page = buf
+            .get_mut(..len)
+            .ok_or_else(|| io::Error::other("index page larger than its buffer"))?;
+        let f = descriptors::process().open(path, OpenOptions::new().read(true))?;
+        f.read_exact_at(page, at)?;
+        Ok(page)
+    }
+
+    /// Whether a batch with base offset `base_offset` starts at `pos` of the
+    /// log: checks an index entry read from a file against the log itself.
+    pub fn batch_starts_at(&self, pos: u64, base_offset: i64) -> bool {
+        let mut head = [0u8; HEADER_LEN];
+        let read = self.log().and_then(|log| read_into(&log, pos, &mut head));
+        matches!(read, Ok(HEADER_LEN))
+            && BatchHeader::parse(&head).is_some_and(|h| {
+                h.base_offset == base_offset && batch::check_header(&h, batch::Made::InLog).is_ok()
+            })
+    }
+
     pub fn write_index_tail(&self, tail: &IndexTail) -> io::Result<()> {
         if !tail.offsets.is_empty() {
             let at = (tail.from.0 * index::OFFSET_ENTRY) as u64;
@@ -340,24 +368,26 @@ impl SegMeta {
         tail.offsets.clear();
         tail.times.clear();
         tail.from = self.index_on_disk;
-        tail.to = (self.index.offsets.len(), self.index.times.len());
-        for (rel, pos) in self.index.offsets.iter().skip(tail.from.0) {
-            tail.offsets
-                .extend_from_slice(&index::encode_offset_entry(*rel, *pos));
-        }
-        for (ts, rel) in self.index.times.iter().skip(tail.from.1) {
-            tail.times
-                .extend_from_slice(&index::encode_time_entry(*ts, *rel));
-        }
+        tail.to = self.index.len();
+        self.index
+            .encode_offsets_from(tail.from.0, &mut tail.offsets);
+        self.index.encode_times_from(tail.from.1, &mut tail.times);
         !tail.is_empty()
     }
 
     /// Offset index entries held only in memory.
     pub fn index_pending(&self) -> usize {
-        self.index
-            .offsets
-            .len()
-            .saturating_sub(self.index_on_disk.0)
+        self.index.len().0.saturating_sub(self.index_on_disk.0)
+    }
+
+    /// Records that the index files hold entries up to `on_disk` (counts,
+    /// as [`SegIndex::len`]) and drops what memory need not keep of them:
+    /// everything but the page directory once the segment is `sealed`,
+    /// else all but the last page's worth.
+    pub fn index_written(&mut self, on_disk: (usize, usize), sealed: bool) {
+        self.index_on_disk = on_disk;
+        let keep = if sealed { 0 } else { self.index.page_entries() };
+        self.index.release(on_disk, keep);
     }
 
     pub fn base_offset(&self) -> i64 {

@@ -544,6 +544,8 @@ impl Partition {
         if crash == Some(CrashAt::OthersDeleted) {
             return Err(LogError::Io(io::Error::other("crash injected")));
         }
+        // Index files under the group's name are replaced.
+        let _rewrite = self.index_rewrites.begin();
         let target = SegFiles::paths(&self.dir, c.base);
         target.remove_indexes()?;
         fs::rename(&swap, &target.log)?;
@@ -562,8 +564,9 @@ impl Partition {
         let mut meta = SegMeta::new_empty(files, created_ms);
         meta.size = c.size;
         meta.next_offset = c.next_offset;
-        meta.index_on_disk = (c.index.offsets.len(), c.index.times.len());
         meta.index = c.index;
+        // Compaction never touches the active segment.
+        meta.index_written(meta.index.len(), true);
         meta.first_batch_ts = c.first_batch_ts;
         meta.aborted_from = aborted_from;
         v.segments.insert(c.base, meta);

@@ -7,6 +7,7 @@ mod clean_shutdown;
 mod crash;
 mod durability;
 mod idempotence;
+mod index_pages;
 mod model;
 mod replication;
 mod retention;
@@ -120,7 +121,12 @@ pub fn config(dir: &Path, flush: FlushPolicy, defaults: TopicConfig) -> StoreCon
     // Every test of this binary runs with few segment files open at once,
     // so closing and reopening them is exercised everywhere.
     static SMALL_DESCRIPTOR_BUDGET: std::sync::Once = std::sync::Once::new();
-    SMALL_DESCRIPTOR_BUDGET.call_once(|| sluice_log::set_segment_file_budget(DESCRIPTOR_BUDGET));
+    // And with index pages of a few entries, so lookups read pages of the
+    // index files (as they do below the newest 512 entries of a segment).
+    SMALL_DESCRIPTOR_BUDGET.call_once(|| {
+        sluice_log::set_segment_file_budget(DESCRIPTOR_BUDGET);
+        sluice_log::set_index_page_entries(4);
+    });
     StoreConfig {
         data_dir: dir.to_path_buf(),
         defaults,
