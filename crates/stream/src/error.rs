@@ -1,0 +1,33 @@
+/// Why a job failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// User code panicked in a subtask.
+    #[error("subtask {subtask} of stage '{stage}' failed: {message}")]
+    SubtaskFailed {
+        stage: String,
+        subtask: usize,
+        message: String,
+    },
+    /// A subtask's consumers are gone (they failed): it stops.
+    #[error("the consumers of a subtask of stage '{stage}' are gone")]
+    DownstreamGone { stage: String },
+    /// A subtask's inputs closed before they ended (their subtasks failed).
+    #[error("the inputs of subtask {subtask} of stage '{stage}' closed before they ended")]
+    UpstreamGone { stage: String, subtask: usize },
+    /// The job cannot be run as built.
+    #[error("invalid job: {0}")]
+    InvalidJob(String),
+    /// A subtask's thread could not be started.
+    #[error("could not start a thread for stage '{stage}': {message}")]
+    Spawn { stage: String, message: String },
+}
+
+impl StreamError {
+    /// Whether this error is only the echo of another subtask's failure.
+    pub(crate) fn is_consequence(&self) -> bool {
+        matches!(
+            self,
+            StreamError::DownstreamGone { .. } | StreamError::UpstreamGone { .. }
+        )
+    }
+}

@@ -1,0 +1,397 @@
+//! The DataStream API: streams under construction and the operators,
+//! exchanges and sinks that extend them.
+
+use std::hash::Hash;
+use std::io::Write;
+use std::marker::PhantomData;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::env::{Stage, StreamEnv, Task};
+use crate::exchange::{self, ExchangeSender, Partitioning};
+use crate::keyed::{key_group_of, KeyedState};
+use crate::operator::{self, BoxOutput, Operator, OperatorLink};
+use crate::source::{Generator, IterSource, Source, SourceContext, SubtaskInfo};
+use crate::{Record, StreamError};
+
+/// Starts subtask `info` of a stage whose chain so far ends where `out`
+/// begins.
+type Head<T> = Arc<dyn Fn(SubtaskInfo, BoxOutput<T>) -> Result<Task, StreamError> + Send + Sync>;
+
+/// A stream of `T` under construction: a stage's chain so far. Operators
+/// consume it and return the extended stream.
+pub struct DataStream<T> {
+    env: StreamEnv,
+    /// The stage's operators, for thread names and errors.
+    name: String,
+    parallelism: usize,
+    head: Head<T>,
+}
+
+/// A stream partitioned by key: every record of a key reaches the same
+/// subtask, in the order its upstream subtask sent them.
+pub struct KeyedStream<K, T> {
+    stream: DataStream<T>,
+    key: Arc<dyn Fn(&T) -> K + Send + Sync>,
+}
+
+/// What a [`DataStream::collect`] sink gathered, once the job ran.
+pub struct CollectHandle<T> {
+    items: Arc<Mutex<Vec<T>>>,
+}
+
+impl<T> CollectHandle<T> {
+    /// Takes what was collected: per subtask in arrival order, subtasks
+    /// interleaved.
+    pub fn take(&self) -> Vec<T> {
+        std::mem::take(&mut *self.items.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl StreamEnv {
+    /// A source: `make` builds the instance of each of `parallelism`
+    /// subtasks (Flink's `addSource`).
+    pub fn add_source<T, S, F>(&self, name: &str, parallelism: usize, make: F) -> DataStream<T>
+    where
+        T: Send + 'static,
+        S: Source<T> + 'static,
+        F: Fn(SubtaskInfo) -> S + Send + Sync + 'static,
+    {
+        let batch = self.with_settings(|s| s.batch);
+        let head: Head<T> = Arc::new(move |info, mut out: BoxOutput<T>| {
+            let mut source = make(info);
+            Ok(Box::new(move || {
+                let mut ctx = SourceContext::new(&mut out, info, batch);
+                source.run(&mut ctx);
+                ctx.end()
+            }) as Task)
+        });
+        DataStream {
+            env: self.clone(),
+            name: name.to_owned(),
+            parallelism: parallelism.max(1),
+            head,
+        }
+    }
+
+    /// The items of `items`, in order, from one subtask (Flink's
+    /// `fromCollection`).
+    pub fn from_iter<I>(&self, items: I) -> DataStream<I::Item>
+    where
+        I: IntoIterator,
+        I::Item: Send + 'static,
+        I::IntoIter: Send + 'static,
+    {
+        let iter = Mutex::new(Some(items.into_iter()));
+        self.add_source("collection", 1, move |_| IterSource {
+            iter: iter.lock().ok().and_then(|mut i| i.take()),
+        })
+    }
+
+    /// `make(n)` for n in 0..count (forever when `count` is None), split
+    /// over the job's parallelism: subtask i makes i, i + p, i + 2p, ...
+    pub fn generate<T, F>(&self, count: Option<u64>, make: F) -> DataStream<T>
+    where
+        T: Send + 'static,
+        F: Fn(u64) -> T + Send + Sync + 'static,
+    {
+        let make = Arc::new(make);
+        let parallelism = self.parallelism();
+        self.add_source("generator", parallelism, move |_| Generator {
+            count,
+            make: make.clone(),
+        })
+    }
+}
+
+impl<T: Send + 'static> DataStream<T> {
+    /// Subtasks of this stream's stage.
+    pub fn parallelism(&self) -> usize {
+        self.parallelism
+    }
+
+    /// Appends a link to the chain.
+    fn chain<U: Send + 'static>(
+        self,
+        name: &str,
+        link: impl Fn(SubtaskInfo, BoxOutput<U>) -> BoxOutput<T> + Send + Sync + 'static,
+    ) -> DataStream<U> {
+        let head = self.head;
+        DataStream {
+            env: self.env,
+            name: format!("{} -> {name}", self.name),
+            parallelism: self.parallelism,
+            head: Arc::new(move |info, out| head(info, link(info, out))),
+        }
+    }
+
+    /// Ends the chain in a sink made for each subtask; the stage is complete.
+    fn sink(self, name: &str, make: impl Fn(SubtaskInfo) -> BoxOutput<T> + Send + 'static) {
+        let head = self.head;
+        self.env.add_stage(Stage {
+            name: format!("{} -> {name}", self.name),
+            parallelism: self.parallelism,
+            make: Box::new(move |info| head(info, make(info))),
+        });
+    }
+
+    pub fn map<U, F>(self, f: F) -> DataStream<U>
+    where
+        U: Send + 'static,
+        F: Fn(T) -> U + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        self.chain("map", move |_, out| {
+            Box::new(operator::Map { f: f.clone(), out })
+        })
+    }
+
+    pub fn filter<F>(self, f: F) -> DataStream<T>
+    where
+        F: Fn(&T) -> bool + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        self.chain("filter", move |_, out| {
+            Box::new(operator::Filter { f: f.clone(), out })
+        })
+    }
+
+    pub fn flat_map<U, I, F>(self, f: F) -> DataStream<U>
+    where
+        U: Send + 'static,
+        I: IntoIterator<Item = U> + 'static,
+        F: Fn(T) -> I + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        self.chain("flat_map", move |_, out| {
+            Box::new(operator::FlatMap { f: f.clone(), out })
+        })
+    }
+
+    /// Gives records the event time `time_of` extracts and makes watermarks
+    /// that trail the largest time seen by `out_of_orderness` (Flink's
+    /// `WatermarkStrategy.forBoundedOutOfOrderness`), at the end of every
+    /// batch of input.
+    pub fn assign_timestamps<F>(self, out_of_orderness: Duration, time_of: F) -> DataStream<T>
+    where
+        F: Fn(&T) -> i64 + Send + Sync + 'static,
+    {
+        let extract = Arc::new(time_of);
+        let bound_ms = i64::try_from(out_of_orderness.as_millis()).unwrap_or(i64::MAX);
+        self.chain("timestamps", move |_, out| {
+            Box::new(operator::Timestamps {
+                extract: extract.clone(),
+                bound_ms,
+                max_time: i64::MIN,
+                emitted: i64::MIN,
+                out,
+            })
+        })
+    }
+
+    /// A user-defined operator; `make` builds each subtask's instance.
+    pub fn process<U, O, F>(self, name: &str, make: F) -> DataStream<U>
+    where
+        U: Send + 'static,
+        O: Operator<T, U> + 'static,
+        F: Fn(SubtaskInfo) -> O + Send + Sync + 'static,
+    {
+        self.chain(name, move |info, out| {
+            Box::new(OperatorLink {
+                op: make(info),
+                out,
+                _types: PhantomData,
+            })
+        })
+    }
+
+    /// Ends this stage in an exchange to a new stage of `parallelism`.
+    fn exchange(self, name: &str, partitioning: Partitioning<T>, parallelism: usize) -> Self
+    where
+        Partitioning<T>: Clone,
+    {
+        let (batch, capacity) = self.env.with_settings(|s| (s.batch, s.channel_batches));
+        let upstream = self.parallelism;
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..parallelism).map(|_| sync_channel(capacity)).unzip();
+        let stage = self.name.clone();
+        let env = self.env.clone();
+        self.sink(name, move |info| {
+            Box::new(ExchangeSender {
+                stage: stage.clone(),
+                me: info.index,
+                targets: senders.clone(),
+                partitioning: partitioning.clone(),
+                buffers: (0..parallelism)
+                    .map(|_| Vec::with_capacity(batch))
+                    .collect(),
+                batch,
+                next: info.index % parallelism,
+            })
+        });
+        let receivers: Mutex<Vec<Option<Receiver<_>>>> =
+            Mutex::new(receivers.into_iter().map(Some).collect());
+        let stage = name.to_owned();
+        let head: Head<T> = Arc::new(move |info, out| {
+            let rx = receivers
+                .lock()
+                .ok()
+                .and_then(|mut r| r.get_mut(info.index).and_then(Option::take))
+                .ok_or_else(|| StreamError::InvalidJob(format!("stage '{stage}' started twice")))?;
+            let stage = stage.clone();
+            Ok(Box::new(move || exchange::receive(&stage, info.index, rx, upstream, out)) as Task)
+        });
+        DataStream {
+            env,
+            name: name.to_owned(),
+            parallelism,
+            head,
+        }
+    }
+
+    /// Spreads batches over the job's parallelism in turn (Flink's
+    /// `rebalance`).
+    pub fn rebalance(self) -> DataStream<T> {
+        let p = self.env.parallelism();
+        self.exchange("rebalance", Partitioning::RoundRobin, p)
+    }
+
+    /// Partitions by the key `key_of` gives, over the job's parallelism.
+    pub fn key_by<K, F>(self, key_of: F) -> KeyedStream<K, T>
+    where
+        K: Hash + Eq + Send + 'static,
+        F: Fn(&T) -> K + Send + Sync + 'static,
+    {
+        let (p, max) = self
+            .env
+            .with_settings(|s| (s.parallelism, s.max_parallelism));
+        let key: Arc<dyn Fn(&T) -> K + Send + Sync> = Arc::new(key_of);
+        let k = key.clone();
+        let group_of: Arc<dyn Fn(&T) -> usize + Send + Sync> =
+            Arc::new(move |v: &T| key_group_of(&k(v), max));
+        let stream = self.exchange(
+            "key_by",
+            Partitioning::KeyGroups {
+                group_of,
+                max_parallelism: max,
+            },
+            p,
+        );
+        KeyedStream { stream, key }
+    }
+
+    /// Calls `f` for every record, in each subtask.
+    pub fn for_each<F>(self, f: F)
+    where
+        F: Fn(Record<T>) + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        self.sink("for_each", move |_| {
+            let f = f.clone();
+            Box::new(operator::ForEach { f: move |r| f(r) })
+        });
+    }
+
+    /// Gathers every record's value, for tests and small results.
+    pub fn collect(self) -> CollectHandle<T> {
+        let items = Arc::new(Mutex::new(Vec::new()));
+        let into = items.clone();
+        self.sink("collect", move |_| {
+            let into = into.clone();
+            Box::new(operator::ForEach {
+                f: move |r: Record<T>| into.lock().unwrap_or_else(|p| p.into_inner()).push(r.value),
+            })
+        });
+        CollectHandle { items }
+    }
+
+    /// Writes every value to standard output, one per line; prefixed with
+    /// the subtask's number (from 1) when the stage runs in parallel.
+    pub fn print(self)
+    where
+        T: std::fmt::Display,
+    {
+        self.print_to(Arc::new(Mutex::new(std::io::stdout())));
+    }
+
+    /// As [`Self::print`], to `to`.
+    pub fn print_to<W: Write + Send + 'static>(self, to: Arc<Mutex<W>>)
+    where
+        T: std::fmt::Display,
+    {
+        self.sink("print", move |info| {
+            let prefix = if info.parallelism > 1 {
+                format!("{}> ", info.index + 1)
+            } else {
+                String::new()
+            };
+            Box::new(operator::Print {
+                prefix,
+                to: to.clone(),
+                line: Vec::new(),
+            })
+        });
+    }
+}
+
+impl<T> Clone for Partitioning<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Partitioning::RoundRobin => Partitioning::RoundRobin,
+            Partitioning::KeyGroups {
+                group_of,
+                max_parallelism,
+            } => Partitioning::KeyGroups {
+                group_of: group_of.clone(),
+                max_parallelism: *max_parallelism,
+            },
+        }
+    }
+}
+
+impl<K, T> KeyedStream<K, T>
+where
+    K: Hash + Eq + Send + 'static,
+    T: Send + 'static,
+{
+    /// Folds each record into its key's value with `f` and emits the new
+    /// value (Flink's rolling `reduce`).
+    pub fn reduce<F>(self, f: F) -> DataStream<T>
+    where
+        T: Clone,
+        F: Fn(T, T) -> T + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        let key = self.key;
+        self.stream.chain("reduce", move |info, out| {
+            Box::new(operator::Reduce {
+                key: key.clone(),
+                f: f.clone(),
+                state: KeyedState::new(info.index, info.parallelism, info.max_parallelism),
+                out,
+            })
+        })
+    }
+
+    /// A user-defined operator on the keyed stream; `make` builds each
+    /// subtask's instance (keyed state: [`KeyedState`] for the subtask).
+    pub fn process<U, O, F>(self, name: &str, make: F) -> DataStream<U>
+    where
+        U: Send + 'static,
+        O: Operator<T, U> + 'static,
+        F: Fn(SubtaskInfo) -> O + Send + Sync + 'static,
+    {
+        self.stream.process(name, make)
+    }
+
+    /// The key of a record, as this stream partitions by.
+    pub fn key_of(&self, value: &T) -> K {
+        (self.key)(value)
+    }
+
+    /// The stream itself, for operators that do not need the key.
+    pub fn into_stream(self) -> DataStream<T> {
+        self.stream
+    }
+}

@@ -1,0 +1,270 @@
+//! The engine end to end: chains, exchanges, keyed state, watermarks,
+//! backpressure and failures, each checked against a direct computation.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use sluice_stream::{
+    Collector, Operator, Record, Source, SourceContext, StreamEnv, StreamError, WATERMARK_END,
+};
+
+/// The source article's `SourceFunction`, as `examples/flink_job.rs` has it.
+struct TenEvents;
+
+impl Source<String> for TenEvents {
+    fn run(&mut self, ctx: &mut SourceContext<'_, String>) {
+        for i in 0..10 {
+            ctx.collect(format!("Event {i}"));
+        }
+    }
+}
+
+#[test]
+fn the_flink_job_prints_ten_events() {
+    let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let env = StreamEnv::new();
+    env.add_source("events", 1, |_| TenEvents)
+        .print_to(out.clone());
+    env.execute("Flink Job").unwrap();
+    let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+    let want: String = (0..10).map(|i| format!("Event {i}\n")).collect();
+    assert_eq!(text, want);
+}
+
+#[test]
+fn parallel_print_prefixes_the_subtask() {
+    let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let env = StreamEnv::new();
+    env.set_parallelism(3);
+    env.generate(Some(9), |n| n).print_to(out.clone());
+    env.execute("print").unwrap();
+    let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort();
+    // Subtask i of 3 generates i, i + 3, i + 6 and prints them as "i+1> n".
+    let mut want: Vec<String> = (0..9u64).map(|n| format!("{}> {n}", n % 3 + 1)).collect();
+    want.sort();
+    assert_eq!(lines, want);
+}
+
+/// Running sums per key, as a single thread computes them in input order.
+fn running_sums(input: &[(u8, i64)]) -> Vec<(u8, i64)> {
+    let mut sums: HashMap<u8, i64> = HashMap::new();
+    input
+        .iter()
+        .map(|(k, v)| {
+            let s = sums.entry(*k).or_default();
+            *s += v;
+            (*k, *s)
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// A keyed reduce from one ordered source gives each key's running sums
+    /// in order, at any parallelism and batch size.
+    #[test]
+    fn keyed_reduce_matches_a_single_thread(
+        input in prop::collection::vec((0u8..20, -1000i64..1000), 0..400),
+        parallelism in 1usize..5,
+        max_parallelism in 5usize..40,
+        batch in 1usize..64,
+    ) {
+        let env = StreamEnv::new();
+        env.set_parallelism(parallelism).set_max_parallelism(max_parallelism).set_buffers(batch, 2);
+        let out = env
+            .from_iter(input.clone())
+            .key_by(|(k, _)| *k)
+            .reduce(|(k, a), (_, b)| (k, a + b))
+            .collect();
+        env.execute("sums").unwrap();
+        let got = out.take();
+        let want = running_sums(&input);
+        for key in 0..20u8 {
+            let g: Vec<_> = got.iter().filter(|(k, _)| *k == key).collect();
+            let w: Vec<_> = want.iter().filter(|(k, _)| *k == key).collect();
+            prop_assert_eq!(g, w, "key {}", key);
+        }
+        prop_assert_eq!(got.len(), input.len());
+    }
+
+    /// Through a rebalance, order across subtasks is lost but every record
+    /// arrives once: each key's last sum is its total.
+    #[test]
+    fn rebalanced_records_arrive_once(
+        n in 0u64..3000,
+        parallelism in 1usize..5,
+        batch in 1usize..100,
+    ) {
+        let env = StreamEnv::new();
+        env.set_parallelism(parallelism).set_buffers(batch, 2);
+        let out = env
+            .generate(Some(n), |i| i)
+            .rebalance()
+            .map(|i| (i % 7, i))
+            .key_by(|(k, _)| *k)
+            .reduce(|(k, a), (_, b)| (k, a + b))
+            .collect();
+        env.execute("totals").unwrap();
+        let got = out.take();
+        prop_assert_eq!(got.len() as u64, n);
+        let mut last: HashMap<u64, u64> = HashMap::new();
+        for (k, s) in got {
+            last.insert(k, s);
+        }
+        for k in 0..7u64.min(n) {
+            let total: u64 = (0..n).filter(|i| i % 7 == k).sum();
+            prop_assert_eq!(last.get(&k).copied(), Some(total), "key {}", k);
+        }
+    }
+}
+
+/// Records the watermarks it sees, and the event time of each record.
+struct WatermarkProbe {
+    seen: Arc<Mutex<Vec<i64>>>,
+}
+
+impl Operator<u64, u64> for WatermarkProbe {
+    fn process(&mut self, record: Record<u64>, out: &mut Collector<'_, u64>) {
+        assert!(record.time.is_some(), "record without a time");
+        out.emit(record.value);
+    }
+
+    fn on_watermark(&mut self, watermark: i64, _: &mut Collector<'_, u64>) {
+        self.seen.lock().unwrap().push(watermark);
+    }
+}
+
+/// Emits its records with the given times and watermarks, in order.
+struct Scripted(Vec<Result<i64, i64>>);
+
+impl Source<u64> for Scripted {
+    fn run(&mut self, ctx: &mut SourceContext<'_, u64>) {
+        for step in &self.0 {
+            match step {
+                Ok(t) => ctx.collect_at(*t as u64, *t),
+                Err(w) => ctx.emit_watermark(*w),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_subtask_watermark_is_the_least_of_its_inputs() {
+    let env = StreamEnv::new();
+    env.set_parallelism(1);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let probe = seen.clone();
+    // Subtask 0 goes to 100 then 300; subtask 1 reaches only 200 before it ends.
+    let scripts = [
+        vec![Ok(50), Err(100), Ok(150), Err(300)],
+        vec![Ok(60), Err(200)],
+    ];
+    env.add_source("scripted", 2, move |info| {
+        Scripted(scripts[info.index].clone())
+    })
+    .rebalance()
+    .process("probe", move |_| WatermarkProbe {
+        seen: probe.clone(),
+    })
+    .for_each(|_| {});
+    env.execute("watermarks").unwrap();
+    let seen = seen.lock().unwrap().clone();
+    // Rising, the end last, and before it only what both inputs had
+    // promised (which of 100, 200 and 300 depends on how the two subtasks
+    // interleave; 300 only once the other input ended).
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert_eq!(seen.last(), Some(&WATERMARK_END));
+    assert!(seen.len() >= 2, "no watermark before the end: {seen:?}");
+    for w in &seen[..seen.len() - 1] {
+        assert!([100, 200, 300].contains(w), "{seen:?}");
+    }
+}
+
+#[test]
+fn bounded_out_of_orderness_trails_the_largest_time() {
+    let env = StreamEnv::new();
+    env.set_buffers(2, 2);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let probe = seen.clone();
+    env.from_iter([1000u64, 1500, 1200, 4000, 3000, 3500])
+        .assign_timestamps(Duration::from_millis(500), |t| *t as i64)
+        .process("probe", move |_| WatermarkProbe {
+            seen: probe.clone(),
+        })
+        .for_each(|_| {});
+    env.execute("bounded").unwrap();
+    // Batches of two: max 1500, then 4000, then 4000: watermarks at
+    // max - 500 - 1, not repeated; then the end.
+    assert_eq!(*seen.lock().unwrap(), vec![999, 3499, WATERMARK_END]);
+}
+
+#[test]
+fn a_slow_sink_holds_the_source_back() {
+    const BATCH: usize = 16;
+    const CHANNEL: usize = 2;
+    let env = StreamEnv::new();
+    env.set_parallelism(1).set_buffers(BATCH, CHANNEL);
+    let emitted = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(AtomicU64::new(0));
+    let most_ahead = Arc::new(AtomicU64::new(0));
+    let (e, r, m) = (emitted.clone(), received.clone(), most_ahead.clone());
+    env.generate(Some(2_000), move |n| {
+        e.fetch_add(1, Ordering::SeqCst);
+        n
+    })
+    .rebalance()
+    .for_each(move |_| {
+        let got = r.fetch_add(1, Ordering::SeqCst) + 1;
+        let ahead = e_minus(&emitted, got);
+        m.fetch_max(ahead, Ordering::SeqCst);
+        if got % BATCH as u64 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    env.execute("backpressure").unwrap();
+    assert_eq!(received.load(Ordering::SeqCst), 2_000);
+    // In flight at most: the channel's batches, one batch being received,
+    // one being filled and the one blocked in send.
+    let bound = ((CHANNEL + 3) * BATCH) as u64;
+    let ahead = most_ahead.load(Ordering::SeqCst);
+    assert!(
+        ahead <= bound,
+        "the source ran {ahead} records ahead (bound {bound})"
+    );
+    assert!(
+        ahead >= BATCH as u64,
+        "the sink never lagged: the test measured nothing"
+    );
+}
+
+fn e_minus(emitted: &AtomicU64, received: u64) -> u64 {
+    emitted.load(Ordering::SeqCst).saturating_sub(received)
+}
+
+#[test]
+fn a_panic_fails_the_job_and_names_the_subtask() {
+    let env = StreamEnv::new();
+    env.set_parallelism(2);
+    let _ = env
+        .generate(None, |n| n)
+        .key_by(|n| n % 2)
+        .into_stream()
+        .map(|n| {
+            assert!(n < 5_000, "record {n} is poison");
+            n
+        })
+        .collect();
+    let err = env.execute("poison").unwrap_err();
+    match err {
+        StreamError::SubtaskFailed { message, .. } => {
+            assert!(message.contains("is poison"), "{message}");
+        }
+        other => panic!("expected the panic, got {other}"),
+    }
+}

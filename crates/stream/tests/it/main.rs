@@ -1,0 +1,6 @@
+//! Integration tests of the dataflow engine (one test binary).
+
+// A failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
+mod dataflow;
