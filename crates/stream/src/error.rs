@@ -14,6 +14,10 @@ pub enum StreamError {
     /// A subtask's inputs closed before they ended (their subtasks failed).
     #[error("the inputs of subtask {subtask} of stage '{stage}' closed before they ended")]
     UpstreamGone { stage: String, subtask: usize },
+    /// A record without an event time reached an event-time operator
+    /// (give records times with `assign_timestamps` or the source).
+    #[error("a record without an event time reached stage '{stage}'")]
+    NoEventTime { stage: String },
     /// The job cannot be run as built.
     #[error("invalid job: {0}")]
     InvalidJob(String),

@@ -80,6 +80,10 @@ impl<K: Hash + Eq, V> KeyedState<K, V> {
             .and_then(|m| m.get(key))
     }
 
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.group_mut(key).get_mut(key)
+    }
+
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
         self.group_mut(&key).insert(key, value)
     }

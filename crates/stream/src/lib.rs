@@ -51,6 +51,7 @@ mod keyed;
 mod operator;
 mod source;
 mod stream;
+mod window;
 
 pub use env::StreamEnv;
 pub use error::StreamError;
@@ -58,6 +59,7 @@ pub use keyed::{key_group_of, key_group_range, subtask_for_key_group, KeyedState
 pub use operator::{Collector, Operator};
 pub use source::{Source, SourceContext, SubtaskInfo};
 pub use stream::{CollectHandle, DataStream, KeyedStream};
+pub use window::{TimeWindow, WindowedStream, Windows};
 
 /// The watermark of an input that ended: every timer and window fires.
 pub const WATERMARK_END: i64 = i64::MAX;

@@ -111,8 +111,35 @@ impl<T: Send + 'static> DataStream<T> {
         self.parallelism
     }
 
+    /// The stage's name so far, for errors.
+    pub(crate) fn stage_name(&self) -> String {
+        self.name.clone()
+    }
+
+    /// A second output of this stage (a side output): each subtask sends
+    /// to its own subtask of the returned stream, which runs as a stage of
+    /// the same parallelism.
+    pub(crate) fn side_output<U: Send + 'static>(
+        &self,
+        name: &str,
+    ) -> (SideOutput<U>, DataStream<U>) {
+        let (batch, capacity) = self.env.with_settings(|s| (s.batch, s.channel_batches));
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..self.parallelism)
+            .map(|_| sync_channel(capacity))
+            .unzip();
+        let stream = receiving_stage(&self.env, name, receivers, 1, self.parallelism);
+        (
+            SideOutput {
+                stage: name.to_owned(),
+                senders,
+                batch,
+            },
+            stream,
+        )
+    }
+
     /// Appends a link to the chain.
-    fn chain<U: Send + 'static>(
+    pub(crate) fn chain<U: Send + 'static>(
         self,
         name: &str,
         link: impl Fn(SubtaskInfo, BoxOutput<U>) -> BoxOutput<T> + Send + Sync + 'static,
@@ -230,24 +257,7 @@ impl<T: Send + 'static> DataStream<T> {
                 next: info.index % parallelism,
             })
         });
-        let receivers: Mutex<Vec<Option<Receiver<_>>>> =
-            Mutex::new(receivers.into_iter().map(Some).collect());
-        let stage = name.to_owned();
-        let head: Head<T> = Arc::new(move |info, out| {
-            let rx = receivers
-                .lock()
-                .ok()
-                .and_then(|mut r| r.get_mut(info.index).and_then(Option::take))
-                .ok_or_else(|| StreamError::InvalidJob(format!("stage '{stage}' started twice")))?;
-            let stage = stage.clone();
-            Ok(Box::new(move || exchange::receive(&stage, info.index, rx, upstream, out)) as Task)
-        });
-        DataStream {
-            env,
-            name: name.to_owned(),
-            parallelism,
-            head,
-        }
+        receiving_stage(&env, name, receivers, upstream, parallelism)
     }
 
     /// Spreads batches over the job's parallelism in turn (Flink's
@@ -335,6 +345,58 @@ impl<T: Send + 'static> DataStream<T> {
     }
 }
 
+/// A stage that starts where `receivers` (one per subtask) deliver what
+/// `upstream` subtasks each send.
+fn receiving_stage<T: Send + 'static>(
+    env: &StreamEnv,
+    name: &str,
+    receivers: Vec<Receiver<exchange::Envelope<T>>>,
+    upstream: usize,
+    parallelism: usize,
+) -> DataStream<T> {
+    let receivers: Mutex<Vec<Option<Receiver<_>>>> =
+        Mutex::new(receivers.into_iter().map(Some).collect());
+    let stage = name.to_owned();
+    let head: Head<T> = Arc::new(move |info, out| {
+        let rx = receivers
+            .lock()
+            .ok()
+            .and_then(|mut r| r.get_mut(info.index).and_then(Option::take))
+            .ok_or_else(|| StreamError::InvalidJob(format!("stage '{stage}' started twice")))?;
+        let stage = stage.clone();
+        Ok(Box::new(move || exchange::receive(&stage, info.index, rx, upstream, out)) as Task)
+    });
+    DataStream {
+        env: env.clone(),
+        name: name.to_owned(),
+        parallelism,
+        head,
+    }
+}
+
+/// The sending side of a side output: subtask `i` sends to subtask `i` of
+/// the side stream.
+pub(crate) struct SideOutput<T> {
+    stage: String,
+    senders: Vec<std::sync::mpsc::SyncSender<exchange::Envelope<T>>>,
+    batch: usize,
+}
+
+impl<T: Send + 'static> SideOutput<T> {
+    pub(crate) fn output(&self, info: SubtaskInfo) -> BoxOutput<T> {
+        Box::new(ExchangeSender {
+            stage: self.stage.clone(),
+            // The only input of the receiving subtask.
+            me: 0,
+            targets: self.senders.get(info.index).cloned().into_iter().collect(),
+            partitioning: Partitioning::RoundRobin,
+            buffers: vec![Vec::with_capacity(self.batch)],
+            batch: self.batch,
+            next: 0,
+        })
+    }
+}
+
 impl<T> Clone for Partitioning<T> {
     fn clone(&self) -> Self {
         match self {
@@ -383,6 +445,21 @@ where
         F: Fn(SubtaskInfo) -> O + Send + Sync + 'static,
     {
         self.stream.process(name, make)
+    }
+
+    /// Cuts each key's records into event-time windows.
+    pub fn window(self, windows: crate::Windows) -> crate::WindowedStream<K, T>
+    where
+        K: Clone,
+        T: Clone,
+    {
+        crate::WindowedStream {
+            stream: self.stream,
+            key: self.key,
+            windows,
+            lateness: 0,
+            late: None,
+        }
     }
 
     /// The key of a record, as this stream partitions by.

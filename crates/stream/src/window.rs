@@ -1,0 +1,433 @@
+//! Event-time windows on a keyed stream, with Flink's semantics:
+//!
+//! - A record goes to every window its event time falls in ([`Windows`]).
+//! - A window fires when the watermark reaches its last millisecond
+//!   (`end - 1`, its *max timestamp*): its result is emitted at that time.
+//! - Its state is kept `allowed_lateness` longer. A record that arrives
+//!   for a window already fired but not yet cleaned fires it again, with
+//!   the record included; a record whose windows are all past that
+//!   (`max timestamp + allowed lateness <= watermark`) is dropped, or sent
+//!   to the late-data stream ([`WindowedStream::late_data`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::keyed::KeyedState;
+use crate::operator::{BoxOutput, Output};
+use crate::{Record, StreamError};
+
+/// A window: the event times `start..end` (ms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TimeWindow {
+    pub start: i64,
+    pub end: i64,
+}
+
+impl TimeWindow {
+    /// The last event time in the window; it fires when the watermark
+    /// reaches it, and its results carry it as their event time.
+    pub fn max_timestamp(&self) -> i64 {
+        self.end - 1
+    }
+}
+
+/// Which windows a record's event time falls in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Windows {
+    /// Windows of `size` ms, back to back, starting at multiples of the size
+    /// shifted by `offset`.
+    Tumbling { size: i64, offset: i64 },
+    /// Windows of `size` ms starting every `slide` ms (shifted by `offset`):
+    /// a record falls in `size / slide` of them.
+    Sliding { size: i64, slide: i64, offset: i64 },
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+impl Windows {
+    pub fn tumbling(size: Duration) -> Windows {
+        Windows::Tumbling {
+            size: millis(size),
+            offset: 0,
+        }
+    }
+
+    pub fn sliding(size: Duration, slide: Duration) -> Windows {
+        Windows::Sliding {
+            size: millis(size),
+            slide: millis(slide),
+            offset: 0,
+        }
+    }
+
+    /// Shifts window starts by `offset` (e.g. to local midnight).
+    pub fn with_offset(self, offset: Duration) -> Windows {
+        let offset = i64::try_from(offset.as_millis()).unwrap_or(0);
+        match self {
+            Windows::Tumbling { size, .. } => Windows::Tumbling { size, offset },
+            Windows::Sliding { size, slide, .. } => Windows::Sliding {
+                size,
+                slide,
+                offset,
+            },
+        }
+    }
+
+    /// Calls `f` with each window `time` falls in, latest start first.
+    pub fn assign(&self, time: i64, mut f: impl FnMut(TimeWindow)) {
+        let (size, step, offset) = match *self {
+            Windows::Tumbling { size, offset } => (size, size, offset),
+            Windows::Sliding {
+                size,
+                slide,
+                offset,
+            } => (size, slide, offset),
+        };
+        // Flink's getWindowStartWithOffset, with a remainder that is never
+        // negative (times before 1970 too).
+        let mut start = time - (time - offset).rem_euclid(step);
+        while start > time.saturating_sub(size) {
+            f(TimeWindow {
+                start,
+                end: start.saturating_add(size),
+            });
+            start -= step;
+        }
+    }
+}
+
+/// What a window keeps and how its result is made (Flink's
+/// `AggregateFunction` with the key and window a `ProcessWindowFunction`
+/// would see).
+pub(crate) struct Aggregation<K, T, A, U> {
+    pub init: Arc<dyn Fn() -> A + Send + Sync>,
+    pub add: Arc<AddFn<T, A>>,
+    pub result: Arc<ResultFn<K, A, U>>,
+}
+
+type AddFn<T, A> = dyn Fn(&mut A, T) + Send + Sync;
+type ResultFn<K, A, U> = dyn Fn(&K, &TimeWindow, &A) -> U + Send + Sync;
+
+impl<K, T, A, U> Clone for Aggregation<K, T, A, U> {
+    fn clone(&self) -> Self {
+        Aggregation {
+            init: self.init.clone(),
+            add: self.add.clone(),
+            result: self.result.clone(),
+        }
+    }
+}
+
+/// Timers of one subtask: (time, what) → the windows that wait for it.
+/// At equal times a window fires before it is cleaned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Fire,
+    Cleanup,
+}
+
+/// The window operator of one subtask.
+pub(crate) struct WindowOp<K, T, A, U> {
+    pub stage: String,
+    pub key: Arc<dyn Fn(&T) -> K + Send + Sync>,
+    pub windows: Windows,
+    pub lateness: i64,
+    pub agg: Aggregation<K, T, A, U>,
+    pub state: KeyedState<K, HashMap<TimeWindow, A>>,
+    timers: BTreeMap<(i64, Timer), Vec<(K, TimeWindow)>>,
+    watermark: i64,
+    pub out: BoxOutput<U>,
+    /// Late records, when someone takes them.
+    pub late: Option<BoxOutput<T>>,
+}
+
+impl<K, T, A, U> WindowOp<K, T, A, U> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        stage: String,
+        key: Arc<dyn Fn(&T) -> K + Send + Sync>,
+        windows: Windows,
+        lateness: i64,
+        agg: Aggregation<K, T, A, U>,
+        state: KeyedState<K, HashMap<TimeWindow, A>>,
+        out: BoxOutput<U>,
+        late: Option<BoxOutput<T>>,
+    ) -> Self {
+        WindowOp {
+            stage,
+            key,
+            windows,
+            lateness,
+            agg,
+            state,
+            timers: BTreeMap::new(),
+            watermark: i64::MIN,
+            out,
+            late,
+        }
+    }
+}
+
+impl<K, T, A, U> WindowOp<K, T, A, U>
+where
+    K: Hash + Eq + Clone + Send,
+    T: Clone + Send,
+    A: Send,
+    U: Send,
+{
+    fn emit(&mut self, key: &K, window: &TimeWindow) -> Result<(), StreamError> {
+        let value = match self.state.get(key).and_then(|m| m.get(window)) {
+            Some(acc) => (self.agg.result)(key, window, acc),
+            None => return Ok(()),
+        };
+        self.out.push(Record {
+            value,
+            time: Some(window.max_timestamp()),
+        })
+    }
+}
+
+impl<K, T, A, U> Output<T> for WindowOp<K, T, A, U>
+where
+    K: Hash + Eq + Clone + Send,
+    T: Clone + Send,
+    A: Send,
+    U: Send,
+{
+    fn push(&mut self, record: Record<T>) -> Result<(), StreamError> {
+        let Some(time) = record.time else {
+            return Err(StreamError::NoEventTime {
+                stage: self.stage.clone(),
+            });
+        };
+        let key = (self.key)(&record.value);
+        let mut windows = Vec::new();
+        self.windows.assign(time, |w| windows.push(w));
+        let wm = self.watermark;
+        let mut skipped = true;
+        for w in windows {
+            if w.max_timestamp().saturating_add(self.lateness) <= wm {
+                continue;
+            }
+            skipped = false;
+            let per_key = match self.state.get_mut(&key) {
+                Some(m) => m,
+                None => {
+                    self.state.insert(key.clone(), HashMap::new());
+                    self.state
+                        .get_mut(&key)
+                        .ok_or_else(|| StreamError::InvalidJob("keyed state lost a key".into()))?
+                }
+            };
+            let fresh = !per_key.contains_key(&w);
+            let acc = per_key.entry(w).or_insert_with(|| (self.agg.init)());
+            (self.agg.add)(acc, record.value.clone());
+            if w.max_timestamp() <= wm {
+                self.emit(&key, &w)?;
+            } else if fresh {
+                self.timers
+                    .entry((w.max_timestamp(), Timer::Fire))
+                    .or_default()
+                    .push((key.clone(), w));
+            }
+            if fresh {
+                let cleanup = w.max_timestamp().saturating_add(self.lateness);
+                self.timers
+                    .entry((cleanup, Timer::Cleanup))
+                    .or_default()
+                    .push((key.clone(), w));
+            }
+        }
+        if skipped && time.saturating_add(self.lateness) <= wm {
+            if let Some(late) = self.late.as_mut() {
+                // The late stream may have no consumer: then records go nowhere.
+                if late.push(record).is_err() {
+                    self.late = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn watermark(&mut self, watermark: i64) -> Result<(), StreamError> {
+        if watermark > self.watermark {
+            self.watermark = watermark;
+            while let Some(entry) = self.timers.first_entry() {
+                if entry.key().0 > watermark {
+                    break;
+                }
+                let ((_, timer), due) = entry.remove_entry();
+                for (key, window) in due {
+                    match timer {
+                        Timer::Fire => self.emit(&key, &window)?,
+                        Timer::Cleanup => {
+                            if let Some(m) = self.state.get_mut(&key) {
+                                m.remove(&window);
+                                if m.is_empty() {
+                                    self.state.remove(&key);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(late) = self.late.as_mut() {
+            if late.watermark(watermark).is_err() {
+                self.late = None;
+            }
+        }
+        self.out.watermark(watermark)
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        if let Some(late) = self.late.as_mut() {
+            if late.flush().is_err() {
+                self.late = None;
+            }
+        }
+        self.out.flush()
+    }
+
+    fn finish(&mut self) -> Result<(), StreamError> {
+        if let Some(late) = self.late.as_mut() {
+            let _ = late.finish();
+        }
+        self.out.finish()
+    }
+}
+
+/// A keyed stream cut into event-time windows (Flink's `WindowedStream`).
+pub struct WindowedStream<K, T> {
+    pub(crate) stream: crate::DataStream<T>,
+    pub(crate) key: Arc<dyn Fn(&T) -> K + Send + Sync>,
+    pub(crate) windows: Windows,
+    pub(crate) lateness: i64,
+    pub(crate) late: Option<crate::stream::SideOutput<T>>,
+}
+
+impl<K, T> WindowedStream<K, T>
+where
+    K: Hash + Eq + Clone + Send + 'static,
+    T: Clone + Send + 'static,
+{
+    /// How long after a window fired records may still update it (default
+    /// 0: a record behind the watermark is late).
+    pub fn allowed_lateness(mut self, lateness: Duration) -> Self {
+        self.lateness = i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// The records that came too late for every window they fall in (Flink's
+    /// `sideOutputLateData`), from the window operator's subtasks. Without
+    /// it they are dropped.
+    pub fn late_data(&mut self) -> crate::DataStream<T> {
+        let (side, stream) = self.stream.side_output("late data");
+        self.late = Some(side);
+        stream
+    }
+
+    /// Per key and window: `init()` when the window gets its first record,
+    /// `add` for each record, and `result` when it fires.
+    pub fn aggregate<A, U>(
+        self,
+        init: impl Fn() -> A + Send + Sync + 'static,
+        add: impl Fn(&mut A, T) + Send + Sync + 'static,
+        result: impl Fn(&K, &TimeWindow, &A) -> U + Send + Sync + 'static,
+    ) -> crate::DataStream<U>
+    where
+        A: Send + 'static,
+        U: Send + 'static,
+    {
+        let agg = Aggregation {
+            init: Arc::new(init),
+            add: Arc::new(add),
+            result: Arc::new(result),
+        };
+        let (key, windows, lateness, late) = (self.key, self.windows, self.lateness, self.late);
+        let stage = self.stream.stage_name();
+        self.stream.chain("window", move |info, out| {
+            Box::new(WindowOp::new(
+                stage.clone(),
+                key.clone(),
+                windows,
+                lateness,
+                agg.clone(),
+                KeyedState::new(info.index, info.parallelism, info.max_parallelism),
+                out,
+                late.as_ref().map(|side| side.output(info)),
+            ))
+        })
+    }
+
+    /// Folds each window's records with `f` and emits (key, window, result).
+    pub fn reduce(
+        self,
+        f: impl Fn(T, T) -> T + Send + Sync + 'static,
+    ) -> crate::DataStream<(K, TimeWindow, T)> {
+        self.aggregate(
+            || None,
+            move |acc: &mut Option<T>, v| {
+                *acc = Some(match acc.take() {
+                    Some(a) => f(a, v),
+                    None => v,
+                })
+            },
+            |k: &K, w: &TimeWindow, acc: &Option<T>| acc.clone().map(|v| (k.clone(), *w, v)),
+        )
+        .flat_map(|r| r)
+    }
+
+    /// Calls `f` with all of a window's records when it fires (Flink's
+    /// `ProcessWindowFunction`); it keeps them all until then.
+    pub fn process<U, I>(
+        self,
+        f: impl Fn(&K, &TimeWindow, &[T]) -> I + Send + Sync + 'static,
+    ) -> crate::DataStream<U>
+    where
+        U: Send + 'static,
+        I: IntoIterator<Item = U> + 'static,
+        I::IntoIter: Send,
+    {
+        self.aggregate(
+            Vec::new,
+            |acc: &mut Vec<T>, v| acc.push(v),
+            move |k: &K, w: &TimeWindow, all: &Vec<T>| f(k, w, all).into_iter().collect::<Vec<U>>(),
+        )
+        .flat_map(|v| v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn windows_of(w: Windows, t: i64) -> Vec<(i64, i64)> {
+        let mut v = Vec::new();
+        w.assign(t, |w| v.push((w.start, w.end)));
+        v
+    }
+
+    #[test]
+    fn assignment_follows_flink() {
+        let tumbling = Windows::tumbling(Duration::from_millis(10));
+        assert_eq!(windows_of(tumbling, 0), vec![(0, 10)]);
+        assert_eq!(windows_of(tumbling, 9), vec![(0, 10)]);
+        assert_eq!(windows_of(tumbling, 10), vec![(10, 20)]);
+        assert_eq!(windows_of(tumbling, -1), vec![(-10, 0)]);
+        let shifted = tumbling.with_offset(Duration::from_millis(3));
+        assert_eq!(windows_of(shifted, 2), vec![(-7, 3)]);
+        let sliding = Windows::sliding(Duration::from_millis(10), Duration::from_millis(5));
+        assert_eq!(windows_of(sliding, 12), vec![(10, 20), (5, 15)]);
+        assert_eq!(windows_of(sliding, 10), vec![(10, 20), (5, 15)]);
+        let uneven = Windows::sliding(Duration::from_millis(10), Duration::from_millis(3));
+        assert_eq!(
+            windows_of(uneven, 9),
+            vec![(9, 19), (6, 16), (3, 13), (0, 10)]
+        );
+    }
+}
