@@ -49,6 +49,7 @@ mod error;
 mod exchange;
 mod keyed;
 mod operator;
+mod process;
 mod source;
 mod stream;
 mod window;
@@ -57,8 +58,9 @@ pub use env::StreamEnv;
 pub use error::StreamError;
 pub use keyed::{key_group_of, key_group_range, subtask_for_key_group, KeyedState};
 pub use operator::{Collector, Operator};
+pub use process::{KeyedProcess, ProcessContext};
 pub use source::{Source, SourceContext, SubtaskInfo};
-pub use stream::{CollectHandle, DataStream, KeyedStream};
+pub use stream::{CollectHandle, DataStream, Either, KeyedStream};
 pub use window::{TimeWindow, WindowedStream, Windows};
 
 /// The watermark of an input that ended: every timer and window fires.

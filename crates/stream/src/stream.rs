@@ -234,30 +234,22 @@ impl<T: Send + 'static> DataStream<T> {
     }
 
     /// Ends this stage in an exchange to a new stage of `parallelism`.
-    fn exchange(self, name: &str, partitioning: Partitioning<T>, parallelism: usize) -> Self
-    where
-        Partitioning<T>: Clone,
-    {
-        let (batch, capacity) = self.env.with_settings(|s| (s.batch, s.channel_batches));
-        let upstream = self.parallelism;
-        let (senders, receivers): (Vec<_>, Vec<_>) =
-            (0..parallelism).map(|_| sync_channel(capacity)).unzip();
-        let stage = self.name.clone();
-        let env = self.env.clone();
-        self.sink(name, move |info| {
-            Box::new(ExchangeSender {
-                stage: stage.clone(),
-                me: info.index,
-                targets: senders.clone(),
-                partitioning: partitioning.clone(),
-                buffers: (0..parallelism)
-                    .map(|_| Vec::with_capacity(batch))
-                    .collect(),
-                batch,
-                next: info.index % parallelism,
-            })
-        });
-        receiving_stage(&env, name, receivers, upstream, parallelism)
+    fn exchange(self, name: &str, partitioning: Partitioning<T>, parallelism: usize) -> Self {
+        exchange_from(self, Vec::new(), name, partitioning, parallelism)
+    }
+
+    /// This stream's records and `other`'s in one stream, spread over the
+    /// job's parallelism as [`Self::rebalance`] does (Flink's `union`).
+    pub fn union(self, other: DataStream<T>) -> DataStream<T> {
+        let p = self.env.parallelism();
+        exchange_from(self, vec![other], "union", Partitioning::RoundRobin, p)
+    }
+
+    /// This stream and `other` as one stream of [`Either`], for an operator
+    /// that sees both (Flink's `connect`; key it with
+    /// [`Self::key_by`] on a key both sides have for a keyed co-process).
+    pub fn connect<U: Send + 'static>(self, other: DataStream<U>) -> DataStream<Either<T, U>> {
+        self.map(Either::Left).union(other.map(Either::Right))
     }
 
     /// Spreads batches over the job's parallelism in turn (Flink's
@@ -343,6 +335,54 @@ impl<T: Send + 'static> DataStream<T> {
             })
         });
     }
+}
+
+/// Ends `first` and the `rest` in an exchange to one new stage of
+/// `parallelism`: the inputs of its subtasks are the upstream subtasks of
+/// all of them, numbered in order.
+fn exchange_from<T: Send + 'static>(
+    first: DataStream<T>,
+    rest: Vec<DataStream<T>>,
+    name: &str,
+    partitioning: Partitioning<T>,
+    parallelism: usize,
+) -> DataStream<T> {
+    let env = first.env.clone();
+    let mut upstream = vec![first];
+    upstream.extend(rest);
+    let (batch, capacity) = env.with_settings(|s| (s.batch, s.channel_batches));
+    let inputs: usize = upstream.iter().map(|s| s.parallelism).sum();
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        (0..parallelism).map(|_| sync_channel(capacity)).unzip();
+    let mut first_input = 0;
+    for stream in upstream {
+        let offset = first_input;
+        first_input += stream.parallelism;
+        let stage = stream.name.clone();
+        let senders = senders.clone();
+        let partitioning = partitioning.clone();
+        stream.sink(name, move |info| {
+            Box::new(ExchangeSender {
+                stage: stage.clone(),
+                me: offset + info.index,
+                targets: senders.clone(),
+                partitioning: partitioning.clone(),
+                buffers: (0..parallelism)
+                    .map(|_| Vec::with_capacity(batch))
+                    .collect(),
+                batch,
+                next: (offset + info.index) % parallelism,
+            })
+        });
+    }
+    receiving_stage(&env, name, receivers, inputs, parallelism)
+}
+
+/// One of two streams' values ([`DataStream::connect`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Either<L, R> {
+    Left(L),
+    Right(R),
 }
 
 /// A stage that starts where `receivers` (one per subtask) deliver what
@@ -436,15 +476,24 @@ where
         })
     }
 
-    /// A user-defined operator on the keyed stream; `make` builds each
-    /// subtask's instance (keyed state: [`KeyedState`] for the subtask).
-    pub fn process<U, O, F>(self, name: &str, make: F) -> DataStream<U>
+    /// A keyed process function with event-time timers (Flink's
+    /// `KeyedProcessFunction`); `make` builds each subtask's instance,
+    /// with any keyed state it keeps ([`KeyedState`] for the subtask).
+    pub fn process<U, P, F>(self, name: &str, make: F) -> DataStream<U>
     where
+        K: Clone,
         U: Send + 'static,
-        O: Operator<T, U> + 'static,
-        F: Fn(SubtaskInfo) -> O + Send + Sync + 'static,
+        P: crate::KeyedProcess<K, T, U> + 'static,
+        F: Fn(SubtaskInfo) -> P + Send + Sync + 'static,
     {
-        self.stream.process(name, make)
+        let key = self.key;
+        self.stream.chain(name, move |info, out| {
+            Box::new(crate::process::KeyedProcessLink::new(
+                key.clone(),
+                make(info),
+                out,
+            ))
+        })
     }
 
     /// Cuts each key's records into event-time windows.

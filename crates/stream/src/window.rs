@@ -42,6 +42,9 @@ pub enum Windows {
     /// Windows of `size` ms starting every `slide` ms (shifted by `offset`):
     /// a record falls in `size / slide` of them.
     Sliding { size: i64, slide: i64, offset: i64 },
+    /// A window per burst of a key's records: a record opens `gap` ms,
+    /// and windows that overlap or meet merge.
+    Session { gap: i64 },
 }
 
 fn millis(d: Duration) -> i64 {
@@ -64,10 +67,16 @@ impl Windows {
         }
     }
 
-    /// Shifts window starts by `offset` (e.g. to local midnight).
+    pub fn session(gap: Duration) -> Windows {
+        Windows::Session { gap: millis(gap) }
+    }
+
+    /// Shifts window starts by `offset` (e.g. to local midnight); sessions
+    /// have none.
     pub fn with_offset(self, offset: Duration) -> Windows {
         let offset = i64::try_from(offset.as_millis()).unwrap_or(0);
         match self {
+            Windows::Session { gap } => Windows::Session { gap },
             Windows::Tumbling { size, .. } => Windows::Tumbling { size, offset },
             Windows::Sliding { size, slide, .. } => Windows::Sliding {
                 size,
@@ -77,9 +86,17 @@ impl Windows {
         }
     }
 
-    /// Calls `f` with each window `time` falls in, latest start first.
+    /// Calls `f` with each window `time` falls in, latest start first (a
+    /// session: the window the record opens, before merging).
     pub fn assign(&self, time: i64, mut f: impl FnMut(TimeWindow)) {
         let (size, step, offset) = match *self {
+            Windows::Session { gap } => {
+                f(TimeWindow {
+                    start: time,
+                    end: time.saturating_add(gap),
+                });
+                return;
+            }
             Windows::Tumbling { size, offset } => (size, size, offset),
             Windows::Sliding {
                 size,
@@ -106,10 +123,13 @@ impl Windows {
 pub(crate) struct Aggregation<K, T, A, U> {
     pub init: Arc<dyn Fn() -> A + Send + Sync>,
     pub add: Arc<AddFn<T, A>>,
+    /// Folds the second into the first (session windows that merge).
+    pub merge: Arc<MergeFn<A>>,
     pub result: Arc<ResultFn<K, A, U>>,
 }
 
 type AddFn<T, A> = dyn Fn(&mut A, T) + Send + Sync;
+type MergeFn<A> = dyn Fn(&mut A, A) + Send + Sync;
 type ResultFn<K, A, U> = dyn Fn(&K, &TimeWindow, &A) -> U + Send + Sync;
 
 impl<K, T, A, U> Clone for Aggregation<K, T, A, U> {
@@ -117,6 +137,7 @@ impl<K, T, A, U> Clone for Aggregation<K, T, A, U> {
         Aggregation {
             init: self.init.clone(),
             add: self.add.clone(),
+            merge: self.merge.clone(),
             result: self.result.clone(),
         }
     }
@@ -179,6 +200,26 @@ where
     A: Send,
     U: Send,
 {
+    /// The windows of `key` that `new` touches (Flink merges windows that
+    /// overlap or meet) and the window covering them all.
+    fn touching(&self, key: &K, new: TimeWindow) -> (TimeWindow, Vec<TimeWindow>) {
+        let touched: Vec<TimeWindow> = self
+            .state
+            .get(key)
+            .map(|m| {
+                m.keys()
+                    .filter(|w| w.start <= new.end && w.end >= new.start)
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let cover = touched.iter().fold(new, |c, w| TimeWindow {
+            start: c.start.min(w.start),
+            end: c.end.max(w.end),
+        });
+        (cover, touched)
+    }
+
     fn emit(&mut self, key: &K, window: &TimeWindow) -> Result<(), StreamError> {
         let value = match self.state.get(key).and_then(|m| m.get(window)) {
             Some(acc) => (self.agg.result)(key, window, acc),
@@ -209,7 +250,12 @@ where
         self.windows.assign(time, |w| windows.push(w));
         let wm = self.watermark;
         let mut skipped = true;
-        for w in windows {
+        for new in windows {
+            // A session window covers every window of its key it touches.
+            let (w, touched) = match self.windows {
+                Windows::Session { .. } => self.touching(&key, new),
+                _ => (new, Vec::new()),
+            };
             if w.max_timestamp().saturating_add(self.lateness) <= wm {
                 continue;
             }
@@ -224,6 +270,17 @@ where
                 }
             };
             let fresh = !per_key.contains_key(&w);
+            if fresh {
+                // The touched windows' state moves to the cover; their
+                // timers find nothing when they come.
+                let mut acc = (self.agg.init)();
+                for t in touched {
+                    if let Some(old) = per_key.remove(&t) {
+                        (self.agg.merge)(&mut acc, old);
+                    }
+                }
+                per_key.insert(w, acc);
+            }
             let acc = per_key.entry(w).or_insert_with(|| (self.agg.init)());
             (self.agg.add)(acc, record.value.clone());
             if w.max_timestamp() <= wm {
@@ -332,11 +389,14 @@ where
     }
 
     /// Per key and window: `init()` when the window gets its first record,
-    /// `add` for each record, and `result` when it fires.
+    /// `add` for each record, `merge` when session windows merge (the
+    /// second into the first), and `result` when it fires (Flink's
+    /// `AggregateFunction`, with the key and window).
     pub fn aggregate<A, U>(
         self,
         init: impl Fn() -> A + Send + Sync + 'static,
         add: impl Fn(&mut A, T) + Send + Sync + 'static,
+        merge: impl Fn(&mut A, A) + Send + Sync + 'static,
         result: impl Fn(&K, &TimeWindow, &A) -> U + Send + Sync + 'static,
     ) -> crate::DataStream<U>
     where
@@ -346,6 +406,7 @@ where
         let agg = Aggregation {
             init: Arc::new(init),
             add: Arc::new(add),
+            merge: Arc::new(merge),
             result: Arc::new(result),
         };
         let (key, windows, lateness, late) = (self.key, self.windows, self.lateness, self.late);
@@ -369,13 +430,21 @@ where
         self,
         f: impl Fn(T, T) -> T + Send + Sync + 'static,
     ) -> crate::DataStream<(K, TimeWindow, T)> {
+        let f = Arc::new(f);
+        let g = f.clone();
+        let fold = move |f: &dyn Fn(T, T) -> T, acc: &mut Option<T>, v: T| {
+            *acc = Some(match acc.take() {
+                Some(a) => f(a, v),
+                None => v,
+            })
+        };
         self.aggregate(
             || None,
-            move |acc: &mut Option<T>, v| {
-                *acc = Some(match acc.take() {
-                    Some(a) => f(a, v),
-                    None => v,
-                })
+            move |acc: &mut Option<T>, v| fold(&*f, acc, v),
+            move |acc: &mut Option<T>, other: Option<T>| {
+                if let Some(v) = other {
+                    fold(&*g, acc, v)
+                }
             },
             |k: &K, w: &TimeWindow, acc: &Option<T>| acc.clone().map(|v| (k.clone(), *w, v)),
         )
@@ -396,6 +465,7 @@ where
         self.aggregate(
             Vec::new,
             |acc: &mut Vec<T>, v| acc.push(v),
+            |acc: &mut Vec<T>, other: Vec<T>| acc.extend(other),
             move |k: &K, w: &TimeWindow, all: &Vec<T>| f(k, w, all).into_iter().collect::<Vec<U>>(),
         )
         .flat_map(|v| v)

@@ -4,4 +4,5 @@
 #![allow(clippy::unwrap_used)]
 
 mod dataflow;
+mod process;
 mod windows;

@@ -59,7 +59,15 @@ type Fired = Vec<(u8, i64, i64, Vec<u32>)>;
 /// millisecond, and again for each record that arrives after that but
 /// within the allowed lateness; a record is late when every window it
 /// falls in is past the lateness, and its time too.
-fn reference(steps: &[Step], size: i64, slide: i64, lateness: i64) -> (Fired, Vec<u32>) {
+/// `Shape::Session`: a record opens `[t, t + gap)`, and windows of its key
+/// that overlap or meet it merge with it.
+#[derive(Clone, Copy, Debug)]
+enum Shape {
+    Fixed { size: i64, slide: i64 },
+    Session { gap: i64 },
+}
+
+fn reference(steps: &[Step], shape: Shape, lateness: i64) -> (Fired, Vec<u32>) {
     let mut wm = i64::MIN;
     let mut live: BTreeMap<(u8, i64, i64), Vec<u32>> = BTreeMap::new();
     let mut fired = Vec::new();
@@ -84,6 +92,34 @@ fn reference(steps: &[Step], size: i64, slide: i64, lateness: i64) -> (Fired, Ve
         match *step {
             Step::Watermark(w) => advance(w, &mut wm, &mut live, &mut fired),
             Step::Record(k, t, id) => {
+                if let Shape::Session { gap } = shape {
+                    let (s, e) = (t, t + gap);
+                    let touched: Vec<(u8, i64, i64)> = live
+                        .keys()
+                        .filter(|(lk, ls, le)| *lk == k && *ls <= e && *le >= s)
+                        .copied()
+                        .collect();
+                    let start = touched.iter().map(|w| w.1).fold(s, i64::min);
+                    let end = touched.iter().map(|w| w.2).fold(e, i64::max);
+                    if (end - 1).saturating_add(lateness) <= wm {
+                        if t.saturating_add(lateness) <= wm {
+                            late.push(id);
+                        }
+                        continue;
+                    }
+                    let mut ids = vec![id];
+                    for w in touched {
+                        ids.extend(live.remove(&w).unwrap_or_default());
+                    }
+                    if end - 1 <= wm {
+                        fired.push((k, start, end, sorted(&ids)));
+                    }
+                    live.insert((k, start, end), ids);
+                    continue;
+                }
+                let Shape::Fixed { size, slide } = shape else {
+                    continue;
+                };
                 let mut skipped = true;
                 for start in (t - size + 1)..=t {
                     if start.rem_euclid(slide) != 0 {
@@ -153,19 +189,26 @@ proptest! {
     #[test]
     fn windows_match_the_reference(
         steps in script(),
-        shape in prop_oneof![Just((10i64, 10i64)), Just((25, 25)), Just((30, 10)), Just((20, 7))],
+        shape in prop_oneof![
+            Just(Shape::Fixed { size: 10, slide: 10 }),
+            Just(Shape::Fixed { size: 25, slide: 25 }),
+            Just(Shape::Fixed { size: 30, slide: 10 }),
+            Just(Shape::Fixed { size: 20, slide: 7 }),
+            Just(Shape::Session { gap: 5 }),
+            Just(Shape::Session { gap: 20 }),
+        ],
         lateness in prop_oneof![Just(0i64), Just(15), Just(40)],
         parallelism in 1usize..4,
         batch in 1usize..8,
     ) {
-        let (size, slide) = shape;
-        let windows = if size == slide {
-            Windows::tumbling(Duration::from_millis(size as u64))
-        } else {
-            Windows::sliding(Duration::from_millis(size as u64), Duration::from_millis(slide as u64))
+        let ms = |v: i64| Duration::from_millis(v as u64);
+        let windows = match shape {
+            Shape::Fixed { size, slide } if size == slide => Windows::tumbling(ms(size)),
+            Shape::Fixed { size, slide } => Windows::sliding(ms(size), ms(slide)),
+            Shape::Session { gap } => Windows::session(ms(gap)),
         };
         let got = run(steps.clone(), windows, lateness, parallelism, batch);
-        let want = reference(&steps, size, slide, lateness);
+        let want = reference(&steps, shape, lateness);
         prop_assert_eq!(got, want);
     }
 }
@@ -195,6 +238,30 @@ fn a_windowed_reduce_sums_each_window() {
         got,
         vec![("a", 0, 3), ("a", 10, 4), ("b", 0, 10), ("b", 10, 20)]
     );
+}
+
+#[test]
+fn sessions_merge_bursts_per_key() {
+    let env = StreamEnv::new();
+    env.set_parallelism(2);
+    // Key "a": 0, 4 and 13 (gap 5: 4 + 5 = 9 < 13) and a late bridge at 8
+    // that joins them: [0, 18). Key "b": 2 alone: [2, 7).
+    let out = env
+        .from_iter([("a", 0i64), ("a", 4), ("b", 2), ("a", 13), ("a", 8)])
+        .assign_timestamps(Duration::from_millis(100), |(_, t)| *t)
+        .key_by(|(k, _)| *k)
+        .window(Windows::session(Duration::from_millis(5)))
+        .aggregate(
+            || 0u32,
+            |n, _| *n += 1,
+            |n, m| *n += m,
+            |k, w, n| (*k, w.start, w.end, *n),
+        )
+        .collect();
+    env.execute("sessions").unwrap();
+    let mut got = out.take();
+    got.sort();
+    assert_eq!(got, vec![("a", 0, 18, 4), ("b", 2, 7, 1)]);
 }
 
 #[test]
