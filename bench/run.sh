@@ -472,6 +472,20 @@ else
     note "- FAILED: \`sluice serve\` for the compaction rows did not print its listening line (logs/sluice-compact.log)"
 fi
 
+# Event processing: the Nexmark queries on sluice-stream, in-process (no
+# broker), over the nexmark crate's events with its default configuration
+# and a fixed base time. records/s is events per second per core (events
+# over process CPU seconds, as the Nexmark runner reports); Flink and
+# Feldera are not runnable here (no Maven, no images), so their published
+# per-core figures are quoted, not measured.
+if ((QUICK)); then NEXMARK_EVENTS=500000; else NEXMARK_EVENTS=10000000; fi
+log "sluice: Nexmark rows ($NEXMARK_EVENTS events each)"
+for q in q0 q1 q2 q3 q4 q5 q7 q8; do
+    measure --set system=sluice --set "scenario=nexmark $q (events/s per core; $NEXMARK_EVENTS events, parallelism 2)" -- \
+        "$SLUICE" bench nexmark --query "$q" --events "$NEXMARK_EVENTS" --base-time 1700000000000 --parallelism 2 --json
+done
+note "- Nexmark: events per second per core of CPU used by the whole job (generation included), bounded input so every window fires at the end. Published per-core figures for comparison, not measured here: Flink 12K-175K, Feldera 200K-430K."
+
 # Many partitions: tests/interop/scale.py creates them through the admin API,
 # produces one record to each, reads them back, restarts the broker cleanly
 # and after kill -9, reads everything again and reports RSS, open

@@ -16,6 +16,7 @@
 
 pub mod cluster;
 mod consume;
+pub mod nexmark;
 mod produce;
 pub mod report;
 pub mod schedule;

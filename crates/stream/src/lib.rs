@@ -48,6 +48,7 @@ mod env;
 mod error;
 mod exchange;
 mod keyed;
+pub mod nexmark;
 mod operator;
 mod process;
 mod source;

@@ -4,6 +4,8 @@
 // A failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
 #![allow(clippy::unwrap_used)]
 
+mod nexmark;
+
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};

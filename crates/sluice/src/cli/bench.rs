@@ -18,6 +18,9 @@ pub enum BenchMode {
     Consume,
     /// Produce and consume at once; latency from intended send time to consumption.
     E2e,
+    /// A Nexmark query on the event-processing engine, in this process
+    /// (no broker): events per second per core, or the result rows.
+    Nexmark,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,6 +120,22 @@ pub struct BenchArgs {
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Nexmark: the query (q0, q1, q2, q3, q4, q5, q7, q8).
+    #[arg(long, default_value = "q0")]
+    pub query: String,
+    /// Nexmark: events to generate (the generator's default configuration).
+    #[arg(long, default_value_t = 10_000_000)]
+    pub events: u64,
+    /// Nexmark: event time of the first event, ms since the epoch
+    /// (default: now).
+    #[arg(long, value_name = "MS")]
+    pub base_time: Option<u64>,
+    /// Nexmark: subtasks per stage (default: the machine's cores).
+    #[arg(long)]
+    pub parallelism: Option<usize>,
+    /// Nexmark: write the result rows to FILE as JSON lines.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<std::path::PathBuf>,
 }
 
 impl BenchArgs {
@@ -125,6 +144,7 @@ impl BenchArgs {
             BenchMode::Produce => Mode::Produce,
             BenchMode::Consume => Mode::Consume,
             BenchMode::E2e => Mode::E2e,
+            BenchMode::Nexmark => anyhow::bail!("nexmark runs no Kafka load"),
         };
         let mut cfg = BenchConfig::new(mode, &self.bootstrap, &self.topic);
         cfg.partitions = self.partitions;
@@ -178,6 +198,9 @@ impl BenchArgs {
 }
 
 pub async fn run(args: BenchArgs) -> Result<()> {
+    if args.mode == BenchMode::Nexmark {
+        return nexmark(args).await;
+    }
     let cfg = args.config()?;
     let report = sluice_bench::run(cfg)
         .await
@@ -190,12 +213,51 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+async fn nexmark(args: BenchArgs) -> Result<()> {
+    use sluice_bench::nexmark::{self, NexmarkRun, Query};
+    let query = Query::parse(&args.query)
+        .with_context(|| format!("unknown Nexmark query '{}' (q0-q5, q7, q8)", args.query))?;
+    let base_time = args.base_time.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    });
+    let spec = NexmarkRun {
+        query,
+        events: args.events,
+        config: nexmark::config(base_time),
+        parallelism: args
+            .parallelism
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        output: args.output.clone(),
+    };
+    let (report, _) = tokio::task::spawn_blocking(move || nexmark::run(&spec))
+        .await
+        .context("the Nexmark run stopped")?
+        .with_context(|| format!("Nexmark {}", query.name()))?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!(
+            "nexmark {}: {} events in {:.2} s ({:.2} CPU s): {:.0} events/s/core, {} result rows",
+            query.name(),
+            report.events,
+            report.seconds,
+            report.cpu_seconds,
+            report.events_per_sec_per_core(),
+            report.rows
+        );
+    }
+    Ok(())
+}
+
 impl BenchArgs {
     fn mode_name(&self) -> &'static str {
         match self.mode {
             BenchMode::Produce => "produce",
             BenchMode::Consume => "consume",
             BenchMode::E2e => "e2e",
+            BenchMode::Nexmark => "nexmark",
         }
     }
 }
