@@ -149,20 +149,24 @@ impl Node {
         let replicas = ReplicaManager::start(store.clone(), cluster.clone(), config.replica);
         let (stop, _) = watch::channel(false);
         let duties = vec![
-            tokio::spawn(every(config.retention_check_interval, stop.subscribe(), {
-                let store = store.clone();
-                move || match store.enforce_retention() {
-                    Ok(0) => {}
-                    Ok(deleted) => tracing::info!(deleted, "retention deleted segments"),
-                    Err(err) => tracing::error!(error = %err, "retention enforcement failed"),
-                }
-            })),
+            tokio::spawn(every_blocking(
+                config.retention_check_interval,
+                stop.subscribe(),
+                {
+                    let store = store.clone();
+                    move || match store.enforce_retention() {
+                        Ok(0) => {}
+                        Ok(deleted) => tracing::info!(deleted, "retention deleted segments"),
+                        Err(err) => tracing::error!(error = %err, "retention enforcement failed"),
+                    }
+                },
+            )),
             tokio::spawn(compact_every(
                 config.cleaner_check_interval,
                 stop.subscribe(),
                 store.clone(),
             )),
-            tokio::spawn(every(HW_CHECKPOINT_INTERVAL, stop.subscribe(), {
+            tokio::spawn(every_blocking(HW_CHECKPOINT_INTERVAL, stop.subscribe(), {
                 let store = store.clone();
                 move || {
                     if let Err(err) = store.checkpoint_high_watermarks() {
@@ -273,7 +277,7 @@ const CLEANER_NICE: i32 = 10;
 /// a thread of its own at a lower scheduling priority ([`CLEANER_NICE`]), until
 /// `stop` turns true. Not the blocking pool: a nice value set there would stay
 /// on a pool thread that later syncs a partition for a producer.
-async fn compact_every(period: Duration, mut stop: watch::Receiver<bool>, store: Arc<Store>) {
+async fn compact_every(period: Duration, stop: watch::Receiver<bool>, store: Arc<Store>) {
     // One round at a time: the channel holds the reply slot of the round asked for.
     let (rounds, asked) = std::sync::mpsc::sync_channel::<oneshot::Sender<()>>(1);
     let spawned = std::thread::Builder::new()
@@ -292,31 +296,48 @@ async fn compact_every(period: Duration, mut stop: watch::Receiver<bool>, store:
         tracing::error!(error = %err, "could not start the cleaner thread; no compaction");
         return;
     }
-    let mut ticker = tokio::time::interval(period.max(Duration::from_millis(10)));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
+    every(period, stop, move || {
         let (done, round) = oneshot::channel();
-        if rounds.try_send(done).is_err() {
-            tracing::error!("the cleaner thread ended; no more compaction");
-            return;
+        let asked = rounds.try_send(done).is_ok();
+        async move {
+            if !asked {
+                tracing::error!("the cleaner thread ended; no more compaction");
+                return false;
+            }
+            // A round in progress finishes before shutdown goes on (the
+            // store is flushed and closed after the duties end).
+            let _ = round.await;
+            true
         }
-        // A round in progress finishes before shutdown goes on (the store is
-        // flushed and closed after the duties end).
-        let _ = round.await;
-    }
+    })
+    .await;
 }
 
 /// Runs `work` on the blocking pool (it touches the disk; keep it off the async
-/// workers) every `period`, skipping the immediate first tick so start-up is not
-/// slowed down, until `stop` turns true.
-async fn every<F>(period: Duration, mut stop: watch::Receiver<bool>, work: F)
+/// workers) every `period`, until `stop` turns true.
+async fn every_blocking<F>(period: Duration, stop: watch::Receiver<bool>, work: F)
 where
     F: Fn() + Clone + Send + 'static,
+{
+    every(period, stop, move || {
+        let work = work.clone();
+        async move {
+            if let Err(err) = tokio::task::spawn_blocking(work).await {
+                tracing::error!(error = %err, "periodic storage task failed");
+            }
+            true
+        }
+    })
+    .await;
+}
+
+/// Awaits `run()` every `period` (measured from the end of the previous
+/// run), skipping the immediate first tick so start-up is not slowed down,
+/// until `stop` turns true or a run returns false.
+async fn every<F, R>(period: Duration, mut stop: watch::Receiver<bool>, mut run: F)
+where
+    F: FnMut() -> R,
+    R: std::future::Future<Output = bool>,
 {
     let mut ticker = tokio::time::interval(period.max(Duration::from_millis(10)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -326,8 +347,8 @@ where
             _ = ticker.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        if let Err(err) = tokio::task::spawn_blocking(work.clone()).await {
-            tracing::error!(error = %err, "periodic storage task failed");
+        if !run().await {
+            return;
         }
     }
 }
