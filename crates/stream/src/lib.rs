@@ -47,6 +47,7 @@
 mod env;
 mod error;
 mod exchange;
+mod join;
 mod keyed;
 pub mod nexmark;
 mod operator;
@@ -57,6 +58,7 @@ mod window;
 
 pub use env::StreamEnv;
 pub use error::StreamError;
+pub use join::IntervalJoin;
 pub use keyed::{key_group_of, key_group_range, subtask_for_key_group, KeyedState};
 pub use operator::{Collector, Operator};
 pub use process::{KeyedProcess, ProcessContext};

@@ -378,6 +378,36 @@ fn exchange_from<T: Send + 'static>(
     receiving_stage(&env, name, receivers, inputs, parallelism)
 }
 
+/// Subtask `i` of `a` and of `b` (of equal parallelism) feed subtask `i`
+/// of a new stage: its inputs are `a`'s (0) and `b`'s (1).
+fn pointwise_union<T: Send + 'static>(
+    a: DataStream<T>,
+    b: DataStream<T>,
+    name: &str,
+) -> DataStream<T> {
+    let env = a.env.clone();
+    let parallelism = a.parallelism;
+    let (batch, capacity) = env.with_settings(|s| (s.batch, s.channel_batches));
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        (0..parallelism).map(|_| sync_channel(capacity)).unzip();
+    for (input, stream) in [a, b].into_iter().enumerate() {
+        let stage = stream.name.clone();
+        let senders = senders.clone();
+        stream.sink(name, move |info| {
+            Box::new(ExchangeSender {
+                stage: stage.clone(),
+                me: input,
+                targets: senders.get(info.index).cloned().into_iter().collect(),
+                partitioning: Partitioning::RoundRobin,
+                buffers: vec![Vec::with_capacity(batch)],
+                batch,
+                next: 0,
+            })
+        });
+    }
+    receiving_stage(&env, name, receivers, 2, parallelism)
+}
+
 /// One of two streams' values ([`DataStream::connect`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Either<L, R> {
@@ -509,6 +539,81 @@ where
             lateness: 0,
             late: None,
         }
+    }
+
+    /// Both streams' records as one keyed stream of [`Either`]: the two
+    /// are keyed alike, so subtask `i` of each feeds subtask `i` (when
+    /// their parallelism differs, they are keyed again).
+    fn pair<U: Send + 'static>(self, other: KeyedStream<K, U>) -> KeyedStream<K, Either<T, U>> {
+        let (ka, kb) = (self.key, other.key);
+        let key: Arc<dyn Fn(&Either<T, U>) -> K + Send + Sync> = Arc::new(move |e| match e {
+            Either::Left(t) => ka(t),
+            Either::Right(u) => kb(u),
+        });
+        let left = self.stream.map(Either::Left);
+        let right = other.stream.map(Either::Right);
+        let stream = if left.parallelism == right.parallelism {
+            pointwise_union(left, right, "join")
+        } else {
+            let max = left.env.with_settings(|s| s.max_parallelism);
+            let k = key.clone();
+            let p = left.env.parallelism();
+            exchange_from(
+                left,
+                vec![right],
+                "join",
+                Partitioning::KeyGroups {
+                    group_of: Arc::new(move |v| key_group_of(&k(v), max)),
+                    max_parallelism: max,
+                },
+                p,
+            )
+        };
+        KeyedStream { stream, key }
+    }
+
+    /// Flink's interval join: a record of this stream at `tl` and one of
+    /// `other` at `tr` with the same key give `join(key, left, right)` when
+    /// `tl + lower_ms <= tr <= tl + upper_ms` (see [`crate::IntervalJoin`]).
+    pub fn interval_join<U, O, F>(
+        self,
+        other: KeyedStream<K, U>,
+        lower_ms: i64,
+        upper_ms: i64,
+        join: F,
+    ) -> DataStream<O>
+    where
+        K: Clone,
+        U: Send + 'static,
+        O: Send + 'static,
+        F: Fn(&K, &T, &U) -> O + Send + Sync + 'static,
+    {
+        let join: Arc<dyn Fn(&K, &T, &U) -> O + Send + Sync> = Arc::new(join);
+        self.pair(other).process("interval join", move |info| {
+            crate::IntervalJoin::new(info, lower_ms, upper_ms, join.clone())
+        })
+    }
+
+    /// Flink's window join: every pair of records of this stream and
+    /// `other` with the same key in the same window gives
+    /// `join(key, window, left, right)` when the window fires.
+    pub fn window_join<U, O, F>(
+        self,
+        other: KeyedStream<K, U>,
+        windows: crate::Windows,
+        join: F,
+    ) -> DataStream<O>
+    where
+        K: Clone,
+        T: Clone,
+        U: Clone + Send + 'static,
+        O: Send + 'static,
+        F: Fn(&K, &crate::TimeWindow, &T, &U) -> O + Send + Sync + 'static,
+    {
+        let join: Arc<crate::join::WindowJoinFn<K, T, U, O>> = Arc::new(join);
+        self.pair(other)
+            .window(windows)
+            .process(move |k, w, all| crate::join::window_pairs(k, w, all, &*join))
     }
 
     /// The key of a record, as this stream partitions by.

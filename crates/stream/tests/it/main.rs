@@ -4,5 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod dataflow;
+mod joins;
 mod process;
 mod windows;
