@@ -24,20 +24,18 @@ use crate::{Either, KeyedState, Record, SubtaskInfo, TimeWindow};
 pub struct IntervalJoin<K, L, R, O> {
     lower: i64,
     upper: i64,
-    join: Arc<dyn Fn(&K, &L, &R) -> O + Send + Sync>,
+    join: Arc<JoinFn<K, L, R, O>>,
     /// Per key: waiting records by time, left and right.
     waiting: KeyedState<K, Sides<L, R>>,
 }
 
+/// What an interval join makes of a key and a left and right record.
+pub type JoinFn<K, L, R, O> = dyn Fn(&K, &L, &R) -> O + Send + Sync;
+
 type Sides<L, R> = (BTreeMap<i64, Vec<L>>, BTreeMap<i64, Vec<R>>);
 
 impl<K: Hash + Eq, L, R, O> IntervalJoin<K, L, R, O> {
-    pub fn new(
-        info: SubtaskInfo,
-        lower: i64,
-        upper: i64,
-        join: Arc<dyn Fn(&K, &L, &R) -> O + Send + Sync>,
-    ) -> Self {
+    pub fn new(info: SubtaskInfo, lower: i64, upper: i64, join: Arc<JoinFn<K, L, R, O>>) -> Self {
         IntervalJoin {
             lower,
             upper,

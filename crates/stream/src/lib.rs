@@ -58,7 +58,7 @@ mod window;
 
 pub use env::StreamEnv;
 pub use error::StreamError;
-pub use join::IntervalJoin;
+pub use join::{IntervalJoin, JoinFn};
 pub use keyed::{key_group_of, key_group_range, subtask_for_key_group, KeyedState};
 pub use operator::{Collector, Operator};
 pub use process::{KeyedProcess, ProcessContext};

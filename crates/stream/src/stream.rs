@@ -19,6 +19,9 @@ use crate::{Record, StreamError};
 /// begins.
 type Head<T> = Arc<dyn Fn(SubtaskInfo, BoxOutput<T>) -> Result<Task, StreamError> + Send + Sync>;
 
+/// Gives a record's key.
+type KeyFn<T, K> = dyn Fn(&T) -> K + Send + Sync;
+
 /// A stream of `T` under construction: a stage's chain so far. Operators
 /// consume it and return the extended stream.
 pub struct DataStream<T> {
@@ -33,7 +36,7 @@ pub struct DataStream<T> {
 /// subtask, in the order its upstream subtask sent them.
 pub struct KeyedStream<K, T> {
     stream: DataStream<T>,
-    key: Arc<dyn Fn(&T) -> K + Send + Sync>,
+    key: Arc<KeyFn<T, K>>,
 }
 
 /// What a [`DataStream::collect`] sink gathered, once the job ran.
@@ -268,7 +271,7 @@ impl<T: Send + 'static> DataStream<T> {
         let (p, max) = self
             .env
             .with_settings(|s| (s.parallelism, s.max_parallelism));
-        let key: Arc<dyn Fn(&T) -> K + Send + Sync> = Arc::new(key_of);
+        let key: Arc<KeyFn<T, K>> = Arc::new(key_of);
         let k = key.clone();
         let group_of: Arc<dyn Fn(&T) -> usize + Send + Sync> =
             Arc::new(move |v: &T| key_group_of(&k(v), max));
@@ -546,7 +549,7 @@ where
     /// their parallelism differs, they are keyed again).
     fn pair<U: Send + 'static>(self, other: KeyedStream<K, U>) -> KeyedStream<K, Either<T, U>> {
         let (ka, kb) = (self.key, other.key);
-        let key: Arc<dyn Fn(&Either<T, U>) -> K + Send + Sync> = Arc::new(move |e| match e {
+        let key: Arc<KeyFn<Either<T, U>, K>> = Arc::new(move |e| match e {
             Either::Left(t) => ka(t),
             Either::Right(u) => kb(u),
         });
@@ -588,7 +591,7 @@ where
         O: Send + 'static,
         F: Fn(&K, &T, &U) -> O + Send + Sync + 'static,
     {
-        let join: Arc<dyn Fn(&K, &T, &U) -> O + Send + Sync> = Arc::new(join);
+        let join: Arc<crate::JoinFn<K, T, U, O>> = Arc::new(join);
         self.pair(other).process("interval join", move |info| {
             crate::IntervalJoin::new(info, lower_ms, upper_ms, join.clone())
         })

@@ -4,9 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use sluice_stream::{Either, IntervalJoin, Source, SourceContext, StreamEnv, Windows};
+use sluice_stream::{Either, IntervalJoin, JoinFn, Source, SourceContext, StreamEnv, Windows};
 
 type Side = (u8, u32);
+/// (key, left id, right id).
+type Pair = (u8, u32, u32);
 
 #[derive(Clone, Debug)]
 enum Step {
@@ -90,8 +92,7 @@ proptest! {
         let env = StreamEnv::new();
         env.set_parallelism(parallelism).set_buffers(batch, 2);
         let script = steps.clone();
-        let join: Arc<dyn Fn(&u8, &Side, &Side) -> (u8, u32, u32) + Send + Sync> =
-            Arc::new(|k, l, r| (*k, l.1, r.1));
+        let join: Arc<JoinFn<u8, Side, Side, Pair>> = Arc::new(|k, l, r| (*k, l.1, r.1));
         let out = env
             .add_source("script", 1, move |_| Script(script.clone()))
             .key_by(|e| match e {
