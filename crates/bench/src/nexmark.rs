@@ -150,8 +150,8 @@ pub enum Row {
         state: String,
         id: usize,
     },
-    /// q4.
-    CategoryAvg { category: usize, avg: f64 },
+    /// q4: Flink's AVG over BIGINT, a BIGINT (truncated).
+    CategoryAvg { category: usize, avg: u64 },
     /// q5.
     HotItem {
         auction: usize,
@@ -510,7 +510,7 @@ impl KeyedProcess<usize, (usize, usize), Row> for CategoryAverage {
         self.sums.insert(*key, (sum, n));
         ctx.emit(Row::CategoryAvg {
             category: *key,
-            avg: sum as f64 / n as f64,
+            avg: u64::try_from(sum / u128::from(n)).unwrap_or(u64::MAX),
         });
     }
 }
@@ -750,24 +750,23 @@ pub fn reference(q: Query, events: &[Event]) -> Vec<Row> {
             sums.into_iter()
                 .map(|(category, (s, n))| Row::CategoryAvg {
                     category,
-                    avg: s as f64 / n as f64,
+                    avg: u64::try_from(s / u128::from(n)).unwrap_or(u64::MAX),
                 })
                 .collect()
         }
         Query::Q5 => {
-            // Windows of 10 s every 2 s: a bid at t is in those starting
-            // at multiples of 2 s in (t - 10 s, t].
+            // Windows [2 s * i, 2 s * i + 10 s): a bid at t is in those
+            // with ceil((t - 10 s + 1) / 2 s) <= i <= floor(t / 2 s).
             let mut counts: BTreeMap<i64, HashMap<usize, u64>> = BTreeMap::new();
             for b in bids() {
                 let t = b.date_time as i64;
-                let mut start = t - t.rem_euclid(2 * SECOND);
-                while start > t - 10 * SECOND {
+                let first = -(-(t - 10 * SECOND + 1)).div_euclid(2 * SECOND);
+                for i in first..=t.div_euclid(2 * SECOND) {
                     *counts
-                        .entry(start)
+                        .entry(i * 2 * SECOND)
                         .or_default()
                         .entry(b.auction)
                         .or_default() += 1;
-                    start -= 2 * SECOND;
                 }
             }
             let mut rows = Vec::new();

@@ -1,5 +1,6 @@
 //! The job under construction and its execution: one thread per subtask.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::source::SubtaskInfo;
@@ -27,9 +28,21 @@ pub(crate) struct Settings {
     pub channel_batches: usize,
 }
 
+/// Inputs of a stage that its subtasks take when they start: untaken ones
+/// at `execute` mean a stream was built and given no sink.
+pub(crate) trait PendingInputs: Send {
+    fn untaken(&self) -> bool;
+}
+
 struct Plan {
     settings: Settings,
     stages: Vec<Stage>,
+    /// Every receiving stage built, by name.
+    inputs: Vec<(String, Arc<dyn PendingInputs + Sync>)>,
+    /// What makes the job invalid, found while it was built.
+    invalid: Vec<String>,
+    /// A keyed exchange exists: the max parallelism is fixed.
+    keyed: bool,
 }
 
 /// Builds and runs a job (Flink's `StreamExecutionEnvironment`). Cheap to
@@ -37,6 +50,9 @@ struct Plan {
 #[derive(Clone)]
 pub struct StreamEnv {
     plan: Arc<Mutex<Plan>>,
+    /// Set when a subtask fails: every other one stops at its next record,
+    /// batch or wait (a source that never ends included).
+    cancelled: Arc<AtomicBool>,
 }
 
 impl Default for StreamEnv {
@@ -58,8 +74,31 @@ impl StreamEnv {
                     channel_batches: 4,
                 },
                 stages: Vec::new(),
+                inputs: Vec::new(),
+                invalid: Vec::new(),
+                keyed: false,
             })),
+            cancelled: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The job's cancel flag, for the subtasks.
+    pub(crate) fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancelled.clone()
+    }
+
+    /// Records why the job cannot run; `execute` reports it.
+    pub(crate) fn invalid(&self, why: String) {
+        self.plan().invalid.push(why);
+    }
+
+    pub(crate) fn add_inputs(&self, name: &str, inputs: Arc<dyn PendingInputs + Sync>) {
+        self.plan().inputs.push((name.to_owned(), inputs));
+    }
+
+    /// A keyed exchange was built: its key groups are fixed from now on.
+    pub(crate) fn keyed_exchange_built(&self) {
+        self.plan().keyed = true;
     }
 
     fn plan(&self) -> std::sync::MutexGuard<'_, Plan> {
@@ -74,8 +113,16 @@ impl StreamEnv {
 
     /// Key groups (Flink's max parallelism, default 128): the most subtasks
     /// a keyed stage can have, and the unit keyed state moves in.
+    /// Set it before the first `key_by`: keyed exchanges built already
+    /// assign keys with the old value (the job is then refused).
     pub fn set_max_parallelism(&self, max_parallelism: usize) -> &Self {
-        self.plan().settings.max_parallelism = max_parallelism.max(1);
+        let mut plan = self.plan();
+        let m = max_parallelism.max(1);
+        if plan.keyed && plan.settings.max_parallelism != m {
+            plan.invalid
+                .push("set_max_parallelism after a key_by: key groups would disagree".into());
+        }
+        plan.settings.max_parallelism = m;
         self
     }
 
@@ -105,13 +152,19 @@ impl StreamEnv {
     /// end. A failed subtask fails the job: the others stop, and the error
     /// names the first failure (not the stops it caused).
     pub fn execute(&self, job: &str) -> Result<(), StreamError> {
-        let (stages, max_parallelism) = {
+        let (stages, inputs, invalid, max_parallelism) = {
             let mut plan = self.plan();
             (
                 std::mem::take(&mut plan.stages),
+                std::mem::take(&mut plan.inputs),
+                std::mem::take(&mut plan.invalid),
                 plan.settings.max_parallelism,
             )
         };
+        if let Some(why) = invalid.into_iter().next() {
+            return Err(StreamError::InvalidJob(why));
+        }
+        self.cancelled.store(false, Ordering::SeqCst);
         let mut tasks = Vec::new();
         for s in &stages {
             if s.parallelism > max_parallelism {
@@ -132,15 +185,30 @@ impl StreamEnv {
         // The stages' makers hold channel ends; only the tasks may now, so
         // that a channel closes when its last subtask ends.
         drop(stages);
+        if let Some((name, _)) = inputs.iter().find(|(_, i)| i.untaken()) {
+            return Err(StreamError::InvalidJob(format!(
+                "the stream of stage '{name}' has no sink"
+            )));
+        }
+        drop(inputs);
         let mut running = Vec::new();
         let mut failure = None;
         for (stage, index, task) in tasks {
             if failure.is_some() {
                 continue;
             }
+            let cancel = self.cancelled.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("{job}/{index}"))
-                .spawn(task);
+                .spawn(move || {
+                    // Whatever ends a subtask early stops the others.
+                    let guard = CancelOnDrop(Some(cancel));
+                    let r = task();
+                    if r.is_ok() {
+                        guard.disarm();
+                    }
+                    r
+                });
             match spawned {
                 Ok(handle) => running.push((stage, index, handle)),
                 Err(e) => {
@@ -167,6 +235,24 @@ impl StreamEnv {
         match first_cause.or(if errors.is_empty() { None } else { Some(0) }) {
             Some(i) => Err(errors.swap_remove(i)),
             None => Ok(()),
+        }
+    }
+}
+
+/// Sets the cancel flag when dropped armed: on an error and while a panic
+/// unwinds.
+struct CancelOnDrop(Option<Arc<AtomicBool>>);
+
+impl CancelOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0.take() {
+            flag.store(true, Ordering::SeqCst);
         }
     }
 }

@@ -11,6 +11,9 @@ pub enum StreamError {
     /// A subtask's consumers are gone (they failed): it stops.
     #[error("the consumers of a subtask of stage '{stage}' are gone")]
     DownstreamGone { stage: String },
+    /// Another subtask failed: this one stopped.
+    #[error("subtask {subtask} of stage '{stage}' stopped: the job failed elsewhere")]
+    Cancelled { stage: String, subtask: usize },
     /// A subtask's inputs closed before they ended (their subtasks failed).
     #[error("the inputs of subtask {subtask} of stage '{stage}' closed before they ended")]
     UpstreamGone { stage: String, subtask: usize },
@@ -31,7 +34,9 @@ impl StreamError {
     pub(crate) fn is_consequence(&self) -> bool {
         matches!(
             self,
-            StreamError::DownstreamGone { .. } | StreamError::UpstreamGone { .. }
+            StreamError::DownstreamGone { .. }
+                | StreamError::UpstreamGone { .. }
+                | StreamError::Cancelled { .. }
         )
     }
 }

@@ -1,8 +1,10 @@
 //! Exchanges: where one stage's subtasks send to the next stage's over
 //! bounded channels, and where those merge their inputs again.
 
-use std::sync::mpsc::{Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::operator::{BoxOutput, Output};
 use crate::{Record, StreamError, WATERMARK_END};
@@ -116,22 +118,47 @@ impl<T: Send> Output<T> for ExchangeSender<T> {
 /// The start of a downstream subtask's chain: merges its inputs. Its
 /// watermark is the least of its inputs' (an ended input counts as
 /// [`WATERMARK_END`]); it ends when every input has.
+/// How often a waiting receiver looks at the job's cancel flag.
+const CANCEL_CHECK: Duration = Duration::from_millis(50);
+
+/// The receivers of a stage's subtasks, each taken when its subtask starts.
+pub(crate) type Inputs<T> = Mutex<Vec<Option<Receiver<Envelope<T>>>>>;
+
+impl<T: Send> crate::env::PendingInputs for Inputs<T> {
+    fn untaken(&self) -> bool {
+        self.lock()
+            .map(|r| r.iter().any(Option::is_some))
+            .unwrap_or(false)
+    }
+}
+
 pub(crate) fn receive<T: Send>(
     stage: &str,
     subtask: usize,
     inputs: Receiver<Envelope<T>>,
     upstream: usize,
+    cancel: &AtomicBool,
     mut out: BoxOutput<T>,
 ) -> Result<(), StreamError> {
     let mut watermarks = vec![i64::MIN; upstream];
     let mut current = i64::MIN;
     let mut ended = 0;
     while ended < upstream {
-        let Ok((from, m)) = inputs.recv() else {
-            return Err(StreamError::UpstreamGone {
-                stage: stage.to_owned(),
-                subtask,
-            });
+        let (from, m) = match inputs.recv_timeout(CANCEL_CHECK) {
+            Ok(envelope) => envelope,
+            Err(RecvTimeoutError::Timeout) if cancel.load(Ordering::SeqCst) => {
+                return Err(StreamError::Cancelled {
+                    stage: stage.to_owned(),
+                    subtask,
+                })
+            }
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(StreamError::UpstreamGone {
+                    stage: stage.to_owned(),
+                    subtask,
+                })
+            }
         };
         let advanced = match m {
             Message::Records(batch) => {

@@ -36,7 +36,7 @@ impl Source<Event> for NexmarkSource {
             since_watermark += 1;
             if since_watermark == WATERMARK_EVERY {
                 since_watermark = 0;
-                ctx.emit_watermark(latest - NEXMARK_OUT_OF_ORDERNESS_MS - 1);
+                ctx.emit_watermark(latest - NEXMARK_OUT_OF_ORDERNESS_MS);
             }
         }
     }

@@ -1,5 +1,7 @@
 //! Sources: where records enter a job.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::operator::BoxOutput;
 use crate::{Record, StreamError, WATERMARK_END};
 
@@ -24,6 +26,7 @@ pub trait Source<T>: Send {
 /// before it waits) and every `batch` records.
 pub struct SourceContext<'a, T> {
     out: &'a mut BoxOutput<T>,
+    cancel: &'a AtomicBool,
     info: SubtaskInfo,
     pending: usize,
     batch: usize,
@@ -31,9 +34,15 @@ pub struct SourceContext<'a, T> {
 }
 
 impl<'a, T> SourceContext<'a, T> {
-    pub(crate) fn new(out: &'a mut BoxOutput<T>, info: SubtaskInfo, batch: usize) -> Self {
+    pub(crate) fn new(
+        out: &'a mut BoxOutput<T>,
+        info: SubtaskInfo,
+        batch: usize,
+        cancel: &'a AtomicBool,
+    ) -> Self {
         SourceContext {
             out,
+            cancel,
             info,
             pending: 0,
             batch,
@@ -55,7 +64,7 @@ impl<'a, T> SourceContext<'a, T> {
     }
 
     pub fn collect_record(&mut self, record: Record<T>) {
-        if self.failed.is_some() {
+        if self.is_cancelled() {
             return;
         }
         let r = self.out.push(record);
@@ -85,9 +94,15 @@ impl<'a, T> SourceContext<'a, T> {
         }
     }
 
-    /// Whether the job is stopping (its consumers failed): a source that
-    /// runs forever returns when this turns true.
-    pub fn is_cancelled(&self) -> bool {
+    /// Whether the job is stopping (a subtask failed): a source that runs
+    /// forever returns when this turns true.
+    pub fn is_cancelled(&mut self) -> bool {
+        if self.failed.is_none() && self.cancel.load(Ordering::Relaxed) {
+            self.failed = Some(StreamError::Cancelled {
+                stage: "source".into(),
+                subtask: self.info.index,
+            });
+        }
         self.failed.is_some()
     }
 

@@ -62,10 +62,12 @@ impl StreamEnv {
         F: Fn(SubtaskInfo) -> S + Send + Sync + 'static,
     {
         let batch = self.with_settings(|s| s.batch);
+        let cancel = self.cancel_flag();
         let head: Head<T> = Arc::new(move |info, mut out: BoxOutput<T>| {
             let mut source = make(info);
+            let cancel = cancel.clone();
             Ok(Box::new(move || {
-                let mut ctx = SourceContext::new(&mut out, info, batch);
+                let mut ctx = SourceContext::new(&mut out, info, batch, &cancel);
                 source.run(&mut ctx);
                 ctx.end()
             }) as Task)
@@ -271,6 +273,7 @@ impl<T: Send + 'static> DataStream<T> {
         let (p, max) = self
             .env
             .with_settings(|s| (s.parallelism, s.max_parallelism));
+        self.env.keyed_exchange_built();
         let key: Arc<KeyFn<T, K>> = Arc::new(key_of);
         let k = key.clone();
         let group_of: Arc<dyn Fn(&T) -> usize + Send + Sync> =
@@ -427,8 +430,10 @@ fn receiving_stage<T: Send + 'static>(
     upstream: usize,
     parallelism: usize,
 ) -> DataStream<T> {
-    let receivers: Mutex<Vec<Option<Receiver<_>>>> =
-        Mutex::new(receivers.into_iter().map(Some).collect());
+    let receivers: Arc<exchange::Inputs<T>> =
+        Arc::new(Mutex::new(receivers.into_iter().map(Some).collect()));
+    env.add_inputs(name, receivers.clone());
+    let cancel = env.cancel_flag();
     let stage = name.to_owned();
     let head: Head<T> = Arc::new(move |info, out| {
         let rx = receivers
@@ -436,8 +441,11 @@ fn receiving_stage<T: Send + 'static>(
             .ok()
             .and_then(|mut r| r.get_mut(info.index).and_then(Option::take))
             .ok_or_else(|| StreamError::InvalidJob(format!("stage '{stage}' started twice")))?;
-        let stage = stage.clone();
-        Ok(Box::new(move || exchange::receive(&stage, info.index, rx, upstream, out)) as Task)
+        let (stage, cancel) = (stage.clone(), cancel.clone());
+        Ok(
+            Box::new(move || exchange::receive(&stage, info.index, rx, upstream, &cancel, out))
+                as Task,
+        )
     });
     DataStream {
         env: env.clone(),
@@ -591,6 +599,11 @@ where
         O: Send + 'static,
         F: Fn(&K, &T, &U) -> O + Send + Sync + 'static,
     {
+        if lower_ms > upper_ms {
+            self.stream.env.invalid(format!(
+                "interval join bounds: lower {lower_ms} ms is above upper {upper_ms} ms"
+            ));
+        }
         let join: Arc<crate::JoinFn<K, T, U, O>> = Arc::new(join);
         self.pair(other).process("interval join", move |info| {
             crate::IntervalJoin::new(info, lower_ms, upper_ms, join.clone())

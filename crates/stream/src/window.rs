@@ -33,9 +33,14 @@ impl TimeWindow {
     }
 }
 
-/// Which windows a record's event time falls in.
+/// Which windows a record's event time falls in. Made by
+/// [`Windows::tumbling`], [`Windows::sliding`] and [`Windows::session`],
+/// whose sizes are at least 1 ms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Windows {
+pub struct Windows(Kind);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
     /// Windows of `size` ms, back to back, starting at multiples of the size
     /// shifted by `offset`.
     Tumbling { size: i64, offset: i64 },
@@ -53,66 +58,80 @@ fn millis(d: Duration) -> i64 {
 
 impl Windows {
     pub fn tumbling(size: Duration) -> Windows {
-        Windows::Tumbling {
+        Windows(Kind::Tumbling {
             size: millis(size),
             offset: 0,
-        }
+        })
     }
 
     pub fn sliding(size: Duration, slide: Duration) -> Windows {
-        Windows::Sliding {
+        Windows(Kind::Sliding {
             size: millis(size),
             slide: millis(slide),
             offset: 0,
-        }
+        })
     }
 
     pub fn session(gap: Duration) -> Windows {
-        Windows::Session { gap: millis(gap) }
+        Windows(Kind::Session { gap: millis(gap) })
+    }
+
+    fn merges(&self) -> bool {
+        matches!(self.0, Kind::Session { .. })
     }
 
     /// Shifts window starts by `offset` (e.g. to local midnight); sessions
     /// have none.
     pub fn with_offset(self, offset: Duration) -> Windows {
         let offset = i64::try_from(offset.as_millis()).unwrap_or(0);
-        match self {
-            Windows::Session { gap } => Windows::Session { gap },
-            Windows::Tumbling { size, .. } => Windows::Tumbling { size, offset },
-            Windows::Sliding { size, slide, .. } => Windows::Sliding {
+        Windows(match self.0 {
+            Kind::Session { gap } => Kind::Session { gap },
+            Kind::Tumbling { size, .. } => Kind::Tumbling { size, offset },
+            Kind::Sliding { size, slide, .. } => Kind::Sliding {
                 size,
                 slide,
                 offset,
             },
-        }
+        })
     }
 
     /// Calls `f` with each window `time` falls in, latest start first (a
     /// session: the window the record opens, before merging).
     pub fn assign(&self, time: i64, mut f: impl FnMut(TimeWindow)) {
-        let (size, step, offset) = match *self {
-            Windows::Session { gap } => {
+        let (size, step, offset) = match self.0 {
+            Kind::Session { gap } => {
                 f(TimeWindow {
                     start: time,
                     end: time.saturating_add(gap),
                 });
                 return;
             }
-            Windows::Tumbling { size, offset } => (size, size, offset),
-            Windows::Sliding {
+            Kind::Tumbling { size, offset } => (size, size, offset),
+            Kind::Sliding {
                 size,
                 slide,
                 offset,
             } => (size, slide, offset),
         };
         // Flink's getWindowStartWithOffset, with a remainder that is never
-        // negative (times before 1970 too).
-        let mut start = time - (time - offset).rem_euclid(step);
+        // negative (times before 1970 too). Near the ends of i64 a window
+        // that cannot be represented is skipped.
+        let Some(mut start) = time
+            .checked_sub(offset)
+            .map(|t| t.rem_euclid(step))
+            .and_then(|rem| time.checked_sub(rem))
+        else {
+            return;
+        };
         while start > time.saturating_sub(size) {
             f(TimeWindow {
                 start,
                 end: start.saturating_add(size),
             });
-            start -= step;
+            match start.checked_sub(step) {
+                Some(s) => start = s,
+                None => return,
+            }
         }
     }
 }
@@ -252,9 +271,10 @@ where
         let mut skipped = true;
         for new in windows {
             // A session window covers every window of its key it touches.
-            let (w, touched) = match self.windows {
-                Windows::Session { .. } => self.touching(&key, new),
-                _ => (new, Vec::new()),
+            let (w, touched) = if self.windows.merges() {
+                self.touching(&key, new)
+            } else {
+                (new, Vec::new())
             };
             if w.max_timestamp().saturating_add(self.lateness) <= wm {
                 continue;
@@ -380,8 +400,9 @@ where
     }
 
     /// The records that came too late for every window they fall in (Flink's
-    /// `sideOutputLateData`), from the window operator's subtasks. Without
-    /// it they are dropped.
+    /// `sideOutputLateData`), from the window operator's subtasks. Give it a
+    /// sink (a job with a stream that has none is refused); without it late
+    /// records are dropped.
     pub fn late_data(&mut self) -> crate::DataStream<T> {
         let (side, stream) = self.stream.side_output("late data");
         self.late = Some(side);
@@ -499,5 +520,28 @@ mod tests {
             windows_of(uneven, 9),
             vec![(9, 19), (6, 16), (3, 13), (0, 10)]
         );
+    }
+
+    #[test]
+    fn times_at_the_ends_of_i64_do_not_overflow() {
+        let tumbling = Windows::tumbling(Duration::from_millis(10));
+        let sliding = Windows::sliding(Duration::from_millis(10), Duration::from_millis(3));
+        for w in [
+            tumbling,
+            sliding,
+            Windows::session(Duration::from_millis(5)),
+        ] {
+            for t in [i64::MIN, i64::MIN + 3, i64::MAX - 3, i64::MAX] {
+                for (start, end) in windows_of(w, t) {
+                    // Ends saturate at i64::MAX.
+                    assert!(
+                        start <= t && (t < end || end == i64::MAX),
+                        "{t}: {start}..{end}"
+                    );
+                }
+            }
+        }
+        // A window that would start below i64::MIN is skipped, not wrapped.
+        assert_eq!(windows_of(tumbling, i64::MIN + 3), Vec::<(i64, i64)>::new());
     }
 }

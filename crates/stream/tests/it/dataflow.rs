@@ -140,16 +140,31 @@ impl Operator<u64, u64> for WatermarkProbe {
     }
 }
 
-/// Emits its records with the given times and watermarks, in order.
-struct Scripted(Vec<Result<i64, i64>>);
+/// Emits its script, then (when told) waits until the other subtask's
+/// script ran to its end.
+struct Scripted {
+    steps: Vec<Result<i64, i64>>,
+    wait_for_other: bool,
+    other_done: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
 
 impl Source<u64> for Scripted {
     fn run(&mut self, ctx: &mut SourceContext<'_, u64>) {
-        for step in &self.0 {
+        for step in &self.steps {
             match step {
                 Ok(t) => ctx.collect_at(*t as u64, *t),
                 Err(w) => ctx.emit_watermark(*w),
             }
+        }
+        let (done, signal) = &*self.other_done;
+        let mut done = done.lock().unwrap();
+        if self.wait_for_other {
+            while !*done {
+                done = signal.wait(done).unwrap();
+            }
+        } else {
+            *done = true;
+            signal.notify_all();
         }
     }
 }
@@ -160,13 +175,19 @@ fn a_subtask_watermark_is_the_least_of_its_inputs() {
     env.set_parallelism(1);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let probe = seen.clone();
-    // Subtask 0 goes to 100 then 300; subtask 1 reaches only 200 before it ends.
-    let scripts = [
-        vec![Ok(50), Err(100), Ok(150), Err(300)],
-        vec![Ok(60), Err(200)],
-    ];
-    env.add_source("scripted", 2, move |info| {
-        Scripted(scripts[info.index].clone())
+    let other_done = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    // Input 0 runs to 300 and ends; input 1 stays at 100 until then. The
+    // merged watermark is 100 throughout (whatever the interleaving), and
+    // the end only once both ended: a maximum, or any input's rise passed
+    // on, would show 300.
+    env.add_source("scripted", 2, move |info| Scripted {
+        steps: if info.index == 0 {
+            vec![Ok(50), Err(100), Ok(150), Err(300)]
+        } else {
+            vec![Ok(60), Err(100)]
+        },
+        wait_for_other: info.index == 1,
+        other_done: other_done.clone(),
     })
     .rebalance()
     .process("probe", move |_| WatermarkProbe {
@@ -174,15 +195,44 @@ fn a_subtask_watermark_is_the_least_of_its_inputs() {
     })
     .for_each(|_| {});
     env.execute("watermarks").unwrap();
-    let seen = seen.lock().unwrap().clone();
-    // Rising, the end last, and before it only what both inputs had
-    // promised (which of 100, 200 and 300 depends on how the two subtasks
-    // interleave; 300 only once the other input ended).
-    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
-    assert_eq!(seen.last(), Some(&WATERMARK_END));
-    assert!(seen.len() >= 2, "no watermark before the end: {seen:?}");
-    for w in &seen[..seen.len() - 1] {
-        assert!([100, 200, 300].contains(w), "{seen:?}");
+    assert_eq!(*seen.lock().unwrap(), vec![100, WATERMARK_END]);
+}
+
+/// Runs `env` on another thread; fails the test if it does not end in 20 s.
+fn execute_within(env: StreamEnv, job: &'static str) -> Result<(), StreamError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(env.execute(job));
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("the job did not end: a subtask hangs")
+}
+
+#[test]
+fn a_failed_source_stops_an_endless_sibling() {
+    let env = StreamEnv::new();
+    env.set_parallelism(2);
+    // Subtask 1 fails at its first record; subtask 0 would run forever.
+    env.generate(None, |n| {
+        assert!(n != 1, "source record {n} is poison");
+        n
+    })
+    .rebalance()
+    .for_each(|_| {});
+    match execute_within(env, "poisoned source") {
+        Err(StreamError::SubtaskFailed { message, .. }) => assert!(message.contains("poison")),
+        other => panic!("expected the source's panic, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_stream_without_a_sink_is_refused() {
+    let env = StreamEnv::new();
+    let _unused = env.from_iter(0..10).rebalance();
+    let _ = env.from_iter(0..10).collect();
+    match execute_within(env.clone(), "dangling") {
+        Err(StreamError::InvalidJob(why)) => assert!(why.contains("no sink"), "{why}"),
+        other => panic!("expected an invalid job, got {other:?}"),
     }
 }
 

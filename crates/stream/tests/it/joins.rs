@@ -184,3 +184,24 @@ fn joins_of_two_streams_pair_every_match() {
     );
     assert_eq!(run(false), windowed);
 }
+
+#[test]
+fn jobs_that_cannot_be_right_are_refused() {
+    let env = StreamEnv::new();
+    let a = env.from_iter([(1u8, 0i64)]).key_by(|(k, _)| *k);
+    let b = env.from_iter([(1u8, 0i64)]).key_by(|(k, _)| *k);
+    let _ = a.interval_join(b, 5, -5, |_, _, _| ()).collect();
+    match env.execute("backwards bounds") {
+        Err(sluice_stream::StreamError::InvalidJob(why)) => assert!(why.contains("lower"), "{why}"),
+        other => panic!("expected an invalid job, got {other:?}"),
+    }
+    let env = StreamEnv::new();
+    let _ = env.from_iter([1u8]).key_by(|k| *k).into_stream().collect();
+    env.set_max_parallelism(64);
+    match env.execute("key groups changed") {
+        Err(sluice_stream::StreamError::InvalidJob(why)) => {
+            assert!(why.contains("key_by"), "{why}")
+        }
+        other => panic!("expected an invalid job, got {other:?}"),
+    }
+}
