@@ -23,7 +23,8 @@ pub trait KeyedProcess<K, In, Out>: Send {
     }
 }
 
-/// Event-time timers of one subtask: at most one per key and time.
+/// Event-time timers of one subtask: at most one per key and time (`set`
+/// and `by_time` always hold the same ones).
 struct Timers<K> {
     by_time: BTreeMap<i64, Vec<K>>,
     set: HashSet<(K, i64)>,
@@ -79,7 +80,14 @@ impl<K: Hash + Eq + Clone, Out> ProcessContext<'_, K, Out> {
 
     /// Cancels the current key's timer for `time`, if any.
     pub fn delete_event_time_timer(&mut self, time: i64) {
-        self.timers.set.remove(&(self.key.clone(), time));
+        if self.timers.set.remove(&(self.key.clone(), time)) {
+            if let Some(keys) = self.timers.by_time.get_mut(&time) {
+                keys.retain(|k| k != self.key);
+                if keys.is_empty() {
+                    self.timers.by_time.remove(&time);
+                }
+            }
+        }
     }
 }
 
@@ -141,9 +149,7 @@ where
                 }
                 let (time, keys) = entry.remove_entry();
                 for key in keys {
-                    if !self.timers.set.remove(&(key.clone(), time)) {
-                        continue; // deleted
-                    }
+                    self.timers.set.remove(&(key.clone(), time));
                     let mut ctx = ProcessContext {
                         out: self.out.as_mut(),
                         timers: &mut self.timers,
