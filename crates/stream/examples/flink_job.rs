@@ -1,16 +1,17 @@
 //! The source article's `FlinkJob`: a source of ten events, printed by a
 //! sink. Run with `cargo run -p sluice-stream --example flink_job`.
 
-use sluice_stream::{Source, SourceContext, StreamEnv};
+use sluice_stream::{Source, SourceContext, SourceStatus, StreamEnv};
 
 /// Java's anonymous `SourceFunction<String>`: emits "Event 0" to "Event 9".
 struct TenEvents;
 
 impl Source<String> for TenEvents {
-    fn run(&mut self, ctx: &mut SourceContext<'_, String>) {
+    fn poll(&mut self, ctx: &mut SourceContext<'_, String>) -> SourceStatus {
         for i in 0..10 {
             ctx.collect(format!("Event {i}"));
         }
+        SourceStatus::Ended
     }
 }
 

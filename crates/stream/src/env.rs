@@ -2,12 +2,82 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use crate::checkpoint::{self, CheckpointConfig, CheckpointId, CheckpointStore, Coordination};
+use crate::operator::Output;
+use crate::sink::SuccessCommits;
 use crate::source::SubtaskInfo;
 use crate::StreamError;
 
 /// A subtask ready to run on its thread.
-pub(crate) type Task = Box<dyn FnOnce() -> Result<(), StreamError> + Send>;
+pub(crate) type Task = Box<dyn FnOnce(&TaskRuntime) -> Result<(), StreamError> + Send>;
+
+/// What a running subtask knows of its job.
+pub(crate) struct TaskRuntime {
+    /// The stage's number in the job (names its state in checkpoints).
+    pub stage: usize,
+    pub info: SubtaskInfo,
+    pub cancel: Arc<AtomicBool>,
+    pub shared: Arc<Coordination>,
+}
+
+impl TaskRuntime {
+    /// A cursor over checkpoint `id` for this subtask's chain.
+    pub fn cursor(&self, id: CheckpointId) -> Option<checkpoint::Cursor<'_>> {
+        let config = self.shared.config.as_ref()?;
+        Some(checkpoint::Cursor::new(
+            id,
+            &*config.store,
+            self.stage,
+            self.info,
+        ))
+    }
+
+    /// The checkpoint this run restores from, if any.
+    pub fn restoring(&self) -> Option<CheckpointId> {
+        self.shared.restore
+    }
+
+    /// Restores the chain that starts at `out` (when the job restores).
+    pub fn restore<T>(&self, out: &mut dyn Output<T>) -> Result<(), StreamError> {
+        match self.restoring().and_then(|id| self.cursor(id)) {
+            Some(mut cp) => out.restore(&mut cp),
+            None => Ok(()),
+        }
+    }
+
+    /// Checkpoint `id` reached this subtask's chain at `out`: every link
+    /// writes its state, the barrier goes on, the subtask acknowledges.
+    pub fn checkpoint<T>(
+        &self,
+        id: CheckpointId,
+        out: &mut dyn Output<T>,
+    ) -> Result<(), StreamError> {
+        if let Some(mut cp) = self.cursor(id) {
+            out.barrier(&mut cp)?;
+            self.shared.ack(id);
+        }
+        Ok(())
+    }
+
+    pub fn requested(&self) -> CheckpointId {
+        self.shared.requested.load(Ordering::SeqCst)
+    }
+
+    pub fn completed(&self) -> CheckpointId {
+        self.shared.completed.load(Ordering::SeqCst)
+    }
+
+    /// The latest checkpoint completed since `seen`, which it updates.
+    pub fn newly_completed(&self, seen: &mut CheckpointId) -> Option<CheckpointId> {
+        let now = self.completed();
+        (now > *seen).then(|| {
+            *seen = now;
+            now
+        })
+    }
+}
 
 /// Makes subtask `info.index` of a stage.
 pub(crate) type MakeTask = Box<dyn Fn(SubtaskInfo) -> Result<Task, StreamError> + Send>;
@@ -43,6 +113,11 @@ struct Plan {
     invalid: Vec<String>,
     /// A keyed exchange exists: the max parallelism is fixed.
     keyed: bool,
+    checkpoints: Option<CheckpointConfig>,
+    /// The checkpoint the last `execute` restored from.
+    restored: Option<CheckpointId>,
+    /// What sinks commit once the whole job has succeeded.
+    on_success: SuccessCommits,
 }
 
 /// Builds and runs a job (Flink's `StreamExecutionEnvironment`). Cheap to
@@ -77,14 +152,12 @@ impl StreamEnv {
                 inputs: Vec::new(),
                 invalid: Vec::new(),
                 keyed: false,
+                checkpoints: None,
+                restored: None,
+                on_success: SuccessCommits::default(),
             })),
             cancelled: Arc::new(AtomicBool::new(false)),
         }
-    }
-
-    /// The job's cancel flag, for the subtasks.
-    pub(crate) fn cancel_flag(&self) -> Arc<AtomicBool> {
-        self.cancelled.clone()
     }
 
     /// Records why the job cannot run; `execute` reports it.
@@ -140,6 +213,42 @@ impl StreamEnv {
         self.plan().settings.parallelism
     }
 
+    /// Takes a checkpoint every `interval` into `store`, and makes
+    /// `execute` restore from the latest complete checkpoint there (see
+    /// [`crate::checkpoint`]). The two latest complete ones are kept.
+    pub fn enable_checkpointing(
+        &self,
+        interval: Duration,
+        store: impl CheckpointStore + 'static,
+    ) -> &Self {
+        self.plan().checkpoints = Some(CheckpointConfig {
+            interval: interval.max(Duration::from_millis(1)),
+            timeout: Duration::from_secs(600),
+            keep: 2,
+            store: Arc::new(store),
+        });
+        self
+    }
+
+    /// How long a checkpoint may take before it is abandoned (default 10
+    /// minutes, as Flink's).
+    pub fn set_checkpoint_timeout(&self, timeout: Duration) -> &Self {
+        if let Some(c) = self.plan().checkpoints.as_mut() {
+            c.timeout = timeout;
+        }
+        self
+    }
+
+    /// The checkpoint the last [`Self::execute`] restored from (None: it
+    /// started afresh).
+    pub fn restored_checkpoint(&self) -> Option<CheckpointId> {
+        self.plan().restored
+    }
+
+    pub(crate) fn success_commits(&self) -> SuccessCommits {
+        self.plan().on_success.clone()
+    }
+
     pub(crate) fn with_settings<R>(&self, f: impl FnOnce(&Settings) -> R) -> R {
         f(&self.plan().settings)
     }
@@ -152,21 +261,32 @@ impl StreamEnv {
     /// end. A failed subtask fails the job: the others stop, and the error
     /// names the first failure (not the stops it caused).
     pub fn execute(&self, job: &str) -> Result<(), StreamError> {
-        let (stages, inputs, invalid, max_parallelism) = {
+        let (stages, inputs, invalid, max_parallelism, config) = {
             let mut plan = self.plan();
             (
                 std::mem::take(&mut plan.stages),
                 std::mem::take(&mut plan.inputs),
                 std::mem::take(&mut plan.invalid),
                 plan.settings.max_parallelism,
+                plan.checkpoints.clone(),
             )
         };
         if let Some(why) = invalid.into_iter().next() {
             return Err(StreamError::InvalidJob(why));
         }
         self.cancelled.store(false, Ordering::SeqCst);
+        let restore = match &config {
+            Some(c) => {
+                c.store.discard_incomplete()?;
+                c.store.latest()?
+            }
+            None => None,
+        };
+        self.plan().restored = restore;
+        let (acks, acked) = std::sync::mpsc::channel();
+        let shared = Arc::new(Coordination::new(config.clone(), restore, acks));
         let mut tasks = Vec::new();
-        for s in &stages {
+        for (stage_number, s) in stages.iter().enumerate() {
             if s.parallelism > max_parallelism {
                 return Err(StreamError::InvalidJob(format!(
                     "stage '{}' has parallelism {}, above the max parallelism {max_parallelism}",
@@ -179,7 +299,13 @@ impl StreamEnv {
                     parallelism: s.parallelism,
                     max_parallelism,
                 };
-                tasks.push((s.name.clone(), index, (s.make)(info)?));
+                let runtime = TaskRuntime {
+                    stage: stage_number,
+                    info,
+                    cancel: self.cancelled.clone(),
+                    shared: shared.clone(),
+                };
+                tasks.push((s.name.clone(), index, runtime, (s.make)(info)?));
             }
         }
         // The stages' makers hold channel ends; only the tasks may now, so
@@ -193,7 +319,8 @@ impl StreamEnv {
         drop(inputs);
         let mut running = Vec::new();
         let mut failure = None;
-        for (stage, index, task) in tasks {
+        let total = tasks.len();
+        for (stage, index, runtime, task) in tasks {
             if failure.is_some() {
                 continue;
             }
@@ -203,7 +330,7 @@ impl StreamEnv {
                 .spawn(move || {
                     // Whatever ends a subtask early stops the others.
                     let guard = CancelOnDrop(Some(cancel));
-                    let r = task();
+                    let r = task(&runtime);
                     if r.is_ok() {
                         guard.disarm();
                     }
@@ -219,6 +346,27 @@ impl StreamEnv {
                 }
             }
         }
+        let done = Arc::new(AtomicBool::new(false));
+        let coordinator = match &config {
+            Some(config) if failure.is_none() => {
+                let (shared, config, done) = (shared.clone(), config.clone(), done.clone());
+                let cancel = self.cancelled.clone();
+                std::thread::Builder::new()
+                    .name(format!("{job}/checkpoints"))
+                    .spawn(move || {
+                        // A checkpoint that cannot be stored fails the job
+                        // (Flink's default: no checkpoint failure tolerated).
+                        let guard = CancelOnDrop(Some(cancel));
+                        let r = checkpoint::coordinate(&shared, &config, total, &acked, &done);
+                        if r.is_ok() {
+                            guard.disarm();
+                        }
+                        r
+                    })
+                    .ok()
+            }
+            _ => None,
+        };
         let mut errors: Vec<StreamError> = failure.into_iter().collect();
         for (stage, subtask, handle) in running {
             match handle.join() {
@@ -231,10 +379,28 @@ impl StreamEnv {
                 }),
             }
         }
+        done.store(true, Ordering::SeqCst);
+        // Taken whether the job failed or not: a failed run's are dropped.
+        let commits = std::mem::take(
+            &mut *self
+                .success_commits()
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if let Some(Ok(Err(e))) = coordinator.map(|c| c.join()) {
+            errors.push(e);
+        }
         let first_cause = errors.iter().position(|e| !e.is_consequence());
         match first_cause.or(if errors.is_empty() { None } else { Some(0) }) {
             Some(i) => Err(errors.swap_remove(i)),
-            None => Ok(()),
+            None => {
+                // Every subtask ended well: what sinks staged after the last
+                // checkpoint is theirs to commit now.
+                for commit in commits {
+                    commit()?;
+                }
+                Ok(())
+            }
         }
     }
 }

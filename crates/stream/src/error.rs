@@ -24,6 +24,12 @@ pub enum StreamError {
     /// The job cannot be run as built.
     #[error("invalid job: {0}")]
     InvalidJob(String),
+    /// Reading or writing a checkpoint or a sink's files failed.
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    /// State could not be written to or restored from a checkpoint.
+    #[error("state: {0}")]
+    State(String),
     /// A subtask's thread could not be started.
     #[error("could not start a thread for stage '{stage}': {message}")]
     Spawn { stage: String, message: String },

@@ -1,11 +1,14 @@
 //! Exchanges: where one stage's subtasks send to the next stage's over
 //! bounded channels, and where those merge their inputs again.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::checkpoint::{CheckpointId, Cursor};
+use crate::env::TaskRuntime;
 use crate::operator::{BoxOutput, Output};
 use crate::{Record, StreamError, WATERMARK_END};
 
@@ -13,6 +16,9 @@ use crate::{Record, StreamError, WATERMARK_END};
 pub(crate) enum Message<T> {
     Records(Vec<Record<T>>),
     Watermark(i64),
+    /// Checkpoint `n`'s barrier: what the sender sent before it is in the
+    /// checkpoint, what follows is not.
+    Barrier(CheckpointId),
     /// The sending subtask ended.
     End,
 }
@@ -113,11 +119,23 @@ impl<T: Send> Output<T> for ExchangeSender<T> {
     fn finish(&mut self) -> Result<(), StreamError> {
         self.broadcast(|| Message::End)
     }
+
+    fn barrier(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+        let id = cp.id;
+        self.broadcast(|| Message::Barrier(id))
+    }
+
+    // The stage ends here: its receivers restore and hear of completions
+    // from their own subtasks.
+    fn restore(&mut self, _: &mut Cursor<'_>) -> Result<(), StreamError> {
+        Ok(())
+    }
+
+    fn checkpoint_complete(&mut self, _: CheckpointId) -> Result<(), StreamError> {
+        Ok(())
+    }
 }
 
-/// The start of a downstream subtask's chain: merges its inputs. Its
-/// watermark is the least of its inputs' (an ended input counts as
-/// [`WATERMARK_END`]); it ends when every input has.
 /// How often a waiting receiver looks at the job's cancel flag.
 const CANCEL_CHECK: Duration = Duration::from_millis(50);
 
@@ -132,54 +150,106 @@ impl<T: Send> crate::env::PendingInputs for Inputs<T> {
     }
 }
 
+/// The start of a downstream subtask's chain: merges its inputs. Its
+/// watermark is the least of its inputs' (an ended input counts as
+/// [`WATERMARK_END`]); it ends when every input has. Checkpoint barriers
+/// are aligned here (see [`crate::checkpoint`]).
 pub(crate) fn receive<T: Send>(
     stage: &str,
-    subtask: usize,
+    rt: &TaskRuntime,
     inputs: Receiver<Envelope<T>>,
     upstream: usize,
-    cancel: &AtomicBool,
     mut out: BoxOutput<T>,
 ) -> Result<(), StreamError> {
+    rt.restore(out.as_mut())?;
+    let subtask = rt.info.index;
     let mut watermarks = vec![i64::MIN; upstream];
+    let mut ended = vec![false; upstream];
     let mut current = i64::MIN;
-    let mut ended = 0;
-    while ended < upstream {
-        let (from, m) = match inputs.recv_timeout(CANCEL_CHECK) {
-            Ok(envelope) => envelope,
-            Err(RecvTimeoutError::Timeout) if cancel.load(Ordering::SeqCst) => {
-                return Err(StreamError::Cancelled {
-                    stage: stage.to_owned(),
-                    subtask,
-                })
-            }
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(StreamError::UpstreamGone {
-                    stage: stage.to_owned(),
-                    subtask,
-                })
-            }
+    let mut completed = rt.completed();
+    // Alignment: the checkpoint whose barriers are coming in, the inputs
+    // that delivered it, and what those sent after it, held back in order.
+    let mut aligning: Option<CheckpointId> = None;
+    let mut blocked = vec![false; upstream];
+    let mut held: VecDeque<Envelope<T>> = VecDeque::new();
+    while ended.iter().any(|e| !e) {
+        if let Some(id) = rt.newly_completed(&mut completed) {
+            out.checkpoint_complete(id)?;
+        }
+        // Held messages of inputs no longer blocked go first, oldest first:
+        // each input's messages stay in the order it sent them.
+        let next = held
+            .iter()
+            .position(|(from, _)| !blocked.get(*from).copied().unwrap_or(false));
+        let (from, m) = match next.and_then(|i| held.remove(i)) {
+            Some(envelope) => envelope,
+            None => match inputs.recv_timeout(CANCEL_CHECK) {
+                Ok(envelope) => envelope,
+                Err(RecvTimeoutError::Timeout) if rt.cancel.load(Ordering::SeqCst) => {
+                    return Err(StreamError::Cancelled {
+                        stage: stage.to_owned(),
+                        subtask,
+                    })
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(StreamError::UpstreamGone {
+                        stage: stage.to_owned(),
+                        subtask,
+                    })
+                }
+            },
         };
+        if from >= upstream {
+            continue;
+        }
+        if blocked[from] {
+            held.push_back((from, m));
+            continue;
+        }
         let advanced = match m {
             Message::Records(batch) => {
                 for r in batch {
                     out.push(r)?;
                 }
                 out.flush()?;
-                None
+                false
             }
-            Message::Watermark(w) => watermarks.get_mut(from).map(|slot| *slot = w.max(*slot)),
+            Message::Watermark(w) => {
+                watermarks[from] = w.max(watermarks[from]);
+                true
+            }
             Message::End => {
-                ended += 1;
-                watermarks.get_mut(from).map(|slot| *slot = WATERMARK_END)
+                ended[from] = true;
+                watermarks[from] = WATERMARK_END;
+                true
+            }
+            Message::Barrier(id) => {
+                // A newer barrier means the older checkpoint was abandoned
+                // upstream: align on the newer one.
+                if aligning.is_some_and(|a| a < id) {
+                    blocked.fill(false);
+                }
+                if aligning.is_none_or(|a| a <= id) {
+                    aligning = Some(id);
+                    blocked[from] = true;
+                }
+                false
             }
         };
-        if advanced.is_some() {
+        if advanced {
             let least = watermarks.iter().copied().min().unwrap_or(WATERMARK_END);
             if least > current {
                 current = least;
                 out.watermark(least)?;
                 out.flush()?;
+            }
+        }
+        if let Some(id) = aligning {
+            if (0..upstream).all(|i| blocked[i] || ended[i]) {
+                aligning = None;
+                blocked.fill(false);
+                rt.checkpoint(id, out.as_mut())?;
             }
         }
     }

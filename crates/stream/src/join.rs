@@ -10,7 +10,10 @@ use std::hash::Hash;
 use std::sync::Arc;
 
 use crate::process::{KeyedProcess, ProcessContext};
-use crate::{Either, KeyedState, Record, SubtaskInfo, TimeWindow};
+use crate::{
+    Either, KeyedState, Record, StateData, StateReader, StateWriter, StreamError, SubtaskInfo,
+    TimeWindow,
+};
 
 /// Flink's interval join as a keyed process over both sides: a left
 /// record at `tl` and a right one at `tr` of the same key join when
@@ -47,11 +50,19 @@ impl<K: Hash + Eq, L, R, O> IntervalJoin<K, L, R, O> {
 
 impl<K, L, R, O> KeyedProcess<K, Either<L, R>, O> for IntervalJoin<K, L, R, O>
 where
-    K: Hash + Eq + Clone + Send,
-    L: Send,
-    R: Send,
+    K: Hash + Eq + Clone + Send + StateData,
+    L: Send + StateData,
+    R: Send + StateData,
     O: Send,
 {
+    fn snapshot(&self, state: &mut StateWriter) {
+        state.keyed("waiting", &self.waiting);
+    }
+
+    fn restore(&mut self, state: &StateReader) -> Result<(), StreamError> {
+        state.keyed("waiting", &mut self.waiting)
+    }
+
     fn process(
         &mut self,
         key: &K,

@@ -101,6 +101,14 @@ impl<K: Hash + Eq, V> KeyedState<K, V> {
         self.len() == 0
     }
 
+    /// Each key group this subtask owns, with its entries.
+    pub(crate) fn groups(&self) -> impl Iterator<Item = (usize, &HashMap<K, V>)> {
+        self.groups
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (self.first_group + i, m))
+    }
+
     /// The entries of key group `group` (empty when this subtask does not
     /// own it).
     pub fn group(&self, group: usize) -> impl Iterator<Item = (&K, &V)> {

@@ -44,6 +44,7 @@
 //!   its channels close, the other subtasks stop, and `execute` reports the
 //!   subtask that failed.
 
+pub mod checkpoint;
 mod env;
 mod error;
 mod exchange;
@@ -52,19 +53,27 @@ mod keyed;
 pub mod nexmark;
 mod operator;
 mod process;
+mod sink;
 mod source;
 mod stream;
 mod window;
 
+pub use checkpoint::{CheckpointId, CheckpointStore, LocalDirStore, StateReader, StateWriter};
 pub use env::StreamEnv;
 pub use error::StreamError;
 pub use join::{IntervalJoin, JoinFn};
 pub use keyed::{key_group_of, key_group_range, subtask_for_key_group, KeyedState};
 pub use operator::{Collector, Operator};
 pub use process::{KeyedProcess, ProcessContext};
-pub use source::{Source, SourceContext, SubtaskInfo};
+pub use source::{Source, SourceContext, SourceStatus, SubtaskInfo};
 pub use stream::{CollectHandle, DataStream, Either, KeyedStream};
 pub use window::{TimeWindow, WindowedStream, Windows};
+
+/// What keyed state and windows hold, and what checkpoints write:
+/// any type serde can encode and decode.
+pub trait StateData: serde::Serialize + serde::de::DeserializeOwned {}
+
+impl<T: serde::Serialize + serde::de::DeserializeOwned> StateData for T {}
 
 /// The watermark of an input that ended: every timer and window fires.
 pub const WATERMARK_END: i64 = i64::MAX;

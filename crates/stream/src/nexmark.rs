@@ -8,7 +8,10 @@ pub use nexmark::EventGenerator;
 pub use nexmark::config::NexmarkConfig;
 pub use nexmark::event::{Auction, Bid, Event, Person};
 
-use crate::{DataStream, Source, SourceContext, StreamEnv};
+use crate::{
+    DataStream, Source, SourceContext, SourceStatus, StateReader, StateWriter, StreamEnv,
+    StreamError,
+};
 
 /// How far watermarks trail the latest event time (Flink's Nexmark DDL:
 /// `WATERMARK FOR dateTime AS dateTime - INTERVAL '4' SECOND`).
@@ -20,25 +23,46 @@ const WATERMARK_EVERY: u64 = 1024;
 struct NexmarkSource {
     generator: EventGenerator,
     events: u64,
+    /// The latest event time emitted, which the watermarks trail.
+    latest: i64,
+    since_watermark: u64,
+    config: NexmarkConfig,
+    step: u64,
 }
 
 impl Source<Event> for NexmarkSource {
-    fn run(&mut self, ctx: &mut SourceContext<'_, Event>) {
-        let mut latest = i64::MIN;
-        let mut since_watermark = 0;
-        while self.generator.offset() < self.events && !ctx.is_cancelled() {
+    fn poll(&mut self, ctx: &mut SourceContext<'_, Event>) -> SourceStatus {
+        for _ in 0..WATERMARK_EVERY {
+            if self.generator.offset() >= self.events {
+                return SourceStatus::Ended;
+            }
             let Some(event) = self.generator.next() else {
-                return;
+                return SourceStatus::Ended;
             };
             let time = i64::try_from(event.timestamp()).unwrap_or(i64::MAX);
-            latest = latest.max(time);
+            self.latest = self.latest.max(time);
             ctx.collect_at(event, time);
-            since_watermark += 1;
-            if since_watermark == WATERMARK_EVERY {
-                since_watermark = 0;
-                ctx.emit_watermark(latest - NEXMARK_OUT_OF_ORDERNESS_MS);
+            self.since_watermark += 1;
+            if self.since_watermark == WATERMARK_EVERY {
+                self.since_watermark = 0;
+                ctx.emit_watermark(self.latest - NEXMARK_OUT_OF_ORDERNESS_MS);
             }
         }
+        SourceStatus::More
+    }
+
+    fn snapshot(&mut self, state: &mut StateWriter) {
+        state.value("offset", &self.generator.offset());
+    }
+
+    // Positions are per subtask of one parallelism: it cannot change.
+    fn restore(&mut self, state: &StateReader) -> Result<(), StreamError> {
+        if let Some(offset) = state.own::<u64>("offset")? {
+            self.generator = EventGenerator::new(self.config.clone())
+                .with_offset(offset)
+                .with_step(self.step);
+        }
+        Ok(())
     }
 }
 
@@ -48,11 +72,18 @@ impl StreamEnv {
     /// times and watermarks.
     pub fn nexmark(&self, events: u64, config: NexmarkConfig) -> DataStream<Event> {
         let parallelism = self.parallelism();
-        self.add_source("nexmark", parallelism, move |info| NexmarkSource {
-            generator: EventGenerator::new(config.clone())
-                .with_offset(info.index as u64)
-                .with_step(info.parallelism.max(1) as u64),
-            events,
+        self.add_source("nexmark", parallelism, move |info| {
+            let step = info.parallelism.max(1) as u64;
+            NexmarkSource {
+                generator: EventGenerator::new(config.clone())
+                    .with_offset(info.index as u64)
+                    .with_step(step),
+                events,
+                latest: i64::MIN,
+                since_watermark: 0,
+                config: config.clone(),
+                step,
+            }
         })
     }
 }

@@ -5,6 +5,7 @@ use std::hash::Hash;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use crate::checkpoint::{CheckpointId, Cursor, StateReader, StateWriter};
 use crate::keyed::KeyedState;
 use crate::{Record, StreamError, WATERMARK_END};
 
@@ -17,6 +18,14 @@ pub(crate) trait Output<T>: Send {
     fn flush(&mut self) -> Result<(), StreamError>;
     /// The input ended; called once, after the watermark [`WATERMARK_END`].
     fn finish(&mut self) -> Result<(), StreamError>;
+    /// A checkpoint's barrier reached this link (on every input): it
+    /// writes its state through the cursor, then passes the barrier on.
+    fn barrier(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError>;
+    /// Before the first record: this link takes its state from the
+    /// checkpoint the job restores, then the links after it.
+    fn restore(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError>;
+    /// Checkpoint `id` is complete: what was staged for it may be committed.
+    fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<(), StreamError>;
 }
 
 pub(crate) type BoxOutput<T> = Box<dyn Output<T>>;
@@ -71,6 +80,19 @@ pub trait Operator<In, Out>: Send {
     fn finish(&mut self, out: &mut Collector<'_, Out>) {
         let _ = out;
     }
+
+    /// Writes the operator's state into a checkpoint. An operator that
+    /// keeps state across records writes it here and takes it back in
+    /// [`Self::restore`]; otherwise a restored job starts it empty.
+    fn snapshot(&self, state: &mut StateWriter) {
+        let _ = state;
+    }
+
+    /// Takes back the state of a checkpoint, before the first record.
+    fn restore(&mut self, state: &StateReader) -> Result<(), StreamError> {
+        let _ = state;
+        Ok(())
+    }
 }
 
 /// Runs an [`Operator`] as a link of the chain.
@@ -122,6 +144,22 @@ where
         self.with(None, |op, c| op.finish(c))?;
         self.out.finish()
     }
+
+    fn barrier(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+        let mut w = cp.writer();
+        self.op.snapshot(&mut w);
+        cp.put(w)?;
+        self.out.barrier(cp)
+    }
+
+    fn restore(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+        self.op.restore(&cp.reader()?)?;
+        self.out.restore(cp)
+    }
+
+    fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<(), StreamError> {
+        self.out.checkpoint_complete(id)
+    }
 }
 
 /// Forwards watermarks, flushes and the end to `out` (the links that only
@@ -136,6 +174,41 @@ macro_rules! forward_control {
         }
         fn finish(&mut self) -> Result<(), StreamError> {
             self.out.finish()
+        }
+        forward_checkpoints!();
+    };
+}
+
+/// Passes checkpoints on from a link without state.
+macro_rules! forward_checkpoints {
+    () => {
+        fn barrier(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+            cp.skip();
+            self.out.barrier(cp)
+        }
+        fn restore(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+            cp.skip();
+            self.out.restore(cp)
+        }
+        fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<(), StreamError> {
+            self.out.checkpoint_complete(id)
+        }
+    };
+}
+
+/// Checkpoints end at a link with nothing after it and no state.
+macro_rules! end_checkpoints {
+    () => {
+        fn barrier(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+            cp.skip();
+            Ok(())
+        }
+        fn restore(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+            cp.skip();
+            Ok(())
+        }
+        fn checkpoint_complete(&mut self, _: CheckpointId) -> Result<(), StreamError> {
+            Ok(())
         }
     };
 }
@@ -238,10 +311,14 @@ impl<T: Send, F: Fn(&T) -> i64 + Send + Sync> Output<T> for Timestamps<F, T> {
     fn finish(&mut self) -> Result<(), StreamError> {
         self.out.finish()
     }
+
+    // Like Flink's, the watermark generator starts afresh on restore: its
+    // first watermark follows the first batch after it.
+    forward_checkpoints!();
 }
 
 /// Flink's rolling reduce: each record is folded into its key's value,
-/// which is emitted.
+/// which is emitted. The values are its checkpointed state.
 pub(crate) struct Reduce<K, T, KF: ?Sized, F> {
     pub key: Arc<KF>,
     pub f: Arc<F>,
@@ -251,8 +328,8 @@ pub(crate) struct Reduce<K, T, KF: ?Sized, F> {
 
 impl<K, T, KF: ?Sized, F> Output<T> for Reduce<K, T, KF, F>
 where
-    K: Hash + Eq + Send,
-    T: Clone + Send,
+    K: Hash + Eq + Send + crate::StateData,
+    T: Clone + Send + crate::StateData,
     KF: Fn(&T) -> K + Send + Sync,
     F: Fn(T, T) -> T + Send + Sync,
 {
@@ -268,7 +345,28 @@ where
             time: r.time,
         })
     }
-    forward_control!();
+    fn watermark(&mut self, watermark: i64) -> Result<(), StreamError> {
+        self.out.watermark(watermark)
+    }
+    fn flush(&mut self) -> Result<(), StreamError> {
+        self.out.flush()
+    }
+    fn finish(&mut self) -> Result<(), StreamError> {
+        self.out.finish()
+    }
+    fn barrier(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+        let mut w = cp.writer();
+        w.keyed("reduce", &self.state);
+        cp.put(w)?;
+        self.out.barrier(cp)
+    }
+    fn restore(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+        cp.reader()?.keyed("reduce", &mut self.state)?;
+        self.out.restore(cp)
+    }
+    fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<(), StreamError> {
+        self.out.checkpoint_complete(id)
+    }
 }
 
 /// Calls a function for every record (the end of a chain).
@@ -290,6 +388,7 @@ impl<T, F: FnMut(Record<T>) + Send> Output<T> for ForEach<F> {
     fn finish(&mut self) -> Result<(), StreamError> {
         Ok(())
     }
+    end_checkpoints!();
 }
 
 /// Writes each value on a line, prefixed with the subtask's number (from 1)
@@ -321,4 +420,5 @@ impl<T: std::fmt::Display, W: Write + Send> Output<T> for Print<W> {
     fn finish(&mut self) -> Result<(), StreamError> {
         <Self as Output<T>>::flush(self)
     }
+    end_checkpoints!();
 }

@@ -6,8 +6,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::hash::Hash;
 use std::sync::Arc;
 
+use crate::checkpoint::{CheckpointId, Cursor, StateReader, StateWriter};
+use crate::keyed::KeyedState;
 use crate::operator::{BoxOutput, Output};
-use crate::{Record, StreamError};
+use crate::{Record, StateData, StreamError};
 
 /// A keyed operator with event-time timers. One instance runs in each
 /// subtask and sees the keys of the key groups the subtask owns; keep
@@ -20,6 +22,22 @@ pub trait KeyedProcess<K, In, Out>: Send {
     /// it. What is emitted here carries `time` as its event time.
     fn on_timer(&mut self, key: &K, time: i64, ctx: &mut ProcessContext<'_, K, Out>) {
         let _ = (key, time, ctx);
+    }
+
+    /// Writes the function's state into a checkpoint (its timers are the
+    /// runtime's and are written with it). A function that keeps state
+    /// writes its [`crate::KeyedState`]s here with [`StateWriter::keyed`]
+    /// and takes them back in [`Self::restore`]; otherwise a restored job
+    /// starts it empty.
+    fn snapshot(&self, state: &mut StateWriter) {
+        let _ = state;
+    }
+
+    /// Takes back the state of a checkpoint, before the first record: the
+    /// key groups this subtask owns, whichever subtask wrote them.
+    fn restore(&mut self, state: &StateReader) -> Result<(), StreamError> {
+        let _ = state;
+        Ok(())
     }
 }
 
@@ -118,9 +136,35 @@ impl<K, In, Out, P> KeyedProcessLink<K, In, Out, P> {
     }
 }
 
+impl<K, In, Out, P> KeyedProcessLink<K, In, Out, P>
+where
+    K: Hash + Eq + Clone + StateData,
+{
+    /// The timers, per key, as keyed state of the subtask.
+    fn timers_by_key(&self, info: crate::SubtaskInfo) -> KeyedState<K, Vec<i64>> {
+        let mut by_key: KeyedState<K, Vec<i64>> =
+            KeyedState::new(info.index, info.parallelism, info.max_parallelism);
+        for (key, time) in &self.timers.set {
+            match by_key.get_mut(key) {
+                Some(times) => times.push(*time),
+                None => {
+                    by_key.insert(key.clone(), vec![*time]);
+                }
+            }
+        }
+        by_key
+    }
+
+    fn add_timer(&mut self, key: K, time: i64) {
+        if self.timers.set.insert((key.clone(), time)) {
+            self.timers.by_time.entry(time).or_default().push(key);
+        }
+    }
+}
+
 impl<K, In, Out, P> Output<In> for KeyedProcessLink<K, In, Out, P>
 where
-    K: Hash + Eq + Clone + Send,
+    K: Hash + Eq + Clone + Send + StateData,
     In: Send,
     Out: Send,
     P: KeyedProcess<K, In, Out>,
@@ -174,5 +218,44 @@ where
 
     fn finish(&mut self) -> Result<(), StreamError> {
         self.out.finish()
+    }
+
+    fn barrier(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+        let mut w = cp.writer();
+        w.keyed("timers", &self.timers_by_key(cp.subtask_info()));
+        w.value("watermark", &self.watermark);
+        self.process.snapshot(&mut w);
+        cp.put(w)?;
+        self.out.barrier(cp)
+    }
+
+    fn restore(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+        let r = cp.reader()?;
+        let info = cp.subtask_info();
+        let mut by_key: KeyedState<K, Vec<i64>> =
+            KeyedState::new(info.index, info.parallelism, info.max_parallelism);
+        r.keyed("timers", &mut by_key)?;
+        for (_, entries) in by_key.groups() {
+            for (key, times) in entries {
+                for time in times {
+                    self.add_timer(key.clone(), *time);
+                }
+            }
+        }
+        // Several subtasks' state: the least of their watermarks holds for all.
+        if let Some(w) = r
+            .values::<i64>("watermark")?
+            .into_iter()
+            .map(|(_, w)| w)
+            .min()
+        {
+            self.watermark = w;
+        }
+        self.process.restore(&r)?;
+        self.out.restore(cp)
+    }
+
+    fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<(), StreamError> {
+        self.out.checkpoint_complete(id)
     }
 }

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::checkpoint::{Cursor, StateReader, StateWriter};
 use crate::operator::BoxOutput;
 use crate::{Record, StreamError, WATERMARK_END};
 
@@ -14,11 +15,37 @@ pub struct SubtaskInfo {
     pub max_parallelism: usize,
 }
 
-/// A source: one instance runs in each subtask of its stage and emits
-/// through the context until it returns (a bounded source) or sees
-/// [`SourceContext::is_cancelled`].
+/// Whether a source has more to emit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceStatus {
+    More,
+    /// The input ended (a bounded source): the subtask finishes.
+    Ended,
+}
+
+/// A source: one instance runs in each subtask of its stage. The subtask
+/// calls [`Self::poll`] until it returns [`SourceStatus::Ended`]; between
+/// two polls a checkpoint may take the source's position
+/// ([`Self::snapshot`]), so a poll should return after a batch or a short
+/// wait (at most about 100 ms), not hold on to the thread.
 pub trait Source<T>: Send {
-    fn run(&mut self, ctx: &mut SourceContext<'_, T>);
+    /// Emits what comes next through the context.
+    fn poll(&mut self, ctx: &mut SourceContext<'_, T>) -> SourceStatus;
+
+    /// Writes the source's position: everything emitted so far is before
+    /// it. A source that writes none starts again from its beginning when
+    /// the job restores (at-least-once).
+    fn snapshot(&mut self, state: &mut StateWriter) {
+        let _ = state;
+    }
+
+    /// Takes back the position of a checkpoint, before the first poll. The
+    /// parallelism may differ from the run that wrote it: the reader has
+    /// every subtask's positions ([`StateReader::values`]).
+    fn restore(&mut self, state: &StateReader) -> Result<(), StreamError> {
+        let _ = state;
+        Ok(())
+    }
 }
 
 /// Where a [`Source`] emits. Records are passed on in batches: when
@@ -110,6 +137,19 @@ impl<'a, T> SourceContext<'a, T> {
         self.info
     }
 
+    /// A checkpoint's barrier goes out after what was emitted so far.
+    pub(crate) fn barrier(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+        self.flush();
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        self.out.barrier(cp)
+    }
+
+    pub(crate) fn output(&mut self) -> &mut BoxOutput<T> {
+        self.out
+    }
+
     fn note(&mut self, r: Result<(), StreamError>) {
         if let Err(e) = r {
             self.failed.get_or_insert(e);
@@ -131,37 +171,122 @@ impl<'a, T> SourceContext<'a, T> {
     }
 }
 
-/// A collection, emitted by one subtask in order.
+/// Records a source emits per poll, at most, when it has them at hand.
+pub(crate) const POLL_BATCH: usize = 1024;
+
+/// A collection, emitted by one subtask in order. Its position is the
+/// number of items emitted.
 pub(crate) struct IterSource<I> {
     pub iter: Option<I>,
+    pub emitted: u64,
 }
 
 impl<T, I: Iterator<Item = T> + Send> Source<T> for IterSource<I> {
-    fn run(&mut self, ctx: &mut SourceContext<'_, T>) {
-        for value in self.iter.take().into_iter().flatten() {
-            if ctx.is_cancelled() {
-                return;
+    fn poll(&mut self, ctx: &mut SourceContext<'_, T>) -> SourceStatus {
+        let Some(iter) = self.iter.as_mut() else {
+            return SourceStatus::Ended;
+        };
+        for _ in 0..POLL_BATCH {
+            match iter.next() {
+                Some(value) => {
+                    ctx.collect(value);
+                    self.emitted += 1;
+                }
+                None => return SourceStatus::Ended,
             }
-            ctx.collect(value);
         }
+        SourceStatus::More
+    }
+
+    fn snapshot(&mut self, state: &mut StateWriter) {
+        state.value("emitted", &self.emitted);
+    }
+
+    fn restore(&mut self, state: &StateReader) -> Result<(), StreamError> {
+        let emitted: u64 = state.own("emitted")?.unwrap_or(0);
+        if let Some(iter) = self.iter.as_mut() {
+            for _ in 0..emitted {
+                iter.next();
+            }
+        }
+        self.emitted = emitted;
+        Ok(())
     }
 }
 
 /// Values made from their sequence number: subtask `i` of `p` makes
 /// numbers `i`, `i + p`, `i + 2p`, ... below `count` (forever when none).
+/// Its position is the next number.
 pub(crate) struct Generator<F> {
     pub count: Option<u64>,
     pub make: std::sync::Arc<F>,
+    pub next: u64,
+    pub step: u64,
 }
 
 impl<T, F: Fn(u64) -> T + Send + Sync> Source<T> for Generator<F> {
-    fn run(&mut self, ctx: &mut SourceContext<'_, T>) {
-        let info = ctx.subtask();
-        let step = info.parallelism.max(1) as u64;
-        let mut n = info.index as u64;
-        while self.count.is_none_or(|c| n < c) && !ctx.is_cancelled() {
-            ctx.collect((self.make)(n));
-            n += step;
+    fn poll(&mut self, ctx: &mut SourceContext<'_, T>) -> SourceStatus {
+        for _ in 0..POLL_BATCH {
+            if self.count.is_some_and(|c| self.next >= c) {
+                return SourceStatus::Ended;
+            }
+            ctx.collect((self.make)(self.next));
+            self.next += self.step;
+        }
+        SourceStatus::More
+    }
+
+    fn snapshot(&mut self, state: &mut StateWriter) {
+        state.value("next", &self.next);
+    }
+
+    // The numbers left to make depend on the parallelism: it cannot change.
+    fn restore(&mut self, state: &StateReader) -> Result<(), StreamError> {
+        if let Some(next) = state.own("next")? {
+            self.next = next;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a source subtask: restores it, polls it until it ends, and puts
+/// checkpoint barriers between polls.
+pub(crate) fn run_source<T, S: Source<T>>(
+    source: &mut S,
+    rt: &crate::env::TaskRuntime,
+    out: &mut BoxOutput<T>,
+    batch: usize,
+) -> Result<(), StreamError> {
+    // The source's own state is the first link of its stage.
+    if let Some(mut cp) = rt.restoring().and_then(|id| rt.cursor(id)) {
+        source.restore(&cp.reader()?)?;
+        out.restore(&mut cp)?;
+    }
+    let mut requested = rt.requested();
+    let mut completed = rt.completed();
+    let mut ctx = SourceContext::new(out, rt.info, batch, &rt.cancel);
+    loop {
+        if ctx.is_cancelled() {
+            break;
+        }
+        if let Some(id) = rt.newly_completed(&mut completed) {
+            let r = ctx.output().checkpoint_complete(id);
+            ctx.note(r);
+        }
+        let now = rt.requested();
+        if now > requested {
+            requested = now;
+            if let Some(mut cp) = rt.cursor(now) {
+                let mut w = cp.writer();
+                source.snapshot(&mut w);
+                cp.put(w)?;
+                ctx.barrier(&mut cp)?;
+                rt.shared.ack(now);
+            }
+        }
+        if source.poll(&mut ctx) == SourceStatus::Ended {
+            break;
         }
     }
+    ctx.end()
 }

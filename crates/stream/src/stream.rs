@@ -8,11 +8,11 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::env::{Stage, StreamEnv, Task};
+use crate::env::{Stage, StreamEnv, Task, TaskRuntime};
 use crate::exchange::{self, ExchangeSender, Partitioning};
 use crate::keyed::{key_group_of, KeyedState};
 use crate::operator::{self, BoxOutput, Operator, OperatorLink};
-use crate::source::{Generator, IterSource, Source, SourceContext, SubtaskInfo};
+use crate::source::{Generator, IterSource, Source, SubtaskInfo};
 use crate::{Record, StreamError};
 
 /// Starts subtask `info` of a stage whose chain so far ends where `out`
@@ -62,14 +62,10 @@ impl StreamEnv {
         F: Fn(SubtaskInfo) -> S + Send + Sync + 'static,
     {
         let batch = self.with_settings(|s| s.batch);
-        let cancel = self.cancel_flag();
         let head: Head<T> = Arc::new(move |info, mut out: BoxOutput<T>| {
             let mut source = make(info);
-            let cancel = cancel.clone();
-            Ok(Box::new(move || {
-                let mut ctx = SourceContext::new(&mut out, info, batch, &cancel);
-                source.run(&mut ctx);
-                ctx.end()
+            Ok(Box::new(move |rt: &TaskRuntime| {
+                crate::source::run_source(&mut source, rt, &mut out, batch)
             }) as Task)
         });
         DataStream {
@@ -91,6 +87,7 @@ impl StreamEnv {
         let iter = Mutex::new(Some(items.into_iter()));
         self.add_source("collection", 1, move |_| IterSource {
             iter: iter.lock().ok().and_then(|mut i| i.take()),
+            emitted: 0,
         })
     }
 
@@ -103,9 +100,11 @@ impl StreamEnv {
     {
         let make = Arc::new(make);
         let parallelism = self.parallelism();
-        self.add_source("generator", parallelism, move |_| Generator {
+        self.add_source("generator", parallelism, move |info| Generator {
             count,
             make: make.clone(),
+            next: info.index as u64,
+            step: info.parallelism.max(1) as u64,
         })
     }
 }
@@ -314,6 +313,25 @@ impl<T: Send + 'static> DataStream<T> {
         CollectHandle { items }
     }
 
+    /// Writes every value, one per line, to files in `dir`, exactly once
+    /// when the job checkpoints: a file is committed (made visible under
+    /// its final name, `part-...`) when the checkpoint that closed it
+    /// completes, or when the job succeeds (see the sink's module).
+    pub fn write_files(self, dir: impl Into<std::path::PathBuf>)
+    where
+        T: std::fmt::Display,
+    {
+        let dir = dir.into();
+        let commits = self.env.success_commits();
+        self.sink("files", move |info| {
+            Box::new(crate::sink::FileSink::new(
+                dir.clone(),
+                info,
+                commits.clone(),
+            ))
+        });
+    }
+
     /// Writes every value to standard output, one per line; prefixed with
     /// the subtask's number (from 1) when the stage runs in parallel.
     pub fn print(self)
@@ -415,7 +433,7 @@ fn pointwise_union<T: Send + 'static>(
 }
 
 /// One of two streams' values ([`DataStream::connect`]).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Either<L, R> {
     Left(L),
     Right(R),
@@ -433,7 +451,6 @@ fn receiving_stage<T: Send + 'static>(
     let receivers: Arc<exchange::Inputs<T>> =
         Arc::new(Mutex::new(receivers.into_iter().map(Some).collect()));
     env.add_inputs(name, receivers.clone());
-    let cancel = env.cancel_flag();
     let stage = name.to_owned();
     let head: Head<T> = Arc::new(move |info, out| {
         let rx = receivers
@@ -441,9 +458,9 @@ fn receiving_stage<T: Send + 'static>(
             .ok()
             .and_then(|mut r| r.get_mut(info.index).and_then(Option::take))
             .ok_or_else(|| StreamError::InvalidJob(format!("stage '{stage}' started twice")))?;
-        let (stage, cancel) = (stage.clone(), cancel.clone());
+        let stage = stage.clone();
         Ok(
-            Box::new(move || exchange::receive(&stage, info.index, rx, upstream, &cancel, out))
+            Box::new(move |rt: &TaskRuntime| exchange::receive(&stage, rt, rx, upstream, out))
                 as Task,
         )
     });
@@ -502,7 +519,8 @@ where
     /// value (Flink's rolling `reduce`).
     pub fn reduce<F>(self, f: F) -> DataStream<T>
     where
-        T: Clone,
+        K: crate::StateData,
+        T: Clone + crate::StateData,
         F: Fn(T, T) -> T + Send + Sync + 'static,
     {
         let f = Arc::new(f);
@@ -522,7 +540,7 @@ where
     /// with any keyed state it keeps ([`KeyedState`] for the subtask).
     pub fn process<U, P, F>(self, name: &str, make: F) -> DataStream<U>
     where
-        K: Clone,
+        K: Clone + crate::StateData,
         U: Send + 'static,
         P: crate::KeyedProcess<K, T, U> + 'static,
         F: Fn(SubtaskInfo) -> P + Send + Sync + 'static,
@@ -540,8 +558,8 @@ where
     /// Cuts each key's records into event-time windows.
     pub fn window(self, windows: crate::Windows) -> crate::WindowedStream<K, T>
     where
-        K: Clone,
-        T: Clone,
+        K: Clone + crate::StateData,
+        T: Clone + crate::StateData,
     {
         crate::WindowedStream {
             stream: self.stream,
@@ -594,8 +612,9 @@ where
         join: F,
     ) -> DataStream<O>
     where
-        K: Clone,
-        U: Send + 'static,
+        K: Clone + crate::StateData,
+        T: crate::StateData,
+        U: Send + crate::StateData + 'static,
         O: Send + 'static,
         F: Fn(&K, &T, &U) -> O + Send + Sync + 'static,
     {
@@ -620,9 +639,9 @@ where
         join: F,
     ) -> DataStream<O>
     where
-        K: Clone,
-        T: Clone,
-        U: Clone + Send + 'static,
+        K: Clone + crate::StateData,
+        T: Clone + crate::StateData,
+        U: Clone + Send + crate::StateData + 'static,
         O: Send + 'static,
         F: Fn(&K, &crate::TimeWindow, &T, &U) -> O + Send + Sync + 'static,
     {

@@ -14,12 +14,15 @@ use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{CheckpointId, Cursor};
 use crate::keyed::KeyedState;
 use crate::operator::{BoxOutput, Output};
-use crate::{Record, StreamError};
+use crate::{Record, StateData, StreamError};
 
 /// A window: the event times `start..end` (ms).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct TimeWindow {
     pub start: i64,
     pub end: i64,
@@ -170,6 +173,18 @@ enum Timer {
     Cleanup,
 }
 
+/// What a window of a key holds: its accumulator, and whether it fired
+/// already (then a record within the allowed lateness fires it again at
+/// once). The panes and the watermark are the operator's checkpointed
+/// state; its timers follow from them.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Pane<A> {
+    acc: A,
+    fired: bool,
+}
+
+pub(crate) type Panes<K, A> = KeyedState<K, HashMap<TimeWindow, Pane<A>>>;
+
 /// The window operator of one subtask.
 pub(crate) struct WindowOp<K, T, A, U> {
     pub stage: String,
@@ -177,7 +192,7 @@ pub(crate) struct WindowOp<K, T, A, U> {
     pub windows: Windows,
     pub lateness: i64,
     pub agg: Aggregation<K, T, A, U>,
-    pub state: KeyedState<K, HashMap<TimeWindow, A>>,
+    pub state: Panes<K, A>,
     timers: BTreeMap<(i64, Timer), Vec<(K, TimeWindow)>>,
     watermark: i64,
     pub out: BoxOutput<U>,
@@ -193,7 +208,7 @@ impl<K, T, A, U> WindowOp<K, T, A, U> {
         windows: Windows,
         lateness: i64,
         agg: Aggregation<K, T, A, U>,
-        state: KeyedState<K, HashMap<TimeWindow, A>>,
+        state: Panes<K, A>,
         out: BoxOutput<U>,
         late: Option<BoxOutput<T>>,
     ) -> Self {
@@ -239,9 +254,13 @@ where
         (cover, touched)
     }
 
+    /// Fires `window` of `key`, if it still holds state.
     fn emit(&mut self, key: &K, window: &TimeWindow) -> Result<(), StreamError> {
-        let value = match self.state.get(key).and_then(|m| m.get(window)) {
-            Some(acc) => (self.agg.result)(key, window, acc),
+        let value = match self.state.get_mut(key).and_then(|m| m.get_mut(window)) {
+            Some(pane) => {
+                pane.fired = true;
+                (self.agg.result)(key, window, &pane.acc)
+            }
             None => return Ok(()),
         };
         self.out.push(Record {
@@ -253,9 +272,9 @@ where
 
 impl<K, T, A, U> Output<T> for WindowOp<K, T, A, U>
 where
-    K: Hash + Eq + Clone + Send,
+    K: Hash + Eq + Clone + Send + StateData,
     T: Clone + Send,
-    A: Send,
+    A: Send + StateData,
     U: Send,
 {
     fn push(&mut self, record: Record<T>) -> Result<(), StreamError> {
@@ -296,14 +315,19 @@ where
                 let mut acc = (self.agg.init)();
                 for t in touched {
                     if let Some(old) = per_key.remove(&t) {
-                        (self.agg.merge)(&mut acc, old);
+                        (self.agg.merge)(&mut acc, old.acc);
                     }
                 }
-                per_key.insert(w, acc);
+                per_key.insert(w, Pane { acc, fired: false });
             }
-            let acc = per_key.entry(w).or_insert_with(|| (self.agg.init)());
-            (self.agg.add)(acc, record.value.clone());
-            if w.max_timestamp() <= wm {
+            let pane = per_key.entry(w).or_insert_with(|| Pane {
+                acc: (self.agg.init)(),
+                fired: false,
+            });
+            (self.agg.add)(&mut pane.acc, record.value.clone());
+            // A window fired already fires again; a new one behind the
+            // watermark (within the lateness) fires at once.
+            if pane.fired || (fresh && w.max_timestamp() <= wm) {
                 self.emit(&key, &w)?;
             } else if fresh {
                 self.timers
@@ -376,6 +400,55 @@ where
         }
         self.out.finish()
     }
+
+    fn barrier(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+        let mut w = cp.writer();
+        w.keyed("panes", &self.state);
+        w.value("watermark", &self.watermark);
+        cp.put(w)?;
+        if let Some(late) = self.late.as_mut() {
+            // The late stream's stage takes part in the checkpoint too.
+            late.barrier(cp)?;
+        }
+        self.out.barrier(cp)
+    }
+
+    fn restore(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+        let r = cp.reader()?;
+        r.keyed("panes", &mut self.state)?;
+        // Several subtasks' state: the least of their watermarks holds for all.
+        if let Some(w) = r
+            .values::<i64>("watermark")?
+            .into_iter()
+            .map(|(_, w)| w)
+            .min()
+        {
+            self.watermark = w;
+        }
+        self.timers.clear();
+        for (_, per_key) in self.state.groups() {
+            for (key, panes) in per_key {
+                for (window, pane) in panes {
+                    if !pane.fired {
+                        self.timers
+                            .entry((window.max_timestamp(), Timer::Fire))
+                            .or_default()
+                            .push((key.clone(), *window));
+                    }
+                    let cleanup = window.max_timestamp().saturating_add(self.lateness);
+                    self.timers
+                        .entry((cleanup, Timer::Cleanup))
+                        .or_default()
+                        .push((key.clone(), *window));
+                }
+            }
+        }
+        self.out.restore(cp)
+    }
+
+    fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<(), StreamError> {
+        self.out.checkpoint_complete(id)
+    }
 }
 
 /// A keyed stream cut into event-time windows (Flink's `WindowedStream`).
@@ -389,8 +462,8 @@ pub struct WindowedStream<K, T> {
 
 impl<K, T> WindowedStream<K, T>
 where
-    K: Hash + Eq + Clone + Send + 'static,
-    T: Clone + Send + 'static,
+    K: Hash + Eq + Clone + Send + StateData + 'static,
+    T: Clone + Send + StateData + 'static,
 {
     /// How long after a window fired records may still update it (default
     /// 0: a record behind the watermark is late).
@@ -421,7 +494,7 @@ where
         result: impl Fn(&K, &TimeWindow, &A) -> U + Send + Sync + 'static,
     ) -> crate::DataStream<U>
     where
-        A: Send + 'static,
+        A: Send + StateData + 'static,
         U: Send + 'static,
     {
         let agg = Aggregation {

@@ -8,17 +8,19 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use sluice_stream::{
-    Collector, Operator, Record, Source, SourceContext, StreamEnv, StreamError, WATERMARK_END,
+    Collector, Operator, Record, Source, SourceContext, SourceStatus, StreamEnv, StreamError,
+    WATERMARK_END,
 };
 
 /// The source article's `SourceFunction`, as `examples/flink_job.rs` has it.
 struct TenEvents;
 
 impl Source<String> for TenEvents {
-    fn run(&mut self, ctx: &mut SourceContext<'_, String>) {
+    fn poll(&mut self, ctx: &mut SourceContext<'_, String>) -> SourceStatus {
         for i in 0..10 {
             ctx.collect(format!("Event {i}"));
         }
+        SourceStatus::Ended
     }
 }
 
@@ -126,46 +128,61 @@ proptest! {
 
 /// Records the watermarks it sees, and the event time of each record.
 struct WatermarkProbe {
-    seen: Arc<Mutex<Vec<i64>>>,
+    /// Each watermark, and whether the input that holds at 100 was ending.
+    seen: Arc<Mutex<Vec<(i64, bool)>>>,
+    slow_input_ending: Arc<std::sync::atomic::AtomicBool>,
+    /// Raised when the record [`MARKER`] comes through.
+    marker: Arc<(Mutex<bool>, std::sync::Condvar)>,
 }
+
+/// A record input 0 sends after its last watermark.
+const MARKER: u64 = 310;
 
 impl Operator<u64, u64> for WatermarkProbe {
     fn process(&mut self, record: Record<u64>, out: &mut Collector<'_, u64>) {
         assert!(record.time.is_some(), "record without a time");
+        if record.value == MARKER {
+            let (seen, signal) = &*self.marker;
+            *seen.lock().unwrap() = true;
+            signal.notify_all();
+        }
         out.emit(record.value);
     }
 
     fn on_watermark(&mut self, watermark: i64, _: &mut Collector<'_, u64>) {
-        self.seen.lock().unwrap().push(watermark);
+        let ending = self.slow_input_ending.load(Ordering::SeqCst);
+        self.seen.lock().unwrap().push((watermark, ending));
     }
 }
 
-/// Emits its script, then (when told) waits until the other subtask's
-/// script ran to its end.
+/// Emits its script; the slow one then waits until the probe saw the
+/// marker, which the other sends after all its watermarks.
 struct Scripted {
     steps: Vec<Result<i64, i64>>,
-    wait_for_other: bool,
-    other_done: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    wait_for_marker: bool,
+    marker: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    /// Set by the waiting subtask just before it ends.
+    ending: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Source<u64> for Scripted {
-    fn run(&mut self, ctx: &mut SourceContext<'_, u64>) {
+    fn poll(&mut self, ctx: &mut SourceContext<'_, u64>) -> SourceStatus {
         for step in &self.steps {
             match step {
                 Ok(t) => ctx.collect_at(*t as u64, *t),
                 Err(w) => ctx.emit_watermark(*w),
             }
         }
-        let (done, signal) = &*self.other_done;
-        let mut done = done.lock().unwrap();
-        if self.wait_for_other {
-            while !*done {
-                done = signal.wait(done).unwrap();
+        ctx.flush();
+        if self.wait_for_marker {
+            let (seen, signal) = &*self.marker;
+            let mut seen = seen.lock().unwrap();
+            while !*seen {
+                seen = signal.wait(seen).unwrap();
             }
-        } else {
-            *done = true;
-            signal.notify_all();
+            self.ending.store(true, Ordering::SeqCst);
         }
+        SourceStatus::Ended
     }
 }
 
@@ -175,27 +192,42 @@ fn a_subtask_watermark_is_the_least_of_its_inputs() {
     env.set_parallelism(1);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let probe = seen.clone();
-    let other_done = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-    // Input 0 runs to 300 and ends; input 1 stays at 100 until then. The
-    // merged watermark is 100 throughout (whatever the interleaving), and
-    // the end only once both ended: a maximum, or any input's rise passed
-    // on, would show 300.
+    let marker = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let probe_marker = marker.clone();
+    let ending = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe_ending = ending.clone();
+    // Input 0 runs to 300 and ends; input 1 stays at 100 until the merge
+    // has taken everything input 0 sent before its end. The merged
+    // watermark is 100 while input 1 lives: a maximum, or any input's rise
+    // passed on, would show 300 before input 1 began to end. (Once it has,
+    // 300 may show: input 1's end can reach the merge before input 0's.)
     env.add_source("scripted", 2, move |info| Scripted {
         steps: if info.index == 0 {
-            vec![Ok(50), Err(100), Ok(150), Err(300)]
+            vec![Ok(50), Err(100), Ok(150), Err(300), Ok(MARKER as i64)]
         } else {
             vec![Ok(60), Err(100)]
         },
-        wait_for_other: info.index == 1,
-        other_done: other_done.clone(),
+        wait_for_marker: info.index == 1,
+        marker: marker.clone(),
+        ending: ending.clone(),
     })
     .rebalance()
     .process("probe", move |_| WatermarkProbe {
         seen: probe.clone(),
+        slow_input_ending: probe_ending.clone(),
+        marker: probe_marker.clone(),
     })
     .for_each(|_| {});
     env.execute("watermarks").unwrap();
-    assert_eq!(*seen.lock().unwrap(), vec![100, WATERMARK_END]);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.first().map(|s| s.0), Some(100), "{seen:?}");
+    assert_eq!(seen.last().map(|s| s.0), Some(WATERMARK_END), "{seen:?}");
+    for (w, slow_input_ending) in &seen {
+        assert!(
+            [100, WATERMARK_END].contains(w) || *slow_input_ending,
+            "watermark {w} while the input at 100 lived: {seen:?}"
+        );
+    }
 }
 
 /// Runs `env` on another thread; fails the test if it does not end in 20 s.
@@ -246,12 +278,15 @@ fn bounded_out_of_orderness_trails_the_largest_time() {
         .assign_timestamps(Duration::from_millis(500), |t| *t as i64)
         .process("probe", move |_| WatermarkProbe {
             seen: probe.clone(),
+            slow_input_ending: Default::default(),
+            marker: Default::default(),
         })
         .for_each(|_| {});
     env.execute("bounded").unwrap();
     // Batches of two: max 1500, then 4000, then 4000: watermarks at
     // max - 500 - 1, not repeated; then the end.
-    assert_eq!(*seen.lock().unwrap(), vec![999, 3499, WATERMARK_END]);
+    let seen: Vec<i64> = seen.lock().unwrap().iter().map(|s| s.0).collect();
+    assert_eq!(seen, vec![999, 3499, WATERMARK_END]);
 }
 
 #[test]

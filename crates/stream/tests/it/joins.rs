@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use sluice_stream::{Either, IntervalJoin, JoinFn, Source, SourceContext, StreamEnv, Windows};
+use sluice_stream::{
+    Either, IntervalJoin, JoinFn, Source, SourceContext, SourceStatus, StreamEnv, Windows,
+};
 
 type Side = (u8, u32);
 /// (key, left id, right id).
@@ -21,7 +23,7 @@ enum Step {
 struct Script(Vec<Step>);
 
 impl Source<Either<Side, Side>> for Script {
-    fn run(&mut self, ctx: &mut SourceContext<'_, Either<Side, Side>>) {
+    fn poll(&mut self, ctx: &mut SourceContext<'_, Either<Side, Side>>) -> SourceStatus {
         for step in &self.0 {
             match *step {
                 Step::Left(k, t, id) => ctx.collect_at(Either::Left((k, id)), t),
@@ -29,6 +31,7 @@ impl Source<Either<Side, Side>> for Script {
                 Step::Watermark(w) => ctx.emit_watermark(w),
             }
         }
+        SourceStatus::Ended
     }
 }
 

@@ -3,6 +3,7 @@
 // A failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
 #![allow(clippy::unwrap_used)]
 
+mod checkpoints;
 mod dataflow;
 mod joins;
 mod process;

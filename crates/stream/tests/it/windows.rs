@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use sluice_stream::{Source, SourceContext, StreamEnv, TimeWindow, Windows};
+use sluice_stream::{Source, SourceContext, SourceStatus, StreamEnv, TimeWindow, Windows};
 
 #[derive(Clone, Debug)]
 enum Step {
@@ -20,13 +20,14 @@ enum Step {
 struct Script(Vec<Step>);
 
 impl Source<(u8, u32)> for Script {
-    fn run(&mut self, ctx: &mut SourceContext<'_, (u8, u32)>) {
+    fn poll(&mut self, ctx: &mut SourceContext<'_, (u8, u32)>) -> SourceStatus {
         for step in &self.0 {
             match *step {
                 Step::Record(key, time, id) => ctx.collect_at((key, id), time),
                 Step::Watermark(w) => ctx.emit_watermark(w),
             }
         }
+        SourceStatus::Ended
     }
 }
 
@@ -219,11 +220,11 @@ fn a_windowed_reduce_sums_each_window() {
     env.set_parallelism(2);
     let out = env
         .from_iter([
-            ("a", 1i64, 0i64),
-            ("a", 2, 5),
-            ("b", 10, 7),
-            ("a", 4, 12),
-            ("b", 20, 19),
+            ('a', 1i64, 0i64),
+            ('a', 2, 5),
+            ('b', 10, 7),
+            ('a', 4, 12),
+            ('b', 20, 19),
         ])
         .assign_timestamps(Duration::ZERO, |(_, _, t)| *t)
         .key_by(|(k, _, _)| *k)
@@ -236,7 +237,7 @@ fn a_windowed_reduce_sums_each_window() {
     got.sort();
     assert_eq!(
         got,
-        vec![("a", 0, 3), ("a", 10, 4), ("b", 0, 10), ("b", 10, 20)]
+        vec![('a', 0, 3), ('a', 10, 4), ('b', 0, 10), ('b', 10, 20)]
     );
 }
 
@@ -244,10 +245,10 @@ fn a_windowed_reduce_sums_each_window() {
 fn sessions_merge_bursts_per_key() {
     let env = StreamEnv::new();
     env.set_parallelism(2);
-    // Key "a": 0, 4 and 13 (gap 5: 4 + 5 = 9 < 13) and a late bridge at 8
-    // that joins them: [0, 18). Key "b": 2 alone: [2, 7).
+    // Key 'a': 0, 4 and 13 (gap 5: 4 + 5 = 9 < 13) and a late bridge at 8
+    // that joins them: [0, 18). Key 'b': 2 alone: [2, 7).
     let out = env
-        .from_iter([("a", 0i64), ("a", 4), ("b", 2), ("a", 13), ("a", 8)])
+        .from_iter([('a', 0i64), ('a', 4), ('b', 2), ('a', 13), ('a', 8)])
         .assign_timestamps(Duration::from_millis(100), |(_, t)| *t)
         .key_by(|(k, _)| *k)
         .window(Windows::session(Duration::from_millis(5)))
@@ -261,7 +262,7 @@ fn sessions_merge_bursts_per_key() {
     env.execute("sessions").unwrap();
     let mut got = out.take();
     got.sort();
-    assert_eq!(got, vec![("a", 0, 18, 4), ("b", 2, 7, 1)]);
+    assert_eq!(got, vec![('a', 0, 18, 4), ('b', 2, 7, 1)]);
 }
 
 #[test]

@@ -1,0 +1,628 @@
+//! Checkpoints: Flink's asynchronous barrier snapshots, aligned.
+//!
+//! - The coordinator (a thread of [`crate::StreamEnv::execute`]) starts
+//!   checkpoint `n` by raising the job's requested id. Each source subtask
+//!   sees it between two polls, writes its position and sends a **barrier**
+//!   `n` after the records it emitted before.
+//! - A subtask with several inputs **aligns**: once input `i` delivered
+//!   barrier `n`, what `i` sends next is held back until every other input
+//!   (that has not ended) delivered `n` too. Then the state of every link of
+//!   its chain reflects exactly the records before the barriers; each link
+//!   writes it, the barrier goes downstream, and the subtask acknowledges.
+//! - When every subtask of the job acknowledged, the coordinator marks the
+//!   checkpoint complete in the store (one atomic step) and tells every
+//!   subtask, so transactional sinks commit what they staged for it.
+//! - A job that starts where its store holds a complete checkpoint restores
+//!   from the latest: sources resume at their positions, operators with
+//!   their state. Keyed state is written per key group, so a restored job may
+//!   run at another parallelism.
+//!
+//! A checkpoint cannot complete once a subtask has ended (it would not
+//! acknowledge): a bounded job's results after its last checkpoint are
+//! committed when the whole job has succeeded.
+
+use std::fs;
+use std::hash::Hash;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::keyed::{key_group_range, KeyedState};
+use crate::StreamError;
+
+/// Checkpoints are numbered from 1, in the order they were started.
+pub type CheckpointId = u64;
+
+/// Where checkpoints are kept (Flink's checkpoint storage). Parts of a
+/// checkpoint are put while it runs; it counts only once `complete` made it
+/// so, and a reader never sees the parts of one that did not complete.
+pub trait CheckpointStore: Send + Sync {
+    /// Stores part `name` of checkpoint `id`, durably before it returns.
+    fn put(&self, id: CheckpointId, name: &str, bytes: &[u8]) -> Result<(), StreamError>;
+    /// Makes checkpoint `id` complete, in one atomic and durable step.
+    fn complete(&self, id: CheckpointId) -> Result<(), StreamError>;
+    /// The latest complete checkpoint.
+    fn latest(&self) -> Result<Option<CheckpointId>, StreamError>;
+    /// The parts of complete checkpoint `id` whose names start with `prefix`.
+    fn parts(&self, id: CheckpointId, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StreamError>;
+    /// Removes every checkpoint but the `keep` latest complete ones, and
+    /// the incomplete ones older than those.
+    fn prune(&self, keep: usize) -> Result<(), StreamError>;
+    /// Removes incomplete checkpoints newer than the latest complete one
+    /// (left by a job that stopped mid-checkpoint); called before a job
+    /// starts.
+    fn discard_incomplete(&self) -> Result<(), StreamError>;
+}
+
+/// Checkpoints in a local directory: `chk-<id>/` holds the parts; the file
+/// `_complete` in it, written last and renamed into place, marks it
+/// complete.
+pub struct LocalDirStore {
+    dir: PathBuf,
+}
+
+const COMPLETE: &str = "_complete";
+
+impl LocalDirStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Result<LocalDirStore, StreamError> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+        Ok(LocalDirStore { dir })
+    }
+
+    fn chk(&self, id: CheckpointId) -> PathBuf {
+        self.dir.join(format!("chk-{id}"))
+    }
+
+    /// Every checkpoint directory, with whether it is complete, oldest first.
+    fn all(&self) -> Result<Vec<(CheckpointId, bool)>, StreamError> {
+        let mut found = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(|e| io_error(&self.dir, e))? {
+            let entry = entry.map_err(|e| io_error(&self.dir, e))?;
+            let name = entry.file_name();
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("chk-"))
+                .and_then(|n| n.parse::<CheckpointId>().ok())
+            else {
+                continue;
+            };
+            found.push((id, entry.path().join(COMPLETE).exists()));
+        }
+        found.sort_unstable();
+        Ok(found)
+    }
+
+    fn remove(&self, id: CheckpointId) -> Result<(), StreamError> {
+        let path = self.chk(id);
+        fs::remove_dir_all(&path).map_err(|e| io_error(&path, e))
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file: fsynced, renamed, the
+/// directory fsynced. A crash leaves the old file or the new one.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), StreamError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = fs::File::create(&tmp).map_err(|e| io_error(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| io_error(&tmp, e))?;
+    f.sync_all().map_err(|e| io_error(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| io_error(path, e))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StreamError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error(dir, e))
+}
+
+pub(crate) fn io_error(path: &Path, e: std::io::Error) -> StreamError {
+    StreamError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl CheckpointStore for LocalDirStore {
+    fn put(&self, id: CheckpointId, name: &str, bytes: &[u8]) -> Result<(), StreamError> {
+        let dir = self.chk(id);
+        fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+        write_durably(&dir.join(name), bytes)
+    }
+
+    fn complete(&self, id: CheckpointId) -> Result<(), StreamError> {
+        let dir = self.chk(id);
+        fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+        write_durably(&dir.join(COMPLETE), format!("checkpoint {id}\n").as_bytes())
+    }
+
+    fn latest(&self) -> Result<Option<CheckpointId>, StreamError> {
+        Ok(self
+            .all()?
+            .into_iter()
+            .rev()
+            .find(|(_, complete)| *complete)
+            .map(|(id, _)| id))
+    }
+
+    fn parts(&self, id: CheckpointId, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StreamError> {
+        let dir = self.chk(id);
+        let mut parts = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| io_error(&dir, e))? {
+            let entry = entry.map_err(|e| io_error(&dir, e))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if name.starts_with(prefix) && name != COMPLETE && !name.ends_with(".tmp") {
+                let bytes = fs::read(entry.path()).map_err(|e| io_error(&entry.path(), e))?;
+                parts.push((name, bytes));
+            }
+        }
+        parts.sort();
+        Ok(parts)
+    }
+
+    fn prune(&self, keep: usize) -> Result<(), StreamError> {
+        let all = self.all()?;
+        let complete: Vec<CheckpointId> =
+            all.iter().filter(|(_, c)| *c).map(|(id, _)| *id).collect();
+        let Some(&oldest_kept) = complete.get(complete.len().saturating_sub(keep.max(1))) else {
+            return Ok(());
+        };
+        for (id, _) in all {
+            if id < oldest_kept {
+                self.remove(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn discard_incomplete(&self) -> Result<(), StreamError> {
+        let latest = self.latest()?.unwrap_or(0);
+        for (id, complete) in self.all()? {
+            if !complete && id > latest {
+                self.remove(id)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a job checkpoints.
+#[derive(Clone)]
+pub(crate) struct CheckpointConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub keep: usize,
+    pub store: Arc<dyn CheckpointStore>,
+}
+
+/// What the subtasks of a running job share about checkpoints.
+pub(crate) struct Coordination {
+    pub config: Option<CheckpointConfig>,
+    /// The latest checkpoint started (0: none).
+    pub requested: AtomicU64,
+    /// The latest checkpoint completed (0: none).
+    pub completed: AtomicU64,
+    /// The checkpoint this run restores from.
+    pub restore: Option<CheckpointId>,
+    acks: Mutex<Sender<CheckpointId>>,
+}
+
+/// A commit a sink left for the end of a successful job.
+pub(crate) type Commit = Box<dyn FnOnce() -> Result<(), StreamError> + Send>;
+
+impl Coordination {
+    pub fn new(
+        config: Option<CheckpointConfig>,
+        restore: Option<CheckpointId>,
+        acks: Sender<CheckpointId>,
+    ) -> Coordination {
+        Coordination {
+            config,
+            requested: AtomicU64::new(restore.unwrap_or(0)),
+            completed: AtomicU64::new(restore.unwrap_or(0)),
+            restore,
+            acks: Mutex::new(acks),
+        }
+    }
+
+    pub fn ack(&self, id: CheckpointId) {
+        if let Ok(tx) = self.acks.lock() {
+            // The coordinator gone means the job is ending: nothing to tell.
+            let _ = tx.send(id);
+        }
+    }
+}
+
+/// Runs checkpoints every `interval` until `done`: starts one, waits for
+/// `tasks` acknowledgements (or the timeout, which abandons it), completes
+/// it in the store.
+pub(crate) fn coordinate(
+    shared: &Coordination,
+    config: &CheckpointConfig,
+    tasks: usize,
+    acks: &Receiver<CheckpointId>,
+    done: &AtomicBool,
+) -> Result<(), StreamError> {
+    let tick = Duration::from_millis(5).min(config.interval);
+    let mut next_start = Instant::now() + config.interval;
+    loop {
+        while Instant::now() < next_start {
+            if done.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            std::thread::sleep(tick);
+        }
+        let id = shared.requested.load(Ordering::SeqCst) + 1;
+        shared.requested.store(id, Ordering::SeqCst);
+        let deadline = Instant::now() + config.timeout;
+        let mut acked = 0;
+        while acked < tasks {
+            if done.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            match acks.recv_timeout(tick) {
+                Ok(a) if a == id => acked += 1,
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        if acked == tasks {
+            config.store.complete(id)?;
+            shared.completed.store(id, Ordering::SeqCst);
+            config.store.prune(config.keep)?;
+        }
+        next_start = Instant::now() + config.interval;
+    }
+}
+
+/// One link's state in a checkpoint: named entries, keyed ones cut by key
+/// group.
+#[derive(Serialize, Deserialize, Default)]
+struct LinkState {
+    subtask: u32,
+    parallelism: u32,
+    entries: Vec<Entry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    name: String,
+    group: Option<u32>,
+    bytes: Vec<u8>,
+}
+
+fn encode<V: Serialize + ?Sized>(v: &V) -> Result<Vec<u8>, StreamError> {
+    postcard::to_allocvec(v).map_err(|e| StreamError::State(format!("cannot encode state: {e}")))
+}
+
+fn decode<V: DeserializeOwned>(bytes: &[u8]) -> Result<V, StreamError> {
+    postcard::from_bytes(bytes).map_err(|e| StreamError::State(format!("cannot decode state: {e}")))
+}
+
+/// Where an operator writes its state when a checkpoint passes it.
+pub struct StateWriter {
+    state: LinkState,
+    failed: Option<StreamError>,
+}
+
+impl StateWriter {
+    /// Keyed state, written per key group (restorable at any parallelism).
+    pub fn keyed<K, V>(&mut self, name: &str, state: &KeyedState<K, V>)
+    where
+        K: Hash + Eq + Serialize,
+        V: Serialize,
+    {
+        for (group, entries) in state.groups() {
+            let pairs: Vec<(&K, &V)> = entries.iter().collect();
+            if pairs.is_empty() {
+                continue;
+            }
+            self.put(name, Some(group as u32), &pairs);
+        }
+    }
+
+    /// A value of this subtask (operator state, such as a source's position).
+    pub fn value<V: Serialize>(&mut self, name: &str, value: &V) {
+        self.put(name, None, value);
+    }
+
+    fn put<V: Serialize + ?Sized>(&mut self, name: &str, group: Option<u32>, value: &V) {
+        if self.failed.is_some() {
+            return;
+        }
+        match encode(value) {
+            Ok(bytes) => self.state.entries.push(Entry {
+                name: name.to_owned(),
+                group,
+                bytes,
+            }),
+            Err(e) => self.failed = Some(e),
+        }
+    }
+}
+
+/// What an operator restores from: the state every subtask of the run that
+/// took the checkpoint wrote for it.
+pub struct StateReader {
+    subtask: usize,
+    parallelism: usize,
+    max_parallelism: usize,
+    previous_parallelism: usize,
+    parts: Vec<LinkState>,
+}
+
+impl StateReader {
+    /// Restores keyed state: the entries of the key groups this subtask
+    /// owns, whichever subtask wrote them.
+    pub fn keyed<K, V>(&self, name: &str, into: &mut KeyedState<K, V>) -> Result<(), StreamError>
+    where
+        K: Hash + Eq + DeserializeOwned,
+        V: DeserializeOwned,
+    {
+        let mine = key_group_range(self.subtask, self.parallelism, self.max_parallelism);
+        for part in &self.parts {
+            for e in &part.entries {
+                match e.group {
+                    Some(g) if e.name == name && mine.contains(&(g as usize)) => {
+                        for (k, v) in decode::<Vec<(K, V)>>(&e.bytes)? {
+                            into.insert(k, v);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The values named `name` of every subtask that wrote one, with the
+    /// number of that subtask (in the run that took the checkpoint).
+    pub fn values<V: DeserializeOwned>(&self, name: &str) -> Result<Vec<(usize, V)>, StreamError> {
+        let mut out = Vec::new();
+        for part in &self.parts {
+            for e in &part.entries {
+                if e.group.is_none() && e.name == name {
+                    out.push((part.subtask as usize, decode(&e.bytes)?));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The value this subtask wrote under `name`, when the job runs at the
+    /// parallelism it had; an error when that changed (the operator cannot
+    /// split its state).
+    pub fn own<V: DeserializeOwned>(&self, name: &str) -> Result<Option<V>, StreamError> {
+        if self.previous_parallelism != self.parallelism {
+            return Err(StreamError::State(format!(
+                "'{name}' was written at parallelism {} and cannot be restored at {}",
+                self.previous_parallelism, self.parallelism
+            )));
+        }
+        Ok(self
+            .values(name)?
+            .into_iter()
+            .find(|(s, _)| *s == self.subtask)
+            .map(|(_, v)| v))
+    }
+
+    /// This subtask's number and the parallelism it runs at now.
+    pub fn subtask(&self) -> (usize, usize) {
+        (self.subtask, self.parallelism)
+    }
+
+    /// The parallelism of the run that took the checkpoint.
+    pub fn previous_parallelism(&self) -> usize {
+        self.previous_parallelism
+    }
+}
+
+/// Names a link's part in a checkpoint: stage, position in the chain, subtask.
+fn part_prefix(stage: usize, link: usize) -> String {
+    format!("s{stage}.l{link}.")
+}
+
+/// The subtask's side of a checkpoint or a restore, passed down its chain:
+/// each link takes the next link number.
+pub(crate) struct Cursor<'a> {
+    pub id: CheckpointId,
+    store: &'a dyn CheckpointStore,
+    stage: usize,
+    info: crate::SubtaskInfo,
+    link: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(
+        id: CheckpointId,
+        store: &'a dyn CheckpointStore,
+        stage: usize,
+        info: crate::SubtaskInfo,
+    ) -> Cursor<'a> {
+        Cursor {
+            id,
+            store,
+            stage,
+            info,
+            link: 0,
+        }
+    }
+
+    /// The subtask the cursor runs in.
+    pub fn subtask_info(&self) -> crate::SubtaskInfo {
+        self.info
+    }
+
+    /// A link with no state: it takes its number.
+    pub fn skip(&mut self) {
+        self.link += 1;
+    }
+
+    /// A writer for the next link's state.
+    pub fn writer(&self) -> StateWriter {
+        StateWriter {
+            state: LinkState {
+                subtask: self.info.index as u32,
+                parallelism: self.info.parallelism as u32,
+                entries: Vec::new(),
+            },
+            failed: None,
+        }
+    }
+
+    /// Stores what the next link wrote.
+    pub fn put(&mut self, w: StateWriter) -> Result<(), StreamError> {
+        let link = self.link;
+        self.link += 1;
+        if let Some(e) = w.failed {
+            return Err(e);
+        }
+        if w.state.entries.is_empty() {
+            return Ok(());
+        }
+        let name = format!("{}{}", part_prefix(self.stage, link), self.info.index);
+        self.store.put(self.id, &name, &encode(&w.state)?)
+    }
+
+    /// What the next link wrote in the checkpoint, from every subtask.
+    pub fn reader(&mut self) -> Result<StateReader, StreamError> {
+        let link = self.link;
+        self.link += 1;
+        let mut parts = Vec::new();
+        let mut previous_parallelism = self.info.parallelism;
+        for (_, bytes) in self.store.parts(self.id, &part_prefix(self.stage, link))? {
+            let part: LinkState = decode(&bytes)?;
+            previous_parallelism = part.parallelism as usize;
+            parts.push(part);
+        }
+        Ok(StateReader {
+            subtask: self.info.index,
+            parallelism: self.info.parallelism,
+            max_parallelism: self.info.max_parallelism,
+            previous_parallelism,
+            parts,
+        })
+    }
+}
+
+/// Decodes parts for tests of the format.
+#[cfg(test)]
+pub(crate) fn entry_names(bytes: &[u8]) -> Vec<String> {
+    decode::<LinkState>(bytes)
+        .map(|s| s.entries.into_iter().map(|e| e.name).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "sluice-stream-{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn only_complete_checkpoints_count() {
+        let dir = tempdir("store");
+        let store = LocalDirStore::new(&dir).unwrap();
+        assert_eq!(store.latest().unwrap(), None);
+        store.put(1, "s0.l0.0", b"a").unwrap();
+        assert_eq!(store.latest().unwrap(), None, "no _complete yet");
+        store.complete(1).unwrap();
+        store.put(2, "s0.l0.0", b"b").unwrap();
+        assert_eq!(store.latest().unwrap(), Some(1));
+        assert_eq!(
+            store.parts(1, "s0.l0.").unwrap(),
+            vec![("s0.l0.0".to_owned(), b"a".to_vec())]
+        );
+        store.discard_incomplete().unwrap();
+        assert!(!dir.join("chk-2").exists());
+        for id in 2..=5 {
+            store.put(id, "s0.l0.0", b"x").unwrap();
+            store.complete(id).unwrap();
+        }
+        store.put(6, "s0.l0.0", b"y").unwrap();
+        store.prune(2).unwrap();
+        let left: Vec<_> = store.all().unwrap();
+        assert_eq!(left, vec![(4, true), (5, true), (6, false)]);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn keyed_state_moves_by_key_group_to_another_parallelism() {
+        let dir = tempdir("rescale");
+        let store = LocalDirStore::new(&dir).unwrap();
+        let max = 16;
+        let keys: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
+        // Written by 3 subtasks...
+        for s in 0..3 {
+            let info = crate::SubtaskInfo {
+                index: s,
+                parallelism: 3,
+                max_parallelism: max,
+            };
+            let mut state: KeyedState<String, u32> = KeyedState::new(s, 3, max);
+            for (i, k) in keys.iter().enumerate() {
+                if key_group_range(s, 3, max).contains(&crate::key_group_of(k, max)) {
+                    state.insert(k.clone(), i as u32);
+                }
+            }
+            let mut c = Cursor::new(1, &store, 0, info);
+            c.skip();
+            let mut w = c.writer();
+            w.keyed("counts", &state);
+            w.value("position", &(s as u64 * 10));
+            c.put(w).unwrap();
+            let names = entry_names(&store.parts(1, "s0.l1.").unwrap()[0].1);
+            assert!(names.iter().any(|n| n == "position"));
+        }
+        store.complete(1).unwrap();
+        // ...restored by 2: every key once, in the subtask that owns it.
+        let mut seen = 0;
+        for s in 0..2 {
+            let info = crate::SubtaskInfo {
+                index: s,
+                parallelism: 2,
+                max_parallelism: max,
+            };
+            let mut c = Cursor::new(1, &store, 0, info);
+            c.skip();
+            let r = c.reader().unwrap();
+            assert_eq!(r.previous_parallelism(), 3);
+            let mut state: KeyedState<String, u32> = KeyedState::new(s, 2, max);
+            r.keyed("counts", &mut state).unwrap();
+            for (i, k) in keys.iter().enumerate() {
+                let owned = key_group_range(s, 2, max).contains(&crate::key_group_of(k, max));
+                assert_eq!(state.get(k).copied(), owned.then_some(i as u32), "{k}");
+            }
+            seen += state.len();
+            let mut positions = r.values::<u64>("position").unwrap();
+            positions.sort_unstable();
+            assert_eq!(positions, vec![(0, 0), (1, 10), (2, 20)]);
+            assert!(r.own::<u64>("position").is_err());
+        }
+        assert_eq!(seen, keys.len());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
