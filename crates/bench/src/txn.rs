@@ -3,31 +3,21 @@
 //! the conversation with the transaction coordinator (FindCoordinator,
 //! InitProducerId, AddPartitionsToTxn, EndTxn), as a Kafka client holds it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic;
-use kafka_protocol::messages::{
-    AddPartitionsToTxnRequest, ApiKey, EndTxnRequest, FindCoordinatorRequest,
-    InitProducerIdRequest, ProducerId, TransactionalId,
-};
+use kafka_protocol::messages::{AddPartitionsToTxnRequest, ApiKey, ProducerId, TransactionalId};
 use kafka_protocol::protocol::StrBytes;
+use sluice_client::txn::{self, ProducerIdentity, Retry};
 use sluice_client::Connection;
-use sluice_vocab::ErrorCode;
 
 use crate::cluster::{self, topic_name, Cluster};
 use crate::BenchError;
 
-/// How long a coordinator may keep answering with retriable errors (it is
-/// being created or loaded, or the previous transaction is still writing its
-/// markers) before the run gives up.
-const RETRY_FOR: Duration = Duration::from_secs(30);
-const RETRY_BACKOFF: Duration = Duration::from_millis(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// What the benchmark's transactions ask for as `transaction.timeout.ms`
 /// (the Java producer's default).
 const TRANSACTION_TIMEOUT_MS: i32 = 60_000;
-/// FindCoordinator's key type for transactional ids.
-const TRANSACTION_KEY: i8 = 1;
 
 /// What a producer stamps on its batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +51,6 @@ struct Coordinator {
     conn: Connection,
     transactional_id: TransactionalId,
     add_version: i16,
-    end_version: i16,
 }
 
 impl Identity {
@@ -69,7 +58,8 @@ impl Identity {
     pub(crate) async fn idempotent(cluster: &Cluster) -> Result<Identity, BenchError> {
         let node = cluster.leaders.first().copied().unwrap_or_default();
         let mut conn = cluster::connect(cluster.address(node)?).await?;
-        let (producer_id, epoch) = init_producer_id(&mut conn, None).await?;
+        let ProducerIdentity { producer_id, epoch } =
+            txn::init_producer_id(&mut conn, None, TRANSACTION_TIMEOUT_MS).await?;
         Ok(Identity {
             producer_id,
             epoch,
@@ -86,13 +76,14 @@ impl Identity {
     ) -> Result<Identity, BenchError> {
         let node = cluster.leaders.first().copied().unwrap_or_default();
         let mut any = cluster::connect(cluster.address(node)?).await?;
-        let addr = find_coordinator(&mut any, transactional_id).await?;
+        let addr = txn::find_coordinator(&mut any, transactional_id).await?;
         drop(any);
         let mut conn = cluster::connect(&addr).await?;
         let id = TransactionalId(StrBytes::from_string(transactional_id.to_owned()));
-        let (producer_id, epoch) = init_producer_id(&mut conn, Some(id.clone())).await?;
+        let ProducerIdentity { producer_id, epoch } =
+            txn::init_producer_id(&mut conn, Some(transactional_id), TRANSACTION_TIMEOUT_MS)
+                .await?;
         let add_version = conn.versions().pick(ApiKey::AddPartitionsToTxn, 0, 3)?;
-        let end_version = conn.versions().pick(ApiKey::EndTxn, 0, 3)?;
         Ok(Identity {
             producer_id,
             epoch,
@@ -101,7 +92,6 @@ impl Identity {
                 conn,
                 transactional_id: id,
                 add_version,
-                end_version,
             }),
         })
     }
@@ -166,91 +156,11 @@ impl Identity {
         let Some(c) = self.transactional.as_mut() else {
             return Ok(());
         };
-        let req = EndTxnRequest::default()
-            .with_transactional_id(c.transactional_id.clone())
-            .with_producer_id(ProducerId(self.producer_id))
-            .with_producer_epoch(self.epoch)
-            .with_committed(true);
-        let retry = Retry::new("EndTxn");
-        loop {
-            let resp = c
-                .conn
-                .call_within(&req, c.end_version, REQUEST_TIMEOUT)
-                .await?;
-            if retry.done(resp.error_code).await? {
-                return Ok(());
-            }
-        }
-    }
-}
-
-/// Retries what a Kafka client retries (plus CONCURRENT_TRANSACTIONS, which
-/// a producer retries while the previous transaction's markers are being
-/// written), for at most [`RETRY_FOR`].
-struct Retry {
-    what: &'static str,
-    deadline: Instant,
-}
-
-impl Retry {
-    fn new(what: &'static str) -> Retry {
-        Retry {
-            what,
-            deadline: Instant::now() + RETRY_FOR,
-        }
-    }
-
-    /// Ok(true) when the answer was a success, Ok(false) after a backoff
-    /// when the request should be sent again.
-    async fn done(&self, answer: i16) -> Result<bool, BenchError> {
-        let Err(code) = ErrorCode::check(answer) else {
-            return Ok(true);
+        let producer = ProducerIdentity {
+            producer_id: self.producer_id,
+            epoch: self.epoch,
         };
-        let again = code.is_retriable() || code == ErrorCode::ConcurrentTransactions;
-        if !again || Instant::now() >= self.deadline {
-            return Err(BenchError::Broker {
-                what: self.what.to_owned(),
-                code,
-            });
-        }
-        tokio::time::sleep(RETRY_BACKOFF).await;
-        Ok(false)
-    }
-}
-
-async fn find_coordinator(
-    conn: &mut Connection,
-    transactional_id: &str,
-) -> Result<String, BenchError> {
-    // v1-v3 name one key; v4 batches them.
-    let version = conn.versions().pick(ApiKey::FindCoordinator, 1, 3)?;
-    let req = FindCoordinatorRequest::default()
-        .with_key(StrBytes::from_string(transactional_id.to_owned()))
-        .with_key_type(TRANSACTION_KEY);
-    let retry = Retry::new("FindCoordinator");
-    loop {
-        let resp = conn.call_within(&req, version, REQUEST_TIMEOUT).await?;
-        if retry.done(resp.error_code).await? {
-            return Ok(format!("{}:{}", resp.host.as_str(), resp.port));
-        }
-    }
-}
-
-async fn init_producer_id(
-    conn: &mut Connection,
-    transactional_id: Option<TransactionalId>,
-) -> Result<(i64, i16), BenchError> {
-    let version = conn.versions().pick(ApiKey::InitProducerId, 0, 4)?;
-    let req = InitProducerIdRequest::default()
-        .with_transactional_id(transactional_id)
-        .with_transaction_timeout_ms(TRANSACTION_TIMEOUT_MS)
-        .with_producer_id(ProducerId(-1))
-        .with_producer_epoch(-1);
-    let retry = Retry::new("InitProducerId");
-    loop {
-        let resp = conn.call_within(&req, version, REQUEST_TIMEOUT).await?;
-        if retry.done(resp.error_code).await? {
-            return Ok((resp.producer_id.0, resp.producer_epoch));
-        }
+        txn::end_txn(&mut c.conn, c.transactional_id.0.as_str(), producer, true).await?;
+        Ok(())
     }
 }

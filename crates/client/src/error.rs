@@ -48,6 +48,15 @@ pub enum ClientError {
     /// The broker answered the ApiVersions handshake with an error.
     #[error("the broker answered ApiVersions with {0}")]
     Handshake(ErrorCode),
+    /// The broker refused a request, or kept answering with a retriable
+    /// error past the retry limit.
+    #[error("{what}: the broker answered {code}")]
+    Broker {
+        /// The request.
+        what: &'static str,
+        /// Its error code.
+        code: ErrorCode,
+    },
 }
 
 /// How the bytes received (or about to be sent) break the protocol.

@@ -69,6 +69,7 @@
 mod connection;
 mod error;
 mod frame;
+pub mod txn;
 mod versions;
 
 pub use connection::{Connection, ReadHalf, WriteHalf};

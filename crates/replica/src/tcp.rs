@@ -76,9 +76,10 @@ fn transport_error(e: ClientError) -> TransportError {
         ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Timeout { .. } => {
             TransportError::Io(e.to_string())
         }
-        ClientError::Protocol(_) | ClientError::Unsupported { .. } | ClientError::Handshake(_) => {
-            TransportError::Protocol(e.to_string())
-        }
+        ClientError::Protocol(_)
+        | ClientError::Unsupported { .. }
+        | ClientError::Handshake(_)
+        | ClientError::Broker { .. } => TransportError::Protocol(e.to_string()),
     }
 }
 
