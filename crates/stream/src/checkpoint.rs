@@ -196,6 +196,46 @@ impl CheckpointStore for LocalDirStore {
     }
 }
 
+/// The id under which subtasks write their state when they end; the job
+/// gives the final checkpoint its real id once every subtask has ended.
+pub(crate) const FINAL: CheckpointId = CheckpointId::MAX;
+
+/// Parts held in memory: the final checkpoint's, written to the store as
+/// one checkpoint when the whole job has succeeded.
+#[derive(Default)]
+pub(crate) struct FinalParts(Mutex<Vec<(String, Vec<u8>)>>);
+
+impl FinalParts {
+    pub fn take(&self) -> Vec<(String, Vec<u8>)> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl CheckpointStore for FinalParts {
+    fn put(&self, _: CheckpointId, name: &str, bytes: &[u8]) -> Result<(), StreamError> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name.to_owned(), bytes.to_vec()));
+        Ok(())
+    }
+    fn complete(&self, _: CheckpointId) -> Result<(), StreamError> {
+        Ok(())
+    }
+    fn latest(&self) -> Result<Option<CheckpointId>, StreamError> {
+        Ok(None)
+    }
+    fn parts(&self, _: CheckpointId, _: &str) -> Result<Vec<(String, Vec<u8>)>, StreamError> {
+        Ok(Vec::new())
+    }
+    fn prune(&self, _: usize) -> Result<(), StreamError> {
+        Ok(())
+    }
+    fn discard_incomplete(&self) -> Result<(), StreamError> {
+        Ok(())
+    }
+}
+
 /// How a job checkpoints.
 #[derive(Clone)]
 pub(crate) struct CheckpointConfig {
@@ -215,6 +255,8 @@ pub(crate) struct Coordination {
     /// The checkpoint this run restores from.
     pub restore: Option<CheckpointId>,
     acks: Mutex<Sender<CheckpointId>>,
+    /// What subtasks that ended wrote for the final checkpoint.
+    pub final_parts: FinalParts,
 }
 
 /// A commit a sink left for the end of a successful job.
@@ -232,6 +274,7 @@ impl Coordination {
             completed: AtomicU64::new(restore.unwrap_or(0)),
             restore,
             acks: Mutex::new(acks),
+            final_parts: FinalParts::default(),
         }
     }
 
@@ -459,6 +502,12 @@ impl<'a> Cursor<'a> {
             info,
             link: 0,
         }
+    }
+
+    /// Whether this is the final checkpoint, taken as a subtask ends: no
+    /// barrier goes downstream (the subtasks there ended or end too).
+    pub fn is_final(&self) -> bool {
+        self.id == FINAL
     }
 
     /// The subtask the cursor runs in.

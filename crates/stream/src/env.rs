@@ -34,6 +34,27 @@ impl TaskRuntime {
         ))
     }
 
+    /// A cursor over the final checkpoint, which this subtask writes as it
+    /// ends (when the job checkpoints).
+    pub fn final_cursor(&self) -> Option<checkpoint::Cursor<'_>> {
+        self.shared.config.as_ref()?;
+        Some(checkpoint::Cursor::new(
+            checkpoint::FINAL,
+            &self.shared.final_parts,
+            self.stage,
+            self.info,
+        ))
+    }
+
+    /// The subtask's chain ended: every link writes its last state into
+    /// the final checkpoint.
+    pub fn final_checkpoint<T>(&self, out: &mut dyn Output<T>) -> Result<(), StreamError> {
+        match self.final_cursor() {
+            Some(mut cp) => out.barrier(&mut cp),
+            None => Ok(()),
+        }
+    }
+
     /// The checkpoint this run restores from, if any.
     pub fn restoring(&self) -> Option<CheckpointId> {
         self.shared.restore
@@ -394,8 +415,21 @@ impl StreamEnv {
         match first_cause.or(if errors.is_empty() { None } else { Some(0) }) {
             Some(i) => Err(errors.swap_remove(i)),
             None => {
-                // Every subtask ended well: what sinks staged after the last
-                // checkpoint is theirs to commit now.
+                // Every subtask ended well. The final checkpoint records
+                // where they ended (sources at their end, sinks' last
+                // transactions pre-committed): a run started again from it
+                // has nothing to repeat. Then what sinks staged after the
+                // last checkpoint is committed (a crash in between: the
+                // restore commits it).
+                if let Some(c) = &config {
+                    let latest = c.store.latest()?.unwrap_or(0);
+                    let id = shared.requested.load(Ordering::SeqCst).max(latest) + 1;
+                    for (name, bytes) in shared.final_parts.take() {
+                        c.store.put(id, &name, &bytes)?;
+                    }
+                    c.store.complete(id)?;
+                    c.store.prune(c.keep)?;
+                }
                 for commit in commits {
                     commit()?;
                 }

@@ -121,6 +121,9 @@ impl<T: Send> Output<T> for ExchangeSender<T> {
     }
 
     fn barrier(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
+        if cp.is_final() {
+            return Ok(());
+        }
         let id = cp.id;
         self.broadcast(|| Message::Barrier(id))
     }
@@ -253,5 +256,6 @@ pub(crate) fn receive<T: Send>(
             }
         }
     }
-    out.finish()
+    out.finish()?;
+    rt.final_checkpoint(out.as_mut())
 }

@@ -40,6 +40,8 @@ pub(crate) struct FileSink {
     /// Leftovers of earlier runs were dealt with.
     started: bool,
     on_success: SuccessCommits,
+    /// Files staged when the input ended, for the final checkpoint.
+    final_pending: Vec<String>,
     line: Vec<u8>,
 }
 
@@ -85,6 +87,7 @@ impl FileSink {
             pending: Vec::new(),
             started: false,
             on_success,
+            final_pending: Vec::new(),
             line: Vec::new(),
         }
     }
@@ -180,6 +183,7 @@ impl<T: Display> Output<T> for FileSink {
         self.start()?;
         let mut staged: Vec<String> = self.pending.drain(..).map(|(_, n)| n).collect();
         staged.extend(self.close()?);
+        self.final_pending = staged.clone();
         let dir = self.dir.clone();
         let commit: Commit = Box::new(move || {
             for name in &staged {
@@ -200,7 +204,11 @@ impl<T: Display> Output<T> for FileSink {
             self.pending.push((cp.id, name));
         }
         let mut w = cp.writer();
-        let names: Vec<&String> = self.pending.iter().map(|(_, n)| n).collect();
+        let names: Vec<&String> = if cp.is_final() {
+            self.final_pending.iter().collect()
+        } else {
+            self.pending.iter().map(|(_, n)| n).collect()
+        };
         w.value("pending", &names);
         cp.put(w)
     }

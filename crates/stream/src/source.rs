@@ -133,6 +133,11 @@ impl<'a, T> SourceContext<'a, T> {
         self.failed.is_some()
     }
 
+    /// Fails the job with `error` (the source then returns).
+    pub fn fail(&mut self, error: StreamError) {
+        self.failed.get_or_insert(error);
+    }
+
     pub fn subtask(&self) -> SubtaskInfo {
         self.info
     }
@@ -288,5 +293,12 @@ pub(crate) fn run_source<T, S: Source<T>>(
             break;
         }
     }
-    ctx.end()
+    ctx.end()?;
+    if let Some(mut cp) = rt.final_cursor() {
+        let mut w = cp.writer();
+        source.snapshot(&mut w);
+        cp.put(w)?;
+        out.barrier(&mut cp)?;
+    }
+    Ok(())
 }

@@ -219,6 +219,16 @@ fn run_until_done(shape: Shape, splits: u32, len: u64, attempts: &[(usize, u64)]
         expected(shape, splits, len),
         "committed output differs from a failure-free run"
     );
+    // Run again: it restores the final checkpoint, where every source had
+    // ended, and writes nothing more.
+    let env = job(shape, last, splits, len, &chk, &out, None);
+    env.execute("checkpointed").unwrap();
+    assert!(env.restored_checkpoint().is_some());
+    assert_eq!(
+        committed(&out),
+        expected(shape, splits, len),
+        "a finished job ran again"
+    );
     let _ = std::fs::remove_dir_all(&base);
     restored
 }
