@@ -190,7 +190,9 @@ for s in "${STEPS[@]}"; do
     docs) step docs 1m bash scripts/supported-apis.sh --check ;;
     fmt) step fmt 5m cargo fmt --all -- --check ;;
     clippy) step clippy 40m cargo clippy --workspace --all-targets -- -D warnings ;;
-    build) step build 40m cargo build --release -p sluice ;;
+    # The broker, and the stream engine's example jobs (the golden
+    # exactly-once test in tests/interop runs topic_window_count).
+    build) step build 40m cargo build --release -p sluice -p sluice-stream --bins --examples ;;
     unit) step unit 40m bash "$ROOT/scripts/test.sh" --inner unit ;;
     # interop-librdkafka: librdkafka's own idempotence and transaction tests
     # against a local three-node cluster; builds librdkafka's test-runner once

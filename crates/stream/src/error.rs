@@ -30,6 +30,9 @@ pub enum StreamError {
     /// State could not be written to or restored from a checkpoint.
     #[error("state: {0}")]
     State(String),
+    /// A topic source or sink failed (the cluster refused, or did not answer).
+    #[error("kafka: {0}")]
+    Kafka(String),
     /// A subtask's thread could not be started.
     #[error("could not start a thread for stage '{stage}': {message}")]
     Spawn { stage: String, message: String },

@@ -49,6 +49,7 @@ mod env;
 mod error;
 mod exchange;
 mod join;
+pub mod kafka;
 mod keyed;
 pub mod nexmark;
 mod operator;

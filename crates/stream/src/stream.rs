@@ -76,6 +76,18 @@ impl StreamEnv {
         }
     }
 
+    /// The records of a topic, read by the job's parallelism of subtasks
+    /// (see [`crate::kafka`]).
+    pub fn kafka_source(
+        &self,
+        source: crate::kafka::KafkaSource,
+    ) -> DataStream<crate::kafka::KafkaRecord> {
+        let parallelism = self.parallelism();
+        self.add_source("kafka", parallelism, move |info| {
+            crate::kafka::KafkaReader::new(source.clone(), info)
+        })
+    }
+
     /// The items of `items`, in order, from one subtask (Flink's
     /// `fromCollection`).
     pub fn from_iter<I>(&self, items: I) -> DataStream<I::Item>
@@ -326,6 +338,24 @@ impl<T: Send + 'static> DataStream<T> {
         self.sink("files", move |info| {
             Box::new(crate::sink::FileSink::new(
                 dir.clone(),
+                info,
+                commits.clone(),
+            ))
+        });
+    }
+
+    /// Writes every value to a topic as the record `serialize` makes of it,
+    /// at least or exactly once (see [`crate::kafka`]).
+    pub fn sink_to_kafka<F>(self, sink: crate::kafka::KafkaSink, serialize: F)
+    where
+        F: Fn(&T) -> crate::kafka::KafkaOutput + Send + Sync + 'static,
+    {
+        let serialize: Arc<crate::kafka::Serializer<T>> = Arc::new(serialize);
+        let commits = self.env.success_commits();
+        self.sink("kafka", move |info| {
+            Box::new(crate::kafka::KafkaWriter::new(
+                sink.clone(),
+                serialize.clone(),
                 info,
                 commits.clone(),
             ))

@@ -1,0 +1,204 @@
+"""The event-processing engine's golden exactly-once test: a job reading a
+topic and writing per-key window counts to a topic
+(`crates/stream/examples/topic_window_count.rs`, checkpoints in a local
+directory, a transactional Kafka sink) is killed with SIGKILL at random
+points and started again several times, once at another parallelism. What a
+read_committed consumer then reads from the output topic must equal the
+failure-free result exactly: every window of every key once, with its full
+count. A second test checks the same job's output without failures, and that
+read_uncommitted readers see nothing twice either once the job is done.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from conftest import sluice_bin
+from kutil import unique
+from test_transactions import create, read
+
+WINDOW_MS = 100
+KEYS = [f"key-{k}" for k in range(40)]
+RECORDS = 60_000
+# Event times an hour back: far older ones would fall to the topics'
+# retention (7 days by record timestamp) while the test runs.
+BASE_TIME = (int(time.time()) - 3600) * 1000
+
+
+def job_binary():
+    path = Path(os.environ.get("SLUICE_STREAM_JOB", Path(sluice_bin()).parent / "examples" / "topic_window_count"))
+    if not path.exists():
+        pytest.skip(f"no job binary at {path} (the build step makes it)")
+    return str(path)
+
+
+def produce_input(bootstrap, topic):
+    """Record i: key KEYS[i % 40], event time BASE + i ms; each partition
+    gets its records in time order, so none is late."""
+    p = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5, "enable.idempotence": True})
+    for i in range(RECORDS):
+        key = KEYS[(i * 7) % len(KEYS)]
+        p.produce(topic, key=key, value=str(i), timestamp=BASE_TIME + i)
+        if i % 10_000 == 0:
+            p.poll(0)
+    assert p.flush(60) == 0
+
+
+def expected_counts():
+    counts = Counter()
+    for i in range(RECORDS):
+        key = KEYS[(i * 7) % len(KEYS)]
+        t = BASE_TIME + i
+        counts[(key, t - t % WINDOW_MS)] += 1
+    return sorted(f"{k}|{start},{n}" for (k, start), n in counts.items())
+
+
+def read_output(bootstrap, topic, isolation, expect):
+    from confluent_kafka import Consumer
+    import uuid
+
+    c = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": uuid.uuid4().hex,
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+        "isolation.level": isolation,
+    })
+    c.subscribe([topic])
+    got = []
+    deadline = time.monotonic() + 90
+    quiet = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            m = c.poll(0.2)
+            if m is None:
+                if len(got) >= expect and time.monotonic() - quiet > 3:
+                    break
+                continue
+            if m.error():
+                continue
+            got.append(f"{m.key().decode()}|{m.value().decode()}")
+            quiet = time.monotonic()
+    finally:
+        c.close()
+    return sorted(got)
+
+
+def start_job(bootstrap, src, out, checkpoints, parallelism, log):
+    args = [
+        job_binary(),
+        "--bootstrap", bootstrap,
+        "--input", src,
+        "--output", out,
+        "--checkpoints", str(checkpoints),
+        "--window-ms", str(WINDOW_MS),
+        "--parallelism", str(parallelism),
+        "--checkpoint-ms", "150",
+        "--pause-every", "3",
+        "--transactional-id-prefix", out,
+        "--bounded",
+    ]
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+
+def latest_complete(checkpoints):
+    ids = [int(p.parent.name[4:]) for p in Path(checkpoints).glob("chk-*/_complete")]
+    return max(ids, default=0)
+
+
+def kill_when_checkpoint_completes(job, checkpoints, after, timeout=60.0):
+    """SIGKILLs `job` the moment checkpoint `after` is complete in the
+    store: before its sinks have committed what they pre-committed for it,
+    more often than not, so the next run must commit those transactions."""
+    want = f"chk-{after}/_complete"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and job.poll() is None:
+        if (Path(checkpoints) / want).exists():
+            job.send_signal(signal.SIGKILL)
+            return True
+    return False
+
+
+def test_killed_and_restored_job_writes_exactly_the_failure_free_output(broker, tmp_path):
+    src, out = unique("clicks"), unique("counts")
+    create(broker.bootstrap, src, partitions=3)
+    create(broker.bootstrap, out, partitions=2)
+    produce_input(broker.bootstrap, src)
+    checkpoints = tmp_path / "checkpoints"
+    log_path = tmp_path / "job.log"
+    rng = random.Random(int(os.environ.get("SLUICE_STREAM_SEED", "7")))
+    # Runs killed with SIGKILL at random times, the second at another
+    # parallelism, one the moment a checkpoint completes; then one to the end.
+    plan = [
+        (2, rng.uniform(1.0, 2.5)),
+        (3, rng.uniform(1.0, 2.5)),
+        (2, "at a checkpoint"),
+        (2, rng.uniform(0.5, 1.5)),
+        (2, None),
+    ]
+    killed = 0
+    with open(log_path, "w") as log:
+        for parallelism, kill_after in plan:
+            first = latest_complete(checkpoints) if checkpoints.exists() else 0
+            job = start_job(broker.bootstrap, src, out, checkpoints, parallelism, log)
+            try:
+                if kill_after is None:
+                    assert job.wait(180) == 0, f"the last run failed; log:\n{log_path.read_text()[-4000:]}"
+                    continue
+                if kill_after == "at a checkpoint":
+                    if kill_when_checkpoint_completes(job, checkpoints, first + 3):
+                        job.wait(30)
+                        killed += 1
+                    else:
+                        assert job.wait(30) == 0, log_path.read_text()[-4000:]
+                    continue
+                try:
+                    # A run that ends before its kill is fine: the next one
+                    # restores from the final checkpoint and has nothing to do.
+                    assert job.wait(kill_after) == 0, log_path.read_text()[-4000:]
+                except subprocess.TimeoutExpired:
+                    job.send_signal(signal.SIGKILL)
+                    job.wait(30)
+                    killed += 1
+            finally:
+                if job.poll() is None:
+                    job.kill()
+                    job.wait(30)
+    text = log_path.read_text()
+    restores = text.count("restoring from checkpoint")
+    assert killed >= 3, f"runs ended before their kill; log:\n{text[-4000:]}"
+    assert restores >= len(plan) - 1, f"runs after the first did not restore; log:\n{text[-4000:]}"
+    want = expected_counts()
+    got = read_output(broker.bootstrap, out, "read_committed", expect=len(want))
+    dupes = [k for k, n in Counter(got).items() if n > 1]
+    assert not dupes, f"{len(dupes)} results twice, e.g. {dupes[:5]}"
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    assert got == want, f"missing {len(missing)} (e.g. {missing[:5]}), unexpected {len(extra)} (e.g. {extra[:5]})"
+
+
+def test_a_job_run_without_failures_writes_each_window_once(broker, tmp_path):
+    src, out = unique("clicks"), unique("counts")
+    create(broker.bootstrap, src, partitions=3)
+    create(broker.bootstrap, out, partitions=2)
+    produce_input(broker.bootstrap, src)
+    with open(tmp_path / "job.log", "w") as log:
+        job = start_job(broker.bootstrap, src, out, tmp_path / "checkpoints", 2, log)
+        assert job.wait(180) == 0, (tmp_path / "job.log").read_text()[-4000:]
+    want = expected_counts()
+    assert read_output(broker.bootstrap, out, "read_committed", expect=len(want)) == want
+    # Nothing aborted either: the job wrote every result exactly once.
+    assert read_output(broker.bootstrap, out, "read_uncommitted", expect=len(want)) == want
+    # Run again, it restores from the final checkpoint: nothing left to do.
+    with open(tmp_path / "job.log", "a") as log:
+        job = start_job(broker.bootstrap, src, out, tmp_path / "checkpoints", 3, log)
+        assert job.wait(180) == 0, (tmp_path / "job.log").read_text()[-4000:]
+    assert "restoring from checkpoint" in (tmp_path / "job.log").read_text()
+    assert read_output(broker.bootstrap, out, "read_uncommitted", expect=len(want)) == want
