@@ -1,5 +1,6 @@
 //! A job over topics: counts each key's records per tumbling event-time
-//! window and writes `key -> "<window start>,<count>"` to another topic,
+//! window and writes `key -> "<window start>,<count>"` to another topic
+//! (with `--running-count`: every record's key and its count so far),
 //! exactly once, checkpointing to a local directory. Run it again after a
 //! crash (`kill -9` included) and it restores from its latest checkpoint,
 //! at the same or another parallelism.
@@ -28,6 +29,10 @@ struct Args {
     /// test can stop a run midway.
     pause_every: u64,
     transactional_id_prefix: String,
+    /// A running count per key instead of counts per window.
+    running: bool,
+    /// librdkafka consumer settings, `key=value`.
+    consumer_properties: Vec<(String, String)>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -42,11 +47,17 @@ fn parse() -> Result<Args, String> {
         checkpoint_ms: 1000,
         pause_every: 0,
         transactional_id_prefix: "topic-window-count".into(),
+        consumer_properties: Vec::new(),
+        running: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--bounded" {
             a.bounded = true;
+            continue;
+        }
+        if flag == "--running-count" {
+            a.running = true;
             continue;
         }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -61,6 +72,12 @@ fn parse() -> Result<Args, String> {
             "--checkpoint-ms" => a.checkpoint_ms = number(&value)?,
             "--pause-every" => a.pause_every = number(&value)?,
             "--transactional-id-prefix" => a.transactional_id_prefix = value,
+            "--consumer-property" => {
+                let (k, v) = value
+                    .split_once('=')
+                    .ok_or(format!("{flag}: expected key=value"))?;
+                a.consumer_properties.push((k.to_owned(), v.to_owned()));
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -95,38 +112,51 @@ fn main() {
     if args.bounded {
         source = source.bounded();
     }
+    for (k, v) in &args.consumer_properties {
+        source = source.property(k, v);
+    }
     let pause_every = args.pause_every;
     let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    env.kafka_source(source)
-        .map(move |r| {
-            let n = counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            if pause_every > 0 && n % pause_every == 0 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned()
-        })
-        .key_by(|key: &String| key.clone())
-        .window(Windows::tumbling(Duration::from_millis(args.window_ms)))
-        .aggregate(
-            || 0u64,
-            |count, _| *count += 1,
-            |count, other| *count += other,
-            |key, window, count| (key.clone(), window.start, *count),
-        )
-        .sink_to_kafka(
-            KafkaSink::new(
-                &args.bootstrap,
-                &args.output,
-                DeliveryGuarantee::ExactlyOnce {
-                    transactional_id_prefix: args.transactional_id_prefix.clone(),
-                },
-            ),
-            |(key, start, count): &(String, i64, u64)| KafkaOutput {
-                key: Some(key.as_bytes().to_vec()),
-                value: Some(format!("{start},{count}").into_bytes()),
-                headers: Vec::new(),
-            },
-        );
+    let keys = env.kafka_source(source).map(move |r| {
+        let n = counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if pause_every > 0 && n % pause_every == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned()
+    });
+    let sink = KafkaSink::new(
+        &args.bootstrap,
+        &args.output,
+        DeliveryGuarantee::ExactlyOnce {
+            transactional_id_prefix: args.transactional_id_prefix.clone(),
+        },
+    );
+    let record = |key: &str, value: String| KafkaOutput {
+        key: Some(key.as_bytes().to_vec()),
+        value: Some(value.into_bytes()),
+        headers: Vec::new(),
+    };
+    if args.running {
+        // A running count per key: every record updates its key's count.
+        keys.map(|key| (key, 1u64))
+            .key_by(|(key, _): &(String, u64)| key.clone())
+            .reduce(|(key, a), (_, b)| (key, a + b))
+            .sink_to_kafka(sink, move |(key, count): &(String, u64)| {
+                record(key, count.to_string())
+            });
+    } else {
+        keys.key_by(|key: &String| key.clone())
+            .window(Windows::tumbling(Duration::from_millis(args.window_ms)))
+            .aggregate(
+                || 0u64,
+                |count, _| *count += 1,
+                |count, other| *count += other,
+                |key, window, count| (key.clone(), window.start, *count),
+            )
+            .sink_to_kafka(sink, move |(key, start, count): &(String, i64, u64)| {
+                record(key, format!("{start},{count}"))
+            });
+    }
     match env.execute("topic window count") {
         Ok(()) => println!("done"),
         Err(e) => {
