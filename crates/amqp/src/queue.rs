@@ -9,7 +9,9 @@
 //!
 //! *Invariant:* `head` never passes an offset that is ready or unacked, so the log
 //! start offset (the durable record of acknowledgements) only ever drops messages
-//! that were acknowledged.
+//! that were acknowledged. Nor does the log start offset pass the newest
+//! committed delivery-state record: a claim reaches past its record, so a
+//! follower (whose log start offset follows this one) must keep a record of it.
 //!
 //! Above `head`, what was settled out of order and how far messages were handed
 //! out are recorded in the log too (`state.rs`), after each round of changes: a
@@ -18,7 +20,7 @@
 //! claims its offset (`Actor::claimed`), so that flag survives any crash.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -713,6 +715,8 @@ pub(crate) fn start(spec: QueueSpec, placement: Placement, hooks: Hooks) -> Queu
         skip: Ranges::default(),
         returns: BTreeMap::new(),
         controls: Ranges::default(),
+        uncommitted: VecDeque::new(),
+        kept: None,
         state_dirty: false,
         last_state: None,
     };
@@ -794,6 +798,19 @@ struct Actor {
     /// Delivery-state records above `head`: gaps made only of them need no
     /// mention in the next record (recovery finds them by their headers).
     controls: Ranges,
+    /// Delivery-state records this actor appended that are not known to be
+    /// committed yet: (base offset, end offset), in log order.
+    uncommitted: VecDeque<(i64, i64)>,
+    /// Where the newest committed delivery-state record lies (or the one
+    /// recovery read): the log start offset is never moved past it. Every
+    /// record repeats the largest claim, and a claim reaches past its record
+    /// over messages the log start offset may pass once they are settled; a
+    /// follower moves its log start offset with this one, so trimming past
+    /// every committed record would leave whoever serves the queue next no
+    /// record of messages handed out under the claim (delivered again
+    /// without the redelivered flag). `None` while no record was committed:
+    /// nothing was handed out under a claim yet.
+    kept: Option<i64>,
     /// Something the delivery state records changed since it was last written.
     state_dirty: bool,
     last_state: Option<DeliveryState>,
@@ -806,6 +823,7 @@ impl Actor {
         let ended = leadership.ended();
         tokio::pin!(ended);
         loop {
+            self.note_committed_records();
             self.settle_claim();
             self.enforce_limits();
             self.dispatch();
@@ -1108,6 +1126,21 @@ impl Actor {
             self.claim_from = self.claim_from.max(offset);
         }
         offset < self.claimed
+    }
+
+    /// Notes the delivery-state records that are committed now: the log start
+    /// offset may move up to the newest of them. Before `settle_claim`, so a
+    /// claim holds only once the log start offset is kept at or below a
+    /// committed record of it.
+    fn note_committed_records(&mut self) {
+        let hw = self.partition.high_watermark();
+        while let Some(&(base, end)) = self.uncommitted.front() {
+            if end > hw {
+                break;
+            }
+            self.kept = Some(self.kept.map_or(base, |k| k.max(base)));
+            self.uncommitted.pop_front();
+        }
     }
 
     /// A claim whose record is committed holds: deliveries may go up to it.
@@ -1433,7 +1466,8 @@ impl Actor {
             self.skip.insert(start, end);
         }
         self.controls = controls;
-        if let Some(mut s) = recorded {
+        if let Some((at, mut s)) = recorded {
+            self.kept = Some(at);
             self.delivered_up_to = self.delivered_up_to.max(s.delivered_up_to);
             // Acknowledged before the crash, though the log start offset did
             // not get there.
@@ -1528,6 +1562,8 @@ impl Actor {
                 self.skip.insert(appended.base_offset, appended.end_offset);
                 self.controls
                     .insert(appended.base_offset, appended.end_offset);
+                self.uncommitted
+                    .push_back((appended.base_offset, appended.end_offset));
                 self.last_state = Some(state);
             }
             Err(e) => {
@@ -1551,7 +1587,9 @@ impl Actor {
             head = head.min(m.offset);
         }
         self.head = self.head.max(head);
-        if self.trimming || self.head <= self.trimmed {
+        // Not past the newest committed delivery-state record (see `kept`).
+        let to = self.kept.map_or(self.head, |k| k.min(self.head));
+        if self.trimming || to <= self.trimmed {
             return;
         }
         let due = self.last_trim + TRIM_EVERY;
@@ -1562,7 +1600,7 @@ impl Actor {
         self.trim_due = None;
         self.last_trim = Instant::now();
         self.trimming = true;
-        let (partition, to, tx) = (self.partition.clone(), self.head, self.self_tx.clone());
+        let (partition, tx) = (self.partition.clone(), self.self_tx.clone());
         // Moving the log start offset writes and syncs a checkpoint: off the workers.
         tokio::task::spawn_blocking(move || {
             let ok = match partition.delete_records_before(to) {
@@ -1585,5 +1623,186 @@ impl Actor {
         }
         self.deleting = true;
         (self.hooks.delete)();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::encode_properties;
+    use amq_protocol::protocol::basic::AMQPProperties;
+    use sluice_log::{FlushPolicy, Store, StoreConfig, TopicConfig};
+    use sluice_topology::Term;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// A data directory removed when dropped.
+    struct TempDir(std::path::PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn store() -> (TempDir, Arc<Store>) {
+        let dir = std::env::temp_dir().join(format!("sluice-amqp-queue-{}", uuid::Uuid::new_v4()));
+        let store = Store::open(StoreConfig {
+            data_dir: dir.clone(),
+            defaults: TopicConfig::default(),
+            flush: FlushPolicy::Always,
+            cleaner: Default::default(),
+        })
+        .expect("a store");
+        (TempDir(dir), store)
+    }
+
+    fn serve(leadership: Leadership) -> QueueLink {
+        start(
+            QueueSpec {
+                name: Arc::from("q"),
+                vhost: Arc::from("/"),
+                auto_delete: false,
+                args: QueueArgs::default(),
+            },
+            Placement::Queue(leadership),
+            Hooks {
+                delete: Box::new(|| {}),
+                dead_letter: Box::new(|_| {}),
+            },
+        )
+    }
+
+    async fn consume(link: &QueueLink, connection: u64) -> mpsc::Receiver<Event> {
+        let (events, rx) = mpsc::channel(64);
+        link.consume(ConsumerSpec {
+            connection,
+            channel: 1,
+            tag: Arc::from("c"),
+            exclusive: false,
+            no_ack: false,
+            own: Arc::default(),
+            shared: Arc::default(),
+            events,
+            start: StreamStart::default(),
+        })
+        .await
+        .expect("consumes");
+        rx
+    }
+
+    fn publish(leadership: &Leadership, body: &'static [u8]) {
+        let p = Publication {
+            exchange: String::new(),
+            routing_key: "q".to_owned(),
+            properties: encode_properties(&AMQPProperties::default())
+                .expect("encodes")
+                .into(),
+            body: bytes::Bytes::from_static(body),
+        };
+        let batch = crate::message::encode_batch(&[&p]).expect("encodes");
+        leadership.append(&batch).expect("appended");
+    }
+
+    /// Everything appended so far reaches the in-sync replicas.
+    async fn commit(partition: &Partition) {
+        let end = partition.log_end_offset();
+        partition.wait_durable(end).await.expect("durable");
+        partition.advance_high_watermark(end);
+    }
+
+    /// The next delivery, committing what the actor writes meanwhile (its
+    /// claims) when `replicate`.
+    async fn next_delivery(
+        partition: &Partition,
+        rx: &mut mpsc::Receiver<Event>,
+        replicate: bool,
+    ) -> (Stored, bool) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if replicate {
+                commit(partition).await;
+            }
+            match tokio::time::timeout(Duration::from_millis(20), rx.recv()).await {
+                Ok(Some(Event::Deliver {
+                    message,
+                    redelivered,
+                    ..
+                })) => return (*message, redelivered),
+                Ok(other) => panic!("expected a delivery, got {other:?}"),
+                Err(_) => assert!(Instant::now() < deadline, "no delivery"),
+            }
+        }
+    }
+
+    /// A leader delivers a message under a claim a committed record made
+    /// long before, then dies before the record after that delivery reaches
+    /// a follower. Meanwhile the log start offset moved over every committed
+    /// record (the queue was empty, everything acknowledged): the follower
+    /// that takes over must still find a record of the claim, and flag the
+    /// message redelivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_survives_a_log_start_offset_moved_past_it() {
+        let (_dir, store) = store();
+        store
+            .create_topic("amqp.q", 1, &Default::default(), false)
+            .expect("a topic");
+        let partition = store.partition("amqp.q", 0).expect("a partition");
+        partition.set_replicated(true);
+        let first = Term::new();
+        let lead = Leadership::new(partition.clone(), 1, first.clone());
+        let link = serve(lead.clone());
+        let mut rx = consume(&link, 1).await;
+
+        // m0 needs a claim: committed, then delivered, then acknowledged.
+        publish(&lead, b"m0");
+        let (m0, again) = next_delivery(&partition, &mut rx, true).await;
+        assert!(!again && &m0.body[..] == b"m0");
+        link.settle(vec![m0.offset], Outcome::Ack);
+        // Every record committed and read past; the log start offset is
+        // moved (at most every `TRIM_EVERY`) to where the queue is empty.
+        let until = Instant::now() + TRIM_EVERY * 3;
+        while Instant::now() < until {
+            commit(&partition).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            partition.log_start_offset() > m0.offset,
+            "the acknowledged m0 leaves the log"
+        );
+
+        // m1 is committed and delivered under the claim m0 asked for; the
+        // record written after it is appended, never replicated.
+        publish(&lead, b"m1");
+        commit(&partition).await;
+        let committed = partition.high_watermark();
+        let (m1, again) = next_delivery(&partition, &mut rx, false).await;
+        assert!(!again && &m1.body[..] == b"m1");
+        let deadline = Instant::now() + WAIT;
+        while partition.log_end_offset() == committed {
+            assert!(Instant::now() < deadline, "no record after the delivery");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        // The leader dies. The follower that takes over holds the committed
+        // log, from the log start offset it learnt from the leader.
+        first.end();
+        let deadline = Instant::now() + WAIT;
+        while !link.tx.is_closed() {
+            assert!(Instant::now() < deadline, "the actor goes on");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        partition.truncate_to(committed).expect("truncated");
+        let second = Term::new();
+        let lead = Leadership::new(partition.clone(), 2, second.clone());
+        let link = serve(lead);
+        let mut rx = consume(&link, 2).await;
+        let (again_m1, redelivered) = next_delivery(&partition, &mut rx, true).await;
+        assert_eq!(&again_m1.body[..], b"m1");
+        assert!(
+            redelivered,
+            "m1 was handed out by the last leader: it must come back flagged redelivered"
+        );
+        second.end();
     }
 }

@@ -4,9 +4,10 @@
 //! expired, dropped) and how far messages were ever handed out (those below are
 //! flagged `redelivered` when delivered again after a restart or failover).
 //!
-//! Each record is a whole snapshot, so only the last one matters; a record lies
-//! after every message it describes, so the log start offset (which stops at the
-//! oldest unsettled message) never passes a record still needed.
+//! Each record is a whole snapshot, so only the last one matters. A record lies
+//! after every message it settles, but its delivered-up-to mark (a claim) reaches
+//! past it: so the log start offset stops at the oldest unsettled message and
+//! never passes the newest committed record (see `Actor::advance_head`).
 //!
 //! | part | holds |
 //! |---|---|
@@ -200,11 +201,14 @@ impl DeliveryState {
     }
 }
 
-/// The last delivery state recorded in `partition` between `from` and its high
-/// watermark, and where the control batches lie. Only control batches are
-/// decoded; the others are stepped over by their headers. Blocking: call it off
-/// the async workers.
-pub(crate) fn last_recorded(partition: &Partition, from: i64) -> (Option<DeliveryState>, Ranges) {
+/// The last delivery state recorded in `partition` between `from` and its log
+/// end (with the offset of its batch), and where the control batches lie. Only
+/// control batches are decoded; the others are stepped over by their headers.
+/// Blocking: call it off the async workers.
+pub(crate) fn last_recorded(
+    partition: &Partition,
+    from: i64,
+) -> (Option<(i64, DeliveryState)>, Ranges) {
     let mut last = None;
     let mut controls = Ranges::default();
     let mut at = from;
@@ -230,9 +234,13 @@ pub(crate) fn last_recorded(partition: &Partition, from: i64) -> (Option<Deliver
     (last, controls)
 }
 
-/// Walks the whole batches in `bytes`, keeping the last state record seen;
-/// returns the offset after the last batch.
-fn scan_chunk(mut bytes: Bytes, last: &mut Option<DeliveryState>, controls: &mut Ranges) -> i64 {
+/// Walks the whole batches in `bytes`, keeping the last state record seen (and
+/// its batch's base offset); returns the offset after the last batch.
+fn scan_chunk(
+    mut bytes: Bytes,
+    last: &mut Option<(i64, DeliveryState)>,
+    controls: &mut Ranges,
+) -> i64 {
     let mut end = i64::MIN;
     while let Some(h) = BatchHeader::parse(&bytes) {
         let size = h.size();
@@ -249,7 +257,7 @@ fn scan_chunk(mut bytes: Bytes, last: &mut Option<DeliveryState>, controls: &mut
             for set in sets {
                 for rec in &set.records {
                     if let Some(s) = DeliveryState::decode(rec) {
-                        *last = Some(s);
+                        *last = Some((h.base_offset, s));
                     }
                 }
             }
@@ -310,7 +318,7 @@ mod tests {
         assert!(header.is_control() && !header.is_transactional());
         let (mut last, mut controls) = (None, Ranges::default());
         scan_chunk(batch.clone(), &mut last, &mut controls);
-        assert_eq!(last, Some(state));
+        assert_eq!(last, Some((0, state)));
         assert!(controls.contains(0) && controls.count_in(0, 10) == 1);
         // A truncated value is not a state.
         let sets = RecordBatchDecoder::decode_all(&mut batch).expect("decodes");
