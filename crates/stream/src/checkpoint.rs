@@ -445,6 +445,12 @@ impl StateReader {
         Ok(out)
     }
 
+    /// The least of the watermarks the subtasks wrote under `name`: where
+    /// several subtasks' state meets in one, the least holds for all of it.
+    pub(crate) fn least_watermark(&self, name: &str) -> Result<Option<i64>, StreamError> {
+        Ok(self.values::<i64>(name)?.into_iter().map(|(_, w)| w).min())
+    }
+
     /// The value this subtask wrote under `name`, when the job runs at the
     /// parallelism it had; an error when that changed (the operator cannot
     /// split its state).

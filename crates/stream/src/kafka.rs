@@ -703,16 +703,21 @@ impl<T> KafkaWriter<T> {
 impl<T: Send> Output<T> for KafkaWriter<T> {
     fn push(&mut self, record: Record<T>) -> Result<(), StreamError> {
         let out = (self.serialize)(&record.value);
-        let topic = self.config.topic.clone();
-        let writer = self.writer()?;
-        let mut headers = rdkafka::message::OwnedHeaders::new();
-        for (k, v) in &out.headers {
-            headers = headers.insert(rdkafka::message::Header {
-                key: k,
-                value: Some(v),
-            });
+        self.writer()?;
+        let (Some(writer), topic) = (self.current.as_mut(), &self.config.topic) else {
+            return Err(StreamError::Kafka("the sink lost its producer".into()));
+        };
+        let mut r: BaseRecord<'_, [u8], [u8], ()> = BaseRecord::to(topic);
+        if !out.headers.is_empty() {
+            let mut headers = rdkafka::message::OwnedHeaders::new();
+            for (k, v) in &out.headers {
+                headers = headers.insert(rdkafka::message::Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            r = r.headers(headers);
         }
-        let mut r: BaseRecord<'_, [u8], [u8], ()> = BaseRecord::to(&topic).headers(headers);
         if let Some(k) = &out.key {
             r = r.key(k.as_slice());
         }

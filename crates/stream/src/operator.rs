@@ -166,6 +166,14 @@ where
 /// transform records).
 macro_rules! forward_control {
     () => {
+        forward_flow!();
+        forward_checkpoints!();
+    };
+}
+
+/// Forwards watermarks, flushes and the end to `out`.
+macro_rules! forward_flow {
+    () => {
         fn watermark(&mut self, watermark: i64) -> Result<(), StreamError> {
             self.out.watermark(watermark)
         }
@@ -175,7 +183,6 @@ macro_rules! forward_control {
         fn finish(&mut self) -> Result<(), StreamError> {
             self.out.finish()
         }
-        forward_checkpoints!();
     };
 }
 
@@ -345,15 +352,7 @@ where
             time: r.time,
         })
     }
-    fn watermark(&mut self, watermark: i64) -> Result<(), StreamError> {
-        self.out.watermark(watermark)
-    }
-    fn flush(&mut self) -> Result<(), StreamError> {
-        self.out.flush()
-    }
-    fn finish(&mut self) -> Result<(), StreamError> {
-        self.out.finish()
-    }
+    forward_flow!();
     fn barrier(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
         let mut w = cp.writer();
         w.keyed("reduce", &self.state);

@@ -242,13 +242,7 @@ where
                 }
             }
         }
-        // Several subtasks' state: the least of their watermarks holds for all.
-        if let Some(w) = r
-            .values::<i64>("watermark")?
-            .into_iter()
-            .map(|(_, w)| w)
-            .min()
-        {
+        if let Some(w) = r.least_watermark("watermark")? {
             self.watermark = w;
         }
         self.process.restore(&r)?;

@@ -416,13 +416,7 @@ where
     fn restore(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
         let r = cp.reader()?;
         r.keyed("panes", &mut self.state)?;
-        // Several subtasks' state: the least of their watermarks holds for all.
-        if let Some(w) = r
-            .values::<i64>("watermark")?
-            .into_iter()
-            .map(|(_, w)| w)
-            .min()
-        {
+        if let Some(w) = r.least_watermark("watermark")? {
             self.watermark = w;
         }
         self.timers.clear();
