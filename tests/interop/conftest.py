@@ -320,6 +320,9 @@ class LocalCluster:
         kafka = {i: free_port() for i in ids}
         raft = {i: free_port() for i in ids}
         peers = ",".join(f"{i}@127.0.0.1:{raft[i]}" for i in ids)
+        # Its own cluster id, so nodes of a cluster an earlier test left behind
+        # cannot talk to this one through a reused port.
+        cluster_id = re.sub(r"[^A-Za-z0-9_-]", "-", str(name))[:40] + f"-{random.getrandbits(48):012x}"
         self.nodes = []
         for i in ids:
             data = base / f"{name}-node{i}-data"
@@ -327,6 +330,7 @@ class LocalCluster:
             args = [
                 "--node-id", str(i),
                 "--cluster-peers", peers,
+                "--cluster-id", cluster_id,
                 "--raft-listen", f"127.0.0.1:{raft[i]}",
                 "--advertised-kafka", f"127.0.0.1:{kafka[i]}",
                 "--replica-addr", f"127.0.0.1:{kafka[i]}",

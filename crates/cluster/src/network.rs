@@ -4,10 +4,16 @@
 //! Frame: `[len u32 BE][JSON]`. The length is checked against the limit before anything
 //! is allocated; a frame that is too long or does not decode closes that connection.
 //! One request is in flight per connection; the reply comes back on the same one.
+//!
+//! Every request travels in an [`Envelope`] naming the sender's cluster id, as KRaft's
+//! RPCs carry `ClusterId`: a node of another cluster that reaches this one (an address
+//! reused by a new process, a misconfigured peer list) is answered
+//! [`Response::WrongCluster`] and the connection is closed, so its votes, log entries
+//! and heartbeats never touch this cluster's state.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -21,8 +27,9 @@ use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
-use crate::image::{BrokerId, Command, CommandResult};
+use crate::image::{BrokerId, Command, CommandResult, MetadataImage};
 use crate::{NodeId, TypeConfig};
 
 /// Default largest frame: above the largest snapshot chunk openraft sends (3 MiB by
@@ -86,6 +93,15 @@ pub enum Request {
     ReadIndex,
 }
 
+/// A request as it travels: with the cluster id its sender belongs to, once the
+/// sender knows it (a node that has neither been configured with one nor learnt it
+/// from the metadata log sends `None`, and is served).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    pub cluster_id: Option<String>,
+    pub request: Request,
+}
+
 /// The answer to each [`Request`], same variant.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Response {
@@ -101,6 +117,74 @@ pub enum Response {
         initialized: bool,
     },
     ReadIndex(Result<u64, ForwardError>),
+    /// The request came from another cluster than the receiver's, named here; the
+    /// receiver closes the connection after this answer.
+    WrongCluster {
+        cluster_id: String,
+    },
+}
+
+/// Which cluster this node belongs to: the id the metadata log holds, else the one it
+/// was configured with, else none yet.
+#[derive(Clone)]
+pub struct ClusterIdentity {
+    configured: Option<String>,
+    image: watch::Receiver<Arc<MetadataImage>>,
+}
+
+impl ClusterIdentity {
+    pub fn new(
+        configured: Option<String>,
+        image: watch::Receiver<Arc<MetadataImage>>,
+    ) -> ClusterIdentity {
+        ClusterIdentity { configured, image }
+    }
+
+    pub fn current(&self) -> Option<String> {
+        let image = self.image.borrow();
+        if image.cluster_id.is_empty() {
+            self.configured.clone()
+        } else {
+            Some(image.cluster_id.clone())
+        }
+    }
+
+    /// `Some(ours)` when a peer claiming `theirs` is of another cluster. A side that
+    /// does not know its id yet cannot tell, and is let through.
+    pub fn refuses(&self, theirs: Option<&str>) -> Option<String> {
+        let ours = self.current()?;
+        (theirs.is_some_and(|t| t != ours)).then_some(ours)
+    }
+}
+
+/// How often the same foreign cluster is logged, per side.
+const WRONG_CLUSTER_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// Remembers when each key was last logged, so a peer that retries every few
+/// milliseconds is reported once in a while, not on every attempt.
+#[derive(Default)]
+pub struct LogThrottle {
+    last: Mutex<HashMap<String, Instant>>,
+}
+
+impl LogThrottle {
+    /// Whether `key` may be logged now (and notes that it was).
+    pub fn allow(&self, key: &str) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if last
+            .get(key)
+            .is_some_and(|t| now.duration_since(*t) < WRONG_CLUSTER_LOG_EVERY)
+        {
+            return false;
+        }
+        // Keys come from peers: forget them all rather than grow without bound.
+        if last.len() >= 1024 {
+            last.clear();
+        }
+        last.insert(key.to_string(), now);
+        true
+    }
 }
 
 /// Transport failures.
@@ -121,6 +205,9 @@ pub enum RpcError {
     /// No reply within the deadline.
     #[error("rpc to {addr} timed out")]
     Timeout { addr: String },
+    /// The peer at `addr` belongs to cluster `theirs`, not to this node's.
+    #[error("{addr} belongs to another cluster ({theirs})")]
+    WrongCluster { addr: String, theirs: String },
 }
 
 fn invalid(msg: impl Into<String>) -> std::io::Error {
@@ -157,13 +244,17 @@ pub async fn write_frame(stream: &mut TcpStream, payload: &[u8]) -> std::io::Res
 pub struct RpcClient {
     idle: Arc<Mutex<HashMap<String, Vec<TcpStream>>>>,
     max_frame: u32,
+    identity: ClusterIdentity,
+    refusals: Arc<LogThrottle>,
 }
 
 impl RpcClient {
-    pub fn new(max_frame: u32) -> RpcClient {
+    pub fn new(max_frame: u32, identity: ClusterIdentity) -> RpcClient {
         RpcClient {
             idle: Arc::default(),
             max_frame,
+            identity,
+            refusals: Arc::default(),
         }
     }
 
@@ -184,10 +275,15 @@ impl RpcClient {
     pub async fn call(
         &self,
         addr: &str,
-        req: &Request,
+        req: Request,
         timeout: Duration,
     ) -> Result<Response, RpcError> {
-        let payload = serde_json::to_vec(req).map_err(|e| RpcError::Network {
+        let is_proposal = matches!(req, Request::Propose(_));
+        let envelope = Envelope {
+            cluster_id: self.identity.current(),
+            request: req,
+        };
+        let payload = serde_json::to_vec(&envelope).map_err(|e| RpcError::Network {
             addr: addr.to_string(),
             source: std::io::Error::other(e),
         })?;
@@ -195,7 +291,7 @@ impl RpcClient {
         // connection turns out stale (was it delivered?): it always dials afresh, and
         // a failure after connecting is reported as such. Raft RPCs are idempotent and
         // reuse idle connections, with one fresh retry when a pooled one is stale.
-        let pooled = if matches!(req, Request::Propose(_)) {
+        let pooled = if is_proposal {
             None
         } else {
             self.take_idle(addr)
@@ -218,6 +314,16 @@ impl RpcClient {
             self.exchange(stream, addr, &payload).await
         };
         match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(Response::WrongCluster { cluster_id })) => {
+                if self.refusals.allow(addr) {
+                    tracing::warn!(%addr, theirs = %cluster_id, ours = ?self.identity.current(),
+                        "a configured peer address answers for another cluster; check the peer list");
+                }
+                Err(RpcError::WrongCluster {
+                    addr: addr.to_string(),
+                    theirs: cluster_id,
+                })
+            }
             Ok(r) => r,
             Err(_) => Err(RpcError::Timeout {
                 addr: addr.to_string(),
@@ -237,8 +343,12 @@ impl RpcClient {
         };
         write_frame(&mut stream, payload).await.map_err(net)?;
         let bytes = read_frame(&mut stream, self.max_frame).await.map_err(net)?;
-        let resp = serde_json::from_slice(&bytes).map_err(|e| net(invalid(e.to_string())))?;
-        self.put_idle(addr, stream);
+        let resp: Response =
+            serde_json::from_slice(&bytes).map_err(|e| net(invalid(e.to_string())))?;
+        // The peer closes after refusing us: nothing to pool.
+        if !matches!(resp, Response::WrongCluster { .. }) {
+            self.put_idle(addr, stream);
+        }
         Ok(resp)
     }
 }
@@ -276,7 +386,10 @@ impl RaftNetworkFactory<TypeConfig> for TcpNetwork {
 
 fn to_rpc_error<E: std::error::Error>(e: RpcError) -> RPCError<NodeId, BasicNode, E> {
     match e {
-        RpcError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+        // Another cluster's node is as good as no node: openraft backs off from it.
+        RpcError::Unreachable { .. } | RpcError::WrongCluster { .. } => {
+            RPCError::Unreachable(Unreachable::new(&e))
+        }
         _ => RPCError::Network(NetworkError::new(&e)),
     }
 }
@@ -295,7 +408,7 @@ impl RaftNetwork<TypeConfig> for TcpPeer {
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         match self
             .client
-            .call(&self.addr, &Request::AppendEntries(rpc), option.hard_ttl())
+            .call(&self.addr, Request::AppendEntries(rpc), option.hard_ttl())
             .await
         {
             Ok(Response::AppendEntries(r)) => {
@@ -316,11 +429,7 @@ impl RaftNetwork<TypeConfig> for TcpPeer {
     > {
         match self
             .client
-            .call(
-                &self.addr,
-                &Request::InstallSnapshot(rpc),
-                option.hard_ttl(),
-            )
+            .call(&self.addr, Request::InstallSnapshot(rpc), option.hard_ttl())
             .await
         {
             Ok(Response::InstallSnapshot(r)) => {
@@ -338,7 +447,7 @@ impl RaftNetwork<TypeConfig> for TcpPeer {
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         match self
             .client
-            .call(&self.addr, &Request::Vote(rpc), option.hard_ttl())
+            .call(&self.addr, Request::Vote(rpc), option.hard_ttl())
             .await
         {
             Ok(Response::Vote(r)) => {

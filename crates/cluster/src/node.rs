@@ -19,8 +19,9 @@ use crate::image::{
     AdoptedTopic, BrokerId, Command, CommandResult, InternalTopic, InternalTopicPlan, MetadataImage,
 };
 use crate::network::{
-    read_frame, write_frame, BrokerHeartbeat, ForwardError, HeartbeatReply, Request, Response,
-    RpcClient, RpcError, TcpNetwork, DEFAULT_MAX_FRAME,
+    read_frame, write_frame, BrokerHeartbeat, ClusterIdentity, Envelope, ForwardError,
+    HeartbeatReply, LogThrottle, Request, Response, RpcClient, RpcError, TcpNetwork,
+    DEFAULT_MAX_FRAME,
 };
 use crate::store::{self, StateMachineStore};
 use crate::{NodeId, TypeConfig};
@@ -79,9 +80,15 @@ pub struct ClusterConfig {
     pub internal_topics: Vec<InternalTopic>,
     /// Replicas of each internal topic partition: default min(3, voters).
     pub internal_replication_factor: usize,
-    /// The cluster id the first controller sets (Kafka's cluster id); `None`: a
-    /// random one.
+    /// The cluster's id (Kafka's `cluster.id`), the same on every node: the first
+    /// controller sets it, and this node's inter-node requests carry it from the
+    /// first one on (see [`crate::network::Envelope`]). `None`: the first controller
+    /// sets `initial_cluster_id`, and the node identifies with the id once it has
+    /// learnt it from the metadata log.
     pub cluster_id: Option<String>,
+    /// The id the first controller sets when `cluster_id` is unset (a single node
+    /// passes its data directory's, which it keeps); `None`: a random one.
+    pub initial_cluster_id: Option<String>,
     /// A single node's local state from before its metadata lived in the quorum:
     /// adopted once by this node's first leadership, before anything else is created
     /// (see [`Command::AdoptLocalState`]).
@@ -125,6 +132,7 @@ impl ClusterConfig {
             internal_replication_factor: peers.len().clamp(1, 3),
             internal_topics: Vec::new(),
             cluster_id: None,
+            initial_cluster_id: None,
             adopt_local_state: None,
             peers,
         }
@@ -253,6 +261,9 @@ struct Inner {
     raft: Raft<TypeConfig>,
     sm: StateMachineStore,
     client: RpcClient,
+    identity: ClusterIdentity,
+    /// Requests from other clusters, logged once in a while per foreign cluster id.
+    foreign: LogThrottle,
     peers: BTreeMap<NodeId, String>,
     incarnation: u64,
     raft_addr: String,
@@ -322,7 +333,8 @@ impl ClusterNode {
         }
         let raft_config = Arc::new(config.raft_config()?);
         let (log, sm) = store::open(&config.data_dir.join("raft"))?;
-        let client = RpcClient::new(config.max_frame);
+        let identity = ClusterIdentity::new(config.cluster_id.clone(), sm.subscribe());
+        let client = RpcClient::new(config.max_frame, identity.clone());
         let raft = Raft::new(
             id,
             raft_config,
@@ -342,6 +354,8 @@ impl ClusterNode {
             raft,
             sm,
             client,
+            identity,
+            foreign: LogThrottle::default(),
             peers,
             incarnation: rand::random(),
             raft_addr,
@@ -479,7 +493,7 @@ impl ClusterNode {
                     .client
                     .call(
                         &addr,
-                        &Request::ReadIndex,
+                        Request::ReadIndex,
                         left.max(Duration::from_millis(1)),
                     )
                     .await
@@ -922,7 +936,7 @@ async fn propose(inner: &Arc<Inner>, cmd: Command) -> Result<CommandResult, Clus
                 .client
                 .call(
                     &addr,
-                    &Request::Propose(cmd.clone()),
+                    Request::Propose(cmd.clone()),
                     left.max(Duration::from_millis(1)),
                 )
                 .await
@@ -938,8 +952,9 @@ async fn propose(inner: &Arc<Inner>, cmd: Command) -> Result<CommandResult, Clus
                         "unexpected reply from {addr}"
                     )))
                 }
-                // Never connected: nothing was sent, so retrying is safe.
-                Err(RpcError::Unreachable { .. }) => {}
+                // Never connected, or refused as another cluster's: nothing was
+                // applied, so retrying is safe.
+                Err(RpcError::Unreachable { .. } | RpcError::WrongCluster { .. }) => {}
                 Err(e) => return Err(ClusterError::Indeterminate(e.to_string())),
             }
         }
@@ -981,14 +996,25 @@ async fn serve_conn(inner: Arc<Inner>, mut stream: TcpStream, peer: SocketAddr) 
                 return;
             }
         };
-        let req: Request = match serde_json::from_slice(&bytes) {
+        let envelope: Envelope = match serde_json::from_slice(&bytes) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "malformed inter-node frame; closing connection");
                 return;
             }
         };
-        let resp = dispatch(&inner, req).await;
+        if let Some(ours) = inner.identity.refuses(envelope.cluster_id.as_deref()) {
+            let theirs = envelope.cluster_id.unwrap_or_default();
+            if inner.foreign.allow(&theirs) {
+                tracing::warn!(%peer, %theirs, %ours,
+                    "refusing a node of another cluster; closing its connection");
+            }
+            if let Ok(payload) = serde_json::to_vec(&Response::WrongCluster { cluster_id: ours }) {
+                let _ = write_frame(&mut stream, &payload).await;
+            }
+            return;
+        }
+        let resp = dispatch(&inner, envelope.request).await;
         let payload = match serde_json::to_vec(&resp) {
             Ok(p) => p,
             Err(e) => {
@@ -1052,7 +1078,7 @@ async fn bootstrap(inner: Arc<Inner>) {
             }
             if let Ok(Response::Probe { initialized, .. }) = inner
                 .client
-                .call(addr, &Request::Probe, Duration::from_millis(500))
+                .call(addr, Request::Probe, Duration::from_millis(500))
                 .await
             {
                 reachable += 1;
@@ -1125,7 +1151,7 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
             };
             match inner
                 .client
-                .call(&addr, &Request::Heartbeat(hb), interval * 2)
+                .call(&addr, Request::Heartbeat(hb), interval * 2)
                 .await
             {
                 Ok(Response::Heartbeat(r)) => r,
@@ -1252,6 +1278,7 @@ async fn controller_loop(inner: Arc<Inner>) {
                 .config
                 .cluster_id
                 .clone()
+                .or_else(|| inner.config.initial_cluster_id.clone())
                 .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
             if let Err(e) = inner
                 .write_local_within(Command::InitCluster { cluster_id }, session)

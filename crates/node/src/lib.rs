@@ -129,7 +129,7 @@ impl Node {
     /// Starts the node on `store` (opened and recovered by the caller). Must be called
     /// inside a Tokio runtime.
     pub async fn start(store: Arc<Store>, mut config: NodeConfig) -> Result<Arc<Node>, NodeError> {
-        config.cluster.cluster_id = Some(store.cluster_id());
+        config.cluster.initial_cluster_id = Some(store.cluster_id());
         config.cluster.internal_topics = vec![
             InternalTopic {
                 name: OFFSETS_TOPIC.to_owned(),

@@ -31,6 +31,13 @@ pub fn fast_config(id: BrokerId, base: &Path, peers: &[(BrokerId, String)]) -> C
     c.election_timeout_min = Duration::from_millis(300);
     c.election_timeout_max = Duration::from_millis(600);
     c.propose_timeout = Duration::from_secs(5);
+    // Each test's cluster its own id: a node of a cluster another test process
+    // stopped frees its port, and that cluster's survivors keep calling it.
+    c.cluster_id = Some(
+        base.file_name()
+            .map(|n| n.to_string_lossy().replace('.', ""))
+            .unwrap_or_default(),
+    );
     c
 }
 

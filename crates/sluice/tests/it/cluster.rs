@@ -155,6 +155,8 @@ impl Cluster {
         cmd.args(&self.extra);
         // Peers through the environment, the rest as flags: both paths.
         cmd.env("SLUICE_CLUSTER_PEERS", &self.peers);
+        let name = self._tmp.path().file_name().unwrap_or_default();
+        cmd.env("SLUICE_CLUSTER_ID", name.to_string_lossy().replace('.', ""));
         // openraft warns about every stale vote response; a failing test's
         // output should show the broker's own lines.
         cmd.env("SLUICE_LOG", "info,openraft=error");
