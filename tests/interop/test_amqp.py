@@ -11,6 +11,8 @@ refused methods.
 """
 
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -312,6 +314,51 @@ def test_nack_requeues_and_reject_discards(server):
             ch.basic_reject(m.delivery_tag, requeue=False)
         ch.basic_qos(prefetch_count=0)  # a round trip: the rejects were handled
         assert ch.basic_get(q)[0] is None
+        ch.queue_delete(q)
+
+
+STALLED_CONSUMER = """
+import sys, time
+import pika
+params = pika.ConnectionParameters("127.0.0.1", int(sys.argv[1]), "/", pika.PlainCredentials("guest", "guest"))
+channel = pika.BlockingConnection(params).channel()
+channel.basic_consume(sys.argv[2], lambda *args: None)
+print("consuming", flush=True)
+time.sleep(600)  # never reads again
+"""
+
+
+def test_a_consumer_that_stops_reading_and_dies_hands_back_everything_it_was_sent(server):
+    """A consumer without a prefetch limit stops reading its socket, so the
+    server's buffers towards it fill: the socket, the bytes waiting to be
+    written, the deliveries waiting to be encoded (and, on a cluster, those
+    on their way from the queue's node). When its process is killed, every
+    message it was sent and did not ack goes back to the queue, wherever it
+    waited: another consumer gets all of them, each once."""
+    q = name("stalled")
+    n, size = 5000, 4096
+    with server.connect() as c:
+        ch = c.channel()
+        ch.queue_declare(q)
+        ch.confirm_delivery()
+        for i in range(n):
+            ch.basic_publish("", q, i.to_bytes(4, "big") + bytes(size - 4))
+    stalled = subprocess.Popen(
+        [sys.executable, "-c", STALLED_CONSUMER, str(server.port), q],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert stalled.stdout.readline().strip() == "consuming"
+        # The server pushes until every buffer towards the consumer is full.
+        time.sleep(2)
+    finally:
+        stalled.kill()
+        stalled.wait()
+    with server.connect() as c:
+        ch = c.channel()
+        got = drain(ch, q, n, auto_ack=False, timeout=60)
+        ids = sorted(int.from_bytes(body[:4], "big") for body in got)
+        assert ids == list(range(n)), f"{len(ids)} messages back of {n}, {len(set(ids))} distinct"
         ch.queue_delete(q)
 
 

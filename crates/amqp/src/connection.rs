@@ -217,12 +217,12 @@ pub(crate) async fn serve(
         exclusive_queues: Vec::new(),
         closing: false,
     };
-    let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+    let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
     let (notices_tx, notices) = mpsc::unbounded_channel();
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.handshake()).await {
         Ok(Ok(true)) => {
             debug!(%peer, connection = id, "AMQP connection open");
-            conn.run(events_tx, events, notices_tx, notices, &mut stop)
+            conn.run(events_tx, &mut events, notices_tx, notices, &mut stop)
                 .await;
         }
         Ok(Ok(false)) => {}
@@ -232,6 +232,7 @@ pub(crate) async fn serve(
         }
         Err(_) => debug!(%peer, "AMQP handshake timed out"),
     }
+    crate::queue::requeue_undelivered(&mut events);
     conn.release_all().await;
     reader.abort();
     drop(conn);
@@ -594,7 +595,7 @@ impl Conn {
     async fn run(
         &mut self,
         events_tx: mpsc::Sender<Event>,
-        mut events: mpsc::Receiver<Event>,
+        events: &mut mpsc::Receiver<Event>,
         notices_tx: mpsc::UnboundedSender<Notice>,
         mut notices: mpsc::UnboundedReceiver<Notice>,
         stop: &mut watch::Receiver<bool>,

@@ -1058,6 +1058,7 @@ pub(crate) async fn serve(broker: Arc<Broker>, socket: TcpStream) {
             },
         }
     }
+    crate::queue::requeue_undelivered(&mut events_rx);
     s.end();
     reader.abort();
     drop(s);

@@ -102,6 +102,25 @@ pub(crate) enum Event {
     },
 }
 
+/// A connection or peer session that ends: what queues delivered to it and it
+/// never handed on goes back to them. Its consumers are going, and the queue
+/// counts those messages unacked until someone settles them. Closing first
+/// makes every later delivery fail at the queue, which then keeps it.
+pub(crate) fn requeue_undelivered(events: &mut mpsc::Receiver<Event>) {
+    events.close();
+    while let Ok(e) = events.try_recv() {
+        if let Event::Deliver {
+            queue,
+            message,
+            no_ack: false,
+            ..
+        } = e
+        {
+            queue.settle(vec![message.offset], Outcome::Requeue);
+        }
+    }
+}
+
 /// Who consumes.
 #[derive(Debug, Clone)]
 pub(crate) struct ConsumerSpec {
