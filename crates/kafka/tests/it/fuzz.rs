@@ -390,7 +390,11 @@ async fn real_client_batches(server: &Server) -> Vec<Vec<u8>> {
             .unwrap();
         let sends: Vec<_> = (0..5)
             .map(|i| {
-                let value = format!("{codec} value {i} {}", "z".repeat(i * 10));
+                // librdkafka sends a batch uncompressed when compressing
+                // would not shrink it; a loaded machine can split the five
+                // records into batches of one, so each record alone must
+                // compress.
+                let value = format!("{codec} value {i} {}", "z".repeat(200 + i * 10));
                 let key = format!("key-{i}");
                 let record = FutureRecord::to("codecs")
                     .key(&key)
