@@ -9,8 +9,10 @@ count. A second test checks the same job's output without failures, and that
 read_uncommitted readers see nothing twice either once the job is done.
 """
 
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -21,7 +23,7 @@ import pytest
 from confluent_kafka import Producer
 
 from conftest import sluice_bin
-from kutil import unique
+from kutil import metric_samples, scrape_metrics, unique
 from test_transactions import create, read
 
 WINDOW_MS = 100
@@ -96,7 +98,7 @@ def read_output(bootstrap, topic, isolation, expect):
     return sorted(got)
 
 
-def start_job(bootstrap, src, out, checkpoints, parallelism, log, running=False):
+def start_job(bootstrap, src, out, checkpoints, parallelism, log, running=False, extra=(), pause_every=3):
     args = [
         job_binary(),
         "--bootstrap", bootstrap,
@@ -106,14 +108,14 @@ def start_job(bootstrap, src, out, checkpoints, parallelism, log, running=False)
         "--window-ms", str(WINDOW_MS),
         "--parallelism", str(parallelism),
         "--checkpoint-ms", "150",
-        "--pause-every", "3",
+        "--pause-every", str(pause_every),
         "--transactional-id-prefix", out,
         # Small fetches interleave the partitions a subtask reads, so its
         # watermark (the least of theirs) rises all along, windows fire all
         # along and every checkpoint has output to commit.
         "--consumer-property", "max.partition.fetch.bytes=8192",
         "--bounded",
-    ] + (["--running-count"] if running else [])
+    ] + (["--running-count"] if running else []) + list(extra)
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -215,3 +217,144 @@ def test_a_job_run_without_failures_writes_each_window_once(broker, tmp_path):
         assert job.wait(180) == 0, (tmp_path / "job.log").read_text()[-4000:]
     assert "restoring from checkpoint" in (tmp_path / "job.log").read_text()
     assert read_output(broker.bootstrap, out, "read_uncommitted", expect=len(want)) == want
+
+
+def job_cli(broker, *args, timeout=90):
+    """`sluice job <args>` against the broker's HTTP port; its stdout."""
+    cmd = [sluice_bin(), "job", *args, "--http", broker.http]
+    cp = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert cp.returncode == 0, f"`{' '.join(cmd)}` exited {cp.returncode}: {cp.stderr.decode(errors='replace')}"
+    return cp.stdout.decode()
+
+
+def wait_listed(broker, job, log_path, timeout=30):
+    """The id of the one job `sluice job list` shows running with `job`'s pid."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert job.poll() is None, f"the job ended early; log:\n{log_path.read_text()[-4000:]}"
+        for j in json.loads(job_cli(broker, "list", "--json")):
+            if j["pid"] == job.pid and j["state"] == "RUNNING":
+                return j["id"]
+        time.sleep(0.2)
+    raise AssertionError("the job never showed up in `sluice job list`")
+
+
+def test_a_job_is_listed_cancelled_and_restored_from_a_savepoint_at_another_parallelism(broker, tmp_path):
+    """The job reports to the broker: `sluice job list` shows it, `sluice job
+    cancel` stops it, `sluice job savepoint` writes a savepoint while it runs
+    and `--stop` ends it there. A run started from that savepoint at another
+    parallelism (with no checkpoints of its own) finishes the work: the
+    read_committed output is exactly the failure-free result."""
+    src, out = unique("clicks"), unique("counts")
+    create(broker.bootstrap, src, partitions=3)
+    create(broker.bootstrap, out, partitions=2)
+    produce_input(broker.bootstrap, src)
+    log_path = tmp_path / "job.log"
+    report = ["--report-to", broker.http]
+    savepoints = tmp_path / "savepoints"
+    with open(log_path, "w") as log:
+        # Cancel: a run writing elsewhere, stopped on request.
+        spare = unique("spare")
+        create(broker.bootstrap, spare, partitions=1)
+        job = start_job(broker.bootstrap, src, spare, tmp_path / "spare-checkpoints", 2, log,
+                        extra=report, pause_every=1)
+        try:
+            spare_id = wait_listed(broker, job, log_path)
+            job_cli(broker, "cancel", spare_id)
+            assert job.wait(60) == 0, log_path.read_text()[-4000:]
+        finally:
+            if job.poll() is None:
+                job.kill()
+        assert json.loads(job_cli(broker, "status", spare_id))["state"] == "CANCELED"
+
+        # Savepoints: one while running, then one that stops the job.
+        job = start_job(broker.bootstrap, src, out, tmp_path / "checkpoints", 2, log,
+                        extra=report, pause_every=1)
+        try:
+            job_id = wait_listed(broker, job, log_path)
+            time.sleep(1)
+            first = Path(job_cli(broker, "savepoint", job_id, "--dir", str(savepoints)).strip())
+            assert list(first.glob("chk-*/_complete")), f"no complete checkpoint in {first}"
+            stopped_at = Path(job_cli(broker, "savepoint", job_id, "--dir", str(savepoints), "--stop").strip())
+            assert job.wait(60) == 0, log_path.read_text()[-4000:]
+        finally:
+            if job.poll() is None:
+                job.kill()
+        status = json.loads(job_cli(broker, "status", job_id))
+        assert status["state"] == "CANCELED", status
+        assert [s["state"] for s in status["savepoints"]] == ["COMPLETED", "COMPLETED"], status
+        # Per-stage figures: the topic stage read records and sent them on to
+        # the window stage, which took them in; state went into checkpoints.
+        stages = status["metrics"]
+        assert [m["name"] for m in stages] == [s["name"] for s in status["stages"]], stages
+        for m, s in zip(stages, status["stages"]):
+            assert len(m["subtasks"]) == s["parallelism"], m
+        assert stages[0]["records_in"] > 0 and stages[0]["records_out"] > 0, stages
+        assert stages[-1]["records_in"] > 0, stages
+        assert stages[-1]["records_in"] <= stages[0]["records_out"], stages
+        # Each source subtask's watermark is its partitions' least; the stage's
+        # is its least subtask's, none while one has not got one yet.
+        marks = [s["watermark"] for s in stages[0]["subtasks"]]
+        assert any(isinstance(w, int) for w in marks), json.dumps(stages, indent=1)
+        if None in marks:
+            assert stages[0]["watermark"] is None, stages[0]
+        assert status["checkpoints"]["last_size_bytes"] > 0, status["checkpoints"]
+        # The node's /metrics shows the same figures from the job's last report.
+        node = scrape_metrics(broker.http)
+        job_label = {"job": job_id}
+        assert metric_samples(node, "sluice_stream_job_running", **job_label)[0].value == 0
+        assert metric_samples(node, "sluice_stream_job_checkpoints_completed", **job_label)[0].value == \
+            status["checkpoints"]["completed"]
+        for m in stages:
+            got = metric_samples(node, "sluice_stream_stage_records_in", job=job_id, stage=m["name"])
+            assert got and got[0].value == m["records_in"], (m["name"], got)
+        # The stopped run had work left: the savepoint is not its end.
+        partial = read_output(broker.bootstrap, out, "read_committed", expect=0)
+        want = expected_counts()
+        assert len(partial) < len(want), "the job finished before it was stopped"
+
+        job = start_job(broker.bootstrap, src, out, tmp_path / "fresh-checkpoints", 3, log,
+                        extra=["--from-savepoint", str(stopped_at)])
+        assert job.wait(180) == 0, log_path.read_text()[-4000:]
+    assert f"restoring from savepoint {stopped_at}" in log_path.read_text()
+    got = read_output(broker.bootstrap, out, "read_committed", expect=len(want))
+    missing = sorted(set(want) - set(got))
+    dupes = [k for k, n in Counter(got).items() if n > 1]
+    assert got == want, f"missing {len(missing)} (e.g. {missing[:5]}), twice {len(dupes)} (e.g. {dupes[:5]})"
+
+
+def test_the_word_count_example_counts_each_word_per_window(broker, tmp_path):
+    """crates/stream/examples/topic_word_count.rs over a topic of lines with
+    timestamps 250 ms apart: its printed counts per one-second window and word
+    are what counting them directly gives."""
+    binary = Path(job_binary()).parent / "topic_word_count"
+    if not binary.exists():
+        pytest.skip(f"no example binary at {binary}")
+    src = unique("lines")
+    create(broker.bootstrap, src, partitions=2)
+    verses = [
+        "To be, or not to be, that is the question:",
+        "Whether 'tis nobler in the mind to suffer",
+        "The slings and arrows of outrageous fortune,",
+        "Or to take arms against a sea of troubles",
+    ]
+    p = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all"})
+    want = Counter()
+    for i in range(400):
+        line, t = verses[i % len(verses)], BASE_TIME + i * 250
+        p.produce(src, value=line.encode(), timestamp=t)
+        for word in re.findall(r"[^\W_]+", line):
+            want[(t - t % 1000, word.lower())] += 1
+    assert p.flush(30) == 0
+    out = subprocess.run(
+        [str(binary), "--bootstrap", broker.bootstrap, "--input", src,
+         "--window-ms", "1000", "--parallelism", "2", "--bounded"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    got = Counter()
+    for row in out.stdout.splitlines():
+        start, word, count = row.split("\t")
+        assert (int(start), word) not in got, f"window {start} of {word!r} printed twice"
+        got[(int(start), word)] = int(count)
+    assert got == want

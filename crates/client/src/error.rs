@@ -91,6 +91,9 @@ pub enum ProtocolError {
         /// What the decoder said.
         reason: String,
     },
+    /// An HTTP answer of the admin API is malformed.
+    #[error("HTTP: {0}")]
+    Http(String),
     /// An answer arrived for another request than the oldest outstanding.
     #[error("correlation id {got} in answer to {expected}")]
     CorrelationId {

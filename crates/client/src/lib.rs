@@ -69,6 +69,7 @@
 mod connection;
 mod error;
 mod frame;
+pub mod http;
 pub mod txn;
 mod versions;
 

@@ -3,7 +3,9 @@
 //! (with `--running-count`: every record's key and its count so far),
 //! exactly once, checkpointing to a local directory. Run it again after a
 //! crash (`kill -9` included) and it restores from its latest checkpoint,
-//! at the same or another parallelism.
+//! at the same or another parallelism. With `--report-to HOST:PORT` (a
+//! Sluice node's HTTP port) `sluice job list|status|cancel|savepoint` see
+//! and steer it; `--from-savepoint DIR` starts from a savepoint.
 //!
 //! ```sh
 //! cargo run --release -p sluice-stream --example topic_window_count -- \
@@ -33,6 +35,10 @@ struct Args {
     running: bool,
     /// librdkafka consumer settings, `key=value`.
     consumer_properties: Vec<(String, String)>,
+    /// A Sluice node's HTTP admin address to report to.
+    report_to: Option<String>,
+    /// A savepoint directory to start from.
+    from_savepoint: Option<String>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -49,6 +55,8 @@ fn parse() -> Result<Args, String> {
         transactional_id_prefix: "topic-window-count".into(),
         consumer_properties: Vec::new(),
         running: false,
+        report_to: None,
+        from_savepoint: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -72,6 +80,8 @@ fn parse() -> Result<Args, String> {
             "--checkpoint-ms" => a.checkpoint_ms = number(&value)?,
             "--pause-every" => a.pause_every = number(&value)?,
             "--transactional-id-prefix" => a.transactional_id_prefix = value,
+            "--report-to" => a.report_to = Some(value),
+            "--from-savepoint" => a.from_savepoint = Some(value),
             "--consumer-property" => {
                 let (k, v) = value
                     .split_once('=')
@@ -104,10 +114,21 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Ok(Some(id)) = store.latest() {
-        println!("restoring from checkpoint {id}");
+    match &args.from_savepoint {
+        Some(dir) => {
+            println!("restoring from savepoint {dir}");
+            env.restore_from_savepoint(dir);
+        }
+        None => {
+            if let Ok(Some(id)) = store.latest() {
+                println!("restoring from checkpoint {id}");
+            }
+        }
     }
     env.enable_checkpointing(Duration::from_millis(args.checkpoint_ms), store);
+    if let Some(http) = &args.report_to {
+        env.report_to(http);
+    }
     let mut source = KafkaSource::new(&args.bootstrap, &args.input);
     if args.bounded {
         source = source.bounded();
@@ -159,6 +180,7 @@ fn main() {
     }
     match env.execute("topic window count") {
         Ok(()) => println!("done"),
+        Err(sluice_stream::StreamError::CancelledByRequest) => println!("cancelled"),
         Err(e) => {
             eprintln!("topic_window_count: {e}");
             std::process::exit(1);

@@ -1,4 +1,4 @@
-//! Checkpoints: Flink's asynchronous barrier snapshots, aligned.
+//! Checkpoints: Flink's asynchronous barrier snapshots, aligned or not.
 //!
 //! - The coordinator (a thread of [`crate::StreamEnv::execute`]) starts
 //!   checkpoint `n` by raising the job's requested id. Each source subtask
@@ -17,6 +17,13 @@
 //!   their state. Keyed state is written per key group, so a restored job may
 //!   run at another parallelism.
 //!
+//! - **Unaligned** (when enabled): a subtask with several inputs does not
+//!   wait. At the first barrier `n` it writes its state and passes the
+//!   barrier on; what its other inputs send until their barriers `n` is
+//!   processed and also stored with the checkpoint, and a restore replays
+//!   it first. Records at exchanges are serialized for this
+//!   ([`crate::StateData`]).
+//!
 //! A checkpoint cannot complete once a subtask has ended (it would not
 //! acknowledge): a bounded job's results after its last checkpoint are
 //! committed when the whole job has succeeded.
@@ -25,10 +32,9 @@ use std::fs;
 use std::hash::Hash;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -243,93 +249,19 @@ pub(crate) struct CheckpointConfig {
     pub timeout: Duration,
     pub keep: usize,
     pub store: Arc<dyn CheckpointStore>,
-}
-
-/// What the subtasks of a running job share about checkpoints.
-pub(crate) struct Coordination {
-    pub config: Option<CheckpointConfig>,
-    /// The latest checkpoint started (0: none).
-    pub requested: AtomicU64,
-    /// The latest checkpoint completed (0: none).
-    pub completed: AtomicU64,
-    /// The checkpoint this run restores from.
-    pub restore: Option<CheckpointId>,
-    acks: Mutex<Sender<CheckpointId>>,
-    /// What subtasks that ended wrote for the final checkpoint.
-    pub final_parts: FinalParts,
+    /// Records a subtask may hold back while it aligns a checkpoint's
+    /// barriers; past it the subtask declines the checkpoint instead (or,
+    /// with unaligned checkpoints, stops aligning). Also bounds the records
+    /// an unaligned checkpoint stores from the channels.
+    pub max_alignment_records: usize,
+    /// Unaligned checkpoints: how long a subtask aligns before it stops
+    /// waiting and stores the records still in flight instead (zero: at
+    /// the first barrier). None: always aligned.
+    pub unaligned_after: Option<Duration>,
 }
 
 /// A commit a sink left for the end of a successful job.
 pub(crate) type Commit = Box<dyn FnOnce() -> Result<(), StreamError> + Send>;
-
-impl Coordination {
-    pub fn new(
-        config: Option<CheckpointConfig>,
-        restore: Option<CheckpointId>,
-        acks: Sender<CheckpointId>,
-    ) -> Coordination {
-        Coordination {
-            config,
-            requested: AtomicU64::new(restore.unwrap_or(0)),
-            completed: AtomicU64::new(restore.unwrap_or(0)),
-            restore,
-            acks: Mutex::new(acks),
-            final_parts: FinalParts::default(),
-        }
-    }
-
-    pub fn ack(&self, id: CheckpointId) {
-        if let Ok(tx) = self.acks.lock() {
-            // The coordinator gone means the job is ending: nothing to tell.
-            let _ = tx.send(id);
-        }
-    }
-}
-
-/// Runs checkpoints every `interval` until `done`: starts one, waits for
-/// `tasks` acknowledgements (or the timeout, which abandons it), completes
-/// it in the store.
-pub(crate) fn coordinate(
-    shared: &Coordination,
-    config: &CheckpointConfig,
-    tasks: usize,
-    acks: &Receiver<CheckpointId>,
-    done: &AtomicBool,
-) -> Result<(), StreamError> {
-    let tick = Duration::from_millis(5).min(config.interval);
-    let mut next_start = Instant::now() + config.interval;
-    loop {
-        while Instant::now() < next_start {
-            if done.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-            std::thread::sleep(tick);
-        }
-        let id = shared.requested.load(Ordering::SeqCst) + 1;
-        shared.requested.store(id, Ordering::SeqCst);
-        let deadline = Instant::now() + config.timeout;
-        let mut acked = 0;
-        while acked < tasks {
-            if done.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-            match acks.recv_timeout(tick) {
-                Ok(a) if a == id => acked += 1,
-                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-        }
-        if acked == tasks {
-            config.store.complete(id)?;
-            shared.completed.store(id, Ordering::SeqCst);
-            config.store.prune(config.keep)?;
-        }
-        next_start = Instant::now() + config.interval;
-    }
-}
 
 /// One link's state in a checkpoint: named entries, keyed ones cut by key
 /// group.
@@ -347,11 +279,11 @@ struct Entry {
     bytes: Vec<u8>,
 }
 
-fn encode<V: Serialize + ?Sized>(v: &V) -> Result<Vec<u8>, StreamError> {
+pub(crate) fn encode<V: Serialize + ?Sized>(v: &V) -> Result<Vec<u8>, StreamError> {
     postcard::to_allocvec(v).map_err(|e| StreamError::State(format!("cannot encode state: {e}")))
 }
 
-fn decode<V: DeserializeOwned>(bytes: &[u8]) -> Result<V, StreamError> {
+pub(crate) fn decode<V: DeserializeOwned>(bytes: &[u8]) -> Result<V, StreamError> {
     postcard::from_bytes(bytes).map_err(|e| StreamError::State(format!("cannot decode state: {e}")))
 }
 
@@ -484,6 +416,20 @@ fn part_prefix(stage: usize, link: usize) -> String {
     format!("s{stage}.l{link}.")
 }
 
+/// Names the part that holds what a stage's subtask received in flight
+/// during an unaligned checkpoint.
+fn channel_prefix(stage: usize) -> String {
+    format!("s{stage}.in.")
+}
+
+/// Records an unaligned checkpoint took from a subtask's input channels:
+/// each encoded, with its key group when the exchange is keyed.
+#[derive(Serialize, Deserialize)]
+struct ChannelState {
+    subtask: u32,
+    records: Vec<(Option<u32>, Vec<u8>)>,
+}
+
 /// The subtask's side of a checkpoint or a restore, passed down its chain:
 /// each link takes the next link number.
 pub(crate) struct Cursor<'a> {
@@ -492,6 +438,8 @@ pub(crate) struct Cursor<'a> {
     stage: usize,
     info: crate::SubtaskInfo,
     link: usize,
+    /// Where the bytes written are added up (the checkpoint's size).
+    written: Option<&'a AtomicU64>,
 }
 
 impl<'a> Cursor<'a> {
@@ -507,7 +455,14 @@ impl<'a> Cursor<'a> {
             stage,
             info,
             link: 0,
+            written: None,
         }
+    }
+
+    /// Adds the size of every part written to `written`.
+    pub fn counting_into(mut self, written: &'a AtomicU64) -> Cursor<'a> {
+        self.written = Some(written);
+        self
     }
 
     /// Whether this is the final checkpoint, taken as a subtask ends: no
@@ -549,7 +504,56 @@ impl<'a> Cursor<'a> {
             return Ok(());
         }
         let name = format!("{}{}", part_prefix(self.stage, link), self.info.index);
-        self.store.put(self.id, &name, &encode(&w.state)?)
+        let bytes = encode(&w.state)?;
+        if let Some(written) = self.written {
+            written.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.store.put(self.id, &name, &bytes)
+    }
+
+    /// Stores the records this subtask received in flight: they were sent
+    /// before the checkpoint's barrier and reached the subtask after its
+    /// state was written.
+    pub fn put_channel(&mut self, records: Vec<(Option<u32>, Vec<u8>)>) -> Result<(), StreamError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let bytes = encode(&ChannelState {
+            subtask: self.info.index as u32,
+            records,
+        })?;
+        if let Some(written) = self.written {
+            written.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        let name = format!("{}{}", channel_prefix(self.stage), self.info.index);
+        self.store.put(self.id, &name, &bytes)
+    }
+
+    /// The in-flight records of this stage's channels that this subtask
+    /// takes over, in the order each writer received them: keyed ones by
+    /// key group, the others from writer `w` by subtask `w % parallelism`.
+    pub fn channel_records(&self) -> Result<Vec<Vec<u8>>, StreamError> {
+        let mine = key_group_range(
+            self.info.index,
+            self.info.parallelism,
+            self.info.max_parallelism,
+        );
+        let parallelism = self.info.parallelism.max(1);
+        let mut out = Vec::new();
+        for (_, bytes) in self.store.parts(self.id, &channel_prefix(self.stage))? {
+            let state: ChannelState = decode(&bytes)?;
+            let writer_is_mine = state.subtask as usize % parallelism == self.info.index;
+            for (group, record) in state.records {
+                let take = match group {
+                    Some(g) => mine.contains(&(g as usize)),
+                    None => writer_is_mine,
+                };
+                if take {
+                    out.push(record);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// What the next link wrote in the checkpoint, from every subtask.

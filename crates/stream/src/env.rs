@@ -4,11 +4,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::checkpoint::{self, CheckpointConfig, CheckpointId, CheckpointStore, Coordination};
+use crate::checkpoint::{self, CheckpointConfig, CheckpointId, CheckpointStore};
+use crate::control::Coordination;
 use crate::operator::Output;
 use crate::sink::SuccessCommits;
 use crate::source::SubtaskInfo;
 use crate::StreamError;
+
+/// Records held back during alignment before a checkpoint is declined.
+const DEFAULT_MAX_ALIGNMENT_RECORDS: usize = 100_000;
 
 /// A subtask ready to run on its thread.
 pub(crate) type Task = Box<dyn FnOnce(&TaskRuntime) -> Result<(), StreamError> + Send>;
@@ -20,18 +24,17 @@ pub(crate) struct TaskRuntime {
     pub info: SubtaskInfo,
     pub cancel: Arc<AtomicBool>,
     pub shared: Arc<Coordination>,
+    pub metrics: Arc<crate::metrics::SubtaskMetrics>,
 }
 
 impl TaskRuntime {
     /// A cursor over checkpoint `id` for this subtask's chain.
     pub fn cursor(&self, id: CheckpointId) -> Option<checkpoint::Cursor<'_>> {
         let config = self.shared.config.as_ref()?;
-        Some(checkpoint::Cursor::new(
-            id,
-            &*config.store,
-            self.stage,
-            self.info,
-        ))
+        Some(
+            checkpoint::Cursor::new(id, &*config.store, self.stage, self.info)
+                .counting_into(&self.shared.bytes_written),
+        )
     }
 
     /// A cursor over the final checkpoint, which this subtask writes as it
@@ -60,10 +63,33 @@ impl TaskRuntime {
         self.shared.restore
     }
 
+    /// A cursor over the checkpoint this run restores from: in the
+    /// checkpoint store, or in a savepoint's own directory.
+    pub fn restore_cursor(&self) -> Option<checkpoint::Cursor<'_>> {
+        let id = self.restoring()?;
+        match &self.shared.restore_store {
+            Some(store) => Some(checkpoint::Cursor::new(id, &**store, self.stage, self.info)),
+            None => self.cursor(id),
+        }
+    }
+
     /// Restores the chain that starts at `out` (when the job restores).
     pub fn restore<T>(&self, out: &mut dyn Output<T>) -> Result<(), StreamError> {
-        match self.restoring().and_then(|id| self.cursor(id)) {
+        match self.restore_cursor() {
             Some(mut cp) => out.restore(&mut cp),
+            None => Ok(()),
+        }
+    }
+
+    /// This subtask declines checkpoint `id`: the coordinator abandons it,
+    /// and the barrier still goes on (without an acknowledgement), so the
+    /// subtasks downstream stop aligning on it instead of holding back what
+    /// their other inputs send (Flink sends a cancellation marker).
+    pub fn decline<T>(&self, id: CheckpointId, out: &mut dyn Output<T>) -> Result<(), StreamError> {
+        // Abandoned first: nothing downstream can complete it after this.
+        self.shared.declined.fetch_max(id, Ordering::SeqCst);
+        match self.cursor(id) {
+            Some(mut cp) => out.barrier(&mut cp),
             None => Ok(()),
         }
     }
@@ -75,11 +101,54 @@ impl TaskRuntime {
         id: CheckpointId,
         out: &mut dyn Output<T>,
     ) -> Result<(), StreamError> {
-        if let Some(mut cp) = self.cursor(id) {
-            out.barrier(&mut cp)?;
+        if self.snapshot(id, out)? {
             self.shared.ack(id);
         }
         Ok(())
+    }
+
+    /// Every link of the chain at `out` writes its state for checkpoint
+    /// `id` and the barrier goes on, without an acknowledgement yet (an
+    /// unaligned checkpoint still has in-flight records to store). False
+    /// when the job does not checkpoint.
+    pub fn snapshot<T>(
+        &self,
+        id: CheckpointId,
+        out: &mut dyn Output<T>,
+    ) -> Result<bool, StreamError> {
+        match self.cursor(id) {
+            Some(mut cp) => out.barrier(&mut cp).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Stores what this subtask received in flight for unaligned checkpoint
+    /// `id`, whose state it wrote already, and acknowledges the checkpoint.
+    pub fn complete_unaligned(
+        &self,
+        id: CheckpointId,
+        records: Vec<(Option<u32>, Vec<u8>)>,
+    ) -> Result<(), StreamError> {
+        if let Some(mut cp) = self.cursor(id) {
+            cp.put_channel(records)?;
+            self.shared.ack(id);
+        }
+        Ok(())
+    }
+
+    /// This subtask gives up checkpoint `id` after its barrier went on (it
+    /// would store too many in-flight records): the coordinator abandons it.
+    pub fn abandon(&self, id: CheckpointId) {
+        self.shared.declined.fetch_max(id, Ordering::SeqCst);
+    }
+
+    /// The in-flight records of the restored checkpoint this subtask takes
+    /// over (none when the job does not restore).
+    pub fn restored_channel_records(&self) -> Result<Vec<Vec<u8>>, StreamError> {
+        match self.restore_cursor() {
+            Some(cp) => cp.channel_records(),
+            None => Ok(Vec::new()),
+        }
     }
 
     pub fn requested(&self) -> CheckpointId {
@@ -139,6 +208,12 @@ struct Plan {
     restored: Option<CheckpointId>,
     /// What sinks commit once the whole job has succeeded.
     on_success: SuccessCommits,
+    /// The HTTP address of the node the job reports to.
+    report_to: Option<String>,
+    /// A savepoint the next `execute` starts from.
+    savepoint: Option<std::path::PathBuf>,
+    /// The pool async I/O calls run on, made for the first async link.
+    async_runtime: Option<Arc<crate::async_io::AsyncRuntime>>,
 }
 
 /// Builds and runs a job (Flink's `StreamExecutionEnvironment`). Cheap to
@@ -176,12 +251,41 @@ impl StreamEnv {
                 checkpoints: None,
                 restored: None,
                 on_success: SuccessCommits::default(),
+                report_to: None,
+                savepoint: None,
+                async_runtime: None,
             })),
             cancelled: Arc::new(AtomicBool::new(false)),
         }
     }
 
     /// Records why the job cannot run; `execute` reports it.
+    /// The job's async I/O pool, started the first time it is asked for. When
+    /// it cannot be started the job is invalid (and the pool an empty one).
+    pub(crate) fn async_runtime(&self) -> Arc<crate::async_io::AsyncRuntime> {
+        let made = {
+            let mut plan = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(rt) = &plan.async_runtime {
+                return rt.clone();
+            }
+            crate::async_io::AsyncRuntime::start().map(|rt| {
+                let rt = Arc::new(rt);
+                plan.async_runtime = Some(rt.clone());
+                rt
+            })
+        };
+        made.unwrap_or_else(|e| {
+            self.invalid(e.to_string());
+            Arc::new(crate::async_io::AsyncRuntime::none())
+        })
+    }
+
+    /// The flag every subtask stops at (a subtask failed, or the job was
+    /// cancelled).
+    pub(crate) fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancelled.clone()
+    }
+
     pub(crate) fn invalid(&self, why: String) {
         self.plan().invalid.push(why);
     }
@@ -247,7 +351,50 @@ impl StreamEnv {
             timeout: Duration::from_secs(600),
             keep: 2,
             store: Arc::new(store),
+            max_alignment_records: DEFAULT_MAX_ALIGNMENT_RECORDS,
+            unaligned_after: None,
         });
+        self
+    }
+
+    /// Records a subtask may hold back while it waits for a checkpoint's
+    /// barrier on its slower inputs (default 100,000). A subtask that would
+    /// hold more declines that checkpoint and lets everything through: its
+    /// memory stays bounded and the next checkpoint tries again (Flink's
+    /// limit on buffering during alignment).
+    pub fn set_max_alignment_records(&self, records: usize) -> &Self {
+        if let Some(c) = self.plan().checkpoints.as_mut() {
+            c.max_alignment_records = records.max(1);
+        }
+        self
+    }
+
+    /// Unaligned checkpoints (Flink's `enableUnalignedCheckpoints`): a
+    /// subtask with several inputs does not wait for a checkpoint's barrier
+    /// on every input before it writes its state. At the first barrier it
+    /// writes its state and passes the barrier on; the records its other
+    /// inputs sent before their barriers, which reach it afterwards, are
+    /// processed as usual and stored with the checkpoint, and a restore
+    /// processes them again before anything else. Checkpoints then complete
+    /// under backpressure and skew, where aligning would stall the faster
+    /// inputs or hold back too much (see [`Self::set_max_alignment_records`]).
+    /// Records that cross an exchange are serialized for it
+    /// ([`crate::StateData`]). As in Flink, watermarks in flight are not
+    /// stored: a restored subtask replays those records under its restored
+    /// watermark, so a record that became late only while in flight counts
+    /// as on time after a restore.
+    pub fn enable_unaligned_checkpoints(&self) -> &Self {
+        self.set_aligned_checkpoint_timeout(Duration::ZERO)
+    }
+
+    /// Unaligned checkpoints that start aligned (Flink's
+    /// `setAlignedCheckpointTimeout`): a subtask aligns as usual and turns
+    /// the checkpoint unaligned once it has waited `timeout` for its slower
+    /// inputs' barriers, or would hold back more than the alignment limit.
+    pub fn set_aligned_checkpoint_timeout(&self, timeout: Duration) -> &Self {
+        if let Some(c) = self.plan().checkpoints.as_mut() {
+            c.unaligned_after = Some(timeout);
+        }
         self
     }
 
@@ -257,6 +404,27 @@ impl StreamEnv {
         if let Some(c) = self.plan().checkpoints.as_mut() {
             c.timeout = timeout;
         }
+        self
+    }
+
+    /// Reports the running job to the Sluice node whose HTTP admin port is
+    /// `http` (`host:port`) every second, where `sluice job list|status`
+    /// show it, and takes requests from there: `sluice job cancel` stops
+    /// it ([`StreamError::CancelledByRequest`]), `sluice job savepoint`
+    /// takes a checkpoint at once and copies it into a directory of its
+    /// own (the job must checkpoint). A node that cannot be reached does
+    /// not stop the job.
+    pub fn report_to(&self, http: impl Into<String>) -> &Self {
+        self.plan().report_to = Some(http.into());
+        self
+    }
+
+    /// Makes the next [`Self::execute`] start from the savepoint in `dir`
+    /// (the path `sluice job savepoint` printed) instead of the latest
+    /// checkpoint, at whatever parallelism the job now has. Its own
+    /// checkpoints go on into its checkpoint store, numbered after both.
+    pub fn restore_from_savepoint(&self, dir: impl Into<std::path::PathBuf>) -> &Self {
+        self.plan().savepoint = Some(dir.into());
         self
     }
 
@@ -282,7 +450,7 @@ impl StreamEnv {
     /// end. A failed subtask fails the job: the others stop, and the error
     /// names the first failure (not the stops it caused).
     pub fn execute(&self, job: &str) -> Result<(), StreamError> {
-        let (stages, inputs, invalid, max_parallelism, config) = {
+        let (stages, inputs, invalid, max_parallelism, config, report_to, savepoint) = {
             let mut plan = self.plan();
             (
                 std::mem::take(&mut plan.stages),
@@ -290,22 +458,115 @@ impl StreamEnv {
                 std::mem::take(&mut plan.invalid),
                 plan.settings.max_parallelism,
                 plan.checkpoints.clone(),
+                plan.report_to.clone(),
+                plan.savepoint.take(),
             )
         };
         if let Some(why) = invalid.into_iter().next() {
             return Err(StreamError::InvalidJob(why));
         }
         self.cancelled.store(false, Ordering::SeqCst);
-        let restore = match &config {
+        let latest = match &config {
             Some(c) => {
                 c.store.discard_incomplete()?;
                 c.store.latest()?
             }
             None => None,
         };
+        let (restore, restore_store) = match savepoint {
+            Some(dir) => {
+                let store = crate::LocalDirStore::new(&dir)?;
+                let id = store.latest()?.ok_or_else(|| {
+                    StreamError::InvalidJob(format!("no savepoint in {}", dir.display()))
+                })?;
+                let store: Arc<dyn CheckpointStore> = Arc::new(store);
+                (Some(id), Some(store))
+            }
+            None => (latest, None),
+        };
         self.plan().restored = restore;
+        let first_id = restore.max(latest).unwrap_or(0);
         let (acks, acked) = std::sync::mpsc::channel();
-        let shared = Arc::new(Coordination::new(config.clone(), restore, acks));
+        let shared = Arc::new(Coordination::new(
+            config.clone(),
+            restore,
+            restore_store,
+            first_id,
+            acks,
+            self.cancelled.clone(),
+        ));
+        let metrics = Arc::new(crate::metrics::JobMetrics::new(
+            stages.iter().map(|s| (s.name.as_str(), s.parallelism)),
+        ));
+        let reporter_done = Arc::new(AtomicBool::new(false));
+        let job_end: crate::control::JobEnd = Arc::default();
+        let reporter = report_to.and_then(|http| {
+            let reporter = crate::control::Reporter {
+                http,
+                info: crate::control::JobInfo {
+                    name: job.to_owned(),
+                    started_ms: crate::control::now_ms(),
+                    parallelism: stages.iter().map(|s| s.parallelism).max().unwrap_or(1),
+                    stages: stages
+                        .iter()
+                        .map(|s| serde_json::json!({"name": s.name, "parallelism": s.parallelism}))
+                        .collect(),
+                    restored_from: restore,
+                    checkpointing: config.is_some(),
+                },
+                control: shared.control.clone(),
+                metrics: metrics.clone(),
+                cancel: self.cancelled.clone(),
+                done: reporter_done.clone(),
+                end: job_end.clone(),
+            };
+            std::thread::Builder::new()
+                .name(format!("{job}/report"))
+                .spawn(move || reporter.run())
+                .ok()
+        });
+        let result = self.run(
+            job,
+            stages,
+            inputs,
+            max_parallelism,
+            config,
+            (&shared, &metrics),
+            acked,
+        );
+        let result = match result {
+            Err(e)
+                if e.is_consequence() && shared.control.cancel_requested.load(Ordering::SeqCst) =>
+            {
+                Err(StreamError::CancelledByRequest)
+            }
+            other => other,
+        };
+        if let Some(reporter) = reporter {
+            let end = match &result {
+                Ok(()) => ("FINISHED".to_owned(), None),
+                Err(StreamError::CancelledByRequest) => ("CANCELED".to_owned(), None),
+                Err(e) => ("FAILED".to_owned(), Some(e.to_string())),
+            };
+            *job_end.lock().unwrap_or_else(|p| p.into_inner()) = Some(end);
+            reporter_done.store(true, Ordering::SeqCst);
+            let _ = reporter.join();
+        }
+        result
+    }
+
+    /// Runs the job's subtasks and its checkpoint coordinator until all end.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        job: &str,
+        stages: Vec<Stage>,
+        inputs: Vec<(String, Arc<dyn PendingInputs + Sync>)>,
+        max_parallelism: usize,
+        config: Option<CheckpointConfig>,
+        (shared, metrics): (&Arc<Coordination>, &crate::metrics::JobMetrics),
+        acked: std::sync::mpsc::Receiver<CheckpointId>,
+    ) -> Result<(), StreamError> {
         let mut tasks = Vec::new();
         for (stage_number, s) in stages.iter().enumerate() {
             if s.parallelism > max_parallelism {
@@ -325,6 +586,7 @@ impl StreamEnv {
                     info,
                     cancel: self.cancelled.clone(),
                     shared: shared.clone(),
+                    metrics: metrics.subtask(stage_number, index),
                 };
                 tasks.push((s.name.clone(), index, runtime, (s.make)(info)?));
             }
@@ -351,6 +613,7 @@ impl StreamEnv {
                 .spawn(move || {
                     // Whatever ends a subtask early stops the others.
                     let guard = CancelOnDrop(Some(cancel));
+                    crate::metrics::enter(runtime.metrics.clone());
                     let r = task(&runtime);
                     if r.is_ok() {
                         guard.disarm();
@@ -378,7 +641,7 @@ impl StreamEnv {
                         // A checkpoint that cannot be stored fails the job
                         // (Flink's default: no checkpoint failure tolerated).
                         let guard = CancelOnDrop(Some(cancel));
-                        let r = checkpoint::coordinate(&shared, &config, total, &acked, &done);
+                        let r = crate::control::coordinate(&shared, &config, total, &acked, &done);
                         if r.is_ok() {
                             guard.disarm();
                         }
@@ -414,6 +677,13 @@ impl StreamEnv {
         let first_cause = errors.iter().position(|e| !e.is_consequence());
         match first_cause.or(if errors.is_empty() { None } else { Some(0) }) {
             Some(i) => Err(errors.swap_remove(i)),
+            None if shared.control.cancel_requested.load(Ordering::SeqCst) => {
+                // Cancelled, or stopped at a savepoint, just as the last
+                // subtasks ended well: not a success, so nothing beyond the
+                // last checkpoint (the savepoint) is committed, and a run
+                // restored from the savepoint repeats nothing.
+                Err(StreamError::CancelledByRequest)
+            }
             None => {
                 // Every subtask ended well. The final checkpoint records
                 // where they ended (sources at their end, sinks' last

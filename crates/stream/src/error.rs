@@ -33,6 +33,10 @@ pub enum StreamError {
     /// A topic source or sink failed (the cluster refused, or did not answer).
     #[error("kafka: {0}")]
     Kafka(String),
+    /// The job was cancelled through the node it reports to (`sluice job
+    /// cancel`).
+    #[error("the job was cancelled on request")]
+    CancelledByRequest,
     /// A subtask's thread could not be started.
     #[error("could not start a thread for stage '{stage}': {message}")]
     Spawn { stage: String, message: String },

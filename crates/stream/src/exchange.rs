@@ -3,9 +3,9 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::checkpoint::{CheckpointId, Cursor};
 use crate::env::TaskRuntime;
@@ -56,8 +56,22 @@ impl<T: Send> ExchangeSender<T> {
         let gone = || StreamError::DownstreamGone {
             stage: self.stage.clone(),
         };
-        self.targets.get(to).ok_or_else(gone)?;
-        self.targets[to].send((self.me, m)).map_err(|_| gone())
+        let target = self.targets.get(to).ok_or_else(gone)?;
+        if let Message::Records(batch) = &m {
+            let n = batch.len();
+            crate::metrics::with_current(|metrics| metrics.add_out(n));
+        }
+        match target.try_send((self.me, m)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Disconnected(_)) => Err(gone()),
+            // A full channel: the time waited for room is backpressure.
+            Err(TrySendError::Full(m)) => {
+                let waiting = Instant::now();
+                let sent = target.send(m).map_err(|_| gone());
+                crate::metrics::with_current(|metrics| metrics.add_backpressure(waiting.elapsed()));
+                sent
+            }
+        }
     }
 
     fn send_buffer(&mut self, to: usize) -> Result<(), StreamError> {
@@ -139,8 +153,66 @@ impl<T: Send> Output<T> for ExchangeSender<T> {
     }
 }
 
-/// How often a waiting receiver looks at the job's cancel flag.
-const CANCEL_CHECK: Duration = Duration::from_millis(50);
+/// How often a waiting receiver looks at the job's cancel flag and lets
+/// its links check the clock (processing-time timers).
+pub(crate) const CANCEL_CHECK: Duration = Duration::from_millis(50);
+
+/// What a held message counts against the alignment bound: its records, or
+/// one for a watermark, a barrier or an end.
+fn weight<T>(m: &Message<T>) -> usize {
+    match m {
+        Message::Records(batch) => batch.len().max(1),
+        _ => 1,
+    }
+}
+
+/// How a receiver with several inputs stores the records an unaligned
+/// checkpoint takes from its channels, and reads them back on restore.
+pub(crate) struct ChannelCodec<T> {
+    encode: fn(&Record<T>) -> Result<Vec<u8>, StreamError>,
+    decode: fn(&[u8]) -> Result<Record<T>, StreamError>,
+    /// A record's key group when the exchange is keyed: the subtask that
+    /// owns it takes the record over at any parallelism.
+    group_of: Option<GroupOf<T>>,
+}
+
+/// A record's key group.
+pub(crate) type GroupOf<T> = Arc<dyn Fn(&T) -> usize + Send + Sync>;
+
+impl<T: crate::StateData> ChannelCodec<T> {
+    pub fn new(group_of: Option<GroupOf<T>>) -> Arc<ChannelCodec<T>> {
+        Arc::new(ChannelCodec {
+            encode: |r| crate::checkpoint::encode(&(r.time, &r.value)),
+            decode: |bytes| {
+                crate::checkpoint::decode::<(Option<i64>, T)>(bytes)
+                    .map(|(time, value)| Record { value, time })
+            },
+            group_of,
+        })
+    }
+}
+
+impl<T> ChannelCodec<T> {
+    fn entry(&self, r: &Record<T>) -> Result<(Option<u32>, Vec<u8>), StreamError> {
+        let group = self.group_of.as_ref().map(|g| g(&r.value) as u32);
+        Ok((group, (self.encode)(r)?))
+    }
+}
+
+/// An unaligned checkpoint whose state this subtask wrote, while the
+/// barriers of some inputs are still on their way: what those inputs send
+/// until then was sent before the barrier, so it is stored with it.
+struct InFlight {
+    id: CheckpointId,
+    waiting: Vec<bool>,
+    records: Vec<(Option<u32>, Vec<u8>)>,
+}
+
+impl InFlight {
+    fn done(&self) -> bool {
+        !self.waiting.iter().any(|w| *w)
+    }
+}
 
 /// The receivers of a stage's subtasks, each taken when its subtask starts.
 pub(crate) type Inputs<T> = Mutex<Vec<Option<Receiver<Envelope<T>>>>>;
@@ -156,15 +228,28 @@ impl<T: Send> crate::env::PendingInputs for Inputs<T> {
 /// The start of a downstream subtask's chain: merges its inputs. Its
 /// watermark is the least of its inputs' (an ended input counts as
 /// [`WATERMARK_END`]); it ends when every input has. Checkpoint barriers
-/// are aligned here (see [`crate::checkpoint`]).
+/// are aligned here, or not (see [`crate::checkpoint`]); `codec` stores the
+/// records of an unaligned checkpoint (none: the stage always aligns).
 pub(crate) fn receive<T: Send>(
     stage: &str,
     rt: &TaskRuntime,
     inputs: Receiver<Envelope<T>>,
     upstream: usize,
+    codec: Option<Arc<ChannelCodec<T>>>,
     mut out: BoxOutput<T>,
 ) -> Result<(), StreamError> {
     rt.restore(out.as_mut())?;
+    if let Some(codec) = &codec {
+        // Records that were in flight at the restored checkpoint come
+        // before anything the restored upstream sends.
+        let replayed = rt.restored_channel_records()?;
+        if !replayed.is_empty() {
+            for bytes in replayed {
+                out.push((codec.decode)(&bytes)?)?;
+            }
+            out.flush()?;
+        }
+    }
     let subtask = rt.info.index;
     let mut watermarks = vec![i64::MIN; upstream];
     let mut ended = vec![false; upstream];
@@ -173,11 +258,40 @@ pub(crate) fn receive<T: Send>(
     // Alignment: the checkpoint whose barriers are coming in, the inputs
     // that delivered it, and what those sent after it, held back in order.
     let mut aligning: Option<CheckpointId> = None;
+    let mut aligning_since = Instant::now();
     let mut blocked = vec![false; upstream];
     let mut held: VecDeque<Envelope<T>> = VecDeque::new();
+    let mut held_records = 0usize;
+    let config = rt.shared.config.as_ref();
+    let max_held = config.map_or(usize::MAX, |c| c.max_alignment_records);
+    // An input alone needs no alignment: its barrier is the last one.
+    let unaligned_after = match &codec {
+        Some(_) if upstream > 1 => config.and_then(|c| c.unaligned_after),
+        _ => None,
+    };
+    let mut in_flight: Option<InFlight> = None;
+    // The latest checkpoint this subtask wrote its state for, declined or
+    // abandoned: its barriers still on their way from slower inputs are
+    // passed over.
+    let mut passed: CheckpointId = 0;
+    let mut flushed = Instant::now();
     while ended.iter().any(|e| !e) {
         if let Some(id) = rt.newly_completed(&mut completed) {
             out.checkpoint_complete(id)?;
+        }
+        // A tick at least every CANCEL_CHECK, even while barriers or
+        // watermarks keep arriving: links with processing-time timers
+        // check the clock when flushed.
+        if flushed.elapsed() >= CANCEL_CHECK {
+            out.flush()?;
+            flushed = Instant::now();
+        }
+        if let (Some(id), Some(after)) = (aligning, unaligned_after) {
+            if aligning_since.elapsed() >= after {
+                aligning = None;
+                passed = id;
+                in_flight = Some(go_unaligned(rt, id, &mut blocked, &ended, out.as_mut())?);
+            }
         }
         // Held messages of inputs no longer blocked go first, oldest first:
         // each input's messages stay in the order it sent them.
@@ -185,7 +299,10 @@ pub(crate) fn receive<T: Send>(
             .iter()
             .position(|(from, _)| !blocked.get(*from).copied().unwrap_or(false));
         let (from, m) = match next.and_then(|i| held.remove(i)) {
-            Some(envelope) => envelope,
+            Some(envelope) => {
+                held_records = held_records.saturating_sub(weight(&envelope.1));
+                envelope
+            }
             None => match inputs.recv_timeout(CANCEL_CHECK) {
                 Ok(envelope) => envelope,
                 Err(RecvTimeoutError::Timeout) if rt.cancel.load(Ordering::SeqCst) => {
@@ -207,15 +324,58 @@ pub(crate) fn receive<T: Send>(
             continue;
         }
         if blocked[from] {
+            held_records += weight(&m);
             held.push_back((from, m));
+            if held_records > max_held {
+                if let Some(id) = aligning.take() {
+                    if unaligned_after.is_some() {
+                        passed = id;
+                        in_flight = Some(go_unaligned(rt, id, &mut blocked, &ended, out.as_mut())?);
+                        continue;
+                    }
+                    // Let everything through, in order, and tell the
+                    // coordinator: memory stays bounded, the next
+                    // checkpoint tries again.
+                    tracing::warn!(
+                        stage,
+                        subtask,
+                        checkpoint = id,
+                        held = held_records,
+                        "declining a checkpoint: too many records held back while aligning"
+                    );
+                    blocked.fill(false);
+                    passed = id;
+                    rt.decline(id, out.as_mut())?;
+                }
+            }
             continue;
         }
         let advanced = match m {
             Message::Records(batch) => {
+                rt.metrics.add_in(batch.len());
+                if let (Some(f), Some(codec)) = (in_flight.as_mut(), &codec) {
+                    if f.waiting[from] {
+                        for r in &batch {
+                            f.records.push(codec.entry(r)?);
+                        }
+                        if f.records.len() > max_held {
+                            tracing::warn!(
+                                stage,
+                                subtask,
+                                checkpoint = f.id,
+                                records = f.records.len(),
+                                "abandoning an unaligned checkpoint: too many records in flight"
+                            );
+                            rt.abandon(f.id);
+                            in_flight = None;
+                        }
+                    }
+                }
                 for r in batch {
                     out.push(r)?;
                 }
                 out.flush()?;
+                flushed = Instant::now();
                 false
             }
             Message::Watermark(w) => {
@@ -225,17 +385,30 @@ pub(crate) fn receive<T: Send>(
             Message::End => {
                 ended[from] = true;
                 watermarks[from] = WATERMARK_END;
+                if let Some(f) = in_flight.as_mut() {
+                    f.waiting[from] = false;
+                }
                 true
             }
             Message::Barrier(id) => {
-                // A newer barrier means the older checkpoint was abandoned
-                // upstream: align on the newer one.
-                if aligning.is_some_and(|a| a < id) {
-                    blocked.fill(false);
-                }
-                if aligning.is_none_or(|a| a <= id) {
-                    aligning = Some(id);
-                    blocked[from] = true;
+                if let Some(f) = in_flight.as_mut().filter(|f| f.id == id) {
+                    f.waiting[from] = false;
+                } else if id > passed {
+                    // A newer barrier means the older checkpoint was
+                    // abandoned upstream: align on the newer one.
+                    if in_flight.as_ref().is_some_and(|f| f.id < id) {
+                        in_flight = None;
+                    }
+                    if aligning.is_some_and(|a| a < id) {
+                        blocked.fill(false);
+                    }
+                    if aligning.is_none_or(|a| a < id) {
+                        aligning_since = Instant::now();
+                    }
+                    if aligning.is_none_or(|a| a <= id) {
+                        aligning = Some(id);
+                        blocked[from] = true;
+                    }
                 }
                 false
             }
@@ -244,6 +417,7 @@ pub(crate) fn receive<T: Send>(
             let least = watermarks.iter().copied().min().unwrap_or(WATERMARK_END);
             if least > current {
                 current = least;
+                rt.metrics.set_watermark(least);
                 out.watermark(least)?;
                 out.flush()?;
             }
@@ -252,10 +426,42 @@ pub(crate) fn receive<T: Send>(
             if (0..upstream).all(|i| blocked[i] || ended[i]) {
                 aligning = None;
                 blocked.fill(false);
+                passed = id;
                 rt.checkpoint(id, out.as_mut())?;
+            } else if unaligned_after == Some(Duration::ZERO) {
+                aligning = None;
+                passed = id;
+                in_flight = Some(go_unaligned(rt, id, &mut blocked, &ended, out.as_mut())?);
+            }
+        }
+        if in_flight.as_ref().is_some_and(InFlight::done) {
+            if let Some(f) = in_flight.take() {
+                rt.complete_unaligned(f.id, f.records)?;
             }
         }
     }
     out.finish()?;
     rt.final_checkpoint(out.as_mut())
+}
+
+/// Turns checkpoint `id`, aligned so far, unaligned: the chain writes its
+/// state now (it holds everything the inputs that delivered the barrier
+/// sent before it, and nothing after), the barrier goes on, and what the
+/// inputs still `blocked`-free and not ended send until their barriers is
+/// in flight. What was held back is let through.
+fn go_unaligned<T: Send>(
+    rt: &TaskRuntime,
+    id: CheckpointId,
+    blocked: &mut [bool],
+    ended: &[bool],
+    out: &mut dyn Output<T>,
+) -> Result<InFlight, StreamError> {
+    rt.snapshot(id, out)?;
+    let waiting = blocked.iter().zip(ended).map(|(b, e)| !b && !e).collect();
+    blocked.fill(false);
+    Ok(InFlight {
+        id,
+        waiting,
+        records: Vec::new(),
+    })
 }

@@ -6,7 +6,7 @@
 //! group in every process and every run: state snapshotted by key group can
 //! be restored at another parallelism.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::ops::RangeInclusive;
 
@@ -117,6 +117,82 @@ impl<K: Hash + Eq, V> KeyedState<K, V> {
             .and_then(|i| self.groups.get(i))
             .into_iter()
             .flat_map(|m| m.iter())
+    }
+}
+
+/// Flink's `ValueState`: one value per key.
+pub type ValueState<K, V> = KeyedState<K, V>;
+
+/// Flink's `ListState`: a list per key ([`KeyedState::add`],
+/// [`KeyedState::list`]).
+pub type ListState<K, T> = KeyedState<K, Vec<T>>;
+
+/// Flink's `MapState`: a map per key, iterated in its keys' order
+/// ([`KeyedState::put`], [`KeyedState::entry_of`], [`KeyedState::remove_entry`]).
+pub type MapState<K, MK, MV> = KeyedState<K, BTreeMap<MK, MV>>;
+
+impl<K: Hash + Eq, V: Default> KeyedState<K, V> {
+    /// `key`'s value, made with `V::default()` when it has none.
+    pub fn get_or_default(&mut self, key: K) -> &mut V {
+        self.group_mut(&key).entry(key).or_default()
+    }
+}
+
+impl<K: Hash + Eq, T> KeyedState<K, Vec<T>> {
+    /// Appends `value` to `key`'s list.
+    ///
+    /// ```
+    /// use sluice_stream::ListState;
+    ///
+    /// let mut seen: ListState<&str, u32> = ListState::new(0, 1, 128);
+    /// seen.add("a", 1);
+    /// seen.add("a", 2);
+    /// assert_eq!(seen.list(&"a"), &[1, 2]);
+    /// assert!(seen.list(&"b").is_empty());
+    /// ```
+    pub fn add(&mut self, key: K, value: T) {
+        self.get_or_default(key).push(value);
+    }
+
+    /// `key`'s list (empty when it has none).
+    pub fn list(&self, key: &K) -> &[T] {
+        self.get(key).map_or(&[], Vec::as_slice)
+    }
+}
+
+impl<K: Hash + Eq, MK: Ord, MV> KeyedState<K, BTreeMap<MK, MV>> {
+    /// Sets `entry` of `key`'s map to `value`; the value it replaces.
+    ///
+    /// ```
+    /// use sluice_stream::MapState;
+    ///
+    /// let mut last_price: MapState<u64, String, u64> = MapState::new(0, 1, 128);
+    /// last_price.put(7, "eur".into(), 100);
+    /// last_price.put(7, "usd".into(), 110);
+    /// assert_eq!(last_price.entry_of(&7, &"usd".to_string()), Some(&110));
+    /// last_price.remove_entry(&7, &"eur".to_string());
+    /// last_price.remove_entry(&7, &"usd".to_string());
+    /// assert!(last_price.is_empty(), "a key whose map empties is gone");
+    /// ```
+    pub fn put(&mut self, key: K, entry: MK, value: MV) -> Option<MV> {
+        self.get_or_default(key).insert(entry, value)
+    }
+
+    /// The value of `entry` in `key`'s map.
+    pub fn entry_of(&self, key: &K, entry: &MK) -> Option<&MV> {
+        self.get(key).and_then(|m| m.get(entry))
+    }
+
+    /// Removes `entry` from `key`'s map, and the key once its map is empty
+    /// (so a checkpoint holds no empty maps).
+    pub fn remove_entry(&mut self, key: &K, entry: &MK) -> Option<MV> {
+        let map = self.group_mut(key);
+        let inner = map.get_mut(key)?;
+        let removed = inner.remove(entry);
+        if inner.is_empty() {
+            map.remove(key);
+        }
+        removed
     }
 }
 

@@ -44,30 +44,41 @@
 //!   its channels close, the other subtasks stop, and `execute` reports the
 //!   subtask that failed.
 
+mod async_io;
 pub mod checkpoint;
+mod control;
 mod env;
 mod error;
 mod exchange;
+mod global;
 mod join;
 pub mod kafka;
 mod keyed;
+mod metrics;
 pub mod nexmark;
 mod operator;
 mod process;
 mod sink;
 mod source;
 mod stream;
+mod watermark;
 mod window;
 
+pub use async_io::{AsyncOptions, AsyncOrder};
 pub use checkpoint::{CheckpointId, CheckpointStore, LocalDirStore, StateReader, StateWriter};
 pub use env::StreamEnv;
 pub use error::StreamError;
+pub use global::{Evictor, GlobalWindowedStream, Trigger};
 pub use join::{IntervalJoin, JoinFn};
-pub use keyed::{key_group_of, key_group_range, subtask_for_key_group, KeyedState};
+pub use keyed::{
+    key_group_of, key_group_range, subtask_for_key_group, KeyedState, ListState, MapState,
+    ValueState,
+};
 pub use operator::{Collector, Operator};
 pub use process::{KeyedProcess, ProcessContext};
 pub use source::{Source, SourceContext, SourceStatus, SubtaskInfo};
 pub use stream::{CollectHandle, DataStream, Either, KeyedStream};
+pub use watermark::{BoundedOutOfOrderness, WatermarkGenerator, WatermarkOutput};
 pub use window::{TimeWindow, WindowedStream, Windows};
 
 /// What keyed state and windows hold, and what checkpoints write:
@@ -81,7 +92,7 @@ pub const WATERMARK_END: i64 = i64::MAX;
 
 /// One element of a stream: a value and its event time (milliseconds since
 /// the epoch), when it has one.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Record<T> {
     pub value: T,
     pub time: Option<i64>,

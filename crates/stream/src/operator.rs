@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::checkpoint::{CheckpointId, Cursor, StateReader, StateWriter};
 use crate::keyed::KeyedState;
-use crate::{Record, StreamError, WATERMARK_END};
+use crate::{Record, StreamError};
 
 /// The receiving end of one link of a chain.
 pub(crate) trait Output<T>: Send {
@@ -16,7 +16,7 @@ pub(crate) trait Output<T>: Send {
     fn watermark(&mut self, watermark: i64) -> Result<(), StreamError>;
     /// The input batch ended: buffered records go on now (bounded latency).
     fn flush(&mut self) -> Result<(), StreamError>;
-    /// The input ended; called once, after the watermark [`WATERMARK_END`].
+    /// The input ended; called once, after the watermark [`crate::WATERMARK_END`].
     fn finish(&mut self) -> Result<(), StreamError>;
     /// A checkpoint's barrier reached this link (on every input): it
     /// writes its state through the cursor, then passes the barrier on.
@@ -76,7 +76,7 @@ pub trait Operator<In, Out>: Send {
         let _ = (watermark, out);
     }
 
-    /// The input ended (after the watermark [`WATERMARK_END`]).
+    /// The input ended (after the watermark [`crate::WATERMARK_END`]).
     fn finish(&mut self, out: &mut Collector<'_, Out>) {
         let _ = out;
     }
@@ -202,6 +202,7 @@ macro_rules! forward_checkpoints {
         }
     };
 }
+pub(crate) use forward_checkpoints;
 
 /// Checkpoints end at a link with nothing after it and no state.
 macro_rules! end_checkpoints {
@@ -271,57 +272,6 @@ where
         Ok(())
     }
     forward_control!();
-}
-
-/// Assigns event times and generates watermarks: the largest time seen,
-/// less the out-of-orderness bound, less 1 ms (Flink's
-/// `BoundedOutOfOrdernessWatermarks`), emitted at the end of every input
-/// batch. Watermarks from upstream are replaced, except the end.
-pub(crate) struct Timestamps<F, T> {
-    pub extract: Arc<F>,
-    pub bound_ms: i64,
-    pub max_time: i64,
-    pub emitted: i64,
-    pub out: BoxOutput<T>,
-}
-
-impl<T: Send, F: Fn(&T) -> i64 + Send + Sync> Output<T> for Timestamps<F, T> {
-    fn push(&mut self, r: Record<T>) -> Result<(), StreamError> {
-        let time = (self.extract)(&r.value);
-        self.max_time = self.max_time.max(time);
-        self.out.push(Record {
-            value: r.value,
-            time: Some(time),
-        })
-    }
-
-    fn watermark(&mut self, watermark: i64) -> Result<(), StreamError> {
-        if watermark == WATERMARK_END {
-            self.emitted = WATERMARK_END;
-            return self.out.watermark(watermark);
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), StreamError> {
-        let wm = self
-            .max_time
-            .saturating_sub(self.bound_ms)
-            .saturating_sub(1);
-        if self.max_time > i64::MIN && wm > self.emitted {
-            self.emitted = wm;
-            self.out.watermark(wm)?;
-        }
-        self.out.flush()
-    }
-
-    fn finish(&mut self) -> Result<(), StreamError> {
-        self.out.finish()
-    }
-
-    // Like Flink's, the watermark generator starts afresh on restore: its
-    // first watermark follows the first batch after it.
-    forward_checkpoints!();
 }
 
 /// Flink's rolling reduce: each record is folded into its key's value,

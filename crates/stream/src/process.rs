@@ -1,6 +1,6 @@
-//! Keyed process functions: per-record code with a key, event-time timers
-//! and whatever keyed state the function keeps (Flink's
-//! `KeyedProcessFunction`).
+//! Keyed process functions: per-record code with a key, event-time and
+//! processing-time timers and whatever keyed state the function keeps
+//! (Flink's `KeyedProcessFunction`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::hash::Hash;
@@ -11,16 +11,23 @@ use crate::keyed::KeyedState;
 use crate::operator::{BoxOutput, Output};
 use crate::{Record, StateData, StreamError};
 
-/// A keyed operator with event-time timers. One instance runs in each
-/// subtask and sees the keys of the key groups the subtask owns; keep
-/// per-key state in a [`crate::KeyedState`] made from the subtask's
-/// [`crate::SubtaskInfo`].
+/// A keyed operator with timers. One instance runs in each subtask and sees
+/// the keys of the key groups the subtask owns; keep per-key state in a
+/// [`crate::KeyedState`] made from the subtask's [`crate::SubtaskInfo`].
 pub trait KeyedProcess<K, In, Out>: Send {
     fn process(&mut self, key: &K, record: Record<In>, ctx: &mut ProcessContext<'_, K, Out>);
 
-    /// A timer of `key` registered for `time` is due: the watermark reached
-    /// it. What is emitted here carries `time` as its event time.
+    /// An event-time timer of `key` registered for `time` is due: the
+    /// watermark reached it. What is emitted here carries `time` as its
+    /// event time.
     fn on_timer(&mut self, key: &K, time: i64, ctx: &mut ProcessContext<'_, K, Out>) {
+        let _ = (key, time, ctx);
+    }
+
+    /// A processing-time timer of `key` registered for `time` (ms since the
+    /// epoch, wall clock) is due. What is emitted here has no event time
+    /// unless given one, as in Flink.
+    fn on_processing_timer(&mut self, key: &K, time: i64, ctx: &mut ProcessContext<'_, K, Out>) {
         let _ = (key, time, ctx);
     }
 
@@ -41,17 +48,91 @@ pub trait KeyedProcess<K, In, Out>: Send {
     }
 }
 
-/// Event-time timers of one subtask: at most one per key and time (`set`
-/// and `by_time` always hold the same ones).
+/// Timers of one time domain in one subtask: at most one per key and time
+/// (`set` and `by_time` always hold the same ones).
 struct Timers<K> {
     by_time: BTreeMap<i64, Vec<K>>,
     set: HashSet<(K, i64)>,
 }
 
+impl<K: Hash + Eq + Clone> Timers<K> {
+    fn new() -> Timers<K> {
+        Timers {
+            by_time: BTreeMap::new(),
+            set: HashSet::new(),
+        }
+    }
+
+    fn register(&mut self, key: &K, time: i64) {
+        if self.set.insert((key.clone(), time)) {
+            self.by_time.entry(time).or_default().push(key.clone());
+        }
+    }
+
+    fn delete(&mut self, key: &K, time: i64) {
+        if self.set.remove(&(key.clone(), time)) {
+            if let Some(keys) = self.by_time.get_mut(&time) {
+                keys.retain(|k| k != key);
+                if keys.is_empty() {
+                    self.by_time.remove(&time);
+                }
+            }
+        }
+    }
+
+    /// The earliest timer at or before `now`, taken out.
+    fn pop_due(&mut self, now: i64) -> Option<(K, i64)> {
+        let mut entry = self.by_time.first_entry()?;
+        if *entry.key() > now {
+            return None;
+        }
+        let time = *entry.key();
+        let key = entry.get_mut().pop()?;
+        if entry.get().is_empty() {
+            entry.remove();
+        }
+        self.set.remove(&(key.clone(), time));
+        Some((key, time))
+    }
+
+    /// The timers, per key, as keyed state of the subtask.
+    fn by_key(&self, info: crate::SubtaskInfo) -> KeyedState<K, Vec<i64>> {
+        let mut by_key: KeyedState<K, Vec<i64>> =
+            KeyedState::new(info.index, info.parallelism, info.max_parallelism);
+        for (key, time) in &self.set {
+            match by_key.get_mut(key) {
+                Some(times) => times.push(*time),
+                None => {
+                    by_key.insert(key.clone(), vec![*time]);
+                }
+            }
+        }
+        by_key
+    }
+
+    fn restore(&mut self, by_key: &KeyedState<K, Vec<i64>>) {
+        for (_, entries) in by_key.groups() {
+            for (key, times) in entries {
+                for time in times {
+                    self.register(key, *time);
+                }
+            }
+        }
+    }
+}
+
+/// Wall-clock time in ms since the epoch: the processing-time domain.
+fn processing_time() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// What a [`KeyedProcess`] can do while it handles a record or a timer.
 pub struct ProcessContext<'a, K, Out> {
     out: &'a mut dyn Output<Out>,
-    timers: &'a mut Timers<K>,
+    event_timers: &'a mut Timers<K>,
+    processing_timers: &'a mut Timers<K>,
     key: &'a K,
     time: Option<i64>,
     watermark: i64,
@@ -73,7 +154,8 @@ impl<K: Hash + Eq + Clone, Out> ProcessContext<'_, K, Out> {
         }
     }
 
-    /// Event time of the record handled (a timer's: its time).
+    /// Event time of the record handled (an event-time timer's: its time;
+    /// a processing-time timer's: none).
     pub fn timestamp(&self) -> Option<i64> {
         self.time
     }
@@ -83,41 +165,48 @@ impl<K: Hash + Eq + Clone, Out> ProcessContext<'_, K, Out> {
         self.watermark
     }
 
+    /// The wall clock, in ms since the epoch.
+    pub fn current_processing_time(&self) -> i64 {
+        processing_time()
+    }
+
     /// Calls `on_timer` for the current key once the watermark reaches
     /// `time` (a time already reached: at the next watermark). Registering
     /// the same key and time again does nothing.
     pub fn register_event_time_timer(&mut self, time: i64) {
-        if self.timers.set.insert((self.key.clone(), time)) {
-            self.timers
-                .by_time
-                .entry(time)
-                .or_default()
-                .push(self.key.clone());
-        }
+        self.event_timers.register(self.key, time);
     }
 
-    /// Cancels the current key's timer for `time`, if any.
+    /// Cancels the current key's event-time timer for `time`, if any.
     pub fn delete_event_time_timer(&mut self, time: i64) {
-        if self.timers.set.remove(&(self.key.clone(), time)) {
-            if let Some(keys) = self.timers.by_time.get_mut(&time) {
-                keys.retain(|k| k != self.key);
-                if keys.is_empty() {
-                    self.timers.by_time.remove(&time);
-                }
-            }
-        }
+        self.event_timers.delete(self.key, time);
+    }
+
+    /// Calls `on_processing_timer` for the current key once the wall clock
+    /// reaches `time` (checked after each input batch, and at least every
+    /// 50 ms). Timers still pending when the input ends
+    /// do not fire; they are part of checkpoints, and a restored job fires
+    /// the ones that came due meanwhile at once.
+    pub fn register_processing_time_timer(&mut self, time: i64) {
+        self.processing_timers.register(self.key, time);
+    }
+
+    /// Cancels the current key's processing-time timer for `time`, if any.
+    pub fn delete_processing_time_timer(&mut self, time: i64) {
+        self.processing_timers.delete(self.key, time);
     }
 }
 
 pub(crate) struct KeyedProcessLink<K, In, Out, P> {
     key_of: Arc<dyn Fn(&In) -> K + Send + Sync>,
     process: P,
-    timers: Timers<K>,
+    event_timers: Timers<K>,
+    processing_timers: Timers<K>,
     watermark: i64,
     out: BoxOutput<Out>,
 }
 
-impl<K, In, Out, P> KeyedProcessLink<K, In, Out, P> {
+impl<K: Hash + Eq + Clone, In, Out, P> KeyedProcessLink<K, In, Out, P> {
     pub fn new(
         key_of: Arc<dyn Fn(&In) -> K + Send + Sync>,
         process: P,
@@ -126,38 +215,56 @@ impl<K, In, Out, P> KeyedProcessLink<K, In, Out, P> {
         KeyedProcessLink {
             key_of,
             process,
-            timers: Timers {
-                by_time: BTreeMap::new(),
-                set: HashSet::new(),
-            },
+            event_timers: Timers::new(),
+            processing_timers: Timers::new(),
             watermark: i64::MIN,
             out,
         }
     }
 }
 
+/// Which timers fire.
+#[derive(Clone, Copy)]
+enum Domain {
+    EventTime,
+    ProcessingTime,
+}
+
 impl<K, In, Out, P> KeyedProcessLink<K, In, Out, P>
 where
-    K: Hash + Eq + Clone + StateData,
+    K: Hash + Eq + Clone,
+    P: KeyedProcess<K, In, Out>,
 {
-    /// The timers, per key, as keyed state of the subtask.
-    fn timers_by_key(&self, info: crate::SubtaskInfo) -> KeyedState<K, Vec<i64>> {
-        let mut by_key: KeyedState<K, Vec<i64>> =
-            KeyedState::new(info.index, info.parallelism, info.max_parallelism);
-        for (key, time) in &self.timers.set {
-            match by_key.get_mut(key) {
-                Some(times) => times.push(*time),
-                None => {
-                    by_key.insert(key.clone(), vec![*time]);
-                }
+    /// Fires every timer of `domain` due at `now`, earliest first; timers
+    /// that the calls register and that are due too fire in the same pass.
+    fn fire(&mut self, domain: Domain, now: i64) -> Result<(), StreamError> {
+        loop {
+            let due = match domain {
+                Domain::EventTime => self.event_timers.pop_due(now),
+                Domain::ProcessingTime => self.processing_timers.pop_due(now),
+            };
+            let Some((key, time)) = due else {
+                return Ok(());
+            };
+            let mut ctx = ProcessContext {
+                out: self.out.as_mut(),
+                event_timers: &mut self.event_timers,
+                processing_timers: &mut self.processing_timers,
+                key: &key,
+                time: match domain {
+                    Domain::EventTime => Some(time),
+                    Domain::ProcessingTime => None,
+                },
+                watermark: self.watermark,
+                failed: None,
+            };
+            match domain {
+                Domain::EventTime => self.process.on_timer(&key, time, &mut ctx),
+                Domain::ProcessingTime => self.process.on_processing_timer(&key, time, &mut ctx),
             }
-        }
-        by_key
-    }
-
-    fn add_timer(&mut self, key: K, time: i64) {
-        if self.timers.set.insert((key.clone(), time)) {
-            self.timers.by_time.entry(time).or_default().push(key);
+            if let Some(e) = ctx.failed {
+                return Err(e);
+            }
         }
     }
 }
@@ -173,7 +280,8 @@ where
         let key = (self.key_of)(&record.value);
         let mut ctx = ProcessContext {
             out: self.out.as_mut(),
-            timers: &mut self.timers,
+            event_timers: &mut self.event_timers,
+            processing_timers: &mut self.processing_timers,
             key: &key,
             time: record.time,
             watermark: self.watermark,
@@ -186,33 +294,17 @@ where
     fn watermark(&mut self, watermark: i64) -> Result<(), StreamError> {
         if watermark > self.watermark {
             self.watermark = watermark;
-            // Timers registered by on_timer that are due fire in this pass.
-            while let Some(entry) = self.timers.by_time.first_entry() {
-                if *entry.key() > watermark {
-                    break;
-                }
-                let (time, keys) = entry.remove_entry();
-                for key in keys {
-                    self.timers.set.remove(&(key.clone(), time));
-                    let mut ctx = ProcessContext {
-                        out: self.out.as_mut(),
-                        timers: &mut self.timers,
-                        key: &key,
-                        time: Some(time),
-                        watermark,
-                        failed: None,
-                    };
-                    self.process.on_timer(&key, time, &mut ctx);
-                    if let Some(e) = ctx.failed {
-                        return Err(e);
-                    }
-                }
-            }
+            self.fire(Domain::EventTime, watermark)?;
         }
         self.out.watermark(watermark)
     }
 
+    /// After each input batch and on the input's idle ticks: the wall
+    /// clock's timers fire here.
     fn flush(&mut self) -> Result<(), StreamError> {
+        if !self.processing_timers.by_time.is_empty() {
+            self.fire(Domain::ProcessingTime, processing_time())?;
+        }
         self.out.flush()
     }
 
@@ -222,7 +314,11 @@ where
 
     fn barrier(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
         let mut w = cp.writer();
-        w.keyed("timers", &self.timers_by_key(cp.subtask_info()));
+        w.keyed("timers", &self.event_timers.by_key(cp.subtask_info()));
+        w.keyed(
+            "processing timers",
+            &self.processing_timers.by_key(cp.subtask_info()),
+        );
         w.value("watermark", &self.watermark);
         self.process.snapshot(&mut w);
         cp.put(w)?;
@@ -232,15 +328,13 @@ where
     fn restore(&mut self, cp: &mut Cursor<'_>) -> Result<(), StreamError> {
         let r = cp.reader()?;
         let info = cp.subtask_info();
-        let mut by_key: KeyedState<K, Vec<i64>> =
-            KeyedState::new(info.index, info.parallelism, info.max_parallelism);
-        r.keyed("timers", &mut by_key)?;
-        for (_, entries) in by_key.groups() {
-            for (key, times) in entries {
-                for time in times {
-                    self.add_timer(key.clone(), *time);
-                }
-            }
+        for (name, timers) in [
+            ("timers", &mut self.event_timers),
+            ("processing timers", &mut self.processing_timers),
+        ] {
+            let mut by_key = KeyedState::new(info.index, info.parallelism, info.max_parallelism);
+            r.keyed(name, &mut by_key)?;
+            timers.restore(&by_key);
         }
         if let Some(w) = r.least_watermark("watermark")? {
             self.watermark = w;

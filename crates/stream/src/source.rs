@@ -58,6 +58,7 @@ pub struct SourceContext<'a, T> {
     pending: usize,
     batch: usize,
     failed: Option<StreamError>,
+    metrics: &'a crate::metrics::SubtaskMetrics,
 }
 
 impl<'a, T> SourceContext<'a, T> {
@@ -66,6 +67,7 @@ impl<'a, T> SourceContext<'a, T> {
         info: SubtaskInfo,
         batch: usize,
         cancel: &'a AtomicBool,
+        metrics: &'a crate::metrics::SubtaskMetrics,
     ) -> Self {
         SourceContext {
             out,
@@ -74,6 +76,7 @@ impl<'a, T> SourceContext<'a, T> {
             pending: 0,
             batch,
             failed: None,
+            metrics,
         }
     }
 
@@ -107,6 +110,7 @@ impl<'a, T> SourceContext<'a, T> {
     pub fn emit_watermark(&mut self, watermark: i64) {
         if self.failed.is_none() {
             self.flush();
+            self.metrics.set_watermark(watermark);
             let r = self.out.watermark(watermark);
             self.note(r);
         }
@@ -114,6 +118,7 @@ impl<'a, T> SourceContext<'a, T> {
 
     /// Passes on what was emitted since the last batch.
     pub fn flush(&mut self) {
+        self.metrics.add_in(self.pending);
         self.pending = 0;
         if self.failed.is_none() {
             let r = self.out.flush();
@@ -263,13 +268,14 @@ pub(crate) fn run_source<T, S: Source<T>>(
     batch: usize,
 ) -> Result<(), StreamError> {
     // The source's own state is the first link of its stage.
-    if let Some(mut cp) = rt.restoring().and_then(|id| rt.cursor(id)) {
+    if let Some(mut cp) = rt.restore_cursor() {
         source.restore(&cp.reader()?)?;
         out.restore(&mut cp)?;
     }
     let mut requested = rt.requested();
     let mut completed = rt.completed();
-    let mut ctx = SourceContext::new(out, rt.info, batch, &rt.cancel);
+    let mut ctx = SourceContext::new(out, rt.info, batch, &rt.cancel, &rt.metrics);
+    let mut flushed = std::time::Instant::now();
     loop {
         if ctx.is_cancelled() {
             break;
@@ -291,6 +297,12 @@ pub(crate) fn run_source<T, S: Source<T>>(
         }
         if source.poll(&mut ctx) == SourceStatus::Ended {
             break;
+        }
+        // A quiet source still lets its chain act on the clock (async
+        // results, processing-time timers) at the receivers' pace.
+        if flushed.elapsed() >= crate::exchange::CANCEL_CHECK {
+            ctx.flush();
+            flushed = std::time::Instant::now();
         }
     }
     ctx.end()?;

@@ -143,7 +143,7 @@ impl<T: Send + 'static> DataStream<T> {
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..self.parallelism)
             .map(|_| sync_channel(capacity))
             .unzip();
-        let stream = receiving_stage(&self.env, name, receivers, 1, self.parallelism);
+        let stream = receiving_stage(&self.env, name, receivers, 1, self.parallelism, None);
         (
             SideOutput {
                 stage: name.to_owned(),
@@ -212,6 +212,55 @@ impl<T: Send + 'static> DataStream<T> {
         })
     }
 
+    /// Calls the async function `f` for each record, with up to
+    /// `options.capacity` calls in flight per subtask, and emits what each
+    /// returns (none, one or several values, with the record's event time), in
+    /// input order or as they complete ([`crate::AsyncOptions`]; Flink's
+    /// `AsyncDataStream`). A call that fails or outlasts `options.timeout`
+    /// fails the job. A checkpoint's barrier waits for the calls in flight and
+    /// follows their results.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sluice_stream::{AsyncOptions, StreamEnv};
+    ///
+    /// let env = StreamEnv::new();
+    /// let looked_up = env
+    ///     .from_iter(1..=100u64)
+    ///     .async_map(AsyncOptions::ordered(16, Duration::from_secs(5)), |id| async move {
+    ///         // A database or service call would be awaited here.
+    ///         Ok::<_, std::io::Error>(Some(id * 10))
+    ///     })
+    ///     .collect();
+    /// env.execute("lookup").unwrap();
+    /// let mut got = looked_up.take();
+    /// got.sort();
+    /// assert_eq!(got, (1..=100u64).map(|id| id * 10).collect::<Vec<_>>());
+    /// ```
+    pub fn async_map<U, I, E, Fut, F>(self, options: crate::AsyncOptions, f: F) -> DataStream<U>
+    where
+        U: Send + 'static,
+        F: Fn(T) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<I, E>> + Send + 'static,
+        I: IntoIterator<Item = U> + 'static,
+        E: std::fmt::Display + 'static,
+    {
+        let f = Arc::new(f);
+        let stage = format!("{} -> async", self.name);
+        let runtime = self.env.async_runtime();
+        let cancel = self.env.cancel_flag();
+        self.chain("async", move |info, out| {
+            Box::new(crate::async_io::AsyncLink::new(
+                f.clone(),
+                (runtime.clone(), cancel.clone()),
+                options,
+                stage.clone(),
+                info,
+                out,
+            ))
+        })
+    }
+
     /// Gives records the event time `time_of` extracts and makes watermarks
     /// that trail the largest time seen by `out_of_orderness` (Flink's
     /// `WatermarkStrategy.forBoundedOutOfOrderness`), at the end of every
@@ -220,13 +269,24 @@ impl<T: Send + 'static> DataStream<T> {
     where
         F: Fn(&T) -> i64 + Send + Sync + 'static,
     {
+        let generator = crate::BoundedOutOfOrderness::new(out_of_orderness);
+        self.assign_timestamps_with(time_of, move |_| generator)
+    }
+
+    /// Gives records the event time `time_of` extracts, with watermarks from
+    /// a generator of your own (Flink's `WatermarkStrategy.forGenerator`):
+    /// punctuated, periodic or both. `make` builds each subtask's instance.
+    pub fn assign_timestamps_with<F, G, M>(self, time_of: F, make: M) -> DataStream<T>
+    where
+        F: Fn(&T) -> i64 + Send + Sync + 'static,
+        G: crate::WatermarkGenerator<T> + 'static,
+        M: Fn(SubtaskInfo) -> G + Send + Sync + 'static,
+    {
         let extract = Arc::new(time_of);
-        let bound_ms = i64::try_from(out_of_orderness.as_millis()).unwrap_or(i64::MAX);
-        self.chain("timestamps", move |_, out| {
-            Box::new(operator::Timestamps {
+        self.chain("timestamps", move |info, out| {
+            Box::new(crate::watermark::Timestamps {
                 extract: extract.clone(),
-                bound_ms,
-                max_time: i64::MIN,
+                generator: make(info),
                 emitted: i64::MIN,
                 out,
             })
@@ -250,13 +310,19 @@ impl<T: Send + 'static> DataStream<T> {
     }
 
     /// Ends this stage in an exchange to a new stage of `parallelism`.
-    fn exchange(self, name: &str, partitioning: Partitioning<T>, parallelism: usize) -> Self {
+    fn exchange(self, name: &str, partitioning: Partitioning<T>, parallelism: usize) -> Self
+    where
+        T: crate::StateData,
+    {
         exchange_from(self, Vec::new(), name, partitioning, parallelism)
     }
 
     /// This stream's records and `other`'s in one stream, spread over the
     /// job's parallelism as [`Self::rebalance`] does (Flink's `union`).
-    pub fn union(self, other: DataStream<T>) -> DataStream<T> {
+    pub fn union(self, other: DataStream<T>) -> DataStream<T>
+    where
+        T: crate::StateData,
+    {
         let p = self.env.parallelism();
         exchange_from(self, vec![other], "union", Partitioning::RoundRobin, p)
     }
@@ -264,13 +330,20 @@ impl<T: Send + 'static> DataStream<T> {
     /// This stream and `other` as one stream of [`Either`], for an operator
     /// that sees both (Flink's `connect`; key it with
     /// [`Self::key_by`] on a key both sides have for a keyed co-process).
-    pub fn connect<U: Send + 'static>(self, other: DataStream<U>) -> DataStream<Either<T, U>> {
+    pub fn connect<U>(self, other: DataStream<U>) -> DataStream<Either<T, U>>
+    where
+        T: crate::StateData,
+        U: Send + crate::StateData + 'static,
+    {
         self.map(Either::Left).union(other.map(Either::Right))
     }
 
     /// Spreads batches over the job's parallelism in turn (Flink's
     /// `rebalance`).
-    pub fn rebalance(self) -> DataStream<T> {
+    pub fn rebalance(self) -> DataStream<T>
+    where
+        T: crate::StateData,
+    {
         let p = self.env.parallelism();
         self.exchange("rebalance", Partitioning::RoundRobin, p)
     }
@@ -278,6 +351,7 @@ impl<T: Send + 'static> DataStream<T> {
     /// Partitions by the key `key_of` gives, over the job's parallelism.
     pub fn key_by<K, F>(self, key_of: F) -> KeyedStream<K, T>
     where
+        T: crate::StateData,
         K: Hash + Eq + Send + 'static,
         F: Fn(&T) -> K + Send + Sync + 'static,
     {
@@ -394,7 +468,7 @@ impl<T: Send + 'static> DataStream<T> {
 /// Ends `first` and the `rest` in an exchange to one new stage of
 /// `parallelism`: the inputs of its subtasks are the upstream subtasks of
 /// all of them, numbered in order.
-fn exchange_from<T: Send + 'static>(
+fn exchange_from<T: Send + crate::StateData + 'static>(
     first: DataStream<T>,
     rest: Vec<DataStream<T>>,
     name: &str,
@@ -408,6 +482,10 @@ fn exchange_from<T: Send + 'static>(
     let inputs: usize = upstream.iter().map(|s| s.parallelism).sum();
     let (senders, receivers): (Vec<_>, Vec<_>) =
         (0..parallelism).map(|_| sync_channel(capacity)).unzip();
+    let codec = exchange::ChannelCodec::new(match &partitioning {
+        Partitioning::KeyGroups { group_of, .. } => Some(group_of.clone()),
+        Partitioning::RoundRobin => None,
+    });
     let mut first_input = 0;
     for stream in upstream {
         let offset = first_input;
@@ -429,15 +507,17 @@ fn exchange_from<T: Send + 'static>(
             })
         });
     }
-    receiving_stage(&env, name, receivers, inputs, parallelism)
+    receiving_stage(&env, name, receivers, inputs, parallelism, Some(codec))
 }
 
 /// Subtask `i` of `a` and of `b` (of equal parallelism) feed subtask `i`
-/// of a new stage: its inputs are `a`'s (0) and `b`'s (1).
-fn pointwise_union<T: Send + 'static>(
+/// of a new stage: its inputs are `a`'s (0) and `b`'s (1). Both are keyed
+/// alike, by the key group `group_of` gives.
+fn pointwise_union<T: Send + crate::StateData + 'static>(
     a: DataStream<T>,
     b: DataStream<T>,
     name: &str,
+    group_of: exchange::GroupOf<T>,
 ) -> DataStream<T> {
     let env = a.env.clone();
     let parallelism = a.parallelism;
@@ -459,7 +539,14 @@ fn pointwise_union<T: Send + 'static>(
             })
         });
     }
-    receiving_stage(&env, name, receivers, 2, parallelism)
+    receiving_stage(
+        &env,
+        name,
+        receivers,
+        2,
+        parallelism,
+        Some(exchange::ChannelCodec::new(Some(group_of))),
+    )
 }
 
 /// One of two streams' values ([`DataStream::connect`]).
@@ -470,30 +557,33 @@ pub enum Either<L, R> {
 }
 
 /// A stage that starts where `receivers` (one per subtask) deliver what
-/// `upstream` subtasks each send.
+/// `upstream` subtasks each send; `codec` lets it take unaligned
+/// checkpoints.
 fn receiving_stage<T: Send + 'static>(
     env: &StreamEnv,
     name: &str,
     receivers: Vec<Receiver<exchange::Envelope<T>>>,
     upstream: usize,
     parallelism: usize,
+    codec: Option<Arc<exchange::ChannelCodec<T>>>,
 ) -> DataStream<T> {
     let receivers: Arc<exchange::Inputs<T>> =
         Arc::new(Mutex::new(receivers.into_iter().map(Some).collect()));
     env.add_inputs(name, receivers.clone());
     let stage = name.to_owned();
-    let head: Head<T> = Arc::new(move |info, out| {
-        let rx = receivers
-            .lock()
-            .ok()
-            .and_then(|mut r| r.get_mut(info.index).and_then(Option::take))
-            .ok_or_else(|| StreamError::InvalidJob(format!("stage '{stage}' started twice")))?;
-        let stage = stage.clone();
-        Ok(
-            Box::new(move |rt: &TaskRuntime| exchange::receive(&stage, rt, rx, upstream, out))
-                as Task,
-        )
-    });
+    let head: Head<T> =
+        Arc::new(move |info, out| {
+            let rx = receivers
+                .lock()
+                .ok()
+                .and_then(|mut r| r.get_mut(info.index).and_then(Option::take))
+                .ok_or_else(|| StreamError::InvalidJob(format!("stage '{stage}' started twice")))?;
+            let stage = stage.clone();
+            let codec = codec.clone();
+            Ok(Box::new(move |rt: &TaskRuntime| {
+                exchange::receive(&stage, rt, rx, upstream, codec, out)
+            }) as Task)
+        });
     DataStream {
         env: env.clone(),
         name: name.to_owned(),
@@ -585,6 +675,48 @@ where
         })
     }
 
+    /// One window per key for all time, fired by a trigger you set
+    /// ([`crate::Trigger`]; none fires by default) and trimmed by an optional
+    /// [`crate::Evictor`] (Flink's `GlobalWindows`).
+    pub fn global_window(self) -> crate::GlobalWindowedStream<K, T>
+    where
+        K: Clone + crate::StateData,
+        T: Clone + crate::StateData,
+    {
+        crate::GlobalWindowedStream {
+            stream: self.stream,
+            key: self.key,
+            trigger: crate::Trigger::never(),
+            evictor: None,
+        }
+    }
+
+    /// Each key's records in windows of `size`, by arrival: the window fires
+    /// on its `size`-th record and starts again empty (Flink's
+    /// `countWindow(size)`).
+    pub fn count_window(self, size: u64) -> crate::GlobalWindowedStream<K, T>
+    where
+        K: Clone + crate::StateData,
+        T: Clone + crate::StateData,
+    {
+        self.global_window()
+            .trigger(crate::Trigger::count(size).purging())
+    }
+
+    /// Each key's last `size` records, fired every `slide` records (Flink's
+    /// `countWindow(size, slide)`).
+    pub fn count_window_sliding(self, size: u64, slide: u64) -> crate::GlobalWindowedStream<K, T>
+    where
+        K: Clone + crate::StateData,
+        T: Clone + crate::StateData,
+    {
+        self.global_window()
+            .trigger(crate::Trigger::count(slide))
+            .evictor(crate::Evictor::count(
+                usize::try_from(size).unwrap_or(usize::MAX),
+            ))
+    }
+
     /// Cuts each key's records into event-time windows.
     pub fn window(self, windows: crate::Windows) -> crate::WindowedStream<K, T>
     where
@@ -603,7 +735,11 @@ where
     /// Both streams' records as one keyed stream of [`Either`]: the two
     /// are keyed alike, so subtask `i` of each feeds subtask `i` (when
     /// their parallelism differs, they are keyed again).
-    fn pair<U: Send + 'static>(self, other: KeyedStream<K, U>) -> KeyedStream<K, Either<T, U>> {
+    fn pair<U>(self, other: KeyedStream<K, U>) -> KeyedStream<K, Either<T, U>>
+    where
+        T: crate::StateData,
+        U: Send + crate::StateData + 'static,
+    {
         let (ka, kb) = (self.key, other.key);
         let key: Arc<KeyFn<Either<T, U>, K>> = Arc::new(move |e| match e {
             Either::Left(t) => ka(t),
@@ -611,18 +747,19 @@ where
         });
         let left = self.stream.map(Either::Left);
         let right = other.stream.map(Either::Right);
+        let max = left.env.with_settings(|s| s.max_parallelism);
+        let k = key.clone();
+        let group_of: exchange::GroupOf<Either<T, U>> = Arc::new(move |v| key_group_of(&k(v), max));
         let stream = if left.parallelism == right.parallelism {
-            pointwise_union(left, right, "join")
+            pointwise_union(left, right, "join", group_of)
         } else {
-            let max = left.env.with_settings(|s| s.max_parallelism);
-            let k = key.clone();
             let p = left.env.parallelism();
             exchange_from(
                 left,
                 vec![right],
                 "join",
                 Partitioning::KeyGroups {
-                    group_of: Arc::new(move |v| key_group_of(&k(v), max)),
+                    group_of,
                     max_parallelism: max,
                 },
                 p,

@@ -7,19 +7,14 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// How long one admin request may take (a proposal waits up to 10 s for the
 /// quorum, a drain makes two).
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Largest admin answer read (the cluster view of a large cluster).
-const MAX_RESPONSE: u64 = 64 * 1024 * 1024;
 
 /// The node whose HTTP admin port serves the request.
 #[derive(Args, Debug, Clone)]
@@ -445,121 +440,23 @@ fn answer(addr: &str, method: &str, path: &str, (status, body): (u16, Vec<u8>)) 
     bail!("{method} {path} on {addr}: HTTP {status}: {why}")
 }
 
-/// One HTTP/1.1 request on its own connection (`Connection: close`); the
-/// status code and the (de-chunked) body.
+/// One request to the admin API (`sluice_client::http`), with the CLI's
+/// time limit.
 async fn http_request(
     addr: &str,
     method: &str,
     path: &str,
     body: Option<&Value>,
 ) -> Result<(u16, Vec<u8>)> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("cannot connect to the HTTP admin port {addr}"))?;
-        let payload = match body {
-            Some(v) => serde_json::to_vec(v)?,
-            None => Vec::new(),
-        };
-        let mut request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n"
-        );
-        if body.is_some() {
-            let _ = write!(
-                request,
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                payload.len()
-            );
-        }
-        request.push_str("\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        stream.write_all(&payload).await?;
-        let mut raw = Vec::new();
-        (&mut stream)
-            .take(MAX_RESPONSE)
-            .read_to_end(&mut raw)
-            .await?;
-        parse_response(&raw)
-    };
-    tokio::time::timeout(HTTP_TIMEOUT, exchange)
+    let payload = body.map(serde_json::to_vec).transpose()?;
+    sluice_client::http::request(addr, method, path, payload.as_deref(), HTTP_TIMEOUT)
         .await
-        .map_err(|_| anyhow!("{method} {path} on {addr}: no answer within {HTTP_TIMEOUT:?}"))?
-}
-
-fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>)> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| anyhow!("truncated HTTP answer"))?;
-    let head = std::str::from_utf8(&raw[..end]).context("HTTP header is not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("bad HTTP status line {status_line:?}"))?;
-    let mut chunked = false;
-    let mut length = None;
-    for line in lines {
-        if let Some((name, value)) = line.split_once(':') {
-            let (name, value) = (name.trim(), value.trim());
-            if name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = value.to_ascii_lowercase().contains("chunked");
-            } else if name.eq_ignore_ascii_case("content-length") {
-                length = value.parse::<usize>().ok();
-            }
-        }
-    }
-    let rest = &raw[end + 4..];
-    let body = if chunked {
-        dechunk(rest)?
-    } else {
-        match length {
-            Some(n) if n <= rest.len() => rest[..n].to_vec(),
-            Some(_) => bail!("truncated HTTP body"),
-            None => rest.to_vec(),
-        }
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| anyhow!("truncated chunked body"))?;
-        let size_text = std::str::from_utf8(&data[..eol])?;
-        let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .with_context(|| format!("bad chunk size {size_text:?}"))?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if data.len() < size + 2 {
-            bail!("truncated chunked body");
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
-    }
+        .with_context(|| format!("{method} {path} on {addr}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn responses_parse_with_length_and_chunks() {
-        let raw = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n{\"a\":1}";
-        assert_eq!(parse_response(raw).unwrap(), (200, b"{\"a\":1}".to_vec()));
-        let raw = b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n";
-        assert_eq!(parse_response(raw).unwrap(), (400, b"{\"a\":1}".to_vec()));
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
-        assert!(parse_response(b"garbage\r\n\r\n").is_err());
-    }
 
     #[test]
     fn errors_carry_the_nodes_reason() {

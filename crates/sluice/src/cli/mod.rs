@@ -13,6 +13,7 @@ pub mod bench;
 pub mod cluster;
 pub mod consume;
 pub mod group;
+pub mod job;
 pub mod produce;
 pub mod topic;
 pub mod transaction;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use sluice_stream::{
-    Collector, Operator, Record, Source, SourceContext, SourceStatus, StreamEnv, StreamError,
-    WATERMARK_END,
+    BoundedOutOfOrderness, Collector, Operator, Record, Source, SourceContext, SourceStatus,
+    StreamEnv, StreamError, WatermarkGenerator, WatermarkOutput, WATERMARK_END,
 };
 
 /// The source article's `SourceFunction`, as `examples/flink_job.rs` has it.
@@ -352,4 +352,101 @@ fn a_panic_fails_the_job_and_names_the_subtask() {
         }
         other => panic!("expected the panic, got {other}"),
     }
+}
+
+/// Flink's punctuated generator: a watermark right after every record that
+/// carries one (here: a marker), none at the ends of batches.
+struct Punctuated;
+
+impl WatermarkGenerator<(i64, bool)> for Punctuated {
+    fn on_event(&mut self, record: &(i64, bool), time: i64, output: &mut WatermarkOutput) {
+        if record.1 {
+            output.emit_watermark(time);
+        }
+    }
+}
+
+/// Writes down, in order, the records and watermarks it sees.
+struct Trace;
+
+impl Operator<(i64, bool), String> for Trace {
+    fn process(&mut self, record: Record<(i64, bool)>, out: &mut Collector<'_, String>) {
+        out.emit(format!("record {} at {:?}", record.value.0, record.time));
+    }
+
+    fn on_watermark(&mut self, watermark: i64, out: &mut Collector<'_, String>) {
+        if watermark != WATERMARK_END {
+            out.emit(format!("watermark {watermark}"));
+        }
+    }
+}
+
+#[test]
+fn a_custom_generator_places_watermarks_where_it_emits_them() {
+    let input = vec![
+        (1, false),
+        (5, true),
+        (3, false),
+        (9, false),
+        (4, true),
+        (12, true),
+    ];
+    for batch in [1, 2, 100] {
+        let env = StreamEnv::new();
+        env.set_parallelism(1).set_buffers(batch, 2);
+        let out = env
+            .from_iter(input.clone())
+            .assign_timestamps_with(|(t, _)| *t, |_| Punctuated)
+            .process("trace", |_| Trace)
+            .collect();
+        env.execute("punctuated").unwrap();
+        // A watermark that does not rise (4 after 5) is not passed on.
+        assert_eq!(
+            out.take(),
+            vec![
+                "record 1 at Some(1)",
+                "record 5 at Some(5)",
+                "watermark 5",
+                "record 3 at Some(3)",
+                "record 9 at Some(9)",
+                "record 4 at Some(4)",
+                "record 12 at Some(12)",
+                "watermark 12",
+            ],
+            "batch {batch}"
+        );
+    }
+}
+
+/// The built-in bounded-out-of-orderness generator, given as a generator:
+/// after each input batch, the largest time so far less the bound less
+/// 1 ms, when that rises.
+#[test]
+fn bounded_out_of_orderness_trails_the_largest_time_after_each_batch() {
+    let input: Vec<(i64, bool)> = (0..50).map(|i| ((i * 7) % 23 + i, false)).collect();
+    let batch = 4;
+    let env = StreamEnv::new();
+    env.set_parallelism(1).set_buffers(batch, 2);
+    let out = env
+        .from_iter(input.clone())
+        .assign_timestamps_with(
+            |(t, _)| *t,
+            |_| BoundedOutOfOrderness::new(Duration::from_millis(3)),
+        )
+        .process("trace", |_| Trace)
+        .collect();
+    env.execute("bounded").unwrap();
+    let mut want = Vec::new();
+    let (mut max, mut emitted) = (i64::MIN, i64::MIN);
+    for chunk in input.chunks(batch) {
+        for (t, _) in chunk {
+            want.push(format!("record {t} at Some({t})"));
+            max = max.max(*t);
+        }
+        if max - 4 > emitted {
+            emitted = max - 4;
+            want.push(format!("watermark {emitted}"));
+        }
+    }
+    assert_eq!(out.take(), want);
 }

@@ -3,8 +3,10 @@
 // A failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
 #![allow(clippy::unwrap_used)]
 
+mod async_io;
 mod checkpoints;
 mod dataflow;
+mod global_windows;
 mod joins;
 mod process;
 mod windows;

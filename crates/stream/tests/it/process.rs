@@ -1,11 +1,14 @@
 //! Keyed process functions with event-time timers, union and connect.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use sluice_stream::{
-    Either, KeyedProcess, KeyedState, ProcessContext, Record, StreamEnv, SubtaskInfo,
+    Either, KeyedProcess, KeyedState, LocalDirStore, ProcessContext, Record, Source, SourceContext,
+    SourceStatus, StateReader, StateWriter, StreamEnv, StreamError, SubtaskInfo,
 };
 
 /// Flink's `CountWithTimeoutFunction`: counts a key's records and emits the
@@ -144,7 +147,7 @@ fn union_and_connect_see_both_inputs() {
     let evens = env.generate(Some(500), |n| n * 2);
     let odds = env.from_iter((0..300u64).map(|n| n * 2 + 1));
     let all = evens.union(odds).collect();
-    let words = env.from_iter(["a", "b", "a"]);
+    let words = env.from_iter(["a", "b", "a"].map(String::from));
     let counts = env.generate(Some(4), |n| n);
     let both = words.connect(counts).collect();
     env.execute("two inputs").unwrap();
@@ -170,4 +173,182 @@ fn union_and_connect_see_both_inputs() {
         .collect();
     right.sort();
     assert_eq!(right, vec![0, 1, 2, 3]);
+}
+
+/// Emits keys 0..KEYS, then stays open (idle) until the process function
+/// has fired what it expects; fails the job when a deadline passes first.
+struct KeysThenIdle {
+    next: u8,
+    fired: Arc<AtomicUsize>,
+    deadline: Instant,
+    /// Fail the job once this many checkpoints began after the last key.
+    fail_after_checkpoints: Option<usize>,
+    checkpoints_after_keys: usize,
+}
+
+impl KeysThenIdle {
+    fn new(fired: Arc<AtomicUsize>, fail_after_checkpoints: Option<usize>) -> KeysThenIdle {
+        KeysThenIdle {
+            next: 0,
+            fired,
+            deadline: Instant::now() + Duration::from_secs(20),
+            fail_after_checkpoints,
+            checkpoints_after_keys: 0,
+        }
+    }
+}
+
+const KEYS: u8 = 10;
+
+impl Source<u8> for KeysThenIdle {
+    fn poll(&mut self, ctx: &mut SourceContext<'_, u8>) -> SourceStatus {
+        if self.next < KEYS {
+            ctx.collect(self.next);
+            self.next += 1;
+            if self.next == KEYS {
+                ctx.flush();
+            }
+            return SourceStatus::More;
+        }
+        if self
+            .fail_after_checkpoints
+            .is_some_and(|n| self.checkpoints_after_keys >= n)
+        {
+            ctx.fail(StreamError::InvalidJob("injected failure".into()));
+            return SourceStatus::Ended;
+        }
+        if self.fired.load(Ordering::SeqCst) >= usize::from(KEYS / 2) {
+            return SourceStatus::Ended;
+        }
+        if Instant::now() > self.deadline {
+            // Timers that fire only once the input ends do not count.
+            ctx.fail(StreamError::InvalidJob(
+                "the timers did not fire in time".into(),
+            ));
+            return SourceStatus::Ended;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        SourceStatus::More
+    }
+
+    fn snapshot(&mut self, state: &mut StateWriter) {
+        if self.next == KEYS {
+            self.checkpoints_after_keys += 1;
+        }
+        state.value("next", &self.next);
+    }
+
+    fn restore(&mut self, state: &StateReader) -> Result<(), StreamError> {
+        for (_, next) in state.values::<u8>("next")? {
+            self.next = self.next.max(next);
+        }
+        Ok(())
+    }
+}
+
+/// Per key: a processing-time timer `delay_ms` ahead, deleted again for odd
+/// keys. Emits (key, event time, registered time, time it fired).
+struct WallClockTimeout {
+    fired: Arc<AtomicUsize>,
+    delay_ms: i64,
+}
+
+impl KeyedProcess<u8, u8, (u8, Option<i64>, i64, i64)> for WallClockTimeout {
+    fn process(
+        &mut self,
+        key: &u8,
+        _: Record<u8>,
+        ctx: &mut ProcessContext<'_, u8, (u8, Option<i64>, i64, i64)>,
+    ) {
+        let at = ctx.current_processing_time() + self.delay_ms;
+        ctx.register_processing_time_timer(at);
+        // A second registration of the same time is the same timer.
+        ctx.register_processing_time_timer(at);
+        if key % 2 == 1 {
+            ctx.delete_processing_time_timer(at);
+        }
+    }
+
+    fn on_processing_timer(
+        &mut self,
+        key: &u8,
+        time: i64,
+        ctx: &mut ProcessContext<'_, u8, (u8, Option<i64>, i64, i64)>,
+    ) {
+        let now = ctx.current_processing_time();
+        ctx.emit((*key, ctx.timestamp(), time, now));
+        self.fired.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn processing_time_timers_fire_on_the_wall_clock_while_the_input_is_idle() {
+    let fired = Arc::new(AtomicUsize::new(0));
+    let env = StreamEnv::new();
+    env.set_parallelism(2);
+    let source_fired = fired.clone();
+    let out = env
+        .add_source("keys", 1, move |_| {
+            KeysThenIdle::new(source_fired.clone(), None)
+        })
+        .key_by(|k| *k)
+        .process("wall-clock timeout", move |_| WallClockTimeout {
+            fired: fired.clone(),
+            delay_ms: 30,
+        })
+        .collect();
+    env.execute("processing time").unwrap();
+    let mut got = out.take();
+    got.sort();
+    let keys: Vec<u8> = got.iter().map(|r| r.0).collect();
+    // Each even key once; the odd keys' timers were deleted.
+    assert_eq!(keys, (0..KEYS).filter(|k| k % 2 == 0).collect::<Vec<_>>());
+    for (key, event_time, time, fired_at) in got {
+        assert_eq!(
+            event_time, None,
+            "key {key}: a processing-time timer has no event time"
+        );
+        assert!(
+            fired_at >= time,
+            "key {key} fired at {fired_at}, before its time {time}"
+        );
+    }
+}
+
+/// Timers registered but not yet due are part of a checkpoint: the job
+/// fails before they fire, and the restored job fires them (the ones due
+/// meanwhile at once), each once.
+#[test]
+fn processing_time_timers_are_restored_from_a_checkpoint() {
+    let checkpoints = tempfile::tempdir().unwrap();
+    let run = |fail: bool| {
+        let fired = Arc::new(AtomicUsize::new(0));
+        let env = StreamEnv::new();
+        env.set_parallelism(2);
+        env.enable_checkpointing(
+            Duration::from_millis(10),
+            LocalDirStore::new(checkpoints.path()).unwrap(),
+        );
+        let source_fired = fired.clone();
+        let out = env
+            .add_source("keys", 1, move |_| {
+                KeysThenIdle::new(source_fired.clone(), fail.then_some(3))
+            })
+            .key_by(|k| *k)
+            .process("wall-clock timeout", move |_| WallClockTimeout {
+                fired: fired.clone(),
+                // Far enough ahead that the first run fails before any is due.
+                delay_ms: 3_000,
+            })
+            .collect();
+        (env.execute("processing time restored"), out)
+    };
+    let (first, out) = run(true);
+    assert!(first.is_err(), "the first run was to fail");
+    assert_eq!(out.take(), Vec::new(), "nothing was due before the failure");
+    let (second, out) = run(false);
+    second.unwrap();
+    let mut keys: Vec<u8> = out.take().iter().map(|r| r.0).collect();
+    keys.sort();
+    assert_eq!(keys, (0..KEYS).filter(|k| k % 2 == 0).collect::<Vec<_>>());
 }
