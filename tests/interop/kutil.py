@@ -438,3 +438,28 @@ def confluent_read_to_end(bootstrap, topic, start=0, timeout=60.0):
         raise AssertionError(f"no end of {topic}-0 within {timeout} s")
     finally:
         c.close()
+
+
+def scrape_metrics(http):
+    """{family name: [samples]} of one node; the parser raises on any
+    malformed line, type, unit or bucket order."""
+    import urllib.request
+
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{http}/metrics", timeout=10) as r:
+        assert r.status == 200
+        content_type = r.headers["Content-Type"]
+        text = r.read().decode()
+    assert content_type.startswith("application/openmetrics-text"), content_type
+    assert text.endswith("# EOF\n"), text[-200:]
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def metric_samples(families, family, name=None, **labels):
+    """Samples of `family` (sample name `name`, default the family's own)
+    whose labels include `labels`."""
+    return [
+        s for s in families.get(family, [])
+        if (name is None or s.name == name) and all(s.labels.get(k) == v for k, v in labels.items())
+    ]

@@ -238,6 +238,20 @@ impl AmqpAdmin {
 
     /// Every queue of every virtual host, by name.
     pub async fn queues(&self) -> Vec<QueueInfo> {
+        self.queues_counted(true).await
+    }
+
+    /// Every queue this node leads, with its counts: what this node's
+    /// metrics show (each node shows its own, so no node asks another).
+    pub async fn queues_led_here(&self) -> Vec<QueueInfo> {
+        let mut led = self.queues_counted(false).await;
+        led.retain(|q| q.served_here);
+        led
+    }
+
+    /// Every queue; the counts of those led elsewhere asked of their
+    /// leaders when `ask_leaders`, zero otherwise.
+    async fn queues_counted(&self, ask_leaders: bool) -> Vec<QueueInfo> {
         let image = self.broker.topology.image();
         let me = self.broker.topology.node_id();
         let mut out = Vec::new();
@@ -254,7 +268,8 @@ impl AmqpAdmin {
                     .flatten();
                 // A queue led elsewhere: its leader counts, unless it did not
                 // answer for another queue of this listing already.
-                let remote = match (&link, leader >= 0 && !unreachable.contains(&leader)) {
+                let ask = ask_leaders && leader >= 0 && !unreachable.contains(&leader);
+                let remote = match (&link, ask) {
                     (None, true) => match self.broker.queue_for(NODE_SESSION, vhost, name) {
                         Ok(QueueHandle::There(r)) => {
                             match tokio::time::timeout(OBSERVE_TIMEOUT, r.observe()).await {

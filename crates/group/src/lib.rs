@@ -62,6 +62,15 @@ mod txn_offsets;
 
 pub use coordination::Coordination;
 
+/// A group's committed offset of one partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommittedOffset {
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1017,6 +1026,27 @@ impl GroupCoordinator {
     }
 
     // ---- admin -----------------------------------------------------------
+
+    /// Every committed offset of the groups this node coordinates, by group,
+    /// topic and partition (for the broker's lag metrics).
+    pub fn committed_offsets(&self) -> Vec<CommittedOffset> {
+        let mut out = Vec::new();
+        for handle in self.handles() {
+            let g = handle.state.lock();
+            if g.state == GroupState::Dead {
+                continue;
+            }
+            for ((topic, partition), c) in &g.offsets {
+                out.push(CommittedOffset {
+                    group: g.id.clone(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: c.offset,
+                });
+            }
+        }
+        out
+    }
 
     fn handles(&self) -> Vec<Arc<GroupHandle>> {
         let mut handles: Vec<Arc<GroupHandle>> = self.groups.lock().values().cloned().collect();

@@ -226,6 +226,14 @@ tokio::task_local! {
     pub(crate) static UNSENT: Arc<Unsent>;
 }
 
+/// Which request a response answers, and when it was read (its time in
+/// the request metrics runs until the response is ready to write).
+#[derive(Clone, Copy)]
+struct Asked {
+    api_key: i16,
+    at: Instant,
+}
+
 /// A response in its place in the connection's order.
 pub(crate) enum Slot {
     /// Encoded and ready to write.
@@ -244,6 +252,7 @@ pub(crate) async fn run(
     if let Err(err) = socket.set_nodelay(true) {
         tracing::debug!(%peer, error = %err, "set_nodelay failed");
     }
+    let _open = ctx.metrics.connection();
     let (reader, writer) = socket.into_split();
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
     let (gone_tx, gone_rx) = watch::channel(false);
@@ -254,8 +263,8 @@ pub(crate) async fn run(
         rx,
         peer,
         gone_rx,
-        activity.clone(),
-        unsent.clone(),
+        (activity.clone(), unsent.clone()),
+        ctx.metrics.clone(),
     ));
     let ended = read_loop(&ctx, reader, tx, peer, stop, &activity, &unsent).await;
     if ended == Ended::PeerGone {
@@ -306,7 +315,7 @@ enum Ended {
 async fn read_loop<R: AsyncRead + Unpin>(
     ctx: &Arc<Ctx>,
     reader: R,
-    tx: mpsc::Sender<Slot>,
+    tx: mpsc::Sender<(Slot, Asked)>,
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
     activity: &Activity,
@@ -375,6 +384,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         };
         activity.touch();
+        let asked = Asked {
+            api_key: frame
+                .get(..2)
+                .map_or(-1, |k| i16::from_be_bytes([k[0], k[1]])),
+            at: Instant::now(),
+        };
         let in_flight = ctx.budget.count_request(frame.len());
         let outcome = UNSENT
             .scope(unsent.clone(), dispatch::handle(ctx, frame, peer))
@@ -385,12 +400,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 if let Slot::Ready(bytes) = &slot {
                     unsent.add(bytes.len());
                 }
-                if tx.send(slot).await.is_err() {
+                if tx.send((slot, asked)).await.is_err() {
                     // The writer is gone (peer closed); stop reading.
                     return Ended::PeerGone;
                 }
             }
-            Outcome::NoResponse => {}
+            Outcome::NoResponse => ctx.metrics.request(asked.api_key, asked.at.elapsed()),
             Outcome::Close => return Ended::Closed,
         }
     }
@@ -441,14 +456,14 @@ async fn read_frame<R: AsyncRead + Unpin>(
 
 async fn write_loop(
     writer: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Slot>,
+    mut rx: mpsc::Receiver<(Slot, Asked)>,
     peer: SocketAddr,
     mut gone: watch::Receiver<bool>,
-    activity: Arc<Activity>,
-    unsent: Arc<Unsent>,
+    (activity, unsent): (Arc<Activity>, Arc<Unsent>),
+    metrics: Arc<crate::KafkaMetrics>,
 ) {
     let mut writer = BufWriter::with_capacity(64 * 1024, writer);
-    while let Some(slot) = rx.recv().await {
+    while let Some((slot, asked)) = rx.recv().await {
         let bytes = match slot {
             Slot::Ready(bytes) => bytes,
             Slot::Pending(mut task) => {
@@ -470,6 +485,7 @@ async fn write_loop(
                 }
             }
         };
+        metrics.request(asked.api_key, asked.at.elapsed());
         // A client gone (or idle past its limit) while a write waits on its
         // full receive window must not keep this task and its bytes forever.
         let written = tokio::select! {
@@ -506,9 +522,9 @@ async fn write_loop(
 }
 
 /// Aborts the work queued for a client that is gone.
-fn abort_pending(rx: &mut mpsc::Receiver<Slot>) {
+fn abort_pending(rx: &mut mpsc::Receiver<(Slot, Asked)>) {
     rx.close();
-    while let Ok(slot) = rx.try_recv() {
+    while let Ok((slot, _)) = rx.try_recv() {
         if let Slot::Pending(task) = slot {
             task.abort();
         }

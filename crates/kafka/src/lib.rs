@@ -80,10 +80,12 @@ mod api_versions;
 mod connection;
 mod dispatch;
 mod handlers;
+mod metrics;
 mod records;
 mod server;
 
 pub use api_versions::SUPPORTED_APIS;
+pub use metrics::KafkaMetrics;
 
 /// Decodes one request frame (without its size prefix) the way the server
 /// does, without acting on it. For the fuzz target and tests; not an API.
@@ -179,6 +181,7 @@ pub struct KafkaListener {
     local_addr: SocketAddr,
     config: ServerConfig,
     disk_low: tokio::sync::watch::Receiver<bool>,
+    metrics: Arc<KafkaMetrics>,
 }
 
 impl KafkaListener {
@@ -191,6 +194,7 @@ impl KafkaListener {
             config,
             // Never raised unless a monitor is attached.
             disk_low: tokio::sync::watch::channel(false).1,
+            metrics: Arc::default(),
         })
     }
 
@@ -206,6 +210,11 @@ impl KafkaListener {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The listener's request figures, for the node's /metrics.
+    pub fn metrics(&self) -> Arc<KafkaMetrics> {
+        self.metrics.clone()
     }
 
     /// The host and port clients are told to connect to for this node:
@@ -237,6 +246,7 @@ impl KafkaListener {
             topology,
             groups,
             self.disk_low,
+            self.metrics,
             shutdown,
         )
         .await

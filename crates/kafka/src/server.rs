@@ -33,6 +33,7 @@ pub(crate) struct Ctx {
     /// produce is refused (retriable) so retention, compaction and the
     /// broker's own records keep the space that is left.
     pub disk_low: watch::Receiver<bool>,
+    pub metrics: Arc<crate::KafkaMetrics>,
 }
 
 pub(crate) async fn serve(
@@ -41,6 +42,7 @@ pub(crate) async fn serve(
     topology: Arc<dyn Topology>,
     groups: Arc<Coordination>,
     disk_low: watch::Receiver<bool>,
+    metrics: Arc<crate::KafkaMetrics>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let txns = TxnCoordinator::start(
@@ -61,6 +63,7 @@ pub(crate) async fn serve(
         budget: Arc::new(connection::Budget::new(config.max_in_flight_bytes)),
         config,
         disk_low,
+        metrics,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(ctx.config.max_connections));

@@ -161,6 +161,9 @@ pub struct Partition {
     /// in-sync replicas hold); local mode: it follows `durable_end`.
     replicated: AtomicBool,
     fsyncs: AtomicU64,
+    /// What producers appended since the partition was opened.
+    records_in: AtomicU64,
+    bytes_in: AtomicU64,
     /// Moves (under the transactions lock) whenever an aborted transaction
     /// may leave the list other than by a roll filing it: a compaction
     /// dropping its marker, a truncation, the log start passing it. A
@@ -340,7 +343,9 @@ impl Partition {
     ) -> Result<Arc<Partition>, LogError> {
         if opening == Opening::New {
             fs::create_dir(&dir)?;
-        } else {
+        } else if !dir.is_dir() {
+            // A look-up, not a mkdir that fails: mkdir takes the data
+            // directory's lock, which every partition of the store shares.
             fs::create_dir_all(&dir)?;
         }
         let clean = opening != Opening::AfterCrash;
@@ -536,7 +541,12 @@ impl Partition {
             }
         }
         txns.set_aborted(filed.active);
-        epochs.truncate_from_end(log_end);
+        // Epochs claiming offsets past the log end came from a torn tail.
+        // One starting exactly at the end is kept: a leader assigns its new
+        // epoch there before writing anything (and a clean shutdown writes
+        // it down), so dropping it would rewrite the checkpoint of every
+        // partition at every start for nothing.
+        epochs.truncate_from_end(log_end.saturating_add(1));
         epochs.truncate_from_start(log_start);
         txns.forget_before(log_start);
         if epochs != loaded_epochs {
@@ -583,6 +593,8 @@ impl Partition {
             durable_end_tx: watch::channel(log_end).0,
             replicated: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
+            records_in: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
             aborted_changes: AtomicU64::new(0),
             index_rewrites: index::Rewrites::default(),
             hw_written: AtomicI64::new(hw_checkpoint.unwrap_or(-1)),
@@ -654,7 +666,10 @@ impl Partition {
     /// written to the OS, before they are durable: call
     /// [`Partition::wait_durable`] before acknowledging.
     pub fn append(&self, records: &[u8], leader_epoch: i32) -> Result<AppendResult, LogError> {
-        self.append_kind(records, leader_epoch, AppendKind::Data)
+        self.counted(
+            records.len(),
+            self.append_kind(records, leader_epoch, AppendKind::Data),
+        )
     }
 
     /// [`Partition::append`] for a transactional producer: every batch is
@@ -666,7 +681,37 @@ impl Partition {
         records: &[u8],
         leader_epoch: i32,
     ) -> Result<AppendResult, LogError> {
-        self.append_kind(records, leader_epoch, AppendKind::Transactional)
+        self.counted(
+            records.len(),
+            self.append_kind(records, leader_epoch, AppendKind::Transactional),
+        )
+    }
+
+    /// Adds a producer's append to what this partition took in (a retry
+    /// already in the log counts once).
+    fn counted(
+        &self,
+        bytes: usize,
+        appended: Result<AppendResult, LogError>,
+    ) -> Result<AppendResult, LogError> {
+        if let Ok(r) = &appended {
+            if !r.duplicate {
+                let records = u64::try_from(r.end_offset - r.base_offset).unwrap_or(0);
+                self.records_in.fetch_add(records, Ordering::Relaxed);
+                self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+        }
+        appended
+    }
+
+    /// Records and bytes producers appended here since the partition was
+    /// opened (a leader's count; replicas copied from a leader are not
+    /// counted).
+    pub fn produced(&self) -> (u64, u64) {
+        (
+            self.records_in.load(Ordering::Relaxed),
+            self.bytes_in.load(Ordering::Relaxed),
+        )
     }
 
     /// The broker's own records written inside a producer's transaction
@@ -1305,7 +1350,9 @@ impl Partition {
     fn sync_round(&self) -> io::Result<()> {
         let _g = self.sync_lock.lock();
         let work = self.take_sync_work();
+        let (started, durable) = (std::time::Instant::now(), self.durable_tx.borrow().offset);
         work.run(&self.dir)?;
+        crate::log_metrics().flush_round(started.elapsed(), work.target - durable);
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.publish_durable(&work);
         Ok(())

@@ -122,6 +122,91 @@ fn syncfs(dir: &Path) -> std::io::Result<()> {
     rustix::fs::syncfs(&dir).map_err(std::io::Error::from)
 }
 
+/// A partition to recover: its topic, its index and the topic's shared config.
+type ToOpen = (String, u32, Arc<RwLock<TopicConfig>>);
+type Opened = Result<Arc<Partition>, LogError>;
+
+/// Recovers `partitions` on one thread per core: recovery of many small
+/// partitions is system calls and allocation, which two cores do in about
+/// half the time of one. Returns them in the order given; the first failure
+/// fails the whole open.
+fn open_partitions(
+    data_dir: &Path,
+    partitions: Vec<ToOpen>,
+    flush: FlushPolicy,
+    runtime: &tokio::runtime::Handle,
+    opening: Opening,
+) -> Result<Vec<(String, Arc<Partition>)>, LogError> {
+    let open_one = |(topic, p, config): &ToOpen| {
+        let dir = partition_dir(data_dir, topic, *p);
+        Partition::open(
+            topic,
+            *p as i32,
+            dir,
+            config.clone(),
+            flush,
+            runtime,
+            opening,
+        )
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(partitions.len().div_ceil(OPEN_CHUNK));
+    let mut opened: Vec<Option<Opened>> = (0..partitions.len()).map(|_| None).collect();
+    if threads <= 1 {
+        for (slot, p) in opened.iter_mut().zip(&partitions) {
+            *slot = Some(open_one(p));
+        }
+    } else {
+        // Workers take chunks in turn, so one slow partition (a long log to
+        // walk) does not leave the other cores idle.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = || {
+            let mut done: Vec<(usize, Opened)> = Vec::new();
+            loop {
+                let start = next.fetch_add(OPEN_CHUNK, std::sync::atomic::Ordering::Relaxed);
+                let Some(chunk) = partitions.get(start..(start + OPEN_CHUNK).min(partitions.len()))
+                else {
+                    return done;
+                };
+                if chunk.is_empty() {
+                    return done;
+                }
+                done.extend(
+                    chunk
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| (start + i, open_one(p))),
+                );
+            }
+        };
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads).map(|_| scope.spawn(work)).collect();
+            for worker in workers {
+                // A panicked worker leaves its slots empty: reported below.
+                for (i, r) in worker.join().unwrap_or_default() {
+                    opened[i] = Some(r);
+                }
+            }
+        });
+    }
+    partitions
+        .into_iter()
+        .zip(opened)
+        .map(|((topic, _, _), r)| {
+            let r = r.unwrap_or_else(|| {
+                Err(LogError::Io(std::io::Error::other(
+                    "a partition recovery thread panicked",
+                )))
+            });
+            r.map(|p| (topic, p))
+        })
+        .collect()
+}
+
+/// Partitions a recovery thread takes at a time.
+const OPEN_CHUNK: usize = 64;
+
 /// Effective config of a topic: broker defaults with the overrides applied.
 fn effective(
     defaults: &TopicConfig,
@@ -198,6 +283,7 @@ impl Store {
         };
 
         let mut topics = BTreeMap::new();
+        let mut to_open = Vec::new();
         for rec in topics_file.topics {
             let id = unhex(&rec.id).ok_or_else(|| {
                 LogError::Io(std::io::Error::other(format!(
@@ -207,17 +293,8 @@ impl Store {
             })?;
             let cfg = effective(&config.defaults, &rec.overrides)?;
             let shared = Arc::new(RwLock::new(cfg));
-            let mut partitions = Vec::with_capacity(rec.partitions as usize);
             for p in 0..rec.partitions {
-                partitions.push(Partition::open(
-                    &rec.name,
-                    p as i32,
-                    partition_dir(&data_dir, &rec.name, p),
-                    shared.clone(),
-                    config.flush,
-                    &runtime,
-                    opening,
-                )?);
+                to_open.push((rec.name.clone(), p, shared.clone()));
             }
             topics.insert(
                 rec.name.clone(),
@@ -225,9 +302,15 @@ impl Store {
                     id,
                     overrides: rec.overrides,
                     config: shared,
-                    partitions,
+                    partitions: Vec::with_capacity(rec.partitions as usize),
                 },
             );
+        }
+        let opened = open_partitions(&data_dir, to_open, config.flush, &runtime, opening)?;
+        for (topic, partition) in opened {
+            if let Some(t) = topics.get_mut(&topic) {
+                t.partitions.push(partition);
+            }
         }
 
         if opening == Opening::AfterCrash && config.flush != FlushPolicy::Never {

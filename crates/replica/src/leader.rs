@@ -56,6 +56,9 @@ struct Inner {
     followers: HashMap<BrokerId, Progress>,
     /// The ISR proposed by the AlterPartition in flight.
     pending: Option<Vec<BrokerId>>,
+    /// The size of the ISR the pending proposal changes (for the shrink
+    /// and expand counts once it takes effect).
+    pending_from: usize,
     pending_task: Option<JoinHandle<()>>,
     /// The last ISR proposal that failed or was rejected, and until when not to
     /// propose that same ISR again.
@@ -124,6 +127,7 @@ impl Leader {
                 partition_epoch: state.partition_epoch,
                 followers,
                 pending: None,
+                pending_from: 0,
                 pending_task: None,
                 failed: None,
             }),
@@ -326,6 +330,7 @@ impl Leader {
             partition_epoch: g.partition_epoch,
             new_isr: new_isr.clone(),
         };
+        g.pending_from = g.isr.len();
         g.pending = Some(new_isr);
         let me = self.clone();
         g.pending_task = Some(tokio::spawn(async move {
@@ -347,6 +352,7 @@ impl Leader {
         match result {
             Ok(Ok(CommandOutput::Partition(state))) => {
                 g.failed = None;
+                crate::replica_metrics().isr_changed(g.pending_from, state.isr.len());
                 self.adopt(&mut g, &state);
             }
             Ok(Ok(other)) => {

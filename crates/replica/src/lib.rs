@@ -74,10 +74,12 @@
 mod follower;
 mod leader;
 mod manager;
+mod metrics;
 mod tcp;
 mod transport;
 
 pub use manager::ReplicaManager;
+pub use metrics::{replica_metrics, ReplicaMetrics};
 pub use tcp::TcpConnector;
 pub use transport::{
     EpochAnswer, FetchAnswer, FetchArgs, InProcessConnector, LeaderConnector, LeaderTransport,

@@ -117,9 +117,14 @@ pub struct ServeArgs {
         value_name = "N"
     )]
     pub amqp_memory_high_watermark_bytes: Option<u64>,
-    /// HTTP listener (/healthz, /api/v1) [default: 127.0.0.1:8080].
+    /// HTTP listener (/healthz, /metrics, /api/v1) [default: 127.0.0.1:8080].
     #[arg(long, env = "SLUICE_HTTP_ADDR", value_name = "HOST:PORT")]
     pub http_addr: Option<String>,
+    /// Per-partition series in /metrics (off for nodes with very many
+    /// partitions; per-topic series stay) [default: true].
+    #[arg(long, env = "SLUICE_PARTITION_METRICS", value_name = "BOOL",
+          action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub partition_metrics: Option<bool>,
     /// Address given to Kafka clients in Metadata [default: the Kafka listener].
     #[arg(
         long,
@@ -158,6 +163,11 @@ pub struct ServeArgs {
     /// [default: min(3, voters in --cluster-peers)].
     #[arg(long, env = "SLUICE_INTERNAL_REPLICATION_FACTOR", value_name = "N")]
     pub internal_replication_factor: Option<usize>,
+    /// Cluster mode: the cluster id (Kafka's cluster.id), the same on every node;
+    /// nodes refuse inter-node requests from another cluster [default: a random id
+    /// the first controller picks].
+    #[arg(long, env = "SLUICE_CLUSTER_ID", value_name = "ID")]
+    pub cluster_id: Option<String>,
     /// When appended records are fsynced [default: always].
     #[arg(long, env = "SLUICE_FLUSH", value_enum)]
     pub flush: Option<FlushMode>,
@@ -237,6 +247,7 @@ pub struct ServerSection {
     pub kafka_addr: Option<String>,
     pub amqp_addr: Option<String>,
     pub http_addr: Option<String>,
+    pub partition_metrics: Option<bool>,
     pub advertised_kafka_addr: Option<String>,
     pub node_id: Option<i32>,
 }
@@ -295,6 +306,7 @@ pub struct ClusterSection {
     pub replica_addr: Option<String>,
     pub min_insync_replicas: Option<i32>,
     pub internal_replication_factor: Option<usize>,
+    pub cluster_id: Option<String>,
     pub replica_lag_time_max_ms: Option<u64>,
     pub session_timeout_ms: Option<u64>,
 }
@@ -319,6 +331,8 @@ pub struct ClusterSettings {
     pub min_insync_replicas: i32,
     /// Replicas of each internal topic partition.
     pub internal_replication_factor: usize,
+    /// The configured cluster id, if any.
+    pub cluster_id: Option<String>,
     pub replica_lag_time_max: Duration,
     pub session_timeout: Duration,
 }
@@ -389,6 +403,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub kafka_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// Per-partition series in /metrics.
+    pub partition_metrics: bool,
     pub amqp: AmqpConfig,
     /// When AMQP publishers are blocked.
     pub resource_limits: ResourceLimits,
@@ -631,6 +647,17 @@ impl Config {
                 if internal_replication_factor < 1 {
                     bail!("internal_replication_factor must be at least 1");
                 }
+                let cluster_id = args.cluster_id.clone().or(file.cluster.cluster_id);
+                if let Some(id) = &cluster_id {
+                    if id.is_empty()
+                        || id.len() > 64
+                        || !id
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                    {
+                        bail!("cluster_id {id:?} must be 1 to 64 letters, digits, '-' or '_'");
+                    }
+                }
                 Some(ClusterSettings {
                     peers,
                     raft_advertised,
@@ -638,6 +665,7 @@ impl Config {
                     replica_addr,
                     min_insync_replicas,
                     internal_replication_factor,
+                    cluster_id,
                     replica_lag_time_max: Duration::from_millis(
                         file.cluster
                             .replica_lag_time_max_ms
@@ -658,6 +686,10 @@ impl Config {
             data_dir,
             kafka_addr: resolve(&kafka_addr).context("invalid Kafka listen address")?,
             http_addr: resolve(&http_addr).context("invalid HTTP listen address")?,
+            partition_metrics: args
+                .partition_metrics
+                .or(file.server.partition_metrics)
+                .unwrap_or(true),
             amqp,
             resource_limits,
             advertised,
@@ -889,6 +921,7 @@ mod tests {
         assert_eq!(c.data_dir, d.data_dir);
         assert_eq!(c.kafka_addr, d.kafka_addr);
         assert_eq!(c.http_addr, d.http_addr);
+        assert_eq!(c.partition_metrics, d.partition_metrics);
         assert_eq!(c.amqp.listen, d.amqp.listen);
         assert_eq!(c.amqp.frame_max, d.amqp.frame_max);
         assert_eq!(c.amqp.channel_max, d.amqp.channel_max);
@@ -963,6 +996,7 @@ mod tests {
         let c = Config::merge(&args, FileConfig::default()).unwrap();
         assert_eq!(c.node_id, 2);
         let cl = c.cluster.expect("cluster mode");
+        assert_eq!(cl.cluster_id, None, "picked by the first controller");
         assert_eq!(
             cl.peers,
             vec![
@@ -991,6 +1025,7 @@ mod tests {
                 min_insync_replicas = 1
                 replica_lag_time_max_ms = 2000
                 session_timeout_ms = 3000
+                cluster_id = "orders-prod"
                 "#,
             )
         };
@@ -1004,17 +1039,29 @@ mod tests {
         assert_eq!(cl.min_insync_replicas, 1);
         assert_eq!(cl.replica_lag_time_max, Duration::from_secs(2));
         assert_eq!(cl.session_timeout, Duration::from_secs(3));
+        assert_eq!(cl.cluster_id.as_deref(), Some("orders-prod"));
 
         // Flags win over the file; peers may also be one string.
         let args = ServeArgs {
             node_id: Some(1),
             raft_listen: Some("127.0.0.1:0".into()),
             replica_addr: Some("a:19092".into()),
+            cluster_id: Some("orders-test".into()),
             ..ServeArgs::default()
         };
         let c = Config::merge(&args, f()).unwrap();
         let cl = c.cluster.expect("cluster mode");
+        assert_eq!(cl.cluster_id.as_deref(), Some("orders-test"));
         assert_eq!(c.node_id, 1);
+        for bad in ["", "has space", "dots.are.out", &"x".repeat(65)] {
+            let args = ServeArgs {
+                node_id: Some(1),
+                cluster_id: Some(bad.to_string()),
+                ..ServeArgs::default()
+            };
+            let e = Config::merge(&args, f()).unwrap_err().to_string();
+            assert!(e.contains("cluster_id"), "{bad:?}: {e}");
+        }
         assert_eq!(cl.raft_listen, "127.0.0.1:0".parse().unwrap());
         assert_eq!(cl.replica_addr.as_deref(), Some("a:19092"));
         let text = file("[server]\nnode_id = 1\n[cluster]\npeers = \"1@a:9093,2@b:9093\"\n");

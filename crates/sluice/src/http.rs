@@ -1,10 +1,12 @@
 //! The broker's small HTTP surface: `GET /healthz` for health checks,
+//! `GET /metrics` for Prometheus (`http_metrics.rs`),
 //! `GET /api/v1/topics` for a JSON view of the local topics and their offsets,
 //! and the operations API: `GET /api/v1/cluster` (nodes, controller,
 //! partitions, under-replicated and offline lists),
 //! `POST /api/v1/partitions/reassign`, `POST /api/v1/nodes/{id}/drain` and
 //! `POST /api/v1/nodes/{id}/remove`; and the AMQP objects (`http_amqp.rs`:
-//! `/api/v1/queues`, `/api/v1/exchanges`, `/api/v1/bindings`). A single node
+//! `/api/v1/queues`, `/api/v1/exchanges`, `/api/v1/bindings`), and the stream
+//! jobs that report here (`http_jobs.rs`: `/api/v1/jobs`). A single node
 //! is a cluster of one and
 //! answers the same. Operations are proposals to the metadata quorum,
 //! answered once applied.
@@ -22,6 +24,8 @@ use sluice_amqp::AmqpAdmin;
 use sluice_cluster::{
     ClusterNode, Command, CommandOutput, MetadataImage, PartitionState, NO_LEADER,
 };
+use sluice_group::Coordination;
+use sluice_kafka::KafkaMetrics;
 use sluice_log::Store;
 use sluice_node::Node;
 use sluice_topology::Topology;
@@ -34,9 +38,40 @@ pub struct State {
     store: Arc<OnceLock<Arc<Store>>>,
     node: Arc<OnceLock<Arc<Node>>>,
     amqp: Arc<OnceLock<AmqpAdmin>>,
+    groups: Arc<OnceLock<Arc<Coordination>>>,
+    kafka: Arc<OnceLock<Arc<KafkaMetrics>>>,
+    jobs: crate::http_jobs::Jobs,
+    partition_metrics: Arc<OnceLock<bool>>,
 }
 
 impl State {
+    pub fn set_groups(&self, groups: Arc<Coordination>) {
+        let _ = self.groups.set(groups);
+    }
+
+    pub fn set_kafka_metrics(&self, metrics: Arc<KafkaMetrics>) {
+        let _ = self.kafka.set(metrics);
+    }
+
+    /// The Kafka listener's request figures, once it runs.
+    pub(crate) fn kafka_metrics(&self) -> Option<&Arc<KafkaMetrics>> {
+        self.kafka.get()
+    }
+
+    /// Whether /metrics has per-partition series (default true).
+    pub fn set_partition_metrics(&self, on: bool) {
+        let _ = self.partition_metrics.set(on);
+    }
+
+    pub(crate) fn partition_metrics(&self) -> bool {
+        self.partition_metrics.get().copied().unwrap_or(true)
+    }
+
+    /// The group coordination, once the node runs.
+    pub(crate) fn groups(&self) -> Option<&Arc<Coordination>> {
+        self.groups.get()
+    }
+
     pub fn set_store(&self, store: Arc<Store>) {
         let _ = self.store.set(store);
     }
@@ -47,6 +82,11 @@ impl State {
 
     pub fn set_amqp(&self, amqp: AmqpAdmin) {
         let _ = self.amqp.set(amqp);
+    }
+
+    /// What stream jobs reported to this node.
+    pub(crate) fn jobs(&self) -> &crate::http_jobs::JobRegistry {
+        &self.jobs
     }
 
     /// The AMQP objects, once the node runs.
@@ -63,7 +103,7 @@ impl State {
         self.node.get()
     }
 
-    fn store(&self) -> Option<&Arc<Store>> {
+    pub(crate) fn store(&self) -> Option<&Arc<Store>> {
         self.store.get()
     }
 }
@@ -71,6 +111,7 @@ impl State {
 pub fn router(state: State) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(crate::http_metrics::metrics))
         .route("/api/v1/topics", get(topics))
         .route("/api/v1/cluster", get(cluster_status))
         .route("/api/v1/partitions/reassign", post(reassign))
@@ -78,6 +119,7 @@ pub fn router(state: State) -> Router {
         .route("/api/v1/nodes/{id}/remove", post(remove_node))
         .merge(crate::http_amqp::routes())
         .merge(crate::http_access::routes())
+        .merge(crate::http_jobs::routes())
         .with_state(state)
 }
 

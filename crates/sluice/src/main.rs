@@ -10,6 +10,8 @@ mod config;
 mod http;
 mod http_access;
 mod http_amqp;
+mod http_jobs;
+mod http_metrics;
 mod logging;
 mod resources;
 mod serve;
@@ -65,6 +67,8 @@ enum Command {
     Vhost(cli::access::VhostArgs),
     /// Which virtual hosts a user may use: set, clear.
     Permission(cli::access::PermissionArgs),
+    /// Stream jobs reporting to a node: list, status, cancel, savepoint.
+    Job(cli::job::JobArgs),
 }
 
 // The broker allocates and frees small buffers on one worker thread and
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
         Command::User(args) => runtime.block_on(cli::access::run_user(args)),
         Command::Vhost(args) => runtime.block_on(cli::access::run_vhost(args)),
         Command::Permission(args) => runtime.block_on(cli::access::run_permission(args)),
+        Command::Job(args) => runtime.block_on(cli::job::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -109,6 +109,37 @@ fn resident_memory() -> Option<u64> {
     pages.checked_mul(page_size())
 }
 
+/// What the process uses, for its metrics; a figure /proc does not give is
+/// None.
+pub struct ProcessUsage {
+    pub resident_bytes: Option<u64>,
+    pub open_fds: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+}
+
+pub fn process_usage() -> ProcessUsage {
+    ProcessUsage {
+        resident_bytes: resident_memory(),
+        open_fds: std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as u64),
+        cpu_seconds: cpu_seconds(),
+    }
+}
+
+/// User and system time from /proc/self/stat (fields 14 and 15, in clock
+/// ticks; the command name before them may hold spaces, so count from
+/// its closing parenthesis).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    let ticks = rustix::param::clock_ticks_per_second();
+    (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
+}
+
 fn page_size() -> u64 {
     rustix::param::page_size() as u64
 }
@@ -155,6 +186,35 @@ pub fn raise_descriptor_limit() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_reports_its_usage() {
+        let before = process_usage()
+            .cpu_seconds
+            .expect("cpu time of this process");
+        // Spin until the process's CPU time moves 0.1 s: a loaded machine
+        // gives the thread less of the wall clock, so only CPU time that
+        // never moves fails.
+        let start = std::time::Instant::now();
+        let mut spin = 0u64;
+        let mut after = before;
+        while after < before + 0.1 && start.elapsed() < std::time::Duration::from_secs(30) {
+            for _ in 0..1_000_000 {
+                spin = std::hint::black_box(spin.wrapping_add(1));
+            }
+            after = process_usage()
+                .cpu_seconds
+                .expect("cpu time of this process");
+        }
+        assert!(
+            after >= before + 0.1,
+            "cpu time went from {before} to {after} s in 30 s of spinning"
+        );
+        let usage = process_usage();
+        assert!(usage.resident_bytes.is_some_and(|b| b > 1 << 20));
+        // Standard input, output and error at least.
+        assert!(usage.open_fds.is_some_and(|n| n >= 3));
+    }
 
     #[test]
     fn reasons_are_rabbitmqs() {

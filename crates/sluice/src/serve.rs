@@ -89,6 +89,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     // HTTP serves from here on so that /healthz can say "starting" (503)
     // while a large store recovers.
     let http_state = http::State::default();
+    http_state.set_partition_metrics(config.partition_metrics);
     let http_task = tokio::spawn(http::serve(
         http_listener,
         http_state.clone(),
@@ -186,6 +187,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     );
 
     http_state.set_amqp(amqp.admin(topology.clone()));
+    http_state.set_groups(groups.clone());
+    http_state.set_kafka_metrics(kafka.metrics());
     let amqp_task = tokio::spawn(amqp.serve(topology.clone(), wait_for(shutdown_rx.clone())));
     let mut kafka_task =
         tokio::spawn(kafka.serve(topology, groups.clone(), wait_for(shutdown_rx.clone())));
@@ -272,6 +275,7 @@ fn cluster_node_config(
     cc.replica_addr = Some(replica_addr);
     cc.session_timeout = settings.session_timeout;
     cc.internal_replication_factor = settings.internal_replication_factor;
+    cc.cluster_id = settings.cluster_id.clone();
     let mut rc = ReplicaConfig::new(config.node_id);
     rc.replica_lag_max = settings.replica_lag_time_max;
     NodeConfig::cluster(cc, rc)
@@ -439,6 +443,7 @@ mod tests {
             replica_addr: None,
             min_insync_replicas: 2,
             internal_replication_factor: 2,
+            cluster_id: None,
             replica_lag_time_max: Duration::from_secs(5),
             session_timeout: Duration::from_secs(6),
         };

@@ -114,3 +114,32 @@ async fn many_partitions_with_few_descriptors() {
         assert_eq!(got, stored[i], "partition {i} after reopening");
     }
 }
+
+/// A leader assigns its epoch at the log end before anything is written in
+/// it; a clean close writes that down and the next open keeps it as it is:
+/// same epoch, and the checkpoint file not replaced (no write per partition
+/// at every start).
+#[tokio::test]
+async fn an_empty_leader_epoch_survives_a_clean_restart_unrewritten() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path(), FlushPolicy::Always, TopicConfig::default());
+        store.create_topic("t", 1, &no_overrides(), false).unwrap();
+        let p = store.partition("t", 0).unwrap();
+        let r = p.append(&batch(&Spec::plain(3, 10)), 0).unwrap();
+        p.wait_durable(r.end_offset).await.unwrap();
+        p.assign_leader_epoch(4).unwrap();
+        store.close().unwrap();
+    }
+    let checkpoint = dir.path().join("t-0").join("leader-epoch-checkpoint");
+    let written = std::fs::metadata(&checkpoint).unwrap().ino();
+    for _ in 0..2 {
+        let store = open(dir.path(), FlushPolicy::Always, TopicConfig::default());
+        let p = store.partition("t", 0).unwrap();
+        assert_eq!(p.latest_epoch(), 4);
+        assert_eq!(p.end_offset_for_epoch(0), (0, 3));
+        assert_eq!(std::fs::metadata(&checkpoint).unwrap().ino(), written);
+        store.close().unwrap();
+    }
+}

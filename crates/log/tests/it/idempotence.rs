@@ -138,3 +138,32 @@ async fn several_batches_in_one_call_are_checked_in_order_and_all_or_nothing() {
             .duplicate
     );
 }
+
+#[tokio::test]
+async fn what_producers_appended_is_counted_once_per_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), FlushPolicy::Always, TopicConfig::default());
+    store
+        .create_topic("counted", 1, &no_overrides(), false)
+        .unwrap();
+    let p = store.partition("counted", 0).unwrap();
+    let (a, b) = (batch(&Spec::idem(7, 0, 0, 3)), batch(&Spec::plain(2, 10)));
+    p.append(&a, 0).unwrap();
+    p.append(&b, 0).unwrap();
+    // A retry adds nothing; a refused batch neither.
+    assert!(p.append(&a, 0).unwrap().duplicate);
+    assert!(p.append(&batch(&Spec::idem(7, 0, 9, 1)), 0).is_err());
+    assert_eq!(p.produced(), (5, (a.len() + b.len()) as u64));
+    // A flush round went into the process's group-commit figures.
+    p.wait_durable(5).await.unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    sluice_log::log_metrics().register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let count = text
+        .lines()
+        .find(|l| l.starts_with("log_flush_records_count"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(count.is_some_and(|n| n >= 1), "{text}");
+}

@@ -184,6 +184,7 @@ async fn divergent_suffix_is_truncated_on_rejoin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isr_shrinks_and_expands_and_min_insync_is_enforced() {
+    let (shrinks_before, expands_before) = sluice_replica::replica_metrics().isr_changes();
     let c = Cluster::start(3).await;
     c.create_topic("i", 1, 3, &[("min.insync.replicas", "3")])
         .await;
@@ -232,6 +233,11 @@ async fn isr_shrinks_and_expands_and_min_insync_is_enforced() {
     produce_all(&c, leader, "i", 3)
         .await
         .expect("acks=all after expansion");
+    // The leader counted both changes (other tests of this process may add
+    // theirs: at least one of each).
+    let (shrinks, expands) = sluice_replica::replica_metrics().isr_changes();
+    assert!(shrinks > shrinks_before, "no ISR shrink counted");
+    assert!(expands > expands_before, "no ISR expansion counted");
     let log = logs_converge(&c, leader, "i").await;
     assert_eq!(tags_of(&log), vec![1, 2, 3]);
     c.shutdown().await;
