@@ -285,6 +285,15 @@ impl ReplicaManager {
     /// then hold the request up to `max_wait` while there is nothing past
     /// `fetch_offset`, then read up to the log end.
     pub async fn answer_follower_fetch(&self, replica_id: i32, args: &FetchArgs) -> FetchAnswer {
+        // The high watermark before this fetch is the most the follower can
+        // know. When this fetch is what moves it (the last in-sync follower
+        // catching up), answer at once: held, the follower would serve a stale
+        // high watermark (to follower reads, to lag figures, to a failover)
+        // for up to `max_wait`.
+        let hw_known = self
+            .store
+            .partition(&args.topic, args.partition)
+            .map(|p| p.high_watermark());
         let p = match self.on_follower_fetch(
             &args.topic,
             args.partition,
@@ -307,7 +316,7 @@ impl ReplicaManager {
         if p.log_end_offset() <= args.fetch_offset {
             let mut durable = p.watch_durable_end();
             let mut hw = p.watch_high_watermark();
-            let hw_now = *hw.borrow_and_update();
+            let hw_now = hw_known.unwrap_or(*hw.borrow_and_update());
             let _ = tokio::time::timeout(args.max_wait, async {
                 loop {
                     if p.log_end_offset() > args.fetch_offset || *hw.borrow() != hw_now {

@@ -109,6 +109,33 @@ async fn acks_all_replicates_and_survives_leader_failover() {
     c.shutdown().await;
 }
 
+/// The follower whose fetch moves the high watermark is answered at once,
+/// not held for `max_wait` with a high watermark it does not know: every
+/// replica serves the committed end (to lag figures, to a failover) as soon
+/// as the leader does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_learn_the_high_watermark_without_waiting_out_a_held_fetch() {
+    let held = Duration::from_secs(120);
+    let c = Cluster::start_with(3, Duration::from_secs(150), held).await;
+    c.create_topic("t", 1, 3, &[]).await;
+    let leader = c.settled("t", 0).await;
+    for tag in 0..5u8 {
+        let end = produce_all(&c, leader, "t", tag).await.expect("acks=all");
+        eventually(
+            WAIT,
+            "every replica's high watermark at the committed end",
+            || async {
+                c.nodes
+                    .keys()
+                    .all(|id| c.partition(*id, "t", 0).high_watermark() == end)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn divergent_suffix_is_truncated_on_rejoin() {
     // A lag limit well above the time the cut leader runs alone, so it cannot shrink

@@ -37,13 +37,20 @@ fn cluster_config(id: BrokerId, base: &Path, peers: &[(BrokerId, String)]) -> Cl
     c.election_timeout_min = Duration::from_millis(300);
     c.election_timeout_max = Duration::from_millis(600);
     c.propose_timeout = Duration::from_secs(5);
+    // Each test's cluster its own id: a node of a cluster another test process
+    // stopped frees its port, and that cluster's survivors keep calling it.
+    c.cluster_id = Some(
+        base.file_name()
+            .map(|n| n.to_string_lossy().replace('.', ""))
+            .unwrap_or_default(),
+    );
     c
 }
 
-pub fn replica_config(id: BrokerId, lag: Duration) -> ReplicaConfig {
+pub fn replica_config(id: BrokerId, lag: Duration, fetch_max_wait: Duration) -> ReplicaConfig {
     let mut c = ReplicaConfig::new(id);
     c.replica_lag_max = lag;
-    c.fetch_max_wait = Duration::from_millis(100);
+    c.fetch_max_wait = fetch_max_wait;
     c
 }
 
@@ -60,6 +67,8 @@ pub struct Cluster {
     pub nodes: BTreeMap<BrokerId, Node>,
     /// replica.lag.time.max of every broker.
     pub lag: Duration,
+    /// How long a leader holds a follower's fetch that has nothing new.
+    pub fetch_max_wait: Duration,
 }
 
 impl Cluster {
@@ -68,6 +77,10 @@ impl Cluster {
     }
 
     pub async fn start_with_lag(n: i32, lag: Duration) -> Cluster {
+        Cluster::start_with(n, lag, Duration::from_millis(100)).await
+    }
+
+    pub async fn start_with(n: i32, lag: Duration, fetch_max_wait: Duration) -> Cluster {
         init_tracing();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut listeners = Vec::new();
@@ -86,6 +99,7 @@ impl Cluster {
             connector: InProcessConnector::new(),
             nodes: BTreeMap::new(),
             lag,
+            fetch_max_wait,
         };
         for (id, _, l) in listeners {
             c.launch(id, l).await;
@@ -118,7 +132,7 @@ impl Cluster {
         let mgr = ReplicaManager::start_with(
             store.clone(),
             cluster.clone(),
-            replica_config(id, self.lag),
+            replica_config(id, self.lag, self.fetch_max_wait),
             self.connector.for_node(id),
         );
         self.connector.register(&mgr);
