@@ -869,11 +869,22 @@ impl Actor {
         }
         // Consumers learn that this queue no longer delivers here; their unacked
         // messages stay unacknowledged in the log for whoever serves it next.
+        // A full event queue (a peer link busy with other consumers'
+        // deliveries) must not lose the cancellation: the consumer would
+        // wait forever on a queue that is gone.
         for c in self.consumers.drain(..) {
-            let _ = c.spec.events.try_send(Event::Cancelled {
+            let cancelled = Event::Cancelled {
                 channel: c.spec.channel,
                 consumer_tag: c.spec.tag.clone(),
-            });
+            };
+            if let Err(mpsc::error::TrySendError::Full(cancelled)) =
+                c.spec.events.try_send(cancelled)
+            {
+                let events = c.spec.events.clone();
+                tokio::spawn(async move {
+                    let _ = events.send(cancelled).await;
+                });
+            }
         }
     }
 
@@ -1694,6 +1705,12 @@ mod tests {
 
     async fn consume(link: &QueueLink, connection: u64) -> mpsc::Receiver<Event> {
         let (events, rx) = mpsc::channel(64);
+        consume_into(link, connection, events).await;
+        rx
+    }
+
+    /// Consumer "c" on channel 1, its events sent to `events`.
+    async fn consume_into(link: &QueueLink, connection: u64, events: mpsc::Sender<Event>) {
         link.consume(ConsumerSpec {
             connection,
             channel: 1,
@@ -1707,7 +1724,6 @@ mod tests {
         })
         .await
         .expect("consumes");
-        rx
     }
 
     fn publish(leadership: &Leadership, body: &'static [u8]) {
@@ -1752,6 +1768,39 @@ mod tests {
                 Err(_) => assert!(Instant::now() < deadline, "no delivery"),
             }
         }
+    }
+
+    /// A consumer whose event queue is full when its queue stops (a peer
+    /// link busy with other consumers' deliveries) still learns it was
+    /// cancelled; before, the cancellation was dropped and the consumer
+    /// waited on a queue that was gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_event_queue_does_not_lose_the_cancellation() {
+        let (_dir, store) = store();
+        store
+            .create_topic("amqp.q", 1, &Default::default(), false)
+            .expect("a topic");
+        let partition = store.partition("amqp.q", 0).expect("a partition");
+        let term = Term::new();
+        let link = serve(Leadership::new(partition, 1, term.clone()));
+        let (events, mut rx) = mpsc::channel(1);
+        consume_into(&link, 1, events.clone()).await;
+        events
+            .try_send(Event::Cancelled {
+                channel: 9,
+                consumer_tag: Arc::from("filler"),
+            })
+            .expect("room for one");
+        term.end();
+        let mut tags = Vec::new();
+        while tags.len() < 2 {
+            match tokio::time::timeout(WAIT, rx.recv()).await {
+                Ok(Some(Event::Cancelled { consumer_tag, .. })) => tags.push(consumer_tag),
+                Ok(other) => panic!("expected cancellations, got {other:?}"),
+                Err(_) => panic!("the consumer was never told: {tags:?}"),
+            }
+        }
+        assert_eq!(tags, [Arc::from("filler"), Arc::from("c")]);
     }
 
     /// A leader delivers a message under a claim a committed record made
