@@ -145,7 +145,8 @@ pub use image::{
     NO_LEADER,
 };
 pub use node::{
-    ClusterConfig, ClusterError, ClusterNode, HeartbeatAck, LocalState, Members, StaleView,
+    ClusterConfig, ClusterError, ClusterNode, HeartbeatAck, LocalState, Members, RaftFigures,
+    StaleView,
 };
 
 /// Raft node id (the broker id as `u64`).

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -269,6 +270,24 @@ struct Inner {
     raft_addr: String,
     controller: Mutex<ControllerState>,
     last_ack: Mutex<Option<HeartbeatAck>>,
+    /// Times this node saw the quorum's leader change (see [`follow_leader`]).
+    leader_changes: AtomicU64,
+}
+
+/// The metadata quorum's Raft state as this node sees it, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftFigures {
+    /// The current Raft term.
+    pub term: u64,
+    /// Index of the last entry in this node's Raft log (`None`: empty).
+    pub last_log_index: Option<u64>,
+    /// Index of the last entry applied to this node's metadata image.
+    pub last_applied_index: Option<u64>,
+    /// Times this node saw the leader change since it started, the first
+    /// leader it learnt of included.
+    pub leader_changes: u64,
+    /// Whether this node leads the quorum (is the controller).
+    pub is_leader: bool,
 }
 
 /// One member of the metadata quorum. See the crate docs.
@@ -361,10 +380,12 @@ impl ClusterNode {
             raft_addr,
             controller: Mutex::new(ControllerState::default()),
             last_ack: Mutex::new(None),
+            leader_changes: AtomicU64::new(0),
         });
         let mut tasks = vec![
             tokio::spawn(bootstrap(inner.clone())),
             tokio::spawn(controller_loop(inner.clone())),
+            tokio::spawn(follow_leader(inner.clone())),
         ];
         if let Some(listener) = listener {
             tasks.push(tokio::spawn(accept_loop(inner.clone(), listener)));
@@ -417,6 +438,20 @@ impl ClusterNode {
         let m = self.inner.raft.metrics();
         let leader = m.borrow().current_leader;
         leader.and_then(|l| BrokerId::try_from(l).ok())
+    }
+
+    /// The quorum's Raft state as this node sees it (term, log indexes, leader
+    /// changes), read from openraft's metrics.
+    pub fn raft_figures(&self) -> RaftFigures {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        RaftFigures {
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            last_applied_index: m.last_applied.map(|id| id.index),
+            leader_changes: self.inner.leader_changes.load(Ordering::Relaxed),
+            is_leader: m.state == ServerState::Leader,
+        }
     }
 
     /// The last heartbeat of this broker that a controller answered, if any: whether
@@ -1194,6 +1229,26 @@ const STARTUP_HEARTBEAT_RETRY: Duration = Duration::from_millis(10);
 /// session timeout (counting from the start of this leadership for brokers not heard
 /// from yet, so a new controller gives everyone a full session of grace), and keep the
 /// internal topics at their replication factor.
+/// Counts the leader changes this node sees, following openraft's metrics
+/// (they change on every append too, so only the leader is compared). An
+/// election's leaderless interval is not a change; the leader after it is,
+/// when it is another node than before, and so is the first one learnt of.
+async fn follow_leader(inner: Arc<Inner>) {
+    let mut metrics = inner.raft.metrics();
+    let mut last: Option<NodeId> = None;
+    loop {
+        let leader = metrics.borrow_and_update().current_leader;
+        if leader.is_some() && leader != last {
+            inner.leader_changes.fetch_add(1, Ordering::Relaxed);
+            last = leader;
+        }
+        // The sender goes with the Raft core: the node stopped.
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn controller_loop(inner: Arc<Inner>) {
     let tick = (inner.config.heartbeat_interval / 2).max(Duration::from_millis(10));
     let session = inner.config.session_timeout;

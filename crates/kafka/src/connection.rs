@@ -165,14 +165,18 @@ pub(crate) struct Unsent {
     bytes: AtomicUsize,
     written: Notify,
     budget: Arc<Budget>,
+    /// The listener's figures: a response counts its error codes where it is
+    /// built, in the connection's scope or in a task started from it.
+    pub(crate) metrics: Arc<crate::KafkaMetrics>,
 }
 
 impl Unsent {
-    fn new(budget: Arc<Budget>) -> Self {
+    fn new(budget: Arc<Budget>, metrics: Arc<crate::KafkaMetrics>) -> Self {
         Unsent {
             bytes: AtomicUsize::new(0),
             written: Notify::new(),
             budget,
+            metrics,
         }
     }
 
@@ -257,7 +261,7 @@ pub(crate) async fn run(
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
     let (gone_tx, gone_rx) = watch::channel(false);
     let activity = Arc::new(Activity::new());
-    let unsent = Arc::new(Unsent::new(ctx.budget.clone()));
+    let unsent = Arc::new(Unsent::new(ctx.budget.clone(), ctx.metrics.clone()));
     let writer = tokio::spawn(write_loop(
         writer,
         rx,

@@ -13,6 +13,7 @@ use sluice_vocab::ErrorCode;
 
 use crate::api_versions::{refused, supported_range};
 use crate::connection::Slot;
+use crate::error_counts::ErrorCounts;
 use crate::handlers;
 use crate::server::Ctx;
 
@@ -365,12 +366,20 @@ pub(crate) fn encode_frame<R: Encodable + HeaderVersion>(
 }
 
 /// A response ready now.
-pub(crate) fn now<R: Encodable + HeaderVersion>(h: Hdr, resp: &R) -> Outcome {
+pub(crate) fn now<R: Encodable + HeaderVersion + ErrorCounts>(h: Hdr, resp: &R) -> Outcome {
     now_at(h, h.version, resp)
 }
 
 /// A response ready now, encoded at `version` (UNSUPPORTED_VERSION answers).
-pub(crate) fn now_at<R: Encodable + HeaderVersion>(h: Hdr, version: i16, resp: &R) -> Outcome {
+pub(crate) fn now_at<R: Encodable + HeaderVersion + ErrorCounts>(
+    h: Hdr,
+    version: i16,
+    resp: &R,
+) -> Outcome {
+    // Every response passes here or through `later`: its error codes are
+    // counted once, off the typed response, before it becomes bytes.
+    let _ = crate::connection::UNSENT
+        .try_with(|unsent| unsent.metrics.responded(h.api as i16, version, resp));
     match encode_frame(h, version, resp) {
         Some(bytes) => Outcome::Respond(Slot::Ready(bytes)),
         None => Outcome::Close,
@@ -381,13 +390,16 @@ pub(crate) fn now_at<R: Encodable + HeaderVersion>(h: Hdr, version: i16, resp: &
 /// of the connection and is written in its turn.
 pub(crate) fn later<R, F>(h: Hdr, fut: F) -> Outcome
 where
-    R: Encodable + HeaderVersion + Send + 'static,
+    R: Encodable + HeaderVersion + ErrorCounts + Send + 'static,
     F: Future<Output = R> + Send + 'static,
 {
     // Outside a connection (tests of a handler) nothing is counted.
     let unsent = crate::connection::UNSENT.try_with(Arc::clone).ok();
     let task = tokio::spawn(async move {
         let resp = fut.await;
+        if let Some(unsent) = &unsent {
+            unsent.metrics.responded(h.api as i16, h.version, &resp);
+        }
         let frame = encode_frame(h, h.version, &resp);
         if let (Some(unsent), Some(frame)) = (&unsent, &frame) {
             unsent.add(frame.len());

@@ -79,6 +79,7 @@ use sluice_topology::Topology;
 mod api_versions;
 mod connection;
 mod dispatch;
+mod error_counts;
 mod handlers;
 mod metrics;
 mod records;

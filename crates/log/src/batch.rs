@@ -100,6 +100,35 @@ impl BatchHeader {
     }
 }
 
+/// Records a consumer gets from the whole batches at the start of `buf`,
+/// read off their headers alone (records stay unread, compressed or not).
+/// Control batches are left out: consumers never see their records. A batch
+/// cut short ends the count; a malformed length ends it too, so what a
+/// corrupt log holds can make the figure low, never make this loop forever.
+pub fn count_records(buf: &[u8]) -> u64 {
+    let mut records = 0u64;
+    let mut at = 0usize;
+    while let Some(h) = buf
+        .get(at..)
+        .and_then(|rest| rest.get(..HEADER_LEN))
+        .and_then(|h| <&[u8; HEADER_LEN]>::try_from(h).ok())
+    {
+        let length = be_i32(h, OFF_BATCH_LENGTH);
+        if length < MIN_BATCH_LENGTH {
+            break;
+        }
+        let size = LOG_OVERHEAD + length as usize;
+        if buf.len() - at < size {
+            break;
+        }
+        if be_i16(h, OFF_ATTRIBUTES) & ATTR_CONTROL == 0 {
+            records += u64::try_from(be_i32(h, OFF_RECORDS_COUNT)).unwrap_or(0);
+        }
+        at += size;
+    }
+    records
+}
+
 /// `seq + delta` wrapping from i32::MAX to 0, as Kafka's producer does.
 pub(crate) fn wrap_seq(seq: i32, delta: i32) -> i32 {
     let sum = i64::from(seq) + i64::from(delta);
@@ -318,6 +347,47 @@ mod tests {
         assert_eq!(hs[0].records_count, 3);
         assert_eq!(hs[0].size(), HEADER_LEN + 10);
         assert_eq!(hs[1].last_offset_delta, 0);
+    }
+
+    #[test]
+    fn count_records_reads_headers_only() {
+        let mut buf = batch(3, 10);
+        buf.extend(batch(1, 0));
+        assert_eq!(count_records(&buf), 4);
+        // A control batch (a transaction marker) reaches no consumer.
+        let mut marker = batch(1, 0);
+        marker[21..23].copy_from_slice(&ATTR_CONTROL.to_be_bytes());
+        buf.extend(&marker);
+        assert_eq!(count_records(&buf), 4);
+        // The records are never looked at: garbage in them changes nothing.
+        let mut opaque = batch(5, 20);
+        opaque[HEADER_LEN..].fill(0xff);
+        buf.extend(&opaque);
+        assert_eq!(count_records(&buf), 9);
+        // A batch cut short at the end of a read is not counted.
+        let whole = buf.len();
+        buf.extend(&batch(7, 30)[..40]);
+        assert_eq!(count_records(&buf), 9);
+        buf.truncate(whole);
+        buf.extend(&batch(7, 30)[..HEADER_LEN + 3]);
+        assert_eq!(count_records(&buf), 9);
+        assert_eq!(count_records(&[]), 0);
+    }
+
+    #[test]
+    fn count_records_stops_at_a_bad_length() {
+        let mut buf = batch(2, 0);
+        let mut bad = batch(4, 0);
+        bad[8..12].copy_from_slice(&(-1i32).to_be_bytes());
+        buf.extend(&bad);
+        buf.extend(batch(8, 0));
+        assert_eq!(count_records(&buf), 2);
+        let mut zero = batch(4, 0);
+        zero[8..12].copy_from_slice(&0i32.to_be_bytes());
+        assert_eq!(count_records(&zero), 0);
+        let mut negative = batch(1, 0);
+        negative[57..61].copy_from_slice(&(-3i32).to_be_bytes());
+        assert_eq!(count_records(&negative), 0);
     }
 
     #[test]

@@ -45,12 +45,12 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-pub use batch::{validate_batches, BatchHeader};
+pub use batch::{count_records, validate_batches, BatchHeader};
 pub use config::{CleanerConfig, FlushPolicy, StoreConfig, TopicConfig};
 pub use descriptors::{segment_file_stats, set_segment_file_budget, DescriptorStats};
 pub use error::LogError;
 pub use index::set_index_page_entries;
-pub use metrics::{log_metrics, LogMetrics};
+pub use metrics::{hot_path_metrics, log_metrics, set_hot_path_metrics, LogMetrics};
 pub use partition::{CleanStats, Partition};
 pub use producer::ActiveProducer;
 pub use records::{BatchBuilder, PlainRecords, RecordsError, StoredRecord};

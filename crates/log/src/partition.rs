@@ -164,6 +164,9 @@ pub struct Partition {
     /// What producers appended since the partition was opened.
     records_in: AtomicU64,
     bytes_in: AtomicU64,
+    /// What consumers' fetches returned since the partition was opened.
+    records_out: AtomicU64,
+    bytes_out: AtomicU64,
     /// Moves (under the transactions lock) whenever an aborted transaction
     /// may leave the list other than by a roll filing it: a compaction
     /// dropping its marker, a truncation, the log start passing it. A
@@ -595,6 +598,8 @@ impl Partition {
             fsyncs: AtomicU64::new(0),
             records_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
+            records_out: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
             aborted_changes: AtomicU64::new(0),
             index_rewrites: index::Rewrites::default(),
             hw_written: AtomicI64::new(hw_checkpoint.unwrap_or(-1)),
@@ -695,7 +700,7 @@ impl Partition {
         appended: Result<AppendResult, LogError>,
     ) -> Result<AppendResult, LogError> {
         if let Ok(r) = &appended {
-            if !r.duplicate {
+            if !r.duplicate && crate::hot_path_metrics() {
                 let records = u64::try_from(r.end_offset - r.base_offset).unwrap_or(0);
                 self.records_in.fetch_add(records, Ordering::Relaxed);
                 self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -711,6 +716,28 @@ impl Partition {
         (
             self.records_in.load(Ordering::Relaxed),
             self.bytes_in.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Adds what a consumer's fetch returned from this partition (whole
+    /// batches as [`Partition::read`] gives them) to what it handed out:
+    /// its bytes, and its records counted off the batch headers.
+    pub fn count_fetched(&self, batches: &[u8]) {
+        if batches.is_empty() || !crate::hot_path_metrics() {
+            return;
+        }
+        let records = crate::count_records(batches);
+        self.records_out.fetch_add(records, Ordering::Relaxed);
+        self.bytes_out
+            .fetch_add(batches.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Records and bytes consumers' fetches returned from here since the
+    /// partition was opened (see [`Partition::count_fetched`]).
+    pub fn fetched(&self) -> (u64, u64) {
+        (
+            self.records_out.load(Ordering::Relaxed),
+            self.bytes_out.load(Ordering::Relaxed),
         )
     }
 

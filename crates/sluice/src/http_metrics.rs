@@ -6,7 +6,10 @@
 //! metrics costs the request paths nothing. The exposition is encoded by
 //! `prometheus-client`. Per-partition series can be switched off
 //! (`[http] partition_metrics = false`) for nodes with very many partitions;
-//! per-topic and per-group series stay.
+//! per-topic and per-group series stay. The few figures the data path keeps
+//! itself (request times and error codes, records produced and fetched,
+//! flush rounds) can be switched off too (`[server] metrics = false`): they
+//! are then neither kept nor shown.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
@@ -127,6 +130,9 @@ fn storage(state: &State, registry: &mut Registry) {
     let hosted = IntGauges::<TopicLabels>::default();
     let records_in = Counters::<TopicLabels>::default();
     let bytes_in = Counters::<TopicLabels>::default();
+    let records_out = Counters::<TopicLabels>::default();
+    let bytes_out = Counters::<TopicLabels>::default();
+    let hot = sluice_log::hot_path_metrics();
     for t in store.topics() {
         let topic = TopicLabels {
             topic: t.name.clone(),
@@ -137,9 +143,14 @@ fn storage(state: &State, registry: &mut Registry) {
             };
             let bytes = i64::try_from(part.size_bytes()).unwrap_or(i64::MAX);
             hosted.get_or_create(&topic).inc();
-            let (records, bytes_produced) = part.produced();
-            records_in.get_or_create(&topic).inc_by(records);
-            bytes_in.get_or_create(&topic).inc_by(bytes_produced);
+            if hot {
+                let (records, bytes_produced) = part.produced();
+                records_in.get_or_create(&topic).inc_by(records);
+                bytes_in.get_or_create(&topic).inc_by(bytes_produced);
+                let (records, bytes_fetched) = part.fetched();
+                records_out.get_or_create(&topic).inc_by(records);
+                bytes_out.get_or_create(&topic).inc_by(bytes_fetched);
+            }
             topic_size.get_or_create(&topic).inc_by(bytes);
             topic_end
                 .get_or_create(&topic)
@@ -161,17 +172,30 @@ fn storage(state: &State, registry: &mut Registry) {
         "Partitions of the topic with a replica on this node",
         hosted,
     );
-    registry.register(
-        "topic_produced_records",
-        "Records producers appended to the topic's partitions this node leads, since it started",
-        records_in,
-    );
-    registry.register_with_unit(
-        "topic_produced",
-        "Bytes of record batches producers appended to the topic's partitions this node leads, since it started",
-        Unit::Bytes,
-        bytes_in,
-    );
+    if hot {
+        registry.register(
+            "topic_produced_records",
+            "Records producers appended to the topic's partitions this node leads, since it started",
+            records_in,
+        );
+        registry.register_with_unit(
+            "topic_produced",
+            "Bytes of record batches producers appended to the topic's partitions this node leads, since it started",
+            Unit::Bytes,
+            bytes_in,
+        );
+        registry.register(
+            "topic_fetched_records",
+            "Records consumers' fetches returned from the topic's partitions this node leads, since it started (counted off the batch headers; transaction markers left out)",
+            records_out,
+        );
+        registry.register_with_unit(
+            "topic_fetched",
+            "Bytes of record batches consumers' fetches returned from the topic's partitions this node leads, since it started (followers' fetches left out)",
+            Unit::Bytes,
+            bytes_out,
+        );
+    }
     registry.register_with_unit(
         "topic_size",
         "Bytes of the topic's replicas on this node",
@@ -261,6 +285,47 @@ fn cluster(state: &State, registry: &mut Registry) {
         "cluster_metadata_applied_index",
         "Index of the last metadata log entry this node applied",
         applied,
+    );
+    // A single node is a quorum of one with nobody to elect: its Raft
+    // figures would say nothing, so they are shown in cluster mode only.
+    if cluster.local_raft_addr().is_some() {
+        raft(cluster.raft_figures(), registry);
+    }
+}
+
+/// The metadata quorum's Raft state as this node sees it.
+fn raft(figures: sluice_cluster::RaftFigures, registry: &mut Registry) {
+    let gauge = |v: Option<u64>| {
+        let g = Gauge::<i64>::default();
+        g.set(v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX)));
+        g
+    };
+    registry.register(
+        "raft_term",
+        "Current term of the metadata quorum's Raft",
+        gauge(Some(figures.term)),
+    );
+    registry.register(
+        "raft_last_log_index",
+        "Index of the last entry in this node's metadata Raft log (-1: none)",
+        gauge(figures.last_log_index),
+    );
+    registry.register(
+        "raft_last_applied_index",
+        "Index of the last committed metadata Raft entry this node applied (-1: none)",
+        gauge(figures.last_applied_index),
+    );
+    let changes = Counter::<u64>::default();
+    changes.inc_by(figures.leader_changes);
+    registry.register(
+        "raft_leader_changes",
+        "Times this node saw the metadata quorum's leader change, the first leader it learnt of included",
+        changes,
+    );
+    registry.register(
+        "raft_is_leader",
+        "1 while this node leads the metadata quorum (is the controller), else 0",
+        gauge(Some(u64::from(figures.is_leader))),
     );
 }
 

@@ -138,10 +138,30 @@ async fn controller_failover_then_old_controller_restarts_and_catches_up() {
     assert!(r.is_ok(), "{r:?}");
     let membership_before = membership_log_id(c.node(old));
     let cluster_id = c.node(old).image().borrow().cluster_id.clone();
+    let before = c.node(old).raft_figures();
+    assert!(before.is_leader && before.leader_changes >= 1, "{before:?}");
+    assert!(before.last_applied_index.is_some() && before.last_log_index.is_some());
 
     c.stop(old).await;
     let new = c.controller().await;
     assert_ne!(new, old);
+    // Both survivors saw the leader change, agree on the new term, and only
+    // the new controller says it leads.
+    let figures = eventually(T, "survivors agree on the new leader's term", || async {
+        let f: Vec<_> = c.nodes.values().map(|n| n.raft_figures()).collect();
+        let agreed = f
+            .iter()
+            .all(|x| x.term == f[0].term && x.leader_changes >= 2);
+        agreed.then_some(f)
+    })
+    .await;
+    assert!(figures[0].term > before.term, "{figures:?} {before:?}");
+    assert_eq!(
+        figures.iter().filter(|f| f.is_leader).count(),
+        1,
+        "{figures:?}"
+    );
+    assert!(c.node(new).raft_figures().is_leader);
     let survivor = *c.nodes.keys().find(|id| **id != new).expect("survivor");
     let r = c
         .node(survivor)

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::*;
-use sluice_log::ReadLimit;
+use sluice_log::{Partition, ReadLimit};
 use sluice_topology::FetchArgs;
 use sluice_vocab::ErrorCode;
 use tokio::sync::watch;
@@ -31,6 +31,21 @@ struct Collected {
     error: bool,
     /// What the long poll waits on, with the value the read saw.
     watched: Vec<Watched>,
+    /// What each partition returned, counted once this read is the answer
+    /// (a long poll may read again and drop it). Empty with the hot-path
+    /// figures off.
+    returned: Vec<(Arc<Partition>, Bytes)>,
+}
+
+impl Collected {
+    /// This read is the answer: what it returned goes into its partitions'
+    /// figures.
+    fn answer(self) -> FetchResponse {
+        for (partition, records) in &self.returned {
+            partition.count_fetched(records);
+        }
+        self.response
+    }
 }
 
 /// One value a long poll waits on.
@@ -103,6 +118,8 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
     let mut bytes = 0usize;
     let mut error = false;
     let mut watched = Vec::new();
+    let mut returned = Vec::new();
+    let count = sluice_log::hot_path_metrics();
     let listings = first_listings(ctx, req, by_id);
     let mut topics = Vec::with_capacity(listings.len());
     for (topic, resolved, requested) in listings {
@@ -154,6 +171,9 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
                                 );
                             }
                             bytes += read.records.len();
+                            if count && !read.records.is_empty() {
+                                returned.push((log.clone(), read.records.clone()));
+                            }
                             pd.high_watermark = read.high_watermark;
                             pd.last_stable_offset = log.last_stable_offset();
                             pd.log_start_offset = read.log_start_offset;
@@ -193,6 +213,7 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
         bytes,
         error,
         watched,
+        returned,
     }
 }
 
@@ -213,16 +234,16 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: FetchRequest, h: Hdr) -> Outcome {
     }
     let min_bytes = usize::try_from(req.min_bytes).unwrap_or(0);
     let max_wait = Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0));
-    let first = read_all(ctx, &req, version);
+    let mut first = read_all(ctx, &req, version);
     if first.bytes >= min_bytes || first.error || max_wait.is_zero() || first.watched.is_empty() {
-        return now(h, &first.response);
+        return now(h, &first.answer());
     }
     let deadline = Instant::now() + max_wait;
     // Subscribed after the read: a receiver whose value differs from what
     // the read saw means data arrived in between, so read again at once.
     let mut stale = false;
     let mut receivers: Vec<watch::Receiver<i64>> = Vec::with_capacity(first.watched.len());
-    for Watched { mut rx, seen } in first.watched {
+    for Watched { mut rx, seen } in std::mem::take(&mut first.watched) {
         if *rx.borrow_and_update() != seen {
             stale = true;
         }
@@ -232,14 +253,7 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: FetchRequest, h: Hdr) -> Outcome {
     later(
         h,
         long_poll(
-            ctx,
-            req,
-            version,
-            first.response,
-            receivers,
-            deadline,
-            min_bytes,
-            stale,
+            ctx, req, version, first, receivers, deadline, min_bytes, stale,
         ),
     )
 }
@@ -249,7 +263,7 @@ async fn long_poll(
     ctx: Arc<Ctx>,
     req: FetchRequest,
     version: i16,
-    mut last: FetchResponse,
+    mut last: Collected,
     mut receivers: Vec<watch::Receiver<i64>>,
     deadline: Instant,
     min_bytes: usize,
@@ -261,18 +275,18 @@ async fn long_poll(
                 futures::future::select_all(receivers.iter_mut().map(|rx| Box::pin(rx.changed())));
             match tokio::time::timeout_at(deadline, changed).await {
                 // Nothing new within max_wait: the last read stands.
-                Err(_) => return last,
+                Err(_) => return last.answer(),
                 // The partition went away (topic deleted): report what is there now.
-                Ok((Err(_), _, _)) => return read_all(&ctx, &req, version).response,
+                Ok((Err(_), _, _)) => return read_all(&ctx, &req, version).answer(),
                 Ok((Ok(()), _, _)) => {}
             }
         }
         stale = false;
         let again = read_all(&ctx, &req, version);
         if again.bytes >= min_bytes || again.error || Instant::now() >= deadline {
-            return again.response;
+            return again.answer();
         }
-        last = again.response;
+        last = again;
     }
 }
 

@@ -27,6 +27,7 @@ use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
 use sluice_vocab::ErrorCode;
 
 use crate::dispatch::{now, now_at, Hdr, Outcome};
+use crate::error_counts::ErrorCounts;
 
 const UNSUPPORTED: i16 = ErrorCode::UnsupportedVersion.code();
 
@@ -41,7 +42,7 @@ fn close(h: Hdr, why: &str) -> Outcome {
 fn answer<Req, Resp>(h: Hdr, mut body: Bytes, build: impl FnOnce(Req) -> Option<Resp>) -> Outcome
 where
     Req: Decodable,
-    Resp: Encodable + HeaderVersion,
+    Resp: Encodable + HeaderVersion + ErrorCounts,
 {
     let range = h.api.valid_versions();
     if h.version < range.min || h.version > range.max {

@@ -167,3 +167,27 @@ async fn what_producers_appended_is_counted_once_per_record() {
         .and_then(|n| n.parse::<u64>().ok());
     assert!(count.is_some_and(|n| n >= 1), "{text}");
 }
+
+#[tokio::test]
+async fn what_consumers_fetched_is_counted_off_the_batch_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), FlushPolicy::Always, TopicConfig::default());
+    store
+        .create_topic("fetched", 1, &no_overrides(), false)
+        .unwrap();
+    let p = store.partition("fetched", 0).unwrap();
+    let (a, b) = (batch(&Spec::idem(7, 0, 0, 3)), batch(&Spec::plain(2, 10)));
+    p.append(&a, 0).unwrap();
+    p.append(&b, 0).unwrap();
+    p.wait_durable(5).await.unwrap();
+    let read = p.read(0, 1 << 20, true, ReadLimit::HighWatermark).unwrap();
+    p.count_fetched(&read.records);
+    assert_eq!(p.fetched(), (5, (a.len() + b.len()) as u64));
+    // A read from the second batch on counts that batch only.
+    let read = p.read(3, 1 << 20, true, ReadLimit::HighWatermark).unwrap();
+    p.count_fetched(&read.records);
+    assert_eq!(p.fetched(), (7, (a.len() + 2 * b.len()) as u64));
+    // An empty read counts nothing.
+    p.count_fetched(&[]);
+    assert_eq!(p.fetched().0, 7);
+}
