@@ -120,11 +120,23 @@ pub struct ServeArgs {
     /// HTTP listener (/healthz, /metrics, /api/v1) [default: 127.0.0.1:8080].
     #[arg(long, env = "SLUICE_HTTP_ADDR", value_name = "HOST:PORT")]
     pub http_addr: Option<String>,
+    /// The web console on the HTTP port shows but cannot delete or reset
+    /// anything [default: false].
+    #[arg(long, env = "SLUICE_CONSOLE_READ_ONLY", value_name = "BOOL",
+          action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub console_read_only: Option<bool>,
     /// Per-partition series in /metrics (off for nodes with very many
     /// partitions; per-topic series stay) [default: true].
     #[arg(long, env = "SLUICE_PARTITION_METRICS", value_name = "BOOL",
           action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub partition_metrics: Option<bool>,
+    /// Figures the data path keeps for /metrics: request times and error
+    /// codes, records and bytes produced and fetched, flush rounds. Off,
+    /// requests and flushes touch none of them and /metrics shows what costs
+    /// nothing (process, cluster, offsets) [default: true].
+    #[arg(long, env = "SLUICE_METRICS", value_name = "BOOL",
+          action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub metrics: Option<bool>,
     /// Address given to Kafka clients in Metadata [default: the Kafka listener].
     #[arg(
         long,
@@ -247,7 +259,9 @@ pub struct ServerSection {
     pub kafka_addr: Option<String>,
     pub amqp_addr: Option<String>,
     pub http_addr: Option<String>,
+    pub console_read_only: Option<bool>,
     pub partition_metrics: Option<bool>,
+    pub metrics: Option<bool>,
     pub advertised_kafka_addr: Option<String>,
     pub node_id: Option<i32>,
 }
@@ -403,8 +417,12 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub kafka_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// The web console refuses destructive actions.
+    pub console_read_only: bool,
     /// Per-partition series in /metrics.
     pub partition_metrics: bool,
+    /// The data path keeps its figures for /metrics.
+    pub metrics: bool,
     pub amqp: AmqpConfig,
     /// When AMQP publishers are blocked.
     pub resource_limits: ResourceLimits,
@@ -686,10 +704,15 @@ impl Config {
             data_dir,
             kafka_addr: resolve(&kafka_addr).context("invalid Kafka listen address")?,
             http_addr: resolve(&http_addr).context("invalid HTTP listen address")?,
+            console_read_only: args
+                .console_read_only
+                .or(file.server.console_read_only)
+                .unwrap_or(false),
             partition_metrics: args
                 .partition_metrics
                 .or(file.server.partition_metrics)
                 .unwrap_or(true),
+            metrics: args.metrics.or(file.server.metrics).unwrap_or(true),
             amqp,
             resource_limits,
             advertised,
@@ -894,6 +917,19 @@ mod tests {
     }
 
     #[test]
+    fn the_metrics_switch_is_on_by_default_and_set_by_file_or_flag() {
+        let c = Config::merge(&ServeArgs::default(), FileConfig::default()).unwrap();
+        assert!(c.metrics);
+        let off = || file("[server]\nmetrics = false\n");
+        assert!(!Config::merge(&ServeArgs::default(), off()).unwrap().metrics);
+        let on = ServeArgs {
+            metrics: Some(true),
+            ..ServeArgs::default()
+        };
+        assert!(Config::merge(&on, off()).unwrap().metrics);
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_rejected() {
         assert!(FileConfig::parse("[storage]\ndatadir = \"x\"\n").is_err());
         assert!(FileConfig::parse("[nope]\n").is_err());
@@ -921,7 +957,9 @@ mod tests {
         assert_eq!(c.data_dir, d.data_dir);
         assert_eq!(c.kafka_addr, d.kafka_addr);
         assert_eq!(c.http_addr, d.http_addr);
+        assert_eq!(c.console_read_only, d.console_read_only);
         assert_eq!(c.partition_metrics, d.partition_metrics);
+        assert_eq!(c.metrics, d.metrics);
         assert_eq!(c.amqp.listen, d.amqp.listen);
         assert_eq!(c.amqp.frame_max, d.amqp.frame_max);
         assert_eq!(c.amqp.channel_max, d.amqp.channel_max);

@@ -6,7 +6,8 @@
 //! `POST /api/v1/partitions/reassign`, `POST /api/v1/nodes/{id}/drain` and
 //! `POST /api/v1/nodes/{id}/remove`; and the AMQP objects (`http_amqp.rs`:
 //! `/api/v1/queues`, `/api/v1/exchanges`, `/api/v1/bindings`), and the stream
-//! jobs that report here (`http_jobs.rs`: `/api/v1/jobs`). A single node
+//! jobs that report here (`http_jobs.rs`: `/api/v1/jobs`); and the web
+//! console's pages (`console/`: `/`, `/topics`, `/groups`, ...). A single node
 //! is a cluster of one and
 //! answers the same. Operations are proposals to the metadata quorum,
 //! answered once applied.
@@ -42,6 +43,7 @@ pub struct State {
     kafka: Arc<OnceLock<Arc<KafkaMetrics>>>,
     jobs: crate::http_jobs::Jobs,
     partition_metrics: Arc<OnceLock<bool>>,
+    console: Arc<OnceLock<Arc<crate::console::Console>>>,
 }
 
 impl State {
@@ -65,6 +67,15 @@ impl State {
 
     pub(crate) fn partition_metrics(&self) -> bool {
         self.partition_metrics.get().copied().unwrap_or(true)
+    }
+
+    pub fn set_console(&self, console: crate::console::Console) {
+        let _ = self.console.set(Arc::new(console));
+    }
+
+    /// The web console's own client, once the Kafka listener runs.
+    pub(crate) fn console(&self) -> Option<&Arc<crate::console::Console>> {
+        self.console.get()
     }
 
     /// The group coordination, once the node runs.
@@ -120,6 +131,7 @@ pub fn router(state: State) -> Router {
         .merge(crate::http_amqp::routes())
         .merge(crate::http_access::routes())
         .merge(crate::http_jobs::routes())
+        .merge(crate::console::routes())
         .with_state(state)
 }
 
@@ -138,24 +150,30 @@ pub async fn serve(
 
 const STARTING: (StatusCode, &str) = (StatusCode::SERVICE_UNAVAILABLE, "starting\n");
 
-async fn healthz(extract::State(state): extract::State<State>) -> Response {
-    let Some(topology) = state.node() else {
-        return STARTING.into_response();
-    };
+/// Why this node is not healthy, or None when it is: it sees a controller,
+/// the quorum has it registered and unfenced (it can lead and replicate),
+/// and a controller that a quorum stands behind answered it within the
+/// session timeout (a node cut off from the quorum -- a controller without
+/// a majority included -- may still see itself registered in its own,
+/// stale, image).
+pub(crate) fn unhealthy_reason(topology: &Node) -> Option<String> {
     let node = topology.cluster();
-    // A cluster node is healthy once it sees a controller, the quorum has it
-    // registered and unfenced (it can lead and replicate), and a controller that
-    // a quorum stands behind answered it within the session timeout: a node cut
-    // off from the quorum -- a controller without a majority included -- may
-    // still see itself registered in its own, stale, image.
     let me = node.node_id();
     let image = topology.image();
-    let reason = match (node.controller_id(), image.brokers.get(&me)) {
+    match (node.controller_id(), image.brokers.get(&me)) {
         (None, _) => Some("no controller (the metadata quorum has no leader)".to_owned()),
         (Some(_), None) => Some("not registered with the controller yet".to_owned()),
         (Some(_), Some(b)) if b.fenced => Some("fenced by the controller".to_owned()),
         _ => node.stale_view().map(|stale| stale.to_string()),
+    }
+}
+
+async fn healthz(extract::State(state): extract::State<State>) -> Response {
+    let Some(topology) = state.node() else {
+        return STARTING.into_response();
     };
+    let me = topology.cluster().node_id();
+    let reason = unhealthy_reason(topology);
     match reason {
         None => (StatusCode::OK, "ok\n").into_response(),
         Some(why) => (
@@ -167,55 +185,55 @@ async fn healthz(extract::State(state): extract::State<State>) -> Response {
 }
 
 #[derive(Serialize)]
-struct ClusterView {
-    cluster_id: String,
-    node_id: i32,
-    controller_id: Option<i32>,
-    metadata_applied_index: u64,
+pub(crate) struct ClusterView {
+    pub(crate) cluster_id: String,
+    pub(crate) node_id: i32,
+    pub(crate) controller_id: Option<i32>,
+    pub(crate) metadata_applied_index: u64,
     /// Why this node's view may be out of date (no contact with a controller
     /// backed by a quorum for a session, or fenced); absent when it is current.
     #[serde(skip_serializing_if = "Option::is_none")]
-    stale: Option<String>,
-    nodes: Vec<NodeView>,
-    topics: Vec<ClusterTopicView>,
-    under_replicated: Vec<TopicPartition>,
-    offline: Vec<TopicPartition>,
-    reassigning: Vec<TopicPartition>,
+    pub(crate) stale: Option<String>,
+    pub(crate) nodes: Vec<NodeView>,
+    pub(crate) topics: Vec<ClusterTopicView>,
+    pub(crate) under_replicated: Vec<TopicPartition>,
+    pub(crate) offline: Vec<TopicPartition>,
+    pub(crate) reassigning: Vec<TopicPartition>,
 }
 
 #[derive(Serialize)]
-struct NodeView {
-    id: i32,
+pub(crate) struct NodeView {
+    pub(crate) id: i32,
     /// "alive", "fenced" (the controller stopped hearing from it) or "draining".
-    state: &'static str,
+    pub(crate) state: &'static str,
     /// "voter" (of the metadata quorum) or "broker" (joined later, follows the
     /// metadata log without voting).
-    role: &'static str,
-    kafka: String,
-    raft: String,
-    replica: String,
-    broker_epoch: u64,
+    pub(crate) role: &'static str,
+    pub(crate) kafka: String,
+    pub(crate) raft: String,
+    pub(crate) replica: String,
+    pub(crate) broker_epoch: u64,
 }
 
 #[derive(Serialize)]
-struct ClusterTopicView {
-    name: String,
-    replication_factor: usize,
-    configs: std::collections::BTreeMap<String, String>,
-    partitions: Vec<ClusterPartitionView>,
+pub(crate) struct ClusterTopicView {
+    pub(crate) name: String,
+    pub(crate) replication_factor: usize,
+    pub(crate) configs: std::collections::BTreeMap<String, String>,
+    pub(crate) partitions: Vec<ClusterPartitionView>,
 }
 
 #[derive(Serialize)]
-struct ClusterPartitionView {
-    partition: i32,
+pub(crate) struct ClusterPartitionView {
+    pub(crate) partition: i32,
     /// -1 when offline.
-    leader: i32,
-    leader_epoch: i32,
-    replicas: Vec<i32>,
-    isr: Vec<i32>,
+    pub(crate) leader: i32,
+    pub(crate) leader_epoch: i32,
+    pub(crate) replicas: Vec<i32>,
+    pub(crate) isr: Vec<i32>,
     /// The replica set a reassignment in progress moves to.
     #[serde(skip_serializing_if = "Option::is_none")]
-    target_replicas: Option<Vec<i32>>,
+    pub(crate) target_replicas: Option<Vec<i32>>,
 }
 
 impl ClusterPartitionView {
@@ -301,21 +319,25 @@ fn cluster_view(
     }
 }
 
-async fn cluster_status(extract::State(state): extract::State<State>) -> Response {
-    let Some(topology) = state.node() else {
-        return STARTING.into_response();
-    };
+/// The cluster as `topology` sees it now.
+pub(crate) fn cluster_view_of(topology: &Node) -> ClusterView {
     let node = topology.cluster();
     let image = topology.image();
     let voters = node.members().voters;
-    Json(cluster_view(
+    cluster_view(
         node.node_id(),
         node.controller_id(),
         &voters,
         &image,
         node.stale_view().map(|stale| stale.to_string()),
-    ))
-    .into_response()
+    )
+}
+
+async fn cluster_status(extract::State(state): extract::State<State>) -> Response {
+    let Some(topology) = state.node() else {
+        return STARTING.into_response();
+    };
+    Json(cluster_view_of(topology)).into_response()
 }
 
 #[derive(Deserialize)]

@@ -90,6 +90,18 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     // while a large store recovers.
     let http_state = http::State::default();
     http_state.set_partition_metrics(config.partition_metrics);
+    // Before any listener serves: the data path reads the switch on each use.
+    sluice_log::set_hot_path_metrics(config.metrics);
+    // The console is a Kafka client of this node's own listener.
+    let console_bootstrap = if kafka_addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], kafka_addr.port()))
+    } else {
+        kafka_addr
+    };
+    http_state.set_console(crate::console::Console::new(
+        console_bootstrap.to_string(),
+        config.console_read_only,
+    )?);
     let http_task = tokio::spawn(http::serve(
         http_listener,
         http_state.clone(),

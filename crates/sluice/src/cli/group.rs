@@ -7,7 +7,6 @@ use clap::{ArgGroup, Args, Subcommand};
 use kafka_protocol::messages::ConsumerProtocolAssignment;
 use kafka_protocol::protocol::Decodable;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::groups::GroupInfo;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{all_metadata, topic_partitions, ClientArgs, REQUEST_TIMEOUT};
@@ -63,21 +62,36 @@ pub async fn run(args: GroupArgs) -> Result<()> {
     }
 }
 
-fn list(client: &ClientArgs) -> Result<()> {
+/// One line of `group list`.
+pub struct GroupSummary {
+    pub name: String,
+    pub state: String,
+    pub members: usize,
+}
+
+/// Every consumer group the brokers know, by name.
+pub fn group_summaries(client: &ClientArgs) -> Result<Vec<GroupSummary>> {
     let consumer = client.lookup_consumer(None)?;
     let groups = consumer
         .fetch_group_list(None, REQUEST_TIMEOUT)
         .context("cannot list consumer groups")?;
-    let mut groups: Vec<&GroupInfo> = groups.groups().iter().collect();
-    groups.sort_by(|a, b| a.name().cmp(b.name()));
+    let mut out: Vec<GroupSummary> = groups
+        .groups()
+        .iter()
+        .map(|g| GroupSummary {
+            name: g.name().to_string(),
+            state: g.state().to_string(),
+            members: g.members().len(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn list(client: &ClientArgs) -> Result<()> {
     println!("{:<40}  {:<20}  {:>7}", "GROUP", "STATE", "MEMBERS");
-    for g in groups {
-        println!(
-            "{:<40}  {:<20}  {:>7}",
-            g.name(),
-            g.state(),
-            g.members().len()
-        );
+    for g in group_summaries(client)? {
+        println!("{:<40}  {:<20}  {:>7}", g.name, g.state, g.members);
     }
     Ok(())
 }
@@ -126,14 +140,38 @@ fn one_group(consumer: &BaseConsumer, group: &str) -> Result<Option<(String, Vec
     Ok(Some((info.state().to_string(), members)))
 }
 
-struct Member {
-    id: String,
-    client_id: String,
-    host: String,
-    assignment: BTreeMap<String, Vec<i32>>,
+pub struct Member {
+    pub id: String,
+    pub client_id: String,
+    pub host: String,
+    /// Topic -> the partitions assigned to this member.
+    pub assignment: BTreeMap<String, Vec<i32>>,
 }
 
-fn describe(client: &ClientArgs, group: &str) -> Result<()> {
+/// What `group describe` shows: the group's state, its members and, per
+/// partition of the topics it consumes, where it stands.
+pub struct GroupReport {
+    pub state: String,
+    pub members: Vec<Member>,
+    pub partitions: Vec<GroupPartition>,
+}
+
+/// One partition of a group's topics.
+pub struct GroupPartition {
+    pub topic: String,
+    pub partition: i32,
+    /// None: the group never committed an offset here.
+    pub committed: Option<i64>,
+    pub log_end: i64,
+    /// The log end less the committed offset; None without a commit.
+    pub lag: Option<i64>,
+    /// The client id of the member the partition is assigned to.
+    pub consumer: Option<String>,
+}
+
+/// A group's members, assignments, committed offsets and lag; an error when
+/// the group does not exist.
+pub fn group_report(client: &ClientArgs, group: &str) -> Result<GroupReport> {
     let lookup = client.lookup_consumer(None)?;
     let (state, members) =
         one_group(&lookup, group)?.unwrap_or_else(|| ("Dead".into(), Vec::new()));
@@ -156,11 +194,11 @@ fn describe(client: &ClientArgs, group: &str) -> Result<()> {
         .committed_offsets(query, REQUEST_TIMEOUT)
         .context("cannot fetch committed offsets")?;
 
-    let mut owner: BTreeMap<(String, i32), &Member> = BTreeMap::new();
+    let mut owner: BTreeMap<(String, i32), String> = BTreeMap::new();
     for m in &members {
         for (topic, parts) in &m.assignment {
             for p in parts {
-                owner.insert((topic.clone(), *p), m);
+                owner.insert((topic.clone(), *p), m.client_id.clone());
             }
         }
     }
@@ -185,15 +223,44 @@ fn describe(client: &ClientArgs, group: &str) -> Result<()> {
             }
         }
     }
+    let mut partitions = Vec::with_capacity(rows.len());
+    for (topic, partition) in rows {
+        let (_, high) = lookup
+            .fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
+            .with_context(|| format!("cannot fetch offsets of {topic}/{partition}"))?;
+        let key = (topic, partition);
+        let committed = committed_at.get(&key).copied();
+        partitions.push(GroupPartition {
+            consumer: owner.remove(&key),
+            topic: key.0,
+            partition,
+            committed,
+            log_end: high,
+            lag: committed.map(|c| (high - c).max(0)),
+        });
+    }
+    Ok(GroupReport {
+        state,
+        members,
+        partitions,
+    })
+}
 
-    println!("Group: {group}\tState: {state}\tMembers: {}", members.len());
+fn describe(client: &ClientArgs, group: &str) -> Result<()> {
+    let report = group_report(client, group)?;
+    let members = &report.members;
+    println!(
+        "Group: {group}\tState: {}\tMembers: {}",
+        report.state,
+        members.len()
+    );
     if !members.is_empty() {
         println!();
         println!(
             "{:<50}  {:<24}  {:<20}  ASSIGNMENT",
             "MEMBER-ID", "CLIENT-ID", "HOST"
         );
-        for m in &members {
+        for m in members {
             let assignment: Vec<String> = m
                 .assignment
                 .iter()
@@ -216,57 +283,76 @@ fn describe(client: &ClientArgs, group: &str) -> Result<()> {
         "{:<30}  {:>9}  {:>16}  {:>16}  {:>10}  CONSUMER",
         "TOPIC", "PARTITION", "COMMITTED-OFFSET", "LOG-END-OFFSET", "LAG"
     );
-    for (topic, partition) in rows {
-        let (_, high) = lookup
-            .fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
-            .with_context(|| format!("cannot fetch offsets of {topic}/{partition}"))?;
-        let key = (topic.clone(), partition);
-        let committed = committed_at.get(&key).copied();
-        let (committed_s, lag_s) = match committed {
-            Some(c) => (c.to_string(), (high - c).max(0).to_string()),
-            None => ("-".to_string(), "-".to_string()),
-        };
-        let consumer = owner.get(&key).map_or("-", |m| m.client_id.as_str());
+    for p in &report.partitions {
+        let dash = |v: Option<i64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
         println!(
             "{:<30}  {:>9}  {:>16}  {:>16}  {:>10}  {}",
-            topic, partition, committed_s, high, lag_s, consumer
+            p.topic,
+            p.partition,
+            dash(p.committed),
+            p.log_end,
+            dash(p.lag),
+            p.consumer.as_deref().unwrap_or("-")
         );
     }
     Ok(())
 }
 
-fn reset_offsets(client: &ClientArgs, args: &ResetArgs) -> Result<()> {
+/// Where `reset-offsets` moves a group's offsets.
+#[derive(Clone, Copy, Debug)]
+pub enum ResetTarget {
+    /// The first offset still in the log.
+    Earliest,
+    /// The end of the log.
+    Latest,
+    /// This offset, clamped into [earliest, latest].
+    Offset(i64),
+    /// The first record with a timestamp at or after this (the end when none).
+    Timestamp(i64),
+}
+
+/// One partition's move: from the committed offset (None: never committed)
+/// to the new one.
+pub struct ResetStep {
+    pub partition: i32,
+    pub current: Option<i64>,
+    pub new: i64,
+}
+
+/// Where `target` puts `group`'s offsets on every partition of `topic`;
+/// refused while the group has members (they would overwrite it).
+pub fn reset_plan(
+    client: &ClientArgs,
+    group: &str,
+    topic: &str,
+    target: ResetTarget,
+) -> Result<Vec<ResetStep>> {
     let lookup = client.lookup_consumer(None)?;
-    if let Some((state, members)) = one_group(&lookup, &args.group)? {
+    if let Some((state, members)) = one_group(&lookup, group)? {
         if !members.is_empty() {
             bail!(
-                "consumer group {:?} has {} active member(s) (state {state}); \
+                "consumer group {group:?} has {} active member(s) (state {state}); \
                  offsets can only be reset when the group is inactive: stop its consumers first",
-                args.group,
                 members.len()
             );
         }
     }
-    let partitions = topic_partitions(&lookup, &args.topic)?;
-    let group_consumer = client.lookup_consumer(Some(&args.group))?;
+    let partitions = topic_partitions(&lookup, topic)?;
+    let group_consumer = client.lookup_consumer(Some(group))?;
 
     let mut query = TopicPartitionList::new();
     for p in &partitions {
-        query.add_partition(&args.topic, *p);
+        query.add_partition(topic, *p);
     }
     let committed = group_consumer
         .committed_offsets(query, REQUEST_TIMEOUT)
         .context("cannot fetch committed offsets")?;
-    let current = |p: i32| match committed.find_partition(&args.topic, p).map(|e| e.offset()) {
-        Some(Offset::Offset(o)) => o.to_string(),
-        _ => "-".to_string(),
-    };
 
-    let by_time = match args.to_timestamp {
-        Some(ts) => {
+    let by_time = match target {
+        ResetTarget::Timestamp(ts) => {
             let mut q = TopicPartitionList::new();
             for p in &partitions {
-                q.add_partition_offset(&args.topic, *p, Offset::Offset(ts))?;
+                q.add_partition_offset(topic, *p, Offset::Offset(ts))?;
             }
             Some(
                 lookup
@@ -274,46 +360,86 @@ fn reset_offsets(client: &ClientArgs, args: &ResetArgs) -> Result<()> {
                     .context("cannot look up offsets by timestamp")?,
             )
         }
-        None => None,
+        _ => None,
     };
 
-    let mut plan = TopicPartitionList::new();
+    let mut plan = Vec::with_capacity(partitions.len());
+    for p in &partitions {
+        let (low, high) = lookup
+            .fetch_watermarks(topic, *p, REQUEST_TIMEOUT)
+            .with_context(|| format!("cannot fetch offsets of {topic}/{p}"))?;
+        let new = match target {
+            ResetTarget::Earliest => low,
+            ResetTarget::Latest => high,
+            ResetTarget::Offset(o) => o.clamp(low, high.max(low)),
+            ResetTarget::Timestamp(_) => match by_time
+                .as_ref()
+                .and_then(|found| found.find_partition(topic, *p))
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(o)) if o >= 0 => o,
+                _ => high,
+            },
+        };
+        let current = match committed.find_partition(topic, *p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        };
+        plan.push(ResetStep {
+            partition: *p,
+            current,
+            new,
+        });
+    }
+    Ok(plan)
+}
+
+/// Commits `plan` as `group`'s offsets on `topic`.
+pub fn commit_plan(
+    client: &ClientArgs,
+    group: &str,
+    topic: &str,
+    plan: &[ResetStep],
+) -> Result<()> {
+    let group_consumer = client.lookup_consumer(Some(group))?;
+    let mut offsets = TopicPartitionList::new();
+    for step in plan {
+        offsets.add_partition_offset(topic, step.partition, Offset::Offset(step.new))?;
+    }
+    group_consumer
+        .commit(&offsets, CommitMode::Sync)
+        .with_context(|| format!("cannot commit offsets for group {group:?}"))
+}
+
+fn reset_offsets(client: &ClientArgs, args: &ResetArgs) -> Result<()> {
+    let target = if args.to_earliest {
+        ResetTarget::Earliest
+    } else if args.to_latest {
+        ResetTarget::Latest
+    } else if let Some(o) = args.to_offset {
+        ResetTarget::Offset(o)
+    } else if let Some(ts) = args.to_timestamp {
+        ResetTarget::Timestamp(ts)
+    } else {
+        bail!("no reset target given");
+    };
+    let plan = reset_plan(client, &args.group, &args.topic, target)?;
     println!(
         "{:<30}  {:>9}  {:>16}  {:>10}",
         "TOPIC", "PARTITION", "CURRENT-OFFSET", "NEW-OFFSET"
     );
-    for p in &partitions {
-        let (low, high) = lookup
-            .fetch_watermarks(&args.topic, *p, REQUEST_TIMEOUT)
-            .with_context(|| format!("cannot fetch offsets of {}/{p}", args.topic))?;
-        let new = if args.to_earliest {
-            low
-        } else if args.to_latest {
-            high
-        } else if let Some(o) = args.to_offset {
-            o.clamp(low, high.max(low))
-        } else if let Some(found) = &by_time {
-            match found.find_partition(&args.topic, *p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) if o >= 0 => o,
-                _ => high,
-            }
-        } else {
-            bail!("no reset target given");
-        };
+    for step in &plan {
         println!(
             "{:<30}  {:>9}  {:>16}  {:>10}",
             args.topic,
-            p,
-            current(*p),
-            new
+            step.partition,
+            step.current
+                .map_or_else(|| "-".to_string(), |c| c.to_string()),
+            step.new
         );
-        plan.add_partition_offset(&args.topic, *p, Offset::Offset(new))?;
     }
-
     if args.execute {
-        group_consumer
-            .commit(&plan, CommitMode::Sync)
-            .with_context(|| format!("cannot commit offsets for group {:?}", args.group))?;
+        commit_plan(client, &args.group, &args.topic, &plan)?;
         println!("committed new offsets for group {}", args.group);
     } else {
         println!("dry run: nothing committed (add --execute to apply)");
