@@ -70,7 +70,10 @@ summary() {
 # librabbitmq-client-java (RabbitMQ's Java client) and amqp-tools (rabbitmq-c's)
 # are two more AMQP clients the tests drive.
 # g++: librdkafka's test-runner (scripts/librdkafka-tests.sh) has C++ tests.
-APT_PACKAGES=(kcat debootstrap ca-certificates docker-compose rabbitmq-server librabbitmq-client-java amqp-tools g++)
+# chromium, chromium-driver: the web console's browser tests (tests/interop/test_console.py).
+# prometheus: the Prometheus server and promtool that tests/interop/test_dashboard.py runs.
+APT_PACKAGES=(kcat debootstrap ca-certificates docker-compose rabbitmq-server librabbitmq-client-java amqp-tools g++
+    chromium chromium-driver prometheus)
 
 apt_missing() {
     local p
