@@ -13,7 +13,7 @@ state on every node. `--metrics false` keeps the data path's figures still.
 import os
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from kutil import metric_samples as samples, scrape_metrics as scrape, unique, wait_until, RF
@@ -167,6 +167,46 @@ def test_metrics_follow_a_produce_and_consume_run(broker):
         assert fetched_bytes >= topic_total(nodes, "sluice_topic_produced_bytes", topic)
     finally:
         consumer.close()
+
+
+def test_lag_covers_partitions_with_no_replica_on_the_coordinator(broker):
+    """With one replica per partition, most partitions live on nodes other
+    than the group's coordinator: it asks their leaders for the high
+    watermark, so the lag still covers every partition."""
+    if not getattr(broker, "nodes", None):
+        pytest.skip("a cluster: partitions on nodes other than the coordinator")
+    topic, group = unique("metrics-rf1"), unique("metrics-rf1-group")
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    for f in admin.create_topics([NewTopic(topic, PARTITIONS, 1)]).values():
+        f.result(timeout=30)
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all"})
+    for i in range(30 * PARTITIONS):
+        producer.produce(topic, value=b"x", partition=i % PARTITIONS)
+    assert producer.flush(30) == 0
+    committer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": group})
+    try:
+        committer.commit(offsets=[TopicPartition(topic, p, 10) for p in range(PARTITIONS)],
+                         asynchronous=False)
+    finally:
+        committer.close()
+
+    def coordinator_figures():
+        for f in scrape_all(broker):
+            lags = {int(s.labels["partition"]): s.value
+                    for s in samples(f, "sluice_consumer_group_partition_lag", group=group)}
+            if lags:
+                return (f, lags) if len(lags) == PARTITIONS else None
+        return None
+
+    f, lags = wait_until(coordinator_figures, 30, what="the lag of every partition")
+    hosted = samples(f, "sluice_partition_log_end_offset", topic=topic)
+    assert len(hosted) < PARTITIONS, "every partition is on the coordinator: nothing was asked of a leader"
+    # A node shows only the partitions it replicates (each is on one node).
+    nodes = scrape_all(broker)
+    assert sum(s.value for n in nodes for s in samples(n, "sluice_topic_partitions_hosted", topic=topic)) == PARTITIONS
+    assert len([s for n in nodes for s in samples(n, "sluice_partition_log_end_offset", topic=topic)]) == PARTITIONS
+    assert lags == {p: 20 for p in range(PARTITIONS)}
+    assert group_lag([f], group) == 20 * PARTITIONS
 
 
 def test_per_partition_series_can_be_switched_off(broker_factory):

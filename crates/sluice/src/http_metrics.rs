@@ -13,6 +13,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract;
 use axum::http::{header, StatusCode};
@@ -24,6 +26,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
+use sluice_cluster::MetadataImage;
+use sluice_group::CommittedOffset;
 use sluice_topology::Topology;
 
 use crate::http::State;
@@ -85,6 +89,7 @@ pub async fn metrics(extract::State(state): extract::State<State>) -> Response {
         Some(amqp) => amqp.queues_led_here().await,
         None => Vec::new(),
     };
+    let group_offsets = group_offsets(&state).await;
     let mut root = Registry::default();
     process(&mut root);
     let registry = root.sub_registry_with_prefix("sluice");
@@ -100,7 +105,7 @@ pub async fn metrics(extract::State(state): extract::State<State>) -> Response {
     sluice_replica::replica_metrics().register(registry);
     storage(&state, registry);
     cluster(&state, registry);
-    groups(&state, registry);
+    groups(group_offsets, registry);
     queues(led_queues, registry);
     jobs(&state, registry);
     let mut text = String::new();
@@ -116,10 +121,31 @@ pub async fn metrics(extract::State(state): extract::State<State>) -> Response {
 
 /// The partitions this node holds: per topic always, per partition when
 /// switched on.
+/// Whether this node holds a replica of `topic`/`partition`, per the
+/// metadata image: a node creates every partition of a topic it replicates
+/// any partition of, and those it does not replicate stay empty. A topic
+/// the image does not know (a node not running yet) counts as held.
+fn replica_here(image: Option<&(Arc<MetadataImage>, i32)>, topic: &str, partition: i32) -> bool {
+    let Some((image, me)) = image else {
+        return true;
+    };
+    image
+        .topics
+        .get(topic)
+        .and_then(|t| t.partitions.get(usize::try_from(partition).ok()?))
+        .is_none_or(|p| p.replicas.contains(me))
+}
+
+/// The metadata image and this node's id, once the node runs.
+fn placement(state: &State) -> Option<(Arc<MetadataImage>, i32)> {
+    state.node().map(|n| (n.image(), n.cluster().node_id()))
+}
+
 fn storage(state: &State, registry: &mut Registry) {
     let Some(store) = state.store() else {
         return;
     };
+    let placement = placement(state);
     let per_partition = state.partition_metrics();
     let size = IntGauges::<PartitionLabels>::default();
     let start = IntGauges::<PartitionLabels>::default();
@@ -141,6 +167,9 @@ fn storage(state: &State, registry: &mut Registry) {
             let Some(part) = store.partition(&t.name, p) else {
                 continue;
             };
+            if !replica_here(placement.as_ref(), &t.name, p) {
+                continue;
+            }
             let bytes = i64::try_from(part.size_bytes()).unwrap_or(i64::MAX);
             hosted.get_or_create(&topic).inc();
             if hot {
@@ -329,27 +358,70 @@ fn raft(figures: sluice_cluster::RaftFigures, registry: &mut Registry) {
     );
 }
 
-/// Committed offsets of the groups this node coordinates and their lag
-/// behind the high watermark (of the partitions this node holds).
-fn groups(state: &State, registry: &mut Registry) {
+/// How long a scrape waits for the leaders of partitions with no replica
+/// here (Prometheus gives a scrape 10 s by default).
+const LEADER_OFFSETS_WAIT: Duration = Duration::from_secs(3);
+
+/// The committed offsets of the groups this node coordinates, each with its
+/// partition's high watermark: this node's replica's, or, for a partition
+/// with no replica here, its leader's (one ListOffsets per leader, through
+/// the console's Kafka client). None when neither answers.
+async fn group_offsets(state: &State) -> Vec<(CommittedOffset, Option<i64>)> {
     let (Some(groups), Some(store)) = (state.groups(), state.store()) else {
-        return;
+        return Vec::new();
     };
     let Ok(coordinator) = groups.groups() else {
-        return;
+        return Vec::new();
     };
+    let placement = placement(state);
+    let mut out: Vec<(CommittedOffset, Option<i64>)> = coordinator
+        .committed_offsets()
+        .into_iter()
+        .map(|c| {
+            let hw = store
+                .partition(&c.topic, c.partition)
+                .filter(|_| replica_here(placement.as_ref(), &c.topic, c.partition))
+                .map(|p| p.high_watermark());
+            (c, hw)
+        })
+        .collect();
+    let mut elsewhere: Vec<(String, i32)> = out
+        .iter()
+        .filter(|(_, hw)| hw.is_none())
+        .map(|(c, _)| (c.topic.clone(), c.partition))
+        .collect();
+    if let (false, Some(console), Some((image, _))) =
+        (elsewhere.is_empty(), state.console(), placement.as_ref())
+    {
+        elsewhere.sort();
+        elsewhere.dedup();
+        let asked = console.log_offsets(image, &elsewhere);
+        if let Ok(ends) = tokio::time::timeout(LEADER_OFFSETS_WAIT, asked).await {
+            for (c, hw) in &mut out {
+                if hw.is_none() {
+                    *hw = ends.get(&(c.topic.clone(), c.partition)).map(|o| o.end);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Committed offsets of the groups this node coordinates and their lag
+/// behind their partitions' high watermarks.
+fn groups(offsets: Vec<(CommittedOffset, Option<i64>)>, registry: &mut Registry) {
     let committed = IntGauges::<GroupPartitionLabels>::default();
     let lag = IntGauges::<GroupPartitionLabels>::default();
     let mut total: BTreeMap<String, i64> = BTreeMap::new();
-    for c in coordinator.committed_offsets() {
+    for (c, hw) in offsets {
         let labels = GroupPartitionLabels {
             group: c.group.clone(),
             topic: c.topic.clone(),
             partition: c.partition,
         };
         committed.get_or_create(&labels).set(c.offset);
-        if let Some(part) = store.partition(&c.topic, c.partition) {
-            let behind = (part.high_watermark() - c.offset).max(0);
+        if let Some(hw) = hw {
+            let behind = (hw - c.offset).max(0);
             lag.get_or_create(&labels).set(behind);
             *total.entry(c.group).or_default() += behind;
         }

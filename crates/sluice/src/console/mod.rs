@@ -53,6 +53,20 @@ impl Console {
     }
 }
 
+impl Console {
+    /// Log start and end offsets of `partitions`, asked of their leaders
+    /// (also what /metrics uses for the lag of partitions with no replica
+    /// on this node). Partitions whose leader does not answer are absent.
+    pub(crate) async fn log_offsets(
+        &self,
+        image: &sluice_cluster::MetadataImage,
+        partitions: &[(String, i32)],
+    ) -> BTreeMap<(String, i32), kafka::LogOffsets> {
+        let mut wire = self.wire.lock().await;
+        kafka::log_offsets(&mut wire, image, partitions).await
+    }
+}
+
 pub(crate) fn routes() -> Router<State> {
     Router::new()
         .route("/", get(overview))
@@ -112,10 +126,7 @@ async fn overview(Extract(state): Extract<State>) -> Response {
     let view = crate::http::cluster_view_of(node);
     let health = crate::http::unhealthy_reason(node);
     let image = node.image();
-    let offsets = {
-        let mut wire = console.wire.lock().await;
-        kafka::log_offsets(&mut wire, &image, &user_partitions(&image)).await
-    };
+    let offsets = console.log_offsets(&image, &user_partitions(&image)).await;
     let records: i64 = offsets.values().map(|o| o.end.max(0)).sum();
     Html(pages::overview(&view, health.as_deref(), records).into_string()).into_response()
 }
@@ -126,10 +137,7 @@ async fn topics(Extract(state): Extract<State>) -> Response {
     };
     let view = crate::http::cluster_view_of(node);
     let image = node.image();
-    let offsets = {
-        let mut wire = console.wire.lock().await;
-        kafka::log_offsets(&mut wire, &image, &user_partitions(&image)).await
-    };
+    let offsets = console.log_offsets(&image, &user_partitions(&image)).await;
     Html(pages::topics(view.node_id, &view.topics, &offsets).into_string()).into_response()
 }
 
@@ -151,10 +159,7 @@ async fn topic(Extract(state): Extract<State>, Path(name): Path<String>) -> Resp
         .iter()
         .map(|p| (name.clone(), p.partition))
         .collect();
-    let offsets = {
-        let mut wire = console.wire.lock().await;
-        kafka::log_offsets(&mut wire, &image, &partitions).await
-    };
+    let offsets = console.log_offsets(&image, &partitions).await;
     // Sizes are this node's replicas' (each node knows only its own disk).
     let sizes: BTreeMap<i32, u64> = state
         .store()
@@ -314,10 +319,9 @@ async fn browse(
     }
     let format = Format::parse(q.format.as_deref());
     let limit = q.limit.unwrap_or(50).clamp(1, kafka::MAX_BROWSE);
-    let offsets = {
-        let mut wire = console.wire.lock().await;
-        kafka::log_offsets(&mut wire, &image, &[(name.clone(), partition)]).await
-    };
+    let offsets = console
+        .log_offsets(&image, &[(name.clone(), partition)])
+        .await;
     let bounds = offsets.get(&(name.clone(), partition)).copied();
     let time = q.time.as_deref().filter(|s| !s.is_empty());
     let from = match (time, q.offset.as_deref().filter(|s| !s.is_empty())) {
@@ -476,10 +480,7 @@ async fn totals(Extract(state): Extract<State>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response();
     };
     let image = node.image();
-    let offsets = {
-        let mut wire = console.wire.lock().await;
-        kafka::log_offsets(&mut wire, &image, &user_partitions(&image)).await
-    };
+    let offsets = console.log_offsets(&image, &user_partitions(&image)).await;
     let records: i64 = offsets.values().map(|o| o.end.max(0)).sum();
     Json(serde_json::json!({ "t": now_ms(), "records": records })).into_response()
 }
