@@ -463,3 +463,19 @@ def metric_samples(families, family, name=None, **labels):
         s for s in families.get(family, [])
         if (name is None or s.name == name) and all(s.labels.get(k) == v for k, v in labels.items())
     ]
+
+
+def consume_and_commit(consumer, n, timeout=60):
+    """Takes exactly `n` records from a subscribed consumer (none with an
+    error), then commits its position synchronously."""
+    got = 0
+
+    def more():
+        nonlocal got
+        for m in consumer.consume(num_messages=min(500, n - got), timeout=0.5):
+            assert m.error() is None, m.error()
+            got += 1
+        return got >= n
+
+    wait_until(more, timeout, interval=0, what=f"{n} records")
+    consumer.commit(asynchronous=False)

@@ -21,7 +21,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from kutil import RF, unique, wait_until
+from kutil import RF, consume_and_commit, unique, wait_until
 
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -93,17 +93,7 @@ def world(broker):
     consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": group,
                          "enable.auto.commit": False, "auto.offset.reset": "earliest"})
     consumer.subscribe([topic])
-    got = 0
-
-    def consumed():
-        nonlocal got
-        for m in consumer.consume(num_messages=CONSUMED - got, timeout=0.5):
-            assert m.error() is None, m.error()
-            got += 1
-        return got >= CONSUMED
-
-    wait_until(consumed, 60, interval=0, what=f"{CONSUMED} records")
-    consumer.commit(asynchronous=False)
+    consume_and_commit(consumer, CONSUMED)
     committed = consumer.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=30)
     consumer.close()  # the group keeps its offsets (and its lag) without members
     # As kafka-consumer-groups: a partition never committed to has no lag.

@@ -38,7 +38,7 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from conftest import _set_pdeathsig, free_port
-from kutil import RF, unique, wait_until
+from kutil import RF, consume_and_commit, unique, wait_until
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -242,19 +242,9 @@ def run(broker, prometheus):
         "auto.offset.reset": "earliest",
         "fetch.wait.max.ms": 100,
     })
-    got = 0
     try:
         consumer.subscribe([topic])
-
-        def consumed():
-            nonlocal got
-            for m in consumer.consume(num_messages=CONSUMED - got, timeout=0.5):
-                assert m.error() is None, m.error()
-                got += 1
-            return got >= CONSUMED
-
-        wait_until(consumed, 60, interval=0, what=f"{CONSUMED} records consumed")
-        consumer.commit(asynchronous=False)
+        consume_and_commit(consumer, CONSUMED)
     finally:
         consumer.close()
 

@@ -16,7 +16,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from kutil import metric_samples as samples, scrape_metrics as scrape, unique, wait_until, RF
+from kutil import consume_and_commit, metric_samples as samples, scrape_metrics as scrape, unique, wait_until, RF
 
 PARTITIONS = 3
 RECORDS = 3000
@@ -63,20 +63,6 @@ def end_offsets(nodes, topic):
 def group_lag(nodes, group):
     lags = [s.value for f in nodes for s in samples(f, "sluice_consumer_group_lag", group=group)]
     return lags[0] if lags else None
-
-
-def consume(consumer, n, timeout=60):
-    got = 0
-
-    def more():
-        nonlocal got
-        for m in consumer.consume(num_messages=min(500, n - got), timeout=0.5):
-            assert m.error() is None, m.error()
-            got += 1
-        return got >= n
-
-    wait_until(more, timeout, interval=0, what=f"{n} records")
-    consumer.commit(asynchronous=False)
 
 
 def test_metrics_follow_a_produce_and_consume_run(broker):
@@ -135,7 +121,7 @@ def test_metrics_follow_a_produce_and_consume_run(broker):
     try:
         consumer.subscribe([topic])
         half = RECORDS // 2
-        consume(consumer, half)
+        consume_and_commit(consumer, half)
         # The committed offsets cover exactly what was consumed, and the lag
         # is what lies past them in the partitions committed to (a partition
         # never committed has no lag, as in kafka-consumer-groups).
@@ -153,7 +139,7 @@ def test_metrics_follow_a_produce_and_consume_run(broker):
         assert lag > 0
         assert group_lag(nodes, group) == lag
         assert sum(s.value for f in nodes for s in samples(f, "sluice_kafka_connections")) >= 1
-        consume(consumer, RECORDS - half)
+        consume_and_commit(consumer, RECORDS - half)
         wait_until(lambda: group_lag(scrape_all(broker), group) == 0, 30, what="lag 0")
         nodes = scrape_all(broker)
         committed = sum(s.value for f in nodes for s in samples(f, "sluice_consumer_group_committed_offset", group=group))
@@ -314,7 +300,7 @@ def test_hot_path_figures_can_be_switched_off(broker_factory):
     })
     try:
         consumer.subscribe([topic])
-        consume(consumer, 200)
+        consume_and_commit(consumer, 200)
     finally:
         consumer.close()
 

@@ -260,7 +260,14 @@ fn parse_time(s: &str) -> Option<i64> {
         t.next()?.parse::<i64>().ok()?,
     );
     let sec = t.next().map_or(Some(0.0), |s| s.parse::<f64>().ok())?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 {
+    // Bounded so the arithmetic below cannot overflow on what a user typed.
+    let plausible = (0..=9999).contains(&y) && (0.0..60.0).contains(&sec);
+    if !plausible
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || !(0..=23).contains(&h)
+        || !(0..=59).contains(&min)
+    {
         return None;
     }
     // Days from the civil date (Howard Hinnant's algorithm).
@@ -533,6 +540,9 @@ mod tests {
         );
         assert_eq!(parse_time("2024-13-01T00:00"), None);
         assert_eq!(parse_time("yesterday"), None);
+        assert_eq!(parse_time("999999999999999-01-01T00:00"), None);
+        assert_eq!(parse_time("2024-01-01T00:00:1e300"), None);
+        assert_eq!(parse_time("2024-01-01T-1:00"), None);
     }
 
     #[test]
