@@ -291,12 +291,24 @@ class ExternalBroker:
         pass
 
 
+_PORTS_HANDED_OUT = set()
+
+
 def free_port():
     """A free port below the kernel's ephemeral range (32768 and up), so no
     socket bound to port 0 or connecting out (a node's AMQP listener, the peer
-    sessions between nodes, clients) takes it between this pick and its use."""
+    sessions between nodes, clients) takes it between this pick and its use.
+
+    Never the same port twice in one run: a cluster picks all its nodes' ports
+    before any node binds one, so a repeat would make two of its nodes race
+    for one port (the bind check below cannot see a port not yet bound)."""
+    if len(_PORTS_HANDED_OUT) > 8000:
+        _PORTS_HANDED_OUT.clear()
     for _ in range(500):
         port = random.randint(20000, 32000)
+        if port in _PORTS_HANDED_OUT:
+            continue
+        _PORTS_HANDED_OUT.add(port)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
