@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from conftest import sluice_bin
 from kutil import metric_samples, scrape_metrics, unique
@@ -98,6 +98,43 @@ def read_output(bootstrap, topic, isolation, expect):
     return sorted(got)
 
 
+def offsets_of(bootstrap, topic):
+    """Per partition of `topic`: (log start, high watermark, last stable
+    offset): a transaction left open shows as an LSO below the high mark."""
+    import uuid
+
+    out = {}
+    for isolation in ("read_uncommitted", "read_committed"):
+        c = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
+                      "isolation.level": isolation})
+        try:
+            md = c.list_topics(topic, timeout=10).topics[topic]
+            for p in sorted(md.partitions):
+                low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+                out.setdefault(p, [low])
+                out[p].append(high)
+        finally:
+            c.close()
+    return {p: tuple(v) for p, v in out.items()}
+
+
+def assert_same_results(got, want, bootstrap, topic, log_path, what):
+    """`got` (sorted) is exactly `want`: else a short account (how many
+    missing, extra and twice, a few of each, the topic's offsets and the
+    job log's tail) instead of a diff of tens of thousands of lines."""
+    if got == want:
+        return
+    counts = Counter(got)
+    dupes = sorted(k for k, n in counts.items() if n > 1)
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    raise AssertionError(
+        f"{what}: read {len(got)} results, want {len(want)}: missing {len(missing)} "
+        f"(e.g. {missing[:5]}), unexpected {len(extra)} (e.g. {extra[:5]}), "
+        f"twice {len(dupes)} (e.g. {dupes[:5]}); offsets (start, high, stable) "
+        f"{offsets_of(bootstrap, topic)}; job log tail:\n{Path(log_path).read_text()[-3000:]}")
+
+
 def start_job(bootstrap, src, out, checkpoints, parallelism, log, running=False, extra=(), pause_every=3):
     args = [
         job_binary(),
@@ -124,60 +161,86 @@ def latest_complete(checkpoints):
     return max(ids, default=0)
 
 
-def kill_when_checkpoint_completes(job, checkpoints, after, timeout=60.0):
-    """SIGKILLs `job` the moment checkpoint `after` is complete in the
-    store: before its sinks have committed what they pre-committed for it,
-    more often than not, so the next run must commit those transactions."""
-    want = f"chk-{after}/_complete"
+def kill_when_checkpoint_completes(job, checkpoints, after, delay=0.0, timeout=60.0):
+    """SIGKILLs `job` `delay` seconds after a checkpoint later than `after`
+    is complete in the store. With no delay that is before its sinks have
+    committed what they pre-committed for it, more often than not, so the
+    next run must commit those transactions. False if the job ended first."""
+    next_one = Path(checkpoints) / f"chk-{after + 1}/_complete"
     deadline = time.monotonic() + timeout
+    polls = 0
     while time.monotonic() < deadline and job.poll() is None:
-        if (Path(checkpoints) / want).exists():
+        polls += 1
+        # The next id is checked on every poll to kill the moment it lands;
+        # the whole store now and then in case that checkpoint was declined.
+        if next_one.exists() or (polls % 500 == 0 and latest_complete(checkpoints) > after):
+            if delay:
+                try:
+                    job.wait(delay)
+                    return False
+                except subprocess.TimeoutExpired:
+                    pass
             job.send_signal(signal.SIGKILL)
             return True
     return False
 
 
-@pytest.mark.parametrize("running", [False, True], ids=["window-counts", "running-counts"])
-def test_killed_and_restored_job_writes_exactly_the_failure_free_output(broker, tmp_path, running):
+@pytest.mark.parametrize(
+    "running,changelog",
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["window-counts", "running-counts", "window-counts-changelog", "running-counts-changelog"],
+)
+def test_killed_and_restored_job_writes_exactly_the_failure_free_output(broker, tmp_path, running, changelog):
     """Window counts are the issue's aggregate; running counts give every
     checkpoint output to commit, so a kill as a checkpoint completes finds
-    pre-committed transactions the next run must commit."""
+    pre-committed transactions the next run must commit. With `changelog`
+    the keyed state lives in compacted changelog topics, Kafka Streams
+    style, and every restore rebuilds it from there."""
     src, out = unique("clicks"), unique("counts")
+    state_args = ("--changelog", out + "-state") if changelog else ()
     create(broker.bootstrap, src, partitions=3)
     create(broker.bootstrap, out, partitions=2)
     produce_input(broker.bootstrap, src)
     checkpoints = tmp_path / "checkpoints"
     log_path = tmp_path / "job.log"
     rng = random.Random(int(os.environ.get("SLUICE_STREAM_SEED", "7")))
-    # Runs killed with SIGKILL at random times, the second at another
-    # parallelism, one the moment a checkpoint completes; then one to the end.
+    # The first run is killed at a random time, whether or not it completed
+    # a checkpoint (if not, the next starts afresh and must abort the
+    # transactions it left open). Each later one but the last is killed at a
+    # random moment after a checkpoint of its own completes, so it always has
+    # something to restore from: the second at another parallelism, the third
+    # the moment its checkpoint completes. The last runs to the end.
     plan = [
-        (2, rng.uniform(1.0, 2.5)),
-        (3, rng.uniform(1.0, 2.5)),
-        (2, "at a checkpoint"),
-        (2, rng.uniform(0.5, 1.5)),
+        (2, ("at random", rng.uniform(1.0, 2.5))),
+        (3, ("after a checkpoint", rng.uniform(0.2, 1.0))),
+        (2, ("after a checkpoint", 0.0)),
+        (2, ("after a checkpoint", rng.uniform(0.0, 0.8))),
         (2, None),
     ]
     killed = 0
+    restored_from = []
     with open(log_path, "w") as log:
-        for parallelism, kill_after in plan:
+        for parallelism, kill in plan:
             first = latest_complete(checkpoints) if checkpoints.exists() else 0
-            job = start_job(broker.bootstrap, src, out, checkpoints, parallelism, log, running)
+            if first:
+                restored_from.append(first)
+            job = start_job(broker.bootstrap, src, out, checkpoints, parallelism, log, running, state_args)
             try:
-                if kill_after is None:
+                if kill is None:
                     assert job.wait(180) == 0, f"the last run failed; log:\n{log_path.read_text()[-4000:]}"
                     continue
-                if kill_after == "at a checkpoint":
-                    if kill_when_checkpoint_completes(job, checkpoints, first + 3):
+                when, delay = kill
+                if when == "after a checkpoint":
+                    if kill_when_checkpoint_completes(job, checkpoints, first, delay):
                         job.wait(30)
                         killed += 1
                     else:
+                        # Ended before its kill: the next run restores from
+                        # the final checkpoint and has nothing left to do.
                         assert job.wait(30) == 0, log_path.read_text()[-4000:]
                     continue
                 try:
-                    # A run that ends before its kill is fine: the next one
-                    # restores from the final checkpoint and has nothing to do.
-                    assert job.wait(kill_after) == 0, log_path.read_text()[-4000:]
+                    assert job.wait(delay) == 0, log_path.read_text()[-4000:]
                 except subprocess.TimeoutExpired:
                     job.send_signal(signal.SIGKILL)
                     job.wait(30)
@@ -187,16 +250,46 @@ def test_killed_and_restored_job_writes_exactly_the_failure_free_output(broker, 
                     job.kill()
                     job.wait(30)
     text = log_path.read_text()
-    restores = text.count("restoring from checkpoint")
     assert killed >= 3, f"runs ended before their kill; log:\n{text[-4000:]}"
-    assert restores >= len(plan) - 1, f"runs after the first did not restore; log:\n{text[-4000:]}"
+    # Every run that started with a complete checkpoint in the store restored
+    # from the latest one, and no other run restored at all.
+    logged = [int(n) for n in re.findall(r"restoring from checkpoint (\d+)", text)]
+    assert logged == restored_from, f"runs restored from {logged}, not {restored_from}; log:\n{text[-4000:]}"
+    assert len(restored_from) >= len(plan) - 2, f"too few runs had a checkpoint to restore: {restored_from}"
     want = expected_counts(running)
     got = read_output(broker.bootstrap, out, "read_committed", expect=len(want))
-    dupes = [k for k, n in Counter(got).items() if n > 1]
-    assert not dupes, f"{len(dupes)} results twice, e.g. {dupes[:5]}"
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    assert got == want, f"missing {len(missing)} (e.g. {missing[:5]}), unexpected {len(extra)} (e.g. {extra[:5]})"
+    assert_same_results(got, want, broker.bootstrap, out, log_path, "read_committed after the runs")
+    if changelog:
+        # The keyed stage's state went to its changelog, not the checkpoints.
+        logged = changelog_records(broker.bootstrap, out + "-state-s1-changelog")
+        assert logged > 0, "the changelog holds no committed record"
+
+
+def changelog_records(bootstrap, topic):
+    """Committed records in every partition of `topic`, read to its end."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("g"),
+                  "isolation.level": "read_committed", "enable.partition.eof": True,
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    try:
+        md = c.list_topics(topic, timeout=10).topics[topic]
+        assert md.error is None, md.error
+        c.assign([TopicPartition(topic, p, 0) for p in md.partitions])
+        count, ended = 0, set()
+        deadline = time.monotonic() + 60
+        while len(ended) < len(md.partitions) and time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is None:
+                continue
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    ended.add(m.partition())
+                    continue
+                raise AssertionError(m.error())
+            count += 1
+        assert len(ended) == len(md.partitions), "the changelog was not read to its end"
+        return count
+    finally:
+        c.close()
 
 
 def test_a_job_run_without_failures_writes_each_window_once(broker, tmp_path):
@@ -208,15 +301,21 @@ def test_a_job_run_without_failures_writes_each_window_once(broker, tmp_path):
         job = start_job(broker.bootstrap, src, out, tmp_path / "checkpoints", 2, log)
         assert job.wait(180) == 0, (tmp_path / "job.log").read_text()[-4000:]
     want = expected_counts()
-    assert read_output(broker.bootstrap, out, "read_committed", expect=len(want)) == want
+    log_path = tmp_path / "job.log"
+
+    def same(isolation, what):
+        got = read_output(broker.bootstrap, out, isolation, expect=len(want))
+        assert_same_results(got, want, broker.bootstrap, out, log_path, what)
+
+    same("read_committed", "read_committed after the run")
     # Nothing aborted either: the job wrote every result exactly once.
-    assert read_output(broker.bootstrap, out, "read_uncommitted", expect=len(want)) == want
+    same("read_uncommitted", "read_uncommitted after the run")
     # Run again, it restores from the final checkpoint: nothing left to do.
-    with open(tmp_path / "job.log", "a") as log:
+    with open(log_path, "a") as log:
         job = start_job(broker.bootstrap, src, out, tmp_path / "checkpoints", 3, log)
-        assert job.wait(180) == 0, (tmp_path / "job.log").read_text()[-4000:]
-    assert "restoring from checkpoint" in (tmp_path / "job.log").read_text()
-    assert read_output(broker.bootstrap, out, "read_uncommitted", expect=len(want)) == want
+        assert job.wait(180) == 0, log_path.read_text()[-4000:]
+    assert "restoring from checkpoint" in log_path.read_text()
+    same("read_uncommitted", "read_uncommitted after a run restored from the final checkpoint")
 
 
 def job_cli(broker, *args, timeout=90):
@@ -239,13 +338,17 @@ def wait_listed(broker, job, log_path, timeout=30):
     raise AssertionError("the job never showed up in `sluice job list`")
 
 
-def test_a_job_is_listed_cancelled_and_restored_from_a_savepoint_at_another_parallelism(broker, tmp_path):
+@pytest.mark.parametrize("changelog", [False, True], ids=["checkpoint-state", "changelog-state"])
+def test_a_job_is_listed_cancelled_and_restored_from_a_savepoint_at_another_parallelism(broker, tmp_path, changelog):
     """The job reports to the broker: `sluice job list` shows it, `sluice job
     cancel` stops it, `sluice job savepoint` writes a savepoint while it runs
     and `--stop` ends it there. A run started from that savepoint at another
     parallelism (with no checkpoints of its own) finishes the work: the
-    read_committed output is exactly the failure-free result."""
+    read_committed output is exactly the failure-free result. With a state
+    changelog the savepoint holds the keyed state itself, and the restored
+    run writes it to the changelog afresh."""
     src, out = unique("clicks"), unique("counts")
+    state_args = ["--changelog", out + "-state"] if changelog else []
     create(broker.bootstrap, src, partitions=3)
     create(broker.bootstrap, out, partitions=2)
     produce_input(broker.bootstrap, src)
@@ -269,7 +372,7 @@ def test_a_job_is_listed_cancelled_and_restored_from_a_savepoint_at_another_para
 
         # Savepoints: one while running, then one that stops the job.
         job = start_job(broker.bootstrap, src, out, tmp_path / "checkpoints", 2, log,
-                        extra=report, pause_every=1)
+                        extra=report + state_args, pause_every=1)
         try:
             job_id = wait_listed(broker, job, log_path)
             time.sleep(1)
@@ -314,13 +417,11 @@ def test_a_job_is_listed_cancelled_and_restored_from_a_savepoint_at_another_para
         assert len(partial) < len(want), "the job finished before it was stopped"
 
         job = start_job(broker.bootstrap, src, out, tmp_path / "fresh-checkpoints", 3, log,
-                        extra=["--from-savepoint", str(stopped_at)])
+                        extra=["--from-savepoint", str(stopped_at)] + state_args)
         assert job.wait(180) == 0, log_path.read_text()[-4000:]
     assert f"restoring from savepoint {stopped_at}" in log_path.read_text()
     got = read_output(broker.bootstrap, out, "read_committed", expect=len(want))
-    missing = sorted(set(want) - set(got))
-    dupes = [k for k, n in Counter(got).items() if n > 1]
-    assert got == want, f"missing {len(missing)} (e.g. {missing[:5]}), twice {len(dupes)} (e.g. {dupes[:5]})"
+    assert_same_results(got, want, broker.bootstrap, out, log_path, "read_committed after the savepoint run")
 
 
 def test_the_word_count_example_counts_each_word_per_window(broker, tmp_path):

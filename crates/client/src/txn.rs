@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kafka_protocol::messages::{
     ApiKey, DescribeTransactionsRequest, EndTxnRequest, FindCoordinatorRequest,
-    InitProducerIdRequest, ProducerId, TransactionalId,
+    InitProducerIdRequest, ListTransactionsRequest, ProducerId, TransactionalId,
 };
 use kafka_protocol::protocol::StrBytes;
 use sluice_vocab::ErrorCode;
@@ -177,6 +177,29 @@ pub async fn describe_transaction(
                     epoch: state.producer_epoch,
                 },
             });
+        }
+    }
+}
+
+/// The transactional ids of the transactions the broker at the other end
+/// of `conn` coordinates whose state is `state` (Kafka's names, such as
+/// `Ongoing`). Each broker lists only its own: ask them all.
+pub async fn list_transactions(
+    conn: &mut Connection,
+    state: &str,
+) -> Result<Vec<String>, ClientError> {
+    let version = conn.versions().pick(ApiKey::ListTransactions, 0, 0)?;
+    let req = ListTransactionsRequest::default()
+        .with_state_filters(vec![StrBytes::from_string(state.to_owned())]);
+    let retry = Retry::new("ListTransactions");
+    loop {
+        let resp = conn.call_within(&req, version, REQUEST_TIMEOUT).await?;
+        if retry.done(resp.error_code).await? {
+            return Ok(resp
+                .transaction_states
+                .iter()
+                .map(|t| t.transactional_id.0.as_str().to_owned())
+                .collect());
         }
     }
 }

@@ -5,7 +5,9 @@
 //! crash (`kill -9` included) and it restores from its latest checkpoint,
 //! at the same or another parallelism. With `--report-to HOST:PORT` (a
 //! Sluice node's HTTP port) `sluice job list|status|cancel|savepoint` see
-//! and steer it; `--from-savepoint DIR` starts from a savepoint.
+//! and steer it; `--from-savepoint DIR` starts from a savepoint;
+//! `--changelog PREFIX` keeps the counts in changelog topics
+//! (`PREFIX-s<stage>-changelog`, compacted) instead of in the checkpoints.
 //!
 //! ```sh
 //! cargo run --release -p sluice-stream --example topic_window_count -- \
@@ -16,7 +18,7 @@
 use std::time::Duration;
 
 use sluice_stream::kafka::{DeliveryGuarantee, KafkaOutput, KafkaSink, KafkaSource};
-use sluice_stream::{CheckpointStore, LocalDirStore, StreamEnv, Windows};
+use sluice_stream::{CheckpointStore, KafkaChangelog, LocalDirStore, StreamEnv, Windows};
 
 struct Args {
     bootstrap: String,
@@ -39,6 +41,9 @@ struct Args {
     report_to: Option<String>,
     /// A savepoint directory to start from.
     from_savepoint: Option<String>,
+    /// Keyed state in changelog topics named with this prefix, instead of
+    /// in the checkpoints.
+    changelog: Option<String>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -57,6 +62,7 @@ fn parse() -> Result<Args, String> {
         running: false,
         report_to: None,
         from_savepoint: None,
+        changelog: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -82,6 +88,7 @@ fn parse() -> Result<Args, String> {
             "--transactional-id-prefix" => a.transactional_id_prefix = value,
             "--report-to" => a.report_to = Some(value),
             "--from-savepoint" => a.from_savepoint = Some(value),
+            "--changelog" => a.changelog = Some(value),
             "--consumer-property" => {
                 let (k, v) = value
                     .split_once('=')
@@ -126,6 +133,9 @@ fn main() {
         }
     }
     env.enable_checkpointing(Duration::from_millis(args.checkpoint_ms), store);
+    if let Some(prefix) = &args.changelog {
+        env.set_state_changelog(KafkaChangelog::new(&args.bootstrap, prefix));
+    }
     if let Some(http) = &args.report_to {
         env.report_to(http);
     }
@@ -156,6 +166,7 @@ fn main() {
         key: Some(key.as_bytes().to_vec()),
         value: Some(value.into_bytes()),
         headers: Vec::new(),
+        partition: None,
     };
     if args.running {
         // A running count per key: every record updates its key's count.

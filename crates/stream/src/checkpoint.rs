@@ -258,6 +258,8 @@ pub(crate) struct CheckpointConfig {
     /// waiting and stores the records still in flight instead (zero: at
     /// the first barrier). None: always aligned.
     pub unaligned_after: Option<Duration>,
+    /// Keyed state goes to changelog topics instead of the checkpoints.
+    pub changelog: Option<crate::changelog::KafkaChangelog>,
 }
 
 /// A commit a sink left for the end of a successful job.
@@ -287,10 +289,34 @@ pub(crate) fn decode<V: DeserializeOwned>(bytes: &[u8]) -> Result<V, StreamError
     postcard::from_bytes(bytes).map_err(|e| StreamError::State(format!("cannot decode state: {e}")))
 }
 
+/// Where a checkpoint puts keyed state: into its own parts, into the
+/// changelog (whose positions it keeps instead), or both (a savepoint
+/// taken with a changelog holds its state itself, so compaction cannot
+/// take it away).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KeyedTo {
+    Checkpoint,
+    Changelog,
+    Both,
+}
+
+/// A key and its value, each encoded on its own.
+pub(crate) type EncodedEntry = (Vec<u8>, Vec<u8>);
+
+/// One key group of one named keyed state: what a changelog records (keys
+/// and their latest values).
+pub(crate) struct LoggedGroup {
+    pub name: String,
+    pub group: u32,
+    pub entries: Vec<EncodedEntry>,
+}
+
 /// Where an operator writes its state when a checkpoint passes it.
 pub struct StateWriter {
     state: LinkState,
     failed: Option<StreamError>,
+    keyed_to: KeyedTo,
+    logged: Vec<LoggedGroup>,
 }
 
 impl StateWriter {
@@ -301,11 +327,26 @@ impl StateWriter {
         V: Serialize,
     {
         for (group, entries) in state.groups() {
-            let pairs: Vec<(&K, &V)> = entries.iter().collect();
-            if pairs.is_empty() {
-                continue;
+            if self.keyed_to != KeyedTo::Changelog && !entries.is_empty() {
+                let pairs: Vec<(&K, &V)> = entries.iter().collect();
+                self.put(name, Some(group as u32), &pairs);
             }
-            self.put(name, Some(group as u32), &pairs);
+            if self.keyed_to != KeyedTo::Checkpoint && self.failed.is_none() {
+                // Every group, emptied ones too: their keys' removals are
+                // changes to record.
+                let encoded: Result<Vec<EncodedEntry>, StreamError> = entries
+                    .iter()
+                    .map(|(k, v)| Ok((encode(k)?, encode(v)?)))
+                    .collect();
+                match encoded {
+                    Ok(entries) => self.logged.push(LoggedGroup {
+                        name: name.to_owned(),
+                        group: group as u32,
+                        entries,
+                    }),
+                    Err(e) => self.failed = Some(e),
+                }
+            }
         }
     }
 
@@ -337,6 +378,9 @@ pub struct StateReader {
     max_parallelism: usize,
     previous_parallelism: usize,
     parts: Vec<LinkState>,
+    /// Keyed state rebuilt from the changelog: this link's, of the key
+    /// groups this subtask owns.
+    logged: Vec<LoggedGroup>,
 }
 
 impl StateReader {
@@ -358,6 +402,11 @@ impl StateReader {
                     }
                     _ => {}
                 }
+            }
+        }
+        for logged in self.logged.iter().filter(|l| l.name == name) {
+            for (k, v) in &logged.entries {
+                into.insert(decode(k)?, decode(v)?);
             }
         }
         Ok(())
@@ -411,11 +460,6 @@ impl StateReader {
     }
 }
 
-/// Names a link's part in a checkpoint: stage, position in the chain, subtask.
-fn part_prefix(stage: usize, link: usize) -> String {
-    format!("s{stage}.l{link}.")
-}
-
 /// Names the part that holds what a stage's subtask received in flight
 /// during an unaligned checkpoint.
 fn channel_prefix(stage: usize) -> String {
@@ -440,6 +484,15 @@ pub(crate) struct Cursor<'a> {
     link: usize,
     /// Where the bytes written are added up (the checkpoint's size).
     written: Option<&'a AtomicU64>,
+    /// Where the links' keyed state goes.
+    keyed_to: KeyedTo,
+    /// Keyed state the links wrote for the changelog, by link.
+    logged: Vec<(usize, LoggedGroup)>,
+    /// Keyed state rebuilt from the changelog for a restore, by link.
+    restored_log: Vec<(usize, LoggedGroup)>,
+    /// Names the parts of something other than the chain's links (the
+    /// changelog's own state): `s<stage>.<kind><link>.<subtask>`.
+    kind: &'static str,
 }
 
 impl<'a> Cursor<'a> {
@@ -456,7 +509,50 @@ impl<'a> Cursor<'a> {
             info,
             link: 0,
             written: None,
+            keyed_to: KeyedTo::Checkpoint,
+            logged: Vec::new(),
+            restored_log: Vec::new(),
+            kind: "l",
         }
+    }
+
+    /// Keyed state goes to `to`.
+    pub fn keyed_to(mut self, to: KeyedTo) -> Cursor<'a> {
+        self.keyed_to = to;
+        self
+    }
+
+    /// A cursor over the same checkpoint for the changelog's own state,
+    /// whose parts are apart from the links'.
+    pub fn for_changelog(&self) -> Cursor<'a> {
+        Cursor {
+            id: self.id,
+            store: self.store,
+            stage: self.stage,
+            info: self.info,
+            link: 0,
+            written: self.written,
+            keyed_to: KeyedTo::Checkpoint,
+            logged: Vec::new(),
+            restored_log: Vec::new(),
+            kind: "log",
+        }
+    }
+
+    /// Takes the keyed state the links wrote for the changelog.
+    pub fn take_logged(&mut self) -> Vec<(usize, LoggedGroup)> {
+        std::mem::take(&mut self.logged)
+    }
+
+    /// Keyed state rebuilt from the changelog, which the links' readers
+    /// hand out as if the checkpoint held it.
+    pub fn with_restored_log(mut self, log: Vec<(usize, LoggedGroup)>) -> Cursor<'a> {
+        self.restored_log = log;
+        self
+    }
+
+    fn part_prefix(&self, link: usize) -> String {
+        format!("s{}.{}{link}.", self.stage, self.kind)
     }
 
     /// Adds the size of every part written to `written`.
@@ -490,6 +586,8 @@ impl<'a> Cursor<'a> {
                 entries: Vec::new(),
             },
             failed: None,
+            keyed_to: self.keyed_to,
+            logged: Vec::new(),
         }
     }
 
@@ -500,10 +598,12 @@ impl<'a> Cursor<'a> {
         if let Some(e) = w.failed {
             return Err(e);
         }
+        self.logged
+            .extend(w.logged.into_iter().map(|group| (link, group)));
         if w.state.entries.is_empty() {
             return Ok(());
         }
-        let name = format!("{}{}", part_prefix(self.stage, link), self.info.index);
+        let name = format!("{}{}", self.part_prefix(link), self.info.index);
         let bytes = encode(&w.state)?;
         if let Some(written) = self.written {
             written.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -562,17 +662,22 @@ impl<'a> Cursor<'a> {
         self.link += 1;
         let mut parts = Vec::new();
         let mut previous_parallelism = self.info.parallelism;
-        for (_, bytes) in self.store.parts(self.id, &part_prefix(self.stage, link))? {
+        for (_, bytes) in self.store.parts(self.id, &self.part_prefix(link))? {
             let part: LinkState = decode(&bytes)?;
             previous_parallelism = part.parallelism as usize;
             parts.push(part);
         }
+        let (logged, rest) = std::mem::take(&mut self.restored_log)
+            .into_iter()
+            .partition(|(l, _)| *l == link);
+        self.restored_log = rest;
         Ok(StateReader {
             subtask: self.info.index,
             parallelism: self.info.parallelism,
             max_parallelism: self.info.max_parallelism,
             previous_parallelism,
             parts,
+            logged: logged.into_iter().map(|(_, g)| g).collect(),
         })
     }
 }
@@ -682,6 +787,55 @@ mod tests {
             assert!(r.own::<u64>("position").is_err());
         }
         assert_eq!(seen, keys.len());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn keyed_state_for_the_changelog_leaves_the_parts_and_comes_back_through_the_reader() {
+        let dir = tempdir("changelog");
+        let store = LocalDirStore::new(&dir).unwrap();
+        let max = 8;
+        let info = crate::SubtaskInfo {
+            index: 0,
+            parallelism: 1,
+            max_parallelism: max,
+        };
+        let mut state: KeyedState<String, u32> = KeyedState::new(0, 1, max);
+        state.insert("a".into(), 1);
+        state.insert("b".into(), 2);
+        for (keyed_to, in_parts) in [
+            (KeyedTo::Changelog, false),
+            (KeyedTo::Both, true),
+            (KeyedTo::Checkpoint, true),
+        ] {
+            let mut c = Cursor::new(1, &store, 0, info).keyed_to(keyed_to);
+            let mut w = c.writer();
+            w.keyed("counts", &state);
+            w.value("watermark", &7i64);
+            c.put(w).unwrap();
+            let logged = c.take_logged();
+            let names = entry_names(&store.parts(1, "s0.l0.").unwrap()[0].1);
+            assert_eq!(
+                names.iter().filter(|n| *n == "counts").count() > 0,
+                in_parts,
+                "{keyed_to:?}"
+            );
+            assert!(names.iter().any(|n| n == "watermark"));
+            if keyed_to == KeyedTo::Checkpoint {
+                assert!(logged.is_empty());
+                continue;
+            }
+            // Every owned group is reported, emptied ones included.
+            assert_eq!(logged.len(), max);
+            let entries: usize = logged.iter().map(|(_, g)| g.entries.len()).sum();
+            assert_eq!(entries, 2);
+            let mut r = Cursor::new(1, &store, 0, info).with_restored_log(logged);
+            let mut back: KeyedState<String, u32> = KeyedState::new(0, 1, max);
+            r.reader().unwrap().keyed("counts", &mut back).unwrap();
+            assert_eq!(back.get(&"a".to_owned()), Some(&1));
+            assert_eq!(back.get(&"b".to_owned()), Some(&2));
+            assert_eq!(back.len(), 2);
+        }
         let _ = fs::remove_dir_all(&dir);
     }
 }

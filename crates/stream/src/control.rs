@@ -203,6 +203,13 @@ impl JobControl {
             .any(|s| matches!(s.state, SavepointState::Requested))
     }
 
+    /// Whether checkpoint `id` carries a savepoint.
+    pub fn is_savepoint(&self, id: CheckpointId) -> bool {
+        lock(&self.savepoints)
+            .iter()
+            .any(|s| matches!(s.state, SavepointState::InProgress(i) if i == id))
+    }
+
     /// Checkpoint `id` starts: it carries every savepoint waiting.
     pub fn checkpoint_started(&self, id: CheckpointId) {
         for s in lock(&self.savepoints).iter_mut() {

@@ -25,6 +25,9 @@ pub(crate) struct TaskRuntime {
     pub cancel: Arc<AtomicBool>,
     pub shared: Arc<Coordination>,
     pub metrics: Arc<crate::metrics::SubtaskMetrics>,
+    /// Where the chain's keyed state goes, when the job keeps it in a
+    /// changelog topic.
+    pub changelog: Option<Mutex<crate::changelog::SubtaskLog>>,
 }
 
 impl TaskRuntime {
@@ -33,27 +36,75 @@ impl TaskRuntime {
         let config = self.shared.config.as_ref()?;
         Some(
             checkpoint::Cursor::new(id, &*config.store, self.stage, self.info)
-                .counting_into(&self.shared.bytes_written),
+                .counting_into(&self.shared.bytes_written)
+                .keyed_to(self.keyed_to(id)),
         )
+    }
+
+    /// Where checkpoint `id` puts keyed state: with a changelog, there (and
+    /// into a savepoint itself as well).
+    fn keyed_to(&self, id: CheckpointId) -> checkpoint::KeyedTo {
+        match &self.changelog {
+            None => checkpoint::KeyedTo::Checkpoint,
+            Some(_) if self.shared.control.is_savepoint(id) => checkpoint::KeyedTo::Both,
+            Some(_) => checkpoint::KeyedTo::Changelog,
+        }
+    }
+
+    fn changelog(&self) -> Option<std::sync::MutexGuard<'_, crate::changelog::SubtaskLog>> {
+        self.changelog
+            .as_ref()
+            .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The links of the chain wrote their state into `cp`: the changelog
+    /// takes its share.
+    pub fn log_state(&self, cp: &mut checkpoint::Cursor<'_>) -> Result<(), StreamError> {
+        match self.changelog() {
+            Some(mut log) => {
+                let savepoint = self.shared.control.is_savepoint(cp.id);
+                log.checkpoint(cp, savepoint)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Checkpoint `id` completed: the changelog's transaction for it
+    /// commits (the chain's sinks are told by the caller).
+    pub fn checkpoint_complete(&self, id: CheckpointId) -> Result<(), StreamError> {
+        match self.changelog() {
+            Some(mut log) => log.checkpoint_complete(id),
+            None => Ok(()),
+        }
     }
 
     /// A cursor over the final checkpoint, which this subtask writes as it
     /// ends (when the job checkpoints).
     pub fn final_cursor(&self) -> Option<checkpoint::Cursor<'_>> {
         self.shared.config.as_ref()?;
-        Some(checkpoint::Cursor::new(
-            checkpoint::FINAL,
-            &self.shared.final_parts,
-            self.stage,
-            self.info,
-        ))
+        let keyed_to = match self.changelog {
+            Some(_) => checkpoint::KeyedTo::Changelog,
+            None => checkpoint::KeyedTo::Checkpoint,
+        };
+        Some(
+            checkpoint::Cursor::new(
+                checkpoint::FINAL,
+                &self.shared.final_parts,
+                self.stage,
+                self.info,
+            )
+            .keyed_to(keyed_to),
+        )
     }
 
     /// The subtask's chain ended: every link writes its last state into
     /// the final checkpoint.
     pub fn final_checkpoint<T>(&self, out: &mut dyn Output<T>) -> Result<(), StreamError> {
         match self.final_cursor() {
-            Some(mut cp) => out.barrier(&mut cp),
+            Some(mut cp) => {
+                out.barrier(&mut cp)?;
+                self.log_state(&mut cp)
+            }
             None => Ok(()),
         }
     }
@@ -73,9 +124,33 @@ impl TaskRuntime {
         }
     }
 
+    /// The cursor the chain restores from, its keyed state read back from
+    /// the changelog when the job keeps one. A subtask that starts afresh
+    /// clears what an earlier run left open in the changelog.
+    pub fn restoring_cursor(&self) -> Result<Option<checkpoint::Cursor<'_>>, StreamError> {
+        let cp = self.restore_cursor();
+        let Some(mut log) = self.changelog() else {
+            if let Some(cp) = &cp {
+                if crate::changelog::keeps_state(cp)? {
+                    return Err(StreamError::State(
+                        "the checkpoint keeps keyed state in changelog topics: restore it with set_state_changelog".into(),
+                    ));
+                }
+            }
+            return Ok(cp);
+        };
+        match cp {
+            Some(cp) => {
+                let restored = log.restore(&cp)?;
+                Ok(Some(cp.with_restored_log(restored)))
+            }
+            None => log.start_afresh().map(|()| None),
+        }
+    }
+
     /// Restores the chain that starts at `out` (when the job restores).
     pub fn restore<T>(&self, out: &mut dyn Output<T>) -> Result<(), StreamError> {
-        match self.restore_cursor() {
+        match self.restoring_cursor()? {
             Some(mut cp) => out.restore(&mut cp),
             None => Ok(()),
         }
@@ -117,7 +192,11 @@ impl TaskRuntime {
         out: &mut dyn Output<T>,
     ) -> Result<bool, StreamError> {
         match self.cursor(id) {
-            Some(mut cp) => out.barrier(&mut cp).map(|()| true),
+            Some(mut cp) => {
+                out.barrier(&mut cp)?;
+                self.log_state(&mut cp)?;
+                Ok(true)
+            }
             None => Ok(false),
         }
     }
@@ -353,6 +432,7 @@ impl StreamEnv {
             store: Arc::new(store),
             max_alignment_records: DEFAULT_MAX_ALIGNMENT_RECORDS,
             unaligned_after: None,
+            changelog: None,
         });
         self
     }
@@ -394,6 +474,25 @@ impl StreamEnv {
     pub fn set_aligned_checkpoint_timeout(&self, timeout: Duration) -> &Self {
         if let Some(c) = self.plan().checkpoints.as_mut() {
             c.unaligned_after = Some(timeout);
+        }
+        self
+    }
+
+    /// Keeps keyed state in compacted changelog topics, Kafka Streams
+    /// style, instead of in the checkpoints (call after
+    /// [`Self::enable_checkpointing`]): each checkpoint writes the keys
+    /// that changed since the last one into `changelog`, in a transaction
+    /// committed with the checkpoint, and keeps only where they lie; a
+    /// restore rebuilds each subtask's state from the changelog partitions
+    /// of its key groups, at any parallelism. Savepoints still hold the
+    /// state themselves.
+    pub fn set_state_changelog(&self, changelog: crate::changelog::KafkaChangelog) -> &Self {
+        let mut plan = self.plan();
+        match plan.checkpoints.as_mut() {
+            Some(c) => c.changelog = Some(changelog),
+            None => plan
+                .invalid
+                .push("a state changelog needs checkpointing: enable it first".into()),
         }
         self
     }
@@ -568,6 +667,7 @@ impl StreamEnv {
         acked: std::sync::mpsc::Receiver<CheckpointId>,
     ) -> Result<(), StreamError> {
         let mut tasks = Vec::new();
+        let changelog = config.as_ref().and_then(|c| c.changelog.clone());
         for (stage_number, s) in stages.iter().enumerate() {
             if s.parallelism > max_parallelism {
                 return Err(StreamError::InvalidJob(format!(
@@ -587,6 +687,14 @@ impl StreamEnv {
                     cancel: self.cancelled.clone(),
                     shared: shared.clone(),
                     metrics: metrics.subtask(stage_number, index),
+                    changelog: changelog.clone().map(|c| {
+                        Mutex::new(crate::changelog::SubtaskLog::new(
+                            c,
+                            stage_number,
+                            info,
+                            self.success_commits(),
+                        ))
+                    }),
                 };
                 tasks.push((s.name.clone(), index, runtime, (s.make)(info)?));
             }

@@ -278,6 +278,7 @@ pub(crate) fn receive<T: Send>(
     while ended.iter().any(|e| !e) {
         if let Some(id) = rt.newly_completed(&mut completed) {
             out.checkpoint_complete(id)?;
+            rt.checkpoint_complete(id)?;
         }
         // A tick at least every CANCEL_CHECK, even while barriers or
         // watermarks keep arriving: links with processing-time timers

@@ -18,7 +18,9 @@
 //!   checkpoint; when the checkpoint completes, it commits. A restored job
 //!   commits the pre-committed transactions of its checkpoint with EndTxn
 //!   under their ids and epochs, then aborts whatever later transactions
-//!   the failed run left open, so read_committed readers are not held back.
+//!   the failed run left open, so read_committed readers are not held back
+//!   (also those of subtasks a crashed run at a higher parallelism had,
+//!   found by listing the brokers' ongoing transactions).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -396,6 +398,9 @@ pub struct KafkaOutput {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The partition to write to; none: the producer's partitioner picks
+    /// it from the key.
+    pub partition: Option<i32>,
 }
 
 /// Turns a stream's value into a record.
@@ -442,6 +447,27 @@ impl KafkaSink {
 pub(crate) struct Deliveries {
     failed: AtomicU64,
     first_error: Mutex<Option<String>>,
+    /// Where delivered offsets are noted, when someone needs them.
+    offsets: Option<Arc<DeliveredOffsets>>,
+}
+
+/// The least and greatest offset delivered per partition since it was
+/// last taken.
+#[derive(Default)]
+pub(crate) struct DeliveredOffsets(Mutex<BTreeMap<i32, (i64, i64)>>);
+
+impl DeliveredOffsets {
+    fn note(&self, partition: i32, offset: i64) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(partition).or_insert((offset, offset));
+        e.0 = e.0.min(offset);
+        e.1 = e.1.max(offset);
+    }
+
+    /// What was delivered since the last call, per partition.
+    pub fn take(&self) -> BTreeMap<i32, (i64, i64)> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// The producer's context: it reports deliveries to the sink's count.
@@ -453,6 +479,9 @@ impl ProducerContext for DeliveryCheck {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let (Ok(m), Some(offsets)) = (result, &self.0.offsets) {
+            offsets.note(m.partition(), m.offset());
+        }
         if let Err((e, _)) = result {
             self.0.failed.fetch_add(1, Ordering::SeqCst);
             let mut first = self.0.first_error.lock().unwrap_or_else(|p| p.into_inner());
@@ -520,6 +549,7 @@ pub(crate) struct KafkaWriter<T> {
     /// checkpoint.
     final_pending: Vec<Precommitted>,
     runtime: Option<tokio::runtime::Runtime>,
+    offsets: Option<Arc<DeliveredOffsets>>,
 }
 
 impl<T> KafkaWriter<T> {
@@ -539,7 +569,14 @@ impl<T> KafkaWriter<T> {
             on_success,
             final_pending: Vec::new(),
             runtime: None,
+            offsets: None,
         }
+    }
+
+    /// Notes the offset of every record delivered in `offsets`.
+    pub fn noting_offsets(mut self, offsets: Arc<DeliveredOffsets>) -> Self {
+        self.offsets = Some(offsets);
+        self
     }
 
     fn prefix(&self) -> Option<&str> {
@@ -563,7 +600,10 @@ impl<T> KafkaWriter<T> {
                 self.next_transaction += 1;
                 id
             });
-            let deliveries = Arc::new(Deliveries::default());
+            let deliveries = Arc::new(Deliveries {
+                offsets: self.offsets.clone(),
+                ..Deliveries::default()
+            });
             let mut cfg = ClientConfig::new();
             cfg.set("bootstrap.servers", &self.config.bootstrap)
                 .set("enable.idempotence", "true")
@@ -673,6 +713,70 @@ impl<T> KafkaWriter<T> {
         Ok(())
     }
 
+    /// A subtask that starts afresh: aborts what an earlier run of it left
+    /// open, from its first transactional id on.
+    pub fn abort_lingering_from_start(&mut self) -> Result<(), StreamError> {
+        let Some(prefix) = self.prefix().map(str::to_owned) else {
+            return Ok(());
+        };
+        self.next_transaction = self.abort_lingering(&prefix, self.info.index, 0)?;
+        if self.info.index == 0 {
+            self.abort_orphans(&prefix, self.info.parallelism)?;
+        }
+        Ok(())
+    }
+
+    /// Aborts the transactions that subtasks numbered `from_subtask` and
+    /// above left open: a crashed run at a higher parallelism than both
+    /// the checkpoint's and this run's had them, and no subtask inherits
+    /// their ids. They are found by listing every broker's ongoing
+    /// transactions (ListTransactions) and fenced with InitProducerId.
+    fn abort_orphans(&mut self, prefix: &str, from_subtask: usize) -> Result<(), StreamError> {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.config.bootstrap);
+        for (k, v) in &self.config.properties {
+            cfg.set(k, v);
+        }
+        let client: BaseConsumer = cfg
+            .create()
+            .map_err(|e| kafka_error("creating a metadata client", e))?;
+        let metadata = client
+            .fetch_metadata(None, CLUSTER_TIMEOUT)
+            .map_err(|e| kafka_error("listing the brokers", e))?;
+        let brokers: Vec<String> = metadata
+            .brokers()
+            .iter()
+            .map(|b| format!("{}:{}", b.host(), b.port()))
+            .collect();
+        let mut open = std::collections::BTreeSet::new();
+        for addr in brokers {
+            let listed = self.block_on(async move {
+                let mut conn = Connection::connect(&addr, "sluice-stream", CLUSTER_TIMEOUT).await?;
+                txn::list_transactions(&mut conn, "Ongoing").await
+            })?;
+            open.extend(listed);
+        }
+        let timeout_ms =
+            i32::try_from(self.config.transaction_timeout.as_millis()).unwrap_or(i32::MAX);
+        for id in open {
+            let orphan = id
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(subtask, n)| {
+                    Some((subtask.parse::<usize>().ok()?, n.parse::<u64>().ok()?))
+                })
+                .is_some_and(|(subtask, _)| subtask >= from_subtask);
+            if orphan {
+                let mut conn = self.coordinator_of(&id)?;
+                self.block_on(async move {
+                    txn::init_producer_id(&mut conn, Some(&id), timeout_ms).await
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Aborts the transactions a failed run of subtask `subtask` may have
     /// left open after number `from`: InitProducerId on each id fences its
     /// producer and aborts its transaction; the first id that was never
@@ -720,6 +824,9 @@ impl<T: Send> Output<T> for KafkaWriter<T> {
         }
         if let Some(k) = &out.key {
             r = r.key(k.as_slice());
+        }
+        if let Some(p) = out.partition {
+            r = r.partition(p);
         }
         if let Some(v) = &out.value {
             r = r.payload(v.as_slice());
@@ -801,6 +908,9 @@ impl<T: Send> Output<T> for KafkaWriter<T> {
             if old == me {
                 self.next_transaction = fresh;
             }
+        }
+        if me == 0 {
+            self.abort_orphans(&prefix, previous.max(parallelism))?;
         }
         Ok(())
     }

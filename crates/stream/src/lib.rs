@@ -45,6 +45,7 @@
 //!   subtask that failed.
 
 mod async_io;
+mod changelog;
 pub mod checkpoint;
 mod control;
 mod env;
@@ -65,6 +66,7 @@ mod watermark;
 mod window;
 
 pub use async_io::{AsyncOptions, AsyncOrder};
+pub use changelog::KafkaChangelog;
 pub use checkpoint::{CheckpointId, CheckpointStore, LocalDirStore, StateReader, StateWriter};
 pub use env::StreamEnv;
 pub use error::StreamError;

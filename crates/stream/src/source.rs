@@ -268,7 +268,7 @@ pub(crate) fn run_source<T, S: Source<T>>(
     batch: usize,
 ) -> Result<(), StreamError> {
     // The source's own state is the first link of its stage.
-    if let Some(mut cp) = rt.restore_cursor() {
+    if let Some(mut cp) = rt.restoring_cursor()? {
         source.restore(&cp.reader()?)?;
         out.restore(&mut cp)?;
     }
@@ -283,6 +283,8 @@ pub(crate) fn run_source<T, S: Source<T>>(
         if let Some(id) = rt.newly_completed(&mut completed) {
             let r = ctx.output().checkpoint_complete(id);
             ctx.note(r);
+            let r = rt.checkpoint_complete(id);
+            ctx.note(r);
         }
         let now = rt.requested();
         if now > requested {
@@ -292,6 +294,7 @@ pub(crate) fn run_source<T, S: Source<T>>(
                 source.snapshot(&mut w);
                 cp.put(w)?;
                 ctx.barrier(&mut cp)?;
+                rt.log_state(&mut cp)?;
                 rt.shared.ack(now);
             }
         }
@@ -311,6 +314,7 @@ pub(crate) fn run_source<T, S: Source<T>>(
         source.snapshot(&mut w);
         cp.put(w)?;
         out.barrier(&mut cp)?;
+        rt.log_state(&mut cp)?;
     }
     Ok(())
 }
