@@ -310,6 +310,18 @@ else
         measure --set system=sluice --set "scenario=produce 1024 B, acks=all, 1 producer, $codec" --set durable_before_ack=true -- \
             "${SB[@]}" produce "${SBO[@]}" --topic "codec-$codec" --partitions 1 --record-size 1024 --acks all --compression "$codec" --duration "$SLUICE_DUR"
     done
+    # A topic's compression.type other than `producer`: the leader
+    # decompresses every lz4 batch and compresses it again before the
+    # append (Kafka's broker does the same), on top of the walk above.
+    for target in zstd gzip; do
+        if "$SLUICE" topic create "recompress-$target" --bootstrap "$BOOT" --partitions 1 \
+            --config "compression.type=$target" >>"$LOGS/steps.log" 2>&1; then
+            measure --set system=sluice --set "scenario=produce 1024 B, acks=all, 1 producer, lz4 recompressed to $target (topic compression.type)" --set durable_before_ack=true -- \
+                "${SB[@]}" produce "${SBO[@]}" --topic "recompress-$target" --record-size 1024 --acks all --compression lz4 --duration "$SLUICE_DUR"
+        else
+            FAILED+=("sluice topic create recompress-$target")
+        fi
+    done
     # Exactly-once produce: the same producer as the plain acks=all row, as
     # an idempotent producer and in transactions committed every 100 ms or
     # every 10,000 records, side by side in one run.
@@ -535,6 +547,21 @@ for q in q0 q1 q2 q3 q4 q5 q7 q8; do
         "$SLUICE" bench nexmark --query "$q" --events "$NEXMARK_EVENTS" --base-time 1700000000000 --parallelism 2 --json
 done
 note "- Nexmark: events per second per core of CPU used by the whole job (generation included), bounded input so every window fires at the end. Published per-core figures for comparison, not measured here: Flink 12K-175K, Feldera 200K-430K."
+
+# Keyed state kept in the checkpoints or in a changelog topic (Kafka Streams
+# style): tests/interop/stream_state_bench.py runs the example job
+# topic_window_count --running-count (a count per key, exactly-once output)
+# over a topic on a fresh broker, both ways. Kafka Streams itself is not
+# runnable here (no Maven).
+if ((QUICK)); then STATE_RECORDS=100000; STATE_KEYS=10000; else STATE_RECORDS=2000000; STATE_KEYS=100000; fi
+for STATE in checkpoint changelog; do
+    log "sluice: stream state in $STATE"
+    measure --set system=sluice --set "scenario=stream running count per key, state in $STATE ($STATE_RECORDS records, $STATE_KEYS keys, checkpoint every 1 s, parallelism 2)" -- \
+        env SLUICE_BIN="$SLUICE" "$VENV/bin/python" "$ROOT/tests/interop/stream_state_bench.py" --state "$STATE" --records "$STATE_RECORDS" --keys "$STATE_KEYS" --json
+    if [[ -n $LAST_JSON ]]; then
+        note "- Stream state in $STATE: $(json_num records_per_sec | cut -d. -f1) records/s end to end (read, count, exactly-once write); the last checkpoint holds $(json_num latest_checkpoint_bytes) bytes."
+    fi
+done
 
 # Many partitions: tests/interop/scale.py creates them through the admin API,
 # produces one record to each, reads them back, restarts the broker cleanly

@@ -347,8 +347,9 @@ def stored_batches(data_dir, topic, leftovers=None):
     """Parses the RecordBatch v2 headers in `<data>/<topic>-<p>/*.log` and returns
     a list of (partition, base_offset, record_count, codec name, magic).
 
-    Sluice keeps batches exactly as the producer sent them, so the codec a client
-    used must be visible in the stored attributes."""
+    Sluice keeps batches as the producer sent them (unless the topic's
+    `compression.type` names a codec), so the codec a client used must be
+    visible in the stored attributes."""
     import struct
     from pathlib import Path
 

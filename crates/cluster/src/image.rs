@@ -75,6 +75,38 @@ pub struct PartitionState {
     /// every target replica is in the ISR.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_replicas: Option<Vec<BrokerId>>,
+    /// While a reassignment is in progress, the replica set (in preference order) it
+    /// started from: what cancelling it restores. A reassignment altered while in
+    /// progress keeps the first one's origin, as Kafka does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_replicas: Option<Vec<BrokerId>>,
+}
+
+impl PartitionState {
+    /// The replicas an ongoing reassignment adds (in the target, not in the origin).
+    pub fn adding_replicas(&self) -> Vec<BrokerId> {
+        match (&self.target_replicas, &self.original_replicas) {
+            (Some(target), Some(origin)) => target
+                .iter()
+                .copied()
+                .filter(|r| !origin.contains(r))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The replicas an ongoing reassignment drops once it completes.
+    pub fn removing_replicas(&self) -> Vec<BrokerId> {
+        match &self.target_replicas {
+            Some(target) => self
+                .replicas
+                .iter()
+                .copied()
+                .filter(|r| !target.contains(r))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
 }
 
 /// One topic.
@@ -111,6 +143,9 @@ pub struct MetadataImage {
     /// Users and their permissions.
     #[serde(default)]
     pub access: AccessModel,
+    /// Client quotas (producer and consumer byte rates).
+    #[serde(default)]
+    pub quotas: crate::quotas::QuotaModel,
 }
 
 /// A topic of a single node's data directory from an earlier release, adopted into
@@ -174,10 +209,14 @@ pub enum Command {
         partition_epoch: i32,
         new_isr: Vec<BrokerId>,
     },
-    /// Controller-internal: (re)elect the preferred live in-sync leader of each partition
-    /// (all partitions when `partitions` is `None`).
+    /// (Re)elect the preferred live in-sync leader of each partition (all partitions
+    /// when `partitions` is `None`): the controller's own elections, and Kafka's
+    /// ElectLeaders with `preferred_only`, which elects only the first replica
+    /// (PREFERRED_LEADER_NOT_AVAILABLE when it is not live, in sync and undrained).
     ElectLeaders {
         partitions: Option<Vec<(String, i32)>>,
+        #[serde(default)]
+        preferred_only: bool,
     },
     /// Move a partition to a new replica set. Completes at once when every new replica
     /// is already in sync; otherwise the new replicas are added first and the old ones
@@ -187,6 +226,11 @@ pub enum Command {
         partition: i32,
         replicas: Vec<BrokerId>,
     },
+    /// Cancel a partition's move at once (Kafka's AlterPartitionReassignments with no
+    /// replicas): back to the replicas it started from, keeping only those of them in
+    /// the ISR (at least one must be, else INVALID_REPLICA_ASSIGNMENT, as Kafka), with
+    /// a new leader if the leader was an added replica.
+    CancelReassignment { topic: String, partition: i32 },
     /// Hand out `count` producer ids; answers the first.
     AllocateProducerIds { count: i64 },
     /// Forget a decommissioned broker: only a fenced one (stopped) that holds no
@@ -206,6 +250,8 @@ pub enum Command {
     Amqp(AmqpCommand),
     /// A change to users and permissions.
     Access(AccessCommand),
+    /// Client quotas set or removed, all or none (Kafka's AlterClientQuotas).
+    AlterClientQuotas(Vec<crate::quotas::QuotaAlteration>),
 }
 
 /// Outcome of one partition in an election.
@@ -271,6 +317,13 @@ pub enum CommandError {
     /// FENCED_LEADER_EPOCH (74): the requester's leader epoch is older than the current one.
     #[error("fenced leader epoch")]
     FencedLeaderEpoch,
+    /// NO_REASSIGNMENT_IN_PROGRESS (85): nothing to cancel.
+    #[error("no reassignment is in progress")]
+    NoReassignmentInProgress,
+    /// PREFERRED_LEADER_NOT_AVAILABLE (80): the first replica is not live, in sync and
+    /// undrained.
+    #[error("the preferred replica {0} is not live and in sync")]
+    PreferredLeaderNotAvailable(BrokerId),
     /// ELIGIBLE_LEADERS_NOT_AVAILABLE (83): no live in-sync replica.
     #[error("no eligible leader is available")]
     EligibleLeadersNotAvailable,
@@ -304,6 +357,8 @@ impl KafkaError for CommandError {
             CommandError::FencedLeaderEpoch => ErrorCode::FencedLeaderEpoch,
             CommandError::EligibleLeadersNotAvailable => ErrorCode::EligibleLeadersNotAvailable,
             CommandError::ElectionNotNeeded => ErrorCode::ElectionNotNeeded,
+            CommandError::PreferredLeaderNotAvailable(_) => ErrorCode::PreferredLeaderNotAvailable,
+            CommandError::NoReassignmentInProgress => ErrorCode::NoReassignmentInProgress,
             CommandError::InvalidUpdateVersion => ErrorCode::InvalidUpdateVersion,
             CommandError::IneligibleReplica(_) => ErrorCode::IneligibleReplica,
             CommandError::NotFound(_) => ErrorCode::ResourceNotFound,
@@ -497,6 +552,7 @@ impl MetadataImage {
             }
             Command::Amqp(cmd) => self.apply_amqp(index, cmd),
             Command::Access(cmd) => self.apply_access(index, cmd),
+            Command::AlterClientQuotas(alterations) => self.alter_client_quotas(alterations),
             Command::CreatePartitions { name, count } => self.create_partitions(name, *count),
             Command::AlterConfigs { name, configs } => {
                 let t = self
@@ -538,7 +594,10 @@ impl MetadataImage {
                 *partition_epoch,
                 new_isr,
             ),
-            Command::ElectLeaders { partitions } => {
+            Command::ElectLeaders {
+                partitions,
+                preferred_only,
+            } => {
                 let targets = match partitions {
                     Some(list) => list.clone(),
                     None => self.partitions_where(|_| true),
@@ -546,7 +605,7 @@ impl MetadataImage {
                 let outcomes = targets
                     .into_iter()
                     .map(|(topic, partition)| {
-                        let result = self.elect_preferred(&topic, partition);
+                        let result = self.elect_preferred(&topic, partition, *preferred_only);
                         ElectionOutcome {
                             topic,
                             partition,
@@ -561,6 +620,9 @@ impl MetadataImage {
                 partition,
                 replicas,
             } => self.reassign(topic, *partition, replicas),
+            Command::CancelReassignment { topic, partition } => {
+                self.cancel_reassignment(topic, *partition)
+            }
             Command::AllocateProducerIds { count } => {
                 if *count <= 0 || *count > MAX_PRODUCER_ID_BLOCK {
                     return Err(CommandError::InvalidRequest(format!(
@@ -891,11 +953,23 @@ impl MetadataImage {
         Ok(CommandOutput::Partition(p.clone()))
     }
 
-    fn elect_preferred(&mut self, topic: &str, partition: i32) -> Result<BrokerId, CommandError> {
+    fn elect_preferred(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        preferred_only: bool,
+    ) -> Result<BrokerId, CommandError> {
         let live: BTreeSet<BrokerId> = self.live_brokers().into_iter().collect();
         let draining = draining_of(&self.brokers);
         let p = self.partition_mut(topic, partition)?;
         let choice = pick_leader(p, &live, &draining);
+        let preferred = p.replicas.first().copied().unwrap_or(NO_LEADER);
+        if preferred_only && p.leader == preferred {
+            return Err(CommandError::ElectionNotNeeded);
+        }
+        if preferred_only && choice != preferred {
+            return Err(CommandError::PreferredLeaderNotAvailable(preferred));
+        }
         if choice == p.leader {
             return Err(if choice == NO_LEADER {
                 CommandError::EligibleLeadersNotAvailable
@@ -937,9 +1011,37 @@ impl MetadataImage {
             // replacement caught up could leave too few copies of acknowledged data.
             let mut replicas = target.to_vec();
             replicas.extend(p.replicas.iter().copied().filter(|r| !target.contains(r)));
+            if p.original_replicas.is_none() {
+                p.original_replicas = Some(p.replicas.clone());
+            }
             p.replicas = replicas;
             p.target_replicas = Some(target.to_vec());
         }
+        p.partition_epoch += 1;
+        Ok(CommandOutput::Partition(p.clone()))
+    }
+
+    fn cancel_reassignment(&mut self, topic: &str, partition: i32) -> CommandResult {
+        let live: BTreeSet<BrokerId> = self.live_brokers().into_iter().collect();
+        let draining = draining_of(&self.brokers);
+        let p = self.partition_mut(topic, partition)?;
+        let (Some(_), Some(origin)) = (&p.target_replicas, p.original_replicas.clone()) else {
+            return Err(if p.target_replicas.is_none() {
+                CommandError::NoReassignmentInProgress
+            } else {
+                CommandError::InvalidReplicaAssignment(
+                    "this move started before its origin was recorded; reassign to the replicas wanted".into(),
+                )
+            });
+        };
+        if !p.isr.iter().any(|r| origin.contains(r)) {
+            // Reverting now would leave no in-sync copy: the move goes on.
+            return Err(CommandError::InvalidReplicaAssignment(
+                "no replica the move started from is in sync; cancelling would need an unclean election"
+                    .into(),
+            ));
+        }
+        finish_reassignment(p, origin, &live, &draining);
         p.partition_epoch += 1;
         Ok(CommandOutput::Partition(p.clone()))
     }
@@ -986,6 +1088,7 @@ impl MetadataImage {
                 leader_epoch: 0,
                 partition_epoch: 0,
                 target_replicas: None,
+                original_replicas: None,
             };
             self.topics.insert(
                 t.name.clone(),
@@ -1050,6 +1153,7 @@ fn finish_reassignment(
     p.isr.retain(|r| target.contains(r));
     p.replicas = target;
     p.target_replicas = None;
+    p.original_replicas = None;
     if !p.isr.contains(&p.leader) {
         p.leader = pick_leader(p, live, draining);
         p.leader_epoch += 1;
@@ -1087,6 +1191,7 @@ fn new_partition(candidates: &[BrokerId], start: usize, rf: usize) -> PartitionS
         leader_epoch: 0,
         partition_epoch: 0,
         target_replicas: None,
+        original_replicas: None,
     }
 }
 

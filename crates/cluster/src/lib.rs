@@ -130,6 +130,7 @@ pub mod amqp;
 pub mod image;
 pub mod network;
 pub mod node;
+pub mod quotas;
 pub mod store;
 
 use std::io::Cursor;

@@ -154,13 +154,28 @@ pub fn decompress(
 /// Compresses `raw` (records) with `codec` into `out` (cleared first), in
 /// the framing Kafka's Java producer writes, which every client reads.
 pub fn compress(codec: Codec, raw: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+    compress_at(codec, None, raw, out)
+}
+
+/// [`compress`] at a codec level (Kafka's `compression.<codec>.level`:
+/// gzip 1-9, lz4 1-17, zstd -131072..22); None is the codec's default,
+/// which is what Kafka's producer uses too. Snappy has no levels.
+pub fn compress_at(
+    codec: Codec,
+    level: Option<i32>,
+    raw: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
     out.clear();
     let io = |e: io::Error| codec.stream(e);
     match codec {
         Codec::None => out.extend_from_slice(raw),
         Codec::Gzip => {
-            let mut e =
-                flate2::write::GzEncoder::new(std::mem::take(out), flate2::Compression::default());
+            let level = level
+                .and_then(|l| u32::try_from(l).ok())
+                .filter(|l| (1..=9).contains(l))
+                .map_or_else(flate2::Compression::default, flate2::Compression::new);
+            let mut e = flate2::write::GzEncoder::new(std::mem::take(out), level);
             io::Write::write_all(&mut e, raw).map_err(io)?;
             *out = e.finish().map_err(io)?;
         }
@@ -180,17 +195,19 @@ pub fn compress(codec: Codec, raw: &[u8], out: &mut Vec<u8>) -> Result<(), Codec
         }
         Codec::Lz4 => {
             // Independent blocks: Kafka's Java consumers refuse linked ones.
-            let mut e = lz4::EncoderBuilder::new()
-                .block_mode(lz4::BlockMode::Independent)
-                .build(std::mem::take(out))
-                .map_err(io)?;
+            let mut builder = lz4::EncoderBuilder::new();
+            builder.block_mode(lz4::BlockMode::Independent);
+            if let Some(l) = level.and_then(|l| u32::try_from(l).ok()) {
+                builder.level(l);
+            }
+            let mut e = builder.build(std::mem::take(out)).map_err(io)?;
             io::Write::write_all(&mut e, raw).map_err(io)?;
             let (buf, done) = e.finish();
             done.map_err(io)?;
             *out = buf;
         }
         Codec::Zstd => {
-            *out = zstd::bulk::compress(raw, ZSTD_LEVEL).map_err(io)?;
+            *out = zstd::bulk::compress(raw, level.unwrap_or(ZSTD_LEVEL)).map_err(io)?;
         }
     }
     Ok(())
@@ -358,6 +375,27 @@ mod tests {
             Codec::from_attributes(5),
             Err(CodecError::Unknown(5))
         ));
+    }
+
+    #[test]
+    fn levels_change_the_bytes_not_the_records() {
+        let raw: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| format!("record {} of {}\n", i % 977, i % 13).into_bytes())
+            .collect();
+        for (codec, fast, slow) in [
+            (Codec::Gzip, 1, 9),
+            (Codec::Lz4, 1, 12),
+            (Codec::Zstd, -5, 19),
+        ] {
+            let (mut a, mut b, mut back) = (Vec::new(), Vec::new(), Vec::new());
+            compress_at(codec, Some(fast), &raw, &mut a).unwrap();
+            compress_at(codec, Some(slow), &raw, &mut b).unwrap();
+            assert!(b.len() < a.len(), "{codec:?}: {} vs {}", b.len(), a.len());
+            for packed in [&a, &b] {
+                decompress(codec, packed, raw.len() as u64, &mut back).unwrap();
+                assert_eq!(back, raw, "{codec:?}");
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! SyncGroup requests hold the receiving end of a oneshot channel whose
 //! sender lives in the member.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -234,11 +234,51 @@ pub(crate) struct Group {
     /// Partitions with commits appended but not yet durable: how many, and
     /// the latest one appended (a deleted group's tombstones cover them).
     pub inflight: HashMap<(String, i32), (usize, Committed)>,
+    /// Partitions whose offsets OffsetDelete removed, with the end of its
+    /// tombstones in the offsets log: a commit written before them (still
+    /// settling, or in a transaction not yet ended) stays removed, as Kafka
+    /// drops pending commits of deleted offsets.
+    deleted_before: HashMap<(String, i32), i64>,
     /// When the group last became Empty (for forgetting idle groups).
     empty_since: Instant,
 }
 
+/// The topics of a consumer-protocol subscription (the metadata a consumer
+/// joins with): a version, then that version's fields, of which every
+/// version starts with version 0's (topics, user data); only those are
+/// read, as Kafka reads a subscription for its topics. None when the bytes
+/// are not one.
+fn subscription_topics(metadata: &Bytes) -> Option<Vec<String>> {
+    use kafka_protocol::messages::ConsumerProtocolSubscription;
+    use kafka_protocol::protocol::Decodable;
+    let mut buf = metadata.clone();
+    let version = i16::from_be_bytes([*buf.first()?, *buf.get(1)?]);
+    if version < 0 {
+        return None;
+    }
+    let _ = bytes::Buf::get_i16(&mut buf);
+    let s = ConsumerProtocolSubscription::decode(&mut buf, 0).ok()?;
+    Some(s.topics.into_iter().map(|t| t.to_string()).collect())
+}
+
 impl Group {
+    /// The topics the members of a consumer group subscribe to (Kafka's
+    /// `GroupMetadata.subscribedTopics`); None when the group does not
+    /// use the consumer protocol or a member's subscription cannot be
+    /// read, so that callers assume it reads any topic.
+    pub(crate) fn subscribed_topics(&self) -> Option<BTreeSet<String>> {
+        if self.protocol_type.as_deref() != Some("consumer") {
+            return None;
+        }
+        let protocol = self.protocol_name.as_deref()?;
+        let mut topics = BTreeSet::new();
+        for m in self.members.values() {
+            let (_, metadata) = m.protocols.iter().find(|(name, _)| name == protocol)?;
+            topics.extend(subscription_topics(metadata)?);
+        }
+        Some(topics)
+    }
+
     pub(crate) fn new(id: String, now: Instant) -> Self {
         Group {
             id,
@@ -256,6 +296,7 @@ impl Group {
             new_member_added: false,
             offsets: BTreeMap::new(),
             inflight: HashMap::new(),
+            deleted_before: HashMap::new(),
             empty_since: now,
         }
     }
@@ -301,12 +342,27 @@ impl Group {
     /// committed) becomes the committed offset unless the group is gone or
     /// a later commit already landed.
     pub(crate) fn apply_committed(&mut self, tp: (String, i32), committed: Committed) {
+        if let Some(&end) = self.deleted_before.get(&tp) {
+            if committed.log_offset < end {
+                return;
+            }
+            self.deleted_before.remove(&tp);
+        }
         let newer = self
             .offsets
             .get(&tp)
             .is_some_and(|c| c.log_offset > committed.log_offset);
         if self.state != GroupState::Dead && !newer {
             self.offsets.insert(tp, committed);
+        }
+    }
+
+    /// Forgets the committed offsets of `keys`, whose tombstones end at
+    /// `tombstones_end` in the offsets log (OffsetDelete).
+    pub(crate) fn forget_offsets(&mut self, keys: &[(String, i32)], tombstones_end: i64) {
+        for key in keys {
+            self.offsets.remove(key);
+            self.deleted_before.insert(key.clone(), tombstones_end);
         }
     }
 
@@ -1226,5 +1282,89 @@ impl Group {
         }
 
         self.empty_and_idle() && self.empty_since + EMPTY_GROUP_TTL <= now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{subscription_topics, Committed, Group};
+    use bytes::Bytes;
+    use kafka_protocol::messages::ConsumerProtocolSubscription;
+    use kafka_protocol::protocol::{Encodable, StrBytes};
+
+    fn encoded(version: i16) -> Vec<u8> {
+        let mut sub = ConsumerProtocolSubscription::default();
+        sub.topics = vec![
+            StrBytes::from_static_str("a"),
+            StrBytes::from_static_str("b"),
+        ];
+        let mut buf = bytes::BytesMut::new();
+        buf.extend_from_slice(&version.to_be_bytes());
+        sub.encode(&mut buf, version.min(3)).unwrap();
+        buf.to_vec()
+    }
+
+    #[test]
+    fn subscriptions_of_every_version_are_read_and_garbage_is_not() {
+        for v in 0..=3 {
+            let topics = subscription_topics(&Bytes::from(encoded(v)));
+            assert_eq!(topics, Some(vec!["a".into(), "b".into()]), "v{v}");
+        }
+        // A newer version only adds fields: read as the newest known.
+        assert!(subscription_topics(&Bytes::from(encoded(9))).is_some());
+        let whole = encoded(1);
+        // Cut within the version, the topics or the user data's length.
+        for cut in 0..encoded(0).len() {
+            assert_eq!(
+                subscription_topics(&Bytes::copy_from_slice(&whole[..cut])),
+                None
+            );
+        }
+        // Arbitrary bytes never panic (a deterministic sweep of mutations).
+        let mut x = 0x2545_f491_u32;
+        for _ in 0..20_000 {
+            let mut bytes = whole.clone();
+            for _ in 0..3 {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let at = x as usize % bytes.len();
+                bytes[at] = (x >> 8) as u8;
+            }
+            let _ = subscription_topics(&Bytes::from(bytes));
+        }
+        assert_eq!(
+            subscription_topics(&Bytes::from_static(&[0xff, 0xff, 0, 0])),
+            None
+        );
+    }
+
+    fn at(log_offset: i64) -> Committed {
+        Committed {
+            offset: log_offset * 10,
+            leader_epoch: -1,
+            metadata: String::new(),
+            log_offset,
+        }
+    }
+
+    #[test]
+    fn a_commit_written_before_an_offset_delete_does_not_bring_the_offset_back() {
+        let mut g = Group::new("g".into(), tokio::time::Instant::now());
+        let tp = ("t".to_owned(), 0);
+        g.commit_appended(tp.clone(), at(5));
+        g.commit_appended(tp.clone(), at(6));
+        // OffsetDelete's tombstones end at 8, after both commits.
+        g.forget_offsets(std::slice::from_ref(&tp), 8);
+        g.commit_settled(tp.clone(), Some(at(5)));
+        g.commit_settled(tp.clone(), Some(at(6)));
+        assert!(
+            !g.offsets.contains_key(&tp),
+            "a settled commit undid the delete"
+        );
+        // A commit written after the tombstones counts again.
+        g.commit_appended(tp.clone(), at(9));
+        g.commit_settled(tp.clone(), Some(at(9)));
+        assert_eq!(g.offsets.get(&tp).map(|c| c.offset), Some(90));
     }
 }

@@ -85,6 +85,9 @@ use kafka_protocol::messages::list_groups_response::ListedGroup;
 use kafka_protocol::messages::offset_commit_response::{
     OffsetCommitResponsePartition, OffsetCommitResponseTopic,
 };
+use kafka_protocol::messages::offset_delete_response::{
+    OffsetDeleteResponsePartition, OffsetDeleteResponseTopic,
+};
 use kafka_protocol::messages::offset_fetch_response::{
     OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
     OffsetFetchResponseTopic, OffsetFetchResponseTopics,
@@ -93,8 +96,8 @@ use kafka_protocol::messages::{
     DeleteGroupsRequest, DeleteGroupsResponse, DescribeGroupsRequest, DescribeGroupsResponse,
     GroupId, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse,
     LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse,
-    OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
-    SyncGroupRequest, SyncGroupResponse, TopicName,
+    OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest, OffsetDeleteResponse,
+    OffsetFetchRequest, OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{Record, RecordBatchDecoder};
@@ -1225,13 +1228,27 @@ impl GroupCoordinator {
         keys.extend(g.inflight.keys().cloned());
         keys.sort();
         keys.dedup();
+        let end = self.write_tombstones(&g.id, &keys)?;
+        tracing::info!(group = %g.id, partitions = keys.len(), "group deleted");
+        g.state = GroupState::Dead;
+        g.offsets.clear();
+        Ok(end)
+    }
+
+    /// Tombstones in the offsets log for `group`'s committed offsets of
+    /// `keys`; the end offset to wait for, None when there were none.
+    fn write_tombstones(
+        &self,
+        group: &str,
+        keys: &[(String, i32)],
+    ) -> Result<Option<i64>, ErrorCode> {
         let mut end = None;
         for chunk in keys.chunks(TOMBSTONES_PER_BATCH) {
             let records: Vec<(Bytes, Option<Bytes>)> = chunk
                 .iter()
                 .map(|(topic, partition)| {
                     let key = OffsetKey {
-                        group: g.id.clone(),
+                        group: group.to_owned(),
                         topic: topic.clone(),
                         partition: *partition,
                     };
@@ -1239,15 +1256,108 @@ impl GroupCoordinator {
                 })
                 .collect();
             let (_, end_offset) = self.append(&records).map_err(|e| {
-                tracing::warn!(group = %g.id, error = %e, "writing group tombstones failed");
+                tracing::warn!(group, error = %e, "writing offset tombstones failed");
                 commit_error(&e)
             })?;
             end = Some(end_offset);
         }
-        tracing::info!(group = %g.id, partitions = keys.len(), "group deleted");
-        g.state = GroupState::Dead;
-        g.offsets.clear();
         Ok(end)
+    }
+
+    /// Kafka's OffsetDelete: forgets a group's committed offsets of some
+    /// partitions. An Empty group loses all of them; a consumer group with
+    /// members keeps those of topics a member subscribes to
+    /// (GROUP_SUBSCRIBED_TO_TOPIC); another group with members refuses
+    /// (NON_EMPTY_GROUP). `exists` tells a partition of a topic that
+    /// exists (others: UNKNOWN_TOPIC_OR_PARTITION).
+    pub async fn offset_delete(
+        self: &Arc<Self>,
+        req: OffsetDeleteRequest,
+        exists: impl Fn(&str, i32) -> bool,
+    ) -> OffsetDeleteResponse {
+        let resp = OffsetDeleteResponse::default();
+        let Some(handle) = self.get_group(req.group_id.as_str()) else {
+            return resp.with_error_code(ErrorCode::GroupIdNotFound.code());
+        };
+        // Per partition asked for: its error, None when deleted (or had none).
+        let mut codes: Vec<(String, i32, Option<ErrorCode>)> = Vec::new();
+        // Offsets an open transaction committed count as the group's: the
+        // group stays (and keeps what it knows of deletions) until it ends.
+        let transacting = self.pending_txn.lock().has_group(req.group_id.as_str());
+        let (end, gone) = {
+            let mut g = handle.state.lock();
+            let subscribed = match g.state {
+                GroupState::Dead => return resp.with_error_code(ErrorCode::GroupIdNotFound.code()),
+                GroupState::Empty => Some(Default::default()),
+                _ if g.protocol_type.as_deref() == Some("consumer") => g.subscribed_topics(),
+                _ => return resp.with_error_code(ErrorCode::NonEmptyGroup.code()),
+            };
+            let mut doomed = Vec::new();
+            for topic in &req.topics {
+                let name = topic.name.0.as_str();
+                for p in &topic.partitions {
+                    let i = p.partition_index;
+                    let code = if !exists(name, i) {
+                        Some(ErrorCode::UnknownTopicOrPartition)
+                    } else if subscribed.as_ref().is_none_or(|s| s.contains(name)) {
+                        Some(ErrorCode::GroupSubscribedToTopic)
+                    } else {
+                        let key = (name.to_owned(), i);
+                        if g.offsets.contains_key(&key) || g.inflight.contains_key(&key) {
+                            doomed.push(key);
+                        }
+                        None
+                    };
+                    codes.push((name.to_owned(), i, code));
+                }
+            }
+            let end = match self.write_tombstones(&g.id, &doomed) {
+                Ok(end) => end,
+                Err(code) => return resp.with_error_code(code.code()),
+            };
+            if let Some(end) = end {
+                g.forget_offsets(&doomed, end);
+            }
+            if !doomed.is_empty() {
+                tracing::info!(group = %g.id, partitions = doomed.len(), "committed offsets deleted");
+            }
+            // An Empty group left with no offsets is gone, as on Kafka.
+            let gone = g.state == GroupState::Empty
+                && !doomed.is_empty()
+                && !transacting
+                && g.offsets.is_empty()
+                && g.inflight.is_empty();
+            if gone {
+                g.state = GroupState::Dead;
+                tracing::info!(group = %g.id, "group removed: empty, with no offsets left");
+            }
+            (end, gone)
+        };
+        if gone {
+            self.forget(&handle);
+            handle.wake.notify_one();
+        }
+        if let Some(end) = end {
+            if let Err(e) = self.settle(end).await {
+                tracing::warn!(error = %e, "offset deletion not durable");
+                return resp.with_error_code(commit_error(&e).code());
+            }
+        }
+        let mut topics: Vec<OffsetDeleteResponseTopic> = Vec::new();
+        for (name, index, code) in codes {
+            let partition = OffsetDeleteResponsePartition::default()
+                .with_partition_index(index)
+                .with_error_code(code.map_or(0, ErrorCode::code));
+            match topics.last_mut() {
+                Some(t) if t.name.0.as_str() == name => t.partitions.push(partition),
+                _ => topics.push(
+                    OffsetDeleteResponseTopic::default()
+                        .with_name(TopicName(StrBytes::from_string(name)))
+                        .with_partitions(vec![partition]),
+                ),
+            }
+        }
+        resp.with_topics(topics)
     }
 }
 
@@ -1267,8 +1377,8 @@ pub mod refuse {
     use kafka_protocol::messages::{
         DeleteGroupsRequest, DeleteGroupsResponse, DescribeGroupsRequest, DescribeGroupsResponse,
         HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupResponse,
-        ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
-        OffsetFetchResponse, SyncGroupResponse,
+        ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteResponse,
+        OffsetFetchRequest, OffsetFetchResponse, SyncGroupResponse,
     };
     use sluice_vocab::ErrorCode;
 
@@ -1373,6 +1483,10 @@ pub mod refuse {
             })
             .collect();
         DescribeGroupsResponse::default().with_groups(groups)
+    }
+
+    pub fn offset_delete(err: ErrorCode) -> OffsetDeleteResponse {
+        OffsetDeleteResponse::default().with_error_code(err.code())
     }
 
     pub fn delete_groups(req: &DeleteGroupsRequest, err: ErrorCode) -> DeleteGroupsResponse {

@@ -59,6 +59,14 @@ impl PendingTxnOffsets {
             .any(|(g, p, _)| g == group && p == tp)
     }
 
+    /// Whether `group` has any offset waiting for its transaction.
+    pub(crate) fn has_group(&self, group: &str) -> bool {
+        self.by_producer
+            .values()
+            .flatten()
+            .any(|(g, _, _)| g == group)
+    }
+
     /// Drops the commits at these log offsets (their append failed).
     fn forget(&mut self, producer_id: i64, log_offsets: &[i64]) {
         if let Some(commits) = self.by_producer.get_mut(&producer_id) {

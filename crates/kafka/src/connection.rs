@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use kafka_protocol::protocol::StrBytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
@@ -228,6 +229,56 @@ tokio::task_local! {
     /// The connection whose request is being dispatched: a response finished
     /// later (`dispatch::later`) counts itself against this connection's budget.
     pub(crate) static UNSENT: Arc<Unsent>;
+    /// Who sends the request being dispatched, for client quotas.
+    pub(crate) static CLIENT: Arc<Client>;
+}
+
+/// The client on a connection, as its requests name it, and until when its
+/// quota keeps the connection muted (KIP-219: the answer goes out at once,
+/// the next request is read only after the throttle time).
+pub(crate) struct Client {
+    id: parking_lot::Mutex<StrBytes>,
+    start: Instant,
+    /// Milliseconds after `start`; 0 when not muted.
+    muted_until_ms: AtomicU64,
+}
+
+impl Client {
+    fn new() -> Self {
+        Client {
+            id: parking_lot::Mutex::new(StrBytes::default()),
+            start: Instant::now(),
+            muted_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The client id of the request being dispatched (headers carry it on
+    /// every request; it rarely changes on a connection).
+    pub(crate) fn set_id(&self, id: Option<&StrBytes>) {
+        let id = id.map_or("", |id| id.as_str());
+        let mut current = self.id.lock();
+        if current.as_str() != id {
+            *current = StrBytes::from_string(id.to_owned());
+        }
+    }
+
+    pub(crate) fn id(&self) -> StrBytes {
+        self.id.lock().clone()
+    }
+
+    /// Mutes the connection for `d` from now (a longer mute stands).
+    pub(crate) fn mute_for(&self, d: std::time::Duration) {
+        let until = self.start.elapsed() + d;
+        let ms = u64::try_from(until.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.muted_until_ms.fetch_max(ms, Ordering::SeqCst);
+    }
+
+    fn muted_until(&self) -> Option<Instant> {
+        match self.muted_until_ms.load(Ordering::SeqCst) {
+            0 => None,
+            ms => Some(self.start + std::time::Duration::from_millis(ms)),
+        }
+    }
 }
 
 /// Which request a response answers, and when it was read (its time in
@@ -262,6 +313,7 @@ pub(crate) async fn run(
     let (gone_tx, gone_rx) = watch::channel(false);
     let activity = Arc::new(Activity::new());
     let unsent = Arc::new(Unsent::new(ctx.budget.clone(), ctx.metrics.clone()));
+    let client = Arc::new(Client::new());
     let writer = tokio::spawn(write_loop(
         writer,
         rx,
@@ -270,7 +322,7 @@ pub(crate) async fn run(
         (activity.clone(), unsent.clone()),
         ctx.metrics.clone(),
     ));
-    let ended = read_loop(&ctx, reader, tx, peer, stop, &activity, &unsent).await;
+    let ended = read_loop(&ctx, reader, tx, peer, stop, &activity, (&unsent, &client)).await;
     if ended == Ended::PeerGone {
         let _ = gone_tx.send(true);
     }
@@ -323,7 +375,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
     activity: &Activity,
-    unsent: &Arc<Unsent>,
+    (unsent, client): (&Arc<Unsent>, &Arc<Client>),
 ) -> Ended {
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let max = ctx.config.max_request_bytes;
@@ -388,6 +440,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         };
         activity.touch();
+        // Muted while its quota's throttle time runs: checked once the frame
+        // is in, so a mute set while it was awaited (a long poll answered
+        // meanwhile) holds it too.
+        if let Some(until) = client.muted_until() {
+            tokio::select! {
+                _ = stop.changed() => return Ended::Closed,
+                _ = tx.closed() => return Ended::PeerGone,
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
         let asked = Asked {
             api_key: frame
                 .get(..2)
@@ -396,7 +458,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         let in_flight = ctx.budget.count_request(frame.len());
         let outcome = UNSENT
-            .scope(unsent.clone(), dispatch::handle(ctx, frame, peer))
+            .scope(
+                unsent.clone(),
+                CLIENT.scope(client.clone(), dispatch::handle(ctx, frame, peer)),
+            )
             .await;
         drop(in_flight);
         match outcome {

@@ -77,6 +77,7 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
         correlation_id: header.correlation_id,
         peer,
     };
+    let _ = crate::connection::CLIENT.try_with(|c| c.set_id(header.client_id.as_ref()));
     let Some((min, max)) = supported_range(key) else {
         tracing::warn!(%peer, ?api, version, "closing connection: api not supported by this broker");
         return Outcome::Close;
@@ -139,6 +140,10 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
             let req = decode!(DescribeProducersRequest, buf, h);
             now(h, &handlers::txn::describe_producers(ctx, req))
         }
+        ApiKey::DescribeLogDirs => {
+            let req = decode!(DescribeLogDirsRequest, buf, h);
+            now(h, &handlers::log_dirs::describe_log_dirs(ctx, req))
+        }
         ApiKey::CreateTopics => {
             let req = decode!(CreateTopicsRequest, buf, h);
             handlers::admin::create_topics(ctx, req, h)
@@ -150,6 +155,29 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
         ApiKey::CreatePartitions => {
             let req = decode!(CreatePartitionsRequest, buf, h);
             handlers::admin::create_partitions(ctx, req, h)
+        }
+        ApiKey::DescribeClientQuotas => {
+            let req = decode!(DescribeClientQuotasRequest, buf, h);
+            now(h, &handlers::quotas::describe_client_quotas(ctx, req))
+        }
+        ApiKey::AlterClientQuotas => {
+            let req = decode!(AlterClientQuotasRequest, buf, h);
+            handlers::quotas::alter_client_quotas(ctx, req, h)
+        }
+        ApiKey::ElectLeaders => {
+            let req = decode!(ElectLeadersRequest, buf, h);
+            handlers::placement::elect_leaders(ctx, req, h)
+        }
+        ApiKey::AlterPartitionReassignments => {
+            let req = decode!(AlterPartitionReassignmentsRequest, buf, h);
+            handlers::placement::alter_partition_reassignments(ctx, req, h)
+        }
+        ApiKey::ListPartitionReassignments => {
+            let req = decode!(ListPartitionReassignmentsRequest, buf, h);
+            now(
+                h,
+                &handlers::placement::list_partition_reassignments(ctx, req),
+            )
         }
         ApiKey::DescribeConfigs => {
             let req = decode!(DescribeConfigsRequest, buf, h);
@@ -256,6 +284,21 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
                 Err(code) => now(h, &refuse::describe_groups(&req, code)),
             }
         }
+        ApiKey::OffsetDelete => {
+            let req = decode!(OffsetDeleteRequest, buf, h);
+            match ctx.groups.groups() {
+                Ok(groups) => {
+                    let image = ctx.topology.image();
+                    let exists = |topic: &str, p: i32| {
+                        image.topics.get(topic).is_some_and(|t| {
+                            usize::try_from(p).is_ok_and(|p| p < t.partitions.len())
+                        })
+                    };
+                    now(h, &groups.offset_delete(req, exists).await)
+                }
+                Err(code) => now(h, &refuse::offset_delete(code)),
+            }
+        }
         ApiKey::DeleteGroups => {
             let req = decode!(DeleteGroupsRequest, buf, h);
             match ctx.groups.groups() {
@@ -306,10 +349,20 @@ pub(crate) fn decode_only(frame: Bytes) -> Result<(), String> {
         ApiKey::ListTransactions => body::<ListTransactionsRequest>(&mut buf, version),
         ApiKey::DescribeTransactions => body::<DescribeTransactionsRequest>(&mut buf, version),
         ApiKey::DescribeProducers => body::<DescribeProducersRequest>(&mut buf, version),
+        ApiKey::DescribeLogDirs => body::<DescribeLogDirsRequest>(&mut buf, version),
         ApiKey::CreateTopics => body::<CreateTopicsRequest>(&mut buf, version),
         ApiKey::DeleteTopics => body::<DeleteTopicsRequest>(&mut buf, version),
         ApiKey::CreatePartitions => body::<CreatePartitionsRequest>(&mut buf, version),
         ApiKey::DescribeConfigs => body::<DescribeConfigsRequest>(&mut buf, version),
+        ApiKey::ElectLeaders => body::<ElectLeadersRequest>(&mut buf, version),
+        ApiKey::DescribeClientQuotas => body::<DescribeClientQuotasRequest>(&mut buf, version),
+        ApiKey::AlterClientQuotas => body::<AlterClientQuotasRequest>(&mut buf, version),
+        ApiKey::AlterPartitionReassignments => {
+            body::<AlterPartitionReassignmentsRequest>(&mut buf, version)
+        }
+        ApiKey::ListPartitionReassignments => {
+            body::<ListPartitionReassignmentsRequest>(&mut buf, version)
+        }
         ApiKey::IncrementalAlterConfigs => {
             body::<IncrementalAlterConfigsRequest>(&mut buf, version)
         }
@@ -328,6 +381,7 @@ pub(crate) fn decode_only(frame: Bytes) -> Result<(), String> {
         ApiKey::ListGroups => body::<ListGroupsRequest>(&mut buf, version),
         ApiKey::DescribeGroups => body::<DescribeGroupsRequest>(&mut buf, version),
         ApiKey::DeleteGroups => body::<DeleteGroupsRequest>(&mut buf, version),
+        ApiKey::OffsetDelete => body::<OffsetDeleteRequest>(&mut buf, version),
         other => Err(format!("{other:?} not routed")),
     }
 }

@@ -52,6 +52,25 @@ macro_rules! per_partition {
     )*};
 }
 
+/// The top-level code (from the version that has one) and each partition's,
+/// as Kafka counts them for these APIs.
+macro_rules! top_level_and_per_partition {
+    ($($ty:ty => since $since:literal, $topics:ident . $partitions:ident),* $(,)?) => {$(
+        impl ErrorCounts for $ty {
+            fn error_codes(&self, version: i16, code: &mut dyn FnMut(i16)) {
+                if version >= $since {
+                    code(self.error_code);
+                }
+                for topic in &self.$topics {
+                    for partition in &topic.$partitions {
+                        code(partition.error_code);
+                    }
+                }
+            }
+        }
+    )*};
+}
+
 top_level!(
     JoinGroupResponse,
     SyncGroupResponse,
@@ -64,6 +83,8 @@ top_level!(
     ApiVersionsResponse,
     AddOffsetsToTxnResponse,
     ListTransactionsResponse,
+    ListPartitionReassignmentsResponse,
+    DescribeClientQuotasResponse,
 );
 
 per_entry!(
@@ -76,6 +97,7 @@ per_entry!(
     DescribeConfigsResponse => results,
     IncrementalAlterConfigsResponse => responses,
     AlterConfigsResponse => responses,
+    AlterClientQuotasResponse => entries,
 );
 
 per_partition!(
@@ -87,6 +109,22 @@ per_partition!(
     OffsetForLeaderEpochResponse => topics.partitions,
     DeleteRecordsResponse => topics.partitions,
 );
+
+top_level_and_per_partition!(
+    OffsetDeleteResponse => since 0, topics.partitions,
+    ElectLeadersResponse => since 1, replica_election_results.partition_result,
+    AlterPartitionReassignmentsResponse => since 0, responses.partitions,
+);
+
+impl ErrorCounts for DescribeLogDirsResponse {
+    fn error_codes(&self, _version: i16, code: &mut dyn FnMut(i16)) {
+        // Kafka counts the top-level code and each log dir's.
+        code(self.error_code);
+        for dir in &self.results {
+            code(dir.error_code);
+        }
+    }
+}
 
 impl ErrorCounts for FetchResponse {
     fn error_codes(&self, _version: i16, code: &mut dyn FnMut(i16)) {

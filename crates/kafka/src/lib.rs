@@ -80,8 +80,10 @@ mod api_versions;
 mod connection;
 mod dispatch;
 mod error_counts;
+mod fetch_sessions;
 mod handlers;
 mod metrics;
+mod quotas;
 mod records;
 mod server;
 
@@ -105,6 +107,7 @@ pub fn validate_records(batches: &[u8], max_decompressed: usize) -> Result<(), S
         records::RecordLimits {
             max_decompressed,
             keys_required: false,
+            timestamp_window: None,
         },
     )
     .map_err(|fault| fault.message)
@@ -136,6 +139,10 @@ pub struct ServerConfig {
     /// (`fetch.max.bytes`, default 55 MiB); also each partition's share of a
     /// follower's fetch. The first batch of a response may exceed it (KIP-74).
     pub fetch_max_bytes: usize,
+    /// Incremental fetch sessions (KIP-227) kept at once
+    /// (`max.incremental.fetch.session.cache.slots`, default 1000); 0 turns
+    /// them off, and clients send full fetch requests.
+    pub fetch_session_slots: usize,
     /// The reader of a connection stops taking requests while the responses
     /// built for it and not yet written exceed this many bytes (default 64 MiB).
     pub max_unsent_response_bytes: usize,
@@ -153,6 +160,9 @@ pub struct ServerConfig {
     /// for (`transaction.max.timeout.ms`, default 15 minutes); a longer one
     /// is refused with INVALID_TRANSACTION_TIMEOUT.
     pub transaction_max_timeout_ms: i32,
+    /// Broker settings other layers own (storage, cluster), under Kafka's
+    /// names, that DescribeConfigs reports read-only with the front end's.
+    pub other_broker_configs: Vec<(&'static str, String, sluice_vocab::ConfigType)>,
 }
 
 impl Default for ServerConfig {
@@ -167,10 +177,12 @@ impl Default for ServerConfig {
             max_connections_per_ip: usize::MAX,
             connections_max_idle: std::time::Duration::from_secs(600),
             fetch_max_bytes: 55 * 1024 * 1024,
+            fetch_session_slots: 1000,
             max_unsent_response_bytes: 64 * 1024 * 1024,
             max_decompressed_batch_bytes: 64 * 1024 * 1024,
             max_in_flight_bytes: 512 * 1024 * 1024,
             transaction_max_timeout_ms: 900_000,
+            other_broker_configs: Vec::new(),
         }
     }
 }

@@ -91,6 +91,7 @@ pub struct KafkaMetrics {
     /// The figures of each API key, by key.
     by_key: Vec<Option<PerApi>>,
     connections: Gauge,
+    fetch_sessions: crate::fetch_sessions::SessionFigures,
 }
 
 impl Default for KafkaMetrics {
@@ -126,6 +127,7 @@ impl Default for KafkaMetrics {
             requests,
             by_key,
             connections: Gauge::default(),
+            fetch_sessions: Default::default(),
         }
     }
 }
@@ -197,12 +199,32 @@ impl KafkaMetrics {
         ConnectionCount(self.connections.clone())
     }
 
+    /// The fetch session cache's figures, which it keeps up to date.
+    pub(crate) fn fetch_session_figures(&self) -> crate::fetch_sessions::SessionFigures {
+        self.fetch_sessions.clone()
+    }
+
     /// Adds the listener's series to `registry` (under its prefix).
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "kafka_connections",
             "Kafka client connections open",
             self.connections.clone(),
+        );
+        registry.register(
+            "kafka_fetch_sessions",
+            "Incremental fetch sessions (KIP-227) cached (Kafka's NumIncrementalFetchSessions)",
+            self.fetch_sessions.sessions.clone(),
+        );
+        registry.register(
+            "kafka_fetch_session_partitions",
+            "Partitions held by the cached fetch sessions (Kafka's NumIncrementalFetchPartitionsCached)",
+            self.fetch_sessions.partitions.clone(),
+        );
+        registry.register(
+            "kafka_fetch_session_evictions",
+            "Fetch sessions evicted to make room for new ones (Kafka's IncrementalFetchSessionEvictionsPerSec)",
+            self.fetch_sessions.evictions.clone(),
         );
         // Switched off, requests kept nothing: nothing to show.
         if !sluice_log::hot_path_metrics() {

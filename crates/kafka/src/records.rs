@@ -28,6 +28,7 @@ const LOG_OVERHEAD: usize = 12;
 const OFF_BATCH_LENGTH: usize = 8;
 const OFF_MAGIC: usize = 16;
 const OFF_ATTRIBUTES: usize = 21;
+const OFF_BASE_TIMESTAMP: usize = 27;
 const OFF_RECORDS_COUNT: usize = 57;
 /// Decompressed bytes pass through a buffer of this size.
 const STREAM_BUFFER: usize = 32 * 1024;
@@ -40,6 +41,10 @@ pub(crate) struct RecordLimits {
     /// Every record needs a key: the topic is compacted (Kafka refuses
     /// keyless records there with INVALID_RECORD).
     pub keys_required: bool,
+    /// Every record's timestamp must lie in this window (the topic's
+    /// `message.timestamp.before.max.ms` / `after.max.ms` around the
+    /// broker's clock); Kafka refuses one outside with INVALID_TIMESTAMP.
+    pub timestamp_window: Option<(i64, i64)>,
 }
 
 /// Why a producer's batches are refused: what, and in which record of its
@@ -90,7 +95,7 @@ pub(crate) fn validate(buf: &[u8], limits: RecordLimits) -> Result<(), RecordFau
         let (batch, next) = rest.split_at(size);
         // One limit for all the batches of a request's partition: many
         // small bombs in one request cost no more than one.
-        let used = check_batch(batch, left, limits.keys_required)?;
+        let used = check_batch(batch, left, limits)?;
         left = left.saturating_sub(used);
         rest = next;
     }
@@ -99,18 +104,33 @@ pub(crate) fn validate(buf: &[u8], limits: RecordLimits) -> Result<(), RecordFau
 
 /// Checks one batch; returns the bytes its records took decompressed
 /// (none for an uncompressed batch), which must stay within `cap`.
-fn check_batch(batch: &[u8], cap: u64, keys_required: bool) -> Result<u64, RecordFault> {
+fn check_batch(batch: &[u8], cap: u64, limits: RecordLimits) -> Result<u64, RecordFault> {
     let attributes = be_i16(batch, OFF_ATTRIBUTES).unwrap_or(0);
     let count = be_i32(batch, OFF_RECORDS_COUNT).unwrap_or(-1);
     let body = batch.get(HEADER_LEN..).unwrap_or_default();
+    let rules = Rules {
+        keys_required: limits.keys_required,
+        timestamps: limits
+            .timestamp_window
+            .map(|window| (be_i64(batch, OFF_BASE_TIMESTAMP).unwrap_or(0), window)),
+    };
     let codec =
         Codec::from_attributes(attributes).map_err(|e| RecordFault::batch(e.to_string()))?;
     if codec == Codec::None {
-        return walk_records(Slice { buf: body, pos: 0 }, count, keys_required).map(|_| 0);
+        return walk_records(Slice { buf: body, pos: 0 }, count, rules).map(|_| 0);
     }
     let decoder =
         sluice_codec::decoder(codec, body, cap).map_err(|e| RecordFault::batch(e.to_string()))?;
-    walk_records(Stream::new(decoder, cap), count, keys_required)
+    walk_records(Stream::new(decoder, cap), count, rules)
+}
+
+/// What the topic asks of each record.
+#[derive(Clone, Copy)]
+struct Rules {
+    keys_required: bool,
+    /// The batch's base timestamp and the window its records' times must
+    /// lie in.
+    timestamps: Option<(i64, (i64, i64))>,
 }
 
 /// Why a walk stopped: a fault of one record, or of the batch's bytes as a
@@ -120,6 +140,8 @@ enum Stop {
     Batch(String),
     /// A well-formed record the topic does not take.
     Invalid(String),
+    /// A record whose timestamp lies outside the topic's window.
+    Timestamp(String),
 }
 
 impl From<&'static str> for Stop {
@@ -136,11 +158,11 @@ impl From<String> for Stop {
 
 /// Walks `count` records that must fill `input` exactly; returns the bytes
 /// they took.
-fn walk_records(input: impl Input, count: i32, keys_required: bool) -> Result<u64, RecordFault> {
+fn walk_records(input: impl Input, count: i32, rules: Rules) -> Result<u64, RecordFault> {
     let mut w = Walker {
         input,
         pos: 0,
-        keys_required,
+        rules,
     };
     for index in 0..count {
         let at = |message: String| RecordFault {
@@ -180,6 +202,11 @@ fn located(stop: Stop, index: i32) -> RecordFault {
             message,
             code: ErrorCode::InvalidRecord,
         },
+        Stop::Timestamp(message) => RecordFault {
+            record: Some(index),
+            message,
+            code: ErrorCode::InvalidTimestamp,
+        },
         Stop::Batch(message) => RecordFault::batch(message),
     }
 }
@@ -189,7 +216,7 @@ fn located(stop: Stop, index: i32) -> RecordFault {
 struct Walker<I> {
     input: I,
     pos: u64,
-    keys_required: bool,
+    rules: Rules,
 }
 
 impl<I: Input> Walker<I> {
@@ -201,13 +228,21 @@ impl<I: Input> Walker<I> {
         let len = u64::try_from(len).map_err(|_| format!("record length {len} out of range"))?;
         let end = self.pos + len;
         self.skip(1, end, "attributes")?;
-        self.varlong()?;
+        let timestamp_delta = self.varlong()?;
+        if let Some((base, (earliest, latest))) = self.rules.timestamps {
+            let time = base.saturating_add(timestamp_delta);
+            if time < earliest || time > latest {
+                return Err(Stop::Timestamp(format!(
+                    "timestamp {time} of record {index} is outside the topic's window [{earliest}, {latest}]"
+                )));
+            }
+        }
         let offset_delta = self.varint()?;
         if offset_delta != index {
             return Err(format!("offset delta {offset_delta}, expected {index}").into());
         }
         let key_len = self.varint()?;
-        if key_len < 0 && self.keys_required {
+        if key_len < 0 && self.rules.keys_required {
             return Err(Stop::Invalid(
                 "Compacted topic cannot accept message without key".into(),
             ));
@@ -487,6 +522,11 @@ fn be_i32(buf: &[u8], at: usize) -> Option<i32> {
     Some(i32::from_be_bytes(b))
 }
 
+fn be_i64(buf: &[u8], at: usize) -> Option<i64> {
+    let b: [u8; 8] = buf.get(at..at + 8)?.try_into().ok()?;
+    Some(i64::from_be_bytes(b))
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -496,6 +536,7 @@ mod tests {
     const LIMITS: RecordLimits = RecordLimits {
         max_decompressed: 1 << 20,
         keys_required: false,
+        timestamp_window: None,
     };
 
     fn check(buf: &[u8]) -> Result<(), RecordFault> {
@@ -564,6 +605,54 @@ mod tests {
         (0..n)
             .flat_map(|i| record(i, b"key", Some(b"value")))
             .collect()
+    }
+
+    /// A record whose time lies outside the topic's window is refused with
+    /// INVALID_TIMESTAMP, naming it; the window applies to every record's
+    /// own time (base plus its delta), not the batch's header.
+    #[test]
+    fn records_outside_the_timestamp_window_are_refused() {
+        // Base timestamp 1,000; records at deltas 0 and +500, each a null
+        // key, value "v", no headers.
+        let record = |delta: i64, index: i64| {
+            let mut r = vec![0u8];
+            zigzag(delta, &mut r);
+            zigzag(index, &mut r);
+            zigzag(-1, &mut r);
+            zigzag(1, &mut r);
+            r.push(b'v');
+            zigzag(0, &mut r);
+            let mut framed = Vec::new();
+            zigzag(r.len() as i64, &mut framed);
+            framed.extend(r);
+            framed
+        };
+        let body = [record(0, 0), record(500, 1)].concat();
+        let mut b = batch(2, 0, &body);
+        b[OFF_BASE_TIMESTAMP..OFF_BASE_TIMESTAMP + 8].copy_from_slice(&1_000i64.to_be_bytes());
+        let within = RecordLimits {
+            timestamp_window: Some((1_000, 1_500)),
+            ..LIMITS
+        };
+        assert_eq!(validate(&b, within), Ok(()));
+        let too_late = RecordLimits {
+            timestamp_window: Some((0, 1_499)),
+            ..LIMITS
+        };
+        let fault = validate(&b, too_late).unwrap_err();
+        assert_eq!(
+            (fault.record, fault.code),
+            (Some(1), ErrorCode::InvalidTimestamp)
+        );
+        let too_early = RecordLimits {
+            timestamp_window: Some((1_001, i64::MAX)),
+            ..LIMITS
+        };
+        let fault = validate(&b, too_early).unwrap_err();
+        assert_eq!(
+            (fault.record, fault.code),
+            (Some(0), ErrorCode::InvalidTimestamp)
+        );
     }
 
     /// A compacted topic takes no record without a key: INVALID_RECORD,
@@ -743,7 +832,7 @@ mod tests {
             assert_eq!(fault.record, None, "{codec} {xerial}: {fault:?}");
             let roomy = RecordLimits {
                 max_decompressed: 8 << 20,
-                keys_required: false,
+                ..LIMITS
             };
             assert_eq!(validate(&batch(1, i16::from(codec), &body), roomy), Ok(()));
         }
@@ -804,7 +893,7 @@ mod tests {
         claim.extend([0u8; 40]);
         let roomy = RecordLimits {
             max_decompressed: 1 << 30,
-            keys_required: false,
+            ..LIMITS
         };
         let fault = validate(&batch(1, i16::from(SNAPPY), &claim), roomy).unwrap_err();
         assert!(fault.message.contains("claims"), "{fault:?}");

@@ -34,6 +34,10 @@ pub(crate) struct Ctx {
     /// broker's own records keep the space that is left.
     pub disk_low: watch::Receiver<bool>,
     pub metrics: Arc<crate::KafkaMetrics>,
+    /// Consumers' incremental fetch sessions.
+    pub fetch_sessions: crate::fetch_sessions::FetchSessions,
+    /// What clients with a quota took and were given lately.
+    pub quotas: crate::quotas::Quotas,
 }
 
 pub(crate) async fn serve(
@@ -56,6 +60,11 @@ pub(crate) async fn serve(
             ..TxnConfig::default()
         },
     );
+    let fetch_sessions = crate::fetch_sessions::FetchSessions::new(
+        config.fetch_session_slots,
+        crate::fetch_sessions::MAX_CACHED_PARTITIONS,
+        metrics.fetch_session_figures(),
+    );
     let ctx = Arc::new(Ctx {
         topology,
         groups,
@@ -64,6 +73,8 @@ pub(crate) async fn serve(
         config,
         disk_low,
         metrics,
+        fetch_sessions,
+        quotas: crate::quotas::Quotas::new(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(ctx.config.max_connections));

@@ -14,7 +14,7 @@ pub const LOG_OVERHEAD: usize = 12;
 const MIN_BATCH_LENGTH: i32 = (HEADER_LEN - LOG_OVERHEAD) as i32;
 
 const OFF_BASE_OFFSET: usize = 0;
-const OFF_BATCH_LENGTH: usize = 8;
+pub(crate) const OFF_BATCH_LENGTH: usize = 8;
 const OFF_LEADER_EPOCH: usize = 12;
 const OFF_MAGIC: usize = 16;
 pub(crate) const OFF_CRC: usize = 17;
@@ -26,9 +26,16 @@ const OFF_MAX_TIMESTAMP: usize = 35;
 const OFF_PRODUCER_ID: usize = 43;
 const OFF_PRODUCER_EPOCH: usize = 51;
 const OFF_BASE_SEQUENCE: usize = 53;
-const OFF_RECORDS_COUNT: usize = 57;
+pub(crate) const OFF_RECORDS_COUNT: usize = 57;
 
+/// The codec bits of the attributes.
+pub(crate) const ATTR_COMPRESSION: i16 = 0x07;
 const ATTR_TRANSACTIONAL: i16 = 1 << 4;
+/// Most bytes a stored batch's records may take decompressed when the
+/// broker rewrites it (compaction, recompression): the largest batch Kafka
+/// accepts decompresses to far less than this, and a cap keeps one odd
+/// batch from taking the broker's memory.
+pub(crate) const MAX_DECOMPRESSED: u64 = 256 << 20;
 const ATTR_CONTROL: i16 = 1 << 5;
 
 /// The fields of a RecordBatch v2 header.
@@ -320,9 +327,189 @@ pub(crate) fn stamp(batch: &mut [u8], base_offset: i64, leader_epoch: i32) {
     }
 }
 
+/// Finishes a batch the broker rewrote, whole in `batch`: its
+/// `batchLength` from the slice's length, `attributes`, and the CRC over
+/// both and everything after, computed again.
+pub(crate) fn reseal(batch: &mut [u8], attributes: i16) -> Result<(), LogError> {
+    let length = batch
+        .len()
+        .checked_sub(LOG_OVERHEAD)
+        .filter(|_| batch.len() >= HEADER_LEN)
+        .and_then(|l| i32::try_from(l).ok())
+        .ok_or_else(|| LogError::CorruptBatch("a rewritten batch has no room".into()))?;
+    batch[OFF_BATCH_LENGTH..OFF_BATCH_LENGTH + 4].copy_from_slice(&length.to_be_bytes());
+    batch[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&attributes.to_be_bytes());
+    let crc = crc32c::crc32c(&batch[OFF_ATTRIBUTES..]);
+    batch[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+    Ok(())
+}
+
+/// The batches of `buf` (validated) stored with codec `to` at `level`
+/// (Kafka's topic `compression.type`): each batch of another codec is
+/// decompressed and compressed again, the rest copied. None when every
+/// batch has `to` already, so the producer's bytes are stored as sent.
+pub(crate) fn recompress(
+    buf: &[u8],
+    to: sluice_codec::Codec,
+    level: Option<i32>,
+) -> Result<Option<Vec<u8>>, LogError> {
+    use sluice_codec::Codec;
+    let codec_of = |h: &BatchHeader| {
+        Codec::from_attributes(h.attributes).map_err(|e| LogError::CorruptBatch(e.to_string()))
+    };
+    let mut rest = buf;
+    let mut all_match = true;
+    while let Some(h) = BatchHeader::parse(rest) {
+        all_match &= codec_of(&h)? == to;
+        rest = rest.get(h.size()..).unwrap_or_default();
+    }
+    if all_match {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(buf.len());
+    let (mut raw, mut packed) = (Vec::new(), Vec::new());
+    let mut rest = buf;
+    while let Some(h) = BatchHeader::parse(rest) {
+        let batch = rest
+            .get(..h.size())
+            .ok_or_else(|| LogError::CorruptBatch("a batch is cut short".into()))?;
+        rest = rest.get(h.size()..).unwrap_or_default();
+        let from = codec_of(&h)?;
+        if from == to {
+            out.extend_from_slice(batch);
+            continue;
+        }
+        let codec_failed = |e: sluice_codec::CodecError| LogError::CorruptBatch(e.to_string());
+        let body = batch.get(HEADER_LEN..).unwrap_or_default();
+        let records: &[u8] = if from == Codec::None {
+            body
+        } else {
+            sluice_codec::decompress(from, body, MAX_DECOMPRESSED, &mut raw)
+                .map_err(codec_failed)?;
+            &raw
+        };
+        let stored: &[u8] = if to == Codec::None {
+            records
+        } else {
+            sluice_codec::compress_at(to, level, records, &mut packed).map_err(codec_failed)?;
+            &packed
+        };
+        let start = out.len();
+        out.extend_from_slice(batch.get(..HEADER_LEN).unwrap_or_default());
+        out.extend_from_slice(stored);
+        let attributes = (h.attributes & !ATTR_COMPRESSION) | to.attribute_bits();
+        reseal(&mut out[start..], attributes)?;
+    }
+    Ok(Some(out))
+}
+
+/// The timestamp-type attribute bit: set, the batch's time is the
+/// broker's (LogAppendTime), its max timestamp.
+const ATTR_LOG_APPEND_TIME: i16 = 1 << 3;
+
+/// Makes every batch in `buf` a LogAppendTime batch of broker time `now_ms`
+/// (Kafka's `message.timestamp.type=LogAppendTime`): the timestamp-type
+/// attribute set and the max timestamp replaced, the CRC (which covers
+/// both) computed again. Consumers take the max timestamp as every
+/// record's time. Batches must have been validated.
+pub(crate) fn stamp_log_append_time(buf: &mut [u8], now_ms: i64) {
+    let mut pos = 0usize;
+    while let Some(len) = buf
+        .get(pos + OFF_BATCH_LENGTH..pos + OFF_BATCH_LENGTH + 4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(i32::from_be_bytes)
+    {
+        let Some(size) = usize::try_from(len)
+            .ok()
+            .map(|l| l + LOG_OVERHEAD)
+            .filter(|&s| s >= HEADER_LEN && pos + s <= buf.len())
+        else {
+            return;
+        };
+        let batch = &mut buf[pos..pos + size];
+        let attributes = i16::from_be_bytes([batch[OFF_ATTRIBUTES], batch[OFF_ATTRIBUTES + 1]])
+            | ATTR_LOG_APPEND_TIME;
+        batch[OFF_MAX_TIMESTAMP..OFF_MAX_TIMESTAMP + 8].copy_from_slice(&now_ms.to_be_bytes());
+        if reseal(batch, attributes).is_err() {
+            return;
+        }
+        pos += size;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_append_time_stamping_keeps_batches_valid() {
+        let mut buf = batch(3, 10);
+        buf.extend(batch(1, 0));
+        stamp_log_append_time(&mut buf, 1_700_000_000_123);
+        let hs = validate_batches(&buf).unwrap();
+        assert_eq!(hs.len(), 2);
+        for h in hs {
+            assert_eq!(h.max_timestamp, 1_700_000_000_123);
+            assert_ne!(h.attributes & ATTR_LOG_APPEND_TIME, 0);
+        }
+    }
+
+    /// A batch of `count` opaque "records" (`raw`) compressed with `codec`.
+    fn packed_batch(count: i32, raw: &[u8], codec: sluice_codec::Codec) -> Vec<u8> {
+        let mut b = batch(count, 0);
+        let mut body = Vec::new();
+        sluice_codec::compress(codec, raw, &mut body).unwrap();
+        b.extend_from_slice(&body);
+        let attributes = codec.attribute_bits() | ATTR_TRANSACTIONAL;
+        reseal(&mut b, attributes).unwrap();
+        b
+    }
+
+    fn codec(c: u8) -> sluice_codec::Codec {
+        use sluice_codec::Codec::*;
+        [None, Gzip, Snappy, Lz4, Zstd][usize::from(c % 5)]
+    }
+
+    proptest::proptest! {
+        /// Recompressed batches are valid, all in the target codec, hold the
+        /// same records and keep every other header field; a request whose
+        /// batches all have the target codec already is stored as sent.
+        #[test]
+        fn recompression_keeps_the_records_and_the_header(
+            batches in proptest::collection::vec(
+                (1i32..50, proptest::collection::vec(0u8..4, 0..3000), 0u8..5), 1..5),
+            to in 0u8..5,
+            level in proptest::option::of(1i32..9),
+        ) {
+            let to = codec(to);
+            let mut buf = Vec::new();
+            for (count, raw, c) in &batches {
+                buf.extend(packed_batch(*count, raw, codec(*c)));
+            }
+            let before = validate_batches(&buf).unwrap();
+            let Some(out) = recompress(&buf, to, level).unwrap() else {
+                proptest::prop_assert!(batches.iter().all(|(_, _, c)| codec(*c) == to));
+                return Ok(());
+            };
+            let after = validate_batches(&out).unwrap();
+            proptest::prop_assert_eq!(after.len(), batches.len());
+            let mut rest = out.as_slice();
+            for ((h, old), (_, raw, _)) in after.iter().zip(&before).zip(&batches) {
+                let from = sluice_codec::Codec::from_attributes(h.attributes).unwrap();
+                proptest::prop_assert_eq!(from, to);
+                proptest::prop_assert_eq!(h.attributes & !ATTR_COMPRESSION,
+                    old.attributes & !ATTR_COMPRESSION);
+                proptest::prop_assert_eq!(
+                    (h.records_count, h.base_sequence, h.producer_id, h.max_timestamp),
+                    (old.records_count, old.base_sequence, old.producer_id, old.max_timestamp));
+                let mut back = Vec::new();
+                sluice_codec::decompress(to, &rest[HEADER_LEN..h.size()], 1 << 20, &mut back)
+                    .unwrap();
+                proptest::prop_assert_eq!(&back, raw);
+                rest = &rest[h.size()..];
+            }
+        }
+    }
 
     /// A minimal valid batch with `count` opaque "records" of `payload` bytes.
     fn batch(count: i32, payload: usize) -> Vec<u8> {

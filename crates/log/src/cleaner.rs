@@ -19,19 +19,12 @@ use std::time::{Duration, Instant};
 use siphasher::sip128::{Hasher128, SipHasher13};
 use sluice_codec::Codec;
 
-use crate::batch::{BatchHeader, HEADER_LEN, LOG_OVERHEAD, OFF_ATTRIBUTES, OFF_CRC};
-
-/// The codec bits of the attributes; cleared in a batch left empty.
-const ATTR_COMPRESSION: i16 = 0x07;
-const OFF_BATCH_LENGTH: usize = 8;
-const OFF_RECORDS_COUNT: usize = 57;
+use crate::batch::{
+    BatchHeader, ATTR_COMPRESSION, HEADER_LEN, MAX_DECOMPRESSED, OFF_RECORDS_COUNT,
+};
 /// Bytes one offset-map entry costs (key hash, offset, the table's slack),
 /// for the dedupe-buffer budget.
 pub(crate) const MAP_ENTRY_BYTES: usize = 40;
-/// Most bytes a stored batch's records may take decompressed: the largest
-/// batch Kafka accepts decompresses to far less than this, and a cap keeps
-/// one odd batch from taking the cleaner's memory.
-const MAX_DECOMPRESSED: u64 = 256 << 20;
 
 /// Why a batch could not be read or rewritten by the cleaner.
 #[derive(Debug, thiserror::Error)]
@@ -285,13 +278,8 @@ pub(crate) fn filter_batch(
     out.extend_from_slice(header);
     out.extend_from_slice(records);
     let written = out.get_mut(start..).unwrap_or_default();
-    let batch_length =
-        i32::try_from(written.len() - LOG_OVERHEAD).map_err(|_| malformed("size"))?;
-    put(written, OFF_BATCH_LENGTH, &batch_length.to_be_bytes());
-    put(written, OFF_ATTRIBUTES, &attributes.to_be_bytes());
     put(written, OFF_RECORDS_COUNT, &count.to_be_bytes());
-    let crc = crc32c::crc32c(written.get(OFF_ATTRIBUTES..).unwrap_or_default());
-    put(written, OFF_CRC, &crc.to_be_bytes());
+    crate::batch::reseal(written, attributes).map_err(|_| malformed("size"))?;
     Ok(Filtered::Rewritten)
 }
 

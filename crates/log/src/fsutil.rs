@@ -1,4 +1,5 @@
-//! Small file-system helpers: crash-safe replacement of small files.
+//! Small file-system helpers: crash-safe replacement of small files, the
+//! space left on a data directory's disk.
 //! Files are opened through the descriptor cache, so that running out of
 //! descriptors closes cached segment files instead of failing.
 
@@ -21,6 +22,24 @@ pub(crate) fn atomic_write(path: &Path, contents: &[u8]) -> io::Result<()> {
 /// a file-system-wide sync makes durable right after.
 pub(crate) fn replace_unsynced(path: &Path, contents: &[u8]) -> io::Result<()> {
     replace(path, contents, false)
+}
+
+/// The size of the file system holding a directory, and what an
+/// unprivileged writer may still use of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSpace {
+    pub total_bytes: u64,
+    pub usable_bytes: u64,
+}
+
+/// The [`DiskSpace`] of the file system holding `dir`; None when the file
+/// system cannot tell.
+pub fn disk_space(dir: &Path) -> Option<DiskSpace> {
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some(DiskSpace {
+        total_bytes: s.f_blocks.checked_mul(s.f_frsize)?,
+        usable_bytes: s.f_bavail.checked_mul(s.f_frsize)?,
+    })
 }
 
 fn replace(path: &Path, contents: &[u8], synced: bool) -> io::Result<()> {

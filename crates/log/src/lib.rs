@@ -49,6 +49,7 @@ pub use batch::{count_records, validate_batches, BatchHeader};
 pub use config::{CleanerConfig, FlushPolicy, StoreConfig, TopicConfig};
 pub use descriptors::{segment_file_stats, set_segment_file_budget, DescriptorStats};
 pub use error::LogError;
+pub use fsutil::{disk_space, DiskSpace};
 pub use index::set_index_page_entries;
 pub use metrics::{hot_path_metrics, log_metrics, set_hot_path_metrics, LogMetrics};
 pub use partition::{CleanStats, Partition};
@@ -94,6 +95,9 @@ pub struct AppendResult {
     /// True when the batch was an idempotent producer's retry of a batch
     /// already in the log; offsets then describe the original.
     pub duplicate: bool,
+    /// The broker time the batches were stamped with on a LogAppendTime
+    /// topic; -1 on a CreateTime one (Kafka's `log_append_time_ms`).
+    pub log_append_time_ms: i64,
 }
 
 /// Result of [`Partition::read`].

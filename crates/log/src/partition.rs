@@ -208,6 +208,35 @@ pub(crate) enum Opening {
     AfterCrash,
 }
 
+/// The codec and level a topic's `compression.type` stores producers'
+/// batches with; None for `producer` (as they came).
+fn stored_codec(c: &TopicConfig) -> Option<(sluice_codec::Codec, Option<i32>)> {
+    use sluice_codec::Codec;
+    use sluice_vocab::CompressionType as T;
+    Some(match c.compression_type {
+        T::Producer => return None,
+        T::Uncompressed => (Codec::None, None),
+        T::Gzip => (
+            Codec::Gzip,
+            Some(c.compression_gzip_level).filter(|l| *l > 0),
+        ),
+        T::Snappy => (Codec::Snappy, None),
+        T::Lz4 => (Codec::Lz4, Some(c.compression_lz4_level)),
+        T::Zstd => (Codec::Zstd, Some(c.compression_zstd_level)),
+    })
+}
+
+/// Every batch fits `max.message.bytes`, else MESSAGE_TOO_LARGE.
+fn check_sizes(headers: &[BatchHeader], max_message: usize) -> Result<(), LogError> {
+    match headers.iter().find(|h| h.size() > max_message) {
+        Some(h) => Err(LogError::MessageTooLarge {
+            size: h.size(),
+            max: max_message,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// What an append may hold.
 #[derive(Clone, Copy, Debug)]
 enum AppendKind {
@@ -790,24 +819,46 @@ impl Partition {
         kind: AppendKind,
     ) -> Result<AppendResult, LogError> {
         self.check_usable()?;
-        // Validation (CRC over every byte) happens before taking the lock.
-        let headers = batch::validate_batches(records)?;
-        let (max_message, segment_bytes, segment_ms, interval) = {
+        let (max_message, segment_bytes, segment_ms, interval, append_time, codec) = {
             let c = self.config.read();
             (
                 c.max_message_bytes as usize,
                 c.segment_bytes,
                 c.segment_ms,
                 c.index_interval_bytes,
+                c.message_timestamp_type == sluice_vocab::TimestampType::LogAppendTime,
+                stored_codec(&c),
             )
         };
-        for h in &headers {
-            if h.size() > max_message {
-                return Err(LogError::MessageTooLarge {
-                    size: h.size(),
-                    max: max_message,
-                });
+        // Validation (CRC over every byte) happens before taking the lock.
+        let mut headers = batch::validate_batches(records)?;
+        // As Kafka: the batches as sent must fit before any rewrite (which
+        // also bounds the work a recompression may take), and as stored after.
+        check_sizes(&headers, max_message)?;
+        // The topic may ask for producers' batches in another codec, or
+        // with the broker's time (LogAppendTime): they are rewritten, in a
+        // copy (the broker's own batches are stored as they are).
+        let mut log_append_time_ms = -1;
+        let mut rewritten = None;
+        if matches!(kind, AppendKind::Data | AppendKind::Transactional) {
+            if let Some((codec, level)) = codec {
+                rewritten = batch::recompress(records, codec, level)?;
             }
+            if append_time {
+                log_append_time_ms = now_ms();
+                let buf = rewritten.get_or_insert_with(|| records.to_vec());
+                batch::stamp_log_append_time(buf, log_append_time_ms);
+            }
+        }
+        let records = match &rewritten {
+            Some(buf) => {
+                headers = batch::validate_batches(buf)?;
+                buf.as_slice()
+            }
+            None => records,
+        };
+        check_sizes(&headers, max_message)?;
+        for h in &headers {
             kind.check(h)?;
         }
 
@@ -852,6 +903,7 @@ impl Partition {
                                 end_offset: orig.end_offset,
                                 log_start_offset: log_start,
                                 duplicate: true,
+                                log_append_time_ms,
                             })
                         }
                         Check::Append => {
@@ -912,6 +964,7 @@ impl Partition {
             end_offset: next,
             log_start_offset: log_start,
             duplicate: false,
+            log_append_time_ms,
         })
     }
 
@@ -1552,6 +1605,13 @@ impl Partition {
     /// then needs a key).
     pub fn compacted(&self) -> bool {
         self.config.read().compacts()
+    }
+
+    /// The window a producer's record timestamps must lie in at broker
+    /// time `now_ms`, when the topic bounds them
+    /// ([`TopicConfig::timestamp_window`]).
+    pub fn timestamp_window(&self, now_ms: i64) -> Option<(i64, i64)> {
+        self.config.read().timestamp_window(now_ms)
     }
 
     /// The last stable offset: below it every transaction is decided, so

@@ -9,10 +9,9 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::batch::{BatchHeader, HEADER_LEN, LOG_OVERHEAD, OFF_ATTRIBUTES, OFF_CRC};
-
-/// The compression codec bits of a batch's attributes.
-const ATTR_COMPRESSION: i16 = 0x07;
+use crate::batch::{
+    BatchHeader, ATTR_COMPRESSION, HEADER_LEN, LOG_OVERHEAD, OFF_ATTRIBUTES, OFF_CRC,
+};
 const ATTR_TRANSACTIONAL: i16 = 1 << 4;
 
 /// The fields of a batch header that this writer does not fill from records.

@@ -688,6 +688,11 @@ impl Store {
         self.reserved_producer_ids
     }
 
+    /// The data directory (Kafka's log dir).
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.config.data_dir
+    }
+
     /// A random id made when the data directory is first created (Kafka's cluster id).
     pub fn cluster_id(&self) -> String {
         self.cluster_id.clone()

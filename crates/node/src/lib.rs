@@ -59,7 +59,8 @@ pub struct NodeConfig {
     pub cluster: ClusterConfig,
     /// Partition replication.
     pub replica: ReplicaConfig,
-    /// How often retention and segment.ms rolls are enforced (default 30 s).
+    /// How often retention and idle segments' segment.ms rolls are enforced
+    /// (Kafka's `log.retention.check.interval.ms`, default 5 minutes).
     pub retention_check_interval: Duration,
     /// How often compacted topics are checked for a compaction round
     /// (Kafka's `log.cleaner.backoff.ms`, default 15 s).
@@ -87,7 +88,7 @@ impl NodeConfig {
         NodeConfig {
             cluster,
             replica,
-            retention_check_interval: Duration::from_secs(30),
+            retention_check_interval: Duration::from_secs(300),
             cleaner_check_interval: Duration::from_secs(15),
         }
     }

@@ -31,7 +31,7 @@ impl Defaults {
     pub const FLUSH: FlushMode = FlushMode::Always;
     pub const FLUSH_INTERVAL_MS: u64 = 1_000;
     pub const FLUSH_BYTES: u64 = 8 * 1024 * 1024;
-    pub const RETENTION_CHECK_INTERVAL_MS: u64 = 30_000;
+    pub const RETENTION_CHECK_INTERVAL_MS: u64 = 300_000;
     /// Kafka's `log.cleaner.backoff.ms`.
     pub const CLEANER_CHECK_INTERVAL_MS: u64 = 15_000;
     pub const AUTO_CREATE_TOPICS: bool = true;
@@ -40,6 +40,7 @@ impl Defaults {
     pub const MAX_CONNECTIONS: usize = 10_000;
     /// Kafka's fetch.max.bytes.
     pub const FETCH_MAX_BYTES: usize = 55 * 1024 * 1024;
+    pub const FETCH_SESSION_SLOTS: usize = 1000;
     pub const MAX_UNSENT_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
     pub const MAX_DECOMPRESSED_BATCH_BYTES: usize = 64 * 1024 * 1024;
     pub const MAX_IN_FLIGHT_BYTES: usize = 512 * 1024 * 1024;
@@ -213,6 +214,10 @@ pub struct ServeArgs {
     /// [default: 57671680].
     #[arg(long, env = "SLUICE_FETCH_MAX_BYTES", value_name = "N")]
     pub fetch_max_bytes: Option<usize>,
+    /// Incremental fetch sessions (KIP-227) kept at once; 0 turns them off
+    /// [default: 1000].
+    #[arg(long, env = "SLUICE_FETCH_SESSION_SLOTS", value_name = "N")]
+    pub fetch_session_slots: Option<usize>,
     /// Kafka connections served at once from one client address
     /// [default: no limit of its own].
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS_PER_IP", value_name = "N")]
@@ -302,6 +307,7 @@ pub struct KafkaSection {
     pub max_request_bytes: Option<usize>,
     pub max_connections: Option<usize>,
     pub fetch_max_bytes: Option<usize>,
+    pub fetch_session_slots: Option<usize>,
     pub max_connections_per_ip: Option<usize>,
     pub connections_max_idle_ms: Option<u64>,
     pub max_unsent_response_bytes: Option<usize>,
@@ -440,6 +446,7 @@ pub struct Config {
     pub max_request_bytes: usize,
     pub max_connections: usize,
     pub fetch_max_bytes: usize,
+    pub fetch_session_slots: usize,
     pub max_connections_per_ip: usize,
     pub connections_max_idle: Duration,
     pub max_unsent_response_bytes: usize,
@@ -755,6 +762,10 @@ impl Config {
                 .fetch_max_bytes
                 .or(file.kafka.fetch_max_bytes)
                 .unwrap_or(Defaults::FETCH_MAX_BYTES),
+            fetch_session_slots: args
+                .fetch_session_slots
+                .or(file.kafka.fetch_session_slots)
+                .unwrap_or(Defaults::FETCH_SESSION_SLOTS),
             max_connections_per_ip: args
                 .max_connections_per_ip
                 .or(file.kafka.max_connections_per_ip)
@@ -972,6 +983,7 @@ mod tests {
         assert_eq!(c.max_request_bytes, d.max_request_bytes);
         assert_eq!(c.max_connections, d.max_connections);
         assert_eq!(c.fetch_max_bytes, d.fetch_max_bytes);
+        assert_eq!(c.fetch_session_slots, d.fetch_session_slots);
         assert_eq!(c.connections_max_idle, d.connections_max_idle);
         assert_eq!(c.max_unsent_response_bytes, d.max_unsent_response_bytes);
         assert_eq!(

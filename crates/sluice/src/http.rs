@@ -420,7 +420,15 @@ async fn drain(
         return r;
     }
     // Move preferred leadership off (or back onto) the node now.
-    let elections = match propose(node, Command::ElectLeaders { partitions: None }).await {
+    let elections = match propose(
+        node,
+        Command::ElectLeaders {
+            partitions: None,
+            preferred_only: false,
+        },
+    )
+    .await
+    {
         Ok(CommandOutput::Elections(e)) => e
             .into_iter()
             .filter_map(|e| {
@@ -555,6 +563,7 @@ mod tests {
             leader_epoch: 1,
             partition_epoch: 1,
             target_replicas: None,
+            original_replicas: None,
         };
         img.topics.insert(
             "t".into(),
@@ -566,6 +575,7 @@ mod tests {
                     part(NO_LEADER, vec![2]),
                     PartitionState {
                         target_replicas: Some(vec![3, 1]),
+                        original_replicas: Some(vec![1, 2]),
                         ..part(1, vec![1, 2])
                     },
                 ],

@@ -98,8 +98,7 @@ fn alarm_reason(
 
 /// Bytes an unprivileged writer may still use on the disk holding `dir`.
 fn disk_free(dir: &Path) -> Option<u64> {
-    let s = rustix::fs::statvfs(dir).ok()?;
-    s.f_bavail.checked_mul(s.f_frsize)
+    sluice_log::disk_space(dir).map(|d| d.usable_bytes)
 }
 
 /// This process's resident set, from /proc/self/statm (in pages).

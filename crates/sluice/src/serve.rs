@@ -18,6 +18,7 @@ use sluice_log::{Store, StoreConfig};
 use sluice_node::{Node, NodeConfig, NodeError};
 use sluice_replica::ReplicaConfig;
 use sluice_topology::Topology;
+use sluice_vocab::ConfigType;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -57,12 +58,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         max_request_bytes: config.max_request_bytes,
         max_connections: config.max_connections,
         fetch_max_bytes: config.fetch_max_bytes,
+        fetch_session_slots: config.fetch_session_slots,
         max_connections_per_ip: config.max_connections_per_ip,
         connections_max_idle: config.connections_max_idle,
         max_unsent_response_bytes: config.max_unsent_response_bytes,
         max_decompressed_batch_bytes: config.max_decompressed_batch_bytes,
         max_in_flight_bytes: config.max_in_flight_bytes,
         transaction_max_timeout_ms: config.transaction_max_timeout_ms,
+        other_broker_configs: broker_configs(&config),
     };
     let kafka = KafkaListener::bind(server_config)
         .await
@@ -414,6 +417,29 @@ async fn shutdown_signal() -> &'static str {
         let _ = tokio::signal::ctrl_c().await;
         "Ctrl-C"
     }
+}
+
+/// Settings of the storage layer that Kafka tools read as broker configs
+/// (DescribeConfigs on the broker), under Kafka's names.
+fn broker_configs(config: &Config) -> Vec<(&'static str, String, ConfigType)> {
+    let millis = |d: std::time::Duration| d.as_millis().to_string();
+    vec![
+        (
+            "log.dirs",
+            config.data_dir.display().to_string(),
+            ConfigType::String,
+        ),
+        (
+            "log.retention.check.interval.ms",
+            millis(config.retention_check_interval),
+            ConfigType::Long,
+        ),
+        (
+            "log.cleaner.backoff.ms",
+            millis(config.cleaner_check_interval),
+            ConfigType::Long,
+        ),
+    ]
 }
 
 #[cfg(test)]

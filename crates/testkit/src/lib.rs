@@ -89,7 +89,7 @@ impl Broker {
                 initial_rebalance_delay_ms: 0,
                 ..GroupConfig::default()
             },
-            retention_check_interval: Duration::from_secs(30),
+            retention_check_interval: Duration::from_secs(300),
         };
         tweak(&mut setup);
         let listener = KafkaListener::bind(setup.server)

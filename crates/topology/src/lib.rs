@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 pub use leadership::{AppendError, Leadership, Term};
 pub use replication::{EpochAnswer, FetchAnswer, FetchArgs};
-pub use sluice_cluster::{access, amqp};
+pub use sluice_cluster::{access, amqp, quotas};
 pub use sluice_cluster::{
     BrokerId, BrokerState, Command, CommandOutput, MetadataImage, PartitionState, StaleView,
     TopicState, NO_LEADER,

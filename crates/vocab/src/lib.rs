@@ -22,7 +22,7 @@ mod partitioner;
 mod topic;
 
 pub use clock::now_ms;
-pub use config::{ConfigError, Ratio, TopicConfig};
+pub use config::{CompressionType, ConfigError, ConfigType, Ratio, TimestampType, TopicConfig};
 pub use error_code::{KafkaError, Refused};
 pub use error_code_table::ErrorCode;
 pub use partitioner::partition_for_key;

@@ -43,6 +43,27 @@ fn create(name: &str, partitions: i32, rf: i16) -> Command {
     }
 }
 
+/// Move `t`-0 to `replicas`.
+fn re(replicas: Vec<i32>) -> Command {
+    Command::ReassignPartition {
+        topic: "t".into(),
+        partition: 0,
+        replicas,
+    }
+}
+
+/// `t`-0's leader, as `p` has it, sets the ISR to `new_isr`.
+fn alter_isr(p: &PartitionState, new_isr: Vec<i32>) -> Command {
+    Command::AlterPartition {
+        topic: "t".into(),
+        partition: 0,
+        leader_id: p.leader,
+        leader_epoch: p.leader_epoch,
+        partition_epoch: p.partition_epoch,
+        new_isr,
+    }
+}
+
 fn part<'a>(img: &'a MetadataImage, t: &str, p: i32) -> &'a PartitionState {
     img.partition(t, p).expect("partition exists")
 }
@@ -151,7 +172,13 @@ fn sole_isr_member_fenced_takes_the_partition_offline_until_it_returns() {
     assert_eq!(p.leader_epoch, 1);
     assert_eq!(img.offline(), vec![("t".to_string(), 0)]);
     // An election finds nobody eligible.
-    let r = img.apply(i + 4, &Command::ElectLeaders { partitions: None });
+    let r = img.apply(
+        i + 4,
+        &Command::ElectLeaders {
+            partitions: None,
+            preferred_only: false,
+        },
+    );
     let Ok(CommandOutput::Elections(out)) = r else {
         panic!("{r:?}")
     };
@@ -255,7 +282,13 @@ fn alter_partition_is_fenced_by_epochs_and_validated() {
 fn elect_leaders_prefers_first_live_isr_replica_and_skips_draining() {
     let (mut img, i) = cluster(3);
     img.apply(i + 1, &create("t", 1, 3)).ok();
-    let r = img.apply(i + 2, &Command::ElectLeaders { partitions: None });
+    let r = img.apply(
+        i + 2,
+        &Command::ElectLeaders {
+            partitions: None,
+            preferred_only: false,
+        },
+    );
     let Ok(CommandOutput::Elections(out)) = r else {
         panic!("{r:?}")
     };
@@ -272,6 +305,7 @@ fn elect_leaders_prefers_first_live_isr_replica_and_skips_draining() {
         i + 4,
         &Command::ElectLeaders {
             partitions: Some(vec![("t".into(), 0), ("nope".into(), 0)]),
+            preferred_only: false,
         },
     );
     let Ok(CommandOutput::Elections(out)) = r else {
@@ -281,6 +315,34 @@ fn elect_leaders_prefers_first_live_isr_replica_and_skips_draining() {
     assert_eq!(out[1].result, Err(CommandError::UnknownTopicOrPartition));
     let p = part(&img, "t", 0);
     assert_eq!((p.leader, p.leader_epoch, p.partition_epoch), (2, 1, 1));
+    // Kafka's preferred election elects the first replica or no one.
+    let preferred = Command::ElectLeaders {
+        partitions: Some(vec![("t".into(), 0)]),
+        preferred_only: true,
+    };
+    let result = |r: CommandResult| match r {
+        Ok(CommandOutput::Elections(out)) => out[0].result.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        result(img.apply(i + 5, &preferred)),
+        Err(CommandError::PreferredLeaderNotAvailable(1)),
+        "1 is draining"
+    );
+    img.apply(
+        i + 6,
+        &Command::SetDraining {
+            node_id: 1,
+            draining: false,
+        },
+    )
+    .ok();
+    let _ = img.apply(i + 7, &preferred);
+    assert_eq!(part(&img, "t", 0).leader, 1);
+    assert_eq!(
+        result(img.apply(i + 8, &preferred)),
+        Err(CommandError::ElectionNotNeeded)
+    );
 }
 
 #[test]
@@ -288,11 +350,6 @@ fn reassign_validates_and_completes_at_once_onto_in_sync_replicas() {
     let (mut img, i) = cluster(4);
     img.apply(i + 1, &create("t", 1, 2)).ok();
     assert_eq!(part(&img, "t", 0).replicas, vec![1, 2]);
-    let re = |replicas: Vec<i32>| Command::ReassignPartition {
-        topic: "t".into(),
-        partition: 0,
-        replicas,
-    };
     for bad in [vec![3, 9], vec![3, 3], vec![]] {
         let before = img.clone();
         let r = img.apply(i + 2, &re(bad.clone()));
@@ -327,6 +384,11 @@ fn reassign_onto_new_brokers_adds_them_first_and_drops_the_old_once_in_sync() {
     // Both old copies stay, in sync and leading, while 3 and 4 copy the log.
     assert_eq!(p.replicas, vec![3, 4, 1, 2]);
     assert_eq!(p.target_replicas, Some(vec![3, 4]));
+    assert_eq!(p.original_replicas, Some(vec![1, 2]));
+    assert_eq!(
+        (p.adding_replicas(), p.removing_replicas()),
+        (vec![3, 4], vec![1, 2])
+    );
     assert_eq!(
         (p.isr.clone(), p.leader, p.leader_epoch),
         (vec![1, 2], 1, 0)
@@ -370,6 +432,8 @@ fn reassign_onto_new_brokers_adds_them_first_and_drops_the_old_once_in_sync() {
     assert_eq!(p.replicas, vec![3, 4]);
     assert_eq!(p.isr, vec![3, 4]);
     assert_eq!(p.target_replicas, None);
+    assert_eq!(p.original_replicas, None);
+    assert!(p.adding_replicas().is_empty() && p.removing_replicas().is_empty());
     assert_eq!((p.leader, p.leader_epoch), (3, 1));
     assert!(img.reassigning().is_empty());
     // Now 2 holds nothing and is fenced: it can be removed; a live one cannot.
@@ -396,18 +460,129 @@ fn reassign_onto_new_brokers_adds_them_first_and_drops_the_old_once_in_sync() {
 fn reassign_back_to_the_in_sync_set_cancels_a_move() {
     let (mut img, i) = cluster(4);
     img.apply(i + 1, &create("t", 1, 2)).ok();
-    let re = |replicas: Vec<i32>| Command::ReassignPartition {
-        topic: "t".into(),
-        partition: 0,
-        replicas,
-    };
     img.apply(i + 2, &re(vec![3, 4])).ok();
     let Ok(CommandOutput::Partition(p)) = img.apply(i + 3, &re(vec![1, 2])) else {
         panic!()
     };
     assert_eq!(p.replicas, vec![1, 2]);
-    assert_eq!(p.target_replicas, None);
+    assert_eq!((p.target_replicas, p.original_replicas), (None, None));
     assert_eq!((p.leader, p.leader_epoch, p.partition_epoch), (1, 0, 2));
+}
+
+#[test]
+fn a_move_altered_in_flight_keeps_its_origin() {
+    let (mut img, i) = cluster(5);
+    img.apply(i + 1, &create("t", 1, 2)).ok();
+    img.apply(i + 2, &re(vec![3, 4])).ok();
+    // Retargeted before 3 and 4 caught up: 2 stays, 3 goes, 5 comes.
+    let Ok(CommandOutput::Partition(p)) = img.apply(i + 3, &re(vec![2, 4, 5])) else {
+        panic!()
+    };
+    assert_eq!(p.replicas, vec![2, 4, 5, 3, 1]);
+    assert_eq!(p.original_replicas, Some(vec![1, 2]));
+    assert_eq!(p.adding_replicas(), vec![4, 5]);
+    assert_eq!(p.removing_replicas(), vec![3, 1]);
+    // Cancelling restores the origin in its order; both of its copies are in sync.
+    let Ok(CommandOutput::Partition(p)) = img.apply(i + 4, &re(vec![1, 2])) else {
+        panic!()
+    };
+    assert_eq!((p.replicas, p.isr, p.leader), (vec![1, 2], vec![1, 2], 1));
+    assert_eq!((p.target_replicas, p.original_replicas), (None, None));
+}
+
+#[test]
+fn a_cancel_reverts_at_once_even_when_an_origin_replica_is_out_of_sync() {
+    let (mut img, mut i) = cluster(4);
+    i += 1;
+    img.apply(i, &create("t", 1, 2)).ok();
+    let cancel = Command::CancelReassignment {
+        topic: "t".into(),
+        partition: 0,
+    };
+    i += 1;
+    assert_eq!(
+        img.apply(i, &cancel),
+        Err(CommandError::NoReassignmentInProgress)
+    );
+    i += 1;
+    let Ok(CommandOutput::Partition(p)) = img.apply(i, &re(vec![1, 3])) else {
+        panic!()
+    };
+    // 3 catches up and 2 falls behind: the move would complete at once if
+    // it went on; cancelling instead goes back to [1, 2] with 1 in sync.
+    i += 1;
+    img.apply(i, &alter_isr(&p, vec![1, 3])).ok();
+    let p = part(&img, "t", 0).clone();
+    assert_eq!(p.target_replicas, None, "3 in sync completes the move");
+    i += 1;
+    let Ok(CommandOutput::Partition(p)) = img.apply(i, &re(vec![3, 4])) else {
+        panic!()
+    };
+    assert_eq!(p.original_replicas, Some(vec![1, 3]));
+    // 1 leaves the ISR (fenced): the origin still has 3 in sync.
+    i += 1;
+    img.apply(i, &Command::FenceBroker { node_id: 1 }).ok();
+    i += 1;
+    let Ok(CommandOutput::Partition(p)) = img.apply(i, &cancel) else {
+        panic!("{:?}", img.apply(i, &cancel))
+    };
+    assert_eq!((p.replicas, p.isr, p.leader), (vec![1, 3], vec![3], 3));
+    assert_eq!((p.target_replicas, p.original_replicas), (None, None));
+    i += 1;
+    assert_eq!(
+        img.apply(i, &cancel),
+        Err(CommandError::NoReassignmentInProgress)
+    );
+}
+
+#[test]
+fn a_cancel_hands_leadership_back_from_an_added_replica_and_never_to_none() {
+    let (mut img, mut i) = cluster(4);
+    i += 1;
+    img.apply(i, &create("t", 1, 2)).ok();
+    let cancel = Command::CancelReassignment {
+        topic: "t".into(),
+        partition: 0,
+    };
+    i += 1;
+    let Ok(CommandOutput::Partition(p)) = img.apply(i, &re(vec![3, 4])) else {
+        panic!()
+    };
+    // 3 catches up; then leader 1 stops: the first in-sync replica in
+    // preference order (target first) is 3, an added replica.
+    i += 1;
+    img.apply(i, &alter_isr(&p, vec![1, 2, 3])).ok();
+    i += 1;
+    img.apply(i, &Command::FenceBroker { node_id: 1 }).ok();
+    let p = part(&img, "t", 0).clone();
+    assert_eq!((p.leader, p.isr.clone()), (3, vec![2, 3]));
+    i += 1;
+    let Ok(CommandOutput::Partition(p)) = img.apply(i, &cancel) else {
+        panic!()
+    };
+    assert_eq!((p.replicas, p.isr, p.leader), (vec![1, 2], vec![2], 2));
+    assert!(p.leader_epoch > 0);
+    // A move whose origin has no in-sync replica left cannot be cancelled.
+    // 3 in sync again, then 2 stops: only an added replica is in sync.
+    i += 1;
+    let Ok(CommandOutput::Partition(p)) = img.apply(i, &re(vec![3, 4])) else {
+        panic!()
+    };
+    i += 1;
+    img.apply(i, &alter_isr(&p, vec![2, 3])).ok();
+    i += 1;
+    img.apply(i, &Command::FenceBroker { node_id: 2 }).ok();
+    assert_eq!(part(&img, "t", 0).isr, vec![3]);
+    i += 1;
+    let r = img.apply(i, &cancel);
+    assert!(
+        matches!(r, Err(CommandError::InvalidReplicaAssignment(_))),
+        "{r:?}"
+    );
+    assert!(
+        part(&img, "t", 0).target_replicas.is_some(),
+        "the move goes on"
+    );
 }
 
 #[test]
@@ -543,7 +718,10 @@ fn random_command(rng: &mut StdRng, img: &MetadataImage) -> Command {
                 new_isr: isr,
             }
         }
-        8 => Command::ElectLeaders { partitions: None },
+        8 => Command::ElectLeaders {
+            partitions: None,
+            preferred_only: false,
+        },
         9 => Command::ReassignPartition {
             topic,
             partition: rng.gen_range(0..3),

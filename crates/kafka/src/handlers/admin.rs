@@ -21,11 +21,11 @@ use sluice_vocab::internal::is_internal;
 use sluice_vocab::{ErrorCode, Refused, TopicConfig, TopicName as ValidTopicName};
 use uuid::Uuid;
 
+use super::configs::topic_source;
 use super::configs::{
     alter_result, broker_is_read_only, changes_with, current_value, ConfigChange, RESOURCE_BROKER,
     RESOURCE_TOPIC,
 };
-use super::configs::{SOURCE_DEFAULT_CONFIG, SOURCE_TOPIC_CONFIG};
 use super::meta::default_replication_factor;
 use super::{str_bytes, topic_name};
 use crate::dispatch::{later, Hdr, Outcome};
@@ -42,7 +42,7 @@ fn invalid(code: ErrorCode, message: impl Into<String>) -> Failure {
 
 /// How long to wait for the image: the request's timeout when it gives
 /// one, at most [`IMAGE_WAIT`].
-fn image_wait(timeout_ms: i32) -> Duration {
+pub(super) fn image_wait(timeout_ms: i32) -> Duration {
     match u64::try_from(timeout_ms) {
         Ok(ms) if ms > 0 => Duration::from_millis(ms).min(IMAGE_WAIT),
         _ => IMAGE_WAIT,
@@ -131,15 +131,10 @@ fn created_result(
         let configs = TopicConfig::KEYS
             .iter()
             .map(|key| {
-                let source = if overrides.contains_key(*key) {
-                    SOURCE_TOPIC_CONFIG
-                } else {
-                    SOURCE_DEFAULT_CONFIG
-                };
                 CreatableTopicConfigs::default()
                     .with_name(str_bytes(key))
                     .with_value(Some(str_bytes(&current_value(ctx, overrides, key))))
-                    .with_config_source(source)
+                    .with_config_source(topic_source(ctx, overrides, key))
             })
             .collect();
         result.configs = Some(configs);

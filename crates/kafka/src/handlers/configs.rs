@@ -8,7 +8,7 @@ use kafka_protocol::messages::describe_configs_response::{
 };
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
-use sluice_vocab::{ErrorCode, Refused, TopicConfig};
+use sluice_vocab::{ConfigType, ErrorCode, Refused, TopicConfig};
 
 use super::str_bytes;
 use crate::server::Ctx;
@@ -28,12 +28,11 @@ pub(crate) enum ConfigChange {
 
 /// DescribeConfigs/CreateTopics config sources.
 pub(crate) const SOURCE_TOPIC_CONFIG: i8 = 1;
-pub(crate) const SOURCE_DEFAULT_CONFIG: i8 = 5;
+const SOURCE_STATIC_BROKER_CONFIG: i8 = 4;
+const SOURCE_DEFAULT_CONFIG: i8 = 5;
 
 pub(crate) const RESOURCE_TOPIC: i8 = 2;
 pub(crate) const RESOURCE_BROKER: i8 = 4;
-
-const SOURCE_STATIC_BROKER_CONFIG: i8 = 4;
 
 /// IncrementalAlterConfigs operations.
 const OP_SET: i8 = 0;
@@ -41,51 +40,76 @@ const OP_DELETE: i8 = 1;
 const OP_APPEND: i8 = 2;
 const OP_SUBTRACT: i8 = 3;
 
-/// DescribeConfigs v3+ config types.
-const TYPE_BOOLEAN: i8 = 1;
-const TYPE_STRING: i8 = 2;
-const TYPE_INT: i8 = 3;
-const TYPE_LONG: i8 = 5;
-const TYPE_LIST: i8 = 7;
-
-fn config_type(key: &str) -> i8 {
-    match key {
-        "cleanup.policy" => TYPE_LIST,
-        "index.interval.bytes"
-        | "max.message.bytes"
-        | "segment.bytes"
-        | "num.partitions"
-        | "socket.request.max.bytes"
-        | "broker.id" => TYPE_INT,
-        "retention.bytes" | "retention.ms" | "segment.ms" => TYPE_LONG,
-        "auto.create.topics.enable" => TYPE_BOOLEAN,
-        _ => TYPE_STRING,
+/// DescribeConfigs v3+ config type codes.
+fn type_code(kind: ConfigType) -> i8 {
+    match kind {
+        ConfigType::Boolean => 1,
+        ConfigType::String => 2,
+        ConfigType::Int => 3,
+        ConfigType::Long => 5,
+        ConfigType::Double => 6,
+        ConfigType::List => 7,
     }
 }
 
-fn entry(
-    name: &str,
+/// One described config: its value, where the value comes from, and what
+/// it overrides (the synonyms Kafka lists, most specific first).
+struct Described {
+    name: &'static str,
     value: String,
+    kind: ConfigType,
     source: i8,
     read_only: bool,
-    req: &DescribeConfigsRequest,
-    version: i16,
-) -> DescribeConfigsResourceResult {
-    let mut result = DescribeConfigsResourceResult::default()
-        .with_name(str_bytes(name))
-        .with_value(Some(StrBytes::from_string(value.clone())))
-        .with_read_only(read_only)
-        .with_config_source(source);
-    if req.include_synonyms {
-        result.synonyms = vec![DescribeConfigsSynonym::default()
-            .with_name(str_bytes(name))
-            .with_value(Some(StrBytes::from_string(value)))
-            .with_source(source)];
+    synonyms: Vec<(&'static str, String, i8)>,
+}
+
+impl Described {
+    fn into_result(
+        self,
+        req: &DescribeConfigsRequest,
+        version: i16,
+    ) -> DescribeConfigsResourceResult {
+        let mut result = DescribeConfigsResourceResult::default()
+            .with_name(str_bytes(self.name))
+            .with_value(Some(StrBytes::from_string(self.value)))
+            .with_read_only(self.read_only)
+            .with_config_source(self.source);
+        if req.include_synonyms {
+            result.synonyms = self
+                .synonyms
+                .into_iter()
+                .map(|(name, value, source)| {
+                    DescribeConfigsSynonym::default()
+                        .with_name(str_bytes(name))
+                        .with_value(Some(StrBytes::from_string(value)))
+                        .with_source(source)
+                })
+                .collect();
+        }
+        if version >= 3 {
+            result.config_type = type_code(self.kind);
+        }
+        result
     }
-    if version >= 3 {
-        result.config_type = config_type(name);
+}
+
+/// Where a topic key's broker-wide default `value` comes from: the broker's
+/// config file when it differs from Kafka's default, else Kafka's default.
+pub(crate) fn default_source(key: &str, value: &str) -> i8 {
+    if TopicConfig::default().get(key).as_deref() == Some(value) {
+        SOURCE_DEFAULT_CONFIG
+    } else {
+        SOURCE_STATIC_BROKER_CONFIG
     }
-    result
+}
+
+/// The source of topic key `key` given the topic's overrides.
+pub(crate) fn topic_source(ctx: &Ctx, overrides: &BTreeMap<String, String>, key: &str) -> i8 {
+    if overrides.contains_key(key) {
+        SOURCE_TOPIC_CONFIG
+    } else {
+        default_source(key, &broker_default(ctx, key))
+    }
 }
 
 /// Null (and, leniently, an empty list) asks for every key.
@@ -113,15 +137,8 @@ pub(crate) fn describe_configs(
                     Ok(entries) => {
                         let configs = entries
                             .into_iter()
-                            .filter(|(key, _, _)| wanted(&resource.configuration_keys, key))
-                            .map(|(key, value, overridden)| {
-                                let source = if overridden {
-                                    SOURCE_TOPIC_CONFIG
-                                } else {
-                                    SOURCE_DEFAULT_CONFIG
-                                };
-                                entry(key, value, source, false, &req, version)
-                            })
+                            .filter(|d| wanted(&resource.configuration_keys, d.name))
+                            .map(|d| d.into_result(&req, version))
                             .collect();
                         result.with_configs(configs)
                     }
@@ -138,10 +155,8 @@ pub(crate) fn describe_configs(
                     }
                     let configs = broker_configs(ctx)
                         .into_iter()
-                        .filter(|(key, _)| wanted(&resource.configuration_keys, key))
-                        .map(|(key, value)| {
-                            entry(key, value, SOURCE_STATIC_BROKER_CONFIG, true, &req, version)
-                        })
+                        .filter(|d| wanted(&resource.configuration_keys, d.name))
+                        .map(|d| d.into_result(&req, version))
                         .collect();
                     result.with_configs(configs)
                 }
@@ -154,9 +169,10 @@ pub(crate) fn describe_configs(
     DescribeConfigsResponse::default().with_results(results)
 }
 
-/// Every topic config key with its effective value and whether the topic overrides
-/// it, from the image (this node need not host the topic).
-fn topic_entries(ctx: &Ctx, name: &str) -> Result<Vec<(&'static str, String, bool)>, Refused> {
+/// Every topic config key with its effective value, its source and (for
+/// synonyms) the broker default under it, from the image (this node need
+/// not host the topic).
+fn topic_entries(ctx: &Ctx, name: &str) -> Result<Vec<Described>, Refused> {
     let image = ctx.topology.image();
     let t = image.topics.get(name).ok_or_else(|| {
         Refused::new(
@@ -166,14 +182,34 @@ fn topic_entries(ctx: &Ctx, name: &str) -> Result<Vec<(&'static str, String, boo
     })?;
     Ok(TopicConfig::KEYS
         .iter()
-        .map(|k| {
-            (
-                *k,
-                current_value(ctx, &t.configs, k),
-                t.configs.contains_key(*k),
-            )
+        .map(|&key| {
+            let default = broker_default(ctx, key);
+            let mut synonyms = Vec::new();
+            if let Some(v) = t.configs.get(key) {
+                synonyms.push((key, v.clone(), SOURCE_TOPIC_CONFIG));
+            }
+            if let Some(broker_key) = TopicConfig::broker_key(key) {
+                synonyms.push((broker_key, default.clone(), default_source(key, &default)));
+            }
+            Described {
+                name: key,
+                value: current_value(ctx, &t.configs, key),
+                kind: TopicConfig::key_type(key).unwrap_or(ConfigType::String),
+                source: topic_source(ctx, &t.configs, key),
+                read_only: false,
+                synonyms,
+            }
         })
         .collect())
+}
+
+/// This broker's default of topic key `key`.
+fn broker_default(ctx: &Ctx, key: &str) -> String {
+    ctx.topology
+        .store()
+        .topic_defaults()
+        .get(key)
+        .unwrap_or_default()
 }
 
 /// The value of `key` for a topic whose overrides (from the image) are
@@ -181,30 +217,100 @@ fn topic_entries(ctx: &Ctx, name: &str) -> Result<Vec<(&'static str, String, boo
 pub(crate) fn current_value(ctx: &Ctx, overrides: &BTreeMap<String, String>, key: &str) -> String {
     match overrides.get(key) {
         Some(v) => v.clone(),
-        None => ctx
-            .topology
-            .store()
-            .topic_defaults()
-            .get(key)
-            .unwrap_or_default(),
+        None => broker_default(ctx, key),
     }
 }
 
-/// The broker settings reported (read-only) for a BROKER resource.
-fn broker_configs(ctx: &Ctx) -> Vec<(&'static str, String)> {
-    vec![
+/// The broker settings reported (read-only) for a BROKER resource: the
+/// front end's own, those of other layers the binary passes on
+/// ([`crate::ServerConfig::other_broker_configs`]), and the broker-wide
+/// default of every topic config under Kafka's broker name.
+fn broker_configs(ctx: &Ctx) -> Vec<Described> {
+    let c = &ctx.config;
+    let own = [
         (
             "auto.create.topics.enable",
-            ctx.config.auto_create_topics.to_string(),
+            c.auto_create_topics.to_string(),
+            ConfigType::Boolean,
         ),
-        ("broker.id", ctx.topology.node_id().to_string()),
-        ("num.partitions", ctx.config.default_partitions.to_string()),
+        (
+            "broker.id",
+            ctx.topology.node_id().to_string(),
+            ConfigType::Int,
+        ),
+        (
+            "connections.max.idle.ms",
+            c.connections_max_idle.as_millis().to_string(),
+            ConfigType::Long,
+        ),
+        (
+            "fetch.max.bytes",
+            c.fetch_max_bytes.to_string(),
+            ConfigType::Int,
+        ),
+        (
+            "max.connections",
+            c.max_connections.to_string(),
+            ConfigType::Int,
+        ),
+        (
+            "max.incremental.fetch.session.cache.slots",
+            c.fetch_session_slots.to_string(),
+            ConfigType::Int,
+        ),
+        (
+            "max.connections.per.ip",
+            c.max_connections_per_ip.min(i32::MAX as usize).to_string(),
+            ConfigType::Int,
+        ),
+        (
+            "num.partitions",
+            c.default_partitions.to_string(),
+            ConfigType::Int,
+        ),
         (
             "socket.request.max.bytes",
-            ctx.config.max_request_bytes.to_string(),
+            c.max_request_bytes.to_string(),
+            ConfigType::Int,
         ),
-        ("fetch.max.bytes", ctx.config.fetch_max_bytes.to_string()),
-    ]
+        (
+            "transaction.max.timeout.ms",
+            c.transaction_max_timeout_ms.to_string(),
+            ConfigType::Int,
+        ),
+    ];
+    let others = c
+        .other_broker_configs
+        .iter()
+        .map(|(name, value, kind)| (*name, value.clone(), *kind));
+    let statics = own
+        .into_iter()
+        .chain(others)
+        .map(|(name, value, kind)| Described {
+            name,
+            synonyms: vec![(name, value.clone(), SOURCE_STATIC_BROKER_CONFIG)],
+            value,
+            kind,
+            source: SOURCE_STATIC_BROKER_CONFIG,
+            read_only: true,
+        });
+    let topic_defaults = TopicConfig::KEYS.iter().filter_map(|&key| {
+        let name = TopicConfig::broker_key(key)?;
+        let value = broker_default(ctx, key);
+        let source = default_source(key, &value);
+        Some(Described {
+            name,
+            synonyms: vec![(name, value.clone(), source)],
+            value,
+            kind: TopicConfig::key_type(key).unwrap_or(ConfigType::String),
+            source,
+            read_only: true,
+        })
+    });
+    let mut all: Vec<Described> = statics.chain(topic_defaults).collect();
+    all.sort_by_key(|d| d.name);
+    all.dedup_by_key(|d| d.name);
+    all
 }
 
 pub(crate) fn broker_is_read_only() -> Refused {
@@ -264,7 +370,7 @@ pub(crate) fn changes_with(
                 (OP_SET, Some(value)) => Ok(ConfigChange::Set { key, value }),
                 (OP_DELETE, _) => Ok(ConfigChange::Delete { key }),
                 (op @ (OP_APPEND | OP_SUBTRACT), Some(value)) => {
-                    if !TopicConfig::LIST_KEYS.contains(&key.as_str()) {
+                    if TopicConfig::key_type(&key) != Some(ConfigType::List) {
                         return Err(Refused::new(
                             ErrorCode::InvalidConfig,
                             format!("{key} is not a list; APPEND and SUBTRACT do not apply"),

@@ -1,6 +1,8 @@
 //! Fetch: returns the stored batches as `Bytes` slices, never decoding
-//! records; consumers long-poll on the partitions' high-watermark watches,
-//! followers are answered by the topology's leader side of replication.
+//! records; consumers long-poll on the partitions' high-watermark watches
+//! (through their incremental fetch session, `fetch_sessions.rs`, when they
+//! have one), followers are answered by the topology's leader side of
+//! replication.
 
 use sluice_vocab::KafkaError;
 use std::borrow::Cow;
@@ -9,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::fetch_response::{
+    FetchableTopicResponse, LeaderIdAndEpoch, NodeEndpoint, PartitionData,
+};
 use kafka_protocol::messages::*;
 use sluice_log::{Partition, ReadLimit};
 use sluice_topology::FetchArgs;
@@ -18,7 +22,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::topic_name_by_id;
+use crate::connection::Client;
 use crate::dispatch::{later, now, Hdr, Outcome};
+use crate::fetch_sessions::Plan;
+use crate::quotas::Flow;
 use crate::server::Ctx;
 
 pub(crate) const READ_COMMITTED: i8 = 1;
@@ -119,6 +126,9 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
     let mut error = false;
     let mut watched = Vec::new();
     let mut returned = Vec::new();
+    // KIP-951: partitions another node leads name it (image read once).
+    let mut image = None;
+    let mut endpoints: Vec<NodeEndpoint> = Vec::new();
     let count = sluice_log::hot_path_metrics();
     let listings = first_listings(ctx, req, by_id);
     let mut topics = Vec::with_capacity(listings.len());
@@ -198,6 +208,25 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
                 error = true;
                 pd.error_code = code;
             }
+            if version >= 12 && super::leads_elsewhere(code) {
+                let image = image.get_or_insert_with(|| ctx.topology.image());
+                let hint = resolved
+                    .as_deref()
+                    .and_then(|name| super::leader_hint(ctx, image, name, fp.partition));
+                if let Some(hint) = hint {
+                    pd.current_leader = LeaderIdAndEpoch::default()
+                        .with_leader_id(BrokerId(hint.id))
+                        .with_leader_epoch(hint.epoch);
+                    if version >= 16 && !endpoints.iter().any(|e| e.node_id.0 == hint.id) {
+                        endpoints.push(
+                            NodeEndpoint::default()
+                                .with_node_id(BrokerId(hint.id))
+                                .with_host(super::str_bytes(&hint.host))
+                                .with_port(hint.port),
+                        );
+                    }
+                }
+            }
             partitions.push(pd);
         }
         let mut resp = FetchableTopicResponse::default().with_partitions(partitions);
@@ -209,7 +238,9 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
         topics.push(resp);
     }
     Collected {
-        response: FetchResponse::default().with_responses(topics),
+        response: FetchResponse::default()
+            .with_responses(topics)
+            .with_node_endpoints(endpoints),
         bytes,
         error,
         watched,
@@ -219,24 +250,89 @@ fn read_all(ctx: &Ctx, req: &FetchRequest, version: i16) -> Collected {
 
 pub(crate) fn handle(ctx: &Arc<Ctx>, req: FetchRequest, h: Hdr) -> Outcome {
     let version = h.version;
-    // Sessions are optional: answering session 0 makes clients send full
-    // requests. An id we never gave out is unknown.
-    if version >= 7 && req.session_id != 0 {
-        return now(
-            h,
-            &FetchResponse::default().with_error_code(ErrorCode::FetchSessionIdNotFound.code()),
-        );
-    }
     let replica = replica_id(&req, version);
     if replica >= 0 {
+        // Followers fetch sessionless: an id we never gave out is unknown.
+        if version >= 7 && req.session_id != 0 {
+            return now(
+                h,
+                &FetchResponse::default().with_error_code(ErrorCode::FetchSessionIdNotFound.code()),
+            );
+        }
         let ctx = ctx.clone();
         return later(h, follower_fetch(ctx, req, version, replica));
+    }
+    if version < 7 {
+        return consumer_fetch(ctx, req, h, None);
+    }
+    match ctx.fetch_sessions.plan(&req, version, Instant::now()) {
+        Plan::Sessionless => consumer_fetch(ctx, req, h, None),
+        Plan::Refused(code) => now(h, &FetchResponse::default().with_error_code(code.code())),
+        Plan::Session {
+            id,
+            incremental,
+            request,
+        } => {
+            let req = request.map_or(req, |full| *full);
+            consumer_fetch(ctx, req, h, Some((id, incremental)))
+        }
+    }
+}
+
+/// The answer to a consumer's fetch, through its session (id, incremental) if
+/// it has one. A client over its quota gets no records (they are not
+/// counted) and the time to wait; a session it was creating is dropped, an
+/// incremental one learns nothing.
+fn respond(
+    ctx: &Ctx,
+    client: Option<&Client>,
+    session: Option<(i32, bool)>,
+    mut resp: FetchResponse,
+) -> FetchResponse {
+    let bytes: usize = resp
+        .responses
+        .iter()
+        .flat_map(|t| &t.partitions)
+        .map(|p| p.records.as_ref().map_or(0, |r| r.len()))
+        .sum();
+    let throttle_ms = crate::quotas::throttle(ctx, client, Flow::Fetch, bytes, true);
+    if throttle_ms > 0 {
+        let session_id = match session {
+            Some((id, true)) => id,
+            Some((id, false)) => {
+                ctx.fetch_sessions.forget(id);
+                0
+            }
+            None => 0,
+        };
+        return FetchResponse::default()
+            .with_throttle_time_ms(throttle_ms)
+            .with_session_id(session_id);
+    }
+    if let Some((id, incremental)) = session {
+        ctx.fetch_sessions.finish(id, incremental, &mut resp);
+    }
+    resp
+}
+
+fn consumer_fetch(
+    ctx: &Arc<Ctx>,
+    mut req: FetchRequest,
+    h: Hdr,
+    session: Option<(i32, bool)>,
+) -> Outcome {
+    let version = h.version;
+    let client = crate::connection::CLIENT.try_with(Arc::clone).ok();
+    if let Some(cap) = crate::quotas::fetch_cap(ctx, client.as_deref()) {
+        let cap = i32::try_from(cap).unwrap_or(i32::MAX);
+        req.max_bytes = req.max_bytes.min(cap);
+        req.min_bytes = req.min_bytes.min(req.max_bytes);
     }
     let min_bytes = usize::try_from(req.min_bytes).unwrap_or(0);
     let max_wait = Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0));
     let mut first = read_all(ctx, &req, version);
     if first.bytes >= min_bytes || first.error || max_wait.is_zero() || first.watched.is_empty() {
-        return now(h, &first.answer());
+        return now(h, &respond(ctx, client.as_deref(), session, first.answer()));
     }
     let deadline = Instant::now() + max_wait;
     // Subscribed after the read: a receiver whose value differs from what
@@ -250,18 +346,19 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: FetchRequest, h: Hdr) -> Outcome {
         receivers.push(rx);
     }
     let ctx = ctx.clone();
-    later(
-        h,
-        long_poll(
-            ctx, req, version, first, receivers, deadline, min_bytes, stale,
-        ),
-    )
+    later(h, async move {
+        let resp = long_poll(
+            &ctx, &req, version, first, receivers, deadline, min_bytes, stale,
+        )
+        .await;
+        respond(&ctx, client.as_deref(), session, resp)
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn long_poll(
-    ctx: Arc<Ctx>,
-    req: FetchRequest,
+    ctx: &Ctx,
+    req: &FetchRequest,
     version: i16,
     mut last: Collected,
     mut receivers: Vec<watch::Receiver<i64>>,
@@ -277,12 +374,12 @@ async fn long_poll(
                 // Nothing new within max_wait: the last read stands.
                 Err(_) => return last.answer(),
                 // The partition went away (topic deleted): report what is there now.
-                Ok((Err(_), _, _)) => return read_all(&ctx, &req, version).answer(),
+                Ok((Err(_), _, _)) => return read_all(ctx, req, version).answer(),
                 Ok((Ok(()), _, _)) => {}
             }
         }
         stale = false;
-        let again = read_all(&ctx, &req, version);
+        let again = read_all(ctx, req, version);
         if again.bytes >= min_bytes || again.error || Instant::now() >= deadline {
             return again.answer();
         }

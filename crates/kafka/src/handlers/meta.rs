@@ -526,6 +526,7 @@ mod tests {
             leader_epoch: epoch,
             partition_epoch: 0,
             target_replicas: None,
+            original_replicas: None,
         }
     }
 

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kafka_protocol::messages::produce_response::{
-    BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
+    BatchIndexAndErrorMessage, LeaderIdAndEpoch, NodeEndpoint, PartitionProduceResponse,
+    TopicProduceResponse,
 };
 use kafka_protocol::messages::*;
 use sluice_topology::Leadership;
@@ -16,6 +17,7 @@ use sluice_vocab::{ErrorCode, KafkaError, Refused};
 
 use super::str_bytes;
 use crate::dispatch::{later, now, Hdr, Outcome};
+use crate::quotas::Flow;
 use crate::server::Ctx;
 
 /// An appended partition whose acknowledgement waits.
@@ -49,6 +51,9 @@ fn append(
     let limits = crate::records::RecordLimits {
         max_decompressed: ctx.config.max_decompressed_batch_bytes,
         keys_required: leadership.partition().compacted(),
+        timestamp_window: leadership
+            .partition()
+            .timestamp_window(sluice_vocab::now_ms()),
     };
     if let Err(fault) = crate::records::validate(records, limits) {
         if let Some(index) = fault.record {
@@ -66,6 +71,7 @@ fn append(
     .map_err(|e| Refused::from_error(&e))?;
     resp.base_offset = appended.base_offset;
     resp.log_start_offset = appended.log_start_offset;
+    resp.log_append_time_ms = appended.log_append_time_ms;
     waits.push(Wait {
         topic: at.0,
         partition: at.1,
@@ -110,6 +116,12 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
     let mut waits = Vec::new();
     let mut failed = false;
     let mut responses = Vec::with_capacity(req.topic_data.len());
+    let sent: usize = req
+        .topic_data
+        .iter()
+        .flat_map(|t| &t.partition_data)
+        .map(|p| p.records.as_ref().map_or(0, |r| r.len()))
+        .sum();
     for (ti, topic) in req.topic_data.into_iter().enumerate() {
         let name = topic.name.0.as_str();
         let refused = refusal(acks, name, transactional);
@@ -167,7 +179,14 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
                 .with_partition_responses(partitions),
         );
     }
-    let resp = ProduceResponse::default().with_responses(responses);
+    let client = crate::connection::CLIENT.try_with(Arc::clone).ok();
+    let throttle_ms = crate::quotas::throttle(ctx, client.as_deref(), Flow::Produce, sent, false);
+    let mut resp = ProduceResponse::default()
+        .with_responses(responses)
+        .with_throttle_time_ms(throttle_ms);
+    if failed && h.version >= 10 {
+        add_leader_hints(ctx, &mut resp);
+    }
     if acks == 0 {
         // Nobody waits for the answer, but the data must still be flushed under the
         // flush policy: that is what moves the high watermark and makes it visible to
@@ -199,6 +218,36 @@ pub(crate) fn handle(ctx: &Arc<Ctx>, req: ProduceRequest, h: Hdr) -> Outcome {
     let commit_timeout =
         (acks == -1).then(|| Duration::from_millis(u64::try_from(timeout_ms).unwrap_or(0)));
     later(h, acknowledge(resp, waits, commit_timeout))
+}
+
+/// KIP-951: each partition refused because another node leads it names
+/// that leader and its epoch, and the response lists those leaders'
+/// endpoints.
+fn add_leader_hints(ctx: &Ctx, resp: &mut ProduceResponse) {
+    let image = ctx.topology.image();
+    let mut endpoints: Vec<NodeEndpoint> = Vec::new();
+    for topic in &mut resp.responses {
+        for p in &mut topic.partition_responses {
+            if !super::leads_elsewhere(p.error_code) {
+                continue;
+            }
+            let Some(hint) = super::leader_hint(ctx, &image, topic.name.0.as_str(), p.index) else {
+                continue;
+            };
+            p.current_leader = LeaderIdAndEpoch::default()
+                .with_leader_id(BrokerId(hint.id))
+                .with_leader_epoch(hint.epoch);
+            if !endpoints.iter().any(|e| e.node_id.0 == hint.id) {
+                endpoints.push(
+                    NodeEndpoint::default()
+                        .with_node_id(BrokerId(hint.id))
+                        .with_host(str_bytes(&hint.host))
+                        .with_port(hint.port),
+                );
+            }
+        }
+    }
+    resp.node_endpoints = endpoints;
 }
 
 /// Waits until every appended partition is durable (acks=1) or committed, the high

@@ -87,6 +87,62 @@ fn harmless_seeds(c: &mut Raw) -> Vec<Vec<u8>> {
     frames(c, &ct, &[2, 5, 7], &mut out);
     frames(c, &DescribeClusterRequest::default(), &[0, 1], &mut out);
     frames(c, &ListGroupsRequest::default(), &[0, 4], &mut out);
+    let dirs = DescribeLogDirsRequest::default().with_topics(Some(vec![
+        describe_log_dirs_request::DescribableLogDirTopic::default()
+            .with_topic(name("safe"))
+            .with_partitions(vec![0, 1]),
+    ]));
+    frames(c, &dirs, &[1, 2, 4], &mut out);
+    let forget = OffsetDeleteRequest::default()
+        .with_group_id(GroupId(sb("g")))
+        .with_topics(vec![
+            offset_delete_request::OffsetDeleteRequestTopic::default()
+                .with_name(name("safe"))
+                .with_partitions(vec![
+                    offset_delete_request::OffsetDeleteRequestPartition::default(),
+                ]),
+        ]);
+    frames(c, &forget, &[0], &mut out);
+    let elect = ElectLeadersRequest::default().with_topic_partitions(Some(vec![
+        elect_leaders_request::TopicPartitions::default()
+            .with_topic(name("safe"))
+            .with_partitions(vec![0]),
+    ]));
+    frames(c, &elect, &[0, 1, 2], &mut out);
+    let stay = AlterPartitionReassignmentsRequest::default().with_topics(vec![
+        alter_partition_reassignments_request::ReassignableTopic::default()
+            .with_name(name("safe"))
+            .with_partitions(vec![
+                alter_partition_reassignments_request::ReassignablePartition::default()
+                    .with_replicas(Some(vec![BrokerId(0)])),
+            ]),
+    ]);
+    frames(c, &stay, &[0, 1], &mut out);
+    frames(
+        c,
+        &ListPartitionReassignmentsRequest::default(),
+        &[0],
+        &mut out,
+    );
+    let quotas = DescribeClientQuotasRequest::default().with_components(vec![
+        describe_client_quotas_request::ComponentData::default()
+            .with_entity_type(sb("client-id"))
+            .with_match_type(0)
+            .with_match(Some(sb("fuzz"))),
+    ]);
+    frames(c, &quotas, &[0, 1], &mut out);
+    // A key no mutation of a few bytes turns into an enforced one: a quota
+    // set here would throttle the fuzzing client itself.
+    let refused = AlterClientQuotasRequest::default().with_entries(vec![
+        alter_client_quotas_request::EntryData::default()
+            .with_entity(vec![alter_client_quotas_request::EntityData::default()
+                .with_entity_type(sb("client-id"))
+                .with_entity_name(Some(sb("fuzz")))])
+            .with_ops(vec![alter_client_quotas_request::OpData::default()
+                .with_key(sb("no_such_quota_key_at_all"))
+                .with_value(1.0)]),
+    ]);
+    frames(c, &refused, &[0, 1], &mut out);
     out
 }
 

@@ -356,6 +356,69 @@ async fn create_partitions_grows_and_refuses_shrink() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn elections_and_reassignments_on_one_node() {
+    use alter_partition_reassignments_request::{ReassignablePartition, ReassignableTopic};
+    use elect_leaders_request::TopicPartitions;
+    let server = Server::start().await;
+    server.create_topic("placed", 1).await;
+    let mut c = server.client().await;
+    let elect = |topic: &str| {
+        ElectLeadersRequest::default().with_topic_partitions(Some(vec![TopicPartitions::default()
+            .with_topic(name(topic))
+            .with_partitions(vec![0])]))
+    };
+    let codes = |resp: &ElectLeadersResponse| -> Vec<i16> {
+        resp.replica_election_results
+            .iter()
+            .flat_map(|t| t.partition_result.iter().map(|p| p.error_code))
+            .collect()
+    };
+    for version in [0, 1, 2] {
+        let resp = c.call(&elect("placed"), version).await;
+        assert_eq!(codes(&resp), [ErrorCode::ElectionNotNeeded.code()]);
+    }
+    let resp = c.call(&elect("nowhere"), 2).await;
+    assert_eq!(codes(&resp), [ErrorCode::UnknownTopicOrPartition.code()]);
+    // Every partition: those that need no election are left out.
+    let all = ElectLeadersRequest::default().with_topic_partitions(None);
+    assert!(codes(&c.call(&all, 2).await).is_empty());
+    let unclean = elect("placed").with_election_type(1);
+    assert_eq!(
+        codes(&c.call(&unclean, 2).await),
+        [ErrorCode::ElectionNotNeeded.code()]
+    );
+
+    let reassign = |replicas: Option<Vec<i32>>, allow_rf_change: bool| {
+        AlterPartitionReassignmentsRequest::default()
+            .with_allow_replication_factor_change(allow_rf_change)
+            .with_topics(vec![ReassignableTopic::default()
+                .with_name(name("placed"))
+                .with_partitions(vec![ReassignablePartition::default()
+                    .with_replicas(
+                        replicas.map(|r| r.into_iter().map(BrokerId).collect()),
+                    )])])
+    };
+    let code =
+        |resp: &AlterPartitionReassignmentsResponse| resp.responses[0].partitions[0].error_code;
+    let md = c.call(&metadata_request(&["placed"], false), 12).await;
+    let me = md.topics[0].partitions[0].replica_nodes[0].0;
+    let resp = c.call(&reassign(Some(vec![me]), true), 1).await;
+    assert_eq!((resp.error_code, code(&resp)), (0, 0));
+    let resp = c.call(&reassign(None, true), 1).await;
+    assert_eq!(code(&resp), ErrorCode::NoReassignmentInProgress.code());
+    // KIP-860: a change of replica count is refused when the client forbids it.
+    let resp = c.call(&reassign(Some(vec![me, me + 1]), false), 1).await;
+    assert_eq!(code(&resp), ErrorCode::InvalidReplicationFactor.code());
+    let resp = c.call(&reassign(Some(vec![me, me + 1]), true), 1).await;
+    assert_eq!(code(&resp), ErrorCode::InvalidReplicaAssignment.code());
+    let list = ListPartitionReassignmentsRequest::default();
+    let resp = c.call(&list, 0).await;
+    assert_eq!(resp.error_code, 0);
+    assert!(resp.topics.is_empty());
+    server.stop().await;
+}
+
 fn describe(topic: &str, keys: Option<Vec<&str>>) -> DescribeConfigsRequest {
     DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
         .with_resource_type(2)
@@ -517,6 +580,23 @@ async fn describe_and_alter_configs_round_trip() {
     );
     assert_eq!(info.config.retention_bytes, 12345);
 
+    // A topic's override names the broker default under it (synonyms).
+    let mut req = describe("cfg", Some(vec!["retention.bytes"]));
+    req.include_synonyms = true;
+    let resp = c.call(&req, 4).await;
+    let synonyms: Vec<(String, i8)> = resp.results[0].configs[0]
+        .synonyms
+        .iter()
+        .map(|s| (s.name.to_string(), s.source))
+        .collect();
+    assert_eq!(
+        synonyms,
+        vec![
+            ("retention.bytes".to_owned(), 1),
+            ("log.retention.bytes".to_owned(), 5)
+        ]
+    );
+
     // Broker resource: read-only settings; unknown topic: error.
     let resp = c
         .call(
@@ -530,10 +610,33 @@ async fn describe_and_alter_configs_round_trip() {
         .await;
     assert_eq!(resp.results[0].error_code, 0);
     assert!(resp.results[0].configs.iter().all(|c| c.read_only));
-    assert!(resp.results[0]
-        .configs
-        .iter()
-        .any(|c| c.name.as_str() == "num.partitions"));
+    let typed = |name: &str| {
+        resp.results[0]
+            .configs
+            .iter()
+            .find(|c| c.name.as_str() == name)
+            .map(|c| (c.value.as_ref().map(|v| v.to_string()), c.config_type))
+    };
+    assert!(typed("num.partitions").is_some());
+    // Every topic config's broker default under Kafka's broker name, typed.
+    assert_eq!(
+        typed("log.retention.ms"),
+        Some((Some("604800000".into()), 5))
+    );
+    assert_eq!(
+        typed("log.cleanup.policy"),
+        Some((Some("delete".into()), 7))
+    );
+    assert_eq!(
+        typed("log.cleaner.min.cleanable.ratio").map(|t| t.1),
+        Some(6)
+    );
+    assert_eq!(typed("auto.create.topics.enable").map(|t| t.1), Some(1));
+    assert_eq!(
+        typed("log.retention.check.interval.ms"),
+        None,
+        "the binary adds it"
+    );
     let resp = c.call(&describe("missing", None), 4).await;
     assert_eq!(
         resp.results[0].error_code,

@@ -768,12 +768,7 @@ mod tests {
         sluice_codec::compress(codec, &batch[61..], &mut packed).unwrap();
         let mut out = batch[..61].to_vec();
         out.extend_from_slice(&packed);
-        let len = (out.len() - 12) as i32;
-        out[8..12].copy_from_slice(&len.to_be_bytes());
-        let attributes = codec.attribute_bits();
-        out[21..23].copy_from_slice(&attributes.to_be_bytes());
-        let crc = crc32c::crc32c(&out[21..]);
-        out[17..21].copy_from_slice(&crc.to_be_bytes());
+        crate::batch::reseal(&mut out, codec.attribute_bits()).unwrap();
         out
     }
 

@@ -640,10 +640,7 @@ async fn ensure_topic_matches_the_quorums_record() {
     // min.insync.replicas is kept with the other topic configs (the
     // replication layer enforces it); keys nobody knows are skipped.
     configs.insert("min.insync.replicas".to_string(), "2".to_string());
-    configs.insert(
-        "follower.replication.throttled.replicas".to_string(),
-        "*".to_string(),
-    );
+    configs.insert("a.key.of.a.later.version".to_string(), "*".to_string());
     let t = store.ensure_topic("e", id_a, 2, &configs).unwrap();
     assert_eq!((t.id, t.partitions), (id_a, 2));
     assert_eq!(t.overrides.len(), 2);

@@ -620,3 +620,105 @@ fn an_offsets_topic_with_one_replica_grows_to_three() {
     assert_eq!(super::total_lag(&describe), 6, "{describe}");
     c.terminate();
 }
+
+/// KIP-951: a node asked to produce to or fetch from a partition another node
+/// leads names that leader, its epoch and (Produce v10+) its endpoint, so a
+/// current client goes there without a metadata round trip first.
+#[test]
+fn a_node_that_does_not_lead_a_partition_names_its_leader() {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{BrokerId, FetchRequest, ProduceRequest, TopicName};
+    use kafka_protocol::protocol::StrBytes;
+    use sluice_vocab::ErrorCode;
+
+    let c = Cluster::start();
+    for i in 0..3 {
+        c.wait_status(i, "3 alive nodes and a controller", all_alive);
+    }
+    c.create_replicated(0, "hints", 1);
+    let v = c.status(0);
+    let p0 = &topic(&v, "hints").expect("topic in status")["partitions"][0];
+    let leader = p0["leader"].as_i64().expect("a leader") as i32;
+    let epoch = p0["leader_epoch"].as_i64().expect("an epoch") as i32;
+    let follower = c.nodes.iter().find(|n| n.id != leader).expect("a follower");
+    let leader_addr = c.nodes[leader as usize - 1].kafka;
+    let name = || TopicName(StrBytes::from_static_str("hints"));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut conn = sluice_client::Connection::connect(
+            &follower.kafka.to_string(),
+            "kip-951-test",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let produce = ProduceRequest::default()
+            .with_acks(1)
+            .with_timeout_ms(5_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(name())
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(0)
+                    .with_records(Some(bytes::Bytes::new()))])]);
+        let resp = conn.call(&produce, 11).await.unwrap();
+        let p = &resp.responses[0].partition_responses[0];
+        assert_eq!(
+            p.error_code,
+            ErrorCode::NotLeaderOrFollower.code(),
+            "{resp:?}"
+        );
+        assert_eq!(p.current_leader.leader_id, BrokerId(leader), "{resp:?}");
+        assert_eq!(p.current_leader.leader_epoch, epoch, "{resp:?}");
+        assert_eq!(resp.node_endpoints.len(), 1, "{resp:?}");
+        let e = &resp.node_endpoints[0];
+        assert_eq!(e.node_id, BrokerId(leader));
+        assert_eq!(
+            (e.host.as_str(), e.port),
+            (
+                leader_addr.ip().to_string().as_str(),
+                i32::from(leader_addr.port())
+            )
+        );
+
+        let fetch = FetchRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_max_wait_ms(0)
+            .with_min_bytes(0)
+            .with_max_bytes(1 << 20)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(name())
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(0)
+                    .with_fetch_offset(0)
+                    .with_current_leader_epoch(-1)
+                    .with_partition_max_bytes(1 << 20)])]);
+        let resp = conn.call(&fetch, 12).await.unwrap();
+        let p = &resp.responses[0].partitions[0];
+        assert_eq!(
+            p.error_code,
+            ErrorCode::NotLeaderOrFollower.code(),
+            "{resp:?}"
+        );
+        assert_eq!(p.current_leader.leader_id, BrokerId(leader), "{resp:?}");
+        assert_eq!(p.current_leader.leader_epoch, epoch, "{resp:?}");
+
+        // The leader itself takes the produce: no hint there.
+        let mut at_leader = sluice_client::Connection::connect(
+            &leader_addr.to_string(),
+            "kip-951-test",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let resp = at_leader.call(&fetch, 12).await.unwrap();
+        let p = &resp.responses[0].partitions[0];
+        assert_eq!(p.error_code, 0, "{resp:?}");
+        assert_eq!(p.current_leader.leader_id, BrokerId(-1), "{resp:?}");
+    });
+    c.terminate();
+}
