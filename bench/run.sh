@@ -563,6 +563,20 @@ for STATE in checkpoint changelog; do
     fi
 done
 
+# Consumer groups: how long a member joining a group of two waits for its
+# share of a 12-partition topic, with the classic protocol (librdkafka's
+# eager range assignment) and the consumer protocol (KIP-848), each with
+# its client and broker defaults. Kafka, the peer, cannot be installed here.
+if ((QUICK)); then REBALANCE_ROUNDS=1; else REBALANCE_ROUNDS=5; fi
+for PROTOCOL in classic consumer; do
+    log "sluice: group rebalance, $PROTOCOL protocol"
+    measure --set system=sluice --set "scenario=consumer group: a third member joins two on 12 partitions, $PROTOCOL protocol ($REBALANCE_ROUNDS rounds)" -- \
+        env SLUICE_BIN="$SLUICE" "$VENV/bin/python" "$ROOT/tests/interop/group_rebalance_bench.py" --protocol "$PROTOCOL" --rounds "$REBALANCE_ROUNDS" --json
+    if [[ -n $LAST_JSON ]]; then
+        note "- Group rebalance, $PROTOCOL protocol: a joining member had its share after $(json_num rebalance_ms_median | cut -d. -f1) ms (median; max $(json_num rebalance_ms_max | cut -d. -f1) ms)."
+    fi
+done
+
 # Many partitions: tests/interop/scale.py creates them through the admin API,
 # produces one record to each, reads them back, restarts the broker cleanly
 # and after kill -9, reads everything again and reports RSS, open

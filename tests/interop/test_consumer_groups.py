@@ -35,18 +35,22 @@ class Member:
         self._stop = threading.Event()
         self._closed = threading.Event()
         self._lock = threading.Lock()
-        self.consumer = Consumer({
+        conf = {
             "bootstrap.servers": bootstrap,
             "group.id": group,
             "client.id": name,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
-            "session.timeout.ms": 10000,
-            "heartbeat.interval.ms": 300,
-            "partition.assignment.strategy": "range",
             "fetch.wait.max.ms": 100,
             **(extra_conf or {}),
-        })
+        }
+        # The consumer protocol (KIP-848) takes its timing and assignor from
+        # the broker and refuses these settings.
+        self.consumer_protocol = conf.get("group.protocol") == "consumer"
+        if not self.consumer_protocol:
+            conf.update({"session.timeout.ms": 10000, "heartbeat.interval.ms": 300,
+                         "partition.assignment.strategy": "range"})
+        self.consumer = Consumer(conf)
         self.topic = topic
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -54,19 +58,33 @@ class Member:
         self.thread.start()
         return self
 
+    # Callbacks name what changes: everything for the classic protocol's
+    # eager rebalances, only the moving partitions for the consumer protocol.
     def _on_assign(self, consumer, partitions):
         with self._lock:
-            self.assignment = {p.partition for p in partitions}
+            self.assignment |= {p.partition for p in partitions}
             self.generations += 1
 
     def _on_revoke(self, consumer, partitions):
+        if self.consumer_protocol and partitions:
+            # What was read from a partition about to go is committed
+            # before it goes (the consumer protocol keeps the member's epoch
+            # until the revocation is acknowledged, so this commit counts).
+            try:
+                consumer.commit(asynchronous=False)
+            except KafkaException as e:
+                self.errors.append(f"commit on revoke: {e}")
         with self._lock:
-            self.assignment = set()
+            self.assignment -= {p.partition for p in partitions}
+
+    def _on_lost(self, consumer, partitions):
+        with self._lock:
+            self.assignment -= {p.partition for p in partitions}
 
     def _run(self):
         c = self.consumer
         try:
-            c.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke)
+            c.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
             while not self._stop.is_set():
                 msgs = c.consume(num_messages=200, timeout=0.2)
                 batch = []

@@ -12,7 +12,7 @@ use sluice_vocab::ErrorCode;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::{GroupConfig, GroupCoordinator, OffsetsLog};
+use crate::{GroupConfig, GroupCoordinator, OffsetsLog, TopicCatalog, TopicInfo};
 
 /// Pause before opening a coordinator again after an error (a disk error while
 /// replaying): the leadership may still be ours.
@@ -174,6 +174,7 @@ async fn open(
             partition_exists: Arc::new(move |topic, partition| {
                 images.image().partition(topic, partition).is_some()
             }),
+            catalog: Arc::new(ImageCatalog(topology.clone())),
         };
         match GroupCoordinator::open(config.clone(), offsets).await {
             Ok(g) => return Some(g),
@@ -182,5 +183,33 @@ async fn open(
                 tokio::time::sleep(RETRY).await;
             }
         }
+    }
+}
+
+/// The topics of the metadata image, for consumer-protocol subscriptions.
+struct ImageCatalog(Arc<dyn Topology>);
+
+impl TopicCatalog for ImageCatalog {
+    fn version(&self) -> u64 {
+        self.0.image().applied_index
+    }
+
+    fn topic(&self, name: &str) -> Option<TopicInfo> {
+        let image = self.0.image();
+        let t = image.topics.get(name)?;
+        Some(TopicInfo {
+            id: t.topic_id,
+            partitions: i32::try_from(t.partitions.len()).unwrap_or(i32::MAX),
+        })
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.0
+            .image()
+            .topics
+            .keys()
+            .filter(|name| !sluice_vocab::internal::is_internal(name))
+            .cloned()
+            .collect()
     }
 }

@@ -12,7 +12,8 @@ use sluice_vocab::ErrorCode;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::GroupConfig;
+use crate::consumer::{ConsumerGroup, Heartbeat, HeartbeatAnswer, Refusal};
+use crate::{GroupConfig, TopicCatalog};
 
 /// How long a new member's JoinGroup may wait before it is dropped
 /// (Kafka's `GroupCoordinator.NewMemberJoinTimeoutMs`).
@@ -241,6 +242,29 @@ pub(crate) struct Group {
     deleted_before: HashMap<(String, i32), i64>,
     /// When the group last became Empty (for forgetting idle groups).
     empty_since: Instant,
+    /// Which protocol the group's members speak.
+    pub kind: GroupKind,
+    /// The members of the consumer protocol (KIP-848), when `kind` says so.
+    pub consumer: ConsumerGroup,
+}
+
+/// Which API a commit came in: the consumer protocol answers them
+/// differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CommitApi {
+    /// OffsetCommit at this version.
+    OffsetCommit(i16),
+    /// TxnOffsetCommit.
+    Transactional,
+}
+
+/// A group speaks one membership protocol at a time; an empty group takes
+/// the protocol of the next member that joins (Kafka converts an empty
+/// group the same way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GroupKind {
+    Classic,
+    Consumer,
 }
 
 /// The topics of a consumer-protocol subscription (the metadata a consumer
@@ -298,6 +322,8 @@ impl Group {
             inflight: HashMap::new(),
             deleted_before: HashMap::new(),
             empty_since: now,
+            kind: GroupKind::Classic,
+            consumer: ConsumerGroup::default(),
         }
     }
 
@@ -492,6 +518,15 @@ impl Group {
         now: Instant,
         cfg: &GroupConfig,
     ) -> Outcome<JoinResult> {
+        if self.kind == GroupKind::Consumer {
+            if !self.consumer.is_empty() {
+                return Outcome::Now(JoinResult::error(
+                    &p.member_id,
+                    ErrorCode::InconsistentGroupProtocol,
+                ));
+            }
+            self.kind = GroupKind::Classic;
+        }
         let out = if p.member_id.is_empty() {
             self.join_new_member(p, new_member_id, now, cfg)
         } else {
@@ -1136,15 +1171,34 @@ impl Group {
         Ok(())
     }
 
-    /// Kafka's `validateOffsetCommit` (non-transactional).
+    /// Kafka's `validateOffsetCommit`.
     pub(crate) fn validate_offset_commit(
         &self,
         generation: i32,
         member_id: &str,
         instance_id: Option<&str>,
+        api: CommitApi,
     ) -> Result<(), ErrorCode> {
         if self.state == GroupState::Dead {
             return Err(ErrorCode::CoordinatorNotAvailable);
+        }
+        if self.kind == GroupKind::Consumer {
+            let checked = self.consumer.validate_commit(member_id, generation);
+            return match (checked, api) {
+                // Kafka's transactional commits say ILLEGAL_GENERATION (a
+                // producer aborts on it), and OffsetCommit before v9 has no
+                // member epoch to be stale.
+                (Err(ErrorCode::StaleMemberEpoch), CommitApi::Transactional) => {
+                    Err(ErrorCode::IllegalGeneration)
+                }
+                (Ok(()), CommitApi::OffsetCommit(v)) if v < 9 && !self.consumer.is_empty() => {
+                    Err(ErrorCode::UnsupportedVersion)
+                }
+                (Err(ErrorCode::StaleMemberEpoch), CommitApi::OffsetCommit(v)) if v < 9 => {
+                    Err(ErrorCode::UnsupportedVersion)
+                }
+                (r, _) => r,
+            };
         }
         if generation >= 0 || !member_id.is_empty() || instance_id.is_some() {
             self.validate_current_member(member_id, instance_id)?;
@@ -1165,10 +1219,61 @@ impl Group {
         }
     }
 
-    /// A successful commit counts as a heartbeat (Kafka resets the session).
+    /// A successful commit counts as a heartbeat of a classic member
+    /// (Kafka resets its session); a consumer-protocol member's session
+    /// runs on its heartbeats alone.
     pub(crate) fn commit_heartbeat(&mut self, member_id: &str, now: Instant) {
         if let Some(m) = self.members.get_mut(member_id) {
             m.reset_session(now);
+        }
+    }
+
+    /// A ConsumerGroupHeartbeat: an empty classic group becomes a consumer
+    /// group; one with classic members is not one (Kafka's answer when its
+    /// migration between protocols does not apply).
+    pub(crate) fn consumer_heartbeat(
+        &mut self,
+        hb: Heartbeat,
+        now: Instant,
+        cfg: &GroupConfig,
+        catalog: &dyn TopicCatalog,
+    ) -> Result<HeartbeatAnswer, Refusal> {
+        if self.kind == GroupKind::Classic {
+            if self.state != GroupState::Empty || !self.members.is_empty() {
+                return Err((
+                    ErrorCode::GroupIdNotFound,
+                    format!("Group {} is not a consumer group.", self.id),
+                ));
+            }
+            if hb.member_epoch != 0 {
+                return Err((
+                    ErrorCode::UnknownMemberId,
+                    format!(
+                        "Member {} is not a member of group {}.",
+                        hb.member_id, self.id
+                    ),
+                ));
+            }
+            self.kind = GroupKind::Consumer;
+            tracing::info!(group = %self.id, "group uses the consumer protocol");
+        }
+        let answer = self.consumer.heartbeat(&self.id, hb, now, cfg, catalog);
+        if self.consumer.is_empty() {
+            self.empty_since = now;
+        }
+        answer
+    }
+
+    /// Whether members of either protocol belong to the group.
+    pub(crate) fn has_members(&self) -> bool {
+        self.state != GroupState::Empty || !self.consumer.is_empty()
+    }
+
+    /// The state ListGroups and DescribeGroups report, by protocol.
+    pub(crate) fn state_name(&self) -> &'static str {
+        match self.kind {
+            GroupKind::Consumer if self.state != GroupState::Dead => self.consumer.state(),
+            _ => self.state.as_str(),
         }
     }
 
@@ -1176,6 +1281,7 @@ impl Group {
 
     fn empty_and_idle(&self) -> bool {
         self.state == GroupState::Empty
+            && self.consumer.is_empty()
             && self.members.is_empty()
             && self.pending_members.is_empty()
             && self.offsets.is_empty()
@@ -1191,7 +1297,9 @@ impl Group {
         let idle = self
             .empty_and_idle()
             .then_some(self.empty_since + EMPTY_GROUP_TTL);
+        let consumer = self.consumer.next_deadline();
         members
+            .chain(consumer)
             .chain(pending)
             .chain(join)
             .chain(sync)
@@ -1245,6 +1353,14 @@ impl Group {
         for id in expired {
             tracing::info!(group = %self.id, member = %id, "session expired; removing member");
             self.remove_member_and_update(&id, now, cfg);
+        }
+
+        // Consumer-protocol members out of session or past their revocation time.
+        if !self.consumer.is_empty() {
+            self.consumer.fire_timers(&self.id, now);
+            if self.consumer.is_empty() {
+                self.empty_since = now;
+            }
         }
 
         // Member ids handed out with MEMBER_ID_REQUIRED and never used.

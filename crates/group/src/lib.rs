@@ -1,4 +1,6 @@
-//! Kafka's classic consumer-group protocol: membership, rebalances and
+//! Kafka's consumer groups: the classic protocol's membership and
+//! rebalances, the consumer protocol of KIP-848 (`consumer`: the broker
+//! assigns, members reconcile towards it heartbeat by heartbeat), and
 //! committed offsets, the latter kept in the replicated `__consumer_offsets`
 //! topic and replayed when a node takes over its leadership.
 //!
@@ -42,6 +44,8 @@
 //! | DescribeGroups |  15 | 0-6      |
 //! | ListGroups     |  16 | 0-5      |
 //! | DeleteGroups   |  42 | 0-2      |
+//! | ConsumerGroupHeartbeat | 68 | 0-1 |
+//! | ConsumerGroupDescribe  | 69 | 0-1 |
 //!
 //! Where Sluice differs from Kafka's classic coordinator:
 //! - membership is not persisted: after a restart every group comes back
@@ -53,14 +57,23 @@
 //! - `group.max.size` is not enforced;
 //! - a tie in the protocol vote goes to the leader's preference order
 //!   (Kafka picks arbitrarily);
-//! - DeleteGroups answers after its tombstones are durable (Kafka does not wait).
+//! - DeleteGroups answers after its tombstones are durable (Kafka does not wait);
+//! - a group uses one protocol at a time: Kafka 4's online migration of a
+//!   group with members between the classic and the consumer protocol is
+//!   not implemented (a member of the other protocol is refused).
 
+mod assignor;
+mod consumer;
+mod consumer_api;
 mod coordination;
 mod group;
 mod record;
 mod txn_offsets;
 
 pub use coordination::Coordination;
+
+/// The server-side assignors of consumer-protocol groups, by name.
+pub const SERVER_ASSIGNORS: [&str; 2] = assignor::ASSIGNORS;
 
 /// A group's committed offset of one partition.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,7 +121,9 @@ use sluice_vocab::{now_ms, ErrorCode};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::group::{Committed, Group, GroupState, JoinParams, JoinResult, Outcome, SyncResult};
+use crate::group::{
+    CommitApi, Committed, Group, GroupKind, GroupState, JoinParams, JoinResult, Outcome, SyncResult,
+};
 use crate::record::{OffsetKey, OffsetValue};
 
 /// Kafka's `offset.metadata.max.bytes`: longer commit metadata is refused
@@ -127,6 +142,8 @@ pub const SUPPORTED_VERSIONS: &[(i16, i16, i16)] = &[
     (15, 0, 6), // DescribeGroups
     (16, 0, 5), // ListGroups
     (42, 0, 2), // DeleteGroups
+    (68, 0, 1), // ConsumerGroupHeartbeat
+    (69, 0, 1), // ConsumerGroupDescribe
 ];
 
 /// Group coordinator settings, with Kafka's names and defaults.
@@ -139,6 +156,39 @@ pub struct GroupConfig {
     /// `group.initial.rebalance.delay.ms` (3000): how long the first join of
     /// an empty group waits for more members.
     pub initial_rebalance_delay_ms: u64,
+    /// `group.consumer.session.timeout.ms` (45000): a consumer-protocol
+    /// member not heard from for this long is removed.
+    pub consumer_session_timeout_ms: u64,
+    /// `group.consumer.heartbeat.interval.ms` (5000): how often such a
+    /// member is told to heartbeat.
+    pub consumer_heartbeat_interval_ms: u64,
+    /// `group.consumer.assignors` (uniform, range): the server-side
+    /// assignors in preference order; the first is the default.
+    pub consumer_assignors: Vec<String>,
+}
+
+impl GroupConfig {
+    pub(crate) fn consumer_default_assignor(&self) -> &str {
+        self.consumer_assignors
+            .first()
+            .map_or(assignor::UNIFORM, String::as_str)
+    }
+}
+
+/// What the consumer protocol's server-side assignment knows of a topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TopicInfo {
+    pub id: [u8; 16],
+    pub partitions: i32,
+}
+
+/// The topics a consumer group may subscribe to: the cluster's metadata.
+pub trait TopicCatalog: Send + Sync {
+    /// Changes whenever any topic does (a group re-reads its topics then).
+    fn version(&self) -> u64;
+    fn topic(&self, name: &str) -> Option<TopicInfo>;
+    /// Every topic a regex subscription may match (internal ones excluded).
+    fn names(&self) -> Vec<String>;
 }
 
 impl Default for GroupConfig {
@@ -147,6 +197,12 @@ impl Default for GroupConfig {
             min_session_timeout_ms: 6_000,
             max_session_timeout_ms: 1_800_000,
             initial_rebalance_delay_ms: 3_000,
+            consumer_session_timeout_ms: 45_000,
+            consumer_heartbeat_interval_ms: 5_000,
+            consumer_assignors: assignor::ASSIGNORS
+                .iter()
+                .map(|a| (*a).to_owned())
+                .collect(),
         }
     }
 }
@@ -164,6 +220,8 @@ pub struct OffsetsLog {
     pub leadership: Leadership,
     /// Whether a commit's topic partition exists.
     pub partition_exists: PartitionExists,
+    /// The topics consumer-protocol groups subscribe to.
+    pub catalog: Arc<dyn TopicCatalog>,
 }
 
 /// Why an offsets-log write failed because the coordinator was closed
@@ -196,6 +254,7 @@ pub struct GroupCoordinator {
     /// How the offsets log is led: batches are appended and committed through it.
     leadership: Leadership,
     partition_exists: PartitionExists,
+    catalog: Arc<dyn TopicCatalog>,
     /// Never lock a group while holding this map's lock.
     groups: Mutex<HashMap<String, Arc<GroupHandle>>>,
     /// Dropped with the coordinator, which ends every timer task.
@@ -293,6 +352,7 @@ impl GroupCoordinator {
             config,
             leadership: offsets.leadership,
             partition_exists: offsets.partition_exists,
+            catalog: offsets.catalog,
             groups: Mutex::new(HashMap::new()),
             shutdown,
             id_seq: AtomicU64::new(0),
@@ -693,7 +753,6 @@ impl GroupCoordinator {
         req: OffsetCommitRequest,
         version: i16,
     ) -> OffsetCommitResponse {
-        let _ = version;
         let mut resp = OffsetCommitResponse::default();
         resp.topics = req
             .topics
@@ -757,7 +816,13 @@ impl GroupCoordinator {
             // admin tool commits with generation -1 and no member id.
             None if generation < 0 => self.live_group(group_id),
             None => {
-                fail_all(&mut resp, ErrorCode::IllegalGeneration);
+                // v9 (KIP-848) tells a missing group apart.
+                let err = if version >= 9 {
+                    ErrorCode::GroupIdNotFound
+                } else {
+                    ErrorCode::IllegalGeneration
+                };
+                fail_all(&mut resp, err);
                 return resp;
             }
         };
@@ -765,7 +830,12 @@ impl GroupCoordinator {
         let commit_ts = now_ms();
         let written = {
             let mut g = handle.state.lock();
-            if let Err(e) = g.validate_offset_commit(generation, member_id, instance_id) {
+            if let Err(e) = g.validate_offset_commit(
+                generation,
+                member_id,
+                instance_id,
+                CommitApi::OffsetCommit(version),
+            ) {
                 fail_all(&mut resp, e);
                 return resp;
             }
@@ -915,6 +985,15 @@ impl GroupCoordinator {
                     });
                     let mut out = OffsetFetchResponseGroup::default();
                     out.group_id = g.group_id.clone();
+                    if version >= 9 {
+                        let member = g.member_id.as_ref().map(|m| m.as_str());
+                        if let Err(e) =
+                            self.validate_fetch(g.group_id.as_str(), member, g.member_epoch)
+                        {
+                            out.error_code = e.code();
+                            return out;
+                        }
+                    }
                     out.topics = self
                         .committed(g.group_id.as_str(), wanted)
                         .into_iter()
@@ -985,6 +1064,28 @@ impl GroupCoordinator {
                 .collect();
         }
         resp
+    }
+
+    /// OffsetFetch v9 from a member of a consumer-protocol group must carry
+    /// its current epoch (Kafka's `validateOffsetFetch`); other fetches
+    /// (admin tools, classic groups) are not checked.
+    fn validate_fetch(
+        &self,
+        group: &str,
+        member: Option<&str>,
+        epoch: i32,
+    ) -> Result<(), ErrorCode> {
+        if member.is_none() && epoch < 0 {
+            return Ok(());
+        }
+        let Some(handle) = self.get_group(group) else {
+            return Ok(());
+        };
+        let g = handle.state.lock();
+        if g.kind != GroupKind::Consumer || g.state == GroupState::Dead {
+            return Ok(());
+        }
+        g.consumer.validate_fetch(member.unwrap_or_default(), epoch)
     }
 
     /// Committed offsets of a group: the requested partitions (unknown ones
@@ -1079,27 +1180,33 @@ impl GroupCoordinator {
         } else {
             Vec::new()
         };
-        // Every group here is a classic group.
-        if !types.is_empty() && !types.iter().any(|t| t == "classic") {
-            return resp;
-        }
         for handle in self.handles() {
             let g = handle.state.lock();
             if g.state == GroupState::Dead {
                 continue;
             }
-            let state = g.state.as_str();
+            let kind = match g.kind {
+                GroupKind::Classic => "classic",
+                GroupKind::Consumer => "consumer",
+            };
+            if !types.is_empty() && !types.iter().any(|t| t == kind) {
+                continue;
+            }
+            let state = g.state_name();
             if !states.is_empty() && !states.contains(&state.to_ascii_lowercase()) {
                 continue;
             }
             let mut listed = ListedGroup::default();
             listed.group_id = GroupId(str_bytes(&g.id));
-            listed.protocol_type = str_bytes(g.protocol_type.as_deref().unwrap_or_default());
+            listed.protocol_type = match g.kind {
+                GroupKind::Classic => str_bytes(g.protocol_type.as_deref().unwrap_or_default()),
+                GroupKind::Consumer => StrBytes::from_static_str("consumer"),
+            };
             if version >= 4 {
                 listed.group_state = str_bytes(state);
             }
             if version >= 5 {
-                listed.group_type = StrBytes::from_static_str("classic");
+                listed.group_type = StrBytes::from_static_str(kind);
             }
             resp.groups.push(listed);
         }
@@ -1120,7 +1227,25 @@ impl GroupCoordinator {
             }
             let handle = self.get_group(group_id.as_str());
             let guard = handle.as_ref().map(|h| h.state.lock());
-            match guard.as_ref().filter(|g| g.state != GroupState::Dead) {
+            let consumer_group = guard
+                .as_ref()
+                .is_some_and(|g| g.state != GroupState::Dead && g.kind == GroupKind::Consumer);
+            match guard
+                .as_ref()
+                .filter(|g| g.state != GroupState::Dead && g.kind == GroupKind::Classic)
+            {
+                None if consumer_group => {
+                    // Kafka describes only classic groups here; clients ask
+                    // ConsumerGroupDescribe for the others.
+                    out.group_state = StrBytes::from_static_str(GroupState::Dead.as_str());
+                    if version >= 6 {
+                        out.error_code = ErrorCode::GroupIdNotFound.code();
+                        out.error_message = Some(StrBytes::from_string(format!(
+                            "Group {} is not a classic group.",
+                            group_id.as_str()
+                        )));
+                    }
+                }
                 None => {
                     out.group_state = StrBytes::from_static_str(GroupState::Dead.as_str());
                     // Before v6 Kafka answers an unknown group as Dead with
@@ -1220,6 +1345,7 @@ impl GroupCoordinator {
             GroupState::Stable
             | GroupState::PreparingRebalance
             | GroupState::CompletingRebalance => return Err(ErrorCode::NonEmptyGroup),
+            GroupState::Empty if !g.consumer.is_empty() => return Err(ErrorCode::NonEmptyGroup),
             GroupState::Empty => {}
         }
         // Tombstones for every committed partition and for commits still on
@@ -1288,6 +1414,7 @@ impl GroupCoordinator {
             let mut g = handle.state.lock();
             let subscribed = match g.state {
                 GroupState::Dead => return resp.with_error_code(ErrorCode::GroupIdNotFound.code()),
+                GroupState::Empty if !g.consumer.is_empty() => Some(g.consumer.subscribed_topics()),
                 GroupState::Empty => Some(Default::default()),
                 _ if g.protocol_type.as_deref() == Some("consumer") => g.subscribed_topics(),
                 _ => return resp.with_error_code(ErrorCode::NonEmptyGroup.code()),
@@ -1322,7 +1449,7 @@ impl GroupCoordinator {
                 tracing::info!(group = %g.id, partitions = doomed.len(), "committed offsets deleted");
             }
             // An Empty group left with no offsets is gone, as on Kafka.
-            let gone = g.state == GroupState::Empty
+            let gone = !g.has_members()
                 && !doomed.is_empty()
                 && !transacting
                 && g.offsets.is_empty()
@@ -1366,6 +1493,7 @@ impl GroupCoordinator {
 /// COORDINATOR_LOAD_IN_PROGRESS while the offsets are replayed). Each one
 /// encodes at every version the coordinator serves.
 pub mod refuse {
+    use kafka_protocol::messages::consumer_group_describe_response;
     use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
     use kafka_protocol::messages::describe_groups_response::DescribedGroup;
     use kafka_protocol::messages::offset_commit_response::{
@@ -1375,10 +1503,12 @@ pub mod refuse {
         OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponseTopic,
     };
     use kafka_protocol::messages::{
-        DeleteGroupsRequest, DeleteGroupsResponse, DescribeGroupsRequest, DescribeGroupsResponse,
-        HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupResponse,
-        ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteResponse,
-        OffsetFetchRequest, OffsetFetchResponse, SyncGroupResponse,
+        ConsumerGroupDescribeRequest, ConsumerGroupDescribeResponse,
+        ConsumerGroupHeartbeatResponse, DeleteGroupsRequest, DeleteGroupsResponse,
+        DescribeGroupsRequest, DescribeGroupsResponse, HeartbeatResponse, JoinGroupRequest,
+        JoinGroupResponse, LeaveGroupResponse, ListGroupsResponse, OffsetCommitRequest,
+        OffsetCommitResponse, OffsetDeleteResponse, OffsetFetchRequest, OffsetFetchResponse,
+        SyncGroupResponse,
     };
     use sluice_vocab::ErrorCode;
 
@@ -1394,6 +1524,26 @@ pub mod refuse {
 
     pub fn heartbeat(err: ErrorCode) -> HeartbeatResponse {
         HeartbeatResponse::default().with_error_code(err.code())
+    }
+
+    pub fn consumer_group_heartbeat(err: ErrorCode) -> ConsumerGroupHeartbeatResponse {
+        ConsumerGroupHeartbeatResponse::default().with_error_code(err.code())
+    }
+
+    pub fn consumer_group_describe(
+        req: &ConsumerGroupDescribeRequest,
+        err: ErrorCode,
+    ) -> ConsumerGroupDescribeResponse {
+        ConsumerGroupDescribeResponse::default().with_groups(
+            req.group_ids
+                .iter()
+                .map(|id| {
+                    consumer_group_describe_response::DescribedGroup::default()
+                        .with_group_id(id.clone())
+                        .with_error_code(err.code())
+                })
+                .collect(),
+        )
     }
 
     pub fn leave_group(err: ErrorCode) -> LeaveGroupResponse {

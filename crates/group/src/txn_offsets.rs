@@ -23,7 +23,7 @@ use sluice_log::BatchBuilder;
 use sluice_topology::AppendError;
 use sluice_vocab::{now_ms, ErrorCode};
 
-use crate::group::Committed;
+use crate::group::{CommitApi, Committed};
 use crate::record::{self, OffsetKey, OffsetValue};
 use crate::{
     closed_error, commit_error, committed, offset_entry, GroupCoordinator, GroupError,
@@ -192,8 +192,12 @@ impl GroupCoordinator {
             let as_member =
                 req.generation_id >= 0 || !member_id.is_empty() || instance_id.is_some();
             if as_member {
-                if let Err(e) = g.validate_offset_commit(req.generation_id, member_id, instance_id)
-                {
+                if let Err(e) = g.validate_offset_commit(
+                    req.generation_id,
+                    member_id,
+                    instance_id,
+                    CommitApi::Transactional,
+                ) {
                     fail_all(&mut topics, e);
                     return done(topics);
                 }

@@ -9,8 +9,7 @@ use kafka_protocol::messages::ApiKey;
 /// Ranges stop below versions that need features Sluice does not have:
 /// Produce v12+ and InitProducerId v5+ (transactions v2, KIP-890), Fetch
 /// v17+ (KRaft replica directories), ListOffsets v7+ (max-timestamp lookup),
-/// OffsetCommit/OffsetFetch v9+ and ListGroups v5+ / DescribeGroups v6+
-/// (the KIP-848 consumer protocol), FindCoordinator v5+ (share groups),
+/// FindCoordinator v5+ (share groups),
 /// DescribeCluster v2+ (fenced brokers).
 ///
 /// One exception to "advertised = served": Produce is advertised from v0
@@ -26,15 +25,18 @@ pub const SUPPORTED_APIS: &[(i16, i16, i16)] = &[
     (ApiKey::Fetch as i16, 4, 16),
     (ApiKey::ListOffsets as i16, 1, 6),
     (ApiKey::Metadata as i16, 0, 12),
-    (ApiKey::OffsetCommit as i16, 2, 8),
-    (ApiKey::OffsetFetch as i16, 1, 8),
+    (ApiKey::OffsetCommit as i16, 2, 9),
+    (ApiKey::OffsetFetch as i16, 1, 9),
     (ApiKey::FindCoordinator as i16, 0, 4),
     (ApiKey::JoinGroup as i16, 0, 9),
     (ApiKey::Heartbeat as i16, 0, 4),
     (ApiKey::LeaveGroup as i16, 0, 5),
     (ApiKey::SyncGroup as i16, 0, 5),
-    (ApiKey::DescribeGroups as i16, 0, 5),
-    (ApiKey::ListGroups as i16, 0, 4),
+    (ApiKey::DescribeGroups as i16, 0, 6),
+    (ApiKey::ListGroups as i16, 0, 5),
+    // The consumer group protocol (KIP-848).
+    (ApiKey::ConsumerGroupHeartbeat as i16, 0, 1),
+    (ApiKey::ConsumerGroupDescribe as i16, 0, 1),
     (ApiKey::ApiVersions as i16, 0, 3),
     (ApiKey::CreateTopics as i16, 2, 7),
     (ApiKey::DeleteTopics as i16, 1, 6),
@@ -112,7 +114,7 @@ mod tests {
                 assert!(min <= ours_min && ours_max <= max, "group api {key}");
             }
         }
-        for key in [8, 9, 11, 12, 13, 14, 15, 16, 42] {
+        for key in [8, 9, 11, 12, 13, 14, 15, 16, 42, 68, 69] {
             assert!(
                 sluice_group::SUPPORTED_VERSIONS.iter().any(|e| e.0 == key),
                 "group api {key} not handled by sluice-group"

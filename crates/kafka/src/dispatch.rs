@@ -306,6 +306,27 @@ pub(crate) async fn handle(ctx: &Arc<Ctx>, frame: Bytes, peer: SocketAddr) -> Ou
                 Err(code) => now(h, &refuse::delete_groups(&req, code)),
             }
         }
+        ApiKey::ConsumerGroupHeartbeat => {
+            let req = decode!(ConsumerGroupHeartbeatRequest, buf, h);
+            match ctx.groups.groups() {
+                Ok(groups) => {
+                    let client_id = header.client_id.as_ref().map_or("", |id| id.as_str());
+                    let host = format!("/{}", peer.ip());
+                    now(
+                        h,
+                        &groups.consumer_group_heartbeat(req, version, client_id, &host),
+                    )
+                }
+                Err(code) => now(h, &refuse::consumer_group_heartbeat(code)),
+            }
+        }
+        ApiKey::ConsumerGroupDescribe => {
+            let req = decode!(ConsumerGroupDescribeRequest, buf, h);
+            match ctx.groups.groups() {
+                Ok(groups) => now(h, &groups.consumer_group_describe(req, version)),
+                Err(code) => now(h, &refuse::consumer_group_describe(&req, code)),
+            }
+        }
         other => {
             // Only reachable if SUPPORTED_APIS lists an API routed nowhere.
             tracing::error!(%peer, api = ?other, "api advertised but not routed; closing connection");
@@ -382,6 +403,8 @@ pub(crate) fn decode_only(frame: Bytes) -> Result<(), String> {
         ApiKey::DescribeGroups => body::<DescribeGroupsRequest>(&mut buf, version),
         ApiKey::DeleteGroups => body::<DeleteGroupsRequest>(&mut buf, version),
         ApiKey::OffsetDelete => body::<OffsetDeleteRequest>(&mut buf, version),
+        ApiKey::ConsumerGroupHeartbeat => body::<ConsumerGroupHeartbeatRequest>(&mut buf, version),
+        ApiKey::ConsumerGroupDescribe => body::<ConsumerGroupDescribeRequest>(&mut buf, version),
         other => Err(format!("{other:?} not routed")),
     }
 }

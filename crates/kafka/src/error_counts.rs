@@ -85,12 +85,14 @@ top_level!(
     ListTransactionsResponse,
     ListPartitionReassignmentsResponse,
     DescribeClientQuotasResponse,
+    ConsumerGroupHeartbeatResponse,
 );
 
 per_entry!(
     CreateTopicsResponse => topics,
     DeleteTopicsResponse => responses,
     DescribeGroupsResponse => groups,
+    ConsumerGroupDescribeResponse => groups,
     DeleteGroupsResponse => results,
     DescribeTransactionsResponse => transaction_states,
     CreatePartitionsResponse => results,

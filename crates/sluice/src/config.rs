@@ -389,6 +389,9 @@ pub struct GroupSection {
     pub initial_rebalance_delay_ms: Option<u64>,
     pub min_session_timeout_ms: Option<i32>,
     pub max_session_timeout_ms: Option<i32>,
+    pub consumer_session_timeout_ms: Option<u64>,
+    pub consumer_heartbeat_interval_ms: Option<u64>,
+    pub consumer_assignors: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -577,7 +580,40 @@ impl Config {
                 .group
                 .max_session_timeout_ms
                 .unwrap_or(defaults.max_session_timeout_ms),
+            consumer_session_timeout_ms: file
+                .group
+                .consumer_session_timeout_ms
+                .unwrap_or(defaults.consumer_session_timeout_ms),
+            consumer_heartbeat_interval_ms: file
+                .group
+                .consumer_heartbeat_interval_ms
+                .unwrap_or(defaults.consumer_heartbeat_interval_ms),
+            consumer_assignors: file
+                .group
+                .consumer_assignors
+                .clone()
+                .unwrap_or_else(|| defaults.consumer_assignors.clone()),
         };
+        if group.consumer_heartbeat_interval_ms == 0
+            || group.consumer_heartbeat_interval_ms >= group.consumer_session_timeout_ms
+        {
+            bail!(
+                "[group] consumer_heartbeat_interval_ms ({}) must be at least 1 and below consumer_session_timeout_ms ({})",
+                group.consumer_heartbeat_interval_ms,
+                group.consumer_session_timeout_ms
+            );
+        }
+        if group.consumer_assignors.is_empty()
+            || group
+                .consumer_assignors
+                .iter()
+                .any(|a| !sluice_group::SERVER_ASSIGNORS.contains(&a.as_str()))
+        {
+            bail!(
+                "[group] consumer_assignors must name some of {:?}",
+                sluice_group::SERVER_ASSIGNORS
+            );
+        }
         if group.min_session_timeout_ms > group.max_session_timeout_ms {
             bail!(
                 "[group] min_session_timeout_ms ({}) is above max_session_timeout_ms ({})",

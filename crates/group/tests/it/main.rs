@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod admin;
+mod consumer_protocol;
 mod membership;
 mod offsets;
 mod replicated;
@@ -68,6 +69,38 @@ pub fn config(initial_delay_ms: u64) -> GroupConfig {
         min_session_timeout_ms: 10,
         max_session_timeout_ms: 60_000,
         initial_rebalance_delay_ms: initial_delay_ms,
+        ..GroupConfig::default()
+    }
+}
+
+/// The store's topics as the consumer protocol's catalog.
+pub struct StoreCatalog(pub Arc<Store>);
+
+impl sluice_group::TopicCatalog for StoreCatalog {
+    fn version(&self) -> u64 {
+        // The store has no version: resolve every time.
+        self.0
+            .topics()
+            .iter()
+            .map(|t| u64::from(t.partitions))
+            .sum::<u64>()
+            + self.0.topics().len() as u64
+    }
+
+    fn topic(&self, name: &str) -> Option<sluice_group::TopicInfo> {
+        self.0.topic(name).map(|t| sluice_group::TopicInfo {
+            id: t.id,
+            partitions: t.partitions as i32,
+        })
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.0
+            .topics()
+            .into_iter()
+            .map(|t| t.name)
+            .filter(|n| !sluice_vocab::internal::is_internal(n))
+            .collect()
     }
 }
 
@@ -122,6 +155,7 @@ pub async fn open_coordinator(store: &Arc<Store>, config: GroupConfig) -> Arc<Gr
         partition_exists: Arc::new(move |topic, partition| {
             topics.partition(topic, partition).is_some()
         }),
+        catalog: Arc::new(StoreCatalog(store.clone())),
     };
     GroupCoordinator::open(config, offsets).await.expect("open")
 }
@@ -290,6 +324,17 @@ pub async fn commit(
     topic: &str,
     partitions: &[Commit<'_>],
 ) -> OffsetCommitResponse {
+    let req = commit_request(group, generation, member_id, topic, partitions);
+    coord.offset_commit(req, COMMIT_V).await
+}
+
+pub fn commit_request(
+    group: &str,
+    generation: i32,
+    member_id: &str,
+    topic: &str,
+    partitions: &[Commit<'_>],
+) -> OffsetCommitRequest {
     let mut req = OffsetCommitRequest::default();
     req.group_id = gid(group);
     req.generation_id_or_member_epoch = generation;
@@ -308,7 +353,7 @@ pub async fn commit(
         })
         .collect();
     req.topics = vec![t];
-    coord.offset_commit(req, COMMIT_V).await
+    req
 }
 
 pub fn commit_errors(resp: &OffsetCommitResponse) -> Vec<i16> {

@@ -132,8 +132,12 @@ async fn commits_need_a_current_member_and_generation() {
     let env = env(0).await;
     let c = &env.coord;
 
-    // No group and a real generation: a stale member, ILLEGAL_GENERATION.
+    // No group and a real generation: OffsetCommit v9 (KIP-848) says the
+    // group is not found; before v9, a stale member, ILLEGAL_GENERATION.
     let r = commit(c, "g", 3, "someone", TOPIC, &[(0, 1, -1, None)]).await;
+    assert_eq!(commit_errors(&r), vec![code(ErrorCode::GroupIdNotFound)]);
+    let v8 = commit_request("g", 3, "someone", TOPIC, &[(0, 1, -1, None)]);
+    let r = c.offset_commit(v8, 8).await;
     assert_eq!(commit_errors(&r), vec![code(ErrorCode::IllegalGeneration)]);
 
     // Joined but not yet synced (CompletingRebalance): REBALANCE_IN_PROGRESS.

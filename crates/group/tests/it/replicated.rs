@@ -27,6 +27,7 @@ async fn open(c: &Cluster, epoch: i32, config: GroupConfig) -> (Arc<GroupCoordin
         partition_exists: Arc::new(|topic, partition| {
             topic == TOPIC && (0..PARTITIONS as i32).contains(&partition)
         }),
+        catalog: Arc::new(crate::StoreCatalog(c.store.clone())),
     };
     let coord = GroupCoordinator::open(config, offsets).await.expect("open");
     (coord, term)

@@ -86,7 +86,19 @@ fn harmless_seeds(c: &mut Raw) -> Vec<Vec<u8>> {
         .with_replication_factor(1)]);
     frames(c, &ct, &[2, 5, 7], &mut out);
     frames(c, &DescribeClusterRequest::default(), &[0, 1], &mut out);
-    frames(c, &ListGroupsRequest::default(), &[0, 4], &mut out);
+    frames(c, &ListGroupsRequest::default(), &[0, 4, 5], &mut out);
+    let describe = ConsumerGroupDescribeRequest::default().with_group_ids(vec![GroupId(sb("g"))]);
+    frames(c, &describe, &[0, 1], &mut out);
+    // A consumer-protocol heartbeat that is refused (no member id at v1):
+    // harmless, and its whole body is decoded first.
+    let heartbeat = ConsumerGroupHeartbeatRequest::default()
+        .with_group_id(GroupId(sb("fuzz-group")))
+        .with_member_epoch(0)
+        .with_rebalance_timeout_ms(1000)
+        .with_subscribed_topic_names(Some(vec![name("safe")]))
+        .with_subscribed_topic_regex(Some(sb("sa.*")))
+        .with_topic_partitions(Some(Vec::new()));
+    frames(c, &heartbeat, &[1], &mut out);
     let dirs = DescribeLogDirsRequest::default().with_topics(Some(vec![
         describe_log_dirs_request::DescribableLogDirTopic::default()
             .with_topic(name("safe"))

@@ -4,12 +4,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Context, Result};
 use clap::{ArgGroup, Args, Subcommand};
-use kafka_protocol::messages::ConsumerProtocolAssignment;
-use kafka_protocol::protocol::Decodable;
+use kafka_protocol::messages::{
+    ConsumerGroupDescribeRequest, ConsumerProtocolAssignment, FindCoordinatorRequest, GroupId,
+};
+use kafka_protocol::protocol::{Decodable, StrBytes};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{all_metadata, topic_partitions, ClientArgs, REQUEST_TIMEOUT};
+use super::{all_metadata, topic_partitions, ClientArgs, Wire, REQUEST_TIMEOUT};
 
 #[derive(Args, Debug)]
 pub struct GroupArgs {
@@ -55,10 +57,26 @@ struct ResetArgs {
 
 pub async fn run(args: GroupArgs) -> Result<()> {
     let client = &args.client;
+    // Blocking (librdkafka), and a consumer-protocol group is described
+    // through the runtime from that blocking thread.
+    let blocking = |f: Box<dyn FnOnce() -> Result<()> + Send>| async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .context("the command's thread failed")?
+    };
     match args.command {
-        GroupCommand::List => list(client),
-        GroupCommand::Describe { group } => describe(client, &group),
-        GroupCommand::ResetOffsets(reset) => reset_offsets(client, &reset),
+        GroupCommand::List => {
+            let client = client.clone();
+            blocking(Box::new(move || list(&client))).await
+        }
+        GroupCommand::Describe { group } => {
+            let client = client.clone();
+            blocking(Box::new(move || describe(&client, &group))).await
+        }
+        GroupCommand::ResetOffsets(reset) => {
+            let client = client.clone();
+            blocking(Box::new(move || reset_offsets(&client, &reset))).await
+        }
     }
 }
 
@@ -75,15 +93,21 @@ pub fn group_summaries(client: &ClientArgs) -> Result<Vec<GroupSummary>> {
     let groups = consumer
         .fetch_group_list(None, REQUEST_TIMEOUT)
         .context("cannot list consumer groups")?;
-    let mut out: Vec<GroupSummary> = groups
-        .groups()
-        .iter()
-        .map(|g| GroupSummary {
+    let mut out: Vec<GroupSummary> = Vec::new();
+    for g in groups.groups() {
+        let mut summary = GroupSummary {
             name: g.name().to_string(),
             state: g.state().to_string(),
             members: g.members().len(),
-        })
-        .collect();
+        };
+        if g.state() == "Dead" && g.members().is_empty() {
+            if let Some((state, members)) = consumer_protocol_group(client, g.name())? {
+                summary.state = state;
+                summary.members = members.len();
+            }
+        }
+        out.push(summary);
+    }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
@@ -116,13 +140,74 @@ fn decode_assignment(bytes: Option<&[u8]>) -> BTreeMap<String, Vec<i32>> {
     out
 }
 
-fn one_group(consumer: &BaseConsumer, group: &str) -> Result<Option<(String, Vec<Member>)>> {
+/// A group of the consumer protocol (KIP-848), which DescribeGroups does
+/// not describe (librdkafka reports it Dead): its state and members from
+/// ConsumerGroupDescribe at its coordinator. None when the group is not
+/// one, or the brokers do not know the API. Call from a blocking thread of
+/// the runtime.
+fn consumer_protocol_group(
+    client: &ClientArgs,
+    group: &str,
+) -> Result<Option<(String, Vec<Member>)>> {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return Ok(None);
+    };
+    runtime.block_on(async {
+        let mut wire = Wire::new(client)?;
+        let find =
+            FindCoordinatorRequest::default().with_key(StrBytes::from_string(group.to_owned()));
+        let coordinator = wire.call_any(&find, 1, 3).await?;
+        if coordinator.error_code != 0 {
+            return Ok(None);
+        }
+        let addr = format!("{}:{}", coordinator.host.as_str(), coordinator.port);
+        let req = ConsumerGroupDescribeRequest::default()
+            .with_group_ids(vec![GroupId(StrBytes::from_string(group.to_owned()))]);
+        let Ok(resp) = wire.call(&addr, &req, 0, 1).await else {
+            return Ok(None);
+        };
+        let Some(g) = resp.groups.into_iter().next().filter(|g| g.error_code == 0) else {
+            return Ok(None);
+        };
+        let members = g
+            .members
+            .into_iter()
+            .map(|m| Member {
+                id: m.member_id.to_string(),
+                client_id: m.client_id.to_string(),
+                host: m.client_host.to_string(),
+                assignment: m
+                    .assignment
+                    .topic_partitions
+                    .into_iter()
+                    .map(|tp| {
+                        let mut partitions = tp.partitions;
+                        partitions.sort_unstable();
+                        (tp.topic_name.0.to_string(), partitions)
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Some((g.group_state.to_string(), members)))
+    })
+}
+
+fn one_group(
+    client: &ClientArgs,
+    consumer: &BaseConsumer,
+    group: &str,
+) -> Result<Option<(String, Vec<Member>)>> {
     let list = consumer
         .fetch_group_list(Some(group), REQUEST_TIMEOUT)
         .with_context(|| format!("cannot describe group {group:?}"))?;
     let Some(info) = list.groups().iter().find(|g| g.name() == group) else {
         return Ok(None);
     };
+    if info.state() == "Dead" && info.members().is_empty() {
+        if let Some(described) = consumer_protocol_group(client, group)? {
+            return Ok(Some(described));
+        }
+    }
     let members = info
         .members()
         .iter()
@@ -174,7 +259,7 @@ pub struct GroupPartition {
 pub fn group_report(client: &ClientArgs, group: &str) -> Result<GroupReport> {
     let lookup = client.lookup_consumer(None)?;
     let (state, members) =
-        one_group(&lookup, group)?.unwrap_or_else(|| ("Dead".into(), Vec::new()));
+        one_group(client, &lookup, group)?.unwrap_or_else(|| ("Dead".into(), Vec::new()));
 
     // Committed offsets are fetched with a consumer configured with the
     // group's id (it never joins). Every user topic is asked for, since a
@@ -328,7 +413,7 @@ pub fn reset_plan(
     target: ResetTarget,
 ) -> Result<Vec<ResetStep>> {
     let lookup = client.lookup_consumer(None)?;
-    if let Some((state, members)) = one_group(&lookup, group)? {
+    if let Some((state, members)) = one_group(client, &lookup, group)? {
         if !members.is_empty() {
             bail!(
                 "consumer group {group:?} has {} active member(s) (state {state}); \
