@@ -50,6 +50,8 @@ pub(crate) const STATIC_LEAVE_EPOCH: i32 = -2;
 
 /// Longest subscription regex accepted, in bytes.
 const MAX_REGEX_LEN: usize = 4096;
+/// Compiled subscription regexes kept at most.
+const MAX_CACHED_REGEXES: usize = 1024;
 /// Regex subscriptions are matched against the topics at most this often
 /// (and whenever a subscription changes): the metadata image moves with
 /// every quorum entry, and a heartbeat must stay cheap.
@@ -240,10 +242,11 @@ impl ConsumerGroup {
             "Empty"
         } else if self.group_epoch > self.assignment_epoch {
             "Assigning"
-        } else if self.members.values().any(|m| {
-            !m.left_for_restart()
-                && (m.member_epoch != self.assignment_epoch || m.state != MemberState::Stable)
-        }) {
+        } else if self
+            .members
+            .values()
+            .any(|m| m.member_epoch != self.assignment_epoch || m.state != MemberState::Stable)
+        {
             "Reconciling"
         } else {
             "Stable"
@@ -376,10 +379,17 @@ impl ConsumerGroup {
             .filter_map(|t| catalog.topic(t).map(|info| (t.clone(), info)))
             .collect();
         if topics != self.topics || matches != self.regex_matches {
-            self.names = topics
-                .iter()
-                .map(|(name, info)| (info.id, name.clone()))
+            // Names of topics no longer subscribed stay while a member
+            // still holds their partitions (describe shows them).
+            let held: BTreeSet<TopicId> = self
+                .members
+                .values()
+                .flat_map(|m| m.assigned.keys().chain(m.pending_revocation.keys()))
+                .copied()
                 .collect();
+            self.names.retain(|id, _| held.contains(id));
+            self.names
+                .extend(topics.iter().map(|(name, info)| (info.id, name.clone())));
             self.topics = topics;
             self.regex_matches = matches;
             self.bump();
@@ -649,6 +659,12 @@ impl ConsumerGroup {
                 // A static member joining again under its own id keeps its place.
                 return Ok(false);
             }
+            if m.previous_member_epoch == 0 && hb.owned.as_ref().is_some_and(Vec::is_empty) {
+                // Its join again (the answer to the first was lost): still
+                // the same member, as Kafka takes it (epoch 0 is its
+                // previous epoch, and it owns nothing).
+                return Ok(false);
+            }
             // A known member joining again lost its state (it was fenced):
             // it starts over.
             self.remove_member(&hb.member_id, "joined again", group);
@@ -677,8 +693,13 @@ impl ConsumerGroup {
         let session = Duration::from_millis(cfg.consumer_session_timeout_ms);
         Self::check_assignor(cfg, hb.server_assignor.as_ref())?;
         if let Some(r) = &hb.subscribed_regex {
-            if !r.is_empty() {
-                compile(r)?;
+            // Compiled once, when first seen.
+            if !r.is_empty() && !self.regexes.contains_key(r) {
+                let re = compile(r)?;
+                // Bounded: `resolve_topics` drops the ones no member uses.
+                if self.regexes.len() < MAX_CACHED_REGEXES {
+                    self.regexes.insert(r.clone(), re);
+                }
             }
         }
         if hb.member_epoch == LEAVE_EPOCH || hb.member_epoch == STATIC_LEAVE_EPOCH {
@@ -699,7 +720,8 @@ impl ConsumerGroup {
             let Some(m) = self.members.get(&hb.member_id) else {
                 return Err(Self::unknown(group, &hb.member_id));
             };
-            if m.instance_id.is_some() && hb.instance_id != m.instance_id {
+            // A null instance id means "unchanged".
+            if hb.instance_id.is_some() && hb.instance_id != m.instance_id {
                 return Err((
                     ErrorCode::FencedInstanceId,
                     format!("Member {} has another instance id.", hb.member_id),

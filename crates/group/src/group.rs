@@ -1255,9 +1255,12 @@ impl Group {
                 ));
             }
             self.kind = GroupKind::Consumer;
-            tracing::info!(group = %self.id, "group uses the consumer protocol");
         }
         let answer = self.consumer.heartbeat(&self.id, hb, now, cfg, catalog);
+        if self.consumer.is_empty() && answer.is_err() {
+            // A refused first member leaves the group as it was.
+            self.kind = GroupKind::Classic;
+        }
         if self.consumer.is_empty() {
             self.empty_since = now;
         }

@@ -115,6 +115,11 @@ struct Client {
     /// The assignment it moves to once its revocation is done, and how many
     /// more heartbeats that takes.
     revoking: Option<(Wire, usize)>,
+    /// Its subscription, for full requests.
+    subscription: Vec<String>,
+    /// An answer was lost: the next heartbeat is a full request (Kafka's
+    /// clients send one after any error).
+    lost: bool,
 }
 
 fn flat(a: &[(TopicId, Vec<i32>)]) -> BTreeSet<(TopicId, i32)> {
@@ -139,7 +144,14 @@ impl Client {
             owned: answer.assignment.unwrap_or_default(),
             slow,
             revoking: None,
+            subscription: Vec::new(),
+            lost: false,
         }
+    }
+
+    fn subscribed(mut self, sub: &[&str]) -> Client {
+        self.subscription = sub.iter().map(|t| (*t).to_owned()).collect();
+        self
     }
 
     fn beat(
@@ -148,8 +160,12 @@ impl Client {
         topics: &Topics,
         now: Instant,
     ) -> Result<HeartbeatAnswer, Refusal> {
-        let owned = Some(self.owned.clone());
-        let a = g.heartbeat("g", beat(&self.id, self.epoch, owned), now, &cfg(), topics)?;
+        let mut hb = beat(&self.id, self.epoch, Some(self.owned.clone()));
+        if std::mem::take(&mut self.lost) {
+            hb.rebalance_timeout_ms = 5_000;
+            hb.subscribed_names = Some(self.subscription.clone());
+        }
+        let a = g.heartbeat("g", hb, now, &cfg(), topics)?;
         self.answered(&a);
         Ok(a)
     }
@@ -314,6 +330,43 @@ fn a_heartbeat_from_another_epoch_is_fenced_but_the_previous_one_is_forgiven_onc
 }
 
 #[test]
+fn a_join_sent_again_is_the_same_member_and_moves_nothing() {
+    let topics = Topics::with(&[("t", 4)]);
+    let now = Instant::now();
+    let mut g = ConsumerGroup::default();
+    let a = joined(&mut g, &topics, "a", &["t"], now);
+    let epoch = g.group_epoch;
+    let again = g
+        .heartbeat("g", join("a", &["t"]), now, &cfg(), &topics)
+        .expect("join again");
+    assert_eq!(g.group_epoch, epoch, "no rebalance");
+    assert_eq!(again.member_epoch, a.epoch);
+    assert_eq!(again.assignment.as_ref(), Some(&a.owned));
+}
+
+#[test]
+fn a_group_waiting_for_a_static_member_is_not_stable() {
+    let topics = Topics::with(&[("t", 2)]);
+    let now = Instant::now();
+    let mut g = ConsumerGroup::default();
+    let mut s = join("s1", &["t"]);
+    s.instance_id = Some("i".to_owned());
+    let first = g.heartbeat("g", s, now, &cfg(), &topics).expect("join");
+    assert_eq!(g.state(), "Stable");
+    let mut leave = beat("s1", STATIC_LEAVE_EPOCH, None);
+    leave.instance_id = Some("i".to_owned());
+    g.heartbeat("g", leave, now, &cfg(), &topics)
+        .expect("leave");
+    // Its partitions wait for it: nobody consumes them meanwhile.
+    assert_eq!(g.state(), "Reconciling");
+    let mut back = join("s2", &["t"]);
+    back.instance_id = Some("i".to_owned());
+    let r = g.heartbeat("g", back, now, &cfg(), &topics).expect("back");
+    assert_eq!(r.assignment, first.assignment);
+    assert_eq!(g.state(), "Stable");
+}
+
+#[test]
 fn commits_need_the_current_member_epoch() {
     let topics = Topics::with(&[("t", 2)]);
     let now = Instant::now();
@@ -473,9 +526,52 @@ fn topic_of(t: u8) -> &'static str {
     }
 }
 
+/// Member 3 is static: it restarts under a new member id.
+const STATIC: usize = 3;
+
+fn join_as(m: usize, generation: usize, sub: &[&str]) -> (String, Heartbeat) {
+    let id = if m == STATIC {
+        format!("m{m}-{generation}")
+    } else {
+        format!("m{m}")
+    };
+    let mut hb = join(&id, sub);
+    if m == STATIC {
+        hb.instance_id = Some("static".to_owned());
+    }
+    (id, hb)
+}
+
+/// A heartbeat as a client sends it; fenced, the client loses what it
+/// owns and joins again, as librdkafka does.
+fn beat_or_rejoin(
+    c: &mut Client,
+    g: &mut ConsumerGroup,
+    topics: &Topics,
+    now: Instant,
+    sub: &[&str],
+) {
+    match c.beat(g, topics, now) {
+        Ok(_) => {}
+        Err((ErrorCode::FencedMemberEpoch, _)) => {
+            let mut hb = join(&c.id, sub);
+            if c.id.starts_with(&format!("m{STATIC}-")) {
+                hb.instance_id = Some("static".to_owned());
+            }
+            let a = g.heartbeat("g", hb, now, &cfg(), topics).expect("rejoin");
+            *c = Client::new(&c.id.clone(), a, c.slow).subscribed(sub);
+        }
+        Err(e) => panic!("heartbeat refused: {e:?}"),
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Join(usize, u8),
+    /// A heartbeat whose answer is lost.
+    LoseAnswer(usize),
+    /// The static member restarts: leaves with -2, joins under a new id.
+    Bounce,
     Leave(usize),
     /// Heartbeat reporting what the client owns.
     Beat(usize),
@@ -495,6 +591,8 @@ fn op() -> impl Strategy<Value = Op> {
         (0usize..4).prop_map(Op::Beat),
         (0usize..4).prop_map(Op::Beat),
         (0usize..4).prop_map(Op::Quiet),
+        (0usize..4).prop_map(Op::LoseAnswer),
+        Just(Op::Bounce),
         (0u8..2).prop_map(Op::Grow),
         (0usize..4).prop_map(Op::Expire),
         (0usize..4, 1u8..4).prop_map(|(m, s)| Op::Resubscribe(m, s)),
@@ -517,14 +615,35 @@ proptest! {
         let mut g = ConsumerGroup::default();
         let mut clients: BTreeMap<usize, Client> = BTreeMap::new();
         let mut subs: BTreeMap<usize, Vec<&'static str>> = BTreeMap::new();
+        let mut generation = 0;
         for op in ops {
             match op {
                 Op::Join(m, s) => {
                     if clients.contains_key(&m) { continue; }
                     let sub = subscription(s);
-                    let a = g.heartbeat("g", join(&format!("m{m}"), &sub), now, &cfg(), &topics).expect("join");
-                    clients.insert(m, Client::new(&format!("m{m}"), a, slowness[m]));
+                    generation += 1;
+                    let (id, hb) = join_as(m, generation, &sub);
+                    let a = g.heartbeat("g", hb, now, &cfg(), &topics).expect("join");
+                    clients.insert(m, Client::new(&id, a, slowness[m]).subscribed(&sub));
                     subs.insert(m, sub);
+                }
+                Op::LoseAnswer(m) => {
+                    if let Some(c) = clients.get_mut(&m) {
+                        let _ = g.heartbeat("g", beat(&c.id, c.epoch, Some(c.owned.clone())), now, &cfg(), &topics);
+                        c.lost = true;
+                    }
+                }
+                Op::Bounce => {
+                    if let Some(c) = clients.remove(&STATIC) {
+                        let mut leave = beat(&c.id, STATIC_LEAVE_EPOCH, None);
+                        leave.instance_id = Some("static".to_owned());
+                        g.heartbeat("g", leave, now, &cfg(), &topics).expect("static leave");
+                        let sub = subs[&STATIC].clone();
+                        generation += 1;
+                        let (id, hb) = join_as(STATIC, generation, &sub);
+                        let a = g.heartbeat("g", hb, now, &cfg(), &topics).expect("static rejoin");
+                        clients.insert(STATIC, Client::new(&id, a, slowness[STATIC]).subscribed(&sub));
+                    }
                 }
                 Op::Leave(m) => {
                     if let Some(c) = clients.remove(&m) {
@@ -533,13 +652,17 @@ proptest! {
                 }
                 Op::Beat(m) => {
                     if let Some(c) = clients.get_mut(&m) {
-                        c.beat(&mut g, &topics, now).expect("beat");
+                        beat_or_rejoin(c, &mut g, &topics, now, &subs[&m]);
                     }
                 }
                 Op::Quiet(m) => {
                     if let Some(c) = clients.get_mut(&m) {
-                        let a = g.heartbeat("g", beat(&c.id, c.epoch, None), now, &cfg(), &topics).expect("beat");
-                        c.answered(&a);
+                        match g.heartbeat("g", beat(&c.id, c.epoch, None), now, &cfg(), &topics) {
+                            Ok(a) => c.answered(&a),
+                            // Only a lost answer puts a client at another epoch.
+                            Err((ErrorCode::FencedMemberEpoch, _)) => beat_or_rejoin(c, &mut g, &topics, now, &subs[&m]),
+                            Err(e) => panic!("heartbeat refused: {e:?}"),
+                        }
                     }
                 }
                 Op::Grow(t) => {
@@ -556,9 +679,13 @@ proptest! {
                         let sub = subscription(s);
                         let mut hb = beat(&c.id, c.epoch, Some(c.owned.clone()));
                         hb.subscribed_names = Some(sub.iter().map(|t| (*t).to_owned()).collect());
-                        let a = g.heartbeat("g", hb, now, &cfg(), &topics).expect("resubscribe");
-                        c.answered(&a);
+                        c.subscription = sub.iter().map(|t| (*t).to_owned()).collect();
                         subs.insert(m, sub);
+                        match g.heartbeat("g", hb, now, &cfg(), &topics) {
+                            Ok(a) => c.answered(&a),
+                            Err((ErrorCode::FencedMemberEpoch, _)) => beat_or_rejoin(c, &mut g, &topics, now, &subs[&m]),
+                            Err(e) => panic!("heartbeat refused: {e:?}"),
+                        }
                     }
                 }
                 Op::Recreate(t) => topics.recreate(topic_of(t)),
@@ -571,7 +698,7 @@ proptest! {
             let ids: Vec<usize> = clients.keys().copied().collect();
             for m in ids {
                 if let Some(c) = clients.get_mut(&m) {
-                    c.beat(&mut g, &topics, now).expect("beat");
+                    beat_or_rejoin(c, &mut g, &topics, now, &subs[&m]);
                 }
                 check_exclusive(&g);
                 check_clients_exclusive(clients.values());

@@ -213,6 +213,24 @@ async fn one_group_never_mixes_the_classic_and_the_consumer_protocol() {
 }
 
 #[tokio::test]
+async fn a_refused_first_member_leaves_a_classic_group_classic() {
+    let env = env(0).await;
+    let c = &env.coord;
+    let r = commit(c, "kept", -1, "", TOPIC, &[(0, 9, -1, None)]).await;
+    assert_eq!(commit_errors(&r), vec![0]);
+    let refused = c.consumer_group_heartbeat(
+        join_req("kept", "m").with_server_assignor(Some(s("sticky"))),
+        HB_V,
+        "client",
+        "/h",
+    );
+    assert_eq!(refused.error_code, code(ErrorCode::UnsupportedAssignor));
+    let described = describe(c, "kept", 6);
+    assert_eq!(described.groups[0].error_code, 0, "still a classic group");
+    assert_eq!(described.groups[0].group_state.as_str(), "Empty");
+}
+
+#[tokio::test]
 async fn a_silent_member_is_removed_when_its_session_ends() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_store(dir.path());

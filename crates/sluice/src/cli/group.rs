@@ -153,10 +153,16 @@ fn consumer_protocol_group(
         return Ok(None);
     };
     runtime.block_on(async {
-        let mut wire = Wire::new(client)?;
+        // Wire speaks plaintext only: with TLS or SASL, or on any error,
+        // librdkafka's answer stands.
+        let Ok(mut wire) = Wire::new(client) else {
+            return Ok(None);
+        };
         let find =
             FindCoordinatorRequest::default().with_key(StrBytes::from_string(group.to_owned()));
-        let coordinator = wire.call_any(&find, 1, 3).await?;
+        let Ok(coordinator) = wire.call_any(&find, 1, 3).await else {
+            return Ok(None);
+        };
         if coordinator.error_code != 0 {
             return Ok(None);
         }
