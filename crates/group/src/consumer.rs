@@ -174,6 +174,18 @@ impl ConsumerMember {
     }
 }
 
+/// A heartbeat naming another instance id than its member's is fenced; a
+/// null instance id means "unchanged".
+fn check_instance(hb: &Heartbeat, m: &ConsumerMember) -> Result<(), Refusal> {
+    if hb.instance_id.is_some() && hb.instance_id != m.instance_id {
+        return Err((
+            ErrorCode::FencedInstanceId,
+            format!("Member {} has another instance id.", hb.member_id),
+        ));
+    }
+    Ok(())
+}
+
 fn to_assignment(owned: &[(TopicId, Vec<i32>)]) -> Assignment {
     let mut out = Assignment::new();
     for (id, parts) in owned {
@@ -592,12 +604,7 @@ impl ConsumerGroup {
         let Some(m) = self.members.get(&hb.member_id) else {
             return Err(Self::unknown(group, &hb.member_id));
         };
-        if hb.instance_id.is_some() && hb.instance_id != m.instance_id {
-            return Err((
-                ErrorCode::FencedInstanceId,
-                format!("Member {} has another instance id.", hb.member_id),
-            ));
-        }
+        check_instance(hb, m)?;
         self.remove_member(&hb.member_id, "left the group", group);
         self.compute_if_needed(cfg, catalog, now);
         Ok(())
@@ -720,13 +727,7 @@ impl ConsumerGroup {
             let Some(m) = self.members.get(&hb.member_id) else {
                 return Err(Self::unknown(group, &hb.member_id));
             };
-            // A null instance id means "unchanged".
-            if hb.instance_id.is_some() && hb.instance_id != m.instance_id {
-                return Err((
-                    ErrorCode::FencedInstanceId,
-                    format!("Member {} has another instance id.", hb.member_id),
-                ));
-            }
+            check_instance(&hb, m)?;
             let fenced = if hb.member_epoch > m.member_epoch {
                 true
             } else if hb.member_epoch < m.member_epoch {

@@ -232,17 +232,13 @@ async fn a_refused_first_member_leaves_a_classic_group_classic() {
 
 #[tokio::test]
 async fn a_silent_member_is_removed_when_its_session_ends() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(dir.path());
-    store
-        .create_topic(TOPIC, PARTITIONS, &std::collections::BTreeMap::new(), false)
-        .expect("create topic");
-    let config = GroupConfig {
+    let env = env_with(GroupConfig {
         consumer_session_timeout_ms: 300,
         consumer_heartbeat_interval_ms: 100,
         ..config(0)
-    };
-    let c = open_coordinator(&store, config).await;
+    })
+    .await;
+    let c = &env.coord;
     let a = c.consumer_group_heartbeat(join_req("g", "a"), HB_V, "client", "/h");
     assert_eq!(a.heartbeat_interval_ms, 100);
     let b = c.consumer_group_heartbeat(join_req("g", "b"), HB_V, "client", "/h");

@@ -121,12 +121,17 @@ pub fn open_store(dir: &Path) -> Arc<Store> {
 }
 
 pub async fn env(initial_delay_ms: u64) -> Env {
+    env_with(config(initial_delay_ms)).await
+}
+
+/// An [`Env`] whose coordinator runs with `config`.
+pub async fn env_with(config: GroupConfig) -> Env {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_store(dir.path());
     store
         .create_topic(TOPIC, PARTITIONS, &BTreeMap::new(), false)
         .expect("create topic");
-    let coord = open_coordinator(&store, config(initial_delay_ms)).await;
+    let coord = open_coordinator(&store, config).await;
     Env { dir, store, coord }
 }
 
