@@ -563,6 +563,21 @@ for STATE in checkpoint changelog; do
     fi
 done
 
+# Library mode (Kafka Streams' deployment): one and two instances of the
+# example job topic_library_map share a 4-partition topic through a consumer
+# group and copy it exactly once; tests/interop/stream_library_bench.py
+# times them to the group's last commit. Kafka Streams is not runnable here
+# (no Maven).
+if ((QUICK)); then LIBRARY_RECORDS=100000; else LIBRARY_RECORDS=2000000; fi
+for INSTANCES in 1 2; do
+    log "sluice: stream library mode, $INSTANCES instance(s)"
+    measure --set system=sluice --set "scenario=stream library mode: $INSTANCES instance(s) copy $LIBRARY_RECORDS records exactly once (4 partitions, commit every 200 ms)" -- \
+        env SLUICE_BIN="$SLUICE" "$VENV/bin/python" "$ROOT/tests/interop/stream_library_bench.py" --instances "$INSTANCES" --records "$LIBRARY_RECORDS" --json
+    if [[ -n $LAST_JSON ]]; then
+        note "- Library mode, $INSTANCES instance(s): $(json_num records_per_sec | cut -d. -f1) records/s from start to the group's last commit (join included)."
+    fi
+done
+
 # Consumer groups: how long a member joining a group of two waits for its
 # share of a 12-partition topic, with the classic protocol (librdkafka's
 # eager range assignment) and the consumer protocol (KIP-848), each with

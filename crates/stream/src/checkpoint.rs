@@ -64,6 +64,11 @@ pub trait CheckpointStore: Send + Sync {
     /// (left by a job that stopped mid-checkpoint); called before a job
     /// starts.
     fn discard_incomplete(&self) -> Result<(), StreamError>;
+    /// Checkpoint `id` will not complete (it timed out, or a subtask
+    /// declined it).
+    fn abandoned(&self, id: CheckpointId) {
+        let _ = id;
+    }
 }
 
 /// Checkpoints in a local directory: `chk-<id>/` holds the parts; the file
@@ -682,8 +687,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Decodes parts for tests of the format.
-#[cfg(test)]
+/// The names of the entries a part holds (none when it is no link's state).
 pub(crate) fn entry_names(bytes: &[u8]) -> Vec<String> {
     decode::<LinkState>(bytes)
         .map(|s| s.entries.into_iter().map(|e| e.name).collect())

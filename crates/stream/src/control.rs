@@ -139,6 +139,7 @@ pub(crate) fn coordinate(
                 return Ok(());
             }
         } else {
+            config.store.abandoned(id);
             shared.control.checkpoint_abandoned(id);
             lock(&shared.control.stats).abandoned += 1;
         }

@@ -293,6 +293,8 @@ struct Plan {
     savepoint: Option<std::path::PathBuf>,
     /// The pool async I/O calls run on, made for the first async link.
     async_runtime: Option<Arc<crate::async_io::AsyncRuntime>>,
+    /// The instance this job runs in, in library mode.
+    library: Option<Arc<crate::library::Library>>,
 }
 
 /// Builds and runs a job (Flink's `StreamExecutionEnvironment`). Cheap to
@@ -333,6 +335,7 @@ impl StreamEnv {
                 report_to: None,
                 savepoint: None,
                 async_runtime: None,
+                library: None,
             })),
             cancelled: Arc::new(AtomicBool::new(false)),
         }
@@ -371,6 +374,28 @@ impl StreamEnv {
 
     pub(crate) fn add_inputs(&self, name: &str, inputs: Arc<dyn PendingInputs + Sync>) {
         self.plan().inputs.push((name.to_owned(), inputs));
+    }
+
+    /// The job runs as an instance of an application ([`crate::LibraryMode`]).
+    pub(crate) fn set_library(&self, library: Arc<crate::library::Library>) {
+        self.plan().library = Some(library);
+    }
+
+    pub(crate) fn library(&self) -> Option<Arc<crate::library::Library>> {
+        self.plan().library.clone()
+    }
+
+    /// The first reason found while building that the job cannot run.
+    pub(crate) fn check_valid(&self) -> Result<(), StreamError> {
+        match self.plan().invalid.first() {
+            Some(why) => Err(StreamError::InvalidJob(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the job has a keyed exchange (so keyed state).
+    pub(crate) fn keyed(&self) -> bool {
+        self.plan().keyed
     }
 
     /// A keyed exchange was built: its key groups are fixed from now on.

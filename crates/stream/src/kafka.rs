@@ -53,6 +53,9 @@ fn kafka_error(what: &str, e: impl std::fmt::Display) -> StreamError {
     StreamError::Kafka(format!("{what}: {e}"))
 }
 
+/// The name a source subtask's positions take in a checkpoint.
+pub(crate) const POSITIONS: &str = "offsets";
+
 /// A record read from a topic.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KafkaRecord {
@@ -76,13 +79,15 @@ pub enum StartFrom {
 /// [`crate::StreamEnv::kafka_source`].
 #[derive(Clone, Debug)]
 pub struct KafkaSource {
-    bootstrap: String,
-    topic: String,
+    pub(crate) bootstrap: String,
+    pub(crate) topic: String,
     start: StartFrom,
-    bounded: bool,
+    pub(crate) bounded: bool,
     out_of_orderness_ms: i64,
     idle_after: Option<Duration>,
     properties: Vec<(String, String)>,
+    /// In library mode: the partitions come from the group.
+    pub(crate) library: Option<Arc<crate::library::Library>>,
 }
 
 impl KafkaSource {
@@ -98,6 +103,7 @@ impl KafkaSource {
             out_of_orderness_ms: 0,
             idle_after: None,
             properties: Vec::new(),
+            library: None,
         }
     }
 
@@ -172,7 +178,16 @@ impl KafkaReader {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            // A position gone (retention passed it) restarts where a
+            // partition without one starts, not silently at the end.
+            .set(
+                "auto.offset.reset",
+                match self.config.start {
+                    StartFrom::Earliest => "earliest",
+                    StartFrom::Latest => "latest",
+                },
+            );
         for (k, v) in &self.config.properties {
             cfg.set(k, v);
         }
@@ -193,12 +208,23 @@ impl KafkaReader {
                 self.config.topic
             )));
         }
+        // Library mode: the group's share of the partitions and its
+        // positions; else every partition, from the checkpoint's.
+        let mine: Vec<(i32, Option<i64>)> = match &self.config.library {
+            Some(library) => library
+                .assigned(&self.config.topic)
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| i % self.info.parallelism == self.info.index)
+                .map(|(_, p)| p)
+                .collect(),
+            None => (0..count as i32)
+                .filter(|p| *p as usize % self.info.parallelism == self.info.index)
+                .map(|p| (p, self.restored.get(&p).copied()))
+                .collect(),
+        };
         let mut assignment = TopicPartitionList::new();
-        for p in 0..count as i32 {
-            if p as usize % self.info.parallelism != self.info.index {
-                continue;
-            }
-            let next = self.restored.get(&p).copied();
+        for (p, next) in mine {
             let end = if self.config.bounded {
                 let (_, high) = consumer
                     .fetch_watermarks(&self.config.topic, p, CLUSTER_TIMEOUT)
@@ -238,7 +264,9 @@ impl KafkaReader {
         let Some(consumer) = &self.consumer else {
             return Ok(false);
         };
-        if self.partitions.values().any(|p| p.end.is_none()) {
+        // An unbounded subtask stays, even with no partition: one that
+        // ended would acknowledge no checkpoint again.
+        if !self.config.bounded || self.partitions.values().any(|p| p.end.is_none()) {
             return Ok(false);
         }
         let positions = consumer
@@ -282,6 +310,14 @@ impl KafkaReader {
 
 impl Source<KafkaRecord> for KafkaReader {
     fn poll(&mut self, ctx: &mut SourceContext<'_, KafkaRecord>) -> SourceStatus {
+        if self.config.library.as_ref().is_some_and(|l| l.stopping()) {
+            // Its partitions are someone else's now (or about to be).
+            ctx.fail(StreamError::Cancelled {
+                stage: "kafka".into(),
+                subtask: self.info.index,
+            });
+            return SourceStatus::Ended;
+        }
         if self.consumer.is_none() {
             if let Err(e) = self.start() {
                 ctx.fail(e);
@@ -364,12 +400,15 @@ impl Source<KafkaRecord> for KafkaReader {
                     .map(|(p, n)| (*p, *n)),
             )
             .collect();
-        state.value("offsets", &offsets);
+        if let Some(library) = &self.config.library {
+            library.note_positions(&self.config.topic, &offsets);
+        }
+        state.value(POSITIONS, &offsets);
     }
 
     fn restore(&mut self, state: &StateReader) -> Result<(), StreamError> {
         let (me, parallelism) = state.subtask();
-        for (_, offsets) in state.values::<Vec<(i32, i64)>>("offsets")? {
+        for (_, offsets) in state.values::<Vec<(i32, i64)>>(POSITIONS)? {
             for (p, next) in offsets {
                 if p as usize % parallelism == me {
                     self.restored.insert(p, next);
@@ -471,7 +510,7 @@ impl DeliveredOffsets {
 }
 
 /// The producer's context: it reports deliveries to the sink's count.
-pub(crate) struct DeliveryCheck(Arc<Deliveries>);
+pub(crate) struct DeliveryCheck(pub(crate) Arc<Deliveries>);
 
 impl ClientContext for DeliveryCheck {}
 
@@ -491,7 +530,13 @@ impl ProducerContext for DeliveryCheck {
 }
 
 impl Deliveries {
-    fn check(&self) -> Result<(), StreamError> {
+    /// Forgets failures (those of records an aborted transaction dropped).
+    pub(crate) fn reset(&self) {
+        self.failed.store(0, Ordering::SeqCst);
+        *self.first_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    pub(crate) fn check(&self) -> Result<(), StreamError> {
         if self.failed.load(Ordering::SeqCst) == 0 {
             return Ok(());
         }
@@ -507,7 +552,7 @@ impl Deliveries {
     }
 }
 
-type KafkaProducer = ThreadedProducer<DeliveryCheck>;
+pub(crate) type KafkaProducer = ThreadedProducer<DeliveryCheck>;
 
 /// One producer of a sink subtask (with exactly-once: of one transaction).
 struct Writer {
@@ -804,6 +849,54 @@ impl<T> KafkaWriter<T> {
     }
 }
 
+/// Sends `out` to `topic`, waiting while the producer's queue is full.
+pub(crate) fn send_record(
+    producer: &KafkaProducer,
+    topic: &str,
+    out: &KafkaOutput,
+    time: Option<i64>,
+) -> Result<(), StreamError> {
+    let mut r: BaseRecord<'_, [u8], [u8], ()> = BaseRecord::to(topic);
+    if !out.headers.is_empty() {
+        let mut headers = rdkafka::message::OwnedHeaders::new();
+        for (k, v) in &out.headers {
+            headers = headers.insert(rdkafka::message::Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        r = r.headers(headers);
+    }
+    if let Some(k) = &out.key {
+        r = r.key(k.as_slice());
+    }
+    if let Some(p) = out.partition {
+        r = r.partition(p);
+    }
+    if let Some(v) = &out.value {
+        r = r.payload(v.as_slice());
+    }
+    if let Some(t) = time {
+        r = r.timestamp(t);
+    }
+    loop {
+        match producer.send(r) {
+            Ok(()) => return Ok(()),
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ),
+                back,
+            )) => {
+                // The producer's queue is full: wait for deliveries.
+                r = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(kafka_error("producing", e)),
+        }
+    }
+}
+
 impl<T: Send> Output<T> for KafkaWriter<T> {
     fn push(&mut self, record: Record<T>) -> Result<(), StreamError> {
         let out = (self.serialize)(&record.value);
@@ -811,45 +904,7 @@ impl<T: Send> Output<T> for KafkaWriter<T> {
         let (Some(writer), topic) = (self.current.as_mut(), &self.config.topic) else {
             return Err(StreamError::Kafka("the sink lost its producer".into()));
         };
-        let mut r: BaseRecord<'_, [u8], [u8], ()> = BaseRecord::to(topic);
-        if !out.headers.is_empty() {
-            let mut headers = rdkafka::message::OwnedHeaders::new();
-            for (k, v) in &out.headers {
-                headers = headers.insert(rdkafka::message::Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
-            r = r.headers(headers);
-        }
-        if let Some(k) = &out.key {
-            r = r.key(k.as_slice());
-        }
-        if let Some(p) = out.partition {
-            r = r.partition(p);
-        }
-        if let Some(v) = &out.value {
-            r = r.payload(v.as_slice());
-        }
-        if let Some(t) = record.time {
-            r = r.timestamp(t);
-        }
-        loop {
-            match writer.producer.send(r) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    back,
-                )) => {
-                    // The producer's queue is full: wait for deliveries.
-                    r = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(kafka_error("producing", e)),
-            }
-        }
+        send_record(&writer.producer, topic, &out, record.time)?;
         writer.sent += 1;
         writer.deliveries.check()
     }

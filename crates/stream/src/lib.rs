@@ -55,6 +55,7 @@ mod global;
 mod join;
 pub mod kafka;
 mod keyed;
+mod library;
 mod metrics;
 pub mod nexmark;
 mod operator;
@@ -76,6 +77,7 @@ pub use keyed::{
     key_group_of, key_group_range, subtask_for_key_group, KeyedState, ListState, MapState,
     ValueState,
 };
+pub use library::LibraryMode;
 pub use operator::{Collector, Operator};
 pub use process::{KeyedProcess, ProcessContext};
 pub use source::{Source, SourceContext, SourceStatus, SubtaskInfo};

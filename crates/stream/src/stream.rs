@@ -61,6 +61,11 @@ impl StreamEnv {
         S: Source<T> + 'static,
         F: Fn(SubtaskInfo) -> S + Send + Sync + 'static,
     {
+        if name != "kafka" && self.library().is_some() {
+            self.invalid(format!(
+                "library mode reads only topic sources: a '{name}' source would start again at every rebalance"
+            ));
+        }
         let batch = self.with_settings(|s| s.batch);
         let head: Head<T> = Arc::new(move |info, mut out: BoxOutput<T>| {
             let mut source = make(info);
@@ -83,6 +88,19 @@ impl StreamEnv {
         source: crate::kafka::KafkaSource,
     ) -> DataStream<crate::kafka::KafkaRecord> {
         let parallelism = self.parallelism();
+        let mut source = source;
+        if let Some(library) = self.library() {
+            if let Err(why) = library.add_source(&source.bootstrap, &source.topic) {
+                self.invalid(why);
+            }
+            if source.bounded {
+                self.invalid(format!(
+                    "topic '{}': library mode reads topics without end, as Kafka Streams does",
+                    source.topic
+                ));
+            }
+            source.library = Some(library);
+        }
         self.add_source("kafka", parallelism, move |info| {
             crate::kafka::KafkaReader::new(source.clone(), info)
         })
@@ -408,6 +426,12 @@ impl<T: Send + 'static> DataStream<T> {
         T: std::fmt::Display,
     {
         let dir = dir.into();
+        if self.env.library().is_some() {
+            // Its commits follow checkpoints a library-mode instance does
+            // not keep.
+            self.env
+                .invalid("library mode writes only to topics: write_files is refused".into());
+        }
         let commits = self.env.success_commits();
         self.sink("files", move |info| {
             Box::new(crate::sink::FileSink::new(
@@ -425,6 +449,18 @@ impl<T: Send + 'static> DataStream<T> {
         F: Fn(&T) -> crate::kafka::KafkaOutput + Send + Sync + 'static,
     {
         let serialize: Arc<crate::kafka::Serializer<T>> = Arc::new(serialize);
+        if let Some(library) = self.env.library() {
+            // In the instance's transaction, with the group's positions
+            // (so at least once is exactly once there).
+            if let Err(why) = library.check_sink(&sink.bootstrap, &sink.topic) {
+                self.env.invalid(why);
+            }
+            let (topic, cancel) = (sink.topic.clone(), self.env.cancel_flag());
+            self.sink("kafka", move |info| {
+                Box::new(library.writer(&topic, serialize.clone(), info, cancel.clone()))
+            });
+            return;
+        }
         let commits = self.env.success_commits();
         self.sink("kafka", move |info| {
             Box::new(crate::kafka::KafkaWriter::new(

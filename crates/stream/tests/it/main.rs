@@ -8,5 +8,6 @@ mod checkpoints;
 mod dataflow;
 mod global_windows;
 mod joins;
+mod library;
 mod process;
 mod windows;
