@@ -131,6 +131,32 @@ def test_prefetch_bounds_unacknowledged_stream_deliveries(server):
         ch.queue_delete(q)
 
 
+def test_deliveries_of_a_deleted_stream_settle_as_nothing(server):
+    """A stream refuses nack and reject (below), but not once it is gone: a
+    client that rejects what its consumer still held when the stream was
+    deleted (pika does so for deliveries it had not handed out when it
+    closes) keeps its connection, and its channel goes on."""
+    q = name("stream-gone")
+    publish(server, q, [b"a", b"b"])
+    with server.connect() as c:
+        ch = c.channel()
+        ch.basic_qos(prefetch_count=10)
+        got = []
+        ch.basic_consume(q, lambda ch_, m, p, b: got.append(m.delivery_tag), arguments={"x-stream-offset": "first"})
+        deadline = time.monotonic() + WAIT_S
+        while len(got) < 2 and time.monotonic() < deadline:
+            c.process_data_events(0.1)
+        assert len(got) == 2, got
+        c.channel().queue_delete(q)
+        c.process_data_events(0.5)
+        ch.basic_reject(got[0], requeue=True)
+        ch.basic_nack(got[1], requeue=False)
+        c.process_data_events(0.5)
+        assert ch.is_open and c.is_open
+        # The channel still works.
+        ch.queue_declare(name("after"), exclusive=True)
+
+
 def test_kafka_reads_a_stream_queue_as_a_topic(server):
     if server.kind != "sluice":
         pytest.skip("a queue readable as a Kafka topic is Sluice's")

@@ -1081,6 +1081,7 @@ impl Conn {
         multiple: bool,
         outcome: Outcome,
     ) -> Result<(), AmqpError> {
+        let broker = self.broker.clone();
         let chan = self.channel(ch)?;
         let settled: Vec<(u64, Unacked)> = if multiple {
             let keep = if tag == 0 {
@@ -1106,7 +1107,12 @@ impl Conn {
             }
         };
         if outcome != Outcome::Ack {
-            if let Some((_, u)) = settled.iter().find(|(_, u)| u.queue.is_stream()) {
+            // A deleted queue's deliveries settle as nothing, as on RabbitMQ
+            // (a client rejects what its cancelled consumer still had).
+            let refused = settled.iter().find(|(_, u)| {
+                u.queue.is_stream() && broker.declares(u.queue.vhost(), u.queue.name())
+            });
+            if let Some((_, u)) = refused {
                 return Err(AmqpError::not_implemented(format!(
                     "basic.nack and basic.reject not supported by stream queues queue '{}' in vhost '{}'",
                     u.queue.name(), u.queue.vhost()

@@ -327,6 +327,14 @@ impl Broker {
         )
     }
 
+    /// Whether the image still declares the queue.
+    pub(crate) fn declares(&self, vhost: &str, name: &str) -> bool {
+        self.topology
+            .image()
+            .vhost(vhost)
+            .is_some_and(|v| v.queues.contains_key(name))
+    }
+
     /// How many partitions a queue's topic has (a queue one; a stream over a
     /// Kafka topic maybe more).
     pub(crate) fn partitions_of(&self, vhost: &str, name: &str) -> usize {
