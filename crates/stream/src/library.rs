@@ -12,8 +12,9 @@
 //!   job's source subtasks read them.
 //! - **Commits**: the job runs with checkpoints every commit interval. An
 //!   instance has one transactional producer (transactional id
-//!   `<application id>-<instance id>`); the job's exactly-once topic sinks
-//!   write into its open transaction. When a checkpoint completes, the
+//!   `<application id>-<instance id>`); the job's topic sinks (at least
+//!   once ones too, which so become exactly once) write into its open
+//!   transaction. When a checkpoint completes, the
 //!   source positions at its barrier go into that transaction with the
 //!   group's metadata (KIP-447: a member of an older generation is refused)
 //!   and it commits: outputs and positions together, or neither. A sink
@@ -167,7 +168,7 @@ impl LibraryMode {
                 "library mode cannot hand keyed state over yet (it needs repartition topics): no key_by".into(),
             ));
         }
-        let topics: Vec<String> = lock(&shared.plan).topics.iter().cloned().collect();
+        let topics: Vec<String> = first.library().map(|l| l.topics()).unwrap_or_default();
         if topics.is_empty() {
             return Err(StreamError::InvalidJob(
                 "library mode needs a topic source: the group shares its partitions".into(),
@@ -302,6 +303,7 @@ impl LibraryMode {
         env.set_library(Arc::new(Library {
             bootstrap: self.bootstrap.clone(),
             shared: shared.clone(),
+            topics: Mutex::default(),
         }));
         env
     }
@@ -385,6 +387,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct Library {
     bootstrap: String,
     shared: Arc<Shared>,
+    /// The topics this build of the job reads (the group subscribes to the
+    /// first build's: every build must build the same job).
+    topics: Mutex<BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Library {
@@ -397,7 +402,7 @@ impl std::fmt::Debug for Library {
 
 impl Library {
     /// A source of `topic` on the cluster at `bootstrap` joins the group's
-    /// subscription; false when the job cannot read it in library mode.
+    /// subscription; why not when the job cannot read it in library mode.
     pub fn add_source(&self, bootstrap: &str, topic: &str) -> Result<(), String> {
         if bootstrap != self.bootstrap {
             return Err(format!(
@@ -405,8 +410,17 @@ impl Library {
                 self.bootstrap
             ));
         }
-        lock(&self.shared.plan).topics.insert(topic.to_owned());
+        if !lock(&self.topics).insert(topic.to_owned()) {
+            // Both sources would read each assigned partition.
+            return Err(format!(
+                "topic '{topic}' is read by two sources: in library mode each topic has one"
+            ));
+        }
         Ok(())
+    }
+
+    fn topics(&self) -> Vec<String> {
+        lock(&self.topics).iter().cloned().collect()
     }
 
     /// Whether a sink on `bootstrap` can write in the instance's transaction.
@@ -466,6 +480,7 @@ impl Library {
             info,
             cancel,
             waiting_for: None,
+            producer: None,
         }
     }
 }
@@ -496,7 +511,6 @@ struct State {
 
 #[derive(Default)]
 struct Plan {
-    topics: BTreeSet<String>,
     /// The group's positions when the generation started.
     positions: BTreeMap<(String, i32), i64>,
     /// Source positions at the latest barrier.
@@ -758,10 +772,14 @@ pub(crate) struct GroupWriter<T> {
     info: SubtaskInfo,
     cancel: Arc<AtomicBool>,
     waiting_for: Option<CheckpointId>,
+    /// The generation's producer, taken at the first record.
+    producer: Option<Arc<KafkaProducer>>,
 }
 
 impl<T> GroupWriter<T> {
-    fn go_on(&mut self) -> Result<Arc<KafkaProducer>, StreamError> {
+    /// Waits for the commit of the barrier passed, if one is due, and takes
+    /// the generation's producer.
+    fn go_on(&mut self) -> Result<(), StreamError> {
         if let Some(id) = self.waiting_for.take() {
             if !self.shared.wait_released(id, &self.cancel) {
                 // The generation ended (its cause is reported elsewhere).
@@ -771,17 +789,21 @@ impl<T> GroupWriter<T> {
                 });
             }
         }
-        lock(&self.shared.producer)
-            .clone()
-            .ok_or_else(|| StreamError::Kafka("the instance has no producer".into()))
+        if self.producer.is_none() {
+            self.producer = lock(&self.shared.producer).clone();
+        }
+        Ok(())
     }
 }
 
 impl<T: Send> Output<T> for GroupWriter<T> {
     fn push(&mut self, record: Record<T>) -> Result<(), StreamError> {
-        let producer = self.go_on()?;
+        self.go_on()?;
+        let Some(producer) = self.producer.as_deref() else {
+            return Err(StreamError::Kafka("the instance has no producer".into()));
+        };
         let out: KafkaOutput = (self.serialize)(&record.value);
-        send_record(&producer, &self.topic, &out, record.time)?;
+        send_record(producer, &self.topic, &out, record.time)?;
         producer.context().0.check()
     }
 
@@ -794,7 +816,7 @@ impl<T: Send> Output<T> for GroupWriter<T> {
     }
 
     fn finish(&mut self) -> Result<(), StreamError> {
-        self.go_on().map(drop)
+        self.go_on()
     }
 
     fn barrier(&mut self, cp: &mut crate::checkpoint::Cursor<'_>) -> Result<(), StreamError> {

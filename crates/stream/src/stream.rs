@@ -61,11 +61,21 @@ impl StreamEnv {
         S: Source<T> + 'static,
         F: Fn(SubtaskInfo) -> S + Send + Sync + 'static,
     {
-        if name != "kafka" && self.library().is_some() {
+        if self.library().is_some() {
             self.invalid(format!(
                 "library mode reads only topic sources: a '{name}' source would start again at every rebalance"
             ));
         }
+        self.source_stage(name, parallelism, make)
+    }
+
+    /// A source stage, whatever the mode (`add_source` checks the mode).
+    fn source_stage<T, S, F>(&self, name: &str, parallelism: usize, make: F) -> DataStream<T>
+    where
+        T: Send + 'static,
+        S: Source<T> + 'static,
+        F: Fn(SubtaskInfo) -> S + Send + Sync + 'static,
+    {
         let batch = self.with_settings(|s| s.batch);
         let head: Head<T> = Arc::new(move |info, mut out: BoxOutput<T>| {
             let mut source = make(info);
@@ -101,7 +111,7 @@ impl StreamEnv {
             }
             source.library = Some(library);
         }
-        self.add_source("kafka", parallelism, move |info| {
+        self.source_stage("kafka", parallelism, move |info| {
             crate::kafka::KafkaReader::new(source.clone(), info)
         })
     }

@@ -74,3 +74,13 @@ fn sources_and_exactly_once_sinks_of_another_cluster_are_refused() {
     });
     assert!(why.contains("exactly-once sink"), "{why}");
 }
+
+#[test]
+fn a_topic_read_by_two_sources_is_refused() {
+    let why = refusal(|env| {
+        let a = env.kafka_source(KafkaSource::new(NOWHERE, "in"));
+        let b = env.kafka_source(KafkaSource::new(NOWHERE, "in"));
+        a.union(b).collect();
+    });
+    assert!(why.contains("two sources"), "{why}");
+}
